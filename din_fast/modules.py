@@ -1,0 +1,104 @@
+"""DINAttention: the drop-in module holding the activation unit's parameters."""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from .functional import din_attention, run_problem
+from .problem import ACTIVATIONS, DEFAULT_DICE_EPS, validate
+
+PRELU_INIT = 0.25  # torch.nn.PReLU's default slope
+
+
+class DINAttention(nn.Module):
+    """The DIN local activation unit and attention pooling (SPEC section 2).
+
+    Parameters are in ``nn.Linear`` layout: ``hidden[i]`` is layer i+1 (the
+    first takes the 4*embed_dim features [q | k | q-k | q*k]) and ``output``
+    maps the last hidden layer to the score. PReLU keeps one slope per unit in
+    ``alphas``; Dice keeps ``alphas`` and, per layer, BatchNorm-style running
+    statistics ``running_mean_{i}`` / ``running_var_{i}``. In training mode Dice
+    normalizes with the statistics of the batch's valid positions only (never
+    the padding) and updates the running ones with ``momentum``.
+    """
+
+    def __init__(self, embed_dim: int, hidden_units=(80, 40), activation: str = "sigmoid",
+                 normalization=None, scale: float = 1.0, return_scores: bool = False,
+                 backend: str = "auto", dice_eps: float = DEFAULT_DICE_EPS,
+                 momentum: float = 0.1):
+        super().__init__()
+        if not isinstance(embed_dim, int) or embed_dim < 1:
+            raise ValueError(f"DINAttention: `embed_dim` must be a positive int; got {embed_dim!r}")
+        hidden_units = tuple(hidden_units)
+        if not hidden_units or not all(isinstance(h, int) and h > 0 for h in hidden_units):
+            raise ValueError("DINAttention: `hidden_units` must be a non-empty sequence of "
+                             f"positive ints; got {hidden_units!r}")
+        if activation not in ACTIVATIONS:
+            raise ValueError(f"DINAttention: `activation` must be one of {ACTIVATIONS}; "
+                             f"got {activation!r}")
+        self.embed_dim = embed_dim
+        self.hidden_units = hidden_units
+        self.activation = activation
+        self.normalization = normalization
+        self.scale = scale
+        self.return_scores = return_scores
+        self.backend = backend
+        self.dice_eps = dice_eps
+        self.momentum = momentum
+        widths = (4 * embed_dim,) + hidden_units
+        self.hidden = nn.ModuleList(nn.Linear(i, o) for i, o in zip(widths[:-1], widths[1:]))
+        self.output = nn.Linear(hidden_units[-1], 1)
+        if activation in ("prelu", "dice"):
+            init = PRELU_INIT if activation == "prelu" else 0.0
+            self.alphas = nn.ParameterList(nn.Parameter(torch.full((h,), init))
+                                           for h in hidden_units)
+        if activation == "dice":
+            for i, h in enumerate(hidden_units):
+                self.register_buffer(f"running_mean_{i}", torch.zeros(h))
+                self.register_buffer(f"running_var_{i}", torch.ones(h))
+
+    def _running_stats(self):
+        return [(getattr(self, f"running_mean_{i}"), getattr(self, f"running_var_{i}"))
+                for i in range(len(self.hidden_units))]
+
+    def activation_params(self):
+        """The functional form's activation_params (Dice: the running statistics)."""
+        if self.activation == "prelu":
+            return list(self.alphas)
+        if self.activation == "dice":
+            return [(a, mu, var) for a, (mu, var) in zip(self.alphas, self._running_stats())]
+        return None
+
+    def forward(self, query, keys, lengths=None, mask=None, values=None):
+        weights = [layer.weight for layer in self.hidden] + [self.output.weight]
+        biases = [layer.bias for layer in self.hidden] + [self.output.bias]
+        kwargs = dict(weights=weights, biases=biases, activation=self.activation,
+                      activation_params=self.activation_params(), mask=mask,
+                      normalization=self.normalization, scale=self.scale, values=values,
+                      dice_eps=self.dice_eps)
+        if self.activation == "dice" and self.training:
+            return self._forward_dice_training(query, keys, lengths, kwargs)
+        return din_attention(query, keys, lengths, return_scores=self.return_scores,
+                             backend=self.backend, **kwargs)
+
+    def _forward_dice_training(self, query, keys, lengths, kwargs):
+        # Batch statistics need every valid pre-activation of a layer before
+        # any of them is activated: a whole-batch pass, which the torch
+        # backend does layer by layer (the fused kernels serve Dice at eval).
+        problem = validate(query, keys, lengths, **kwargs)
+        batch_stats = []
+        pooled, scores = run_problem(problem, "torch", dice_batch_stats=batch_stats)
+        with torch.no_grad():
+            for (mu, var, count), (run_mu, run_var) in zip(batch_stats, self._running_stats()):
+                if count == 0:
+                    continue
+                unbiased = var * (count / max(count - 1, 1))
+                run_mu.lerp_(mu.to(run_mu.dtype), self.momentum)
+                run_var.lerp_(unbiased.to(run_var.dtype), self.momentum)
+        return (pooled, scores) if self.return_scores else pooled
+
+    def extra_repr(self) -> str:
+        return (f"embed_dim={self.embed_dim}, hidden_units={self.hidden_units}, "
+                f"activation={self.activation!r}, normalization={self.normalization!r}, "
+                f"scale={self.scale}, backend={self.backend!r}")

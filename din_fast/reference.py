@@ -1,0 +1,54 @@
+"""The literal DIN activation unit of SPEC section 1: the test oracle.
+
+Written for clarity, not speed: it builds the [B, C, T, 4D] concat and runs the
+MLP on every position, padding included, then masks. Runs on any device and
+dtype; half-precision inputs are computed in float32.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from .activations import activate
+from .problem import DINProblem
+
+
+def masked_normalize(scores: torch.Tensor, valid: torch.Tensor, normalization, scale: float):
+    """Attention weights from raw scores [B, C, T] and the valid mask [B, T].
+
+    softmax: over the valid positions only; a row with none gets all zeros
+    (not NaN, not a mean of the padding).
+    """
+    valid = valid[:, None, :]
+    scaled = scores * scale
+    if normalization is None:
+        return torch.where(valid, scaled, torch.zeros_like(scaled))
+    masked = torch.where(valid, scaled, torch.full_like(scaled, float("-inf")))
+    row_max = masked.amax(dim=-1, keepdim=True)
+    row_max = torch.where(torch.isfinite(row_max), row_max, torch.zeros_like(row_max))
+    exp = torch.exp(masked - row_max)
+    denom = exp.sum(dim=-1, keepdim=True)
+    return exp / torch.where(denom > 0, denom, torch.ones_like(denom))
+
+
+def reference_din_attention(problem: DINProblem):
+    """Returns (pooled [B, C, Dv], weights w [B, C, T]) in the compute dtype."""
+    dtype = problem.compute_dtype()
+    q = problem.query.to(dtype)
+    k = problem.keys.to(dtype)
+    v = problem.value_tensor.to(dtype)
+    length = k.shape[1]
+    candidates = q.shape[1]
+
+    q_b = q[:, :, None, :].expand(-1, -1, length, -1)          # [B, C, T, D]
+    k_b = k[:, None, :, :].expand(-1, candidates, -1, -1)      # [B, C, T, D]
+    h = torch.cat([q_b, k_b, q_b - k_b, q_b * k_b], dim=-1)   # [B, C, T, 4D]
+    for w, b, params in zip(problem.weights[:-1], problem.biases[:-1], problem.act_params):
+        h = h @ w.to(dtype).t() + b.to(dtype)
+        h = activate(h, problem.activation, tuple(p.to(dtype) for p in params),
+                      problem.dice_eps)
+    scores = (h @ problem.weights[-1].to(dtype).t() + problem.biases[-1].to(dtype)).squeeze(-1)
+
+    weights = masked_normalize(scores, problem.valid_mask(), problem.normalization, problem.scale)
+    pooled = weights @ v                                        # [B, C, Dv]
+    return pooled, weights

@@ -1,0 +1,1 @@
+"""din_fast.kernels: the Triton kernels of the fused DIN attention and their launchers."""
