@@ -15,5 +15,10 @@ def activate(x: torch.Tensor, activation: str, params: tuple, dice_eps: float) -
         (a,) = params
         return torch.where(x > 0, x, a * x)
     a, mu, var = params
-    p = torch.sigmoid((x - mu) * torch.rsqrt(var + dice_eps))
+    return dice(x, a, (x - mu) * torch.rsqrt(var + dice_eps))
+
+
+def dice(x: torch.Tensor, a: torch.Tensor, gate_logits: torch.Tensor) -> torch.Tensor:
+    """Dice from its gate's logits: p = sigmoid(logits), f = p*x + (1-p)*a*x."""
+    p = torch.sigmoid(gate_logits)
     return x * (a + p * (1 - a))

@@ -12,8 +12,8 @@ from __future__ import annotations
 
 import torch
 
-from .activations import activate
-from .problem import DINProblem, split_first_layer
+from .activations import activate, dice
+from .problem import DINProblem, JaggedDINProblem, split_first_layer
 from .reference import masked_normalize
 
 
@@ -24,17 +24,47 @@ def packed_positions(problem: DINProblem):
     return problem.valid_mask().nonzero(as_tuple=True)
 
 
-def packed_scores(problem: DINProblem, positions, dtype: torch.dtype,
-                  dice_batch_stats=None) -> torch.Tensor:
-    """Raw scores s of the valid positions: [N, C] in the order of ``positions``.
+def packed_scores(problem, q_rows: torch.Tensor, packed_keys: torch.Tensor,
+                  dtype: torch.dtype, dice_gate=None) -> torch.Tensor:
+    """Raw scores s of packed history positions: [N, C].
 
-    With ``dice_batch_stats`` (a list), Dice normalizes each layer with the mean
-    and biased variance of its pre-activations over the packed (valid)
-    positions, as BatchNorm does in training, and appends (mu, var, count).
+    ``packed_keys`` [N, D] are the positions to score and ``q_rows`` [N, C, D]
+    the candidates of each one's row: gathered from a padded batch, or the
+    values of a jagged one as they are. Only the layer fields of ``problem``
+    are read (weights, biases, activation, act_params, dice_eps).
+
+    ``dice_gate(layer, x)``, when given, returns the logits of Dice's gate for
+    the pre-activations x [N, C, H] of hidden layer ``layer`` in place of
+    (x - mu) / sqrt(var + eps): how batch statistics (DINAttention in training)
+    and the peers' BatchNorm-based Dice plug in.
     """
+    w_q, w_k, w_d, w_p = split_first_layer(problem.weights[0].to(dtype))
+    per_candidate = q_rows @ (w_q + w_d).t() + problem.biases[0].to(dtype)     # [N, C, H1]
+    per_key = packed_keys @ (w_k - w_d).t()                                    # [N, H1]
+    interaction = (q_rows * packed_keys[:, None, :]) @ w_p.t()                 # [N, C, H1]
+
+    def act(layer, x, params):
+        params = tuple(p.to(dtype) for p in params)
+        if dice_gate is not None:
+            return dice(x, params[0], dice_gate(layer, x))
+        return activate(x, problem.activation, params, problem.dice_eps)
+
+    h = act(0, per_candidate + interaction + per_key[:, None, :], problem.act_params[0])
+    hidden = zip(problem.weights[1:-1], problem.biases[1:-1], problem.act_params[1:])
+    for layer, (w, b, params) in enumerate(hidden, start=1):
+        h = act(layer, h @ w.to(dtype).t() + b.to(dtype), params)
+    w_out, b_out = problem.weights[-1].to(dtype), problem.biases[-1].to(dtype)
+    return (h @ w_out.t()).squeeze(-1) + b_out
+
+
+def torch_din_attention(problem: DINProblem, dice_gate=None):
+    """Returns (pooled [B, C, Dv], weights w [B, C, T]) in the compute dtype."""
+    dtype = problem.compute_dtype()
     q = problem.query.to(dtype)
     keys = problem.keys.to(dtype)
     batch, length, embed_dim = keys.shape
+    candidates = q.shape[1]
+    positions = packed_positions(problem)
     if positions is None:
         packed_keys = keys.reshape(batch * length, embed_dim)
         q_rows = q.repeat_interleave(length, dim=0)
@@ -42,35 +72,7 @@ def packed_scores(problem: DINProblem, positions, dtype: torch.dtype,
         rows, cols = positions
         packed_keys = keys[rows, cols]
         q_rows = q[rows]
-    w_q, w_k, w_d, w_p = split_first_layer(problem.weights[0].to(dtype))
-    per_candidate = q_rows @ (w_q + w_d).t() + problem.biases[0].to(dtype)     # [N, C, H1]
-    per_key = packed_keys @ (w_k - w_d).t()                                    # [N, H1]
-    interaction = (q_rows * packed_keys[:, None, :]) @ w_p.t()                 # [N, C, H1]
-    def act(x, params):
-        params = tuple(p.to(dtype) for p in params)
-        if dice_batch_stats is not None:
-            flat = x.flatten(0, 1)
-            count = flat.shape[0]
-            mu = flat.sum(0) / max(count, 1)
-            var = (flat - mu).square().sum(0) / max(count, 1)
-            dice_batch_stats.append((mu, var, count))
-            params = (params[0], mu, var)
-        return activate(x, problem.activation, params, problem.dice_eps)
-
-    h = act(per_candidate + interaction + per_key[:, None, :], problem.act_params[0])
-    for w, b, params in zip(problem.weights[1:-1], problem.biases[1:-1], problem.act_params[1:]):
-        h = act(h @ w.to(dtype).t() + b.to(dtype), params)
-    w_out, b_out = problem.weights[-1].to(dtype), problem.biases[-1].to(dtype)
-    return (h @ w_out.t()).squeeze(-1) + b_out
-
-
-def torch_din_attention(problem: DINProblem, dice_batch_stats=None):
-    """Returns (pooled [B, C, Dv], weights w [B, C, T]) in the compute dtype."""
-    dtype = problem.compute_dtype()
-    batch, length = problem.keys.shape[:2]
-    candidates = problem.query.shape[1]
-    positions = packed_positions(problem)
-    scores = packed_scores(problem, positions, dtype, dice_batch_stats)
+    scores = packed_scores(problem, q_rows, packed_keys, dtype, dice_gate)
     if positions is None:
         dense = scores.view(batch, length, candidates)
     else:
@@ -79,3 +81,31 @@ def torch_din_attention(problem: DINProblem, dice_batch_stats=None):
                                problem.normalization, problem.scale)
     pooled = weights @ problem.value_tensor.to(dtype)
     return pooled, weights
+
+
+def torch_din_attention_jagged(problem: JaggedDINProblem):
+    """Returns (pooled [B, C, Dv], weights w [L, C]) in the compute dtype.
+
+    The jagged values are the packed positions already: the MLP runs on them
+    as they are, and the normalization and the weighted sum reduce per
+    segment, so nothing of size [B, max_len, ...] is ever built.
+    """
+    dtype = problem.compute_dtype()
+    q = problem.query.to(dtype)
+    batch, candidates = q.shape[:2]
+    rows = problem.row_ids()
+    scores = packed_scores(problem, q[rows], problem.keys_values.to(dtype), dtype) * problem.scale
+    if problem.normalization == "softmax":
+        # Per-segment softmax; the max only stabilizes, so it carries no gradient.
+        # Empty segments have no entries and so pool to zero, never NaN.
+        index = rows[:, None].expand(-1, candidates)
+        with torch.no_grad():
+            seg_max = scores.new_full((batch, candidates), float("-inf"))
+            seg_max = seg_max.scatter_reduce(0, index, scores, "amax")
+        exp = torch.exp(scores - seg_max[rows])
+        denom = exp.new_zeros(batch, candidates).index_add(0, rows, exp)
+        scores = exp / denom[rows]
+    values = problem.value_tensor.to(dtype)
+    pooled = values.new_zeros(batch, candidates, values.shape[1])
+    pooled = pooled.index_add(0, rows, scores[:, :, None] * values[:, None, :])
+    return pooled, scores
