@@ -206,21 +206,26 @@ def _validate_act_params(activation, activation_params, hidden_units, device):
     return params
 
 
-def check_range(name: str, values: torch.Tensor, low: int, high: int, needs: str) -> None:
-    """Check low <= values <= high: eagerly on CPU, without a host sync elsewhere.
+def check_all(ok: torch.Tensor, message: str, details=None) -> None:
+    """Raise ValueError(message) unless every element of ``ok`` holds.
 
-    On an accelerator, and while tracing (torch.compile, torch.export, where a
-    data-dependent Python branch cannot be recorded), the check runs as
-    ``torch._assert_async`` on the tensor instead; the kernels also clamp, so
-    nothing reads outside the tensors.
+    Eager on CPU (``details()`` adds what was found). On an accelerator, and
+    while tracing (torch.compile, torch.export, which cannot record a
+    data-dependent Python branch), the check runs as ``torch._assert_async``
+    instead, with no host sync; the kernels also clamp, so nothing reads
+    outside the tensors.
     """
-    if values.device.type == "cpu" and not torch.compiler.is_compiling():
-        if values.numel() and (int(values.min()) < low or int(values.max()) > high):
-            raise ValueError(f"din_attention: `{name}` must lie in {needs}; got values in "
-                             f"[{int(values.min())}, {int(values.max())}]")
-    elif values.device.type != "meta":
-        torch._assert_async(((values >= low) & (values <= high)).all(),
-                            f"din_attention: `{name}` must lie in {needs}")
+    if ok.device.type == "cpu" and not torch.compiler.is_compiling():
+        if not bool(ok.all()):
+            raise ValueError(message + ("" if details is None else details()))
+    elif ok.device.type != "meta":
+        torch._assert_async(ok.all(), message)
+
+
+def check_range(name: str, values: torch.Tensor, low: int, high: int, needs: str) -> None:
+    """Check low <= values <= high (see check_all for when and how)."""
+    check_all((values >= low) & (values <= high), f"din_attention: `{name}` must lie in {needs}",
+              lambda: f"; got values in [{int(values.min())}, {int(values.max())}]")
 
 
 def _validate_query(query, batch: int, embed_dim: int, keys: torch.Tensor, keys_name: str):
