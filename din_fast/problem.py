@@ -107,7 +107,7 @@ def _require_tensor(name: str, value) -> torch.Tensor:
 def _require_device(name: str, tensor: torch.Tensor, device: torch.device) -> None:
     if tensor.device != device:
         raise ValueError(
-            f"din_attention: `{name}` is on {tensor.device} but `keys` is on {device}; "
+            f"din_attention: `{name}` is on {tensor.device} but the keys are on {device}; "
             "all tensors must be on one device"
         )
 

@@ -158,6 +158,9 @@ class DIN_Attention(nn.Module):  # noqa: N801 - the peer's class name
         if self.training and self.has_dropout:
             raise ValueError(f"{LAYER}: `dropout_rate` > 0 is supported in eval mode only "
                              "(din_fast has no dropout inside the attention unit)")
+        if isinstance(target_item, torch.Tensor) and target_item.dim() != 2:
+            raise ValueError(f"{LAYER}: `target_item` must have shape [B, E]; "
+                             f"got {tuple(target_item.shape)}")
         valid = self._valid_mask(mask)
         linears = self._linears()
         kwargs = dict(weights=[m.weight for m in linears], biases=[m.bias for m in linears],
