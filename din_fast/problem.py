@@ -104,10 +104,11 @@ def _require_tensor(name: str, value) -> torch.Tensor:
     return value
 
 
-def _require_device(name: str, tensor: torch.Tensor, device: torch.device) -> None:
+def _require_device(name: str, tensor: torch.Tensor, device: torch.device,
+                    anchor: str = "keys") -> None:
     if tensor.device != device:
         raise ValueError(
-            f"din_attention: `{name}` is on {tensor.device} but the keys are on {device}; "
+            f"din_attention: `{name}` is on {tensor.device} but `{anchor}` is on {device}; "
             "all tensors must be on one device"
         )
 
@@ -119,7 +120,7 @@ def _require_float(name: str, tensor: torch.Tensor) -> None:
         )
 
 
-def _validate_layers(weights, biases, embed_dim, device):
+def _validate_layers(weights, biases, embed_dim, device, anchor):
     if not isinstance(weights, (list, tuple)) or not isinstance(biases, (list, tuple)):
         raise TypeError(
             "din_attention: `weights` and `biases` must be lists of tensors "
@@ -132,8 +133,8 @@ def _validate_layers(weights, biases, embed_dim, device):
         )
     if len(biases) != len(weights):
         raise ValueError(
-            f"din_attention: `biases` must have one tensor per weight ({len(weights)}); "
-            f"got {len(biases)}"
+            f"din_attention: `biases` must have one tensor per entry of `weights` "
+            f"({len(weights)}); got {len(biases)}"
         )
     fan_in = 4 * embed_dim
     for i, (w, b) in enumerate(zip(weights, biases)):
@@ -142,7 +143,7 @@ def _validate_layers(weights, biases, embed_dim, device):
         _require_tensor(f"biases[{i}]", b)
         for name, t in ((f"weights[{i}]", w), (f"biases[{i}]", b)):
             _require_float(name, t)
-            _require_device(name, t, device)
+            _require_device(name, t, device, anchor)
         if w.dim() != 2 or w.shape[1] != fan_in or (last and w.shape[0] != 1) or w.shape[0] < 1:
             rows = "1" if last else "H"
             needs = f"[{rows}, {fan_in}]"
@@ -152,17 +153,17 @@ def _validate_layers(weights, biases, embed_dim, device):
             raise ValueError(f"din_attention: `weights[{i}]` must have shape {needs}; "
                              f"got {tuple(w.shape)}")
         if b.shape != (w.shape[0],):
-            raise ValueError(f"din_attention: `biases[{i}]` must have shape ({w.shape[0]},); "
-                             f"got {tuple(b.shape)}")
+            raise ValueError(f"din_attention: `biases[{i}]` must have shape ({w.shape[0]},) to "
+                             f"match `weights[{i}]` {tuple(w.shape)}; got {tuple(b.shape)}")
         fan_in = w.shape[0]
     return list(weights), list(biases)
 
 
-def _unit_vector(name: str, tensor, width: int, device) -> torch.Tensor:
+def _unit_vector(name: str, tensor, width: int, device, anchor) -> torch.Tensor:
     """A per-unit parameter given as [H] or [1], expanded to [H]."""
     _require_tensor(name, tensor)
     _require_float(name, tensor)
-    _require_device(name, tensor, device)
+    _require_device(name, tensor, device, anchor)
     if tensor.shape not in ((width,), (1,)):
         raise ValueError(
             f"din_attention: `{name}` must have shape ({width},) or (1,); got {tuple(tensor.shape)}"
@@ -170,7 +171,7 @@ def _unit_vector(name: str, tensor, width: int, device) -> torch.Tensor:
     return tensor.expand(width)
 
 
-def _validate_act_params(activation, activation_params, hidden_units, device):
+def _validate_act_params(activation, activation_params, hidden_units, device, anchor):
     layers = len(hidden_units)
     if activation in ("sigmoid", "relu"):
         if activation_params not in (None, [], ()):
@@ -192,7 +193,8 @@ def _validate_act_params(activation, activation_params, hidden_units, device):
     params = []
     for i, (entry, width) in enumerate(zip(activation_params, hidden_units)):
         if activation == "prelu":
-            params.append((_unit_vector(f"activation_params[{i}]", entry, width, device),))
+            params.append((_unit_vector(f"activation_params[{i}]", entry, width, device,
+                                        anchor),))
             continue
         if not isinstance(entry, (list, tuple)) or len(entry) != 3:
             raise ValueError(
@@ -200,7 +202,7 @@ def _validate_act_params(activation, activation_params, hidden_units, device):
                 f"got {_describe(entry)}"
             )
         params.append(tuple(
-            _unit_vector(f"activation_params[{i}][{j}] ({part})", t, width, device)
+            _unit_vector(f"activation_params[{i}][{j}] ({part})", t, width, device, anchor)
             for j, (part, t) in enumerate(zip(("a", "mu", "var"), entry))
         ))
     return params
@@ -234,7 +236,7 @@ def _validate_query(query, batch: int, embed_dim: int, keys: torch.Tensor, keys_
     if query.dim() not in (2, 3):
         raise ValueError(f"din_attention: `query` must be [B, D] or [B, C, D]; "
                          f"got shape {tuple(query.shape)}")
-    _require_device("query", query, keys.device)
+    _require_device("query", query, keys.device, keys_name)
     if query.dtype != keys.dtype:
         raise TypeError(f"din_attention: `query` has dtype {query.dtype} but `{keys_name}` has "
                         f"{keys.dtype}; they must match")
@@ -261,7 +263,7 @@ def _validate_keys(name: str, keys, rank: int, layout: str) -> None:
 def _validate_values(values, keys: torch.Tensor, keys_name: str, layout: str) -> None:
     """values: the keys' leading dims, any last dim, the keys' dtype and device."""
     _require_tensor("values", values)
-    _require_device("values", values, keys.device)
+    _require_device("values", values, keys.device, keys_name)
     if values.dim() != keys.dim() or values.shape[:-1] != keys.shape[:-1]:
         raise ValueError(f"din_attention: `values` must be {layout} to match `{keys_name}` "
                          f"{tuple(keys.shape)}; got shape {tuple(values.shape)}")
@@ -271,11 +273,10 @@ def _validate_values(values, keys: torch.Tensor, keys_name: str, layout: str) ->
 
 
 def _validate_options(activation, normalization, scale, dice_eps) -> None:
-    if not isinstance(activation, str) or activation not in ACTIVATIONS:
+    if activation not in ACTIVATIONS:
         raise ValueError(f"din_attention: `activation` must be one of {ACTIVATIONS}; "
                          f"got {activation!r}")
-    if normalization is not None and (not isinstance(normalization, str)
-                                      or normalization not in NORMALIZATIONS):
+    if normalization not in NORMALIZATIONS:
         raise ValueError(f"din_attention: `normalization` must be None or 'softmax'; "
                          f"got {normalization!r}")
     if isinstance(scale, bool) or not isinstance(scale, numbers.Real) or not math.isfinite(scale):
@@ -286,11 +287,15 @@ def _validate_options(activation, normalization, scale, dice_eps) -> None:
                          f"got {_describe(dice_eps)}")
 
 
-def _validate_parameters(weights, biases, activation, activation_params, embed_dim, device):
-    """(weights, biases, act_params) of the activation unit, checked and expanded."""
-    weights, biases = _validate_layers(weights, biases, embed_dim, device)
+def _validate_parameters(weights, biases, activation, activation_params, keys: torch.Tensor,
+                         keys_name: str):
+    """(weights, biases, act_params) of the activation unit, checked against
+    the keys' embedding size and device, and expanded."""
+    embed_dim, device = keys.shape[-1], keys.device
+    weights, biases = _validate_layers(weights, biases, embed_dim, device, keys_name)
     hidden_units = tuple(w.shape[0] for w in weights[:-1])
-    act_params = _validate_act_params(activation, activation_params, hidden_units, device)
+    act_params = _validate_act_params(activation, activation_params, hidden_units, device,
+                                      keys_name)
     return weights, biases, act_params
 
 
@@ -335,8 +340,8 @@ def validate(query, keys, lengths, *, weights, biases, activation, activation_pa
         if lengths.dtype not in (torch.int32, torch.int64):
             raise TypeError(f"din_attention: `lengths` must be int32 or int64; got {lengths.dtype}")
         if lengths.shape != (batch,):
-            raise ValueError(f"din_attention: `lengths` must have shape ({batch},); "
-                             f"got {tuple(lengths.shape)}")
+            raise ValueError(f"din_attention: `lengths` must have shape ({batch},) to match "
+                             f"`keys` {tuple(keys.shape)}; got {tuple(lengths.shape)}")
         lengths = lengths.long()
         check_range("lengths", lengths, 0, length, f"[0, T={length}]")
     if mask is not None:
@@ -346,11 +351,11 @@ def validate(query, keys, lengths, *, weights, biases, activation, activation_pa
             raise TypeError(f"din_attention: `mask` must be a bool tensor (True = valid); "
                             f"got {mask.dtype}")
         if mask.shape != (batch, length):
-            raise ValueError(f"din_attention: `mask` must have shape ({batch}, {length}); "
-                             f"got {tuple(mask.shape)}")
+            raise ValueError(f"din_attention: `mask` must have shape ({batch}, {length}) to "
+                             f"match `keys` {tuple(keys.shape)}; got {tuple(mask.shape)}")
     _validate_options(activation, normalization, scale, dice_eps)
     weights, biases, act_params = _validate_parameters(weights, biases, activation,
-                                                       activation_params, embed_dim, device)
+                                                       activation_params, keys, "keys")
     return DINProblem(
         query=query3, keys=keys, values=values, lengths=lengths, mask=mask,
         weights=weights, biases=biases, activation=activation, act_params=act_params,
@@ -411,7 +416,7 @@ def validate_jagged(query, keys_values, offsets, max_len, *, weights, biases, ac
     total, embed_dim = keys_values.shape
     device = keys_values.device
     _require_tensor("offsets", offsets)
-    _require_device("offsets", offsets, device)
+    _require_device("offsets", offsets, device, "keys_values")
     if offsets.dtype != torch.int64:
         raise TypeError(f"din_attention: `offsets` must be int64; got {offsets.dtype}")
     if offsets.dim() != 1 or offsets.shape[0] < 1:
@@ -425,12 +430,14 @@ def validate_jagged(query, keys_values, offsets, max_len, *, weights, biases, ac
     if values is not None:
         _validate_values(values, keys_values, "keys_values", f"[L, Dv] = [{total}, Dv]")
     check_range("offsets[0]", offsets[:1], 0, 0, "{0}")
-    check_range("offsets[-1]", offsets[-1:], total, total, f"{{L = {total}}}")
+    check_range("offsets[-1]", offsets[-1:], total, total,
+                f"{{{total}}}, the rows L of `keys_values`")
     check_range("offsets[b + 1] - offsets[b]", offsets[1:] - offsets[:-1], 0, max_len,
                 f"[0, max_len={max_len}] (offsets non-decreasing, no segment over max_len)")
     _validate_options(activation, normalization, scale, dice_eps)
     weights, biases, act_params = _validate_parameters(weights, biases, activation,
-                                                       activation_params, embed_dim, device)
+                                                       activation_params, keys_values,
+                                                       "keys_values")
     return JaggedDINProblem(
         query=query3, keys_values=keys_values, values=values, offsets=offsets,
         max_len=int(max_len), weights=weights, biases=biases, activation=activation,

@@ -149,6 +149,9 @@ class AttentionSequencePoolingLayer(nn.Module):
                 raise ValueError(f"{LAYER}: `mask` is required when supports_masking=True")
             lengths = None
         else:
+            if keys_length is None:
+                raise ValueError(f"{LAYER}: `keys_length` [B, 1] is required when "
+                                 "supports_masking=False")
             mask = None
             lengths = keys_length
             if isinstance(lengths, torch.Tensor) and lengths.dim() == 2 and lengths.shape[1] == 1:

@@ -184,6 +184,9 @@ class DIN_Attention(nn.Module):  # noqa: N801 - the peer's class name
         """The peer's mask (0 = padding, any dtype) as SPEC's bool mask."""
         if not isinstance(mask, torch.Tensor) or mask.dtype == torch.bool:
             return mask  # None, or checked by din_attention
+        if mask.is_complex():
+            raise TypeError(f"{LAYER}: `mask` must be bool or real (0 = padding); "
+                            f"got {mask.dtype}")
         check_all((mask == 0) | (mask == 1),
                   f"{LAYER}: `mask` must hold only 0 (padding) and 1 (valid)")
         return mask != 0
