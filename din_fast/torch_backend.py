@@ -133,7 +133,7 @@ class _TorchDINAttention(torch.autograd.Function):
         q_packed = packed.expand_rows(query)                               # [N, C, D]
         z = packed.expand_rows(query @ (w_q + w_d).t() + biases[0])        # [N, C, H1]
         z += (k_packed @ (w_k - w_d).t())[:, None, :]
-        z.view(-1, z.shape[-1]).addmm_((q_packed * k_packed[:, None, :]).flatten(0, 1), w_p.t())
+        z.flatten(0, 1).addmm_((q_packed * k_packed[:, None, :]).flatten(0, 1), w_p.t())
         preacts = []
         h = z
         for i in range(n_layers):
@@ -145,7 +145,7 @@ class _TorchDINAttention(torch.autograd.Function):
                     (layer_params[1], layer_params[2], h.shape[0] * h.shape[1]))
             h = activate(h, config.activation, layer_params, config.dice_eps)
             h = torch.addmm(biases[i + 1], h.flatten(0, 1), weights[i + 1].t()) \
-                .view(*h.shape[:2], -1)
+                .view(*h.shape[:2], weights[i + 1].shape[0])
         dense = packed.scatter(h.squeeze(-1)).transpose(1, 2)               # [B, C, T]
         w = masked_normalize(dense, packed.valid, config.normalization, config.scale)
         pooled = w @ values
@@ -153,17 +153,15 @@ class _TorchDINAttention(torch.autograd.Function):
         ctx.config = config
         ctx.packed = packed
         ctx.values_are_keys = values is keys
-        # The pre-activations are kept on ctx, not saved, so that the backward
-        # can drop each one as soon as its layer is done (lower peak memory).
-        ctx.preacts = preacts
-        ctx.save_for_backward(query, keys, values, w, *tensors)
+        ctx.save_for_backward(query, keys, values, w, *tensors, *preacts)
         return pooled, w
 
     @staticmethod
     def backward(ctx, grad_pooled, grad_w):
-        config, packed, preacts = ctx.config, ctx.packed, ctx.preacts
+        config, packed = ctx.config, ctx.packed
         n_layers = config.n_layers
-        query, keys, values, w, *tensors = ctx.saved_tensors
+        query, keys, values, w, *rest = ctx.saved_tensors
+        tensors, preacts = rest[:-n_layers], rest[-n_layers:]
         weights, biases, params = _split_tensors(tensors, n_layers)
 
         # Pooling and normalization: dL/dw, then dL/ds at the valid positions.
@@ -183,7 +181,7 @@ class _TorchDINAttention(torch.autograd.Function):
         grad_params = [None] * n_layers
         for i in reversed(range(n_layers)):
             grad_h = grad_next @ weights[i + 1]
-            h, grad_z, grad_params[i] = _activation_vjp(preacts.pop(), params[i], grad_h, config)
+            h, grad_z, grad_params[i] = _activation_vjp(preacts[i], params[i], grad_h, config)
             del grad_h
             grad_weights[i + 1] = grad_next.flatten(0, 1).t() @ h.flatten(0, 1)
             grad_biases[i + 1] = grad_next.sum((0, 1))
@@ -232,7 +230,11 @@ def torch_din_attention(problem: DINProblem, dice_batch_stats=None):
     config = _Config(problem.activation, problem.normalization, problem.scale,
                      problem.dice_eps, len(problem.act_params), dice_batch_stats)
     tensors = [t.to(dtype) for t in problem.weights + problem.biases]
-    tensors += [p.to(dtype) for layer in problem.act_params for p in layer]
+    # With batch statistics Dice's given mu and var (the module's running
+    # statistics, updated in place afterwards) take no part: pass only a.
+    act_params = problem.act_params if dice_batch_stats is None else \
+        [layer[:1] for layer in problem.act_params]
+    tensors += [p.to(dtype) for layer in act_params for p in layer]
     keys = problem.keys.to(dtype)
     values = keys if problem.values is None else problem.values.to(dtype)
     return _TorchDINAttention.apply(config, packed, problem.query.to(dtype), keys, values,
