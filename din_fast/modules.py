@@ -88,7 +88,18 @@ class DINAttention(nn.Module):
         # backend does layer by layer (the fused kernels serve Dice at eval).
         problem = validate(query, keys, lengths, **kwargs)
         batch_stats = []
-        pooled, scores = run_problem(problem, "torch", dice_batch_stats=batch_stats)
+
+        def batch_stats_gate(layer, x):
+            # Mean and biased variance over the packed (valid) positions, as
+            # BatchNorm normalizes in training.
+            flat = x.flatten(0, 1)
+            count = flat.shape[0]
+            mu = flat.sum(0) / max(count, 1)
+            var = (flat - mu).square().sum(0) / max(count, 1)
+            batch_stats.append((mu, var, count))
+            return (x - mu) * torch.rsqrt(var + self.dice_eps)
+
+        pooled, scores = run_problem(problem, "torch", dice_gate=batch_stats_gate)
         with torch.no_grad():
             for (mu, var, count), (run_mu, run_var) in zip(batch_stats, self._running_stats()):
                 if count == 0:
