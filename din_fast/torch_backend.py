@@ -1,86 +1,250 @@
 """The fast pure-PyTorch backend: the CPU default and the fallback everywhere.
 
-Two savings over the literal formula, both exact:
+Three savings over the literal formula, all exact:
 - the first layer is folded, never building the [.., T, 4D] concat:
   W_1 [q, k, q-k, q*k] = (W_q + W_d) q + (W_k - W_d) k + W_p (q*k), where the
   first term is computed once per candidate and the second once per key,
   shared by every candidate of the row;
-- the MLP runs on the valid positions only, packed; padding costs nothing.
+- the MLP runs on the valid positions only, packed; padding costs nothing;
+- the backward is written by hand (``packed_backward``): it keeps only the
+  pre-activations of the packed positions (no concat, no autograd graph of
+  the MLP) and recomputes the rest. The same function is the CPU backward of
+  the custom op (din_fast.ops), where autograd cannot be re-entered.
+
+A Dice gate hook (``dice_gate``: batch statistics in training, the peers'
+BatchNorm) has side effects and parameters of its own, so that path runs
+through autograd instead, on the same packed MLP.
 """
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+from typing import Optional
+
 import torch
 
-from .activations import activate, dice
+from .activations import activate, activation_backward, dice
 from .problem import DINProblem, JaggedDINProblem, split_first_layer
 from .reference import masked_normalize
 
 
-def packed_positions(problem: DINProblem):
-    """(rows, cols) of the valid history positions, or None when all are valid."""
-    if problem.lengths is None and problem.mask is None:
-        return None
-    return problem.valid_mask().nonzero(as_tuple=True)
+class PackedPositions:
+    """The valid (row, position) pairs of a padded batch, in row-major order.
+
+    ``rows``/``cols`` are None when every position is valid: then packing is a
+    free reshape instead of a gather.
+    """
+
+    def __init__(self, problem: DINProblem):
+        self.batch, self.length = problem.keys.shape[:2]
+        self.valid = problem.valid_mask()
+        if problem.lengths is None and problem.mask is None:
+            self.rows = self.cols = None
+        else:
+            self.rows, self.cols = self.valid.nonzero(as_tuple=True)
+
+    def gather(self, dense: torch.Tensor) -> torch.Tensor:
+        """[B, T, ...] -> [N, ...]"""
+        if self.rows is None:
+            return dense.reshape(self.batch * self.length, *dense.shape[2:])
+        return dense[self.rows, self.cols]
+
+    def scatter(self, packed: torch.Tensor) -> torch.Tensor:
+        """[N, ...] -> [B, T, ...] with zeros at the invalid positions."""
+        shape = (self.batch, self.length, *packed.shape[1:])
+        if self.rows is None:
+            return packed.reshape(shape)
+        return packed.new_zeros(shape).index_put_((self.rows, self.cols), packed)
+
+    def expand_rows(self, per_row: torch.Tensor) -> torch.Tensor:
+        """[B, ...] -> [N, ...]: each position gets its row's value."""
+        if self.rows is None:
+            return per_row.repeat_interleave(self.length, dim=0)
+        return per_row[self.rows]
+
+    def sum_rows(self, packed: torch.Tensor) -> torch.Tensor:
+        """[N, ...] -> [B, ...]: the sum over each row's positions."""
+        if self.rows is None:
+            return packed.view(self.batch, self.length, *packed.shape[1:]).sum(1)
+        return packed.new_zeros(self.batch, *packed.shape[1:]).index_add_(0, self.rows, packed)
 
 
-def packed_scores(problem, q_rows: torch.Tensor, packed_keys: torch.Tensor,
-                  dtype: torch.dtype, dice_gate=None) -> torch.Tensor:
-    """Raw scores s of packed history positions: [N, C].
+@dataclass
+class PackedMLP:
+    """The activation unit's layers, cast to the compute dtype; ``act_params``
+    per hidden layer as in DINProblem."""
 
-    ``packed_keys`` [N, D] are the positions to score and ``q_rows`` [N, C, D]
-    the candidates of each one's row: gathered from a padded batch, or the
-    values of a jagged one as they are. Only the layer fields of ``problem``
-    are read (weights, biases, activation, act_params, dice_eps).
+    weights: list
+    biases: list
+    act_params: list
+    activation: str
+    dice_eps: float
 
+    @classmethod
+    def of(cls, problem, dtype: torch.dtype, act_params=None):
+        act_params = problem.act_params if act_params is None else act_params
+        return cls([w.to(dtype) for w in problem.weights], [b.to(dtype) for b in problem.biases],
+                   [tuple(p.to(dtype) for p in layer) for layer in act_params],
+                   problem.activation, problem.dice_eps)
+
+    def flat(self) -> list:
+        return [*self.weights, *self.biases, *(p for layer in self.act_params for p in layer)]
+
+    def with_flat(self, tensors) -> "PackedMLP":
+        """The same layers with the tensors of ``flat()`` replaced, in order."""
+        n = len(self.weights)
+        rest = iter(tensors[2 * n:])
+        act_params = [tuple(next(rest) for _ in layer) for layer in self.act_params]
+        return PackedMLP(list(tensors[:n]), list(tensors[n:2 * n]), act_params,
+                         self.activation, self.dice_eps)
+
+
+def packed_scores(mlp: PackedMLP, query: torch.Tensor, k_packed: torch.Tensor, expand_rows,
+                  dice_gate=None, preacts: Optional[list] = None) -> torch.Tensor:
+    """Raw scores s [N, C] of packed history positions.
+
+    ``query`` [B, C, D] and ``k_packed`` [N, D] in the compute dtype;
+    ``expand_rows`` maps a per-row tensor [B, ...] to its positions [N, ...].
     ``dice_gate(layer, x)``, when given, returns the logits of Dice's gate for
     the pre-activations x [N, C, H] of hidden layer ``layer`` in place of
-    (x - mu) / sqrt(var + eps): how batch statistics (DINAttention in training)
-    and the peers' BatchNorm-based Dice plug in.
+    (x - mu) / sqrt(var + eps). ``preacts``, when a list, receives every hidden
+    layer's pre-activation (what the hand-written backward keeps).
     """
-    w_q, w_k, w_d, w_p = split_first_layer(problem.weights[0].to(dtype))
-    per_candidate = q_rows @ (w_q + w_d).t() + problem.biases[0].to(dtype)     # [N, C, H1]
-    per_key = packed_keys @ (w_k - w_d).t()                                    # [N, H1]
-    interaction = (q_rows * packed_keys[:, None, :]) @ w_p.t()                 # [N, C, H1]
-
-    def act(layer, x, params):
-        params = tuple(p.to(dtype) for p in params)
+    w_q, w_k, w_d, w_p = split_first_layer(mlp.weights[0])
+    h = expand_rows(query @ (w_q + w_d).t() + mlp.biases[0])           # [N, C, H1]
+    h += (k_packed @ (w_k - w_d).t())[:, None, :]
+    qk = expand_rows(query) * k_packed[:, None, :]                      # [N, C, D]
+    h.flatten(0, 1).addmm_(qk.flatten(0, 1), w_p.t())
+    del qk
+    layers = zip(mlp.weights[1:], mlp.biases[1:], mlp.act_params)
+    for i, (w, b, params) in enumerate(layers):
+        if preacts is not None:
+            preacts.append(h)
         if dice_gate is not None:
-            return dice(x, params[0], dice_gate(layer, x))
-        return activate(x, problem.activation, params, problem.dice_eps)
+            h = dice(h, params[0], dice_gate(i, h))
+        else:
+            h = activate(h, mlp.activation, params, mlp.dice_eps)
+        h = torch.addmm(b, h.flatten(0, 1), w.t()).view(*h.shape[:2], w.shape[0])
+    return h.squeeze(-1)
 
-    h = act(0, per_candidate + interaction + per_key[:, None, :], problem.act_params[0])
-    hidden = zip(problem.weights[1:-1], problem.biases[1:-1], problem.act_params[1:])
-    for layer, (w, b, params) in enumerate(hidden, start=1):
-        h = act(layer, h @ w.to(dtype).t() + b.to(dtype), params)
-    w_out, b_out = problem.weights[-1].to(dtype), problem.biases[-1].to(dtype)
-    return (h @ w_out.t()).squeeze(-1) + b_out
+
+def packed_backward(mlp: PackedMLP, packed: PackedPositions, query, keys, values, w, preacts,
+                    grad_pooled, grad_w, normalization, scale, values_are_keys):
+    """The chain rule of the padded forward, written out on the packed positions.
+
+    ``w`` [B, C, T] are the forward's attention weights and ``preacts`` its
+    hidden pre-activations. Returns (d query, d keys, d values or None when
+    the values are the keys, d weights, d biases, d act_params per layer).
+    """
+    n_layers = len(mlp.act_params)
+    # Pooling and normalization: dL/dw, then dL/ds at the valid positions.
+    grad_w_total = grad_pooled @ values.transpose(1, 2)                 # [B, C, T]
+    if grad_w is not None:
+        grad_w_total = grad_w_total + grad_w
+    w_packed = packed.gather(w.transpose(1, 2))                          # [N, C]
+    grad_v_packed = (w_packed[..., None] * packed.expand_rows(grad_pooled)).sum(1)
+    if normalization == "softmax":
+        grad_w_total = w * (grad_w_total - (w * grad_w_total).sum(-1, keepdim=True))
+    grad_next = packed.gather((grad_w_total * scale).transpose(1, 2))[..., None]
+
+    # The MLP, last layer first: grad_next is dL/d(pre-activation) of the
+    # layer that consumes layer i's output; activations are recomputed.
+    grad_weights = [None] * (n_layers + 1)
+    grad_biases = [None] * (n_layers + 1)
+    grad_params = [None] * n_layers
+    for i in reversed(range(n_layers)):
+        grad_h = grad_next @ mlp.weights[i + 1]
+        z, params = preacts[i], mlp.act_params[i]
+        h = activate(z, mlp.activation, params, mlp.dice_eps)
+        grad_weights[i + 1] = grad_next.flatten(0, 1).t() @ h.flatten(0, 1)
+        grad_biases[i + 1] = grad_next.sum((0, 1))
+        del h
+        grad_next, grad_params[i] = activation_backward(z, grad_h, mlp.activation, params,
+                                                        mlp.dice_eps)
+        del grad_h
+    grad_z = grad_next                                                   # [N, C, H1]
+    del grad_next
+
+    # The folded first layer: z1 = (W_q + W_d) q + (W_k - W_d) k + W_p (q*k) + b_1.
+    w_q, w_k, w_d, w_p = split_first_layer(mlp.weights[0])
+    k_packed = packed.gather(keys)                                       # [N, D]
+    q_packed = packed.expand_rows(query)                                 # [N, C, D]
+    grad_u = packed.sum_rows(grad_z)                                     # [B, C, H1]
+    grad_z_keys = grad_z.sum(1)                                          # [N, H1]
+    grad_fold_q = grad_u.flatten(0, 1).t() @ query.flatten(0, 1)        # d(W_q + W_d)
+    grad_fold_k = grad_z_keys.t() @ k_packed                             # d(W_k - W_d)
+    grad_w_p = grad_z.flatten(0, 1).t() @ (q_packed * k_packed[:, None, :]).flatten(0, 1)
+    grad_weights[0] = torch.cat(
+        [grad_fold_q, grad_fold_k, grad_fold_q - grad_fold_k, grad_w_p], dim=1)
+    grad_biases[0] = grad_u.sum((0, 1))
+    grad_qk = grad_z @ w_p                                               # [N, C, D]
+    del grad_z
+    grad_query = grad_u @ (w_q + w_d) + packed.sum_rows(grad_qk * k_packed[:, None, :])
+    del k_packed
+    grad_k_packed = (grad_qk * q_packed).sum(1).addmm_(grad_z_keys, w_k - w_d)
+    del grad_qk, q_packed, grad_z_keys
+    if values_are_keys:
+        grad_keys, grad_values = packed.scatter(grad_k_packed.add_(grad_v_packed)), None
+    else:
+        grad_keys, grad_values = packed.scatter(grad_k_packed), packed.scatter(grad_v_packed)
+    return grad_query, grad_keys, grad_values, grad_weights, grad_biases, grad_params
+
+
+def _padded_forward(mlp, packed, query, keys, values, normalization, scale, preacts=None,
+                    dice_gate=None):
+    """(pooled [B, C, Dv], w [B, C, T]) of a padded batch."""
+    scores = packed_scores(mlp, query, packed.gather(keys), packed.expand_rows, dice_gate,
+                           preacts)
+    dense = packed.scatter(scores).transpose(1, 2)                        # [B, C, T]
+    w = masked_normalize(dense, packed.valid, normalization, scale)
+    return w @ values, w
+
+
+class _TorchDINAttention(torch.autograd.Function):
+    """The padded forward with ``packed_backward`` as its backward. Tensor
+    inputs are in the compute dtype: query, keys, values, then mlp.flat()."""
+
+    @staticmethod
+    def forward(ctx, mlp, packed, normalization, scale, query, keys, values, *tensors):
+        preacts = []
+        pooled, w = _padded_forward(mlp, packed, query, keys, values, normalization, scale,
+                                    preacts)
+        ctx.mlp, ctx.packed, ctx.options = mlp, packed, (normalization, scale, values is keys)
+        ctx.save_for_backward(query, keys, values, w, *tensors, *preacts)
+        return pooled, w
+
+    @staticmethod
+    def backward(ctx, grad_pooled, grad_w):
+        normalization, scale, values_are_keys = ctx.options
+        query, keys, values, w, *rest = ctx.saved_tensors
+        n_layers = len(ctx.mlp.act_params)
+        mlp = ctx.mlp.with_flat(rest[:-n_layers])
+        grad_q, grad_k, grad_v, grad_weights, grad_biases, grad_params = packed_backward(
+            mlp, ctx.packed, query, keys, values, w, rest[-n_layers:], grad_pooled, grad_w,
+            normalization, scale, values_are_keys)
+        return (None, None, None, None, grad_q, grad_k, grad_v, *grad_weights, *grad_biases,
+                *(g for layer in grad_params for g in layer))
+
+
+def _inputs(problem: DINProblem, dtype):
+    keys = problem.keys.to(dtype)
+    values = keys if problem.values is None else problem.values.to(dtype)
+    return problem.query.to(dtype), keys, values
 
 
 def torch_din_attention(problem: DINProblem, dice_gate=None):
     """Returns (pooled [B, C, Dv], weights w [B, C, T]) in the compute dtype."""
     dtype = problem.compute_dtype()
-    q = problem.query.to(dtype)
-    keys = problem.keys.to(dtype)
-    batch, length, embed_dim = keys.shape
-    candidates = q.shape[1]
-    positions = packed_positions(problem)
-    if positions is None:
-        packed_keys = keys.reshape(batch * length, embed_dim)
-        q_rows = q.repeat_interleave(length, dim=0)
-    else:
-        rows, cols = positions
-        packed_keys = keys[rows, cols]
-        q_rows = q[rows]
-    scores = packed_scores(problem, q_rows, packed_keys, dtype, dice_gate)
-    if positions is None:
-        dense = scores.view(batch, length, candidates)
-    else:
-        dense = scores.new_zeros(batch, length, candidates).index_put(positions, scores)
-    weights = masked_normalize(dense.transpose(1, 2), problem.valid_mask(),
-                               problem.normalization, problem.scale)
-    pooled = weights @ problem.value_tensor.to(dtype)
-    return pooled, weights
+    packed = PackedPositions(problem)
+    query, keys, values = _inputs(problem, dtype)
+    if dice_gate is not None:
+        # The gate's statistics are Dice's mu and var: only a is a parameter here.
+        mlp = PackedMLP.of(problem, dtype, [layer[:1] for layer in problem.act_params])
+        return _padded_forward(mlp, packed, query, keys, values, problem.normalization,
+                               problem.scale, dice_gate=dice_gate)
+    mlp = PackedMLP.of(problem, dtype)
+    return _TorchDINAttention.apply(mlp, packed, problem.normalization, problem.scale,
+                                    query, keys, values, *mlp.flat())
 
 
 def torch_din_attention_jagged(problem: JaggedDINProblem):
@@ -94,7 +258,9 @@ def torch_din_attention_jagged(problem: JaggedDINProblem):
     q = problem.query.to(dtype)
     batch, candidates = q.shape[:2]
     rows = problem.row_ids()
-    scores = packed_scores(problem, q[rows], problem.keys_values.to(dtype), dtype) * problem.scale
+    mlp = PackedMLP.of(problem, dtype)
+    scores = packed_scores(mlp, q, problem.keys_values.to(dtype), lambda x: x[rows])
+    scores = scores * problem.scale
     if problem.normalization == "softmax":
         # Per-segment softmax; the max only stabilizes, so it carries no gradient.
         # Empty segments have no entries and so pool to zero, never NaN.
