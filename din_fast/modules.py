@@ -6,7 +6,7 @@ import torch
 from torch import nn
 
 from .functional import din_attention, run_problem
-from .problem import ACTIVATIONS, DEFAULT_DICE_EPS, validate
+from .problem import ACTIVATIONS, DEFAULT_DICE_EPS, check_layer_sizes, validate
 
 PRELU_INIT = 0.25  # torch.nn.PReLU's default slope
 
@@ -28,12 +28,8 @@ class DINAttention(nn.Module):
                  backend: str = "auto", dice_eps: float = DEFAULT_DICE_EPS,
                  momentum: float = 0.1):
         super().__init__()
-        if not isinstance(embed_dim, int) or embed_dim < 1:
-            raise ValueError(f"DINAttention: `embed_dim` must be a positive int; got {embed_dim!r}")
-        hidden_units = tuple(hidden_units)
-        if not hidden_units or not all(isinstance(h, int) and h > 0 for h in hidden_units):
-            raise ValueError("DINAttention: `hidden_units` must be a non-empty sequence of "
-                             f"positive ints; got {hidden_units!r}")
+        hidden_units = check_layer_sizes("DINAttention", "embed_dim", embed_dim,
+                                         "hidden_units", hidden_units)
         if activation not in ACTIVATIONS:
             raise ValueError(f"DINAttention: `activation` must be one of {ACTIVATIONS}; "
                              f"got {activation!r}")

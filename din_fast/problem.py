@@ -22,21 +22,13 @@ DEFAULT_DICE_EPS = 1e-8
 
 
 @dataclass
-class DINProblem:
-    """One din_attention call, validated and in canonical form.
-
-    query is [B, C, D] (``squeeze_candidates`` remembers a 2-D query); keys
-    [B, T, D]; values [B, T, Dv] or None (the keys serve as values); at most one
-    of lengths [B] int64 and mask [B, T] bool. ``act_params`` has one entry per
-    hidden layer: () for sigmoid/relu, (a,) for prelu, (a, mu, var) for dice,
-    each a vector of that layer's width.
+class UnitAndOptions:
+    """What every problem form holds besides its inputs: the activation unit's
+    layers and the call's options. ``act_params`` has one entry per hidden
+    layer: () for sigmoid/relu, (a,) for prelu, (a, mu, var) for dice, each a
+    vector of that layer's width; ``squeeze_candidates`` remembers a 2-D query.
     """
 
-    query: torch.Tensor
-    keys: torch.Tensor
-    values: Optional[torch.Tensor]
-    lengths: Optional[torch.Tensor]
-    mask: Optional[torch.Tensor]
     weights: list
     biases: list
     activation: str
@@ -45,6 +37,21 @@ class DINProblem:
     scale: float
     dice_eps: float
     squeeze_candidates: bool
+
+
+@dataclass
+class DINProblem(UnitAndOptions):
+    """One din_attention call, validated and in canonical form.
+
+    query is [B, C, D]; keys [B, T, D]; values [B, T, Dv] or None (the keys
+    serve as values); at most one of lengths [B] int64 and mask [B, T] bool.
+    """
+
+    query: torch.Tensor
+    keys: torch.Tensor
+    values: Optional[torch.Tensor]
+    lengths: Optional[torch.Tensor]
+    mask: Optional[torch.Tensor]
 
     @property
     def value_tensor(self) -> torch.Tensor:
@@ -90,6 +97,22 @@ def shape_output(pooled: torch.Tensor, scores: Optional[torch.Tensor], dtype: to
         pooled = pooled.squeeze(1)
         scores = None if scores is None else scores.squeeze(1)
     return pooled, scores
+
+
+def check_layer_sizes(owner: str, embed_name: str, embed_dim, units_name: str,
+                      hidden_units) -> tuple:
+    """A module's embedding size and hidden widths checked; the widths as a tuple."""
+    if isinstance(embed_dim, bool) or not isinstance(embed_dim, int) or embed_dim < 1:
+        raise ValueError(f"{owner}: `{embed_name}` must be a positive int; got {embed_dim!r}")
+    try:
+        units = () if isinstance(hidden_units, str) else tuple(hidden_units)
+    except TypeError:  # not iterable
+        units = ()
+    if not units or not all(isinstance(h, int) and not isinstance(h, bool) and h > 0
+                            for h in units):
+        raise ValueError(f"{owner}: `{units_name}` must be a non-empty sequence of positive "
+                         f"ints; got {hidden_units!r}")
+    return units
 
 
 def _describe(value) -> str:
@@ -365,12 +388,12 @@ def validate(query, keys, lengths, *, weights, biases, activation, activation_pa
 
 
 @dataclass
-class JaggedDINProblem:
+class JaggedDINProblem(UnitAndOptions):
     """One din_attention_jagged call, validated: the history as jagged values.
 
-    keys_values [L, D] holds the histories of all rows back to back, row b's
-    at ``offsets[b]:offsets[b + 1]`` (TorchRec's / FBGEMM's jagged layout);
-    values [L, Dv] or None likewise. The other fields are as in DINProblem.
+    query is [B, C, D]; keys_values [L, D] holds the histories of all rows
+    back to back, row b's at ``offsets[b]:offsets[b + 1]`` (TorchRec's /
+    FBGEMM's jagged layout); values [L, Dv] or None likewise.
     """
 
     query: torch.Tensor
@@ -378,14 +401,6 @@ class JaggedDINProblem:
     values: Optional[torch.Tensor]
     offsets: torch.Tensor
     max_len: int
-    weights: list
-    biases: list
-    activation: str
-    act_params: list
-    normalization: Optional[str]
-    scale: float
-    dice_eps: float
-    squeeze_candidates: bool
 
     @property
     def value_tensor(self) -> torch.Tensor:

@@ -31,7 +31,7 @@ import torch
 from torch import nn
 
 from ..functional import din_attention
-from ..problem import validate
+from ..problem import check_layer_sizes, validate
 from .peer_semantics import all_position_scores, batchnorm_gate, peer_argument_names
 
 ACTIVATIONS = ("sigmoid", "relu", "prelu", "dice")
@@ -98,13 +98,8 @@ class AttentionSequencePoolingLayer(nn.Module):
         if activation not in ACTIVATIONS:
             raise ValueError(f"{LAYER}: `att_activation` must be one of {ACTIVATIONS} "
                              f"(any case); got {att_activation!r}")
-        hidden_units = tuple(att_hidden_units)
-        if not hidden_units or not all(isinstance(h, int) and h > 0 for h in hidden_units):
-            raise ValueError(f"{LAYER}: `att_hidden_units` must be a non-empty sequence of "
-                             f"positive ints; got {att_hidden_units!r}")
-        if not isinstance(embedding_dim, int) or embedding_dim < 1:
-            raise ValueError(f"{LAYER}: `embedding_dim` must be a positive int; "
-                             f"got {embedding_dim!r}")
+        hidden_units = check_layer_sizes(LAYER, "embedding_dim", embedding_dim,
+                                         "att_hidden_units", att_hidden_units)
         self.activation = activation
         self.return_score = return_score
         self.weight_normalization = weight_normalization

@@ -37,7 +37,7 @@ import torch
 from torch import nn
 
 from ..functional import din_attention
-from ..problem import check_all, validate
+from ..problem import check_all, check_layer_sizes, validate
 from .peer_semantics import all_position_scores, batchnorm_gate, peer_argument_names
 
 ACTIVATIONS = ("relu", "sigmoid", "prelu", "dice")
@@ -116,13 +116,8 @@ class DIN_Attention(nn.Module):  # noqa: N801 - the peer's class name
                  output_activation=None, dropout_rate=0, batch_norm=False, use_softmax=False,
                  backend="auto"):
         super().__init__()
-        units = list(attention_units)
-        if not units or not all(isinstance(h, int) and h > 0 for h in units):
-            raise ValueError(f"{LAYER}: `attention_units` must be a non-empty list of positive "
-                             f"ints; got {attention_units!r}")
-        if not isinstance(embedding_dim, int) or embedding_dim < 1:
-            raise ValueError(f"{LAYER}: `embedding_dim` must be a positive int; "
-                             f"got {embedding_dim!r}")
+        units = list(check_layer_sizes(LAYER, "embedding_dim", embedding_dim, "attention_units",
+                                       attention_units))
         if batch_norm:
             raise ValueError(f"{LAYER}: `batch_norm` must be False (din_fast has no BatchNorm "
                              f"between the attention unit's layers); got {batch_norm!r}")
