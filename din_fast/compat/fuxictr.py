@@ -68,6 +68,14 @@ def _activation_name(hidden_activations, layers: int) -> str:
     return lowered.pop()
 
 
+def _hidden_activation(activation: str, units: int) -> nn.Module:
+    if activation == "dice":
+        return _Dice(units)
+    if activation == "prelu":
+        return nn.PReLU(units, init=PRELU_INIT)
+    return nn.Sigmoid() if activation == "sigmoid" else nn.ReLU()
+
+
 def _output_activation(name) -> nn.Module:
     """The peer's get_activation for a score activation given by name."""
     special = {"relu": nn.ReLU, "sigmoid": nn.Sigmoid, "tanh": nn.Tanh,
@@ -93,10 +101,7 @@ class _MLPBlock(nn.Module):
         layers = []
         for fan_in, units, rate in zip(widths[:-1], widths[1:], dropout_rates):
             layers.append(nn.Linear(fan_in, units))
-            layers.append({"relu": nn.ReLU, "sigmoid": nn.Sigmoid}[activation]()
-                          if activation in ("relu", "sigmoid") else
-                          nn.PReLU(units, init=PRELU_INIT) if activation == "prelu" else
-                          _Dice(units))
+            layers.append(_hidden_activation(activation, units))
             if rate > 0:
                 layers.append(nn.Dropout(p=rate))
         layers.append(nn.Linear(widths[-1], 1))
