@@ -1,12 +1,13 @@
-"""DistributedDataParallel: two CPU processes (gloo), each on half of the
-global batch, end a few SGD steps with the parameters of one process trained
-on the whole batch."""
+"""DistributedDataParallel and FSDP2 (fully_shard): two CPU processes (gloo),
+each on half of the global batch, end a few SGD steps with the parameters of
+one process trained on the whole batch."""
 
 import socket
 
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
+from torch.distributed.fsdp import fully_shard
 
 import din_fast
 
@@ -53,17 +54,21 @@ def _initial_model():
     return CTRModel().double()
 
 
-def _worker(rank, port, result_path):
+def _worker(rank, port, result_dir):
     torch.set_num_threads(1)  # two processes on a 2-core CI machine
     dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank,
                             world_size=WORLD)
     try:
-        # DDP averages the gradients of the ranks: with equal shares that is
+        # Both average the gradients of the ranks: with equal shares that is
         # the gradient of the mean loss over the global batch.
-        model = torch.nn.parallel.DistributedDataParallel(_initial_model())
-        _train(model, rank, WORLD)
+        ddp = torch.nn.parallel.DistributedDataParallel(_initial_model())
+        _train(ddp, rank, WORLD)
+        fsdp = fully_shard(_initial_model())   # each rank holds half of every parameter
+        _train(fsdp, rank, WORLD)
+        gathered = {name: tensor.full_tensor() for name, tensor in fsdp.state_dict().items()}
         if rank == 0:
-            torch.save(model.module.state_dict(), result_path)
+            torch.save(ddp.module.state_dict(), f"{result_dir}/ddp.pt")
+            torch.save(gathered, f"{result_dir}/fsdp.pt")
     finally:
         dist.destroy_process_group()
 
@@ -74,14 +79,14 @@ def _free_port():
         return s.getsockname()[1]
 
 
-def test_ddp_matches_single_process(tmp_path):
-    result_path = tmp_path / "ddp.pt"
-    mp.spawn(_worker, args=(_free_port(), str(result_path)), nprocs=WORLD, join=True)
-    distributed = torch.load(result_path, weights_only=True)
-
+def test_ddp_and_fsdp_match_single_process(tmp_path):
+    mp.spawn(_worker, args=(_free_port(), str(tmp_path)), nprocs=WORLD, join=True)
     single = _initial_model()
     _train(single)
-    for name, tensor in single.state_dict().items():
-        torch.testing.assert_close(distributed[name], tensor, rtol=1e-12, atol=1e-12,
-                                   msg=lambda m, name=name: f"{name}: {m}")
-    assert not torch.equal(distributed["head.weight"], _initial_model().head.weight)
+    for engine in ("ddp", "fsdp"):
+        distributed = torch.load(tmp_path / f"{engine}.pt", weights_only=True)
+        assert distributed.keys() == single.state_dict().keys()
+        for name, tensor in single.state_dict().items():
+            torch.testing.assert_close(distributed[name], tensor, rtol=1e-12, atol=1e-12,
+                                       msg=lambda m, name=name: f"{engine} {name}: {m}")
+        assert not torch.equal(distributed["head.weight"], _initial_model().head.weight)
