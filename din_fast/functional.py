@@ -4,6 +4,9 @@ from __future__ import annotations
 
 import os
 
+import torch
+
+from .ops import run_attention_op
 from .problem import BACKENDS, DEFAULT_DICE_EPS, DINProblem, validate
 from .reference import reference_din_attention
 from .torch_backend import torch_din_attention
@@ -40,16 +43,23 @@ def din_attention(query, keys, lengths=None, *, weights, biases, activation="sig
                        activation=activation, activation_params=activation_params, mask=mask,
                        normalization=normalization, scale=scale, values=values,
                        dice_eps=dice_eps)
-    pooled, scores = run_problem(problem, resolve_backend(backend, problem))
+    pooled, scores = run_problem(problem, resolve_backend(backend, problem),
+                                 need_scores=return_scores)
     return (pooled, scores) if return_scores else pooled
 
 
-def run_problem(problem: DINProblem, backend: str, dice_batch_stats=None):
-    """Run a validated problem on a concrete backend; outputs in the keys' dtype."""
+def run_problem(problem: DINProblem, backend: str, dice_batch_stats=None, need_scores=True):
+    """Run a validated problem on a concrete backend; outputs in the keys' dtype.
+
+    The triton backend always goes through the custom op (its autograd is the
+    fused backward); the torch backend does under torch.compile, where its
+    data-dependent packing could not be traced, and runs eagerly otherwise.
+    """
     if backend == "reference":
         pooled, scores = reference_din_attention(problem)
-    elif backend == "torch":
+    elif backend == "torch" and (dice_batch_stats is not None
+                                 or not torch.compiler.is_compiling()):
         pooled, scores = torch_din_attention(problem, dice_batch_stats)
     else:
-        raise ValueError(f"din_attention: backend={backend!r} is not available in this build")
+        pooled, scores = run_attention_op(problem, backend, need_scores)
     return problem.shape_output(pooled, scores)

@@ -1,0 +1,161 @@
+"""din_attention as torch.library custom ops, so that torch.compile sees one opaque op.
+
+The torch backend packs the valid positions with nonzero() (a data-dependent
+shape) and the triton backend launches kernels: neither traces. Wrapped as
+custom ops with flat tensor arguments, a fake (meta) implementation and a
+registered autograd formula, both compile with fullgraph=True.
+
+- ``din_fast::attention_forward``: (pooled [B, C, Dv], scores [B, C, T] or an
+  empty tensor, row_max [B, C], row_sum [B, C]); the statistics are the
+  softmax max / sum of the scaled scores that the fused backward needs (the
+  torch backend's backward recomputes everything and leaves them zero).
+- ``din_fast::attention_backward``: the gradient of every tensor input.
+
+``backend`` picks the implementation: "triton" runs the fused kernels (CUDA
+tensors, or CPU tensors under TRITON_INTERPRET=1), "torch" the torch backend
+and its hand-written backward, on any device.
+"""
+
+from __future__ import annotations
+
+from typing import List, Optional, Sequence, Tuple
+
+import torch
+from torch import Tensor
+
+from .problem import DINProblem
+from .torch_backend import torch_din_attention
+from .torch_backward import torch_din_attention_backward
+
+PARAMS_PER_LAYER = {"sigmoid": 0, "relu": 0, "prelu": 1, "dice": 3}
+NO_NORMALIZATION = "none"  # the op schema spells normalization=None as a string
+
+
+def _problem(query, keys, values, lengths, mask, weights, biases, act_params, activation,
+             normalization, scale, dice_eps) -> DINProblem:
+    """The canonical problem back from the op's flat arguments (already validated)."""
+    per_layer = PARAMS_PER_LAYER[activation]
+    act_params = [tuple(act_params[i * per_layer:(i + 1) * per_layer])
+                  for i in range(len(weights) - 1)]
+    return DINProblem(
+        query=query, keys=keys, values=values, lengths=lengths, mask=mask,
+        weights=list(weights), biases=list(biases), activation=activation,
+        act_params=act_params,
+        normalization=None if normalization == NO_NORMALIZATION else normalization,
+        scale=scale, dice_eps=dice_eps, squeeze_candidates=False,
+    )
+
+
+@torch.library.custom_op("din_fast::attention_forward", mutates_args=())
+def attention_forward(
+    query: Tensor, keys: Tensor, values: Optional[Tensor], lengths: Optional[Tensor],
+    mask: Optional[Tensor], weights: List[Tensor], biases: List[Tensor],
+    act_params: List[Tensor], activation: str, normalization: str, scale: float,
+    dice_eps: float, need_scores: bool, backend: str,
+) -> Tuple[Tensor, Tensor, Tensor, Tensor]:
+    problem = _problem(query, keys, values, lengths, mask, weights, biases, act_params,
+                       activation, normalization, scale, dice_eps)
+    batch, candidates = query.shape[:2]
+    if backend == "triton":
+        from .kernels.din_forward import din_forward
+
+        pooled, scores, row_max, row_sum = din_forward(problem, need_scores)
+    else:
+        pooled, scores = torch_din_attention(problem)
+        row_max = torch.zeros(batch, candidates, dtype=torch.float32, device=keys.device)
+        row_sum = torch.zeros_like(row_max)
+    # Outputs contiguous, as the fake implementation promises.
+    pooled = pooled.to(keys.dtype).contiguous()
+    scores = scores.to(keys.dtype).contiguous() if need_scores else keys.new_empty(0)
+    return pooled, scores, row_max, row_sum
+
+
+@attention_forward.register_fake
+def _(query, keys, values, lengths, mask, weights, biases, act_params, activation,
+      normalization, scale, dice_eps, need_scores, backend):
+    batch, candidates = query.shape[:2]
+    value_dim = (keys if values is None else values).shape[2]
+    pooled = keys.new_empty(batch, candidates, value_dim)
+    scores = keys.new_empty(batch, candidates, keys.shape[1]) if need_scores \
+        else keys.new_empty(0)
+    stats = query.new_empty(batch, candidates, dtype=torch.float32)
+    return pooled, scores, stats, torch.empty_like(stats)
+
+
+@torch.library.custom_op("din_fast::attention_backward", mutates_args=())
+def attention_backward(
+    grad_pooled: Tensor, grad_scores: Optional[Tensor], pooled: Tensor, scores: Tensor,
+    row_max: Tensor, row_sum: Tensor,
+    query: Tensor, keys: Tensor, values: Optional[Tensor], lengths: Optional[Tensor],
+    mask: Optional[Tensor], weights: List[Tensor], biases: List[Tensor],
+    act_params: List[Tensor], activation: str, normalization: str, scale: float,
+    dice_eps: float, backend: str,
+) -> List[Tensor]:
+    """[dq, dk, dv (empty without values), *dweights, *dbiases, *dact_params]."""
+    problem = _problem(query, keys, values, lengths, mask, weights, biases, act_params,
+                       activation, normalization, scale, dice_eps)
+    if backend == "triton":
+        from .kernels.din_backward import din_backward
+
+        grads = din_backward(problem, grad_pooled, pooled, row_max, row_sum, grad_scores,
+                             scores if grad_scores is not None else None)
+    else:
+        grads = torch_din_attention_backward(problem, grad_pooled, grad_scores)
+    dq, dk, dv, dweights, dbiases, dact = grads
+    flat = [dq, dk, keys.new_empty(0) if dv is None else dv, *dweights, *dbiases,
+            *(g for layer in dact for g in layer)]
+    return [g.contiguous() for g in flat]
+
+
+@attention_backward.register_fake
+def _(grad_pooled, grad_scores, pooled, scores, row_max, row_sum, query, keys, values,
+      lengths, mask, weights, biases, act_params, activation, normalization, scale, dice_eps,
+      backend):
+    dv = keys.new_empty(0) if values is None else torch.empty_like(values)
+    return [torch.empty_like(query), torch.empty_like(keys), dv,
+            *(torch.empty_like(t) for t in (*weights, *biases, *act_params))]
+
+
+def _setup_context(ctx, inputs, output):
+    (query, keys, values, lengths, mask, weights, biases, act_params, activation,
+     normalization, scale, dice_eps, need_scores, backend) = inputs
+    pooled, scores, row_max, row_sum = output
+    ctx.num_weights = len(weights)
+    ctx.has_values = values is not None
+    ctx.options = (activation, normalization, scale, dice_eps, backend)
+    ctx.need_scores = need_scores
+    ctx.save_for_backward(query, keys, values, lengths, mask, pooled, scores, row_max, row_sum,
+                          *weights, *biases, *act_params)
+
+
+def _backward(ctx, grad_pooled, grad_scores, grad_row_max, grad_row_sum):
+    (query, keys, values, lengths, mask, pooled, scores, row_max, row_sum,
+     *params) = ctx.saved_tensors
+    num_weights = ctx.num_weights
+    weights, biases = params[:num_weights], params[num_weights:2 * num_weights]
+    act_params = params[2 * num_weights:]
+    grads = attention_backward(
+        grad_pooled, grad_scores if ctx.need_scores else None, pooled, scores, row_max,
+        row_sum, query, keys, values, lengths, mask, weights, biases, act_params,
+        *ctx.options)
+    dq, dk, dv = grads[:3]
+    dweights = grads[3:3 + num_weights]
+    dbiases = grads[3 + num_weights:3 + 2 * num_weights]
+    dact = grads[3 + 2 * num_weights:]
+    return (dq, dk, dv if ctx.has_values else None, None, None, dweights, dbiases, dact,
+            None, None, None, None, None, None)
+
+
+attention_forward.register_autograd(_backward, setup_context=_setup_context)
+
+
+def run_attention_op(problem: DINProblem, backend: str, need_scores: bool
+                     ) -> Tuple[Tensor, Optional[Tensor]]:
+    """(pooled [B, C, Dv], scores [B, C, T] or None) through the custom op."""
+    act_params: Sequence[Tensor] = [p for layer in problem.act_params for p in layer]
+    pooled, scores, _, _ = attention_forward(
+        problem.query, problem.keys, problem.values, problem.lengths, problem.mask,
+        problem.weights, problem.biases, act_params, problem.activation,
+        problem.normalization or NO_NORMALIZATION, problem.scale, problem.dice_eps,
+        need_scores, backend)
+    return pooled, (scores if need_scores else None)

@@ -1,0 +1,91 @@
+"""The custom ops: gradients, opcheck, and torch.compile(fullgraph=True) on CPU."""
+
+import pytest
+import torch
+
+import din_fast
+from din_fast.ops import attention_backward, attention_forward, run_attention_op
+from grad_cases import GradCase, make_leaves, make_problem, output_grads, reference_grads, \
+    rel_error
+
+OP_CASES = [
+    GradCase(label="sigmoid-none-lengths-2d", candidates=0),
+    GradCase(label="dice-softmax-mask-values-scores", activation="dice", normalization="softmax",
+             masking="mask", value_dim=3, return_scores=True, candidates=2, scalar_params=True),
+    GradCase(label="prelu-none-nomask-3layers", activation="prelu", masking=None,
+             hidden=(7, 5, 3)),
+]
+
+
+def op_arguments(case, dtype=torch.float64, requires_grad=False):
+    leaves, lengths, mask = make_leaves(case, dtype)
+    for leaf in leaves.values():
+        leaf.requires_grad_(requires_grad)
+    problem = make_problem(case, leaves, lengths, mask)
+    act_params = [p for layer in problem.act_params for p in layer]
+    return problem, (problem.query, problem.keys, problem.values, problem.lengths, problem.mask,
+                     problem.weights, problem.biases, act_params, problem.activation,
+                     problem.normalization or "none", problem.scale, problem.dice_eps)
+
+
+@pytest.mark.parametrize("case", OP_CASES, ids=str)
+def test_op_gradients_match_reference(case):
+    ref = reference_grads(case)
+    leaves, lengths, mask = make_leaves(case)
+    for leaf in leaves.values():
+        leaf.requires_grad_(True)
+    problem = make_problem(case, leaves, lengths, mask)
+    pooled, scores = run_attention_op(problem, "torch", need_scores=case.return_scores)
+    grad_pooled, grad_scores = output_grads(case, problem)
+    loss = (pooled * grad_pooled).sum()
+    if case.return_scores:
+        loss = loss + (scores * grad_scores).sum()
+    grads = torch.autograd.grad(loss, list(leaves.values()))
+    assert rel_error(pooled.detach(), ref["pooled"]) <= 1e-10
+    for name, got in zip(leaves, grads):
+        assert rel_error(got, ref["grads"][name]) <= 1e-10, name
+
+
+@pytest.mark.parametrize("case", OP_CASES, ids=str)
+def test_opcheck_forward(case):
+    _, args = op_arguments(case, requires_grad=True)
+    torch.library.opcheck(attention_forward, (*args, case.return_scores, "torch"))
+
+
+def test_opcheck_backward():
+    case = OP_CASES[1]
+    problem, args = op_arguments(case)
+    pooled, scores, row_max, row_sum = attention_forward(*args, True, "torch")
+    grad_pooled, grad_scores = output_grads(case, problem)
+    torch.library.opcheck(attention_backward, (grad_pooled, grad_scores, pooled, scores,
+                                               row_max, row_sum, *args, "torch"))
+
+
+class Ranker(torch.nn.Module):
+    """A small model around DINAttention, as a CTR model would use it."""
+
+    def __init__(self, dim=8):
+        super().__init__()
+        self.attention = din_fast.DINAttention(dim, hidden_units=(16, 8),
+                                               normalization="softmax", scale=dim ** -0.5)
+        self.head = torch.nn.Linear(2 * dim, 1)
+
+    def forward(self, query, keys, lengths):
+        pooled = self.attention(query, keys, lengths)
+        return self.head(torch.cat([query, pooled], dim=-1)).squeeze(-1)
+
+
+def test_compile_fullgraph_matches_eager_on_cpu():
+    torch.manual_seed(0)
+    model = Ranker()
+    query, keys = torch.randn(6, 8), torch.randn(6, 11, 8)
+    lengths = torch.tensor([11, 0, 3, 7, 1, 11])
+    torch._dynamo.reset()
+    compiled = torch.compile(model, fullgraph=True)
+    eager_out = model(query, keys, lengths)
+    eager_grads = torch.autograd.grad(eager_out.square().sum(), list(model.parameters()))
+    out = compiled(query, keys, lengths)
+    grads = torch.autograd.grad(out.square().sum(), list(model.parameters()))
+    torch.testing.assert_close(out, eager_out, rtol=1e-5, atol=1e-6)
+    for got, want in zip(grads, eager_grads):
+        torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-6)
