@@ -6,9 +6,10 @@ custom ops with flat tensor arguments, a fake (meta) implementation and a
 registered autograd formula, both compile with fullgraph=True.
 
 - ``din_fast::attention_forward``: (pooled [B, C, Dv], scores [B, C, T] or an
-  empty tensor, row_max [B, C], row_sum [B, C]); the statistics are the
-  softmax max / sum of the scaled scores that the fused backward needs (the
-  torch backend's backward recomputes everything and leaves them zero).
+  empty tensor, row_max, row_sum); for softmax the statistics are the [B, C]
+  max / sum of the scaled scores that the fused backward needs (the torch
+  backend's backward recomputes everything and leaves them zero); for
+  normalization=None they are empty.
 - ``din_fast::attention_backward``: the gradient of every tensor input.
 
 ``backend`` picks the implementation: "triton" runs the fused kernels (CUDA
@@ -55,19 +56,28 @@ def attention_forward(
 ) -> Tuple[Tensor, Tensor, Tensor, Tensor]:
     problem = _problem(query, keys, values, lengths, mask, weights, biases, act_params,
                        activation, normalization, scale, dice_eps)
-    batch, candidates = query.shape[:2]
     if backend == "triton":
         from .kernels.din_forward import din_forward
 
         pooled, scores, row_max, row_sum = din_forward(problem, need_scores)
     else:
         pooled, scores = torch_din_attention(problem)
-        row_max = torch.zeros(batch, candidates, dtype=torch.float32, device=keys.device)
-        row_sum = torch.zeros_like(row_max)
+        row_max = row_sum = None
+    if row_max is None or problem.normalization is None:
+        row_max, row_sum = _stats_like(query, problem.normalization)
     # Outputs contiguous, as the fake implementation promises.
     pooled = pooled.to(keys.dtype).contiguous()
     scores = scores.to(keys.dtype).contiguous() if need_scores else keys.new_empty(0)
     return pooled, scores, row_max, row_sum
+
+
+def _stats_like(query: Tensor, normalization) -> Tuple[Tensor, Tensor]:
+    """Zero softmax statistics, [B, C] for softmax, [0] when there are none.
+
+    The torch backend's backward recomputes them, and normalization=None has none.
+    """
+    shape = query.shape[:2] if normalization == "softmax" else (0,)
+    return tuple(query.new_zeros(shape, dtype=torch.float32) for _ in range(2))
 
 
 @attention_forward.register_fake
@@ -78,8 +88,7 @@ def _(query, keys, values, lengths, mask, weights, biases, act_params, activatio
     pooled = keys.new_empty(batch, candidates, value_dim)
     scores = keys.new_empty(batch, candidates, keys.shape[1]) if need_scores \
         else keys.new_empty(0)
-    stats = query.new_empty(batch, candidates, dtype=torch.float32)
-    return pooled, scores, stats, torch.empty_like(stats)
+    return (pooled, scores, *_stats_like(query, normalization))
 
 
 @torch.library.custom_op("din_fast::attention_backward", mutates_args=())

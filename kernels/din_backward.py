@@ -21,27 +21,17 @@ of the first layer follows from them:
 
 from __future__ import annotations
 
-import os
-
 import torch
 import triton
 import triton.language as tl
 
 from din_fast.problem import DINProblem, split_first_layer
 
+from .din_forward import interpreting, padded
+
 ACTIVATION_CODES = {"sigmoid": 0, "relu": 1, "prelu": 2, "dice": 3}
 MAX_HIDDEN_LAYERS = 3
 MASK_NONE, MASK_LENGTHS, MASK_BOOL = 0, 1, 2
-
-
-def interpreting() -> bool:
-    """True when Triton runs kernels in its CPU interpreter."""
-    return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
-
-
-def _pad(n: int) -> int:
-    """Tile width for a dimension: a power of two, at least 16 (tl.dot's minimum)."""
-    return max(16, triton.next_power_of_2(n))
 
 
 @triton.jit
@@ -434,8 +424,8 @@ def din_backward(problem: DINProblem, grad_pooled: torch.Tensor, pooled: torch.T
             MASK_MODE=(MASK_BOOL if problem.mask is not None
                        else MASK_LENGTHS if problem.lengths is not None else MASK_NONE),
             HAS_GRAD_SCORES=grad_scores is not None, VALUES_ARE_KEYS=problem.values is None,
-            BLOCK_T=16 if length <= 16 else 32, DP=_pad(embed_dim), DVP=_pad(value_dim),
-            H1P=_pad(widths[0]), H2P=_pad(widths[1]), H3P=_pad(widths[2]),
+            BLOCK_T=16 if length <= 16 else 32, DP=padded(embed_dim), DVP=padded(value_dim),
+            H1P=padded(widths[0]), H2P=padded(widths[1]), H3P=padded(widths[2]),
             PRECISION="ieee" if keys.dtype == torch.float32 else "tf32",
             UPCAST=interpreting(), num_warps=8,
         )
