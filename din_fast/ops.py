@@ -14,7 +14,9 @@ registered autograd formula, both compile with fullgraph=True.
 
 ``backend`` picks the implementation: "triton" runs the fused kernels (CUDA
 tensors, or CPU tensors under TRITON_INTERPRET=1), "torch" the torch backend
-and its hand-written backward, on any device.
+and its hand-written backward, on any device. Weight tiles too large for the
+fused backward's on-chip budget (see ``backward_unsupported``) take the torch
+backward under "triton" too: correct, but it stores per-position activations.
 """
 
 from __future__ import annotations
@@ -103,9 +105,9 @@ def attention_backward(
     """[dq, dk, dv (empty without values), *dweights, *dbiases, *dact_params]."""
     problem = _problem(query, keys, values, lengths, mask, weights, biases, act_params,
                        activation, normalization, scale, dice_eps)
-    if backend == "triton":
-        from .kernels.din_backward import din_backward
+    from .kernels.din_backward import backward_unsupported, din_backward
 
+    if backend == "triton" and backward_unsupported(problem) is None:
         grads = din_backward(problem, grad_pooled, pooled, row_max, row_sum, grad_scores,
                              scores if grad_scores is not None else None)
     else:

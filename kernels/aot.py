@@ -29,6 +29,7 @@ import triton
 from triton.backends.compiler import GPUTarget
 from triton.compiler import ASTSource
 
+from .din_backward import BackwardSpec, backward_unsupported_shape, din_backward_kernel
 from .din_forward import ForwardSpec, din_forward_kernel
 
 # Largest dynamic shared memory per block (opt-in), bytes.
@@ -97,6 +98,43 @@ def forward_specializations(quick: bool):
             dtype=dtype, activation=act, softmax=softmax, has_lengths=True, has_mask=False,
             need_scores=scores, hidden=hidden, embed_dim=dim, value_dim=dim,
             candidates=cands, split=split))
+
+
+def backward_specialization(spec: BackwardSpec) -> Specialization:
+    dtype = str(spec.dtype).replace("torch.", "")
+    label = (f"backward {dtype} {spec.activation} {'softmax' if spec.softmax else 'none'} "
+             f"D={spec.embed_dim} H={spec.hidden} C={spec.candidates}"
+             f"{' scores' if spec.has_grad_scores else ''}"
+             f"{' values' if not spec.values_are_keys else ''}")
+    return Specialization(label, din_backward_kernel, spec.signature(), spec.constexprs(),
+                          spec.blocks()[-1])
+
+
+@register
+def backward_specializations(quick: bool):
+    """The backward over the forward's grid, where the fused backward runs
+    (din_backward.backward_unsupported_shape; elsewhere the torch backward serves).
+
+    The quick subset: the headline shape and the heaviest supported corners.
+    """
+    if quick:
+        grid = [
+            (torch.bfloat16, "sigmoid", False, 64, (80, 40), 1, False),
+            (torch.float32, "dice", True, 64, (80, 40), 100, True),
+            (torch.float16, "prelu", True, 64, (64,), 1, True),
+            (torch.bfloat16, "relu", False, 16, (200, 80, 40), 100, False),
+        ]
+    else:
+        grid = [(dtype, act, softmax, dim, hidden, cands, scores)
+                for dtype, act, softmax, dim, hidden, cands, scores in product(
+                    GRID_DTYPES, GRID_ACTIVATIONS, (False, True), GRID_EMBED_DIMS,
+                    GRID_HIDDEN, GRID_CANDIDATES, (False, True))
+                if backward_unsupported_shape(dim, hidden) is None]
+    for dtype, act, softmax, dim, hidden, cands, scores in grid:
+        yield backward_specialization(BackwardSpec(
+            dtype=dtype, activation=act, softmax=softmax, has_lengths=True, has_mask=False,
+            has_grad_scores=scores, values_are_keys=not scores, hidden=hidden,
+            embed_dim=dim, value_dim=dim, candidates=cands))
 
 
 def _cuobjdump() -> str:
