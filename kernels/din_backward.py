@@ -32,7 +32,7 @@ import triton.language as tl
 
 from din_fast.problem import DINProblem, split_first_layer
 
-from .din_forward import (MAX_HIDDEN_LAYERS, TILE_BUDGET, TRITON_DTYPES, _activate, _mma,
+from .din_forward import (MAX_HIDDEN_LAYERS, TILE_BUDGET, TRITON_DTYPES, _mma,
                           _unit_params, fold_parameters, interpreting, padded)
 
 # Elements of the float32 [BLOCK_T, H] tiles (several are live at once).
@@ -40,10 +40,24 @@ BACKWARD_TILE = 4096
 
 
 @triton.jit
+def _activate_units(z, a, mu, rstd, ACTIVATION: tl.constexpr):
+    """The activations on [H, BLOCK_T] tiles (units along rows); a, mu, rstd are [H, 1]."""
+    if ACTIVATION == "sigmoid":
+        return tl.sigmoid(z)
+    elif ACTIVATION == "relu":
+        return tl.maximum(z, 0.0)
+    elif ACTIVATION == "prelu":
+        return tl.where(z > 0, z, a * z)
+    else:
+        p = tl.sigmoid((z - mu) * rstd)
+        return z * (a + p * (1.0 - a))
+
+
+@triton.jit
 def _activation_backward(z, dh, a, mu, rstd, ACTIVATION: tl.constexpr):
     """dz, and per element the gradient terms of the unit parameters (a, mu, var).
 
-    a, mu, rstd are [H] vectors (rstd = 1/sqrt(var + eps)), as _unit_params gives.
+    Tiles [H, BLOCK_T]; a, mu, rstd are [H, 1] (rstd = 1/sqrt(var + eps)).
     """
     zero = tl.zeros_like(z)
     if ACTIVATION == "sigmoid":
@@ -53,10 +67,8 @@ def _activation_backward(z, dh, a, mu, rstd, ACTIVATION: tl.constexpr):
         return tl.where(z > 0, dh, 0.0), zero, zero, zero
     elif ACTIVATION == "prelu":
         negative = z <= 0  # the a-branch of where(z > 0, z, a * z), z == 0 included
-        return tl.where(negative, dh * a[None, :], dh), tl.where(negative, dh * z, 0.0), \
-            zero, zero
+        return tl.where(negative, dh * a, dh), tl.where(negative, dh * z, 0.0), zero, zero
     else:
-        a, mu, rstd = a[None, :], mu[None, :], rstd[None, :]
         p = tl.sigmoid((z - mu) * rstd)
         slope = (1.0 - a) * z * p * (1.0 - p)  # d f / d((z - mu) * rstd)
         dz = dh * (a + p * (1.0 - a) + slope * rstd)
@@ -66,10 +78,22 @@ def _activation_backward(z, dh, a, mu, rstd, ACTIVATION: tl.constexpr):
 
 
 @triton.jit
-def _load_matrix(ptr, R, S, RP: tl.constexpr, SP: tl.constexpr):
-    """A row-major [R, S] matrix as an [RP, SP] tile, zero padded."""
-    r = tl.arange(0, RP)[:, None]
-    s = tl.arange(0, SP)[None, :]
+def _unit_columns(unit_ptr, layer: tl.constexpr, H, HMAX, HP: tl.constexpr):
+    """A layer's (bias, a, mu, rstd) as [HP, 1] columns."""
+    bias, a, mu, rstd = _unit_params(unit_ptr, layer, 0, H, HMAX, HP)
+    return bias[:, None], a[:, None], mu[:, None], rstd[:, None]
+
+
+@triton.jit
+def _load_matrix(ptr, R, S, RP: tl.constexpr, SP: tl.constexpr, TRANSPOSE: tl.constexpr):
+    """A row-major [R, S] matrix as an [RP, SP] tile (its [SP, RP] transpose with
+    TRANSPOSE), zero padded."""
+    if TRANSPOSE:
+        r = tl.arange(0, RP)[None, :]
+        s = tl.arange(0, SP)[:, None]
+    else:
+        r = tl.arange(0, RP)[:, None]
+        s = tl.arange(0, SP)[None, :]
     return tl.load(ptr + r * S + s, mask=(r < R) & (s < S), other=0.0)
 
 
@@ -117,9 +141,15 @@ def din_backward_kernel(
     Outputs: dq [B, C, D] float32 (the W_p term only), dk [B, T, D] and
     dv [B, T, DV] (float32 when C > 1: the candidates add up in place),
     G [B, C, H1] float32; per program float32 partials: part_k and part_qk
-    [P, D, H1] (sum of k dz1^T and of (q*k) dz1^T), part_w2 [P, H1, H2],
-    part_w3 [P, H2, H3], part_unit [P, L, 4, HMAX] (bias, a, mu, var),
+    [P, H1, D] (sum of dz1 k^T and of dz1 (q*k)^T), part_w2 [P, H2, H1],
+    part_w3 [P, H3, H2], part_unit [P, L, 4, HMAX] (bias, a, mu, var),
     part_out [P, H_L + 1] (W_out, then b_out). Partials start at zero.
+
+    The MLP runs transposed, units along rows and positions along columns
+    ([H, BLOCK_T] tiles): the matrices that stay in registers for the whole
+    loop (M, M^T, W_i, W_i^T) are then the left operands of the dots, which
+    the warps split by rows, rather than right operands every warp would hold
+    whole.
     """
     pid = tl.program_id(0)
     programs = tl.num_programs(0)
@@ -131,25 +161,25 @@ def din_backward_kernel(
     dv_ok = offs_dv < DV
     h1_ok = offs_h1 < H1
 
-    # The deeper layers' W^T stay in registers, in the dot dtype; W_p^T and
-    # (W_k - W_d)^T come from cache once per candidate, to form its M^T.
-    _, a1, mu1, rstd1 = _unit_params(unit_ptr, 0, 0, H1, HMAX, H1_P)
+    _, a1, mu1, rstd1 = _unit_columns(unit_ptr, 0, H1, HMAX, H1_P)
     acc_b1 = tl.zeros((H1_P,), tl.float32)
     acc_a1 = tl.zeros((H1_P,), tl.float32)
     acc_mu1 = tl.zeros((H1_P,), tl.float32)
     acc_var1 = tl.zeros((H1_P,), tl.float32)
     if NUM_LAYERS >= 2:
-        w2 = _load_matrix(w2_ptr, H1, H2, H1_P, H2_P)
-        b2, a2, mu2, rstd2 = _unit_params(unit_ptr, 1, 0, H2, HMAX, H2_P)
-        acc_w2 = tl.zeros((H1_P, H2_P), tl.float32)
+        w2 = _load_matrix(w2_ptr, H1, H2, H1_P, H2_P, True)        # W_2 [H2, H1]
+        w2_t = _load_matrix(w2_ptr, H1, H2, H1_P, H2_P, False)     # W_2^T [H1, H2]
+        b2, a2, mu2, rstd2 = _unit_columns(unit_ptr, 1, H2, HMAX, H2_P)
+        acc_w2 = tl.zeros((H2_P, H1_P), tl.float32)
         acc_b2 = tl.zeros((H2_P,), tl.float32)
         acc_a2 = tl.zeros((H2_P,), tl.float32)
         acc_mu2 = tl.zeros((H2_P,), tl.float32)
         acc_var2 = tl.zeros((H2_P,), tl.float32)
     if NUM_LAYERS >= 3:
-        w3 = _load_matrix(w3_ptr, H2, H3, H2_P, H3_P)
-        b3, a3, mu3, rstd3 = _unit_params(unit_ptr, 2, 0, H3, HMAX, H3_P)
-        acc_w3 = tl.zeros((H2_P, H3_P), tl.float32)
+        w3 = _load_matrix(w3_ptr, H2, H3, H2_P, H3_P, True)
+        w3_t = _load_matrix(w3_ptr, H2, H3, H2_P, H3_P, False)
+        b3, a3, mu3, rstd3 = _unit_columns(unit_ptr, 2, H3, HMAX, H3_P)
+        acc_w3 = tl.zeros((H3_P, H2_P), tl.float32)
         acc_b3 = tl.zeros((H3_P,), tl.float32)
         acc_a3 = tl.zeros((H3_P,), tl.float32)
         acc_mu3 = tl.zeros((H3_P,), tl.float32)
@@ -164,7 +194,7 @@ def din_backward_kernel(
         HL = H3
         HL_P: tl.constexpr = H3_P
     offs_hl = tl.arange(0, HL_P)
-    w_out = tl.load(wout_ptr + offs_hl, mask=offs_hl < HL, other=0.0)
+    w_out = tl.load(wout_ptr + offs_hl, mask=offs_hl < HL, other=0.0)[:, None]
     b_out = tl.load(bout_ptr)
     acc_wout = tl.zeros((HL_P,), tl.float32)
     acc_bout = tl.zeros((1,), tl.float32)
@@ -190,17 +220,19 @@ def din_backward_kernel(
         for c in range(0, C):
             bc = b64 * C + c
             q = tl.load(q_ptr + bc * D + offs_d, mask=d_ok, other=0.0).to(tl.float32)
-            u = tl.load(u_ptr + bc * H1 + offs_h1, mask=h1_ok, other=0.0)
-            m_t = (_load_matrix(wa_ptr, D, H1, D_P, H1_P).to(tl.float32)
-                   + _load_matrix(wp_ptr, D, H1, D_P, H1_P).to(tl.float32) * q[:, None]
-                   ).to(dot_dtype)                                       # M^T [D, H1]
+            u = tl.load(u_ptr + bc * H1 + offs_h1, mask=h1_ok, other=0.0)[:, None]
+            # The candidate's fold M = (W_k - W_d) + W_p * q, both ways round.
+            m = (_load_matrix(wa_ptr, D, H1, D_P, H1_P, True).to(tl.float32)
+                 + _load_matrix(wp_ptr, D, H1, D_P, H1_P, True).to(tl.float32) * q[None, :])
+            m_t = tl.trans(m).to(dot_dtype)                             # [D, H1]
+            m = m.to(dot_dtype)                                         # [H1, D]
             dout = tl.load(dout_ptr + bc * DV + offs_dv, mask=dv_ok, other=0.0).to(tl.float32)
             if SOFTMAX:
                 row_max = tl.load(max_ptr + bc)
                 row_sum = tl.load(sum_ptr + bc)
                 inv_sum = tl.where(row_sum > 0, 1.0 / tl.where(row_sum > 0, row_sum, 1.0), 0.0)
                 delta = tl.load(delta_ptr + bc)
-            acc_p = tl.zeros((D_P, H1_P), tl.float32)                      # P^T = sum k dz1^T
+            acc_p = tl.zeros((H1_P, D_P), tl.float32)                      # P = sum dz1 k^T
             acc_g = tl.zeros((H1_P,), tl.float32)                          # G = sum dz1
 
             for t0 in range(0, t_stop, BLOCK_T):
@@ -215,22 +247,22 @@ def din_backward_kernel(
                 keys = tl.load(k_ptr + rows[:, None] * D + offs_d[None, :],
                                mask=t_ok[:, None] & d_ok[None, :], other=0.0)
 
-                # Forward recompute of the tile.
-                z1 = _mma(keys, m_t, tl.zeros((BLOCK_T, H1_P), tl.float32), DOT_F32,
-                          INPUT_PRECISION) + u[None, :]
-                h1 = _activate(z1, a1, mu1, rstd1, ACTIVATION)
+                # Forward recompute of the tile, transposed: [H, BLOCK_T].
+                z1 = _mma(m, tl.trans(keys), tl.zeros((H1_P, BLOCK_T), tl.float32), DOT_F32,
+                          INPUT_PRECISION) + u
+                h1 = _activate_units(z1, a1, mu1, rstd1, ACTIVATION)
                 h_last = h1
                 if NUM_LAYERS >= 2:
-                    z2 = _mma(h1, w2, tl.zeros((BLOCK_T, H2_P), tl.float32), DOT_F32,
-                              INPUT_PRECISION) + b2[None, :]
-                    h2 = _activate(z2, a2, mu2, rstd2, ACTIVATION)
+                    z2 = _mma(w2, h1.to(dot_dtype), tl.zeros((H2_P, BLOCK_T), tl.float32),
+                              DOT_F32, INPUT_PRECISION) + b2
+                    h2 = _activate_units(z2, a2, mu2, rstd2, ACTIVATION)
                     h_last = h2
                 if NUM_LAYERS >= 3:
-                    z3 = _mma(h2, w3, tl.zeros((BLOCK_T, H3_P), tl.float32), DOT_F32,
-                              INPUT_PRECISION) + b3[None, :]
-                    h3 = _activate(z3, a3, mu3, rstd3, ACTIVATION)
+                    z3 = _mma(w3, h2.to(dot_dtype), tl.zeros((H3_P, BLOCK_T), tl.float32),
+                              DOT_F32, INPUT_PRECISION) + b3
+                    h3 = _activate_units(z3, a3, mu3, rstd3, ACTIVATION)
                     h_last = h3
-                s = tl.sum(h_last * w_out[None, :], axis=1) + b_out         # [BLOCK_T]
+                s = tl.sum(h_last * w_out, axis=0) + b_out                  # [BLOCK_T]
 
                 # Pooling and normalization backward: ds = d loss / d s.
                 vals = tl.load(v_ptr + rows[:, None] * DV + offs_dv[None, :],
@@ -246,40 +278,40 @@ def din_backward_kernel(
                     ds = tl.where(valid, scale * dw, 0.0)
 
                 # MLP backward, output layer first.
-                acc_wout += tl.sum(ds[:, None] * h_last, axis=0)
+                acc_wout += tl.sum(h_last * ds[None, :], axis=1)
                 acc_bout += tl.sum(ds, axis=0)
-                dh = ds[:, None] * w_out[None, :]
+                dh = w_out * ds[None, :]
                 if NUM_LAYERS >= 3:
                     dz3, ta, tm, tv = _activation_backward(z3, dh, a3, mu3, rstd3, ACTIVATION)
-                    acc_a3 += tl.sum(ta, axis=0)
-                    acc_mu3 += tl.sum(tm, axis=0)
-                    acc_var3 += tl.sum(tv, axis=0)
-                    acc_b3 += tl.sum(dz3, axis=0)
+                    acc_a3 += tl.sum(ta, axis=1)
+                    acc_mu3 += tl.sum(tm, axis=1)
+                    acc_var3 += tl.sum(tv, axis=1)
+                    acc_b3 += tl.sum(dz3, axis=1)
                     dz3 = dz3.to(dot_dtype)
-                    acc_w3 = _mma(tl.trans(h2.to(dot_dtype)), dz3, acc_w3, DOT_F32,
+                    acc_w3 = _mma(dz3, tl.trans(h2.to(dot_dtype)), acc_w3, DOT_F32,
                                   INPUT_PRECISION)
-                    dh = _mma(dz3, tl.trans(w3), tl.zeros((BLOCK_T, H2_P), tl.float32),
-                              DOT_F32, INPUT_PRECISION)
+                    dh = _mma(w3_t, dz3, tl.zeros((H2_P, BLOCK_T), tl.float32), DOT_F32,
+                              INPUT_PRECISION)
                 if NUM_LAYERS >= 2:
                     dz2, ta, tm, tv = _activation_backward(z2, dh, a2, mu2, rstd2, ACTIVATION)
-                    acc_a2 += tl.sum(ta, axis=0)
-                    acc_mu2 += tl.sum(tm, axis=0)
-                    acc_var2 += tl.sum(tv, axis=0)
-                    acc_b2 += tl.sum(dz2, axis=0)
+                    acc_a2 += tl.sum(ta, axis=1)
+                    acc_mu2 += tl.sum(tm, axis=1)
+                    acc_var2 += tl.sum(tv, axis=1)
+                    acc_b2 += tl.sum(dz2, axis=1)
                     dz2 = dz2.to(dot_dtype)
-                    acc_w2 = _mma(tl.trans(h1.to(dot_dtype)), dz2, acc_w2, DOT_F32,
+                    acc_w2 = _mma(dz2, tl.trans(h1.to(dot_dtype)), acc_w2, DOT_F32,
                                   INPUT_PRECISION)
-                    dh = _mma(dz2, tl.trans(w2), tl.zeros((BLOCK_T, H1_P), tl.float32),
-                              DOT_F32, INPUT_PRECISION)
+                    dh = _mma(w2_t, dz2, tl.zeros((H1_P, BLOCK_T), tl.float32), DOT_F32,
+                              INPUT_PRECISION)
                 dz1, ta, tm, tv = _activation_backward(z1, dh, a1, mu1, rstd1, ACTIVATION)
-                acc_a1 += tl.sum(ta, axis=0)
-                acc_mu1 += tl.sum(tm, axis=0)
-                acc_var1 += tl.sum(tv, axis=0)
-                acc_g += tl.sum(dz1, axis=0)
+                acc_a1 += tl.sum(ta, axis=1)
+                acc_mu1 += tl.sum(tm, axis=1)
+                acc_var1 += tl.sum(tv, axis=1)
+                acc_g += tl.sum(dz1, axis=1)
                 dz1 = dz1.to(dot_dtype)
-                acc_p = _mma(tl.trans(keys), dz1, acc_p, DOT_F32, INPUT_PRECISION)
-                dk = _mma(dz1, tl.trans(m_t), tl.zeros((BLOCK_T, D_P), tl.float32), DOT_F32,
-                          INPUT_PRECISION)
+                acc_p = _mma(dz1, keys, acc_p, DOT_F32, INPUT_PRECISION)
+                dk = tl.trans(_mma(m_t, dz1, tl.zeros((D_P, BLOCK_T), tl.float32), DOT_F32,
+                                   INPUT_PRECISION))                     # [BLOCK_T, D]
 
                 # A row's key/value gradients sum over its candidates: the
                 # first candidate writes, the others add (same program).
@@ -297,20 +329,20 @@ def din_backward_kernel(
                 tl.store(dk_ptrs, dk, mask=dk_mask)
 
             # Per (b, c): the query's W_p term, G for the host, the P partials.
-            wp = _load_matrix(wp_ptr, D, H1, D_P, H1_P).to(tl.float32)
-            tl.store(dq_ptr + bc * D + offs_d, tl.sum(wp * acc_p, axis=1), mask=d_ok)
+            wp = _load_matrix(wp_ptr, D, H1, D_P, H1_P, True).to(tl.float32)   # W_p [H1, D]
+            tl.store(dq_ptr + bc * D + offs_d, tl.sum(wp * acc_p, axis=0), mask=d_ok)
             tl.store(g_ptr + bc * H1 + offs_h1, acc_g, mask=h1_ok)
             acc_b1 += acc_g
-            _add_to_matrix(part_k_ptr + pid * D * H1, acc_p, D, H1, D_P, H1_P)
-            _add_to_matrix(part_qk_ptr + pid * D * H1, acc_p * q[:, None], D, H1, D_P, H1_P)
+            _add_to_matrix(part_k_ptr + pid * H1 * D, acc_p, H1, D, H1_P, D_P)
+            _add_to_matrix(part_qk_ptr + pid * H1 * D, acc_p * q[None, :], H1, D, H1_P, D_P)
 
     part_unit = part_unit_ptr + pid * NUM_LAYERS * 4 * HMAX
     _store_unit_grads(part_unit, 0, acc_b1, acc_a1, acc_mu1, acc_var1, H1, HMAX, H1_P)
     if NUM_LAYERS >= 2:
-        _add_to_matrix(part_w2_ptr + pid * H1 * H2, acc_w2, H1, H2, H1_P, H2_P)
+        _add_to_matrix(part_w2_ptr + pid * H2 * H1, acc_w2, H2, H1, H2_P, H1_P)
         _store_unit_grads(part_unit, 1, acc_b2, acc_a2, acc_mu2, acc_var2, H2, HMAX, H2_P)
     if NUM_LAYERS >= 3:
-        _add_to_matrix(part_w3_ptr + pid * H2 * H3, acc_w3, H2, H3, H2_P, H3_P)
+        _add_to_matrix(part_w3_ptr + pid * H3 * H2, acc_w3, H3, H2, H3_P, H2_P)
         _store_unit_grads(part_unit, 2, acc_b3, acc_a3, acc_mu3, acc_var3, H3, HMAX, H3_P)
     tl.store(part_out_ptr + pid * (HL + 1) + offs_hl, acc_wout, mask=offs_hl < HL)
     tl.store(part_out_ptr + pid * (HL + 1) + HL + tl.arange(0, 1), acc_bout)
@@ -467,10 +499,10 @@ def din_backward(problem: DINProblem, grad_pooled: torch.Tensor, pooled: torch.T
     dv = None if problem.values is None else alloc(batch, length, value_dim,
                                                    dtype=grad_dtype, device=device)
     g = alloc(batch, candidates, hidden[0], **f32)
-    part_k = torch.zeros(programs, embed_dim, hidden[0], **f32)
+    part_k = torch.zeros(programs, hidden[0], embed_dim, **f32)
     part_qk = torch.zeros_like(part_k)
-    part_w2 = torch.zeros(programs, widths[0], widths[1], **f32)
-    part_w3 = torch.zeros(programs, widths[1], widths[2], **f32)
+    part_w2 = torch.zeros(programs, widths[1], widths[0], **f32)
+    part_w3 = torch.zeros(programs, widths[2], widths[1], **f32)
     part_unit = torch.zeros(programs, layers, 4, max(hidden), **f32)
     part_out = torch.zeros(programs, hidden[-1] + 1, **f32)
     if launch:
@@ -493,9 +525,9 @@ def din_backward(problem: DINProblem, grad_pooled: torch.Tensor, pooled: torch.T
     # Host epilogue: the first layer from G and the P partials; fixed-order sums.
     g_flat = g.view(-1, hidden[0])
     dw_q = g_flat.t() @ query.reshape(-1, embed_dim).float()
-    dw_k = part_k.sum(0).t()
-    dweights = [torch.cat([dw_q, dw_k, dw_q - dw_k, part_qk.sum(0).t()], dim=1)]
-    dweights += [part.sum(0).t() for part in (part_w2, part_w3)[:layers - 1]]
+    dw_k = part_k.sum(0)
+    dweights = [torch.cat([dw_q, dw_k, dw_q - dw_k, part_qk.sum(0)], dim=1)]
+    dweights += [part.sum(0) for part in (part_w2, part_w3)[:layers - 1]]
     out = part_out.sum(0)
     # Clones: the custom op may not return views of one another.
     dweights.append(out[None, :-1].clone())
