@@ -7,12 +7,14 @@ import os
 from .problem import BACKENDS, DEFAULT_DICE_EPS, DINProblem, validate
 from .reference import reference_din_attention
 from .torch_backend import torch_din_attention
+from .triton_backend import triton_din_attention, triton_unsupported_reason
 
 BACKEND_ENV = "DIN_FAST_BACKEND"
 
 
 def resolve_backend(backend: str, problem: DINProblem) -> str:
-    """The concrete backend for a call: "auto" becomes triton or torch."""
+    """The concrete backend for a call: "auto" becomes triton (CUDA tensors, a
+    configuration the kernels support) or torch."""
     if backend not in BACKENDS:
         raise ValueError(f"din_attention: `backend` must be one of {BACKENDS}; got {backend!r}")
     if backend == "auto":
@@ -23,6 +25,8 @@ def resolve_backend(backend: str, problem: DINProblem) -> str:
                                  f"of {BACKENDS}; got {override!r}")
             backend = override
     if backend == "auto":
+        if problem.keys.is_cuda and triton_unsupported_reason(problem) is None:
+            return "triton"
         return "torch"
     return backend
 
@@ -40,16 +44,26 @@ def din_attention(query, keys, lengths=None, *, weights, biases, activation="sig
                        activation=activation, activation_params=activation_params, mask=mask,
                        normalization=normalization, scale=scale, values=values,
                        dice_eps=dice_eps)
-    pooled, scores = run_problem(problem, resolve_backend(backend, problem))
+    pooled, scores = run_problem(problem, resolve_backend(backend, problem),
+                                 need_scores=return_scores)
     return (pooled, scores) if return_scores else pooled
 
 
-def run_problem(problem: DINProblem, backend: str, dice_batch_stats=None):
-    """Run a validated problem on a concrete backend; outputs in the keys' dtype."""
+def run_problem(problem: DINProblem, backend: str, dice_batch_stats=None, need_scores=True):
+    """Run a validated problem on a concrete backend; outputs in the keys' dtype.
+
+    Without ``need_scores`` a backend may return None for the scores (the
+    triton kernel then writes none).
+    """
     if backend == "reference":
         pooled, scores = reference_din_attention(problem)
     elif backend == "torch":
         pooled, scores = torch_din_attention(problem, dice_batch_stats)
+    elif backend == "triton":
+        reason = triton_unsupported_reason(problem)
+        if reason is not None:
+            raise ValueError(f"din_attention: backend='triton' cannot run this call: {reason}")
+        pooled, scores = triton_din_attention(problem, need_scores)
     else:
         raise ValueError(f"din_attention: backend={backend!r} is not available in this build")
     return problem.shape_output(pooled, scores)

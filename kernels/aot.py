@@ -29,7 +29,7 @@ import triton
 from triton.backends.compiler import GPUTarget
 from triton.compiler import ASTSource
 
-from .din_forward import ForwardSpec, din_forward_kernel
+from .din_forward import NUM_STAGES, ForwardSpec, din_forward_kernel
 
 # Largest dynamic shared memory per block (opt-in), bytes.
 SHARED_LIMIT = {80: 166912, 86: 101376, 89: 101376, 90: 232448}
@@ -49,6 +49,8 @@ class Specialization:
     signature: dict
     constexprs: dict
     num_warps: int
+    num_stages: int
+    aligned: tuple = ()     # arguments known to be multiples of 16 (tt.divisibility)
 
 
 _PROVIDERS = []
@@ -71,7 +73,7 @@ def forward_specialization(spec: ForwardSpec) -> Specialization:
              f"D={spec.embed_dim} H={spec.hidden} C={spec.candidates}"
              f"{' split' if spec.split else ''}{' scores' if spec.need_scores else ''}")
     return Specialization(label, din_forward_kernel, spec.signature(), spec.constexprs(),
-                          spec.blocks()[-1])
+                          spec.blocks()[-1], NUM_STAGES, spec.aligned())
 
 
 @register
@@ -106,9 +108,12 @@ def _cuobjdump() -> str:
 
 def compile_one(spec: Specialization, arch: int) -> dict:
     """Compile for sm_<arch> and read its resource usage."""
-    source = ASTSource(spec.kernel, spec.signature, constexprs=spec.constexprs)
+    attrs = {(spec.kernel.arg_names.index(name),): [["tt.divisibility", 16]]
+             for name in spec.aligned}
+    source = ASTSource(spec.kernel, spec.signature, constexprs=spec.constexprs, attrs=attrs)
     compiled = triton.compile(source, target=GPUTarget("cuda", arch, 32),
-                              options={"num_warps": spec.num_warps})
+                              options={"num_warps": spec.num_warps,
+                                       "num_stages": spec.num_stages})
     with tempfile.NamedTemporaryFile(suffix=".cubin") as cubin:
         cubin.write(compiled.asm["cubin"])
         cubin.flush()
