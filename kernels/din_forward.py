@@ -329,7 +329,9 @@ class ForwardSpec:
         block_t = min(128, max(16, TILE_BUDGET // (block_c * widest)))
         block_d = max(16, min(padded(self.embed_dim), TILE_BUDGET // widths[0]))
         chunk = max(16, min(widths[1] if len(widths) > 1 else 16, TILE_BUDGET // widths[0]))
-        num_warps = 8 if block_t * block_c * widest >= TILE_BUDGET else 4
+        # Four warps: with eight, ptxas 13 parks values on the stack even at
+        # 64-128 registers for these tile sizes.
+        num_warps = 4 if block_t * block_c * widest <= TILE_BUDGET else 8
         return block_c, block_t, block_d, chunk, num_warps
 
     def constexprs(self) -> dict:
