@@ -37,7 +37,6 @@ GRID_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 GRID_ACTIVATIONS = ("sigmoid", "relu", "prelu", "dice")
 GRID_EMBED_DIMS = (16, 64, 128, 256)
 GRID_HIDDEN = ((80, 40), (200, 80), (64,), (200, 80, 40))
-GRID_CANDIDATES = (1, 100)
 
 
 @dataclass(frozen=True)
@@ -78,10 +77,12 @@ def forward_specialization(spec: ForwardSpec) -> Specialization:
 
 @register
 def forward_specializations(quick: bool):
-    """The forward over the grid of issue 3 (lengths given, the common serving layout).
+    """The forward over the grid of issue 3, with lengths (the common layout).
 
-    The quick subset keeps the heaviest corners: the widest hidden layers at
-    the largest D, many candidates, three layers, the split path and scores.
+    The full grid is dtypes x activations x normalizations x D x hidden at
+    C = 1, plus C = 100 (several candidates per program) for sigmoid. The quick
+    subset keeps the heaviest corners: the widest layers at the largest D,
+    many candidates, three layers, the split path and scores.
     """
     if quick:
         grid = [
@@ -91,9 +92,9 @@ def forward_specializations(quick: bool):
         ]
     else:
         grid = [(dtype, act, softmax, dim, hidden, cands, False, False)
-                for dtype, act, softmax, dim, hidden, cands in product(
-                    GRID_DTYPES, GRID_ACTIVATIONS, (False, True), GRID_EMBED_DIMS,
-                    GRID_HIDDEN, GRID_CANDIDATES)]
+                for dtype, act, softmax, dim, hidden in product(
+                    GRID_DTYPES, GRID_ACTIVATIONS, (False, True), GRID_EMBED_DIMS, GRID_HIDDEN)
+                for cands in ((1, 100) if act == "sigmoid" else (1,))]
     for dtype, act, softmax, dim, hidden, cands, split, scores in grid:
         yield forward_specialization(ForwardSpec(
             dtype=dtype, activation=act, softmax=softmax, has_lengths=True, has_mask=False,

@@ -512,7 +512,9 @@ def din_forward(problem: DINProblem, need_scores: bool, num_splits=None):
 
     folded = fold_parameters(problem, block_d)
     deeper = folded.deeper + [folded.w_p] * (MAX_HIDDEN_LAYERS - 1 - len(folded.deeper))
-    lengths = problem.lengths if problem.lengths is not None else keys.new_zeros(1, dtype=torch.int64)
+    # Absent lengths / mask: one-element placeholders the kernel never reads.
+    lengths = problem.lengths if problem.lengths is not None \
+        else keys.new_zeros(1, dtype=torch.int64)
     mask = problem.mask.contiguous().view(torch.uint8) if problem.mask is not None \
         else keys.new_zeros(1, dtype=torch.uint8)
 
