@@ -10,12 +10,14 @@ from .ops import run_attention_op
 from .problem import BACKENDS, DEFAULT_DICE_EPS, DINProblem, validate
 from .reference import reference_din_attention
 from .torch_backend import torch_din_attention
+from .triton_backend import triton_din_attention, triton_unsupported_reason
 
 BACKEND_ENV = "DIN_FAST_BACKEND"
 
 
 def resolve_backend(backend: str, problem: DINProblem) -> str:
-    """The concrete backend for a call: "auto" becomes triton or torch."""
+    """The concrete backend for a call: "auto" becomes triton (CUDA tensors, a
+    configuration the kernels support) or torch."""
     if backend not in BACKENDS:
         raise ValueError(f"din_attention: `backend` must be one of {BACKENDS}; got {backend!r}")
     if backend == "auto":
@@ -26,6 +28,8 @@ def resolve_backend(backend: str, problem: DINProblem) -> str:
                                  f"of {BACKENDS}; got {override!r}")
             backend = override
     if backend == "auto":
+        if problem.keys.is_cuda and triton_unsupported_reason(problem) is None:
+            return "triton"
         return "torch"
     return backend
 
@@ -51,15 +55,22 @@ def din_attention(query, keys, lengths=None, *, weights, biases, activation="sig
 def run_problem(problem: DINProblem, backend: str, dice_batch_stats=None, need_scores=True):
     """Run a validated problem on a concrete backend; outputs in the keys' dtype.
 
-    The triton backend always goes through the custom op (its autograd is the
-    fused backward); the torch backend does under torch.compile, where its
-    data-dependent packing could not be traced, and runs eagerly otherwise.
+    Without ``need_scores`` a backend may return None for the scores (the
+    triton kernel then writes none). The triton backend always runs as the
+    custom op (din_fast.ops: the fused forward and backward); the torch backend
+    does under torch.compile, where its data-dependent packing could not be
+    traced, and runs eagerly otherwise.
     """
     if backend == "reference":
         pooled, scores = reference_din_attention(problem)
     elif backend == "torch" and (dice_batch_stats is not None
                                  or not torch.compiler.is_compiling()):
         pooled, scores = torch_din_attention(problem, dice_batch_stats)
+    elif backend == "triton":
+        reason = triton_unsupported_reason(problem)
+        if reason is not None:
+            raise ValueError(f"din_attention: backend='triton' cannot run this call: {reason}")
+        pooled, scores = triton_din_attention(problem, need_scores)
     else:
         pooled, scores = run_attention_op(problem, backend, need_scores)
     return problem.shape_output(pooled, scores)

@@ -1,9 +1,9 @@
-"""The hand-written backward of the torch backend: the gradients of every input.
+"""The torch backend's backward as a plain function, for the custom op.
 
-The custom op (din_fast.ops) needs a backward that runs below autograd, so it
-cannot re-enter autograd; this is the chain rule written out, on the packed
-valid positions, with the same formulas as the fused kernel (which makes it
-the kernel's executable specification):
+The custom op (din_fast.ops) runs below autograd, so neither the torch
+backend's autograd.Function nor its local autograd of the activations can
+run there; this is the chain rule written out, on the packed valid positions,
+with the same formulas as the fused kernel (its executable specification):
   pooling:        dv_t = sum_c w_ct dout_c,  dw_ct = dout_c . v_t (+ d loss / d w_ct)
   normalization:  None: ds = scale dw;  softmax: ds = scale w (dw - sum_t w dw)
   first layer:    dq = (W_q + W_d)^T dz1 + (W_p^T dz1) * k,
@@ -17,7 +17,8 @@ import torch
 
 from .activations import activate, activation_backward
 from .problem import DINProblem, split_first_layer
-from .torch_backend import attention_weights, packed_first_layer, packed_positions, unpack
+from .reference import masked_normalize
+from .torch_backend import PackedPositions
 
 
 def torch_din_attention_backward(problem: DINProblem, grad_pooled: torch.Tensor,
@@ -28,65 +29,63 @@ def torch_din_attention_backward(problem: DINProblem, grad_pooled: torch.Tensor,
     din_fast.kernels.din_backward.din_backward does.
     """
     dtype = problem.compute_dtype()
-    batch, length = problem.keys.shape[:2]
-    candidates = problem.query.shape[1]
+    packed = PackedPositions(problem.valid_mask(),
+                             all_valid=problem.lengths is None and problem.mask is None)
+    query, keys = problem.query.to(dtype), problem.keys.to(dtype)
     values = problem.value_tensor.to(dtype)
-    positions = packed_positions(problem)
+    weights = [w.to(dtype) for w in problem.weights]
+    biases = [b.to(dtype) for b in problem.biases]
+    layer_params = [tuple(p.to(dtype) for p in params) for params in problem.act_params]
 
     # Forward recompute, keeping each layer's input and pre-activation.
-    first_layer, q_rows, packed_keys = packed_first_layer(problem, positions, dtype)
-    layer_params = [tuple(p.to(dtype) for p in params) for params in problem.act_params]
-    pre, inputs = [first_layer], []
-    for i, (w, b) in enumerate(zip(problem.weights[1:], problem.biases[1:])):
+    w_q, w_k, w_d, w_p = split_first_layer(weights[0])
+    k_rows = packed.gather(keys)                                         # [N, D]
+    q_rows = packed.expand_rows(query)                                   # [N, C, D]
+    first = packed.expand_rows(query @ (w_q + w_d).t() + biases[0]) \
+        + (k_rows @ (w_k - w_d).t())[:, None, :] + (q_rows * k_rows[:, None, :]) @ w_p.t()
+    pre, inputs = [first], []
+    for i, (w, b) in enumerate(zip(weights[1:], biases[1:])):
         inputs.append(activate(pre[-1], problem.activation, layer_params[i], problem.dice_eps))
-        pre.append(inputs[-1] @ w.to(dtype).t() + b.to(dtype))
-    scores = pre.pop().squeeze(-1)                                       # [N, C]
-    weights = attention_weights(problem, scores, positions)              # [B, C, T]
+        pre.append(inputs[-1] @ w.t() + b)
+    scores = packed.scatter(pre.pop().squeeze(-1)).transpose(1, 2)      # [B, C, T]
+    attn = masked_normalize(scores, packed.valid, problem.normalization, problem.scale)
 
     # Pooling and normalization.
     grad_pooled = grad_pooled.to(dtype)
-    dv = weights.transpose(1, 2) @ grad_pooled                           # [B, T, Dv]
+    dv = attn.transpose(1, 2) @ grad_pooled                              # [B, T, Dv]
     dw = grad_pooled @ values.transpose(1, 2)                            # [B, C, T]
     if grad_scores is not None:
         dw = dw + grad_scores.to(dtype)
     if problem.normalization == "softmax":
-        ds = problem.scale * weights * (dw - (weights * dw).sum(-1, keepdim=True))
+        ds = problem.scale * attn * (dw - (attn * dw).sum(-1, keepdim=True))
     else:
-        ds = problem.scale * dw * problem.valid_mask()[:, None, :]
-    ds = ds.transpose(1, 2)                                              # [B, T, C]
-    ds = ds.reshape(batch * length, candidates) if positions is None else ds[positions]
+        ds = problem.scale * dw * packed.valid[:, None, :]
+    grad = packed.gather(ds.transpose(1, 2))[..., None]                  # [N, C, 1]
 
     # The MLP, output layer first.
     dweights, dbiases, dact = [], [], []
-    grad = ds[..., None]
     for i in reversed(range(len(inputs))):
         dweights.append(torch.einsum("nco,nci->oi", grad, inputs[i]))
         dbiases.append(grad.sum((0, 1)))
-        grad = grad @ problem.weights[i + 1].to(dtype)
-        grad, param_grads = activation_backward(pre[i], grad, problem.activation,
-                                                layer_params[i], problem.dice_eps)
+        grad, param_grads = activation_backward(pre[i], grad @ weights[i + 1],
+                                                problem.activation, layer_params[i],
+                                                problem.dice_eps)
         dact.append(param_grads)
 
     # The first layer through the fold.
-    w_q, w_k, w_d, w_p = split_first_layer(problem.weights[0].to(dtype))
     dw_q = torch.einsum("nch,ncd->hd", grad, q_rows)
-    dw_k = torch.einsum("nch,nd->hd", grad, packed_keys)
-    dw_p = torch.einsum("nch,ncd->hd", grad, q_rows * packed_keys[:, None, :])
+    dw_k = torch.einsum("nch,nd->hd", grad, k_rows)
+    dw_p = torch.einsum("nch,ncd->hd", grad, q_rows * k_rows[:, None, :])
     dweights.append(torch.cat([dw_q, dw_k, dw_q - dw_k, dw_p], dim=1))
     dbiases.append(grad.sum((0, 1)))
     through_p = grad @ w_p                                               # [N, C, D]
-    dq_rows = grad @ (w_q + w_d) + through_p * packed_keys[:, None, :]
-    dk_rows = (grad @ (w_k - w_d) + through_p * q_rows).sum(1)
-    if positions is None:
-        dq = dq_rows.view(batch, length, candidates, -1).sum(1)
-    else:
-        dq = torch.zeros_like(problem.query, dtype=dtype).index_add_(0, positions[0], dq_rows)
-    dk = unpack(dk_rows, positions, batch, length)
+    dq = packed.sum_rows(grad @ (w_q + w_d) + through_p * k_rows[:, None, :])
+    dk = packed.scatter((grad @ (w_k - w_d) + through_p * q_rows).sum(1))
     if problem.values is None:
         dk = dk + dv
-
     for listed in (dweights, dbiases, dact):
         listed.reverse()
+
     keys_dtype = problem.keys.dtype
     return (
         dq.to(keys_dtype), dk.to(keys_dtype),

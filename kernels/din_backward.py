@@ -32,7 +32,7 @@ import triton.language as tl
 
 from din_fast.problem import DINProblem, split_first_layer
 
-from .din_forward import (MAX_HIDDEN_LAYERS, TILE_BUDGET, TRITON_DTYPES, _mma,
+from .din_forward import (MAX_HIDDEN_LAYERS, NUM_STAGES, TILE_BUDGET, TRITON_DTYPES, _mma,
                           _unit_params, fold_parameters, interpreting, padded)
 
 # Elements of the float32 [BLOCK_T, H] tiles (several are live at once).
@@ -78,45 +78,37 @@ def _activation_backward(z, dh, a, mu, rstd, ACTIVATION: tl.constexpr):
 
 
 @triton.jit
-def _unit_columns(unit_ptr, layer: tl.constexpr, H, HMAX, HP: tl.constexpr):
+def _unit_columns(unit_ptr, layer: tl.constexpr, UNIT_W: tl.constexpr, HP: tl.constexpr):
     """A layer's (bias, a, mu, rstd) as [HP, 1] columns."""
-    bias, a, mu, rstd = _unit_params(unit_ptr, layer, 0, H, HMAX, HP)
+    bias, a, mu, rstd = _unit_params(unit_ptr, layer, 0, UNIT_W, HP)
     return bias[:, None], a[:, None], mu[:, None], rstd[:, None]
 
 
 @triton.jit
-def _load_matrix(ptr, R, S, RP: tl.constexpr, SP: tl.constexpr, TRANSPOSE: tl.constexpr):
-    """A row-major [R, S] matrix as an [RP, SP] tile (its [SP, RP] transpose with
-    TRANSPOSE), zero padded."""
+def _load_tile(ptr, RP: tl.constexpr, SP: tl.constexpr, TRANSPOSE: tl.constexpr):
+    """A zero-padded row-major [RP, SP] matrix (its [SP, RP] transpose with TRANSPOSE)."""
     if TRANSPOSE:
-        r = tl.arange(0, RP)[None, :]
-        s = tl.arange(0, SP)[:, None]
+        return tl.load(ptr + tl.arange(0, RP)[None, :] * SP + tl.arange(0, SP)[:, None])
     else:
-        r = tl.arange(0, RP)[:, None]
-        s = tl.arange(0, SP)[None, :]
-    return tl.load(ptr + r * S + s, mask=(r < R) & (s < S), other=0.0)
+        return tl.load(ptr + tl.arange(0, RP)[:, None] * SP + tl.arange(0, SP)[None, :])
 
 
 @triton.jit
-def _add_to_matrix(ptr, tile, R, S, RP: tl.constexpr, SP: tl.constexpr):
-    """ptr[:R, :S] += tile: a program's private partial, so no race and no atomics."""
-    r = tl.arange(0, RP)[:, None]
-    s = tl.arange(0, SP)[None, :]
-    inside = (r < R) & (s < S)
-    tl.store(ptr + r * S + s, tl.load(ptr + r * S + s, mask=inside, other=0.0) + tile,
-             mask=inside)
+def _add_to_tile(ptr, tile, RP: tl.constexpr, SP: tl.constexpr):
+    """ptr[RP, SP] += tile: a program's private partial, so no race and no atomics."""
+    offs = tl.arange(0, RP)[:, None] * SP + tl.arange(0, SP)[None, :]
+    tl.store(ptr + offs, tl.load(ptr + offs) + tile)
 
 
 @triton.jit
-def _store_unit_grads(ptr, layer: tl.constexpr, db, da, dmu, dvar, H, HMAX, HP: tl.constexpr):
-    """One layer's (bias, a, mu, var) gradients into a [L, 4, HMAX] partial."""
-    offs = tl.arange(0, HP)
-    inside = offs < H
-    base = ptr + layer * 4 * HMAX + offs
-    tl.store(base, db, mask=inside)
-    tl.store(base + HMAX, da, mask=inside)
-    tl.store(base + 2 * HMAX, dmu, mask=inside)
-    tl.store(base + 3 * HMAX, dvar, mask=inside)
+def _store_unit_grads(ptr, layer: tl.constexpr, db, da, dmu, dvar, UNIT_W: tl.constexpr,
+                      HP: tl.constexpr):
+    """One layer's (bias, a, mu, var) gradients into a [L, 4, UNIT_W] partial."""
+    base = ptr + layer * 4 * UNIT_W + tl.arange(0, HP)
+    tl.store(base, db)
+    tl.store(base + UNIT_W, da)
+    tl.store(base + 2 * UNIT_W, dmu)
+    tl.store(base + 3 * UNIT_W, dvar)
 
 
 @triton.jit
@@ -126,24 +118,26 @@ def din_backward_kernel(
     dout_ptr, gs_ptr, max_ptr, sum_ptr, delta_ptr,
     dq_ptr, dk_ptr, dv_ptr, g_ptr,
     part_k_ptr, part_qk_ptr, part_w2_ptr, part_w3_ptr, part_unit_ptr, part_out_ptr,
-    B, C, T, D, DV, H1, H2, H3, HMAX, scale,
+    B, C, T, D, DV, scale,
     ACTIVATION: tl.constexpr, SOFTMAX: tl.constexpr, HAS_LENGTHS: tl.constexpr,
     HAS_MASK: tl.constexpr, HAS_GRAD_SCORES: tl.constexpr, VALUES_ARE_KEYS: tl.constexpr,
     NUM_LAYERS: tl.constexpr, DOT_F32: tl.constexpr, INPUT_PRECISION: tl.constexpr,
     BLOCK_T: tl.constexpr, D_P: tl.constexpr, DV_P: tl.constexpr, H1_P: tl.constexpr,
-    H2_P: tl.constexpr, H3_P: tl.constexpr,
+    H2_P: tl.constexpr, H3_P: tl.constexpr, UNIT_W: tl.constexpr,
 ):
     """Grid (P,): program pid owns rows pid, pid + P, ...
 
-    Inputs as din_forward_kernel's (contiguous), plus dout [B, C, DV] = d loss /
+    Inputs as din_forward_kernel's (contiguous; the folded parameters padded
+    to the tile widths, with D_P rows), plus dout [B, C, DV] = d loss /
     d pooled, gs [B, C, T] = d loss / d w, the forward's max / sum [B, C] and
     delta [B, C] = sum_t w (dout . v_t + gs_t) (softmax).
-    Outputs: dq [B, C, D] float32 (the W_p term only), dk [B, T, D] and
+    Outputs: dq [B, C, D_P] float32 (the W_p term only), dk [B, T, D] and
     dv [B, T, DV] (float32 when C > 1: the candidates add up in place),
-    G [B, C, H1] float32; per program float32 partials: part_k and part_qk
-    [P, H1, D] (sum of dz1 k^T and of dz1 (q*k)^T), part_w2 [P, H2, H1],
-    part_w3 [P, H3, H2], part_unit [P, L, 4, HMAX] (bias, a, mu, var),
-    part_out [P, H_L + 1] (W_out, then b_out). Partials start at zero.
+    G [B, C, H1_P] float32; per program float32 partials, padded: part_k and
+    part_qk [P, H1_P, D_P] (sum of dz1 k^T and of dz1 (q*k)^T), part_w2
+    [P, H2_P, H1_P], part_w3 [P, H3_P, H2_P], part_unit [P, L, 4, UNIT_W]
+    (bias, a, mu, var), part_out [P, H_L_P + 1] (W_out, then b_out). Partials
+    start at zero.
 
     The MLP runs transposed, units along rows and positions along columns
     ([H, BLOCK_T] tiles): the matrices that stay in registers for the whole
@@ -159,42 +153,36 @@ def din_backward_kernel(
     offs_h1 = tl.arange(0, H1_P)
     d_ok = offs_d < D
     dv_ok = offs_dv < DV
-    h1_ok = offs_h1 < H1
 
-    _, a1, mu1, rstd1 = _unit_columns(unit_ptr, 0, H1, HMAX, H1_P)
+    _, a1, mu1, rstd1 = _unit_columns(unit_ptr, 0, UNIT_W, H1_P)
     acc_b1 = tl.zeros((H1_P,), tl.float32)
     acc_a1 = tl.zeros((H1_P,), tl.float32)
     acc_mu1 = tl.zeros((H1_P,), tl.float32)
     acc_var1 = tl.zeros((H1_P,), tl.float32)
     if NUM_LAYERS >= 2:
-        w2 = _load_matrix(w2_ptr, H1, H2, H1_P, H2_P, True)        # W_2 [H2, H1]
-        w2_t = _load_matrix(w2_ptr, H1, H2, H1_P, H2_P, False)     # W_2^T [H1, H2]
-        b2, a2, mu2, rstd2 = _unit_columns(unit_ptr, 1, H2, HMAX, H2_P)
+        w2 = _load_tile(w2_ptr, H1_P, H2_P, True)                  # W_2 [H2, H1]
+        b2, a2, mu2, rstd2 = _unit_columns(unit_ptr, 1, UNIT_W, H2_P)
         acc_w2 = tl.zeros((H2_P, H1_P), tl.float32)
         acc_b2 = tl.zeros((H2_P,), tl.float32)
         acc_a2 = tl.zeros((H2_P,), tl.float32)
         acc_mu2 = tl.zeros((H2_P,), tl.float32)
         acc_var2 = tl.zeros((H2_P,), tl.float32)
     if NUM_LAYERS >= 3:
-        w3 = _load_matrix(w3_ptr, H2, H3, H2_P, H3_P, True)
-        w3_t = _load_matrix(w3_ptr, H2, H3, H2_P, H3_P, False)
-        b3, a3, mu3, rstd3 = _unit_columns(unit_ptr, 2, H3, HMAX, H3_P)
+        w3 = _load_tile(w3_ptr, H2_P, H3_P, True)
+        b3, a3, mu3, rstd3 = _unit_columns(unit_ptr, 2, UNIT_W, H3_P)
         acc_w3 = tl.zeros((H3_P, H2_P), tl.float32)
         acc_b3 = tl.zeros((H3_P,), tl.float32)
         acc_a3 = tl.zeros((H3_P,), tl.float32)
         acc_mu3 = tl.zeros((H3_P,), tl.float32)
         acc_var3 = tl.zeros((H3_P,), tl.float32)
     if NUM_LAYERS == 1:
-        HL = H1
         HL_P: tl.constexpr = H1_P
     elif NUM_LAYERS == 2:
-        HL = H2
         HL_P: tl.constexpr = H2_P
     else:
-        HL = H3
         HL_P: tl.constexpr = H3_P
     offs_hl = tl.arange(0, HL_P)
-    w_out = tl.load(wout_ptr + offs_hl, mask=offs_hl < HL, other=0.0)[:, None]
+    w_out = tl.load(wout_ptr + offs_hl)[:, None]
     b_out = tl.load(bout_ptr)
     acc_wout = tl.zeros((HL_P,), tl.float32)
     acc_bout = tl.zeros((1,), tl.float32)
@@ -220,10 +208,10 @@ def din_backward_kernel(
         for c in range(0, C):
             bc = b64 * C + c
             q = tl.load(q_ptr + bc * D + offs_d, mask=d_ok, other=0.0).to(tl.float32)
-            u = tl.load(u_ptr + bc * H1 + offs_h1, mask=h1_ok, other=0.0)[:, None]
+            u = tl.load(u_ptr + bc * H1_P + offs_h1)[:, None]
             # The candidate's fold M = (W_k - W_d) + W_p * q, both ways round.
-            m = (_load_matrix(wa_ptr, D, H1, D_P, H1_P, True).to(tl.float32)
-                 + _load_matrix(wp_ptr, D, H1, D_P, H1_P, True).to(tl.float32) * q[None, :])
+            m = (_load_tile(wa_ptr, D_P, H1_P, True).to(tl.float32)
+                 + _load_tile(wp_ptr, D_P, H1_P, True).to(tl.float32) * q[None, :])
             m_t = tl.trans(m).to(dot_dtype)                             # [D, H1]
             m = m.to(dot_dtype)                                         # [H1, D]
             dout = tl.load(dout_ptr + bc * DV + offs_dv, mask=dv_ok, other=0.0).to(tl.float32)
@@ -290,7 +278,7 @@ def din_backward_kernel(
                     dz3 = dz3.to(dot_dtype)
                     acc_w3 = _mma(dz3, tl.trans(h2.to(dot_dtype)), acc_w3, DOT_F32,
                                   INPUT_PRECISION)
-                    dh = _mma(w3_t, dz3, tl.zeros((H2_P, BLOCK_T), tl.float32), DOT_F32,
+                    dh = _mma(tl.trans(w3), dz3, tl.zeros((H2_P, BLOCK_T), tl.float32), DOT_F32,
                               INPUT_PRECISION)
                 if NUM_LAYERS >= 2:
                     dz2, ta, tm, tv = _activation_backward(z2, dh, a2, mu2, rstd2, ACTIVATION)
@@ -301,7 +289,7 @@ def din_backward_kernel(
                     dz2 = dz2.to(dot_dtype)
                     acc_w2 = _mma(dz2, tl.trans(h1.to(dot_dtype)), acc_w2, DOT_F32,
                                   INPUT_PRECISION)
-                    dh = _mma(w2_t, dz2, tl.zeros((H1_P, BLOCK_T), tl.float32), DOT_F32,
+                    dh = _mma(tl.trans(w2), dz2, tl.zeros((H1_P, BLOCK_T), tl.float32), DOT_F32,
                               INPUT_PRECISION)
                 dz1, ta, tm, tv = _activation_backward(z1, dh, a1, mu1, rstd1, ACTIVATION)
                 acc_a1 += tl.sum(ta, axis=1)
@@ -329,23 +317,23 @@ def din_backward_kernel(
                 tl.store(dk_ptrs, dk, mask=dk_mask)
 
             # Per (b, c): the query's W_p term, G for the host, the P partials.
-            wp = _load_matrix(wp_ptr, D, H1, D_P, H1_P, True).to(tl.float32)   # W_p [H1, D]
-            tl.store(dq_ptr + bc * D + offs_d, tl.sum(wp * acc_p, axis=0), mask=d_ok)
-            tl.store(g_ptr + bc * H1 + offs_h1, acc_g, mask=h1_ok)
+            wp = _load_tile(wp_ptr, D_P, H1_P, True).to(tl.float32)           # W_p [H1, D]
+            tl.store(dq_ptr + bc * D_P + offs_d, tl.sum(wp * acc_p, axis=0))
+            tl.store(g_ptr + bc * H1_P + offs_h1, acc_g)
             acc_b1 += acc_g
-            _add_to_matrix(part_k_ptr + pid * H1 * D, acc_p, H1, D, H1_P, D_P)
-            _add_to_matrix(part_qk_ptr + pid * H1 * D, acc_p * q[None, :], H1, D, H1_P, D_P)
+            _add_to_tile(part_k_ptr + pid * H1_P * D_P, acc_p, H1_P, D_P)
+            _add_to_tile(part_qk_ptr + pid * H1_P * D_P, acc_p * q[None, :], H1_P, D_P)
 
-    part_unit = part_unit_ptr + pid * NUM_LAYERS * 4 * HMAX
-    _store_unit_grads(part_unit, 0, acc_b1, acc_a1, acc_mu1, acc_var1, H1, HMAX, H1_P)
+    part_unit = part_unit_ptr + pid * NUM_LAYERS * 4 * UNIT_W
+    _store_unit_grads(part_unit, 0, acc_b1, acc_a1, acc_mu1, acc_var1, UNIT_W, H1_P)
     if NUM_LAYERS >= 2:
-        _add_to_matrix(part_w2_ptr + pid * H2 * H1, acc_w2, H2, H1, H2_P, H1_P)
-        _store_unit_grads(part_unit, 1, acc_b2, acc_a2, acc_mu2, acc_var2, H2, HMAX, H2_P)
+        _add_to_tile(part_w2_ptr + pid * H2_P * H1_P, acc_w2, H2_P, H1_P)
+        _store_unit_grads(part_unit, 1, acc_b2, acc_a2, acc_mu2, acc_var2, UNIT_W, H2_P)
     if NUM_LAYERS >= 3:
-        _add_to_matrix(part_w3_ptr + pid * H3 * H2, acc_w3, H3, H2, H3_P, H2_P)
-        _store_unit_grads(part_unit, 2, acc_b3, acc_a3, acc_mu3, acc_var3, H3, HMAX, H3_P)
-    tl.store(part_out_ptr + pid * (HL + 1) + offs_hl, acc_wout, mask=offs_hl < HL)
-    tl.store(part_out_ptr + pid * (HL + 1) + HL + tl.arange(0, 1), acc_bout)
+        _add_to_tile(part_w3_ptr + pid * H3_P * H2_P, acc_w3, H3_P, H2_P)
+        _store_unit_grads(part_unit, 2, acc_b3, acc_a3, acc_mu3, acc_var3, UNIT_W, H3_P)
+    tl.store(part_out_ptr + pid * (HL_P + 1) + offs_hl, acc_wout)
+    tl.store(part_out_ptr + pid * (HL_P + 1) + HL_P + tl.arange(0, 1), acc_bout)
 
 
 # ---------------------------------------------------------------------------
@@ -386,6 +374,7 @@ class BackwardSpec:
             DOT_F32=self.interpret, INPUT_PRECISION=precision, BLOCK_T=self.blocks()[0],
             D_P=padded(self.embed_dim), DV_P=padded(self.value_dim),
             H1_P=widths[0], H2_P=widths[1], H3_P=widths[2],
+            UNIT_W=max(widths[:len(self.hidden)]),
         )
 
     def signature(self) -> dict:
@@ -399,7 +388,7 @@ class BackwardSpec:
             delta_ptr="*fp32", dq_ptr="*fp32", dk_ptr=grad, dv_ptr=grad, g_ptr="*fp32",
             **{name: "*fp32" for name in ("part_k_ptr", "part_qk_ptr", "part_w2_ptr",
                                           "part_w3_ptr", "part_unit_ptr", "part_out_ptr")})
-        ints = "B C T D DV H1 H2 H3 HMAX".split()
+        ints = "B C T D DV".split()
         return {**pointers, **{name: "i32" for name in ints}, "scale": "fp32",
                 **{name: "constexpr" for name in self.constexprs()}}
 
@@ -476,9 +465,11 @@ def din_backward(problem: DINProblem, grad_pooled: torch.Tensor, pooled: torch.T
     softmax = problem.normalization == "softmax"
     spec = backward_spec(problem, grad_scores is not None)
 
-    folded = fold_parameters(problem)
+    constexprs = spec.constexprs()
+    d_p = constexprs["D_P"]
+    widths = [constexprs[f"H{i}_P"] for i in (1, 2, 3)]     # padded, 16 past the last layer
+    folded = fold_parameters(problem, block_d=d_p)
     deeper = folded.deeper + [folded.w_p] * (MAX_HIDDEN_LAYERS - 1 - len(folded.deeper))
-    widths = list(hidden) + [1] * (MAX_HIDDEN_LAYERS - layers)
     grad_pooled = grad_pooled.contiguous()
     placeholder = folded.b_out
     delta = placeholder
@@ -494,17 +485,18 @@ def din_backward(problem: DINProblem, grad_pooled: torch.Tensor, pooled: torch.T
     alloc = torch.empty if launch else torch.zeros
     # dk/dv are summed over candidates in place: float32 unless a single candidate writes.
     grad_dtype = keys.dtype if candidates == 1 else torch.float32
-    dq_part = alloc(batch, candidates, embed_dim, **f32)
+    dq_part = alloc(batch, candidates, d_p, **f32)
     dk = alloc(batch, length, embed_dim, dtype=grad_dtype, device=device)
     dv = None if problem.values is None else alloc(batch, length, value_dim,
                                                    dtype=grad_dtype, device=device)
-    g = alloc(batch, candidates, hidden[0], **f32)
-    part_k = torch.zeros(programs, hidden[0], embed_dim, **f32)
+    g = alloc(batch, candidates, widths[0], **f32)
+    # Padded partials: the kernel writes whole tiles, the host keeps the real part.
+    part_k = torch.zeros(programs, widths[0], d_p, **f32)
     part_qk = torch.zeros_like(part_k)
     part_w2 = torch.zeros(programs, widths[1], widths[0], **f32)
     part_w3 = torch.zeros(programs, widths[2], widths[1], **f32)
-    part_unit = torch.zeros(programs, layers, 4, max(hidden), **f32)
-    part_out = torch.zeros(programs, hidden[-1] + 1, **f32)
+    part_unit = torch.zeros(programs, layers, 4, constexprs["UNIT_W"], **f32)
+    part_out = torch.zeros(programs, widths[layers - 1] + 1, **f32)
     if launch:
         din_backward_kernel[(programs,)](
             query, folded.u, keys, values,
@@ -518,25 +510,27 @@ def din_backward(problem: DINProblem, grad_pooled: torch.Tensor, pooled: torch.T
             row_sum.contiguous() if softmax else placeholder, delta,
             dq_part, dk, dv if dv is not None else dk, g,
             part_k, part_qk, part_w2, part_w3, part_unit, part_out,
-            batch, candidates, length, embed_dim, value_dim, widths[0], widths[1], widths[2],
-            max(hidden), problem.scale, num_warps=spec.blocks()[1], **spec.constexprs(),
+            batch, candidates, length, embed_dim, value_dim, problem.scale,
+            num_warps=spec.blocks()[1], num_stages=NUM_STAGES, **constexprs,
         )
 
     # Host epilogue: the first layer from G and the P partials; fixed-order sums.
-    g_flat = g.view(-1, hidden[0])
-    dw_q = g_flat.t() @ query.reshape(-1, embed_dim).float()
-    dw_k = part_k.sum(0)
-    dweights = [torch.cat([dw_q, dw_k, dw_q - dw_k, part_qk.sum(0)], dim=1)]
-    dweights += [part.sum(0) for part in (part_w2, part_w3)[:layers - 1]]
+    h1 = hidden[0]
+    g = g[..., :h1]
+    dw_q = g.reshape(-1, h1).t() @ query.reshape(-1, embed_dim).float()
+    dw_k = part_k.sum(0)[:h1, :embed_dim]
+    dweights = [torch.cat([dw_q, dw_k, dw_q - dw_k, part_qk.sum(0)[:h1, :embed_dim]], dim=1)]
+    dweights += [part.sum(0)[:n_out, :n_in]
+                 for part, n_in, n_out in zip((part_w2, part_w3), hidden, hidden[1:])]
     out = part_out.sum(0)
     # Clones: the custom op may not return views of one another.
-    dweights.append(out[None, :-1].clone())
+    dweights.append(out[None, :hidden[-1]].clone())
     unit = part_unit.sum(0)
     dbiases = [unit[i, 0, :width].clone() for i, width in enumerate(hidden)] + [out[-1:].clone()]
     dact = [tuple(unit[i, 1 + j, :width].clone() for j in range(len(problem.act_params[i])))
             for i, width in enumerate(hidden)]
     w_q, _, w_d, _ = (w.float() for w in split_first_layer(problem.weights[0]))
-    dq = dq_part + g @ (w_q + w_d)
+    dq = dq_part[..., :embed_dim] + g @ (w_q + w_d)
     return (
         dq.to(query.dtype), dk.to(keys.dtype), None if dv is None else dv.to(keys.dtype),
         [d.to(w.dtype) for d, w in zip(dweights, problem.weights)],

@@ -28,8 +28,7 @@ import triton
 import triton.language as tl
 
 from din_fast.problem import DINProblem, split_first_layer
-
-MAX_HIDDEN_LAYERS = 3
+from din_fast.triton_backend import MAX_HIDDEN_LAYERS
 
 
 @triton.jit
@@ -47,15 +46,14 @@ def _mma(a, b, acc, DOT_F32: tl.constexpr, INPUT_PRECISION: tl.constexpr):
 
 
 @triton.jit
-def _unit_params(unit_ptr, layer: tl.constexpr, start, H, HMAX, WIDTH: tl.constexpr):
-    """Layer `layer`'s per-unit (bias, a, mu, rstd) of units start..start+WIDTH, 0 beyond H."""
-    offs = start + tl.arange(0, WIDTH)
-    ok = offs < H
-    base = unit_ptr + layer * 4 * HMAX + offs
-    bias = tl.load(base, mask=ok, other=0.0)
-    a = tl.load(base + HMAX, mask=ok, other=0.0)
-    mu = tl.load(base + 2 * HMAX, mask=ok, other=0.0)
-    rstd = tl.load(base + 3 * HMAX, mask=ok, other=0.0)
+def _unit_params(unit_ptr, layer: tl.constexpr, start, UNIT_W: tl.constexpr,
+                 WIDTH: tl.constexpr):
+    """Layer `layer`'s per-unit (bias, a, mu, rstd) of units start..start+WIDTH."""
+    base = unit_ptr + layer * 4 * UNIT_W + start + tl.arange(0, WIDTH)
+    bias = tl.load(base)
+    a = tl.load(base + UNIT_W)
+    mu = tl.load(base + 2 * UNIT_W)
+    rstd = tl.load(base + 3 * UNIT_W)
     return bias, a, mu, rstd
 
 
@@ -74,60 +72,57 @@ def _activate(x, a, mu, rstd, ACTIVATION: tl.constexpr):
 
 
 @triton.jit
-def _hidden_chunk(h, w_ptr, unit_ptr, layer: tl.constexpr, start, H_IN, H_OUT, HMAX,
-                  H_IN_P: tl.constexpr, CHUNK: tl.constexpr, ACTIVATION: tl.constexpr,
-                  DOT_F32: tl.constexpr, INPUT_PRECISION: tl.constexpr):
+def _hidden_chunk(h, w_ptr, unit_ptr, layer: tl.constexpr, start, H_IN_P: tl.constexpr,
+                  H_OUT_P: tl.constexpr, UNIT_W: tl.constexpr, CHUNK: tl.constexpr,
+                  ACTIVATION: tl.constexpr, DOT_F32: tl.constexpr,
+                  INPUT_PRECISION: tl.constexpr):
     """Units start..start+CHUNK of a layer after the first: act(h @ W^T + b).
 
-    w_ptr holds W^T [H_IN, H_OUT]. Computing a layer in column chunks bounds the
-    weight tile held on chip. Padded input units carry act(0) != 0 but meet
-    zero weight rows, and padded output units meet zero weights downstream.
+    w_ptr holds W^T zero-padded to [H_IN_P, H_OUT_P]. Computing a layer in
+    column chunks bounds the weight tile held on chip. Padded input units carry
+    act(0) != 0 but meet zero weight rows, and padded output units meet zero
+    weights downstream.
     """
     offs_in = tl.arange(0, H_IN_P)
     offs_out = start + tl.arange(0, CHUNK)
-    w = tl.load(w_ptr + offs_in[:, None] * H_OUT + offs_out[None, :],
-                mask=(offs_in[:, None] < H_IN) & (offs_out[None, :] < H_OUT), other=0.0)
-    bias, a, mu, rstd = _unit_params(unit_ptr, layer, start, H_OUT, HMAX, CHUNK)
+    w = tl.load(w_ptr + offs_in[:, None] * H_OUT_P + offs_out[None, :])
+    bias, a, mu, rstd = _unit_params(unit_ptr, layer, start, UNIT_W, CHUNK)
     x = _mma(h, w, tl.zeros((h.shape[0], CHUNK), tl.float32), DOT_F32, INPUT_PRECISION)
     return _activate(x + bias[None, :], a, mu, rstd, ACTIVATION)
 
 
 @triton.jit
-def _score(h1, w2_ptr, w3_ptr, unit_ptr, wout_ptr, b_out, H1, H2, H3, HMAX,
-           NUM_LAYERS: tl.constexpr, H1_P: tl.constexpr, H3_P: tl.constexpr,
-           CHUNK: tl.constexpr, ACTIVATION: tl.constexpr, DOT_F32: tl.constexpr,
-           INPUT_PRECISION: tl.constexpr):
+def _score(h1, w2_ptr, w3_ptr, unit_ptr, wout_ptr, b_out, H2, NUM_LAYERS: tl.constexpr,
+           H1_P: tl.constexpr, H2_P: tl.constexpr, H3_P: tl.constexpr,
+           UNIT_W: tl.constexpr, CHUNK: tl.constexpr, ACTIVATION: tl.constexpr,
+           DOT_F32: tl.constexpr, INPUT_PRECISION: tl.constexpr):
     """The layers after the first and the output layer: the raw score s [pairs].
 
-    Layer 2 runs in chunks of CHUNK units, each consumed at once: by the
-    output layer (two hidden layers) or as a K slice of layer 3's dot (three).
+    Layer 2 runs in chunks of CHUNK units (up to the real width H2), each
+    consumed at once: by the output layer (two hidden layers) or as a K slice
+    of layer 3's dot (three).
     """
     if NUM_LAYERS == 1:
-        offs = tl.arange(0, H1_P)
-        w_out = tl.load(wout_ptr + offs, mask=offs < H1, other=0.0)
-        s = tl.sum(h1 * w_out[None, :], axis=1)
+        s = tl.sum(h1 * tl.load(wout_ptr + tl.arange(0, H1_P))[None, :], axis=1)
     elif NUM_LAYERS == 2:
         s = tl.zeros((h1.shape[0],), tl.float32)
         for start in range(0, H2, CHUNK):
-            h2 = _hidden_chunk(h1, w2_ptr, unit_ptr, 1, start, H1, H2, HMAX, H1_P, CHUNK,
+            h2 = _hidden_chunk(h1, w2_ptr, unit_ptr, 1, start, H1_P, H2_P, UNIT_W, CHUNK,
                                ACTIVATION, DOT_F32, INPUT_PRECISION)
-            offs = start + tl.arange(0, CHUNK)
-            w_out = tl.load(wout_ptr + offs, mask=offs < H2, other=0.0)
+            w_out = tl.load(wout_ptr + start + tl.arange(0, CHUNK))
             s += tl.sum(h2 * w_out[None, :], axis=1)
     else:
         offs3 = tl.arange(0, H3_P)
         pre3 = tl.zeros((h1.shape[0], H3_P), tl.float32)
         for start in range(0, H2, CHUNK):
-            h2 = _hidden_chunk(h1, w2_ptr, unit_ptr, 1, start, H1, H2, HMAX, H1_P, CHUNK,
+            h2 = _hidden_chunk(h1, w2_ptr, unit_ptr, 1, start, H1_P, H2_P, UNIT_W, CHUNK,
                                ACTIVATION, DOT_F32, INPUT_PRECISION)
             offs2 = start + tl.arange(0, CHUNK)
-            w3 = tl.load(w3_ptr + offs2[:, None] * H3 + offs3[None, :],
-                         mask=(offs2[:, None] < H2) & (offs3[None, :] < H3), other=0.0)
+            w3 = tl.load(w3_ptr + offs2[:, None] * H3_P + offs3[None, :])
             pre3 = _mma(h2, w3, pre3, DOT_F32, INPUT_PRECISION)
-        bias, a, mu, rstd = _unit_params(unit_ptr, 2, 0, H3, HMAX, H3_P)
+        bias, a, mu, rstd = _unit_params(unit_ptr, 2, 0, UNIT_W, H3_P)
         h3 = _activate(pre3 + bias[None, :], a, mu, rstd, ACTIVATION)
-        w_out = tl.load(wout_ptr + offs3, mask=offs3 < H3, other=0.0)
-        s = tl.sum(h3 * w_out[None, :], axis=1)
+        s = tl.sum(h3 * tl.load(wout_ptr + offs3)[None, :], axis=1)
     return s + b_out
 
 
@@ -136,22 +131,21 @@ def din_forward_kernel(
     q_ptr, u_ptr, k_ptr, v_ptr, len_ptr, mask_ptr,
     wp_ptr, wa_ptr, w2_ptr, w3_ptr, unit_ptr, wout_ptr, bout_ptr,
     pooled_ptr, scores_ptr, max_ptr, sum_ptr,
-    B, C, T, D, DV, H1, H2, H3, HMAX, t_per_split,
+    B, C, T, D, DV, H2, t_per_split,
     stride_qb, stride_qc, stride_kb, stride_kt, stride_vb, stride_vt, stride_mb,
     scale,
     ACTIVATION: tl.constexpr, SOFTMAX: tl.constexpr, HAS_LENGTHS: tl.constexpr,
     HAS_MASK: tl.constexpr, NEED_SCORES: tl.constexpr, NUM_LAYERS: tl.constexpr,
     SPLIT: tl.constexpr, DOT_F32: tl.constexpr, INPUT_PRECISION: tl.constexpr,
     BLOCK_C: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_D: tl.constexpr,
-    DV_P: tl.constexpr, H1_P: tl.constexpr, H3_P: tl.constexpr, CHUNK: tl.constexpr,
+    DV_P: tl.constexpr, H1_P: tl.constexpr, H2_P: tl.constexpr, H3_P: tl.constexpr,
+    UNIT_W: tl.constexpr, CHUNK: tl.constexpr,
 ):
     """Grid (B * cdiv(C, BLOCK_C), splits).
 
-    Inputs: q [B, C, D], u [B, C, H1] float32, keys [B, T, D], values [B, T, DV],
-    lengths [B] int64 or mask [B, T] uint8; wp = W_p^T and wa = (W_k - W_d)^T
-    [D, H1], w2 = W_2^T, w3 = W_3^T in the inputs' dtype; unit [L, 4, HMAX]
-    float32 rows (bias, a, mu, 1/sqrt(var + eps)) per layer; wout [HL], bout [1]
-    float32.
+    Inputs: q [B, C, D], keys [B, T, D], values [B, T, DV], lengths [B] int64
+    or mask [B, T] uint8, and the parameters of FoldedParameters, zero-padded to
+    the tile widths (X_P) so that their loads need no masks and vectorize.
     Outputs: pooled [S, B, C, DV], max / sum [S, B, C] float32 (S = splits),
     scores [B, C, T] float32: scale*s where valid, else 0 (None) or -inf
     (softmax, normalized by the host with the row stats).
@@ -165,7 +159,6 @@ def din_forward_kernel(
     offs_c = (pid % c_blocks) * BLOCK_C + tl.arange(0, BLOCK_C)
     c_ok = offs_c < C
     offs_h1 = tl.arange(0, H1_P)
-    h1_ok = offs_h1 < H1
     offs_dv = tl.arange(0, DV_P)
     dv_ok = offs_dv < DV
 
@@ -178,9 +171,6 @@ def din_forward_kernel(
     else:
         t_stop = t_hi
 
-    u = tl.load(u_ptr + (b * C + offs_c)[:, None] * H1 + offs_h1[None, :],
-                mask=c_ok[:, None] & h1_ok[None, :], other=0.0)
-    _, a1, mu1, rstd1 = _unit_params(unit_ptr, 0, 0, H1, HMAX, H1_P)
     b_out = tl.load(bout_ptr)
 
     row_max = tl.full((BLOCK_C,), float("-inf"), tl.float32)
@@ -208,10 +198,9 @@ def din_forward_kernel(
             k = tl.load(k_row + offs_t[:, None] * stride_kt + offs_d[None, :],
                         mask=t_valid[:, None] & d_ok[None, :], other=0.0)
             q = tl.load(q_row + offs_d[None, :], mask=c_ok[:, None] & d_ok[None, :], other=0.0)
-            w_off = offs_d[:, None] * H1 + offs_h1[None, :]
-            w_ok = d_ok[:, None] & h1_ok[None, :]
-            wp = tl.load(wp_ptr + w_off, mask=w_ok, other=0.0)
-            wa = tl.load(wa_ptr + w_off, mask=w_ok, other=0.0)
+            w_off = offs_d[:, None] * H1_P + offs_h1[None, :]
+            wp = tl.load(wp_ptr + w_off)
+            wa = tl.load(wa_ptr + w_off)
             qk = k[:, None, :].to(tl.float32) * q[None, :, :].to(tl.float32)
             pre_pair = _mma(tl.reshape(qk, (PAIRS, BLOCK_D)), wp, pre_pair, DOT_F32,
                             INPUT_PRECISION)
@@ -220,6 +209,11 @@ def din_forward_kernel(
             else:
                 # One candidate: pairs are positions, one accumulator serves both.
                 pre_pair = _mma(k, wa, pre_pair, DOT_F32, INPUT_PRECISION)
+        # Per-unit vectors are reloaded per tile (L1 hits): kept live across
+        # the loop they would cost more registers than the tiles themselves.
+        u = tl.load(u_ptr + (b * C + offs_c)[:, None] * H1_P + offs_h1[None, :],
+                    mask=c_ok[:, None], other=0.0)
+        _, a1, mu1, rstd1 = _unit_params(unit_ptr, 0, 0, UNIT_W, H1_P)
         if BLOCK_C > 1:
             pre = tl.reshape(pre_pair, (BLOCK_T, BLOCK_C, H1_P)) + pre_key[:, None, :] \
                 + u[None, :, :]
@@ -227,8 +221,8 @@ def din_forward_kernel(
         else:
             pre = pre_pair + u
         h1 = _activate(pre, a1, mu1, rstd1, ACTIVATION)
-        s = _score(h1, w2_ptr, w3_ptr, unit_ptr, wout_ptr, b_out, H1, H2, H3, HMAX,
-                   NUM_LAYERS, H1_P, H3_P, CHUNK, ACTIVATION, DOT_F32, INPUT_PRECISION)
+        s = _score(h1, w2_ptr, w3_ptr, unit_ptr, wout_ptr, b_out, H2, NUM_LAYERS, H1_P, H2_P,
+                   H3_P, UNIT_W, CHUNK, ACTIVATION, DOT_F32, INPUT_PRECISION)
         s = tl.reshape(s, (BLOCK_T, BLOCK_C)) * scale
 
         valid = t_valid[:, None] & c_ok[None, :]
@@ -286,8 +280,10 @@ def din_forward_kernel(
 
 # Elements of the widest float32 [pairs, units] tile one program holds; sized
 # so that (200, 80) at D = 256 compiles without spills (python -m
-# din_fast.kernels.aot checks every specialization).
-TILE_BUDGET = 8192
+# din_fast.kernels.aot checks every specialization). Software pipelining
+# (num_stages > 1) costs more registers than it saves here.
+TILE_BUDGET = 4096
+NUM_STAGES = 1
 TRITON_DTYPES = {torch.float32: "fp32", torch.float16: "fp16", torch.bfloat16: "bf16"}
 
 
@@ -320,7 +316,7 @@ class ForwardSpec:
     tf32: bool = False
 
     def blocks(self):
-        """(BLOCK_C, BLOCK_T, BLOCK_D, CHUNK, num_warps).
+        """(BLOCK_C, BLOCK_T, BLOCK_D, CHUNK, num_warps); num_stages is NUM_STAGES.
 
         The [pairs, units] tiles and the weight tiles (first layer: BLOCK_D x
         H1, later layers: H_in x CHUNK) each stay within TILE_BUDGET elements.
@@ -333,7 +329,9 @@ class ForwardSpec:
         block_t = min(128, max(16, TILE_BUDGET // (block_c * widest)))
         block_d = max(16, min(padded(self.embed_dim), TILE_BUDGET // widths[0]))
         chunk = max(16, min(widths[1] if len(widths) > 1 else 16, TILE_BUDGET // widths[0]))
-        num_warps = 8 if block_t * block_c * widest >= TILE_BUDGET else 4
+        # Four warps: with eight, ptxas 13 parks values on the stack even at
+        # 64-128 registers for these tile sizes.
+        num_warps = 4 if block_t * block_c * widest <= TILE_BUDGET else 8
         return block_c, block_t, block_d, chunk, num_warps
 
     def constexprs(self) -> dict:
@@ -348,7 +346,7 @@ class ForwardSpec:
             HAS_MASK=self.has_mask, NEED_SCORES=self.need_scores, NUM_LAYERS=len(self.hidden),
             SPLIT=self.split, DOT_F32=self.interpret, INPUT_PRECISION=precision,
             BLOCK_C=block_c, BLOCK_T=block_t, BLOCK_D=block_d, DV_P=padded(self.value_dim),
-            H1_P=widths[0], H3_P=widths[2], CHUNK=chunk,
+            H1_P=widths[0], H2_P=widths[1], H3_P=widths[2], UNIT_W=max(widths), CHUNK=chunk,
         )
 
     def signature(self) -> dict:
@@ -359,10 +357,23 @@ class ForwardSpec:
                         unit_ptr="*fp32", wout_ptr="*fp32", bout_ptr="*fp32",
                         pooled_ptr="*fp32" if self.split else io, scores_ptr="*fp32",
                         max_ptr="*fp32", sum_ptr="*fp32")
-        ints = ("B C T D DV H1 H2 H3 HMAX t_per_split stride_qb stride_qc stride_kb "
+        ints = ("B C T D DV H2 t_per_split stride_qb stride_qc stride_kb "
                 "stride_kt stride_vb stride_vt stride_mb").split()
         return {**pointers, **{name: "i32" for name in ints}, "scale": "fp32",
                 **{name: "constexpr" for name in self.constexprs()}}
+
+    def aligned(self) -> tuple:
+        """Arguments a launch sees as multiples of 16, as Triton's JIT specializes them.
+
+        Pointers from torch are 16-byte aligned; the row strides are when D
+        (and Dv) are multiples of 16 (T assumed so as well).
+        """
+        names = [name for name, kind in self.signature().items() if kind.startswith("*")]
+        if self.embed_dim % 16 == 0:
+            names += ["D", "stride_qb", "stride_qc", "stride_kb", "stride_kt"]
+        if self.value_dim % 16 == 0:
+            names += ["DV", "stride_vb", "stride_vt"]
+        return tuple(names + ["T", "stride_mb"])
 
 
 def forward_spec(problem: DINProblem, need_scores: bool, split: bool) -> ForwardSpec:
@@ -380,24 +391,38 @@ def forward_spec(problem: DINProblem, need_scores: bool, split: bool) -> Forward
 
 @dataclass
 class FoldedParameters:
-    """The MLP's parameters as the kernels read them (see din_forward_kernel)."""
+    """The MLP's parameters as the kernels read them, zero-padded to tile widths.
 
-    u: torch.Tensor          # [B, C, H1] float32: q (W_q + W_d)^T + b_1
-    w_p: torch.Tensor        # [D, H1] W_p^T, in the inputs' dtype
-    w_a: torch.Tensor        # [D, H1] (W_k - W_d)^T, in the inputs' dtype
-    deeper: list             # W_i^T [H_{i-1}, H_i] for i >= 2, in the inputs' dtype
-    unit: torch.Tensor       # [L, 4, HMAX] float32: bias, a, mu, 1/sqrt(var + eps)
-    w_out: torch.Tensor      # [H_L] float32
+    H_i_P = padded(H_i), D_P = D rounded up to BLOCK_D; the padding is exact
+    (padded units meet zero weights).
+    """
+
+    u: torch.Tensor          # [B, C, H1_P] float32: q (W_q + W_d)^T + b_1
+    w_p: torch.Tensor        # [D_P, H1_P] W_p^T, in the inputs' dtype
+    w_a: torch.Tensor        # [D_P, H1_P] (W_k - W_d)^T, in the inputs' dtype
+    deeper: list             # W_i^T [H_{i-1}_P, H_i_P] for i >= 2, in the inputs' dtype
+    unit: torch.Tensor       # [L, 4, max H_i_P] float32: bias, a, mu, 1/sqrt(var + eps)
+    w_out: torch.Tensor      # [H_L_P] float32
     b_out: torch.Tensor      # [1] float32
 
 
-def fold_parameters(problem: DINProblem) -> FoldedParameters:
+def _pad(tensor: torch.Tensor, shape, dtype) -> torch.Tensor:
+    """tensor in the top-left corner of a zero tensor of `shape`."""
+    out = tensor.new_zeros(shape, dtype=dtype)
+    out[tuple(slice(0, n) for n in tensor.shape)] = tensor.to(dtype)
+    return out
+
+
+def fold_parameters(problem: DINProblem, block_d: int) -> FoldedParameters:
     dtype = problem.keys.dtype
     f32 = torch.float32
-    w_q, w_k, w_d, w_p = (w.to(f32) for w in split_first_layer(problem.weights[0]))
-    u = problem.query.to(f32) @ (w_q + w_d).t() + problem.biases[0].to(f32)
     hidden = problem.hidden_units
-    unit = torch.zeros(len(hidden), 4, max(hidden), dtype=f32, device=problem.keys.device)
+    widths = [padded(h) for h in hidden]
+    rows = triton.cdiv(problem.keys.shape[2], block_d) * block_d
+    w_q, w_k, w_d, w_p = (w.to(f32) for w in split_first_layer(problem.weights[0]))
+    u = problem.query.to(f32) @ _pad((w_q + w_d).t(), (w_q.shape[1], widths[0]), f32) \
+        + _pad(problem.biases[0], (widths[0],), f32)
+    unit = torch.zeros(len(hidden), 4, max(widths), dtype=f32, device=problem.keys.device)
     for i, (width, bias, params) in enumerate(zip(hidden, problem.biases, problem.act_params)):
         unit[i, 0, :width] = bias.to(f32)
         if problem.activation in ("prelu", "dice"):
@@ -407,11 +432,12 @@ def fold_parameters(problem: DINProblem) -> FoldedParameters:
             unit[i, 3, :width] = torch.rsqrt(params[2].to(f32) + problem.dice_eps)
     return FoldedParameters(
         u=u.contiguous(),
-        w_p=w_p.t().to(dtype).contiguous(),
-        w_a=(w_k - w_d).t().to(dtype).contiguous(),
-        deeper=[w.t().to(dtype).contiguous() for w in problem.weights[1:-1]],
+        w_p=_pad(w_p.t(), (rows, widths[0]), dtype),
+        w_a=_pad((w_k - w_d).t(), (rows, widths[0]), dtype),
+        deeper=[_pad(w.t(), (n_in, n_out), dtype)
+                for w, n_in, n_out in zip(problem.weights[1:-1], widths, widths[1:])],
         unit=unit,
-        w_out=problem.weights[-1].to(f32).reshape(-1).contiguous(),
+        w_out=_pad(problem.weights[-1].reshape(-1), (widths[-1],), f32),
         b_out=problem.biases[-1].to(f32).reshape(1).contiguous(),
     )
 
@@ -448,6 +474,11 @@ def normalize_scores(raw, row_max, row_sum):
     return weights / torch.where(row_sum > 0, row_sum, 1.0)[..., None]
 
 
+def allocate(shape, dtype, device) -> torch.Tensor:
+    """Every output buffer of din_forward comes from here (tests poison it with NaN)."""
+    return torch.empty(shape, dtype=dtype, device=device)
+
+
 def din_forward(problem: DINProblem, need_scores: bool, num_splits=None):
     """Run the fused forward on a validated problem.
 
@@ -469,7 +500,7 @@ def din_forward(problem: DINProblem, need_scores: bool, num_splits=None):
     f32 = torch.float32
 
     spec = forward_spec(problem, need_scores, split=False)
-    block_c, block_t = spec.blocks()[:2]
+    block_c, block_t, block_d = spec.blocks()[:3]
     programs = batch * triton.cdiv(candidates, block_c)
     splits = num_splits or choose_splits(programs, length, block_t, device)
     t_per_split = triton.cdiv(triton.cdiv(max(length, 1), block_t), splits) * block_t
@@ -479,31 +510,31 @@ def din_forward(problem: DINProblem, need_scores: bool, num_splits=None):
     constexprs = spec.constexprs()
     num_warps = spec.blocks()[-1]
 
-    folded = fold_parameters(problem)
+    folded = fold_parameters(problem, block_d)
     deeper = folded.deeper + [folded.w_p] * (MAX_HIDDEN_LAYERS - 1 - len(folded.deeper))
-    widths = list(hidden) + [1] * (MAX_HIDDEN_LAYERS - len(hidden))
-    lengths = problem.lengths if problem.lengths is not None else keys.new_zeros(1, dtype=torch.int64)
+    # Absent lengths / mask: one-element placeholders the kernel never reads.
+    lengths = problem.lengths if problem.lengths is not None \
+        else keys.new_zeros(1, dtype=torch.int64)
     mask = problem.mask.contiguous().view(torch.uint8) if problem.mask is not None \
         else keys.new_zeros(1, dtype=torch.uint8)
 
     # normalization=None has no row stats: one-element placeholders, never read.
     stats_shape = (splits, batch, candidates) if softmax else (1,)
-    pooled = torch.empty(splits, batch, candidates, value_dim, device=device,
-                         dtype=f32 if splits > 1 else keys.dtype)
-    part_max = torch.empty(stats_shape, device=device, dtype=f32)
-    part_sum = torch.empty(stats_shape, device=device, dtype=f32)
-    scores = torch.empty(batch, candidates, length, device=device, dtype=f32) \
-        if need_scores else part_max
+    pooled = allocate((splits, batch, candidates, value_dim),
+                      f32 if splits > 1 else keys.dtype, device)
+    part_max = allocate(stats_shape, f32, device)
+    part_sum = allocate(stats_shape, f32, device)
+    scores = allocate((batch, candidates, length), f32, device) if need_scores else part_max
     if batch * candidates and length:
         din_forward_kernel[(programs, splits)](
             query, folded.u, keys, values, lengths, mask,
             folded.w_p, folded.w_a, deeper[0], deeper[1], folded.unit, folded.w_out,
             folded.b_out, pooled, scores, part_max, part_sum,
-            batch, candidates, length, embed_dim, value_dim, widths[0], widths[1], widths[2],
-            max(hidden), t_per_split,
+            batch, candidates, length, embed_dim, value_dim,
+            hidden[1] if len(hidden) > 1 else 1, t_per_split,
             query.stride(0), query.stride(1), keys.stride(0), keys.stride(1),
             values.stride(0), values.stride(1), mask.stride(0) if mask.dim() == 2 else 0,
-            problem.scale, num_warps=num_warps, **constexprs,
+            problem.scale, num_warps=num_warps, num_stages=NUM_STAGES, **constexprs,
         )
     else:
         # No position anywhere: every pooled output is 0, as are the stats.

@@ -1,6 +1,8 @@
-"""Without a GPU the Triton kernels run in the interpreter, on CPU tensors.
+"""Test session setup.
 
-The variable must be set before any kernel module is imported.
+Without a GPU, the Triton kernels run in the interpreter on CPU tensors. The
+variable must be set before any kernel is decorated (triton reads it then),
+so before din_fast.kernels is imported by a test module.
 """
 
 import os

@@ -1,0 +1,125 @@
+"""DINAttention: parameters in nn.Linear layout, backends, Dice statistics."""
+
+import pytest
+import torch
+
+import din_fast
+
+
+def _inputs(batch=6, candidates=None, length=7, dim=5, seed=0):
+    gen = torch.Generator().manual_seed(seed)
+    shape = (batch, dim) if candidates is None else (batch, candidates, dim)
+    query = torch.randn(shape, generator=gen, dtype=torch.float64)
+    keys = torch.randn(batch, length, dim, generator=gen, dtype=torch.float64)
+    lengths = torch.randint(0, length + 1, (batch,), generator=gen)
+    lengths[0], lengths[1] = 0, length
+    return query, keys, lengths
+
+
+def _literal_dice_training(layer, query, keys, lengths):
+    """Dice with batch statistics over the valid positions, written out plainly."""
+    q = query[:, None, :] if query.dim() == 2 else query
+    batch, candidates, length = q.shape[0], q.shape[1], keys.shape[1]
+    q_b = q[:, :, None, :].expand(-1, -1, length, -1)
+    k_b = keys[:, None].expand(-1, candidates, -1, -1)
+    h = torch.cat([q_b, k_b, q_b - k_b, q_b * k_b], dim=-1)
+    valid = (torch.arange(length)[None, :] < lengths[:, None])[:, None, :].expand(
+        -1, candidates, -1)
+    stats = []
+    for linear, alpha in zip(layer.hidden, layer.alphas):
+        z = linear(h)
+        picked = z[valid]
+        mu, var = picked.mean(0), picked.var(0, unbiased=False)
+        stats.append((mu, picked.var(0, unbiased=True)))
+        p = torch.sigmoid((z - mu) / torch.sqrt(var + layer.dice_eps))
+        h = p * z + (1 - p) * alpha * z
+    s = layer.output(h).squeeze(-1)
+    w = torch.where(valid, s, torch.zeros_like(s))
+    out = w @ keys
+    return (out.squeeze(1) if query.dim() == 2 else out), stats
+
+
+@pytest.mark.parametrize("candidates", [None, 3])
+def test_dice_training_uses_valid_positions_and_updates_running_stats(candidates):
+    query, keys, lengths = _inputs(candidates=candidates)
+    layer = din_fast.DINAttention(5, (6, 4), activation="dice").double()
+    with torch.no_grad():
+        for alpha in layer.alphas:
+            alpha.uniform_(-0.5, 0.5)
+    expected, stats = _literal_dice_training(layer, query, keys, lengths)
+    expected_grads = torch.autograd.grad(expected.square().sum(), list(layer.parameters()))
+
+    layer.train()
+    out = layer(query, keys, lengths)
+    grads = torch.autograd.grad(out.square().sum(), list(layer.parameters()))
+    torch.testing.assert_close(out, expected)
+    for g, e in zip(grads, expected_grads):
+        torch.testing.assert_close(g, e)
+    for i, (mu, unbiased_var) in enumerate(stats):
+        torch.testing.assert_close(getattr(layer, f"running_mean_{i}"), 0.1 * mu.detach())
+        torch.testing.assert_close(getattr(layer, f"running_var_{i}"),
+                                   0.9 + 0.1 * unbiased_var.detach())
+
+
+def test_dice_eval_uses_running_stats():
+    query, keys, lengths = _inputs()
+    layer = din_fast.DINAttention(5, (6,), activation="dice").double()
+    layer.running_mean_0.uniform_(-1, 1)
+    layer.running_var_0.uniform_(0.5, 2)
+    layer.eval()
+    out = layer(query, keys, lengths)
+    expected = din_fast.din_attention(
+        query, keys, lengths, weights=[layer.hidden[0].weight, layer.output.weight],
+        biases=[layer.hidden[0].bias, layer.output.bias], activation="dice",
+        activation_params=[(layer.alphas[0], layer.running_mean_0, layer.running_var_0)],
+        backend="reference")
+    torch.testing.assert_close(out, expected)
+    before = layer.running_mean_0.clone()
+    layer(query, keys, lengths)
+    assert torch.equal(layer.running_mean_0, before)
+
+
+def test_dice_training_batch_of_empty_histories_keeps_running_stats():
+    query, keys, _ = _inputs()
+    layer = din_fast.DINAttention(5, (6,), activation="dice").double().train()
+    out = layer(query, keys, torch.zeros(6, dtype=torch.long))
+    assert torch.equal(out, torch.zeros_like(out))
+    assert torch.equal(layer.running_mean_0, torch.zeros(6, dtype=torch.float64))
+    assert torch.equal(layer.running_var_0, torch.ones(6, dtype=torch.float64))
+
+
+@pytest.mark.parametrize("activation", ["sigmoid", "relu", "prelu", "dice"])
+@pytest.mark.parametrize("normalization", [None, "softmax"])
+def test_module_backends_agree(activation, normalization):
+    query, keys, lengths = _inputs(candidates=2)
+    layer = din_fast.DINAttention(5, (7, 3), activation=activation, normalization=normalization,
+                                  scale=0.5, return_scores=True).double().eval()
+    results = {}
+    for backend in ("reference", "torch"):
+        layer.backend = backend
+        out, scores = layer(query, keys, lengths)
+        grads = torch.autograd.grad(out.sum() + scores.square().sum(), list(layer.parameters()))
+        results[backend] = (out, scores, grads)
+    torch.testing.assert_close(results["torch"][:2], results["reference"][:2])
+    for g, e in zip(results["torch"][2], results["reference"][2]):
+        torch.testing.assert_close(g, e)
+
+
+def test_parameters_in_linear_layout():
+    layer = din_fast.DINAttention(8, (80, 40), activation="prelu")
+    names = {k: tuple(v.shape) for k, v in layer.state_dict().items()}
+    assert names == {"hidden.0.weight": (80, 32), "hidden.0.bias": (80,),
+                     "hidden.1.weight": (40, 80), "hidden.1.bias": (40,),
+                     "output.weight": (1, 40), "output.bias": (1,),
+                     "alphas.0": (80,), "alphas.1": (40,)}
+
+
+@pytest.mark.parametrize("kwargs,argument", [
+    (dict(embed_dim=0), "embed_dim"),
+    (dict(embed_dim=4, hidden_units=()), "hidden_units"),
+    (dict(embed_dim=4, hidden_units=(3, 0)), "hidden_units"),
+    (dict(embed_dim=4, activation="gelu"), "activation"),
+])
+def test_bad_constructor_arguments(kwargs, argument):
+    with pytest.raises(ValueError, match=f"`{argument}`"):
+        din_fast.DINAttention(**kwargs)
