@@ -78,6 +78,32 @@ def _activation_backward(z, dh, a, mu, rstd, ACTIVATION: tl.constexpr):
 
 
 @triton.jit
+def _unit_backward(z, dh, a, mu, rstd, acc_b, acc_a, acc_mu, acc_var,
+                   ACTIVATION: tl.constexpr):
+    """dz of a hidden layer's [H, BLOCK_T] tile, its per-unit sums added to the
+    bias and (a, mu, var) accumulators."""
+    dz, da, dmu, dvar = _activation_backward(z, dh, a, mu, rstd, ACTIVATION)
+    return (dz, acc_b + tl.sum(dz, axis=1), acc_a + tl.sum(da, axis=1),
+            acc_mu + tl.sum(dmu, axis=1), acc_var + tl.sum(dvar, axis=1))
+
+
+@triton.jit
+def _deeper_layer_backward(z, dh, h_in, w, a, mu, rstd, acc_w, acc_b, acc_a, acc_mu, acc_var,
+                           IN_P: tl.constexpr, BLOCK_T: tl.constexpr,
+                           ACTIVATION: tl.constexpr, DOT_F32: tl.constexpr,
+                           INPUT_PRECISION: tl.constexpr):
+    """A hidden layer after the first (z = W h_in + b), transposed: d loss / d h_in
+    and the layer's accumulators updated."""
+    dz, acc_b, acc_a, acc_mu, acc_var = _unit_backward(z, dh, a, mu, rstd, acc_b, acc_a,
+                                                       acc_mu, acc_var, ACTIVATION)
+    dz = dz.to(w.dtype)
+    acc_w = _mma(dz, tl.trans(h_in.to(w.dtype)), acc_w, DOT_F32, INPUT_PRECISION)
+    dh_in = _mma(tl.trans(w), dz, tl.zeros((IN_P, BLOCK_T), tl.float32), DOT_F32,
+                 INPUT_PRECISION)
+    return dh_in, acc_w, acc_b, acc_a, acc_mu, acc_var
+
+
+@triton.jit
 def _unit_columns(unit_ptr, layer: tl.constexpr, UNIT_W: tl.constexpr, HP: tl.constexpr):
     """A layer's (bias, a, mu, rstd) as [HP, 1] columns."""
     bias, a, mu, rstd = _unit_params(unit_ptr, layer, 0, UNIT_W, HP)
@@ -270,32 +296,15 @@ def din_backward_kernel(
                 acc_bout += tl.sum(ds, axis=0)
                 dh = w_out * ds[None, :]
                 if NUM_LAYERS >= 3:
-                    dz3, ta, tm, tv = _activation_backward(z3, dh, a3, mu3, rstd3, ACTIVATION)
-                    acc_a3 += tl.sum(ta, axis=1)
-                    acc_mu3 += tl.sum(tm, axis=1)
-                    acc_var3 += tl.sum(tv, axis=1)
-                    acc_b3 += tl.sum(dz3, axis=1)
-                    dz3 = dz3.to(dot_dtype)
-                    acc_w3 = _mma(dz3, tl.trans(h2.to(dot_dtype)), acc_w3, DOT_F32,
-                                  INPUT_PRECISION)
-                    dh = _mma(tl.trans(w3), dz3, tl.zeros((H2_P, BLOCK_T), tl.float32), DOT_F32,
-                              INPUT_PRECISION)
+                    dh, acc_w3, acc_b3, acc_a3, acc_mu3, acc_var3 = _deeper_layer_backward(
+                        z3, dh, h2, w3, a3, mu3, rstd3, acc_w3, acc_b3, acc_a3, acc_mu3,
+                        acc_var3, H2_P, BLOCK_T, ACTIVATION, DOT_F32, INPUT_PRECISION)
                 if NUM_LAYERS >= 2:
-                    dz2, ta, tm, tv = _activation_backward(z2, dh, a2, mu2, rstd2, ACTIVATION)
-                    acc_a2 += tl.sum(ta, axis=1)
-                    acc_mu2 += tl.sum(tm, axis=1)
-                    acc_var2 += tl.sum(tv, axis=1)
-                    acc_b2 += tl.sum(dz2, axis=1)
-                    dz2 = dz2.to(dot_dtype)
-                    acc_w2 = _mma(dz2, tl.trans(h1.to(dot_dtype)), acc_w2, DOT_F32,
-                                  INPUT_PRECISION)
-                    dh = _mma(tl.trans(w2), dz2, tl.zeros((H1_P, BLOCK_T), tl.float32), DOT_F32,
-                              INPUT_PRECISION)
-                dz1, ta, tm, tv = _activation_backward(z1, dh, a1, mu1, rstd1, ACTIVATION)
-                acc_a1 += tl.sum(ta, axis=1)
-                acc_mu1 += tl.sum(tm, axis=1)
-                acc_var1 += tl.sum(tv, axis=1)
-                acc_g += tl.sum(dz1, axis=1)
+                    dh, acc_w2, acc_b2, acc_a2, acc_mu2, acc_var2 = _deeper_layer_backward(
+                        z2, dh, h1, w2, a2, mu2, rstd2, acc_w2, acc_b2, acc_a2, acc_mu2,
+                        acc_var2, H1_P, BLOCK_T, ACTIVATION, DOT_F32, INPUT_PRECISION)
+                dz1, acc_g, acc_a1, acc_mu1, acc_var1 = _unit_backward(
+                    z1, dh, a1, mu1, rstd1, acc_g, acc_a1, acc_mu1, acc_var1, ACTIVATION)
                 dz1 = dz1.to(dot_dtype)
                 acc_p = _mma(dz1, keys, acc_p, DOT_F32, INPUT_PRECISION)
                 dk = tl.trans(_mma(m_t, dz1, tl.zeros((D_P, BLOCK_T), tl.float32), DOT_F32,
