@@ -108,8 +108,7 @@ def attention_backward(
     from .kernels.din_backward import backward_unsupported, din_backward
 
     if backend == "triton" and backward_unsupported(problem) is None:
-        grads = din_backward(problem, grad_pooled, pooled, row_max, row_sum, grad_scores,
-                             scores if grad_scores is not None else None)
+        grads = din_backward(problem, grad_pooled, row_max, grad_scores)
     else:
         grads = torch_din_attention_backward(problem, grad_pooled, grad_scores)
     dq, dk, dv, dweights, dbiases, dact = grads

@@ -91,16 +91,68 @@ def _unit_backward(z, dh, a, mu, rstd, acc_b, acc_a, acc_mu, acc_var,
 def _deeper_layer_backward(z, dh, h_in, w, a, mu, rstd, acc_w, acc_b, acc_a, acc_mu, acc_var,
                            IN_P: tl.constexpr, BLOCK_T: tl.constexpr,
                            ACTIVATION: tl.constexpr, DOT_F32: tl.constexpr,
-                           INPUT_PRECISION: tl.constexpr):
+                           GRAD_PRECISION: tl.constexpr):
     """A hidden layer after the first (z = W h_in + b), transposed: d loss / d h_in
     and the layer's accumulators updated."""
     dz, acc_b, acc_a, acc_mu, acc_var = _unit_backward(z, dh, a, mu, rstd, acc_b, acc_a,
                                                        acc_mu, acc_var, ACTIVATION)
-    dz = dz.to(w.dtype)
-    acc_w = _mma(dz, tl.trans(h_in.to(w.dtype)), acc_w, DOT_F32, INPUT_PRECISION)
-    dh_in = _mma(tl.trans(w), dz, tl.zeros((IN_P, BLOCK_T), tl.float32), DOT_F32,
-                 INPUT_PRECISION)
+    # dz stays float32 (tf32 dots for half inputs): rounded to half here, the
+    # error would compound down the layers into the gradients that cancel.
+    acc_w = _mma(dz, tl.trans(h_in.to(w.dtype)).to(tl.float32), acc_w, DOT_F32,
+                 GRAD_PRECISION)
+    dh_in = _mma(tl.trans(w).to(tl.float32), dz, tl.zeros((IN_P, BLOCK_T), tl.float32),
+                 DOT_F32, GRAD_PRECISION)
     return dh_in, acc_w, acc_b, acc_a, acc_mu, acc_var
+
+
+@triton.jit
+def _tile_inputs(k_ptr, v_ptr, mask_ptr, gs_ptr, b64, bc, t0, t_stop, T, D, DV, dout,
+                 HAS_MASK: tl.constexpr, HAS_GRAD_SCORES: tl.constexpr, BLOCK_T: tl.constexpr,
+                 D_P: tl.constexpr, DV_P: tl.constexpr):
+    """A tile of positions: (offsets, in range, valid, key tile [BLOCK_T, D_P], and
+    dw = d loss / d w = dout . v_t (+ gs_t))."""
+    offs_t = t0 + tl.arange(0, BLOCK_T)
+    offs_d = tl.arange(0, D_P)
+    offs_dv = tl.arange(0, DV_P)
+    t_ok = offs_t < t_stop
+    if HAS_MASK:
+        valid = t_ok & (tl.load(mask_ptr + b64 * T + offs_t, mask=t_ok, other=0) != 0)
+    else:
+        valid = t_ok
+    rows = b64 * T + offs_t
+    keys = tl.load(k_ptr + rows[:, None] * D + offs_d[None, :],
+                   mask=t_ok[:, None] & (offs_d < D)[None, :], other=0.0)
+    vals = tl.load(v_ptr + rows[:, None] * DV + offs_dv[None, :],
+                   mask=t_ok[:, None] & (offs_dv < DV)[None, :], other=0.0).to(tl.float32)
+    dw = tl.sum(vals * dout[None, :], axis=1)
+    if HAS_GRAD_SCORES:
+        dw += tl.load(gs_ptr + bc * T + offs_t, mask=t_ok, other=0.0).to(tl.float32)
+    return offs_t, t_ok, valid, keys, dw
+
+
+@triton.jit
+def _tile_forward(keys, m, u, a1, mu1, rstd1, w2, b2, a2, mu2, rstd2, w3, b3, a3, mu3, rstd3,
+                  w_out, b_out, NUM_LAYERS: tl.constexpr, ACTIVATION: tl.constexpr,
+                  BLOCK_T: tl.constexpr, H1_P: tl.constexpr, H2_P: tl.constexpr,
+                  H3_P: tl.constexpr, DOT_F32: tl.constexpr, INPUT_PRECISION: tl.constexpr):
+    """The MLP on a key tile, transposed ([H, BLOCK_T]): (z1, h1, z2, h2, z3, h3, s).
+
+    Layers the MLP lacks repeat the last one's (z, h), unused by the caller.
+    """
+    z1 = _mma(m, tl.trans(keys), tl.zeros((H1_P, BLOCK_T), tl.float32), DOT_F32,
+              INPUT_PRECISION) + u
+    h1 = _activate_units(z1, a1, mu1, rstd1, ACTIVATION)
+    z2, h2 = z1, h1
+    if NUM_LAYERS >= 2:
+        z2 = _mma(w2, h1.to(w2.dtype), tl.zeros((H2_P, BLOCK_T), tl.float32), DOT_F32,
+                  INPUT_PRECISION) + b2
+        h2 = _activate_units(z2, a2, mu2, rstd2, ACTIVATION)
+    z3, h3 = z2, h2
+    if NUM_LAYERS >= 3:
+        z3 = _mma(w3, h2.to(w3.dtype), tl.zeros((H3_P, BLOCK_T), tl.float32), DOT_F32,
+                  INPUT_PRECISION) + b3
+        h3 = _activate_units(z3, a3, mu3, rstd3, ACTIVATION)
+    return z1, h1, z2, h2, z3, h3, tl.sum(h3 * w_out, axis=0) + b_out
 
 
 @triton.jit
@@ -141,22 +193,28 @@ def _store_unit_grads(ptr, layer: tl.constexpr, db, da, dmu, dvar, UNIT_W: tl.co
 def din_backward_kernel(
     q_ptr, u_ptr, k_ptr, v_ptr, len_ptr, mask_ptr,
     wp_ptr, wa_ptr, w2_ptr, w3_ptr, unit_ptr, wout_ptr, bout_ptr,
-    dout_ptr, gs_ptr, max_ptr, sum_ptr, delta_ptr,
+    dout_ptr, gs_ptr, max_ptr,
     dq_ptr, dk_ptr, dv_ptr, g_ptr,
     part_k_ptr, part_qk_ptr, part_w2_ptr, part_w3_ptr, part_unit_ptr, part_out_ptr,
     B, C, T, D, DV, scale,
     ACTIVATION: tl.constexpr, SOFTMAX: tl.constexpr, HAS_LENGTHS: tl.constexpr,
     HAS_MASK: tl.constexpr, HAS_GRAD_SCORES: tl.constexpr, VALUES_ARE_KEYS: tl.constexpr,
     NUM_LAYERS: tl.constexpr, DOT_F32: tl.constexpr, INPUT_PRECISION: tl.constexpr,
-    BLOCK_T: tl.constexpr, D_P: tl.constexpr, DV_P: tl.constexpr, H1_P: tl.constexpr,
+    GRAD_PRECISION: tl.constexpr, BLOCK_T: tl.constexpr, D_P: tl.constexpr, DV_P: tl.constexpr, H1_P: tl.constexpr,
     H2_P: tl.constexpr, H3_P: tl.constexpr, UNIT_W: tl.constexpr,
 ):
     """Grid (P,): program pid owns rows pid, pid + P, ...
 
     Inputs as din_forward_kernel's (contiguous; the folded parameters padded
     to the tile widths, with D_P rows), plus dout [B, C, DV] = d loss /
-    d pooled, gs [B, C, T] = d loss / d w, the forward's max / sum [B, C] and
-    delta [B, C] = sum_t w (dout . v_t + gs_t) (softmax).
+    d pooled, gs [B, C, T] = d loss / d w and the forward's row max [B, C]
+    (softmax; the exponent's offset).
+
+    Softmax takes a first pass over the row's tiles for its normalizer and
+    delta = sum_t w_t dw_t, both from this kernel's own recomputed scores:
+    then sum_t ds_t = 0 holds to float32 rounding, where a delta from the
+    forward's half-precision output would leave a bias in every sum of ds
+    (the output bias's gradient, and the small gradients that cancel).
     Outputs: dq [B, C, D_P] float32 (the W_p term only), dk [B, T, D] and
     dv [B, T, DV] (float32 when C > 1: the candidates add up in place),
     G [B, C, H1_P] float32; per program float32 partials, padded: part_k and
@@ -185,6 +243,9 @@ def din_backward_kernel(
     acc_a1 = tl.zeros((H1_P,), tl.float32)
     acc_mu1 = tl.zeros((H1_P,), tl.float32)
     acc_var1 = tl.zeros((H1_P,), tl.float32)
+    # Absent layers' operands: placeholders _tile_forward never reads.
+    w2, b2, a2, mu2, rstd2 = a1, a1, a1, a1, a1
+    w3, b3, a3, mu3, rstd3 = a1, a1, a1, a1, a1
     if NUM_LAYERS >= 2:
         w2 = _load_tile(w2_ptr, H1_P, H2_P, True)                  # W_2 [H2, H1]
         b2, a2, mu2, rstd2 = _unit_columns(unit_ptr, 1, UNIT_W, H2_P)
@@ -243,47 +304,35 @@ def din_backward_kernel(
             dout = tl.load(dout_ptr + bc * DV + offs_dv, mask=dv_ok, other=0.0).to(tl.float32)
             if SOFTMAX:
                 row_max = tl.load(max_ptr + bc)
-                row_sum = tl.load(sum_ptr + bc)
+                row_sum = 0.0
+                delta = 0.0
+                for t0 in range(0, t_stop, BLOCK_T):
+                    offs_t, t_ok, valid, keys, dw = _tile_inputs(
+                        k_ptr, v_ptr, mask_ptr, gs_ptr, b64, bc, t0, t_stop, T, D, DV, dout,
+                        HAS_MASK, HAS_GRAD_SCORES, BLOCK_T, D_P, DV_P)
+                    s = _tile_forward(keys, m, u, a1, mu1, rstd1, w2, b2, a2, mu2, rstd2, w3,
+                                      b3, a3, mu3, rstd3, w_out, b_out, NUM_LAYERS, ACTIVATION,
+                                      BLOCK_T, H1_P, H2_P, H3_P, DOT_F32, INPUT_PRECISION)[6]
+                    e = tl.exp(tl.where(valid, scale * s - row_max, float("-inf")))
+                    row_sum += tl.sum(e, axis=0)
+                    delta += tl.sum(e * dw, axis=0)
                 inv_sum = tl.where(row_sum > 0, 1.0 / tl.where(row_sum > 0, row_sum, 1.0), 0.0)
-                delta = tl.load(delta_ptr + bc)
+                delta = delta * inv_sum
             acc_p = tl.zeros((H1_P, D_P), tl.float32)                      # P = sum dz1 k^T
             acc_g = tl.zeros((H1_P,), tl.float32)                          # G = sum dz1
 
             for t0 in range(0, t_stop, BLOCK_T):
-                offs_t = t0 + tl.arange(0, BLOCK_T)
-                t_ok = offs_t < t_stop
-                if HAS_MASK:
-                    keep = tl.load(mask_ptr + b64 * T + offs_t, mask=t_ok, other=0)
-                    valid = t_ok & (keep != 0)
-                else:
-                    valid = t_ok
+                offs_t, t_ok, valid, keys, dw = _tile_inputs(
+                    k_ptr, v_ptr, mask_ptr, gs_ptr, b64, bc, t0, t_stop, T, D, DV, dout,
+                    HAS_MASK, HAS_GRAD_SCORES, BLOCK_T, D_P, DV_P)
                 rows = b64 * T + offs_t
-                keys = tl.load(k_ptr + rows[:, None] * D + offs_d[None, :],
-                               mask=t_ok[:, None] & d_ok[None, :], other=0.0)
-
                 # Forward recompute of the tile, transposed: [H, BLOCK_T].
-                z1 = _mma(m, tl.trans(keys), tl.zeros((H1_P, BLOCK_T), tl.float32), DOT_F32,
-                          INPUT_PRECISION) + u
-                h1 = _activate_units(z1, a1, mu1, rstd1, ACTIVATION)
-                h_last = h1
-                if NUM_LAYERS >= 2:
-                    z2 = _mma(w2, h1.to(dot_dtype), tl.zeros((H2_P, BLOCK_T), tl.float32),
-                              DOT_F32, INPUT_PRECISION) + b2
-                    h2 = _activate_units(z2, a2, mu2, rstd2, ACTIVATION)
-                    h_last = h2
-                if NUM_LAYERS >= 3:
-                    z3 = _mma(w3, h2.to(dot_dtype), tl.zeros((H3_P, BLOCK_T), tl.float32),
-                              DOT_F32, INPUT_PRECISION) + b3
-                    h3 = _activate_units(z3, a3, mu3, rstd3, ACTIVATION)
-                    h_last = h3
-                s = tl.sum(h_last * w_out, axis=0) + b_out                  # [BLOCK_T]
+                z1, h1, z2, h2, z3, h_last, s = _tile_forward(
+                    keys, m, u, a1, mu1, rstd1, w2, b2, a2, mu2, rstd2, w3, b3, a3, mu3, rstd3,
+                    w_out, b_out, NUM_LAYERS, ACTIVATION, BLOCK_T, H1_P, H2_P, H3_P, DOT_F32,
+                    INPUT_PRECISION)
 
                 # Pooling and normalization backward: ds = d loss / d s.
-                vals = tl.load(v_ptr + rows[:, None] * DV + offs_dv[None, :],
-                               mask=t_ok[:, None] & dv_ok[None, :], other=0.0).to(tl.float32)
-                dw = tl.sum(vals * dout[None, :], axis=1)
-                if HAS_GRAD_SCORES:
-                    dw += tl.load(gs_ptr + bc * T + offs_t, mask=t_ok, other=0.0).to(tl.float32)
                 if SOFTMAX:
                     w = tl.exp(tl.where(valid, scale * s - row_max, float("-inf"))) * inv_sum
                     ds = scale * w * (dw - delta)
@@ -298,11 +347,11 @@ def din_backward_kernel(
                 if NUM_LAYERS >= 3:
                     dh, acc_w3, acc_b3, acc_a3, acc_mu3, acc_var3 = _deeper_layer_backward(
                         z3, dh, h2, w3, a3, mu3, rstd3, acc_w3, acc_b3, acc_a3, acc_mu3,
-                        acc_var3, H2_P, BLOCK_T, ACTIVATION, DOT_F32, INPUT_PRECISION)
+                        acc_var3, H2_P, BLOCK_T, ACTIVATION, DOT_F32, GRAD_PRECISION)
                 if NUM_LAYERS >= 2:
                     dh, acc_w2, acc_b2, acc_a2, acc_mu2, acc_var2 = _deeper_layer_backward(
                         z2, dh, h1, w2, a2, mu2, rstd2, acc_w2, acc_b2, acc_a2, acc_mu2,
-                        acc_var2, H1_P, BLOCK_T, ACTIVATION, DOT_F32, INPUT_PRECISION)
+                        acc_var2, H1_P, BLOCK_T, ACTIVATION, DOT_F32, GRAD_PRECISION)
                 dz1, acc_g, acc_a1, acc_mu1, acc_var1 = _unit_backward(
                     z1, dh, a1, mu1, rstd1, acc_g, acc_a1, acc_mu1, acc_var1, ACTIVATION)
                 dz1 = dz1.to(dot_dtype)
@@ -380,7 +429,9 @@ class BackwardSpec:
             ACTIVATION=self.activation, SOFTMAX=self.softmax, HAS_LENGTHS=self.has_lengths,
             HAS_MASK=self.has_mask, HAS_GRAD_SCORES=self.has_grad_scores,
             VALUES_ARE_KEYS=self.values_are_keys, NUM_LAYERS=len(self.hidden),
-            DOT_F32=self.interpret, INPUT_PRECISION=precision, BLOCK_T=self.blocks()[0],
+            DOT_F32=self.interpret, INPUT_PRECISION=precision,
+            GRAD_PRECISION="tf32" if self.dtype != torch.float32 else precision,
+            BLOCK_T=self.blocks()[0],
             D_P=padded(self.embed_dim), DV_P=padded(self.value_dim),
             H1_P=widths[0], H2_P=widths[1], H3_P=widths[2],
             UNIT_W=max(widths[:len(self.hidden)]),
@@ -393,8 +444,8 @@ class BackwardSpec:
         pointers = dict(
             q_ptr=io, u_ptr="*fp32", k_ptr=io, v_ptr=io, len_ptr="*i64", mask_ptr="*u8",
             wp_ptr=io, wa_ptr=io, w2_ptr=io, w3_ptr=io, unit_ptr="*fp32", wout_ptr="*fp32",
-            bout_ptr="*fp32", dout_ptr=io, gs_ptr=io, max_ptr="*fp32", sum_ptr="*fp32",
-            delta_ptr="*fp32", dq_ptr="*fp32", dk_ptr=grad, dv_ptr=grad, g_ptr="*fp32",
+            bout_ptr="*fp32", dout_ptr=io, gs_ptr=io, max_ptr="*fp32",
+            dq_ptr="*fp32", dk_ptr=grad, dv_ptr=grad, g_ptr="*fp32",
             **{name: "*fp32" for name in ("part_k_ptr", "part_qk_ptr", "part_w2_ptr",
                                           "part_w3_ptr", "part_unit_ptr", "part_out_ptr")})
         ints = "B C T D DV".split()
@@ -448,15 +499,15 @@ def _num_programs(batch: int, device: torch.device) -> int:
     return max(1, min(batch, 3))
 
 
-def din_backward(problem: DINProblem, grad_pooled: torch.Tensor, pooled: torch.Tensor,
-                 row_max: torch.Tensor, row_sum: torch.Tensor,
-                 grad_scores: torch.Tensor | None = None, scores: torch.Tensor | None = None):
+def din_backward(problem: DINProblem, grad_pooled: torch.Tensor, row_max: torch.Tensor,
+                 grad_scores: torch.Tensor | None = None):
     """Gradients of din_attention from the fused backward kernel.
 
-    grad_pooled and pooled are [B, C, Dv]; row_max / row_sum the forward's
-    float32 [B, C] softmax statistics (unused for normalization=None);
+    grad_pooled is d loss / d pooled [B, C, Dv]; row_max the forward's float32
+    [B, C] max of the scaled scores (softmax; unused for normalization=None:
+    the kernel recomputes the normalizer, see din_backward_kernel);
     grad_scores, when the weights w were returned and used, is d loss / d w
-    [B, C, T], with scores = w. Returns (dq [B, C, D], dk [B, T, D],
+    [B, C, T]. Returns (dq [B, C, D], dk [B, T, D],
     dv [B, T, Dv] or None, dweights, dbiases, dact_params) in the dtypes of the
     inputs; dact_params has per layer () / (da,) / (da, dmu, dvar).
     """
@@ -481,13 +532,6 @@ def din_backward(problem: DINProblem, grad_pooled: torch.Tensor, pooled: torch.T
     deeper = folded.deeper + [folded.w_p] * (MAX_HIDDEN_LAYERS - 1 - len(folded.deeper))
     grad_pooled = grad_pooled.contiguous()
     placeholder = folded.b_out
-    delta = placeholder
-    if softmax:
-        # FlashAttention's row term: sum_t w_t (dout . v_t) = dout . pooled.
-        delta = (grad_pooled.float() * pooled.float()).sum(-1)
-        if grad_scores is not None:
-            delta = delta + (grad_scores.float() * scores.float()).sum(-1)
-        delta = delta.contiguous()
 
     programs = _num_programs(batch, device)
     launch = batch > 0 and candidates > 0 and length > 0
@@ -516,7 +560,6 @@ def din_backward(problem: DINProblem, grad_pooled: torch.Tensor, pooled: torch.T
             folded.b_out, grad_pooled,
             grad_scores.contiguous() if grad_scores is not None else placeholder,
             row_max.contiguous() if softmax else placeholder,
-            row_sum.contiguous() if softmax else placeholder, delta,
             dq_part, dk, dv if dv is not None else dk, g,
             part_k, part_qk, part_w2, part_w3, part_unit, part_out,
             batch, candidates, length, embed_dim, value_dim, problem.scale,

@@ -9,7 +9,7 @@ import torch
 
 from din_fast.kernels.din_backward import din_backward
 from din_fast.torch_backward import torch_din_attention_backward
-from grad_cases import GradCase, make_problem, reference_grads, rel_error, softmax_stats
+from grad_cases import GradCase, make_problem, reference_grads, rel_error, softmax_row_max
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 # SPEC section 3: float32 at most 1e-5 in the interpreter, 5e-3 where dots may use TF32.
@@ -32,17 +32,23 @@ CASES = [
 ]
 
 
-def kernel_grads(case, ref, device=DEVICE):
-    """Run the fused backward on float32 copies of the reference's inputs."""
-    leaves = {k: v.float().to(device) for k, v in ref["leaves"].items()}
+INPUTS = ("query", "keys", "values")
+
+
+def kernel_grads(case, ref, device=DEVICE, input_dtype=torch.float32):
+    """Run the fused backward on copies of the reference's inputs: query, keys and
+    values in ``input_dtype``, the parameters in float32."""
+    leaves = {k: v.to(device, input_dtype if k in INPUTS else torch.float32)
+              for k, v in ref["leaves"].items()}
     lengths = None if ref["lengths"] is None else ref["lengths"].to(device)
     mask = None if ref["mask"] is None else ref["mask"].to(device)
     problem = make_problem(case, leaves, lengths, mask)
-    row_max, row_sum = softmax_stats(make_problem(case, ref["leaves"], ref["lengths"], ref["mask"]))
-    f32 = lambda t: None if t is None else t.float().to(device)  # noqa: E731
-    out = din_backward(problem, f32(ref["grad_pooled"]), f32(ref["pooled"]), f32(row_max),
-                       f32(row_sum), f32(ref["grad_scores"]), f32(ref["scores"]))
-    return out
+    row_max = softmax_row_max(make_problem(case, ref["leaves"], ref["lengths"], ref["mask"]))
+    def cast(t, dtype=input_dtype):
+        return None if t is None else t.to(device, dtype)
+
+    return din_backward(problem, cast(ref["grad_pooled"]), cast(row_max, torch.float32),
+                        cast(ref["grad_scores"]))
 
 
 def named_grads(case, out):
@@ -80,6 +86,20 @@ def test_torch_backward_matches_reference(case):
     problem = make_problem(case, ref["leaves"], ref["lengths"], ref["mask"])
     out = torch_din_attention_backward(problem, ref["grad_pooled"], ref["grad_scores"])
     assert_grads_close(case, ref, named_grads(case, out), 1e-10)
+
+
+@pytest.mark.parametrize("dtype,tol", [(torch.bfloat16, 2e-2), (torch.float16, 5e-3)])
+def test_kernel_backward_half_inputs(dtype, tol):
+    """Half-precision inputs, float32 parameters: against float64 on the rounded inputs."""
+    case = GradCase(normalization="softmax", candidates=2, value_dim=6, return_scores=True,
+                    embed_dim=16, hidden=(24, 8))
+    rounded = reference_grads(case)
+    for name in INPUTS:
+        if name in rounded["leaves"]:
+            rounded["leaves"][name] = rounded["leaves"][name].to(dtype).double()
+    ref = reference_grads(case, leaves=rounded["leaves"])
+    got = named_grads(case, kernel_grads(case, ref, input_dtype=dtype))
+    assert_grads_close(case, ref, got, tol)
 
 
 def test_backward_is_bitwise_deterministic():
