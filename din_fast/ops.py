@@ -7,8 +7,8 @@ registered autograd formula, both compile with fullgraph=True.
 
 - ``din_fast::attention_forward``: (pooled [B, C, Dv], scores [B, C, T] or an
   empty tensor, row_max, row_sum); for softmax the statistics are the [B, C]
-  max / sum of the scaled scores that the fused backward needs (the torch
-  backend's backward recomputes everything and leaves them zero); for
+  max / sum of the scaled scores (the fused backward takes the max as its
+  exponent offset; the torch backend leaves them zero and recomputes); for
   normalization=None they are empty.
 - ``din_fast::attention_backward``: the gradient of every tensor input.
 
@@ -95,9 +95,7 @@ def _(query, keys, values, lengths, mask, weights, biases, act_params, activatio
 
 @torch.library.custom_op("din_fast::attention_backward", mutates_args=())
 def attention_backward(
-    grad_pooled: Tensor, grad_scores: Optional[Tensor], pooled: Tensor, scores: Tensor,
-    row_max: Tensor, row_sum: Tensor,
-    query: Tensor, keys: Tensor, values: Optional[Tensor], lengths: Optional[Tensor],
+    grad_pooled: Tensor, grad_scores: Optional[Tensor], row_max: Tensor, query: Tensor, keys: Tensor, values: Optional[Tensor], lengths: Optional[Tensor],
     mask: Optional[Tensor], weights: List[Tensor], biases: List[Tensor],
     act_params: List[Tensor], activation: str, normalization: str, scale: float,
     dice_eps: float, backend: str,
@@ -118,9 +116,8 @@ def attention_backward(
 
 
 @attention_backward.register_fake
-def _(grad_pooled, grad_scores, pooled, scores, row_max, row_sum, query, keys, values,
-      lengths, mask, weights, biases, act_params, activation, normalization, scale, dice_eps,
-      backend):
+def _(grad_pooled, grad_scores, row_max, query, keys, values, lengths, mask, weights, biases,
+      act_params, activation, normalization, scale, dice_eps, backend):
     dv = keys.new_empty(0) if values is None else torch.empty_like(values)
     return [torch.empty_like(query), torch.empty_like(keys), dv,
             *(torch.empty_like(t) for t in (*weights, *biases, *act_params))]
@@ -129,25 +126,24 @@ def _(grad_pooled, grad_scores, pooled, scores, row_max, row_sum, query, keys, v
 def _setup_context(ctx, inputs, output):
     (query, keys, values, lengths, mask, weights, biases, act_params, activation,
      normalization, scale, dice_eps, need_scores, backend) = inputs
-    pooled, scores, row_max, row_sum = output
+    # Nothing per position: the inputs and the [B, C] row max.
+    row_max = output[2]
     ctx.num_weights = len(weights)
     ctx.has_values = values is not None
     ctx.options = (activation, normalization, scale, dice_eps, backend)
     ctx.need_scores = need_scores
-    ctx.save_for_backward(query, keys, values, lengths, mask, pooled, scores, row_max, row_sum,
-                          *weights, *biases, *act_params)
+    ctx.save_for_backward(query, keys, values, lengths, mask, row_max, *weights, *biases,
+                          *act_params)
 
 
 def _backward(ctx, grad_pooled, grad_scores, grad_row_max, grad_row_sum):
-    (query, keys, values, lengths, mask, pooled, scores, row_max, row_sum,
-     *params) = ctx.saved_tensors
+    query, keys, values, lengths, mask, row_max, *params = ctx.saved_tensors
     num_weights = ctx.num_weights
     weights, biases = params[:num_weights], params[num_weights:2 * num_weights]
     act_params = params[2 * num_weights:]
     grads = attention_backward(
-        grad_pooled, grad_scores if ctx.need_scores else None, pooled, scores, row_max,
-        row_sum, query, keys, values, lengths, mask, weights, biases, act_params,
-        *ctx.options)
+        grad_pooled, grad_scores if ctx.need_scores else None, row_max, query, keys, values,
+        lengths, mask, weights, biases, act_params, *ctx.options)
     dq, dk, dv = grads[:3]
     dweights = grads[3:3 + num_weights]
     dbiases = grads[3 + num_weights:3 + 2 * num_weights]
