@@ -96,7 +96,7 @@ def _deeper_layer_backward(z, dh, h_in, w, a, mu, rstd, acc_w, acc_b, acc_a, acc
     and the layer's accumulators updated."""
     dz, acc_b, acc_a, acc_mu, acc_var = _unit_backward(z, dh, a, mu, rstd, acc_b, acc_a,
                                                        acc_mu, acc_var, ACTIVATION)
-    # dz stays float32 (tf32 dots for half inputs): rounded to half here, the
+    # dz stays float32 (in TF32 dots): rounded to half precision here, the
     # error would compound down the layers into the gradients that cancel.
     acc_w = _mma(dz, tl.trans(h_in.to(w.dtype)).to(tl.float32), acc_w, DOT_F32,
                  GRAD_PRECISION)
@@ -414,23 +414,27 @@ class BackwardSpec:
     value_dim: int
     candidates: int
     interpret: bool = False
-    tf32: bool = False
 
     def blocks(self):
-        """(BLOCK_T, num_warps): [BLOCK_T, H] float32 tiles within BACKWARD_TILE."""
+        """(BLOCK_T, num_warps): [BLOCK_T, H] float32 tiles within BACKWARD_TILE, half
+        that for float32 inputs (whose float32 dot operands take twice the shared
+        memory: at D=64, H=(80, 40), 172 KB at BLOCK_T=32, over sm_80's 163 KB)."""
         widest = max(padded(h) for h in self.hidden)
-        block_t = max(16, min(64, BACKWARD_TILE // widest))
-        return block_t, 8
+        budget = BACKWARD_TILE // (2 if self.dtype == torch.float32 else 1)
+        return max(16, min(64, budget // widest)), 8
 
     def constexprs(self) -> dict:
         widths = [padded(h) for h in self.hidden] + [16] * (MAX_HIDDEN_LAYERS - len(self.hidden))
-        precision = "tf32" if self.dtype == torch.float32 and self.tf32 else "ieee"
+        # TF32 for float32 inputs (SPEC section 3 allows it on a GPU): with IEEE
+        # float32 dots ptxas keeps 32 registers and spills about 10 KB per thread.
+        # Half inputs: dz stays float32 (GRAD_PRECISION), in TF32 dots.
+        precision = "tf32" if self.dtype == torch.float32 else "ieee"
         return dict(
             ACTIVATION=self.activation, SOFTMAX=self.softmax, HAS_LENGTHS=self.has_lengths,
             HAS_MASK=self.has_mask, HAS_GRAD_SCORES=self.has_grad_scores,
             VALUES_ARE_KEYS=self.values_are_keys, NUM_LAYERS=len(self.hidden),
             DOT_F32=self.interpret, INPUT_PRECISION=precision,
-            GRAD_PRECISION="tf32" if self.dtype != torch.float32 else precision,
+            GRAD_PRECISION="tf32",
             BLOCK_T=self.blocks()[0],
             D_P=padded(self.embed_dim), DV_P=padded(self.value_dim),
             H1_P=widths[0], H2_P=widths[1], H3_P=widths[2],
@@ -461,7 +465,6 @@ def backward_spec(problem: DINProblem, has_grad_scores: bool) -> BackwardSpec:
         values_are_keys=problem.values is None, hidden=problem.hidden_units,
         embed_dim=problem.keys.shape[2], value_dim=problem.value_tensor.shape[2],
         candidates=problem.query.shape[1], interpret=interpreting(),
-        tf32=problem.keys.is_cuda and torch.backends.cuda.matmul.allow_tf32,
     )
 
 
