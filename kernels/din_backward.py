@@ -1,8 +1,8 @@
 """The fused backward of the DIN activation unit + attention pooling.
 
-FlashAttention's method: nothing of the forward is stored but the pooled
-output and, for softmax, the per-(b, c) max and sum of the scaled scores. The
-kernel recomputes the MLP tile by tile from the keys, with the forward's
+FlashAttention's method: nothing of the forward is stored but, for softmax,
+the per-(b, c) max of the scaled scores (the exponent's offset; the kernel
+recomputes the normalizer and the row term delta itself). The kernel recomputes the MLP tile by tile from the keys, with the forward's
 folded parameters, and runs the chain rule on the spot, so no [B, C, T, H] or
 [B, C, T, 4D] tensor ever reaches memory. Positions past a row's length are
 skipped (their gradients are zero), as in the forward.
