@@ -7,16 +7,19 @@ import os
 
 import torch
 
+from .ops import run_attention_op
 from .problem import (BACKENDS, DEFAULT_DICE_EPS, DINProblem, JaggedDINProblem, validate,
                       validate_jagged)
 from .reference import reference_din_attention
 from .torch_backend import torch_din_attention, torch_din_attention_jagged
+from .triton_backend import triton_din_attention, triton_unsupported_reason
 
 BACKEND_ENV = "DIN_FAST_BACKEND"
 
 
 def resolve_backend(backend: str, problem: DINProblem) -> str:
-    """The concrete backend for a call: "auto" becomes triton or torch."""
+    """The concrete backend for a call: "auto" becomes triton (CUDA tensors, a
+    configuration the kernels support) or torch."""
     if backend not in BACKENDS:
         raise ValueError(f"din_attention: `backend` must be one of {BACKENDS}; got {backend!r}")
     if backend == "auto":
@@ -27,6 +30,8 @@ def resolve_backend(backend: str, problem: DINProblem) -> str:
                                  f"of {BACKENDS}; got {override!r}")
             backend = override
     if backend == "auto":
+        if problem.keys.is_cuda and triton_unsupported_reason(problem) is None:
+            return "triton"
         return "torch"
     return backend
 
@@ -46,7 +51,8 @@ def din_attention(query, keys, lengths=None, *, weights, biases, activation="sig
                        activation=activation, activation_params=activation_params, mask=mask,
                        normalization=normalization, scale=scale, values=values,
                        dice_eps=dice_eps)
-    pooled, scores = run_problem(problem, resolve_backend(backend, problem))
+    pooled, scores = run_problem(problem, resolve_backend(backend, problem),
+                                 need_scores=return_scores)
     return (pooled, scores) if return_scores else pooled
 
 
@@ -58,19 +64,30 @@ def _autocast_off(device: torch.device):
     return contextlib.nullcontext()
 
 
-def run_problem(problem: DINProblem, backend: str, dice_gate=None):
+def run_problem(problem: DINProblem, backend: str, dice_gate=None, need_scores=True):
     """Run a validated problem on a concrete backend; outputs in the keys' dtype.
 
     ``dice_gate`` (torch backend only) replaces Dice's normalization, see
-    torch_backend.packed_scores.
+    torch_backend.packed_scores. Without ``need_scores`` a backend may return
+    None for the scores (the triton kernel then writes none). The triton
+    backend always runs as the custom op (din_fast.ops: the fused forward and
+    backward); the torch backend does under torch.compile, where its
+    data-dependent packing could not be traced, and runs eagerly otherwise.
     """
     with _autocast_off(problem.keys.device):
         if backend == "reference":
             pooled, scores = reference_din_attention(problem)
-        elif backend == "torch":
+        elif backend == "torch" and (dice_gate is not None
+                                     or not torch.compiler.is_compiling()):
             pooled, scores = torch_din_attention(problem, dice_gate)
+        elif backend == "triton":
+            reason = triton_unsupported_reason(problem)
+            if reason is not None:
+                raise ValueError(f"din_attention: backend='triton' cannot run this call: "
+                                 f"{reason}")
+            pooled, scores = triton_din_attention(problem, need_scores)
         else:
-            raise ValueError(f"din_attention: backend={backend!r} is not available in this build")
+            pooled, scores = run_attention_op(problem, backend, need_scores)
     return problem.shape_output(pooled, scores)
 
 

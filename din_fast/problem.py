@@ -7,6 +7,7 @@ rejected with an error that names the argument, what it got and what it needs.
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import numbers
 from dataclasses import dataclass
@@ -60,6 +61,29 @@ class DINProblem(UnitAndOptions):
     @property
     def hidden_units(self) -> tuple:
         return tuple(w.shape[0] for w in self.weights[:-1])
+
+    def float_tensors(self) -> list:
+        """The tensors that may take gradients, in a fixed order: query, keys,
+        values (if given), weights, biases, activation parameters."""
+        tensors = [self.query, self.keys] + ([] if self.values is None else [self.values])
+        tensors += self.weights + self.biases
+        for params in self.act_params:
+            tensors += list(params)
+        return tensors
+
+    def with_float_tensors(self, tensors) -> "DINProblem":
+        """A copy holding ``tensors`` (in float_tensors' order) in their places."""
+        rest = iter(tensors)
+
+        def take(n):
+            return [next(rest) for _ in range(n)]
+
+        query, keys = take(2)
+        values = None if self.values is None else next(rest)
+        weights, biases = take(len(self.weights)), take(len(self.biases))
+        act_params = [tuple(take(len(params))) for params in self.act_params]
+        return dataclasses.replace(self, query=query, keys=keys, values=values,
+                                   weights=weights, biases=biases, act_params=act_params)
 
     def valid_mask(self) -> torch.Tensor:
         """[B, T] bool, True where a history position takes part."""

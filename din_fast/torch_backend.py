@@ -275,3 +275,34 @@ def torch_din_attention_jagged(problem: JaggedDINProblem):
     pooled = values.new_zeros(batch, candidates, values.shape[1])
     pooled = pooled.index_add(0, rows, scores[:, :, None] * values[:, None, :])
     return pooled, scores
+
+
+def torch_din_attention_backward(problem: DINProblem, grad_pooled: torch.Tensor,
+                                 grad_scores: Optional[torch.Tensor] = None):
+    """The gradients of every input from d loss / d pooled [B, C, Dv] (and
+    d loss / d w [B, C, T]): the custom op's backward on the torch backend.
+
+    The op runs below autograd, so this recomputes the forward's
+    pre-activations and applies ``packed_backward``. Returns (dq, dk, dv or
+    None, dweights, dbiases, dact_params per layer), each in its input's dtype,
+    as din_fast.kernels.din_backward.din_backward does.
+    """
+    dtype = problem.compute_dtype()
+    packed = PackedPositions(problem)
+    query, keys, values = _inputs(problem, dtype)
+    mlp = PackedMLP.of(problem, dtype)
+    preacts = []
+    _, w = _padded_forward(mlp, packed, query, keys, values, problem.normalization,
+                           problem.scale, preacts)
+    dq, dk, dv, dweights, dbiases, dact = packed_backward(
+        mlp, packed, query, keys, values, w, preacts, grad_pooled.to(dtype),
+        None if grad_scores is None else grad_scores.to(dtype), problem.normalization,
+        problem.scale, values_are_keys=problem.values is None)
+    return (
+        dq.to(problem.query.dtype), dk.to(problem.keys.dtype),
+        None if dv is None else dv.to(problem.values.dtype),
+        [d.to(t.dtype) for d, t in zip(dweights, problem.weights)],
+        [d.to(t.dtype) for d, t in zip(dbiases, problem.biases)],
+        [tuple(d.to(p.dtype) for d, p in zip(grads, params))
+         for grads, params in zip(dact, problem.act_params)],
+    )

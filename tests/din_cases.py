@@ -95,10 +95,12 @@ def run_case(case, backend, with_scores=True, seed=1):
     out, scores = din_fast.din_attention(case["query"], case["keys"], case["lengths"],
                                          return_scores=True, backend=backend, **kwargs)
     gen = torch.Generator().manual_seed(seed)
-    loss = (out.double() * torch.randn(out.shape, generator=gen, dtype=torch.float64)).sum()
+    def probe(like):  # drawn on the CPU generator, then moved: the same numbers on any device
+        return torch.randn(like.shape, generator=gen, dtype=torch.float64).to(like.device)
+
+    loss = (out.double() * probe(out)).sum()
     if with_scores:
-        loss = loss + (scores.double()
-                       * torch.randn(scores.shape, generator=gen, dtype=torch.float64)).sum()
+        loss = loss + (scores.double() * probe(scores)).sum()
     named = _differentiable(case)
     grads = torch.autograd.grad(loss, [t for _, t in named], allow_unused=True)
     result = {"out": out.detach(), "scores": scores.detach()}

