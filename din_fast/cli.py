@@ -8,6 +8,7 @@ import sys
 
 import torch
 
+from .data import DataFormatError
 from .models import MODELS
 from .problem import BACKENDS
 from .training import TrainConfig, evaluate_checkpoint, train
@@ -22,6 +23,15 @@ def positive_int(text: str) -> int:
     if value < 1:
         raise argparse.ArgumentTypeError(f"must be a positive integer; got {text}")
     return value
+
+
+def add_threads_option(parser: argparse.ArgumentParser) -> None:
+    # One thread by default: batches of a few hundred short histories gain
+    # little from a second thread, and when the cores are shared (CI, a busy
+    # workstation) torch's spinning worker threads slow training down many
+    # times over.
+    parser.add_argument("--threads", type=positive_int, default=1,
+                        help="CPU threads for torch (default 1)")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -43,12 +53,17 @@ def build_parser() -> argparse.ArgumentParser:
                               help="size of the item and of the category embedding each")
     train_parser.add_argument("--max-len", type=positive_int, default=defaults.max_len,
                               help="keep the most recent N behaviours of each history")
+    train_parser.add_argument("--attention-normalization", choices=("softmax", "none"),
+                              default=defaults.attention_normalization or "none",
+                              help="DIN's attention weights: softmax over the history, or the "
+                              "paper's raw scores (none)")
     train_parser.add_argument("--seed", type=int, default=defaults.seed)
     train_parser.add_argument("--backend", choices=BACKENDS, default=defaults.backend)
     train_parser.add_argument("--device", choices=("cpu", "cuda"), default=default_device())
     train_parser.add_argument("--metrics-out", help="write the final metrics as JSON here")
     train_parser.add_argument("--checkpoint", help="save the model, id maps and config here")
     train_parser.add_argument("--no-progress", action="store_true", help="no progress bar")
+    add_threads_option(train_parser)
 
     eval_parser = commands.add_parser("evaluate", help="test metrics of a saved checkpoint")
     eval_parser.add_argument("--checkpoint", required=True)
@@ -56,16 +71,28 @@ def build_parser() -> argparse.ArgumentParser:
     eval_parser.add_argument("--backend", choices=BACKENDS)
     eval_parser.add_argument("--device", choices=("cpu", "cuda"))
     eval_parser.add_argument("--metrics-out", help="write the metrics as JSON here")
+    add_threads_option(eval_parser)
     return parser
 
 
 def main(argv=None) -> int:
     args = build_parser().parse_args(argv)
+    torch.set_num_threads(args.threads)
+    try:
+        return run_command(args)
+    except (DataFormatError, FileNotFoundError) as error:
+        print(f"din-fast: error: {error}", file=sys.stderr)
+        return 2
+
+
+def run_command(args) -> int:
     if args.command == "train":
         config = TrainConfig(data=args.data, model=args.model, epochs=args.epochs,
                              batch_size=args.batch_size, lr=args.lr, embed_dim=args.embed_dim,
                              max_len=args.max_len, seed=args.seed, backend=args.backend,
-                             device=args.device)
+                             device=args.device,
+                             attention_normalization=None if args.attention_normalization == "none"
+                             else args.attention_normalization)
         metrics = train(config, checkpoint=args.checkpoint, metrics_out=args.metrics_out,
                         progress=not args.no_progress)
         print(f"{config.model}: test AUC {metrics['test_auc']:.4f}  GAUC "

@@ -55,7 +55,7 @@ class BaseModel(nn.Module):
     take the same arguments.
     """
 
-    def __init__(self, num_items: int, num_categories: int, embed_dim: int = 16,
+    def __init__(self, num_items: int, num_categories: int, embed_dim: int = 32,
                  mlp_hidden=(200, 80), mlp_activation: str = "prelu", backend: str = "auto"):
         super().__init__()
         self.backend = backend
@@ -85,13 +85,18 @@ class BaseModel(nn.Module):
 
 class DIN(BaseModel):
     """Deep Interest Network: the history pooled by DINAttention with the
-    candidate as the query (the paper's local activation unit, sigmoid
-    activation and no softmax by default)."""
+    candidate as the query (the paper's local activation unit: sigmoid, 80-40).
 
-    def __init__(self, num_items: int, num_categories: int, embed_dim: int = 16,
+    The weights are a softmax over the history by default, as in the original
+    released DIN code; ``attention_normalization=None`` gives the paper's raw
+    scores. With softmax DIN learns to attend from far less data, and on the
+    Amazon sets it is the variant that beats BaseModel (see the README).
+    """
+
+    def __init__(self, num_items: int, num_categories: int, embed_dim: int = 32,
                  mlp_hidden=(200, 80), mlp_activation: str = "prelu", backend: str = "auto",
                  attention_hidden=(80, 40), attention_activation: str = "sigmoid",
-                 attention_normalization=None):
+                 attention_normalization="softmax"):
         super().__init__(num_items, num_categories, embed_dim, mlp_hidden, mlp_activation,
                          backend)
         self.attention = DINAttention(2 * embed_dim, attention_hidden, attention_activation,

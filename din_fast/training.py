@@ -32,11 +32,12 @@ class TrainConfig:
     epochs: int = 2
     batch_size: int = 256
     lr: float = 1e-3
-    embed_dim: int = 16
+    embed_dim: int = 32
     max_len: Optional[int] = 50
     seed: int = 0
     backend: str = "auto"
     device: str = "cpu"
+    attention_normalization: Optional[str] = "softmax"
 
 
 def load_data(path: Optional[str], seed: int, id_maps: Optional[IdMaps] = None):
@@ -50,8 +51,10 @@ def load_data(path: Optional[str], seed: int, id_maps: Optional[IdMaps] = None):
 def build_model(config: TrainConfig, data: EncodedData) -> torch.nn.Module:
     if config.model not in MODELS:
         raise ValueError(f"`model` must be one of {tuple(MODELS)}; got {config.model!r}")
+    options = {"attention_normalization": config.attention_normalization} \
+        if config.model == "din" else {}
     return MODELS[config.model](data.num_items, data.num_categories, embed_dim=config.embed_dim,
-                                backend=config.backend).to(config.device)
+                                backend=config.backend, **options).to(config.device)
 
 
 @torch.no_grad()
