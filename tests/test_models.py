@@ -90,15 +90,15 @@ def one_step(model, batch):
     return loss.detach(), {n: p.grad.clone() for n, p in model.named_parameters()}
 
 
-@pytest.mark.parametrize("attention_activation", ["sigmoid", "prelu"])
-@pytest.mark.parametrize("mlp_activation", ["prelu", "dice"])
+@pytest.mark.parametrize("attention_activation, normalization, mlp_activation", [
+    ("sigmoid", "softmax", "prelu"), ("sigmoid", None, "dice"), ("prelu", None, "prelu")])
 def test_training_step_same_on_torch_and_reference_backends(attention_activation,
-                                                            mlp_activation):
+                                                            normalization, mlp_activation):
     data, batch = small_batch()
     torch.manual_seed(1)
     reference = DIN(data.num_items, data.num_categories, embed_dim=6,
                     mlp_activation=mlp_activation, attention_activation=attention_activation,
-                    backend="reference").double().train()
+                    attention_normalization=normalization, backend="reference").double().train()
     fast = copy.deepcopy(reference)
     fast.attention.backend = "torch"
     loss_ref, grads_ref = one_step(reference, batch)
@@ -106,8 +106,8 @@ def test_training_step_same_on_torch_and_reference_backends(attention_activation
     assert torch.allclose(loss_fast, loss_ref, rtol=1e-12, atol=0)
     assert grads_ref.keys() == grads_fast.keys()
     for name, grad in grads_ref.items():
-        err = (grads_fast[name] - grad).norm() / grad.norm().clamp_min(1e-30)
-        assert err <= 1e-10, name
+        # Softmax makes the score bias's true gradient zero: only rounding is left.
+        assert (grads_fast[name] - grad).norm() <= 1e-10 * grad.norm() + 1e-14, name
 
 
 def test_training_step_triton_matches_reference_when_available():
@@ -124,5 +124,4 @@ def test_training_step_triton_matches_reference_when_available():
     loss_ref, grads_ref = one_step(reference.double(), batch)
     assert torch.allclose(loss_fused.double(), loss_ref, rtol=1e-5)
     for name, grad in grads_ref.items():
-        err = (grads_fused[name].double() - grad).norm() / grad.norm().clamp_min(1e-30)
-        assert err <= 1e-4, name
+        assert (grads_fused[name].double() - grad).norm() <= 1e-4 * grad.norm() + 1e-7, name
