@@ -74,6 +74,9 @@ def train(config: TrainConfig, *, checkpoint: Optional[str] = None,
     final metrics (also written to ``metrics_out`` as JSON)."""
     torch.manual_seed(config.seed)
     data, train_samples, test_samples = load_data(config.data, config.seed)
+    if len(train_samples) == 0:
+        raise ValueError(f"data {config.data!r} gives no training samples: the DIN protocol "
+                         "needs users with at least 3 behaviours")
     log(f"data: {config.data or 'synthetic'}: {len(data.user_ids)} users, {data.num_items} "
         f"items, {data.num_categories} categories; {len(train_samples)} train and "
         f"{len(test_samples)} test samples")

@@ -99,3 +99,10 @@ def test_evaluate_rejects_a_file_that_is_not_a_checkpoint(tmp_path):
     torch.save({"weights": torch.zeros(1)}, path)
     with pytest.raises(ValueError, match="not a din_fast checkpoint"):
         main(["evaluate", "--checkpoint", str(path)])
+
+
+def test_data_without_training_samples_is_rejected(tmp_path):
+    path = tmp_path / "short.csv"
+    path.write_text("user,item,category,timestamp\n1,1,1,0\n1,2,1,1\n2,3,2,0\n")
+    with pytest.raises(ValueError, match="at least 3 behaviours"):
+        train(TrainConfig(data=str(path)), progress=False, log=lambda *_: None)
