@@ -31,7 +31,7 @@ def add_threads_option(parser: argparse.ArgumentParser) -> None:
     # workstation) torch's spinning worker threads slow training down many
     # times over.
     parser.add_argument("--threads", type=positive_int, default=1,
-                        help="CPU threads for torch (default 1)")
+                        help="CPU threads for torch")
 
 
 def build_parser() -> argparse.ArgumentParser:
