@@ -25,15 +25,17 @@ def dice(x: torch.Tensor, a: torch.Tensor, gate_logits: torch.Tensor) -> torch.T
 
 
 def activation_backward(x: torch.Tensor, grad: torch.Tensor, activation: str, params: tuple,
-                        dice_eps: float):
+                        dice_eps: float, output=None):
     """The chain rule through ``activate``: (d x, gradients of ``params``).
 
     Parameter gradients are per unit (the last dimension), summed over the
-    others; the same formulas as the fused backward kernel.
+    others; the same formulas as the fused backward kernel. ``output``, the
+    activation's value if the caller has it, saves recomputing a sigmoid.
     """
     # aten's fused derivative ops: one pass and no temporaries of x's size.
     if activation == "sigmoid":
-        return torch.ops.aten.sigmoid_backward(grad, torch.sigmoid(x)), ()
+        output = torch.sigmoid(x) if output is None else output
+        return torch.ops.aten.sigmoid_backward(grad, output), ()
     if activation == "relu":
         return torch.ops.aten.threshold_backward(grad, x, 0), ()
     dims = tuple(range(x.dim() - 1))

@@ -137,15 +137,22 @@ def packed_backward(mlp: PackedMLP, packed: PackedPositions, query, keys, values
     the values are the keys, d weights, d biases, d act_params per layer).
     """
     n_layers = len(mlp.act_params)
-    # Pooling and normalization: dL/dw, then dL/ds at the valid positions.
-    grad_w_total = grad_pooled @ values.transpose(1, 2)                 # [B, C, T]
-    if grad_w is not None:
-        grad_w_total = grad_w_total + grad_w
+    # Pooling and normalization, on the packed positions only: dL/dv, dL/dw,
+    # then dL/ds.
+    k_packed = packed.gather(keys)                                       # [N, D]
+    v_packed = k_packed if values_are_keys else packed.gather(values)    # [N, Dv]
     w_packed = packed.gather(w.transpose(1, 2))                          # [N, C]
-    grad_v_packed = (w_packed[..., None] * packed.expand_rows(grad_pooled)).sum(1)
+    grad_out = packed.expand_rows(grad_pooled)                           # [N, C, Dv]
+    grad_v_packed = (w_packed[..., None] * grad_out).sum(1)              # [N, Dv]
+    grad_s = (grad_out * v_packed[:, None, :]).sum(-1)                   # [N, C]
+    del grad_out, v_packed
+    if grad_w is not None:
+        grad_s += packed.gather(grad_w.transpose(1, 2))
     if normalization == "softmax":
-        grad_w_total = w * (grad_w_total - (w * grad_w_total).sum(-1, keepdim=True))
-    grad_next = packed.gather((grad_w_total * scale).transpose(1, 2))[..., None]
+        row_dot = packed.sum_rows(w_packed * grad_s)                      # [B, C]
+        grad_s = w_packed * (grad_s - packed.expand_rows(row_dot))
+    grad_next = (grad_s * scale)[..., None]                              # [N, C, 1]
+    del grad_s, w_packed
 
     # The MLP, last layer first: grad_next is dL/d(pre-activation) of the
     # layer that consumes layer i's output; activations are recomputed.
@@ -158,16 +165,14 @@ def packed_backward(mlp: PackedMLP, packed: PackedPositions, query, keys, values
         h = activate(z, mlp.activation, params, mlp.dice_eps)
         grad_weights[i + 1] = grad_next.flatten(0, 1).t() @ h.flatten(0, 1)
         grad_biases[i + 1] = grad_next.sum((0, 1))
-        del h
         grad_next, grad_params[i] = activation_backward(z, grad_h, mlp.activation, params,
-                                                        mlp.dice_eps)
-        del grad_h
+                                                        mlp.dice_eps, output=h)
+        del grad_h, h
     grad_z = grad_next                                                   # [N, C, H1]
     del grad_next
 
     # The folded first layer: z1 = (W_q + W_d) q + (W_k - W_d) k + W_p (q*k) + b_1.
     w_q, w_k, w_d, w_p = split_first_layer(mlp.weights[0])
-    k_packed = packed.gather(keys)                                       # [N, D]
     q_packed = packed.expand_rows(query)                                 # [N, C, D]
     grad_u = packed.sum_rows(grad_z)                                     # [B, C, H1]
     grad_z_keys = grad_z.sum(1)                                          # [N, H1]
