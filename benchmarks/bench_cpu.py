@@ -61,15 +61,19 @@ def peak_extra_bytes(fn):
     return memory.peak_bytes
 
 
-def median_seconds(fn, repeats, warmup=2):
-    for _ in range(warmup):
-        fn()
-    times = []
+def interleaved_medians(fns, repeats, warmup=2):
+    """Median seconds per call of each fn, timed round-robin so that a change
+    in the machine's load affects every implementation alike."""
+    for fn in fns:
+        for _ in range(warmup):
+            fn()
+    times = [[] for _ in fns]
     for _ in range(repeats):
-        start = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - start)
-    return statistics.median(times)
+        for fn, record in zip(fns, times):
+            start = time.perf_counter()
+            fn()
+            record.append(time.perf_counter() - start)
+    return [statistics.median(record) for record in times]
 
 
 def build(args):
@@ -104,32 +108,35 @@ def main(argv=None):
     parser.add_argument("--dim", type=int, default=64)
     parser.add_argument("--hidden", type=int, nargs="+", default=[80, 40])
     parser.add_argument("--repeats", type=int, default=10)
+    parser.add_argument("--threads", type=int, default=None,
+                        help="torch CPU threads (default: torch's own choice)")
     parser.add_argument("--out", default=os.path.join(os.path.dirname(__file__), "results",
                                                       "bench_cpu.csv"))
     args = parser.parse_args(argv)
+    if args.threads:
+        torch.set_num_threads(args.threads)
     hidden = tuple(args.hidden)
     exact, impls, (query, keys, lengths) = build(args)
-    rows = []
+    rows, forwards, train_steps = [], [], []
     for name, impl in impls.items():
         q = query.clone().requires_grad_()
         k = keys.clone().requires_grad_()
 
-        def forward():
+        def forward(impl=impl):
             with torch.no_grad():
                 return impl(query, keys, lengths)
 
-        def train_step():
+        def train_step(impl=impl, q=q, k=k):
             impl(q, k, lengths).sum().backward()
 
-        out = forward()
-        error = (out.double() - exact).abs().max().item()
-        rows.append(dict(
-            impl=name,
-            forward_ms=1e3 * median_seconds(forward, args.repeats),
-            fwd_bwd_ms=1e3 * median_seconds(train_step, args.repeats),
-            peak_extra_mb=peak_extra_bytes(train_step) / 2**20,
-            max_abs_error=error,
-        ))
+        error = (forward().double() - exact).abs().max().item()
+        rows.append(dict(impl=name, peak_extra_mb=peak_extra_bytes(train_step) / 2**20,
+                         max_abs_error=error))
+        forwards.append(forward)
+        train_steps.append(train_step)
+    for row, fwd, fwd_bwd in zip(rows, interleaved_medians(forwards, args.repeats),
+                                 interleaved_medians(train_steps, args.repeats)):
+        row.update(forward_ms=1e3 * fwd, fwd_bwd_ms=1e3 * fwd_bwd)
 
     base = next((r for r in rows if r["impl"] == "deepctr_torch"), rows[-1])
     print(f"B={args.batch} T={args.length} D={args.dim} hidden={hidden} sigmoid float32, "
