@@ -21,7 +21,6 @@ shares one weight operand, so it runs on tensor cores for any BLOCK_C.
 from __future__ import annotations
 
 import os
-import weakref
 from dataclasses import dataclass
 
 import torch
@@ -400,12 +399,10 @@ class FoldedParameters:
     """The MLP's parameters as the kernels read them, zero-padded to tile widths.
 
     H_i_P = padded(H_i), D_P = D rounded up to BLOCK_D; the padding is exact
-    (padded units meet zero weights). The per-candidate term of the first
-    layer, u = q (W_q + W_d)^T + b_1 [B, C, H1_P], is per call: see fold_query.
+    (padded units meet zero weights).
     """
 
-    w_qd: torch.Tensor       # [D, H1_P] float32: (W_q + W_d)^T, for u
-    b_1: torch.Tensor        # [H1_P] float32
+    u: torch.Tensor          # [B, C, H1_P] float32: q (W_q + W_d)^T + b_1
     w_p: torch.Tensor        # [D_P, H1_P] W_p^T, in the inputs' dtype
     w_a: torch.Tensor        # [D_P, H1_P] (W_k - W_d)^T, in the inputs' dtype
     deeper: list             # W_i^T [H_{i-1}_P, H_i_P] for i >= 2, in the inputs' dtype
@@ -428,6 +425,8 @@ def fold_parameters(problem: DINProblem, block_d: int) -> FoldedParameters:
     widths = [padded(h) for h in hidden]
     rows = triton.cdiv(problem.keys.shape[2], block_d) * block_d
     w_q, w_k, w_d, w_p = (w.to(f32) for w in split_first_layer(problem.weights[0]))
+    u = problem.query.to(f32) @ _pad((w_q + w_d).t(), (w_q.shape[1], widths[0]), f32) \
+        + _pad(problem.biases[0], (widths[0],), f32)
     unit = torch.zeros(len(hidden), 4, max(widths), dtype=f32, device=problem.keys.device)
     for i, (width, bias, params) in enumerate(zip(hidden, problem.biases, problem.act_params)):
         unit[i, 0, :width] = bias.to(f32)
@@ -437,8 +436,7 @@ def fold_parameters(problem: DINProblem, block_d: int) -> FoldedParameters:
             unit[i, 2, :width] = params[1].to(f32)
             unit[i, 3, :width] = torch.rsqrt(params[2].to(f32) + problem.dice_eps)
     return FoldedParameters(
-        w_qd=_pad((w_q + w_d).t(), (w_q.shape[1], widths[0]), f32),
-        b_1=_pad(problem.biases[0], (widths[0],), f32),
+        u=u.contiguous(),
         w_p=_pad(w_p.t(), (rows, widths[0]), dtype),
         w_a=_pad((w_k - w_d).t(), (rows, widths[0]), dtype),
         deeper=[_pad(w.t(), (n_in, n_out), dtype)
@@ -447,50 +445,6 @@ def fold_parameters(problem: DINProblem, block_d: int) -> FoldedParameters:
         w_out=_pad(problem.weights[-1].reshape(-1), (widths[-1],), f32),
         b_out=problem.biases[-1].to(f32).reshape(1).contiguous(),
     )
-
-
-class FoldCache:
-    """The last few FoldedParameters, reused while the parameters are unchanged.
-
-    Folding costs a couple of dozen small launches, as much as the kernel
-    itself at serving sizes. An entry is valid while every parameter tensor is
-    the same object (held by weak reference) at the same version counter
-    (bumped by every in-place update, an optimizer step included).
-    """
-
-    def __init__(self, size: int = 8):
-        self.size = size
-        self.entries = []
-
-    @staticmethod
-    def _params(problem: DINProblem) -> list:
-        """The parameter tensors as the caller holds them (activation
-        parameters arrive as expanded views of the caller's tensors)."""
-        params = problem.float_tensors()[3 if problem.values is not None else 2:]
-        return [p if p._base is None else p._base for p in params]
-
-    def get(self, problem: DINProblem, block_d: int) -> FoldedParameters:
-        params = self._params(problem)
-        key = (problem.keys.dtype, problem.keys.shape[2], block_d, problem.activation,
-               problem.dice_eps, tuple(p._version for p in params))
-        for entry_key, refs, folded in self.entries:
-            if entry_key == key and all(ref() is p for ref, p in zip(refs, params)):
-                return folded
-        with torch.no_grad():
-            folded = fold_parameters(problem, block_d)
-        self.entries = [(key, [weakref.ref(p) for p in params], folded)] + \
-            self.entries[:self.size - 1]
-        return folded
-
-
-FOLD_CACHE = FoldCache()
-
-
-def fold_query(problem: DINProblem, folded: FoldedParameters) -> torch.Tensor:
-    """u = q (W_q + W_d)^T + b_1: [B, C, H1_P] float32, the first layer's
-    per-candidate term, computed once per candidate."""
-    return torch.addmm(folded.b_1, problem.query.reshape(-1, folded.w_qd.shape[0]).float(),
-                       folded.w_qd).view(*problem.query.shape[:2], -1)
 
 
 def choose_splits(programs: int, length: int, block_t: int, device: torch.device) -> int:
@@ -561,8 +515,7 @@ def din_forward(problem: DINProblem, need_scores: bool, num_splits=None):
     constexprs = spec.constexprs()
     num_warps = spec.blocks()[-1]
 
-    folded = FOLD_CACHE.get(problem, block_d)
-    u = fold_query(problem, folded)
+    folded = fold_parameters(problem, block_d)
     deeper = folded.deeper + [folded.w_p] * (MAX_HIDDEN_LAYERS - 1 - len(folded.deeper))
     # Absent lengths / mask: one-element placeholders the kernel never reads.
     lengths = problem.lengths if problem.lengths is not None \
@@ -579,7 +532,7 @@ def din_forward(problem: DINProblem, need_scores: bool, num_splits=None):
     scores = allocate((batch, candidates, length), f32, device) if need_scores else part_max
     if batch * candidates and length:
         din_forward_kernel[(programs, splits)](
-            query, u, keys, values, lengths, mask,
+            query, folded.u, keys, values, lengths, mask,
             folded.w_p, folded.w_a, deeper[0], deeper[1], folded.unit, folded.w_out,
             folded.b_out, pooled, scores, part_max, part_sum,
             batch, candidates, length, embed_dim, value_dim,
