@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
-# The GPU check of the Triton kernels (issue 3), in under 8 minutes on one
-# H100: the kernel tests on CUDA tensors, the quick compile report, then the
-# forward benchmark (CSV and plot into benchmarks/results/).
+# The GPU check of the Triton kernels (issues 3 and 4), in under 8 minutes on
+# one H100: the kernel tests on CUDA tensors, the quick compile report, then
+# the forward benchmark (CSV and plot into benchmarks/results/) and the
+# training-step benchmark (forward + backward time, peak memory).
 #
 #     bash benchmarks/gpu_check.sh [extra bench_gpu.py arguments]
 set -euo pipefail
@@ -11,5 +12,7 @@ python -c "import din_fast.kernels" 2>/dev/null \
 python -c "import torch, triton; assert torch.cuda.is_available(), 'no CUDA device'; \
 print('torch', torch.__version__, 'triton', triton.__version__, torch.cuda.get_device_name())"
 export TRITON_DEFAULT_FP_FUSION=1
-timeout 240 python -m pytest -q -x tests/test_triton_*.py tests/test_aot.py
+timeout 240 python -m pytest -q -x tests/test_triton_*.py tests/test_aot.py tests/test_backward.py \
+    tests/test_ops.py
 timeout 300 python benchmarks/bench_gpu.py --out benchmarks/results "$@"
+timeout 180 python benchmarks/bench_gpu_train.py --out benchmarks/results

@@ -1,7 +1,8 @@
 """din_fast: fused DIN attention for PyTorch."""
 
-from .functional import din_attention
+from .functional import din_attention, din_attention_jagged
+from .models import DIN, BaseModel
 from .modules import DINAttention
 
-__all__ = ["din_attention", "DINAttention"]
+__all__ = ["din_attention", "din_attention_jagged", "DINAttention", "DIN", "BaseModel"]
 __version__ = "0.1.0"

@@ -2,11 +2,16 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 
-from .problem import BACKENDS, DEFAULT_DICE_EPS, DINProblem, validate
+import torch
+
+from .ops import run_attention_op
+from .problem import (BACKENDS, DEFAULT_DICE_EPS, DINProblem, JaggedDINProblem, validate,
+                      validate_jagged)
 from .reference import reference_din_attention
-from .torch_backend import torch_din_attention
+from .torch_backend import torch_din_attention, torch_din_attention_jagged
 from .triton_backend import triton_din_attention, triton_unsupported_reason
 
 BACKEND_ENV = "DIN_FAST_BACKEND"
@@ -39,6 +44,8 @@ def din_attention(query, keys, lengths=None, *, weights, biases, activation="sig
 
     Returns the pooled history [B, Dv] (or [B, C, Dv] for a 3-D query) in the
     keys' dtype, and with ``return_scores`` also the weights w [B, T] / [B, C, T].
+    Under torch.autocast the query, keys and values are cast to the autocast
+    dtype first; the parameters keep theirs and accumulation stays float32.
     """
     problem = validate(query, keys, lengths, weights=weights, biases=biases,
                        activation=activation, activation_params=activation_params, mask=mask,
@@ -49,21 +56,102 @@ def din_attention(query, keys, lengths=None, *, weights, biases, activation="sig
     return (pooled, scores) if return_scores else pooled
 
 
-def run_problem(problem: DINProblem, backend: str, dice_batch_stats=None, need_scores=True):
+def _autocast_off(device: torch.device):
+    """The backends choose their own precision (float32 accumulation): autocast
+    must not lower their matmuls behind their back."""
+    if torch.amp.is_autocast_available(device.type):
+        return torch.autocast(device.type, enabled=False)
+    return contextlib.nullcontext()
+
+
+def run_problem(problem: DINProblem, backend: str, dice_gate=None, need_scores=True):
     """Run a validated problem on a concrete backend; outputs in the keys' dtype.
 
-    Without ``need_scores`` a backend may return None for the scores (the
-    triton kernel then writes none).
+    ``dice_gate`` (torch backend only) replaces Dice's normalization, see
+    torch_backend.packed_scores. Without ``need_scores`` a backend may return
+    None for the scores (the triton kernel then writes none). The triton
+    backend always runs as the custom op (din_fast.ops: the fused forward and
+    backward); the torch backend does under torch.compile, where its
+    data-dependent packing could not be traced, and runs eagerly otherwise.
     """
-    if backend == "reference":
-        pooled, scores = reference_din_attention(problem)
-    elif backend == "torch":
-        pooled, scores = torch_din_attention(problem, dice_batch_stats)
-    elif backend == "triton":
-        reason = triton_unsupported_reason(problem)
-        if reason is not None:
-            raise ValueError(f"din_attention: backend='triton' cannot run this call: {reason}")
-        pooled, scores = triton_din_attention(problem, need_scores)
-    else:
-        raise ValueError(f"din_attention: backend={backend!r} is not available in this build")
+    with _autocast_off(problem.keys.device):
+        if backend == "reference":
+            pooled, scores = reference_din_attention(problem)
+        elif backend == "torch" and (dice_gate is not None
+                                     or not torch.compiler.is_compiling()):
+            pooled, scores = torch_din_attention(problem, dice_gate)
+        elif backend == "triton":
+            reason = triton_unsupported_reason(problem)
+            if reason is not None:
+                raise ValueError(f"din_attention: backend='triton' cannot run this call: "
+                                 f"{reason}")
+            pooled, scores = triton_din_attention(problem, need_scores)
+        else:
+            pooled, scores = run_attention_op(problem, backend, need_scores)
     return problem.shape_output(pooled, scores)
+
+
+def din_attention_jagged(query, keys_values, offsets, max_len, *, weights, biases,
+                         activation="sigmoid", activation_params=None, normalization=None,
+                         scale=1.0, values=None, return_scores=False, backend="auto",
+                         dice_eps=DEFAULT_DICE_EPS):
+    """din_attention on jagged histories (TorchRec's / FBGEMM's layout).
+
+    Row b's history is ``keys_values[offsets[b]:offsets[b + 1]]`` ([L, D] in all,
+    ``offsets`` [B + 1] int64, non-decreasing, from 0 to L, no segment longer
+    than ``max_len``); ``values`` [L, Dv] likewise. Equal to din_attention on
+    the same histories padded to max_len with their lengths, without building
+    the padding. Returns the pooled history [B, Dv] or [B, C, Dv], and with
+    ``return_scores`` also the weights as jagged values, [L] or [L, C].
+    """
+    problem = validate_jagged(query, keys_values, offsets, max_len, weights=weights,
+                              biases=biases, activation=activation,
+                              activation_params=activation_params, normalization=normalization,
+                              scale=scale, values=values, dice_eps=dice_eps)
+    pooled, scores = run_jagged_problem(problem, _resolve_jagged_backend(backend))
+    return (pooled, scores) if return_scores else pooled
+
+
+def _resolve_jagged_backend(backend: str) -> str:
+    if backend not in BACKENDS:
+        raise ValueError(f"din_attention: `backend` must be one of {BACKENDS}; got {backend!r}")
+    if backend == "auto":
+        override = os.environ.get(BACKEND_ENV)
+        # No fused jagged kernel yet: "auto" never picks triton here.
+        return override if override in ("torch", "reference") else "torch"
+    return backend
+
+
+def run_jagged_problem(problem: JaggedDINProblem, backend: str):
+    """Run a validated jagged problem; outputs in the keys' dtype."""
+    with _autocast_off(problem.keys_values.device):
+        if backend == "torch":
+            pooled, scores = torch_din_attention_jagged(problem)
+        elif backend == "reference":
+            pooled, scores = _reference_jagged(problem)
+        else:
+            raise ValueError(f"din_attention_jagged: backend={backend!r} does not take jagged "
+                             "input yet; use backend='torch' (or 'auto')")
+    return problem.shape_output(pooled, scores)
+
+
+def _reference_jagged(problem: JaggedDINProblem):
+    """The oracle on jagged input: pad to max_len, run the reference, unpad the weights."""
+    rows = problem.row_ids()
+    cols = torch.arange(rows.shape[0], device=rows.device) - problem.offsets[rows]
+    batch = problem.offsets.shape[0] - 1
+
+    def pad(jagged):
+        dense = jagged.new_zeros(batch, problem.max_len, jagged.shape[1])
+        return dense.index_put((rows, cols), jagged)
+
+    padded = DINProblem(
+        query=problem.query, keys=pad(problem.keys_values),
+        values=None if problem.values is None else pad(problem.values),
+        lengths=problem.lengths(), mask=None, weights=problem.weights, biases=problem.biases,
+        activation=problem.activation, act_params=problem.act_params,
+        normalization=problem.normalization, scale=problem.scale, dice_eps=problem.dice_eps,
+        squeeze_candidates=problem.squeeze_candidates,
+    )
+    pooled, weights = reference_din_attention(padded)
+    return pooled, weights[rows, :, cols]

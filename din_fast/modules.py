@@ -6,7 +6,7 @@ import torch
 from torch import nn
 
 from .functional import din_attention, run_problem
-from .problem import ACTIVATIONS, DEFAULT_DICE_EPS, validate
+from .problem import ACTIVATIONS, DEFAULT_DICE_EPS, check_layer_sizes, validate
 
 PRELU_INIT = 0.25  # torch.nn.PReLU's default slope
 
@@ -28,12 +28,8 @@ class DINAttention(nn.Module):
                  backend: str = "auto", dice_eps: float = DEFAULT_DICE_EPS,
                  momentum: float = 0.1):
         super().__init__()
-        if not isinstance(embed_dim, int) or embed_dim < 1:
-            raise ValueError(f"DINAttention: `embed_dim` must be a positive int; got {embed_dim!r}")
-        hidden_units = tuple(hidden_units)
-        if not hidden_units or not all(isinstance(h, int) and h > 0 for h in hidden_units):
-            raise ValueError("DINAttention: `hidden_units` must be a non-empty sequence of "
-                             f"positive ints; got {hidden_units!r}")
+        hidden_units = check_layer_sizes("DINAttention", "embed_dim", embed_dim,
+                                         "hidden_units", hidden_units)
         if activation not in ACTIVATIONS:
             raise ValueError(f"DINAttention: `activation` must be one of {ACTIVATIONS}; "
                              f"got {activation!r}")
@@ -88,7 +84,18 @@ class DINAttention(nn.Module):
         # backend does layer by layer (the fused kernels serve Dice at eval).
         problem = validate(query, keys, lengths, **kwargs)
         batch_stats = []
-        pooled, scores = run_problem(problem, "torch", dice_batch_stats=batch_stats)
+
+        def batch_stats_gate(layer, x):
+            # Mean and biased variance over the packed (valid) positions, as
+            # BatchNorm normalizes in training.
+            flat = x.flatten(0, 1)
+            count = flat.shape[0]
+            mu = flat.sum(0) / max(count, 1)
+            var = (flat - mu).square().sum(0) / max(count, 1)
+            batch_stats.append((mu, var, count))
+            return (x - mu) * torch.rsqrt(var + self.dice_eps)
+
+        pooled, scores = run_problem(problem, "torch", dice_gate=batch_stats_gate)
         with torch.no_grad():
             for (mu, var, count), (run_mu, run_var) in zip(batch_stats, self._running_stats()):
                 if count == 0:

@@ -23,21 +23,13 @@ DEFAULT_DICE_EPS = 1e-8
 
 
 @dataclass
-class DINProblem:
-    """One din_attention call, validated and in canonical form.
-
-    query is [B, C, D] (``squeeze_candidates`` remembers a 2-D query); keys
-    [B, T, D]; values [B, T, Dv] or None (the keys serve as values); at most one
-    of lengths [B] int64 and mask [B, T] bool. ``act_params`` has one entry per
-    hidden layer: () for sigmoid/relu, (a,) for prelu, (a, mu, var) for dice,
-    each a vector of that layer's width.
+class UnitAndOptions:
+    """What every problem form holds besides its inputs: the activation unit's
+    layers and the call's options. ``act_params`` has one entry per hidden
+    layer: () for sigmoid/relu, (a,) for prelu, (a, mu, var) for dice, each a
+    vector of that layer's width; ``squeeze_candidates`` remembers a 2-D query.
     """
 
-    query: torch.Tensor
-    keys: torch.Tensor
-    values: Optional[torch.Tensor]
-    lengths: Optional[torch.Tensor]
-    mask: Optional[torch.Tensor]
     weights: list
     biases: list
     activation: str
@@ -46,6 +38,21 @@ class DINProblem:
     scale: float
     dice_eps: float
     squeeze_candidates: bool
+
+
+@dataclass
+class DINProblem(UnitAndOptions):
+    """One din_attention call, validated and in canonical form.
+
+    query is [B, C, D]; keys [B, T, D]; values [B, T, Dv] or None (the keys
+    serve as values); at most one of lengths [B] int64 and mask [B, T] bool.
+    """
+
+    query: torch.Tensor
+    keys: torch.Tensor
+    values: Optional[torch.Tensor]
+    lengths: Optional[torch.Tensor]
+    mask: Optional[torch.Tensor]
 
     @property
     def value_tensor(self) -> torch.Tensor:
@@ -67,7 +74,10 @@ class DINProblem:
     def with_float_tensors(self, tensors) -> "DINProblem":
         """A copy holding ``tensors`` (in float_tensors' order) in their places."""
         rest = iter(tensors)
-        take = lambda n: [next(rest) for _ in range(n)]  # noqa: E731
+
+        def take(n):
+            return [next(rest) for _ in range(n)]
+
         query, keys = take(2)
         values = None if self.values is None else next(rest)
         weights, biases = take(len(self.weights)), take(len(self.biases))
@@ -86,18 +96,47 @@ class DINProblem:
         return torch.ones(batch, length, dtype=torch.bool, device=self.keys.device)
 
     def compute_dtype(self) -> torch.dtype:
-        """float64 stays float64; everything else accumulates in float32."""
-        return torch.float64 if self.keys.dtype == torch.float64 else torch.float32
+        return compute_dtype(self.keys.dtype)
 
     def shape_output(self, pooled: torch.Tensor, scores: Optional[torch.Tensor]):
-        """Cast to the keys' dtype and drop the candidate axis of a 2-D query."""
-        pooled = pooled.to(self.keys.dtype)
-        if scores is not None:
-            scores = scores.to(self.keys.dtype)
-        if self.squeeze_candidates:
-            pooled = pooled.squeeze(1)
-            scores = None if scores is None else scores.squeeze(1)
-        return pooled, scores
+        return shape_output(pooled, scores, self.keys.dtype, self.squeeze_candidates)
+
+
+def compute_dtype(input_dtype: torch.dtype) -> torch.dtype:
+    """float64 stays float64; everything else accumulates in float32."""
+    return torch.float64 if input_dtype == torch.float64 else torch.float32
+
+
+def shape_output(pooled: torch.Tensor, scores: Optional[torch.Tensor], dtype: torch.dtype,
+                 squeeze_candidates: bool):
+    """Cast to the input dtype and drop the candidate axis of a 2-D query.
+
+    The candidate axis is dim 1 of pooled [B, C, Dv] and of the scores, both
+    padded [B, C, T] and jagged [L, C].
+    """
+    pooled = pooled.to(dtype)
+    if scores is not None:
+        scores = scores.to(dtype)
+    if squeeze_candidates:
+        pooled = pooled.squeeze(1)
+        scores = None if scores is None else scores.squeeze(1)
+    return pooled, scores
+
+
+def check_layer_sizes(owner: str, embed_name: str, embed_dim, units_name: str,
+                      hidden_units) -> tuple:
+    """A module's embedding size and hidden widths checked; the widths as a tuple."""
+    if isinstance(embed_dim, bool) or not isinstance(embed_dim, int) or embed_dim < 1:
+        raise ValueError(f"{owner}: `{embed_name}` must be a positive int; got {embed_dim!r}")
+    try:
+        units = () if isinstance(hidden_units, str) else tuple(hidden_units)
+    except TypeError:  # not iterable
+        units = ()
+    if not units or not all(isinstance(h, int) and not isinstance(h, bool) and h > 0
+                            for h in units):
+        raise ValueError(f"{owner}: `{units_name}` must be a non-empty sequence of positive "
+                         f"ints; got {hidden_units!r}")
+    return units
 
 
 def _describe(value) -> str:
@@ -112,10 +151,11 @@ def _require_tensor(name: str, value) -> torch.Tensor:
     return value
 
 
-def _require_device(name: str, tensor: torch.Tensor, device: torch.device) -> None:
+def _require_device(name: str, tensor: torch.Tensor, device: torch.device,
+                    anchor: str = "keys") -> None:
     if tensor.device != device:
         raise ValueError(
-            f"din_attention: `{name}` is on {tensor.device} but `keys` is on {device}; "
+            f"din_attention: `{name}` is on {tensor.device} but `{anchor}` is on {device}; "
             "all tensors must be on one device"
         )
 
@@ -127,7 +167,7 @@ def _require_float(name: str, tensor: torch.Tensor) -> None:
         )
 
 
-def _validate_layers(weights, biases, embed_dim, device):
+def _validate_layers(weights, biases, embed_dim, device, anchor):
     if not isinstance(weights, (list, tuple)) or not isinstance(biases, (list, tuple)):
         raise TypeError(
             "din_attention: `weights` and `biases` must be lists of tensors "
@@ -140,8 +180,8 @@ def _validate_layers(weights, biases, embed_dim, device):
         )
     if len(biases) != len(weights):
         raise ValueError(
-            f"din_attention: `biases` must have one tensor per weight ({len(weights)}); "
-            f"got {len(biases)}"
+            f"din_attention: `biases` must have one tensor per entry of `weights` "
+            f"({len(weights)}); got {len(biases)}"
         )
     fan_in = 4 * embed_dim
     for i, (w, b) in enumerate(zip(weights, biases)):
@@ -150,7 +190,7 @@ def _validate_layers(weights, biases, embed_dim, device):
         _require_tensor(f"biases[{i}]", b)
         for name, t in ((f"weights[{i}]", w), (f"biases[{i}]", b)):
             _require_float(name, t)
-            _require_device(name, t, device)
+            _require_device(name, t, device, anchor)
         if w.dim() != 2 or w.shape[1] != fan_in or (last and w.shape[0] != 1) or w.shape[0] < 1:
             rows = "1" if last else "H"
             needs = f"[{rows}, {fan_in}]"
@@ -160,17 +200,17 @@ def _validate_layers(weights, biases, embed_dim, device):
             raise ValueError(f"din_attention: `weights[{i}]` must have shape {needs}; "
                              f"got {tuple(w.shape)}")
         if b.shape != (w.shape[0],):
-            raise ValueError(f"din_attention: `biases[{i}]` must have shape ({w.shape[0]},); "
-                             f"got {tuple(b.shape)}")
+            raise ValueError(f"din_attention: `biases[{i}]` must have shape ({w.shape[0]},) to "
+                             f"match `weights[{i}]` {tuple(w.shape)}; got {tuple(b.shape)}")
         fan_in = w.shape[0]
     return list(weights), list(biases)
 
 
-def _unit_vector(name: str, tensor, width: int, device) -> torch.Tensor:
+def _unit_vector(name: str, tensor, width: int, device, anchor) -> torch.Tensor:
     """A per-unit parameter given as [H] or [1], expanded to [H]."""
     _require_tensor(name, tensor)
     _require_float(name, tensor)
-    _require_device(name, tensor, device)
+    _require_device(name, tensor, device, anchor)
     if tensor.shape not in ((width,), (1,)):
         raise ValueError(
             f"din_attention: `{name}` must have shape ({width},) or (1,); got {tuple(tensor.shape)}"
@@ -178,7 +218,7 @@ def _unit_vector(name: str, tensor, width: int, device) -> torch.Tensor:
     return tensor.expand(width)
 
 
-def _validate_act_params(activation, activation_params, hidden_units, device):
+def _validate_act_params(activation, activation_params, hidden_units, device, anchor):
     layers = len(hidden_units)
     if activation in ("sigmoid", "relu"):
         if activation_params not in (None, [], ()):
@@ -200,7 +240,8 @@ def _validate_act_params(activation, activation_params, hidden_units, device):
     params = []
     for i, (entry, width) in enumerate(zip(activation_params, hidden_units)):
         if activation == "prelu":
-            params.append((_unit_vector(f"activation_params[{i}]", entry, width, device),))
+            params.append((_unit_vector(f"activation_params[{i}]", entry, width, device,
+                                        anchor),))
             continue
         if not isinstance(entry, (list, tuple)) or len(entry) != 3:
             raise ValueError(
@@ -208,79 +249,77 @@ def _validate_act_params(activation, activation_params, hidden_units, device):
                 f"got {_describe(entry)}"
             )
         params.append(tuple(
-            _unit_vector(f"activation_params[{i}][{j}] ({part})", t, width, device)
+            _unit_vector(f"activation_params[{i}][{j}] ({part})", t, width, device, anchor)
             for j, (part, t) in enumerate(zip(("a", "mu", "var"), entry))
         ))
     return params
 
 
-def validate(query, keys, lengths, *, weights, biases, activation, activation_params, mask,
-             normalization, scale, values, dice_eps) -> DINProblem:
-    """Check every argument of din_attention and return the canonical problem."""
-    _require_tensor("keys", keys)
+def check_all(ok: torch.Tensor, message: str, details=None) -> None:
+    """Raise ValueError(message) unless every element of ``ok`` holds.
+
+    Eager on CPU (``details()`` adds what was found). On an accelerator, and
+    while tracing (torch.compile, torch.export, which cannot record a
+    data-dependent Python branch), the check runs as ``torch._assert_async``
+    instead, with no host sync; the kernels also clamp, so nothing reads
+    outside the tensors.
+    """
+    if ok.device.type == "cpu" and not torch.compiler.is_compiling():
+        if not bool(ok.all()):
+            raise ValueError(message + ("" if details is None else details()))
+    elif ok.device.type != "meta":
+        torch._assert_async(ok.all(), message)
+
+
+def check_range(name: str, values: torch.Tensor, low: int, high: int, needs: str) -> None:
+    """Check low <= values <= high (see check_all for when and how)."""
+    check_all((values >= low) & (values <= high), f"din_attention: `{name}` must lie in {needs}",
+              lambda: f"; got values in [{int(values.min())}, {int(values.max())}]")
+
+
+def _validate_query(query, batch: int, embed_dim: int, keys: torch.Tensor, keys_name: str):
+    """The query as [B, C, D] and whether it was 2-D; `keys` gives dtype and device."""
     _require_tensor("query", query)
-    if keys.dim() != 3:
-        raise ValueError(f"din_attention: `keys` must be a 3-D tensor [B, T, D]; "
-                         f"got shape {tuple(keys.shape)}")
-    if keys.dtype not in INPUT_DTYPES:
-        raise TypeError(f"din_attention: `keys` must be float16, bfloat16, float32 or float64; "
-                        f"got {keys.dtype}")
-    batch, length, embed_dim = keys.shape
-    device = keys.device
     if query.dim() not in (2, 3):
         raise ValueError(f"din_attention: `query` must be [B, D] or [B, C, D]; "
                          f"got shape {tuple(query.shape)}")
-    _require_device("query", query, device)
+    _require_device("query", query, keys.device, keys_name)
     if query.dtype != keys.dtype:
-        raise TypeError(f"din_attention: `query` has dtype {query.dtype} but `keys` has "
+        raise TypeError(f"din_attention: `query` has dtype {query.dtype} but `{keys_name}` has "
                         f"{keys.dtype}; they must match")
     squeeze = query.dim() == 2
     query3 = query.unsqueeze(1) if squeeze else query
     if query3.shape[0] != batch or query3.shape[2] != embed_dim:
         raise ValueError(
             f"din_attention: `query` must have batch {batch} and embedding size {embed_dim} "
-            f"to match `keys` {tuple(keys.shape)}; got shape {tuple(query.shape)}"
+            f"to match `{keys_name}` {tuple(keys.shape)}; got shape {tuple(query.shape)}"
         )
-    if values is not None:
-        _require_tensor("values", values)
-        _require_device("values", values, device)
-        if values.dim() != 3 or values.shape[:2] != keys.shape[:2]:
-            raise ValueError(f"din_attention: `values` must be [B, T, Dv] = [{batch}, {length}, Dv]"
-                             f" to match `keys`; got shape {tuple(values.shape)}")
-        if values.dtype != keys.dtype:
-            raise TypeError(f"din_attention: `values` has dtype {values.dtype} but `keys` has "
-                            f"{keys.dtype}; they must match")
-    if lengths is not None and mask is not None:
-        raise ValueError("din_attention: give `lengths` or `mask`, not both")
-    if lengths is not None:
-        _require_tensor("lengths", lengths)
-        _require_device("lengths", lengths, device)
-        if lengths.dtype not in (torch.int32, torch.int64):
-            raise TypeError(f"din_attention: `lengths` must be int32 or int64; got {lengths.dtype}")
-        if lengths.shape != (batch,):
-            raise ValueError(f"din_attention: `lengths` must have shape ({batch},); "
-                             f"got {tuple(lengths.shape)}")
-        lengths = lengths.long()
-        if device.type == "cpu":
-            if batch and (int(lengths.min()) < 0 or int(lengths.max()) > length):
-                raise ValueError(
-                    f"din_attention: `lengths` must lie in [0, T={length}]; got values in "
-                    f"[{int(lengths.min())}, {int(lengths.max())}]"
-                )
-        else:
-            # No host sync on an accelerator: the check runs on the device and
-            # fails the stream; the kernels also clamp, so nothing reads outside.
-            torch._assert_async(((lengths >= 0) & (lengths <= length)).all(),
-                                "din_attention: `lengths` must lie in [0, T]")
-    if mask is not None:
-        _require_tensor("mask", mask)
-        _require_device("mask", mask, device)
-        if mask.dtype != torch.bool:
-            raise TypeError(f"din_attention: `mask` must be a bool tensor (True = valid); "
-                            f"got {mask.dtype}")
-        if mask.shape != (batch, length):
-            raise ValueError(f"din_attention: `mask` must have shape ({batch}, {length}); "
-                             f"got {tuple(mask.shape)}")
+    return query3, squeeze
+
+
+def _validate_keys(name: str, keys, rank: int, layout: str) -> None:
+    _require_tensor(name, keys)
+    if keys.dim() != rank:
+        raise ValueError(f"din_attention: `{name}` must be a {rank}-D tensor {layout}; "
+                         f"got shape {tuple(keys.shape)}")
+    if keys.dtype not in INPUT_DTYPES:
+        raise TypeError(f"din_attention: `{name}` must be float16, bfloat16, float32 or float64; "
+                        f"got {keys.dtype}")
+
+
+def _validate_values(values, keys: torch.Tensor, keys_name: str, layout: str) -> None:
+    """values: the keys' leading dims, any last dim, the keys' dtype and device."""
+    _require_tensor("values", values)
+    _require_device("values", values, keys.device, keys_name)
+    if values.dim() != keys.dim() or values.shape[:-1] != keys.shape[:-1]:
+        raise ValueError(f"din_attention: `values` must be {layout} to match `{keys_name}` "
+                         f"{tuple(keys.shape)}; got shape {tuple(values.shape)}")
+    if values.dtype != keys.dtype:
+        raise TypeError(f"din_attention: `values` has dtype {values.dtype} but `{keys_name}` has "
+                        f"{keys.dtype}; they must match")
+
+
+def _validate_options(activation, normalization, scale, dice_eps) -> None:
     if activation not in ACTIVATIONS:
         raise ValueError(f"din_attention: `activation` must be one of {ACTIVATIONS}; "
                          f"got {activation!r}")
@@ -293,14 +332,156 @@ def validate(query, keys, lengths, *, weights, biases, activation, activation_pa
     if isinstance(dice_eps, bool) or not isinstance(dice_eps, numbers.Real) or not dice_eps > 0:
         raise ValueError(f"din_attention: `dice_eps` must be a positive number; "
                          f"got {_describe(dice_eps)}")
-    weights, biases = _validate_layers(weights, biases, embed_dim, device)
+
+
+def _validate_parameters(weights, biases, activation, activation_params, keys: torch.Tensor,
+                         keys_name: str):
+    """(weights, biases, act_params) of the activation unit, checked against
+    the keys' embedding size and device, and expanded."""
+    embed_dim, device = keys.shape[-1], keys.device
+    weights, biases = _validate_layers(weights, biases, embed_dim, device, keys_name)
     hidden_units = tuple(w.shape[0] for w in weights[:-1])
-    act_params = _validate_act_params(activation, activation_params, hidden_units, device)
+    act_params = _validate_act_params(activation, activation_params, hidden_units, device,
+                                      keys_name)
+    return weights, biases, act_params
+
+
+def autocast_dtype(device: torch.device) -> Optional[torch.dtype]:
+    """The dtype torch.autocast gives matmuls on this device, or None when it is off."""
+    if not torch.amp.is_autocast_available(device.type):
+        return None
+    if not torch.is_autocast_enabled(device.type):
+        return None
+    return torch.get_autocast_dtype(device.type)
+
+
+def _autocast_inputs(*tensors):
+    """Under torch.autocast, the float inputs in the autocast dtype, as a matmul
+    would take them: a query made by an autocast Linear (bfloat16) then meets
+    keys from an embedding table (float32) in one dtype. float64 stays, as
+    autocast leaves it; the parameters stay as they are (float32)."""
+    anchor = next((t for t in tensors if isinstance(t, torch.Tensor)), None)
+    dtype = None if anchor is None else autocast_dtype(anchor.device)
+    if dtype is None:
+        return tensors
+    return tuple(t.to(dtype) if isinstance(t, torch.Tensor)
+                 and t.dtype in (torch.float16, torch.bfloat16, torch.float32) else t
+                 for t in tensors)
+
+
+def validate(query, keys, lengths, *, weights, biases, activation, activation_params, mask,
+             normalization, scale, values, dice_eps) -> DINProblem:
+    """Check every argument of din_attention and return the canonical problem."""
+    query, keys, values = _autocast_inputs(query, keys, values)
+    _validate_keys("keys", keys, 3, "[B, T, D]")
+    batch, length, embed_dim = keys.shape
+    device = keys.device
+    query3, squeeze = _validate_query(query, batch, embed_dim, keys, "keys")
+    if values is not None:
+        _validate_values(values, keys, "keys", f"[B, T, Dv] = [{batch}, {length}, Dv]")
+    if lengths is not None and mask is not None:
+        raise ValueError("din_attention: give `lengths` or `mask`, not both")
+    if lengths is not None:
+        _require_tensor("lengths", lengths)
+        _require_device("lengths", lengths, device)
+        if lengths.dtype not in (torch.int32, torch.int64):
+            raise TypeError(f"din_attention: `lengths` must be int32 or int64; got {lengths.dtype}")
+        if lengths.shape != (batch,):
+            raise ValueError(f"din_attention: `lengths` must have shape ({batch},) to match "
+                             f"`keys` {tuple(keys.shape)}; got {tuple(lengths.shape)}")
+        lengths = lengths.long()
+        check_range("lengths", lengths, 0, length, f"[0, T={length}]")
+    if mask is not None:
+        _require_tensor("mask", mask)
+        _require_device("mask", mask, device)
+        if mask.dtype != torch.bool:
+            raise TypeError(f"din_attention: `mask` must be a bool tensor (True = valid); "
+                            f"got {mask.dtype}")
+        if mask.shape != (batch, length):
+            raise ValueError(f"din_attention: `mask` must have shape ({batch}, {length}) to "
+                             f"match `keys` {tuple(keys.shape)}; got {tuple(mask.shape)}")
+    _validate_options(activation, normalization, scale, dice_eps)
+    weights, biases, act_params = _validate_parameters(weights, biases, activation,
+                                                       activation_params, keys, "keys")
     return DINProblem(
         query=query3, keys=keys, values=values, lengths=lengths, mask=mask,
         weights=weights, biases=biases, activation=activation, act_params=act_params,
         normalization=normalization, scale=float(scale), dice_eps=float(dice_eps),
         squeeze_candidates=squeeze,
+    )
+
+
+@dataclass
+class JaggedDINProblem(UnitAndOptions):
+    """One din_attention_jagged call, validated: the history as jagged values.
+
+    query is [B, C, D]; keys_values [L, D] holds the histories of all rows
+    back to back, row b's at ``offsets[b]:offsets[b + 1]`` (TorchRec's /
+    FBGEMM's jagged layout); values [L, Dv] or None likewise.
+    """
+
+    query: torch.Tensor
+    keys_values: torch.Tensor
+    values: Optional[torch.Tensor]
+    offsets: torch.Tensor
+    max_len: int
+
+    @property
+    def value_tensor(self) -> torch.Tensor:
+        return self.keys_values if self.values is None else self.values
+
+    def compute_dtype(self) -> torch.dtype:
+        return compute_dtype(self.keys_values.dtype)
+
+    def lengths(self) -> torch.Tensor:
+        return self.offsets[1:] - self.offsets[:-1]
+
+    def row_ids(self) -> torch.Tensor:
+        """[L] int64: the row (segment) of every jagged position."""
+        batch = self.offsets.shape[0] - 1
+        rows = torch.arange(batch, device=self.offsets.device)
+        return rows.repeat_interleave(self.lengths(), output_size=self.keys_values.shape[0])
+
+    def shape_output(self, pooled: torch.Tensor, scores: Optional[torch.Tensor]):
+        return shape_output(pooled, scores, self.keys_values.dtype, self.squeeze_candidates)
+
+
+def validate_jagged(query, keys_values, offsets, max_len, *, weights, biases, activation,
+                    activation_params, normalization, scale, values,
+                    dice_eps) -> JaggedDINProblem:
+    """Check every argument of din_attention_jagged and return the canonical problem."""
+    query, keys_values, values = _autocast_inputs(query, keys_values, values)
+    _validate_keys("keys_values", keys_values, 2, "[L, D]")
+    total, embed_dim = keys_values.shape
+    device = keys_values.device
+    _require_tensor("offsets", offsets)
+    _require_device("offsets", offsets, device, "keys_values")
+    if offsets.dtype != torch.int64:
+        raise TypeError(f"din_attention: `offsets` must be int64; got {offsets.dtype}")
+    if offsets.dim() != 1 or offsets.shape[0] < 1:
+        raise ValueError(f"din_attention: `offsets` must be a 1-D tensor [B + 1]; "
+                         f"got shape {tuple(offsets.shape)}")
+    if isinstance(max_len, bool) or not isinstance(max_len, numbers.Integral) or max_len < 0:
+        raise TypeError(f"din_attention: `max_len` must be a non-negative int; "
+                        f"got {_describe(max_len)}")
+    batch = offsets.shape[0] - 1
+    query3, squeeze = _validate_query(query, batch, embed_dim, keys_values, "keys_values")
+    if values is not None:
+        _validate_values(values, keys_values, "keys_values", f"[L, Dv] = [{total}, Dv]")
+    check_range("offsets[0]", offsets[:1], 0, 0, "{0}")
+    check_range("offsets[-1]", offsets[-1:], total, total,
+                f"{{{total}}}, the rows L of `keys_values`")
+    check_range("offsets[b + 1] - offsets[b]", offsets[1:] - offsets[:-1], 0, max_len,
+                f"[0, max_len={max_len}] (offsets non-decreasing, no segment over max_len)")
+    _validate_options(activation, normalization, scale, dice_eps)
+    weights, biases, act_params = _validate_parameters(weights, biases, activation,
+                                                       activation_params, keys_values,
+                                                       "keys_values")
+    return JaggedDINProblem(
+        query=query3, keys_values=keys_values, values=values, offsets=offsets,
+        max_len=int(max_len), weights=weights, biases=biases, activation=activation,
+        act_params=act_params, normalization=normalization, scale=float(scale),
+        dice_eps=float(dice_eps), squeeze_candidates=squeeze,
     )
 
 

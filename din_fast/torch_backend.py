@@ -6,9 +6,14 @@ Three savings over the literal formula, all exact:
   first term is computed once per candidate and the second once per key,
   shared by every candidate of the row;
 - the MLP runs on the valid positions only, packed; padding costs nothing;
-- the backward is written by hand: it keeps only the pre-activations of the
-  packed positions (no concat, no copies of the keys, no autograd graph of
-  the MLP) and recomputes the rest.
+- the backward is written by hand (``packed_backward``): it keeps only the
+  pre-activations of the packed positions (no concat, no autograd graph of
+  the MLP) and recomputes the rest. The same function is the CPU backward of
+  the custom op (din_fast.ops), where autograd cannot be re-entered.
+
+A Dice gate hook (``dice_gate``: batch statistics in training, the peers'
+BatchNorm) has side effects and parameters of its own, so that path runs
+through autograd instead, on the same packed MLP.
 """
 
 from __future__ import annotations
@@ -18,32 +23,30 @@ from typing import Optional
 
 import torch
 
-from .activations import activate
-from .problem import DINProblem, split_first_layer
+from .activations import activate, activation_backward, dice
+from .problem import DINProblem, JaggedDINProblem, split_first_layer
 from .reference import masked_normalize
 
 
 class PackedPositions:
-    """The valid (row, position) pairs of a batch, in row-major order.
+    """The valid (row, position) pairs of a padded batch, in row-major order.
 
     ``rows``/``cols`` are None when every position is valid: then packing is a
     free reshape instead of a gather.
     """
 
-    def __init__(self, valid: torch.Tensor, all_valid: bool):
-        self.batch, self.length = valid.shape
-        self.valid = valid
-        if all_valid:
+    def __init__(self, problem: DINProblem):
+        self.batch, self.length = problem.keys.shape[:2]
+        self.valid = problem.valid_mask()
+        if problem.lengths is None and problem.mask is None:
             self.rows = self.cols = None
-            self.count = self.batch * self.length
         else:
-            self.rows, self.cols = valid.nonzero(as_tuple=True)
-            self.count = self.rows.shape[0]
+            self.rows, self.cols = self.valid.nonzero(as_tuple=True)
 
     def gather(self, dense: torch.Tensor) -> torch.Tensor:
         """[B, T, ...] -> [N, ...]"""
         if self.rows is None:
-            return dense.reshape(self.count, *dense.shape[2:])
+            return dense.reshape(self.batch * self.length, *dense.shape[2:])
         return dense[self.rows, self.cols]
 
     def scatter(self, packed: torch.Tensor) -> torch.Tensor:
@@ -63,179 +66,243 @@ class PackedPositions:
         """[N, ...] -> [B, ...]: the sum over each row's positions."""
         if self.rows is None:
             return packed.view(self.batch, self.length, *packed.shape[1:]).sum(1)
-        out = packed.new_zeros(self.batch, *packed.shape[1:])
-        return out.index_add_(0, self.rows, packed)
+        return packed.new_zeros(self.batch, *packed.shape[1:]).index_add_(0, self.rows, packed)
 
 
 @dataclass
-class _Config:
-    """The non-tensor settings of one call; ``dice_batch_stats`` collects
-    Dice's batch statistics (training mode) when it is a list."""
+class PackedMLP:
+    """The activation unit's layers, cast to the compute dtype; ``act_params``
+    per hidden layer as in DINProblem."""
 
+    weights: list
+    biases: list
+    act_params: list
     activation: str
-    normalization: Optional[str]
-    scale: float
     dice_eps: float
-    n_layers: int
-    dice_batch_stats: Optional[list]
+
+    @classmethod
+    def of(cls, problem, dtype: torch.dtype, act_params=None):
+        act_params = problem.act_params if act_params is None else act_params
+        return cls([w.to(dtype) for w in problem.weights], [b.to(dtype) for b in problem.biases],
+                   [tuple(p.to(dtype) for p in layer) for layer in act_params],
+                   problem.activation, problem.dice_eps)
+
+    def flat(self) -> list:
+        return [*self.weights, *self.biases, *(p for layer in self.act_params for p in layer)]
+
+    def with_flat(self, tensors) -> "PackedMLP":
+        """The same layers with the tensors of ``flat()`` replaced, in order."""
+        n = len(self.weights)
+        rest = iter(tensors[2 * n:])
+        act_params = [tuple(next(rest) for _ in layer) for layer in self.act_params]
+        return PackedMLP(list(tensors[:n]), list(tensors[n:2 * n]), act_params,
+                         self.activation, self.dice_eps)
 
 
-def _split_tensors(tensors, n_layers):
-    """(weights, biases, per-layer activation parameters) from the flat tensor list."""
-    weights = tensors[:n_layers + 1]
-    biases = tensors[n_layers + 1:2 * n_layers + 2]
-    flat = tensors[2 * n_layers + 2:]
-    per_layer = len(flat) // n_layers
-    params = [tuple(flat[i * per_layer:(i + 1) * per_layer]) for i in range(n_layers)]
-    return weights, biases, params
+def packed_scores(mlp: PackedMLP, query: torch.Tensor, k_packed: torch.Tensor, expand_rows,
+                  dice_gate=None, preacts: Optional[list] = None) -> torch.Tensor:
+    """Raw scores s [N, C] of packed history positions.
 
-
-def _dice_batch_params(z: torch.Tensor, params: tuple):
-    """Dice's (a, mu, var) with mu and biased var over the packed positions of z."""
-    flat = z.flatten(0, 1)
-    count = max(flat.shape[0], 1)
-    mu = flat.sum(0) / count
-    var = (flat - mu).square().sum(0) / count
-    return params[0], mu, var
-
-
-def _activation_vjp(z, params, grad_h, config):
-    """(h, dL/dz, dL/dparams) of one hidden layer's activation, by local autograd.
-
-    Elementwise and cheap to recompute. With batch statistics Dice's mean and
-    variance are functions of z, so their gradient flows into dL/dz as well.
+    ``query`` [B, C, D] and ``k_packed`` [N, D] in the compute dtype;
+    ``expand_rows`` maps a per-row tensor [B, ...] to its positions [N, ...].
+    ``dice_gate(layer, x)``, when given, returns the logits of Dice's gate for
+    the pre-activations x [N, C, H] of hidden layer ``layer`` in place of
+    (x - mu) / sqrt(var + eps). ``preacts``, when a list, receives every hidden
+    layer's pre-activation (what the hand-written backward keeps).
     """
-    with torch.enable_grad():
-        z = z.detach().requires_grad_()
-        leaves = tuple(p.detach().requires_grad_() for p in params)
-        layer_params = leaves
-        if config.dice_batch_stats is not None:
-            layer_params = _dice_batch_params(z, leaves)
-        h = activate(z, config.activation, layer_params, config.dice_eps)
-        grads = torch.autograd.grad(h, (z,) + leaves, grad_h)
-    return h.detach(), grads[0], grads[1:]
+    w_q, w_k, w_d, w_p = split_first_layer(mlp.weights[0])
+    h = expand_rows(query @ (w_q + w_d).t() + mlp.biases[0])           # [N, C, H1]
+    h += (k_packed @ (w_k - w_d).t())[:, None, :]
+    qk = expand_rows(query) * k_packed[:, None, :]                      # [N, C, D]
+    h.flatten(0, 1).addmm_(qk.flatten(0, 1), w_p.t())
+    del qk
+    layers = zip(mlp.weights[1:], mlp.biases[1:], mlp.act_params)
+    for i, (w, b, params) in enumerate(layers):
+        if preacts is not None:
+            preacts.append(h)
+        if dice_gate is not None:
+            h = dice(h, params[0], dice_gate(i, h))
+        else:
+            h = activate(h, mlp.activation, params, mlp.dice_eps)
+        h = torch.addmm(b, h.flatten(0, 1), w.t()).view(*h.shape[:2], w.shape[0])
+    return h.squeeze(-1)
+
+
+def packed_backward(mlp: PackedMLP, packed: PackedPositions, query, keys, values, w, preacts,
+                    grad_pooled, grad_w, normalization, scale, values_are_keys):
+    """The chain rule of the padded forward, written out on the packed positions.
+
+    ``w`` [B, C, T] are the forward's attention weights and ``preacts`` its
+    hidden pre-activations. Returns (d query, d keys, d values or None when
+    the values are the keys, d weights, d biases, d act_params per layer).
+    """
+    n_layers = len(mlp.act_params)
+    # Pooling and normalization: dL/dw, then dL/ds at the valid positions.
+    grad_w_total = grad_pooled @ values.transpose(1, 2)                 # [B, C, T]
+    if grad_w is not None:
+        grad_w_total = grad_w_total + grad_w
+    w_packed = packed.gather(w.transpose(1, 2))                          # [N, C]
+    grad_v_packed = (w_packed[..., None] * packed.expand_rows(grad_pooled)).sum(1)
+    if normalization == "softmax":
+        grad_w_total = w * (grad_w_total - (w * grad_w_total).sum(-1, keepdim=True))
+    grad_next = packed.gather((grad_w_total * scale).transpose(1, 2))[..., None]
+
+    # The MLP, last layer first: grad_next is dL/d(pre-activation) of the
+    # layer that consumes layer i's output; activations are recomputed.
+    grad_weights = [None] * (n_layers + 1)
+    grad_biases = [None] * (n_layers + 1)
+    grad_params = [None] * n_layers
+    for i in reversed(range(n_layers)):
+        grad_h = grad_next @ mlp.weights[i + 1]
+        z, params = preacts[i], mlp.act_params[i]
+        h = activate(z, mlp.activation, params, mlp.dice_eps)
+        grad_weights[i + 1] = grad_next.flatten(0, 1).t() @ h.flatten(0, 1)
+        grad_biases[i + 1] = grad_next.sum((0, 1))
+        del h
+        grad_next, grad_params[i] = activation_backward(z, grad_h, mlp.activation, params,
+                                                        mlp.dice_eps)
+        del grad_h
+    grad_z = grad_next                                                   # [N, C, H1]
+    del grad_next
+
+    # The folded first layer: z1 = (W_q + W_d) q + (W_k - W_d) k + W_p (q*k) + b_1.
+    w_q, w_k, w_d, w_p = split_first_layer(mlp.weights[0])
+    k_packed = packed.gather(keys)                                       # [N, D]
+    q_packed = packed.expand_rows(query)                                 # [N, C, D]
+    grad_u = packed.sum_rows(grad_z)                                     # [B, C, H1]
+    grad_z_keys = grad_z.sum(1)                                          # [N, H1]
+    grad_fold_q = grad_u.flatten(0, 1).t() @ query.flatten(0, 1)        # d(W_q + W_d)
+    grad_fold_k = grad_z_keys.t() @ k_packed                             # d(W_k - W_d)
+    grad_w_p = grad_z.flatten(0, 1).t() @ (q_packed * k_packed[:, None, :]).flatten(0, 1)
+    grad_weights[0] = torch.cat(
+        [grad_fold_q, grad_fold_k, grad_fold_q - grad_fold_k, grad_w_p], dim=1)
+    grad_biases[0] = grad_u.sum((0, 1))
+    grad_qk = grad_z @ w_p                                               # [N, C, D]
+    del grad_z
+    grad_query = grad_u @ (w_q + w_d) + packed.sum_rows(grad_qk * k_packed[:, None, :])
+    del k_packed
+    grad_k_packed = (grad_qk * q_packed).sum(1).addmm_(grad_z_keys, w_k - w_d)
+    del grad_qk, q_packed, grad_z_keys
+    if values_are_keys:
+        grad_keys, grad_values = packed.scatter(grad_k_packed.add_(grad_v_packed)), None
+    else:
+        grad_keys, grad_values = packed.scatter(grad_k_packed), packed.scatter(grad_v_packed)
+    return grad_query, grad_keys, grad_values, grad_weights, grad_biases, grad_params
+
+
+def _padded_forward(mlp, packed, query, keys, values, normalization, scale, preacts=None,
+                    dice_gate=None):
+    """(pooled [B, C, Dv], w [B, C, T]) of a padded batch."""
+    scores = packed_scores(mlp, query, packed.gather(keys), packed.expand_rows, dice_gate,
+                           preacts)
+    dense = packed.scatter(scores).transpose(1, 2)                        # [B, C, T]
+    w = masked_normalize(dense, packed.valid, normalization, scale)
+    return w @ values, w
 
 
 class _TorchDINAttention(torch.autograd.Function):
-    """Packed, folded DIN attention with a hand-written backward.
-
-    Tensor inputs are already in the compute dtype: query [B, C, D], keys
-    [B, T, D], values [B, T, Dv], then the weights, the biases and the flat
-    activation parameters (DINProblem.act_params, concatenated layer by layer).
-    """
+    """The padded forward with ``packed_backward`` as its backward. Tensor
+    inputs are in the compute dtype: query, keys, values, then mlp.flat()."""
 
     @staticmethod
-    def forward(ctx, config, packed, query, keys, values, *tensors):
-        n_layers = config.n_layers
-        weights, biases, params = _split_tensors(tensors, n_layers)
-        w_q, w_k, w_d, w_p = split_first_layer(weights[0])
-        k_packed = packed.gather(keys)                                     # [N, D]
-        q_packed = packed.expand_rows(query)                               # [N, C, D]
-        z = packed.expand_rows(query @ (w_q + w_d).t() + biases[0])        # [N, C, H1]
-        z += (k_packed @ (w_k - w_d).t())[:, None, :]
-        z.flatten(0, 1).addmm_((q_packed * k_packed[:, None, :]).flatten(0, 1), w_p.t())
+    def forward(ctx, mlp, packed, normalization, scale, query, keys, values, *tensors):
         preacts = []
-        h = z
-        for i in range(n_layers):
-            preacts.append(h)
-            layer_params = params[i]
-            if config.dice_batch_stats is not None:
-                layer_params = _dice_batch_params(h, layer_params)
-                config.dice_batch_stats.append(
-                    (layer_params[1], layer_params[2], h.shape[0] * h.shape[1]))
-            h = activate(h, config.activation, layer_params, config.dice_eps)
-            h = torch.addmm(biases[i + 1], h.flatten(0, 1), weights[i + 1].t()) \
-                .view(*h.shape[:2], weights[i + 1].shape[0])
-        dense = packed.scatter(h.squeeze(-1)).transpose(1, 2)               # [B, C, T]
-        w = masked_normalize(dense, packed.valid, config.normalization, config.scale)
-        pooled = w @ values
-
-        ctx.config = config
-        ctx.packed = packed
-        ctx.values_are_keys = values is keys
+        pooled, w = _padded_forward(mlp, packed, query, keys, values, normalization, scale,
+                                    preacts)
+        ctx.mlp, ctx.packed, ctx.options = mlp, packed, (normalization, scale, values is keys)
         ctx.save_for_backward(query, keys, values, w, *tensors, *preacts)
         return pooled, w
 
     @staticmethod
     def backward(ctx, grad_pooled, grad_w):
-        config, packed = ctx.config, ctx.packed
-        n_layers = config.n_layers
+        normalization, scale, values_are_keys = ctx.options
         query, keys, values, w, *rest = ctx.saved_tensors
-        tensors, preacts = rest[:-n_layers], rest[-n_layers:]
-        weights, biases, params = _split_tensors(tensors, n_layers)
-
-        # Pooling and normalization: dL/dw, then dL/ds at the valid positions.
-        grad_w_total = grad_pooled @ values.transpose(1, 2)               # [B, C, T]
-        if grad_w is not None:
-            grad_w_total = grad_w_total + grad_w
-        w_packed = packed.gather(w.transpose(1, 2))                        # [N, C]
-        grad_v_packed = (w_packed[..., None] * packed.expand_rows(grad_pooled)).sum(1)
-        if config.normalization == "softmax":
-            grad_w_total = w * (grad_w_total - (w * grad_w_total).sum(-1, keepdim=True))
-        grad_next = packed.gather((grad_w_total * config.scale).transpose(1, 2))[..., None]
-
-        # The MLP, last layer first: grad_next is dL/d(pre-activation) of the
-        # layer that consumes layer i's output; activations are recomputed.
-        grad_weights = [None] * (n_layers + 1)
-        grad_biases = [None] * (n_layers + 1)
-        grad_params = [None] * n_layers
-        for i in reversed(range(n_layers)):
-            grad_h = grad_next @ weights[i + 1]
-            h, grad_z, grad_params[i] = _activation_vjp(preacts[i], params[i], grad_h, config)
-            del grad_h
-            grad_weights[i + 1] = grad_next.flatten(0, 1).t() @ h.flatten(0, 1)
-            grad_biases[i + 1] = grad_next.sum((0, 1))
-            del h
-            grad_next = grad_z
-        grad_z = grad_next                                                 # [N, C, H1]
-        del grad_next
-
-        # The folded first layer: z1 = (W_q + W_d) q + (W_k - W_d) k + W_p (q*k) + b_1.
-        w_q, w_k, w_d, w_p = split_first_layer(weights[0])
-        k_packed = packed.gather(keys)                                     # [N, D]
-        q_packed = packed.expand_rows(query)                               # [N, C, D]
-        grad_u = packed.sum_rows(grad_z)                                   # [B, C, H1]
-        grad_z_keys = grad_z.sum(1)                                        # [N, H1]
-        grad_fold_q = grad_u.flatten(0, 1).t() @ query.flatten(0, 1)      # d(W_q + W_d)
-        grad_fold_k = grad_z_keys.t() @ k_packed                           # d(W_k - W_d)
-        grad_w_p = grad_z.flatten(0, 1).t() @ (q_packed * k_packed[:, None, :]).flatten(0, 1)
-        grad_weights[0] = torch.cat(
-            [grad_fold_q, grad_fold_k, grad_fold_q - grad_fold_k, grad_w_p], dim=1)
-        grad_biases[0] = grad_u.sum((0, 1))
-        grad_qk = grad_z @ w_p                                             # [N, C, D]
-        del grad_z
-        grad_query = grad_u @ (w_q + w_d) + packed.sum_rows(grad_qk * k_packed[:, None, :])
-        del k_packed
-        grad_k_packed = (grad_qk * q_packed).sum(1).addmm_(grad_z_keys, w_k - w_d)
-        del grad_qk, q_packed, grad_z_keys
-        if ctx.values_are_keys:
-            grad_keys, grad_values = packed.scatter(grad_k_packed.add_(grad_v_packed)), None
-        else:
-            grad_keys, grad_values = packed.scatter(grad_k_packed), packed.scatter(grad_v_packed)
-        flat_grad_params = [g for layer in grad_params for g in layer]
-        return (None, None, grad_query, grad_keys, grad_values,
-                *grad_weights, *grad_biases, *flat_grad_params)
+        n_layers = len(ctx.mlp.act_params)
+        mlp = ctx.mlp.with_flat(rest[:-n_layers])
+        grad_q, grad_k, grad_v, grad_weights, grad_biases, grad_params = packed_backward(
+            mlp, ctx.packed, query, keys, values, w, rest[-n_layers:], grad_pooled, grad_w,
+            normalization, scale, values_are_keys)
+        return (None, None, None, None, grad_q, grad_k, grad_v, *grad_weights, *grad_biases,
+                *(g for layer in grad_params for g in layer))
 
 
-def torch_din_attention(problem: DINProblem, dice_batch_stats=None):
-    """Returns (pooled [B, C, Dv], weights w [B, C, T]) in the compute dtype.
-
-    With ``dice_batch_stats`` (a list), Dice normalizes each layer with the mean
-    and biased variance of its pre-activations over the valid positions, as
-    BatchNorm does in training, and appends (mu, var, count) per layer.
-    """
-    dtype = problem.compute_dtype()
-    all_valid = problem.lengths is None and problem.mask is None
-    packed = PackedPositions(problem.valid_mask(), all_valid)
-    config = _Config(problem.activation, problem.normalization, problem.scale,
-                     problem.dice_eps, len(problem.act_params), dice_batch_stats)
-    tensors = [t.to(dtype) for t in problem.weights + problem.biases]
-    # With batch statistics Dice's given mu and var (the module's running
-    # statistics, updated in place afterwards) take no part: pass only a.
-    act_params = problem.act_params if dice_batch_stats is None else \
-        [layer[:1] for layer in problem.act_params]
-    tensors += [p.to(dtype) for layer in act_params for p in layer]
+def _inputs(problem: DINProblem, dtype):
     keys = problem.keys.to(dtype)
     values = keys if problem.values is None else problem.values.to(dtype)
-    return _TorchDINAttention.apply(config, packed, problem.query.to(dtype), keys, values,
-                                    *tensors)
+    return problem.query.to(dtype), keys, values
+
+
+def torch_din_attention(problem: DINProblem, dice_gate=None):
+    """Returns (pooled [B, C, Dv], weights w [B, C, T]) in the compute dtype."""
+    dtype = problem.compute_dtype()
+    packed = PackedPositions(problem)
+    query, keys, values = _inputs(problem, dtype)
+    if dice_gate is not None:
+        # The gate's statistics are Dice's mu and var: only a is a parameter here.
+        mlp = PackedMLP.of(problem, dtype, [layer[:1] for layer in problem.act_params])
+        return _padded_forward(mlp, packed, query, keys, values, problem.normalization,
+                               problem.scale, dice_gate=dice_gate)
+    mlp = PackedMLP.of(problem, dtype)
+    return _TorchDINAttention.apply(mlp, packed, problem.normalization, problem.scale,
+                                    query, keys, values, *mlp.flat())
+
+
+def torch_din_attention_jagged(problem: JaggedDINProblem):
+    """Returns (pooled [B, C, Dv], weights w [L, C]) in the compute dtype.
+
+    The jagged values are the packed positions already: the MLP runs on them
+    as they are, and the normalization and the weighted sum reduce per
+    segment, so nothing of size [B, max_len, ...] is ever built.
+    """
+    dtype = problem.compute_dtype()
+    q = problem.query.to(dtype)
+    batch, candidates = q.shape[:2]
+    rows = problem.row_ids()
+    mlp = PackedMLP.of(problem, dtype)
+    scores = packed_scores(mlp, q, problem.keys_values.to(dtype), lambda x: x[rows])
+    scores = scores * problem.scale
+    if problem.normalization == "softmax":
+        # Per-segment softmax; the max only stabilizes, so it carries no gradient.
+        # Empty segments have no entries and so pool to zero, never NaN.
+        index = rows[:, None].expand(-1, candidates)
+        with torch.no_grad():
+            seg_max = scores.new_full((batch, candidates), float("-inf"))
+            seg_max = seg_max.scatter_reduce(0, index, scores, "amax")
+        exp = torch.exp(scores - seg_max[rows])
+        denom = exp.new_zeros(batch, candidates).index_add(0, rows, exp)
+        scores = exp / denom[rows]
+    values = problem.value_tensor.to(dtype)
+    pooled = values.new_zeros(batch, candidates, values.shape[1])
+    pooled = pooled.index_add(0, rows, scores[:, :, None] * values[:, None, :])
+    return pooled, scores
+
+
+def torch_din_attention_backward(problem: DINProblem, grad_pooled: torch.Tensor,
+                                 grad_scores: Optional[torch.Tensor] = None):
+    """The gradients of every input from d loss / d pooled [B, C, Dv] (and
+    d loss / d w [B, C, T]): the custom op's backward on the torch backend.
+
+    The op runs below autograd, so this recomputes the forward's
+    pre-activations and applies ``packed_backward``. Returns (dq, dk, dv or
+    None, dweights, dbiases, dact_params per layer), each in its input's dtype,
+    as din_fast.kernels.din_backward.din_backward does.
+    """
+    dtype = problem.compute_dtype()
+    packed = PackedPositions(problem)
+    query, keys, values = _inputs(problem, dtype)
+    mlp = PackedMLP.of(problem, dtype)
+    preacts = []
+    _, w = _padded_forward(mlp, packed, query, keys, values, problem.normalization,
+                           problem.scale, preacts)
+    dq, dk, dv, dweights, dbiases, dact = packed_backward(
+        mlp, packed, query, keys, values, w, preacts, grad_pooled.to(dtype),
+        None if grad_scores is None else grad_scores.to(dtype), problem.normalization,
+        problem.scale, values_are_keys=problem.values is None)
+    return (
+        dq.to(problem.query.dtype), dk.to(problem.keys.dtype),
+        None if dv is None else dv.to(problem.values.dtype),
+        [d.to(t.dtype) for d, t in zip(dweights, problem.weights)],
+        [d.to(t.dtype) for d, t in zip(dbiases, problem.biases)],
+        [tuple(d.to(p.dtype) for d, p in zip(grads, params))
+         for grads, params in zip(dact, problem.act_params)],
+    )

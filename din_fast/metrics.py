@@ -1,0 +1,61 @@
+"""CTR metrics: AUC (scikit-learn), GAUC as in the DIN paper, and logloss."""
+
+from __future__ import annotations
+
+import numpy as np
+from scipy.special import expit
+from sklearn.metrics import log_loss, roc_auc_score
+
+
+def auc(labels, scores) -> float:
+    return float(roc_auc_score(np.asarray(labels), np.asarray(scores)))
+
+
+def gauc(users, labels, scores) -> float:
+    """Per-user AUC averaged with weights equal to each user's number of samples.
+
+    Users whose samples are all of one class have no AUC and are skipped (their
+    weight too). Ties in score count one half, as in roc_auc_score. Computed
+    for all users at once: within each user, AUC is the Mann-Whitney statistic
+    (sum of the positives' mid-ranks - P(P+1)/2) / (P N).
+    """
+    users, labels, scores = (np.asarray(a) for a in (users, labels, scores))
+    if not (users.shape == labels.shape == scores.shape) or users.ndim != 1:
+        raise ValueError("gauc: `users`, `labels` and `scores` must be 1-D of one length; got "
+                         f"shapes {users.shape}, {labels.shape}, {scores.shape}")
+    order = np.lexsort((scores, users))
+    users, labels, scores = users[order], labels[order] > 0.5, scores[order]
+    n = len(users)
+    # Mid-rank of each sample within its user: runs of equal (user, score)
+    # share the mean of their 1-based positions inside the user's block.
+    new_user = np.r_[True, users[1:] != users[:-1]]
+    new_run = new_user | np.r_[True, scores[1:] != scores[:-1]]
+    user_start = np.maximum.accumulate(np.where(new_user, np.arange(n), 0))
+    run_id = np.cumsum(new_run) - 1
+    run_first = np.flatnonzero(new_run)
+    run_last = np.r_[run_first[1:], n] - 1
+    mid_rank = ((run_first + run_last) / 2)[run_id] - user_start + 1
+    user_id = np.cumsum(new_user) - 1
+    positives = np.bincount(user_id, weights=labels)
+    counts = np.bincount(user_id)
+    negatives = counts - positives
+    rank_sum = np.bincount(user_id, weights=np.where(labels, mid_rank, 0.0))
+    scored = (positives > 0) & (negatives > 0)
+    if not scored.any():
+        raise ValueError("gauc: every user has samples of one class only; GAUC is undefined")
+    user_auc = ((rank_sum[scored] - positives[scored] * (positives[scored] + 1) / 2)
+                / (positives[scored] * negatives[scored]))
+    return float(np.average(user_auc, weights=counts[scored]))
+
+
+def logloss(labels, probabilities) -> float:
+    return float(log_loss(np.asarray(labels), np.asarray(probabilities, dtype=np.float64),
+                          labels=[0, 1]))
+
+
+def ctr_metrics(users, labels, logits) -> dict:
+    """test_auc, test_gauc and test_logloss of a model's logits."""
+    logits = np.asarray(logits, dtype=np.float64)
+    probabilities = expit(logits)
+    return {"test_auc": auc(labels, logits), "test_gauc": gauc(users, labels, logits),
+            "test_logloss": logloss(labels, probabilities)}

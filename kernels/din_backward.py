@@ -1,0 +1,595 @@
+"""The fused backward of the DIN activation unit + attention pooling.
+
+FlashAttention's method: nothing of the forward is stored but, for softmax,
+the per-(b, c) max of the scaled scores (the exponent's offset; the kernel
+recomputes the normalizer and the row term delta itself). The kernel recomputes the MLP tile by tile from the keys, with the forward's
+folded parameters, and runs the chain rule on the spot, so no [B, C, T, H] or
+[B, C, T, 4D] tensor ever reaches memory. Positions past a row's length are
+skipped (their gradients are zero), as in the forward.
+
+One program owns whole rows (a persistent grid: rows pid, pid + P, ...), so
+the key and value gradients of a row, summed over its candidates, are written
+by one program only, and its candidates share the row's key tiles from
+cache. The weight gradients, summed over every (b, c, t), are accumulated per
+program in float32 and reduced in a fixed order on the host. No atomics: two
+backward passes give bitwise-identical gradients.
+
+The first layer goes through the fold z1 = u + k M^T, u = (W_q + W_d) q + b_1,
+M = (W_k - W_d) + W_p * q. Per (b, c) the kernel accumulates
+P = sum_t dz1_t k_t^T ([H_1, D]) and G = sum_t dz1_t ([H_1]); everything else
+of the first layer follows from them:
+    dW_q = sum G q^T,  dW_k = sum P,  dW_d = dW_q - dW_k,  dW_p = sum P * q,
+    db_1 = sum G,      dq = (W_q + W_d)^T G + colsum(W_p * P),  dk_t = M^T dz1_t.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import triton
+import triton.language as tl
+
+from din_fast.problem import DINProblem, split_first_layer
+
+from .din_forward import (MAX_HIDDEN_LAYERS, NUM_STAGES, TILE_BUDGET, TRITON_DTYPES, _mma,
+                          _unit_params, fold_parameters, interpreting, padded)
+
+# Elements of the float32 [BLOCK_T, H] tiles (several are live at once).
+BACKWARD_TILE = 4096
+
+
+@triton.jit
+def _activate_units(z, a, mu, rstd, ACTIVATION: tl.constexpr):
+    """The activations on [H, BLOCK_T] tiles (units along rows); a, mu, rstd are [H, 1]."""
+    if ACTIVATION == "sigmoid":
+        return tl.sigmoid(z)
+    elif ACTIVATION == "relu":
+        return tl.maximum(z, 0.0)
+    elif ACTIVATION == "prelu":
+        return tl.where(z > 0, z, a * z)
+    else:
+        p = tl.sigmoid((z - mu) * rstd)
+        return z * (a + p * (1.0 - a))
+
+
+@triton.jit
+def _activation_backward(z, dh, a, mu, rstd, ACTIVATION: tl.constexpr):
+    """dz, and per element the gradient terms of the unit parameters (a, mu, var).
+
+    Tiles [H, BLOCK_T]; a, mu, rstd are [H, 1] (rstd = 1/sqrt(var + eps)).
+    """
+    zero = tl.zeros_like(z)
+    if ACTIVATION == "sigmoid":
+        p = tl.sigmoid(z)
+        return dh * p * (1.0 - p), zero, zero, zero
+    elif ACTIVATION == "relu":
+        return tl.where(z > 0, dh, 0.0), zero, zero, zero
+    elif ACTIVATION == "prelu":
+        negative = z <= 0  # the a-branch of where(z > 0, z, a * z), z == 0 included
+        return tl.where(negative, dh * a, dh), tl.where(negative, dh * z, 0.0), zero, zero
+    else:
+        p = tl.sigmoid((z - mu) * rstd)
+        slope = (1.0 - a) * z * p * (1.0 - p)  # d f / d((z - mu) * rstd)
+        dz = dh * (a + p * (1.0 - a) + slope * rstd)
+        dmu = -dh * slope * rstd
+        dvar = -0.5 * dh * slope * (z - mu) * rstd * rstd * rstd
+        return dz, dh * z * (1.0 - p), dmu, dvar
+
+
+@triton.jit
+def _unit_backward(z, dh, a, mu, rstd, acc_b, acc_a, acc_mu, acc_var,
+                   ACTIVATION: tl.constexpr):
+    """dz of a hidden layer's [H, BLOCK_T] tile, its per-unit sums added to the
+    bias and (a, mu, var) accumulators."""
+    dz, da, dmu, dvar = _activation_backward(z, dh, a, mu, rstd, ACTIVATION)
+    return (dz, acc_b + tl.sum(dz, axis=1), acc_a + tl.sum(da, axis=1),
+            acc_mu + tl.sum(dmu, axis=1), acc_var + tl.sum(dvar, axis=1))
+
+
+@triton.jit
+def _deeper_layer_backward(z, dh, h_in, w, a, mu, rstd, acc_w, acc_b, acc_a, acc_mu, acc_var,
+                           IN_P: tl.constexpr, BLOCK_T: tl.constexpr,
+                           ACTIVATION: tl.constexpr, DOT_F32: tl.constexpr,
+                           GRAD_PRECISION: tl.constexpr):
+    """A hidden layer after the first (z = W h_in + b), transposed: d loss / d h_in
+    and the layer's accumulators updated."""
+    dz, acc_b, acc_a, acc_mu, acc_var = _unit_backward(z, dh, a, mu, rstd, acc_b, acc_a,
+                                                       acc_mu, acc_var, ACTIVATION)
+    # dz stays float32 (in TF32 dots): rounded to half precision here, the
+    # error would compound down the layers into the gradients that cancel.
+    acc_w = _mma(dz, tl.trans(h_in.to(w.dtype)).to(tl.float32), acc_w, DOT_F32,
+                 GRAD_PRECISION)
+    dh_in = _mma(tl.trans(w).to(tl.float32), dz, tl.zeros((IN_P, BLOCK_T), tl.float32),
+                 DOT_F32, GRAD_PRECISION)
+    return dh_in, acc_w, acc_b, acc_a, acc_mu, acc_var
+
+
+@triton.jit
+def _tile_inputs(k_ptr, v_ptr, mask_ptr, gs_ptr, b64, bc, t0, t_stop, T, D, DV, dout,
+                 HAS_MASK: tl.constexpr, HAS_GRAD_SCORES: tl.constexpr, BLOCK_T: tl.constexpr,
+                 D_P: tl.constexpr, DV_P: tl.constexpr):
+    """A tile of positions: (offsets, in range, valid, key tile [BLOCK_T, D_P], and
+    dw = d loss / d w = dout . v_t (+ gs_t))."""
+    offs_t = t0 + tl.arange(0, BLOCK_T)
+    offs_d = tl.arange(0, D_P)
+    offs_dv = tl.arange(0, DV_P)
+    t_ok = offs_t < t_stop
+    if HAS_MASK:
+        valid = t_ok & (tl.load(mask_ptr + b64 * T + offs_t, mask=t_ok, other=0) != 0)
+    else:
+        valid = t_ok
+    rows = b64 * T + offs_t
+    keys = tl.load(k_ptr + rows[:, None] * D + offs_d[None, :],
+                   mask=t_ok[:, None] & (offs_d < D)[None, :], other=0.0)
+    vals = tl.load(v_ptr + rows[:, None] * DV + offs_dv[None, :],
+                   mask=t_ok[:, None] & (offs_dv < DV)[None, :], other=0.0).to(tl.float32)
+    dw = tl.sum(vals * dout[None, :], axis=1)
+    if HAS_GRAD_SCORES:
+        dw += tl.load(gs_ptr + bc * T + offs_t, mask=t_ok, other=0.0).to(tl.float32)
+    return offs_t, t_ok, valid, keys, dw
+
+
+@triton.jit
+def _tile_forward(keys, m, u, a1, mu1, rstd1, w2, b2, a2, mu2, rstd2, w3, b3, a3, mu3, rstd3,
+                  w_out, b_out, NUM_LAYERS: tl.constexpr, ACTIVATION: tl.constexpr,
+                  BLOCK_T: tl.constexpr, H1_P: tl.constexpr, H2_P: tl.constexpr,
+                  H3_P: tl.constexpr, DOT_F32: tl.constexpr, INPUT_PRECISION: tl.constexpr):
+    """The MLP on a key tile, transposed ([H, BLOCK_T]): (z1, h1, z2, h2, z3, h3, s).
+
+    Layers the MLP lacks repeat the last one's (z, h), unused by the caller.
+    """
+    z1 = _mma(m, tl.trans(keys), tl.zeros((H1_P, BLOCK_T), tl.float32), DOT_F32,
+              INPUT_PRECISION) + u
+    h1 = _activate_units(z1, a1, mu1, rstd1, ACTIVATION)
+    z2, h2 = z1, h1
+    if NUM_LAYERS >= 2:
+        z2 = _mma(w2, h1.to(w2.dtype), tl.zeros((H2_P, BLOCK_T), tl.float32), DOT_F32,
+                  INPUT_PRECISION) + b2
+        h2 = _activate_units(z2, a2, mu2, rstd2, ACTIVATION)
+    z3, h3 = z2, h2
+    if NUM_LAYERS >= 3:
+        z3 = _mma(w3, h2.to(w3.dtype), tl.zeros((H3_P, BLOCK_T), tl.float32), DOT_F32,
+                  INPUT_PRECISION) + b3
+        h3 = _activate_units(z3, a3, mu3, rstd3, ACTIVATION)
+    return z1, h1, z2, h2, z3, h3, tl.sum(h3 * w_out, axis=0) + b_out
+
+
+@triton.jit
+def _unit_columns(unit_ptr, layer: tl.constexpr, UNIT_W: tl.constexpr, HP: tl.constexpr):
+    """A layer's (bias, a, mu, rstd) as [HP, 1] columns."""
+    bias, a, mu, rstd = _unit_params(unit_ptr, layer, 0, UNIT_W, HP)
+    return bias[:, None], a[:, None], mu[:, None], rstd[:, None]
+
+
+@triton.jit
+def _load_tile(ptr, RP: tl.constexpr, SP: tl.constexpr, TRANSPOSE: tl.constexpr):
+    """A zero-padded row-major [RP, SP] matrix (its [SP, RP] transpose with TRANSPOSE)."""
+    if TRANSPOSE:
+        return tl.load(ptr + tl.arange(0, RP)[None, :] * SP + tl.arange(0, SP)[:, None])
+    else:
+        return tl.load(ptr + tl.arange(0, RP)[:, None] * SP + tl.arange(0, SP)[None, :])
+
+
+@triton.jit
+def _add_to_tile(ptr, tile, RP: tl.constexpr, SP: tl.constexpr):
+    """ptr[RP, SP] += tile: a program's private partial, so no race and no atomics."""
+    offs = tl.arange(0, RP)[:, None] * SP + tl.arange(0, SP)[None, :]
+    tl.store(ptr + offs, tl.load(ptr + offs) + tile)
+
+
+@triton.jit
+def _store_unit_grads(ptr, layer: tl.constexpr, db, da, dmu, dvar, UNIT_W: tl.constexpr,
+                      HP: tl.constexpr):
+    """One layer's (bias, a, mu, var) gradients into a [L, 4, UNIT_W] partial."""
+    base = ptr + layer * 4 * UNIT_W + tl.arange(0, HP)
+    tl.store(base, db)
+    tl.store(base + UNIT_W, da)
+    tl.store(base + 2 * UNIT_W, dmu)
+    tl.store(base + 3 * UNIT_W, dvar)
+
+
+@triton.jit
+def din_backward_kernel(
+    q_ptr, u_ptr, k_ptr, v_ptr, len_ptr, mask_ptr,
+    wp_ptr, wa_ptr, w2_ptr, w3_ptr, unit_ptr, wout_ptr, bout_ptr,
+    dout_ptr, gs_ptr, max_ptr,
+    dq_ptr, dk_ptr, dv_ptr, g_ptr,
+    part_k_ptr, part_qk_ptr, part_w2_ptr, part_w3_ptr, part_unit_ptr, part_out_ptr,
+    B, C, T, D, DV, scale,
+    ACTIVATION: tl.constexpr, SOFTMAX: tl.constexpr, HAS_LENGTHS: tl.constexpr,
+    HAS_MASK: tl.constexpr, HAS_GRAD_SCORES: tl.constexpr, VALUES_ARE_KEYS: tl.constexpr,
+    NUM_LAYERS: tl.constexpr, DOT_F32: tl.constexpr, INPUT_PRECISION: tl.constexpr,
+    GRAD_PRECISION: tl.constexpr, BLOCK_T: tl.constexpr, D_P: tl.constexpr, DV_P: tl.constexpr, H1_P: tl.constexpr,
+    H2_P: tl.constexpr, H3_P: tl.constexpr, UNIT_W: tl.constexpr,
+):
+    """Grid (P,): program pid owns rows pid, pid + P, ...
+
+    Inputs as din_forward_kernel's (contiguous; the folded parameters padded
+    to the tile widths, with D_P rows), plus dout [B, C, DV] = d loss /
+    d pooled, gs [B, C, T] = d loss / d w and the forward's row max [B, C]
+    (softmax; the exponent's offset).
+
+    Softmax takes a first pass over the row's tiles for its normalizer and
+    delta = sum_t w_t dw_t, both from this kernel's own recomputed scores:
+    then sum_t ds_t = 0 holds to float32 rounding, where a delta from the
+    forward's half-precision output would leave a bias in every sum of ds
+    (the output bias's gradient, and the small gradients that cancel).
+    Outputs: dq [B, C, D_P] float32 (the W_p term only), dk [B, T, D] and
+    dv [B, T, DV] (float32 when C > 1: the candidates add up in place),
+    G [B, C, H1_P] float32; per program float32 partials, padded: part_k and
+    part_qk [P, H1_P, D_P] (sum of dz1 k^T and of dz1 (q*k)^T), part_w2
+    [P, H2_P, H1_P], part_w3 [P, H3_P, H2_P], part_unit [P, L, 4, UNIT_W]
+    (bias, a, mu, var), part_out [P, H_L_P + 1] (W_out, then b_out). Partials
+    start at zero.
+
+    The MLP runs transposed, units along rows and positions along columns
+    ([H, BLOCK_T] tiles): the matrices that stay in registers for the whole
+    loop (M, M^T, W_i, W_i^T) are then the left operands of the dots, which
+    the warps split by rows, rather than right operands every warp would hold
+    whole.
+    """
+    pid = tl.program_id(0)
+    programs = tl.num_programs(0)
+    dot_dtype = k_ptr.dtype.element_ty
+    offs_d = tl.arange(0, D_P)
+    offs_dv = tl.arange(0, DV_P)
+    offs_h1 = tl.arange(0, H1_P)
+    d_ok = offs_d < D
+    dv_ok = offs_dv < DV
+
+    _, a1, mu1, rstd1 = _unit_columns(unit_ptr, 0, UNIT_W, H1_P)
+    acc_b1 = tl.zeros((H1_P,), tl.float32)
+    acc_a1 = tl.zeros((H1_P,), tl.float32)
+    acc_mu1 = tl.zeros((H1_P,), tl.float32)
+    acc_var1 = tl.zeros((H1_P,), tl.float32)
+    # Absent layers' operands: placeholders _tile_forward never reads.
+    w2, b2, a2, mu2, rstd2 = a1, a1, a1, a1, a1
+    w3, b3, a3, mu3, rstd3 = a1, a1, a1, a1, a1
+    if NUM_LAYERS >= 2:
+        w2 = _load_tile(w2_ptr, H1_P, H2_P, True)                  # W_2 [H2, H1]
+        b2, a2, mu2, rstd2 = _unit_columns(unit_ptr, 1, UNIT_W, H2_P)
+        acc_w2 = tl.zeros((H2_P, H1_P), tl.float32)
+        acc_b2 = tl.zeros((H2_P,), tl.float32)
+        acc_a2 = tl.zeros((H2_P,), tl.float32)
+        acc_mu2 = tl.zeros((H2_P,), tl.float32)
+        acc_var2 = tl.zeros((H2_P,), tl.float32)
+    if NUM_LAYERS >= 3:
+        w3 = _load_tile(w3_ptr, H2_P, H3_P, True)
+        b3, a3, mu3, rstd3 = _unit_columns(unit_ptr, 2, UNIT_W, H3_P)
+        acc_w3 = tl.zeros((H3_P, H2_P), tl.float32)
+        acc_b3 = tl.zeros((H3_P,), tl.float32)
+        acc_a3 = tl.zeros((H3_P,), tl.float32)
+        acc_mu3 = tl.zeros((H3_P,), tl.float32)
+        acc_var3 = tl.zeros((H3_P,), tl.float32)
+    if NUM_LAYERS == 1:
+        HL_P: tl.constexpr = H1_P
+    elif NUM_LAYERS == 2:
+        HL_P: tl.constexpr = H2_P
+    else:
+        HL_P: tl.constexpr = H3_P
+    offs_hl = tl.arange(0, HL_P)
+    w_out = tl.load(wout_ptr + offs_hl)[:, None]
+    b_out = tl.load(bout_ptr)
+    acc_wout = tl.zeros((HL_P,), tl.float32)
+    acc_bout = tl.zeros((1,), tl.float32)
+
+    for b in range(pid, B, programs):
+        b64 = tl.cast(b, tl.int64)
+        if HAS_LENGTHS:
+            t_stop = tl.minimum(tl.maximum(tl.load(len_ptr + b64).to(tl.int32), 0), T)
+        else:
+            t_stop = T
+        # Past the length every gradient is zero: written once, never computed.
+        for t0 in range(t_stop, T, BLOCK_T):
+            offs_t = t0 + tl.arange(0, BLOCK_T)
+            rows = b64 * T + offs_t
+            tl.store(dk_ptr + rows[:, None] * D + offs_d[None, :],
+                     tl.zeros((BLOCK_T, D_P), tl.float32),
+                     mask=(offs_t < T)[:, None] & d_ok[None, :])
+            if not VALUES_ARE_KEYS:
+                tl.store(dv_ptr + rows[:, None] * DV + offs_dv[None, :],
+                         tl.zeros((BLOCK_T, DV_P), tl.float32),
+                         mask=(offs_t < T)[:, None] & dv_ok[None, :])
+
+        for c in range(0, C):
+            bc = b64 * C + c
+            q = tl.load(q_ptr + bc * D + offs_d, mask=d_ok, other=0.0).to(tl.float32)
+            u = tl.load(u_ptr + bc * H1_P + offs_h1)[:, None]
+            # The candidate's fold M = (W_k - W_d) + W_p * q, both ways round.
+            m = (_load_tile(wa_ptr, D_P, H1_P, True).to(tl.float32)
+                 + _load_tile(wp_ptr, D_P, H1_P, True).to(tl.float32) * q[None, :])
+            m_t = tl.trans(m).to(dot_dtype)                             # [D, H1]
+            m = m.to(dot_dtype)                                         # [H1, D]
+            dout = tl.load(dout_ptr + bc * DV + offs_dv, mask=dv_ok, other=0.0).to(tl.float32)
+            if SOFTMAX:
+                row_max = tl.load(max_ptr + bc)
+                row_sum = 0.0
+                delta = 0.0
+                for t0 in range(0, t_stop, BLOCK_T):
+                    offs_t, t_ok, valid, keys, dw = _tile_inputs(
+                        k_ptr, v_ptr, mask_ptr, gs_ptr, b64, bc, t0, t_stop, T, D, DV, dout,
+                        HAS_MASK, HAS_GRAD_SCORES, BLOCK_T, D_P, DV_P)
+                    s = _tile_forward(keys, m, u, a1, mu1, rstd1, w2, b2, a2, mu2, rstd2, w3,
+                                      b3, a3, mu3, rstd3, w_out, b_out, NUM_LAYERS, ACTIVATION,
+                                      BLOCK_T, H1_P, H2_P, H3_P, DOT_F32, INPUT_PRECISION)[6]
+                    e = tl.exp(tl.where(valid, scale * s - row_max, float("-inf")))
+                    row_sum += tl.sum(e, axis=0)
+                    delta += tl.sum(e * dw, axis=0)
+                inv_sum = tl.where(row_sum > 0, 1.0 / tl.where(row_sum > 0, row_sum, 1.0), 0.0)
+                delta = delta * inv_sum
+            acc_p = tl.zeros((H1_P, D_P), tl.float32)                      # P = sum dz1 k^T
+            acc_g = tl.zeros((H1_P,), tl.float32)                          # G = sum dz1
+
+            for t0 in range(0, t_stop, BLOCK_T):
+                offs_t, t_ok, valid, keys, dw = _tile_inputs(
+                    k_ptr, v_ptr, mask_ptr, gs_ptr, b64, bc, t0, t_stop, T, D, DV, dout,
+                    HAS_MASK, HAS_GRAD_SCORES, BLOCK_T, D_P, DV_P)
+                rows = b64 * T + offs_t
+                # Forward recompute of the tile, transposed: [H, BLOCK_T].
+                z1, h1, z2, h2, z3, h_last, s = _tile_forward(
+                    keys, m, u, a1, mu1, rstd1, w2, b2, a2, mu2, rstd2, w3, b3, a3, mu3, rstd3,
+                    w_out, b_out, NUM_LAYERS, ACTIVATION, BLOCK_T, H1_P, H2_P, H3_P, DOT_F32,
+                    INPUT_PRECISION)
+
+                # Pooling and normalization backward: ds = d loss / d s.
+                if SOFTMAX:
+                    w = tl.exp(tl.where(valid, scale * s - row_max, float("-inf"))) * inv_sum
+                    ds = scale * w * (dw - delta)
+                else:
+                    w = tl.where(valid, scale * s, 0.0)
+                    ds = tl.where(valid, scale * dw, 0.0)
+
+                # MLP backward, output layer first.
+                acc_wout += tl.sum(h_last * ds[None, :], axis=1)
+                acc_bout += tl.sum(ds, axis=0)
+                dh = w_out * ds[None, :]
+                if NUM_LAYERS >= 3:
+                    dh, acc_w3, acc_b3, acc_a3, acc_mu3, acc_var3 = _deeper_layer_backward(
+                        z3, dh, h2, w3, a3, mu3, rstd3, acc_w3, acc_b3, acc_a3, acc_mu3,
+                        acc_var3, H2_P, BLOCK_T, ACTIVATION, DOT_F32, GRAD_PRECISION)
+                if NUM_LAYERS >= 2:
+                    dh, acc_w2, acc_b2, acc_a2, acc_mu2, acc_var2 = _deeper_layer_backward(
+                        z2, dh, h1, w2, a2, mu2, rstd2, acc_w2, acc_b2, acc_a2, acc_mu2,
+                        acc_var2, H1_P, BLOCK_T, ACTIVATION, DOT_F32, GRAD_PRECISION)
+                dz1, acc_g, acc_a1, acc_mu1, acc_var1 = _unit_backward(
+                    z1, dh, a1, mu1, rstd1, acc_g, acc_a1, acc_mu1, acc_var1, ACTIVATION)
+                dz1 = dz1.to(dot_dtype)
+                acc_p = _mma(dz1, keys, acc_p, DOT_F32, INPUT_PRECISION)
+                dk = tl.trans(_mma(m_t, dz1, tl.zeros((D_P, BLOCK_T), tl.float32), DOT_F32,
+                                   INPUT_PRECISION))                     # [BLOCK_T, D]
+
+                # A row's key/value gradients sum over its candidates: the
+                # first candidate writes, the others add (same program).
+                dv = w[:, None] * dout[None, :]
+                if VALUES_ARE_KEYS:
+                    dk += dv
+                else:
+                    dv_ptrs = dv_ptr + rows[:, None] * DV + offs_dv[None, :]
+                    dv_mask = t_ok[:, None] & dv_ok[None, :]
+                    dv += tl.load(dv_ptrs, mask=dv_mask & (c > 0), other=0.0).to(tl.float32)
+                    tl.store(dv_ptrs, dv, mask=dv_mask)
+                dk_ptrs = dk_ptr + rows[:, None] * D + offs_d[None, :]
+                dk_mask = t_ok[:, None] & d_ok[None, :]
+                dk += tl.load(dk_ptrs, mask=dk_mask & (c > 0), other=0.0).to(tl.float32)
+                tl.store(dk_ptrs, dk, mask=dk_mask)
+
+            # Per (b, c): the query's W_p term, G for the host, the P partials.
+            wp = _load_tile(wp_ptr, D_P, H1_P, True).to(tl.float32)           # W_p [H1, D]
+            tl.store(dq_ptr + bc * D_P + offs_d, tl.sum(wp * acc_p, axis=0))
+            tl.store(g_ptr + bc * H1_P + offs_h1, acc_g)
+            acc_b1 += acc_g
+            _add_to_tile(part_k_ptr + pid * H1_P * D_P, acc_p, H1_P, D_P)
+            _add_to_tile(part_qk_ptr + pid * H1_P * D_P, acc_p * q[None, :], H1_P, D_P)
+
+    part_unit = part_unit_ptr + pid * NUM_LAYERS * 4 * UNIT_W
+    _store_unit_grads(part_unit, 0, acc_b1, acc_a1, acc_mu1, acc_var1, UNIT_W, H1_P)
+    if NUM_LAYERS >= 2:
+        _add_to_tile(part_w2_ptr + pid * H2_P * H1_P, acc_w2, H2_P, H1_P)
+        _store_unit_grads(part_unit, 1, acc_b2, acc_a2, acc_mu2, acc_var2, UNIT_W, H2_P)
+    if NUM_LAYERS >= 3:
+        _add_to_tile(part_w3_ptr + pid * H3_P * H2_P, acc_w3, H3_P, H2_P)
+        _store_unit_grads(part_unit, 2, acc_b3, acc_a3, acc_mu3, acc_var3, UNIT_W, H3_P)
+    tl.store(part_out_ptr + pid * (HL_P + 1) + offs_hl, acc_wout)
+    tl.store(part_out_ptr + pid * (HL_P + 1) + HL_P + tl.arange(0, 1), acc_bout)
+
+
+# ---------------------------------------------------------------------------
+# Host side: specialization, launch, the reduction of the partials.
+# ---------------------------------------------------------------------------
+
+@dataclass(frozen=True)
+class BackwardSpec:
+    """Everything that selects one compiled backward kernel."""
+
+    dtype: torch.dtype
+    activation: str
+    softmax: bool
+    has_lengths: bool
+    has_mask: bool
+    has_grad_scores: bool
+    values_are_keys: bool
+    hidden: tuple
+    embed_dim: int
+    value_dim: int
+    candidates: int
+    interpret: bool = False
+
+    def blocks(self):
+        """(BLOCK_T, num_warps): [BLOCK_T, H] float32 tiles within BACKWARD_TILE, half
+        that for float32 inputs (whose float32 dot operands take twice the shared
+        memory: at D=64, H=(80, 40), 172 KB at BLOCK_T=32, over sm_80's 163 KB)."""
+        widest = max(padded(h) for h in self.hidden)
+        budget = BACKWARD_TILE // (2 if self.dtype == torch.float32 else 1)
+        return max(16, min(64, budget // widest)), 8
+
+    def constexprs(self) -> dict:
+        widths = [padded(h) for h in self.hidden] + [16] * (MAX_HIDDEN_LAYERS - len(self.hidden))
+        # TF32 for float32 inputs (SPEC section 3 allows it on a GPU): with IEEE
+        # float32 dots ptxas keeps 32 registers and spills about 10 KB per thread.
+        # Half inputs: dz stays float32 (GRAD_PRECISION), in TF32 dots.
+        precision = "tf32" if self.dtype == torch.float32 else "ieee"
+        return dict(
+            ACTIVATION=self.activation, SOFTMAX=self.softmax, HAS_LENGTHS=self.has_lengths,
+            HAS_MASK=self.has_mask, HAS_GRAD_SCORES=self.has_grad_scores,
+            VALUES_ARE_KEYS=self.values_are_keys, NUM_LAYERS=len(self.hidden),
+            DOT_F32=self.interpret, INPUT_PRECISION=precision,
+            GRAD_PRECISION="tf32",
+            BLOCK_T=self.blocks()[0],
+            D_P=padded(self.embed_dim), DV_P=padded(self.value_dim),
+            H1_P=widths[0], H2_P=widths[1], H3_P=widths[2],
+            UNIT_W=max(widths[:len(self.hidden)]),
+        )
+
+    def signature(self) -> dict:
+        """Argument types for triton.compile (the AOT compile report)."""
+        io = "*" + TRITON_DTYPES[self.dtype]
+        grad = io if self.candidates == 1 else "*fp32"
+        pointers = dict(
+            q_ptr=io, u_ptr="*fp32", k_ptr=io, v_ptr=io, len_ptr="*i64", mask_ptr="*u8",
+            wp_ptr=io, wa_ptr=io, w2_ptr=io, w3_ptr=io, unit_ptr="*fp32", wout_ptr="*fp32",
+            bout_ptr="*fp32", dout_ptr=io, gs_ptr=io, max_ptr="*fp32",
+            dq_ptr="*fp32", dk_ptr=grad, dv_ptr=grad, g_ptr="*fp32",
+            **{name: "*fp32" for name in ("part_k_ptr", "part_qk_ptr", "part_w2_ptr",
+                                          "part_w3_ptr", "part_unit_ptr", "part_out_ptr")})
+        ints = "B C T D DV".split()
+        return {**pointers, **{name: "i32" for name in ints}, "scale": "fp32",
+                **{name: "constexpr" for name in self.constexprs()}}
+
+
+def backward_spec(problem: DINProblem, has_grad_scores: bool) -> BackwardSpec:
+    return BackwardSpec(
+        dtype=problem.keys.dtype, activation=problem.activation,
+        softmax=problem.normalization == "softmax", has_lengths=problem.lengths is not None,
+        has_mask=problem.mask is not None, has_grad_scores=has_grad_scores,
+        values_are_keys=problem.values is None, hidden=problem.hidden_units,
+        embed_dim=problem.keys.shape[2], value_dim=problem.value_tensor.shape[2],
+        candidates=problem.query.shape[1], interpret=interpreting(),
+    )
+
+
+def backward_unsupported_shape(embed_dim: int, hidden: tuple):
+    """Why the fused backward cannot run these widths (None when it can).
+
+    Its weight tiles and gradient accumulators ([D, H_1], [H_1, H_2],
+    [H_2, H_3], padded) stay on chip for the whole pass: each within the
+    forward's TILE_BUDGET elements, or the kernel would spill.
+    """
+    if len(hidden) > MAX_HIDDEN_LAYERS:
+        return f"{len(hidden)} hidden layers (the fused kernels take 1 to {MAX_HIDDEN_LAYERS})"
+    widths = [padded(embed_dim)] + [padded(h) for h in hidden]
+    for fan_in, fan_out in zip(widths[:-1], widths[1:]):
+        if fan_in * fan_out > TILE_BUDGET:
+            return (f"a padded weight tile of {fan_in} x {fan_out} (D={embed_dim}, "
+                    f"hidden={hidden}) over the backward's on-chip budget of "
+                    f"{TILE_BUDGET} elements")
+    return None
+
+
+def backward_unsupported(problem: DINProblem):
+    """backward_unsupported_shape for a problem."""
+    return backward_unsupported_shape(problem.keys.shape[2], problem.hidden_units)
+
+
+def _num_programs(batch: int, device: torch.device) -> int:
+    """Persistent grid: enough programs to fill the GPU, each owning several rows.
+
+    The grid shapes the reduction order, so it depends only on the batch and
+    the device: the same call is bitwise repeatable.
+    """
+    if device.type == "cuda":
+        return max(1, min(batch, 2 * torch.cuda.get_device_properties(device).multi_processor_count))
+    return max(1, min(batch, 3))
+
+
+def din_backward(problem: DINProblem, grad_pooled: torch.Tensor, row_max: torch.Tensor,
+                 grad_scores: torch.Tensor | None = None):
+    """Gradients of din_attention from the fused backward kernel.
+
+    grad_pooled is d loss / d pooled [B, C, Dv]; row_max the forward's float32
+    [B, C] max of the scaled scores (softmax; unused for normalization=None:
+    the kernel recomputes the normalizer, see din_backward_kernel);
+    grad_scores, when the weights w were returned and used, is d loss / d w
+    [B, C, T]. Returns (dq [B, C, D], dk [B, T, D],
+    dv [B, T, Dv] or None, dweights, dbiases, dact_params) in the dtypes of the
+    inputs; dact_params has per layer () / (da,) / (da, dmu, dvar).
+    """
+    reason = backward_unsupported(problem)
+    if reason is not None:
+        raise ValueError(f"din_backward: the fused backward does not support {reason}")
+    query, keys = problem.query.contiguous(), problem.keys.contiguous()
+    values = problem.value_tensor.contiguous()
+    batch, candidates, embed_dim = query.shape
+    length, value_dim = keys.shape[1], values.shape[2]
+    hidden = problem.hidden_units
+    layers = len(hidden)
+    device = keys.device
+    f32 = dict(dtype=torch.float32, device=device)
+    softmax = problem.normalization == "softmax"
+    spec = backward_spec(problem, grad_scores is not None)
+
+    constexprs = spec.constexprs()
+    d_p = constexprs["D_P"]
+    widths = [constexprs[f"H{i}_P"] for i in (1, 2, 3)]     # padded, 16 past the last layer
+    folded = fold_parameters(problem, block_d=d_p)
+    deeper = folded.deeper + [folded.w_p] * (MAX_HIDDEN_LAYERS - 1 - len(folded.deeper))
+    grad_pooled = grad_pooled.contiguous()
+    placeholder = folded.b_out
+
+    programs = _num_programs(batch, device)
+    launch = batch > 0 and candidates > 0 and length > 0
+    alloc = torch.empty if launch else torch.zeros
+    # dk/dv are summed over candidates in place: float32 unless a single candidate writes.
+    grad_dtype = keys.dtype if candidates == 1 else torch.float32
+    dq_part = alloc(batch, candidates, d_p, **f32)
+    dk = alloc(batch, length, embed_dim, dtype=grad_dtype, device=device)
+    dv = None if problem.values is None else alloc(batch, length, value_dim,
+                                                   dtype=grad_dtype, device=device)
+    g = alloc(batch, candidates, widths[0], **f32)
+    # Padded partials: the kernel writes whole tiles, the host keeps the real part.
+    part_k = torch.zeros(programs, widths[0], d_p, **f32)
+    part_qk = torch.zeros_like(part_k)
+    part_w2 = torch.zeros(programs, widths[1], widths[0], **f32)
+    part_w3 = torch.zeros(programs, widths[2], widths[1], **f32)
+    part_unit = torch.zeros(programs, layers, 4, constexprs["UNIT_W"], **f32)
+    part_out = torch.zeros(programs, widths[layers - 1] + 1, **f32)
+    if launch:
+        din_backward_kernel[(programs,)](
+            query, folded.u, keys, values,
+            problem.lengths if problem.lengths is not None else placeholder,
+            problem.mask.contiguous().view(torch.uint8) if problem.mask is not None
+            else placeholder,
+            folded.w_p, folded.w_a, deeper[0], deeper[1], folded.unit, folded.w_out,
+            folded.b_out, grad_pooled,
+            grad_scores.contiguous() if grad_scores is not None else placeholder,
+            row_max.contiguous() if softmax else placeholder,
+            dq_part, dk, dv if dv is not None else dk, g,
+            part_k, part_qk, part_w2, part_w3, part_unit, part_out,
+            batch, candidates, length, embed_dim, value_dim, problem.scale,
+            num_warps=spec.blocks()[1], num_stages=NUM_STAGES, **constexprs,
+        )
+
+    # Host epilogue: the first layer from G and the P partials; fixed-order sums.
+    h1 = hidden[0]
+    g = g[..., :h1]
+    dw_q = g.reshape(-1, h1).t() @ query.reshape(-1, embed_dim).float()
+    dw_k = part_k.sum(0)[:h1, :embed_dim]
+    dweights = [torch.cat([dw_q, dw_k, dw_q - dw_k, part_qk.sum(0)[:h1, :embed_dim]], dim=1)]
+    dweights += [part.sum(0)[:n_out, :n_in]
+                 for part, n_in, n_out in zip((part_w2, part_w3), hidden, hidden[1:])]
+    out = part_out.sum(0)
+    # Clones: the custom op may not return views of one another.
+    dweights.append(out[None, :hidden[-1]].clone())
+    unit = part_unit.sum(0)
+    dbiases = [unit[i, 0, :width].clone() for i, width in enumerate(hidden)] + [out[-1:].clone()]
+    dact = [tuple(unit[i, 1 + j, :width].clone() for j in range(len(problem.act_params[i])))
+            for i, width in enumerate(hidden)]
+    w_q, _, w_d, _ = (w.float() for w in split_first_layer(problem.weights[0]))
+    dq = dq_part[..., :embed_dim] + g @ (w_q + w_d)
+    return (
+        dq.to(query.dtype), dk.to(keys.dtype), None if dv is None else dv.to(keys.dtype),
+        [d.to(w.dtype) for d, w in zip(dweights, problem.weights)],
+        [d.to(b.dtype) for d, b in zip(dbiases, problem.biases)],
+        [tuple(d.to(p.dtype) for d, p in zip(grads, params))
+         for grads, params in zip(dact, problem.act_params)],
+    )
