@@ -88,7 +88,7 @@ def forward_specializations(quick: bool):
     if quick:
         grid = [
             (torch.bfloat16, "dice", True, 256, (200, 80), 1, False, False),
-            (torch.float32, "sigmoid", False, 256, (200, 80), 100, False, True),
+            (torch.float32, "dice", True, 256, (200, 80, 40), 100, False, True),
             (torch.float16, "prelu", True, 128, (200, 80, 40), 100, True, True),
         ]
     else:
@@ -178,25 +178,28 @@ def problems(row: dict) -> list:
     return found
 
 
-def report(archs, quick: bool, jobs: int, out=sys.stdout) -> int:
-    """Compile everything, print the table; returns the number of bad kernels."""
-    count = len(list(specializations(quick)))
-    work = [(quick, index, arch) for arch in archs for index in range(count)]
-    if jobs > 1:
-        with ProcessPoolExecutor(jobs) as pool:
-            rows = list(pool.map(_compile_job, work))
-    else:
-        rows = [_compile_job(job) for job in work]
-    width = max(len(row["label"]) for row in rows)
-    print(f"{'kernel':<{width}}  arch  warps  regs  local  stack  shared  status", file=out)
+def report(archs, quick: bool, jobs: int, match: str = "", out=sys.stdout) -> int:
+    """Compile every specialization whose label matches `match` (a regular
+    expression) and print one line per kernel as it finishes; returns the
+    number of kernels with problems."""
+    labels = [spec.label for spec in specializations(quick)]
+    work = [(quick, index, arch) for arch in archs
+            for index, label in enumerate(labels) if re.search(match, label)]
+    width = max(map(len, labels))
+    print(f"{'kernel':<{width}}  arch  warps  regs  local  stack  shared  status",
+          file=out, flush=True)
+    pool = ProcessPoolExecutor(jobs) if jobs > 1 else None
+    rows = pool.map(_compile_job, work) if pool else map(_compile_job, work)
     bad = 0
     for row in rows:
         found = problems(row)
         bad += bool(found)
         print(f"{row['label']:<{width}}  sm_{row['arch']}  {row['warps']:>5}  {row['regs']:>4}  "
               f"{row['local']:>5}  {row['stack']:>5}  {row['shared']:>6}  "
-              f"{'; '.join(found) or 'ok'}", file=out)
-    print(f"{len(rows)} kernels, {bad} with problems", file=out)
+              f"{'; '.join(found) or 'ok'}", file=out, flush=True)
+    if pool:
+        pool.shutdown()
+    print(f"{len(work)} kernels, {bad} with problems", file=out)
     return bad
 
 
@@ -208,8 +211,10 @@ def main(argv=None) -> int:
                         help="only the heaviest corners of the grid (a test runs this)")
     parser.add_argument("--jobs", type=int, default=os.cpu_count() or 1,
                         help="parallel compiles")
+    parser.add_argument("--match", default="",
+                        help="only kernels whose label matches this regular expression")
     args = parser.parse_args(argv)
-    return 1 if report(args.arch, args.quick, args.jobs) else 0
+    return 1 if report(args.arch, args.quick, args.jobs, args.match) else 0
 
 
 if __name__ == "__main__":

@@ -319,19 +319,24 @@ class ForwardSpec:
         """(BLOCK_C, BLOCK_T, BLOCK_D, CHUNK, num_warps); num_stages is NUM_STAGES.
 
         The [pairs, units] tiles and the weight tiles (first layer: BLOCK_D x
-        H1, later layers: H_in x CHUNK) each stay within TILE_BUDGET elements.
+        H1, later layers: H_in x CHUNK) each stay within the tile budget, and
+        the [pairs, BLOCK_D] key products within a quarter of it. IEEE float32
+        dots run on the FMA units with their operands in registers: half the
+        budget.
         """
+        budget = TILE_BUDGET // 2 if self.dtype == torch.float32 else TILE_BUDGET
         widths = [padded(h) for h in self.hidden]
         widest = max(widths + [padded(self.value_dim)])
         block_c = min(16, triton.next_power_of_2(self.candidates))
-        while block_c > 1 and 16 * block_c * widest > TILE_BUDGET:
+        while block_c > 1 and 16 * block_c * widest > budget:
             block_c //= 2
-        block_t = min(128, max(16, TILE_BUDGET // (block_c * widest)))
-        block_d = max(16, min(padded(self.embed_dim), TILE_BUDGET // widths[0]))
-        chunk = max(16, min(widths[1] if len(widths) > 1 else 16, TILE_BUDGET // widths[0]))
-        # Four warps: with eight, ptxas 13 parks values on the stack even at
-        # 64-128 registers for these tile sizes.
-        num_warps = 4 if block_t * block_c * widest <= TILE_BUDGET else 8
+        block_t = min(128, max(16, budget // (block_c * widest)))
+        pairs = block_t * block_c
+        block_d = max(16, min(padded(self.embed_dim), budget // widths[0], budget // (4 * pairs)))
+        chunk = max(16, min(widths[1] if len(widths) > 1 else 16, budget // widths[0]))
+        # Four warps, eight only for a tile over the budget: with eight,
+        # ptxas parks values on the stack even at 64-128 registers.
+        num_warps = 4 if pairs * widest <= budget else 8
         return block_c, block_t, block_d, chunk, num_warps
 
     def constexprs(self) -> dict:
