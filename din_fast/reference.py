@@ -23,6 +23,8 @@ def masked_normalize(scores: torch.Tensor, valid: torch.Tensor, normalization, s
     scaled = scores * scale
     if normalization is None:
         return torch.where(valid, scaled, torch.zeros_like(scaled))
+    if scaled.shape[-1] == 0:  # no history at all: nothing to take a max over
+        return scaled
     masked = torch.where(valid, scaled, torch.full_like(scaled, float("-inf")))
     row_max = masked.amax(dim=-1, keepdim=True)
     row_max = torch.where(torch.isfinite(row_max), row_max, torch.zeros_like(row_max))

@@ -107,3 +107,19 @@ def test_masked_softmax_equals_softmax_on_full_rows():
     valid = torch.ones(4, 7, dtype=torch.bool)
     expected = torch.softmax(scores * 0.5, dim=-1)
     assert torch.allclose(masked_normalize(scores, valid, "softmax", 0.5), expected)
+
+
+@pytest.mark.parametrize("backend", ["torch", "reference"])
+@pytest.mark.parametrize("normalization", [None, "softmax"])
+def test_zero_length_history_axis(backend, normalization):
+    case = make_case(3, 2, 0, 4, (5,), normalization=normalization)
+    import din_fast
+
+    kwargs = {k: v for k, v in case.items() if k not in ("query", "keys", "lengths")}
+    query = case["query"].requires_grad_()
+    out, scores = din_fast.din_attention(query, case["keys"], case["lengths"],
+                                         return_scores=True, backend=backend, **kwargs)
+    assert out.shape == (3, 2, 4) and scores.shape == (3, 2, 0)
+    assert torch.equal(out, torch.zeros_like(out))
+    out.sum().backward()
+    assert torch.equal(query.grad, torch.zeros_like(query))
