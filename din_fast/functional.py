@@ -108,6 +108,10 @@ def din_attention_jagged(query, keys_values, offsets, max_len, *, weights, biase
     the same histories padded to max_len with their lengths, without building
     the padding. Returns the pooled history [B, Dv] or [B, C, Dv], and with
     ``return_scores`` also the weights as jagged values, [L] or [L, C].
+
+    ``backend`` as in din_attention: "triton" runs the fused forward kernel on
+    the jagged values in place (its backward recomputes through the torch
+    jagged path; a fused jagged backward is future work).
     """
     problem = validate_jagged(query, keys_values, offsets, max_len, weights=weights,
                               biases=biases, activation=activation,
