@@ -172,6 +172,7 @@ def din_forward_kernel(
     t_lo = split * t_per_split
     t_hi = tl.minimum(t_lo + t_per_split, T)
     if JAGGED:
+        # 64-bit row start; the length clamped to [0, T] as lengths are below.
         row0 = tl.load(len_ptr + b)
         n = tl.minimum(tl.load(len_ptr + b + 1) - row0, T).to(tl.int32)
         t_stop = tl.maximum(tl.minimum(t_hi, n), 0)
