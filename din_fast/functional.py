@@ -12,14 +12,16 @@ from .problem import (BACKENDS, DEFAULT_DICE_EPS, DINProblem, JaggedDINProblem, 
                       validate_jagged)
 from .reference import reference_din_attention
 from .torch_backend import torch_din_attention, torch_din_attention_jagged
-from .triton_backend import triton_din_attention, triton_unsupported_reason
+from .triton_backend import (triton_din_attention, triton_din_attention_jagged,
+                             triton_unsupported_reason)
 
 BACKEND_ENV = "DIN_FAST_BACKEND"
 
 
-def resolve_backend(backend: str, problem: DINProblem) -> str:
-    """The concrete backend for a call: "auto" becomes triton (CUDA tensors, a
-    configuration the kernels support) or torch."""
+def resolve_backend(backend: str, problem) -> str:
+    """The concrete backend for a call (a DINProblem or a JaggedDINProblem):
+    "auto" becomes triton (CUDA tensors, a configuration the kernels support)
+    or torch."""
     if backend not in BACKENDS:
         raise ValueError(f"din_attention: `backend` must be one of {BACKENDS}; got {backend!r}")
     if backend == "auto":
@@ -30,7 +32,7 @@ def resolve_backend(backend: str, problem: DINProblem) -> str:
                                  f"of {BACKENDS}; got {override!r}")
             backend = override
     if backend == "auto":
-        if problem.keys.is_cuda and triton_unsupported_reason(problem) is None:
+        if problem.query.is_cuda and triton_unsupported_reason(problem) is None:
             return "triton"
         return "torch"
     return backend
@@ -81,14 +83,17 @@ def run_problem(problem: DINProblem, backend: str, dice_gate=None, need_scores=T
                                      or not torch.compiler.is_compiling()):
             pooled, scores = torch_din_attention(problem, dice_gate)
         elif backend == "triton":
-            reason = triton_unsupported_reason(problem)
-            if reason is not None:
-                raise ValueError(f"din_attention: backend='triton' cannot run this call: "
-                                 f"{reason}")
+            _require_triton(problem, "din_attention")
             pooled, scores = triton_din_attention(problem, need_scores)
         else:
             pooled, scores = run_attention_op(problem, backend, need_scores)
     return problem.shape_output(pooled, scores)
+
+
+def _require_triton(problem, function: str):
+    reason = triton_unsupported_reason(problem)
+    if reason is not None:
+        raise ValueError(f"{function}: backend='triton' cannot run this call: {reason}")
 
 
 def din_attention_jagged(query, keys_values, offsets, max_len, *, weights, biases,
@@ -103,35 +108,35 @@ def din_attention_jagged(query, keys_values, offsets, max_len, *, weights, biase
     the same histories padded to max_len with their lengths, without building
     the padding. Returns the pooled history [B, Dv] or [B, C, Dv], and with
     ``return_scores`` also the weights as jagged values, [L] or [L, C].
+
+    ``backend`` as in din_attention: "triton" runs the fused forward kernel on
+    the jagged values in place (its backward recomputes through the torch
+    jagged path; a fused jagged backward is future work).
     """
     problem = validate_jagged(query, keys_values, offsets, max_len, weights=weights,
                               biases=biases, activation=activation,
                               activation_params=activation_params, normalization=normalization,
                               scale=scale, values=values, dice_eps=dice_eps)
-    pooled, scores = run_jagged_problem(problem, _resolve_jagged_backend(backend))
+    pooled, scores = run_jagged_problem(problem, resolve_backend(backend, problem),
+                                        need_scores=return_scores)
     return (pooled, scores) if return_scores else pooled
 
 
-def _resolve_jagged_backend(backend: str) -> str:
-    if backend not in BACKENDS:
-        raise ValueError(f"din_attention: `backend` must be one of {BACKENDS}; got {backend!r}")
-    if backend == "auto":
-        override = os.environ.get(BACKEND_ENV)
-        # No fused jagged kernel yet: "auto" never picks triton here.
-        return override if override in ("torch", "reference") else "torch"
-    return backend
+def run_jagged_problem(problem: JaggedDINProblem, backend: str, need_scores=True):
+    """Run a validated jagged problem; outputs in the keys' dtype. Without
+    ``need_scores`` the triton backend returns None for the scores.
 
-
-def run_jagged_problem(problem: JaggedDINProblem, backend: str):
-    """Run a validated jagged problem; outputs in the keys' dtype."""
+    backend="triton" runs the fused forward on the jagged values in place; its
+    backward recomputes through the torch jagged path (triton_backend).
+    """
     with _autocast_off(problem.keys_values.device):
         if backend == "torch":
             pooled, scores = torch_din_attention_jagged(problem)
         elif backend == "reference":
             pooled, scores = _reference_jagged(problem)
         else:
-            raise ValueError(f"din_attention_jagged: backend={backend!r} does not take jagged "
-                             "input yet; use backend='torch' (or 'auto')")
+            _require_triton(problem, "din_attention_jagged")
+            pooled, scores = triton_din_attention_jagged(problem, need_scores)
     return problem.shape_output(pooled, scores)
 
 

@@ -11,7 +11,7 @@ import dataclasses
 import math
 import numbers
 from dataclasses import dataclass
-from typing import Optional, Sequence
+from typing import ClassVar, Optional, Sequence
 
 import torch
 
@@ -28,7 +28,12 @@ class UnitAndOptions:
     layers and the call's options. ``act_params`` has one entry per hidden
     layer: () for sigmoid/relu, (a,) for prelu, (a, mu, var) for dice, each a
     vector of that layer's width; ``squeeze_candidates`` remembers a 2-D query.
+
+    A subclass holds ``query``, ``values`` and its history tensor, named by
+    HISTORY (the keys in its own layout).
     """
+
+    HISTORY: ClassVar[str]
 
     weights: list
     biases: list
@@ -39,25 +44,6 @@ class UnitAndOptions:
     dice_eps: float
     squeeze_candidates: bool
 
-
-@dataclass
-class DINProblem(UnitAndOptions):
-    """One din_attention call, validated and in canonical form.
-
-    query is [B, C, D]; keys [B, T, D]; values [B, T, Dv] or None (the keys
-    serve as values); at most one of lengths [B] int64 and mask [B, T] bool.
-    """
-
-    query: torch.Tensor
-    keys: torch.Tensor
-    values: Optional[torch.Tensor]
-    lengths: Optional[torch.Tensor]
-    mask: Optional[torch.Tensor]
-
-    @property
-    def value_tensor(self) -> torch.Tensor:
-        return self.keys if self.values is None else self.values
-
     @property
     def hidden_units(self) -> tuple:
         return tuple(w.shape[0] for w in self.weights[:-1])
@@ -65,13 +51,14 @@ class DINProblem(UnitAndOptions):
     def float_tensors(self) -> list:
         """The tensors that may take gradients, in a fixed order: query, keys,
         values (if given), weights, biases, activation parameters."""
-        tensors = [self.query, self.keys] + ([] if self.values is None else [self.values])
+        tensors = [self.query, getattr(self, self.HISTORY)]
+        tensors += [] if self.values is None else [self.values]
         tensors += self.weights + self.biases
         for params in self.act_params:
             tensors += list(params)
         return tensors
 
-    def with_float_tensors(self, tensors) -> "DINProblem":
+    def with_float_tensors(self, tensors):
         """A copy holding ``tensors`` (in float_tensors' order) in their places."""
         rest = iter(tensors)
 
@@ -82,8 +69,29 @@ class DINProblem(UnitAndOptions):
         values = None if self.values is None else next(rest)
         weights, biases = take(len(self.weights)), take(len(self.biases))
         act_params = [tuple(take(len(params))) for params in self.act_params]
-        return dataclasses.replace(self, query=query, keys=keys, values=values,
+        return dataclasses.replace(self, query=query, **{self.HISTORY: keys}, values=values,
                                    weights=weights, biases=biases, act_params=act_params)
+
+
+@dataclass
+class DINProblem(UnitAndOptions):
+    """One din_attention call, validated and in canonical form.
+
+    query is [B, C, D]; keys [B, T, D]; values [B, T, Dv] or None (the keys
+    serve as values); at most one of lengths [B] int64 and mask [B, T] bool.
+    """
+
+    HISTORY: ClassVar[str] = "keys"
+
+    query: torch.Tensor
+    keys: torch.Tensor
+    values: Optional[torch.Tensor]
+    lengths: Optional[torch.Tensor]
+    mask: Optional[torch.Tensor]
+
+    @property
+    def value_tensor(self) -> torch.Tensor:
+        return self.keys if self.values is None else self.values
 
     def valid_mask(self) -> torch.Tensor:
         """[B, T] bool, True where a history position takes part."""
@@ -419,6 +427,8 @@ class JaggedDINProblem(UnitAndOptions):
     back to back, row b's at ``offsets[b]:offsets[b + 1]`` (TorchRec's /
     FBGEMM's jagged layout); values [L, Dv] or None likewise.
     """
+
+    HISTORY: ClassVar[str] = "keys_values"
 
     query: torch.Tensor
     keys_values: torch.Tensor

@@ -71,7 +71,8 @@ def forward_specialization(spec: ForwardSpec) -> Specialization:
     dtype = str(spec.dtype).replace("torch.", "")
     label = (f"forward {dtype} {spec.activation} {'softmax' if spec.softmax else 'none'} "
              f"D={spec.embed_dim} H={spec.hidden} C={spec.candidates}"
-             f"{' split' if spec.split else ''}{' scores' if spec.need_scores else ''}")
+             f"{' split' if spec.split else ''}{' scores' if spec.need_scores else ''}"
+             f"{' jagged' if spec.jagged else ''}")
     return Specialization(label, din_forward_kernel, spec.signature(), spec.constexprs(),
                           spec.blocks()[-1], NUM_STAGES, spec.aligned())
 
@@ -101,6 +102,28 @@ def forward_specializations(quick: bool):
             dtype=dtype, activation=act, softmax=softmax, has_lengths=True, has_mask=False,
             need_scores=scores, hidden=hidden, embed_dim=dim, value_dim=dim,
             candidates=cands, split=split))
+
+
+@register
+def jagged_forward_specializations(quick: bool):
+    """The forward on jagged input (rows from offsets, scores [L, C]) at D = 64,
+    H = (80, 40): bfloat16 / float32 x sigmoid / dice x None / softmax at C = 1,
+    plus C = 100 split with scores. The quick subset keeps the last two.
+
+    Not here: float32 dice with scores, which ptxas compiles to 80 registers
+    and 16 bytes of stack on sm_80, jagged or padded alike (the padded
+    "forward float32 dice none D=64 H=(80, 40) C=1 scores" does the same).
+    """
+    grid = [(dtype, act, softmax, 1, False, False)
+            for dtype, act, softmax in product((torch.bfloat16, torch.float32),
+                                               ("sigmoid", "dice"), (False, True))]
+    grid += [(torch.bfloat16, "dice", True, 100, True, True),
+             (torch.float32, "sigmoid", True, 100, True, True)]
+    for dtype, act, softmax, cands, split, scores in (grid[-2:] if quick else grid):
+        yield forward_specialization(ForwardSpec(
+            dtype=dtype, activation=act, softmax=softmax, has_lengths=True, has_mask=False,
+            need_scores=scores, hidden=(80, 40), embed_dim=64, value_dim=64,
+            candidates=cands, split=split, jagged=True))
 
 
 def backward_specialization(spec: BackwardSpec) -> Specialization:

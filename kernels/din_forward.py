@@ -27,7 +27,7 @@ import torch
 import triton
 import triton.language as tl
 
-from din_fast.problem import DINProblem, split_first_layer
+from din_fast.problem import DINProblem, JaggedDINProblem, split_first_layer
 from din_fast.triton_backend import MAX_HIDDEN_LAYERS
 
 
@@ -137,6 +137,7 @@ def din_forward_kernel(
     ACTIVATION: tl.constexpr, SOFTMAX: tl.constexpr, HAS_LENGTHS: tl.constexpr,
     HAS_MASK: tl.constexpr, NEED_SCORES: tl.constexpr, NUM_LAYERS: tl.constexpr,
     SPLIT: tl.constexpr, DOT_F32: tl.constexpr, INPUT_PRECISION: tl.constexpr,
+    JAGGED: tl.constexpr,
     BLOCK_C: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_D: tl.constexpr,
     DV_P: tl.constexpr, H1_P: tl.constexpr, H2_P: tl.constexpr, H3_P: tl.constexpr,
     UNIT_W: tl.constexpr, CHUNK: tl.constexpr,
@@ -150,6 +151,11 @@ def din_forward_kernel(
     scores [B, C, T] float32: scale*s where valid, else 0 (None) or -inf
     (softmax, normalized by the host with the row stats).
     With SPLIT, pooled is the unnormalized float32 partial of this split.
+
+    JAGGED: keys [L, D] and values [L, DV] hold the rows back to back, row b at
+    positions offsets[b]:offsets[b + 1] (len_ptr: offsets [B + 1] int64, read
+    with HAS_LENGTHS); T is the longest row the launch allows, stride_kb and
+    stride_vb are unused, and scores are jagged [L, C] (nothing past a row).
     """
     PAIRS: tl.constexpr = BLOCK_T * BLOCK_C
     pid = tl.program_id(0)
@@ -165,7 +171,12 @@ def din_forward_kernel(
     # The positions this program owns, and the row's valid prefix.
     t_lo = split * t_per_split
     t_hi = tl.minimum(t_lo + t_per_split, T)
-    if HAS_LENGTHS:
+    if JAGGED:
+        # 64-bit row start; the length clamped to [0, T] as lengths are below.
+        row0 = tl.load(len_ptr + b)
+        n = tl.minimum(tl.load(len_ptr + b + 1) - row0, T).to(tl.int32)
+        t_stop = tl.maximum(tl.minimum(t_hi, n), 0)
+    elif HAS_LENGTHS:
         n = tl.load(len_ptr + b).to(tl.int32)
         t_stop = tl.minimum(t_hi, tl.maximum(tl.minimum(n, T), 0))
     else:
@@ -177,9 +188,14 @@ def din_forward_kernel(
     row_sum = tl.zeros((BLOCK_C,), tl.float32)
     acc = tl.zeros((BLOCK_C, DV_P), tl.float32)
     q_row = q_ptr + b * stride_qb + offs_c[:, None] * stride_qc
-    k_row = k_ptr + b * stride_kb
-    v_row = v_ptr + b * stride_vb
-    scores_row = scores_ptr + (b * C + offs_c)[None, :].to(tl.int64) * T
+    if JAGGED:
+        k_row = k_ptr + row0 * stride_kt
+        v_row = v_ptr + row0 * stride_vt
+        scores_row = scores_ptr + row0 * C + offs_c[None, :]
+    else:
+        k_row = k_ptr + b * stride_kb
+        v_row = v_ptr + b * stride_vb
+        scores_row = scores_ptr + (b * C + offs_c)[None, :].to(tl.int64) * T
 
     for t0 in range(t_lo, t_stop, BLOCK_T):
         offs_t = t0 + tl.arange(0, BLOCK_T)
@@ -248,10 +264,14 @@ def din_forward_kernel(
             # Too few candidates for a tensor-core tile: a broadcast sum.
             acc += tl.sum(w[:, :, None] * v[:, None, :].to(tl.float32), axis=0)
         if NEED_SCORES:
-            tl.store(scores_row + offs_t[:, None], s,
+            if JAGGED:
+                score_ptrs = scores_row + offs_t[:, None] * C
+            else:
+                score_ptrs = scores_row + offs_t[:, None]
+            tl.store(score_ptrs, s,
                      mask=(offs_t[:, None] < t_stop) & c_ok[None, :])
 
-    if NEED_SCORES:
+    if NEED_SCORES and not JAGGED:
         # Positions past the row's length are skipped above but still written.
         if SOFTMAX:
             fill = float("-inf")
@@ -314,6 +334,7 @@ class ForwardSpec:
     split: bool
     interpret: bool = False
     tf32: bool = False
+    jagged: bool = False
 
     def blocks(self):
         """(BLOCK_C, BLOCK_T, BLOCK_D, CHUNK, num_warps); num_stages is NUM_STAGES.
@@ -350,6 +371,7 @@ class ForwardSpec:
             ACTIVATION=self.activation, SOFTMAX=self.softmax, HAS_LENGTHS=self.has_lengths,
             HAS_MASK=self.has_mask, NEED_SCORES=self.need_scores, NUM_LAYERS=len(self.hidden),
             SPLIT=self.split, DOT_F32=self.interpret, INPUT_PRECISION=precision,
+            JAGGED=self.jagged,
             BLOCK_C=block_c, BLOCK_T=block_t, BLOCK_D=block_d, DV_P=padded(self.value_dim),
             H1_P=widths[0], H2_P=widths[1], H3_P=widths[2], UNIT_W=max(widths), CHUNK=chunk,
         )
@@ -381,16 +403,20 @@ class ForwardSpec:
         return tuple(names + ["T", "stride_mb"])
 
 
-def forward_spec(problem: DINProblem, need_scores: bool, split: bool) -> ForwardSpec:
-    values = problem.value_tensor
+def forward_spec(problem, need_scores: bool, split: bool) -> ForwardSpec:
+    """The specialization for a DINProblem or a JaggedDINProblem (offsets read
+    as lengths, never a mask)."""
+    jagged = isinstance(problem, JaggedDINProblem)
+    query = problem.query
     return ForwardSpec(
-        dtype=problem.keys.dtype, activation=problem.activation,
-        softmax=problem.normalization == "softmax", has_lengths=problem.lengths is not None,
-        has_mask=problem.mask is not None, need_scores=need_scores,
-        hidden=problem.hidden_units, embed_dim=problem.keys.shape[2],
-        value_dim=values.shape[2], candidates=problem.query.shape[1], split=split,
+        dtype=query.dtype, activation=problem.activation,
+        softmax=problem.normalization == "softmax",
+        has_lengths=jagged or problem.lengths is not None,
+        has_mask=not jagged and problem.mask is not None, need_scores=need_scores,
+        hidden=problem.hidden_units, embed_dim=query.shape[2],
+        value_dim=problem.value_tensor.shape[-1], candidates=query.shape[1], split=split,
         interpret=interpreting(),
-        tf32=problem.keys.is_cuda and torch.backends.cuda.matmul.allow_tf32,
+        tf32=query.is_cuda and torch.backends.cuda.matmul.allow_tf32, jagged=jagged,
     )
 
 
@@ -418,16 +444,17 @@ def _pad(tensor: torch.Tensor, shape, dtype) -> torch.Tensor:
     return out
 
 
-def fold_parameters(problem: DINProblem, block_d: int) -> FoldedParameters:
-    dtype = problem.keys.dtype
+def fold_parameters(problem, block_d: int) -> FoldedParameters:
+    """For a DINProblem or a JaggedDINProblem: reads the query and the parameters."""
+    dtype = problem.query.dtype
     f32 = torch.float32
     hidden = problem.hidden_units
     widths = [padded(h) for h in hidden]
-    rows = triton.cdiv(problem.keys.shape[2], block_d) * block_d
+    rows = triton.cdiv(problem.query.shape[2], block_d) * block_d
     w_q, w_k, w_d, w_p = (w.to(f32) for w in split_first_layer(problem.weights[0]))
     u = problem.query.to(f32) @ _pad((w_q + w_d).t(), (w_q.shape[1], widths[0]), f32) \
         + _pad(problem.biases[0], (widths[0],), f32)
-    unit = torch.zeros(len(hidden), 4, max(widths), dtype=f32, device=problem.keys.device)
+    unit = torch.zeros(len(hidden), 4, max(widths), dtype=f32, device=problem.query.device)
     for i, (width, bias, params) in enumerate(zip(hidden, problem.biases, problem.act_params)):
         unit[i, 0, :width] = bias.to(f32)
         if problem.activation in ("prelu", "dice"):
@@ -474,7 +501,8 @@ def combine_splits(partial, part_max, part_sum):
 
 
 def normalize_scores(raw, row_max, row_sum):
-    """Softmax weights from the kernel's scaled scores (-inf where invalid)."""
+    """Softmax weights from the kernel's scaled scores (-inf where invalid); the
+    statistics broadcast against raw without its last axis."""
     weights = torch.exp(raw - row_max[..., None])
     return weights / torch.where(row_sum > 0, row_sum, 1.0)[..., None]
 
@@ -495,10 +523,50 @@ def din_forward(problem: DINProblem, need_scores: bool, num_splits=None):
     normalization=None both are empty.
     """
     keys = problem.keys.contiguous()
-    query = problem.query.contiguous()
     values = problem.value_tensor.contiguous()
-    batch, length, embed_dim = keys.shape
-    candidates, value_dim = query.shape[1], values.shape[2]
+    mask = problem.mask.contiguous().view(torch.uint8) if problem.mask is not None else None
+    batch, length = keys.shape[:2]
+    pooled, scores, row_max, row_sum = _launch(
+        problem, keys, values, problem.lengths, mask, length,
+        (keys.stride(0), values.stride(0), 0 if mask is None else mask.stride(0)),
+        (batch, problem.query.shape[1], length), need_scores, num_splits)
+    if need_scores and problem.normalization == "softmax":
+        scores = normalize_scores(scores, row_max, row_sum)
+    return pooled, scores, row_max, row_sum
+
+
+def din_forward_jagged(problem: JaggedDINProblem, need_scores: bool, num_splits=None):
+    """din_forward on jagged histories, read in place: row b is positions
+    offsets[b]:offsets[b + 1] of keys_values [L, D] (and values [L, Dv]).
+
+    Returns (pooled [B, C, Dv] in the keys' dtype, w [L, C] float32 or None,
+    row_max, row_sum) with din_forward's meaning of the statistics.
+    """
+    keys = problem.keys_values.contiguous()
+    values = problem.value_tensor.contiguous()
+    # No row is longer than max_len, nor than all positions together.
+    length = min(problem.max_len, keys.shape[0])
+    pooled, scores, row_max, row_sum = _launch(
+        problem, keys, values, problem.offsets.contiguous(), None, length, (0, 0, 0),
+        (keys.shape[0], problem.query.shape[1]), need_scores, num_splits)
+    if need_scores and problem.normalization == "softmax":
+        rows = problem.row_ids()
+        scores = normalize_scores(scores[..., None], row_max[rows], row_sum[rows])[..., 0]
+    return pooled, scores, row_max, row_sum
+
+
+def _launch(problem, keys, values, lengths, mask, length, row_strides, scores_shape,
+            need_scores, num_splits):
+    """The launch behind both layouts: (pooled, raw scores or None, row_max, row_sum).
+
+    keys / values are contiguous with positions on dim -2; lengths is the
+    lengths [B] (padded) or the offsets [B + 1] (jagged), mask uint8 [B, T] or
+    None; length is the longest row (T); row_strides = (stride_kb, stride_vb,
+    stride_mb), unused by the jagged layout.
+    """
+    query = problem.query.contiguous()
+    batch, candidates, embed_dim = query.shape
+    value_dim = values.shape[-1]
     hidden = problem.hidden_units
     device = keys.device
     softmax = problem.normalization == "softmax"
@@ -518,10 +586,10 @@ def din_forward(problem: DINProblem, need_scores: bool, num_splits=None):
     folded = fold_parameters(problem, block_d)
     deeper = folded.deeper + [folded.w_p] * (MAX_HIDDEN_LAYERS - 1 - len(folded.deeper))
     # Absent lengths / mask: one-element placeholders the kernel never reads.
-    lengths = problem.lengths if problem.lengths is not None \
-        else keys.new_zeros(1, dtype=torch.int64)
-    mask = problem.mask.contiguous().view(torch.uint8) if problem.mask is not None \
-        else keys.new_zeros(1, dtype=torch.uint8)
+    if lengths is None:
+        lengths = keys.new_zeros(1, dtype=torch.int64)
+    if mask is None:
+        mask = keys.new_zeros(1, dtype=torch.uint8)
 
     # normalization=None has no row stats: one-element placeholders, never read.
     stats_shape = (splits, batch, candidates) if softmax else (1,)
@@ -529,7 +597,8 @@ def din_forward(problem: DINProblem, need_scores: bool, num_splits=None):
                       f32 if splits > 1 else keys.dtype, device)
     part_max = allocate(stats_shape, f32, device)
     part_sum = allocate(stats_shape, f32, device)
-    scores = allocate((batch, candidates, length), f32, device) if need_scores else part_max
+    scores = allocate(scores_shape, f32, device) if need_scores else part_max
+    stride_kb, stride_vb, stride_mb = row_strides
     if batch * candidates and length:
         din_forward_kernel[(programs, splits)](
             query, folded.u, keys, values, lengths, mask,
@@ -537,8 +606,8 @@ def din_forward(problem: DINProblem, need_scores: bool, num_splits=None):
             folded.b_out, pooled, scores, part_max, part_sum,
             batch, candidates, length, embed_dim, value_dim,
             hidden[1] if len(hidden) > 1 else 1, t_per_split,
-            query.stride(0), query.stride(1), keys.stride(0), keys.stride(1),
-            values.stride(0), values.stride(1), mask.stride(0) if mask.dim() == 2 else 0,
+            query.stride(0), query.stride(1), stride_kb, keys.stride(-2),
+            stride_vb, values.stride(-2), stride_mb,
             problem.scale, num_warps=num_warps, num_stages=NUM_STAGES, **constexprs,
         )
     else:
@@ -553,7 +622,4 @@ def din_forward(problem: DINProblem, need_scores: bool, num_splits=None):
         pooled, row_max, row_sum = combine_splits(pooled, part_max, part_sum)
     else:
         pooled, row_max, row_sum = pooled[0], part_max[0], part_sum[0]
-    pooled = pooled.to(keys.dtype)
-    if need_scores and softmax:
-        scores = normalize_scores(scores, row_max, row_sum)
-    return pooled, (scores if need_scores else None), row_max, row_sum
+    return pooled.to(keys.dtype), (scores if need_scores else None), row_max, row_sum

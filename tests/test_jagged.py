@@ -89,7 +89,8 @@ def test_equals_padded_call(activation, normalization, candidates, separate_valu
         torch.testing.assert_close(g, e, rtol=1e-10, atol=1e-12)
 
 
-def test_never_builds_the_padding():
+@pytest.mark.parametrize("backend", ["torch", "triton"])
+def test_never_builds_the_padding(backend):
     """max_len = 10**12: anything padded to it could not even be allocated."""
     generator = torch.Generator().manual_seed(0)
     weights, biases, _ = _parameters("sigmoid", generator)
@@ -100,7 +101,8 @@ def test_never_builds_the_padding():
     query = torch.randn(B, D, requires_grad=True)
     for normalization in (None, "softmax"):
         out = din_fast.din_attention_jagged(query, keys, offsets, 10**12, weights=weights,
-                                            biases=biases, normalization=normalization)
+                                            biases=biases, normalization=normalization,
+                                            backend=backend)
         out.sum().backward()
         assert out.shape == (B, D)
         assert torch.equal(out[1], torch.zeros(D))  # the empty row
@@ -127,10 +129,12 @@ def test_bad_offsets_raise(offsets, max_len, error, match):
                                       biases=biases)
 
 
-def test_triton_says_not_yet():
+def test_triton_says_why_it_cannot_run_float64():
+    """The fused jagged forward takes float32 / float16 / bfloat16 (its tests:
+    test_jagged_triton.py); float64 raises by name on backend='triton'."""
     generator = torch.Generator().manual_seed(2)
     weights, biases, _ = _parameters("sigmoid", generator)
-    with pytest.raises(ValueError, match="jagged input"):
+    with pytest.raises(ValueError, match="backend='triton' cannot run this call: .*float64"):
         din_fast.din_attention_jagged(torch.randn(1, D, dtype=torch.float64),
                                       torch.randn(2, D, dtype=torch.float64),
                                       torch.tensor([0, 2]), 2, weights=weights, biases=biases,
