@@ -35,9 +35,6 @@ from din_fast.problem import DINProblem, split_first_layer
 from .din_forward import (MAX_HIDDEN_LAYERS, NUM_STAGES, TILE_BUDGET, TRITON_DTYPES, _mma,
                           _unit_params, fold_parameters, interpreting, padded)
 
-# Elements of the float32 [BLOCK_T, H] tiles (several are live at once).
-BACKWARD_TILE = 4096
-
 
 @triton.jit
 def _activate_units(z, a, mu, rstd, ACTIVATION: tl.constexpr):
@@ -199,6 +196,7 @@ def din_backward_kernel(
     B, C, T, D, DV, scale,
     ACTIVATION: tl.constexpr, SOFTMAX: tl.constexpr, HAS_LENGTHS: tl.constexpr,
     HAS_MASK: tl.constexpr, HAS_GRAD_SCORES: tl.constexpr, VALUES_ARE_KEYS: tl.constexpr,
+    MULTI_CANDIDATE: tl.constexpr,
     NUM_LAYERS: tl.constexpr, DOT_F32: tl.constexpr, INPUT_PRECISION: tl.constexpr,
     GRAD_PRECISION: tl.constexpr, BLOCK_T: tl.constexpr, D_P: tl.constexpr, DV_P: tl.constexpr, H1_P: tl.constexpr,
     H2_P: tl.constexpr, H3_P: tl.constexpr, UNIT_W: tl.constexpr,
@@ -367,11 +365,13 @@ def din_backward_kernel(
                 else:
                     dv_ptrs = dv_ptr + rows[:, None] * DV + offs_dv[None, :]
                     dv_mask = t_ok[:, None] & dv_ok[None, :]
-                    dv += tl.load(dv_ptrs, mask=dv_mask & (c > 0), other=0.0).to(tl.float32)
+                    if MULTI_CANDIDATE:
+                        dv += tl.load(dv_ptrs, mask=dv_mask & (c > 0), other=0.0).to(tl.float32)
                     tl.store(dv_ptrs, dv, mask=dv_mask)
                 dk_ptrs = dk_ptr + rows[:, None] * D + offs_d[None, :]
                 dk_mask = t_ok[:, None] & d_ok[None, :]
-                dk += tl.load(dk_ptrs, mask=dk_mask & (c > 0), other=0.0).to(tl.float32)
+                if MULTI_CANDIDATE:
+                    dk += tl.load(dk_ptrs, mask=dk_mask & (c > 0), other=0.0).to(tl.float32)
                 tl.store(dk_ptrs, dk, mask=dk_mask)
 
             # Per (b, c): the query's W_p term, G for the host, the P partials.
@@ -379,8 +379,13 @@ def din_backward_kernel(
             tl.store(dq_ptr + bc * D_P + offs_d, tl.sum(wp * acc_p, axis=0))
             tl.store(g_ptr + bc * H1_P + offs_h1, acc_g)
             acc_b1 += acc_g
-            _add_to_tile(part_k_ptr + pid * H1_P * D_P, acc_p, H1_P, D_P)
-            _add_to_tile(part_qk_ptr + pid * H1_P * D_P, acc_p * q[None, :], H1_P, D_P)
+            # This program's partial, indexed by b % P (== pid): an address
+            # computed from the loop variable, so the compiler cannot hoist
+            # the tile's pointers out of the loops and hold them in registers
+            # all along (they spilled to the stack when indexed by pid).
+            slot = b % programs
+            _add_to_tile(part_k_ptr + slot * H1_P * D_P, acc_p, H1_P, D_P)
+            _add_to_tile(part_qk_ptr + slot * H1_P * D_P, acc_p * q[None, :], H1_P, D_P)
 
     part_unit = part_unit_ptr + pid * NUM_LAYERS * 4 * UNIT_W
     _store_unit_grads(part_unit, 0, acc_b1, acc_a1, acc_mu1, acc_var1, UNIT_W, H1_P)
@@ -416,12 +421,17 @@ class BackwardSpec:
     interpret: bool = False
 
     def blocks(self):
-        """(BLOCK_T, num_warps): [BLOCK_T, H] float32 tiles within BACKWARD_TILE, half
-        that for float32 inputs (whose float32 dot operands take twice the shared
-        memory: at D=64, H=(80, 40), 172 KB at BLOCK_T=32, over sm_80's 163 KB)."""
-        widest = max(padded(h) for h in self.hidden)
-        budget = BACKWARD_TILE // (2 if self.dtype == torch.float32 else 1)
-        return max(16, min(64, budget // widest)), 8
+        """(BLOCK_T, num_warps).
+
+        The dots form one chain, for which Triton gives every dot the same
+        MMA layout with all warps along the rows (units, or D): the right
+        operands ([K, BLOCK_T] activation tiles) are then held whole by every
+        warp, and so is the [BLOCK_T, N] key tile of the weight-gradient dot.
+        Their registers grow with BLOCK_T, the weight tiles stay in shared
+        memory: the smallest tile (16, tl.dot's minimum) and eight warps keep
+        the loop within 255 registers (python -m din_fast.kernels.aot).
+        """
+        return 16, 8
 
     def constexprs(self) -> dict:
         widths = [padded(h) for h in self.hidden] + [16] * (MAX_HIDDEN_LAYERS - len(self.hidden))
@@ -432,7 +442,8 @@ class BackwardSpec:
         return dict(
             ACTIVATION=self.activation, SOFTMAX=self.softmax, HAS_LENGTHS=self.has_lengths,
             HAS_MASK=self.has_mask, HAS_GRAD_SCORES=self.has_grad_scores,
-            VALUES_ARE_KEYS=self.values_are_keys, NUM_LAYERS=len(self.hidden),
+            VALUES_ARE_KEYS=self.values_are_keys, MULTI_CANDIDATE=self.candidates > 1,
+            NUM_LAYERS=len(self.hidden),
             DOT_F32=self.interpret, INPUT_PRECISION=precision,
             GRAD_PRECISION="tf32",
             BLOCK_T=self.blocks()[0],
