@@ -104,8 +104,9 @@ def _deeper_layer_backward(z, dh, h_in, w, a, mu, rstd, acc_w, acc_b, acc_a, acc
 
 @triton.jit
 def _tile_inputs(k_ptr, v_ptr, mask_ptr, gs_ptr, b64, bc, t0, t_stop, T, D, DV, dout,
-                 HAS_MASK: tl.constexpr, HAS_GRAD_SCORES: tl.constexpr, BLOCK_T: tl.constexpr,
-                 D_P: tl.constexpr, DV_P: tl.constexpr):
+                 HAS_MASK: tl.constexpr, HAS_GRAD_SCORES: tl.constexpr,
+                 VALUES_ARE_KEYS: tl.constexpr, BLOCK_T: tl.constexpr, D_P: tl.constexpr,
+                 DV_P: tl.constexpr):
     """A tile of positions: (offsets, in range, valid, key tile [BLOCK_T, D_P], and
     dw = d loss / d w = dout . v_t (+ gs_t))."""
     offs_t = t0 + tl.arange(0, BLOCK_T)
@@ -119,8 +120,11 @@ def _tile_inputs(k_ptr, v_ptr, mask_ptr, gs_ptr, b64, bc, t0, t_stop, T, D, DV, 
     rows = b64 * T + offs_t
     keys = tl.load(k_ptr + rows[:, None] * D + offs_d[None, :],
                    mask=t_ok[:, None] & (offs_d < D)[None, :], other=0.0)
-    vals = tl.load(v_ptr + rows[:, None] * DV + offs_dv[None, :],
-                   mask=t_ok[:, None] & (offs_dv < DV)[None, :], other=0.0).to(tl.float32)
+    if VALUES_ARE_KEYS:
+        vals = keys.to(tl.float32)
+    else:
+        vals = tl.load(v_ptr + rows[:, None] * DV + offs_dv[None, :],
+                       mask=t_ok[:, None] & (offs_dv < DV)[None, :], other=0.0).to(tl.float32)
     dw = tl.sum(vals * dout[None, :], axis=1)
     if HAS_GRAD_SCORES:
         dw += tl.load(gs_ptr + bc * T + offs_t, mask=t_ok, other=0.0).to(tl.float32)
@@ -176,14 +180,21 @@ def _add_to_tile(ptr, tile, RP: tl.constexpr, SP: tl.constexpr):
 
 
 @triton.jit
-def _store_unit_grads(ptr, layer: tl.constexpr, db, da, dmu, dvar, UNIT_W: tl.constexpr,
-                      HP: tl.constexpr):
-    """One layer's (bias, a, mu, var) gradients into a [L, 4, UNIT_W] partial."""
-    base = ptr + layer * 4 * UNIT_W + tl.arange(0, HP)
-    tl.store(base, db)
-    tl.store(base + UNIT_W, da)
-    tl.store(base + 2 * UNIT_W, dmu)
-    tl.store(base + 3 * UNIT_W, dvar)
+def _add_to_vector(ptr, vector, N: tl.constexpr):
+    """ptr[N] += vector, as _add_to_tile."""
+    offs = tl.arange(0, N)
+    tl.store(ptr + offs, tl.load(ptr + offs) + vector)
+
+
+@triton.jit
+def _add_unit_grads(ptr, layer: tl.constexpr, db, da, dmu, dvar, UNIT_W: tl.constexpr,
+                    HP: tl.constexpr):
+    """One layer's (bias, a, mu, var) gradients added to a [L, 4, UNIT_W] partial."""
+    base = ptr + layer * 4 * UNIT_W
+    _add_to_vector(base, db, HP)
+    _add_to_vector(base + UNIT_W, da, HP)
+    _add_to_vector(base + 2 * UNIT_W, dmu, HP)
+    _add_to_vector(base + 3 * UNIT_W, dvar, HP)
 
 
 @triton.jit
@@ -237,29 +248,15 @@ def din_backward_kernel(
     dv_ok = offs_dv < DV
 
     _, a1, mu1, rstd1 = _unit_columns(unit_ptr, 0, UNIT_W, H1_P)
-    acc_b1 = tl.zeros((H1_P,), tl.float32)
-    acc_a1 = tl.zeros((H1_P,), tl.float32)
-    acc_mu1 = tl.zeros((H1_P,), tl.float32)
-    acc_var1 = tl.zeros((H1_P,), tl.float32)
     # Absent layers' operands: placeholders _tile_forward never reads.
     w2, b2, a2, mu2, rstd2 = a1, a1, a1, a1, a1
     w3, b3, a3, mu3, rstd3 = a1, a1, a1, a1, a1
     if NUM_LAYERS >= 2:
         w2 = _load_tile(w2_ptr, H1_P, H2_P, True)                  # W_2 [H2, H1]
         b2, a2, mu2, rstd2 = _unit_columns(unit_ptr, 1, UNIT_W, H2_P)
-        acc_w2 = tl.zeros((H2_P, H1_P), tl.float32)
-        acc_b2 = tl.zeros((H2_P,), tl.float32)
-        acc_a2 = tl.zeros((H2_P,), tl.float32)
-        acc_mu2 = tl.zeros((H2_P,), tl.float32)
-        acc_var2 = tl.zeros((H2_P,), tl.float32)
     if NUM_LAYERS >= 3:
         w3 = _load_tile(w3_ptr, H2_P, H3_P, True)
         b3, a3, mu3, rstd3 = _unit_columns(unit_ptr, 2, UNIT_W, H3_P)
-        acc_w3 = tl.zeros((H3_P, H2_P), tl.float32)
-        acc_b3 = tl.zeros((H3_P,), tl.float32)
-        acc_a3 = tl.zeros((H3_P,), tl.float32)
-        acc_mu3 = tl.zeros((H3_P,), tl.float32)
-        acc_var3 = tl.zeros((H3_P,), tl.float32)
     if NUM_LAYERS == 1:
         HL_P: tl.constexpr = H1_P
     elif NUM_LAYERS == 2:
@@ -269,8 +266,6 @@ def din_backward_kernel(
     offs_hl = tl.arange(0, HL_P)
     w_out = tl.load(wout_ptr + offs_hl)[:, None]
     b_out = tl.load(bout_ptr)
-    acc_wout = tl.zeros((HL_P,), tl.float32)
-    acc_bout = tl.zeros((1,), tl.float32)
 
     for b in range(pid, B, programs):
         b64 = tl.cast(b, tl.int64)
@@ -290,6 +285,26 @@ def din_backward_kernel(
                          tl.zeros((BLOCK_T, DV_P), tl.float32),
                          mask=(offs_t < T)[:, None] & dv_ok[None, :])
 
+        # The row's sums of the weight gradients (over its candidates and
+        # positions), added to this program's partials once the row is done.
+        acc_b1 = tl.zeros((H1_P,), tl.float32)
+        acc_a1 = tl.zeros((H1_P,), tl.float32)
+        acc_mu1 = tl.zeros((H1_P,), tl.float32)
+        acc_var1 = tl.zeros((H1_P,), tl.float32)
+        if NUM_LAYERS >= 2:
+            acc_w2 = tl.zeros((H2_P, H1_P), tl.float32)
+            acc_b2 = tl.zeros((H2_P,), tl.float32)
+            acc_a2 = tl.zeros((H2_P,), tl.float32)
+            acc_mu2 = tl.zeros((H2_P,), tl.float32)
+            acc_var2 = tl.zeros((H2_P,), tl.float32)
+        if NUM_LAYERS >= 3:
+            acc_w3 = tl.zeros((H3_P, H2_P), tl.float32)
+            acc_b3 = tl.zeros((H3_P,), tl.float32)
+            acc_a3 = tl.zeros((H3_P,), tl.float32)
+            acc_mu3 = tl.zeros((H3_P,), tl.float32)
+            acc_var3 = tl.zeros((H3_P,), tl.float32)
+        acc_wout = tl.zeros((HL_P,), tl.float32)
+        acc_bout = tl.zeros((1,), tl.float32)
         for c in range(0, C):
             bc = b64 * C + c
             q = tl.load(q_ptr + bc * D + offs_d, mask=d_ok, other=0.0).to(tl.float32)
@@ -307,7 +322,7 @@ def din_backward_kernel(
                 for t0 in range(0, t_stop, BLOCK_T):
                     offs_t, t_ok, valid, keys, dw = _tile_inputs(
                         k_ptr, v_ptr, mask_ptr, gs_ptr, b64, bc, t0, t_stop, T, D, DV, dout,
-                        HAS_MASK, HAS_GRAD_SCORES, BLOCK_T, D_P, DV_P)
+                        HAS_MASK, HAS_GRAD_SCORES, VALUES_ARE_KEYS, BLOCK_T, D_P, DV_P)
                     s = _tile_forward(keys, m, u, a1, mu1, rstd1, w2, b2, a2, mu2, rstd2, w3,
                                       b3, a3, mu3, rstd3, w_out, b_out, NUM_LAYERS, ACTIVATION,
                                       BLOCK_T, H1_P, H2_P, H3_P, DOT_F32, INPUT_PRECISION)[6]
@@ -322,7 +337,7 @@ def din_backward_kernel(
             for t0 in range(0, t_stop, BLOCK_T):
                 offs_t, t_ok, valid, keys, dw = _tile_inputs(
                     k_ptr, v_ptr, mask_ptr, gs_ptr, b64, bc, t0, t_stop, T, D, DV, dout,
-                    HAS_MASK, HAS_GRAD_SCORES, BLOCK_T, D_P, DV_P)
+                    HAS_MASK, HAS_GRAD_SCORES, VALUES_ARE_KEYS, BLOCK_T, D_P, DV_P)
                 rows = b64 * T + offs_t
                 # Forward recompute of the tile, transposed: [H, BLOCK_T].
                 z1, h1, z2, h2, z3, h_last, s = _tile_forward(
@@ -379,24 +394,24 @@ def din_backward_kernel(
             tl.store(dq_ptr + bc * D_P + offs_d, tl.sum(wp * acc_p, axis=0))
             tl.store(g_ptr + bc * H1_P + offs_h1, acc_g)
             acc_b1 += acc_g
-            # This program's partial, indexed by b % P (== pid): an address
-            # computed from the loop variable, so the compiler cannot hoist
-            # the tile's pointers out of the loops and hold them in registers
-            # all along (they spilled to the stack when indexed by pid).
+            # This program's partials, indexed by b % P (== pid): addresses
+            # computed from the loop variable are not hoisted out of the
+            # loops, where they would be held in registers (or spilled).
             slot = b % programs
             _add_to_tile(part_k_ptr + slot * H1_P * D_P, acc_p, H1_P, D_P)
             _add_to_tile(part_qk_ptr + slot * H1_P * D_P, acc_p * q[None, :], H1_P, D_P)
 
-    part_unit = part_unit_ptr + pid * NUM_LAYERS * 4 * UNIT_W
-    _store_unit_grads(part_unit, 0, acc_b1, acc_a1, acc_mu1, acc_var1, UNIT_W, H1_P)
-    if NUM_LAYERS >= 2:
-        _add_to_tile(part_w2_ptr + pid * H2_P * H1_P, acc_w2, H2_P, H1_P)
-        _store_unit_grads(part_unit, 1, acc_b2, acc_a2, acc_mu2, acc_var2, UNIT_W, H2_P)
-    if NUM_LAYERS >= 3:
-        _add_to_tile(part_w3_ptr + pid * H3_P * H2_P, acc_w3, H3_P, H2_P)
-        _store_unit_grads(part_unit, 2, acc_b3, acc_a3, acc_mu3, acc_var3, UNIT_W, H3_P)
-    tl.store(part_out_ptr + pid * (HL_P + 1) + offs_hl, acc_wout)
-    tl.store(part_out_ptr + pid * (HL_P + 1) + HL_P + tl.arange(0, 1), acc_bout)
+        slot = b % programs
+        part_unit = part_unit_ptr + slot * NUM_LAYERS * 4 * UNIT_W
+        _add_unit_grads(part_unit, 0, acc_b1, acc_a1, acc_mu1, acc_var1, UNIT_W, H1_P)
+        if NUM_LAYERS >= 2:
+            _add_to_tile(part_w2_ptr + slot * H2_P * H1_P, acc_w2, H2_P, H1_P)
+            _add_unit_grads(part_unit, 1, acc_b2, acc_a2, acc_mu2, acc_var2, UNIT_W, H2_P)
+        if NUM_LAYERS >= 3:
+            _add_to_tile(part_w3_ptr + slot * H3_P * H2_P, acc_w3, H3_P, H2_P)
+            _add_unit_grads(part_unit, 2, acc_b3, acc_a3, acc_mu3, acc_var3, UNIT_W, H3_P)
+        _add_to_vector(part_out_ptr + slot * (HL_P + 1), acc_wout, HL_P)
+        _add_to_vector(part_out_ptr + slot * (HL_P + 1) + HL_P, acc_bout, 1)
 
 
 # ---------------------------------------------------------------------------
