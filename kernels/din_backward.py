@@ -11,7 +11,8 @@ One program owns whole rows (a persistent grid: rows pid, pid + P, ...), so
 the key and value gradients of a row, summed over its candidates, are written
 by one program only, and its candidates share the row's key tiles from
 cache. The weight gradients, summed over every (b, c, t), are accumulated per
-program in float32 and reduced in a fixed order on the host. No atomics: two
+row in float32, added to the program's own partial when the row is done, and
+the partials are reduced in a fixed order on the host. No atomics: two
 backward passes give bitwise-identical gradients.
 
 The first layer goes through the fold z1 = u + k M^T, u = (W_q + W_d) q + b_1,
@@ -95,7 +96,10 @@ def _deeper_layer_backward(z, dh, h_in, w, a, mu, rstd, acc_w, acc_b, acc_a, acc
                                                        acc_mu, acc_var, ACTIVATION)
     # dz stays float32 (in TF32 dots): rounded to half precision here, the
     # error would compound down the layers into the gradients that cancel.
-    acc_w = _mma(dz, tl.trans(h_in.to(w.dtype)).to(tl.float32), acc_w, DOT_F32,
+    # acc_w is W's gradient transposed, [IN_P, OUT_P]: h_in (the wider side)
+    # is then the left operand, split across the warps, and only dz^T is held
+    # whole by each warp.
+    acc_w = _mma(h_in.to(w.dtype).to(tl.float32), tl.trans(dz), acc_w, DOT_F32,
                  GRAD_PRECISION)
     dh_in = _mma(tl.trans(w).to(tl.float32), dz, tl.zeros((IN_P, BLOCK_T), tl.float32),
                  DOT_F32, GRAD_PRECISION)
@@ -228,15 +232,15 @@ def din_backward_kernel(
     dv [B, T, DV] (float32 when C > 1: the candidates add up in place),
     G [B, C, H1_P] float32; per program float32 partials, padded: part_k and
     part_qk [P, H1_P, D_P] (sum of dz1 k^T and of dz1 (q*k)^T), part_w2
-    [P, H2_P, H1_P], part_w3 [P, H3_P, H2_P], part_unit [P, L, 4, UNIT_W]
-    (bias, a, mu, var), part_out [P, H_L_P + 1] (W_out, then b_out). Partials
+    [P, H1_P, H2_P] and part_w3 [P, H2_P, H3_P] (W_2^T, W_3^T), part_unit
+    [P, L, 4, UNIT_W] (bias, a, mu, var), part_out [P, H_L_P + 1] (W_out, then b_out). Partials
     start at zero.
 
     The MLP runs transposed, units along rows and positions along columns
-    ([H, BLOCK_T] tiles): the matrices that stay in registers for the whole
-    loop (M, M^T, W_i, W_i^T) are then the left operands of the dots, which
-    the warps split by rows, rather than right operands every warp would hold
-    whole.
+    ([H, BLOCK_T] tiles): the loop-invariant matrices (M, M^T, W_i, W_i^T)
+    are then the left operands of the dots, which the warps split by rows
+    (see BackwardSpec.blocks), rather than right operands every warp would
+    hold whole.
     """
     pid = tl.program_id(0)
     programs = tl.num_programs(0)
@@ -292,13 +296,13 @@ def din_backward_kernel(
         acc_mu1 = tl.zeros((H1_P,), tl.float32)
         acc_var1 = tl.zeros((H1_P,), tl.float32)
         if NUM_LAYERS >= 2:
-            acc_w2 = tl.zeros((H2_P, H1_P), tl.float32)
+            acc_w2 = tl.zeros((H1_P, H2_P), tl.float32)
             acc_b2 = tl.zeros((H2_P,), tl.float32)
             acc_a2 = tl.zeros((H2_P,), tl.float32)
             acc_mu2 = tl.zeros((H2_P,), tl.float32)
             acc_var2 = tl.zeros((H2_P,), tl.float32)
         if NUM_LAYERS >= 3:
-            acc_w3 = tl.zeros((H3_P, H2_P), tl.float32)
+            acc_w3 = tl.zeros((H2_P, H3_P), tl.float32)
             acc_b3 = tl.zeros((H3_P,), tl.float32)
             acc_a3 = tl.zeros((H3_P,), tl.float32)
             acc_mu3 = tl.zeros((H3_P,), tl.float32)
@@ -405,10 +409,10 @@ def din_backward_kernel(
         part_unit = part_unit_ptr + slot * NUM_LAYERS * 4 * UNIT_W
         _add_unit_grads(part_unit, 0, acc_b1, acc_a1, acc_mu1, acc_var1, UNIT_W, H1_P)
         if NUM_LAYERS >= 2:
-            _add_to_tile(part_w2_ptr + slot * H2_P * H1_P, acc_w2, H2_P, H1_P)
+            _add_to_tile(part_w2_ptr + slot * H1_P * H2_P, acc_w2, H1_P, H2_P)
             _add_unit_grads(part_unit, 1, acc_b2, acc_a2, acc_mu2, acc_var2, UNIT_W, H2_P)
         if NUM_LAYERS >= 3:
-            _add_to_tile(part_w3_ptr + slot * H3_P * H2_P, acc_w3, H3_P, H2_P)
+            _add_to_tile(part_w3_ptr + slot * H2_P * H3_P, acc_w3, H2_P, H3_P)
             _add_unit_grads(part_unit, 2, acc_b3, acc_a3, acc_mu3, acc_var3, UNIT_W, H3_P)
         _add_to_vector(part_out_ptr + slot * (HL_P + 1), acc_wout, HL_P)
         _add_to_vector(part_out_ptr + slot * (HL_P + 1) + HL_P, acc_bout, 1)
@@ -575,8 +579,8 @@ def din_backward(problem: DINProblem, grad_pooled: torch.Tensor, row_max: torch.
     # Padded partials: the kernel writes whole tiles, the host keeps the real part.
     part_k = torch.zeros(programs, widths[0], d_p, **f32)
     part_qk = torch.zeros_like(part_k)
-    part_w2 = torch.zeros(programs, widths[1], widths[0], **f32)
-    part_w3 = torch.zeros(programs, widths[2], widths[1], **f32)
+    part_w2 = torch.zeros(programs, widths[0], widths[1], **f32)    # W_2^T, W_3^T
+    part_w3 = torch.zeros(programs, widths[1], widths[2], **f32)
     part_unit = torch.zeros(programs, layers, 4, constexprs["UNIT_W"], **f32)
     part_out = torch.zeros(programs, widths[layers - 1] + 1, **f32)
     if launch:
@@ -601,7 +605,7 @@ def din_backward(problem: DINProblem, grad_pooled: torch.Tensor, row_max: torch.
     dw_q = g.reshape(-1, h1).t() @ query.reshape(-1, embed_dim).float()
     dw_k = part_k.sum(0)[:h1, :embed_dim]
     dweights = [torch.cat([dw_q, dw_k, dw_q - dw_k, part_qk.sum(0)[:h1, :embed_dim]], dim=1)]
-    dweights += [part.sum(0)[:n_out, :n_in]
+    dweights += [part.sum(0)[:n_in, :n_out].t()
                  for part, n_in, n_out in zip((part_w2, part_w3), hidden, hidden[1:])]
     out = part_out.sum(0)
     # Clones: the custom op may not return views of one another.
