@@ -219,7 +219,8 @@ def din_backward_kernel(
     """Grid (P,): program pid owns rows pid, pid + P, ...
 
     Inputs as din_forward_kernel's (contiguous; the folded parameters padded
-    to the tile widths, with D_P rows), plus dout [B, C, DV] = d loss /
+    to the tile widths, with D_P rows; but wp and wa are W_p and W_k - W_d,
+    [H1_P, D_P], rows of units), plus dout [B, C, DV] = d loss /
     d pooled, gs [B, C, T] = d loss / d w and the forward's row max [B, C]
     (softmax; the exponent's offset).
 
@@ -314,8 +315,8 @@ def din_backward_kernel(
             q = tl.load(q_ptr + bc * D + offs_d, mask=d_ok, other=0.0).to(tl.float32)
             u = tl.load(u_ptr + bc * H1_P + offs_h1)[:, None]
             # The candidate's fold M = (W_k - W_d) + W_p * q, both ways round.
-            m = (_load_tile(wa_ptr, D_P, H1_P, True).to(tl.float32)
-                 + _load_tile(wp_ptr, D_P, H1_P, True).to(tl.float32) * q[None, :])
+            m = (_load_tile(wa_ptr, H1_P, D_P, False).to(tl.float32)
+                 + _load_tile(wp_ptr, H1_P, D_P, False).to(tl.float32) * q[None, :])
             m_t = tl.trans(m).to(dot_dtype)                             # [D, H1]
             m = m.to(dot_dtype)                                         # [H1, D]
             dout = tl.load(dout_ptr + bc * DV + offs_dv, mask=dv_ok, other=0.0).to(tl.float32)
@@ -394,7 +395,7 @@ def din_backward_kernel(
                 tl.store(dk_ptrs, dk, mask=dk_mask)
 
             # Per (b, c): the query's W_p term, G for the host, the P partials.
-            wp = _load_tile(wp_ptr, D_P, H1_P, True).to(tl.float32)           # W_p [H1, D]
+            wp = _load_tile(wp_ptr, H1_P, D_P, False).to(tl.float32)
             tl.store(dq_ptr + bc * D_P + offs_d, tl.sum(wp * acc_p, axis=0))
             tl.store(g_ptr + bc * H1_P + offs_h1, acc_g)
             acc_b1 += acc_g
@@ -563,6 +564,9 @@ def din_backward(problem: DINProblem, grad_pooled: torch.Tensor, row_max: torch.
     widths = [constexprs[f"H{i}_P"] for i in (1, 2, 3)]     # padded, 16 past the last layer
     folded = fold_parameters(problem, block_d=d_p)
     deeper = folded.deeper + [folded.w_p] * (MAX_HIDDEN_LAYERS - 1 - len(folded.deeper))
+    # W_p and W_k - W_d as [H1_P, D_P] rows: the kernel's M and its W_p term
+    # of dq are [H1, D] tiles, loaded contiguously (vectorized, coalesced).
+    w_p, w_a = folded.w_p.t().contiguous(), folded.w_a.t().contiguous()
     grad_pooled = grad_pooled.contiguous()
     placeholder = folded.b_out
 
@@ -589,7 +593,7 @@ def din_backward(problem: DINProblem, grad_pooled: torch.Tensor, row_max: torch.
             problem.lengths if problem.lengths is not None else placeholder,
             problem.mask.contiguous().view(torch.uint8) if problem.mask is not None
             else placeholder,
-            folded.w_p, folded.w_a, deeper[0], deeper[1], folded.unit, folded.w_out,
+            w_p, w_a, deeper[0], deeper[1], folded.unit, folded.w_out,
             folded.b_out, grad_pooled,
             grad_scores.contiguous() if grad_scores is not None else placeholder,
             row_max.contiguous() if softmax else placeholder,
