@@ -110,7 +110,7 @@ def backward_specialization(spec: BackwardSpec) -> Specialization:
              f"{' scores' if spec.has_grad_scores else ''}"
              f"{' values' if not spec.values_are_keys else ''}")
     return Specialization(label, din_backward_kernel, spec.signature(), spec.constexprs(),
-                          spec.blocks()[-1], NUM_STAGES)
+                          spec.blocks()[-1], NUM_STAGES, spec.aligned())
 
 
 @register

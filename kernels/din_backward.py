@@ -488,6 +488,16 @@ class BackwardSpec:
                 **{name: "constexpr" for name in self.constexprs()}}
 
 
+    def aligned(self) -> tuple:
+        """Arguments a launch sees as multiples of 16, as Triton's JIT specializes
+        them (see ForwardSpec.aligned): every pointer (torch allocations), D
+        and Dv when they are multiples of 16, T assumed so as well."""
+        names = [name for name, kind in self.signature().items() if kind.startswith("*")]
+        names += ["D"] if self.embed_dim % 16 == 0 else []
+        names += ["DV"] if self.value_dim % 16 == 0 else []
+        return tuple(names + ["T"])
+
+
 def backward_spec(problem: DINProblem, has_grad_scores: bool) -> BackwardSpec:
     return BackwardSpec(
         dtype=problem.keys.dtype, activation=problem.activation,
