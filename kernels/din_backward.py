@@ -184,6 +184,13 @@ def _add_to_tile(ptr, tile, RP: tl.constexpr, SP: tl.constexpr):
 
 
 @triton.jit
+def _zero_unit_grads(HP: tl.constexpr):
+    """Zero accumulators for one layer's (bias, a, mu, var) gradients."""
+    zero = tl.zeros((HP,), tl.float32)
+    return zero, zero, zero, zero
+
+
+@triton.jit
 def _add_to_vector(ptr, vector, N: tl.constexpr):
     """ptr[N] += vector, as _add_to_tile."""
     offs = tl.arange(0, N)
@@ -292,22 +299,13 @@ def din_backward_kernel(
 
         # The row's sums of the weight gradients (over its candidates and
         # positions), added to this program's partials once the row is done.
-        acc_b1 = tl.zeros((H1_P,), tl.float32)
-        acc_a1 = tl.zeros((H1_P,), tl.float32)
-        acc_mu1 = tl.zeros((H1_P,), tl.float32)
-        acc_var1 = tl.zeros((H1_P,), tl.float32)
+        acc_b1, acc_a1, acc_mu1, acc_var1 = _zero_unit_grads(H1_P)
         if NUM_LAYERS >= 2:
             acc_w2 = tl.zeros((H1_P, H2_P), tl.float32)
-            acc_b2 = tl.zeros((H2_P,), tl.float32)
-            acc_a2 = tl.zeros((H2_P,), tl.float32)
-            acc_mu2 = tl.zeros((H2_P,), tl.float32)
-            acc_var2 = tl.zeros((H2_P,), tl.float32)
+            acc_b2, acc_a2, acc_mu2, acc_var2 = _zero_unit_grads(H2_P)
         if NUM_LAYERS >= 3:
             acc_w3 = tl.zeros((H2_P, H3_P), tl.float32)
-            acc_b3 = tl.zeros((H3_P,), tl.float32)
-            acc_a3 = tl.zeros((H3_P,), tl.float32)
-            acc_mu3 = tl.zeros((H3_P,), tl.float32)
-            acc_var3 = tl.zeros((H3_P,), tl.float32)
+            acc_b3, acc_a3, acc_mu3, acc_var3 = _zero_unit_grads(H3_P)
         acc_wout = tl.zeros((HL_P,), tl.float32)
         acc_bout = tl.zeros((1,), tl.float32)
         for c in range(0, C):
