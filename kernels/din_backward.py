@@ -11,7 +11,8 @@ One program owns whole rows (a persistent grid: rows pid, pid + P, ...), so
 the key and value gradients of a row, summed over its candidates, are written
 by one program only, and its candidates share the row's key tiles from
 cache. The weight gradients, summed over every (b, c, t), are accumulated per
-program in float32 and reduced in a fixed order on the host. No atomics: two
+row in float32, added to the program's own partial when the row is done, and
+the partials are reduced in a fixed order on the host. No atomics: two
 backward passes give bitwise-identical gradients.
 
 The first layer goes through the fold z1 = u + k M^T, u = (W_q + W_d) q + b_1,
@@ -34,9 +35,6 @@ from din_fast.problem import DINProblem, split_first_layer
 
 from .din_forward import (MAX_HIDDEN_LAYERS, NUM_STAGES, TILE_BUDGET, TRITON_DTYPES, _mma,
                           _unit_params, fold_parameters, interpreting, padded)
-
-# Elements of the float32 [BLOCK_T, H] tiles (several are live at once).
-BACKWARD_TILE = 4096
 
 
 @triton.jit
@@ -98,7 +96,10 @@ def _deeper_layer_backward(z, dh, h_in, w, a, mu, rstd, acc_w, acc_b, acc_a, acc
                                                        acc_mu, acc_var, ACTIVATION)
     # dz stays float32 (in TF32 dots): rounded to half precision here, the
     # error would compound down the layers into the gradients that cancel.
-    acc_w = _mma(dz, tl.trans(h_in.to(w.dtype)).to(tl.float32), acc_w, DOT_F32,
+    # acc_w is W's gradient transposed, [IN_P, OUT_P]: h_in (the wider side)
+    # is then the left operand, split across the warps, and only dz^T is held
+    # whole by each warp.
+    acc_w = _mma(h_in.to(w.dtype).to(tl.float32), tl.trans(dz), acc_w, DOT_F32,
                  GRAD_PRECISION)
     dh_in = _mma(tl.trans(w).to(tl.float32), dz, tl.zeros((IN_P, BLOCK_T), tl.float32),
                  DOT_F32, GRAD_PRECISION)
@@ -107,8 +108,9 @@ def _deeper_layer_backward(z, dh, h_in, w, a, mu, rstd, acc_w, acc_b, acc_a, acc
 
 @triton.jit
 def _tile_inputs(k_ptr, v_ptr, mask_ptr, gs_ptr, b64, bc, t0, t_stop, T, D, DV, dout,
-                 HAS_MASK: tl.constexpr, HAS_GRAD_SCORES: tl.constexpr, BLOCK_T: tl.constexpr,
-                 D_P: tl.constexpr, DV_P: tl.constexpr):
+                 HAS_MASK: tl.constexpr, HAS_GRAD_SCORES: tl.constexpr,
+                 VALUES_ARE_KEYS: tl.constexpr, BLOCK_T: tl.constexpr, D_P: tl.constexpr,
+                 DV_P: tl.constexpr):
     """A tile of positions: (offsets, in range, valid, key tile [BLOCK_T, D_P], and
     dw = d loss / d w = dout . v_t (+ gs_t))."""
     offs_t = t0 + tl.arange(0, BLOCK_T)
@@ -122,8 +124,11 @@ def _tile_inputs(k_ptr, v_ptr, mask_ptr, gs_ptr, b64, bc, t0, t_stop, T, D, DV, 
     rows = b64 * T + offs_t
     keys = tl.load(k_ptr + rows[:, None] * D + offs_d[None, :],
                    mask=t_ok[:, None] & (offs_d < D)[None, :], other=0.0)
-    vals = tl.load(v_ptr + rows[:, None] * DV + offs_dv[None, :],
-                   mask=t_ok[:, None] & (offs_dv < DV)[None, :], other=0.0).to(tl.float32)
+    if VALUES_ARE_KEYS:
+        vals = keys.to(tl.float32)
+    else:
+        vals = tl.load(v_ptr + rows[:, None] * DV + offs_dv[None, :],
+                       mask=t_ok[:, None] & (offs_dv < DV)[None, :], other=0.0).to(tl.float32)
     dw = tl.sum(vals * dout[None, :], axis=1)
     if HAS_GRAD_SCORES:
         dw += tl.load(gs_ptr + bc * T + offs_t, mask=t_ok, other=0.0).to(tl.float32)
@@ -179,14 +184,28 @@ def _add_to_tile(ptr, tile, RP: tl.constexpr, SP: tl.constexpr):
 
 
 @triton.jit
-def _store_unit_grads(ptr, layer: tl.constexpr, db, da, dmu, dvar, UNIT_W: tl.constexpr,
-                      HP: tl.constexpr):
-    """One layer's (bias, a, mu, var) gradients into a [L, 4, UNIT_W] partial."""
-    base = ptr + layer * 4 * UNIT_W + tl.arange(0, HP)
-    tl.store(base, db)
-    tl.store(base + UNIT_W, da)
-    tl.store(base + 2 * UNIT_W, dmu)
-    tl.store(base + 3 * UNIT_W, dvar)
+def _zero_unit_grads(HP: tl.constexpr):
+    """Zero accumulators for one layer's (bias, a, mu, var) gradients."""
+    zero = tl.zeros((HP,), tl.float32)
+    return zero, zero, zero, zero
+
+
+@triton.jit
+def _add_to_vector(ptr, vector, N: tl.constexpr):
+    """ptr[N] += vector, as _add_to_tile."""
+    offs = tl.arange(0, N)
+    tl.store(ptr + offs, tl.load(ptr + offs) + vector)
+
+
+@triton.jit
+def _add_unit_grads(ptr, layer: tl.constexpr, db, da, dmu, dvar, UNIT_W: tl.constexpr,
+                    HP: tl.constexpr):
+    """One layer's (bias, a, mu, var) gradients added to a [L, 4, UNIT_W] partial."""
+    base = ptr + layer * 4 * UNIT_W
+    _add_to_vector(base, db, HP)
+    _add_to_vector(base + UNIT_W, da, HP)
+    _add_to_vector(base + 2 * UNIT_W, dmu, HP)
+    _add_to_vector(base + 3 * UNIT_W, dvar, HP)
 
 
 @triton.jit
@@ -199,6 +218,7 @@ def din_backward_kernel(
     B, C, T, D, DV, scale,
     ACTIVATION: tl.constexpr, SOFTMAX: tl.constexpr, HAS_LENGTHS: tl.constexpr,
     HAS_MASK: tl.constexpr, HAS_GRAD_SCORES: tl.constexpr, VALUES_ARE_KEYS: tl.constexpr,
+    MULTI_CANDIDATE: tl.constexpr,
     NUM_LAYERS: tl.constexpr, DOT_F32: tl.constexpr, INPUT_PRECISION: tl.constexpr,
     GRAD_PRECISION: tl.constexpr, BLOCK_T: tl.constexpr, D_P: tl.constexpr, DV_P: tl.constexpr, H1_P: tl.constexpr,
     H2_P: tl.constexpr, H3_P: tl.constexpr, UNIT_W: tl.constexpr,
@@ -206,7 +226,8 @@ def din_backward_kernel(
     """Grid (P,): program pid owns rows pid, pid + P, ...
 
     Inputs as din_forward_kernel's (contiguous; the folded parameters padded
-    to the tile widths, with D_P rows), plus dout [B, C, DV] = d loss /
+    to the tile widths, with D_P rows; but wp and wa are W_p and W_k - W_d,
+    [H1_P, D_P], rows of units), plus dout [B, C, DV] = d loss /
     d pooled, gs [B, C, T] = d loss / d w and the forward's row max [B, C]
     (softmax; the exponent's offset).
 
@@ -219,15 +240,15 @@ def din_backward_kernel(
     dv [B, T, DV] (float32 when C > 1: the candidates add up in place),
     G [B, C, H1_P] float32; per program float32 partials, padded: part_k and
     part_qk [P, H1_P, D_P] (sum of dz1 k^T and of dz1 (q*k)^T), part_w2
-    [P, H2_P, H1_P], part_w3 [P, H3_P, H2_P], part_unit [P, L, 4, UNIT_W]
-    (bias, a, mu, var), part_out [P, H_L_P + 1] (W_out, then b_out). Partials
+    [P, H1_P, H2_P] and part_w3 [P, H2_P, H3_P] (W_2^T, W_3^T), part_unit
+    [P, L, 4, UNIT_W] (bias, a, mu, var), part_out [P, H_L_P + 1] (W_out, then b_out). Partials
     start at zero.
 
     The MLP runs transposed, units along rows and positions along columns
-    ([H, BLOCK_T] tiles): the matrices that stay in registers for the whole
-    loop (M, M^T, W_i, W_i^T) are then the left operands of the dots, which
-    the warps split by rows, rather than right operands every warp would hold
-    whole.
+    ([H, BLOCK_T] tiles): the loop-invariant matrices (M, M^T, W_i, W_i^T)
+    are then the left operands of the dots, which the warps split by rows
+    (see BackwardSpec.blocks), rather than right operands every warp would
+    hold whole.
     """
     pid = tl.program_id(0)
     programs = tl.num_programs(0)
@@ -239,29 +260,15 @@ def din_backward_kernel(
     dv_ok = offs_dv < DV
 
     _, a1, mu1, rstd1 = _unit_columns(unit_ptr, 0, UNIT_W, H1_P)
-    acc_b1 = tl.zeros((H1_P,), tl.float32)
-    acc_a1 = tl.zeros((H1_P,), tl.float32)
-    acc_mu1 = tl.zeros((H1_P,), tl.float32)
-    acc_var1 = tl.zeros((H1_P,), tl.float32)
     # Absent layers' operands: placeholders _tile_forward never reads.
     w2, b2, a2, mu2, rstd2 = a1, a1, a1, a1, a1
     w3, b3, a3, mu3, rstd3 = a1, a1, a1, a1, a1
     if NUM_LAYERS >= 2:
         w2 = _load_tile(w2_ptr, H1_P, H2_P, True)                  # W_2 [H2, H1]
         b2, a2, mu2, rstd2 = _unit_columns(unit_ptr, 1, UNIT_W, H2_P)
-        acc_w2 = tl.zeros((H2_P, H1_P), tl.float32)
-        acc_b2 = tl.zeros((H2_P,), tl.float32)
-        acc_a2 = tl.zeros((H2_P,), tl.float32)
-        acc_mu2 = tl.zeros((H2_P,), tl.float32)
-        acc_var2 = tl.zeros((H2_P,), tl.float32)
     if NUM_LAYERS >= 3:
         w3 = _load_tile(w3_ptr, H2_P, H3_P, True)
         b3, a3, mu3, rstd3 = _unit_columns(unit_ptr, 2, UNIT_W, H3_P)
-        acc_w3 = tl.zeros((H3_P, H2_P), tl.float32)
-        acc_b3 = tl.zeros((H3_P,), tl.float32)
-        acc_a3 = tl.zeros((H3_P,), tl.float32)
-        acc_mu3 = tl.zeros((H3_P,), tl.float32)
-        acc_var3 = tl.zeros((H3_P,), tl.float32)
     if NUM_LAYERS == 1:
         HL_P: tl.constexpr = H1_P
     elif NUM_LAYERS == 2:
@@ -271,8 +278,6 @@ def din_backward_kernel(
     offs_hl = tl.arange(0, HL_P)
     w_out = tl.load(wout_ptr + offs_hl)[:, None]
     b_out = tl.load(bout_ptr)
-    acc_wout = tl.zeros((HL_P,), tl.float32)
-    acc_bout = tl.zeros((1,), tl.float32)
 
     for b in range(pid, B, programs):
         b64 = tl.cast(b, tl.int64)
@@ -292,13 +297,24 @@ def din_backward_kernel(
                          tl.zeros((BLOCK_T, DV_P), tl.float32),
                          mask=(offs_t < T)[:, None] & dv_ok[None, :])
 
+        # The row's sums of the weight gradients (over its candidates and
+        # positions), added to this program's partials once the row is done.
+        acc_b1, acc_a1, acc_mu1, acc_var1 = _zero_unit_grads(H1_P)
+        if NUM_LAYERS >= 2:
+            acc_w2 = tl.zeros((H1_P, H2_P), tl.float32)
+            acc_b2, acc_a2, acc_mu2, acc_var2 = _zero_unit_grads(H2_P)
+        if NUM_LAYERS >= 3:
+            acc_w3 = tl.zeros((H2_P, H3_P), tl.float32)
+            acc_b3, acc_a3, acc_mu3, acc_var3 = _zero_unit_grads(H3_P)
+        acc_wout = tl.zeros((HL_P,), tl.float32)
+        acc_bout = tl.zeros((1,), tl.float32)
         for c in range(0, C):
             bc = b64 * C + c
             q = tl.load(q_ptr + bc * D + offs_d, mask=d_ok, other=0.0).to(tl.float32)
             u = tl.load(u_ptr + bc * H1_P + offs_h1)[:, None]
             # The candidate's fold M = (W_k - W_d) + W_p * q, both ways round.
-            m = (_load_tile(wa_ptr, D_P, H1_P, True).to(tl.float32)
-                 + _load_tile(wp_ptr, D_P, H1_P, True).to(tl.float32) * q[None, :])
+            m = (_load_tile(wa_ptr, H1_P, D_P, False).to(tl.float32)
+                 + _load_tile(wp_ptr, H1_P, D_P, False).to(tl.float32) * q[None, :])
             m_t = tl.trans(m).to(dot_dtype)                             # [D, H1]
             m = m.to(dot_dtype)                                         # [H1, D]
             dout = tl.load(dout_ptr + bc * DV + offs_dv, mask=dv_ok, other=0.0).to(tl.float32)
@@ -309,7 +325,7 @@ def din_backward_kernel(
                 for t0 in range(0, t_stop, BLOCK_T):
                     offs_t, t_ok, valid, keys, dw = _tile_inputs(
                         k_ptr, v_ptr, mask_ptr, gs_ptr, b64, bc, t0, t_stop, T, D, DV, dout,
-                        HAS_MASK, HAS_GRAD_SCORES, BLOCK_T, D_P, DV_P)
+                        HAS_MASK, HAS_GRAD_SCORES, VALUES_ARE_KEYS, BLOCK_T, D_P, DV_P)
                     s = _tile_forward(keys, m, u, a1, mu1, rstd1, w2, b2, a2, mu2, rstd2, w3,
                                       b3, a3, mu3, rstd3, w_out, b_out, NUM_LAYERS, ACTIVATION,
                                       BLOCK_T, H1_P, H2_P, H3_P, DOT_F32, INPUT_PRECISION)[6]
@@ -324,7 +340,7 @@ def din_backward_kernel(
             for t0 in range(0, t_stop, BLOCK_T):
                 offs_t, t_ok, valid, keys, dw = _tile_inputs(
                     k_ptr, v_ptr, mask_ptr, gs_ptr, b64, bc, t0, t_stop, T, D, DV, dout,
-                    HAS_MASK, HAS_GRAD_SCORES, BLOCK_T, D_P, DV_P)
+                    HAS_MASK, HAS_GRAD_SCORES, VALUES_ARE_KEYS, BLOCK_T, D_P, DV_P)
                 rows = b64 * T + offs_t
                 # Forward recompute of the tile, transposed: [H, BLOCK_T].
                 z1, h1, z2, h2, z3, h_last, s = _tile_forward(
@@ -367,31 +383,38 @@ def din_backward_kernel(
                 else:
                     dv_ptrs = dv_ptr + rows[:, None] * DV + offs_dv[None, :]
                     dv_mask = t_ok[:, None] & dv_ok[None, :]
-                    dv += tl.load(dv_ptrs, mask=dv_mask & (c > 0), other=0.0).to(tl.float32)
+                    if MULTI_CANDIDATE:
+                        dv += tl.load(dv_ptrs, mask=dv_mask & (c > 0), other=0.0).to(tl.float32)
                     tl.store(dv_ptrs, dv, mask=dv_mask)
                 dk_ptrs = dk_ptr + rows[:, None] * D + offs_d[None, :]
                 dk_mask = t_ok[:, None] & d_ok[None, :]
-                dk += tl.load(dk_ptrs, mask=dk_mask & (c > 0), other=0.0).to(tl.float32)
+                if MULTI_CANDIDATE:
+                    dk += tl.load(dk_ptrs, mask=dk_mask & (c > 0), other=0.0).to(tl.float32)
                 tl.store(dk_ptrs, dk, mask=dk_mask)
 
             # Per (b, c): the query's W_p term, G for the host, the P partials.
-            wp = _load_tile(wp_ptr, D_P, H1_P, True).to(tl.float32)           # W_p [H1, D]
+            wp = _load_tile(wp_ptr, H1_P, D_P, False).to(tl.float32)
             tl.store(dq_ptr + bc * D_P + offs_d, tl.sum(wp * acc_p, axis=0))
             tl.store(g_ptr + bc * H1_P + offs_h1, acc_g)
             acc_b1 += acc_g
-            _add_to_tile(part_k_ptr + pid * H1_P * D_P, acc_p, H1_P, D_P)
-            _add_to_tile(part_qk_ptr + pid * H1_P * D_P, acc_p * q[None, :], H1_P, D_P)
+            # This program's partials, indexed by b % P (== pid): addresses
+            # computed from the loop variable are not hoisted out of the
+            # loops, where they would be held in registers (or spilled).
+            slot = b % programs
+            _add_to_tile(part_k_ptr + slot * H1_P * D_P, acc_p, H1_P, D_P)
+            _add_to_tile(part_qk_ptr + slot * H1_P * D_P, acc_p * q[None, :], H1_P, D_P)
 
-    part_unit = part_unit_ptr + pid * NUM_LAYERS * 4 * UNIT_W
-    _store_unit_grads(part_unit, 0, acc_b1, acc_a1, acc_mu1, acc_var1, UNIT_W, H1_P)
-    if NUM_LAYERS >= 2:
-        _add_to_tile(part_w2_ptr + pid * H2_P * H1_P, acc_w2, H2_P, H1_P)
-        _store_unit_grads(part_unit, 1, acc_b2, acc_a2, acc_mu2, acc_var2, UNIT_W, H2_P)
-    if NUM_LAYERS >= 3:
-        _add_to_tile(part_w3_ptr + pid * H3_P * H2_P, acc_w3, H3_P, H2_P)
-        _store_unit_grads(part_unit, 2, acc_b3, acc_a3, acc_mu3, acc_var3, UNIT_W, H3_P)
-    tl.store(part_out_ptr + pid * (HL_P + 1) + offs_hl, acc_wout)
-    tl.store(part_out_ptr + pid * (HL_P + 1) + HL_P + tl.arange(0, 1), acc_bout)
+        slot = b % programs
+        part_unit = part_unit_ptr + slot * NUM_LAYERS * 4 * UNIT_W
+        _add_unit_grads(part_unit, 0, acc_b1, acc_a1, acc_mu1, acc_var1, UNIT_W, H1_P)
+        if NUM_LAYERS >= 2:
+            _add_to_tile(part_w2_ptr + slot * H1_P * H2_P, acc_w2, H1_P, H2_P)
+            _add_unit_grads(part_unit, 1, acc_b2, acc_a2, acc_mu2, acc_var2, UNIT_W, H2_P)
+        if NUM_LAYERS >= 3:
+            _add_to_tile(part_w3_ptr + slot * H2_P * H3_P, acc_w3, H2_P, H3_P)
+            _add_unit_grads(part_unit, 2, acc_b3, acc_a3, acc_mu3, acc_var3, UNIT_W, H3_P)
+        _add_to_vector(part_out_ptr + slot * (HL_P + 1), acc_wout, HL_P)
+        _add_to_vector(part_out_ptr + slot * (HL_P + 1) + HL_P, acc_bout, 1)
 
 
 # ---------------------------------------------------------------------------
@@ -416,12 +439,17 @@ class BackwardSpec:
     interpret: bool = False
 
     def blocks(self):
-        """(BLOCK_T, num_warps): [BLOCK_T, H] float32 tiles within BACKWARD_TILE, half
-        that for float32 inputs (whose float32 dot operands take twice the shared
-        memory: at D=64, H=(80, 40), 172 KB at BLOCK_T=32, over sm_80's 163 KB)."""
-        widest = max(padded(h) for h in self.hidden)
-        budget = BACKWARD_TILE // (2 if self.dtype == torch.float32 else 1)
-        return max(16, min(64, budget // widest)), 8
+        """(BLOCK_T, num_warps).
+
+        The dots form one chain, for which Triton gives every dot the same
+        MMA layout with all warps along the rows (units, or D): the right
+        operands ([K, BLOCK_T] activation tiles) are then held whole by every
+        warp, and so is the [BLOCK_T, N] key tile of the weight-gradient dot.
+        Their registers grow with BLOCK_T, the weight tiles stay in shared
+        memory: the smallest tile (16, tl.dot's minimum) and eight warps keep
+        the loop within 255 registers (python -m din_fast.kernels.aot).
+        """
+        return 16, 8
 
     def constexprs(self) -> dict:
         widths = [padded(h) for h in self.hidden] + [16] * (MAX_HIDDEN_LAYERS - len(self.hidden))
@@ -432,7 +460,8 @@ class BackwardSpec:
         return dict(
             ACTIVATION=self.activation, SOFTMAX=self.softmax, HAS_LENGTHS=self.has_lengths,
             HAS_MASK=self.has_mask, HAS_GRAD_SCORES=self.has_grad_scores,
-            VALUES_ARE_KEYS=self.values_are_keys, NUM_LAYERS=len(self.hidden),
+            VALUES_ARE_KEYS=self.values_are_keys, MULTI_CANDIDATE=self.candidates > 1,
+            NUM_LAYERS=len(self.hidden),
             DOT_F32=self.interpret, INPUT_PRECISION=precision,
             GRAD_PRECISION="tf32",
             BLOCK_T=self.blocks()[0],
@@ -455,6 +484,16 @@ class BackwardSpec:
         ints = "B C T D DV".split()
         return {**pointers, **{name: "i32" for name in ints}, "scale": "fp32",
                 **{name: "constexpr" for name in self.constexprs()}}
+
+
+    def aligned(self) -> tuple:
+        """Arguments a launch sees as multiples of 16, as Triton's JIT specializes
+        them (see ForwardSpec.aligned): every pointer (torch allocations), D
+        and Dv when they are multiples of 16, T assumed so as well."""
+        names = [name for name, kind in self.signature().items() if kind.startswith("*")]
+        names += ["D"] if self.embed_dim % 16 == 0 else []
+        names += ["DV"] if self.value_dim % 16 == 0 else []
+        return tuple(names + ["T"])
 
 
 def backward_spec(problem: DINProblem, has_grad_scores: bool) -> BackwardSpec:
@@ -533,6 +572,9 @@ def din_backward(problem: DINProblem, grad_pooled: torch.Tensor, row_max: torch.
     widths = [constexprs[f"H{i}_P"] for i in (1, 2, 3)]     # padded, 16 past the last layer
     folded = fold_parameters(problem, block_d=d_p)
     deeper = folded.deeper + [folded.w_p] * (MAX_HIDDEN_LAYERS - 1 - len(folded.deeper))
+    # W_p and W_k - W_d as [H1_P, D_P] rows: the kernel's M and its W_p term
+    # of dq are [H1, D] tiles, loaded contiguously (vectorized, coalesced).
+    w_p, w_a = folded.w_p.t().contiguous(), folded.w_a.t().contiguous()
     grad_pooled = grad_pooled.contiguous()
     placeholder = folded.b_out
 
@@ -549,8 +591,8 @@ def din_backward(problem: DINProblem, grad_pooled: torch.Tensor, row_max: torch.
     # Padded partials: the kernel writes whole tiles, the host keeps the real part.
     part_k = torch.zeros(programs, widths[0], d_p, **f32)
     part_qk = torch.zeros_like(part_k)
-    part_w2 = torch.zeros(programs, widths[1], widths[0], **f32)
-    part_w3 = torch.zeros(programs, widths[2], widths[1], **f32)
+    part_w2 = torch.zeros(programs, widths[0], widths[1], **f32)    # W_2^T, W_3^T
+    part_w3 = torch.zeros(programs, widths[1], widths[2], **f32)
     part_unit = torch.zeros(programs, layers, 4, constexprs["UNIT_W"], **f32)
     part_out = torch.zeros(programs, widths[layers - 1] + 1, **f32)
     if launch:
@@ -559,7 +601,7 @@ def din_backward(problem: DINProblem, grad_pooled: torch.Tensor, row_max: torch.
             problem.lengths if problem.lengths is not None else placeholder,
             problem.mask.contiguous().view(torch.uint8) if problem.mask is not None
             else placeholder,
-            folded.w_p, folded.w_a, deeper[0], deeper[1], folded.unit, folded.w_out,
+            w_p, w_a, deeper[0], deeper[1], folded.unit, folded.w_out,
             folded.b_out, grad_pooled,
             grad_scores.contiguous() if grad_scores is not None else placeholder,
             row_max.contiguous() if softmax else placeholder,
@@ -575,7 +617,7 @@ def din_backward(problem: DINProblem, grad_pooled: torch.Tensor, row_max: torch.
     dw_q = g.reshape(-1, h1).t() @ query.reshape(-1, embed_dim).float()
     dw_k = part_k.sum(0)[:h1, :embed_dim]
     dweights = [torch.cat([dw_q, dw_k, dw_q - dw_k, part_qk.sum(0)[:h1, :embed_dim]], dim=1)]
-    dweights += [part.sum(0)[:n_out, :n_in]
+    dweights += [part.sum(0)[:n_in, :n_out].t()
                  for part, n_in, n_out in zip((part_w2, part_w3), hidden, hidden[1:])]
     out = part_out.sum(0)
     # Clones: the custom op may not return views of one another.
