@@ -128,6 +128,12 @@ def packed_scores(mlp: PackedMLP, query: torch.Tensor, k_packed: torch.Tensor, e
     return h.squeeze(-1)
 
 
+def _sum_candidates(x: torch.Tensor) -> torch.Tensor:
+    """[N, C, ...] -> [N, ...]; with one candidate a view, not a reduction
+    (which would fill and copy a tensor of the keys' size)."""
+    return x.squeeze(1) if x.shape[1] == 1 else x.sum(1)
+
+
 def packed_backward(mlp: PackedMLP, packed: PackedPositions, query, keys, values, w, preacts,
                     grad_pooled, grad_w, normalization, scale, values_are_keys):
     """The chain rule of the padded forward, written out on the packed positions.
@@ -143,7 +149,7 @@ def packed_backward(mlp: PackedMLP, packed: PackedPositions, query, keys, values
     v_packed = k_packed if values_are_keys else packed.gather(values)    # [N, Dv]
     w_packed = packed.gather(w.transpose(1, 2))                          # [N, C]
     grad_out = packed.expand_rows(grad_pooled)                           # [N, C, Dv]
-    grad_v_packed = (w_packed[..., None] * grad_out).sum(1)              # [N, Dv]
+    grad_v_packed = _sum_candidates(w_packed[..., None] * grad_out)      # [N, Dv]
     grad_s = (grad_out * v_packed[:, None, :]).sum(-1)                   # [N, C]
     del grad_out, v_packed
     if grad_w is not None:
@@ -175,7 +181,7 @@ def packed_backward(mlp: PackedMLP, packed: PackedPositions, query, keys, values
     w_q, w_k, w_d, w_p = split_first_layer(mlp.weights[0])
     q_packed = packed.expand_rows(query)                                 # [N, C, D]
     grad_u = packed.sum_rows(grad_z)                                     # [B, C, H1]
-    grad_z_keys = grad_z.sum(1)                                          # [N, H1]
+    grad_z_keys = _sum_candidates(grad_z)                                # [N, H1]
     grad_fold_q = grad_u.flatten(0, 1).t() @ query.flatten(0, 1)        # d(W_q + W_d)
     grad_fold_k = grad_z_keys.t() @ k_packed                             # d(W_k - W_d)
     grad_w_p = grad_z.flatten(0, 1).t() @ (q_packed * k_packed[:, None, :]).flatten(0, 1)
@@ -186,7 +192,7 @@ def packed_backward(mlp: PackedMLP, packed: PackedPositions, query, keys, values
     del grad_z
     grad_query = grad_u @ (w_q + w_d) + packed.sum_rows(grad_qk * k_packed[:, None, :])
     del k_packed
-    grad_k_packed = (grad_qk * q_packed).sum(1).addmm_(grad_z_keys, w_k - w_d)
+    grad_k_packed = _sum_candidates(grad_qk * q_packed).addmm_(grad_z_keys, w_k - w_d)
     del grad_qk, q_packed, grad_z_keys
     if values_are_keys:
         grad_keys, grad_values = packed.scatter(grad_k_packed.add_(grad_v_packed)), None
