@@ -67,12 +67,17 @@ def specializations(quick: bool):
         yield from provider(quick)
 
 
-def forward_specialization(spec: ForwardSpec) -> Specialization:
+def _label(kind: str, spec, flags: dict) -> str:
+    """A report row's name: the specialization's shape, then its set flags."""
     dtype = str(spec.dtype).replace("torch.", "")
-    label = (f"forward {dtype} {spec.activation} {'softmax' if spec.softmax else 'none'} "
-             f"D={spec.embed_dim} H={spec.hidden} C={spec.candidates}"
-             f"{' split' if spec.split else ''}{' scores' if spec.need_scores else ''}"
-             f"{' jagged' if spec.jagged else ''}")
+    return (f"{kind} {dtype} {spec.activation} {'softmax' if spec.softmax else 'none'} "
+            f"D={spec.embed_dim} H={spec.hidden} C={spec.candidates}"
+            + "".join(f" {name}" for name, on in flags.items() if on))
+
+
+def forward_specialization(spec: ForwardSpec) -> Specialization:
+    label = _label("forward", spec, dict(split=spec.split, scores=spec.need_scores,
+                                         jagged=spec.jagged))
     return Specialization(label, din_forward_kernel, spec.signature(), spec.constexprs(),
                           spec.blocks()[-1], NUM_STAGES, spec.aligned())
 
@@ -127,11 +132,8 @@ def jagged_forward_specializations(quick: bool):
 
 
 def backward_specialization(spec: BackwardSpec) -> Specialization:
-    dtype = str(spec.dtype).replace("torch.", "")
-    label = (f"backward {dtype} {spec.activation} {'softmax' if spec.softmax else 'none'} "
-             f"D={spec.embed_dim} H={spec.hidden} C={spec.candidates}"
-             f"{' scores' if spec.has_grad_scores else ''}"
-             f"{' values' if not spec.values_are_keys else ''}")
+    label = _label("backward", spec, dict(scores=spec.has_grad_scores,
+                                          values=not spec.values_are_keys))
     return Specialization(label, din_backward_kernel, spec.signature(), spec.constexprs(),
                           spec.blocks()[-1], NUM_STAGES, spec.aligned())
 
