@@ -33,22 +33,8 @@ import triton.language as tl
 
 from din_fast.problem import DINProblem, split_first_layer
 
-from .din_forward import (MAX_HIDDEN_LAYERS, NUM_STAGES, TILE_BUDGET, TRITON_DTYPES, _mma,
-                          _unit_params, fold_parameters, interpreting, padded)
-
-
-@triton.jit
-def _activate_units(z, a, mu, rstd, ACTIVATION: tl.constexpr):
-    """The activations on [H, BLOCK_T] tiles (units along rows); a, mu, rstd are [H, 1]."""
-    if ACTIVATION == "sigmoid":
-        return tl.sigmoid(z)
-    elif ACTIVATION == "relu":
-        return tl.maximum(z, 0.0)
-    elif ACTIVATION == "prelu":
-        return tl.where(z > 0, z, a * z)
-    else:
-        p = tl.sigmoid((z - mu) * rstd)
-        return z * (a + p * (1.0 - a))
+from .din_forward import (MAX_HIDDEN_LAYERS, NUM_STAGES, TILE_BUDGET, TRITON_DTYPES,
+                          _activate, _mma, _unit_params, fold_parameters, interpreting, padded)
 
 
 @triton.jit
@@ -146,17 +132,17 @@ def _tile_forward(keys, m, u, a1, mu1, rstd1, w2, b2, a2, mu2, rstd2, w3, b3, a3
     """
     z1 = _mma(m, tl.trans(keys), tl.zeros((H1_P, BLOCK_T), tl.float32), DOT_F32,
               INPUT_PRECISION) + u
-    h1 = _activate_units(z1, a1, mu1, rstd1, ACTIVATION)
+    h1 = _activate(z1, a1, mu1, rstd1, ACTIVATION)
     z2, h2 = z1, h1
     if NUM_LAYERS >= 2:
         z2 = _mma(w2, h1.to(w2.dtype), tl.zeros((H2_P, BLOCK_T), tl.float32), DOT_F32,
                   INPUT_PRECISION) + b2
-        h2 = _activate_units(z2, a2, mu2, rstd2, ACTIVATION)
+        h2 = _activate(z2, a2, mu2, rstd2, ACTIVATION)
     z3, h3 = z2, h2
     if NUM_LAYERS >= 3:
         z3 = _mma(w3, h2.to(w3.dtype), tl.zeros((H3_P, BLOCK_T), tl.float32), DOT_F32,
                   INPUT_PRECISION) + b3
-        h3 = _activate_units(z3, a3, mu3, rstd3, ACTIVATION)
+        h3 = _activate(z3, a3, mu3, rstd3, ACTIVATION)
     return z1, h1, z2, h2, z3, h3, tl.sum(h3 * w_out, axis=0) + b_out
 
 

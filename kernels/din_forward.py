@@ -59,16 +59,18 @@ def _unit_params(unit_ptr, layer: tl.constexpr, start, UNIT_W: tl.constexpr,
 
 @triton.jit
 def _activate(x, a, mu, rstd, ACTIVATION: tl.constexpr):
-    """SPEC section 1's activations on [pairs, H]; dice in its inference form."""
+    """SPEC section 1's activations on a tile; dice in its inference form. a, mu
+    and rstd come already shaped to broadcast against x: [1, H] when units run
+    along columns (the forward), [H, 1] when along rows (the backward)."""
     if ACTIVATION == "sigmoid":
         return tl.sigmoid(x)
     elif ACTIVATION == "relu":
         return tl.maximum(x, 0.0)
     elif ACTIVATION == "prelu":
-        return tl.where(x > 0, x, a[None, :] * x)
+        return tl.where(x > 0, x, a * x)
     else:
-        p = tl.sigmoid((x - mu[None, :]) * rstd[None, :])
-        return x * (a[None, :] + p * (1.0 - a[None, :]))
+        p = tl.sigmoid((x - mu) * rstd)
+        return x * (a + p * (1.0 - a))
 
 
 @triton.jit
@@ -88,7 +90,7 @@ def _hidden_chunk(h, w_ptr, unit_ptr, layer: tl.constexpr, start, H_IN_P: tl.con
     w = tl.load(w_ptr + offs_in[:, None] * H_OUT_P + offs_out[None, :])
     bias, a, mu, rstd = _unit_params(unit_ptr, layer, start, UNIT_W, CHUNK)
     x = _mma(h, w, tl.zeros((h.shape[0], CHUNK), tl.float32), DOT_F32, INPUT_PRECISION)
-    return _activate(x + bias[None, :], a, mu, rstd, ACTIVATION)
+    return _activate(x + bias[None, :], a[None, :], mu[None, :], rstd[None, :], ACTIVATION)
 
 
 @triton.jit
@@ -121,7 +123,8 @@ def _score(h1, w2_ptr, w3_ptr, unit_ptr, wout_ptr, b_out, H2, NUM_LAYERS: tl.con
             w3 = tl.load(w3_ptr + offs2[:, None] * H3_P + offs3[None, :])
             pre3 = _mma(h2, w3, pre3, DOT_F32, INPUT_PRECISION)
         bias, a, mu, rstd = _unit_params(unit_ptr, 2, 0, UNIT_W, H3_P)
-        h3 = _activate(pre3 + bias[None, :], a, mu, rstd, ACTIVATION)
+        h3 = _activate(pre3 + bias[None, :], a[None, :], mu[None, :], rstd[None, :],
+                       ACTIVATION)
         s = tl.sum(h3 * tl.load(wout_ptr + offs3)[None, :], axis=1)
     return s + b_out
 
@@ -236,7 +239,7 @@ def din_forward_kernel(
             pre = tl.reshape(pre, (PAIRS, H1_P))
         else:
             pre = pre_pair + u
-        h1 = _activate(pre, a1, mu1, rstd1, ACTIVATION)
+        h1 = _activate(pre, a1[None, :], mu1[None, :], rstd1[None, :], ACTIVATION)
         s = _score(h1, w2_ptr, w3_ptr, unit_ptr, wout_ptr, b_out, H2, NUM_LAYERS, H1_P, H2_P,
                    H3_P, UNIT_W, CHUNK, ACTIVATION, DOT_F32, INPUT_PRECISION)
         s = tl.reshape(s, (BLOCK_T, BLOCK_C)) * scale
