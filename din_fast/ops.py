@@ -15,8 +15,9 @@ registered autograd formula, both compile with fullgraph=True.
 ``backend`` picks the implementation: "triton" runs the fused kernels (CUDA
 tensors, or CPU tensors under TRITON_INTERPRET=1), "torch" the torch backend
 and its hand-written backward, on any device. Weight tiles too large for the
-fused backward's on-chip budget (see ``backward_unsupported``) take the torch
-backward under "triton" too: correct, but it stores per-position activations.
+fused backward's on-chip budget (see ``backward_unsupported``: it depends on
+the widths and the inputs' dtype) take the torch backward under "triton" too:
+correct, but it stores per-position activations.
 """
 
 from __future__ import annotations

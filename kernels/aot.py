@@ -132,8 +132,8 @@ def jagged_forward_specializations(quick: bool):
 
 
 def backward_specialization(spec: BackwardSpec) -> Specialization:
-    label = _label("backward", spec, dict(scores=spec.has_grad_scores,
-                                          values=not spec.values_are_keys))
+    label = _label(f"backward[{spec.part}]", spec, dict(scores=spec.has_grad_scores,
+                                                        values=not spec.values_are_keys))
     return Specialization(label, din_backward_kernel, spec.signature(), spec.constexprs(),
                           spec.blocks()[-1], NUM_STAGES, spec.aligned())
 
@@ -145,28 +145,29 @@ def backward_specializations(quick: bool):
     serves); C = 100 (float32 in-place sums, separate values, scores) for sigmoid.
 
     The quick subset: both normalizations, sigmoid and dice, the three
-    dtypes and many candidates, at the widest shape the fused backward takes.
+    dtypes and many candidates, at the widest shapes the fused backward
+    takes (split into its three launches for half precision, one for float32).
     """
     if quick:
         grid = [
-            (torch.bfloat16, "sigmoid", False, 64, (64,), 1, False),
-            (torch.bfloat16, "dice", True, 64, (64,), 1, False),
+            (torch.bfloat16, "dice", True, 64, (80, 40), 1, False),
             (torch.float32, "dice", False, 64, (64,), 1, False),
             (torch.float32, "sigmoid", True, 64, (64,), 1, False),
-            (torch.float16, "sigmoid", True, 64, (64,), 100, True),
+            (torch.float16, "sigmoid", True, 64, (80, 40), 100, True),
         ]
     else:
         grid = [
             (dtype, act, softmax, dim, hidden, cands, cands > 1)
             for dtype, act, softmax, dim, hidden in product(
                 GRID_DTYPES, GRID_ACTIVATIONS, (False, True), GRID_EMBED_DIMS, GRID_HIDDEN)
-            if backward_unsupported_shape(dim, hidden) is None
+            if backward_unsupported_shape(dim, hidden, dtype) is None
             for cands in ((1, 100) if act == "sigmoid" else (1,))]
     for dtype, act, softmax, dim, hidden, cands, scores in grid:
-        yield backward_specialization(BackwardSpec(
+        spec = BackwardSpec(
             dtype=dtype, activation=act, softmax=softmax, has_lengths=True, has_mask=False,
             has_grad_scores=scores, values_are_keys=not scores, hidden=hidden,
-            embed_dim=dim, value_dim=dim, candidates=cands))
+            embed_dim=dim, value_dim=dim, candidates=cands)
+        yield from map(backward_specialization, spec.launches())
 
 
 def _cuobjdump() -> str:

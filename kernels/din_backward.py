@@ -2,8 +2,9 @@
 
 FlashAttention's method: nothing of the forward is stored but, for softmax,
 the per-(b, c) max of the scaled scores (the exponent's offset; the kernel
-recomputes the normalizer and the row term delta itself). The kernel recomputes the MLP tile by tile from the keys, with the forward's
-folded parameters, and runs the chain rule on the spot, so no [B, C, T, H] or
+recomputes the normalizer and the row term delta itself). The kernel
+recomputes the MLP tile by tile from the keys, with the forward's folded
+parameters, and runs the chain rule on the spot, so no [B, C, T, H] or
 [B, C, T, 4D] tensor ever reaches memory. Positions past a row's length are
 skipped (their gradients are zero), as in the forward.
 
@@ -15,6 +16,16 @@ row in float32, added to the program's own partial when the row is done, and
 the partials are reduced in a fixed order on the host. No atomics: two
 backward passes give bitwise-identical gradients.
 
+What stays on chip for a whole pass is the gradient accumulators. When
+they add up to more than TILE_BUDGET elements, the backward runs as three
+launches of the same kernel (BackwardSpec.launches; PARTS): dk and dv; the
+first layer's sums; the deeper layers'. Each recomputes the forward and
+keeps one kind of accumulator live, and ptxas keeps every one of them within
+the register file (python -m din_fast.kernels.aot) at the cost of the
+recompute: the split trades arithmetic, which the tiles have to spare, for
+not spilling. The weight tiles (M, W_i, W_i^T) are reloaded per tile from
+L1/L2 rather than held: staged once in registers they would spill.
+
 The first layer goes through the fold z1 = u + k M^T, u = (W_q + W_d) q + b_1,
 M = (W_k - W_d) + W_p * q. Per (b, c) the kernel accumulates
 P = sum_t dz1_t k_t^T ([H_1, D]) and G = sum_t dz1_t ([H_1]); everything else
@@ -25,7 +36,7 @@ of the first layer follows from them:
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import torch
 import triton
@@ -62,33 +73,48 @@ def _activation_backward(z, dh, a, mu, rstd, ACTIVATION: tl.constexpr):
 
 
 @triton.jit
-def _unit_backward(z, dh, a, mu, rstd, acc_b, acc_a, acc_mu, acc_var,
+def _unit_backward(z, dh, unit_ptr, layer: tl.constexpr, UNIT_W: tl.constexpr, HP: tl.constexpr,
                    ACTIVATION: tl.constexpr):
-    """dz of a hidden layer's [H, BLOCK_T] tile, its per-unit sums added to the
-    bias and (a, mu, var) accumulators."""
+    """A hidden layer's [H, BLOCK_T] tile backward: dz, and the per-unit sums of
+    the (a, mu, var) gradient terms.
+
+    The unit parameters are reloaded per tile (cache hits): held across the
+    loops, broadcast to the tiles' layouts, they cost more registers than the
+    tiles themselves."""
+    _, a, mu, rstd = _unit_columns(unit_ptr, layer, UNIT_W, HP)
     dz, da, dmu, dvar = _activation_backward(z, dh, a, mu, rstd, ACTIVATION)
-    return (dz, acc_b + tl.sum(dz, axis=1), acc_a + tl.sum(da, axis=1),
-            acc_mu + tl.sum(dmu, axis=1), acc_var + tl.sum(dvar, axis=1))
+    return dz, tl.sum(da, axis=1), tl.sum(dmu, axis=1), tl.sum(dvar, axis=1)
 
 
 @triton.jit
-def _deeper_layer_backward(z, dh, h_in, w, a, mu, rstd, acc_w, acc_b, acc_a, acc_mu, acc_var,
-                           IN_P: tl.constexpr, BLOCK_T: tl.constexpr,
-                           ACTIVATION: tl.constexpr, DOT_F32: tl.constexpr,
-                           GRAD_PRECISION: tl.constexpr):
+def _deeper_layer_backward(z, dh, h_in, w_ptr, unit_ptr, layer: tl.constexpr, acc_w, acc_b,
+                           acc_a, acc_mu, acc_var, IN_P: tl.constexpr, OUT_P: tl.constexpr,
+                           UNIT_W: tl.constexpr, BLOCK_T: tl.constexpr,
+                           ACTIVATION: tl.constexpr, WEIGHTS: tl.constexpr,
+                           UNITS: tl.constexpr, NEED_DH_IN: tl.constexpr,
+                           DOT_F32: tl.constexpr, GRAD_PRECISION: tl.constexpr):
     """A hidden layer after the first (z = W h_in + b), transposed: d loss / d h_in
-    and the layer's accumulators updated."""
-    dz, acc_b, acc_a, acc_mu, acc_var = _unit_backward(z, dh, a, mu, rstd, acc_b, acc_a,
-                                                       acc_mu, acc_var, ACTIVATION)
+    (with NEED_DH_IN), the weight accumulator (WEIGHTS) and the unit
+    accumulators (UNITS) updated; a pass that skips one passes it through."""
+    dz, da, dmu, dvar = _unit_backward(z, dh, unit_ptr, layer, UNIT_W, OUT_P, ACTIVATION)
+    if UNITS:
+        acc_b += tl.sum(dz, axis=1)
+        acc_a += da
+        acc_mu += dmu
+        acc_var += dvar
     # dz stays float32 (in TF32 dots): rounded to half precision here, the
     # error would compound down the layers into the gradients that cancel.
     # acc_w is W's gradient transposed, [IN_P, OUT_P]: h_in (the wider side)
     # is then the left operand, split across the warps, and only dz^T is held
     # whole by each warp.
-    acc_w = _mma(h_in.to(w.dtype).to(tl.float32), tl.trans(dz), acc_w, DOT_F32,
-                 GRAD_PRECISION)
-    dh_in = _mma(tl.trans(w).to(tl.float32), dz, tl.zeros((IN_P, BLOCK_T), tl.float32),
-                 DOT_F32, GRAD_PRECISION)
+    if WEIGHTS:
+        acc_w = _mma(h_in, tl.trans(dz), acc_w, DOT_F32, GRAD_PRECISION)
+    dh_in = dh
+    if NEED_DH_IN:
+        # W^T in float32 straight from memory: a TF32 operand the tensor
+        # cores read from shared memory, not a converted copy in registers.
+        dh_in = _mma(_load_tile(w_ptr, IN_P, OUT_P, False), dz,
+                     tl.zeros((IN_P, BLOCK_T), tl.float32), DOT_F32, GRAD_PRECISION)
     return dh_in, acc_w, acc_b, acc_a, acc_mu, acc_var
 
 
@@ -122,24 +148,31 @@ def _tile_inputs(k_ptr, v_ptr, mask_ptr, gs_ptr, b64, bc, t0, t_stop, T, D, DV, 
 
 
 @triton.jit
-def _tile_forward(keys, m, u, a1, mu1, rstd1, w2, b2, a2, mu2, rstd2, w3, b3, a3, mu3, rstd3,
-                  w_out, b_out, NUM_LAYERS: tl.constexpr, ACTIVATION: tl.constexpr,
-                  BLOCK_T: tl.constexpr, H1_P: tl.constexpr, H2_P: tl.constexpr,
-                  H3_P: tl.constexpr, DOT_F32: tl.constexpr, INPUT_PRECISION: tl.constexpr):
+def _tile_forward(keys, m_ptr, u, w2_ptr, w3_ptr, unit_ptr, w_out, b_out,
+                  NUM_LAYERS: tl.constexpr, ACTIVATION: tl.constexpr, BLOCK_T: tl.constexpr,
+                  D_P: tl.constexpr, H1_P: tl.constexpr, H2_P: tl.constexpr,
+                  H3_P: tl.constexpr, UNIT_W: tl.constexpr, DOT_F32: tl.constexpr,
+                  INPUT_PRECISION: tl.constexpr):
     """The MLP on a key tile, transposed ([H, BLOCK_T]): (z1, h1, z2, h2, z3, h3, s).
 
     Layers the MLP lacks repeat the last one's (z, h), unused by the caller.
     """
+    m = _load_tile(m_ptr, H1_P, D_P, False)
     z1 = _mma(m, tl.trans(keys), tl.zeros((H1_P, BLOCK_T), tl.float32), DOT_F32,
               INPUT_PRECISION) + u
+    _, a1, mu1, rstd1 = _unit_columns(unit_ptr, 0, UNIT_W, H1_P)
     h1 = _activate(z1, a1, mu1, rstd1, ACTIVATION)
     z2, h2 = z1, h1
     if NUM_LAYERS >= 2:
+        w2 = _load_tile(w2_ptr, H1_P, H2_P, True).to(keys.dtype)
+        b2, a2, mu2, rstd2 = _unit_columns(unit_ptr, 1, UNIT_W, H2_P)
         z2 = _mma(w2, h1.to(w2.dtype), tl.zeros((H2_P, BLOCK_T), tl.float32), DOT_F32,
                   INPUT_PRECISION) + b2
         h2 = _activate(z2, a2, mu2, rstd2, ACTIVATION)
     z3, h3 = z2, h2
     if NUM_LAYERS >= 3:
+        w3 = _load_tile(w3_ptr, H2_P, H3_P, True).to(keys.dtype)
+        b3, a3, mu3, rstd3 = _unit_columns(unit_ptr, 2, UNIT_W, H3_P)
         z3 = _mma(w3, h2.to(w3.dtype), tl.zeros((H3_P, BLOCK_T), tl.float32), DOT_F32,
                   INPUT_PRECISION) + b3
         h3 = _activate(z3, a3, mu3, rstd3, ACTIVATION)
@@ -160,6 +193,12 @@ def _load_tile(ptr, RP: tl.constexpr, SP: tl.constexpr, TRANSPOSE: tl.constexpr)
         return tl.load(ptr + tl.arange(0, RP)[None, :] * SP + tl.arange(0, SP)[:, None])
     else:
         return tl.load(ptr + tl.arange(0, RP)[:, None] * SP + tl.arange(0, SP)[None, :])
+
+
+@triton.jit
+def _store_tile(ptr, tile, RP: tl.constexpr, SP: tl.constexpr):
+    """ptr[RP, SP] = tile, row-major."""
+    tl.store(ptr + tl.arange(0, RP)[:, None] * SP + tl.arange(0, SP)[None, :], tile)
 
 
 @triton.jit
@@ -199,23 +238,27 @@ def din_backward_kernel(
     q_ptr, u_ptr, k_ptr, v_ptr, len_ptr, mask_ptr,
     wp_ptr, wa_ptr, w2_ptr, w3_ptr, unit_ptr, wout_ptr, bout_ptr,
     dout_ptr, gs_ptr, max_ptr,
-    dq_ptr, dk_ptr, dv_ptr, g_ptr,
+    dq_ptr, dk_ptr, dv_ptr, g_ptr, m_scratch_ptr,
     part_k_ptr, part_qk_ptr, part_w2_ptr, part_w3_ptr, part_unit_ptr, part_out_ptr,
     B, C, T, D, DV, scale,
     ACTIVATION: tl.constexpr, SOFTMAX: tl.constexpr, HAS_LENGTHS: tl.constexpr,
     HAS_MASK: tl.constexpr, HAS_GRAD_SCORES: tl.constexpr, VALUES_ARE_KEYS: tl.constexpr,
-    MULTI_CANDIDATE: tl.constexpr,
+    MULTI_CANDIDATE: tl.constexpr, INPUT_GRADS: tl.constexpr, FIRST_WEIGHTS: tl.constexpr,
+    DEEPER_WEIGHTS: tl.constexpr,
     NUM_LAYERS: tl.constexpr, DOT_F32: tl.constexpr, INPUT_PRECISION: tl.constexpr,
-    GRAD_PRECISION: tl.constexpr, BLOCK_T: tl.constexpr, D_P: tl.constexpr, DV_P: tl.constexpr, H1_P: tl.constexpr,
-    H2_P: tl.constexpr, H3_P: tl.constexpr, UNIT_W: tl.constexpr,
+    GRAD_PRECISION: tl.constexpr, BLOCK_T: tl.constexpr, D_P: tl.constexpr,
+    DV_P: tl.constexpr, H1_P: tl.constexpr, H2_P: tl.constexpr, H3_P: tl.constexpr,
+    UNIT_W: tl.constexpr,
 ):
     """Grid (P,): program pid owns rows pid, pid + P, ...
 
     Inputs as din_forward_kernel's (contiguous; the folded parameters padded
     to the tile widths, with D_P rows; but wp and wa are W_p and W_k - W_d,
-    [H1_P, D_P], rows of units), plus dout [B, C, DV] = d loss /
-    d pooled, gs [B, C, T] = d loss / d w and the forward's row max [B, C]
-    (softmax; the exponent's offset).
+    [H1_P, D_P], rows of units; w2 and w3 are W_i^T in float32), plus
+    dout [B, C, DV] = d loss / d pooled, gs [B, C, T] = d loss / d w and the
+    forward's row max [B, C] (softmax; the exponent's offset); m_scratch
+    [P, H1_P, D_P] in the inputs' dtype, each program's slot for its
+    candidate's M.
 
     Softmax takes a first pass over the row's tiles for its normalizer and
     delta = sum_t w_t dw_t, both from this kernel's own recomputed scores:
@@ -227,8 +270,9 @@ def din_backward_kernel(
     G [B, C, H1_P] float32; per program float32 partials, padded: part_k and
     part_qk [P, H1_P, D_P] (sum of dz1 k^T and of dz1 (q*k)^T), part_w2
     [P, H1_P, H2_P] and part_w3 [P, H2_P, H3_P] (W_2^T, W_3^T), part_unit
-    [P, L, 4, UNIT_W] (bias, a, mu, var), part_out [P, H_L_P + 1] (W_out, then b_out). Partials
-    start at zero.
+    [P, L, 4, UNIT_W] (bias, a, mu, var), part_out [P, H_L_P + 1] (W_out, then
+    b_out). Partials start at zero. INPUT_GRADS, FIRST_WEIGHTS and
+    DEEPER_WEIGHTS select which of them this launch writes (PARTS).
 
     The MLP runs transposed, units along rows and positions along columns
     ([H, BLOCK_T] tiles): the loop-invariant matrices (M, M^T, W_i, W_i^T)
@@ -245,16 +289,7 @@ def din_backward_kernel(
     d_ok = offs_d < D
     dv_ok = offs_dv < DV
 
-    _, a1, mu1, rstd1 = _unit_columns(unit_ptr, 0, UNIT_W, H1_P)
-    # Absent layers' operands: placeholders _tile_forward never reads.
-    w2, b2, a2, mu2, rstd2 = a1, a1, a1, a1, a1
-    w3, b3, a3, mu3, rstd3 = a1, a1, a1, a1, a1
-    if NUM_LAYERS >= 2:
-        w2 = _load_tile(w2_ptr, H1_P, H2_P, True)                  # W_2 [H2, H1]
-        b2, a2, mu2, rstd2 = _unit_columns(unit_ptr, 1, UNIT_W, H2_P)
-    if NUM_LAYERS >= 3:
-        w3 = _load_tile(w3_ptr, H2_P, H3_P, True)
-        b3, a3, mu3, rstd3 = _unit_columns(unit_ptr, 2, UNIT_W, H3_P)
+    m_ptr = m_scratch_ptr + pid * H1_P * D_P
     if NUM_LAYERS == 1:
         HL_P: tl.constexpr = H1_P
     elif NUM_LAYERS == 2:
@@ -271,38 +306,48 @@ def din_backward_kernel(
             t_stop = tl.minimum(tl.maximum(tl.load(len_ptr + b64).to(tl.int32), 0), T)
         else:
             t_stop = T
-        # Past the length every gradient is zero: written once, never computed.
-        for t0 in range(t_stop, T, BLOCK_T):
-            offs_t = t0 + tl.arange(0, BLOCK_T)
-            rows = b64 * T + offs_t
-            tl.store(dk_ptr + rows[:, None] * D + offs_d[None, :],
-                     tl.zeros((BLOCK_T, D_P), tl.float32),
-                     mask=(offs_t < T)[:, None] & d_ok[None, :])
-            if not VALUES_ARE_KEYS:
-                tl.store(dv_ptr + rows[:, None] * DV + offs_dv[None, :],
-                         tl.zeros((BLOCK_T, DV_P), tl.float32),
-                         mask=(offs_t < T)[:, None] & dv_ok[None, :])
+        if INPUT_GRADS:
+            # Past the length every gradient is zero: written once, never computed.
+            for t0 in range(t_stop, T, BLOCK_T):
+                offs_t = t0 + tl.arange(0, BLOCK_T)
+                rows = b64 * T + offs_t
+                tl.store(dk_ptr + rows[:, None] * D + offs_d[None, :],
+                         tl.zeros((BLOCK_T, D_P), tl.float32),
+                         mask=(offs_t < T)[:, None] & d_ok[None, :])
+                if not VALUES_ARE_KEYS:
+                    tl.store(dv_ptr + rows[:, None] * DV + offs_dv[None, :],
+                             tl.zeros((BLOCK_T, DV_P), tl.float32),
+                             mask=(offs_t < T)[:, None] & dv_ok[None, :])
 
         # The row's sums of the weight gradients (over its candidates and
         # positions), added to this program's partials once the row is done.
         acc_b1, acc_a1, acc_mu1, acc_var1 = _zero_unit_grads(H1_P)
+        if INPUT_GRADS:
+            acc_wout = tl.zeros((HL_P,), tl.float32)
+            acc_bout = tl.zeros((1,), tl.float32)
+        # Placeholders where a pass skips a layer's sums (never read).
+        acc_w2, acc_b2, acc_a2, acc_mu2, acc_var2 = b_out, b_out, b_out, b_out, b_out
+        acc_w3, acc_b3, acc_a3, acc_mu3, acc_var3 = b_out, b_out, b_out, b_out, b_out
         if NUM_LAYERS >= 2:
-            acc_w2 = tl.zeros((H1_P, H2_P), tl.float32)
-            acc_b2, acc_a2, acc_mu2, acc_var2 = _zero_unit_grads(H2_P)
+            if DEEPER_WEIGHTS:
+                acc_w2 = tl.zeros((H1_P, H2_P), tl.float32)
+                acc_b2, acc_a2, acc_mu2, acc_var2 = _zero_unit_grads(H2_P)
         if NUM_LAYERS >= 3:
-            acc_w3 = tl.zeros((H2_P, H3_P), tl.float32)
-            acc_b3, acc_a3, acc_mu3, acc_var3 = _zero_unit_grads(H3_P)
-        acc_wout = tl.zeros((HL_P,), tl.float32)
-        acc_bout = tl.zeros((1,), tl.float32)
+            if DEEPER_WEIGHTS:
+                acc_w3 = tl.zeros((H2_P, H3_P), tl.float32)
+                acc_b3, acc_a3, acc_mu3, acc_var3 = _zero_unit_grads(H3_P)
         for c in range(0, C):
             bc = b64 * C + c
             q = tl.load(q_ptr + bc * D + offs_d, mask=d_ok, other=0.0).to(tl.float32)
             u = tl.load(u_ptr + bc * H1_P + offs_h1)[:, None]
-            # The candidate's fold M = (W_k - W_d) + W_p * q, both ways round.
+            # The candidate's fold M = (W_k - W_d) + W_p * q, [H1, D], staged in
+            # this program's scratch slot and reloaded per tile (cache hits):
+            # held in registers across the loops, it would spill.
             m = (_load_tile(wa_ptr, H1_P, D_P, False).to(tl.float32)
                  + _load_tile(wp_ptr, H1_P, D_P, False).to(tl.float32) * q[None, :])
-            m_t = tl.trans(m).to(dot_dtype)                             # [D, H1]
-            m = m.to(dot_dtype)                                         # [H1, D]
+            tl.debug_barrier()      # the previous candidate's reads are done
+            _store_tile(m_ptr, m.to(dot_dtype), H1_P, D_P)
+            tl.debug_barrier()      # every thread sees the whole tile
             dout = tl.load(dout_ptr + bc * DV + offs_dv, mask=dv_ok, other=0.0).to(tl.float32)
             if SOFTMAX:
                 row_max = tl.load(max_ptr + bc)
@@ -312,16 +357,17 @@ def din_backward_kernel(
                     offs_t, t_ok, valid, keys, dw = _tile_inputs(
                         k_ptr, v_ptr, mask_ptr, gs_ptr, b64, bc, t0, t_stop, T, D, DV, dout,
                         HAS_MASK, HAS_GRAD_SCORES, VALUES_ARE_KEYS, BLOCK_T, D_P, DV_P)
-                    s = _tile_forward(keys, m, u, a1, mu1, rstd1, w2, b2, a2, mu2, rstd2, w3,
-                                      b3, a3, mu3, rstd3, w_out, b_out, NUM_LAYERS, ACTIVATION,
-                                      BLOCK_T, H1_P, H2_P, H3_P, DOT_F32, INPUT_PRECISION)[6]
+                    s = _tile_forward(keys, m_ptr, u, w2_ptr, w3_ptr, unit_ptr, w_out, b_out,
+                                      NUM_LAYERS, ACTIVATION, BLOCK_T, D_P, H1_P, H2_P, H3_P,
+                                      UNIT_W, DOT_F32, INPUT_PRECISION)[6]
                     e = tl.exp(tl.where(valid, scale * s - row_max, float("-inf")))
                     row_sum += tl.sum(e, axis=0)
                     delta += tl.sum(e * dw, axis=0)
                 inv_sum = tl.where(row_sum > 0, 1.0 / tl.where(row_sum > 0, row_sum, 1.0), 0.0)
                 delta = delta * inv_sum
-            acc_p = tl.zeros((H1_P, D_P), tl.float32)                      # P = sum dz1 k^T
-            acc_g = tl.zeros((H1_P,), tl.float32)                          # G = sum dz1
+            if FIRST_WEIGHTS:
+                acc_p = tl.zeros((H1_P, D_P), tl.float32)                  # P = sum dz1 k^T
+                acc_g = tl.zeros((H1_P,), tl.float32)                      # G = sum dz1
 
             for t0 in range(0, t_stop, BLOCK_T):
                 offs_t, t_ok, valid, keys, dw = _tile_inputs(
@@ -330,8 +376,8 @@ def din_backward_kernel(
                 rows = b64 * T + offs_t
                 # Forward recompute of the tile, transposed: [H, BLOCK_T].
                 z1, h1, z2, h2, z3, h_last, s = _tile_forward(
-                    keys, m, u, a1, mu1, rstd1, w2, b2, a2, mu2, rstd2, w3, b3, a3, mu3, rstd3,
-                    w_out, b_out, NUM_LAYERS, ACTIVATION, BLOCK_T, H1_P, H2_P, H3_P, DOT_F32,
+                    keys, m_ptr, u, w2_ptr, w3_ptr, unit_ptr, w_out, b_out, NUM_LAYERS,
+                    ACTIVATION, BLOCK_T, D_P, H1_P, H2_P, H3_P, UNIT_W, DOT_F32,
                     INPUT_PRECISION)
 
                 # Pooling and normalization backward: ds = d loss / d s.
@@ -343,69 +389,100 @@ def din_backward_kernel(
                     ds = tl.where(valid, scale * dw, 0.0)
 
                 # MLP backward, output layer first.
-                acc_wout += tl.sum(h_last * ds[None, :], axis=1)
-                acc_bout += tl.sum(ds, axis=0)
+                if INPUT_GRADS:
+                    acc_wout += tl.sum(h_last * ds[None, :], axis=1)
+                    acc_bout += tl.sum(ds, axis=0)
                 dh = w_out * ds[None, :]
                 if NUM_LAYERS >= 3:
                     dh, acc_w3, acc_b3, acc_a3, acc_mu3, acc_var3 = _deeper_layer_backward(
-                        z3, dh, h2, w3, a3, mu3, rstd3, acc_w3, acc_b3, acc_a3, acc_mu3,
-                        acc_var3, H2_P, BLOCK_T, ACTIVATION, DOT_F32, GRAD_PRECISION)
+                        z3, dh, h2, w3_ptr, unit_ptr, 2, acc_w3, acc_b3, acc_a3, acc_mu3,
+                        acc_var3, H2_P, H3_P, UNIT_W, BLOCK_T, ACTIVATION, DEEPER_WEIGHTS,
+                        DEEPER_WEIGHTS, True, DOT_F32, GRAD_PRECISION)
                 if NUM_LAYERS >= 2:
                     dh, acc_w2, acc_b2, acc_a2, acc_mu2, acc_var2 = _deeper_layer_backward(
-                        z2, dh, h1, w2, a2, mu2, rstd2, acc_w2, acc_b2, acc_a2, acc_mu2,
-                        acc_var2, H1_P, BLOCK_T, ACTIVATION, DOT_F32, GRAD_PRECISION)
-                dz1, acc_g, acc_a1, acc_mu1, acc_var1 = _unit_backward(
-                    z1, dh, a1, mu1, rstd1, acc_g, acc_a1, acc_mu1, acc_var1, ACTIVATION)
-                dz1 = dz1.to(dot_dtype)
-                acc_p = _mma(dz1, keys, acc_p, DOT_F32, INPUT_PRECISION)
-                dk = tl.trans(_mma(m_t, dz1, tl.zeros((D_P, BLOCK_T), tl.float32), DOT_F32,
-                                   INPUT_PRECISION))                     # [BLOCK_T, D]
-
-                # A row's key/value gradients sum over its candidates: the
-                # first candidate writes, the others add (same program).
-                dv = w[:, None] * dout[None, :]
-                if VALUES_ARE_KEYS:
-                    dk += dv
-                else:
-                    dv_ptrs = dv_ptr + rows[:, None] * DV + offs_dv[None, :]
-                    dv_mask = t_ok[:, None] & dv_ok[None, :]
+                        z2, dh, h1, w2_ptr, unit_ptr, 1, acc_w2, acc_b2, acc_a2, acc_mu2,
+                        acc_var2, H1_P, H2_P, UNIT_W, BLOCK_T, ACTIVATION, DEEPER_WEIGHTS,
+                        DEEPER_WEIGHTS, INPUT_GRADS or FIRST_WEIGHTS, DOT_F32, GRAD_PRECISION)
+                if INPUT_GRADS or FIRST_WEIGHTS:
+                    dz1, da1, dmu1, dvar1 = _unit_backward(z1, dh, unit_ptr, 0, UNIT_W, H1_P,
+                                                           ACTIVATION)
+                if FIRST_WEIGHTS:
+                    acc_p = _mma(dz1.to(dot_dtype), keys, acc_p, DOT_F32, INPUT_PRECISION)
+                    acc_g += tl.sum(dz1, axis=1)
+                if INPUT_GRADS:
+                    acc_a1 += da1
+                    acc_mu1 += dmu1
+                    acc_var1 += dvar1
+                    m_t = _load_tile(m_ptr, H1_P, D_P, True)              # M^T [D, H1]
+                    dk = tl.trans(_mma(m_t, dz1.to(dot_dtype),
+                                       tl.zeros((D_P, BLOCK_T), tl.float32), DOT_F32,
+                                       INPUT_PRECISION))                 # [BLOCK_T, D]
+                    # A row's key/value gradients sum over its candidates: the
+                    # first candidate writes, the others add (same program).
+                    dv = w[:, None] * dout[None, :]
+                    if VALUES_ARE_KEYS:
+                        dk += dv
+                    else:
+                        dv_ptrs = dv_ptr + rows[:, None] * DV + offs_dv[None, :]
+                        dv_mask = t_ok[:, None] & dv_ok[None, :]
+                        if MULTI_CANDIDATE:
+                            dv += tl.load(dv_ptrs, mask=dv_mask & (c > 0),
+                                          other=0.0).to(tl.float32)
+                        tl.store(dv_ptrs, dv, mask=dv_mask)
+                    dk_ptrs = dk_ptr + rows[:, None] * D + offs_d[None, :]
+                    dk_mask = t_ok[:, None] & d_ok[None, :]
                     if MULTI_CANDIDATE:
-                        dv += tl.load(dv_ptrs, mask=dv_mask & (c > 0), other=0.0).to(tl.float32)
-                    tl.store(dv_ptrs, dv, mask=dv_mask)
-                dk_ptrs = dk_ptr + rows[:, None] * D + offs_d[None, :]
-                dk_mask = t_ok[:, None] & d_ok[None, :]
-                if MULTI_CANDIDATE:
-                    dk += tl.load(dk_ptrs, mask=dk_mask & (c > 0), other=0.0).to(tl.float32)
-                tl.store(dk_ptrs, dk, mask=dk_mask)
+                        dk += tl.load(dk_ptrs, mask=dk_mask & (c > 0), other=0.0).to(tl.float32)
+                    tl.store(dk_ptrs, dk, mask=dk_mask)
 
-            # Per (b, c): the query's W_p term, G for the host, the P partials.
-            wp = _load_tile(wp_ptr, H1_P, D_P, False).to(tl.float32)
-            tl.store(dq_ptr + bc * D_P + offs_d, tl.sum(wp * acc_p, axis=0))
-            tl.store(g_ptr + bc * H1_P + offs_h1, acc_g)
-            acc_b1 += acc_g
             # This program's partials, indexed by b % P (== pid): addresses
             # computed from the loop variable are not hoisted out of the
             # loops, where they would be held in registers (or spilled).
             slot = b % programs
-            _add_to_tile(part_k_ptr + slot * H1_P * D_P, acc_p, H1_P, D_P)
-            _add_to_tile(part_qk_ptr + slot * H1_P * D_P, acc_p * q[None, :], H1_P, D_P)
+            if FIRST_WEIGHTS:
+                # Per (b, c): G for the host (dW_q, dq's fold term), the
+                # first bias, the query's W_p term and the P partials.
+                tl.store(g_ptr + bc * H1_P + offs_h1, acc_g)
+                acc_b1 += acc_g
+                wp = _load_tile(wp_ptr, H1_P, D_P, False).to(tl.float32)
+                tl.store(dq_ptr + bc * D_P + offs_d, tl.sum(wp * acc_p, axis=0))
+                _add_to_tile(part_k_ptr + slot * H1_P * D_P, acc_p, H1_P, D_P)
+                _add_to_tile(part_qk_ptr + slot * H1_P * D_P, acc_p * q[None, :], H1_P, D_P)
 
         slot = b % programs
         part_unit = part_unit_ptr + slot * NUM_LAYERS * 4 * UNIT_W
-        _add_unit_grads(part_unit, 0, acc_b1, acc_a1, acc_mu1, acc_var1, UNIT_W, H1_P)
+        # The first layer's bias (from G) and (a, mu, var) come from two
+        # launches when split: each adds its own, the other's stay zero.
+        if FIRST_WEIGHTS or INPUT_GRADS:
+            _add_unit_grads(part_unit, 0, acc_b1, acc_a1, acc_mu1, acc_var1, UNIT_W, H1_P)
+        if INPUT_GRADS:
+            _add_to_vector(part_out_ptr + slot * (HL_P + 1), acc_wout, HL_P)
+            _add_to_vector(part_out_ptr + slot * (HL_P + 1) + HL_P, acc_bout, 1)
         if NUM_LAYERS >= 2:
-            _add_to_tile(part_w2_ptr + slot * H1_P * H2_P, acc_w2, H1_P, H2_P)
-            _add_unit_grads(part_unit, 1, acc_b2, acc_a2, acc_mu2, acc_var2, UNIT_W, H2_P)
+            if DEEPER_WEIGHTS:
+                _add_to_tile(part_w2_ptr + slot * H1_P * H2_P, acc_w2, H1_P, H2_P)
+                _add_unit_grads(part_unit, 1, acc_b2, acc_a2, acc_mu2, acc_var2, UNIT_W, H2_P)
         if NUM_LAYERS >= 3:
-            _add_to_tile(part_w3_ptr + slot * H2_P * H3_P, acc_w3, H2_P, H3_P)
-            _add_unit_grads(part_unit, 2, acc_b3, acc_a3, acc_mu3, acc_var3, UNIT_W, H3_P)
-        _add_to_vector(part_out_ptr + slot * (HL_P + 1), acc_wout, HL_P)
-        _add_to_vector(part_out_ptr + slot * (HL_P + 1) + HL_P, acc_bout, 1)
+            if DEEPER_WEIGHTS:
+                _add_to_tile(part_w3_ptr + slot * H2_P * H3_P, acc_w3, H2_P, H3_P)
+                _add_unit_grads(part_unit, 2, acc_b3, acc_a3, acc_mu3, acc_var3, UNIT_W, H3_P)
 
 
 # ---------------------------------------------------------------------------
 # Host side: specialization, launch, the reduction of the partials.
 # ---------------------------------------------------------------------------
+
+# A launch's share of the gradients: (INPUT_GRADS: dk, dv, the output layer's
+# and the first layer's (a, mu, var); FIRST_WEIGHTS: the first layer's P and
+# G (its bias, dW_q) and dq's W_p term; DEEPER_WEIGHTS: the later layers' W_i
+# and unit vectors).
+PARTS = {
+    "all": (True, True, True),
+    "inputs": (True, False, False),
+    "first": (False, True, False),
+    "deeper": (False, False, True),
+}
+
 
 @dataclass(frozen=True)
 class BackwardSpec:
@@ -423,6 +500,21 @@ class BackwardSpec:
     value_dim: int
     candidates: int
     interpret: bool = False
+    part: str = "all"       # which gradients this launch computes: a key of PARTS
+
+    def launches(self) -> list:
+        """The backward's launches: one computing everything ("all") when its
+        live accumulators fit on chip, else three that each recompute the
+        forward and keep one kind of accumulator (see PARTS)."""
+        if self.split_parts():
+            return [replace(self, part=part) for part in ("inputs", "first", "deeper")
+                    if part != "deeper" or len(self.hidden) > 1]
+        return [replace(self, part="all")]
+
+    def split_parts(self) -> bool:
+        """One launch holds every accumulator: it fits while they add up to
+        at most TILE_BUDGET elements."""
+        return sum(n * m for n, m in _weight_tiles(self.embed_dim, self.hidden)) > TILE_BUDGET
 
     def blocks(self):
         """(BLOCK_T, num_warps).
@@ -434,8 +526,20 @@ class BackwardSpec:
         Their registers grow with BLOCK_T, the weight tiles stay in shared
         memory: the smallest tile (16, tl.dot's minimum) and eight warps keep
         the loop within 255 registers (python -m din_fast.kernels.aot).
+        Four warps where every unit tile has at most 64 rows (one warpgroup's
+        MMA tile) and the launch's largest accumulator is within TILE_BUDGET
+        (half that for float32 inputs): with eight, ptxas caps such kernels at
+        128 registers and spills.
         """
-        return 16, 8
+        rows = max(padded(h) for h in self.hidden)
+        budget = TILE_BUDGET // 2 if self.dtype == torch.float32 else TILE_BUDGET
+        return 16, 4 if rows <= 64 and self.largest_accumulator() <= budget else 8
+
+    def largest_accumulator(self) -> int:
+        """Elements of the largest weight-gradient tile this launch keeps on chip."""
+        first, *deeper = (n * m for n, m in _weight_tiles(self.embed_dim, self.hidden))
+        first_weights, deeper_weights = PARTS[self.part][1:]
+        return max([first * first_weights] + [tile * deeper_weights for tile in deeper])
 
     def constexprs(self) -> dict:
         widths = [padded(h) for h in self.hidden] + [16] * (MAX_HIDDEN_LAYERS - len(self.hidden))
@@ -454,6 +558,7 @@ class BackwardSpec:
             D_P=padded(self.embed_dim), DV_P=padded(self.value_dim),
             H1_P=widths[0], H2_P=widths[1], H3_P=widths[2],
             UNIT_W=max(widths[:len(self.hidden)]),
+            **dict(zip(("INPUT_GRADS", "FIRST_WEIGHTS", "DEEPER_WEIGHTS"), PARTS[self.part])),
         )
 
     def signature(self) -> dict:
@@ -462,9 +567,9 @@ class BackwardSpec:
         grad = io if self.candidates == 1 else "*fp32"
         pointers = dict(
             q_ptr=io, u_ptr="*fp32", k_ptr=io, v_ptr=io, len_ptr="*i64", mask_ptr="*u8",
-            wp_ptr=io, wa_ptr=io, w2_ptr=io, w3_ptr=io, unit_ptr="*fp32", wout_ptr="*fp32",
+            wp_ptr=io, wa_ptr=io, w2_ptr="*fp32", w3_ptr="*fp32", unit_ptr="*fp32", wout_ptr="*fp32",
             bout_ptr="*fp32", dout_ptr=io, gs_ptr=io, max_ptr="*fp32",
-            dq_ptr="*fp32", dk_ptr=grad, dv_ptr=grad, g_ptr="*fp32",
+            dq_ptr="*fp32", dk_ptr=grad, dv_ptr=grad, g_ptr="*fp32", m_scratch_ptr=io,
             **{name: "*fp32" for name in ("part_k_ptr", "part_qk_ptr", "part_w2_ptr",
                                           "part_w3_ptr", "part_unit_ptr", "part_out_ptr")})
         ints = "B C T D DV".split()
@@ -493,27 +598,37 @@ def backward_spec(problem: DINProblem, has_grad_scores: bool) -> BackwardSpec:
     )
 
 
-def backward_unsupported_shape(embed_dim: int, hidden: tuple):
-    """Why the fused backward cannot run these widths (None when it can).
+def _weight_tiles(embed_dim: int, hidden: tuple) -> list:
+    """The padded weight tiles (fan_in, fan_out) of the MLP: [D, H_1], [H_1, H_2], ..."""
+    widths = [padded(embed_dim)] + [padded(h) for h in hidden]
+    return list(zip(widths[:-1], widths[1:]))
 
-    Its weight tiles and gradient accumulators ([D, H_1], [H_1, H_2],
-    [H_2, H_3], padded) stay on chip for the whole pass: each within the
-    forward's TILE_BUDGET elements, or the kernel would spill.
+
+def backward_unsupported_shape(embed_dim: int, hidden: tuple, dtype: torch.dtype):
+    """Why the fused backward cannot run these widths and dtype (None when it can).
+
+    A launch holds one weight tile's gradient accumulator on chip for the
+    whole pass and stages the weight tiles it multiplies by: each padded tile
+    within twice the forward's TILE_BUDGET elements for half-precision
+    inputs, within TILE_BUDGET for float32 ones (their tiles and TF32
+    operands take twice the room). Past that ptxas spills
+    (python -m din_fast.kernels.aot checks every launch).
     """
     if len(hidden) > MAX_HIDDEN_LAYERS:
         return f"{len(hidden)} hidden layers (the fused kernels take 1 to {MAX_HIDDEN_LAYERS})"
-    widths = [padded(embed_dim)] + [padded(h) for h in hidden]
-    for fan_in, fan_out in zip(widths[:-1], widths[1:]):
-        if fan_in * fan_out > TILE_BUDGET:
+    budget = TILE_BUDGET if dtype == torch.float32 else 2 * TILE_BUDGET
+    for fan_in, fan_out in _weight_tiles(embed_dim, hidden):
+        if fan_in * fan_out > budget:
             return (f"a padded weight tile of {fan_in} x {fan_out} (D={embed_dim}, "
-                    f"hidden={hidden}) over the backward's on-chip budget of "
-                    f"{TILE_BUDGET} elements")
+                    f"hidden={hidden}) over the backward's on-chip budget of {budget} "
+                    f"elements for {str(dtype).replace('torch.', '')} inputs")
     return None
 
 
 def backward_unsupported(problem: DINProblem):
     """backward_unsupported_shape for a problem."""
-    return backward_unsupported_shape(problem.keys.shape[2], problem.hidden_units)
+    return backward_unsupported_shape(problem.keys.shape[2], problem.hidden_units,
+                                      problem.keys.dtype)
 
 
 def _num_programs(batch: int, device: torch.device) -> int:
@@ -557,7 +672,10 @@ def din_backward(problem: DINProblem, grad_pooled: torch.Tensor, row_max: torch.
     d_p = constexprs["D_P"]
     widths = [constexprs[f"H{i}_P"] for i in (1, 2, 3)]     # padded, 16 past the last layer
     folded = fold_parameters(problem, block_d=d_p)
-    deeper = folded.deeper + [folded.w_p] * (MAX_HIDDEN_LAYERS - 1 - len(folded.deeper))
+    # W_i^T in float32: the forward recompute rounds them to the inputs' dtype,
+    # the backward's dh = W^T dz reads them as TF32 operands.
+    deeper = [w.float() for w in folded.deeper]
+    deeper += [folded.b_out] * (MAX_HIDDEN_LAYERS - 1 - len(deeper))
     # W_p and W_k - W_d as [H1_P, D_P] rows: the kernel's M and its W_p term
     # of dq are [H1, D] tiles, loaded contiguously (vectorized, coalesced).
     w_p, w_a = folded.w_p.t().contiguous(), folded.w_a.t().contiguous()
@@ -575,13 +693,14 @@ def din_backward(problem: DINProblem, grad_pooled: torch.Tensor, row_max: torch.
                                                    dtype=grad_dtype, device=device)
     g = alloc(batch, candidates, widths[0], **f32)
     # Padded partials: the kernel writes whole tiles, the host keeps the real part.
+    m_scratch = torch.empty(programs, widths[0], d_p, dtype=keys.dtype, device=device)
     part_k = torch.zeros(programs, widths[0], d_p, **f32)
     part_qk = torch.zeros_like(part_k)
     part_w2 = torch.zeros(programs, widths[0], widths[1], **f32)    # W_2^T, W_3^T
     part_w3 = torch.zeros(programs, widths[1], widths[2], **f32)
     part_unit = torch.zeros(programs, layers, 4, constexprs["UNIT_W"], **f32)
     part_out = torch.zeros(programs, widths[layers - 1] + 1, **f32)
-    if launch:
+    for part in spec.launches() if launch else ():
         din_backward_kernel[(programs,)](
             query, folded.u, keys, values,
             problem.lengths if problem.lengths is not None else placeholder,
@@ -591,10 +710,10 @@ def din_backward(problem: DINProblem, grad_pooled: torch.Tensor, row_max: torch.
             folded.b_out, grad_pooled,
             grad_scores.contiguous() if grad_scores is not None else placeholder,
             row_max.contiguous() if softmax else placeholder,
-            dq_part, dk, dv if dv is not None else dk, g,
+            dq_part, dk, dv if dv is not None else dk, g, m_scratch,
             part_k, part_qk, part_w2, part_w3, part_unit, part_out,
             batch, candidates, length, embed_dim, value_dim, problem.scale,
-            num_warps=spec.blocks()[1], num_stages=NUM_STAGES, **constexprs,
+            num_warps=part.blocks()[1], num_stages=NUM_STAGES, **part.constexprs(),
         )
 
     # Host epilogue: the first layer from G and the P partials; fixed-order sums.

@@ -17,7 +17,7 @@ def test_quick_compile_report_is_clean():
                           "--arch", "80", "90", "--jobs", "1"],
                          capture_output=True, text=True, env=env, timeout=300)
     assert run.returncode == 0, run.stdout + run.stderr
-    for kernel in ("forward ", "backward "):
+    for kernel in ("forward ", "backward["):
         rows = [line for line in run.stdout.splitlines() if line.startswith(kernel)]
         assert len(rows) >= 6 and all(line.endswith("ok") for line in rows), run.stdout
         assert {"sm_80", "sm_90"} <= {word for line in rows for word in line.split()}

@@ -7,7 +7,7 @@ backend's hand-written backward runs in float64.
 import pytest
 import torch
 
-from din_fast.kernels.din_backward import din_backward
+from din_fast.kernels.din_backward import BackwardSpec, din_backward
 from din_fast.torch_backend import torch_din_attention_backward
 from grad_cases import GradCase, make_problem, reference_grads, rel_error, softmax_row_max
 
@@ -74,8 +74,12 @@ def assert_grads_close(case, ref, got, tol):
         assert err <= tol, f"{name}: relative error {err:.2e} > {tol}"
 
 
+@pytest.mark.parametrize("split", [False, True], ids=["one-launch", "split-launches"])
 @pytest.mark.parametrize("case", CASES, ids=str)
-def test_kernel_backward_matches_reference(case):
+def test_kernel_backward_matches_reference(case, split, monkeypatch):
+    """Both launch plans: one launch for everything, or the split one that wide
+    layers take (inputs, first layer, deeper layers; each recomputes)."""
+    monkeypatch.setattr(BackwardSpec, "split_parts", lambda spec: split)
     ref = reference_grads(case)
     assert_grads_close(case, ref, named_grads(case, kernel_grads(case, ref)), TOL)
 
@@ -88,9 +92,11 @@ def test_torch_backward_matches_reference(case):
     assert_grads_close(case, ref, named_grads(case, out), 1e-10)
 
 
+@pytest.mark.parametrize("split", [False, True], ids=["one-launch", "split-launches"])
 @pytest.mark.parametrize("dtype,tol", [(torch.bfloat16, 2e-2), (torch.float16, 5e-3)])
-def test_kernel_backward_half_inputs(dtype, tol):
+def test_kernel_backward_half_inputs(dtype, tol, split, monkeypatch):
     """Half-precision inputs, float32 parameters: against float64 on the rounded inputs."""
+    monkeypatch.setattr(BackwardSpec, "split_parts", lambda spec: split)
     case = GradCase(normalization="softmax", candidates=2, value_dim=6, return_scores=True,
                     embed_dim=16, hidden=(24, 8))
     rounded = reference_grads(case)
