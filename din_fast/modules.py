@@ -85,27 +85,49 @@ class DINAttention(nn.Module):
         problem = validate(query, keys, lengths, **kwargs)
         batch_stats = []
 
-        def batch_stats_gate(layer, x):
-            # Mean and biased variance over the packed (valid) positions, as
-            # BatchNorm normalizes in training.
-            flat = x.flatten(0, 1)
-            count = flat.shape[0]
-            mu = flat.sum(0) / max(count, 1)
-            var = (flat - mu).square().sum(0) / max(count, 1)
+        def batch_stats_gate(layer, x, valid):
+            mu, var, count = _valid_moments(x, valid)
             batch_stats.append((mu, var, count))
             return (x - mu) * torch.rsqrt(var + self.dice_eps)
 
         pooled, scores = run_problem(problem, "torch", dice_gate=batch_stats_gate)
         with torch.no_grad():
             for (mu, var, count), (run_mu, run_var) in zip(batch_stats, self._running_stats()):
-                if count == 0:
-                    continue
-                unbiased = var * (count / max(count - 1, 1))
-                run_mu.lerp_(mu.to(run_mu.dtype), self.momentum)
-                run_var.lerp_(unbiased.to(run_var.dtype), self.momentum)
+                # A batch with no valid position leaves them unchanged: a
+                # select, not a Python branch, so that torch.compile traces it.
+                seen = count > 0
+                count = count.to(var.dtype)
+                unbiased = var * (count / (count - 1).clamp(min=1))
+                run_mu.copy_(torch.where(seen, run_mu.lerp(mu.to(run_mu.dtype), self.momentum),
+                                         run_mu))
+                run_var.copy_(torch.where(
+                    seen, run_var.lerp(unbiased.to(run_var.dtype), self.momentum), run_var))
         return (pooled, scores) if self.return_scores else pooled
 
     def extra_repr(self) -> str:
         return (f"embed_dim={self.embed_dim}, hidden_units={self.hidden_units}, "
                 f"activation={self.activation!r}, normalization={self.normalization!r}, "
                 f"scale={self.scale}, backend={self.backend!r}")
+
+
+def _valid_moments(x, valid):
+    """Mean and biased variance per unit of the pre-activations x [N, C, H]
+    over their valid positions (every candidate), as BatchNorm normalizes in
+    training, and the count of values they cover (an int64 tensor).
+
+    ``valid`` [N] bool marks the valid positions, or is None when all are (the
+    eager torch backend passes the valid positions only, packed).
+    """
+    flat = x.flatten(0, 1)
+    if valid is None:
+        count = torch.tensor(flat.shape[0], device=x.device)
+    else:
+        keep = valid[:, None, None].expand(-1, x.shape[1], 1).flatten(0, 1)   # [N*C, 1]
+        flat = torch.where(keep, flat, torch.zeros_like(flat))
+        count = keep.sum()
+    mu = flat.sum(0) / count.clamp(min=1)
+    centered = flat - mu
+    if valid is not None:
+        centered = torch.where(keep, centered, torch.zeros_like(centered))
+    var = centered.square().sum(0) / count.clamp(min=1)
+    return mu, var, count

@@ -31,15 +31,23 @@ from .reference import masked_normalize
 class PackedPositions:
     """The valid (row, position) pairs of a padded batch, in row-major order.
 
-    ``rows``/``cols`` are None when every position is valid: then packing is a
-    free reshape instead of a gather.
+    ``rows``/``cols`` are None when every position is kept: then packing is a
+    free reshape instead of a gather. That is the case when every position is
+    valid, and with ``pack=False``, which keeps the padding too: the layout
+    torch.compile can trace (the size of nonzero() depends on the data).
+    ``kept_valid`` [B*T] then marks the valid ones among the kept positions;
+    it is None when all kept positions are valid.
     """
 
-    def __init__(self, problem: DINProblem):
+    def __init__(self, problem: DINProblem, pack: bool = True):
         self.batch, self.length = problem.keys.shape[:2]
         self.valid = problem.valid_mask()
+        self.kept_valid = None
         if problem.lengths is None and problem.mask is None:
             self.rows = self.cols = None
+        elif not pack:
+            self.rows = self.cols = None
+            self.kept_valid = self.valid.reshape(-1)
         else:
             self.rows, self.cols = self.valid.nonzero(as_tuple=True)
 
@@ -107,8 +115,9 @@ def packed_scores(mlp: PackedMLP, query: torch.Tensor, k_packed: torch.Tensor, e
     ``expand_rows`` maps a per-row tensor [B, ...] to its positions [N, ...].
     ``dice_gate(layer, x)``, when given, returns the logits of Dice's gate for
     the pre-activations x [N, C, H] of hidden layer ``layer`` in place of
-    (x - mu) / sqrt(var + eps). ``preacts``, when a list, receives every hidden
-    layer's pre-activation (what the hand-written backward keeps).
+    (x - mu) / sqrt(var + eps) (torch_din_attention documents its signature).
+    ``preacts``, when a list, receives every hidden layer's pre-activation
+    (what the hand-written backward keeps).
     """
     w_q, w_k, w_d, w_p = split_first_layer(mlp.weights[0])
     h = expand_rows(query @ (w_q + w_d).t() + mlp.biases[0])           # [N, C, H1]
@@ -244,15 +253,24 @@ def _inputs(problem: DINProblem, dtype):
 
 
 def torch_din_attention(problem: DINProblem, dice_gate=None):
-    """Returns (pooled [B, C, Dv], weights w [B, C, T]) in the compute dtype."""
+    """Returns (pooled [B, C, Dv], weights w [B, C, T]) in the compute dtype.
+
+    ``dice_gate(layer, x, valid)`` replaces Dice's normalization (see
+    packed_scores) and runs through autograd. ``valid`` [N] bool marks the
+    positions of x that are valid, or is None when all are: eagerly x holds
+    the valid positions only; under torch.compile it holds every position,
+    padding included (see PackedPositions), so statistics must be masked.
+    """
     dtype = problem.compute_dtype()
-    packed = PackedPositions(problem)
     query, keys, values = _inputs(problem, dtype)
     if dice_gate is not None:
+        packed = PackedPositions(problem, pack=not torch.compiler.is_compiling())
         # The gate's statistics are Dice's mu and var: only a is a parameter here.
         mlp = PackedMLP.of(problem, dtype, [layer[:1] for layer in problem.act_params])
         return _padded_forward(mlp, packed, query, keys, values, problem.normalization,
-                               problem.scale, dice_gate=dice_gate)
+                               problem.scale,
+                               dice_gate=lambda i, x: dice_gate(i, x, packed.kept_valid))
+    packed = PackedPositions(problem)
     mlp = PackedMLP.of(problem, dtype)
     return _TorchDINAttention.apply(mlp, packed, problem.normalization, problem.scale,
                                     query, keys, values, *mlp.flat())
