@@ -128,8 +128,11 @@ def run_jagged_problem(problem: JaggedDINProblem, backend: str, need_scores=True
     """Run a validated jagged problem; outputs in the keys' dtype. Without
     ``need_scores`` the triton backend returns None for the scores.
 
-    backend="triton" runs the fused forward on the jagged values in place; its
-    backward recomputes through the torch jagged path (triton_backend).
+    backend="triton" runs the custom op din_fast::attention_jagged_forward:
+    the fused forward on the jagged values in place, its backward the torch
+    backend's, recomputing (triton_backend). backend="torch" runs through
+    autograd, eagerly and under torch.compile alike (nothing in it has a
+    data-dependent size: every size follows from L, B and C).
     """
     with _autocast_off(problem.keys_values.device):
         if backend == "torch":
