@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from .functional import din_attention, run_problem
+from .functional import din_attention, resolve_backend, run_problem
 from .problem import ACTIVATIONS, DEFAULT_DICE_EPS, check_layer_sizes, validate
 
 PRELU_INIT = 0.25  # torch.nn.PReLU's default slope
@@ -66,13 +66,28 @@ class DINAttention(nn.Module):
             return [(a, mu, var) for a, (mu, var) in zip(self.alphas, self._running_stats())]
         return None
 
-    def forward(self, query, keys, lengths=None, mask=None, values=None):
+    def _functional_kwargs(self, mask=None, values=None) -> dict:
+        """din_attention's keyword arguments for this layer, less the backend."""
         weights = [layer.weight for layer in self.hidden] + [self.output.weight]
         biases = [layer.bias for layer in self.hidden] + [self.output.bias]
-        kwargs = dict(weights=weights, biases=biases, activation=self.activation,
-                      activation_params=self.activation_params(), mask=mask,
-                      normalization=self.normalization, scale=self.scale, values=values,
-                      dice_eps=self.dice_eps)
+        return dict(weights=weights, biases=biases, activation=self.activation,
+                    activation_params=self.activation_params(), mask=mask,
+                    normalization=self.normalization, scale=self.scale, values=values,
+                    dice_eps=self.dice_eps)
+
+    def resolved_backend(self, dtype: torch.dtype = torch.float32) -> str:
+        """The concrete backend a forward in the current mode runs on inputs
+        of ``dtype`` on the parameters' device: ``backend`` with "auto" (and
+        DIN_FAST_BACKEND) resolved as din_attention resolves it. Training-mode
+        Dice always runs the torch backend."""
+        if self.activation == "dice" and self.training:
+            return "torch"
+        probe = self.output.weight.new_zeros(1, 1, self.embed_dim, dtype=dtype)
+        return resolve_backend(self.backend, validate(probe[:, 0], probe, None,
+                                                      **self._functional_kwargs()))
+
+    def forward(self, query, keys, lengths=None, mask=None, values=None):
+        kwargs = self._functional_kwargs(mask, values)
         if self.activation == "dice" and self.training:
             return self._forward_dice_training(query, keys, lengths, kwargs)
         return din_attention(query, keys, lengths, return_scores=self.return_scores,
