@@ -70,11 +70,13 @@ def run_problem(problem: DINProblem, backend: str, dice_gate=None, need_scores=T
     """Run a validated problem on a concrete backend; outputs in the keys' dtype.
 
     ``dice_gate`` (torch backend only) replaces Dice's normalization, see
-    torch_backend.packed_scores. Without ``need_scores`` a backend may return
-    None for the scores (the triton kernel then writes none). The triton
+    torch_backend.torch_din_attention. Without ``need_scores`` a backend may
+    return None for the scores (the triton kernel then writes none). The triton
     backend always runs as the custom op (din_fast.ops: the fused forward and
     backward); the torch backend does under torch.compile, where its
     data-dependent packing could not be traced, and runs eagerly otherwise.
+    With a ``dice_gate`` it runs through autograd, under torch.compile on
+    every position with the padding masked (torch_backend.PackedPositions).
     """
     with _autocast_off(problem.keys.device):
         if backend == "reference":
@@ -126,8 +128,11 @@ def run_jagged_problem(problem: JaggedDINProblem, backend: str, need_scores=True
     """Run a validated jagged problem; outputs in the keys' dtype. Without
     ``need_scores`` the triton backend returns None for the scores.
 
-    backend="triton" runs the fused forward on the jagged values in place; its
-    backward recomputes through the torch jagged path (triton_backend).
+    backend="triton" runs the custom op din_fast::attention_jagged_forward:
+    the fused forward on the jagged values in place, its backward the torch
+    backend's, recomputing (triton_backend). backend="torch" runs through
+    autograd, eagerly and under torch.compile alike (nothing in it has a
+    data-dependent size: every size follows from L, B and C).
     """
     with _autocast_off(problem.keys_values.device):
         if backend == "torch":

@@ -74,6 +74,10 @@ class BaseModel(nn.Module):
         """User interest [B, 2E]: padded positions hold the zero padding row."""
         return history.sum(1)
 
+    def attention_backend(self):
+        """The backend the attention runs in the current mode, None without attention."""
+        return None
+
     def forward(self, history_items, history_categories, lengths, target_items,
                 target_categories):
         """Logits [B] for batches of data.Batch's fields."""
@@ -104,6 +108,9 @@ class DIN(BaseModel):
 
     def pool(self, candidate, history, lengths):
         return self.attention(candidate, history, lengths)
+
+    def attention_backend(self):
+        return self.attention.resolved_backend()
 
 
 MODELS = {"din": DIN, "base": BaseModel}

@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from .functional import din_attention, run_problem
+from .functional import din_attention, resolve_backend, run_problem
 from .problem import ACTIVATIONS, DEFAULT_DICE_EPS, check_layer_sizes, validate
 
 PRELU_INIT = 0.25  # torch.nn.PReLU's default slope
@@ -66,13 +66,28 @@ class DINAttention(nn.Module):
             return [(a, mu, var) for a, (mu, var) in zip(self.alphas, self._running_stats())]
         return None
 
-    def forward(self, query, keys, lengths=None, mask=None, values=None):
+    def _functional_kwargs(self, mask=None, values=None) -> dict:
+        """din_attention's keyword arguments for this layer, less the backend."""
         weights = [layer.weight for layer in self.hidden] + [self.output.weight]
         biases = [layer.bias for layer in self.hidden] + [self.output.bias]
-        kwargs = dict(weights=weights, biases=biases, activation=self.activation,
-                      activation_params=self.activation_params(), mask=mask,
-                      normalization=self.normalization, scale=self.scale, values=values,
-                      dice_eps=self.dice_eps)
+        return dict(weights=weights, biases=biases, activation=self.activation,
+                    activation_params=self.activation_params(), mask=mask,
+                    normalization=self.normalization, scale=self.scale, values=values,
+                    dice_eps=self.dice_eps)
+
+    def resolved_backend(self, dtype: torch.dtype = torch.float32) -> str:
+        """The concrete backend a forward in the current mode runs on inputs
+        of ``dtype`` on the parameters' device: ``backend`` with "auto" (and
+        DIN_FAST_BACKEND) resolved as din_attention resolves it. Training-mode
+        Dice always runs the torch backend."""
+        if self.activation == "dice" and self.training:
+            return "torch"
+        probe = self.output.weight.new_zeros(1, 1, self.embed_dim, dtype=dtype)
+        return resolve_backend(self.backend, validate(probe[:, 0], probe, None,
+                                                      **self._functional_kwargs()))
+
+    def forward(self, query, keys, lengths=None, mask=None, values=None):
+        kwargs = self._functional_kwargs(mask, values)
         if self.activation == "dice" and self.training:
             return self._forward_dice_training(query, keys, lengths, kwargs)
         return din_attention(query, keys, lengths, return_scores=self.return_scores,
@@ -85,27 +100,49 @@ class DINAttention(nn.Module):
         problem = validate(query, keys, lengths, **kwargs)
         batch_stats = []
 
-        def batch_stats_gate(layer, x):
-            # Mean and biased variance over the packed (valid) positions, as
-            # BatchNorm normalizes in training.
-            flat = x.flatten(0, 1)
-            count = flat.shape[0]
-            mu = flat.sum(0) / max(count, 1)
-            var = (flat - mu).square().sum(0) / max(count, 1)
+        def batch_stats_gate(layer, x, valid):
+            mu, var, count = _valid_moments(x, valid)
             batch_stats.append((mu, var, count))
             return (x - mu) * torch.rsqrt(var + self.dice_eps)
 
         pooled, scores = run_problem(problem, "torch", dice_gate=batch_stats_gate)
         with torch.no_grad():
             for (mu, var, count), (run_mu, run_var) in zip(batch_stats, self._running_stats()):
-                if count == 0:
-                    continue
-                unbiased = var * (count / max(count - 1, 1))
-                run_mu.lerp_(mu.to(run_mu.dtype), self.momentum)
-                run_var.lerp_(unbiased.to(run_var.dtype), self.momentum)
+                # A batch with no valid position leaves them unchanged: a
+                # select, not a Python branch, so that torch.compile traces it.
+                seen = count > 0
+                count = count.to(var.dtype)
+                unbiased = var * (count / (count - 1).clamp(min=1))
+                run_mu.copy_(torch.where(seen, run_mu.lerp(mu.to(run_mu.dtype), self.momentum),
+                                         run_mu))
+                run_var.copy_(torch.where(
+                    seen, run_var.lerp(unbiased.to(run_var.dtype), self.momentum), run_var))
         return (pooled, scores) if self.return_scores else pooled
 
     def extra_repr(self) -> str:
         return (f"embed_dim={self.embed_dim}, hidden_units={self.hidden_units}, "
                 f"activation={self.activation!r}, normalization={self.normalization!r}, "
                 f"scale={self.scale}, backend={self.backend!r}")
+
+
+def _valid_moments(x, valid):
+    """Mean and biased variance per unit of the pre-activations x [N, C, H]
+    over their valid positions (every candidate), as BatchNorm normalizes in
+    training, and the count of values they cover (an int64 tensor).
+
+    ``valid`` [N] bool marks the valid positions, or is None when all are (the
+    eager torch backend passes the valid positions only, packed).
+    """
+    flat = x.flatten(0, 1)
+    if valid is None:
+        count = torch.tensor(flat.shape[0], device=x.device)
+    else:
+        keep = valid[:, None, None].expand(-1, x.shape[1], 1).flatten(0, 1)   # [N*C, 1]
+        flat = torch.where(keep, flat, torch.zeros_like(flat))
+        count = keep.sum()
+    mu = flat.sum(0) / count.clamp(min=1)
+    centered = flat - mu
+    if valid is not None:
+        centered = torch.where(keep, centered, torch.zeros_like(centered))
+    var = centered.square().sum(0) / count.clamp(min=1)
+    return mu, var, count

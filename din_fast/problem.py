@@ -474,6 +474,10 @@ def validate_jagged(query, keys_values, offsets, max_len, *, weights, biases, ac
     if isinstance(max_len, bool) or not isinstance(max_len, numbers.Integral) or max_len < 0:
         raise TypeError(f"din_attention: `max_len` must be a non-negative int; "
                         f"got {_describe(max_len)}")
+    # A Python int from here on: torch.compile, seeing max_len change between
+    # calls, would otherwise pass a symbolic int, which it cannot format into
+    # the messages below; this specializes on it instead (one graph per value).
+    max_len = int(max_len)
     batch = offsets.shape[0] - 1
     query3, squeeze = _validate_query(query, batch, embed_dim, keys_values, "keys_values")
     if values is not None:
@@ -489,7 +493,7 @@ def validate_jagged(query, keys_values, offsets, max_len, *, weights, biases, ac
                                                        "keys_values")
     return JaggedDINProblem(
         query=query3, keys_values=keys_values, values=values, offsets=offsets,
-        max_len=int(max_len), weights=weights, biases=biases, activation=activation,
+        max_len=max_len, weights=weights, biases=biases, activation=activation,
         act_params=act_params, normalization=normalization, scale=float(scale),
         dice_eps=float(dice_eps), squeeze_candidates=squeeze,
     )

@@ -31,15 +31,23 @@ from .reference import masked_normalize
 class PackedPositions:
     """The valid (row, position) pairs of a padded batch, in row-major order.
 
-    ``rows``/``cols`` are None when every position is valid: then packing is a
-    free reshape instead of a gather.
+    ``rows``/``cols`` are None when every position is kept: then packing is a
+    free reshape instead of a gather. That is the case when every position is
+    valid, and with ``pack=False``, which keeps the padding too: the layout
+    torch.compile can trace (the size of nonzero() depends on the data).
+    ``kept_valid`` [B*T] then marks the valid ones among the kept positions;
+    it is None when all kept positions are valid.
     """
 
-    def __init__(self, problem: DINProblem):
+    def __init__(self, problem: DINProblem, pack: bool = True):
         self.batch, self.length = problem.keys.shape[:2]
         self.valid = problem.valid_mask()
+        self.kept_valid = None
         if problem.lengths is None and problem.mask is None:
             self.rows = self.cols = None
+        elif not pack:
+            self.rows = self.cols = None
+            self.kept_valid = self.valid.reshape(-1)
         else:
             self.rows, self.cols = self.valid.nonzero(as_tuple=True)
 
@@ -48,6 +56,10 @@ class PackedPositions:
         if self.rows is None:
             return dense.reshape(self.batch * self.length, *dense.shape[2:])
         return dense[self.rows, self.cols]
+
+    def gather_scores(self, scores: torch.Tensor) -> torch.Tensor:
+        """Per-position scores or weights, [B, C, T] -> [N, C]."""
+        return self.gather(scores.transpose(1, 2))
 
     def scatter(self, packed: torch.Tensor) -> torch.Tensor:
         """[N, ...] -> [B, T, ...] with zeros at the invalid positions."""
@@ -67,6 +79,22 @@ class PackedPositions:
         if self.rows is None:
             return packed.view(self.batch, self.length, *packed.shape[1:]).sum(1)
         return packed.new_zeros(self.batch, *packed.shape[1:]).index_add_(0, self.rows, packed)
+
+
+class JaggedPositions(PackedPositions):
+    """The positions of a jagged batch, packed already: [L, ...] tensors are
+    their own packed form, so gather and scatter are the identity; a row's
+    positions are found through the row id of each."""
+
+    def __init__(self, problem: JaggedDINProblem):
+        self.batch = problem.offsets.shape[0] - 1
+        self.rows = problem.row_ids()
+        self.kept_valid = None
+
+    def gather(self, jagged: torch.Tensor) -> torch.Tensor:
+        return jagged
+
+    gather_scores = scatter = gather
 
 
 @dataclass
@@ -107,8 +135,9 @@ def packed_scores(mlp: PackedMLP, query: torch.Tensor, k_packed: torch.Tensor, e
     ``expand_rows`` maps a per-row tensor [B, ...] to its positions [N, ...].
     ``dice_gate(layer, x)``, when given, returns the logits of Dice's gate for
     the pre-activations x [N, C, H] of hidden layer ``layer`` in place of
-    (x - mu) / sqrt(var + eps). ``preacts``, when a list, receives every hidden
-    layer's pre-activation (what the hand-written backward keeps).
+    (x - mu) / sqrt(var + eps) (torch_din_attention documents its signature).
+    ``preacts``, when a list, receives every hidden layer's pre-activation
+    (what the hand-written backward keeps).
     """
     w_q, w_k, w_d, w_p = split_first_layer(mlp.weights[0])
     h = expand_rows(query @ (w_q + w_d).t() + mlp.biases[0])           # [N, C, H1]
@@ -138,8 +167,10 @@ def packed_backward(mlp: PackedMLP, packed: PackedPositions, query, keys, values
                     grad_pooled, grad_w, normalization, scale, values_are_keys):
     """The chain rule of the padded forward, written out on the packed positions.
 
-    ``w`` [B, C, T] are the forward's attention weights and ``preacts`` its
-    hidden pre-activations. Returns (d query, d keys, d values or None when
+    ``packed`` is a PackedPositions or a JaggedPositions, and ``w`` the
+    forward's attention weights in its layout ([B, C, T] padded, [L, C]
+    jagged), as ``grad_w`` if given; ``preacts`` are the forward's hidden
+    pre-activations. Returns (d query, d keys, d values or None when
     the values are the keys, d weights, d biases, d act_params per layer).
     """
     n_layers = len(mlp.act_params)
@@ -147,13 +178,13 @@ def packed_backward(mlp: PackedMLP, packed: PackedPositions, query, keys, values
     # then dL/ds.
     k_packed = packed.gather(keys)                                       # [N, D]
     v_packed = k_packed if values_are_keys else packed.gather(values)    # [N, Dv]
-    w_packed = packed.gather(w.transpose(1, 2))                          # [N, C]
+    w_packed = packed.gather_scores(w)                                   # [N, C]
     grad_out = packed.expand_rows(grad_pooled)                           # [N, C, Dv]
     grad_v_packed = _sum_candidates(w_packed[..., None] * grad_out)      # [N, Dv]
     grad_s = (grad_out * v_packed[:, None, :]).sum(-1)                   # [N, C]
     del grad_out, v_packed
     if grad_w is not None:
-        grad_s += packed.gather(grad_w.transpose(1, 2))
+        grad_s += packed.gather_scores(grad_w)
     if normalization == "softmax":
         row_dot = packed.sum_rows(w_packed * grad_s)                      # [B, C]
         grad_s = w_packed * (grad_s - packed.expand_rows(row_dot))
@@ -237,42 +268,50 @@ class _TorchDINAttention(torch.autograd.Function):
                 *(g for layer in grad_params for g in layer))
 
 
-def _inputs(problem: DINProblem, dtype):
-    keys = problem.keys.to(dtype)
+def _inputs(problem, dtype):
+    """(query, history, values) of a DINProblem or a JaggedDINProblem, in ``dtype``."""
+    keys = getattr(problem, problem.HISTORY).to(dtype)
     values = keys if problem.values is None else problem.values.to(dtype)
     return problem.query.to(dtype), keys, values
 
 
 def torch_din_attention(problem: DINProblem, dice_gate=None):
-    """Returns (pooled [B, C, Dv], weights w [B, C, T]) in the compute dtype."""
+    """Returns (pooled [B, C, Dv], weights w [B, C, T]) in the compute dtype.
+
+    ``dice_gate(layer, x, valid)`` replaces Dice's normalization (see
+    packed_scores) and runs through autograd. ``valid`` [N] bool marks the
+    positions of x that are valid, or is None when all are: eagerly x holds
+    the valid positions only; under torch.compile it holds every position,
+    padding included (see PackedPositions), so statistics must be masked.
+    """
     dtype = problem.compute_dtype()
-    packed = PackedPositions(problem)
     query, keys, values = _inputs(problem, dtype)
     if dice_gate is not None:
+        packed = PackedPositions(problem, pack=not torch.compiler.is_compiling())
         # The gate's statistics are Dice's mu and var: only a is a parameter here.
         mlp = PackedMLP.of(problem, dtype, [layer[:1] for layer in problem.act_params])
         return _padded_forward(mlp, packed, query, keys, values, problem.normalization,
-                               problem.scale, dice_gate=dice_gate)
+                               problem.scale,
+                               dice_gate=lambda i, x: dice_gate(i, x, packed.kept_valid))
+    packed = PackedPositions(problem)
     mlp = PackedMLP.of(problem, dtype)
     return _TorchDINAttention.apply(mlp, packed, problem.normalization, problem.scale,
                                     query, keys, values, *mlp.flat())
 
 
-def torch_din_attention_jagged(problem: JaggedDINProblem):
-    """Returns (pooled [B, C, Dv], weights w [L, C]) in the compute dtype.
+def _jagged_forward(mlp, positions, query, keys_values, values, normalization, scale,
+                    preacts=None):
+    """(pooled [B, C, Dv], w [L, C]) of a jagged batch.
 
     The jagged values are the packed positions already: the MLP runs on them
     as they are, and the normalization and the weighted sum reduce per
     segment, so nothing of size [B, max_len, ...] is ever built.
     """
-    dtype = problem.compute_dtype()
-    q = problem.query.to(dtype)
-    batch, candidates = q.shape[:2]
-    rows = problem.row_ids()
-    mlp = PackedMLP.of(problem, dtype)
-    scores = packed_scores(mlp, q, problem.keys_values.to(dtype), lambda x: x[rows])
-    scores = scores * problem.scale
-    if problem.normalization == "softmax":
+    batch, candidates = query.shape[:2]
+    rows = positions.rows
+    scores = packed_scores(mlp, query, keys_values, positions.expand_rows, preacts=preacts)
+    scores = scores * scale
+    if normalization == "softmax":
         # Per-segment softmax; the max only stabilizes, so it carries no gradient.
         # Empty segments have no entries and so pool to zero, never NaN.
         index = rows[:, None].expand(-1, candidates)
@@ -282,35 +321,49 @@ def torch_din_attention_jagged(problem: JaggedDINProblem):
         exp = torch.exp(scores - seg_max[rows])
         denom = exp.new_zeros(batch, candidates).index_add(0, rows, exp)
         scores = exp / denom[rows]
-    values = problem.value_tensor.to(dtype)
     pooled = values.new_zeros(batch, candidates, values.shape[1])
     pooled = pooled.index_add(0, rows, scores[:, :, None] * values[:, None, :])
     return pooled, scores
 
 
-def torch_din_attention_backward(problem: DINProblem, grad_pooled: torch.Tensor,
+def torch_din_attention_jagged(problem: JaggedDINProblem):
+    """Returns (pooled [B, C, Dv], weights w [L, C]) in the compute dtype,
+    differentiable through autograd (which torch.compile traces as it is)."""
+    dtype = problem.compute_dtype()
+    query, keys_values, values = _inputs(problem, dtype)
+    return _jagged_forward(PackedMLP.of(problem, dtype), JaggedPositions(problem), query,
+                           keys_values, values, problem.normalization, problem.scale)
+
+
+def torch_din_attention_backward(problem, grad_pooled: torch.Tensor,
                                  grad_scores: Optional[torch.Tensor] = None):
     """The gradients of every input from d loss / d pooled [B, C, Dv] (and
-    d loss / d w [B, C, T]): the custom op's backward on the torch backend.
+    d loss / d w, [B, C, T] padded or [L, C] jagged): the custom ops' backward
+    on the torch backend, for a DINProblem or a JaggedDINProblem.
 
-    The op runs below autograd, so this recomputes the forward's
-    pre-activations and applies ``packed_backward``. Returns (dq, dk, dv or
-    None, dweights, dbiases, dact_params per layer), each in its input's dtype,
-    as din_fast.kernels.din_backward.din_backward does.
+    The ops run below autograd, so this recomputes the forward's
+    pre-activations and applies ``packed_backward``. Returns (dq, d history,
+    dv or None, dweights, dbiases, dact_params per layer), each in its input's
+    dtype, as din_fast.kernels.din_backward.din_backward does.
     """
     dtype = problem.compute_dtype()
-    packed = PackedPositions(problem)
     query, keys, values = _inputs(problem, dtype)
     mlp = PackedMLP.of(problem, dtype)
     preacts = []
-    _, w = _padded_forward(mlp, packed, query, keys, values, problem.normalization,
-                           problem.scale, preacts)
+    if isinstance(problem, JaggedDINProblem):
+        packed = JaggedPositions(problem)
+        forward = _jagged_forward
+    else:
+        packed = PackedPositions(problem)
+        forward = _padded_forward
+    _, w = forward(mlp, packed, query, keys, values, problem.normalization, problem.scale,
+                   preacts)
     dq, dk, dv, dweights, dbiases, dact = packed_backward(
         mlp, packed, query, keys, values, w, preacts, grad_pooled.to(dtype),
         None if grad_scores is None else grad_scores.to(dtype), problem.normalization,
         problem.scale, values_are_keys=problem.values is None)
     return (
-        dq.to(problem.query.dtype), dk.to(problem.keys.dtype),
+        dq.to(problem.query.dtype), dk.to(getattr(problem, problem.HISTORY).dtype),
         None if dv is None else dv.to(problem.values.dtype),
         [d.to(t.dtype) for d, t in zip(dweights, problem.weights)],
         [d.to(t.dtype) for d, t in zip(dbiases, problem.biases)],

@@ -71,7 +71,9 @@ def evaluate(model, data: EncodedData, samples: Samples, max_len, device) -> dic
 def train(config: TrainConfig, *, checkpoint: Optional[str] = None,
           metrics_out: Optional[str] = None, progress: bool = True, log=print) -> dict:
     """Train, evaluating on the test samples after every epoch; returns the
-    final metrics (also written to ``metrics_out`` as JSON)."""
+    final metrics (also written to ``metrics_out`` as JSON). Their ``backend``
+    is the one the attention ran ("torch", "triton"; None for the base model),
+    ``config`` the run's settings, the requested backend among them."""
     torch.manual_seed(config.seed)
     data, train_samples, test_samples = load_data(config.data, config.seed)
     if len(train_samples) == 0:
@@ -81,6 +83,7 @@ def train(config: TrainConfig, *, checkpoint: Optional[str] = None,
         f"items, {data.num_categories} categories; {len(train_samples)} train and "
         f"{len(test_samples)} test samples")
     model = build_model(config, data)
+    backend = model.attention_backend()  # what training runs: config.backend resolved
     optimizer = torch.optim.Adam(model.parameters(), lr=config.lr)
     rng = np.random.default_rng([config.seed, 2])
     num_batches = -(-len(train_samples) // config.batch_size)
@@ -112,7 +115,7 @@ def train(config: TrainConfig, *, checkpoint: Optional[str] = None,
             f"logloss {metrics['test_logloss']:.4f}  train loss {running:.4f}  "
             f"{metrics['samples_per_second']:.0f} samples/s ({seconds:.1f} s)")
     result = {key: epochs[-1][key] for key in ("test_auc", "test_gauc", "test_logloss")}
-    result.update(model=config.model, backend=config.backend, train_seconds=train_seconds,
+    result.update(model=config.model, backend=backend, train_seconds=train_seconds,
                   samples_per_second=len(train_samples) * config.epochs / train_seconds,
                   train_samples=len(train_samples), test_samples=len(test_samples),
                   config=asdict(config), epochs=epochs)
@@ -155,5 +158,6 @@ def evaluate_checkpoint(path: str, data: Optional[str] = None, *,
     model = build_model(config, encoded)
     model.load_state_dict(state["state_dict"])
     metrics = evaluate(model, encoded, test_samples, config.max_len, config.device)
-    metrics.update(model=config.model, backend=config.backend, test_samples=len(test_samples))
+    metrics.update(model=config.model, backend=model.attention_backend(),
+                   test_samples=len(test_samples))
     return metrics

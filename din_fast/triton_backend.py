@@ -6,7 +6,8 @@ needs only the inputs, the pooled output and the per-(b, c) softmax
 statistics. Inference (no input requiring grad, or grad disabled) saves nothing.
 
 Jagged input runs the same forward kernel reading the histories in place
-(din_fast.kernels.din_forward.din_forward_jagged), outside the custom op.
+(din_fast.kernels.din_forward.din_forward_jagged), as the custom op
+din_fast::attention_jagged_forward.
 """
 
 from __future__ import annotations
@@ -17,9 +18,8 @@ from typing import Optional
 
 import torch
 
-from .ops import run_attention_op
+from .ops import run_attention_op, run_jagged_op
 from .problem import DINProblem, JaggedDINProblem
-from .torch_backend import torch_din_attention_jagged
 
 MAX_HIDDEN_LAYERS = 3  # the kernels' unrolled layer count (kernels.din_forward)
 
@@ -49,46 +49,9 @@ def triton_din_attention(problem: DINProblem, need_scores: bool = True):
 
 
 def triton_din_attention_jagged(problem: JaggedDINProblem, need_scores: bool = True):
-    """(pooled [B, C, Dv] in the keys' dtype, w [L, C] or None) from the fused
-    forward on jagged input; differentiable through _FusedJaggedForward."""
-    tensors = problem.float_tensors()
-    if torch.is_grad_enabled() and any(t.requires_grad for t in tensors):
-        return _FusedJaggedForward.apply(problem, need_scores, *tensors)
-    from .kernels.din_forward import din_forward_jagged
-
-    pooled, scores, _, _ = din_forward_jagged(problem, need_scores)
-    return pooled, scores
-
-
-class _FusedJaggedForward(torch.autograd.Function):
-    """The fused jagged forward, with a backward that recomputes through the
-    torch jagged path (torch_din_attention_jagged under torch.autograd.grad).
-
-    A fused jagged backward is future work: until then the backward holds the
-    torch path's per-position activations, [L, C, H] per layer, for as long as
-    it runs (the forward saves only the inputs).
-    """
-
-    @staticmethod
-    def forward(ctx, problem, need_scores, *tensors):
-        from .kernels.din_forward import din_forward_jagged
-
-        pooled, scores, _, _ = din_forward_jagged(problem, need_scores)
-        ctx.problem = problem
-        ctx.save_for_backward(*tensors)
-        return pooled, scores
-
-    @staticmethod
-    def backward(ctx, grad_pooled, grad_scores):
-        wanted = ctx.needs_input_grad[2:]
-        tensors = [t.detach().requires_grad_(needed)
-                   for t, needed in zip(ctx.saved_tensors, wanted)]
-        with torch.enable_grad():
-            pooled, scores = torch_din_attention_jagged(ctx.problem.with_float_tensors(tensors))
-            outputs, cotangents = [pooled], [grad_pooled.to(pooled.dtype)]
-            if grad_scores is not None:
-                outputs.append(scores)
-                cotangents.append(grad_scores.to(scores.dtype))
-            inputs = [t for t in tensors if t.requires_grad]
-            grads = iter(torch.autograd.grad(outputs, inputs, cotangents, allow_unused=True))
-        return (None, None, *(next(grads) if needed else None for needed in wanted))
+    """(pooled [B, C, Dv] in the keys' dtype, w [L, C] or None), through the
+    jagged custom op: the fused forward reads the jagged values in place; the
+    backward recomputes through the torch backend (no fused jagged backward
+    yet), holding its per-position pre-activations, [L, C, H] per layer, while
+    it runs (the forward saves only the inputs)."""
+    return run_jagged_op(problem, "triton", need_scores)

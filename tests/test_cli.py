@@ -70,6 +70,10 @@ def test_checkpoint_round_trip_reproduces_metrics(tmp_path, tiny_csv, model, cap
     on_reference = json.loads((tmp_path / "ref.json").read_text())
     for key in METRICS:
         assert on_reference[key] == pytest.approx(trained[key], abs=1e-5), key
+    # The backend that ran ("auto" resolves to torch on CPU tensors), not the one asked for.
+    ran = {"din": ("torch", "torch", "reference"), "base": (None, None, None)}[model]
+    assert (trained["backend"], evaluated["backend"], on_reference["backend"]) == ran
+    assert trained["config"]["backend"] == "auto"
 
 
 def test_console_command_writes_metrics_json(tmp_path, tiny_csv):
@@ -82,7 +86,7 @@ def test_console_command_writes_metrics_json(tmp_path, tiny_csv):
     metrics = json.loads(out.read_text())
     for key in METRICS + ("train_seconds", "samples_per_second"):
         assert isinstance(metrics[key], float)
-    assert (metrics["model"], metrics["backend"]) == ("din", "auto")
+    assert (metrics["model"], metrics["backend"]) == ("din", "torch")
     assert 0.0 <= metrics["test_auc"] <= 1.0 and len(metrics["epochs"]) == 2
 
 

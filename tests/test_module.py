@@ -123,3 +123,15 @@ def test_parameters_in_linear_layout():
 def test_bad_constructor_arguments(kwargs, argument):
     with pytest.raises(ValueError, match=f"`{argument}`"):
         din_fast.DINAttention(**kwargs)
+
+
+def test_resolved_backend_names_what_runs(monkeypatch):
+    monkeypatch.delenv("DIN_FAST_BACKEND", raising=False)
+    layer = din_fast.DINAttention(5, (6,), activation="dice")
+    assert layer.resolved_backend() == "torch"  # training-mode Dice, whatever the backend
+    layer.eval()
+    expected = "triton" if torch.cuda.is_available() else "torch"
+    assert layer.to("cuda" if torch.cuda.is_available() else "cpu").resolved_backend() == expected
+    monkeypatch.setenv("DIN_FAST_BACKEND", "reference")
+    assert layer.resolved_backend() == "reference"
+    assert din_fast.DINAttention(5, backend="torch").resolved_backend() == "torch"

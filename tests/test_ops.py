@@ -1,5 +1,7 @@
 """The custom ops: gradients, opcheck, and torch.compile(fullgraph=True) on CPU."""
 
+import copy
+
 import pytest
 import torch
 
@@ -101,6 +103,33 @@ def test_compile_fullgraph_matches_eager(device):
     torch.testing.assert_close(out, eager_out, **tol)
     for got, want in zip(grads, eager_grads):
         torch.testing.assert_close(got, want, **tol)
+
+
+def test_compile_fullgraph_dice_training_matches_eager():
+    """Training-mode Dice (batch statistics over the valid positions, running
+    statistics updated in place) traces without a graph break. aot_eager runs
+    the same dynamo and AOTAutograd graphs as inductor without its slow CPU
+    code generation."""
+    torch.manual_seed(0)
+    layer = din_fast.DINAttention(4, hidden_units=(6, 3), activation="dice",
+                                  normalization="softmax").train()
+    with torch.no_grad():
+        for alpha in layer.alphas:
+            alpha.uniform_(-0.5, 0.5)
+    twin = copy.deepcopy(layer)
+    query, keys = torch.randn(5, 4), torch.randn(5, 7, 4)
+    torch._dynamo.reset()
+    compiled = torch.compile(layer, fullgraph=True, backend="aot_eager")
+    for lengths in (torch.tensor([7, 0, 3, 5, 1]), torch.zeros(5, dtype=torch.long)):
+        out, eager_out = compiled(query, keys, lengths), twin(query, keys, lengths)
+        grads = torch.autograd.grad(out.square().sum(), list(layer.parameters()))
+        eager_grads = torch.autograd.grad(eager_out.square().sum(), list(twin.parameters()))
+        torch.testing.assert_close(out, eager_out)
+        for got, want in zip(grads, eager_grads):
+            torch.testing.assert_close(got, want)
+        # The second batch has no valid position: both leave the statistics as they were.
+        for got, want in zip(layer.buffers(), twin.buffers()):
+            torch.testing.assert_close(got, want)
 
 
 TRITON_CASES = [

@@ -32,8 +32,9 @@ def peer_argument_names(layer: str, names: dict):
 def batchnorm_gate(norms):
     """A torch-backend Dice gate that normalizes layer i with ``norms[i]``, a
     BatchNorm1d: batch statistics over every scored position in training
-    (updating its running ones as BatchNorm does), its running ones in eval."""
-    def gate(layer, x):
+    (updating its running ones as BatchNorm does), its running ones in eval.
+    Every position is valid here (all_position_scores), so ``valid`` is None."""
+    def gate(layer, x, valid):
         return norms[layer](x.flatten(0, 1)).view_as(x)
     return gate
 
