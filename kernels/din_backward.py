@@ -202,9 +202,10 @@ def _store_tile(ptr, tile, RP: tl.constexpr, SP: tl.constexpr):
 
 
 @triton.jit
-def _add_to_tile(ptr, tile, RP: tl.constexpr, SP: tl.constexpr):
-    """ptr[RP, SP] += tile: a program's private partial, so no race and no atomics."""
-    offs = tl.arange(0, RP)[:, None] * SP + tl.arange(0, SP)[None, :]
+def _add_to_tile(ptr, tile, RP: tl.constexpr, SP: tl.constexpr, STRIDE: tl.constexpr):
+    """ptr[RP, SP] += tile, rows STRIDE apart: a program's private partial, so no
+    race and no atomics."""
+    offs = tl.arange(0, RP)[:, None] * STRIDE + tl.arange(0, SP)[None, :]
     tl.store(ptr + offs, tl.load(ptr + offs) + tile)
 
 
@@ -244,7 +245,7 @@ def din_backward_kernel(
     ACTIVATION: tl.constexpr, SOFTMAX: tl.constexpr, HAS_LENGTHS: tl.constexpr,
     HAS_MASK: tl.constexpr, HAS_GRAD_SCORES: tl.constexpr, VALUES_ARE_KEYS: tl.constexpr,
     MULTI_CANDIDATE: tl.constexpr, INPUT_GRADS: tl.constexpr, FIRST_WEIGHTS: tl.constexpr,
-    DEEPER_WEIGHTS: tl.constexpr,
+    DEEPER_WEIGHTS: tl.constexpr, FIRST_D0: tl.constexpr, FIRST_DC: tl.constexpr,
     NUM_LAYERS: tl.constexpr, DOT_F32: tl.constexpr, INPUT_PRECISION: tl.constexpr,
     GRAD_PRECISION: tl.constexpr, BLOCK_T: tl.constexpr, D_P: tl.constexpr,
     DV_P: tl.constexpr, H1_P: tl.constexpr, H2_P: tl.constexpr, H3_P: tl.constexpr,
@@ -272,7 +273,9 @@ def din_backward_kernel(
     [P, H1_P, H2_P] and part_w3 [P, H2_P, H3_P] (W_2^T, W_3^T), part_unit
     [P, L, 4, UNIT_W] (bias, a, mu, var), part_out [P, H_L_P + 1] (W_out, then
     b_out). Partials start at zero. INPUT_GRADS, FIRST_WEIGHTS and
-    DEEPER_WEIGHTS select which of them this launch writes (PARTS).
+    DEEPER_WEIGHTS select which of them this launch writes (PARTS); a
+    FIRST_WEIGHTS launch covers the key columns FIRST_D0 + [0, FIRST_DC) of P
+    (and dq's W_p term), and the one with FIRST_D0 = 0 also G.
 
     The MLP runs transposed, units along rows and positions along columns
     ([H, BLOCK_T] tiles): the loop-invariant matrices (M, M^T, W_i, W_i^T)
@@ -366,7 +369,9 @@ def din_backward_kernel(
                 inv_sum = tl.where(row_sum > 0, 1.0 / tl.where(row_sum > 0, row_sum, 1.0), 0.0)
                 delta = delta * inv_sum
             if FIRST_WEIGHTS:
-                acc_p = tl.zeros((H1_P, D_P), tl.float32)                  # P = sum dz1 k^T
+                # P = sum dz1 k^T over this launch's key columns FIRST_D0 + [0, FIRST_DC).
+                acc_p = tl.zeros((H1_P, FIRST_DC), tl.float32)
+                offs_p = FIRST_D0 + tl.arange(0, FIRST_DC)
                 acc_g = tl.zeros((H1_P,), tl.float32)                      # G = sum dz1
 
             for t0 in range(0, t_stop, BLOCK_T):
@@ -407,7 +412,11 @@ def din_backward_kernel(
                     dz1, da1, dmu1, dvar1 = _unit_backward(z1, dh, unit_ptr, 0, UNIT_W, H1_P,
                                                            ACTIVATION)
                 if FIRST_WEIGHTS:
-                    acc_p = _mma(dz1.to(dot_dtype), keys, acc_p, DOT_F32, INPUT_PRECISION)
+                    keys_p = keys
+                    if FIRST_DC < D_P:
+                        keys_p = tl.load(k_ptr + rows[:, None] * D + offs_p[None, :],
+                                         mask=t_ok[:, None] & (offs_p < D)[None, :], other=0.0)
+                    acc_p = _mma(dz1.to(dot_dtype), keys_p, acc_p, DOT_F32, INPUT_PRECISION)
                     acc_g += tl.sum(dz1, axis=1)
                 if INPUT_GRADS:
                     acc_a1 += da1
@@ -440,14 +449,18 @@ def din_backward_kernel(
             # loops, where they would be held in registers (or spilled).
             slot = b % programs
             if FIRST_WEIGHTS:
-                # Per (b, c): G for the host (dW_q, dq's fold term), the
-                # first bias, the query's W_p term and the P partials.
-                tl.store(g_ptr + bc * H1_P + offs_h1, acc_g)
-                acc_b1 += acc_g
-                wp = _load_tile(wp_ptr, H1_P, D_P, False).to(tl.float32)
-                tl.store(dq_ptr + bc * D_P + offs_d, tl.sum(wp * acc_p, axis=0))
-                _add_to_tile(part_k_ptr + slot * H1_P * D_P, acc_p, H1_P, D_P)
-                _add_to_tile(part_qk_ptr + slot * H1_P * D_P, acc_p * q[None, :], H1_P, D_P)
+                # Per (b, c): G for the host (dW_q, dq's fold term) and the
+                # first bias (from the launch with the first key columns), the
+                # query's W_p term and the P partials (this launch's columns).
+                if FIRST_D0 == 0:
+                    tl.store(g_ptr + bc * H1_P + offs_h1, acc_g)
+                    acc_b1 += acc_g
+                wp = tl.load(wp_ptr + offs_h1[:, None] * D_P + offs_p[None, :]).to(tl.float32)
+                tl.store(dq_ptr + bc * D_P + offs_p, tl.sum(wp * acc_p, axis=0))
+                q_p = tl.load(q_ptr + bc * D + offs_p, mask=offs_p < D, other=0.0).to(tl.float32)
+                part = slot * H1_P * D_P + FIRST_D0
+                _add_to_tile(part_k_ptr + part, acc_p, H1_P, FIRST_DC, D_P)
+                _add_to_tile(part_qk_ptr + part, acc_p * q_p[None, :], H1_P, FIRST_DC, D_P)
 
         slot = b % programs
         part_unit = part_unit_ptr + slot * NUM_LAYERS * 4 * UNIT_W
@@ -460,11 +473,11 @@ def din_backward_kernel(
             _add_to_vector(part_out_ptr + slot * (HL_P + 1) + HL_P, acc_bout, 1)
         if NUM_LAYERS >= 2:
             if DEEPER_WEIGHTS:
-                _add_to_tile(part_w2_ptr + slot * H1_P * H2_P, acc_w2, H1_P, H2_P)
+                _add_to_tile(part_w2_ptr + slot * H1_P * H2_P, acc_w2, H1_P, H2_P, H2_P)
                 _add_unit_grads(part_unit, 1, acc_b2, acc_a2, acc_mu2, acc_var2, UNIT_W, H2_P)
         if NUM_LAYERS >= 3:
             if DEEPER_WEIGHTS:
-                _add_to_tile(part_w3_ptr + slot * H2_P * H3_P, acc_w3, H2_P, H3_P)
+                _add_to_tile(part_w3_ptr + slot * H2_P * H3_P, acc_w3, H2_P, H3_P, H3_P)
                 _add_unit_grads(part_unit, 2, acc_b3, acc_a3, acc_mu3, acc_var3, UNIT_W, H3_P)
 
 
@@ -501,15 +514,22 @@ class BackwardSpec:
     candidates: int
     interpret: bool = False
     part: str = "all"       # which gradients this launch computes: a key of PARTS
+    first_d0: int = 0       # a "first" launch's key columns of P: first_d0 + [0, first_dc)
+    first_dc: int = 0       # (0: all of them)
 
     def launches(self) -> list:
         """The backward's launches: one computing everything ("all") when its
-        live accumulators fit on chip, else three that each recompute the
-        forward and keep one kind of accumulator (see PARTS)."""
-        if self.split_parts():
-            return [replace(self, part=part) for part in ("inputs", "first", "deeper")
-                    if part != "deeper" or len(self.hidden) > 1]
-        return [replace(self, part="all")]
+        live accumulators fit on chip, else split (see PARTS): the inputs' one,
+        the first layer's in column blocks of P that each fit
+        accumulator_budget, and the deeper layers'. Each recomputes the forward."""
+        if not self.split_parts():
+            return [replace(self, part="all")]
+        d_p, h1_p = _weight_tiles(self.embed_dim, self.hidden)[0]
+        columns = min(d_p, max(16, accumulator_budget(self.dtype) // h1_p))
+        return ([replace(self, part="inputs")]
+                + [replace(self, part="first", first_d0=d0, first_dc=columns)
+                   for d0 in range(0, d_p, columns)]
+                + [replace(self, part="deeper")] * (len(self.hidden) > 1))
 
     def split_parts(self) -> bool:
         """One launch holds every accumulator: it fits while they add up to
@@ -538,6 +558,8 @@ class BackwardSpec:
     def largest_accumulator(self) -> int:
         """Elements of the largest weight-gradient tile this launch keeps on chip."""
         first, *deeper = (n * m for n, m in _weight_tiles(self.embed_dim, self.hidden))
+        if self.first_dc:
+            first = first * self.first_dc // padded(self.embed_dim)
         first_weights, deeper_weights = PARTS[self.part][1:]
         return max([first * first_weights] + [tile * deeper_weights for tile in deeper])
 
@@ -559,6 +581,7 @@ class BackwardSpec:
             H1_P=widths[0], H2_P=widths[1], H3_P=widths[2],
             UNIT_W=max(widths[:len(self.hidden)]),
             **dict(zip(("INPUT_GRADS", "FIRST_WEIGHTS", "DEEPER_WEIGHTS"), PARTS[self.part])),
+            FIRST_D0=self.first_d0, FIRST_DC=self.first_dc or padded(self.embed_dim),
         )
 
     def signature(self) -> dict:
@@ -604,24 +627,42 @@ def _weight_tiles(embed_dim: int, hidden: tuple) -> list:
     return list(zip(widths[:-1], widths[1:]))
 
 
+# Key columns (padded D) the fused backward takes: its inputs launch stages
+# the [H_1, D] fold and [BLOCK_T, D] key and key-gradient tiles whole.
+MAX_KEY_COLUMNS = 128
+
+
+def accumulator_budget(dtype: torch.dtype) -> int:
+    """Elements of the largest gradient accumulator one launch keeps on chip:
+    TILE_BUDGET for float32 inputs, twice that for half-precision ones (whose
+    operand tiles take half the room)."""
+    return TILE_BUDGET if dtype == torch.float32 else 2 * TILE_BUDGET
+
+
 def backward_unsupported_shape(embed_dim: int, hidden: tuple, dtype: torch.dtype):
     """Why the fused backward cannot run these widths and dtype (None when it can).
 
-    A launch holds one weight tile's gradient accumulator on chip for the
-    whole pass and stages the weight tiles it multiplies by: each padded tile
-    within twice the forward's TILE_BUDGET elements for half-precision
-    inputs, within TILE_BUDGET for float32 ones (their tiles and TF32
-    operands take twice the room). Past that ptxas spills
-    (python -m din_fast.kernels.aot checks every launch).
+    Within these bounds every launch compiles without spills on sm_80 and
+    sm_90 (python -m din_fast.kernels.aot checks them): the deeper weight
+    tiles within accumulator_budget (one launch holds such a gradient whole);
+    the first-layer [D, H_1] tile within twice that for half-precision inputs
+    (its gradient is split into column blocks, but the fold M is staged
+    whole) and D within MAX_KEY_COLUMNS, within the budget for float32 ones.
     """
+    name = str(dtype).replace("torch.", "")
     if len(hidden) > MAX_HIDDEN_LAYERS:
         return f"{len(hidden)} hidden layers (the fused kernels take 1 to {MAX_HIDDEN_LAYERS})"
-    budget = TILE_BUDGET if dtype == torch.float32 else 2 * TILE_BUDGET
-    for fan_in, fan_out in _weight_tiles(embed_dim, hidden):
-        if fan_in * fan_out > budget:
+    budget = accumulator_budget(dtype)
+    (d_p, h1_p), *deeper = _weight_tiles(embed_dim, hidden)
+    first_budget = budget if dtype == torch.float32 else 2 * budget
+    if dtype != torch.float32 and d_p > MAX_KEY_COLUMNS:
+        return (f"D={embed_dim} (padded to {d_p}) over the backward's {MAX_KEY_COLUMNS} "
+                f"key columns")
+    for (fan_in, fan_out), limit in [((d_p, h1_p), first_budget)] + [(t, budget) for t in deeper]:
+        if fan_in * fan_out > limit:
             return (f"a padded weight tile of {fan_in} x {fan_out} (D={embed_dim}, "
-                    f"hidden={hidden}) over the backward's on-chip budget of {budget} "
-                    f"elements for {str(dtype).replace('torch.', '')} inputs")
+                    f"hidden={hidden}) over the backward's on-chip budget of {limit} "
+                    f"elements for {name} inputs")
     return None
 
 

@@ -7,6 +7,7 @@ backend's hand-written backward runs in float64.
 import pytest
 import torch
 
+from din_fast.kernels import din_backward as din_backward_module
 from din_fast.kernels.din_backward import BackwardSpec, din_backward
 from din_fast.torch_backend import torch_din_attention_backward
 from grad_cases import GradCase, make_problem, reference_grads, rel_error, softmax_row_max
@@ -90,6 +91,23 @@ def test_torch_backward_matches_reference(case):
     problem = make_problem(case, ref["leaves"], ref["lengths"], ref["mask"])
     out = torch_din_attention_backward(problem, ref["grad_pooled"], ref["grad_scores"])
     assert_grads_close(case, ref, named_grads(case, out), 1e-10)
+
+
+def test_kernel_backward_in_column_blocks(monkeypatch):
+    """The first layer's P sums in 16-column blocks (one launch each), as wide D
+    takes them: every block's columns, dq's W_p term, G once."""
+    monkeypatch.setattr(din_backward_module, "accumulator_budget", lambda dtype: 256)
+    monkeypatch.setattr(BackwardSpec, "split_parts", lambda spec: True)
+    monkeypatch.setattr(din_backward_module, "backward_unsupported", lambda problem: None)
+    case = GradCase(activation="dice", normalization="softmax", candidates=2, value_dim=5,
+                    return_scores=True, embed_dim=40, hidden=(24, 8), length=19)
+    spec = din_backward_module.BackwardSpec(
+        dtype=torch.float32, activation="dice", softmax=True, has_lengths=True,
+        has_mask=False, has_grad_scores=True, values_are_keys=False, hidden=case.hidden,
+        embed_dim=case.embed_dim, value_dim=case.value_dim, candidates=case.candidates)
+    assert [launch.first_dc for launch in spec.launches() if launch.part == "first"] == [16] * 4
+    ref = reference_grads(case)
+    assert_grads_close(case, ref, named_grads(case, kernel_grads(case, ref)), TOL)
 
 
 @pytest.mark.parametrize("split", [False, True], ids=["one-launch", "split-launches"])
