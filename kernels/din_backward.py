@@ -520,12 +520,15 @@ class BackwardSpec:
     def launches(self) -> list:
         """The backward's launches: one computing everything ("all") when its
         live accumulators fit on chip, else split (see PARTS): the inputs' one,
-        the first layer's in column blocks of P that each fit
-        accumulator_budget, and the deeper layers'. Each recomputes the forward."""
+        the first layer's (in column blocks of P where [H_1, D] is over
+        accumulator_budget), and the deeper layers'. Each recomputes the forward."""
         if not self.split_parts():
             return [replace(self, part="all")]
         d_p, h1_p = _weight_tiles(self.embed_dim, self.hidden)[0]
-        columns = min(d_p, max(16, accumulator_budget(self.dtype) // h1_p))
+        budget = accumulator_budget(self.dtype)
+        # A launch on a block of columns loads that block's key tile too, next
+        # to the whole one: its blocks take half the budget.
+        columns = d_p if d_p * h1_p <= budget else max(16, budget // (2 * h1_p))
         return ([replace(self, part="inputs")]
                 + [replace(self, part="first", first_d0=d0, first_dc=columns)
                    for d0 in range(0, d_p, columns)]
