@@ -2,11 +2,14 @@
 
     python -m din_fast.kernels.aot --arch 80 90 [--quick] [--jobs N]
 
-Each specialization is compiled with ``triton.compile`` for a ``GPUTarget``;
-the report gives registers per thread, spill bytes (LOCAL and STACK, from the
-bundled ``cuobjdump --dump-resource-usage``) and shared memory per block, and
-the command exits non-zero on any spill or on shared memory over the
-architecture's limit.
+Each specialization is compiled with ``triton.compile`` for a ``GPUTarget``
+(din_fast.kernels.compiled); the report gives the warp count, registers per
+thread, spill bytes (LOCAL and STACK, from the bundled ``cuobjdump
+--dump-resource-usage``) and shared memory per block, and the command exits
+non-zero on any spill or on shared memory over the architecture's limit. A
+specialization with several warp choices (the forward) is reported with the
+one its launcher takes on that architecture, the first that compiles
+spill-free, and its status notes what the preferred choice spilled.
 
 Kernels join the report through :func:`register`: a provider is a function
 ``provider(quick: bool) -> iterable of Specialization``.
@@ -17,18 +20,14 @@ from __future__ import annotations
 import argparse
 import os
 import re
-import subprocess
 import sys
-import tempfile
 from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass
 from itertools import product
 
 import torch
-import triton
-from triton.backends.compiler import GPUTarget
-from triton.compiler import ASTSource
 
+from .compiled import first_spill_free, resource_usage
 from .din_backward import BackwardSpec, backward_unsupported_shape, din_backward_kernel
 from .din_forward import NUM_STAGES, ForwardSpec, din_forward_kernel
 
@@ -40,6 +39,7 @@ GRID_EMBED_DIMS = (16, 64, 128, 256)
 GRID_HIDDEN = ((80, 40), (200, 80), (64,), (200, 80, 40))
 
 
+
 @dataclass(frozen=True)
 class Specialization:
     """One compiled kernel: what triton.compile needs, and a label for the table."""
@@ -48,7 +48,7 @@ class Specialization:
     kernel: object
     signature: dict
     constexprs: dict
-    num_warps: int
+    warp_choices: tuple     # in order of preference
     num_stages: int
     aligned: tuple = ()     # arguments known to be multiples of 16 (tt.divisibility)
 
@@ -79,7 +79,7 @@ def forward_specialization(spec: ForwardSpec) -> Specialization:
     label = _label("forward", spec, dict(split=spec.split, scores=spec.need_scores,
                                          jagged=spec.jagged))
     return Specialization(label, din_forward_kernel, spec.signature(), spec.constexprs(),
-                          spec.blocks()[-1], NUM_STAGES, spec.aligned())
+                          spec.warp_choices(), NUM_STAGES, spec.aligned())
 
 
 @register
@@ -135,7 +135,7 @@ def backward_specialization(spec: BackwardSpec) -> Specialization:
     label = _label("backward", spec, dict(scores=spec.has_grad_scores,
                                           values=not spec.values_are_keys))
     return Specialization(label, din_backward_kernel, spec.signature(), spec.constexprs(),
-                          spec.blocks()[-1], NUM_STAGES, spec.aligned())
+                          (spec.blocks()[-1],), NUM_STAGES, spec.aligned())
 
 
 @register
@@ -169,28 +169,14 @@ def backward_specializations(quick: bool):
             embed_dim=dim, value_dim=dim, candidates=cands))
 
 
-def _cuobjdump() -> str:
-    return os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin",
-                        "cuobjdump")
-
-
 def compile_one(spec: Specialization, arch: int) -> dict:
-    """Compile for sm_<arch> and read its resource usage."""
-    attrs = {(spec.kernel.arg_names.index(name),): [["tt.divisibility", 16]]
-             for name in spec.aligned}
-    source = ASTSource(spec.kernel, spec.signature, constexprs=spec.constexprs, attrs=attrs)
-    compiled = triton.compile(source, target=GPUTarget("cuda", arch, 32),
-                              options={"num_warps": spec.num_warps,
-                                       "num_stages": spec.num_stages})
-    with tempfile.NamedTemporaryFile(suffix=".cubin") as cubin:
-        cubin.write(compiled.asm["cubin"])
-        cubin.flush()
-        usage = subprocess.run([_cuobjdump(), "--dump-resource-usage", cubin.name],
-                               capture_output=True, text=True, check=True).stdout
-    fields = dict(re.findall(r"\b(REG|STACK|LOCAL|SHARED):(\d+)", usage))
-    return dict(label=spec.label, arch=arch, warps=spec.num_warps,
-                regs=int(fields["REG"]), stack=int(fields["STACK"]), local=int(fields["LOCAL"]),
-                shared=max(int(compiled.metadata.shared), int(fields["SHARED"])))
+    """Compile for sm_<arch> and read its resource usage (with the warp count
+    the launcher takes) and the preferred warp count's spills."""
+    args = (spec.kernel, spec.signature, spec.constexprs, spec.aligned)
+    usage = first_spill_free(*args, spec.warp_choices, spec.num_stages, arch)
+    preferred = resource_usage(*args, spec.warp_choices[0], spec.num_stages, arch)
+    return dict(usage, label=spec.label, arch=arch,
+                preferred_spills=(preferred["local"], preferred["stack"]))
 
 
 def _compile_job(job):
@@ -223,15 +209,21 @@ def report(archs, quick: bool, jobs: int, match: str = "", out=sys.stdout) -> in
     pool = ProcessPoolExecutor(jobs) if jobs > 1 else None
     rows = pool.map(_compile_job, work) if pool else map(_compile_job, work)
     bad = 0
+    fallbacks = 0
     for row in rows:
         found = problems(row)
         bad += bool(found)
+        status = "; ".join(found) or "ok"
+        if any(row["preferred_spills"]) and not found:
+            fallbacks += 1
+            status += " (preferred warps spill: LOCAL {}, STACK {})".format(*row["preferred_spills"])
         print(f"{row['label']:<{width}}  sm_{row['arch']}  {row['warps']:>5}  {row['regs']:>4}  "
-              f"{row['local']:>5}  {row['stack']:>5}  {row['shared']:>6}  "
-              f"{'; '.join(found) or 'ok'}", file=out, flush=True)
+              f"{row['local']:>5}  {row['stack']:>5}  {row['shared']:>6}  {status}",
+              file=out, flush=True)
     if pool:
         pool.shutdown()
-    print(f"{len(work)} kernels, {bad} with problems", file=out)
+    print(f"{len(work)} kernels, {bad} with problems, {fallbacks} on their fallback warp count",
+          file=out)
     return bad
 
 

