@@ -37,7 +37,12 @@ GRID_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 GRID_ACTIVATIONS = ("sigmoid", "relu", "prelu", "dice")
 GRID_EMBED_DIMS = (16, 64, 128, 256)
 GRID_HIDDEN = ((80, 40), (200, 80), (64,), (200, 80, 40))
-
+# The forward with scores, in both layouts at D = 64, H = (80, 40):
+# (dtype, activation, softmax, candidates, split).
+SCORES_GRID = tuple((dtype, act, softmax, cands, cands > 1)
+                    for dtype, act in product((torch.bfloat16, torch.float32),
+                                              ("sigmoid", "dice"))
+                    for softmax, cands in ((False, 1), (True, 100)))
 
 
 @dataclass(frozen=True)
@@ -87,9 +92,10 @@ def forward_specializations(quick: bool):
     """The forward over the grid of issue 3, with lengths (the common layout).
 
     The full grid is dtypes x activations x normalizations x D x hidden at
-    C = 1, plus C = 100 (several candidates per program) for sigmoid. The quick
-    subset keeps the heaviest corners: the widest layers at the largest D,
-    many candidates, three layers, the split path and scores.
+    C = 1, plus C = 100 (several candidates per program) for sigmoid, plus
+    SCORES_GRID. The quick subset keeps the heaviest corners: the widest
+    layers at the largest D, many candidates, three layers, the split path
+    and scores.
     """
     if quick:
         grid = [
@@ -102,6 +108,8 @@ def forward_specializations(quick: bool):
                 for dtype, act, softmax, dim, hidden in product(
                     GRID_DTYPES, GRID_ACTIVATIONS, (False, True), GRID_EMBED_DIMS, GRID_HIDDEN)
                 for cands in ((1, 100) if act == "sigmoid" else (1,))]
+        grid += [(dtype, act, softmax, 64, (80, 40), cands, split, True)
+                 for dtype, act, softmax, cands, split in SCORES_GRID]
     for dtype, act, softmax, dim, hidden, cands, split, scores in grid:
         yield forward_specialization(ForwardSpec(
             dtype=dtype, activation=act, softmax=softmax, has_lengths=True, has_mask=False,
@@ -113,18 +121,17 @@ def forward_specializations(quick: bool):
 def jagged_forward_specializations(quick: bool):
     """The forward on jagged input (rows from offsets, scores [L, C]) at D = 64,
     H = (80, 40): bfloat16 / float32 x sigmoid / dice x None / softmax at C = 1,
-    plus C = 100 split with scores. The quick subset keeps the last two.
-
-    Not here: float32 dice with scores, which ptxas compiles to 80 registers
-    and 16 bytes of stack on sm_80, jagged or padded alike (the padded
-    "forward float32 dice none D=64 H=(80, 40) C=1 scores" does the same).
+    plus SCORES_GRID. The quick subset: two rows of SCORES_GRID at C = 100.
     """
-    grid = [(dtype, act, softmax, 1, False, False)
-            for dtype, act, softmax in product((torch.bfloat16, torch.float32),
-                                               ("sigmoid", "dice"), (False, True))]
-    grid += [(torch.bfloat16, "dice", True, 100, True, True),
-             (torch.float32, "sigmoid", True, 100, True, True)]
-    for dtype, act, softmax, cands, split, scores in (grid[-2:] if quick else grid):
+    if quick:
+        grid = [(torch.bfloat16, "dice", True, 100, True, True),
+                (torch.float32, "sigmoid", True, 100, True, True)]
+    else:
+        grid = [(dtype, act, softmax, 1, False, False)
+                for dtype, act, softmax in product((torch.bfloat16, torch.float32),
+                                                   ("sigmoid", "dice"), (False, True))]
+        grid += [row + (True,) for row in SCORES_GRID]
+    for dtype, act, softmax, cands, split, scores in grid:
         yield forward_specialization(ForwardSpec(
             dtype=dtype, activation=act, softmax=softmax, has_lengths=True, has_mask=False,
             need_scores=scores, hidden=(80, 40), embed_dim=64, value_dim=64,
