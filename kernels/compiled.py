@@ -19,6 +19,11 @@ from triton.backends.compiler import GPUTarget
 from triton.compiler import ASTSource
 
 
+# What resource_usage raises when the triton install cannot read a cubin's
+# resource usage (no bundled cuobjdump, or one that fails).
+UNREADABLE_USAGE = (OSError, subprocess.CalledProcessError)
+
+
 def _cuobjdump() -> str:
     return os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin",
                         "cuobjdump")

@@ -1,27 +1,25 @@
 """The fused forward kernel of the DIN activation unit and attention pooling.
 
-One program owns one history row b, a block of BLOCK_C of its candidates and
-a range of its history positions (the whole row unless T is split across
-programs). It streams the row's keys in tiles of BLOCK_T positions; each key
-tile, once loaded, serves every candidate of the block. Per tile it forms the
-(position, candidate) pairs, runs the whole MLP on them on chip, masks,
-normalizes (an online max/sum for softmax, as FlashAttention does) and
-accumulates w^T V. Nothing of size B*C*T*H or B*C*T*4D is written.
+One program owns one history row b, a block of BLOCK_C of its candidates and a range of
+its history positions (the whole row unless T is split across programs). It streams the
+row's keys in tiles of BLOCK_T positions; each key tile, once loaded, serves every
+candidate of the block. Per tile it forms the (position, candidate) pairs, runs the whole
+MLP on them on chip, masks, normalizes (an online max/sum for softmax, as FlashAttention
+does) and accumulates w^T V. Nothing of size B*C*T*H or B*C*T*4D is written.
 
 The first layer is folded (SPEC section 2, "torch" backend):
     W_1 [q | k | q-k | q*k] + b_1 = u + k (W_k - W_d)^T + (q*k) W_p^T,
     u = q (W_q + W_d)^T + b_1,
-so u is a [B, C, H_1] prologue computed on the host (tiny next to the keys),
-the key term is one dot per tile shared by the block's candidates, and the
-interaction term is one dot of the [pairs, D] products against W_p^T: the
-same arithmetic as a per-candidate M = (W_k - W_d) + W_p * q, but every dot
-shares one weight operand, so it runs on tensor cores for any BLOCK_C.
+so u is a [B, C, H_1] prologue computed on the host (tiny next to the keys), the key
+term is one dot per tile shared by the block's candidates, and the interaction term is one
+dot of the [pairs, D] products against W_p^T: the same arithmetic as a per-candidate
+M = (W_k - W_d) + W_p * q, but every dot shares one weight operand, so it runs on tensor
+cores for any BLOCK_C.
 """
 
 from __future__ import annotations
 
 import os
-import subprocess
 from dataclasses import dataclass
 
 import torch
@@ -30,8 +28,7 @@ import triton.language as tl
 
 from din_fast.problem import DINProblem, JaggedDINProblem, split_first_layer
 from din_fast.triton_backend import MAX_HIDDEN_LAYERS
-
-from .compiled import first_spill_free
+from .compiled import UNREADABLE_USAGE, first_spill_free
 
 
 @triton.jit
@@ -397,8 +394,8 @@ class ForwardSpec:
         try:
             usage = first_spill_free(din_forward_kernel, self.signature(), self.constexprs(),
                                      self.aligned(), self.warp_choices(), NUM_STAGES, arch)
-        except (OSError, subprocess.CalledProcessError):
-            # No bundled cuobjdump: launch untested rather than not at all.
+        except UNREADABLE_USAGE:
+            # No usable bundled cuobjdump: launch unchecked rather than not at all.
             return self.warp_choices()[0]
         return usage["warps"]
 
