@@ -12,13 +12,13 @@ The first layer is folded (SPEC section 2, "torch" backend):
     u = q (W_q + W_d)^T + b_1,
 so u is a [B, C, H_1] prologue computed on the host (tiny next to the keys), the key
 term is one dot per tile shared by the block's candidates, and the interaction term is one
-dot of the [pairs, D] products against W_p^T: the same arithmetic as a per-candidate
-M = (W_k - W_d) + W_p * q, but every dot shares one weight operand, so it runs on tensor
-cores for any BLOCK_C.
+dot of the [pairs, D] products against W_p^T: the arithmetic of a per-candidate
+M = (W_k - W_d) + W_p * q, with one weight operand per dot (tensor cores for any BLOCK_C).
 """
 
 from __future__ import annotations
 
+import functools
 import os
 from dataclasses import dataclass
 
@@ -383,6 +383,7 @@ class ForwardSpec:
         preferred = 4 if block_c * block_t * self._widest() <= budget else 8
         return (preferred, 12 - preferred)
 
+    @functools.lru_cache(maxsize=None)
     def num_warps(self, arch=None) -> int:
         """The warp count for sm_<arch>: the first of warp_choices that
         compiles spill-free there, found by compiling ahead of time (once per
