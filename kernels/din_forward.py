@@ -349,7 +349,7 @@ class ForwardSpec:
         no tile is narrower than 16 (the tl.dot minimum). IEEE float32 dots run
         on the FMA units with their operands in registers: half the budget.
         """
-        budget = TILE_BUDGET // 2 if self.dtype == torch.float32 else TILE_BUDGET
+        budget = self._budget()
         widths = [padded(h) for h in self.hidden]
         widest = self._widest()
         block_c = min(16, triton.next_power_of_2(self.candidates))
@@ -360,6 +360,9 @@ class ForwardSpec:
         block_d = max(16, min(padded(self.embed_dim), budget // widths[0], budget // (4 * pairs)))
         chunk = max(16, min(widths[1] if len(widths) > 1 else 16, budget // widths[0]))
         return block_c, block_t, block_d, chunk
+
+    def _budget(self) -> int:
+        return TILE_BUDGET // 2 if self.dtype == torch.float32 else TILE_BUDGET
 
     def _widest(self) -> int:
         return max([padded(h) for h in self.hidden] + [padded(self.value_dim)])
@@ -379,9 +382,9 @@ class ForwardSpec:
         count is the fallback.
         """
         block_c, block_t = self.blocks()[:2]
-        budget = TILE_BUDGET // 2 if self.dtype == torch.float32 else TILE_BUDGET
-        preferred = 4 if block_c * block_t * self._widest() <= budget else 8
-        return (preferred, 12 - preferred)
+        if block_c * block_t * self._widest() <= self._budget():
+            return (4, 8)
+        return (8, 4)
 
     @functools.lru_cache(maxsize=None)
     def num_warps(self, arch=None) -> int:
