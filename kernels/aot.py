@@ -2,11 +2,14 @@
 
     python -m din_fast.kernels.aot --arch 80 90 [--quick] [--jobs N]
 
-Each specialization is compiled with ``triton.compile`` for a ``GPUTarget``;
-the report gives registers per thread, spill bytes (LOCAL and STACK, from the
-bundled ``cuobjdump --dump-resource-usage``) and shared memory per block, and
-the command exits non-zero on any spill or on shared memory over the
-architecture's limit.
+Each specialization is compiled with ``triton.compile`` for a ``GPUTarget``
+(din_fast.kernels.compiled); the report gives the warp count, registers per
+thread, spill bytes (LOCAL and STACK, from the bundled ``cuobjdump
+--dump-resource-usage``) and shared memory per block, and the command exits
+non-zero on any spill or on shared memory over the architecture's limit. A
+specialization with several warp choices (the forward) is reported with the
+one its launcher takes on that architecture, the first that compiles
+spill-free, and its status notes what the preferred choice spilled.
 
 Kernels join the report through :func:`register`: a provider is a function
 ``provider(quick: bool) -> iterable of Specialization``.
@@ -17,18 +20,14 @@ from __future__ import annotations
 import argparse
 import os
 import re
-import subprocess
 import sys
-import tempfile
 from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass
 from itertools import product
 
 import torch
-import triton
-from triton.backends.compiler import GPUTarget
-from triton.compiler import ASTSource
 
+from .compiled import first_spill_free, resource_usage
 from .din_backward import BackwardSpec, backward_unsupported_shape, din_backward_kernel
 from .din_forward import NUM_STAGES, ForwardSpec, din_forward_kernel
 
@@ -38,6 +37,12 @@ GRID_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 GRID_ACTIVATIONS = ("sigmoid", "relu", "prelu", "dice")
 GRID_EMBED_DIMS = (16, 64, 128, 256)
 GRID_HIDDEN = ((80, 40), (200, 80), (64,), (200, 80, 40))
+# The forward with scores, in both layouts at D = 64, H = (80, 40):
+# (dtype, activation, softmax, candidates, split).
+SCORES_GRID = tuple((dtype, act, softmax, cands, cands > 1)
+                    for dtype, act in product((torch.bfloat16, torch.float32),
+                                              ("sigmoid", "dice"))
+                    for softmax, cands in ((False, 1), (True, 100)))
 
 
 @dataclass(frozen=True)
@@ -48,7 +53,7 @@ class Specialization:
     kernel: object
     signature: dict
     constexprs: dict
-    num_warps: int
+    warp_choices: tuple     # in order of preference
     num_stages: int
     aligned: tuple = ()     # arguments known to be multiples of 16 (tt.divisibility)
 
@@ -79,7 +84,7 @@ def forward_specialization(spec: ForwardSpec) -> Specialization:
     label = _label("forward", spec, dict(split=spec.split, scores=spec.need_scores,
                                          jagged=spec.jagged))
     return Specialization(label, din_forward_kernel, spec.signature(), spec.constexprs(),
-                          spec.blocks()[-1], NUM_STAGES, spec.aligned())
+                          spec.warp_choices(), NUM_STAGES, spec.aligned())
 
 
 @register
@@ -87,9 +92,10 @@ def forward_specializations(quick: bool):
     """The forward over the grid of issue 3, with lengths (the common layout).
 
     The full grid is dtypes x activations x normalizations x D x hidden at
-    C = 1, plus C = 100 (several candidates per program) for sigmoid. The quick
-    subset keeps the heaviest corners: the widest layers at the largest D,
-    many candidates, three layers, the split path and scores.
+    C = 1, plus C = 100 (several candidates per program) for sigmoid, plus
+    SCORES_GRID. The quick subset keeps the heaviest corners: the widest
+    layers at the largest D, many candidates, three layers, the split path
+    and scores.
     """
     if quick:
         grid = [
@@ -102,6 +108,8 @@ def forward_specializations(quick: bool):
                 for dtype, act, softmax, dim, hidden in product(
                     GRID_DTYPES, GRID_ACTIVATIONS, (False, True), GRID_EMBED_DIMS, GRID_HIDDEN)
                 for cands in ((1, 100) if act == "sigmoid" else (1,))]
+        grid += [(dtype, act, softmax, 64, (80, 40), cands, split, True)
+                 for dtype, act, softmax, cands, split in SCORES_GRID]
     for dtype, act, softmax, dim, hidden, cands, split, scores in grid:
         yield forward_specialization(ForwardSpec(
             dtype=dtype, activation=act, softmax=softmax, has_lengths=True, has_mask=False,
@@ -113,18 +121,17 @@ def forward_specializations(quick: bool):
 def jagged_forward_specializations(quick: bool):
     """The forward on jagged input (rows from offsets, scores [L, C]) at D = 64,
     H = (80, 40): bfloat16 / float32 x sigmoid / dice x None / softmax at C = 1,
-    plus C = 100 split with scores. The quick subset keeps the last two.
-
-    Not here: float32 dice with scores, which ptxas compiles to 80 registers
-    and 16 bytes of stack on sm_80, jagged or padded alike (the padded
-    "forward float32 dice none D=64 H=(80, 40) C=1 scores" does the same).
+    plus SCORES_GRID. The quick subset: two rows of SCORES_GRID at C = 100.
     """
-    grid = [(dtype, act, softmax, 1, False, False)
-            for dtype, act, softmax in product((torch.bfloat16, torch.float32),
-                                               ("sigmoid", "dice"), (False, True))]
-    grid += [(torch.bfloat16, "dice", True, 100, True, True),
-             (torch.float32, "sigmoid", True, 100, True, True)]
-    for dtype, act, softmax, cands, split, scores in (grid[-2:] if quick else grid):
+    if quick:
+        grid = [(torch.bfloat16, "dice", True, 100, True, True),
+                (torch.float32, "sigmoid", True, 100, True, True)]
+    else:
+        grid = [(dtype, act, softmax, 1, False, False)
+                for dtype, act, softmax in product((torch.bfloat16, torch.float32),
+                                                   ("sigmoid", "dice"), (False, True))]
+        grid += [row + (True,) for row in SCORES_GRID]
+    for dtype, act, softmax, cands, split, scores in grid:
         yield forward_specialization(ForwardSpec(
             dtype=dtype, activation=act, softmax=softmax, has_lengths=True, has_mask=False,
             need_scores=scores, hidden=(80, 40), embed_dim=64, value_dim=64,
@@ -135,7 +142,7 @@ def backward_specialization(spec: BackwardSpec) -> Specialization:
     label = _label(f"backward[{spec.part}]", spec, dict(scores=spec.has_grad_scores,
                                                         values=not spec.values_are_keys))
     return Specialization(label, din_backward_kernel, spec.signature(), spec.constexprs(),
-                          spec.blocks()[-1], NUM_STAGES, spec.aligned())
+                          (spec.blocks()[-1],), NUM_STAGES, spec.aligned())
 
 
 @register
@@ -171,28 +178,14 @@ def backward_specializations(quick: bool):
         yield from map(backward_specialization, spec.launches())
 
 
-def _cuobjdump() -> str:
-    return os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin",
-                        "cuobjdump")
-
-
 def compile_one(spec: Specialization, arch: int) -> dict:
-    """Compile for sm_<arch> and read its resource usage."""
-    attrs = {(spec.kernel.arg_names.index(name),): [["tt.divisibility", 16]]
-             for name in spec.aligned}
-    source = ASTSource(spec.kernel, spec.signature, constexprs=spec.constexprs, attrs=attrs)
-    compiled = triton.compile(source, target=GPUTarget("cuda", arch, 32),
-                              options={"num_warps": spec.num_warps,
-                                       "num_stages": spec.num_stages})
-    with tempfile.NamedTemporaryFile(suffix=".cubin") as cubin:
-        cubin.write(compiled.asm["cubin"])
-        cubin.flush()
-        usage = subprocess.run([_cuobjdump(), "--dump-resource-usage", cubin.name],
-                               capture_output=True, text=True, check=True).stdout
-    fields = dict(re.findall(r"\b(REG|STACK|LOCAL|SHARED):(\d+)", usage))
-    return dict(label=spec.label, arch=arch, warps=spec.num_warps,
-                regs=int(fields["REG"]), stack=int(fields["STACK"]), local=int(fields["LOCAL"]),
-                shared=max(int(compiled.metadata.shared), int(fields["SHARED"])))
+    """Compile for sm_<arch> and read its resource usage (with the warp count
+    the launcher takes) and the preferred warp count's spills."""
+    args = (spec.kernel, spec.signature, spec.constexprs, spec.aligned)
+    usage = first_spill_free(*args, spec.warp_choices, spec.num_stages, arch)
+    preferred = resource_usage(*args, spec.warp_choices[0], spec.num_stages, arch)
+    return dict(usage, label=spec.label, arch=arch,
+                preferred_spills=(preferred["local"], preferred["stack"]))
 
 
 def _compile_job(job):
@@ -225,15 +218,21 @@ def report(archs, quick: bool, jobs: int, match: str = "", out=sys.stdout) -> in
     pool = ProcessPoolExecutor(jobs) if jobs > 1 else None
     rows = pool.map(_compile_job, work) if pool else map(_compile_job, work)
     bad = 0
+    fallbacks = 0
     for row in rows:
         found = problems(row)
         bad += bool(found)
+        status = "; ".join(found) or "ok"
+        if any(row["preferred_spills"]) and not found:
+            fallbacks += 1
+            status += " (preferred warps spill: LOCAL {}, STACK {})".format(*row["preferred_spills"])
         print(f"{row['label']:<{width}}  sm_{row['arch']}  {row['warps']:>5}  {row['regs']:>4}  "
-              f"{row['local']:>5}  {row['stack']:>5}  {row['shared']:>6}  "
-              f"{'; '.join(found) or 'ok'}", file=out, flush=True)
+              f"{row['local']:>5}  {row['stack']:>5}  {row['shared']:>6}  {status}",
+              file=out, flush=True)
     if pool:
         pool.shutdown()
-    print(f"{len(work)} kernels, {bad} with problems", file=out)
+    print(f"{len(work)} kernels, {bad} with problems, {fallbacks} on their fallback warp count",
+          file=out)
     return bad
 
 

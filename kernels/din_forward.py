@@ -1,25 +1,24 @@
 """The fused forward kernel of the DIN activation unit and attention pooling.
 
-One program owns one history row b, a block of BLOCK_C of its candidates and
-a range of its history positions (the whole row unless T is split across
-programs). It streams the row's keys in tiles of BLOCK_T positions; each key
-tile, once loaded, serves every candidate of the block. Per tile it forms the
-(position, candidate) pairs, runs the whole MLP on them on chip, masks,
-normalizes (an online max/sum for softmax, as FlashAttention does) and
-accumulates w^T V. Nothing of size B*C*T*H or B*C*T*4D is written.
+One program owns one history row b, a block of BLOCK_C of its candidates and a range of
+its history positions (the whole row unless T is split across programs). It streams the
+row's keys in tiles of BLOCK_T positions; each key tile, once loaded, serves every
+candidate of the block. Per tile it forms the (position, candidate) pairs, runs the whole
+MLP on them on chip, masks, normalizes (an online max/sum for softmax, as FlashAttention
+does) and accumulates w^T V. Nothing of size B*C*T*H or B*C*T*4D is written.
 
 The first layer is folded (SPEC section 2, "torch" backend):
     W_1 [q | k | q-k | q*k] + b_1 = u + k (W_k - W_d)^T + (q*k) W_p^T,
     u = q (W_q + W_d)^T + b_1,
-so u is a [B, C, H_1] prologue computed on the host (tiny next to the keys),
-the key term is one dot per tile shared by the block's candidates, and the
-interaction term is one dot of the [pairs, D] products against W_p^T: the
-same arithmetic as a per-candidate M = (W_k - W_d) + W_p * q, but every dot
-shares one weight operand, so it runs on tensor cores for any BLOCK_C.
+so u is a [B, C, H_1] prologue computed on the host (tiny next to the keys), the key
+term is one dot per tile shared by the block's candidates, and the interaction term is one
+dot of the [pairs, D] products against W_p^T: the arithmetic of a per-candidate
+M = (W_k - W_d) + W_p * q, with one weight operand per dot (tensor cores for any BLOCK_C).
 """
 
 from __future__ import annotations
 
+import functools
 import os
 from dataclasses import dataclass
 
@@ -29,6 +28,7 @@ import triton.language as tl
 
 from din_fast.problem import DINProblem, JaggedDINProblem, split_first_layer
 from din_fast.triton_backend import MAX_HIDDEN_LAYERS
+from .compiled import UNREADABLE_USAGE, first_spill_free
 
 
 @triton.jit
@@ -301,9 +301,10 @@ def din_forward_kernel(
 # Host side: specialization, parameter folding, launch.
 # ---------------------------------------------------------------------------
 
-# Elements of the widest float32 [pairs, units] tile one program holds; sized
-# so that (200, 80) at D = 256 compiles without spills (python -m
-# din_fast.kernels.aot checks every specialization). Software pipelining
+# Elements of the widest [pairs, units] tile one program holds in 16-bit
+# inputs (float32: half, ForwardSpec.blocks). python -m din_fast.kernels.aot
+# compiles every specialization of the grid with the warp count its launcher
+# takes (ForwardSpec.num_warps) and checks it spill-free. Software pipelining
 # (num_stages > 1) costs more registers than it saves here.
 TILE_BUDGET = 4096
 NUM_STAGES = 1
@@ -340,17 +341,17 @@ class ForwardSpec:
     jagged: bool = False
 
     def blocks(self):
-        """(BLOCK_C, BLOCK_T, BLOCK_D, CHUNK, num_warps); num_stages is NUM_STAGES.
+        """(BLOCK_C, BLOCK_T, BLOCK_D, CHUNK).
 
         The [pairs, units] tiles and the weight tiles (first layer: BLOCK_D x
         H1, later layers: H_in x CHUNK) each stay within the tile budget, and
-        the [pairs, BLOCK_D] key products within a quarter of it. IEEE float32
-        dots run on the FMA units with their operands in registers: half the
-        budget.
+        the [pairs, BLOCK_D] key products within a quarter of it, except that
+        no tile is narrower than 16 (the tl.dot minimum). IEEE float32 dots run
+        on the FMA units with their operands in registers: half the budget.
         """
-        budget = TILE_BUDGET // 2 if self.dtype == torch.float32 else TILE_BUDGET
+        budget = self._budget()
         widths = [padded(h) for h in self.hidden]
-        widest = max(widths + [padded(self.value_dim)])
+        widest = self._widest()
         block_c = min(16, triton.next_power_of_2(self.candidates))
         while block_c > 1 and 16 * block_c * widest > budget:
             block_c //= 2
@@ -358,13 +359,53 @@ class ForwardSpec:
         pairs = block_t * block_c
         block_d = max(16, min(padded(self.embed_dim), budget // widths[0], budget // (4 * pairs)))
         chunk = max(16, min(widths[1] if len(widths) > 1 else 16, budget // widths[0]))
-        # Four warps, eight only for a tile over the budget: with eight,
-        # ptxas parks values on the stack even at 64-128 registers.
-        num_warps = 4 if pairs * widest <= budget else 8
-        return block_c, block_t, block_d, chunk, num_warps
+        return block_c, block_t, block_d, chunk
+
+    def _budget(self) -> int:
+        return TILE_BUDGET // 2 if self.dtype == torch.float32 else TILE_BUDGET
+
+    def _widest(self) -> int:
+        return max([padded(h) for h in self.hidden] + [padded(self.value_dim)])
+
+    def warp_choices(self) -> tuple:
+        """Warp counts to launch with, in order of preference; the launcher
+        takes the first that ptxas compiles without spills (num_warps).
+
+        Preferred: four warps, eight only for a [pairs, units] tile over the
+        budget (at the 16-row minimum), so each thread holds at most
+        budget / 128 of its elements. With either count, ptxas (under
+        Triton's .reqntid) may move a few loop-invariant values to the stack to
+        fit one more program per SM, and which configurations it does that to
+        does not follow from the tile sizes: with triton 3.9, 52 of the 1008
+        kernels of the compile grid spilled 8-32 bytes at the preferred count,
+        and moving float32 kernels to the other count spilled about as many
+        others (one in ten). The other count is the fallback; every kernel of
+        the grid compiles spill-free with one of the two.
+        """
+        block_c, block_t = self.blocks()[:2]
+        if block_c * block_t * self._widest() <= self._budget():
+            return (4, 8)
+        return (8, 4)
+
+    @functools.lru_cache(maxsize=None)
+    def num_warps(self, arch=None) -> int:
+        """The warp count for sm_<arch>: the first of warp_choices that
+        compiles spill-free there, found by compiling ahead of time (once per
+        process and spec; Triton's cache keeps the cubins), as the compile
+        report does. The preferred count when arch is None (the interpreter)
+        or when the triton install cannot read a cubin's resource usage."""
+        if arch is None:
+            return self.warp_choices()[0]
+        try:
+            usage = first_spill_free(din_forward_kernel, self.signature(), self.constexprs(),
+                                     self.aligned(), self.warp_choices(), NUM_STAGES, arch)
+        except UNREADABLE_USAGE:
+            # No usable bundled cuobjdump: launch unchecked rather than not at all.
+            return self.warp_choices()[0]
+        return usage["warps"]
 
     def constexprs(self) -> dict:
-        block_c, block_t, block_d, chunk, _ = self.blocks()
+        block_c, block_t, block_d, chunk = self.blocks()
         widths = [padded(h) for h in self.hidden] + [16] * (MAX_HIDDEN_LAYERS - len(self.hidden))
         if self.dtype == torch.float32:
             precision = "tf32" if self.tf32 else "ieee"
@@ -477,6 +518,11 @@ def fold_parameters(problem, block_d: int) -> FoldedParameters:
     )
 
 
+def _arch(device: torch.device) -> int:
+    major, minor = torch.cuda.get_device_capability(device)
+    return 10 * major + minor
+
+
 def choose_splits(programs: int, length: int, block_t: int, device: torch.device) -> int:
     """How many programs share one row's positions (flash-decoding).
 
@@ -584,7 +630,7 @@ def _launch(problem, keys, values, lengths, mask, length, row_strides, scores_sh
     if splits > 1:
         spec = forward_spec(problem, need_scores, split=True)
     constexprs = spec.constexprs()
-    num_warps = spec.blocks()[-1]
+    num_warps = spec.num_warps(None if spec.interpret else _arch(device))
 
     folded = fold_parameters(problem, block_d)
     deeper = folded.deeper + [folded.w_p] * (MAX_HIDDEN_LAYERS - 1 - len(folded.deeper))
