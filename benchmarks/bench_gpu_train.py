@@ -111,6 +111,20 @@ def measure(peer, inputs, probe, exact, device):
     return row
 
 
+def triton_backward(dtype) -> str:
+    """How backend="triton" runs the backward at the benchmark's widths: the
+    fused kernel's launches, or the torch backward inside the op (and why)."""
+    from din_fast.kernels.din_backward import BackwardSpec, backward_unsupported_shape
+
+    reason = backward_unsupported_shape(DIM, HIDDEN, dtype)
+    if reason is not None:
+        return f"torch backward: {reason}"
+    spec = BackwardSpec(dtype=dtype, activation="sigmoid", softmax=False, has_lengths=True,
+                        has_mask=False, has_grad_scores=False, values_are_keys=True,
+                        hidden=HIDDEN, embed_dim=DIM, value_dim=DIM, candidates=1)
+    return f"fused backward, {len(spec.launches())} launches"
+
+
 def run(dtypes, peers, shape, device):
     rows = []
     for dtype in dtypes:
@@ -122,6 +136,8 @@ def run(dtypes, peers, shape, device):
             row = dict(dtype=str(dtype).split(".")[-1], batch=batch, length=length, dim=DIM,
                        hidden="x".join(map(str, HIDDEN)), peer=peer,
                        **measure(peer, inputs, probe, exact, device))
+            if peer == "triton":
+                row["note"] = "; ".join(filter(None, [triton_backward(dtype), row["note"]]))
             rows.append(row)
             print(f"{row['dtype']:>9} B={batch} T={length} {peer:<19}"
                   f"{row['fwd_bwd_ms']:>10.3f} ms {row['peak_mib']:>9.1f} MiB  "
