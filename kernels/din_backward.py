@@ -91,17 +91,12 @@ def _deeper_layer_backward(z, dh, h_in, w_ptr, unit_ptr, layer: tl.constexpr, ac
                            acc_a, acc_mu, acc_var, IN_P: tl.constexpr, OUT_P: tl.constexpr,
                            UNIT_W: tl.constexpr, BLOCK_T: tl.constexpr,
                            ACTIVATION: tl.constexpr, WEIGHTS: tl.constexpr,
-                           UNITS: tl.constexpr, NEED_DH_IN: tl.constexpr,
+                           NEED_DH_IN: tl.constexpr,
                            DOT_F32: tl.constexpr, GRAD_PRECISION: tl.constexpr):
     """A hidden layer after the first (z = W h_in + b), transposed: d loss / d h_in
-    (with NEED_DH_IN), the weight accumulator (WEIGHTS) and the unit
-    accumulators (UNITS) updated; a pass that skips one passes it through."""
+    (with NEED_DH_IN), and with WEIGHTS the layer's accumulators (W and its
+    unit vectors) updated; a launch without them passes them through."""
     dz, da, dmu, dvar = _unit_backward(z, dh, unit_ptr, layer, UNIT_W, OUT_P, ACTIVATION)
-    if UNITS:
-        acc_b += tl.sum(dz, axis=1)
-        acc_a += da
-        acc_mu += dmu
-        acc_var += dvar
     # dz stays float32 (in TF32 dots): rounded to half precision here, the
     # error would compound down the layers into the gradients that cancel.
     # acc_w is W's gradient transposed, [IN_P, OUT_P]: h_in (the wider side)
@@ -109,6 +104,10 @@ def _deeper_layer_backward(z, dh, h_in, w_ptr, unit_ptr, layer: tl.constexpr, ac
     # whole by each warp.
     if WEIGHTS:
         acc_w = _mma(h_in, tl.trans(dz), acc_w, DOT_F32, GRAD_PRECISION)
+        acc_b += tl.sum(dz, axis=1)
+        acc_a += da
+        acc_mu += dmu
+        acc_var += dvar
     dh_in = dh
     if NEED_DH_IN:
         # W^T in float32 straight from memory: a TF32 operand the tensor
@@ -164,19 +163,28 @@ def _tile_forward(keys, m_ptr, u, w2_ptr, w3_ptr, unit_ptr, w_out, b_out,
     h1 = _activate(z1, a1, mu1, rstd1, ACTIVATION)
     z2, h2 = z1, h1
     if NUM_LAYERS >= 2:
-        w2 = _load_tile(w2_ptr, H1_P, H2_P, True).to(keys.dtype)
-        b2, a2, mu2, rstd2 = _unit_columns(unit_ptr, 1, UNIT_W, H2_P)
-        z2 = _mma(w2, h1.to(w2.dtype), tl.zeros((H2_P, BLOCK_T), tl.float32), DOT_F32,
-                  INPUT_PRECISION) + b2
-        h2 = _activate(z2, a2, mu2, rstd2, ACTIVATION)
+        z2, h2 = _deeper_layer_forward(h1, w2_ptr, unit_ptr, 1, H1_P, H2_P, UNIT_W, BLOCK_T,
+                                       keys.dtype, ACTIVATION, DOT_F32, INPUT_PRECISION)
     z3, h3 = z2, h2
     if NUM_LAYERS >= 3:
-        w3 = _load_tile(w3_ptr, H2_P, H3_P, True).to(keys.dtype)
-        b3, a3, mu3, rstd3 = _unit_columns(unit_ptr, 2, UNIT_W, H3_P)
-        z3 = _mma(w3, h2.to(w3.dtype), tl.zeros((H3_P, BLOCK_T), tl.float32), DOT_F32,
-                  INPUT_PRECISION) + b3
-        h3 = _activate(z3, a3, mu3, rstd3, ACTIVATION)
+        z3, h3 = _deeper_layer_forward(h2, w3_ptr, unit_ptr, 2, H2_P, H3_P, UNIT_W, BLOCK_T,
+                                       keys.dtype, ACTIVATION, DOT_F32, INPUT_PRECISION)
     return z1, h1, z2, h2, z3, h3, tl.sum(h3 * w_out, axis=0) + b_out
+
+
+@triton.jit
+def _deeper_layer_forward(h_in, wt_ptr, unit_ptr, layer: tl.constexpr, IN_P: tl.constexpr,
+                          OUT_P: tl.constexpr, UNIT_W: tl.constexpr, BLOCK_T: tl.constexpr,
+                          DOT_DTYPE: tl.constexpr, ACTIVATION: tl.constexpr,
+                          DOT_F32: tl.constexpr, INPUT_PRECISION: tl.constexpr):
+    """A hidden layer after the first, transposed: (z, h) [OUT_P, BLOCK_T] from
+    h_in [IN_P, BLOCK_T], with W reloaded from its float32 W^T [IN_P, OUT_P]
+    and rounded to the dot dtype as the forward kernel uses it."""
+    w = _load_tile(wt_ptr, IN_P, OUT_P, True).to(DOT_DTYPE)
+    bias, a, mu, rstd = _unit_columns(unit_ptr, layer, UNIT_W, OUT_P)
+    z = _mma(w, h_in.to(DOT_DTYPE), tl.zeros((OUT_P, BLOCK_T), tl.float32), DOT_F32,
+             INPUT_PRECISION) + bias
+    return z, _activate(z, a, mu, rstd, ACTIVATION)
 
 
 @triton.jit
@@ -402,12 +410,12 @@ def din_backward_kernel(
                     dh, acc_w3, acc_b3, acc_a3, acc_mu3, acc_var3 = _deeper_layer_backward(
                         z3, dh, h2, w3_ptr, unit_ptr, 2, acc_w3, acc_b3, acc_a3, acc_mu3,
                         acc_var3, H2_P, H3_P, UNIT_W, BLOCK_T, ACTIVATION, DEEPER_WEIGHTS,
-                        DEEPER_WEIGHTS, True, DOT_F32, GRAD_PRECISION)
+                        True, DOT_F32, GRAD_PRECISION)
                 if NUM_LAYERS >= 2:
                     dh, acc_w2, acc_b2, acc_a2, acc_mu2, acc_var2 = _deeper_layer_backward(
                         z2, dh, h1, w2_ptr, unit_ptr, 1, acc_w2, acc_b2, acc_a2, acc_mu2,
                         acc_var2, H1_P, H2_P, UNIT_W, BLOCK_T, ACTIVATION, DEEPER_WEIGHTS,
-                        DEEPER_WEIGHTS, INPUT_GRADS or FIRST_WEIGHTS, DOT_F32, GRAD_PRECISION)
+                        INPUT_GRADS or FIRST_WEIGHTS, DOT_F32, GRAD_PRECISION)
                 if INPUT_GRADS or FIRST_WEIGHTS:
                     dz1, da1, dmu1, dvar1 = _unit_backward(z1, dh, unit_ptr, 0, UNIT_W, H1_P,
                                                            ACTIVATION)
