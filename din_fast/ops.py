@@ -224,7 +224,6 @@ def run_attention_op(problem: DINProblem, backend: str, need_scores: bool
     return pooled, (scores if need_scores else None)
 
 
-
 @torch.library.custom_op("din_fast::attention_jagged_forward", mutates_args=())
 def attention_jagged_forward(
     query: Tensor, keys_values: Tensor, values: Optional[Tensor], offsets: Tensor,

@@ -19,7 +19,7 @@ def _inputs(batch=6, candidates=None, length=7, dim=5, seed=0):
 def _literal_dice_training(layer, query, keys, lengths):
     """Dice with batch statistics over the valid positions, written out plainly."""
     q = query[:, None, :] if query.dim() == 2 else query
-    batch, candidates, length = q.shape[0], q.shape[1], keys.shape[1]
+    candidates, length = q.shape[1], keys.shape[1]
     q_b = q[:, :, None, :].expand(-1, -1, length, -1)
     k_b = keys[:, None].expand(-1, candidates, -1, -1)
     h = torch.cat([q_b, k_b, q_b - k_b, q_b * k_b], dim=-1)
