@@ -1,17 +1,35 @@
-"""The ``din-fast`` command: train a CTR model on DIN-protocol data, or evaluate a checkpoint."""
+"""The ``din-fast`` command: train a CTR model on DIN-protocol data, or evaluate a checkpoint.
+
+Every mistake a user can make with a file or an option (a bad data file or
+checkpoint, a device or backend this machine lacks, too little data) ends in
+one line, ``din-fast: error: ...``, and exit status 2.
+"""
 
 from __future__ import annotations
 
 import argparse
 import json
+import math
+import os
 import sys
 
 import torch
 
-from .data import DataFormatError
+from .config import TrainConfig
+from .errors import InputError
 from .models import MODELS
 from .problem import BACKENDS
-from .training import TrainConfig, evaluate_checkpoint, train
+from .training import evaluate_checkpoint, train, write_json
+
+USAGE_ERROR = 2
+
+
+class ArgumentParser(argparse.ArgumentParser):
+    """argparse with its errors on one line, like the command's other errors."""
+
+    def error(self, message):
+        self.exit(USAGE_ERROR, f"din-fast: error: {self.prog}: {message} (see {self.prog} "
+                               "--help)\n")
 
 
 def default_device() -> str:
@@ -22,6 +40,20 @@ def positive_int(text: str) -> int:
     value = int(text)
     if value < 1:
         raise argparse.ArgumentTypeError(f"must be a positive integer; got {text}")
+    return value
+
+
+def positive_float(text: str) -> float:
+    value = float(text)
+    if not (math.isfinite(value) and value > 0):
+        raise argparse.ArgumentTypeError(f"must be a finite number > 0; got {text}")
+    return value
+
+
+def seed(text: str) -> int:
+    value = int(text)
+    if not 0 <= value < 2 ** 63:
+        raise argparse.ArgumentTypeError(f"must be an integer in [0, 2**63); got {text}")
     return value
 
 
@@ -36,7 +68,7 @@ def add_threads_option(parser: argparse.ArgumentParser) -> None:
 
 def build_parser() -> argparse.ArgumentParser:
     defaults = TrainConfig()
-    parser = argparse.ArgumentParser(prog="din-fast", description=__doc__)
+    parser = ArgumentParser(prog="din-fast", description=__doc__)
     commands = parser.add_subparsers(dest="command", required=True)
 
     train_parser = commands.add_parser(
@@ -48,7 +80,7 @@ def build_parser() -> argparse.ArgumentParser:
     train_parser.add_argument("--model", choices=tuple(MODELS), default=defaults.model)
     train_parser.add_argument("--epochs", type=positive_int, default=defaults.epochs)
     train_parser.add_argument("--batch-size", type=positive_int, default=defaults.batch_size)
-    train_parser.add_argument("--lr", type=float, default=defaults.lr)
+    train_parser.add_argument("--lr", type=positive_float, default=defaults.lr)
     train_parser.add_argument("--embed-dim", type=positive_int, default=defaults.embed_dim,
                               help="size of the item and of the category embedding each")
     train_parser.add_argument("--max-len", type=positive_int, default=defaults.max_len,
@@ -57,7 +89,7 @@ def build_parser() -> argparse.ArgumentParser:
                               default=defaults.attention_normalization or "none",
                               help="DIN's attention weights: softmax over the history, or the "
                               "paper's raw scores (none)")
-    train_parser.add_argument("--seed", type=int, default=defaults.seed)
+    train_parser.add_argument("--seed", type=seed, default=defaults.seed)
     train_parser.add_argument("--backend", choices=BACKENDS, default=defaults.backend)
     train_parser.add_argument("--device", choices=("cpu", "cuda"), default=default_device())
     train_parser.add_argument("--metrics-out", help="write the final metrics as JSON here")
@@ -65,14 +97,30 @@ def build_parser() -> argparse.ArgumentParser:
     train_parser.add_argument("--no-progress", action="store_true", help="no progress bar")
     add_threads_option(train_parser)
 
-    eval_parser = commands.add_parser("evaluate", help="test metrics of a saved checkpoint")
+    eval_parser = commands.add_parser(
+        "evaluate", help="test metrics of a saved checkpoint",
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     eval_parser.add_argument("--checkpoint", required=True)
-    eval_parser.add_argument("--data", help="default: the data the checkpoint was trained on")
-    eval_parser.add_argument("--backend", choices=BACKENDS)
-    eval_parser.add_argument("--device", choices=("cpu", "cuda"))
+    eval_parser.add_argument("--data", help="the data to evaluate on (required unless the "
+                             "checkpoint was trained on the synthetic set)")
+    eval_parser.add_argument("--backend", choices=BACKENDS, default="auto")
+    eval_parser.add_argument("--device", choices=("cpu", "cuda"), default=default_device())
     eval_parser.add_argument("--metrics-out", help="write the metrics as JSON here")
     add_threads_option(eval_parser)
     return parser
+
+
+def check_output_path(option: str, path) -> None:
+    """InputError now, not after training, when ``path`` cannot be written."""
+    if path is None:
+        return
+    directory = os.path.dirname(os.path.abspath(path))
+    if os.path.isdir(path):
+        raise InputError(f"{option} {path}: is a directory; expected a file path")
+    if not os.path.isdir(directory):
+        raise InputError(f"{option} {path}: directory {directory} does not exist")
+    if not os.access(directory, os.W_OK):
+        raise InputError(f"{option} {path}: directory {directory} is not writable")
 
 
 def main(argv=None) -> int:
@@ -80,13 +128,16 @@ def main(argv=None) -> int:
     torch.set_num_threads(args.threads)
     try:
         return run_command(args)
-    except (DataFormatError, FileNotFoundError) as error:
-        print(f"din-fast: error: {error}", file=sys.stderr)
-        return 2
+    except InputError as error:
+        message = " ".join(str(error).splitlines())
+        print(f"din-fast: error: {message}", file=sys.stderr)
+        return USAGE_ERROR
 
 
 def run_command(args) -> int:
+    check_output_path("--metrics-out", args.metrics_out)
     if args.command == "train":
+        check_output_path("--checkpoint", args.checkpoint)
         config = TrainConfig(data=args.data, model=args.model, epochs=args.epochs,
                              batch_size=args.batch_size, lr=args.lr, embed_dim=args.embed_dim,
                              max_len=args.max_len, seed=args.seed, backend=args.backend,
@@ -101,10 +152,14 @@ def run_command(args) -> int:
     else:
         metrics = evaluate_checkpoint(args.checkpoint, args.data, backend=args.backend,
                                       device=args.device)
+        if metrics["excluded_test_samples"] or metrics["skipped_history_items"]:
+            print(f"din-fast: note: {metrics['excluded_test_samples']} test sample(s) left out "
+                  "(their test item is unknown to the checkpoint); "
+                  f"{metrics['skipped_history_items']} unknown history item(s) skipped",
+                  file=sys.stderr)
         print(json.dumps(metrics, indent=2))
         if args.metrics_out:
-            with open(args.metrics_out, "w") as handle:
-                json.dump(metrics, handle, indent=2)
+            write_json(args.metrics_out, metrics)
     return 0
 
 

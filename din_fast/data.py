@@ -11,8 +11,11 @@ samples of similar length so that little padding is built.
 
 from __future__ import annotations
 
+import codecs
 import csv
+import itertools
 import json
+import math
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterator, NamedTuple, Optional
@@ -20,13 +23,11 @@ from typing import Iterator, NamedTuple, Optional
 import numpy as np
 import torch
 
+from .errors import DataFormatError, snippet
+
 TABLE_COLUMNS = ("user", "item", "category", "timestamp")
 AMAZON_ATTRIBUTES_SUFFIX = "_item2attributes.json"
-
-
-class DataFormatError(ValueError):
-    """A data file that does not have the expected layout; the message names the
-    file, the line and what was expected there."""
+INT64_MIN, INT64_MAX = -2 ** 63, 2 ** 63 - 1
 
 
 @dataclass
@@ -48,30 +49,33 @@ class Interactions:
 @dataclass
 class IdMaps:
     """Raw ids in encoding order: raw ``item_ids[i]`` is dense item ``i + 1``
-    (0 is padding), and likewise for categories."""
+    (0 is padding), and likewise for categories; ``item_category[i]`` is the
+    dense category of dense item i (0 for the padding)."""
 
     item_ids: np.ndarray
     category_ids: np.ndarray
+    item_category: np.ndarray
 
     def to_state(self) -> dict:
-        return {"item_ids": torch.from_numpy(self.item_ids),
-                "category_ids": torch.from_numpy(self.category_ids)}
-
-    @classmethod
-    def from_state(cls, state: dict) -> "IdMaps":
-        return cls(state["item_ids"].numpy(), state["category_ids"].numpy())
+        return {name: torch.from_numpy(getattr(self, name))
+                for name in ("item_ids", "category_ids", "item_category")}
 
 
 @dataclass
 class EncodedData:
     """Interactions with dense ids: ``items`` flat in user order (see
-    Interactions.offsets) and ``item_category[i]`` the category of item i."""
+    Interactions.offsets; 0 for an id the id maps do not know). ``source``
+    names the data in messages."""
 
     user_ids: np.ndarray
     offsets: np.ndarray
     items: np.ndarray
-    item_category: np.ndarray
     id_maps: IdMaps
+    source: str
+
+    @property
+    def item_category(self) -> np.ndarray:
+        return self.id_maps.item_category
 
     @property
     def num_items(self) -> int:
@@ -122,16 +126,50 @@ def load_interactions(path) -> Interactions:
         return load_amazon_directory(path)
     if path.is_file():
         return load_table(path)
-    raise FileNotFoundError(f"data path {str(path)!r} is neither a directory in the Amazon "
-                            "layout nor a CSV/TSV file")
+    if not path.exists():
+        raise DataFormatError(f"data path {path} does not exist; expected a directory in the "
+                              "Amazon layout or a CSV/TSV file")
+    raise DataFormatError(f"data path {path} is not a regular file or a directory; expected "
+                          "a directory in the Amazon layout or a CSV/TSV file")
 
 
-def _parse_int(token: str, path: Path, line: int, what: str) -> int:
+def _parse_int(token: str, where: str, what: str) -> int:
     try:
-        return int(token)
+        value = int(token)
     except ValueError:
-        raise DataFormatError(f"{path}, line {line}: expected an integer {what}, "
-                              f"got {token!r}") from None
+        value = None
+    if value is None or not INT64_MIN <= value <= INT64_MAX:
+        raise DataFormatError(f"{where}: expected an integer {what} in the int64 range, "
+                              f"got {snippet(token)}")
+    return value
+
+
+def _read_bytes(path: Path) -> bytes:
+    try:
+        return path.read_bytes()
+    except OSError as error:
+        raise DataFormatError(f"{path}: cannot be read ({error.strerror})") from None
+
+
+def _text_lines(path: Path) -> Iterator[str]:
+    """The lines of a UTF-8 text file (a UTF-8 byte-order mark is dropped);
+    DataFormatError naming the line where the file is not UTF-8 text."""
+    try:
+        handle = open(path, "rb")
+    except OSError as error:
+        raise DataFormatError(f"{path}: cannot be read ({error.strerror})") from None
+    with handle:
+        for number, raw in enumerate(handle, start=1):
+            if number == 1 and raw.startswith((codecs.BOM_UTF16_LE, codecs.BOM_UTF16_BE)):
+                raise DataFormatError(f"{path}: UTF-16 text; expected UTF-8 (convert it, "
+                                      "e.g. iconv -f UTF-16 -t UTF-8)")
+            if b"\0" in raw:
+                raise DataFormatError(f"{path}, line {number}: a NUL byte; expected UTF-8 text")
+            try:
+                yield raw.decode("utf-8-sig" if number == 1 else "utf-8")
+            except UnicodeDecodeError:
+                raise DataFormatError(f"{path}, line {number}: not UTF-8 text; expected "
+                                      "UTF-8 text") from None
 
 
 def load_amazon_directory(directory) -> Interactions:
@@ -142,24 +180,23 @@ def load_amazon_directory(directory) -> Interactions:
     attribute_files = sorted(directory.glob("*" + AMAZON_ATTRIBUTES_SUFFIX))
     if len(attribute_files) != 1:
         raise DataFormatError(f"{directory}: expected exactly one '<Name>{AMAZON_ATTRIBUTES_SUFFIX}'"
-                              f" file, found {[p.name for p in attribute_files]}")
+                              f" file, found {len(attribute_files)}")
     name = attribute_files[0].name[:-len(AMAZON_ATTRIBUTES_SUFFIX)]
     sequences_file = directory / f"{name}.txt"
     if not sequences_file.is_file():
         raise DataFormatError(f"{directory}: found {attribute_files[0].name} but not the "
                               f"sequences file {sequences_file.name}")
     user_ids, lengths, items = [], [], []
-    with open(sequences_file) as handle:
-        for line_number, line in enumerate(handle, start=1):
-            tokens = line.split()
-            if not tokens:
-                continue
-            if len(tokens) < 2:
-                raise DataFormatError(f"{sequences_file}, line {line_number}: expected "
-                                      f"'user_id item_1 item_2 ...', got {line.strip()!r}")
-            user_ids.append(_parse_int(tokens[0], sequences_file, line_number, "user id"))
-            items.extend(_parse_int(t, sequences_file, line_number, "item id") for t in tokens[1:])
-            lengths.append(len(tokens) - 1)
+    for line_number, line in enumerate(_text_lines(sequences_file), start=1):
+        tokens = line.split()
+        if not tokens:
+            continue
+        where = f"{sequences_file}, line {line_number}"
+        if len(tokens) < 2:
+            raise DataFormatError(f"{where}: expected 'user_id item_1 item_2 ...', got one field")
+        user_ids.append(_parse_int(tokens[0], where, "user id"))
+        items.extend(_parse_int(t, where, "item id") for t in tokens[1:])
+        lengths.append(len(tokens) - 1)
     if not user_ids:
         raise DataFormatError(f"{sequences_file}: empty file; expected one line per user, "
                               "'user_id item_1 item_2 ...'")
@@ -171,21 +208,33 @@ def load_amazon_directory(directory) -> Interactions:
 
 
 def _load_leaf_categories(path: Path):
+    expected = 'a JSON object {"item_id": [attribute ids, ...]}'
+    raw = _read_bytes(path)
     try:
-        with open(path) as handle:
-            attributes = json.load(handle)
+        text = raw.decode("utf-8-sig")
+    except UnicodeDecodeError as error:
+        line = raw.count(b"\n", 0, error.start) + 1
+        raise DataFormatError(f"{path}, line {line}: not UTF-8 text; expected {expected}") \
+            from None
+
+    def integer(token: str) -> int:
+        return _parse_int(token, str(path), "attribute id")
+
+    try:
+        attributes = json.loads(text, parse_int=integer)
     except json.JSONDecodeError as error:
-        raise DataFormatError(f"{path}, line {error.lineno}: expected a JSON object "
-                              f"{{\"item_id\": [attribute ids]}}: {error.msg}") from None
+        raise DataFormatError(f"{path}, line {error.lineno}: {error.msg}; expected {expected}") \
+            from None
+    except RecursionError:
+        raise DataFormatError(f"{path}: JSON nested too deeply; expected {expected}") from None
     if not isinstance(attributes, dict) or not attributes:
-        raise DataFormatError(f"{path}: expected a non-empty JSON object "
-                              "{\"item_id\": [attribute ids]}")
+        raise DataFormatError(f"{path}: expected a non-empty {expected}")
     items, categories = [], []
     for key, values in attributes.items():
-        if not isinstance(values, list) or not values or not isinstance(values[-1], int):
-            raise DataFormatError(f"{path}: item {key!r} needs a non-empty list of integer "
-                                  f"attribute ids, got {values!r}")
-        items.append(_parse_int(key, path, 1, "item id as key"))
+        where = f"{path}, item {snippet(key)}"
+        if not isinstance(values, list) or not values or type(values[-1]) is not int:
+            raise DataFormatError(f"{where}: expected a non-empty list of integer attribute ids")
+        items.append(_parse_int(key, where, "item id as the key"))
         categories.append(values[-1])
     return np.asarray(items, dtype=np.int64), np.asarray(categories, dtype=np.int64)
 
@@ -195,38 +244,50 @@ def load_table(path) -> Interactions:
     names the columns user, item, category, timestamp (others are ignored).
     Each user's rows are ordered by timestamp, ties kept in file order."""
     path = Path(path)
-    with open(path, newline="") as handle:
-        header_line = handle.readline()
-        if not header_line.strip():
-            raise DataFormatError(f"{path}, line 1: empty file; expected a header naming the "
-                                  f"columns {','.join(TABLE_COLUMNS)}")
-        delimiter = "\t" if path.suffix.lower() == ".tsv" or "\t" in header_line else ","
-        header = [name.strip().lower() for name in next(csv.reader([header_line],
-                                                                   delimiter=delimiter))]
+    lines = _text_lines(path)
+    header_line = next(lines, "")
+    if not header_line.strip():
+        raise DataFormatError(f"{path}, line 1: empty file; expected a header naming the "
+                              f"columns {','.join(TABLE_COLUMNS)}")
+    delimiter = "\t" if path.suffix.lower() == ".tsv" or "\t" in header_line else ","
+    reader = csv.reader(itertools.chain([header_line], lines), delimiter=delimiter)
+    rows = []
+    try:
+        header = [name.strip().lower() for name in next(reader)]
         missing = [c for c in TABLE_COLUMNS if c not in header]
         if missing:
             raise DataFormatError(f"{path}, line 1: header is missing column(s) {missing}; "
-                                  f"expected the columns {list(TABLE_COLUMNS)}, got {header}")
+                                  f"expected the columns {list(TABLE_COLUMNS)}")
         index = {c: header.index(c) for c in TABLE_COLUMNS}
-        rows = []
-        for line_number, fields in enumerate(csv.reader(handle, delimiter=delimiter), start=2):
+        for fields in reader:
+            where = f"{path}, line {reader.line_num}"
             if not fields or all(not f.strip() for f in fields):
                 continue
             if len(fields) != len(header):
-                raise DataFormatError(f"{path}, line {line_number}: expected {len(header)} "
-                                      f"fields ({','.join(header)}), got {len(fields)}")
-            user, item, category = (_parse_int(fields[index[c]].strip(), path, line_number, c)
+                raise DataFormatError(f"{where}: expected {len(header)} fields "
+                                      f"({','.join(header)}), got {len(fields)}")
+            user, item, category = (_parse_int(fields[index[c]].strip(), where, c)
                                     for c in TABLE_COLUMNS[:3])
-            try:
-                timestamp = float(fields[index["timestamp"]])
-            except ValueError:
-                raise DataFormatError(f"{path}, line {line_number}: expected a numeric "
-                                      f"timestamp, got {fields[index['timestamp']]!r}") from None
-            rows.append((user, item, category, timestamp, line_number))
+            timestamp = _parse_timestamp(fields[index["timestamp"]], where)
+            rows.append((user, item, category, timestamp, reader.line_num))
+    except csv.Error as error:
+        raise DataFormatError(f"{path}, line {reader.line_num}: {error}; expected "
+                              f"{delimiter!r}-separated fields") from None
     if not rows:
         raise DataFormatError(f"{path}: no data rows after the header; expected one row per "
                               "behaviour")
     return _interactions_from_rows(rows, path)
+
+
+def _parse_timestamp(token: str, where: str) -> float:
+    try:
+        value = float(token)
+    except ValueError:
+        value = math.nan
+    if not math.isfinite(value):
+        raise DataFormatError(f"{where}: expected a finite numeric timestamp, got "
+                              f"{snippet(token)}")
+    return value
 
 
 def _interactions_from_rows(rows, path: Path) -> Interactions:
@@ -286,22 +347,17 @@ def synthetic_interactions(num_users: int = 2000, num_categories: int = 40,
 
 def encode(interactions: Interactions, id_maps: Optional[IdMaps] = None) -> EncodedData:
     """Dense ids (from 1; 0 is padding). With ``id_maps`` (say, from a
-    checkpoint) the same encoding is reused; ids it does not know become 0."""
+    checkpoint) that encoding is kept, items' categories included: items it
+    does not know become 0 and the data's categories are not looked at."""
     if id_maps is None:
         item_ids = np.unique(interactions.items)
-        item_raw_category = _lookup(interactions.category_items, interactions.category_values,
-                                    item_ids, interactions.source)
-        id_maps = IdMaps(item_ids, np.unique(item_raw_category))
-    dense_items = _dense(id_maps.item_ids, interactions.items)
-    known = id_maps.item_ids
-    item_category = np.zeros(len(known) + 1, dtype=np.int64)
-    lookup_rows = np.isin(known, interactions.category_items)
-    item_category[1:][lookup_rows] = _dense(
-        id_maps.category_ids,
-        _lookup(interactions.category_items, interactions.category_values, known[lookup_rows],
-                interactions.source))
-    return EncodedData(interactions.user_ids, interactions.offsets, dense_items, item_category,
-                       id_maps)
+        raw_category = _lookup(interactions.category_items, interactions.category_values,
+                               item_ids, interactions.source)
+        category_ids, dense_category = np.unique(raw_category, return_inverse=True)
+        id_maps = IdMaps(item_ids, category_ids,
+                         np.concatenate([[0], dense_category + 1]).astype(np.int64))
+    return EncodedData(interactions.user_ids, interactions.offsets,
+                       _dense(id_maps.item_ids, interactions.items), id_maps, interactions.source)
 
 
 def _dense(sorted_ids: np.ndarray, raw: np.ndarray) -> np.ndarray:
@@ -351,18 +407,61 @@ def _with_negatives(data: EncodedData, user, history_length, rng) -> Samples:
                    both(np.ones(len(user), np.float32), np.zeros(len(user), np.float32)))
 
 
+@dataclass
+class KnownTestSamples:
+    """The test samples of data encoded with someone else's id maps (a
+    checkpoint's), and what unknown items cost: see :func:`known_test_samples`."""
+
+    data: EncodedData
+    samples: Samples
+    excluded_samples: int
+    skipped_history_items: int
+
+
+def known_test_samples(data: EncodedData, seed: int = 0) -> KnownTestSamples:
+    """The protocol's test samples where ``data`` may hold unknown items (0).
+
+    A user whose test item is unknown is left out (its positive and negative
+    sample counted in ``excluded_samples``); unknown items earlier in a history
+    are skipped, so the history is the known items before the test one (it
+    may be empty). With every item known this is exactly the test set of
+    :func:`build_samples`: the same users, histories and negatives.
+    """
+    lengths = np.diff(data.offsets)
+    user_of_item = np.repeat(np.arange(len(lengths)), lengths)
+    is_last = np.zeros(len(data.items), dtype=bool)
+    is_last[data.offsets[1:][lengths > 0] - 1] = True
+    keep = (data.items != 0) | is_last
+    kept_lengths = np.bincount(user_of_item[keep], minlength=len(lengths))
+    compact = EncodedData(data.user_ids, np.concatenate([[0], np.cumsum(kept_lengths)]),
+                          data.items[keep], data.id_maps, data.source)
+    test_users = np.flatnonzero(lengths >= 2)
+    test = _with_negatives(compact, test_users, kept_lengths[test_users] - 1,
+                           np.random.default_rng([seed, 1]))
+    known = np.tile(data.items[data.offsets[test_users + 1] - 1] != 0, 2)
+    samples = Samples(*(field[known] for field in (test.user, test.history_start,
+                                                   test.history_length, test.target,
+                                                   test.label)))
+    kept_users = test_users[known[:len(test_users)]]
+    skipped = int((lengths[kept_users] - kept_lengths[kept_users]).sum())
+    return KnownTestSamples(compact, samples, int((~known).sum()), skipped)
+
+
 def sample_negatives(data: EncodedData, user: np.ndarray, rng) -> np.ndarray:
-    """For each entry of ``user``, a uniform item that user never touched."""
+    """For each entry of ``user``, a uniform item that user never touched
+    (unknown items, 0, do not count as touched)."""
     stride = data.num_items + 1
     user_of_item = np.repeat(np.arange(len(data.offsets) - 1), np.diff(data.offsets))
-    touched = np.unique(user_of_item * stride + data.items)
+    known = data.items != 0
+    touched = np.unique(user_of_item[known] * stride + data.items[known])
     touched_count = np.bincount(touched // stride, minlength=len(data.offsets) - 1)
     full = np.flatnonzero(touched_count[np.unique(user)] >= data.num_items)
     if len(full):
-        raise ValueError(f"user {data.user_ids[np.unique(user)[full[0]]]} touched every item; "
-                         "no negative can be sampled for it")
+        raise DataFormatError(f"{data.source}: user {data.user_ids[np.unique(user)[full[0]]]} "
+                              f"touched every one of the {data.num_items} items, so no negative "
+                              "can be drawn for it; the protocol needs an untouched item per user")
     negatives = rng.integers(1, data.num_items + 1, size=len(user))
-    pending = np.arange(len(user))
+    pending = np.arange(len(user) if len(touched) else 0)
     while len(pending):
         keys = user[pending] * stride + negatives[pending]
         position = np.searchsorted(touched, keys).clip(max=len(touched) - 1)

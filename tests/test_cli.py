@@ -11,19 +11,9 @@ from din_fast.cli import main
 from din_fast.data import synthetic_interactions
 from din_fast.training import TrainConfig, train
 
+from cli_data import write_csv
+
 METRICS = ("test_auc", "test_gauc", "test_logloss")
-
-
-def write_csv(path, interactions):
-    """The interactions as a user,item,category,timestamp table (timestamp = position)."""
-    category = dict(zip(interactions.category_items.tolist(),
-                        interactions.category_values.tolist()))
-    rows = ["user,item,category,timestamp"]
-    for u, user in enumerate(interactions.user_ids.tolist()):
-        items = interactions.items[interactions.offsets[u]:interactions.offsets[u + 1]]
-        rows += [f"{user},{item},{category[item]},{t}" for t, item in enumerate(items.tolist())]
-    path.write_text("\n".join(rows) + "\n")
-    return path
 
 
 @pytest.fixture
@@ -59,8 +49,8 @@ def test_checkpoint_round_trip_reproduces_metrics(tmp_path, tiny_csv, model, cap
     assert main(["train", "--data", str(tiny_csv), "--model", model, "--epochs", "1",
                  "--batch-size", "64", "--no-progress", "--checkpoint", str(checkpoint),
                  "--metrics-out", str(trained)]) == 0
-    assert main(["evaluate", "--checkpoint", str(checkpoint), "--metrics-out",
-                 str(evaluated)]) == 0
+    assert main(["evaluate", "--checkpoint", str(checkpoint), "--data", str(tiny_csv),
+                 "--metrics-out", str(evaluated)]) == 0
     assert "test_gauc" in capsys.readouterr().out
     trained, evaluated = (json.loads(p.read_text()) for p in (trained, evaluated))
     for key in METRICS:
@@ -98,11 +88,11 @@ def test_bad_data_file_exits_with_a_clear_message(tmp_path, capsys):
     assert str(bad) in error and "line 1" in error and "timestamp" in error
 
 
-def test_evaluate_rejects_a_file_that_is_not_a_checkpoint(tmp_path):
+def test_evaluate_rejects_a_file_that_is_not_a_checkpoint(tmp_path, capsys):
     path = tmp_path / "other.pt"
     torch.save({"weights": torch.zeros(1)}, path)
-    with pytest.raises(ValueError, match="not a din_fast checkpoint"):
-        main(["evaluate", "--checkpoint", str(path)])
+    assert main(["evaluate", "--checkpoint", str(path)]) == 2
+    assert "not a din_fast checkpoint" in capsys.readouterr().err
 
 
 def test_data_without_training_samples_is_rejected(tmp_path):

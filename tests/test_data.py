@@ -1,6 +1,6 @@
 """Loaders, the DIN sample protocol and batching (din_fast.data)."""
 
-import json
+import os
 from pathlib import Path
 
 import numpy as np
@@ -10,17 +10,11 @@ from din_fast.data import (DataFormatError, build_samples, encode, iterate_batch
                            load_amazon_directory, load_interactions, load_table,
                            synthetic_interactions)
 
-SHARED_DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data"
+from cli_data import write_amazon
 
-
-def write_amazon(directory: Path, name="Small", lines=None, attributes=None) -> Path:
-    directory.mkdir(exist_ok=True)
-    lines = ["1 10 11 12 13", "2 11 14 10", "3 15 12"] if lines is None else lines
-    attributes = ({"10": [7, 1], "11": [2], "12": [7, 3, 2], "13": [4], "14": [1],
-                   "15": [3]} if attributes is None else attributes)
-    (directory / f"{name}.txt").write_text("\n".join(lines) + "\n")
-    (directory / f"{name}_item2attributes.json").write_text(json.dumps(attributes))
-    return directory
+# The shared data beside the repository, or where DIN_FAST_DATA_DIR points.
+SHARED_DATA = Path(os.environ.get("DIN_FAST_DATA_DIR",
+                                  Path(__file__).resolve().parents[1].parent / "shared" / "data"))
 
 
 def user_items(interactions, user_id):
@@ -90,7 +84,7 @@ def test_amazon_directory_needs_both_files(tmp_path):
     (directory / "Small.txt").unlink()
     with pytest.raises(DataFormatError, match="Small.txt"):
         load_amazon_directory(directory)
-    with pytest.raises(FileNotFoundError, match="nowhere"):
+    with pytest.raises(DataFormatError, match="nowhere.* does not exist"):
         load_interactions(tmp_path / "nowhere")
 
 

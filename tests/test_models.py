@@ -46,11 +46,11 @@ def test_gauc_rejects_bad_input():
 
 def test_ctr_metrics_of_logits():
     metrics = ctr_metrics([1, 1, 2, 2], [1, 0, 0, 1], [2.0, -1.0, 0.5, 0.0])
-    assert metrics["test_auc"] == pytest.approx(0.75)
-    assert metrics["test_gauc"] == pytest.approx(0.5)
+    assert metrics["auc"] == pytest.approx(0.75)
+    assert metrics["gauc"] == pytest.approx(0.5)
     p = 1 / (1 + np.exp(-np.array([2.0, -1.0, 0.5, 0.0])))
     expected = -np.mean(np.log([p[0], 1 - p[1], 1 - p[2], p[3]]))
-    assert metrics["test_logloss"] == pytest.approx(expected)
+    assert metrics["logloss"] == pytest.approx(expected)
 
 
 def small_batch(batch_size=24, seed=0):

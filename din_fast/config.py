@@ -1,0 +1,82 @@
+"""TrainConfig: every setting of a training run, how each is checked, and the
+model a config describes."""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, fields
+from typing import Optional
+
+import torch
+
+from .errors import InputError
+from .models import MODELS
+from .problem import BACKENDS
+
+DEVICES = ("cpu", "cuda")
+ATTENTION_NORMALIZATIONS = (None, "softmax")
+
+
+def _positive_int(value) -> bool:
+    return type(value) is int and value >= 1
+
+
+def _positive_float(value) -> bool:
+    return type(value) in (int, float) and math.isfinite(value) and value > 0
+
+
+# field -> (accepts the value, what it must be)
+FIELD_RULES = {
+    "data": (lambda v: v is None or type(v) is str, "None (the synthetic set) or a path"),
+    "model": (lambda v: v in MODELS, f"one of {tuple(MODELS)}"),
+    "epochs": (_positive_int, "a positive integer"),
+    "batch_size": (_positive_int, "a positive integer"),
+    "lr": (_positive_float, "a finite number > 0"),
+    "embed_dim": (_positive_int, "a positive integer"),
+    "max_len": (lambda v: v is None or _positive_int(v), "None or a positive integer"),
+    "seed": (lambda v: type(v) is int and 0 <= v < 2 ** 63, "an integer in [0, 2**63)"),
+    "backend": (lambda v: v in BACKENDS, f"one of {BACKENDS}"),
+    "device": (lambda v: v in DEVICES, f"one of {DEVICES}"),
+    "attention_normalization": (lambda v: v in ATTENTION_NORMALIZATIONS,
+                                f"one of {ATTENTION_NORMALIZATIONS}"),
+}
+
+
+@dataclass
+class TrainConfig:
+    """Everything a run depends on; saved in checkpoints. ``data`` None is the
+    seeded synthetic dataset. Invalid values raise InputError."""
+
+    data: Optional[str] = None
+    model: str = "din"
+    epochs: int = 2
+    batch_size: int = 256
+    lr: float = 1e-3
+    embed_dim: int = 32
+    max_len: Optional[int] = 50
+    seed: int = 0
+    backend: str = "auto"
+    device: str = "cpu"
+    attention_normalization: Optional[str] = "softmax"
+
+    def __post_init__(self):
+        for name, expected in config_problems(vars(self)):
+            raise InputError(f"TrainConfig: `{name}` must be {expected}; "
+                             f"got {getattr(self, name)!r}")
+
+
+def config_problems(values: dict) -> list:
+    """(field, what it must be) for every field of TrainConfig that ``values``
+    lacks or holds an invalid value for (other keys are not looked at)."""
+    problems = [(f.name, "present") for f in fields(TrainConfig) if f.name not in values]
+    problems += [(name, expected) for name, (accepts, expected) in FIELD_RULES.items()
+                 if name in values and not accepts(values[name])]
+    return problems
+
+
+def build_model(config: TrainConfig, num_items: int, num_categories: int) -> torch.nn.Module:
+    """The untrained model of ``config`` (on the current default device)."""
+    options = {"attention_normalization": config.attention_normalization} \
+        if config.model == "din" else {}
+    return MODELS[config.model](num_items, num_categories, embed_dim=config.embed_dim,
+                                backend=config.backend, **options)
