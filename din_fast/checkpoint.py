@@ -2,8 +2,8 @@
 untrusted input.
 
 A checkpoint is a ``torch.save`` dict: ``format``, ``config`` (TrainConfig's
-fields), ``id_maps`` (raw ids in encoding order, each item's category) and the
-model's ``state_dict``. Loading reads it with ``weights_only=True`` (no code
+fields), ``id_maps`` (the raw string ids in encoding order, as UTF-8 bytes and
+offsets, and each item's category) and the model's ``state_dict``. Loading reads it with ``weights_only=True`` (no code
 runs) and memory-mapped, then checks every part against the others (config
 values, id maps, the shape and dtype of every tensor, finite values) before
 anything is allocated from them. Errors say what was expected and never quote
@@ -15,13 +15,16 @@ from __future__ import annotations
 from dataclasses import asdict, dataclass, fields
 from pathlib import Path
 
+import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
 import torch
 
 from .config import TrainConfig, build_model, config_problems
 from .data import IdMaps
 from .errors import CheckpointError
 
-CHECKPOINT_FORMAT = "din_fast.checkpoint/2"
+CHECKPOINT_FORMAT = "din_fast.checkpoint/3"
 WRITTEN_BY = "a file written by din-fast train --checkpoint"
 
 
@@ -34,7 +37,10 @@ class Checkpoint:
 
 def save_checkpoint(path, model: torch.nn.Module, id_maps: IdMaps, config: TrainConfig):
     torch.save({"format": CHECKPOINT_FORMAT, "config": asdict(config),
-                "id_maps": id_maps.to_state(), "state_dict": model.state_dict()}, path)
+                "id_maps": {"item_ids": _strings_state(id_maps.item_ids),
+                            "category_ids": _strings_state(id_maps.category_ids),
+                            "item_category": torch.from_numpy(id_maps.item_category)},
+                "state_dict": model.state_dict()}, path)
 
 
 def load_checkpoint(path) -> Checkpoint:
@@ -71,32 +77,55 @@ def _checked_config(values, where: str) -> TrainConfig:
     return TrainConfig(**values)
 
 
-def _id_tensor(state: dict, name: str, where: str) -> torch.Tensor:
-    tensor = state.get(name)
-    if not isinstance(tensor, torch.Tensor) or tensor.dtype != torch.int64 or tensor.dim() != 1:
-        raise CheckpointError(f"{where}: id_maps[{name!r}] must be a 1-D int64 tensor")
-    return tensor
+def _strings_state(array: pa.Array) -> dict:
+    """Strings as two tensors (weights_only loads nothing else): UTF-8 bytes
+    back to back and int64 offsets, string i being bytes[offsets[i]:offsets[i+1]]."""
+    array = array.cast(pa.large_string())
+    offsets = np.frombuffer(array.buffers()[1], dtype=np.int64)[array.offset:
+                                                                 array.offset + len(array) + 1]
+    data = np.frombuffer(array.buffers()[2] or b"", dtype=np.uint8)[offsets[0]:offsets[-1]]
+    return {"offsets": torch.from_numpy(offsets - offsets[0]),
+            "bytes": torch.from_numpy(data.copy())}
+
+
+def _checked_strings(state, name: str, where: str) -> pa.Array:
+    """The sorted, repeat-free, non-empty list of strings id_maps[name] holds."""
+    expected = (f"{where}: id_maps[{name!r}] must be {{'offsets': int64 tensor, 'bytes': "
+                "uint8 tensor}} holding UTF-8 ids, sorted, without repeats")
+    if not isinstance(state, dict):
+        raise CheckpointError(expected)
+    offsets, data = state.get("offsets"), state.get("bytes")
+    if not (isinstance(offsets, torch.Tensor) and offsets.dtype == torch.int64
+            and offsets.dim() == 1 and len(offsets) >= 2 and isinstance(data, torch.Tensor)
+            and data.dtype == torch.uint8 and data.dim() == 1 and offsets[0] == 0
+            and offsets[-1] == len(data) and bool((offsets[1:] >= offsets[:-1]).all())):
+        raise CheckpointError(expected)
+    array = pa.LargeStringArray.from_buffers(len(offsets) - 1, pa.py_buffer(offsets.numpy()),
+                                             pa.py_buffer(data.numpy()))
+    try:
+        array.validate(full=True)
+    except pa.ArrowInvalid:
+        raise CheckpointError(expected) from None
+    # Encoding looks ids up in these maps, so order and uniqueness are meaning.
+    if len(array) > 1 and not pc.all(pc.greater(array[1:], array[:-1])).as_py():
+        raise CheckpointError(expected)
+    return array.cast(pa.string())
 
 
 def _checked_id_maps(state, where: str) -> IdMaps:
     if not isinstance(state, dict):
-        raise CheckpointError(f"{where}: `id_maps` must be a dict of tensors")
-    raw = {}
-    for name in ("item_ids", "category_ids"):
-        ids = _id_tensor(state, name, where)
-        if len(ids) == 0 or not bool((ids[1:] > ids[:-1]).all()):
-            # Encoding looks raw ids up by binary search: order is meaning.
-            raise CheckpointError(f"{where}: id_maps[{name!r}] must be non-empty, sorted and "
-                                  "without repeats")
-        raw[name] = ids
-    item_category = _id_tensor(state, "item_category", where)
-    num_items, num_categories = len(raw["item_ids"]), len(raw["category_ids"])
-    if (len(item_category) != num_items + 1 or item_category[0] != 0
+        raise CheckpointError(f"{where}: `id_maps` must be a dict")
+    item_ids = _checked_strings(state.get("item_ids"), "item_ids", where)
+    category_ids = _checked_strings(state.get("category_ids"), "category_ids", where)
+    item_category = state.get("item_category")
+    num_items, num_categories = len(item_ids), len(category_ids)
+    if (not isinstance(item_category, torch.Tensor) or item_category.dtype != torch.int64
+            or item_category.shape != (num_items + 1,) or item_category[0] != 0
             or not bool(((item_category[1:] >= 1) & (item_category[1:] <= num_categories)).all())):
-        raise CheckpointError(f"{where}: id_maps['item_category'] must hold 0 (the padding) and "
-                              f"then one category in 1..{num_categories} for each of the "
-                              f"{num_items} items")
-    return IdMaps(raw["item_ids"].numpy(), raw["category_ids"].numpy(), item_category.numpy())
+        raise CheckpointError(f"{where}: id_maps['item_category'] must be an int64 tensor "
+                              f"holding 0 (the padding) and then one category in "
+                              f"1..{num_categories} for each of the {num_items} items")
+    return IdMaps(item_ids, category_ids, item_category.numpy())
 
 
 def _checked_state_dict(state, config: TrainConfig, id_maps: IdMaps, where: str) -> dict:

@@ -1,4 +1,5 @@
-"""The ``din-fast`` command: train a CTR model on DIN-protocol data, or evaluate a checkpoint.
+"""The ``din-fast`` command: train a CTR model on DIN-protocol data, evaluate a
+checkpoint, or score new rows with one.
 
 Every mistake a user can make with a file or an option (a bad data file or
 checkpoint, a device or backend this machine lacks, too little data) ends in
@@ -12,16 +13,22 @@ import json
 import math
 import os
 import sys
+from dataclasses import fields
 
 import torch
 
 from .config import TrainConfig
 from .errors import InputError
-from .models import MODELS
-from .problem import BACKENDS
+from .models import MLP_ACTIVATIONS, MODELS
+from .problem import ACTIVATIONS, BACKENDS
+from .plot import check_matplotlib, plot_training
+from .predict import OUTPUT_FORMATS, describe, predict_file
 from .training import evaluate_checkpoint, train, write_json
 
 USAGE_ERROR = 2
+# The files each command writes: checked before any work starts.
+OUTPUT_OPTIONS = {"train": ("metrics_out", "checkpoint", "plot"), "evaluate": ("metrics_out",),
+                  "predict": ("output",)}
 
 
 class ArgumentParser(argparse.ArgumentParser):
@@ -47,6 +54,20 @@ def positive_float(text: str) -> float:
     value = float(text)
     if not (math.isfinite(value) and value > 0):
         raise argparse.ArgumentTypeError(f"must be a finite number > 0; got {text}")
+    return value
+
+
+def non_negative_float(text: str) -> float:
+    value = float(text)
+    if not (math.isfinite(value) and value >= 0):
+        raise argparse.ArgumentTypeError(f"must be a finite number >= 0; got {text}")
+    return value
+
+
+def fraction(text: str) -> float:
+    value = float(text)
+    if not 0 < value <= 1:
+        raise argparse.ArgumentTypeError(f"must be a number in (0, 1]; got {text}")
     return value
 
 
@@ -78,9 +99,17 @@ def build_parser() -> argparse.ArgumentParser:
                               "<Name>_item2attributes.json) or a CSV/TSV with columns user,item,"
                               "category,timestamp; omitted: a seeded synthetic dataset")
     train_parser.add_argument("--model", choices=tuple(MODELS), default=defaults.model)
-    train_parser.add_argument("--epochs", type=positive_int, default=defaults.epochs)
+    train_parser.add_argument("--epochs", type=positive_int, default=defaults.epochs,
+                              help="the most epochs to train (early stopping may end sooner)")
+    train_parser.add_argument("--patience", type=positive_int, default=defaults.patience,
+                              help="stop after this many epochs without a validation GAUC gain")
     train_parser.add_argument("--batch-size", type=positive_int, default=defaults.batch_size)
-    train_parser.add_argument("--lr", type=positive_float, default=defaults.lr)
+    train_parser.add_argument("--lr", type=positive_float, default=defaults.lr,
+                              help="Adam's learning rate")
+    train_parser.add_argument("--lr-decay", type=fraction, default=defaults.lr_decay,
+                              help="multiply the learning rate by this after every epoch")
+    train_parser.add_argument("--l2", type=non_negative_float, default=defaults.l2,
+                              help="mini-batch aware L2 on the embeddings (DIN paper, 4.3)")
     train_parser.add_argument("--embed-dim", type=positive_int, default=defaults.embed_dim,
                               help="size of the item and of the category embedding each")
     train_parser.add_argument("--max-len", type=positive_int, default=defaults.max_len,
@@ -89,11 +118,24 @@ def build_parser() -> argparse.ArgumentParser:
                               default=defaults.attention_normalization or "none",
                               help="DIN's attention weights: softmax over the history, or the "
                               "paper's raw scores (none)")
+    train_parser.add_argument("--attention-activation", choices=ACTIVATIONS,
+                              default=defaults.attention_activation,
+                              help="activation of DIN's attention unit")
+    train_parser.add_argument("--mlp-activation", choices=MLP_ACTIVATIONS,
+                              default=defaults.mlp_activation,
+                              help="activation of the scoring MLP")
+    train_parser.add_argument("--mlp-input", choices=("product", "concat"),
+                              default=defaults.mlp_input)
+    train_parser.add_argument("--item-bias", action="store_true")
+    train_parser.add_argument("--dropout", type=float, default=defaults.dropout)
+    train_parser.add_argument("--recency-positions", type=int, default=defaults.recency_positions)
     train_parser.add_argument("--seed", type=seed, default=defaults.seed)
     train_parser.add_argument("--backend", choices=BACKENDS, default=defaults.backend)
     train_parser.add_argument("--device", choices=("cpu", "cuda"), default=default_device())
     train_parser.add_argument("--metrics-out", help="write the final metrics as JSON here")
     train_parser.add_argument("--checkpoint", help="save the model, id maps and config here")
+    train_parser.add_argument("--plot", help="draw validation and training curves per epoch "
+                              "to this PNG (needs matplotlib)")
     train_parser.add_argument("--no-progress", action="store_true", help="no progress bar")
     add_threads_option(train_parser)
 
@@ -107,6 +149,22 @@ def build_parser() -> argparse.ArgumentParser:
     eval_parser.add_argument("--device", choices=("cpu", "cuda"), default=default_device())
     eval_parser.add_argument("--metrics-out", help="write the metrics as JSON here")
     add_threads_option(eval_parser)
+
+    predict_parser = commands.add_parser(
+        "predict", help="score candidates for users or histories with a checkpoint",
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    predict_parser.add_argument("--checkpoint", required=True)
+    predict_parser.add_argument("--requests", required=True,
+                                help='JSON lines: {"user": id or "history": [ids], '
+                                '"candidates": [ids], "request": optional name}')
+    predict_parser.add_argument("--data", help="the behaviours of the users that requests "
+                                "name (same layouts as train --data)")
+    predict_parser.add_argument("--output", help="write the scores here (default: stdout)")
+    predict_parser.add_argument("--format", choices=OUTPUT_FORMATS,
+                                help="default: jsonl for a .jsonl/.json --output, else csv")
+    predict_parser.add_argument("--backend", choices=BACKENDS, default="auto")
+    predict_parser.add_argument("--device", choices=("cpu", "cuda"), default=default_device())
+    add_threads_option(predict_parser)
     return parser
 
 
@@ -132,24 +190,31 @@ def main(argv=None) -> int:
         message = " ".join(str(error).splitlines())
         print(f"din-fast: error: {message}", file=sys.stderr)
         return USAGE_ERROR
+    except BrokenPipeError:
+        # The reader of stdout went away (| head): stop quietly, as Unix tools do.
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 1
 
 
 def run_command(args) -> int:
-    check_output_path("--metrics-out", args.metrics_out)
+    for option in OUTPUT_OPTIONS[args.command]:
+        check_output_path("--" + option.replace("_", "-"), getattr(args, option))
     if args.command == "train":
-        check_output_path("--checkpoint", args.checkpoint)
-        config = TrainConfig(data=args.data, model=args.model, epochs=args.epochs,
-                             batch_size=args.batch_size, lr=args.lr, embed_dim=args.embed_dim,
-                             max_len=args.max_len, seed=args.seed, backend=args.backend,
-                             device=args.device,
-                             attention_normalization=None if args.attention_normalization == "none"
-                             else args.attention_normalization)
+        if args.plot:
+            check_matplotlib()
+        options = {f.name: getattr(args, f.name) for f in fields(TrainConfig)}
+        if options["attention_normalization"] == "none":
+            options["attention_normalization"] = None
+        config = TrainConfig(**options)
         metrics = train(config, checkpoint=args.checkpoint, metrics_out=args.metrics_out,
                         progress=not args.no_progress)
+        if args.plot:
+            plot_training(metrics, args.plot)
         print(f"{config.model}: test AUC {metrics['test_auc']:.4f}  GAUC "
-              f"{metrics['test_gauc']:.4f}  logloss {metrics['test_logloss']:.4f}  "
-              f"train {metrics['train_seconds']:.1f} s")
-    else:
+              f"{metrics['test_gauc']:.4f}  logloss {metrics['test_logloss']:.4f} (epoch "
+              f"{metrics['best_epoch']} of {metrics['epochs_run']}; validation GAUC "
+              f"{metrics['validation_gauc']:.4f})  train {metrics['train_seconds']:.1f} s")
+    elif args.command == "evaluate":
         metrics = evaluate_checkpoint(args.checkpoint, args.data, backend=args.backend,
                                       device=args.device)
         if metrics["excluded_test_samples"] or metrics["skipped_history_items"]:
@@ -160,6 +225,10 @@ def run_command(args) -> int:
         print(json.dumps(metrics, indent=2))
         if args.metrics_out:
             write_json(args.metrics_out, metrics)
+    else:
+        counts = predict_file(args.checkpoint, args.requests, args.data, args.output,
+                              args.format, device=args.device, backend=args.backend)
+        print(f"din-fast: note: {describe(counts)}", file=sys.stderr)
     return 0
 
 

@@ -10,8 +10,8 @@ from typing import Optional
 import torch
 
 from .errors import InputError
-from .models import MODELS
-from .problem import BACKENDS
+from .models import MLP_ACTIVATIONS, MODELS
+from .problem import ACTIVATIONS, BACKENDS
 
 DEVICES = ("cpu", "cuda")
 ATTENTION_NORMALIZATIONS = (None, "softmax")
@@ -39,6 +39,15 @@ FIELD_RULES = {
     "device": (lambda v: v in DEVICES, f"one of {DEVICES}"),
     "attention_normalization": (lambda v: v in ATTENTION_NORMALIZATIONS,
                                 f"one of {ATTENTION_NORMALIZATIONS}"),
+    "patience": (_positive_int, "a positive integer"),
+    "lr_decay": (lambda v: _positive_float(v) and v <= 1, "a number in (0, 1]"),
+    "l2": (lambda v: _positive_float(v) or v == 0, "a finite number >= 0"),
+    "attention_activation": (lambda v: v in ACTIVATIONS, f"one of {ACTIVATIONS}"),
+    "mlp_activation": (lambda v: v in MLP_ACTIVATIONS, f"one of {MLP_ACTIVATIONS}"),
+    "mlp_input": (lambda v: v in ("product", "concat"), "product or concat"),
+    "item_bias": (lambda v: type(v) is bool, "a bool"),
+    "dropout": (lambda v: type(v) in (int, float) and 0 <= v < 1, "in [0, 1)"),
+    "recency_positions": (lambda v: type(v) is int and v >= 0, "an integer >= 0"),
 }
 
 
@@ -49,15 +58,24 @@ class TrainConfig:
 
     data: Optional[str] = None
     model: str = "din"
-    epochs: int = 2
+    epochs: int = 20
+    patience: int = 2
     batch_size: int = 256
     lr: float = 1e-3
+    lr_decay: float = 1.0
+    l2: float = 0.0
     embed_dim: int = 32
     max_len: Optional[int] = 50
     seed: int = 0
     backend: str = "auto"
     device: str = "cpu"
     attention_normalization: Optional[str] = "softmax"
+    attention_activation: str = "sigmoid"
+    mlp_activation: str = "prelu"
+    mlp_input: str = "product"
+    item_bias: bool = False
+    dropout: float = 0.0
+    recency_positions: int = 0
 
     def __post_init__(self):
         for name, expected in config_problems(vars(self)):
@@ -76,7 +94,11 @@ def config_problems(values: dict) -> list:
 
 def build_model(config: TrainConfig, num_items: int, num_categories: int) -> torch.nn.Module:
     """The untrained model of ``config`` (on the current default device)."""
-    options = {"attention_normalization": config.attention_normalization} \
+    options = {"attention_normalization": config.attention_normalization,
+               "attention_activation": config.attention_activation,
+               "recency_positions": config.recency_positions} \
         if config.model == "din" else {}
     return MODELS[config.model](num_items, num_categories, embed_dim=config.embed_dim,
-                                backend=config.backend, **options)
+                                mlp_activation=config.mlp_activation, backend=config.backend,
+                                mlp_input=config.mlp_input, item_bias=config.item_bias,
+                                dropout=config.dropout, **options)

@@ -34,13 +34,15 @@ class Dice(nn.Module):
         return x * (self.alpha + p * (1 - self.alpha))
 
 
-def scoring_mlp(in_features: int, hidden_units, activation: str) -> nn.Sequential:
+def scoring_mlp(in_features: int, hidden_units, activation: str, dropout: float = 0.0) -> nn.Sequential:
     if activation not in MLP_ACTIVATIONS:
         raise ValueError(f"`mlp_activation` must be one of {MLP_ACTIVATIONS}; got {activation!r}")
     layers, width = [], in_features
     for units in hidden_units:
         layers += [nn.Linear(width, units),
                    nn.PReLU(units) if activation == "prelu" else Dice(units)]
+        if dropout:
+            layers.append(nn.Dropout(dropout))
         width = units
     layers.append(nn.Linear(width, 1))
     return nn.Sequential(*layers)
@@ -56,35 +58,60 @@ class BaseModel(nn.Module):
     """
 
     def __init__(self, num_items: int, num_categories: int, embed_dim: int = 32,
-                 mlp_hidden=(200, 80), mlp_activation: str = "prelu", backend: str = "auto"):
+                 mlp_hidden=(200, 80), mlp_activation: str = "prelu", backend: str = "auto",
+                 mlp_input: str = "product", item_bias: bool = False, dropout: float = 0.0):
         super().__init__()
         self.backend = backend
+        self.mlp_input = mlp_input
         self.item_embedding = nn.Embedding(num_items + 1, embed_dim, padding_idx=0)
         self.category_embedding = nn.Embedding(num_categories + 1, embed_dim, padding_idx=0)
         for table in (self.item_embedding, self.category_embedding):
             nn.init.normal_(table.weight, std=EMBEDDING_INIT_STD)
             with torch.no_grad():
                 table.weight[0].zero_()
-        self.mlp = scoring_mlp(6 * embed_dim, mlp_hidden, mlp_activation)
+        self.item_bias = nn.Embedding(num_items + 1, 1, padding_idx=0) if item_bias else None
+        if item_bias:
+            nn.init.zeros_(self.item_bias.weight)
+        width = 6 * embed_dim if mlp_input == "product" else 4 * embed_dim
+        self.mlp = scoring_mlp(width, mlp_hidden, mlp_activation, dropout)
 
     def embed(self, items, categories):
         return torch.cat([self.item_embedding(items), self.category_embedding(categories)], -1)
 
     def pool(self, candidate, history, lengths):
-        """User interest [B, 2E]: padded positions hold the zero padding row."""
-        return history.sum(1)
+        """User interest, [B, 2E] (or [B, C, 2E] for C candidates [B, C, 2E]
+        per row); padded positions hold the zero padding row."""
+        interest = history.sum(1)
+        return interest if candidate.dim() == 2 else interest[:, None].expand_as(candidate)
 
     def attention_backend(self):
         """The backend the attention runs in the current mode, None without attention."""
         return None
 
+    def embedding_tables(self):
+        """(table, which ids index it: "item" or "category")."""
+        tables = [(self.item_embedding, "item"), (self.category_embedding, "category")]
+        if self.item_bias is not None:
+            tables.append((self.item_bias, "item"))
+        return tables
+
     def forward(self, history_items, history_categories, lengths, target_items,
                 target_categories):
-        """Logits [B] for batches of data.Batch's fields."""
+        """Logits [B] for batches of data.Batch's fields; with C candidates per
+        row (``target_items`` and ``target_categories`` [B, C]) logits [B, C],
+        each history pooled once for all of its candidates."""
         candidate = self.embed(target_items, target_categories)
         history = self.embed(history_items, history_categories)
         interest = self.pool(candidate, history, lengths)
-        return self.mlp(torch.cat([interest, candidate, interest * candidate], -1)).squeeze(-1)
+        features = [interest, candidate]
+        if self.mlp_input == "product":
+            features.append(interest * candidate)
+        features = torch.cat(features, -1)
+        # The MLP sees rows of features: its Dice normalizes per unit (BatchNorm1d).
+        logits = self.mlp(features.flatten(0, -2)).view(features.shape[:-1])
+        if self.item_bias is not None:
+            logits = logits + self.item_bias(target_items).squeeze(-1)
+        return logits
 
 
 class DIN(BaseModel):
@@ -99,15 +126,25 @@ class DIN(BaseModel):
 
     def __init__(self, num_items: int, num_categories: int, embed_dim: int = 32,
                  mlp_hidden=(200, 80), mlp_activation: str = "prelu", backend: str = "auto",
+                 mlp_input: str = "product", item_bias: bool = False, dropout: float = 0.0,
                  attention_hidden=(80, 40), attention_activation: str = "sigmoid",
-                 attention_normalization="softmax"):
+                 attention_normalization="softmax", recency_positions: int = 0):
         super().__init__(num_items, num_categories, embed_dim, mlp_hidden, mlp_activation,
-                         backend)
+                         backend, mlp_input, item_bias, dropout)
         self.attention = DINAttention(2 * embed_dim, attention_hidden, attention_activation,
                                       normalization=attention_normalization, backend=backend)
+        self.recency = nn.Embedding(recency_positions, 2 * embed_dim) if recency_positions else None
+        if self.recency is not None:
+            nn.init.normal_(self.recency.weight, std=EMBEDDING_INIT_STD)
 
     def pool(self, candidate, history, lengths):
-        return self.attention(candidate, history, lengths)
+        if self.recency is None:
+            return self.attention(candidate, history, lengths)
+        # Keys know how recent each behaviour is (0 = the latest); the pooled
+        # values stay the behaviours themselves.
+        age = lengths[:, None] - 1 - torch.arange(history.shape[1], device=history.device)
+        keys = history + self.recency(age.clamp(0, self.recency.num_embeddings - 1))
+        return self.attention(candidate, keys, lengths, values=history)
 
     def attention_backend(self):
         return self.attention.resolved_backend()

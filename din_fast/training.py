@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import time
 from dataclasses import asdict, replace
+from functools import partial
 from typing import Optional
 
 import numpy as np
@@ -14,15 +15,16 @@ from tqdm import tqdm
 
 from .checkpoint import load_checkpoint, save_checkpoint
 from .config import TrainConfig, build_model
-from .data import (EncodedData, Samples, build_samples, encode, iterate_batches,
-                   known_test_samples, load_interactions, synthetic_interactions)
+from .data import (BATCH_STREAM, EncodedData, Samples, SampleSplits, build_samples, encode,
+                   iterate_batches, known_test_samples, training_samples)
 from .errors import InputError
+from .loaders import load_interactions, synthetic_interactions
 from .metrics import ctr_metrics
 from .modules import DINAttention
 
 EVAL_BATCH_SIZE = 4096
 LOSS_SMOOTHING = 0.02  # the progress bar's loss: an exponential average over ~50 batches
-METRICS = ("test_auc", "test_gauc", "test_logloss")
+METRIC_NAMES = ("auc", "gauc", "logloss")
 
 
 def check_device(device: str) -> None:
@@ -53,16 +55,15 @@ def check_device_and_backend(config: TrainConfig) -> None:
 
 
 def load_data(path: Optional[str], seed: int):
-    """(EncodedData, train Samples, test Samples) of a data path or the synthetic set."""
+    """(EncodedData, SampleSplits) of a data path or the synthetic set."""
     interactions = synthetic_interactions(seed=seed) if path is None else load_interactions(path)
     data = encode(interactions)
-    train, test = build_samples(data, seed)
-    return data, train, test
+    return data, build_samples(data, seed)
 
 
 @torch.no_grad()
-def evaluate(model, data: EncodedData, samples: Samples, max_len, device) -> dict:
-    """test_auc, test_gauc, test_logloss of ``model`` on ``samples``."""
+def evaluate(model, data: EncodedData, samples: Samples, max_len, device, prefix: str) -> dict:
+    """``{prefix}_auc``, ``_gauc`` and ``_logloss`` of ``model`` on ``samples``."""
     model.eval()
     logits = np.empty(len(samples), dtype=np.float64)
     for indices, batch in iterate_batches(data, samples, EVAL_BATCH_SIZE, max_len=max_len):
@@ -72,65 +73,148 @@ def evaluate(model, data: EncodedData, samples: Samples, max_len, device) -> dic
         raise InputError(f"the model's scores of {int((~np.isfinite(logits)).sum())} sample(s) "
                          "are NaN or Inf: its weights diverged (try a lower learning rate) or "
                          "are corrupt")
-    return {f"test_{k}": v for k, v in ctr_metrics(samples.user, samples.label, logits).items()}
+    return {f"{prefix}_{k}": v for k, v in ctr_metrics(samples.user, samples.label,
+                                                      logits).items()}
+
+
+def inverse_frequencies(data: EncodedData, device) -> dict:
+    """1 / (occurrences among the training behaviours) per item and per
+    category id: the scale of the mini-batch aware L2 penalty."""
+    lengths = np.diff(data.offsets)
+    position = np.arange(len(data.items)) - np.repeat(data.offsets[:-1], lengths)
+    training = data.items[position < np.repeat(lengths - 2, lengths)]   # not val/test targets
+    counts = {"item": np.bincount(training, minlength=data.num_items + 1),
+              "category": np.bincount(data.item_category[training],
+                                      minlength=data.num_categories + 1)}
+    return {kind: torch.from_numpy(1.0 / np.maximum(c, 1)).float().to(device)
+            for kind, c in counts.items()}
+
+
+def minibatch_l2(model, batch, inverse_frequency: dict) -> torch.Tensor:
+    """The DIN paper's mini-batch aware L2 (section 4.3): over the embedding
+    rows that occur in the batch (padding excluded), sum ||w_j||^2 / n_j with
+    n_j the row's frequency; rows absent from the batch are not touched."""
+    ids = {"item": torch.cat([batch.history_items.flatten(), batch.target_items]),
+           "category": torch.cat([batch.history_categories.flatten(), batch.target_categories])}
+    total = 0.0
+    for table, kind in model.embedding_tables():
+        rows = torch.unique(ids[kind])
+        rows = rows[rows != 0]
+        total = total + (table.weight[rows].square().sum(1) * inverse_frequency[kind][rows]).sum()
+    return total
+
+
+def train_epoch(model, optimizer, data, samples, config, rng, inverse_frequency, bar) -> float:
+    """One pass over ``samples``; the smoothed training loss (without the penalty)."""
+    model.train()
+    running = None
+    for _, batch in bar(iterate_batches(data, samples, config.batch_size,
+                                        max_len=config.max_len, shuffle=True, rng=rng)):
+        batch = batch.to(config.device)
+        loss = F.binary_cross_entropy_with_logits(model(*batch[:5]), batch.labels)
+        value = loss.item()
+        if config.l2:
+            loss = loss + config.l2 * minibatch_l2(model, batch, inverse_frequency)
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()
+        running = value if running is None else running + LOSS_SMOOTHING * (value - running)
+    return running
 
 
 def train(config: TrainConfig, *, checkpoint: Optional[str] = None,
           metrics_out: Optional[str] = None, progress: bool = True, log=print) -> dict:
-    """Train, evaluating on the test samples after every epoch; returns the
-    final metrics (also written to ``metrics_out`` as JSON). Their ``backend``
-    is the one the attention ran ("torch", "triton"; None for the base model),
-    ``config`` the run's settings, the requested backend among them."""
+    """Load the config's data, build its model and :func:`fit` it; save the
+    checkpoint and the metrics JSON when asked. Returns fit's metrics with
+    ``model``, ``backend`` (the one the attention ran: "torch", "triton";
+    None for the base model) and ``config`` (the run's settings, the
+    requested backend among them)."""
     check_device_and_backend(config)
     torch.manual_seed(config.seed)
-    data, train_samples, test_samples = load_data(config.data, config.seed)
-    if len(train_samples) == 0:
-        raise InputError(f"{data.source}: no training samples: the DIN protocol needs users "
-                         "with at least 3 behaviours")
-    log(f"data: {data.source}: {len(data.user_ids)} users, {data.num_items} "
-        f"items, {data.num_categories} categories; {len(train_samples)} train and "
-        f"{len(test_samples)} test samples")
+    data, splits = load_training_data(config)
+    log(f"data: {data.source}: {len(data.user_ids)} users, {data.num_items} items, "
+        f"{data.num_categories} categories; {2 * len(splits.train_positives)} train, "
+        f"{len(splits.validation)} validation and {len(splits.test)} test samples")
     model = build_model(config, data.num_items, data.num_categories).to(config.device)
     backend = model.attention_backend()  # what training runs: config.backend resolved
-    optimizer = torch.optim.Adam(model.parameters(), lr=config.lr)
-    rng = np.random.default_rng([config.seed, 2])
-    num_batches = -(-len(train_samples) // config.batch_size)
-    epochs, train_seconds = [], 0.0
-    for epoch in range(1, config.epochs + 1):
-        model.train()
-        started = time.perf_counter()
-        running = None
-        bar = tqdm(iterate_batches(data, train_samples, config.batch_size, max_len=config.max_len,
-                                   shuffle=True, rng=rng),
-                   total=num_batches, desc=f"epoch {epoch}/{config.epochs}", disable=not progress,
-                   leave=False)
-        for _, batch in bar:
-            batch = batch.to(config.device)
-            loss = F.binary_cross_entropy_with_logits(model(*batch[:5]), batch.labels)
-            optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            optimizer.step()
-            value = loss.item()
-            running = value if running is None else running + LOSS_SMOOTHING * (value - running)
-            bar.set_postfix(loss=f"{running:.4f}", refresh=False)
-        seconds = time.perf_counter() - started
-        train_seconds += seconds
-        metrics = evaluate(model, data, test_samples, config.max_len, config.device)
-        metrics.update(epoch=epoch, train_loss=running, epoch_seconds=seconds,
-                       samples_per_second=len(train_samples) / seconds)
-        epochs.append(metrics)
-        log(f"epoch {epoch}: test AUC {metrics['test_auc']:.4f}  GAUC {metrics['test_gauc']:.4f}  "
-            f"logloss {metrics['test_logloss']:.4f}  train loss {running:.4f}  "
-            f"{metrics['samples_per_second']:.0f} samples/s ({seconds:.1f} s)")
-    result = {key: epochs[-1][key] for key in METRICS}
-    result.update(model=config.model, backend=backend, train_seconds=train_seconds,
-                  samples_per_second=len(train_samples) * config.epochs / train_seconds,
-                  train_samples=len(train_samples), test_samples=len(test_samples),
-                  config=asdict(config), epochs=epochs)
+    result = fit(model, data, splits, config, progress=progress, log=log)
+    result.update(model=config.model, backend=backend, config=asdict(config))
     if checkpoint:
         save_checkpoint(checkpoint, model, data.id_maps, config)
     if metrics_out:
         write_json(metrics_out, result)
+    return result
+
+
+def load_training_data(config: TrainConfig):
+    """(EncodedData, SampleSplits) of the config's data; InputError when it
+    gives no training sample."""
+    data, splits = load_data(config.data, config.seed)
+    if len(splits.train_positives) == 0:
+        raise InputError(f"{data.source}: no training samples: the protocol needs users with "
+                         "at least 4 behaviours (the last two are the test and validation "
+                         "targets)")
+    return data, splits
+
+
+def fit(model, data: EncodedData, splits: SampleSplits, config: TrainConfig, *,
+        progress: bool = True, log=print) -> dict:
+    """The training protocol, for any model that scores data.Batch fields
+    (and lists its ``embedding_tables()`` for the L2 penalty).
+
+    Adam with ``config.lr``, multiplied by ``config.lr_decay`` after every
+    epoch; fresh training negatives every epoch; validation metrics after
+    every epoch; early stopping when validation GAUC has not improved for
+    ``config.patience`` epochs (at most ``config.epochs``); the best epoch's
+    weights restored and the test samples evaluated once. Returns test and
+    validation metrics (of the best epoch), ``best_epoch``, ``epochs_run``,
+    ``stopped`` (why training ended), timings and the per-epoch records
+    under ``epochs``.
+    """
+    optimizer = torch.optim.Adam(model.parameters(), lr=config.lr)
+    schedule = torch.optim.lr_scheduler.ExponentialLR(optimizer, gamma=config.lr_decay)
+    inverse_frequency = inverse_frequencies(data, config.device) if config.l2 else None
+    batch_rng = np.random.default_rng([config.seed, BATCH_STREAM])
+    train_size = 2 * len(splits.train_positives)
+    epochs, best, best_state = [], None, None
+    stopped = f"reached the maximum of {config.epochs} epochs"
+    for epoch in range(1, config.epochs + 1):
+        started = time.perf_counter()
+        lr = optimizer.param_groups[0]["lr"]
+        samples = training_samples(data, splits.train_positives, config.seed, epoch)
+        bar = partial(tqdm, total=-(-train_size // config.batch_size), leave=False,
+                      desc=f"epoch {epoch}/{config.epochs}", disable=not progress)
+        train_loss = train_epoch(model, optimizer, data, samples, config, batch_rng,
+                                 inverse_frequency, bar)
+        schedule.step()
+        seconds = time.perf_counter() - started
+        metrics = evaluate(model, data, splits.validation, config.max_len, config.device,
+                           "validation")
+        metrics.update(epoch=epoch, train_loss=train_loss, lr=lr, epoch_seconds=seconds,
+                       samples_per_second=train_size / seconds)
+        epochs.append(metrics)
+        improved = best is None or metrics["validation_gauc"] > best["validation_gauc"]
+        log(f"epoch {epoch}: validation AUC {metrics['validation_auc']:.4f}  GAUC "
+            f"{metrics['validation_gauc']:.4f}  logloss {metrics['validation_logloss']:.4f}  "
+            f"train loss {train_loss:.4f}  {metrics['samples_per_second']:.0f} samples/s "
+            f"({seconds:.1f} s){'  best so far' if improved else ''}")
+        if improved:
+            best = metrics
+            best_state = {k: v.detach().clone() for k, v in model.state_dict().items()}
+        elif epoch - best["epoch"] >= config.patience:
+            stopped = (f"early stop: no validation GAUC gain in {config.patience} epoch(s) "
+                       f"after epoch {best['epoch']}")
+            break
+    log(f"{stopped}; restored epoch {best['epoch']}")
+    model.load_state_dict(best_state)
+    result = evaluate(model, data, splits.test, config.max_len, config.device, "test")
+    result.update({f"validation_{k}": best[f"validation_{k}"] for k in METRIC_NAMES})
+    train_seconds = sum(e["epoch_seconds"] for e in epochs)
+    result.update(best_epoch=best["epoch"], epochs_run=len(epochs), stopped=stopped,
+                  train_seconds=train_seconds,
+                  samples_per_second=train_size * len(epochs) / train_seconds,
+                  train_samples=train_size, validation_samples=len(splits.validation),
+                  test_samples=len(splits.test), epochs=epochs)
     return result
 
 
@@ -167,7 +251,7 @@ def evaluate_checkpoint(path: str, data: Optional[str] = None, *, backend: str =
                         len(checkpoint.id_maps.category_ids))
     model.load_state_dict(checkpoint.state_dict)
     model.to(config.device)
-    metrics = evaluate(model, known.data, known.samples, config.max_len, config.device)
+    metrics = evaluate(model, known.data, known.samples, config.max_len, config.device, "test")
     metrics.update(model=config.model, backend=model.attention_backend(),
                    test_samples=len(known.samples), excluded_test_samples=known.excluded_samples,
                    skipped_history_items=known.skipped_history_items)

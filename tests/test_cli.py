@@ -8,12 +8,13 @@ import pytest
 import torch
 
 from din_fast.cli import main
-from din_fast.data import synthetic_interactions
+from din_fast.loaders import synthetic_interactions
 from din_fast.training import TrainConfig, train
 
 from cli_data import write_csv
 
 METRICS = ("test_auc", "test_gauc", "test_logloss")
+VALIDATION_METRICS = ("validation_auc", "validation_gauc", "validation_logloss")
 
 
 @pytest.fixture
@@ -72,9 +73,9 @@ def test_console_command_writes_metrics_json(tmp_path, tiny_csv):
                              "--epochs", "2", "--no-progress", "--metrics-out", str(out)],
                             capture_output=True, text=True, timeout=300)
     assert result.returncode == 0, result.stderr
-    assert "epoch 2: test AUC" in result.stdout
+    assert "epoch 2: validation AUC" in result.stdout
     metrics = json.loads(out.read_text())
-    for key in METRICS + ("train_seconds", "samples_per_second"):
+    for key in METRICS + VALIDATION_METRICS + ("train_seconds", "samples_per_second"):
         assert isinstance(metrics[key], float)
     assert (metrics["model"], metrics["backend"]) == ("din", "torch")
     assert 0.0 <= metrics["test_auc"] <= 1.0 and len(metrics["epochs"]) == 2
@@ -97,6 +98,6 @@ def test_evaluate_rejects_a_file_that_is_not_a_checkpoint(tmp_path, capsys):
 
 def test_data_without_training_samples_is_rejected(tmp_path):
     path = tmp_path / "short.csv"
-    path.write_text("user,item,category,timestamp\n1,1,1,0\n1,2,1,1\n2,3,2,0\n")
-    with pytest.raises(ValueError, match="at least 3 behaviours"):
+    path.write_text("user,item,category,timestamp\n1,1,1,0\n1,2,1,1\n1,4,1,2\n2,3,2,0\n")
+    with pytest.raises(ValueError, match="at least 4 behaviours"):
         train(TrainConfig(data=str(path)), progress=False, log=lambda *_: None)

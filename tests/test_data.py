@@ -1,4 +1,4 @@
-"""Loaders, the DIN sample protocol and batching (din_fast.data)."""
+"""Dense ids, the DIN sample protocol and batching (din_fast.data)."""
 
 import os
 from pathlib import Path
@@ -6,86 +6,13 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from din_fast.data import (DataFormatError, build_samples, encode, iterate_batches,
-                           load_amazon_directory, load_interactions, load_table,
-                           synthetic_interactions)
-
-from cli_data import write_amazon
+from din_fast.data import (build_samples, encode, iterate_batches, known_test_samples,
+                           training_samples)
+from din_fast.loaders import load_interactions, synthetic_interactions
 
 # The shared data beside the repository, or where DIN_FAST_DATA_DIR points.
 SHARED_DATA = Path(os.environ.get("DIN_FAST_DATA_DIR",
                                   Path(__file__).resolve().parents[1].parent / "shared" / "data"))
-
-
-def user_items(interactions, user_id):
-    u = int(np.flatnonzero(interactions.user_ids == user_id)[0])
-    return interactions.items[interactions.offsets[u]:interactions.offsets[u + 1]].tolist()
-
-
-def test_amazon_directory_sequences_and_leaf_category(tmp_path):
-    data = load_interactions(write_amazon(tmp_path / "amazon"))
-    assert data.user_ids.tolist() == [1, 2, 3]
-    assert user_items(data, 1) == [10, 11, 12, 13]
-    assert user_items(data, 3) == [15, 12]
-    categories = dict(zip(data.category_items.tolist(), data.category_values.tolist()))
-    assert categories[10] == 1 and categories[12] == 2      # the last attribute
-
-
-@pytest.mark.parametrize("suffix, sep", [(".csv", ","), (".tsv", "\t"), (".txt", "\t")])
-def test_table_orders_by_timestamp_then_file_order(tmp_path, suffix, sep):
-    rows = [("timestamp", "item", "user", "category", "extra"),
-            (30, 5, 2, 1, "x"), (10, 6, 1, 2, "x"), (20, 7, 1, 1, "x"),
-            (10, 8, 1, 3, "x"), (5, 9, 2, 3, "x"), (20, 6, 2, 2, "x")]
-    path = tmp_path / f"log{suffix}"
-    path.write_text("\n".join(sep.join(map(str, r)) for r in rows) + "\n")
-    data = load_table(path)
-    assert data.user_ids.tolist() == [1, 2]
-    assert user_items(data, 1) == [6, 8, 7]                   # 6 and 8 tie: file order
-    assert user_items(data, 2) == [9, 6, 5]
-    assert dict(zip(data.category_items.tolist(), data.category_values.tolist()))[8] == 3
-
-
-@pytest.mark.parametrize("content, line, expected", [
-    ("", "line 1", "empty file"),
-    ("user,item,timestamp\n1,2,3\n", "line 1", "missing column(s) ['category']"),
-    ("user,item,category,timestamp\n1,2,3,4\n1,x,3,5\n", "line 3", "integer item"),
-    ("user,item,category,timestamp\n1,2,3,4\n1,2.5,3,5\n", "line 3", "integer item"),
-    ("user,item,category,timestamp\n1,2,3,soon\n", "line 2", "numeric timestamp"),
-    ("user,item,category,timestamp\n1,2,3\n", "line 2", "expected 4 fields"),
-    ("user,item,category,timestamp\n", "", "no data rows"),
-    ("user,item,category,timestamp\n1,2,3,4\n2,2,4,5\n", "line 3", "one category per item"),
-])
-def test_bad_table_names_file_line_and_expectation(tmp_path, content, line, expected):
-    path = tmp_path / "bad.csv"
-    path.write_text(content)
-    with pytest.raises(DataFormatError) as error:
-        load_interactions(path)
-    message = str(error.value)
-    assert str(path) in message and line in message and expected in message
-
-
-@pytest.mark.parametrize("lines, attributes, fragment, expected", [
-    ([], None, "Small.txt", "empty file"),
-    (["1 10 11", "2 10 zz"], None, "Small.txt, line 2", "integer item id"),
-    (["u1 10 11"], None, "Small.txt, line 1", "integer user id"),
-    (["1"], None, "Small.txt, line 1", "'user_id item_1 item_2 ...'"),
-    (["1 10 99"], None, "amazon", "no category for item(s) [99]"),
-    (["1 10"], {"10": []}, "Small_item2attributes.json", "non-empty list"),
-])
-def test_bad_amazon_files(tmp_path, lines, attributes, fragment, expected):
-    directory = write_amazon(tmp_path / "amazon", lines=lines, attributes=attributes)
-    with pytest.raises(DataFormatError) as error:
-        encode(load_interactions(directory))
-    assert fragment in str(error.value) and expected in str(error.value)
-
-
-def test_amazon_directory_needs_both_files(tmp_path):
-    directory = write_amazon(tmp_path / "amazon")
-    (directory / "Small.txt").unlink()
-    with pytest.raises(DataFormatError, match="Small.txt"):
-        load_amazon_directory(directory)
-    with pytest.raises(DataFormatError, match="nowhere.* does not exist"):
-        load_interactions(tmp_path / "nowhere")
 
 
 def history(data, samples, n):
@@ -93,40 +20,49 @@ def history(data, samples, n):
     return data.items[start:start + samples.history_length[n]].tolist()
 
 
-def test_protocol_prefixes_targets_and_no_test_leak():
-    # Every user's items are distinct, so "the test item" is one item id.
-    data = encode(synthetic_interactions(num_users=60, interests_per_user=3, seed=3))
+def distinct_items_data(seed=3):
+    """Encoded synthetic data where each user's items are distinct, so "the
+    test item" is one item id."""
+    data = encode(synthetic_interactions(num_users=60, interests_per_user=3, seed=seed))
     users = []
     for u in range(len(data.user_ids)):
         items = data.items[data.offsets[u]:data.offsets[u + 1]]
-        keep = np.sort(np.unique(items, return_index=True)[1])
-        users.append(items[keep])
+        users.append(items[np.sort(np.unique(items, return_index=True)[1])])
     data.items = np.concatenate(users)
     data.offsets = np.concatenate([[0], np.cumsum([len(s) for s in users])])
-    train, test = build_samples(data, seed=0)
+    return data, users
+
+
+def test_protocol_prefixes_targets_and_no_leak():
+    data, users = distinct_items_data()
+    splits = build_samples(data, seed=0)
     lengths = np.diff(data.offsets)
-    assert len(train) == 2 * np.maximum(lengths - 2, 0).sum()
-    assert len(test) == 2 * (lengths >= 2).sum()
+    train = splits.train_positives
+    assert len(train) == np.maximum(lengths - 3, 0).sum() and (train.label == 1).all()
+    assert len(splits.validation) == 2 * (lengths >= 3).sum()
+    assert len(splits.test) == 2 * (lengths >= 2).sum()
     for n in range(len(train)):
-        u = train.user[n]
-        sequence = users[u].tolist()
+        sequence = users[train.user[n]].tolist()
         k = train.history_length[n]
-        assert history(data, train, n) == sequence[:k]
-        assert 1 <= k <= len(sequence) - 2
-        assert sequence[-1] not in history(data, train, n)
-        assert train.target[n] != sequence[-1]
-        if train.label[n] == 1:
-            assert train.target[n] == sequence[k]
-    for n in range(len(test)):
-        sequence = users[test.user[n]].tolist()
-        assert history(data, test, n) == sequence[:-1]
-        if test.label[n] == 1:
-            assert test.target[n] == sequence[-1]
+        assert 1 <= k <= len(sequence) - 3
+        assert history(data, train, n) == sequence[:k] and train.target[n] == sequence[k]
+        assert not set(sequence[-2:]) & set(history(data, train, n) + [train.target[n]])
+    for samples, held_out in ((splits.validation, 2), (splits.test, 1)):
+        for n in range(len(samples)):
+            sequence = users[samples.user[n]].tolist()
+            assert history(data, samples, n) == sequence[:-held_out]
+            if samples.label[n] == 1:
+                assert samples.target[n] == sequence[-held_out]
 
 
-def test_negatives_never_in_user_history_and_one_per_positive():
+def all_samples(data, splits, epoch=1):
+    return (training_samples(data, splits.train_positives, 5, epoch), splits.validation,
+            splits.test)
+
+
+def test_negatives_never_touched_and_one_per_positive():
     data = encode(synthetic_interactions(num_users=200, seed=1))
-    for samples in build_samples(data, seed=5):
+    for samples in all_samples(data, build_samples(data, seed=5)):
         negative = samples.label == 0
         assert negative.sum() == (samples.label == 1).sum()
         for u, item in zip(samples.user[negative], samples.target[negative]):
@@ -135,18 +71,43 @@ def test_negatives_never_in_user_history_and_one_per_positive():
         assert samples.target[negative].max() <= data.num_items
 
 
-def test_sampling_is_seeded():
+def test_sampling_is_seeded_and_training_negatives_change_every_epoch():
     data = encode(synthetic_interactions(num_users=100, seed=2))
     first, again, other = (build_samples(data, seed=s) for s in (7, 7, 8))
-    for a, b in zip(first, again):
+    for a, b in zip(all_samples(data, first), all_samples(data, again)):
         assert np.array_equal(a.target, b.target) and np.array_equal(a.label, b.label)
-    assert not np.array_equal(first[0].target, other[0].target)
-    assert np.array_equal(encode(synthetic_interactions(num_users=100, seed=2)).items, data.items)
+    assert not np.array_equal(first.test.target, other.test.target)
+    epoch_1, epoch_2 = (training_samples(data, first.train_positives, 7, e) for e in (1, 2))
+    assert np.array_equal(epoch_1.target[epoch_1.label == 1], epoch_2.target[epoch_2.label == 1])
+    assert (epoch_1.target[epoch_1.label == 0] != epoch_2.target[epoch_2.label == 0]).mean() > 0.5
+
+
+def test_known_test_samples_equal_the_protocol_when_every_item_is_known():
+    data = encode(synthetic_interactions(num_users=80, seed=6))
+    known, test = known_test_samples(data, seed=3), build_samples(data, seed=3).test
+    for name in ("user", "history_start", "history_length", "target", "label"):
+        assert np.array_equal(getattr(known.samples, name), getattr(test, name)), name
+    assert (known.excluded_samples, known.skipped_history_items) == (0, 0)
+
+
+def test_known_test_samples_skip_unknown_history_and_leave_out_unknown_targets():
+    data, users = distinct_items_data(seed=4)
+    data.items = data.items.copy()
+    first_user, second_user = data.offsets[0], data.offsets[1]
+    data.items[first_user + 1] = 0                      # an unknown item in user 0's history
+    data.items[data.offsets[2] - 1] = 0                 # user 1's test item unknown
+    known = known_test_samples(data, seed=0)
+    assert known.excluded_samples == 2 and known.skipped_history_items == 1
+    assert 1 not in known.samples.user
+    row = np.flatnonzero((known.samples.user == 0) & (known.samples.label == 1))[0]
+    expected = users[0].tolist()
+    assert history(known.data, known.samples, row) == expected[:1] + expected[2:-1]
+    assert known.samples.target[row] == expected[-1]
 
 
 def test_batches_pad_to_longest_and_truncate_to_most_recent():
     data = encode(synthetic_interactions(num_users=50, seed=0))
-    train, _ = build_samples(data, seed=0)
+    train = build_samples(data, seed=0).test
     seen = []
     for indices, batch in iterate_batches(data, train, 64, max_len=5, shuffle=True,
                                           rng=np.random.default_rng(0)):
@@ -167,7 +128,7 @@ def test_batches_pad_to_longest_and_truncate_to_most_recent():
 
 def test_bucketing_keeps_padding_small():
     data = encode(synthetic_interactions(num_users=300, min_length=3, max_length=60, seed=0))
-    train, _ = build_samples(data, seed=0)
+    train = training_samples(data, build_samples(data, seed=0).train_positives, 0, 1)
 
     def padding(bucket_batches):
         return sum(b.history_items.numel() - b.lengths.sum().item()
@@ -181,8 +142,11 @@ def test_shared_amazon_data_matches_readme_statistics():
     directory = SHARED_DATA / "amazon-beauty"
     if not directory.is_dir():
         pytest.skip(f"shared data not found at {directory} (expected ../shared/data beside "
-                    "the repository)")
+                    "the repository, or DIN_FAST_DATA_DIR)")
     data = encode(load_interactions(directory))
-    train, test = build_samples(data, seed=0)
+    splits = build_samples(data, seed=0)
     assert (len(data.user_ids), data.num_items, data.num_categories) == (22363, 12101, 195)
-    assert (len(train), len(test)) == (307552, 44726)
+    # The data's README counts 307,552 training samples when the validation
+    # target is trained on too: 2 per user fewer here.
+    assert 2 * len(splits.train_positives) == 307552 - 2 * 22363
+    assert len(splits.validation) == len(splits.test) == 44726

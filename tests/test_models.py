@@ -9,7 +9,8 @@ import torch.nn.functional as F
 from sklearn.metrics import roc_auc_score
 
 from din_fast import DIN, BaseModel
-from din_fast.data import build_samples, encode, iterate_batches, synthetic_interactions
+from din_fast.data import build_samples, encode, iterate_batches
+from din_fast.loaders import synthetic_interactions
 from din_fast.metrics import ctr_metrics, gauc
 
 
@@ -55,7 +56,7 @@ def test_ctr_metrics_of_logits():
 
 def small_batch(batch_size=24, seed=0):
     data = encode(synthetic_interactions(num_users=40, seed=seed))
-    train, _ = build_samples(data, seed=seed)
+    train = build_samples(data, seed=seed).test
     _, batch = next(iterate_batches(data, train, batch_size, shuffle=True,
                                     rng=np.random.default_rng(seed)))
     return data, batch
@@ -79,8 +80,26 @@ def test_base_model_sum_pools_the_history():
     assert (model.item_embedding.weight[0] == 0).all()
     history = model.embed(batch.history_items, batch.history_categories)
     row, length = 3, int(batch.lengths[3])
-    pooled = model.pool(None, history, batch.lengths)
+    candidate = model.embed(batch.target_items, batch.target_categories)
+    pooled = model.pool(candidate, history, batch.lengths)
     assert torch.allclose(pooled[row], history[row, :length].sum(0))
+
+
+@pytest.mark.parametrize("model_class", [DIN, BaseModel])
+@pytest.mark.parametrize("mlp_activation", ["prelu", "dice"])
+def test_many_candidates_score_as_one_at_a_time(model_class, mlp_activation):
+    # [B, C] candidates: each history pooled once (a 3-D attention query), the
+    # same logits as C separate calls.
+    data, batch = small_batch()
+    torch.manual_seed(3)
+    model = model_class(data.num_items, data.num_categories, embed_dim=4,
+                        mlp_activation=mlp_activation).eval()
+    candidates = torch.randint(1, data.num_items + 1, (len(batch.labels), 5))
+    categories = torch.from_numpy(data.item_category)[candidates]
+    many = model(*batch[:3], candidates, categories)
+    one = torch.stack([model(*batch[:3], candidates[:, c], categories[:, c]) for c in range(5)], 1)
+    assert many.shape == (len(batch.labels), 5)
+    assert torch.allclose(many, one, atol=1e-6)
 
 
 def one_step(model, batch):

@@ -1,0 +1,414 @@
+"""Reading behaviour logs into :class:`Interactions`: raw string ids, each
+user's behaviours in time order.
+
+Three layouts: a CSV/TSV table or a Parquet file with the columns user, item,
+category, timestamp (read by pyarrow, columnar, multi-threaded), and the
+Amazon directory layout of the DIN and S3-Rec papers. Ids are any non-empty
+token (integers, ASINs, hashes) and stay strings; timestamps are numbers.
+
+Every problem with a file is a DataFormatError that names the file and the
+line (CSV/TSV, Amazon), the row (Parquet) or the JSON line, and what was
+expected there. pyarrow's own errors do not say which line is wrong, so when
+it rejects a table (or a check on its columns fails), a line-by-line pass
+over the file finds the first bad line and says what is wrong with it: the
+slow path runs only for files that are wrong anyway.
+"""
+
+from __future__ import annotations
+
+import codecs
+import csv
+import json
+import math
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Iterator, Optional
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
+
+from .errors import DataFormatError, snippet
+
+TABLE_COLUMNS = ("user", "item", "category", "timestamp")
+AMAZON_ATTRIBUTES_SUFFIX = "_item2attributes.json"
+PARQUET_MAGIC = b"PAR1"
+
+
+@dataclass
+class Interactions:
+    """Behaviours with raw (string) ids, grouped by user and in time order.
+
+    User ``u`` (raw id ``user_ids[u]``) has the items
+    ``items[offsets[u]:offsets[u + 1]]``, oldest first; ``items`` is
+    dictionary-encoded (each distinct id stored once). Item
+    ``category_items[j]`` has category ``category_values[j]``.
+    """
+
+    user_ids: pa.Array
+    offsets: np.ndarray
+    items: pa.DictionaryArray
+    category_items: pa.Array
+    category_values: pa.Array
+    source: str
+
+
+def load_interactions(path) -> Interactions:
+    """A directory in the Amazon layout, a Parquet file, or a CSV/TSV file with a header."""
+    path = Path(path)
+    if path.is_dir():
+        return load_amazon_directory(path)
+    if path.is_file():
+        with _opened(path) as handle:
+            magic = handle.read(len(PARQUET_MAGIC))
+        return load_parquet(path) if magic == PARQUET_MAGIC else load_table(path)
+    if not path.exists():
+        raise DataFormatError(f"data path {path} does not exist; expected a directory in the "
+                              "Amazon layout, a CSV/TSV or a Parquet file")
+    raise DataFormatError(f"data path {path} is not a regular file or a directory; expected "
+                          "a directory in the Amazon layout, a CSV/TSV or a Parquet file")
+
+
+def _opened(path: Path):
+    try:
+        return open(path, "rb")
+    except OSError as error:
+        raise DataFormatError(f"{path}: cannot be read ({error.strerror})") from None
+
+
+def text_lines(path: Path) -> Iterator[str]:
+    """The lines of a UTF-8 text file (a UTF-8 byte-order mark is dropped);
+    DataFormatError naming the line where the file is not UTF-8 text."""
+    with _opened(path) as handle:
+        for number, raw in enumerate(handle, start=1):
+            if number == 1 and raw.startswith((codecs.BOM_UTF16_LE, codecs.BOM_UTF16_BE)):
+                raise DataFormatError(f"{path}: UTF-16 text; expected UTF-8 (convert it, "
+                                      "e.g. iconv -f UTF-16 -t UTF-8)")
+            if b"\0" in raw:
+                raise DataFormatError(f"{path}, line {number}: a NUL byte; expected UTF-8 text")
+            try:
+                yield raw.decode("utf-8-sig" if number == 1 else "utf-8")
+            except UnicodeDecodeError:
+                raise DataFormatError(f"{path}, line {number}: not UTF-8 text; expected "
+                                      "UTF-8 text") from None
+
+
+# ---------------------------------------------------------------- Amazon layout
+
+def load_amazon_directory(directory) -> Interactions:
+    """``<Name>.txt`` (``user item_1 item_2 ...`` per line, oldest first) and
+    ``<Name>_item2attributes.json`` (item -> attribute ids, the last one being
+    the leaf category, as in the original DIN code)."""
+    directory = Path(directory)
+    attribute_files = sorted(directory.glob("*" + AMAZON_ATTRIBUTES_SUFFIX))
+    if len(attribute_files) != 1:
+        raise DataFormatError(f"{directory}: expected exactly one '<Name>{AMAZON_ATTRIBUTES_SUFFIX}'"
+                              f" file, found {len(attribute_files)}")
+    name = attribute_files[0].name[:-len(AMAZON_ATTRIBUTES_SUFFIX)]
+    sequences_file = directory / f"{name}.txt"
+    if not sequences_file.is_file():
+        raise DataFormatError(f"{directory}: found {attribute_files[0].name} but not the "
+                              f"sequences file {sequences_file.name}")
+    user_ids, lengths, items = [], [], []
+    for line_number, line in enumerate(text_lines(sequences_file), start=1):
+        tokens = line.split()
+        if not tokens:
+            continue
+        if len(tokens) < 2:
+            raise DataFormatError(f"{sequences_file}, line {line_number}: expected "
+                                  "'user_id item_1 item_2 ...', got one field")
+        user_ids.append(tokens[0])
+        items.extend(tokens[1:])
+        lengths.append(len(tokens) - 1)
+    if not user_ids:
+        raise DataFormatError(f"{sequences_file}: empty file; expected one line per user, "
+                              "'user_id item_1 item_2 ...'")
+    category_items, category_values = _load_leaf_categories(attribute_files[0])
+    return Interactions(pa.array(user_ids, pa.string()),
+                        np.concatenate([[0], np.cumsum(lengths)]).astype(np.int64),
+                        pa.array(items, pa.string()).dictionary_encode(), category_items,
+                        category_values, str(directory))
+
+
+def _load_leaf_categories(path: Path):
+    expected = 'a JSON object {"item_id": [attribute ids, ...]}'
+    with _opened(path) as handle:
+        raw = handle.read()
+    try:
+        text = raw.decode("utf-8-sig")
+    except UnicodeDecodeError as error:
+        line = raw.count(b"\n", 0, error.start) + 1
+        raise DataFormatError(f"{path}, line {line}: not UTF-8 text; expected {expected}") \
+            from None
+    try:
+        # Numbers stay the tokens they are written as: ids of any length.
+        attributes = json.loads(text, parse_int=str, parse_float=str)
+    except json.JSONDecodeError as error:
+        raise DataFormatError(f"{path}, line {error.lineno}: {error.msg}; expected {expected}") \
+            from None
+    except RecursionError:
+        raise DataFormatError(f"{path}: JSON nested too deeply; expected {expected}") from None
+    if not isinstance(attributes, dict) or not attributes:
+        raise DataFormatError(f"{path}: expected a non-empty {expected}")
+    items, categories = [], []
+    for key, values in attributes.items():
+        if not isinstance(values, list) or not values or not isinstance(values[-1], str) \
+                or not values[-1].strip():
+            raise DataFormatError(f"{path}, item {snippet(key)}: expected a non-empty list of "
+                                  "attribute ids, the last one the category")
+        items.append(key)
+        categories.append(values[-1])
+    return pa.array(items, pa.string()), pa.array(categories, pa.string())
+
+
+# ---------------------------------------------------------------- tables
+
+def load_table(path) -> Interactions:
+    """A CSV (or TSV: by the .tsv suffix or a tab in the header) whose header
+    names the columns user, item, category, timestamp (any case; other
+    columns are ignored). Each user's rows are ordered by timestamp, ties
+    kept in file order."""
+    import pyarrow.csv as pacsv
+
+    path = Path(path)
+    header_line = next(text_lines(path), "")
+    delimiter = "\t" if path.suffix.lower() == ".tsv" or "\t" in header_line else ","
+    header = _table_header(header_line, path, delimiter)
+    try:
+        table = pacsv.read_csv(
+            path,
+            read_options=pacsv.ReadOptions(column_names=header, skip_rows=1,
+                                           block_size=TABLE_BLOCK_BYTES),
+            parse_options=pacsv.ParseOptions(delimiter=delimiter),
+            # All as text: ids stay tokens, and timestamps are trimmed before
+            # conversion (pyarrow's float parser rejects " 5", Python's does not).
+            convert_options=pacsv.ConvertOptions(
+                include_columns=list(TABLE_COLUMNS),
+                column_types={c: pa.string() for c in TABLE_COLUMNS}))
+    except (pa.ArrowInvalid, pa.ArrowTypeError, pa.ArrowNotImplementedError) as error:
+        raise _first_bad_line(path, delimiter, header) or DataFormatError(
+            f"{path}: not a {'TSV' if delimiter == chr(9) else 'CSV'} table pyarrow can read "
+            f"({type(error).__name__}); expected the columns {','.join(TABLE_COLUMNS)}") \
+            from None
+    try:
+        return _interactions_from_table(table, path)
+    except _BadRow as bad:
+        raise _first_bad_line(path, delimiter, header) or bad.error(path, "data row") from None
+
+
+# A row longer than a block is an error in pyarrow; 16 MB keeps any sane row.
+TABLE_BLOCK_BYTES = 16 << 20
+
+
+def _table_header(line: str, path: Path, delimiter: str) -> list:
+    if not line.strip():
+        raise DataFormatError(f"{path}, line 1: empty file; expected a header naming the "
+                              f"columns {','.join(TABLE_COLUMNS)}")
+    try:
+        header = [name.strip().lower() for name in next(csv.reader([line], delimiter=delimiter,
+                                                                     strict=True))]
+    except csv.Error as error:
+        raise DataFormatError(f"{path}, line 1: {error}; expected a header naming the columns "
+                              f"{','.join(TABLE_COLUMNS)}") from None
+    missing = [c for c in TABLE_COLUMNS if c not in header]
+    if missing:
+        raise DataFormatError(f"{path}, line 1: header is missing column(s) {missing}; "
+                              f"expected the columns {list(TABLE_COLUMNS)}")
+    repeated = sorted({c for c in TABLE_COLUMNS if header.count(c) > 1})
+    if repeated:
+        raise DataFormatError(f"{path}, line 1: column(s) {repeated} named more than once")
+    # Unnamed or repeated other columns are ignored, but pyarrow needs names.
+    return [name if name in TABLE_COLUMNS else f"_ignored_{i}" for i, name in enumerate(header)]
+
+
+class _BadRow(Exception):
+    """A row that fails a check on the parsed columns (0-based ``row``; None
+    when the check cannot tell which)."""
+
+    def __init__(self, row: Optional[int], problem: str):
+        super().__init__(problem)
+        self.row, self.problem = row, problem
+
+    def error(self, path: Path, rows: str = "row") -> DataFormatError:
+        where = path if self.row is None else f"{path}, {rows} {self.row + 1}"
+        return DataFormatError(f"{where}: {self.problem}")
+
+
+def _first_index(mask) -> Optional[int]:
+    indices = np.flatnonzero(np.asarray(mask))
+    return int(indices[0]) if len(indices) else None
+
+
+def _interactions_from_table(table: pa.Table, path: Path) -> Interactions:
+    """Interactions of a table with string columns user, item, category and a
+    string or float64 timestamp; _BadRow for an empty id, a timestamp that is
+    not a finite number, or an item with two categories."""
+    if table.num_rows == 0:
+        raise DataFormatError(f"{path}: no data rows after the header; expected one row per "
+                              "behaviour")
+    columns = {}
+    for name in TABLE_COLUMNS[:3]:
+        column = pc.utf8_trim_whitespace(table[name]).combine_chunks()
+        bad = _first_index(pc.fill_null(pc.equal(pc.utf8_length(column), 0), True))
+        if bad is not None:
+            raise _BadRow(bad, f"empty {name} id; expected a non-empty token")
+        bad = _first_index(pc.match_substring(column, "\0"))
+        if bad is not None:          # valid UTF-8, but the mark of a binary or UTF-16 file
+            raise _BadRow(bad, f"a NUL byte in a {name} id; expected UTF-8 text")
+        columns[name] = column.dictionary_encode()
+    timestamps = table["timestamp"].combine_chunks()
+    if pa.types.is_string(timestamps.type):
+        try:
+            timestamps = pc.utf8_trim_whitespace(timestamps).cast(pa.float64())
+        except pa.ArrowInvalid:
+            raise _BadRow(None, "a timestamp that is not a number") from None
+    bad = _first_index(pc.invert(pc.fill_null(pc.is_finite(timestamps), False)))
+    if bad is not None:
+        raise _BadRow(bad, "expected a finite numeric timestamp")
+    item_codes = columns["item"].indices.to_numpy()
+    category_codes = columns["category"].indices.to_numpy()
+    # Each item's category is the one of its first row; any other row disagreeing is an error.
+    _, first_row = np.unique(item_codes, return_index=True)
+    first_category = np.empty(len(columns["item"].dictionary), dtype=category_codes.dtype)
+    first_category[item_codes[first_row]] = category_codes[first_row]
+    bad = _first_index(category_codes != first_category[item_codes])
+    if bad is not None:
+        raise _BadRow(bad, "the item has another category on an earlier row; expected one "
+                      "category per item")
+    user_dictionary = columns["user"].dictionary
+    user_order = pc.sort_indices(user_dictionary)
+    user_rank = np.empty(len(user_dictionary), dtype=np.int64)
+    user_rank[user_order.to_numpy()] = np.arange(len(user_dictionary))
+    users = user_rank[columns["user"].indices.to_numpy()]
+    # Group by user (in id order), then time; pyarrow's sort is stable, which
+    # keeps ties in file order.
+    order = pc.sort_indices(pa.table({"user": users, "timestamp": timestamps}),
+                            sort_keys=[("user", "ascending"), ("timestamp", "ascending")])
+    order = order.to_numpy()
+    users = users[order]
+    starts = np.flatnonzero(np.r_[True, users[1:] != users[:-1]])
+    return Interactions(
+        user_dictionary.take(user_order),
+        np.append(starts, len(order)).astype(np.int64),
+        pa.DictionaryArray.from_arrays(pa.array(item_codes[order]), columns["item"].dictionary),
+        columns["item"].dictionary,
+        columns["category"].dictionary.take(pa.array(first_category)),
+        str(path))
+
+
+def _first_bad_line(path: Path, delimiter: str, header: list) -> Optional[DataFormatError]:
+    """The DataFormatError of the first bad line of a table file (the checks
+    of pyarrow's parse and of _interactions_from_table, line by line), or
+    None when every line passes."""
+    first_category = {}
+    lines = text_lines(path)
+    next(lines, None)
+    for number, line in enumerate(lines, start=2):
+        where = f"{path}, line {number}"
+        if not line.rstrip("\r\n"):
+            continue                                   # pyarrow skips empty lines too
+        try:
+            fields = next(csv.reader([line], delimiter=delimiter, strict=True))
+        except csv.Error as error:
+            return DataFormatError(f"{where}: {error}; expected {len(header)} "
+                                   f"{delimiter!r}-separated fields on one line")
+        if len(fields) != len(header):
+            return DataFormatError(f"{where}: expected {len(header)} fields "
+                                   f"({','.join(n for n in header if n in TABLE_COLUMNS)}, ...)"
+                                   f", got {len(fields)}")
+        row = dict(zip(header, fields))
+        for name in TABLE_COLUMNS[:3]:
+            if not row[name].strip():
+                return DataFormatError(f"{where}: empty {name} id; expected a non-empty token")
+        try:
+            timestamp = float(row["timestamp"])
+        except ValueError:
+            timestamp = math.nan
+        if not math.isfinite(timestamp):
+            return DataFormatError(f"{where}: expected a finite numeric timestamp, got "
+                                   f"{snippet(row['timestamp'])}")
+        item, category = row["item"].strip(), row["category"].strip()
+        seen = first_category.setdefault(item, (category, number))
+        if seen[0] != category:
+            return DataFormatError(f"{where}: item {snippet(item)} has category "
+                                   f"{snippet(category)}, but {snippet(seen[0])} on line "
+                                   f"{seen[1]}; expected one category per item")
+    return None
+
+
+def load_parquet(path) -> Interactions:
+    """A Parquet file with the columns user, item, category (any type; ids are
+    their string form) and timestamp (numbers or a timestamp type)."""
+    import pyarrow.parquet as pq
+
+    path = Path(path)
+    try:
+        schema = pq.read_schema(path)
+    except (pa.ArrowInvalid, OSError) as error:
+        raise DataFormatError(f"{path}: not a Parquet file pyarrow can read "
+                              f"({type(error).__name__})") from None
+    names = {name.strip().lower(): name for name in schema.names}
+    missing = [c for c in TABLE_COLUMNS if c not in names]
+    if missing:
+        raise DataFormatError(f"{path}: missing column(s) {missing}; expected the columns "
+                              f"{list(TABLE_COLUMNS)}")
+    try:
+        table = pq.read_table(path, columns=[names[c] for c in TABLE_COLUMNS])
+    except (pa.ArrowInvalid, OSError) as error:
+        raise DataFormatError(f"{path}: a damaged Parquet file ({type(error).__name__})") \
+            from None
+    table = table.rename_columns(list(TABLE_COLUMNS))
+    columns = []
+    for name in TABLE_COLUMNS:
+        column = table[name]
+        if name == "timestamp" and pa.types.is_timestamp(column.type):
+            column = column.cast(pa.int64())
+        try:
+            column = column.cast(pa.float64() if name == "timestamp" else pa.string())
+        except (pa.ArrowInvalid, pa.ArrowNotImplementedError):
+            raise DataFormatError(f"{path}: column {name} has type {column.type}; expected "
+                                  f"{'numbers' if name == 'timestamp' else 'ids'}") from None
+        bad = _first_index(column.is_null().combine_chunks())
+        if bad is not None:
+            raise DataFormatError(f"{path}, row {bad + 1}: {name} is null; expected a value")
+        columns.append(column)
+    try:
+        return _interactions_from_table(pa.table(columns, names=list(TABLE_COLUMNS)), path)
+    except _BadRow as bad:
+        raise bad.error(path) from None
+
+
+# ---------------------------------------------------------------- synthetic data
+
+def synthetic_interactions(num_users: int = 2000, num_categories: int = 40,
+                           items_per_category: int = 25, interests_per_user: int = 6,
+                           min_length: int = 8, max_length: int = 30,
+                           seed: int = 0) -> Interactions:
+    """A seeded dataset where the next click depends on the history items related
+    to it, which is what DIN's attention is for.
+
+    Each user has a few interest categories and, in each, a favourite spot on
+    that category's ring of items. Every behaviour picks one interest and an
+    item close to that interest's spot. So the target is predicted by the
+    user's earlier items of the same category (and their positions), while the
+    other interests in the history are noise: attention can pick the related
+    items out, sum pooling has to see them blurred with all the rest.
+    Ids are the strings of integers from 1.
+    """
+    rng = np.random.default_rng(seed)
+    lengths = rng.integers(min_length, max_length + 1, size=num_users)
+    interests = np.stack([rng.choice(num_categories, interests_per_user, replace=False)
+                          for _ in range(num_users)])
+    spots = rng.integers(0, items_per_category, size=(num_users, interests_per_user))
+    user_of = np.repeat(np.arange(num_users), lengths)
+    which = rng.integers(0, interests_per_user, size=len(user_of))
+    category = interests[user_of, which]
+    offset = rng.integers(-1, 2, size=len(user_of))           # the spot or a neighbour
+    position = (spots[user_of, which] + offset) % items_per_category
+    items = category * items_per_category + position + 1      # raw ids from 1
+    all_items = np.arange(1, num_categories * items_per_category + 1, dtype=np.int64)
+    as_strings = lambda ids: pa.array(ids).cast(pa.string())
+    return Interactions(as_strings(np.arange(1, num_users + 1)),
+                        np.concatenate([[0], np.cumsum(lengths)]).astype(np.int64),
+                        as_strings(items).dictionary_encode(), as_strings(all_items),
+                        as_strings((all_items - 1) // items_per_category + 1), "synthetic")
