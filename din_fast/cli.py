@@ -114,7 +114,7 @@ def build_parser() -> argparse.ArgumentParser:
                               help="size of the item and of the category embedding each")
     train_parser.add_argument("--max-len", type=positive_int, default=defaults.max_len,
                               help="keep the most recent N behaviours of each history")
-    train_parser.add_argument("--attention-normalization", choices=("softmax", "none"),
+    train_parser.add_argument("--attention-normalization", choices=("softmax", "none", "sigmoid"),
                               default=defaults.attention_normalization or "none",
                               help="DIN's attention weights: softmax over the history, or the "
                               "paper's raw scores (none)")
@@ -129,6 +129,8 @@ def build_parser() -> argparse.ArgumentParser:
     train_parser.add_argument("--item-bias", action="store_true")
     train_parser.add_argument("--dropout", type=float, default=defaults.dropout)
     train_parser.add_argument("--recency-positions", type=int, default=defaults.recency_positions)
+    train_parser.add_argument("--attention-bias-init", type=float,
+                              default=defaults.attention_bias_init)
     train_parser.add_argument("--seed", type=seed, default=defaults.seed)
     train_parser.add_argument("--backend", choices=BACKENDS, default=defaults.backend)
     train_parser.add_argument("--device", choices=("cpu", "cuda"), default=default_device())

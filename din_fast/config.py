@@ -14,7 +14,7 @@ from .models import MLP_ACTIVATIONS, MODELS
 from .problem import ACTIVATIONS, BACKENDS
 
 DEVICES = ("cpu", "cuda")
-ATTENTION_NORMALIZATIONS = (None, "softmax")
+ATTENTION_NORMALIZATIONS = (None, "softmax", "sigmoid")
 
 
 def _positive_int(value) -> bool:
@@ -48,6 +48,7 @@ FIELD_RULES = {
     "item_bias": (lambda v: type(v) is bool, "a bool"),
     "dropout": (lambda v: type(v) in (int, float) and 0 <= v < 1, "in [0, 1)"),
     "recency_positions": (lambda v: type(v) is int and v >= 0, "an integer >= 0"),
+    "attention_bias_init": (lambda v: type(v) in (int, float), "a number"),
 }
 
 
@@ -76,6 +77,7 @@ class TrainConfig:
     item_bias: bool = False
     dropout: float = 0.0
     recency_positions: int = 0
+    attention_bias_init: float = 0.0
 
     def __post_init__(self):
         for name, expected in config_problems(vars(self)):
@@ -96,7 +98,8 @@ def build_model(config: TrainConfig, num_items: int, num_categories: int) -> tor
     """The untrained model of ``config`` (on the current default device)."""
     options = {"attention_normalization": config.attention_normalization,
                "attention_activation": config.attention_activation,
-               "recency_positions": config.recency_positions} \
+               "recency_positions": config.recency_positions,
+               "attention_bias_init": config.attention_bias_init} \
         if config.model == "din" else {}
     return MODELS[config.model](num_items, num_categories, embed_dim=config.embed_dim,
                                 mlp_activation=config.mlp_activation, backend=config.backend,

@@ -102,8 +102,9 @@ def load_amazon_directory(directory) -> Interactions:
     directory = Path(directory)
     attribute_files = sorted(directory.glob("*" + AMAZON_ATTRIBUTES_SUFFIX))
     if len(attribute_files) != 1:
-        raise DataFormatError(f"{directory}: expected exactly one '<Name>{AMAZON_ATTRIBUTES_SUFFIX}'"
-                              f" file, found {len(attribute_files)}")
+        raise DataFormatError(f"{directory}: expected exactly one "
+                              f"'<Name>{AMAZON_ATTRIBUTES_SUFFIX}' file, found "
+                              f"{len(attribute_files)}")
     name = attribute_files[0].name[:-len(AMAZON_ATTRIBUTES_SUFFIX)]
     sequences_file = directory / f"{name}.txt"
     if not sequences_file.is_file():
@@ -168,23 +169,18 @@ def load_table(path) -> Interactions:
     names the columns user, item, category, timestamp (any case; other
     columns are ignored). Each user's rows are ordered by timestamp, ties
     kept in file order."""
-    import pyarrow.csv as pacsv
-
     path = Path(path)
     header_line = next(text_lines(path), "")
     delimiter = "\t" if path.suffix.lower() == ".tsv" or "\t" in header_line else ","
     header = _table_header(header_line, path, delimiter)
     try:
-        table = pacsv.read_csv(
-            path,
-            read_options=pacsv.ReadOptions(column_names=header, skip_rows=1,
-                                           block_size=TABLE_BLOCK_BYTES),
-            parse_options=pacsv.ParseOptions(delimiter=delimiter),
-            # All as text: ids stay tokens, and timestamps are trimmed before
-            # conversion (pyarrow's float parser rejects " 5", Python's does not).
-            convert_options=pacsv.ConvertOptions(
-                include_columns=list(TABLE_COLUMNS),
-                column_types={c: pa.string() for c in TABLE_COLUMNS}))
+        # Timestamps as numbers first (the fast path); pyarrow's number parser
+        # rejects " 5", which Python's accepts, so a failure retries with them
+        # as text, trimmed and converted afterwards.
+        try:
+            table = _read_table(path, header, delimiter, pa.float64())
+        except pa.ArrowInvalid:
+            table = _read_table(path, header, delimiter, pa.string())
     except (pa.ArrowInvalid, pa.ArrowTypeError, pa.ArrowNotImplementedError) as error:
         raise _first_bad_line(path, delimiter, header) or DataFormatError(
             f"{path}: not a {'TSV' if delimiter == chr(9) else 'CSV'} table pyarrow can read "
@@ -194,6 +190,20 @@ def load_table(path) -> Interactions:
         return _interactions_from_table(table, path)
     except _BadRow as bad:
         raise _first_bad_line(path, delimiter, header) or bad.error(path, "data row") from None
+
+
+def _read_table(path: Path, header: list, delimiter: str, timestamp_type) -> pa.Table:
+    import pyarrow.csv as pacsv
+
+    return pacsv.read_csv(
+        path,
+        read_options=pacsv.ReadOptions(column_names=header, skip_rows=1,
+                                       block_size=TABLE_BLOCK_BYTES),
+        parse_options=pacsv.ParseOptions(delimiter=delimiter),
+        convert_options=pacsv.ConvertOptions(
+            include_columns=list(TABLE_COLUMNS),
+            column_types={"user": pa.string(), "item": pa.string(), "category": pa.string(),
+                          "timestamp": timestamp_type}))
 
 
 # A row longer than a block is an error in pyarrow; 16 MB keeps any sane row.
@@ -239,6 +249,26 @@ def _first_index(mask) -> Optional[int]:
     return int(indices[0]) if len(indices) else None
 
 
+def _encoded_ids(column, name: str) -> pa.DictionaryArray:
+    """A column of ids, dictionary-encoded with surrounding spaces dropped;
+    _BadRow at the first empty id or id holding a NUL byte. The checks and
+    the trimming run on the distinct values only."""
+    encoded = column.combine_chunks().dictionary_encode()
+    values = pc.utf8_trim_whitespace(encoded.dictionary)
+    for bad_values, problem in (
+            (pc.equal(pc.utf8_length(values), 0), f"empty {name} id; expected a non-empty token"),
+            # Valid UTF-8, but the mark of a binary or UTF-16 file.
+            (pc.match_substring(values, "\0"), f"a NUL byte in a {name} id; expected UTF-8 text")):
+        bad_values = bad_values.to_numpy(zero_copy_only=False)
+        if bad_values.any():
+            raise _BadRow(_first_index(bad_values[encoded.indices.to_numpy()]), problem)
+    if values.equals(encoded.dictionary):
+        return encoded
+    merged = values.dictionary_encode()       # " a" and "a" are one id
+    return pa.DictionaryArray.from_arrays(merged.indices.take(encoded.indices),
+                                          merged.dictionary)
+
+
 def _interactions_from_table(table: pa.Table, path: Path) -> Interactions:
     """Interactions of a table with string columns user, item, category and a
     string or float64 timestamp; _BadRow for an empty id, a timestamp that is
@@ -246,16 +276,7 @@ def _interactions_from_table(table: pa.Table, path: Path) -> Interactions:
     if table.num_rows == 0:
         raise DataFormatError(f"{path}: no data rows after the header; expected one row per "
                               "behaviour")
-    columns = {}
-    for name in TABLE_COLUMNS[:3]:
-        column = pc.utf8_trim_whitespace(table[name]).combine_chunks()
-        bad = _first_index(pc.fill_null(pc.equal(pc.utf8_length(column), 0), True))
-        if bad is not None:
-            raise _BadRow(bad, f"empty {name} id; expected a non-empty token")
-        bad = _first_index(pc.match_substring(column, "\0"))
-        if bad is not None:          # valid UTF-8, but the mark of a binary or UTF-16 file
-            raise _BadRow(bad, f"a NUL byte in a {name} id; expected UTF-8 text")
-        columns[name] = column.dictionary_encode()
+    columns = {name: _encoded_ids(table[name], name) for name in TABLE_COLUMNS[:3]}
     timestamps = table["timestamp"].combine_chunks()
     if pa.types.is_string(timestamps.type):
         try:

@@ -27,6 +27,8 @@ def gauc(users, labels, scores) -> float:
     if not (users.shape == labels.shape == scores.shape) or users.ndim != 1:
         raise ValueError("gauc: `users`, `labels` and `scores` must be 1-D of one length; got "
                          f"shapes {users.shape}, {labels.shape}, {scores.shape}")
+    if users.size == 0:
+        raise ValueError("gauc: no samples; GAUC is undefined")
     order = np.lexsort((scores, users))
     users, labels, scores = users[order], labels[order] > 0.5, scores[order]
     n = len(users)

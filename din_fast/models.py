@@ -34,7 +34,8 @@ class Dice(nn.Module):
         return x * (self.alpha + p * (1 - self.alpha))
 
 
-def scoring_mlp(in_features: int, hidden_units, activation: str, dropout: float = 0.0) -> nn.Sequential:
+def scoring_mlp(in_features: int, hidden_units, activation: str,
+                dropout: float = 0.0) -> nn.Sequential:
     if activation not in MLP_ACTIVATIONS:
         raise ValueError(f"`mlp_activation` must be one of {MLP_ACTIVATIONS}; got {activation!r}")
     layers, width = [], in_features
@@ -128,16 +129,30 @@ class DIN(BaseModel):
                  mlp_hidden=(200, 80), mlp_activation: str = "prelu", backend: str = "auto",
                  mlp_input: str = "product", item_bias: bool = False, dropout: float = 0.0,
                  attention_hidden=(80, 40), attention_activation: str = "sigmoid",
-                 attention_normalization="softmax", recency_positions: int = 0):
+                 attention_normalization="softmax", recency_positions: int = 0,
+                 attention_bias_init: float = 0.0):
         super().__init__(num_items, num_categories, embed_dim, mlp_hidden, mlp_activation,
                          backend, mlp_input, item_bias, dropout)
+        self.gate = attention_normalization == "sigmoid"
         self.attention = DINAttention(2 * embed_dim, attention_hidden, attention_activation,
-                                      normalization=attention_normalization, backend=backend)
+                                      normalization=None if self.gate else attention_normalization,
+                                      return_scores=self.gate, backend=backend)
+        with torch.no_grad():
+            self.attention.output.bias.fill_(attention_bias_init)
         self.recency = nn.Embedding(recency_positions, 2 * embed_dim) if recency_positions else None
         if self.recency is not None:
             nn.init.normal_(self.recency.weight, std=EMBEDDING_INIT_STD)
 
     def pool(self, candidate, history, lengths):
+        if self.gate:
+            _, scores = self.attention(candidate, history, lengths)     # [B, T] or [B, C, T]
+            valid = torch.arange(history.shape[1], device=history.device) < lengths[:, None]
+            if scores.dim() == 3:
+                valid = valid[:, None]
+            weights = torch.where(valid, torch.sigmoid(scores), torch.zeros_like(scores))
+            if scores.dim() == 2:
+                return torch.einsum("bt,btd->bd", weights, history)
+            return torch.einsum("bct,btd->bcd", weights, history)
         if self.recency is None:
             return self.attention(candidate, history, lengths)
         # Keys know how recent each behaviour is (0 = the latest); the pooled

@@ -20,7 +20,6 @@ from .data import (BATCH_STREAM, EncodedData, Samples, SampleSplits, build_sampl
 from .errors import InputError
 from .loaders import load_interactions, synthetic_interactions
 from .metrics import ctr_metrics
-from .modules import DINAttention
 
 EVAL_BATCH_SIZE = 4096
 LOSS_SMOOTHING = 0.02  # the progress bar's loss: an exponential average over ~50 batches
@@ -41,14 +40,13 @@ def check_device_and_backend(config: TrainConfig) -> None:
     check_device(config.device)
     if config.model != "din":
         return
-    # One small forward of the attention unit with the run's settings on the
-    # run's device: it fails exactly as the first training step would.
-    probe = DINAttention(2 * config.embed_dim, normalization=config.attention_normalization,
-                         backend=config.backend).to(config.device).eval()
-    query = torch.zeros(1, 2 * config.embed_dim, device=config.device)
+    # One forward of a one-item model with the run's settings on the run's
+    # device: it fails exactly as the first training step would.
+    probe = build_model(config, 1, 1).to(config.device).eval()
+    ones = torch.ones(1, 1, dtype=torch.long, device=config.device)
     try:
         with torch.no_grad():
-            probe(query, query[:, None], torch.ones(1, dtype=torch.long, device=config.device))
+            probe(ones, ones, ones[0], ones[0], ones[0])
     except ValueError as error:
         raise InputError(f"backend {config.backend!r} on device {config.device!r}: {error}") \
             from None

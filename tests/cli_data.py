@@ -5,6 +5,9 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+import pytest
+import torch
+
 
 def write_csv(path: Path, interactions) -> Path:
     """The interactions as a user,item,category,timestamp table (timestamp = position)."""
@@ -27,3 +30,13 @@ def write_amazon(directory: Path, name="Small", lines=None, attributes=None) -> 
     (directory / f"{name}.txt").write_text("\n".join(lines) + "\n")
     (directory / f"{name}_item2attributes.json").write_text(json.dumps(attributes))
     return directory
+
+
+@pytest.fixture
+def one_torch_thread():
+    """One torch thread, as the command sets (cli.add_threads_option); main()
+    sets the count for the whole process, so the other tests get theirs back."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)

@@ -11,7 +11,7 @@ from din_fast.cli import main
 from din_fast.loaders import synthetic_interactions
 from din_fast.training import TrainConfig, train
 
-from cli_data import write_csv
+from cli_data import one_torch_thread, write_csv  # noqa: F401 (a fixture)
 
 METRICS = ("test_auc", "test_gauc", "test_logloss")
 VALIDATION_METRICS = ("validation_auc", "validation_gauc", "validation_logloss")
@@ -22,14 +22,7 @@ def tiny_csv(tmp_path):
     return write_csv(tmp_path / "tiny.csv", synthetic_interactions(num_users=60, seed=4))
 
 
-@pytest.fixture(autouse=True)
-def one_torch_thread():
-    # As the command does (see cli.add_threads_option); main() sets the count
-    # for the whole process, so give the other tests theirs back.
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 def test_din_beats_base_model_on_synthetic_data(tmp_path):

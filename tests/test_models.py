@@ -41,6 +41,8 @@ def test_gauc_matches_per_user_sklearn():
 def test_gauc_rejects_bad_input():
     with pytest.raises(ValueError, match="one length"):
         gauc([1, 2], [0, 1], [0.5])
+    with pytest.raises(ValueError, match="no samples"):
+        gauc([], [], [])
     with pytest.raises(ValueError, match="one class"):
         gauc([1, 1, 2], [1, 1, 0], [0.1, 0.2, 0.3])
 

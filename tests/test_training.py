@@ -14,15 +14,10 @@ from din_fast.loaders import synthetic_interactions
 from din_fast.training import (TrainConfig, evaluate, fit, inverse_frequencies, minibatch_l2,
                                train)
 
-from cli_data import write_csv
+from cli_data import one_torch_thread, write_csv  # noqa: F401 (a fixture)
 
 
-@pytest.fixture(autouse=True)
-def one_torch_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 @pytest.fixture(scope="module")
