@@ -114,7 +114,7 @@ def deepctr_options(config: TrainConfig, matched: bool) -> dict:
                 att_weight_normalization=config.attention_normalization == "softmax",
                 dnn_hidden_units=(200, 80),
                 dnn_activation=DEEPCTR_ACTIVATIONS[config.mlp_activation],
-                dnn_dropout=config.dropout, init_std=EMBEDDING_INIT_STD,
+                init_std=EMBEDDING_INIT_STD,
                 l2_reg_embedding=0.0, seed=config.seed)
 
 

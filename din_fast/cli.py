@@ -126,11 +126,7 @@ def build_parser() -> argparse.ArgumentParser:
                               help="activation of the scoring MLP")
     train_parser.add_argument("--mlp-input", choices=("product", "concat"),
                               default=defaults.mlp_input)
-    train_parser.add_argument("--item-bias", action="store_true")
-    train_parser.add_argument("--dropout", type=float, default=defaults.dropout)
-    train_parser.add_argument("--recency-positions", type=int, default=defaults.recency_positions)
-    train_parser.add_argument("--attention-bias-init", type=float,
-                              default=defaults.attention_bias_init)
+    train_parser.add_argument("--attention-scale", type=float, default=defaults.attention_scale)
     train_parser.add_argument("--seed", type=seed, default=defaults.seed)
     train_parser.add_argument("--backend", choices=BACKENDS, default=defaults.backend)
     train_parser.add_argument("--device", choices=("cpu", "cuda"), default=default_device())

@@ -45,10 +45,7 @@ FIELD_RULES = {
     "attention_activation": (lambda v: v in ACTIVATIONS, f"one of {ACTIVATIONS}"),
     "mlp_activation": (lambda v: v in MLP_ACTIVATIONS, f"one of {MLP_ACTIVATIONS}"),
     "mlp_input": (lambda v: v in ("product", "concat"), "product or concat"),
-    "item_bias": (lambda v: type(v) is bool, "a bool"),
-    "dropout": (lambda v: type(v) in (int, float) and 0 <= v < 1, "in [0, 1)"),
-    "recency_positions": (lambda v: type(v) is int and v >= 0, "an integer >= 0"),
-    "attention_bias_init": (lambda v: type(v) in (int, float), "a number"),
+    "attention_scale": (_positive_float, "a finite number > 0"),
 }
 
 
@@ -74,10 +71,7 @@ class TrainConfig:
     attention_activation: str = "sigmoid"
     mlp_activation: str = "prelu"
     mlp_input: str = "product"
-    item_bias: bool = False
-    dropout: float = 0.0
-    recency_positions: int = 0
-    attention_bias_init: float = 0.0
+    attention_scale: float = 1.0
 
     def __post_init__(self):
         for name, expected in config_problems(vars(self)):
@@ -98,10 +92,8 @@ def build_model(config: TrainConfig, num_items: int, num_categories: int) -> tor
     """The untrained model of ``config`` (on the current default device)."""
     options = {"attention_normalization": config.attention_normalization,
                "attention_activation": config.attention_activation,
-               "recency_positions": config.recency_positions,
-               "attention_bias_init": config.attention_bias_init} \
+               "attention_scale": config.attention_scale} \
         if config.model == "din" else {}
     return MODELS[config.model](num_items, num_categories, embed_dim=config.embed_dim,
                                 mlp_activation=config.mlp_activation, backend=config.backend,
-                                mlp_input=config.mlp_input, item_bias=config.item_bias,
-                                dropout=config.dropout, **options)
+                                mlp_input=config.mlp_input, **options)

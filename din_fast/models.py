@@ -34,16 +34,13 @@ class Dice(nn.Module):
         return x * (self.alpha + p * (1 - self.alpha))
 
 
-def scoring_mlp(in_features: int, hidden_units, activation: str,
-                dropout: float = 0.0) -> nn.Sequential:
+def scoring_mlp(in_features: int, hidden_units, activation: str) -> nn.Sequential:
     if activation not in MLP_ACTIVATIONS:
         raise ValueError(f"`mlp_activation` must be one of {MLP_ACTIVATIONS}; got {activation!r}")
     layers, width = [], in_features
     for units in hidden_units:
         layers += [nn.Linear(width, units),
                    nn.PReLU(units) if activation == "prelu" else Dice(units)]
-        if dropout:
-            layers.append(nn.Dropout(dropout))
         width = units
     layers.append(nn.Linear(width, 1))
     return nn.Sequential(*layers)
@@ -60,7 +57,7 @@ class BaseModel(nn.Module):
 
     def __init__(self, num_items: int, num_categories: int, embed_dim: int = 32,
                  mlp_hidden=(200, 80), mlp_activation: str = "prelu", backend: str = "auto",
-                 mlp_input: str = "product", item_bias: bool = False, dropout: float = 0.0):
+                 mlp_input: str = "product"):
         super().__init__()
         self.backend = backend
         self.mlp_input = mlp_input
@@ -70,11 +67,8 @@ class BaseModel(nn.Module):
             nn.init.normal_(table.weight, std=EMBEDDING_INIT_STD)
             with torch.no_grad():
                 table.weight[0].zero_()
-        self.item_bias = nn.Embedding(num_items + 1, 1, padding_idx=0) if item_bias else None
-        if item_bias:
-            nn.init.zeros_(self.item_bias.weight)
         width = 6 * embed_dim if mlp_input == "product" else 4 * embed_dim
-        self.mlp = scoring_mlp(width, mlp_hidden, mlp_activation, dropout)
+        self.mlp = scoring_mlp(width, mlp_hidden, mlp_activation)
 
     def embed(self, items, categories):
         return torch.cat([self.item_embedding(items), self.category_embedding(categories)], -1)
@@ -91,10 +85,7 @@ class BaseModel(nn.Module):
 
     def embedding_tables(self):
         """(table, which ids index it: "item" or "category")."""
-        tables = [(self.item_embedding, "item"), (self.category_embedding, "category")]
-        if self.item_bias is not None:
-            tables.append((self.item_bias, "item"))
-        return tables
+        return [(self.item_embedding, "item"), (self.category_embedding, "category")]
 
     def forward(self, history_items, history_categories, lengths, target_items,
                 target_categories):
@@ -109,10 +100,7 @@ class BaseModel(nn.Module):
             features.append(interest * candidate)
         features = torch.cat(features, -1)
         # The MLP sees rows of features: its Dice normalizes per unit (BatchNorm1d).
-        logits = self.mlp(features.flatten(0, -2)).view(features.shape[:-1])
-        if self.item_bias is not None:
-            logits = logits + self.item_bias(target_items).squeeze(-1)
-        return logits
+        return self.mlp(features.flatten(0, -2)).view(features.shape[:-1])
 
 
 class DIN(BaseModel):
@@ -127,21 +115,16 @@ class DIN(BaseModel):
 
     def __init__(self, num_items: int, num_categories: int, embed_dim: int = 32,
                  mlp_hidden=(200, 80), mlp_activation: str = "prelu", backend: str = "auto",
-                 mlp_input: str = "product", item_bias: bool = False, dropout: float = 0.0,
-                 attention_hidden=(80, 40), attention_activation: str = "sigmoid",
-                 attention_normalization="softmax", recency_positions: int = 0,
-                 attention_bias_init: float = 0.0):
+                 mlp_input: str = "product", attention_hidden=(80, 40),
+                 attention_activation: str = "sigmoid", attention_normalization="softmax",
+                 attention_scale: float = 1.0):
         super().__init__(num_items, num_categories, embed_dim, mlp_hidden, mlp_activation,
-                         backend, mlp_input, item_bias, dropout)
+                         backend, mlp_input)
         self.gate = attention_normalization == "sigmoid"
         self.attention = DINAttention(2 * embed_dim, attention_hidden, attention_activation,
                                       normalization=None if self.gate else attention_normalization,
-                                      return_scores=self.gate, backend=backend)
-        with torch.no_grad():
-            self.attention.output.bias.fill_(attention_bias_init)
-        self.recency = nn.Embedding(recency_positions, 2 * embed_dim) if recency_positions else None
-        if self.recency is not None:
-            nn.init.normal_(self.recency.weight, std=EMBEDDING_INIT_STD)
+                                      scale=attention_scale, return_scores=self.gate,
+                                      backend=backend)
 
     def pool(self, candidate, history, lengths):
         if self.gate:
@@ -153,13 +136,7 @@ class DIN(BaseModel):
             if scores.dim() == 2:
                 return torch.einsum("bt,btd->bd", weights, history)
             return torch.einsum("bct,btd->bcd", weights, history)
-        if self.recency is None:
-            return self.attention(candidate, history, lengths)
-        # Keys know how recent each behaviour is (0 = the latest); the pooled
-        # values stay the behaviours themselves.
-        age = lengths[:, None] - 1 - torch.arange(history.shape[1], device=history.device)
-        keys = history + self.recency(age.clamp(0, self.recency.num_embeddings - 1))
-        return self.attention(candidate, keys, lengths, values=history)
+        return self.attention(candidate, history, lengths)
 
     def attention_backend(self):
         return self.attention.resolved_backend()
