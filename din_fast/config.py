@@ -56,12 +56,12 @@ class TrainConfig:
 
     data: Optional[str] = None
     model: str = "din"
-    epochs: int = 20
-    patience: int = 2
+    epochs: int = 30
+    patience: int = 3
     batch_size: int = 256
     lr: float = 1e-3
     lr_decay: float = 1.0
-    l2: float = 0.0
+    l2: float = 0.1
     embed_dim: int = 32
     max_len: Optional[int] = 50
     seed: int = 0
