@@ -11,10 +11,11 @@ differs:
 - ``din_fast DIN``: ``din-fast train``'s default model.
 - ``DeepCTR DIN, matched``: ``deepctr_torch.models.DIN`` with din_fast's
   embedding size and initialisation, attention widths, activation and
-  normalization, and MLP widths and activation. What stays DeepCTR's own: its
-  MLP input is [candidate, pooled history] (no product), one PReLU slope per
-  layer, its layers' initialisation (std 1e-4), and every history padded to
-  ``max_len`` (its input is one fixed-width matrix).
+  normalization, and MLP widths and activation (its MLP input is [candidate,
+  pooled history], as din_fast's default). What stays DeepCTR's own: its Dice
+  normalizes the attention unit over every position, padding included; PReLU
+  has one slope per layer; its layers' initialisation (std 1e-4); and every
+  history is padded to ``max_len`` (its input is one fixed-width matrix).
 - ``DeepCTR DIN, defaults``: the same model with DeepCTR-Torch's defaults
   (attention 64-16 Dice without normalization, MLP 256-128 ReLU, embeddings
   initialised with std 1e-4). Its ``l2_reg_embedding`` (1e-6 on whole tables)
@@ -85,6 +86,12 @@ class DeepCTRDIN(nn.Module):
                    history("item", num_items + 1), history("cate", num_categories + 1)]
         self.din = din_class(columns, ["item", "cate"], **options)
         self.din.out.task = "regression"    # its prediction layer without the sigmoid: logits
+        if options.get("dnn_activation") == "Dice":
+            # DIN builds its MLP's Dice for 3-D input (dice_dim=3) though the
+            # MLP sees [B, features]: DeepCTR's own Dice, set up for 2-D.
+            from deepctr_torch.layers.activation import Dice
+            self.din.dnn.activation_layers = nn.ModuleList(
+                Dice(layer.out_features, dim=2) for layer in self.din.dnn.linears)
         self.max_len = max_len
 
     def embedding_tables(self):

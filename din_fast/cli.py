@@ -19,7 +19,7 @@ import torch
 
 from .config import TrainConfig
 from .errors import InputError
-from .models import MLP_ACTIVATIONS, MODELS
+from .models import MLP_ACTIVATIONS, MLP_INPUTS, MODELS
 from .problem import ACTIVATIONS, BACKENDS
 from .plot import check_matplotlib, plot_training
 from .predict import OUTPUT_FORMATS, describe, predict_file
@@ -95,9 +95,9 @@ def build_parser() -> argparse.ArgumentParser:
     train_parser = commands.add_parser(
         "train", help="train DIN or BaseModel and report test AUC, GAUC and logloss",
         formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    train_parser.add_argument("--data", help="an Amazon-layout directory (<Name>.txt + "
-                              "<Name>_item2attributes.json) or a CSV/TSV with columns user,item,"
-                              "category,timestamp; omitted: a seeded synthetic dataset")
+    train_parser.add_argument("--data", help="a CSV/TSV or Parquet file with columns user,item,"
+                              "category,timestamp, or an Amazon-layout directory (<Name>.txt + "
+                              "<Name>_item2attributes.json); omitted: a seeded synthetic set")
     train_parser.add_argument("--model", choices=tuple(MODELS), default=defaults.model)
     train_parser.add_argument("--epochs", type=positive_int, default=defaults.epochs,
                               help="the most epochs to train (early stopping may end sooner)")
@@ -114,7 +114,7 @@ def build_parser() -> argparse.ArgumentParser:
                               help="size of the item and of the category embedding each")
     train_parser.add_argument("--max-len", type=positive_int, default=defaults.max_len,
                               help="keep the most recent N behaviours of each history")
-    train_parser.add_argument("--attention-normalization", choices=("softmax", "none", "sigmoid"),
+    train_parser.add_argument("--attention-normalization", choices=("softmax", "none"),
                               default=defaults.attention_normalization or "none",
                               help="DIN's attention weights: softmax over the history, or the "
                               "paper's raw scores (none)")
@@ -124,9 +124,9 @@ def build_parser() -> argparse.ArgumentParser:
     train_parser.add_argument("--mlp-activation", choices=MLP_ACTIVATIONS,
                               default=defaults.mlp_activation,
                               help="activation of the scoring MLP")
-    train_parser.add_argument("--mlp-input", choices=("product", "concat"),
-                              default=defaults.mlp_input)
-    train_parser.add_argument("--attention-scale", type=float, default=defaults.attention_scale)
+    train_parser.add_argument("--mlp-input", choices=MLP_INPUTS, default=defaults.mlp_input,
+                              help="the scoring MLP's input: [interest, candidate] (concat, "
+                              "the DIN paper's) or with interest x candidate appended (product)")
     train_parser.add_argument("--seed", type=seed, default=defaults.seed)
     train_parser.add_argument("--backend", choices=BACKENDS, default=defaults.backend)
     train_parser.add_argument("--device", choices=("cpu", "cuda"), default=default_device())

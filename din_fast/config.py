@@ -10,11 +10,11 @@ from typing import Optional
 import torch
 
 from .errors import InputError
-from .models import MLP_ACTIVATIONS, MODELS
+from .models import MLP_ACTIVATIONS, MLP_INPUTS, MODELS
 from .problem import ACTIVATIONS, BACKENDS
 
 DEVICES = ("cpu", "cuda")
-ATTENTION_NORMALIZATIONS = (None, "softmax", "sigmoid")
+ATTENTION_NORMALIZATIONS = (None, "softmax")
 
 
 def _positive_int(value) -> bool:
@@ -44,8 +44,7 @@ FIELD_RULES = {
     "l2": (lambda v: _positive_float(v) or v == 0, "a finite number >= 0"),
     "attention_activation": (lambda v: v in ACTIVATIONS, f"one of {ACTIVATIONS}"),
     "mlp_activation": (lambda v: v in MLP_ACTIVATIONS, f"one of {MLP_ACTIVATIONS}"),
-    "mlp_input": (lambda v: v in ("product", "concat"), "product or concat"),
-    "attention_scale": (_positive_float, "a finite number > 0"),
+    "mlp_input": (lambda v: v in MLP_INPUTS, f"one of {MLP_INPUTS}"),
 }
 
 
@@ -68,10 +67,9 @@ class TrainConfig:
     backend: str = "auto"
     device: str = "cpu"
     attention_normalization: Optional[str] = "softmax"
-    attention_activation: str = "sigmoid"
-    mlp_activation: str = "prelu"
-    mlp_input: str = "product"
-    attention_scale: float = 1.0
+    attention_activation: str = "dice"
+    mlp_activation: str = "dice"
+    mlp_input: str = "concat"
 
     def __post_init__(self):
         for name, expected in config_problems(vars(self)):
@@ -91,8 +89,7 @@ def config_problems(values: dict) -> list:
 def build_model(config: TrainConfig, num_items: int, num_categories: int) -> torch.nn.Module:
     """The untrained model of ``config`` (on the current default device)."""
     options = {"attention_normalization": config.attention_normalization,
-               "attention_activation": config.attention_activation,
-               "attention_scale": config.attention_scale} \
+               "attention_activation": config.attention_activation} \
         if config.model == "din" else {}
     return MODELS[config.model](num_items, num_categories, embed_dim=config.embed_dim,
                                 mlp_activation=config.mlp_activation, backend=config.backend,

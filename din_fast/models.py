@@ -2,10 +2,11 @@
 
 Both embed an item as [item embedding | category embedding] (one table each,
 row 0 the padding and kept at zero), use the candidate item as the query, pool
-the history into a user-interest vector, and score
-MLP([interest, candidate, interest * candidate]) as a logit; the sigmoid of it
-is the click probability. The two differ only in the pooling, which is what
-the DIN paper's DIN vs. BaseModel comparison measures.
+the history into a user-interest vector, and score MLP([interest, candidate])
+as a logit (the DIN paper's input; ``mlp_input="product"`` appends
+interest * candidate); the sigmoid of it is the click probability. The two
+differ only in the pooling, which is what the DIN paper's DIN vs. BaseModel
+comparison measures.
 """
 
 from __future__ import annotations
@@ -17,6 +18,7 @@ from .modules import DINAttention
 from .problem import DEFAULT_DICE_EPS
 
 MLP_ACTIVATIONS = ("prelu", "dice")
+MLP_INPUTS = ("concat", "product")
 EMBEDDING_INIT_STD = 0.05
 
 
@@ -56,9 +58,11 @@ class BaseModel(nn.Module):
     """
 
     def __init__(self, num_items: int, num_categories: int, embed_dim: int = 32,
-                 mlp_hidden=(200, 80), mlp_activation: str = "prelu", backend: str = "auto",
-                 mlp_input: str = "product"):
+                 mlp_hidden=(200, 80), mlp_activation: str = "dice", backend: str = "auto",
+                 mlp_input: str = "concat"):
         super().__init__()
+        if mlp_input not in MLP_INPUTS:
+            raise ValueError(f"`mlp_input` must be one of {MLP_INPUTS}; got {mlp_input!r}")
         self.backend = backend
         self.mlp_input = mlp_input
         self.item_embedding = nn.Embedding(num_items + 1, embed_dim, padding_idx=0)
@@ -105,37 +109,24 @@ class BaseModel(nn.Module):
 
 class DIN(BaseModel):
     """Deep Interest Network: the history pooled by DINAttention with the
-    candidate as the query (the paper's local activation unit: sigmoid, 80-40).
+    candidate as the query (the paper's local activation unit, 80-40, Dice by
+    default as in the paper).
 
     The weights are a softmax over the history by default, as in the original
     released DIN code; ``attention_normalization=None`` gives the paper's raw
-    scores. With softmax DIN learns to attend from far less data, and on the
-    Amazon sets it is the variant that beats BaseModel (see the README).
+    scores (on the Amazon sets softmax won; see the README's recipe section).
     """
 
     def __init__(self, num_items: int, num_categories: int, embed_dim: int = 32,
-                 mlp_hidden=(200, 80), mlp_activation: str = "prelu", backend: str = "auto",
-                 mlp_input: str = "product", attention_hidden=(80, 40),
-                 attention_activation: str = "sigmoid", attention_normalization="softmax",
-                 attention_scale: float = 1.0):
+                 mlp_hidden=(200, 80), mlp_activation: str = "dice", backend: str = "auto",
+                 mlp_input: str = "concat", attention_hidden=(80, 40),
+                 attention_activation: str = "dice", attention_normalization="softmax"):
         super().__init__(num_items, num_categories, embed_dim, mlp_hidden, mlp_activation,
                          backend, mlp_input)
-        self.gate = attention_normalization == "sigmoid"
         self.attention = DINAttention(2 * embed_dim, attention_hidden, attention_activation,
-                                      normalization=None if self.gate else attention_normalization,
-                                      scale=attention_scale, return_scores=self.gate,
-                                      backend=backend)
+                                      normalization=attention_normalization, backend=backend)
 
     def pool(self, candidate, history, lengths):
-        if self.gate:
-            _, scores = self.attention(candidate, history, lengths)     # [B, T] or [B, C, T]
-            valid = torch.arange(history.shape[1], device=history.device) < lengths[:, None]
-            if scores.dim() == 3:
-                valid = valid[:, None]
-            weights = torch.where(valid, torch.sigmoid(scores), torch.zeros_like(scores))
-            if scores.dim() == 2:
-                return torch.einsum("bt,btd->bd", weights, history)
-            return torch.einsum("bct,btd->bcd", weights, history)
         return self.attention(candidate, history, lengths)
 
     def attention_backend(self):
