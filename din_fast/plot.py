@@ -1,8 +1,9 @@
 """``din-fast train --plot FILE.png``: the run's curves per epoch.
 
 Two panels: validation GAUC and AUC (the early-stopping criterion, the best
-epoch marked), and the training loss beside the validation logloss (where
-overfitting shows: the one keeps falling while the other turns up).
+epoch marked), and the training loss at the end of each epoch (averaged over
+its last ~50 batches) beside the validation logloss (where overfitting shows:
+the one keeps falling while the other turns up).
 matplotlib is an optional dependency (``pip install din-fast[plot]``).
 """
 
@@ -35,7 +36,7 @@ def plot_training(metrics: dict, path: str) -> None:
     ranking.plot(epochs, series("validation_auc"), "s--", label="validation AUC")
     ranking.axvline(best, color="grey", linestyle=":", label=f"best epoch ({best})")
     ranking.set(xlabel="epoch", ylabel="AUC", title="Validation ranking")
-    losses.plot(epochs, series("train_loss"), "o-", label="training loss")
+    losses.plot(epochs, series("train_loss"), "o-", label="training loss (last ~50 batches)")
     losses.plot(epochs, series("validation_logloss"), "s--", label="validation logloss")
     losses.axvline(best, color="grey", linestyle=":")
     losses.set(xlabel="epoch", ylabel="logloss", title="Loss")

@@ -103,7 +103,8 @@ def minibatch_l2(model, batch, inverse_frequency: dict) -> torch.Tensor:
 
 
 def train_epoch(model, optimizer, data, samples, config, rng, inverse_frequency, bar) -> float:
-    """One pass over ``samples``; the smoothed training loss (without the penalty)."""
+    """One pass over ``samples``; the training loss (without the penalty) at its
+    end, an exponential average over about the last 50 batches."""
     model.train()
     running = None
     for _, batch in bar(iterate_batches(data, samples, config.batch_size,
