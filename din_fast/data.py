@@ -274,9 +274,10 @@ def iterate_batches(data: EncodedData, samples: Samples, batch_size: int, *,
     items and pad to the batch's longest one.
 
     Without ``shuffle`` samples go in order of history length (least padding).
-    With it, samples are shuffled, then sorted by length within windows of
-    ``bucket_batches`` batches, and the batches of all windows shuffled: each
-    batch holds similar lengths, yet the order stays random.
+    With it (training), samples are shuffled, then sorted by length within
+    windows of ``bucket_batches`` batches, and the batches of all windows
+    shuffled: each batch holds similar lengths, yet the order stays random;
+    no batch holds a single sample.
     """
     if batch_size < 1:
         raise ValueError(f"iterate_batches: `batch_size` must be >= 1; got {batch_size}")
@@ -291,6 +292,10 @@ def iterate_batches(data: EncodedData, samples: Samples, batch_size: int, *,
         order = np.concatenate([chunk[np.argsort(length[chunk], kind="stable")]
                                 for chunk in np.split(order, range(window, len(order), window))])
         batches = np.split(order, range(batch_size, len(order), batch_size))
+        if len(batches) > 1 and len(batches[-1]) == 1:
+            # Batch statistics (Dice's batch normalization) need two rows: a
+            # lone leftover sample joins the batch before it.
+            batches[-2:] = [np.concatenate(batches[-2:])]
         batches = [batches[i] for i in rng.permutation(len(batches))]
     else:
         order = np.argsort(length, kind="stable")
