@@ -89,12 +89,12 @@ def min_bytes(inputs: dict, train: bool) -> int:
     """Bytes the problem moves at least: every input read once and the output
     written once; training adds the output's gradient read and the query's,
     keys' and parameters' gradients written."""
-    tensors = peers.leaves(inputs) + [inputs["lengths"]]
-    inputs_bytes = sum(t.numel() * t.element_size() for t in tensors)
-    output_bytes = inputs["query"].numel() * inputs["keys"].element_size()
+    differentiable = sum(t.numel() * t.element_size() for t in peers.leaves(inputs))
+    lengths = inputs["lengths"].numel() * inputs["lengths"].element_size()
+    output = inputs["query"].numel() * inputs["keys"].element_size()
     if not train:
-        return inputs_bytes + output_bytes
-    return 2 * inputs_bytes - inputs["lengths"].numel() * 8 + 2 * output_bytes
+        return differentiable + lengths + output
+    return 2 * differentiable + lengths + 2 * output
 
 
 def flops(batch: int, candidates: int, length: int, dim: int, hidden: tuple, train: bool) -> float:
@@ -147,7 +147,7 @@ def measure_shape(args, sizes: Sizes, shape: tuple, dtype: torch.dtype, device, 
                     return impl.forward(inputs)
         row = rows[impl.name] = dict(impl=impl.name, note="")
         try:
-            with torch.no_grad():
+            with torch.set_grad_enabled(train):   # train: the graph the timed steps use
                 row["max_abs_error"] = harness.max_abs_error(impl.forward(inputs), exact)
             row["grad_error"] = (harness.worst_gradient_error(call(), exact_grads)
                                  if train else math.nan)

@@ -117,7 +117,12 @@ def din_fast_implementation(backend: str) -> Implementation:
 
 
 def compiled_reference(compile_backend: str = "inductor") -> Implementation:
-    """torch.compile of the reference (the strongest stock-op baseline)."""
+    """torch.compile of the reference (the strongest stock-op baseline).
+
+    Dynamo's caches are cleared first: every shape compiles anew, and past
+    its recompile limit dynamo would silently run the reference eagerly.
+    """
+    torch._dynamo.reset()
     compiled = torch.compile(lambda **inputs: din_fast.din_attention(backend="reference", **inputs),
                              backend=compile_backend)
     return Implementation("reference_compiled", lambda inputs: compiled(**inputs))
