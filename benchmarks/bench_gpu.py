@@ -49,8 +49,6 @@ DTYPES = ("bfloat16", "float32")
 IMPLEMENTATIONS = ("triton", "torch", "reference", "reference_compiled", "deepctr_torch")
 
 
-
-
 @dataclass(frozen=True)
 class Sizes:
     """The shapes and repeat counts of one run."""
@@ -165,25 +163,33 @@ def measure_shape(args, sizes: Sizes, shape: tuple, dtype: torch.dtype, device, 
             row["note"] = row["note"] or f"timing: {failure_note(exc)}"
     bytes_needed = min_bytes(inputs, train)
     work = flops(batch, candidates, length, sizes.dim, sizes.hidden, train)
-    bandwidth, peak = ceilings["copy_bytes_per_s"], ceilings[dtype]
-    floor_ms = 1e3 * max(bytes_needed / bandwidth, work / peak)
+    setting = {"pass": args.pass_, "dtype": str(dtype).removeprefix("torch."), "batch": batch,
+               "candidates": candidates, "length": length, "dim": sizes.dim,
+               "hidden": "x".join(map(str, sizes.hidden))}
     out = []
     for name, row in rows.items():
         ms = harness.Spread.of(times.get(name, []))
         speedup = harness.Spread.of(harness.paired_ratios(times.get(name, []),
                                                          times.get("triton", [])))
-        out.append(dict(
-            {"pass": args.pass_}, dtype=str(dtype).removeprefix("torch."), batch=batch,
-            candidates=candidates, length=length, dim=sizes.dim,
-            hidden="x".join(map(str, sizes.hidden)), impl=name, **ms.fields("ms"),
-            **speedup.fields("triton_speedup"), peak_mib=row.get("peak_mib", math.nan),
-            max_abs_error=row.get("max_abs_error", math.nan),
-            grad_error=row.get("grad_error", math.nan), min_bytes=bytes_needed, flops=work,
-            gbps=bytes_needed / ms.median / 1e6, copy_fraction=bytes_needed / ms.median / 1e-3 / bandwidth,
-            tflops=work / ms.median / 1e9, peak_fraction=work / ms.median / 1e-3 / peak,
-            floor_ms=floor_ms, over_floor=ms.median / floor_ms, copy_gbps=bandwidth / 1e9,
-            peak_tflops=peak / 1e12, note=row["note"]))
+        out.append(dict(setting, impl=name, **ms.fields("ms"), **speedup.fields("triton_speedup"),
+                        peak_mib=row.get("peak_mib", math.nan),
+                        max_abs_error=row.get("max_abs_error", math.nan),
+                        grad_error=row.get("grad_error", math.nan),
+                        **against_ceilings(ms.median, bytes_needed, work,
+                                           ceilings["copy_bytes_per_s"], ceilings[dtype]),
+                        note=row["note"]))
     return out
+
+
+def against_ceilings(ms: float, bytes_needed: int, work: float, bandwidth: float,
+                     peak: float) -> dict:
+    """A time against the device's measured copy bandwidth and matmul peak."""
+    seconds = ms / 1e3
+    floor = max(bytes_needed / bandwidth, work / peak)
+    return dict(min_bytes=bytes_needed, flops=work, gbps=bytes_needed / seconds / 1e9,
+                copy_fraction=bytes_needed / seconds / bandwidth, tflops=work / seconds / 1e12,
+                peak_fraction=work / seconds / peak, floor_ms=1e3 * floor,
+                over_floor=seconds / floor, copy_gbps=bandwidth / 1e9, peak_tflops=peak / 1e12)
 
 
 def print_row(row: dict) -> None:

@@ -105,8 +105,8 @@ def summary(rows: list, missing: list) -> str:
         f"torch {first['torch']}, triton {first['triton']}. Measured ceilings: device-to-device "
         f"copy {first['copy_gbps']:.0f} GB/s; matrix product "
         + ", ".join(f"{dtype} {tflops:.0f} TFLOP/s" for dtype, tflops in ceilings.items()) + ".",
-        "Times are medians of CUDA-event timings taken round-robin (interquartile range in "
-        "brackets); triton speedup = the implementation's time over triton's (the median "
+        "Times are medians of CUDA-event timings (perf_counter in a dry run) taken "
+        "round-robin (interquartile range in brackets); triton speedup = the implementation's time over triton's (the median "
         "per-round ratio); memory = the peak of one call above what was allocated before it; "
         "error = the output's largest absolute error against float64 / the gradients' worst "
         "element relative to each gradient's largest; x floor = the time over "
