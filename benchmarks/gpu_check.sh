@@ -4,17 +4,19 @@
 #
 #   1. the kernel tests on CUDA tensors (CUDA_TESTS below);
 #   2. the forward benchmark and 3. the training-step benchmark
-#      (python -m benchmarks.bench_gpu: din_fast triton against the eager
+#      (python3 -m benchmarks.bench_gpu: din_fast triton against the eager
 #      reference, torch.compile of it, the torch backend and DeepCTR-Torch,
 #      headline shape and sweep, bfloat16 and float32, with peak memory, the
 #      error against float64 and the bandwidth / FLOP rate against the
 #      device's measured copy bandwidth and matmul peak);
 #   4. compute-sanitizer memcheck and racecheck over a small problem per
-#      kernel launch configuration (python -m benchmarks.sanitizer_workload);
+#      kernel launch configuration (python3 -m benchmarks.sanitizer_workload);
 #   5. the report: a markdown summary table and a plot (benchmarks.gpu_report).
 #
-# Each step has its own time limit and a failing step does not stop the
-# next: one run on a lent GPU should bring back every figure. The exit status
+# Each step has its own time limit (together 470 s, plus a few seconds of
+# setup) and a failing step does not stop the next: one run on a lent GPU
+# should bring back every figure; the benchmarks write their CSV after every
+# shape, so a step stopped at its limit keeps what it measured. The exit status
 # is 1 when any step failed. Everything goes to $OUT when it is set, else to
 # benchmarks/results/, named with the GPU: gpu_check_<gpu>.log (all output),
 # bench_gpu_forward_<gpu>.csv, bench_gpu_train_<gpu>.csv, bench_gpu_<gpu>.png,
@@ -49,7 +51,7 @@ if [ "$DRY_RUN" = 1 ]; then
     # CPU only, even on a GPU machine; the kernels run in the Triton interpreter.
     export CUDA_VISIBLE_DEVICES="" TRITON_INTERPRET=1
     BENCH_ARGS=(--dry-run)
-elif ! python -c "import torch, sys; sys.exit(not torch.cuda.is_available())"; then
+elif ! python3 -c "import torch, sys; sys.exit(not torch.cuda.is_available())"; then
     echo "gpu_check.sh: no CUDA device (torch.cuda.is_available() is False); --dry-run runs" \
          "every step on CPU" >&2
     exit 2
@@ -57,26 +59,26 @@ fi
 export PYTHONUNBUFFERED=1
 RESULTS=${OUT:-benchmarks/results}
 mkdir -p "$RESULTS"
-LABEL=$(python -c "import torch; from benchmarks.harness import results_label; \
+LABEL=$(python3 -c "import torch; from benchmarks.harness import results_label; \
 print(results_label(torch.device('cuda' if torch.cuda.is_available() else 'cpu'), $DRY_RUN))") \
     || { echo "gpu_check.sh: cannot import torch and benchmarks.harness" >&2; exit 2; }
 exec > >(tee "$RESULTS/gpu_check_$LABEL.log") 2>&1
 
 echo "gpu_check.sh $* on $LABEL, $(date -u '+%Y-%m-%d %H:%M UTC'), load average $(cut -d' ' -f1-3 /proc/loadavg)"
 command -v nvidia-smi >/dev/null && [ "$DRY_RUN" = 0 ] && nvidia-smi -L
-python -c "import din_fast.kernels" 2>/dev/null \
-    || python -m pip install -q --no-deps --no-build-isolation -e . \
+python3 -c "import din_fast.kernels" 2>/dev/null \
+    || python3 -m pip install -q --no-deps --no-index --no-build-isolation -e . \
     || echo "gpu_check.sh: installing din_fast failed; the steps below will say what is missing"
-if ! python -c "import importlib.util, sys; sys.exit(importlib.util.find_spec('deepctr_torch') is None)"; then
+if ! python3 -c "import importlib.util, sys; sys.exit(importlib.util.find_spec('deepctr_torch') is None)"; then
     wheel=$(ls benchmarks/wheels/deepctr_torch-*.whl 2>/dev/null | head -n 1)
     if [ -n "$wheel" ]; then
-        python -m pip install -q --no-deps --no-index "$wheel"
+        python3 -m pip install -q --no-deps --no-index "$wheel"
     else
         echo "gpu_check.sh: deepctr-torch is not installed and benchmarks/wheels/ holds no" \
              "wheel of it: the benchmarks leave DeepCTR-Torch's layer out"
     fi
 fi
-python -c "import torch, triton; print('python', __import__('sys').version.split()[0], \
+python3 -c "import torch, triton; print('python', __import__('sys').version.split()[0], \
 'torch', torch.__version__, 'triton', triton.__version__)"
 
 status=0
@@ -99,8 +101,8 @@ step() {
 
 find_sanitizer() {
     local triton_bin sites candidate
-    triton_bin=$(python -c "import os, triton; print(os.path.dirname(triton.__file__))" 2>/dev/null)/backends/nvidia/bin
-    sites=$(python -c "import site; print(' '.join(site.getsitepackages()))" 2>/dev/null)
+    triton_bin=$(python3 -c "import os, triton; print(os.path.dirname(triton.__file__))" 2>/dev/null)/backends/nvidia/bin
+    sites=$(python3 -c "import site; print(' '.join(site.getsitepackages()))" 2>/dev/null)
     for candidate in "$(command -v compute-sanitizer)" \
             "${CUDA_HOME:-/usr/local/cuda}/bin/compute-sanitizer" \
             /usr/local/cuda*/bin/compute-sanitizer /usr/local/cuda*/compute-sanitizer/compute-sanitizer \
@@ -118,33 +120,33 @@ find_sanitizer() {
 if [ "$DRY_RUN" = 1 ]; then
     # The first test of every file (CI runs them all in the interpreter anyway);
     # a file that does not collect makes the step fail on the whole list.
-    TESTS=$(python -m pytest --collect-only -q $CUDA_TESTS 2>/dev/null | awk -F'::' '/::/ && !seen[$1]++') \
+    TESTS=$(python3 -m pytest --collect-only -q $CUDA_TESTS 2>/dev/null | awk -F'::' '/::/ && !seen[$1]++') \
         || TESTS=$CUDA_TESTS
 else
     TESTS=$CUDA_TESTS
 fi
 
-step 140 "CUDA tests" python -m pytest -q $TESTS
-step 90 "forward benchmark" python -m benchmarks.bench_gpu --pass forward --label "$LABEL" --out "$RESULTS" "${BENCH_ARGS[@]}"
-step 120 "training benchmark" python -m benchmarks.bench_gpu --pass train --label "$LABEL" --out "$RESULTS" "${BENCH_ARGS[@]}"
+step 130 "CUDA tests" python3 -m pytest -q $TESTS
+step 100 "forward benchmark" python3 -m benchmarks.bench_gpu --pass forward --label "$LABEL" --out "$RESULTS" "${BENCH_ARGS[@]}"
+step 120 "training benchmark" python3 -m benchmarks.bench_gpu --pass train --label "$LABEL" --out "$RESULTS" "${BENCH_ARGS[@]}"
 if [ "$DRY_RUN" = 1 ]; then
     echo
     echo "=== dry run: compute-sanitizer ($SANITIZER_TOOLS) skipped; its workload runs without it"
-    step 90 "sanitizer workload" python -m benchmarks.sanitizer_workload --device cpu
+    step 90 "sanitizer workload" python3 -m benchmarks.sanitizer_workload --device cpu
 elif SANITIZER=$(find_sanitizer); then
     for tool in $SANITIZER_TOOLS; do
         # Without the caching allocator every tensor is its own allocation, so
         # memcheck sees an access past a tensor's end.
         step 45 "compute-sanitizer $tool" env PYTORCH_NO_CUDA_MEMORY_CACHING=1 "$SANITIZER" \
             --tool "$tool" --error-exitcode 1 --print-limit 20 \
-            python -m benchmarks.sanitizer_workload --device cuda
+            python3 -m benchmarks.sanitizer_workload --device cuda
     done
 else
     echo
     echo "=== compute-sanitizer skipped: no binary found (looked on PATH, in \$CUDA_HOME," \
          "/usr/local/cuda*, /opt/nvidia, triton's bundled tools and the nvidia Python packages)"
 fi
-step 20 "report" python -m benchmarks.gpu_report --label "$LABEL" --results "$RESULTS"
+step 30 "report" python3 -m benchmarks.gpu_report --label "$LABEL" --results "$RESULTS"
 
 echo
 if [ $status = 0 ]; then
