@@ -145,7 +145,12 @@ def packed_scores(mlp: PackedMLP, query: torch.Tensor, k_packed: torch.Tensor, e
     h = expand_rows(query @ (w_q + w_d).t() + mlp.biases[0])           # [N, C, H1]
     h += (k_packed @ (w_k - w_d).t())[:, None, :]
     qk = expand_rows(query) * k_packed[:, None, :]                      # [N, C, D]
-    h.flatten(0, 1).addmm_(qk.flatten(0, 1), w_p.t())
+    if torch.is_grad_enabled() or torch._C._functorch.is_functorch_wrapped_tensor(h):
+        # Autograd and vmap: out of place (vmap has no batching rule for addmm_).
+        h = torch.addmm(h.flatten(0, 1), qk.flatten(0, 1), w_p.t()).view_as(h)
+    else:
+        # Under the hand-written backward: in place, one [N, C, H1] buffer.
+        h.flatten(0, 1).addmm_(qk.flatten(0, 1), w_p.t())
     del qk
     layers = zip(mlp.weights[1:], mlp.biases[1:], mlp.act_params)
     for i, (w, b, params) in enumerate(layers):
@@ -324,9 +329,11 @@ def torch_din_attention(problem: DINProblem, dice_gate=None):
         return _autograd_forward(problem, packed, dice_gate)
     query, keys, values = _inputs(problem, problem.compute_dtype())
     mlp = PackedMLP.of(problem, query.dtype)
-    # The options and layout only: the tensors travel as inputs, where
+    # The options and layout only, empty tensors in the float tensors' places
+    # (which stay in the same places): the tensors travel as inputs, where
     # autograd tracks them.
-    blank = problem.with_float_tensors([None] * len(problem.float_tensors()))
+    placeholder = query.new_empty(0)
+    blank = problem.with_float_tensors([placeholder] * len(problem.float_tensors()))
     return _TorchDINAttention.apply(blank, mlp, packed, query, keys, values, *mlp.flat())
 
 
