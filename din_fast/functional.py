@@ -11,7 +11,8 @@ from .ops import run_attention_op
 from .problem import (BACKENDS, DEFAULT_DICE_EPS, DINProblem, JaggedDINProblem, validate,
                       validate_jagged)
 from .reference import reference_din_attention
-from .torch_backend import torch_din_attention, torch_din_attention_jagged
+from .torch_backend import (differentiable_din_attention, torch_din_attention,
+                            torch_din_attention_jagged)
 from .triton_backend import (triton_din_attention, triton_din_attention_jagged,
                              triton_unsupported_reason)
 
@@ -73,20 +74,23 @@ def run_problem(problem: DINProblem, backend: str, dice_gate=None, need_scores=T
     torch_backend.torch_din_attention. Without ``need_scores`` a backend may
     return None for the scores (the triton kernel then writes none). The triton
     backend always runs as the custom op (din_fast.ops: the fused forward and
-    backward); the torch backend does under torch.compile, where its
-    data-dependent packing could not be traced, and runs eagerly otherwise.
-    With a ``dice_gate`` it runs through autograd, under torch.compile on
-    every position with the padding masked (torch_backend.PackedPositions).
+    backward). The torch backend runs its packed path eagerly; under
+    torch.compile (whose graphs cannot hold its data-dependent packing) it
+    runs as the custom op, or with a ``dice_gate`` through autograd on every
+    position with the padding masked, as it does under torch.func transforms
+    and forward-mode AD (differentiable_din_attention).
     """
     with _autocast_off(problem.keys.device):
         if backend == "reference":
             pooled, scores = reference_din_attention(problem)
-        elif backend == "torch" and (dice_gate is not None
-                                     or not torch.compiler.is_compiling()):
-            pooled, scores = torch_din_attention(problem, dice_gate)
         elif backend == "triton":
             _require_triton(problem, "din_attention")
             pooled, scores = triton_din_attention(problem, need_scores)
+        elif problem.differentiated_forward() or (dice_gate is not None
+                                                  and torch.compiler.is_compiling()):
+            pooled, scores = differentiable_din_attention(problem, dice_gate)
+        elif dice_gate is not None or not torch.compiler.is_compiling():
+            pooled, scores = torch_din_attention(problem, dice_gate)
         else:
             pooled, scores = run_attention_op(problem, backend, need_scores)
     return problem.shape_output(pooled, scores)
@@ -150,15 +154,18 @@ def _reference_jagged(problem: JaggedDINProblem):
     rows = problem.row_ids()
     cols = torch.arange(rows.shape[0], device=rows.device) - problem.offsets[rows]
     batch = problem.offsets.shape[0] - 1
+    # max_len is only a bound (it may be huge): pad to the longest row there is.
+    lengths = problem.lengths()
+    length = int(lengths.max()) if batch else 0
 
     def pad(jagged):
-        dense = jagged.new_zeros(batch, problem.max_len, jagged.shape[1])
+        dense = jagged.new_zeros(batch, length, jagged.shape[1])
         return dense.index_put((rows, cols), jagged)
 
     padded = DINProblem(
         query=problem.query, keys=pad(problem.keys_values),
         values=None if problem.values is None else pad(problem.values),
-        lengths=problem.lengths(), mask=None, weights=problem.weights, biases=problem.biases,
+        lengths=lengths, mask=None, weights=problem.weights, biases=problem.biases,
         activation=problem.activation, act_params=problem.act_params,
         normalization=problem.normalization, scale=problem.scale, dice_eps=problem.dice_eps,
         squeeze_candidates=problem.squeeze_candidates,

@@ -6,11 +6,13 @@ custom ops with flat tensor arguments, a fake (meta) implementation and a
 registered autograd formula, both compile with fullgraph=True.
 
 - ``din_fast::attention_forward``: (pooled [B, C, Dv], scores [B, C, T] or an
-  empty tensor, row_max, row_sum); for softmax the statistics are the [B, C]
-  max / sum of the scaled scores (the fused backward takes the max as its
-  exponent offset; the torch backend leaves them zero and recomputes); for
-  normalization=None they are empty.
+  empty tensor). The backward recomputes everything else from the inputs.
 - ``din_fast::attention_backward``: the gradient of every tensor input.
+
+Under create_graph=True (double backward) the registered backward instead
+recomputes through autograd (torch_backend.autograd_gradients), so that the
+gradients are differentiable themselves; the ops have no forward-mode or
+vmap rule, and the dispatcher never sends such calls here.
 - ``din_fast::attention_jagged_forward`` / ``attention_jagged_backward``: the
   same on jagged histories (din_attention_jagged): (pooled [B, C, Dv], scores
   [L, C] or an empty tensor); every output size follows from the input sizes.
@@ -34,8 +36,8 @@ import torch
 from torch import Tensor
 
 from .problem import DINProblem, JaggedDINProblem
-from .torch_backend import (torch_din_attention, torch_din_attention_backward,
-                            torch_din_attention_jagged)
+from .torch_backend import (autograd_gradients, torch_din_attention,
+                            torch_din_attention_backward, torch_din_attention_jagged)
 
 PARAMS_PER_LAYER = {"sigmoid": 0, "relu": 0, "prelu": 1, "dice": 3}
 NO_NORMALIZATION = "none"  # the op schema spells normalization=None as a string
@@ -76,19 +78,16 @@ def attention_forward(
     mask: Optional[Tensor], weights: List[Tensor], biases: List[Tensor],
     act_params: List[Tensor], activation: str, normalization: str, scale: float,
     dice_eps: float, need_scores: bool, backend: str,
-) -> Tuple[Tensor, Tensor, Tensor, Tensor]:
+) -> Tuple[Tensor, Tensor]:
     problem = _problem(query, keys, values, lengths, mask, weights, biases, act_params,
                        activation, normalization, scale, dice_eps)
     if backend == "triton":
         from .kernels.din_forward import din_forward
 
-        pooled, scores, row_max, row_sum = din_forward(problem, need_scores)
+        pooled, scores = din_forward(problem, need_scores)[:2]
     else:
         pooled, scores = torch_din_attention(problem)
-        row_max = row_sum = None
-    if row_max is None or problem.normalization is None:
-        row_max, row_sum = _stats_like(query, problem.normalization)
-    return (*_as_outputs(pooled, scores, keys, need_scores), row_max, row_sum)
+    return _as_outputs(pooled, scores, keys, need_scores)
 
 
 def _as_outputs(pooled: Tensor, scores: Optional[Tensor], history: Tensor, need_scores: bool
@@ -109,26 +108,17 @@ def _fake_outputs(query: Tensor, history: Tensor, values: Optional[Tensor],
     return history.new_empty(batch, candidates, value_dim), scores
 
 
-def _stats_like(query: Tensor, normalization) -> Tuple[Tensor, Tensor]:
-    """Zero softmax statistics, [B, C] for softmax, [0] when there are none.
-
-    The torch backend's backward recomputes them, and normalization=None has none.
-    """
-    shape = query.shape[:2] if normalization == "softmax" else (0,)
-    return tuple(query.new_zeros(shape, dtype=torch.float32) for _ in range(2))
-
-
 @attention_forward.register_fake
 def _(query, keys, values, lengths, mask, weights, biases, act_params, activation,
       normalization, scale, dice_eps, need_scores, backend):
     scores_shape = (*query.shape[:2], keys.shape[1])
-    return (*_fake_outputs(query, keys, values, scores_shape, need_scores),
-            *_stats_like(query, normalization))
+    return _fake_outputs(query, keys, values, scores_shape, need_scores)
 
 
 @torch.library.custom_op("din_fast::attention_backward", mutates_args=())
 def attention_backward(
-    grad_pooled: Tensor, grad_scores: Optional[Tensor], row_max: Tensor, query: Tensor, keys: Tensor, values: Optional[Tensor], lengths: Optional[Tensor],
+    grad_pooled: Tensor, grad_scores: Optional[Tensor], query: Tensor, keys: Tensor,
+    values: Optional[Tensor], lengths: Optional[Tensor],
     mask: Optional[Tensor], weights: List[Tensor], biases: List[Tensor],
     act_params: List[Tensor], activation: str, normalization: str, scale: float,
     dice_eps: float, backend: str,
@@ -139,7 +129,7 @@ def attention_backward(
     from .kernels.din_backward import backward_unsupported, din_backward
 
     if backend == "triton" and backward_unsupported(problem) is None:
-        grads = din_backward(problem, grad_pooled, row_max, grad_scores)
+        grads = din_backward(problem, grad_pooled, grad_scores)
     else:
         grads = torch_din_attention_backward(problem, grad_pooled, grad_scores)
     return _flat_grads(grads, keys)
@@ -190,24 +180,36 @@ def _input_grads(ctx, grads) -> tuple:
 
 
 @attention_backward.register_fake
-def _(grad_pooled, grad_scores, row_max, query, keys, values, lengths, mask, weights, biases,
+def _(grad_pooled, grad_scores, query, keys, values, lengths, mask, weights, biases,
       act_params, activation, normalization, scale, dice_eps, backend):
     return _fake_grads(query, keys, values, weights, biases, act_params)
 
 
 def _setup_context(ctx, inputs, output):
-    # Nothing per position: the inputs and the [B, C] row max.
+    # Nothing per position: only the inputs.
     lengths, mask = inputs[3:5]
-    _save_inputs(ctx, inputs, (lengths, mask, output[2]), inputs[8:12] + inputs[13:])
+    _save_inputs(ctx, inputs, (lengths, mask), inputs[8:12] + inputs[13:])
 
 
-def _backward(ctx, grad_pooled, grad_scores, grad_row_max, grad_row_sum):
-    query, keys, values, (lengths, mask, row_max), weights, biases, act_params = \
-        _saved_inputs(ctx)
-    grads = attention_backward(
-        grad_pooled, grad_scores if ctx.need_scores else None, row_max, query, keys, values,
-        lengths, mask, weights, biases, act_params, *ctx.options)
+def _backward(ctx, grad_pooled, grad_scores):
+    query, keys, values, (lengths, mask), weights, biases, act_params = _saved_inputs(ctx)
+    grad_scores = grad_scores if ctx.need_scores else None
+    if torch.is_grad_enabled():
+        problem = _problem(query, keys, values, lengths, mask, weights, biases, act_params,
+                           *ctx.options[:4])
+        return _input_grads(ctx, _graph_grads(problem, grad_pooled, grad_scores))
+    grads = attention_backward(grad_pooled, grad_scores, query, keys, values, lengths, mask,
+                               weights, biases, act_params, *ctx.options)
     return _input_grads(ctx, grads)
+
+
+def _graph_grads(problem, grad_pooled: Tensor, grad_scores: Optional[Tensor]) -> list:
+    """create_graph=True: autograd_gradients in the backward ops' flat order
+    (None where an input needs none, and for absent values)."""
+    grads = autograd_gradients(problem, grad_pooled, grad_scores)
+    if problem.values is None:
+        grads.insert(2, None)
+    return grads
 
 
 attention_forward.register_autograd(_backward, setup_context=_setup_context)
@@ -216,7 +218,7 @@ attention_forward.register_autograd(_backward, setup_context=_setup_context)
 def run_attention_op(problem: DINProblem, backend: str, need_scores: bool
                      ) -> Tuple[Tensor, Optional[Tensor]]:
     """(pooled [B, C, Dv], scores [B, C, T] or None) through the custom op."""
-    pooled, scores, _, _ = attention_forward(
+    pooled, scores = attention_forward(
         problem.query, problem.keys, problem.values, problem.lengths, problem.mask,
         problem.weights, problem.biases, _flat_act_params(problem), problem.activation,
         problem.normalization or NO_NORMALIZATION, problem.scale, problem.dice_eps,
@@ -236,7 +238,7 @@ def attention_jagged_forward(
     if backend == "triton":
         from .kernels.din_forward import din_forward_jagged
 
-        pooled, scores, _, _ = din_forward_jagged(problem, need_scores)
+        pooled, scores = din_forward_jagged(problem, need_scores)[:2]
     else:
         pooled, scores = torch_din_attention_jagged(problem)
     return _as_outputs(pooled, scores, keys_values, need_scores)
@@ -278,9 +280,14 @@ def _setup_jagged_context(ctx, inputs, output):
 def _jagged_backward(ctx, grad_pooled, grad_scores):
     query, keys_values, values, (offsets,), weights, biases, act_params = _saved_inputs(ctx)
     max_len, *options = ctx.options
+    grad_scores = grad_scores if ctx.need_scores else None
+    if torch.is_grad_enabled():
+        problem = _jagged_problem(query, keys_values, values, offsets, max_len, weights,
+                                  biases, act_params, *options)
+        return _input_grads(ctx, _graph_grads(problem, grad_pooled, grad_scores))
     grads = attention_jagged_backward(
-        grad_pooled, grad_scores if ctx.need_scores else None, query, keys_values, values,
-        offsets, max_len, weights, biases, act_params, *options)
+        grad_pooled, grad_scores, query, keys_values, values, offsets, max_len, weights,
+        biases, act_params, *options)
     return _input_grads(ctx, grads)
 
 

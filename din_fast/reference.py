@@ -37,8 +37,8 @@ def reference_din_attention(problem: DINProblem):
     """Returns (pooled [B, C, Dv], weights w [B, C, T]) in the compute dtype."""
     dtype = problem.compute_dtype()
     q = problem.query.to(dtype)
-    k = problem.keys.to(dtype)
-    v = problem.value_tensor.to(dtype)
+    k = problem.without_padding(problem.keys.to(dtype))
+    v = problem.without_padding(problem.value_tensor.to(dtype))
     length = k.shape[1]
     candidates = q.shape[1]
 

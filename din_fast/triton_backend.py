@@ -34,6 +34,11 @@ def triton_unsupported_reason(problem) -> Optional[str]:
     if device.type != "cuda" and not (device.type == "cpu" and interpret):
         return (f"the tensors are on {device}; it needs CUDA tensors (or CPU tensors with "
                 "TRITON_INTERPRET=1 set before triton is imported)")
+    if problem.differentiated_forward():
+        return ("the inputs are under a torch.func transform or forward-mode AD; the fused "
+                "kernels have a reverse-mode backward only (backend='torch' runs these)")
+    if problem.query.shape[-1] == 0:
+        return "the embedding size D is 0 (backend='torch' runs it)"
     if problem.query.dtype == torch.float64:
         return "the inputs are float64; it takes float32, float16 or bfloat16 (float64 runs " \
                "on backend='torch' or 'reference')"

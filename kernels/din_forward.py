@@ -18,6 +18,7 @@ M = (W_k - W_d) + W_p * q, with one weight operand per dot (tensor cores for any
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import os
 from dataclasses import dataclass
@@ -134,7 +135,7 @@ def din_forward_kernel(
     q_ptr, u_ptr, k_ptr, v_ptr, len_ptr, mask_ptr,
     wp_ptr, wa_ptr, w2_ptr, w3_ptr, unit_ptr, wout_ptr, bout_ptr,
     pooled_ptr, scores_ptr, max_ptr, sum_ptr,
-    B, C, T, D, DV, H2, t_per_split,
+    B, C, T, D, DV, H2, t_per_split, L,
     stride_qb, stride_qc, stride_kb, stride_kt, stride_vb, stride_vt, stride_mb,
     scale,
     ACTIVATION: tl.constexpr, SOFTMAX: tl.constexpr, HAS_LENGTHS: tl.constexpr,
@@ -157,8 +158,10 @@ def din_forward_kernel(
 
     JAGGED: keys [L, D] and values [L, DV] hold the rows back to back, row b at
     positions offsets[b]:offsets[b + 1] (len_ptr: offsets [B + 1] int64, read
-    with HAS_LENGTHS); T is the longest row the launch allows, stride_kb and
-    stride_vb are unused, and scores are jagged [L, C] (nothing past a row).
+    with HAS_LENGTHS, each clamped into [0, L] and the end to at least the
+    start); T is the longest row the launch allows, stride_kb and stride_vb
+    are unused, and scores are jagged [L, C] (nothing past a row). L is unused
+    by the padded layout.
     """
     PAIRS: tl.constexpr = BLOCK_T * BLOCK_C
     pid = tl.program_id(0)
@@ -175,9 +178,12 @@ def din_forward_kernel(
     t_lo = split * t_per_split
     t_hi = tl.minimum(t_lo + t_per_split, T)
     if JAGGED:
-        # 64-bit row start; the length clamped to [0, T] as lengths are below.
-        row0 = tl.load(len_ptr + b)
-        n = tl.minimum(tl.load(len_ptr + b + 1) - row0, T).to(tl.int32)
+        # 64-bit row start and end, clamped into the L rows (whatever the
+        # offsets hold, nothing is read outside keys and values); the length
+        # then to [0, T] as lengths are below.
+        row0 = tl.minimum(tl.maximum(tl.load(len_ptr + b), 0), L)
+        row_end = tl.minimum(tl.maximum(tl.load(len_ptr + b + 1), row0), L)
+        n = tl.minimum(row_end - row0, T).to(tl.int32)
         t_stop = tl.maximum(tl.minimum(t_hi, n), 0)
     elif HAS_LENGTHS:
         n = tl.load(len_ptr + b).to(tl.int32)
@@ -311,6 +317,28 @@ NUM_STAGES = 1
 TRITON_DTYPES = {torch.float32: "fp32", torch.float16: "fp16", torch.bfloat16: "bf16"}
 
 
+def launch_device(device: torch.device):
+    """The context every launch runs in: Triton launches on the current CUDA
+    device and its current stream, so that must be the tensors' device (a
+    model on cuda:1 without torch.cuda.set_device), not whatever is current."""
+    if device.type == "cuda":
+        return torch.cuda.device(device)
+    return contextlib.nullcontext()
+
+
+def cuda_matmul_tf32() -> bool:
+    """Whether float32 matmuls may use TF32 on CUDA, as the user set it with
+    either of PyTorch's APIs. The new one (fp32_precision) where it exists:
+    reading the legacy allow_tf32 raises once a program has used the new one."""
+    matmul = torch.backends.cuda.matmul
+    precision = getattr(matmul, "fp32_precision", None)
+    if precision is None:
+        return bool(matmul.allow_tf32)
+    if precision == "none":  # inherits the global setting
+        precision = getattr(torch.backends, "fp32_precision", "none")
+    return precision == "tf32"
+
+
 def interpreting() -> bool:
     """True under TRITON_INTERPRET=1 (CPU tensors, the tests' mode)."""
     return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
@@ -428,7 +456,7 @@ class ForwardSpec:
                         unit_ptr="*fp32", wout_ptr="*fp32", bout_ptr="*fp32",
                         pooled_ptr="*fp32" if self.split else io, scores_ptr="*fp32",
                         max_ptr="*fp32", sum_ptr="*fp32")
-        ints = ("B C T D DV H2 t_per_split stride_qb stride_qc stride_kb "
+        ints = ("B C T D DV H2 t_per_split L stride_qb stride_qc stride_kb "
                 "stride_kt stride_vb stride_vt stride_mb").split()
         return {**pointers, **{name: "i32" for name in ints}, "scale": "fp32",
                 **{name: "constexpr" for name in self.constexprs()}}
@@ -460,7 +488,7 @@ def forward_spec(problem, need_scores: bool, split: bool) -> ForwardSpec:
         hidden=problem.hidden_units, embed_dim=query.shape[2],
         value_dim=problem.value_tensor.shape[-1], candidates=query.shape[1], split=split,
         interpret=interpreting(),
-        tf32=query.is_cuda and torch.backends.cuda.matmul.allow_tf32, jagged=jagged,
+        tf32=query.is_cuda and cuda_matmul_tf32(), jagged=jagged,
     )
 
 
@@ -575,8 +603,9 @@ def din_forward(problem: DINProblem, need_scores: bool, num_splits=None):
     values = problem.value_tensor.contiguous()
     mask = problem.mask.contiguous().view(torch.uint8) if problem.mask is not None else None
     batch, length = keys.shape[:2]
+    lengths = None if problem.lengths is None else problem.lengths.contiguous()
     pooled, scores, row_max, row_sum = _launch(
-        problem, keys, values, problem.lengths, mask, length,
+        problem, keys, values, lengths, mask, length,
         (keys.stride(0), values.stride(0), 0 if mask is None else mask.stride(0)),
         (batch, problem.query.shape[1], length), need_scores, num_splits)
     if need_scores and problem.normalization == "softmax":
@@ -620,6 +649,13 @@ def _launch(problem, keys, values, lengths, mask, length, row_strides, scores_sh
     device = keys.device
     softmax = problem.normalization == "softmax"
     f32 = torch.float32
+    if batch * candidates == 0 or length == 0:
+        # No (candidate, position) pair: every output is zero (and empty
+        # shapes need no specialization, whose tile sizes divide by them).
+        stats = query.new_zeros((batch, candidates) if softmax else (0,), dtype=f32)
+        scores = query.new_zeros(scores_shape, dtype=f32) if need_scores else None
+        return (query.new_zeros(batch, candidates, value_dim, dtype=keys.dtype), scores,
+                stats, stats.clone())
 
     spec = forward_spec(problem, need_scores, split=False)
     block_c, block_t, block_d = spec.blocks()[:3]
@@ -648,22 +684,17 @@ def _launch(problem, keys, values, lengths, mask, length, row_strides, scores_sh
     part_sum = allocate(stats_shape, f32, device)
     scores = allocate(scores_shape, f32, device) if need_scores else part_max
     stride_kb, stride_vb, stride_mb = row_strides
-    if batch * candidates and length:
+    with launch_device(device):
         din_forward_kernel[(programs, splits)](
             query, folded.u, keys, values, lengths, mask,
             folded.w_p, folded.w_a, deeper[0], deeper[1], folded.unit, folded.w_out,
             folded.b_out, pooled, scores, part_max, part_sum,
             batch, candidates, length, embed_dim, value_dim,
-            hidden[1] if len(hidden) > 1 else 1, t_per_split,
+            hidden[1] if len(hidden) > 1 else 1, t_per_split, keys.shape[0],
             query.stride(0), query.stride(1), stride_kb, keys.stride(-2),
             stride_vb, values.stride(-2), stride_mb,
             problem.scale, num_warps=num_warps, num_stages=NUM_STAGES, **constexprs,
         )
-    else:
-        # No position anywhere: every pooled output is 0, as are the stats.
-        pooled.zero_()
-        part_max.zero_()
-        part_sum.zero_()
     if not softmax:
         pooled = pooled.sum(0) if splits > 1 else pooled[0]
         row_max = row_sum = part_max.new_empty(0)

@@ -8,6 +8,13 @@ so before din_fast.kernels is imported by a test module.
 import os
 
 import torch
+from hypothesis import settings
 
 if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
+
+# Property tests draw the same examples on every run (CI must not pass or
+# fail by chance); HYPOTHESIS_PROFILE=explore draws new ones each run.
+settings.register_profile("ci", derandomize=True, deadline=None)
+settings.register_profile("explore", deadline=None)
+settings.load_profile(os.environ.get("HYPOTHESIS_PROFILE", "ci"))

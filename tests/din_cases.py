@@ -34,7 +34,7 @@ def make_case(batch, candidates, length, dim, hidden, *, activation="sigmoid",
 
     q_shape = (batch, dim) if candidates is None else (batch, candidates, dim)
     widths = (4 * dim,) + tuple(hidden) + (1,)
-    weights = [randn(o, i, std=1.5 / i ** 0.5, dt=param_dtype)
+    weights = [randn(o, i, std=1.5 / max(i, 1) ** 0.5, dt=param_dtype)
                for i, o in zip(widths[:-1], widths[1:])]
     biases = [randn(o, std=0.3, dt=param_dtype) for o in widths[1:]]
     if activation == "prelu":

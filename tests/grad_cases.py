@@ -128,15 +128,6 @@ def reference_grads(case: GradCase, leaves=None):
                 leaves={k: v.detach() for k, v in leaves.items()}, lengths=lengths, mask=mask)
 
 
-def softmax_row_max(problem):
-    """The forward's softmax statistic from the reference: max over valid t of scale * s."""
-    _, s = reference_din_attention(dataclasses.replace(problem, normalization=None, scale=1.0))
-    valid = problem.valid_mask()[:, None, :]
-    scaled = torch.where(valid, problem.scale * s, torch.full_like(s, float("-inf")))
-    row_max = scaled.amax(-1)
-    return torch.where(torch.isfinite(row_max), row_max, torch.zeros_like(row_max)).float()
-
-
 def rel_error(got: torch.Tensor, want: torch.Tensor) -> float:
     """||got - want|| / ||want||; absolute where the reference is (analytically) zero,
     as the output bias's gradient under softmax, which is shift invariant."""

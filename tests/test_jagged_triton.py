@@ -19,7 +19,7 @@ DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 
 def tolerance(dtype):
     """SPEC section 3; float32 dots run as TF32 on a GPU only where torch allows it."""
-    if dtype == torch.float32 and DEVICE == "cuda" and torch.backends.cuda.matmul.allow_tf32:
+    if dtype == torch.float32 and DEVICE == "cuda" and fwd.cuda_matmul_tf32():
         return 5e-3
     return TOLERANCE[dtype]
 
