@@ -36,7 +36,9 @@ set -uo pipefail
 
 # The test files that run the kernels on CUDA (the lead adds new ones here).
 CUDA_TESTS="tests/test_triton_forward.py tests/test_backward.py tests/test_ops.py
-            tests/test_jagged_triton.py tests/test_jagged_ops.py tests/test_aot.py"
+            tests/test_jagged_triton.py tests/test_jagged_ops.py tests/test_layouts.py
+            tests/test_padding.py tests/test_sizes.py tests/test_scales.py
+            tests/test_higher_order.py tests/test_launch_safety.py tests/test_aot.py"
 SANITIZER_TOOLS="memcheck racecheck"
 
 cd "$(dirname "$0")/.."
@@ -117,16 +119,16 @@ find_sanitizer() {
     return 1
 }
 
+TESTS=($CUDA_TESTS)   # split on white space: the file names hold none
 if [ "$DRY_RUN" = 1 ]; then
     # The first test of every file (CI runs them all in the interpreter anyway);
-    # a file that does not collect makes the step fail on the whole list.
-    TESTS=$(python3 -m pytest --collect-only -q $CUDA_TESTS 2>/dev/null | awk -F'::' '/::/ && !seen[$1]++') \
-        || TESTS=$CUDA_TESTS
-else
-    TESTS=$CUDA_TESTS
+    # when a file does not collect, the step runs the whole list and fails on it.
+    if collected=$(python3 -m pytest --collect-only -q "${TESTS[@]}" 2>/dev/null); then
+        mapfile -t TESTS < <(awk -F'::' '/::/ && !seen[$1]++' <<< "$collected")
+    fi
 fi
 
-step 130 "CUDA tests" python3 -m pytest -q $TESTS
+step 130 "CUDA tests" python3 -m pytest -q "${TESTS[@]}"
 step 100 "forward benchmark" python3 -m benchmarks.bench_gpu --pass forward --label "$LABEL" --out "$RESULTS" "${BENCH_ARGS[@]}"
 step 120 "training benchmark" python3 -m benchmarks.bench_gpu --pass train --label "$LABEL" --out "$RESULTS" "${BENCH_ARGS[@]}"
 if [ "$DRY_RUN" = 1 ]; then
