@@ -243,13 +243,16 @@ class DIN_Attention(nn.Module):  # noqa: N801 - the peer's class name
         if isinstance(mask, torch.Tensor) and mask.is_complex():
             raise TypeError(f"{LAYER}: `mask` must be bool or real (0 = padding); "
                             f"got {mask.dtype}")
-        valid = _binary_mask(mask)
+        # The peer's mask: 0 = padding, any real dtype. A numeric one weights
+        # the scores: the fused path takes it only when it holds 0 and 1 alone.
+        numeric = isinstance(mask, torch.Tensor) and mask.dtype != torch.bool
+        valid = mask != 0 if numeric else mask
         unit = self.attention_layer.fused_unit()
         with peer_argument_names(LAYER, ARGUMENT_NAMES):
-            if unit is None or valid is False:
-                problem = validate_inputs(target_item, history_sequence, None,
-                                          mask != 0 if isinstance(mask, torch.Tensor) else mask)
-                return self._forward_general(problem.query[:, 0], problem.keys, mask)
+            if unit is None or numeric:
+                problem = validate_inputs(target_item, history_sequence, None, valid)
+                if unit is None or not bool(((mask == 0) | (mask == 1)).all()):
+                    return self._forward_general(problem.query[:, 0], problem.keys, mask)
             weights, biases, activation, params = unit
             pooled = din_attention(target_item, history_sequence, mask=valid, weights=weights,
                                    biases=biases, activation=activation,
@@ -274,12 +277,3 @@ class DIN_Attention(nn.Module):  # noqa: N801 - the peer's class name
             scores = scores.softmax(dim=-1)
         return (scores.unsqueeze(-1) * history_sequence).sum(dim=1)
 
-
-def _binary_mask(mask):
-    """The peer's mask (0 = padding, any real dtype) as SPEC's bool mask; False
-    when it holds other values (they weight the scores: the general path)."""
-    if not isinstance(mask, torch.Tensor) or mask.dtype == torch.bool:
-        return mask  # None, or checked by din_attention
-    if not bool(((mask == 0) | (mask == 1)).all()):
-        return False
-    return mask != 0
