@@ -185,7 +185,7 @@ def test_keys_length_read_as_the_peer_reads_it(activation, backend, form):
 
 
 def test_dice_with_a_negative_batchnorm_weight_matches_peer():
-    """A BatchNorm weight <= 0 cannot fold into SPEC's Dice: the adapter then
+    """A BatchNorm weight <= 0 cannot fold into din_fast's Dice: the adapter then
     scores over the padding as the peer does, in eval mode too."""
     generator = torch.Generator().manual_seed(7)
     peer, ours = _pair("dice", generator, weight_normalization=True)

@@ -14,13 +14,13 @@ results:
 - ``weight_normalization=True`` fills the padding with -(2**32) + 1 before a
   softmax over all T positions: a row of length 0 gets the weight 1/T at every
   position, so its output is the mean of its (padding) keys. Rows with a valid
-  position are SPEC's softmax exactly (exp of the fill underflows to 0) and
+  position are din_fast's softmax exactly (exp of the fill underflows to 0) and
   run fused; the mean is added to the empty rows.
 - ``att_activation`` "sigmoid", "relu", "prelu" (one slope per layer, as
   torch.nn.PReLU()) and the classes nn.Sigmoid, nn.ReLU, nn.PReLU run fused.
   "dice" is a BatchNorm1d (eps 1e-8, momentum 0.1, affine) over every
   position, padding included, and a slope ``alpha``: in eval mode with
-  positive BatchNorm weights it folds into SPEC's Dice and runs fused; in
+  positive BatchNorm weights it folds into din_fast's Dice and runs fused; in
   training mode, or with a BatchNorm weight <= 0, it runs on the general path.
 - ``att_activation="linear"`` and any other nn.Module class (nn.Tanh,
   nn.LeakyReLU, ...) run on the general path: the peer's own layers on every
@@ -116,7 +116,7 @@ class AttentionSequencePoolingLayer(nn.Module):
     forward(query [B, 1, E], keys [B, T, E], keys_length [B, 1], mask=None)
     returns [B, 1, E], or with ``return_score`` the weights [B, 1, T]. With
     ``supports_masking`` the bool ``mask`` [B, T] (True = valid) replaces
-    ``keys_length``. ``backend`` is din_fast's (SPEC section 2).
+    ``keys_length``. ``backend`` is din_attention's.
     """
 
     def __init__(self, att_hidden_units=(80, 40), att_activation="sigmoid",
@@ -139,7 +139,7 @@ class AttentionSequencePoolingLayer(nn.Module):
         return weights, biases
 
     def _activation_params(self):
-        """SPEC activation_params for the fused path."""
+        """din_attention's activation_params for the fused path."""
         layers = self.local_att.dnn.activation_layers
         if self.activation == "prelu":
             return [layer.weight for layer in layers]
@@ -193,7 +193,7 @@ class AttentionSequencePoolingLayer(nn.Module):
 
     def _average_empty_rows(self, result, keys, lengths, mask):
         """The peer's softmax gives a row with no valid position the weight 1/T
-        everywhere (SPEC gives it 0): add that to the scores or the output."""
+        everywhere (din_attention gives it 0): add that to the scores or the output."""
         length = keys.shape[1]
         if length == 0:
             return result

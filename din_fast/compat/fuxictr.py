@@ -7,7 +7,7 @@ Sequential laid out as FuxiCTR's MLP_Block lays it out, so a FuxiCTR
 checkpoint loads with ``strict=True``), same initialization order. Everything
 fuxictr 2.3.10's layer runs, this layer runs, with the peer's results.
 
-The fused path (din_attention) runs when the peer's MLP is SPEC's unit:
+The fused path (din_attention) runs when the peer's MLP is din_attention's unit:
 - at least one hidden layer, each with one hidden activation of one kind:
   "relu", "sigmoid", "prelu" (one slope per unit, torch.nn.PReLU(H, init=0.1)),
   "dice" (in eval mode), or the modules nn.ReLU, nn.Sigmoid, nn.PReLU;
@@ -209,7 +209,7 @@ class DIN_Attention(nn.Module):  # noqa: N801 - the peer's class name
     """DIN target attention with FuxiCTR's interface (see the module doc).
 
     forward(target_item [B, E], history_sequence [B, T, E], mask [B, T] = None)
-    returns [B, E]. ``backend`` is din_fast's (SPEC section 2).
+    returns [B, E]. ``backend`` is din_attention's.
     """
 
     def __init__(self, embedding_dim=64, attention_units=[32], hidden_activations="ReLU",

@@ -12,7 +12,7 @@ from torch import nn
 from ..problem import DINProblem, split_first_layer, validate
 
 # Hidden activation modules din_attention runs itself, by exact type (a
-# subclass may change forward). nn.PReLU is SPEC's prelu whether it has one
+# subclass may change forward). nn.PReLU is din_attention's prelu whether it has one
 # slope or one per unit; each adapter adds its own Dice class.
 FUSED_ACTIVATIONS = {nn.Sigmoid: "sigmoid", nn.ReLU: "relu", nn.PReLU: "prelu"}
 
@@ -35,7 +35,7 @@ def peer_argument_names(layer: str, names: dict):
 
 
 def fused_activation(module, dice_type) -> str | None:
-    """SPEC's name for a peer hidden activation module, or None where
+    """din_attention's name for a peer hidden activation module, or None where
     din_attention has no such activation."""
     if type(module) is dice_type:
         return "dice"
