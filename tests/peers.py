@@ -1,4 +1,5 @@
-"""Importing the peer libraries the compat tests compare against."""
+"""What the compat tests share: importing the peer libraries they compare
+against, and a record of the calls an adapter makes to its fused path."""
 
 from __future__ import annotations
 
@@ -63,3 +64,17 @@ def fuxictr_din_attention():
             pathlib.Path(spec.submodule_search_locations[0]).parent)
     return importlib.import_module("fuxictr.pytorch.layers.attentions.target_attention") \
         .DIN_Attention
+
+
+def record_fused_calls(monkeypatch, adapter_module) -> list:
+    """The ``activation`` of every din_attention call ``adapter_module`` makes
+    from now on (the fused path), appended to the returned list."""
+    fused = adapter_module.din_attention
+    calls = []
+
+    def recorded(*args, **kwargs):
+        calls.append(kwargs["activation"])
+        return fused(*args, **kwargs)
+
+    monkeypatch.setattr(adapter_module, "din_attention", recorded)
+    return calls

@@ -10,7 +10,7 @@ from torch import nn
 
 import din_fast.compat.deepctr as deepctr_adapter
 from din_fast.compat.deepctr import AttentionSequencePoolingLayer
-from peers import deepctr_sequence_module
+from peers import deepctr_sequence_module, record_fused_calls
 
 B, T, E, HIDDEN = 5, 6, 4, (8, 4)
 LENGTHS = [6, 0, 3, 1, 5]  # a full row and an empty one
@@ -122,14 +122,7 @@ def test_matches_peer(activation, backend, flags):
 
 @pytest.mark.parametrize("activation", FUSED + GENERAL, ids=_name)
 def test_fused_wherever_din_attention_expresses_the_peer(activation, monkeypatch):
-    fused = deepctr_adapter.din_attention
-    calls = []
-
-    def spy(*args, **kwargs):
-        calls.append(kwargs["activation"])
-        return fused(*args, **kwargs)
-
-    monkeypatch.setattr(deepctr_adapter, "din_attention", spy)
+    calls = record_fused_calls(monkeypatch, deepctr_adapter)
     _, ours = _pair(activation, torch.Generator().manual_seed(0))
     query, keys, lengths, _ = _inputs(torch.Generator().manual_seed(1))
     ours.train()(query, keys, lengths)

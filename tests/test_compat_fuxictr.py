@@ -12,7 +12,7 @@ import torch
 import din_fast.compat.fuxictr as fuxictr_adapter
 from din_fast.compat.fuxictr import DIN_Attention
 from fuxictr_cases import CASES, make_inputs, run_case
-from peers import fuxictr_din_attention
+from peers import fuxictr_din_attention, record_fused_calls
 
 DATA = pathlib.Path(__file__).parent / "data" / "fuxictr_din_attention.pt"
 SAVED = torch.load(DATA, weights_only=True)["cases"]
@@ -66,14 +66,7 @@ def test_matches_live_fuxictr(name):
 
 @pytest.mark.parametrize("name", sorted(CASES))
 def test_fused_wherever_din_attention_expresses_the_peer(name, monkeypatch):
-    fused = fuxictr_adapter.din_attention
-    calls = []
-
-    def spy(*args, **kwargs):
-        calls.append(kwargs["activation"])
-        return fused(*args, **kwargs)
-
-    monkeypatch.setattr(fuxictr_adapter, "din_attention", spy)
+    calls = record_fused_calls(monkeypatch, fuxictr_adapter)
     run_case(_ours("torch"), name, make_inputs())
     assert bool(calls) == CASES[name].fused
 

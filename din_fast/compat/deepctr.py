@@ -35,8 +35,8 @@ from torch import nn
 
 from ..functional import din_attention
 from ..problem import check_layer_sizes
-from .peer_semantics import (first_layer_everywhere, fused_activation, peer_argument_names,
-                             validate_inputs)
+from .peer_semantics import (first_layer_everywhere, fused_activation, module_of_class,
+                             peer_argument_names, validate_inputs)
 
 ACTIVATION_NAMES = ("sigmoid", "relu", "prelu", "dice", "linear")
 DICE_EPS = 1e-8               # the peer's Dice BatchNorm eps
@@ -69,12 +69,9 @@ def _activation_layer(activation, units: int) -> nn.Module:
             return _Dice(units)
         return {"sigmoid": nn.Sigmoid, "relu": nn.ReLU, "prelu": nn.PReLU,
                 "linear": nn.Identity}[name]()
-    if isinstance(activation, type) and issubclass(activation, nn.Module):
-        try:
-            return activation()
-        except TypeError as error:  # the peer calls it without arguments too
-            raise ValueError(f"{LAYER}: `att_activation` {activation.__name__} must be "
-                             f"constructible without arguments; {error}") from error
+    module = module_of_class(activation, LAYER, "att_activation")
+    if module is not None:
+        return module
     raise ValueError(f"{LAYER}: `att_activation` must be one of {ACTIVATION_NAMES} (any case) or "
                      f"an nn.Module class; got {activation!r}")
 

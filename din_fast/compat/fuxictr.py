@@ -34,14 +34,15 @@ other values (it weights the scores, as in the peer).
 from __future__ import annotations
 
 import numbers
+from typing import NamedTuple, Optional
 
 import torch
 from torch import nn
 
 from ..functional import din_attention
 from ..problem import check_layer_sizes
-from .peer_semantics import (first_layer_everywhere, fused_activation, peer_argument_names,
-                             validate_inputs)
+from .peer_semantics import (first_layer_everywhere, fused_activation, module_of_class,
+                             peer_argument_names, validate_inputs)
 
 DICE_EPS = 1e-9          # the peer's Dice BatchNorm eps
 DICE_MOMENTUM = 0.01     # and momentum
@@ -78,13 +79,9 @@ def _activation(name, argument: str, units=None):
             raise ValueError(f"{LAYER}: `{argument}` cannot be {name!r} (it needs a width; "
                              "only hidden layers have one)")
         return nn.PReLU(units, init=PRELU_INIT) if name.lower() == "prelu" else _Dice(units)
-    module = getattr(nn, name, None)
-    if isinstance(module, type) and issubclass(module, nn.Module):
-        try:
-            return module()
-        except TypeError as error:  # the peer calls it without arguments too
-            raise ValueError(f"{LAYER}: `{argument}` {name!r} must be constructible without "
-                             f"arguments; {error}") from error
+    module = module_of_class(getattr(nn, name, None), LAYER, argument)
+    if module is not None:
+        return module
     raise ValueError(f"{LAYER}: `{argument}` must name a torch.nn activation (or be relu, "
                      f"sigmoid, tanh, softmax, prelu, dice in any case) or be a module; "
                      f"got {name!r}")
@@ -101,11 +98,13 @@ def _per_layer(value, layers: int, argument: str) -> list:
     return value[:layers]
 
 
-class _HiddenLayer:
+class _HiddenLayer(NamedTuple):
     """Where one hidden layer's modules sit in the Sequential (None = absent)."""
 
-    def __init__(self, linear: int, norm, activation, dropout):
-        self.linear, self.norm, self.activation, self.dropout = linear, norm, activation, dropout
+    linear: int
+    norm: Optional[int]
+    activation: Optional[int]
+    dropout: Optional[int]
 
 
 class _MLPBlock(nn.Module):

@@ -42,6 +42,18 @@ def fused_activation(module, dice_type) -> str | None:
     return FUSED_ACTIVATIONS.get(type(module))
 
 
+def module_of_class(cls, layer: str, argument: str):
+    """An instance of ``cls`` built as the peers build an activation class:
+    called without arguments. None when ``cls`` is not an nn.Module class."""
+    if not (isinstance(cls, type) and issubclass(cls, nn.Module)):
+        return None
+    try:
+        return cls()
+    except TypeError as error:
+        raise ValueError(f"{layer}: `{argument}` {cls.__name__} must be constructible without "
+                         f"arguments (the peer builds it so); {error}") from error
+
+
 def validate_inputs(query, keys, lengths, mask) -> DINProblem:
     """din_attention's checks of the inputs alone (shapes, dtypes, devices,
     lengths in range), for the general path, which runs the peer's own layers.
