@@ -18,7 +18,7 @@ M = (W_k - W_d) + W_p * q, with one weight operand per dot (tensor cores for any
 
 from __future__ import annotations
 
-import functools
+import hashlib
 from dataclasses import dataclass
 
 import torch
@@ -30,7 +30,7 @@ from din_fast.problem import DINProblem, JaggedDINProblem
 from .common import (MAX_HIDDEN_LAYERS, NUM_STAGES, TILE_BUDGET, TRITON_DTYPES, activate,
                      cuda_matmul_tf32, device_arch, fold_parameters, interpreting,
                      launch_device, mma, padded, unit_params)
-from .compiled import UNREADABLE_USAGE, first_spill_free
+from .forward_warps import FALLBACK, table_family
 
 
 @triton.jit
@@ -332,22 +332,23 @@ class ForwardSpec:
             return (4, 8)
         return (8, 4)
 
-    @functools.lru_cache(maxsize=None)
     def num_warps(self, arch=None) -> int:
-        """The warp count for sm_<arch>: the first of warp_choices that
-        compiles spill-free there, found by compiling ahead of time (once per
-        process and spec; Triton's cache keeps the cubins), as the compile
-        report does. The preferred count when arch is None (the interpreter)
-        or when the triton install cannot read a cubin's resource usage."""
-        if arch is None:
-            return self.warp_choices()[0]
-        try:
-            usage = first_spill_free(din_forward_kernel, self.signature(), self.constexprs(),
-                                     self.aligned(), self.warp_choices(), NUM_STAGES, arch)
-        except UNREADABLE_USAGE:
-            # No usable bundled cuobjdump: launch unchecked rather than not at all.
-            return self.warp_choices()[0]
-        return usage["warps"]
+        """The warp count for sm_<arch>, from the spec alone: the preferred
+        one, or the other where the compile report found the preferred one
+        spilling on that architecture family and the other clean (the table
+        it writes, forward_warps.FALLBACK). The preferred count when arch is
+        None (the interpreter) or outside the table's families."""
+        preferred, other = self.warp_choices()
+        if arch is not None and self.key() in FALLBACK.get(table_family(arch), ()):
+            return other
+        return preferred
+
+    def key(self) -> str:
+        """A name for the compiled kernel: a hash of everything that selects it
+        (argument types, constants, alignment), the warp table's key."""
+        selected = (sorted(self.signature().items()), sorted(self.constexprs().items()),
+                    self.aligned())
+        return hashlib.sha1(repr(selected).encode()).hexdigest()[:16]
 
     def constexprs(self) -> dict:
         block_c, block_t, block_d, chunk = self.blocks()
