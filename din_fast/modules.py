@@ -16,8 +16,7 @@ class DINAttention(nn.Module):
 
     Scores every history item against the candidate with an MLP over
     ``[q, k, q - k, q * k]``, masks the padding and pools the history with the
-    resulting weights (din_fast.din_attention; docs/semantics.md has the
-    exact formula).
+    resulting weights: ``help(din_fast.din_attention)`` gives the exact formula.
 
     Args:
         embed_dim: D, the size of the query and of every key.

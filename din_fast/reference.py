@@ -1,4 +1,4 @@
-"""The literal DIN activation unit of SPEC section 1: the test oracle.
+"""The literal DIN activation unit (din_attention's formula, written plainly): the test oracle.
 
 Written for clarity, not speed: it builds the [B, C, T, 4D] concat and runs the
 MLP on every position, the padding zeroed first (never read), then masks. Runs on any device and

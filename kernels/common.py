@@ -47,7 +47,7 @@ def unit_params(unit_ptr, layer: tl.constexpr, start, UNIT_W: tl.constexpr,
 
 @triton.jit
 def activate(x, a, mu, rstd, ACTIVATION: tl.constexpr):
-    """SPEC section 1's activations on a tile; dice in its inference form. a, mu
+    """The hidden layers' activations on a tile; dice in its inference form. a, mu
     and rstd come already shaped to broadcast against x: [1, H] when units run
     along columns (the forward), [H, 1] when along rows (the backward)."""
     if ACTIVATION == "sigmoid":

@@ -577,7 +577,7 @@ class BackwardSpec:
 
     def constexprs(self) -> dict:
         widths = [padded(h) for h in self.hidden] + [16] * (MAX_HIDDEN_LAYERS - len(self.hidden))
-        # TF32 for float32 inputs (SPEC section 3 allows it on a GPU): with IEEE
+        # TF32 for float32 inputs (the GPU accuracy bound allows it): with IEEE
         # float32 dots ptxas keeps 32 registers and spills about 10 KB per thread.
         # Half inputs: dz stays float32 (GRAD_PRECISION), in TF32 dots.
         precision = "tf32" if self.dtype == torch.float32 else "ieee"

@@ -7,7 +7,7 @@ candidate of the block. Per tile it forms the (position, candidate) pairs, runs 
 MLP on them on chip, masks, normalizes (an online max/sum for softmax, as FlashAttention
 does) and accumulates w^T V. Nothing of size B*C*T*H or B*C*T*4D is written.
 
-The first layer is folded (SPEC section 2, "torch" backend):
+The first layer is folded (as the "torch" backend does):
     W_1 [q | k | q-k | q*k] + b_1 = u + k (W_k - W_d)^T + (q*k) W_p^T,
     u = q (W_q + W_d)^T + b_1,
 so u is a [B, C, H_1] prologue computed on the host (tiny next to the keys), the key
