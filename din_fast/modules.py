@@ -12,15 +12,32 @@ PRELU_INIT = 0.25  # torch.nn.PReLU's default slope
 
 
 class DINAttention(nn.Module):
-    """The DIN local activation unit and attention pooling (SPEC section 2).
+    """The DIN local activation unit and attention pooling, as a layer.
 
-    Parameters are in ``nn.Linear`` layout: ``hidden[i]`` is layer i+1 (the
-    first takes the 4*embed_dim features [q | k | q-k | q*k]) and ``output``
-    maps the last hidden layer to the score. PReLU keeps one slope per unit in
-    ``alphas``; Dice keeps ``alphas`` and, per layer, BatchNorm-style running
-    statistics ``running_mean_{i}`` / ``running_var_{i}``. In training mode Dice
-    normalizes with the statistics of the batch's valid positions only (never
-    the padding) and updates the running ones with ``momentum``.
+    Scores every history item against the candidate with an MLP over
+    ``[q, k, q - k, q * k]``, masks the padding and pools the history with the
+    resulting weights: ``help(din_fast.din_attention)`` gives the exact formula.
+
+    Args:
+        embed_dim: D, the size of the query and of every key.
+        hidden_units: the MLP's hidden widths, at least one (the paper: 80, 40).
+        activation: "sigmoid" (the original unit), "relu", "prelu" or "dice".
+        normalization: None (the paper's raw scores) or "softmax" over the
+            valid positions (the released DIN code).
+        scale: multiplies the scores before the normalization.
+        return_scores: forward also returns the attention weights.
+        backend: "auto", "triton", "torch" or "reference" (din_attention's).
+        dice_eps: Dice's epsilon.
+        momentum: Dice's running-statistics momentum, as BatchNorm's.
+
+    Parameters are in ``nn.Linear`` layout, so weights of other PyTorch DIN
+    layers load unchanged: ``hidden[i]`` is layer i+1 (the first takes the 4D
+    features [q | k | q-k | q*k]) and ``output`` maps the last hidden layer to
+    the score. PReLU and Dice keep one slope per unit in ``alphas``; Dice keeps,
+    per layer, BatchNorm-style running statistics ``running_mean_{i}`` and
+    ``running_var_{i}``. In training mode Dice normalizes with the statistics
+    of the batch's valid positions only (never the padding) and updates the
+    running ones; in eval mode it uses the running ones.
     """
 
     def __init__(self, embed_dim: int, hidden_units=(80, 40), activation: str = "sigmoid",
@@ -87,6 +104,19 @@ class DINAttention(nn.Module):
                                                       **self._functional_kwargs()))
 
     def forward(self, query, keys, lengths=None, mask=None, values=None):
+        """Pool the history for each candidate.
+
+        Args:
+            query: the candidates, [B, D] or [B, C, D].
+            keys: the history, [B, T, D], in the query's dtype.
+            lengths: [B] int, valid positions t < lengths[b]; or
+            mask: [B, T] bool, True = valid (not both; neither: all valid).
+            values: [B, T, Dv] pooled instead of the keys.
+
+        Returns:
+            The pooled history, [B, Dv] or [B, C, Dv] in the keys' dtype; with
+            ``return_scores`` also the weights, [B, T] or [B, C, T].
+        """
         kwargs = self._functional_kwargs(mask, values)
         if self.activation == "dice" and self.training:
             return self._forward_dice_training(query, keys, lengths, kwargs)

@@ -8,8 +8,9 @@ Three savings over the literal formula, all exact:
 - the MLP runs on the valid positions only, packed; padding costs nothing;
 - the backward is written by hand (``packed_backward``): it keeps only the
   pre-activations of the packed positions (no concat, no autograd graph of
-  the MLP) and recomputes the rest. The same function is the CPU backward of
-  the custom op (din_fast.ops), where autograd cannot be re-entered.
+  the MLP) and recomputes the rest. The same function serves the triton
+  backend's autograd formula wherever its fused backward does not reach (as
+  the opaque op din_fast::torch_attention_backward, at the end of this file).
 
 A Dice gate hook (``dice_gate``: batch statistics in training, the peers'
 BatchNorm) has side effects and parameters of its own, so that path runs
@@ -19,11 +20,14 @@ through autograd instead, on the same packed MLP.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Optional
+from typing import List, Optional
 
 import torch
+from torch import Tensor
 
 from .activations import activate, activation_backward, dice
+from .op_args import (AttentionArgs, InputGrads, JaggedAttentionArgs, check_signature,
+                      fake_input_grads)
 from .problem import DINProblem, JaggedDINProblem, split_first_layer
 from .reference import masked_normalize
 
@@ -448,3 +452,59 @@ def torch_din_attention_backward(problem, grad_pooled: torch.Tensor,
         [tuple(d.to(p.dtype) for d, p in zip(grads, params))
          for grads, params in zip(dact, problem.act_params)],
     )
+
+
+def run(problem: DINProblem, dice_gate=None):
+    """(pooled [B, C, Dv], w [B, C, T]) in the compute dtype: the packed eager
+    path, or differentiable_din_attention where a trace or a transform needs
+    a graph of aten ops alone (torch.compile, torch.export, torch.func,
+    forward-mode AD)."""
+    if torch.compiler.is_compiling() or problem.differentiated_forward():
+        return differentiable_din_attention(problem, dice_gate)
+    return torch_din_attention(problem, dice_gate)
+
+
+# The hand-written backward as opaque custom ops: what the triton backend's
+# autograd formula runs where its fused backward does not reach, which
+# torch.compile must not trace (the packing has a data-dependent size).
+
+def _backward_op(
+    grad_pooled: Tensor, grad_scores: Optional[Tensor], query: Tensor, keys: Tensor,
+    values: Optional[Tensor], lengths: Optional[Tensor], mask: Optional[Tensor],
+    weights: List[Tensor], biases: List[Tensor], act_params: List[Tensor], activation: str,
+    normalization: str, scale: float, dice_eps: float,
+) -> List[Tensor]:
+    args = AttentionArgs(query, keys, values, lengths, mask, weights, biases, act_params,
+                         activation, normalization, scale, dice_eps)
+    grads = torch_din_attention_backward(args.problem(), grad_pooled, grad_scores)
+    return InputGrads.of(grads, keys).flat()
+
+
+def _jagged_backward_op(
+    grad_pooled: Tensor, grad_scores: Optional[Tensor], query: Tensor, keys_values: Tensor,
+    values: Optional[Tensor], offsets: Tensor, max_len: int, weights: List[Tensor],
+    biases: List[Tensor], act_params: List[Tensor], activation: str, normalization: str,
+    scale: float, dice_eps: float,
+) -> List[Tensor]:
+    args = JaggedAttentionArgs(query, keys_values, values, offsets, max_len, weights, biases,
+                               act_params, activation, normalization, scale, dice_eps)
+    grads = torch_din_attention_backward(args.problem(), grad_pooled, grad_scores)
+    return InputGrads.of(grads, keys_values).flat()
+
+
+check_signature(_backward_op, AttentionArgs, leading=("grad_pooled", "grad_scores"))
+check_signature(_jagged_backward_op, JaggedAttentionArgs, leading=("grad_pooled", "grad_scores"))
+backward_op = torch.library.custom_op("din_fast::torch_attention_backward", _backward_op,
+                                      mutates_args=())
+backward_op.register_fake(fake_input_grads)
+jagged_backward_op = torch.library.custom_op("din_fast::torch_attention_jagged_backward",
+                                             _jagged_backward_op, mutates_args=())
+jagged_backward_op.register_fake(fake_input_grads)
+
+
+def torch_attention_backward(problem, grad_pooled: Tensor,
+                             grad_scores: Optional[Tensor]) -> List[Tensor]:
+    """InputGrads.flat() of a DINProblem or a JaggedDINProblem through the ops above."""
+    if isinstance(problem, JaggedDINProblem):
+        return jagged_backward_op(grad_pooled, grad_scores, *JaggedAttentionArgs.of(problem))
+    return backward_op(grad_pooled, grad_scores, *AttentionArgs.of(problem))

@@ -41,12 +41,13 @@ from dataclasses import dataclass, replace
 import torch
 import triton
 import triton.language as tl
+from torch.library import wrap_triton
 
 from din_fast.problem import DINProblem, split_first_layer
 
-from .din_forward import (MAX_HIDDEN_LAYERS, NUM_STAGES, TILE_BUDGET, TRITON_DTYPES,
-                          _activate, _mma, _unit_params, fold_parameters, interpreting,
-                          launch_device, padded)
+from .common import (MAX_HIDDEN_LAYERS, NUM_STAGES, TILE_BUDGET, TRITON_DTYPES, activate,
+                     fold_parameters, interpreting, launch_device, load_tile, mma, padded,
+                     store_tile, unit_params)
 
 
 @triton.jit
@@ -104,7 +105,7 @@ def _deeper_layer_backward(z, dh, h_in, w_ptr, unit_ptr, layer: tl.constexpr, ac
     # is then the left operand, split across the warps, and only dz^T is held
     # whole by each warp.
     if WEIGHTS:
-        acc_w = _mma(h_in, tl.trans(dz), acc_w, DOT_F32, GRAD_PRECISION)
+        acc_w = mma(h_in, tl.trans(dz), acc_w, DOT_F32, GRAD_PRECISION)
         acc_b += tl.sum(dz, axis=1)
         acc_a += da
         acc_mu += dmu
@@ -113,7 +114,7 @@ def _deeper_layer_backward(z, dh, h_in, w_ptr, unit_ptr, layer: tl.constexpr, ac
     if NEED_DH_IN:
         # W^T in float32 straight from memory: a TF32 operand the tensor
         # cores read from shared memory, not a converted copy in registers.
-        dh_in = _mma(_load_tile(w_ptr, IN_P, OUT_P, False), dz,
+        dh_in = mma(load_tile(w_ptr, IN_P, OUT_P, False), dz,
                      tl.zeros((IN_P, BLOCK_T), tl.float32), DOT_F32, GRAD_PRECISION)
     return dh_in, acc_w, acc_b, acc_a, acc_mu, acc_var
 
@@ -160,11 +161,11 @@ def _tile_forward(keys, m_ptr, u, w2_ptr, w3_ptr, unit_ptr, w_out, b_out,
 
     Layers the MLP lacks repeat the last one's (z, h), unused by the caller.
     """
-    m = _load_tile(m_ptr, H1_P, D_P, False)
-    z1 = _mma(m, tl.trans(keys), tl.zeros((H1_P, BLOCK_T), tl.float32), DOT_F32,
+    m = load_tile(m_ptr, H1_P, D_P, False)
+    z1 = mma(m, tl.trans(keys), tl.zeros((H1_P, BLOCK_T), tl.float32), DOT_F32,
               INPUT_PRECISION) + u
     _, a1, mu1, rstd1 = _unit_columns(unit_ptr, 0, UNIT_W, H1_P)
-    h1 = _activate(z1, a1, mu1, rstd1, ACTIVATION)
+    h1 = activate(z1, a1, mu1, rstd1, ACTIVATION)
     z2, h2 = z1, h1
     if NUM_LAYERS >= 2:
         z2, h2 = _deeper_layer_forward(h1, w2_ptr, unit_ptr, 1, H1_P, H2_P, UNIT_W, BLOCK_T,
@@ -184,33 +185,18 @@ def _deeper_layer_forward(h_in, wt_ptr, unit_ptr, layer: tl.constexpr, IN_P: tl.
     """A hidden layer after the first, transposed: (z, h) [OUT_P, BLOCK_T] from
     h_in [IN_P, BLOCK_T], with W reloaded from its float32 W^T [IN_P, OUT_P]
     and rounded to the dot dtype as the forward kernel uses it."""
-    w = _load_tile(wt_ptr, IN_P, OUT_P, True).to(DOT_DTYPE)
+    w = load_tile(wt_ptr, IN_P, OUT_P, True).to(DOT_DTYPE)
     bias, a, mu, rstd = _unit_columns(unit_ptr, layer, UNIT_W, OUT_P)
-    z = _mma(w, h_in.to(DOT_DTYPE), tl.zeros((OUT_P, BLOCK_T), tl.float32), DOT_F32,
+    z = mma(w, h_in.to(DOT_DTYPE), tl.zeros((OUT_P, BLOCK_T), tl.float32), DOT_F32,
              INPUT_PRECISION) + bias
-    return z, _activate(z, a, mu, rstd, ACTIVATION)
+    return z, activate(z, a, mu, rstd, ACTIVATION)
 
 
 @triton.jit
 def _unit_columns(unit_ptr, layer: tl.constexpr, UNIT_W: tl.constexpr, HP: tl.constexpr):
     """A layer's (bias, a, mu, rstd) as [HP, 1] columns."""
-    bias, a, mu, rstd = _unit_params(unit_ptr, layer, 0, UNIT_W, HP)
+    bias, a, mu, rstd = unit_params(unit_ptr, layer, 0, UNIT_W, HP)
     return bias[:, None], a[:, None], mu[:, None], rstd[:, None]
-
-
-@triton.jit
-def _load_tile(ptr, RP: tl.constexpr, SP: tl.constexpr, TRANSPOSE: tl.constexpr):
-    """A zero-padded row-major [RP, SP] matrix (its [SP, RP] transpose with TRANSPOSE)."""
-    if TRANSPOSE:
-        return tl.load(ptr + tl.arange(0, RP)[None, :] * SP + tl.arange(0, SP)[:, None])
-    else:
-        return tl.load(ptr + tl.arange(0, RP)[:, None] * SP + tl.arange(0, SP)[None, :])
-
-
-@triton.jit
-def _store_tile(ptr, tile, RP: tl.constexpr, SP: tl.constexpr):
-    """ptr[RP, SP] = tile, row-major."""
-    tl.store(ptr + tl.arange(0, RP)[:, None] * SP + tl.arange(0, SP)[None, :], tile)
 
 
 @triton.jit
@@ -357,10 +343,10 @@ def din_backward_kernel(
             # The candidate's fold M = (W_k - W_d) + W_p * q, [H1, D], staged in
             # this program's scratch slot and reloaded per tile (cache hits):
             # held in registers across the loops, it would spill.
-            m = (_load_tile(wa_ptr, H1_P, D_P, False).to(tl.float32)
-                 + _load_tile(wp_ptr, H1_P, D_P, False).to(tl.float32) * q[None, :])
+            m = (load_tile(wa_ptr, H1_P, D_P, False).to(tl.float32)
+                 + load_tile(wp_ptr, H1_P, D_P, False).to(tl.float32) * q[None, :])
             tl.debug_barrier()      # the previous candidate's reads are done
-            _store_tile(m_ptr, m.to(dot_dtype), H1_P, D_P)
+            store_tile(m_ptr, m.to(dot_dtype), H1_P, D_P)
             tl.debug_barrier()      # every thread sees the whole tile
             dout = tl.load(dout_ptr + bc * DV + offs_dv, mask=dv_ok, other=0.0).to(tl.float32)
             if SOFTMAX:
@@ -439,14 +425,14 @@ def din_backward_kernel(
                     if FIRST_DC < D_P:
                         keys_p = tl.load(k_ptr + rows[:, None] * D + offs_p[None, :],
                                          mask=valid[:, None] & (offs_p < D)[None, :], other=0.0)
-                    acc_p = _mma(dz1.to(dot_dtype), keys_p, acc_p, DOT_F32, INPUT_PRECISION)
+                    acc_p = mma(dz1.to(dot_dtype), keys_p, acc_p, DOT_F32, INPUT_PRECISION)
                     acc_g += tl.sum(dz1, axis=1)
                 if INPUT_GRADS:
                     acc_a1 += da1
                     acc_mu1 += dmu1
                     acc_var1 += dvar1
-                    m_t = _load_tile(m_ptr, H1_P, D_P, True)              # M^T [D, H1]
-                    dk = tl.trans(_mma(m_t, dz1.to(dot_dtype),
+                    m_t = load_tile(m_ptr, H1_P, D_P, True)              # M^T [D, H1]
+                    dk = tl.trans(mma(m_t, dz1.to(dot_dtype),
                                        tl.zeros((D_P, BLOCK_T), tl.float32), DOT_F32,
                                        INPUT_PRECISION))                 # [BLOCK_T, D]
                     # A row's key/value gradients sum over its candidates: the
@@ -591,7 +577,7 @@ class BackwardSpec:
 
     def constexprs(self) -> dict:
         widths = [padded(h) for h in self.hidden] + [16] * (MAX_HIDDEN_LAYERS - len(self.hidden))
-        # TF32 for float32 inputs (SPEC section 3 allows it on a GPU): with IEEE
+        # TF32 for float32 inputs (the GPU accuracy bound allows it): with IEEE
         # float32 dots ptxas keeps 32 registers and spills about 10 KB per thread.
         # Half inputs: dz stays float32 (GRAD_PRECISION), in TF32 dots.
         precision = "tf32" if self.dtype == torch.float32 else "ieee"
@@ -692,12 +678,6 @@ def backward_unsupported_shape(embed_dim: int, hidden: tuple, dtype: torch.dtype
     return None
 
 
-def backward_unsupported(problem: DINProblem):
-    """backward_unsupported_shape for a problem."""
-    return backward_unsupported_shape(problem.keys.shape[2], problem.hidden_units,
-                                      problem.keys.dtype)
-
-
 def _num_programs(batch: int, device: torch.device) -> int:
     """Persistent grid: enough programs to fill the GPU, each owning several rows.
 
@@ -710,8 +690,8 @@ def _num_programs(batch: int, device: torch.device) -> int:
 
 
 def _launch_part(part: BackwardSpec, programs: int, arguments: tuple) -> None:
-    din_backward_kernel[(programs,)](*arguments, num_warps=part.blocks()[1],
-                                     num_stages=NUM_STAGES, **part.constexprs())
+    wrap_triton(din_backward_kernel)[(programs,)](*arguments, num_warps=part.blocks()[1],
+                                                  num_stages=NUM_STAGES, **part.constexprs())
 
 
 def din_backward(problem: DINProblem, grad_pooled: torch.Tensor,
@@ -723,7 +703,8 @@ def din_backward(problem: DINProblem, grad_pooled: torch.Tensor,
     dv [B, T, Dv] or None, dweights, dbiases, dact_params) in the dtypes of the
     inputs; dact_params has per layer () / (da,) / (da, dmu, dvar).
     """
-    reason = backward_unsupported(problem)
+    reason = backward_unsupported_shape(problem.keys.shape[2], problem.hidden_units,
+                                        problem.keys.dtype)
     if reason is not None:
         raise ValueError(f"din_backward: the fused backward does not support {reason}")
     query, keys = problem.query.contiguous(), problem.keys.contiguous()

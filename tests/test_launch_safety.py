@@ -9,11 +9,10 @@ import pytest
 import torch
 
 import din_fast
-from din_cases import make_case
+from helpers import DEVICE, make_case, on_device
 from din_fast.kernels import din_backward as bwd
-from din_fast.kernels import din_forward as fwd
+from din_fast.kernels import common, din_forward as fwd
 from din_fast.problem import validate_jagged
-from properties import DEVICE, on_device
 
 
 def jagged_problem(offsets, total=7, max_len=6):
@@ -57,7 +56,7 @@ def test_every_launch_runs_under_the_tensors_device(monkeypatch):
     """Triton launches on the current device: each launcher must enter the
     tensors' device first (a model on cuda:1 without torch.cuda.set_device)."""
     entered = []
-    real = fwd.launch_device
+    real = common.launch_device
 
     def recording(device):
         entered.append(torch.device(device))
@@ -97,4 +96,4 @@ def restore_precision():
 def test_tf32_read_through_the_new_precision_api(restore_precision, matmul, overall, expected):
     torch.backends.fp32_precision = overall
     torch.backends.cuda.matmul.fp32_precision = matmul
-    assert fwd.cuda_matmul_tf32() is expected
+    assert common.cuda_matmul_tf32() is expected

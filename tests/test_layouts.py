@@ -8,10 +8,9 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 import din_fast
-from din_cases import make_case
-from properties import (BACKENDS, LAYOUTS, DEVICE, backend_dtype, backend_settings,
-                        call_din_attention, cases, leaf_copy, on_device, outputs_and_grads,
-                        relayout, tensor_slots, with_slots)
+from helpers import (BACKENDS, DEVICE, LAYOUTS, backend_dtype, backend_settings,
+                     call_din_attention, cases, leaf_copy, make_case, on_device,
+                     outputs_and_grads, relayout, tensor_slots, with_slots)
 
 # A contiguous call and a relaid one compute the same numbers, up to BLAS
 # choosing another summation order for another layout.

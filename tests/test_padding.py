@@ -9,7 +9,7 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 import din_fast
-from properties import (BACKENDS, DEVICE, backend_dtype, backend_settings, call_din_attention,
+from helpers import (BACKENDS, DEVICE, backend_dtype, backend_settings, call_din_attention,
                         cases, leaf_copy, outputs_and_grads, tensor_slots)
 
 POISONS = (float("nan"), float("inf"), float("-inf"), 3e38, -3e38)

@@ -14,9 +14,8 @@ import torch
 from hypothesis import given
 from hypothesis import strategies as st
 
-from din_cases import _map_tensors
-from properties import (BACKENDS, backend_dtype, backend_settings, call_din_attention, cases,
-                        leaf_copy, outputs_and_grads)
+from helpers import (BACKENDS, backend_dtype, backend_settings, call_din_attention, cases,
+                     leaf_copy, map_tensors, outputs_and_grads)
 
 SCALES = [sign * 10.0 ** e for e in (-30, -3, 0, 1, 3, 10, 30) for sign in (1, -1)]
 FLOAT32 = 2e-5   # the relative error of float32 results at well-conditioned scales
@@ -25,7 +24,7 @@ FLOAT32 = 2e-5   # the relative error of float32 results at well-conditioned sca
 def conditioning(case):
     """(max |scale * s|, smallest |scale| * (top1 - top2) over the rows) from
     the float64 reference's raw scores."""
-    raw = dict(_map_tensors(case, torch.Tensor.double), normalization=None, scale=1.0)
+    raw = dict(map_tensors(case, torch.Tensor.double), normalization=None, scale=1.0)
     _, scores = call_din_attention(raw, "reference")
     scale = abs(case["scale"])
     if scores.numel() == 0:
@@ -50,7 +49,7 @@ def test_extreme_softmax_scales(backend):
         case = dict(case, scale=scale)
         mine, leaves = leaf_copy(case)
         got = outputs_and_grads(call_din_attention(mine, backend), leaves)
-        exact, exact_leaves = leaf_copy(_map_tensors(case, torch.Tensor.double))
+        exact, exact_leaves = leaf_copy(map_tensors(case, torch.Tensor.double))
         want = outputs_and_grads(call_din_attention(exact, "reference"), exact_leaves)
         spread, gap = conditioning(case)
         base = 1e-9 if dtype == torch.float64 else FLOAT32

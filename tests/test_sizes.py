@@ -7,11 +7,10 @@ import pytest
 import torch
 
 import din_fast
-from din_cases import _map_tensors, make_case
+from helpers import (DEVICE, backend_dtype, call_din_attention, leaf_copy, make_case, map_tensors,
+                     on_device, outputs_and_grads)
 from din_fast.problem import validate
-from din_fast.triton_backend import triton_unsupported_reason
-from properties import (DEVICE, backend_dtype, call_din_attention, leaf_copy, on_device,
-                        outputs_and_grads)
+from din_fast.triton_backend import unsupported_reason
 
 BACKENDS = ("torch", "reference", "triton", "auto")
 # (batch, candidates, length, value_dim); candidates None is a 2-D query.
@@ -30,7 +29,7 @@ def check_against_reference(case, backend):
     shaped like its input and finite."""
     mine, leaves = leaf_copy(case)
     got = outputs_and_grads(call_din_attention(mine, backend), leaves)
-    exact, exact_leaves = leaf_copy(_map_tensors(case, torch.Tensor.double))
+    exact, exact_leaves = leaf_copy(map_tensors(case, torch.Tensor.double))
     want = outputs_and_grads(call_din_attention(exact, "reference"), exact_leaves)
     for g, w in zip(got, want):
         assert g.shape == w.shape and g.dtype == case["keys"].dtype
@@ -94,4 +93,4 @@ def test_zero_embedding_size_triton_refuses_and_auto_falls_back():
     kwargs.setdefault("mask", None)
     kwargs.setdefault("values", None)
     problem = validate(case["query"], case["keys"], case["lengths"], **kwargs)
-    assert triton_unsupported_reason(problem) is not None   # so "auto" takes torch
+    assert unsupported_reason(problem) is not None   # so "auto" takes torch
