@@ -82,8 +82,8 @@ def case_inputs(case: Case, device) -> dict:
 def fused_backward_launches(inputs: dict, options: dict) -> list:
     """The kinds of launch the fused backward runs for these inputs, as the op
     plans them. Reads din_fast internals: din_fast.problem.validate and
-    din_fast.kernels.din_backward.backward_spec / backward_unsupported."""
-    from din_fast.kernels.din_backward import backward_spec, backward_unsupported
+    din_fast.kernels.din_backward.backward_spec / backward_unsupported_shape."""
+    from din_fast.kernels.din_backward import backward_spec, backward_unsupported_shape
     from din_fast.problem import validate
 
     public = inspect.signature(din_fast.din_attention).parameters
@@ -91,7 +91,8 @@ def fused_backward_launches(inputs: dict, options: dict) -> list:
     arguments.update(inputs, **options)
     accepted = inspect.signature(validate).parameters
     problem = validate(**{name: value for name, value in arguments.items() if name in accepted})
-    reason = backward_unsupported(problem)
+    reason = backward_unsupported_shape(problem.keys.shape[2], problem.hidden_units,
+                                        problem.keys.dtype)
     if reason is not None:
         raise SystemExit(f"sanitizer_workload: the fused backward does not run this case: {reason}")
     launches = backward_spec(problem, has_grad_scores=bool(options.get("return_scores"))).launches()
