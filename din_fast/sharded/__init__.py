@@ -19,7 +19,7 @@ SHARDING_TYPES = ("table_wise", "row_wise", "column_wise")
 # not updated. fbgemm has no CPU kernel for Adam, hence a CPU-capable default.
 EMBEDDING_OPTIMIZERS = ("rowwise_adagrad", "adagrad", "sgd", "adam")
 DEFAULT_EMBEDDING_OPTIMIZER = "rowwise_adagrad"
-DEFAULT_EMBEDDING_LR = 0.05
+DEFAULT_EMBEDDING_LR = 0.1
 
 
 class OptionError(ValueError):

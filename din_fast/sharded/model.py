@@ -39,7 +39,8 @@ from ..data import Batch
 from ..functional import din_attention_jagged
 from ..models import EMBEDDING_INIT_STD, scoring_mlp
 from ..modules import DINAttention
-from . import EMBEDDING_OPTIMIZERS, SHARDING_TYPES, check_options
+from . import (DEFAULT_EMBEDDING_LR, DEFAULT_EMBEDDING_OPTIMIZER, EMBEDDING_OPTIMIZERS,
+               SHARDING_TYPES, check_options)
 
 FEATURES = ("history_items", "history_categories", "target_items", "target_categories")
 # table name -> (its features, its weight's name in din_fast.DIN's state_dict)
@@ -124,8 +125,8 @@ def column_shard_width(embed_dim: int, world_size: int) -> int:
 
 
 def shard_model(model: TorchRecDIN, device: torch.device, sharding: Optional[str] = None, *,
-                embedding_optimizer: str = "rowwise_adagrad",
-                embedding_lr: float = 0.05,
+                embedding_optimizer: str = DEFAULT_EMBEDDING_OPTIMIZER,
+                embedding_lr: float = DEFAULT_EMBEDDING_LR,
                 batch_size: Optional[int] = None) -> DistributedModelParallel:
     """Shard ``model``'s tables over the default process group (a collective).
 
