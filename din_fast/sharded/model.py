@@ -46,7 +46,7 @@ FEATURES = ("history_items", "history_categories", "target_items", "target_categ
 # table name -> (its features, its weight's name in din_fast.DIN's state_dict)
 TABLES = {"item": (("history_items", "target_items"), "item_embedding.weight"),
           "category": (("history_categories", "target_categories"), "category_embedding.weight")}
-TABLES_MODULE = "tables"  # TorchRecDIN's attribute holding the EmbeddingCollection
+TABLES_MODULE = "tables"  # the EmbeddingCollection's attribute in TorchRecDIN and the plan
 OPTIMIZER_CLASSES = {"rowwise_adagrad": RowWiseAdagrad, "adagrad": torch.optim.Adagrad,
                      "sgd": torch.optim.SGD, "adam": torch.optim.Adam}
 assert tuple(OPTIMIZER_CLASSES) == EMBEDDING_OPTIMIZERS
@@ -74,12 +74,12 @@ class TorchRecDIN(nn.Module):
                              "(its batch statistics need padded histories); got 'dice'")
         init = functools.partial(nn.init.normal_, std=EMBEDDING_INIT_STD)
         sizes = {"item": num_items + 1, "category": num_categories + 1}
-        setattr(self, TABLES_MODULE, EmbeddingCollection(
+        self.tables = EmbeddingCollection(
             tables=[EmbeddingConfig(name=name, embedding_dim=embed_dim,
                                     num_embeddings=sizes[name], feature_names=list(features),
                                     init_fn=init)
                     for name, (features, _) in TABLES.items()],
-            device=torch.device("meta")))
+            device=torch.device("meta"))
         self.attention = DINAttention(2 * embed_dim, attention_hidden, attention_activation,
                                       normalization=attention_normalization,
                                       backend=backend).to(device)
@@ -88,7 +88,7 @@ class TorchRecDIN(nn.Module):
     def forward(self, features: KeyedJaggedTensor, max_len: int) -> torch.Tensor:
         """Logits [B] of the samples in ``features`` (see batch_features);
         ``max_len`` bounds the history lengths."""
-        embedded = getattr(self, TABLES_MODULE)(features)
+        embedded = self.tables(features)
 
         def items(prefix):  # an item is [item embedding | category embedding]
             return torch.cat([embedded[f"{prefix}_items"].values(),
@@ -106,7 +106,8 @@ class TorchRecDIN(nn.Module):
 def batch_features(batch: Batch) -> KeyedJaggedTensor:
     """The KeyedJaggedTensor of a padded data.Batch: the valid history
     positions of each sample back to back, and its target."""
-    valid = torch.arange(batch.history_items.shape[1]) < batch.lengths[:, None]
+    positions = torch.arange(batch.history_items.shape[1], device=batch.lengths.device)
+    valid = positions < batch.lengths[:, None]
     ones = torch.ones_like(batch.lengths)
     return KeyedJaggedTensor(
         keys=list(FEATURES),
@@ -139,9 +140,8 @@ def shard_model(model: TorchRecDIN, device: torch.device, sharding: Optional[str
     if sharding is not None and sharding not in SHARDING_TYPES:
         raise ValueError(f"`sharding` must be one of {SHARDING_TYPES} or None; got {sharding!r}")
     check_options("din", embedding_optimizer, device.type)
-    tables = getattr(model, TABLES_MODULE)
-    apply_optimizer_in_backward(OPTIMIZER_CLASSES[embedding_optimizer], tables.parameters(),
-                                {"lr": embedding_lr})
+    apply_optimizer_in_backward(OPTIMIZER_CLASSES[embedding_optimizer],
+                                model.tables.parameters(), {"lr": embedding_lr})
     world_size = dist.get_world_size()
     # data_parallel is left out: it replicates the tables (what DDP does), and
     # TorchRec's CPU kernels fail on it for an EmbeddingCollection.
@@ -150,7 +150,7 @@ def shard_model(model: TorchRecDIN, device: torch.device, sharding: Optional[str
             sharding_types=[sharding] if sharding else list(SHARDING_TYPES),
             compute_kernels=[EmbeddingComputeKernel.FUSED.value],
             min_partition=column_shard_width(config.embedding_dim, world_size))
-        for name, config in zip(TABLES, tables.embedding_configs())}
+        for name, config in zip(TABLES, model.tables.embedding_configs())}
     topology = TopologyFactory.create_topology(
         TrainerConfig(world_size=world_size,
                       local_world_size=int(os.environ.get("LOCAL_WORLD_SIZE", world_size))),
@@ -163,7 +163,7 @@ def shard_model(model: TorchRecDIN, device: torch.device, sharding: Optional[str
     # Each process draws its shards from a stream of its own: with the shared
     # seed, the shards of different processes would start as copies.
     with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
-        torch.manual_seed(torch.initial_seed() + dist.get_rank())
+        torch.manual_seed((torch.initial_seed() + dist.get_rank()) % 2**63)
         sharded = DistributedModelParallel(model, device=device, plan=plan, sharders=sharders)
     with torch.no_grad():
         for _, offsets, shard in _local_table_shards(sharded):

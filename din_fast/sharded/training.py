@@ -3,8 +3,9 @@
 The same data, samples, global batches and test protocol as single-process
 ``din-fast train`` (din_fast.training): every process builds the same seeded
 global batches and trains on its share of each (rows rank, rank + N, ...), so
-the result does not depend on the number of processes beyond floating-point
-order. Gradients are those of the mean loss over the global batch: each
+a training step does not depend on the number of processes beyond
+floating-point order (the tables' initial values do: each process draws its
+own shards). Gradients are those of the mean loss over the global batch: each
 process's loss is its share's sum times N / (global batch size), and both
 DistributedDataParallel (the dense layers) and TorchRec (the tables, in its
 all-to-all backward) average over the processes. The tables are trained by
