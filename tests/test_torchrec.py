@@ -253,6 +253,22 @@ def test_torchrun_trains_and_the_checkpoint_evaluates_in_one_process(tmp_path, t
         assert evaluated[key] == pytest.approx(metrics[key], abs=1e-6), key
 
 
+def test_sharding_without_torchrun_runs_as_one_process(tmp_path, tiny_csv):
+    common = ["train", "--data", str(tiny_csv), "--epochs", "1", "--batch-size", "64",
+              "--no-progress", "--device", "cpu"]
+    paths = {run: tmp_path / f"{run}.json" for run in ("single", "sharded")}
+    assert main([*common, "--metrics-out", str(paths["single"])]) == 0
+    assert main([*common, "--sharding", "column_wise", "--metrics-out",
+                 str(paths["sharded"])]) == 0
+    single, sharded = (json.loads(path.read_text()) for path in paths.values())
+    assert sharded["world_size"] == 1
+    assert sharded["sharding"] == {table: {"sharding_type": "column_wise", "ranks": [0]}
+                                   for table in ("item", "category")}
+    assert set(single) <= set(sharded)                # the single-process report, and more
+    for key in ("train_samples", "test_samples", "model", "backend", "config"):
+        assert sharded[key] == single[key], key
+
+
 @pytest.mark.parametrize("arguments, message", [
     (["--model", "base"], "runs DIN only"),
     (["--embedding-optimizer", "adam"], "adam needs --device cuda"),
