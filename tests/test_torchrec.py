@@ -272,6 +272,7 @@ def test_sharding_without_torchrun_runs_as_one_process(tmp_path, tiny_csv):
 @pytest.mark.parametrize("arguments, message", [
     (["--model", "base"], "runs DIN only"),
     (["--embedding-optimizer", "adam"], "adam needs --device cuda"),
+    (["--embedding-lr", "0"], "--embedding-lr must be a positive number; got 0.0"),
 ])
 def test_sharded_training_rejects_what_it_cannot_run(tiny_csv, capsys, arguments, message):
     assert main(["train", "--data", str(tiny_csv), "--sharding", "row_wise", "--device", "cpu",

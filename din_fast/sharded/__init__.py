@@ -26,12 +26,15 @@ class OptionError(ValueError):
     """Sharded training cannot run as asked; the message says why and what to change."""
 
 
-def check_options(model: str, embedding_optimizer: str, device_type: str) -> None:
+def check_options(model: str, embedding_optimizer: str, embedding_lr: float,
+                  device_type: str) -> None:
     if model != "din":
         raise OptionError(f"sharded training runs DIN only (--model din); got --model {model}")
     if embedding_optimizer not in EMBEDDING_OPTIMIZERS:
         raise OptionError(f"--embedding-optimizer must be one of {EMBEDDING_OPTIMIZERS}; "
                           f"got {embedding_optimizer!r}")
+    if not embedding_lr > 0:
+        raise OptionError(f"--embedding-lr must be a positive number; got {embedding_lr}")
     if embedding_optimizer == "adam" and device_type != "cuda":
         raise OptionError("--embedding-optimizer adam needs --device cuda: FBGEMM's fused Adam "
                           f"has no CPU kernel; on CPU use one of {EMBEDDING_OPTIMIZERS[:-1]}")
@@ -68,7 +71,7 @@ def add_options(parser: argparse.ArgumentParser) -> None:
 
 
 def under_torchrun() -> bool:
-    return "TORCHELASTIC_RUN_ID" in os.environ or "WORLD_SIZE" in os.environ
+    return "WORLD_SIZE" in os.environ   # set by torchrun for every process it starts
 
 
 def requested(args: argparse.Namespace) -> bool:

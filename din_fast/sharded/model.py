@@ -139,7 +139,7 @@ def shard_model(model: TorchRecDIN, device: torch.device, sharding: Optional[str
     """
     if sharding is not None and sharding not in SHARDING_TYPES:
         raise ValueError(f"`sharding` must be one of {SHARDING_TYPES} or None; got {sharding!r}")
-    check_options("din", embedding_optimizer, device.type)
+    check_options("din", embedding_optimizer, embedding_lr, device.type)
     apply_optimizer_in_backward(OPTIMIZER_CLASSES[embedding_optimizer],
                                 model.tables.parameters(), {"lr": embedding_lr})
     world_size = dist.get_world_size()

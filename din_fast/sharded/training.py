@@ -33,7 +33,7 @@ from tqdm import tqdm
 from ..data import Batch, iterate_batches
 from ..metrics import ctr_metrics
 from ..training import EVAL_BATCH_SIZE, TrainConfig, build_model, load_data, save_checkpoint
-from . import DEFAULT_EMBEDDING_LR, DEFAULT_EMBEDDING_OPTIMIZER, check_options
+from . import DEFAULT_EMBEDDING_LR, DEFAULT_EMBEDDING_OPTIMIZER, check_options, under_torchrun
 from .model import (TorchRecDIN, batch_features, din_state_dict, plan_summary, shard_model)
 
 
@@ -48,7 +48,7 @@ def process_group(device: str):
     else:
         local_device = torch.device("cpu")
     backend = "nccl" if device == "cuda" else "gloo"
-    if "WORLD_SIZE" in os.environ:
+    if under_torchrun():
         dist.init_process_group(backend)
     else:
         dist.init_process_group(backend, store=dist.HashStore(), rank=0, world_size=1)
@@ -125,7 +125,7 @@ def train_sharded(config: TrainConfig, sharding: Optional[str] = None, *,
     ranks), ``embedding_optimizer`` and ``embedding_lr``. ``train_loss`` is the
     mean loss over each epoch's training samples.
     """
-    check_options(config.model, embedding_optimizer, config.device)
+    check_options(config.model, embedding_optimizer, embedding_lr, config.device)
     with process_group(config.device) as device:
         rank, world = dist.get_rank(), dist.get_world_size()
         if rank != 0:
