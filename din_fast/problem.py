@@ -14,6 +14,7 @@ from dataclasses import dataclass
 from typing import ClassVar, Optional, Sequence
 
 import torch
+from torch.autograd import forward_ad
 
 ACTIVATIONS = ("sigmoid", "relu", "prelu", "dice")
 NORMALIZATIONS = (None, "softmax")
@@ -57,6 +58,20 @@ class UnitAndOptions:
         for params in self.act_params:
             tensors += list(params)
         return tensors
+
+    def differentiated_forward(self) -> bool:
+        """True when an input is wrapped by a torch.func transform (grad, vmap,
+        jvp, jacfwd, ...) or carries a forward-mode tangent: what needs more
+        than a reverse-mode backward of the result."""
+        if torch.compiler.is_compiling():
+            # Dynamo traces torch.func itself (and cannot trace this check).
+            return False
+        tensors = [t for t in self.float_tensors() if t is not None]
+        if any(torch._C._functorch.is_functorch_wrapped_tensor(t) for t in tensors):
+            return True
+        if forward_ad._current_level < 0:
+            return False
+        return any(forward_ad.unpack_dual(t).tangent is not None for t in tensors)
 
     def with_float_tensors(self, tensors):
         """A copy holding ``tensors`` (in float_tensors' order) in their places."""
@@ -102,6 +117,19 @@ class DINProblem(UnitAndOptions):
             positions = torch.arange(length, device=self.keys.device)
             return positions[None, :] < self.lengths[:, None]
         return torch.ones(batch, length, dtype=torch.bool, device=self.keys.device)
+
+    def without_padding(self, history: torch.Tensor) -> torch.Tensor:
+        """``history`` [B, T, ...] with zeros at the invalid positions.
+
+        Whatever the padding holds (NaN, Inf, the garbage of torch.empty) must
+        not reach a result: 0 * NaN is NaN, in a weighted sum and in a
+        gradient alike. A select, so the gradient there is exactly 0.
+        """
+        if self.lengths is None and self.mask is None:
+            return history
+        valid = self.valid_mask().reshape(*history.shape[:2], *(1,) * (history.dim() - 2))
+        return torch.where(valid, history, torch.zeros((), dtype=history.dtype,
+                                                       device=history.device))
 
     def compute_dtype(self) -> torch.dtype:
         return compute_dtype(self.keys.dtype)
@@ -397,7 +425,9 @@ def validate(query, keys, lengths, *, weights, biases, activation, activation_pa
         if lengths.shape != (batch,):
             raise ValueError(f"din_attention: `lengths` must have shape ({batch},) to match "
                              f"`keys` {tuple(keys.shape)}; got {tuple(lengths.shape)}")
-        lengths = lengths.long()
+        # Contiguous int64: a strided view (DeepCTR's [B, 1] slice, an expand)
+        # reaches the kernels as the plain array they index.
+        lengths = lengths.long().contiguous()
         check_range("lengths", lengths, 0, length, f"[0, T={length}]")
     if mask is not None:
         _require_tensor("mask", mask)
@@ -408,6 +438,7 @@ def validate(query, keys, lengths, *, weights, biases, activation, activation_pa
         if mask.shape != (batch, length):
             raise ValueError(f"din_attention: `mask` must have shape ({batch}, {length}) to "
                              f"match `keys` {tuple(keys.shape)}; got {tuple(mask.shape)}")
+        mask = mask.contiguous()
     _validate_options(activation, normalization, scale, dice_eps)
     weights, biases, act_params = _validate_parameters(weights, biases, activation,
                                                        activation_params, keys, "keys")
@@ -471,6 +502,7 @@ def validate_jagged(query, keys_values, offsets, max_len, *, weights, biases, ac
     if offsets.dim() != 1 or offsets.shape[0] < 1:
         raise ValueError(f"din_attention: `offsets` must be a 1-D tensor [B + 1]; "
                          f"got shape {tuple(offsets.shape)}")
+    offsets = offsets.contiguous()
     if isinstance(max_len, bool) or not isinstance(max_len, numbers.Integral) or max_len < 0:
         raise TypeError(f"din_attention: `max_len` must be a non-negative int; "
                         f"got {_describe(max_len)}")

@@ -4,7 +4,7 @@ import pytest
 import torch
 
 import din_fast
-from din_cases import make_case
+from helpers import make_case
 
 
 def call(case, **overrides):
