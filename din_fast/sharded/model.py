@@ -36,7 +36,6 @@ from torchrec.optim import RowWiseAdagrad
 from torchrec.optim.apply_optimizer_in_backward import apply_optimizer_in_backward
 
 from ..data import Batch
-from ..functional import din_attention_jagged
 from ..models import EMBEDDING_INIT_STD, scoring_mlp
 from ..modules import DINAttention
 from . import (DEFAULT_EMBEDDING_LR, DEFAULT_EMBEDDING_OPTIMIZER, EMBEDDING_OPTIMIZERS,
@@ -95,11 +94,8 @@ class TorchRecDIN(nn.Module):
                               embedded[f"{prefix}_categories"].values()], -1)
 
         candidate = items("target")                       # [B, 2E]: one target per sample
-        attention_options = self.attention._functional_kwargs()
-        del attention_options["mask"]                     # jagged rows need none
-        interest = din_attention_jagged(candidate, items("history"),
-                                        embedded["history_items"].offsets(), max_len,
-                                        backend=self.attention.backend, **attention_options)
+        interest = self.attention.forward_jagged(candidate, items("history"),
+                                                 embedded["history_items"].offsets(), max_len)
         return self.mlp(torch.cat([interest, candidate, interest * candidate], -1)).squeeze(-1)
 
 
