@@ -8,6 +8,7 @@ import sys
 
 import torch
 
+from . import sharded
 from .data import DataFormatError
 from .models import MODELS
 from .problem import BACKENDS
@@ -64,6 +65,7 @@ def build_parser() -> argparse.ArgumentParser:
     train_parser.add_argument("--checkpoint", help="save the model, id maps and config here")
     train_parser.add_argument("--no-progress", action="store_true", help="no progress bar")
     add_threads_option(train_parser)
+    sharded.add_options(train_parser)
 
     eval_parser = commands.add_parser("evaluate", help="test metrics of a saved checkpoint")
     eval_parser.add_argument("--checkpoint", required=True)
@@ -80,7 +82,7 @@ def main(argv=None) -> int:
     torch.set_num_threads(args.threads)
     try:
         return run_command(args)
-    except (DataFormatError, FileNotFoundError) as error:
+    except (DataFormatError, FileNotFoundError, sharded.OptionError) as error:
         print(f"din-fast: error: {error}", file=sys.stderr)
         return 2
 
@@ -93,8 +95,16 @@ def run_command(args) -> int:
                              device=args.device,
                              attention_normalization=None if args.attention_normalization == "none"
                              else args.attention_normalization)
-        metrics = train(config, checkpoint=args.checkpoint, metrics_out=args.metrics_out,
-                        progress=not args.no_progress)
+        if sharded.requested(args):
+            metrics = sharded.load_trainer()(
+                config, args.sharding, embedding_optimizer=args.embedding_optimizer,
+                embedding_lr=args.embedding_lr, checkpoint=args.checkpoint,
+                metrics_out=args.metrics_out, progress=not args.no_progress)
+        else:
+            metrics = train(config, checkpoint=args.checkpoint, metrics_out=args.metrics_out,
+                            progress=not args.no_progress)
+        if metrics is None:  # a torchrun process other than rank 0
+            return 0
         print(f"{config.model}: test AUC {metrics['test_auc']:.4f}  GAUC "
               f"{metrics['test_gauc']:.4f}  logloss {metrics['test_logloss']:.4f}  "
               f"train {metrics['train_seconds']:.1f} s")

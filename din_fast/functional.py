@@ -14,8 +14,7 @@ import os
 import torch
 
 from . import reference, torch_backend, triton_backend
-from .problem import BACKENDS, DEFAULT_DICE_EPS, DINProblem, JaggedDINProblem, validate, \
-    validate_jagged
+from .problem import BACKENDS, DEFAULT_DICE_EPS, validate, validate_jagged
 
 BACKEND_ENV = "DIN_FAST_BACKEND"
 
@@ -115,7 +114,7 @@ def din_attention_jagged(query, keys_values, offsets, max_len, *, weights, biase
                               biases=biases, activation=activation,
                               activation_params=activation_params, normalization=normalization,
                               scale=scale, values=values, dice_eps=dice_eps)
-    pooled, scores = run_jagged_problem(problem, resolve_backend(backend, problem),
+    pooled, scores = run_problem(problem, resolve_backend(backend, problem),
                                         need_scores=return_scores)
     return (pooled, scores) if return_scores else pooled
 
@@ -128,36 +127,21 @@ def _autocast_off(device: torch.device):
     return contextlib.nullcontext()
 
 
-def _require_triton(problem, function: str):
-    reason = triton_backend.unsupported_reason(problem)
-    if reason is not None:
-        raise ValueError(f"{function}: backend='triton' cannot run this call: {reason}")
-
-
-def run_problem(problem: DINProblem, backend: str, dice_gate=None, need_scores=True):
-    """Run a validated problem on a concrete backend; outputs in the keys'
-    dtype. ``dice_gate`` (torch backend only) replaces Dice's normalization
+def run_problem(problem, backend: str, dice_gate=None, need_scores=True):
+    """Run a validated problem (a DINProblem or a JaggedDINProblem) on a
+    concrete backend; outputs in the keys' dtype. ``dice_gate`` (torch
+    backend, padded input) replaces Dice's normalization
     (torch_backend.torch_din_attention); without ``need_scores`` a backend may
     return None for the scores."""
-    with _autocast_off(problem.keys.device):
+    with _autocast_off(problem.query.device):
         if backend == "reference":
-            pooled, scores = reference.reference_din_attention(problem)
+            pooled, scores = reference.run(problem)
         elif backend == "triton":
-            _require_triton(problem, "din_attention")
-            pooled, scores = triton_backend.triton_din_attention(problem, need_scores)
+            reason = triton_backend.unsupported_reason(problem)
+            if reason is not None:
+                function = "din_attention" + ("_jagged" if problem.HISTORY != "keys" else "")
+                raise ValueError(f"{function}: backend='triton' cannot run this call: {reason}")
+            pooled, scores = triton_backend.run(problem, need_scores)
         else:
             pooled, scores = torch_backend.run(problem, dice_gate)
-    return problem.shape_output(pooled, scores)
-
-
-def run_jagged_problem(problem: JaggedDINProblem, backend: str, need_scores=True):
-    """Run a validated jagged problem; outputs in the keys' dtype."""
-    with _autocast_off(problem.keys_values.device):
-        if backend == "reference":
-            pooled, scores = reference.reference_din_attention_jagged(problem)
-        elif backend == "triton":
-            _require_triton(problem, "din_attention_jagged")
-            pooled, scores = triton_backend.triton_din_attention_jagged(problem, need_scores)
-        else:
-            pooled, scores = torch_backend.torch_din_attention_jagged(problem)
     return problem.shape_output(pooled, scores)

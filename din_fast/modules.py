@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from .functional import din_attention, resolve_backend, run_problem
+from .functional import din_attention, din_attention_jagged, resolve_backend, run_problem
 from .problem import ACTIVATIONS, DEFAULT_DICE_EPS, check_layer_sizes, validate
 
 PRELU_INIT = 0.25  # torch.nn.PReLU's default slope
@@ -122,6 +122,22 @@ class DINAttention(nn.Module):
             return self._forward_dice_training(query, keys, lengths, kwargs)
         return din_attention(query, keys, lengths, return_scores=self.return_scores,
                              backend=self.backend, **kwargs)
+
+    def forward_jagged(self, query, keys_values, offsets, max_len, values=None):
+        """The layer on jagged histories (din_fast.din_attention_jagged's layout:
+        row b is ``keys_values[offsets[b]:offsets[b + 1]]``, TorchRec's
+        ``JaggedTensor.values()`` and ``.offsets()``). Returns what forward
+        returns, the weights jagged. Training-mode Dice is not supported here
+        (its batch statistics run on the padded layout)."""
+        if self.activation == "dice" and self.training:
+            raise ValueError("DINAttention.forward_jagged: Dice in training mode needs batch "
+                             "statistics, which run on padded input; call forward with "
+                             "padded keys and lengths, or use eval mode")
+        kwargs = self._functional_kwargs(values=values)
+        del kwargs["mask"]                       # jagged rows have no padding to mask
+        return din_attention_jagged(query, keys_values, offsets, max_len,
+                                    return_scores=self.return_scores, backend=self.backend,
+                                    **kwargs)
 
     def _forward_dice_training(self, query, keys, lengths, kwargs):
         # Batch statistics need every valid pre-activation of a layer before

@@ -11,7 +11,7 @@ at import time: a schema change that forgets one side fails loudly.
 from __future__ import annotations
 
 import inspect
-from typing import List, NamedTuple, Optional
+from typing import List, NamedTuple, Optional, get_type_hints
 
 import torch
 from torch import Tensor
@@ -22,21 +22,18 @@ NO_NORMALIZATION = "none"   # an op schema has no None for a str: normalization=
 PARAMS_PER_LAYER = {"sigmoid": 0, "relu": 0, "prelu": 1, "dice": 3}
 
 
-class AttentionArgs(NamedTuple):
+# The fields every op has after its history: the activation unit and the options.
+UNIT_FIELDS = [("weights", List[Tensor]), ("biases", List[Tensor]),
+               ("act_params", List[Tensor]), ("activation", str), ("normalization", str),
+               ("scale", float), ("dice_eps", float)]
+
+
+class AttentionArgs(NamedTuple("AttentionFields", [
+        ("query", Tensor), ("keys", Tensor), ("values", Optional[Tensor]),
+        ("lengths", Optional[Tensor]), ("mask", Optional[Tensor])] + UNIT_FIELDS)):
     """The arguments of din_attention's ops (padded histories)."""
 
-    query: Tensor
-    keys: Tensor
-    values: Optional[Tensor]
-    lengths: Optional[Tensor]
-    mask: Optional[Tensor]
-    weights: List[Tensor]
-    biases: List[Tensor]
-    act_params: List[Tensor]
-    activation: str
-    normalization: str
-    scale: float
-    dice_eps: float
+    __slots__ = ()
 
     @classmethod
     def of(cls, problem: DINProblem) -> "AttentionArgs":
@@ -48,21 +45,12 @@ class AttentionArgs(NamedTuple):
                           lengths=self.lengths, mask=self.mask, **_unit_fields(self))
 
 
-class JaggedAttentionArgs(NamedTuple):
+class JaggedAttentionArgs(NamedTuple("JaggedAttentionFields", [
+        ("query", Tensor), ("keys_values", Tensor), ("values", Optional[Tensor]),
+        ("offsets", Tensor), ("max_len", int)] + UNIT_FIELDS)):
     """The arguments of din_attention_jagged's ops."""
 
-    query: Tensor
-    keys_values: Tensor
-    values: Optional[Tensor]
-    offsets: Tensor
-    max_len: int
-    weights: List[Tensor]
-    biases: List[Tensor]
-    act_params: List[Tensor]
-    activation: str
-    normalization: str
-    scale: float
-    dice_eps: float
+    __slots__ = ()
 
     @classmethod
     def of(cls, problem: JaggedDINProblem) -> "JaggedAttentionArgs":
@@ -73,6 +61,19 @@ class JaggedAttentionArgs(NamedTuple):
         return JaggedDINProblem(query=self.query, keys_values=self.keys_values,
                                 values=self.values, offsets=self.offsets,
                                 max_len=self.max_len, **_unit_fields(self))
+
+
+# How an op schema spells each field type.
+SCHEMA_TYPES = {Tensor: "Tensor", Optional[Tensor]: "Tensor?", List[Tensor]: "Tensor[]",
+                str: "str", float: "float", int: "SymInt"}
+
+
+def backward_schema(fields: type) -> str:
+    """The schema of a backward op over ``fields``: (grad_pooled, grad_scores,
+    the forward's arguments) -> InputGrads.flat()."""
+    arguments = ["Tensor grad_pooled", "Tensor? grad_scores"] + [
+        f"{SCHEMA_TYPES[kind]} {name}" for name, kind in get_type_hints(fields).items()]
+    return f"({', '.join(arguments)}) -> Tensor[]"
 
 
 def _unit_args(problem) -> tuple:

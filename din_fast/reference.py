@@ -80,3 +80,11 @@ def reference_din_attention_jagged(problem: JaggedDINProblem):
     )
     pooled, weights = reference_din_attention(padded)
     return pooled, weights[rows, :, cols]
+
+
+def run(problem):
+    """(pooled [B, C, Dv], w) of a DINProblem (w [B, C, T]) or a
+    JaggedDINProblem (w [L, C]), in the compute dtype."""
+    if isinstance(problem, JaggedDINProblem):
+        return reference_din_attention_jagged(problem)
+    return reference_din_attention(problem)

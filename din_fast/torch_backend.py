@@ -26,7 +26,7 @@ import torch
 from torch import Tensor
 
 from .activations import activate, activation_backward, dice
-from .op_args import (AttentionArgs, InputGrads, JaggedAttentionArgs, check_signature,
+from .op_args import (AttentionArgs, InputGrads, JaggedAttentionArgs, backward_schema,
                       fake_input_grads)
 from .problem import DINProblem, JaggedDINProblem, split_first_layer
 from .reference import masked_normalize
@@ -454,11 +454,14 @@ def torch_din_attention_backward(problem, grad_pooled: torch.Tensor,
     )
 
 
-def run(problem: DINProblem, dice_gate=None):
-    """(pooled [B, C, Dv], w [B, C, T]) in the compute dtype: the packed eager
-    path, or differentiable_din_attention where a trace or a transform needs
-    a graph of aten ops alone (torch.compile, torch.export, torch.func,
-    forward-mode AD)."""
+def run(problem, dice_gate=None):
+    """(pooled [B, C, Dv], w) in the compute dtype of a DINProblem (w [B, C, T]):
+    the packed eager path, or differentiable_din_attention where a trace or a
+    transform needs a graph of aten ops alone (torch.compile, torch.export,
+    torch.func, forward-mode AD); of a JaggedDINProblem (w [L, C]) the jagged
+    path, which is such a graph already."""
+    if isinstance(problem, JaggedDINProblem):
+        return torch_din_attention_jagged(problem)
     if torch.compiler.is_compiling() or problem.differentiated_forward():
         return differentiable_din_attention(problem, dice_gate)
     return torch_din_attention(problem, dice_gate)
@@ -468,37 +471,23 @@ def run(problem: DINProblem, dice_gate=None):
 # autograd formula runs where its fused backward does not reach, which
 # torch.compile must not trace (the packing has a data-dependent size).
 
-def _backward_op(
-    grad_pooled: Tensor, grad_scores: Optional[Tensor], query: Tensor, keys: Tensor,
-    values: Optional[Tensor], lengths: Optional[Tensor], mask: Optional[Tensor],
-    weights: List[Tensor], biases: List[Tensor], act_params: List[Tensor], activation: str,
-    normalization: str, scale: float, dice_eps: float,
-) -> List[Tensor]:
-    args = AttentionArgs(query, keys, values, lengths, mask, weights, biases, act_params,
-                         activation, normalization, scale, dice_eps)
-    grads = torch_din_attention_backward(args.problem(), grad_pooled, grad_scores)
-    return InputGrads.of(grads, keys).flat()
+def _backward_op_for(fields: type):
+    """The op function of ``fields``' backward: (grad_pooled, grad_scores, the
+    forward's arguments) -> InputGrads.flat()."""
+    def backward(grad_pooled, grad_scores, *inputs):
+        args = fields(*inputs)
+        grads = torch_din_attention_backward(args.problem(), grad_pooled, grad_scores)
+        return InputGrads.of(grads, inputs[1]).flat()
+    return backward
 
 
-def _jagged_backward_op(
-    grad_pooled: Tensor, grad_scores: Optional[Tensor], query: Tensor, keys_values: Tensor,
-    values: Optional[Tensor], offsets: Tensor, max_len: int, weights: List[Tensor],
-    biases: List[Tensor], act_params: List[Tensor], activation: str, normalization: str,
-    scale: float, dice_eps: float,
-) -> List[Tensor]:
-    args = JaggedAttentionArgs(query, keys_values, values, offsets, max_len, weights, biases,
-                               act_params, activation, normalization, scale, dice_eps)
-    grads = torch_din_attention_backward(args.problem(), grad_pooled, grad_scores)
-    return InputGrads.of(grads, keys_values).flat()
-
-
-check_signature(_backward_op, AttentionArgs, leading=("grad_pooled", "grad_scores"))
-check_signature(_jagged_backward_op, JaggedAttentionArgs, leading=("grad_pooled", "grad_scores"))
-backward_op = torch.library.custom_op("din_fast::torch_attention_backward", _backward_op,
-                                      mutates_args=())
+backward_op = torch.library.custom_op(
+    "din_fast::torch_attention_backward", _backward_op_for(AttentionArgs), mutates_args=(),
+    schema=backward_schema(AttentionArgs))
 backward_op.register_fake(fake_input_grads)
-jagged_backward_op = torch.library.custom_op("din_fast::torch_attention_jagged_backward",
-                                             _jagged_backward_op, mutates_args=())
+jagged_backward_op = torch.library.custom_op(
+    "din_fast::torch_attention_jagged_backward", _backward_op_for(JaggedAttentionArgs),
+    mutates_args=(), schema=backward_schema(JaggedAttentionArgs))
 jagged_backward_op.register_fake(fake_input_grads)
 
 

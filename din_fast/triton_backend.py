@@ -74,16 +74,14 @@ def fused_backward_unsupported(problem: DINProblem) -> Optional[str]:
                                       problem.keys.dtype)
 
 
-def triton_din_attention(problem: DINProblem, need_scores: bool = True):
-    """(pooled [B, C, Dv] in the keys' dtype, w [B, C, T] or None)."""
-    pooled, scores = triton_attention_forward(*AttentionArgs.of(problem), need_scores)
-    return pooled, (scores if need_scores else None)
-
-
-def triton_din_attention_jagged(problem: JaggedDINProblem, need_scores: bool = True):
-    """(pooled [B, C, Dv] in the keys' dtype, w [L, C] or None)."""
-    pooled, scores = triton_attention_jagged_forward(*JaggedAttentionArgs.of(problem),
-                                                     need_scores)
+def run(problem, need_scores: bool = True):
+    """(pooled [B, C, Dv] in the keys' dtype, w or None) of a DINProblem (w [B,
+    C, T]) or a JaggedDINProblem (w [L, C]), through the ops below."""
+    if isinstance(problem, JaggedDINProblem):
+        pooled, scores = triton_attention_jagged_forward(*JaggedAttentionArgs.of(problem),
+                                                         need_scores)
+    else:
+        pooled, scores = triton_attention_forward(*AttentionArgs.of(problem), need_scores)
     return pooled, (scores if need_scores else None)
 
 

@@ -26,6 +26,11 @@ CASES = [
 NOT_SUPPORTED = "torch.func transform or forward-mode AD"
 
 
+def skip_unless_expressible(options, jagged):
+    if jagged and options["masking"] != "lengths":
+        pytest.skip("jagged histories are lengths")
+
+
 def small_case(dtype, activation, normalization, masking, hidden, value_dim=None):
     return on_device(make_case(3, 2, 4, 2, hidden, activation=activation,
                                normalization=normalization, masking=masking,
@@ -78,8 +83,7 @@ def hessian_vector_products(f, primals, seed=2):
 @pytest.mark.parametrize("backend", ["torch", "reference", "auto"])
 @pytest.mark.parametrize("jagged", [False, True])
 def test_gradgradcheck(backend, options, jagged):
-    if jagged and options["masking"] != "lengths":
-        pytest.skip("jagged histories are lengths")
+    skip_unless_expressible(options, jagged)
     f, primals = as_function(small_case(torch.float64, **options), backend, jagged)
     primals = [p.detach().clone().requires_grad_(True) for p in primals]
     assert torch.autograd.gradgradcheck(f, primals, fast_mode=True)
@@ -88,8 +92,7 @@ def test_gradgradcheck(backend, options, jagged):
 @pytest.mark.parametrize("options", CASES)
 @pytest.mark.parametrize("jagged", [False, True])
 def test_triton_double_backward_matches_reference(options, jagged):
-    if jagged and options["masking"] != "lengths":
-        pytest.skip("jagged histories are lengths")
+    skip_unless_expressible(options, jagged)
     case = small_case(torch.float32, **options)
     f, primals = as_function(case, "triton", jagged)
     got = hessian_vector_products(f, primals)
@@ -104,8 +107,7 @@ def test_triton_double_backward_matches_reference(options, jagged):
 @pytest.mark.parametrize("jagged", [False, True])
 def test_forward_mode_matches_reference(backend, options, jagged):
     """torch.func.jvp, torch.func.jacfwd and forward_ad dual tensors."""
-    if jagged and options["masking"] != "lengths":
-        pytest.skip("jagged histories are lengths")
+    skip_unless_expressible(options, jagged)
     case = small_case(torch.float64, **options)
     f, primals = as_function(case, backend, jagged)
     ref, _ = reference_of(case, jagged)

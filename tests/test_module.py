@@ -135,3 +135,23 @@ def test_resolved_backend_names_what_runs(monkeypatch):
     monkeypatch.setenv("DIN_FAST_BACKEND", "reference")
     assert layer.resolved_backend() == "reference"
     assert din_fast.DINAttention(5, backend="torch").resolved_backend() == "torch"
+
+
+@pytest.mark.parametrize("activation", ["sigmoid", "prelu", "dice"])
+def test_forward_jagged_matches_forward_on_padding(activation):
+    """The layer on jagged histories (TorchRec's layout) scores what it scores
+    on the same histories padded; training-mode Dice is refused there."""
+    torch.manual_seed(0)
+    layer = din_fast.DINAttention(4, (6, 3), activation, normalization="softmax",
+                                  return_scores=True).eval()
+    query, keys = torch.randn(3, 2, 4), torch.randn(3, 5, 4)
+    lengths = torch.tensor([5, 0, 2])
+    valid = torch.arange(5) < lengths[:, None]
+    offsets = torch.tensor([0, 5, 5, 7])
+    pooled, scores = layer.forward_jagged(query, keys[valid], offsets, 5)
+    want_pooled, want_scores = layer(query, keys, lengths)
+    torch.testing.assert_close(pooled, want_pooled)
+    torch.testing.assert_close(scores, want_scores.transpose(1, 2)[valid])
+    if activation == "dice":
+        with pytest.raises(ValueError, match="Dice in training mode"):
+            layer.train().forward_jagged(query, keys[valid], offsets, 5)
