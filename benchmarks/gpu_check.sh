@@ -11,7 +11,9 @@
 #      device's measured copy bandwidth and matmul peak);
 #   4. compute-sanitizer memcheck and racecheck over a small problem per
 #      kernel launch configuration (python3 -m benchmarks.sanitizer_workload);
-#   5. the report: a markdown summary table and a plot (benchmarks.gpu_report).
+#   5. the tuning sweep: the kernels' tile, warp, stage and backward-plan
+#      choices timed side by side at the headline shape (benchmarks.tune_kernels);
+#   6. the report: a markdown summary table and a plot (benchmarks.gpu_report).
 #
 # Each step has its own time limit (together 470 s, plus a few seconds of
 # setup) and a failing step does not stop the next: one run on a lent GPU
@@ -20,7 +22,7 @@
 # is 1 when any step failed. Everything goes to $OUT when it is set, else to
 # benchmarks/results/, named with the GPU: gpu_check_<gpu>.log (all output),
 # bench_gpu_forward_<gpu>.csv, bench_gpu_train_<gpu>.csv, bench_gpu_<gpu>.png,
-# gpu_summary_<gpu>.md.
+# tune_kernels_<gpu>.csv, gpu_summary_<gpu>.md.
 #
 # DeepCTR-Torch's layer is one of the peers. Where deepctr_torch is not
 # installed, the script installs the wheel found in benchmarks/wheels/
@@ -128,9 +130,9 @@ if [ "$DRY_RUN" = 1 ]; then
     fi
 fi
 
-step 130 "CUDA tests" python3 -m pytest -q "${TESTS[@]}"
-step 100 "forward benchmark" python3 -m benchmarks.bench_gpu --pass forward --label "$LABEL" --out "$RESULTS" "${BENCH_ARGS[@]}"
-step 120 "training benchmark" python3 -m benchmarks.bench_gpu --pass train --label "$LABEL" --out "$RESULTS" "${BENCH_ARGS[@]}"
+step 110 "CUDA tests" python3 -m pytest -q "${TESTS[@]}"
+step 85 "forward benchmark" python3 -m benchmarks.bench_gpu --pass forward --label "$LABEL" --out "$RESULTS" "${BENCH_ARGS[@]}"
+step 100 "training benchmark" python3 -m benchmarks.bench_gpu --pass train --label "$LABEL" --out "$RESULTS" "${BENCH_ARGS[@]}"
 if [ "$DRY_RUN" = 1 ]; then
     echo
     echo "=== dry run: compute-sanitizer ($SANITIZER_TOOLS) skipped; its workload runs without it"
@@ -139,7 +141,7 @@ elif SANITIZER=$(find_sanitizer); then
     for tool in $SANITIZER_TOOLS; do
         # Without the caching allocator every tensor is its own allocation, so
         # memcheck sees an access past a tensor's end.
-        step 45 "compute-sanitizer $tool" env PYTORCH_NO_CUDA_MEMORY_CACHING=1 "$SANITIZER" \
+        step 40 "compute-sanitizer $tool" env PYTORCH_NO_CUDA_MEMORY_CACHING=1 "$SANITIZER" \
             --tool "$tool" --error-exitcode 1 --print-limit 20 \
             python3 -m benchmarks.sanitizer_workload --device cuda
     done
@@ -148,7 +150,8 @@ else
     echo "=== compute-sanitizer skipped: no binary found (looked on PATH, in \$CUDA_HOME," \
          "/usr/local/cuda*, /opt/nvidia, triton's bundled tools and the nvidia Python packages)"
 fi
-step 30 "report" python3 -m benchmarks.gpu_report --label "$LABEL" --results "$RESULTS"
+step 80 "tuning sweep" python3 -m benchmarks.tune_kernels --label "$LABEL" --out "$RESULTS" "${BENCH_ARGS[@]}"
+step 15 "report" python3 -m benchmarks.gpu_report --label "$LABEL" --results "$RESULTS"
 
 echo
 if [ $status = 0 ]; then
