@@ -29,13 +29,12 @@ AD and torch.func transforms are among the unsupported reasons.
 
 from __future__ import annotations
 
-import importlib.util
 from typing import List, Optional, Tuple
 
 import torch
 from torch import Tensor
 
-from .kernels.common import MAX_HIDDEN_LAYERS, interpreting
+from .kernels import MAX_HIDDEN_LAYERS, interpreting, triton_available
 from .op_args import (AttentionArgs, InputGrads, JaggedAttentionArgs, check_signature,
                       fake_input_grads)
 from .problem import DINProblem, JaggedDINProblem
@@ -45,7 +44,7 @@ from .torch_backend import autograd_gradients, torch_attention_backward
 def unsupported_reason(problem) -> Optional[str]:
     """Why the triton backend cannot run this problem (a DINProblem or a
     JaggedDINProblem), or None when it can."""
-    if importlib.util.find_spec("triton") is None:
+    if not triton_available():
         return "the triton package is not installed"
     device = problem.query.device
     if device.type != "cuda" and not (device.type == "cpu" and interpreting()):
@@ -89,8 +88,9 @@ def run(problem, need_scores: bool = True):
 
 def _register(name: str, function, fake):
     """The op ``din_fast::<name>`` running ``function``: a triton_op where the
-    kernels compile, an opaque custom op with ``fake`` under the interpreter."""
-    if interpreting():
+    kernels compile, an opaque custom op with ``fake`` under the interpreter
+    (and without triton, where unsupported_reason keeps every call away)."""
+    if interpreting() or not triton_available():
         op = torch.library.custom_op(f"din_fast::{name}", function, mutates_args=())
         op.register_fake(fake)
         return op

@@ -6,7 +6,6 @@ choices (tile budget, padding, the folded parameters, where a launch runs).
 from __future__ import annotations
 
 import contextlib
-import os
 from dataclasses import dataclass
 
 import torch
@@ -14,10 +13,7 @@ import triton
 import triton.language as tl
 
 from din_fast.problem import split_first_layer
-
-# The kernels unroll the MLP for 1 to 3 hidden layers.
-MAX_HIDDEN_LAYERS = 3
-
+from . import MAX_HIDDEN_LAYERS, interpreting  # noqa: F401 (re-exported for the launchers)
 
 @triton.jit
 def mma(a, b, acc, DOT_F32: tl.constexpr, INPUT_PRECISION: tl.constexpr):
@@ -106,11 +102,6 @@ def cuda_matmul_tf32() -> bool:
     if precision == "none":  # inherits the global setting
         precision = getattr(torch.backends, "fp32_precision", "none")
     return precision == "tf32"
-
-
-def interpreting() -> bool:
-    """True under TRITON_INTERPRET=1 (CPU tensors, the tests' mode)."""
-    return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
 
 
 def padded(n: int) -> int:
