@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# The GPU check of the Triton kernels (issue 14): one prepared run, under 8
+# The GPU check of the Triton kernels: one prepared run, under 8
 # minutes on one H100/H200 with the machine's own torch and triton.
 #
 #   1. the kernel tests on CUDA tensors (CUDA_TESTS below);

@@ -269,7 +269,9 @@ class _TorchDINAttention(torch.autograd.Function):
         pooled, w = _padded_forward(mlp, packed, query, keys, values, problem.normalization,
                                     problem.scale, preacts)
         ctx.problem, ctx.mlp, ctx.packed = problem, mlp, packed
-        ctx.values_are_keys = values is keys
+        # No values argument (not: values that happen to be the keys tensor,
+        # which keep their own slot and gradient).
+        ctx.values_are_keys = problem.values is None
         ctx.save_for_backward(query, keys, values, w, *tensors, *preacts)
         return pooled, w
 

@@ -93,7 +93,7 @@ def forward_specialization(spec: ForwardSpec) -> Specialization:
 
 @register
 def forward_specializations(quick: bool):
-    """The forward over the grid of issue 3, with lengths (the common layout).
+    """The forward over its grid, with lengths (the common layout).
 
     The full grid is dtypes x activations x normalizations x D x hidden at
     C = 1, plus C = 100 (several candidates per program) for sigmoid, plus

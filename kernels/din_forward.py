@@ -313,8 +313,8 @@ class ForwardSpec:
         return max([padded(h) for h in self.hidden] + [padded(self.value_dim)])
 
     def warp_choices(self) -> tuple:
-        """Warp counts to launch with, in order of preference; the launcher
-        takes the first that ptxas compiles without spills (num_warps).
+        """(preferred, other) warp counts; the launcher takes the other one
+        where the warp table lists the spec for the device's family (num_warps).
 
         Preferred: four warps, eight only for a [pairs, units] tile over the
         budget (at the 16-row minimum), so each thread holds at most
@@ -325,7 +325,8 @@ class ForwardSpec:
         kernels of the compile grid spilled 8-32 bytes at the preferred count,
         and moving float32 kernels to the other count spilled about as many
         others (one in ten). The other count is the fallback; every kernel of
-        the grid compiles spill-free with one of the two.
+        the grid compiles spill-free with one of the two, and the compile
+        report writes down which (forward_warps.py).
         """
         block_c, block_t = self.blocks()[:2]
         if block_c * block_t * self._widest() <= self._budget():

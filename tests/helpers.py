@@ -31,12 +31,12 @@ ZERO_GRAD_ATOL = {torch.float64: 1e-10, torch.float32: 1e-4, torch.float16: 1e-2
                   torch.bfloat16: 1e-1}
 
 
-def tolerance(dtype: torch.dtype) -> float:
-    """SPEC section 3 on DEVICE: float32 dots run as TF32 on a GPU where torch allows it."""
-    if dtype == torch.float32 and DEVICE == "cuda" and cuda_matmul_tf32():
+def tolerance(dtype: torch.dtype, gradients: bool = False) -> float:
+    """SPEC section 3 on DEVICE: float32 on a GPU is 5e-3 where dots may run
+    as TF32: the forward's where torch allows it, the fused backward's always."""
+    if dtype == torch.float32 and DEVICE == "cuda" and (gradients or cuda_matmul_tf32()):
         return 5e-3
     return TOLERANCE[dtype]
-
 
 
 def make_case(batch, candidates, length, dim, hidden, *, activation="sigmoid",
@@ -130,7 +130,8 @@ def relative_error(actual, expected):
 
 
 def assert_matches_reference(case, backend, with_scores=True, tolerance_dtype=None):
-    """Outputs and gradients of ``backend`` against the float64 reference."""
+    """Outputs and gradients of ``backend`` against the float64 reference, within
+    ``tolerance`` of the case's dtype (or ``tolerance_dtype``) on DEVICE."""
     dtype = tolerance_dtype or case["keys"].dtype
     actual = run_case(case, backend, with_scores)
     expected = run_case(map_tensors(case, lambda t: t.double()), "reference", with_scores)
@@ -143,7 +144,8 @@ def assert_matches_reference(case, backend, with_scores=True, tolerance_dtype=No
             assert act.double().norm() <= ZERO_GRAD_ATOL[dtype], f"{name}: should be ~0"
             continue
         err = relative_error(act, exp)
-        assert err <= TOLERANCE[dtype], f"{name}: relative error {err:.2e} > {TOLERANCE[dtype]}"
+        bound = tolerance(dtype, gradients=name.startswith("grad") and backend == "triton")
+        assert err <= bound, f"{name}: relative error {err:.2e} > {bound}"
     return actual
 
 

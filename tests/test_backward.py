@@ -8,7 +8,7 @@ import torch
 
 from din_fast.kernels import din_backward as din_backward_module
 from din_fast.kernels.din_backward import BackwardSpec
-from helpers import DEVICE, assert_matches_reference, make_case, on_device, run_case
+from helpers import assert_matches_reference, make_case, on_device, run_case
 
 # (label, make_case arguments): every option of SPEC sections 1-3.
 CASES = [

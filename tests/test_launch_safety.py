@@ -9,10 +9,10 @@ import pytest
 import torch
 
 import din_fast
-from helpers import DEVICE, make_case, on_device
 from din_fast.kernels import din_backward as bwd
 from din_fast.kernels import common, din_forward as fwd
 from din_fast.problem import validate_jagged
+from helpers import DEVICE, make_case, on_device
 
 
 def jagged_problem(offsets, total=7, max_len=6):
