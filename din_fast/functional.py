@@ -133,6 +133,9 @@ def run_problem(problem, backend: str, dice_gate=None, need_scores=True):
     backend, padded input) replaces Dice's normalization
     (torch_backend.torch_din_attention); without ``need_scores`` a backend may
     return None for the scores."""
+    if dice_gate is not None and (backend != "torch" or problem.HISTORY != "keys"):
+        raise ValueError(f"run_problem: a `dice_gate` runs on backend='torch' with padded "
+                         f"input only; got backend={backend!r}, {type(problem).__name__}")
     with _autocast_off(problem.query.device):
         if backend == "reference":
             pooled, scores = reference.run(problem)

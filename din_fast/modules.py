@@ -2,11 +2,14 @@
 
 from __future__ import annotations
 
+import numbers
+
 import torch
 from torch import nn
 
 from .functional import din_attention, din_attention_jagged, resolve_backend, run_problem
-from .problem import ACTIVATIONS, DEFAULT_DICE_EPS, check_layer_sizes, validate
+from .problem import (BACKENDS, DEFAULT_DICE_EPS, check_layer_sizes, validate,
+                      validate_options, validating)
 
 PRELU_INIT = 0.25  # torch.nn.PReLU's default slope
 
@@ -47,9 +50,15 @@ class DINAttention(nn.Module):
         super().__init__()
         hidden_units = check_layer_sizes("DINAttention", "embed_dim", embed_dim,
                                          "hidden_units", hidden_units)
-        if activation not in ACTIVATIONS:
-            raise ValueError(f"DINAttention: `activation` must be one of {ACTIVATIONS}; "
-                             f"got {activation!r}")
+        with validating("DINAttention"):
+            validate_options(activation, normalization, scale, dice_eps)
+        if backend not in BACKENDS:
+            raise ValueError(f"DINAttention: `backend` must be one of {BACKENDS}; "
+                             f"got {backend!r}")
+        if isinstance(momentum, bool) or not isinstance(momentum, numbers.Real) \
+                or not 0 <= momentum <= 1:
+            raise ValueError(f"DINAttention: `momentum` must be a number in [0, 1]; "
+                             f"got {momentum!r}")
         self.embed_dim = embed_dim
         self.hidden_units = hidden_units
         self.activation = activation

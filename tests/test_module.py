@@ -155,3 +155,13 @@ def test_forward_jagged_matches_forward_on_padding(activation):
     if activation == "dice":
         with pytest.raises(ValueError, match="Dice in training mode"):
             layer.train().forward_jagged(query, keys[valid], offsets, 5)
+
+
+@pytest.mark.parametrize("option,value", [
+    ("activation", "tanh"), ("normalization", "sparsemax"), ("scale", float("nan")),
+    ("scale", "2"), ("backend", "cuda"), ("dice_eps", 0.0), ("momentum", 1.5),
+    ("momentum", True)])
+def test_bad_options_fail_at_construction(option, value):
+    """A bad option is named when the layer is built, not at its first forward."""
+    with pytest.raises((ValueError, TypeError), match=rf"DINAttention: `{option}`"):
+        din_fast.DINAttention(4, (5,), **{option: value})
