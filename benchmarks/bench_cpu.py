@@ -1,164 +1,159 @@
-"""CPU benchmark: din_fast's torch backend against the reference and DeepCTR-Torch.
+"""The main job: din_fast's torch backend on CPU against the reference and DeepCTR-Torch.
 
-Times forward and forward+backward (median of repeated runs after warm-up) and
-the peak extra memory of one forward+backward, at the headline shape of issue 2:
-B=1024, T=100 (lengths uniform in 1..T), D=64, hidden (80, 40), sigmoid, float32.
-Every implementation gets the same inputs and weights; the max error against the
-float64 reference is printed beside each speed. Writes a CSV.
+Times the forward (no grad) and the forward+backward (every gradient: query,
+keys, weights, biases) of din_fast backend="torch", backend="reference" and
+DeepCTR-Torch's AttentionSequencePoolingLayer, all with the same inputs and
+weights, at B=1024, T=100 (lengths uniform in 1..T), D=64, hidden (80, 40),
+sigmoid, float32. All six are timed round-robin (harness.time_round_robin),
+so the machine's load falls on each alike; each time is printed as the
+median with its interquartile range, each speedup as the median of the
+per-round ratios. Beside every time: the peak memory of one call and the
+error against the float64 reference (the output's largest absolute error; for
+forward+backward also the gradients', relative to each gradient's largest
+element). One torch thread by default: on a shared machine more threads than
+free cores made the timings swing by 2x.
 
-    python benchmarks/bench_cpu.py [--batch 1024] [--length 100] [--repeats 10]
+    python -m benchmarks.bench_cpu [--threads 1] [--rounds 20] [--out FILE.csv]
+
+Writes a CSV (default benchmarks/results/bench_cpu.csv, not tracked by git).
 """
 
 from __future__ import annotations
 
 import argparse
-import csv
+import math
 import os
-import platform
-import statistics
-import time
+import shlex
+import sys
 
 import torch
 
-import din_fast
-from din_fast.problem import validate
-from din_fast.reference import reference_din_attention
-from peak_memory import PeakMemory
+from . import harness, peers
+
+RESULTS = os.path.join(os.path.dirname(os.path.abspath(__file__)), "results")
+BACKENDS = ("torch", "reference")
+PASSES = ("forward", "forward+backward")
 
 
-def make_inputs(batch, length, dim, hidden, seed=0):
-    gen = torch.Generator().manual_seed(seed)
-    layer = din_fast.DINAttention(dim, hidden)
-    with torch.no_grad():  # deeper weights than nn.Linear's default, so scores vary
-        for p in layer.parameters():
-            p.copy_(torch.randn(p.shape, generator=gen) * 0.2)
-    query = torch.randn(batch, dim, generator=gen)
-    keys = torch.randn(batch, length, dim, generator=gen)
-    lengths = torch.randint(1, length + 1, (batch,), generator=gen)
-    return layer, query, keys, lengths
-
-
-def deepctr_layer(layer, dim, hidden):
-    """DeepCTR-Torch's AttentionSequencePoolingLayer with the same weights, or None."""
+def positive_int(text: str) -> int:
     try:
-        from deepctr_torch.layers.sequence import AttentionSequencePoolingLayer
-    except ImportError:
-        return None
-    peer = AttentionSequencePoolingLayer(att_hidden_units=hidden, embedding_dim=dim)
-    with torch.no_grad():
-        for ours, theirs in zip(layer.hidden, peer.local_att.dnn.linears):
-            theirs.weight.copy_(ours.weight)
-            theirs.bias.copy_(ours.bias)
-        peer.local_att.dense.weight.copy_(layer.output.weight)
-        peer.local_att.dense.bias.copy_(layer.output.bias)
-    return lambda q, k, lengths: peer(q[:, None, :], k, lengths[:, None]).squeeze(1)
+        value = int(text)
+    except ValueError:
+        value = 0
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be a positive integer; got {text!r}")
+    return value
 
 
-def peak_extra_bytes(fn):
-    """Most bytes of tensors alive at once during one call of fn."""
-    with PeakMemory() as memory:
-        fn()
-    return memory.peak_bytes
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="python -m benchmarks.bench_cpu",
+                                     description=__doc__.splitlines()[0])
+    parser.add_argument("--batch", type=positive_int, default=1024)
+    parser.add_argument("--length", type=positive_int, default=100, help="T")
+    parser.add_argument("--dim", type=positive_int, default=64, help="D")
+    parser.add_argument("--hidden", type=positive_int, nargs="+", default=[80, 40])
+    parser.add_argument("--rounds", type=positive_int, default=20,
+                        help="timed rounds, each calling every implementation once")
+    parser.add_argument("--warmup", type=int, default=2, help="untimed calls of each first")
+    parser.add_argument("--threads", type=positive_int, default=1,
+                        help="torch CPU threads (default 1: no oversubscription on a shared machine)")
+    parser.add_argument("--out", default=os.path.join(RESULTS, "bench_cpu.csv"),
+                        help="CSV to write (default: %(default)s)")
+    return parser
 
 
-def interleaved_medians(fns, repeats, warmup=2):
-    """Median seconds per call of each fn, timed round-robin so that a change
-    in the machine's load affects every implementation alike."""
-    for fn in fns:
-        for _ in range(warmup):
-            fn()
-    times = [[] for _ in fns]
-    for _ in range(repeats):
-        for fn, record in zip(fns, times):
-            start = time.perf_counter()
-            fn()
-            record.append(time.perf_counter() - start)
-    return [statistics.median(record) for record in times]
-
-
-def build(args):
-    """(float64 reference output, {name: callable(q, k, lengths)}, inputs)."""
-    hidden = tuple(args.hidden)
-    layer, query, keys, lengths = make_inputs(args.batch, args.length, args.dim, hidden)
-    weights = [m.weight for m in layer.hidden] + [layer.output.weight]
-    biases = [m.bias for m in layer.hidden] + [layer.output.bias]
-
-    exact = reference_din_attention(validate(
-        query.double(), keys.double(), lengths, weights=[w.double() for w in weights],
-        biases=[b.double() for b in biases], activation="sigmoid", activation_params=None,
-        mask=None, normalization=None, scale=1.0, values=None, dice_eps=1e-8))[0].squeeze(1)
-
-    impls = {}
-    for backend in ("torch", "reference"):
-        layer_b = din_fast.DINAttention(args.dim, hidden, backend=backend)
-        layer_b.load_state_dict(layer.state_dict())
-        impls[f"din_fast[{backend}]"] = layer_b
-    peer = deepctr_layer(layer, args.dim, hidden)
-    if peer is not None:
-        impls["deepctr_torch"] = peer
+def implementations(inputs: dict) -> list:
+    impls = [peers.din_fast_implementation(backend) for backend in BACKENDS]
+    deepctr = peers.deepctr_implementation(inputs)
+    if deepctr is None:
+        print(peers.DEEPCTR_MISSING)
     else:
-        print("deepctr-torch not installed: `pip install --no-deps deepctr-torch` to compare")
-    return exact, impls, (query, keys, lengths)
+        impls.append(deepctr)
+    return impls
 
 
-def main(argv=None):
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--batch", type=int, default=1024)
-    parser.add_argument("--length", type=int, default=100)
-    parser.add_argument("--dim", type=int, default=64)
-    parser.add_argument("--hidden", type=int, nargs="+", default=[80, 40])
-    parser.add_argument("--repeats", type=int, default=10)
-    parser.add_argument("--threads", type=int, default=None,
-                        help="torch CPU threads (default: torch's own choice)")
-    parser.add_argument("--out", default=os.path.join(os.path.dirname(__file__), "results",
-                                                      "bench_cpu.csv"))
-    args = parser.parse_args(argv)
-    if args.threads:
-        torch.set_num_threads(args.threads)
+def measure(args, command: str) -> list:
+    """One row per implementation and pass."""
+    device = torch.device("cpu")
     hidden = tuple(args.hidden)
-    exact, impls, (query, keys, lengths) = build(args)
-    rows, forwards, train_steps = [], [], []
-    for name, impl in impls.items():
-        q = query.clone().requires_grad_()
-        k = keys.clone().requires_grad_()
+    inputs = peers.make_inputs(args.batch, 1, args.length, args.dim, hidden, torch.float32, device)
+    train_inputs = peers.with_grad(inputs)
+    probe = peers.make_probe(inputs)
+    exact = peers.float64_output(inputs)
+    exact_grads = peers.float64_gradients(inputs, probe)
+    impls = implementations(inputs)
 
+    fns, rows = {}, {}
+    for impl in impls:
         def forward(impl=impl):
             with torch.no_grad():
-                return impl(query, keys, lengths)
+                return impl.forward(inputs)
 
-        def train_step(impl=impl, q=q, k=k):
-            impl(q, k, lengths).sum().backward()
+        def train_step(impl=impl):
+            return impl.train_step(train_inputs, probe)
 
-        error = (forward().double() - exact).abs().max().item()
-        rows.append(dict(impl=name, peak_extra_mb=peak_extra_bytes(train_step) / 2**20,
-                         max_abs_error=error))
-        forwards.append(forward)
-        train_steps.append(train_step)
-    for row, fwd, fwd_bwd in zip(rows, interleaved_medians(forwards, args.repeats),
-                                 interleaved_medians(train_steps, args.repeats)):
-        row.update(forward_ms=1e3 * fwd, fwd_bwd_ms=1e3 * fwd_bwd)
+        output_error = harness.max_abs_error(forward(), exact)
+        grad_error = harness.worst_gradient_error(train_step(), exact_grads)
+        for name, fn in zip(PASSES, (forward, train_step)):
+            fns[impl.name, name] = fn
+            rows[impl.name, name] = {
+                "impl": impl.name, "pass": name,
+                "peak_mb": harness.peak_memory_bytes(fn, device) / 2 ** 20,
+                "max_abs_error": output_error,
+                "grad_error": grad_error if fn is train_step else math.nan}
+    load_before = harness.load_average()
+    times = harness.time_round_robin(fns, args.rounds, args.warmup, device)
+    load_after = harness.load_average()
 
-    base = next((r for r in rows if r["impl"] == "deepctr_torch"), rows[-1])
-    print(f"B={args.batch} T={args.length} D={args.dim} hidden={hidden} sigmoid float32, "
-          f"lengths uniform in 1..T; {platform.processor() or platform.machine()}, "
-          f"{torch.get_num_threads()} threads, torch {torch.__version__}")
-    header = f"{'implementation':<22}{'fwd ms':>9}{'fwd+bwd ms':>12}{'peak MB':>10}" \
-             f"{'speedup':>9}{'mem ratio':>11}{'max err':>11}"
-    print(header)
+    base = "deepctr_torch" if any(i.name == "deepctr_torch" for i in impls) else "reference"
+    setting = dict(batch=args.batch, length=args.length, dim=args.dim,
+                   hidden="x".join(map(str, hidden)), dtype="float32", threads=args.threads,
+                   rounds=args.rounds, torch=torch.__version__, cpu=harness.cpu_name(),
+                   cores=len(os.sched_getaffinity(0)), load_before=load_before, load_after=load_after,
+                   command=command)
+    out = []
+    for (impl, name), row in rows.items():
+        ratios = harness.paired_ratios(times[base, name], times[impl, name])
+        out.append(dict(row, **harness.Spread.of(times[impl, name]).fields("ms"),
+                        **harness.Spread.of(ratios).fields(f"speedup_vs_{base}"), baseline=base,
+                        **setting))
+    return out
+
+
+def report(rows: list) -> None:
+    first = rows[0]
+    base = first["baseline"]
+    print(f"B={first['batch']} T={first['length']} D={first['dim']} hidden {first['hidden']} "
+          f"sigmoid float32, lengths uniform in 1..T")
+    print(f"{first['cpu']}, {first['threads']} thread(s) of {first['cores']} cores, "
+          f"torch {first['torch']}; {first['rounds']} rounds; load average "
+          f"{first['load_before']:.2f} -> {first['load_after']:.2f}")
+    if first["load_before"] + first["threads"] > first["cores"] + 0.5:
+        print("note: other processes compete for the cores: the times are inflated and "
+              "noisy, the speedups (per-round ratios) less so")
+    speedup = f"speedup_vs_{base}"
+    print(f"{'implementation':<15}{'pass':<17}{'ms: median (IQR)':>22}{'speedup (IQR)':>20}"
+          f"{'peak MB':>9}{'out err':>9}{'grad err':>9}")
     for r in rows:
-        r["fwd_bwd_speedup_vs_base"] = base["fwd_bwd_ms"] / r["fwd_bwd_ms"]
-        r["memory_ratio_vs_base"] = r["peak_extra_mb"] / base["peak_extra_mb"]
-        print(f"{r['impl']:<22}{r['forward_ms']:>9.2f}{r['fwd_bwd_ms']:>12.2f}"
-              f"{r['peak_extra_mb']:>10.1f}{r['fwd_bwd_speedup_vs_base']:>8.2f}x"
-              f"{r['memory_ratio_vs_base']:>11.2f}{r['max_abs_error']:>11.2e}")
-    print(f"(speedup and memory ratio are relative to {base['impl']})")
-    os.makedirs(os.path.dirname(args.out), exist_ok=True)
-    with open(args.out, "w", newline="") as f:
-        writer = csv.DictWriter(f, fieldnames=list(rows[0]))
-        writer.writeheader()
-        writer.writerows(rows)
+        ms = harness.Spread.from_fields(r, "ms").text(".1f")
+        ratio = harness.Spread.from_fields(r, speedup).text(".2f", "x")
+        grad_error = "-" if math.isnan(r["grad_error"]) else f"{r['grad_error']:.1e}"
+        print(f"{r['impl']:<15}{r['pass']:<17}{ms:>22}{ratio:>20}{r['peak_mb']:>9.1f}"
+              f"{r['max_abs_error']:>9.1e}{grad_error:>9}")
+    print(f"(speedup: {base}'s time over each one's, the median of the per-round ratios; "
+          f"err: against float64)")
+
+
+def main(argv=None) -> int:
+    argv = sys.argv[1:] if argv is None else list(argv)
+    args = build_parser().parse_args(argv)
+    torch.set_num_threads(args.threads)
+    rows = measure(args, shlex.join(["python", "-m", "benchmarks.bench_cpu", *argv]))
+    report(rows)
+    harness.write_csv(rows, args.out)
     print(f"wrote {args.out}")
+    return 0
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(main())

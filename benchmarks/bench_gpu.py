@@ -1,233 +1,264 @@
-"""GPU benchmark of the forward: the fused Triton kernel against its peers.
+"""GPU benchmark: din_fast's fused Triton kernels against the other backends and DeepCTR-Torch.
 
-Forward only, no grad, medians from triton.testing.do_bench. Peers: the
-reference in eager mode, torch.compile of the reference, and the torch
-backend. Headline: B=4096, T=200, D=64, hidden (80, 40), sigmoid, lengths
-uniform in 1..T, float32 parameters, bfloat16 and float32 inputs. Sweep: T in
-{50, 200, 1000, 10000} x C in {1, 100}, with B chosen so that B*C*T stays at
-the headline's 819,200 pairs (T=10000, C=100 is one user: B=1). Beside each
-time: the max error against a float64 reference, the achieved bandwidth
-(bytes of query, keys and lengths read over the time) as a fraction of a
-measured device-to-device copy, and the floor max(bytes / copy bandwidth,
-flops / peak). Writes a CSV and a plot.
+One pass per run: ``--pass forward`` (no grad) or ``--pass train`` (forward
+and backward, every gradient: query, keys, weights, biases). Implementations:
+din_fast backend="triton", "torch" and "reference" (eager), torch.compile of
+the reference, and DeepCTR-Torch's AttentionSequencePoolingLayer (C
+candidates as B*C rows; half precision under autocast). Shapes: the headline
+B=4096, T=200, C=1, D=64, hidden (80, 40), sigmoid, lengths uniform in 1..T,
+then the sweep T in {50, 200, 1000, 10000} x C in {1, 100} with B chosen so
+that B*C*T stays the headline's 819,200 (query, history) pairs (T=10000,
+C=100: B=1); bfloat16 and float32 inputs, float32 parameters.
+torch.compile runs at the headline shape only unless --compile-sweep (every
+new shape compiles anew).
 
-    python benchmarks/bench_gpu.py [--quick] [--compile-sweep] [--out benchmarks/results]
+Per row: the median milliseconds and interquartile range of CUDA-event
+timings taken round-robin (harness.time_round_robin); triton's speedup over
+the implementation (the median per-round ratio); the peak memory of one call
+above what was allocated before it; the error against float64 (the output's
+largest absolute error; in --pass train also the gradients', relative to
+each gradient's largest element); and against the device's measured
+ceilings (a device-to-device copy's bandwidth, a matrix product's FLOP rate
+in the dtype): the bytes the problem must move at least (each input read
+once, each output written once) and the FLOPs of the folded MLP, as GB/s,
+TFLOP/s and the time over the floor max(bytes / bandwidth, flops / peak).
+
+``--dry-run`` runs the same code on CPU with tiny shapes, the triton backend
+in the Triton interpreter and torch.compile with the aot_eager backend: it
+checks the script, not the speed. Writes bench_gpu_<pass>_<label>.csv into
+--out after every shape, so a run stopped by a time limit keeps what it measured.
+
+    python -m benchmarks.bench_gpu --pass forward|train [--dry-run] [--out DIR]
 """
 
 from __future__ import annotations
 
 import argparse
-import csv
+import math
 import os
-import statistics
-import time
+import sys
+from dataclasses import dataclass
 
 import torch
+import triton
 
-import din_fast
+from . import harness, peers
 
-HEADLINE = dict(batch=4096, candidates=1, length=200)
-PAIRS = 4096 * 200
-SWEEP_LENGTHS = (50, 200, 1000, 10000)
-SWEEP_CANDIDATES = (1, 100)
-DIM = 64
-HIDDEN = (80, 40)
-PEERS = ("triton", "torch", "reference", "reference_compiled")
-# Dense peak flop rates (H100 SXM; override with --peak-tflops-*): bfloat16 on
-# tensor cores, float32 on CUDA cores (the kernel's float32 dots are IEEE
-# unless torch allows TF32).
-PEAK_TFLOPS = {torch.bfloat16: 989.0, torch.float16: 989.0, torch.float32: 67.0}
+RESULTS = os.path.join(os.path.dirname(os.path.abspath(__file__)), "results")
+DTYPES = ("bfloat16", "float32")
+IMPLEMENTATIONS = ("triton", "torch", "reference", "reference_compiled", "deepctr_torch")
 
 
-def sweep_shapes(quick: bool):
-    """(batch, candidates, length) per measurement, headline first."""
-    shapes = [(HEADLINE["batch"], HEADLINE["candidates"], HEADLINE["length"])]
-    lengths = (200, 10000) if quick else SWEEP_LENGTHS
-    for candidates in SWEEP_CANDIDATES:
-        for length in lengths:
-            shape = (max(1, PAIRS // (length * candidates)), candidates, length)
-            if shape not in shapes:
-                shapes.append(shape)
-    return shapes
+@dataclass(frozen=True)
+class Sizes:
+    """The shapes and repeat counts of one run."""
+
+    headline: tuple        # (batch, candidates, length)
+    lengths: tuple         # the sweep's T
+    candidates: tuple      # the sweep's C
+    dim: int
+    hidden: tuple
+    rounds: int
+    warmup: int
+    copy_bytes: int        # of the bandwidth measurement
+    matmul_size: int       # of the peak FLOP rate measurement
+
+    def shapes(self) -> list:
+        """(batch, candidates, length) of every measurement, the headline first;
+        the sweep keeps B*C*T at the headline's count (B at least 1)."""
+        pairs = math.prod(self.headline)
+        shapes = [self.headline]
+        for candidates in self.candidates:
+            for length in self.lengths:
+                shape = (max(1, pairs // (candidates * length)), candidates, length)
+                if shape not in shapes:
+                    shapes.append(shape)
+        return shapes
 
 
-def make_inputs(batch, candidates, length, dtype, device, seed=0):
-    """din_attention keyword arguments; float32 parameters, inputs in `dtype`."""
-    gen = torch.Generator().manual_seed(seed)
-
-    def randn(*shape, std=1.0):
-        return (torch.randn(*shape, generator=gen) * std).to(device)
-
-    widths = (4 * DIM,) + HIDDEN + (1,)
-    query_shape = (batch, DIM) if candidates == 1 else (batch, candidates, DIM)
-    return dict(
-        query=randn(*query_shape).to(dtype), keys=randn(batch, length, DIM).to(dtype),
-        lengths=torch.randint(1, length + 1, (batch,), generator=gen).to(device),
-        weights=[randn(o, i, std=1.5 / i ** 0.5) for i, o in zip(widths, widths[1:])],
-        biases=[randn(o, std=0.3) for o in widths[1:]],
-    )
+GPU_SIZES = Sizes(headline=(4096, 1, 200), lengths=(50, 200, 1000, 10000), candidates=(1, 100),
+                  dim=64, hidden=(80, 40), rounds=20, warmup=3, copy_bytes=2 ** 30,
+                  matmul_size=8192)
+DRY_RUN_SIZES = Sizes(headline=(4, 1, 16), lengths=(16,), candidates=(1, 4), dim=64,
+                      hidden=(80, 40), rounds=2, warmup=0, copy_bytes=2 ** 23, matmul_size=128)
 
 
-def float64_reference(inputs):
-    as64 = {k: ([t.double() for t in v] if isinstance(v, list) else
-                v.double() if v.is_floating_point() else v) for k, v in inputs.items()}
-    return din_fast.din_attention(backend="reference", **as64)
+def min_bytes(inputs: dict, train: bool) -> int:
+    """Bytes the problem moves at least: every input read once and the output
+    written once; training adds the output's gradient read and the query's,
+    keys' and parameters' gradients written."""
+    differentiable = sum(t.numel() * t.element_size() for t in peers.leaves(inputs))
+    lengths = inputs["lengths"].numel() * inputs["lengths"].element_size()
+    output = inputs["query"].numel() * inputs["keys"].element_size()
+    if not train:
+        return differentiable + lengths + output
+    return 2 * differentiable + lengths + 2 * output
 
 
-def bytes_read(inputs) -> int:
-    return sum(inputs[name].numel() * inputs[name].element_size()
-               for name in ("query", "keys", "lengths"))
-
-
-def flops(batch, candidates, length) -> float:
-    """Multiply-adds x 2 of the folded MLP on every (b, c, t) pair, plus the pooling."""
-    h1, h2 = HIDDEN
+def flops(batch: int, candidates: int, length: int, dim: int, hidden: tuple, train: bool) -> float:
+    """FLOPs of the folded MLP (2 per multiply-add): per (candidate, position)
+    pair the q*k term of the first layer, the deeper layers, the output unit
+    and the pooling; per position the key term; per candidate the query term.
+    Training counts three times the forward (the backward's two products per
+    forward product)."""
     pairs = batch * candidates * length
-    per_pair = DIM * h1 + h1 * h2 + h2 + DIM          # interaction, layer 2, output, pooling
-    return 2.0 * (pairs * per_pair + batch * length * DIM * h1)   # + the key term per key
+    layers = (dim,) + tuple(hidden)
+    per_pair = sum(a * b for a, b in zip(layers[1:], layers[2:])) + dim * hidden[0] + hidden[-1] + dim
+    forward = 2.0 * (pairs * per_pair + (batch * length + batch * candidates) * dim * hidden[0])
+    return 3 * forward if train else forward
 
 
-def copy_bandwidth(device) -> float:
-    """Bytes per second of a device-to-device copy (read + write) of 1 GiB."""
-    src = torch.empty(2 ** 30, dtype=torch.uint8, device=device)
-    dst = torch.empty_like(src)
-    seconds = median_ms(lambda: dst.copy_(src)) / 1e3
-    return 2 * src.numel() / seconds
+def implementations(inputs: dict, args, headline: bool) -> list:
+    impls = [peers.din_fast_implementation(backend) for backend in ("triton", "torch", "reference")]
+    if headline or args.compile_sweep:
+        impls.append(peers.compiled_reference("aot_eager" if args.dry_run else "inductor"))
+    deepctr = peers.deepctr_implementation(inputs)
+    if deepctr is not None:
+        impls.append(deepctr)
+    return [impl for impl in impls if impl.name in args.implementations]
 
 
-def median_ms(fn) -> float:
-    """Median milliseconds per call: do_bench on a GPU, a wall clock elsewhere."""
-    if torch.cuda.is_available():
-        import triton.testing
-
-        return triton.testing.do_bench(fn, warmup=10, rep=50, return_mode="median")
-    times = []
-    for _ in range(3):
-        start = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - start)
-    return 1e3 * statistics.median(times)
+def failure_note(exc: Exception) -> str:
+    lines = str(exc).strip().splitlines() or [""]
+    return f"{type(exc).__name__}: {lines[0][:160]}"
 
 
-def peer_function(peer):
-    if peer == "reference_compiled":
-        compiled = torch.compile(lambda **kw: din_fast.din_attention(backend="reference", **kw))
-        return compiled
-    return lambda **kw: din_fast.din_attention(backend=peer, **kw)
-
-
-def measure(peer, fn, inputs, exact):
-    """One row's timing and error fields, or the error that stopped the peer."""
+def measure_shape(args, sizes: Sizes, shape: tuple, dtype: torch.dtype, device, ceilings,
+                  headline: bool) -> list:
+    """One row per implementation at one shape and dtype."""
+    batch, candidates, length = shape
+    train = args.pass_ == "train"
+    inputs = peers.make_inputs(batch, candidates, length, sizes.dim, sizes.hidden, dtype, device)
+    probe = peers.make_probe(inputs)
+    exact = peers.float64_output(inputs)
+    exact_grads = peers.float64_gradients(inputs, probe) if train else None
+    if train:
+        inputs = peers.with_grad(inputs)
+    fns, rows = {}, {}
+    for impl in implementations(inputs, args, headline):
+        if train:
+            def call(impl=impl):
+                return impl.train_step(inputs, probe)
+        else:
+            def call(impl=impl):
+                with torch.no_grad():
+                    return impl.forward(inputs)
+        row = rows[impl.name] = dict(impl=impl.name, note="")
+        try:
+            with torch.set_grad_enabled(train):   # train: the graph the timed steps use
+                row["max_abs_error"] = harness.max_abs_error(impl.forward(inputs), exact)
+            row["grad_error"] = (harness.worst_gradient_error(call(), exact_grads)
+                                 if train else math.nan)
+            row["peak_mib"] = harness.peak_memory_bytes(call, device) / 2 ** 20
+            fns[impl.name] = call
+        except Exception as exc:  # a peer that cannot run here is recorded, not fatal
+            row.update(note=failure_note(exc))
+            if device.type == "cuda":
+                torch.cuda.empty_cache()
     try:
-        with torch.no_grad():
-            out = fn(**inputs)
-            error = (out.double() - exact).abs().max().item()
-            ms = median_ms(lambda: fn(**inputs))
-    except (torch.cuda.OutOfMemoryError, RuntimeError) as exc:
-        if torch.cuda.is_available():
-            torch.cuda.empty_cache()
-        return dict(median_ms=float("nan"), max_abs_error=float("nan"),
-                    note=f"{type(exc).__name__}: {str(exc).splitlines()[0][:80]}")
-    return dict(median_ms=ms, max_abs_error=error, note="")
+        times = harness.time_round_robin(fns, sizes.rounds, sizes.warmup, device)
+    except Exception as exc:
+        times = {}
+        for row in rows.values():
+            row["note"] = row["note"] or f"timing: {failure_note(exc)}"
+    bytes_needed = min_bytes(inputs, train)
+    work = flops(batch, candidates, length, sizes.dim, sizes.hidden, train)
+    setting = {"pass": args.pass_, "dtype": str(dtype).removeprefix("torch."), "batch": batch,
+               "candidates": candidates, "length": length, "dim": sizes.dim,
+               "hidden": "x".join(map(str, sizes.hidden))}
+    out = []
+    for name, row in rows.items():
+        ms = harness.Spread.of(times.get(name, []))
+        speedup = harness.Spread.of(harness.paired_ratios(times.get(name, []),
+                                                         times.get("triton", [])))
+        out.append(dict(setting, impl=name, **ms.fields("ms"), **speedup.fields("triton_speedup"),
+                        peak_mib=row.get("peak_mib", math.nan),
+                        max_abs_error=row.get("max_abs_error", math.nan),
+                        grad_error=row.get("grad_error", math.nan),
+                        **against_ceilings(ms.median, bytes_needed, work,
+                                           ceilings["copy_bytes_per_s"], ceilings[dtype]),
+                        note=row["note"]))
+    return out
 
 
-def run(args, device):
-    dtypes = [getattr(torch, name) for name in args.dtypes]
-    bandwidth = copy_bandwidth(device) if device.type == "cuda" else float("nan")
-    print(f"device: {torch.cuda.get_device_name(device) if device.type == 'cuda' else 'cpu'}, "
-          f"copy bandwidth {bandwidth / 1e9:.0f} GB/s")
-    rows = []
-    for dtype in dtypes:
-        peak = getattr(args, f"peak_tflops_{str(dtype).split('.')[-1]}") * 1e12
-        for index, (batch, candidates, length) in enumerate(sweep_shapes(args.quick)):
-            inputs = make_inputs(batch, candidates, length, dtype, device)
-            with torch.no_grad():
-                exact = float64_reference(inputs)
-            traffic = bytes_read(inputs)
-            floor_ms = 1e3 * max(traffic / bandwidth, flops(batch, candidates, length) / peak)
-            for peer in args.peers:
-                if peer == "reference_compiled" and index and not args.compile_sweep:
-                    continue
-                row = dict(dtype=str(dtype).split(".")[-1], batch=batch, candidates=candidates,
-                           length=length, dim=DIM, hidden="x".join(map(str, HIDDEN)),
-                           peer=peer, **measure(peer, peer_function(peer), inputs, exact))
-                row["key_gbps"] = traffic / row["median_ms"] / 1e6
-                row["copy_fraction"] = row["key_gbps"] * 1e9 / bandwidth
-                row["floor_ms"] = floor_ms
-                row["x_floor"] = row["median_ms"] / floor_ms
-                rows.append(row)
-                print(f"{row['dtype']:>9} B={batch:<5} C={candidates:<3} T={length:<5} "
-                      f"{peer:<19}{row['median_ms']:>10.3f} ms {row['key_gbps']:>7.0f} GB/s "
-                      f"{row['x_floor']:>6.1f}x floor  err {row['max_abs_error']:.1e} "
-                      f"{row['note']}", flush=True)
-            del inputs, exact
-    return rows
+def against_ceilings(ms: float, bytes_needed: int, work: float, bandwidth: float,
+                     peak: float) -> dict:
+    """A time against the device's measured copy bandwidth and matmul peak."""
+    seconds = ms / 1e3
+    floor = max(bytes_needed / bandwidth, work / peak)
+    return dict(min_bytes=bytes_needed, flops=work, gbps=bytes_needed / seconds / 1e9,
+                copy_fraction=bytes_needed / seconds / bandwidth, tflops=work / seconds / 1e12,
+                peak_fraction=work / seconds / peak, floor_ms=1e3 * floor,
+                over_floor=seconds / floor, copy_gbps=bandwidth / 1e9, peak_tflops=peak / 1e12)
 
 
-def add_speedups(rows):
-    """Each row's time over triton's at the same shape and dtype."""
-    triton_ms = {(r["dtype"], r["batch"], r["candidates"], r["length"]): r["median_ms"]
-                 for r in rows if r["peer"] == "triton"}
-    for r in rows:
-        base = triton_ms.get((r["dtype"], r["batch"], r["candidates"], r["length"]))
-        r["triton_speedup"] = r["median_ms"] / base if base else float("nan")
+def print_row(row: dict) -> None:
+    ms = harness.Spread.from_fields(row, "ms").text(".3f")
+    print(f"{row['pass']:<8}{row['dtype']:<9}B={row['batch']:<6}C={row['candidates']:<4}"
+          f"T={row['length']:<6}{row['impl']:<19}{ms:>26} ms  triton x{row['triton_speedup']:<6.2f}"
+          f"{row['peak_mib']:>9.1f} MiB  err {row['max_abs_error']:.1e}/{row['grad_error']:.1e}"
+          f"{row['gbps']:>8.0f} GB/s {row['over_floor']:>6.1f}x floor {row['note']}", flush=True)
 
 
-def write_csv(rows, path):
-    os.makedirs(os.path.dirname(path), exist_ok=True)
-    fields = list(dict.fromkeys(key for row in rows for key in row))
-    with open(path, "w", newline="") as f:
-        writer = csv.DictWriter(f, fieldnames=fields)
-        writer.writeheader()
-        writer.writerows(rows)
-    print(f"wrote {path}")
-
-
-def plot(rows, path):
-    """Time against T, one panel per (dtype, C), one line per peer."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    panels = sorted({(r["dtype"], r["candidates"]) for r in rows})
-    fig, axes = plt.subplots(1, len(panels), figsize=(4.5 * len(panels), 3.8), squeeze=False)
-    for ax, (dtype, candidates) in zip(axes[0], panels):
-        for peer in dict.fromkeys(r["peer"] for r in rows):
-            points = sorted((r["length"], r["median_ms"]) for r in rows
-                            if (r["dtype"], r["candidates"], r["peer"]) == (dtype, candidates, peer)
-                            and r["batch"] * r["candidates"] * r["length"] <= PAIRS)
-            if points:
-                ax.plot(*zip(*points), marker="o", label=peer)
-        ax.set(xscale="log", yscale="log", xlabel="T (B*C*T = 819,200 pairs)",
-               ylabel="forward ms (median)", title=f"{dtype}, C={candidates}")
-        ax.grid(True, which="both", alpha=0.3)
-    axes[0][0].legend()
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    print(f"wrote {path}")
-
-
-def main(argv=None):
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--dtypes", nargs="+", default=["bfloat16", "float32"])
-    parser.add_argument("--peers", nargs="+", default=list(PEERS), choices=PEERS)
-    parser.add_argument("--quick", action="store_true", help="T in {200, 10000} only")
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="python -m benchmarks.bench_gpu",
+                                     description=__doc__.splitlines()[0])
+    parser.add_argument("--pass", dest="pass_", choices=("forward", "train"), required=True,
+                        help="forward (no grad) or train (forward + backward)")
+    parser.add_argument("--dtypes", nargs="+", default=list(DTYPES), choices=DTYPES)
+    parser.add_argument("--implementations", nargs="+", default=list(IMPLEMENTATIONS),
+                        choices=IMPLEMENTATIONS)
+    parser.add_argument("--headline-only", action="store_true", help="skip the sweep")
     parser.add_argument("--compile-sweep", action="store_true",
                         help="torch.compile the reference at every shape, not only the headline")
-    for dtype, tflops in PEAK_TFLOPS.items():
-        name = str(dtype).split(".")[-1]
-        parser.add_argument(f"--peak-tflops-{name}", type=float, default=tflops,
-                            help=f"dense peak for {name} (for the floor)")
-    parser.add_argument("--out", default=os.path.join(os.path.dirname(__file__), "results"))
-    args = parser.parse_args(argv)
-    if not torch.cuda.is_available():
-        raise SystemExit("bench_gpu.py: needs a CUDA device (torch.cuda.is_available() is False)")
-    rows = run(args, torch.device("cuda"))
-    add_speedups(rows)
-    write_csv(rows, os.path.join(args.out, "bench_gpu.csv"))
-    plot(rows, os.path.join(args.out, "bench_gpu.png"))
+    parser.add_argument("--dry-run", action="store_true",
+                        help="CPU, tiny shapes, triton in the interpreter: checks the script")
+    parser.add_argument("--label", help="the device part of the file name "
+                        "(default: the GPU's name, dry-run-cpu with --dry-run)")
+    parser.add_argument("--out", default=RESULTS, help="folder for the CSV (default: %(default)s)")
+    return parser
+
+
+def main(argv=None) -> int:
+    args = build_parser().parse_args(argv)
+    if args.dry_run:   # one thread: the interpreter's checks need no more
+        device, sizes = torch.device("cpu"), DRY_RUN_SIZES
+        torch.set_num_threads(1)
+    elif torch.cuda.is_available():
+        device, sizes = torch.device("cuda"), GPU_SIZES
+    else:
+        print("bench_gpu: needs a CUDA device (torch.cuda.is_available() is False); "
+              "--dry-run checks the script on CPU", file=sys.stderr)
+        return 2
+    if "triton" not in args.implementations:
+        print("bench_gpu: --implementations must include triton (the speedups are over it)",
+              file=sys.stderr)
+        return 2
+    if peers.deepctr_sequence_module() is None:
+        print(peers.DEEPCTR_MISSING)
+    label = args.label or harness.results_label(device, args.dry_run)
+    path = os.path.join(args.out, f"bench_gpu_{args.pass_}_{label}.csv")
+    dtypes = [getattr(torch, name) for name in args.dtypes]
+    ceilings = {"copy_bytes_per_s": harness.copy_bandwidth(device, sizes.copy_bytes)}
+    ceilings.update({dtype: harness.matmul_rate(device, dtype, sizes.matmul_size) for dtype in dtypes})
+    print(f"{harness.device_name(device)}: torch {torch.__version__}, triton {triton.__version__}; "
+          f"copy {ceilings['copy_bytes_per_s'] / 1e9:.0f} GB/s, matmul "
+          + ", ".join(f"{str(d).removeprefix('torch.')} {ceilings[d] / 1e12:.1f} TFLOP/s"
+                      for d in dtypes), flush=True)
+    shapes = sizes.shapes()[:1] if args.headline_only else sizes.shapes()
+    device_text = harness.device_name(device) + (" (dry run: CPU, Triton interpreter)"
+                                                 if args.dry_run else "")
+    rows = []
+    for dtype in dtypes:
+        for index, shape in enumerate(shapes):
+            for row in measure_shape(args, sizes, shape, dtype, device, ceilings, index == 0):
+                row.update(device=device_text, torch=torch.__version__, triton=triton.__version__)
+                rows.append(row)
+                print_row(row)
+            harness.write_csv(rows, path)
+    print(f"wrote {path}")
+    return 0
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(main())

@@ -7,10 +7,11 @@ and ``din_fast.data.encode`` (what ``din-fast train`` does before building
 samples), reporting wall time, CPU time (user + system: what a busy machine
 does not inflate) and the process's peak resident memory, imports included.
 
-    python benchmarks/load_large_log.py [--rows 1000000 3000000 10000000] [--dir /tmp]
+    python -m benchmarks.load_large_log [--rows 1000000 3000000 10000000] [--dir /tmp]
 
-Writes benchmarks/results/load_large_log.csv. The generated files are left
-in --dir (about 45 bytes a row as CSV).
+Writes benchmarks/results/load_large_log.csv (the README's run is in
+benchmarks/recorded/). The generated files are left in --dir (about 45 bytes a
+row as CSV).
 """
 
 from __future__ import annotations

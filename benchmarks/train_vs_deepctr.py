@@ -21,7 +21,7 @@ differs:
   initialised with std 1e-4). Its ``l2_reg_embedding`` (1e-6 on whole tables)
   is not applied: the protocol's L2 setting is, as for every row.
 
-    python benchmarks/train_vs_deepctr.py [--data-dir ../shared/data]
+    python -m benchmarks.train_vs_deepctr [--data-dir ../shared/data]
         [--datasets amazon-beauty amazon-sports] [--seed 0] [--threads 1]
 
 Prints a table and writes benchmarks/results/train_vs_deepctr.csv. Skips,

@@ -5,4 +5,4 @@ from .models import DIN, BaseModel
 from .modules import DINAttention
 
 __all__ = ["din_attention", "din_attention_jagged", "DINAttention", "DIN", "BaseModel"]
-__version__ = "0.1.0"
+__version__ = "0.2.0"  # the one place the version is written

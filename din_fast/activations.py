@@ -1,4 +1,4 @@
-"""The hidden-layer activations of SPEC section 1, shared by the PyTorch paths."""
+"""The hidden-layer activations (sigmoid, relu, prelu, dice), shared by the PyTorch paths."""
 
 from __future__ import annotations
 

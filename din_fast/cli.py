@@ -17,6 +17,7 @@ from dataclasses import fields
 
 import torch
 
+from . import sharded
 from .config import TrainConfig
 from .errors import InputError
 from .models import MLP_ACTIVATIONS, MLP_INPUTS, MODELS
@@ -136,6 +137,7 @@ def build_parser() -> argparse.ArgumentParser:
                               "to this PNG (needs matplotlib)")
     train_parser.add_argument("--no-progress", action="store_true", help="no progress bar")
     add_threads_option(train_parser)
+    sharded.add_options(train_parser)
 
     eval_parser = commands.add_parser(
         "evaluate", help="test metrics of a saved checkpoint",
@@ -204,8 +206,16 @@ def run_command(args) -> int:
         if options["attention_normalization"] == "none":
             options["attention_normalization"] = None
         config = TrainConfig(**options)
-        metrics = train(config, checkpoint=args.checkpoint, metrics_out=args.metrics_out,
-                        progress=not args.no_progress)
+        if sharded.requested(args):
+            metrics = sharded.load_trainer()(
+                config, args.sharding, embedding_optimizer=args.embedding_optimizer,
+                embedding_lr=args.embedding_lr, checkpoint=args.checkpoint,
+                metrics_out=args.metrics_out, progress=not args.no_progress)
+            if metrics is None:  # a torchrun process other than rank 0
+                return 0
+        else:
+            metrics = train(config, checkpoint=args.checkpoint, metrics_out=args.metrics_out,
+                            progress=not args.no_progress)
         if args.plot:
             plot_training(metrics, args.plot)
         print(f"{config.model}: test AUC {metrics['test_auc']:.4f}  GAUC "

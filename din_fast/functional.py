@@ -1,4 +1,10 @@
-"""din_attention: the public functional API and the backend dispatch."""
+"""din_attention and din_attention_jagged: the public functional API.
+
+Each call is validated into one canonical problem (din_fast.problem), and
+the dispatcher picks an implementation, nothing else: din_fast.reference
+(the oracle), din_fast.torch_backend (pure PyTorch) or din_fast.triton_backend
+(the fused kernels). Each of those modules is the whole story of its backend.
+"""
 
 from __future__ import annotations
 
@@ -7,21 +13,16 @@ import os
 
 import torch
 
-from .ops import run_attention_op
-from .problem import (BACKENDS, DEFAULT_DICE_EPS, DINProblem, JaggedDINProblem, validate,
-                      validate_jagged)
-from .reference import reference_din_attention
-from .torch_backend import torch_din_attention, torch_din_attention_jagged
-from .triton_backend import (triton_din_attention, triton_din_attention_jagged,
-                             triton_unsupported_reason)
+from . import reference, torch_backend, triton_backend
+from .problem import BACKENDS, DEFAULT_DICE_EPS, validate, validate_jagged
 
 BACKEND_ENV = "DIN_FAST_BACKEND"
 
 
 def resolve_backend(backend: str, problem) -> str:
     """The concrete backend for a call (a DINProblem or a JaggedDINProblem):
-    "auto" becomes triton (CUDA tensors, a configuration the kernels support)
-    or torch."""
+    "auto" (or DIN_FAST_BACKEND in the environment, which overrides it)
+    becomes triton for CUDA tensors the kernels support, else torch."""
     if backend not in BACKENDS:
         raise ValueError(f"din_attention: `backend` must be one of {BACKENDS}; got {backend!r}")
     if backend == "auto":
@@ -32,7 +33,7 @@ def resolve_backend(backend: str, problem) -> str:
                                  f"of {BACKENDS}; got {override!r}")
             backend = override
     if backend == "auto":
-        if problem.query.is_cuda and triton_unsupported_reason(problem) is None:
+        if problem.query.is_cuda and triton_backend.unsupported_reason(problem) is None:
             return "triton"
         return "torch"
     return backend
@@ -42,12 +43,45 @@ def din_attention(query, keys, lengths=None, *, weights, biases, activation="sig
                   activation_params=None, mask=None, normalization=None, scale=1.0,
                   values=None, return_scores=False, backend="auto",
                   dice_eps=DEFAULT_DICE_EPS):
-    """DIN local activation unit + attention pooling (SPEC section 1).
+    """The DIN local activation unit and attention pooling.
 
-    Returns the pooled history [B, Dv] (or [B, C, Dv] for a 3-D query) in the
-    keys' dtype, and with ``return_scores`` also the weights w [B, T] / [B, C, T].
-    Under torch.autocast the query, keys and values are cast to the autocast
-    dtype first; the parameters keep theirs and accumulation stays float32.
+    For every row b, candidate c and history position t, an MLP scores
+    ``[q, k, q - k, q * k]`` (q = query[b, c], k = keys[b, t]); the scores of
+    the valid positions are scaled (and, with ``normalization="softmax"``,
+    normalized over the row's valid positions) into weights w, and the
+    output is ``sum_t w[b, c, t] * values[b, t]``. Invalid positions never
+    reach a result: whatever the padding holds, outputs and gradients are
+    those of zero padding. A row with no valid position pools to zeros.
+
+    Args:
+        query: the candidate items, [B, D] or [B, C, D] (C candidates per row).
+        keys: the behaviour history, [B, T, D], in the query's dtype (float32,
+            float16, bfloat16; float64 on the torch and reference backends).
+        lengths: [B] int32/int64 in [0, T]: positions t < lengths[b] are valid.
+        weights: [W_1, ..., W_L, W_out] in ``torch.nn.Linear`` layout: W_1 is
+            [H_1, 4D] with columns in the block order [q | k | q-k | q*k],
+            W_i [H_i, H_(i-1)], W_out [1, H_L]. At least one hidden layer.
+        biases: [b_1, ..., b_L, b_out], one per weight.
+        activation: of every hidden layer: "sigmoid", "relu", "prelu" or "dice".
+        activation_params: prelu: [a_1, ..., a_L] ([H_i] or [1] each); dice:
+            [(a_i, mu_i, var_i), ...] (Dice's inference form); else None.
+        mask: [B, T] bool, True = valid; instead of ``lengths`` (not both).
+        normalization: None (the paper's raw scores, ``scale * s``) or
+            "softmax" (over the valid positions, as the released DIN code).
+        scale: multiplies the scores before the normalization.
+        values: [B, T, Dv] pooled instead of the keys.
+        return_scores: also return the weights w.
+        backend: "auto" (triton for supported CUDA inputs, else torch),
+            "triton", "torch" or "reference"; an explicit backend that cannot
+            run the call raises ValueError saying why.
+        dice_eps: Dice's epsilon in 1 / sqrt(var + eps).
+
+    Returns:
+        The pooled history [B, Dv] (or [B, C, Dv] for a 3-D query) in the
+        keys' dtype; with ``return_scores`` also w, [B, T] (or [B, C, T]).
+
+    Under ``torch.autocast`` the query, keys and values are cast to the
+    autocast dtype first; parameters keep theirs and accumulation is float32.
     """
     problem = validate(query, keys, lengths, weights=weights, biases=biases,
                        activation=activation, activation_params=activation_params, mask=mask,
@@ -55,6 +89,33 @@ def din_attention(query, keys, lengths=None, *, weights, biases, activation="sig
                        dice_eps=dice_eps)
     pooled, scores = run_problem(problem, resolve_backend(backend, problem),
                                  need_scores=return_scores)
+    return (pooled, scores) if return_scores else pooled
+
+
+def din_attention_jagged(query, keys_values, offsets, max_len, *, weights, biases,
+                         activation="sigmoid", activation_params=None, normalization=None,
+                         scale=1.0, values=None, return_scores=False, backend="auto",
+                         dice_eps=DEFAULT_DICE_EPS):
+    """din_attention on jagged histories (TorchRec's and FBGEMM's layout).
+
+    Row b's history is ``keys_values[offsets[b]:offsets[b + 1]]``: all
+    histories back to back, [L, D] in all; ``offsets`` [B + 1] int64 runs
+    from 0 to L, non-decreasing, with no row longer than ``max_len`` (an upper
+    bound; a new value compiles a new graph under torch.compile). ``values``
+    [L, Dv] likewise. Equal to din_attention on the same histories padded with
+    their lengths, without ever building the padding. Every other argument is
+    din_attention's.
+
+    Returns:
+        The pooled history [B, Dv] or [B, C, Dv]; with ``return_scores`` also
+        the weights as jagged values, [L] or [L, C].
+    """
+    problem = validate_jagged(query, keys_values, offsets, max_len, weights=weights,
+                              biases=biases, activation=activation,
+                              activation_params=activation_params, normalization=normalization,
+                              scale=scale, values=values, dice_eps=dice_eps)
+    pooled, scores = run_problem(problem, resolve_backend(backend, problem),
+                                        need_scores=return_scores)
     return (pooled, scores) if return_scores else pooled
 
 
@@ -66,102 +127,24 @@ def _autocast_off(device: torch.device):
     return contextlib.nullcontext()
 
 
-def run_problem(problem: DINProblem, backend: str, dice_gate=None, need_scores=True):
-    """Run a validated problem on a concrete backend; outputs in the keys' dtype.
-
-    ``dice_gate`` (torch backend only) replaces Dice's normalization, see
-    torch_backend.torch_din_attention. Without ``need_scores`` a backend may
-    return None for the scores (the triton kernel then writes none). The triton
-    backend always runs as the custom op (din_fast.ops: the fused forward and
-    backward); the torch backend does under torch.compile, where its
-    data-dependent packing could not be traced, and runs eagerly otherwise.
-    With a ``dice_gate`` it runs through autograd, under torch.compile on
-    every position with the padding masked (torch_backend.PackedPositions).
-    """
-    with _autocast_off(problem.keys.device):
+def run_problem(problem, backend: str, dice_gate=None, need_scores=True):
+    """Run a validated problem (a DINProblem or a JaggedDINProblem) on a
+    concrete backend; outputs in the keys' dtype. ``dice_gate`` (torch
+    backend, padded input) replaces Dice's normalization
+    (torch_backend.torch_din_attention); without ``need_scores`` a backend may
+    return None for the scores."""
+    if dice_gate is not None and (backend != "torch" or problem.HISTORY != "keys"):
+        raise ValueError(f"run_problem: a `dice_gate` runs on backend='torch' with padded "
+                         f"input only; got backend={backend!r}, {type(problem).__name__}")
+    with _autocast_off(problem.query.device):
         if backend == "reference":
-            pooled, scores = reference_din_attention(problem)
-        elif backend == "torch" and (dice_gate is not None
-                                     or not torch.compiler.is_compiling()):
-            pooled, scores = torch_din_attention(problem, dice_gate)
+            pooled, scores = reference.run(problem)
         elif backend == "triton":
-            _require_triton(problem, "din_attention")
-            pooled, scores = triton_din_attention(problem, need_scores)
+            reason = triton_backend.unsupported_reason(problem)
+            if reason is not None:
+                function = "din_attention" + ("_jagged" if problem.HISTORY != "keys" else "")
+                raise ValueError(f"{function}: backend='triton' cannot run this call: {reason}")
+            pooled, scores = triton_backend.run(problem, need_scores)
         else:
-            pooled, scores = run_attention_op(problem, backend, need_scores)
+            pooled, scores = torch_backend.run(problem, dice_gate)
     return problem.shape_output(pooled, scores)
-
-
-def _require_triton(problem, function: str):
-    reason = triton_unsupported_reason(problem)
-    if reason is not None:
-        raise ValueError(f"{function}: backend='triton' cannot run this call: {reason}")
-
-
-def din_attention_jagged(query, keys_values, offsets, max_len, *, weights, biases,
-                         activation="sigmoid", activation_params=None, normalization=None,
-                         scale=1.0, values=None, return_scores=False, backend="auto",
-                         dice_eps=DEFAULT_DICE_EPS):
-    """din_attention on jagged histories (TorchRec's / FBGEMM's layout).
-
-    Row b's history is ``keys_values[offsets[b]:offsets[b + 1]]`` ([L, D] in all,
-    ``offsets`` [B + 1] int64, non-decreasing, from 0 to L, no segment longer
-    than ``max_len``); ``values`` [L, Dv] likewise. Equal to din_attention on
-    the same histories padded to max_len with their lengths, without building
-    the padding. Returns the pooled history [B, Dv] or [B, C, Dv], and with
-    ``return_scores`` also the weights as jagged values, [L] or [L, C].
-
-    ``backend`` as in din_attention: "triton" runs the fused forward kernel on
-    the jagged values in place (its backward recomputes through the torch
-    jagged path; a fused jagged backward is future work).
-    """
-    problem = validate_jagged(query, keys_values, offsets, max_len, weights=weights,
-                              biases=biases, activation=activation,
-                              activation_params=activation_params, normalization=normalization,
-                              scale=scale, values=values, dice_eps=dice_eps)
-    pooled, scores = run_jagged_problem(problem, resolve_backend(backend, problem),
-                                        need_scores=return_scores)
-    return (pooled, scores) if return_scores else pooled
-
-
-def run_jagged_problem(problem: JaggedDINProblem, backend: str, need_scores=True):
-    """Run a validated jagged problem; outputs in the keys' dtype. Without
-    ``need_scores`` the triton backend returns None for the scores.
-
-    backend="triton" runs the custom op din_fast::attention_jagged_forward:
-    the fused forward on the jagged values in place, its backward the torch
-    backend's, recomputing (triton_backend). backend="torch" runs through
-    autograd, eagerly and under torch.compile alike (nothing in it has a
-    data-dependent size: every size follows from L, B and C).
-    """
-    with _autocast_off(problem.keys_values.device):
-        if backend == "torch":
-            pooled, scores = torch_din_attention_jagged(problem)
-        elif backend == "reference":
-            pooled, scores = _reference_jagged(problem)
-        else:
-            _require_triton(problem, "din_attention_jagged")
-            pooled, scores = triton_din_attention_jagged(problem, need_scores)
-    return problem.shape_output(pooled, scores)
-
-
-def _reference_jagged(problem: JaggedDINProblem):
-    """The oracle on jagged input: pad to max_len, run the reference, unpad the weights."""
-    rows = problem.row_ids()
-    cols = torch.arange(rows.shape[0], device=rows.device) - problem.offsets[rows]
-    batch = problem.offsets.shape[0] - 1
-
-    def pad(jagged):
-        dense = jagged.new_zeros(batch, problem.max_len, jagged.shape[1])
-        return dense.index_put((rows, cols), jagged)
-
-    padded = DINProblem(
-        query=problem.query, keys=pad(problem.keys_values),
-        values=None if problem.values is None else pad(problem.values),
-        lengths=problem.lengths(), mask=None, weights=problem.weights, biases=problem.biases,
-        activation=problem.activation, act_params=problem.act_params,
-        normalization=problem.normalization, scale=problem.scale, dice_eps=problem.dice_eps,
-        squeeze_candidates=problem.squeeze_candidates,
-    )
-    pooled, weights = reference_din_attention(padded)
-    return pooled, weights[rows, :, cols]

@@ -48,6 +48,25 @@ def scoring_mlp(in_features: int, hidden_units, activation: str) -> nn.Sequentia
     return nn.Sequential(*layers)
 
 
+def mlp_width(embed_dim: int, mlp_input: str) -> int:
+    """The scoring MLP's input width for items of 2 * embed_dim."""
+    if mlp_input not in MLP_INPUTS:
+        raise ValueError(f"`mlp_input` must be one of {MLP_INPUTS}; got {mlp_input!r}")
+    return 6 * embed_dim if mlp_input == "product" else 4 * embed_dim
+
+
+def score(mlp: nn.Module, mlp_input: str, interest, candidate):
+    """Logits [...] of MLP([interest, candidate]) (``mlp_input`` "concat") or
+    MLP([interest, candidate, interest * candidate]) ("product"), for
+    interest and candidate [..., 2E]."""
+    features = [interest, candidate]
+    if mlp_input == "product":
+        features.append(interest * candidate)
+    features = torch.cat(features, -1)
+    # The MLP sees rows of features: its Dice normalizes per unit (BatchNorm1d).
+    return mlp(features.flatten(0, -2)).view(features.shape[:-1])
+
+
 class BaseModel(nn.Module):
     """Embedding + sum pooling of the history + MLP (the DIN paper's BaseModel).
 
@@ -61,8 +80,7 @@ class BaseModel(nn.Module):
                  mlp_hidden=(200, 80), mlp_activation: str = "dice", backend: str = "auto",
                  mlp_input: str = "concat"):
         super().__init__()
-        if mlp_input not in MLP_INPUTS:
-            raise ValueError(f"`mlp_input` must be one of {MLP_INPUTS}; got {mlp_input!r}")
+        width = mlp_width(embed_dim, mlp_input)
         self.backend = backend
         self.mlp_input = mlp_input
         self.item_embedding = nn.Embedding(num_items + 1, embed_dim, padding_idx=0)
@@ -71,7 +89,6 @@ class BaseModel(nn.Module):
             nn.init.normal_(table.weight, std=EMBEDDING_INIT_STD)
             with torch.no_grad():
                 table.weight[0].zero_()
-        width = 6 * embed_dim if mlp_input == "product" else 4 * embed_dim
         self.mlp = scoring_mlp(width, mlp_hidden, mlp_activation)
 
     def embed(self, items, categories):
@@ -99,12 +116,7 @@ class BaseModel(nn.Module):
         candidate = self.embed(target_items, target_categories)
         history = self.embed(history_items, history_categories)
         interest = self.pool(candidate, history, lengths)
-        features = [interest, candidate]
-        if self.mlp_input == "product":
-            features.append(interest * candidate)
-        features = torch.cat(features, -1)
-        # The MLP sees rows of features: its Dice normalizes per unit (BatchNorm1d).
-        return self.mlp(features.flatten(0, -2)).view(features.shape[:-1])
+        return score(self.mlp, self.mlp_input, interest, candidate)
 
 
 class DIN(BaseModel):

@@ -2,25 +2,45 @@
 
 from __future__ import annotations
 
+import numbers
+
 import torch
 from torch import nn
 
-from .functional import din_attention, resolve_backend, run_problem
-from .problem import ACTIVATIONS, DEFAULT_DICE_EPS, check_layer_sizes, validate
+from .functional import din_attention, din_attention_jagged, resolve_backend, run_problem
+from .problem import (BACKENDS, DEFAULT_DICE_EPS, check_layer_sizes, validate,
+                      validate_jagged, validate_options, validating)
 
 PRELU_INIT = 0.25  # torch.nn.PReLU's default slope
 
 
 class DINAttention(nn.Module):
-    """The DIN local activation unit and attention pooling (SPEC section 2).
+    """The DIN local activation unit and attention pooling, as a layer.
 
-    Parameters are in ``nn.Linear`` layout: ``hidden[i]`` is layer i+1 (the
-    first takes the 4*embed_dim features [q | k | q-k | q*k]) and ``output``
-    maps the last hidden layer to the score. PReLU keeps one slope per unit in
-    ``alphas``; Dice keeps ``alphas`` and, per layer, BatchNorm-style running
-    statistics ``running_mean_{i}`` / ``running_var_{i}``. In training mode Dice
-    normalizes with the statistics of the batch's valid positions only (never
-    the padding) and updates the running ones with ``momentum``.
+    Scores every history item against the candidate with an MLP over
+    ``[q, k, q - k, q * k]``, masks the padding and pools the history with the
+    resulting weights: ``help(din_fast.din_attention)`` gives the exact formula.
+
+    Args:
+        embed_dim: D, the size of the query and of every key.
+        hidden_units: the MLP's hidden widths, at least one (the paper: 80, 40).
+        activation: "sigmoid" (the original unit), "relu", "prelu" or "dice".
+        normalization: None (the paper's raw scores) or "softmax" over the
+            valid positions (the released DIN code).
+        scale: multiplies the scores before the normalization.
+        return_scores: forward also returns the attention weights.
+        backend: "auto", "triton", "torch" or "reference" (din_attention's).
+        dice_eps: Dice's epsilon.
+        momentum: Dice's running-statistics momentum, as BatchNorm's.
+
+    Parameters are in ``nn.Linear`` layout, so weights of other PyTorch DIN
+    layers load unchanged: ``hidden[i]`` is layer i+1 (the first takes the 4D
+    features [q | k | q-k | q*k]) and ``output`` maps the last hidden layer to
+    the score. PReLU and Dice keep one slope per unit in ``alphas``; Dice keeps,
+    per layer, BatchNorm-style running statistics ``running_mean_{i}`` and
+    ``running_var_{i}``. In training mode Dice normalizes with the statistics
+    of the batch's valid positions only (never the padding) and updates the
+    running ones; in eval mode it uses the running ones.
     """
 
     def __init__(self, embed_dim: int, hidden_units=(80, 40), activation: str = "sigmoid",
@@ -30,9 +50,15 @@ class DINAttention(nn.Module):
         super().__init__()
         hidden_units = check_layer_sizes("DINAttention", "embed_dim", embed_dim,
                                          "hidden_units", hidden_units)
-        if activation not in ACTIVATIONS:
-            raise ValueError(f"DINAttention: `activation` must be one of {ACTIVATIONS}; "
-                             f"got {activation!r}")
+        with validating("DINAttention"):
+            validate_options(activation, normalization, scale, dice_eps)
+        if backend not in BACKENDS:
+            raise ValueError(f"DINAttention: `backend` must be one of {BACKENDS}; "
+                             f"got {backend!r}")
+        if isinstance(momentum, bool) or not isinstance(momentum, numbers.Real) \
+                or not 0 <= momentum <= 1:
+            raise ValueError(f"DINAttention: `momentum` must be a number in [0, 1]; "
+                             f"got {momentum!r}")
         self.embed_dim = embed_dim
         self.hidden_units = hidden_units
         self.activation = activation
@@ -87,11 +113,57 @@ class DINAttention(nn.Module):
                                                       **self._functional_kwargs()))
 
     def forward(self, query, keys, lengths=None, mask=None, values=None):
+        """Pool the history for each candidate.
+
+        Args:
+            query: the candidates, [B, D] or [B, C, D].
+            keys: the history, [B, T, D], in the query's dtype.
+            lengths: [B] int, valid positions t < lengths[b]; or
+            mask: [B, T] bool, True = valid (not both; neither: all valid).
+            values: [B, T, Dv] pooled instead of the keys.
+
+        Returns:
+            The pooled history, [B, Dv] or [B, C, Dv] in the keys' dtype; with
+            ``return_scores`` also the weights, [B, T] or [B, C, T].
+        """
         kwargs = self._functional_kwargs(mask, values)
         if self.activation == "dice" and self.training:
             return self._forward_dice_training(query, keys, lengths, kwargs)
         return din_attention(query, keys, lengths, return_scores=self.return_scores,
                              backend=self.backend, **kwargs)
+
+    def forward_jagged(self, query, keys_values, offsets, max_len, values=None):
+        """The layer on jagged histories (din_fast.din_attention_jagged's layout:
+        row b is ``keys_values[offsets[b]:offsets[b + 1]]``, TorchRec's
+        ``JaggedTensor.values()`` and ``.offsets()``). Returns what forward
+        returns, the weights jagged ([L] or [L, C]). Training-mode Dice pads
+        the rows to ``max_len`` for its batch statistics (the other modes
+        never build the padding)."""
+        kwargs = self._functional_kwargs(values=values)
+        del kwargs["mask"]                       # jagged rows have no padding to mask
+        if self.activation == "dice" and self.training:
+            return self._forward_dice_training_jagged(query, keys_values, offsets, max_len,
+                                                      kwargs)
+        return din_attention_jagged(query, keys_values, offsets, max_len,
+                                    return_scores=self.return_scores, backend=self.backend,
+                                    **kwargs)
+
+    def _forward_dice_training_jagged(self, query, keys_values, offsets, max_len, kwargs):
+        problem = validate_jagged(query, keys_values, offsets, max_len, **kwargs)
+        lengths = problem.lengths()
+        valid = torch.arange(problem.max_len, device=lengths.device) < lengths[:, None]
+
+        def padded(jagged):   # differentiable: index_put records the scatter
+            return jagged.new_zeros(valid.shape + jagged.shape[1:]).index_put((valid,), jagged)
+
+        kwargs = dict(kwargs, mask=None,
+                      values=None if problem.values is None else padded(problem.values))
+        result = self._forward_dice_training(query, padded(problem.keys_values), lengths,
+                                             kwargs)
+        if not self.return_scores:
+            return result
+        pooled, scores = result                 # scores [B, T] or [B, C, T]
+        return pooled, (scores[valid] if scores.dim() == 2 else scores.transpose(1, 2)[valid])
 
     def _forward_dice_training(self, query, keys, lengths, kwargs):
         # Batch statistics need every valid pre-activation of a layer before

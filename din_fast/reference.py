@@ -1,7 +1,7 @@
-"""The literal DIN activation unit of SPEC section 1: the test oracle.
+"""The literal DIN activation unit (din_attention's formula, written plainly): the test oracle.
 
 Written for clarity, not speed: it builds the [B, C, T, 4D] concat and runs the
-MLP on every position, padding included, then masks. Runs on any device and
+MLP on every position, the padding zeroed first (never read), then masks. Runs on any device and
 dtype; half-precision inputs are computed in float32.
 """
 
@@ -10,7 +10,7 @@ from __future__ import annotations
 import torch
 
 from .activations import activate
-from .problem import DINProblem
+from .problem import DINProblem, JaggedDINProblem
 
 
 def masked_normalize(scores: torch.Tensor, valid: torch.Tensor, normalization, scale: float):
@@ -37,8 +37,8 @@ def reference_din_attention(problem: DINProblem):
     """Returns (pooled [B, C, Dv], weights w [B, C, T]) in the compute dtype."""
     dtype = problem.compute_dtype()
     q = problem.query.to(dtype)
-    k = problem.keys.to(dtype)
-    v = problem.value_tensor.to(dtype)
+    k = problem.without_padding(problem.keys.to(dtype))
+    v = problem.without_padding(problem.value_tensor.to(dtype))
     length = k.shape[1]
     candidates = q.shape[1]
 
@@ -54,3 +54,37 @@ def reference_din_attention(problem: DINProblem):
     weights = masked_normalize(scores, problem.valid_mask(), problem.normalization, problem.scale)
     pooled = weights @ v                                        # [B, C, Dv]
     return pooled, weights
+
+
+def reference_din_attention_jagged(problem: JaggedDINProblem):
+    """The oracle on jagged input: pad to the longest row, run the reference,
+    unpad the weights. Returns (pooled [B, C, Dv], w [L, C])."""
+    rows = problem.row_ids()
+    cols = torch.arange(rows.shape[0], device=rows.device) - problem.offsets[rows]
+    batch = problem.offsets.shape[0] - 1
+    # max_len is only a bound (it may be huge): pad to the longest row there is.
+    lengths = problem.lengths()
+    length = int(lengths.max()) if batch else 0
+
+    def pad(jagged):
+        dense = jagged.new_zeros(batch, length, jagged.shape[1])
+        return dense.index_put((rows, cols), jagged)
+
+    padded = DINProblem(
+        query=problem.query, keys=pad(problem.keys_values),
+        values=None if problem.values is None else pad(problem.values),
+        lengths=lengths, mask=None, weights=problem.weights, biases=problem.biases,
+        activation=problem.activation, act_params=problem.act_params,
+        normalization=problem.normalization, scale=problem.scale, dice_eps=problem.dice_eps,
+        squeeze_candidates=problem.squeeze_candidates,
+    )
+    pooled, weights = reference_din_attention(padded)
+    return pooled, weights[rows, :, cols]
+
+
+def run(problem):
+    """(pooled [B, C, Dv], w) of a DINProblem (w [B, C, T]) or a
+    JaggedDINProblem (w [L, C]), in the compute dtype."""
+    if isinstance(problem, JaggedDINProblem):
+        return reference_din_attention_jagged(problem)
+    return reference_din_attention(problem)

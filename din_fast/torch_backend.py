@@ -8,8 +8,9 @@ Three savings over the literal formula, all exact:
 - the MLP runs on the valid positions only, packed; padding costs nothing;
 - the backward is written by hand (``packed_backward``): it keeps only the
   pre-activations of the packed positions (no concat, no autograd graph of
-  the MLP) and recomputes the rest. The same function is the CPU backward of
-  the custom op (din_fast.ops), where autograd cannot be re-entered.
+  the MLP) and recomputes the rest. The same function serves the triton
+  backend's autograd formula wherever its fused backward does not reach (as
+  the opaque op din_fast::torch_attention_backward, at the end of this file).
 
 A Dice gate hook (``dice_gate``: batch statistics in training, the peers'
 BatchNorm) has side effects and parameters of its own, so that path runs
@@ -19,11 +20,14 @@ through autograd instead, on the same packed MLP.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Optional
+from typing import List, Optional
 
 import torch
+from torch import Tensor
 
 from .activations import activate, activation_backward, dice
+from .op_args import (AttentionArgs, InputGrads, JaggedAttentionArgs, backward_schema,
+                      fake_input_grads)
 from .problem import DINProblem, JaggedDINProblem, split_first_layer
 from .reference import masked_normalize
 
@@ -42,6 +46,7 @@ class PackedPositions:
     def __init__(self, problem: DINProblem, pack: bool = True):
         self.batch, self.length = problem.keys.shape[:2]
         self.valid = problem.valid_mask()
+        self.without_padding = problem.without_padding
         self.kept_valid = None
         if problem.lengths is None and problem.mask is None:
             self.rows = self.cols = None
@@ -52,8 +57,9 @@ class PackedPositions:
             self.rows, self.cols = self.valid.nonzero(as_tuple=True)
 
     def gather(self, dense: torch.Tensor) -> torch.Tensor:
-        """[B, T, ...] -> [N, ...]"""
+        """[B, T, ...] -> [N, ...], kept padding positions zeroed."""
         if self.rows is None:
+            dense = self.without_padding(dense)
             return dense.reshape(self.batch * self.length, *dense.shape[2:])
         return dense[self.rows, self.cols]
 
@@ -143,7 +149,12 @@ def packed_scores(mlp: PackedMLP, query: torch.Tensor, k_packed: torch.Tensor, e
     h = expand_rows(query @ (w_q + w_d).t() + mlp.biases[0])           # [N, C, H1]
     h += (k_packed @ (w_k - w_d).t())[:, None, :]
     qk = expand_rows(query) * k_packed[:, None, :]                      # [N, C, D]
-    h.flatten(0, 1).addmm_(qk.flatten(0, 1), w_p.t())
+    if torch.is_grad_enabled() or torch._C._functorch.is_functorch_wrapped_tensor(h):
+        # Autograd and vmap: out of place (vmap has no batching rule for addmm_).
+        h = torch.addmm(h.flatten(0, 1), qk.flatten(0, 1), w_p.t()).view_as(h)
+    else:
+        # Under the hand-written backward: in place, one [N, C, H1] buffer.
+        h.flatten(0, 1).addmm_(qk.flatten(0, 1), w_p.t())
     del qk
     layers = zip(mlp.weights[1:], mlp.biases[1:], mlp.act_params)
     for i, (w, b, params) in enumerate(layers):
@@ -239,32 +250,49 @@ def _padded_forward(mlp, packed, query, keys, values, normalization, scale, prea
                            preacts)
     dense = packed.scatter(scores).transpose(1, 2)                        # [B, C, T]
     w = masked_normalize(dense, packed.valid, normalization, scale)
-    return w @ values, w
+    # w is 0 at the padding, but 0 * NaN is not: the padding never reaches the sum.
+    return w @ packed.without_padding(values), w
 
 
 class _TorchDINAttention(torch.autograd.Function):
     """The padded forward with ``packed_backward`` as its backward. Tensor
-    inputs are in the compute dtype: query, keys, values, then mlp.flat()."""
+    inputs are in the compute dtype: query, keys, values, then mlp.flat().
+
+    Under create_graph=True the gradients must be differentiable themselves:
+    the backward then recomputes through autograd (autograd_gradients)
+    instead, which double backward can differentiate.
+    """
 
     @staticmethod
-    def forward(ctx, mlp, packed, normalization, scale, query, keys, values, *tensors):
+    def forward(ctx, problem, mlp, packed, query, keys, values, *tensors):
         preacts = []
-        pooled, w = _padded_forward(mlp, packed, query, keys, values, normalization, scale,
-                                    preacts)
-        ctx.mlp, ctx.packed, ctx.options = mlp, packed, (normalization, scale, values is keys)
+        pooled, w = _padded_forward(mlp, packed, query, keys, values, problem.normalization,
+                                    problem.scale, preacts)
+        ctx.problem, ctx.mlp, ctx.packed = problem, mlp, packed
+        # No values argument (not: values that happen to be the keys tensor,
+        # which keep their own slot and gradient).
+        ctx.values_are_keys = problem.values is None
         ctx.save_for_backward(query, keys, values, w, *tensors, *preacts)
         return pooled, w
 
     @staticmethod
     def backward(ctx, grad_pooled, grad_w):
-        normalization, scale, values_are_keys = ctx.options
+        problem = ctx.problem
         query, keys, values, w, *rest = ctx.saved_tensors
-        n_layers = len(ctx.mlp.act_params)
-        mlp = ctx.mlp.with_flat(rest[:-n_layers])
+        n_layers = len(problem.act_params)
+        tensors = rest[:-n_layers]
+        if torch.is_grad_enabled():
+            history = [query, keys] + ([] if ctx.values_are_keys else [values])
+            grads = autograd_gradients(problem.with_float_tensors(history + tensors),
+                                       grad_pooled, grad_w)
+            if ctx.values_are_keys:
+                grads.insert(2, None)
+            return (None, None, None, *grads)
+        mlp = ctx.mlp.with_flat(tensors)
         grad_q, grad_k, grad_v, grad_weights, grad_biases, grad_params = packed_backward(
             mlp, ctx.packed, query, keys, values, w, rest[-n_layers:], grad_pooled, grad_w,
-            normalization, scale, values_are_keys)
-        return (None, None, None, None, grad_q, grad_k, grad_v, *grad_weights, *grad_biases,
+            problem.normalization, problem.scale, ctx.values_are_keys)
+        return (None, None, None, grad_q, grad_k, grad_v, *grad_weights, *grad_biases,
                 *(g for layer in grad_params for g in layer))
 
 
@@ -275,28 +303,84 @@ def _inputs(problem, dtype):
     return problem.query.to(dtype), keys, values
 
 
+def _autograd_forward(problem: DINProblem, packed: PackedPositions, dice_gate=None):
+    """(pooled, w) of a padded problem through autograd alone, on the positions
+    ``packed`` keeps; ``dice_gate`` as in torch_din_attention."""
+    dtype = problem.compute_dtype()
+    query, keys, values = _inputs(problem, dtype)
+    gate = None
+    act_params = None
+    if dice_gate is not None:
+        # The gate's statistics are Dice's mu and var: only a is a parameter here.
+        act_params = [layer[:1] for layer in problem.act_params]
+        gate = lambda i, x: dice_gate(i, x, packed.kept_valid)  # noqa: E731
+    mlp = PackedMLP.of(problem, dtype, act_params)
+    return _padded_forward(mlp, packed, query, keys, values, problem.normalization,
+                           problem.scale, dice_gate=gate)
+
+
 def torch_din_attention(problem: DINProblem, dice_gate=None):
     """Returns (pooled [B, C, Dv], weights w [B, C, T]) in the compute dtype.
 
+    The eager fast path: the MLP on the valid positions only (packed, a
+    data-dependent size) with the hand-written backward.
     ``dice_gate(layer, x, valid)`` replaces Dice's normalization (see
     packed_scores) and runs through autograd. ``valid`` [N] bool marks the
-    positions of x that are valid, or is None when all are: eagerly x holds
-    the valid positions only; under torch.compile it holds every position,
-    padding included (see PackedPositions), so statistics must be masked.
+    positions of x that are valid, or is None when all are: here x holds the
+    valid positions only; under differentiable_din_attention it holds every
+    position, padding included, so statistics must be masked.
     """
-    dtype = problem.compute_dtype()
-    query, keys, values = _inputs(problem, dtype)
-    if dice_gate is not None:
-        packed = PackedPositions(problem, pack=not torch.compiler.is_compiling())
-        # The gate's statistics are Dice's mu and var: only a is a parameter here.
-        mlp = PackedMLP.of(problem, dtype, [layer[:1] for layer in problem.act_params])
-        return _padded_forward(mlp, packed, query, keys, values, problem.normalization,
-                               problem.scale,
-                               dice_gate=lambda i, x: dice_gate(i, x, packed.kept_valid))
     packed = PackedPositions(problem)
-    mlp = PackedMLP.of(problem, dtype)
-    return _TorchDINAttention.apply(mlp, packed, problem.normalization, problem.scale,
-                                    query, keys, values, *mlp.flat())
+    if dice_gate is not None:
+        return _autograd_forward(problem, packed, dice_gate)
+    query, keys, values = _inputs(problem, problem.compute_dtype())
+    mlp = PackedMLP.of(problem, query.dtype)
+    # The options and layout only, empty tensors in the float tensors' places
+    # (which stay in the same places): the tensors travel as inputs, where
+    # autograd tracks them.
+    placeholder = query.new_empty(0)
+    blank = problem.with_float_tensors([placeholder] * len(problem.float_tensors()))
+    return _TorchDINAttention.apply(blank, mlp, packed, query, keys, values, *mlp.flat())
+
+
+def differentiable_din_attention(problem, dice_gate=None):
+    """(pooled [B, C, Dv], w) in the compute dtype, for a DINProblem or a
+    JaggedDINProblem, through autograd alone and with no data-dependent size:
+    every position is scored, the padding zeroed first. What torch.compile,
+    torch.func transforms (vmap, jvp, grad), forward-mode AD and double
+    backward run on; ``dice_gate`` as in torch_din_attention.
+    """
+    if isinstance(problem, JaggedDINProblem):
+        return torch_din_attention_jagged(problem)
+    return _autograd_forward(problem, PackedPositions(problem, pack=False), dice_gate)
+
+
+def autograd_gradients(problem, grad_pooled: torch.Tensor,
+                       grad_scores: Optional[torch.Tensor] = None) -> list:
+    """The gradients of problem.float_tensors() (None for those that need
+    none) from d loss / d pooled and d loss / d w, recomputed through
+    differentiable_din_attention with create_graph: a graph double backward
+    can differentiate.
+
+    Each argument gets a node of its own (a view), so that a tensor passed in
+    two places (values=keys) gets its two gradients apart, as a backward
+    must return them.
+    """
+    tensors = problem.float_tensors()
+    slots = [t.view_as(t) if t.requires_grad else t for t in tensors]
+    with torch.enable_grad():
+        pooled, w = differentiable_din_attention(problem.with_float_tensors(slots))
+    outputs, seeds = [pooled], [grad_pooled.to(pooled.dtype)]
+    if grad_scores is not None:
+        outputs.append(w)
+        seeds.append(grad_scores.to(w.dtype))
+    wanted = [i for i, t in enumerate(slots) if t.requires_grad]
+    found = torch.autograd.grad(outputs, [slots[i] for i in wanted], seeds, create_graph=True,
+                                allow_unused=True)
+    grads = [None] * len(slots)
+    for i, grad in zip(wanted, found):
+        grads[i] = torch.zeros_like(slots[i]) if grad is None else grad
+    return grads
 
 
 def _jagged_forward(mlp, positions, query, keys_values, values, normalization, scale,
@@ -370,3 +454,48 @@ def torch_din_attention_backward(problem, grad_pooled: torch.Tensor,
         [tuple(d.to(p.dtype) for d, p in zip(grads, params))
          for grads, params in zip(dact, problem.act_params)],
     )
+
+
+def run(problem, dice_gate=None):
+    """(pooled [B, C, Dv], w) in the compute dtype of a DINProblem (w [B, C, T]):
+    the packed eager path, or differentiable_din_attention where a trace or a
+    transform needs a graph of aten ops alone (torch.compile, torch.export,
+    torch.func, forward-mode AD); of a JaggedDINProblem (w [L, C]) the jagged
+    path, which is such a graph already."""
+    if isinstance(problem, JaggedDINProblem):
+        return torch_din_attention_jagged(problem)
+    if torch.compiler.is_compiling() or problem.differentiated_forward():
+        return differentiable_din_attention(problem, dice_gate)
+    return torch_din_attention(problem, dice_gate)
+
+
+# The hand-written backward as opaque custom ops: what the triton backend's
+# autograd formula runs where its fused backward does not reach, which
+# torch.compile must not trace (the packing has a data-dependent size).
+
+def _backward_op_for(fields: type):
+    """The op function of ``fields``' backward: (grad_pooled, grad_scores, the
+    forward's arguments) -> InputGrads.flat()."""
+    def backward(grad_pooled, grad_scores, *inputs):
+        args = fields(*inputs)
+        grads = torch_din_attention_backward(args.problem(), grad_pooled, grad_scores)
+        return InputGrads.of(grads, inputs[1]).flat()
+    return backward
+
+
+backward_op = torch.library.custom_op(
+    "din_fast::torch_attention_backward", _backward_op_for(AttentionArgs), mutates_args=(),
+    schema=backward_schema(AttentionArgs))
+backward_op.register_fake(fake_input_grads)
+jagged_backward_op = torch.library.custom_op(
+    "din_fast::torch_attention_jagged_backward", _backward_op_for(JaggedAttentionArgs),
+    mutates_args=(), schema=backward_schema(JaggedAttentionArgs))
+jagged_backward_op.register_fake(fake_input_grads)
+
+
+def torch_attention_backward(problem, grad_pooled: Tensor,
+                             grad_scores: Optional[Tensor]) -> List[Tensor]:
+    """InputGrads.flat() of a DINProblem or a JaggedDINProblem through the ops above."""
+    if isinstance(problem, JaggedDINProblem):
+        return jagged_backward_op(grad_pooled, grad_scores, *JaggedAttentionArgs.of(problem))
+    return backward_op(grad_pooled, grad_scores, *AttentionArgs.of(problem))

@@ -67,6 +67,12 @@ def evaluate(model, data: EncodedData, samples: Samples, max_len, device, prefix
     for indices, batch in iterate_batches(data, samples, EVAL_BATCH_SIZE, max_len=max_len):
         batch = batch.to(device)
         logits[indices] = model(*batch[:5]).double().cpu().numpy()
+    return metrics_of(samples, logits, prefix)
+
+
+def metrics_of(samples: Samples, logits: np.ndarray, prefix: str) -> dict:
+    """``{prefix}_auc``, ``_gauc`` and ``_logloss`` of the logits of
+    ``samples``; InputError when any is NaN or Inf."""
     if not np.isfinite(logits).all():
         raise InputError(f"the model's scores of {int((~np.isfinite(logits)).sum())} sample(s) "
                          "are NaN or Inf: its weights diverged (try a lower learning rate) or "
@@ -102,23 +108,53 @@ def minibatch_l2(model, batch, inverse_frequency: dict) -> torch.Tensor:
     return total
 
 
-def train_epoch(model, optimizer, data, samples, config, rng, inverse_frequency, bar) -> float:
-    """One pass over ``samples``; the training loss (without the penalty) at its
-    end, an exponential average over about the last 50 batches."""
-    model.train()
-    running = None
-    for _, batch in bar(iterate_batches(data, samples, config.batch_size,
-                                        max_len=config.max_len, shuffle=True, rng=rng)):
-        batch = batch.to(config.device)
-        loss = F.binary_cross_entropy_with_logits(model(*batch[:5]), batch.labels)
-        value = loss.item()
-        if config.l2:
-            loss = loss + config.l2 * minibatch_l2(model, batch, inverse_frequency)
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        optimizer.step()
-        running = value if running is None else running + LOSS_SMOOTHING * (value - running)
-    return running
+class LocalLearner:
+    """What :func:`fit_learner` trains in one process: a model that scores
+    data.Batch fields (and lists its ``embedding_tables()`` for the L2
+    penalty), with Adam at ``config.lr`` times ``config.lr_decay`` per epoch.
+    din_fast.sharded.training has the TorchRec counterpart."""
+
+    def __init__(self, model, data: EncodedData, config: TrainConfig):
+        self.model, self.data, self.config = model, data, config
+        self.optimizer = torch.optim.Adam(model.parameters(), lr=config.lr)
+        self.schedule = torch.optim.lr_scheduler.ExponentialLR(self.optimizer,
+                                                               gamma=config.lr_decay)
+        self.inverse_frequency = inverse_frequencies(data, config.device) if config.l2 else None
+        self.batch_rng = np.random.default_rng([config.seed, BATCH_STREAM])
+
+    def lr(self) -> float:
+        return self.optimizer.param_groups[0]["lr"]
+
+    def train_epoch(self, samples: Samples, bar) -> float:
+        """One pass over ``samples``; the training loss (without the penalty)
+        at its end, an exponential average over about the last 50 batches."""
+        config, model = self.config, self.model
+        model.train()
+        running = None
+        for _, batch in bar(iterate_batches(self.data, samples, config.batch_size,
+                                            max_len=config.max_len, shuffle=True,
+                                            rng=self.batch_rng)):
+            batch = batch.to(config.device)
+            loss = F.binary_cross_entropy_with_logits(model(*batch[:5]), batch.labels)
+            value = loss.item()
+            if config.l2:
+                loss = loss + config.l2 * minibatch_l2(model, batch, self.inverse_frequency)
+            self.optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            self.optimizer.step()
+            running = value if running is None else running + LOSS_SMOOTHING * (value - running)
+        self.schedule.step()
+        return running
+
+    def evaluate(self, samples: Samples, prefix: str) -> dict:
+        return evaluate(self.model, self.data, samples, self.config.max_len, self.config.device,
+                        prefix)
+
+    def snapshot(self) -> dict:
+        return {k: v.detach().clone() for k, v in self.model.state_dict().items()}
+
+    def restore(self, snapshot: dict) -> None:
+        self.model.load_state_dict(snapshot)
 
 
 def train(config: TrainConfig, *, checkpoint: Optional[str] = None,
@@ -131,9 +167,7 @@ def train(config: TrainConfig, *, checkpoint: Optional[str] = None,
     check_device_and_backend(config)
     torch.manual_seed(config.seed)
     data, splits = load_training_data(config)
-    log(f"data: {data.source}: {len(data.user_ids)} users, {data.num_items} items, "
-        f"{data.num_categories} categories; {2 * len(splits.train_positives)} train, "
-        f"{len(splits.validation)} validation and {len(splits.test)} test samples")
+    log(describe_data(data, splits))
     model = build_model(config, data.num_items, data.num_categories).to(config.device)
     backend = model.attention_backend()  # what training runs: config.backend resolved
     result = fit(model, data, splits, config, progress=progress, log=log)
@@ -143,6 +177,12 @@ def train(config: TrainConfig, *, checkpoint: Optional[str] = None,
     if metrics_out:
         write_json(metrics_out, result)
     return result
+
+
+def describe_data(data: EncodedData, splits: SampleSplits) -> str:
+    return (f"data: {data.source}: {len(data.user_ids)} users, {data.num_items} items, "
+            f"{data.num_categories} categories; {2 * len(splits.train_positives)} train, "
+            f"{len(splits.validation)} validation and {len(splits.test)} test samples")
 
 
 def load_training_data(config: TrainConfig):
@@ -158,37 +198,35 @@ def load_training_data(config: TrainConfig):
 
 def fit(model, data: EncodedData, splits: SampleSplits, config: TrainConfig, *,
         progress: bool = True, log=print) -> dict:
-    """The training protocol, for any model that scores data.Batch fields
-    (and lists its ``embedding_tables()`` for the L2 penalty).
+    """:func:`fit_learner` for a model in this process (see LocalLearner)."""
+    return fit_learner(LocalLearner(model, data, config), data, splits, config,
+                       progress=progress, log=log)
 
-    Adam with ``config.lr``, multiplied by ``config.lr_decay`` after every
-    epoch; fresh training negatives every epoch; validation metrics after
-    every epoch; early stopping when validation GAUC has not improved for
+
+def fit_learner(learner, data: EncodedData, splits: SampleSplits, config: TrainConfig, *,
+                progress: bool = True, log=print) -> dict:
+    """The training protocol, for a LocalLearner or its sharded counterpart.
+
+    Fresh training negatives every epoch; validation metrics after every
+    epoch; early stopping when validation GAUC has not improved for
     ``config.patience`` epochs (at most ``config.epochs``); the best epoch's
     weights restored and the test samples evaluated once. Returns test and
     validation metrics (of the best epoch), ``best_epoch``, ``epochs_run``,
     ``stopped`` (why training ended), timings and the per-epoch records
     under ``epochs``.
     """
-    optimizer = torch.optim.Adam(model.parameters(), lr=config.lr)
-    schedule = torch.optim.lr_scheduler.ExponentialLR(optimizer, gamma=config.lr_decay)
-    inverse_frequency = inverse_frequencies(data, config.device) if config.l2 else None
-    batch_rng = np.random.default_rng([config.seed, BATCH_STREAM])
     train_size = 2 * len(splits.train_positives)
     epochs, best, best_state = [], None, None
     stopped = f"reached the maximum of {config.epochs} epochs"
     for epoch in range(1, config.epochs + 1):
         started = time.perf_counter()
-        lr = optimizer.param_groups[0]["lr"]
+        lr = learner.lr()
         samples = training_samples(data, splits.train_positives, config.seed, epoch)
         bar = partial(tqdm, total=-(-train_size // config.batch_size), leave=False,
                       desc=f"epoch {epoch}/{config.epochs}", disable=not progress)
-        train_loss = train_epoch(model, optimizer, data, samples, config, batch_rng,
-                                 inverse_frequency, bar)
-        schedule.step()
+        train_loss = learner.train_epoch(samples, bar)
         seconds = time.perf_counter() - started
-        metrics = evaluate(model, data, splits.validation, config.max_len, config.device,
-                           "validation")
+        metrics = learner.evaluate(splits.validation, "validation")
         metrics.update(epoch=epoch, train_loss=train_loss, lr=lr, epoch_seconds=seconds,
                        samples_per_second=train_size / seconds)
         epochs.append(metrics)
@@ -199,14 +237,14 @@ def fit(model, data: EncodedData, splits: SampleSplits, config: TrainConfig, *,
             f"({seconds:.1f} s){'  best so far' if improved else ''}")
         if improved:
             best = metrics
-            best_state = {k: v.detach().clone() for k, v in model.state_dict().items()}
+            best_state = learner.snapshot()
         elif epoch - best["epoch"] >= config.patience:
             stopped = (f"early stop: no validation GAUC gain in {config.patience} epoch(s) "
                        f"after epoch {best['epoch']}")
             break
     log(f"{stopped}; restored epoch {best['epoch']}")
-    model.load_state_dict(best_state)
-    result = evaluate(model, data, splits.test, config.max_len, config.device, "test")
+    learner.restore(best_state)
+    result = learner.evaluate(splits.test, "test")
     result.update({f"validation_{k}": best[f"validation_{k}"] for k in METRIC_NAMES})
     train_seconds = sum(e["epoch_seconds"] for e in epochs)
     result.update(best_epoch=best["epoch"], epochs_run=len(epochs), stopped=stopped,

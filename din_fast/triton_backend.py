@@ -1,57 +1,230 @@
-"""backend="triton": the fused kernels, run as the custom op din_fast::attention_forward.
+"""backend="triton": the fused Triton kernels (din_fast.kernels), as torch custom ops.
 
-The op (din_fast.ops) runs din_fast.kernels.din_forward; its registered
-autograd formula is the fused backward (din_fast.kernels.din_backward), which
-needs only the inputs, the pooled output and the per-(b, c) softmax
-statistics. Inference (no input requiring grad, or grad disabled) saves nothing.
+Where it runs: CUDA tensors, and CPU tensors under TRITON_INTERPRET=1 (set
+before triton is imported; how the tests run it without a GPU).
+:func:`unsupported_reason` says what it cannot run: "auto" then takes the
+torch backend, an explicit backend="triton" raises with that reason.
 
-Jagged input runs the same forward kernel reading the histories in place
-(din_fast.kernels.din_forward.din_forward_jagged), as the custom op
-din_fast::attention_jagged_forward.
+The ops, registered with ``torch.library.triton_op`` and ``wrap_triton`` so
+that torch.compile, torch.export and AOTInductor trace into the launchers and
+see the kernels themselves (under the interpreter, whose kernels torch cannot
+trace, as opaque custom ops with the fake implementations below):
+
+- ``din_fast::triton_attention_forward`` (AttentionArgs, need_scores) ->
+  (pooled [B, C, Dv], scores [B, C, T] or an empty tensor);
+- ``din_fast::triton_attention_jagged_forward`` (JaggedAttentionArgs,
+  need_scores) -> (pooled [B, C, Dv], scores [L, C] or an empty tensor);
+- ``din_fast::triton_attention_backward`` (grad_pooled, grad_scores,
+  AttentionArgs) -> InputGrads.flat().
+
+Autograd: a forward saves its inputs, nothing per position. The backward is
+the fused kernel, which recomputes the activation unit tile by tile, where
+:func:`fused_backward_unsupported` allows; elsewhere (and for jagged input,
+which has no fused backward yet) the torch backend's hand-written backward
+op, which holds per-position pre-activations while it runs. Under
+create_graph=True both recompute through autograd instead
+(torch_backend.autograd_gradients), so double backward works; forward-mode
+AD and torch.func transforms are among the unsupported reasons.
 """
 
 from __future__ import annotations
 
-import importlib.util
-import os
-from typing import Optional
+from typing import List, Optional, Tuple
 
 import torch
+from torch import Tensor
 
-from .ops import run_attention_op, run_jagged_op
+from .kernels import MAX_HIDDEN_LAYERS, interpreting, triton_available
+from .op_args import (AttentionArgs, InputGrads, JaggedAttentionArgs, check_signature,
+                      fake_input_grads)
 from .problem import DINProblem, JaggedDINProblem
+from .torch_backend import autograd_gradients, torch_attention_backward
 
-MAX_HIDDEN_LAYERS = 3  # the kernels' unrolled layer count (kernels.din_forward)
 
-
-def triton_unsupported_reason(problem) -> Optional[str]:
+def unsupported_reason(problem) -> Optional[str]:
     """Why the triton backend cannot run this problem (a DINProblem or a
     JaggedDINProblem), or None when it can."""
-    if importlib.util.find_spec("triton") is None:
+    if not triton_available():
         return "the triton package is not installed"
     device = problem.query.device
-    interpret = os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
-    if device.type != "cuda" and not (device.type == "cpu" and interpret):
+    if device.type != "cuda" and not (device.type == "cpu" and interpreting()):
         return (f"the tensors are on {device}; it needs CUDA tensors (or CPU tensors with "
                 "TRITON_INTERPRET=1 set before triton is imported)")
+    if problem.differentiated_forward():
+        return ("the inputs are under a torch.func transform or forward-mode AD; the fused "
+                "kernels have a reverse-mode backward only (backend='torch' runs these)")
+    if problem.query.shape[-1] == 0:
+        return "the embedding size D is 0 (backend='torch' runs it)"
     if problem.query.dtype == torch.float64:
-        return "the inputs are float64; it takes float32, float16 or bfloat16 (float64 runs " \
-               "on backend='torch' or 'reference')"
+        return ("the inputs are float64; it takes float32, float16 or bfloat16 (float64 runs "
+                "on backend='torch' or 'reference')")
     layers = len(problem.hidden_units)
     if layers > MAX_HIDDEN_LAYERS:
         return f"the MLP has {layers} hidden layers; it supports 1 to {MAX_HIDDEN_LAYERS}"
     return None
 
 
-def triton_din_attention(problem: DINProblem, need_scores: bool = True):
-    """(pooled [B, C, Dv] in the keys' dtype, w [B, C, T] or None), through the custom op."""
-    return run_attention_op(problem, "triton", need_scores)
+def fused_backward_unsupported(problem: DINProblem) -> Optional[str]:
+    """Why the fused backward kernel cannot take these widths and dtype (its
+    accumulators must fit on chip: kernels.din_backward), or None."""
+    from .kernels.din_backward import backward_unsupported_shape
+
+    return backward_unsupported_shape(problem.keys.shape[2], problem.hidden_units,
+                                      problem.keys.dtype)
 
 
-def triton_din_attention_jagged(problem: JaggedDINProblem, need_scores: bool = True):
-    """(pooled [B, C, Dv] in the keys' dtype, w [L, C] or None), through the
-    jagged custom op: the fused forward reads the jagged values in place; the
-    backward recomputes through the torch backend (no fused jagged backward
-    yet), holding its per-position pre-activations, [L, C, H] per layer, while
-    it runs (the forward saves only the inputs)."""
-    return run_jagged_op(problem, "triton", need_scores)
+def run(problem, need_scores: bool = True):
+    """(pooled [B, C, Dv] in the keys' dtype, w or None) of a DINProblem (w [B,
+    C, T]) or a JaggedDINProblem (w [L, C]), through the ops below."""
+    if isinstance(problem, JaggedDINProblem):
+        pooled, scores = triton_attention_jagged_forward(*JaggedAttentionArgs.of(problem),
+                                                         need_scores)
+    else:
+        pooled, scores = triton_attention_forward(*AttentionArgs.of(problem), need_scores)
+    return pooled, (scores if need_scores else None)
+
+
+# ------------------------------------------------------------------ registration
+
+def _register(name: str, function, fake):
+    """The op ``din_fast::<name>`` running ``function``: a triton_op where the
+    kernels compile, an opaque custom op with ``fake`` under the interpreter
+    (and without triton, where unsupported_reason keeps every call away)."""
+    if interpreting() or not triton_available():
+        op = torch.library.custom_op(f"din_fast::{name}", function, mutates_args=())
+        op.register_fake(fake)
+        return op
+    return torch.library.triton_op(f"din_fast::{name}", function, mutates_args=())
+
+
+def _as_outputs(pooled: Tensor, scores: Optional[Tensor], history: Tensor, need_scores: bool
+                ) -> Tuple[Tensor, Tensor]:
+    """(pooled, scores or an empty tensor) in the history's dtype, contiguous, as
+    the fake implementations promise."""
+    pooled = pooled.to(history.dtype).contiguous()
+    scores = scores.to(history.dtype).contiguous() if need_scores else history.new_empty(0)
+    return pooled, scores
+
+
+def _fake_outputs(query: Tensor, history: Tensor, values: Optional[Tensor],
+                  scores_shape: tuple, need_scores: bool) -> Tuple[Tensor, Tensor]:
+    batch, candidates = query.shape[:2]
+    value_dim = (history if values is None else values).shape[-1]
+    scores = history.new_empty(scores_shape if need_scores else (0,))
+    return history.new_empty(batch, candidates, value_dim), scores
+
+
+def _attention_forward(
+    query: Tensor, keys: Tensor, values: Optional[Tensor], lengths: Optional[Tensor],
+    mask: Optional[Tensor], weights: List[Tensor], biases: List[Tensor],
+    act_params: List[Tensor], activation: str, normalization: str, scale: float,
+    dice_eps: float, need_scores: bool,
+) -> Tuple[Tensor, Tensor]:
+    from .kernels.din_forward import din_forward
+
+    args = AttentionArgs(query, keys, values, lengths, mask, weights, biases, act_params,
+                         activation, normalization, scale, dice_eps)
+    pooled, scores = din_forward(args.problem(), need_scores)[:2]
+    return _as_outputs(pooled, scores, keys, need_scores)
+
+
+def _attention_forward_fake(query, keys, values, lengths, mask, weights, biases, act_params,
+                            activation, normalization, scale, dice_eps, need_scores):
+    scores_shape = (*query.shape[:2], keys.shape[1])
+    return _fake_outputs(query, keys, values, scores_shape, need_scores)
+
+
+check_signature(_attention_forward, AttentionArgs, trailing=("need_scores",))
+triton_attention_forward = _register("triton_attention_forward", _attention_forward,
+                                     _attention_forward_fake)
+
+
+def _attention_jagged_forward(
+    query: Tensor, keys_values: Tensor, values: Optional[Tensor], offsets: Tensor,
+    max_len: int, weights: List[Tensor], biases: List[Tensor], act_params: List[Tensor],
+    activation: str, normalization: str, scale: float, dice_eps: float, need_scores: bool,
+) -> Tuple[Tensor, Tensor]:
+    from .kernels.din_forward import din_forward_jagged
+
+    args = JaggedAttentionArgs(query, keys_values, values, offsets, max_len, weights, biases,
+                               act_params, activation, normalization, scale, dice_eps)
+    pooled, scores = din_forward_jagged(args.problem(), need_scores)[:2]
+    return _as_outputs(pooled, scores, keys_values, need_scores)
+
+
+def _attention_jagged_forward_fake(query, keys_values, values, offsets, max_len, weights,
+                                   biases, act_params, activation, normalization, scale,
+                                   dice_eps, need_scores):
+    scores_shape = (keys_values.shape[0], query.shape[1])
+    return _fake_outputs(query, keys_values, values, scores_shape, need_scores)
+
+
+check_signature(_attention_jagged_forward, JaggedAttentionArgs, trailing=("need_scores",))
+triton_attention_jagged_forward = _register(
+    "triton_attention_jagged_forward", _attention_jagged_forward, _attention_jagged_forward_fake)
+
+
+def _attention_backward(
+    grad_pooled: Tensor, grad_scores: Optional[Tensor], query: Tensor, keys: Tensor,
+    values: Optional[Tensor], lengths: Optional[Tensor], mask: Optional[Tensor],
+    weights: List[Tensor], biases: List[Tensor], act_params: List[Tensor], activation: str,
+    normalization: str, scale: float, dice_eps: float,
+) -> List[Tensor]:
+    from .kernels.din_backward import din_backward
+
+    args = AttentionArgs(query, keys, values, lengths, mask, weights, biases, act_params,
+                         activation, normalization, scale, dice_eps)
+    return InputGrads.of(din_backward(args.problem(), grad_pooled, grad_scores), keys).flat()
+
+
+check_signature(_attention_backward, AttentionArgs, leading=("grad_pooled", "grad_scores"))
+triton_attention_backward = _register("triton_attention_backward", _attention_backward,
+                                      fake_input_grads)
+
+
+# ------------------------------------------------------------------ autograd
+
+def _setup_context_for(fields: type):
+    """setup_context of a forward op whose arguments are ``fields`` then need_scores."""
+    def setup_context(ctx, inputs, output):
+        # Only the inputs: the backward recomputes the rest.
+        args = fields(*inputs[:-1])._asdict()
+        ctx.fields, ctx.need_scores = fields, inputs[-1]
+        ctx.singles = [name for name, v in args.items() if v is None or isinstance(v, Tensor)]
+        ctx.lists = [(name, len(v)) for name, v in args.items() if isinstance(v, list)]
+        ctx.options = {name: v for name, v in args.items()
+                       if name not in ctx.singles and not isinstance(v, list)}
+        ctx.save_for_backward(*(args[name] for name in ctx.singles),
+                              *(t for name, _ in ctx.lists for t in args[name]))
+    return setup_context
+
+
+def _saved_args(ctx):
+    """The forward's argument tuple back from the saved tensors and options."""
+    saved = iter(ctx.saved_tensors)
+    named = {name: next(saved) for name in ctx.singles}
+    named.update({name: [next(saved) for _ in range(n)] for name, n in ctx.lists})
+    return ctx.fields(**named, **ctx.options)
+
+
+def _backward(ctx, grad_pooled, grad_scores):
+    args = _saved_args(ctx)
+    grad_scores = grad_scores if ctx.need_scores else None
+    problem = args.problem()
+    if torch.is_grad_enabled():
+        # create_graph=True: gradients that are themselves differentiable.
+        flat = autograd_gradients(problem, grad_pooled, grad_scores)
+        if problem.values is None:
+            flat.insert(2, None)
+    elif isinstance(problem, DINProblem) and fused_backward_unsupported(problem) is None:
+        flat = triton_attention_backward(grad_pooled, grad_scores, *args)
+    else:
+        flat = torch_attention_backward(problem, grad_pooled, grad_scores)
+    grads = InputGrads.unflat(flat, len(args.weights))
+    return grads.as_inputs(ctx.fields, problem.values is not None, need_scores=None)
+
+
+triton_attention_forward.register_autograd(_backward,
+                                           setup_context=_setup_context_for(AttentionArgs))
+triton_attention_jagged_forward.register_autograd(
+    _backward, setup_context=_setup_context_for(JaggedAttentionArgs))

@@ -7,9 +7,11 @@ Each specialization is compiled with ``triton.compile`` for a ``GPUTarget``
 thread, spill bytes (LOCAL and STACK, from the bundled ``cuobjdump
 --dump-resource-usage``) and shared memory per block, and the command exits
 non-zero on any spill or on shared memory over the architecture's limit. A
-specialization with several warp choices (the forward) is reported with the
-one its launcher takes on that architecture, the first that compiles
-spill-free, and its status notes what the preferred choice spilled.
+specialization with two warp choices (the forward) is reported with the one
+its launcher takes on that architecture (the warp table,
+din_fast.kernels.forward_warps), and its status notes what the preferred
+choice spilled. ``--write-warps`` rewrites that table from the run: the
+specializations whose preferred count spills and whose other one is clean.
 
 Kernels join the report through :func:`register`: a provider is a function
 ``provider(quick: bool) -> iterable of Specialization``.
@@ -27,9 +29,10 @@ from itertools import product
 
 import torch
 
-from .compiled import first_spill_free, resource_usage
+from .compiled import resource_usage, spills
 from .din_backward import BackwardSpec, backward_unsupported_shape, din_backward_kernel
 from .din_forward import NUM_STAGES, ForwardSpec, din_forward_kernel
+from .forward_warps import FALLBACK, table_family
 
 # Largest dynamic shared memory per block (opt-in), bytes.
 SHARED_LIMIT = {80: 166912, 86: 101376, 89: 101376, 90: 232448}
@@ -56,6 +59,7 @@ class Specialization:
     warp_choices: tuple     # in order of preference
     num_stages: int
     aligned: tuple = ()     # arguments known to be multiples of 16 (tt.divisibility)
+    key: str = ""           # the warp table's key (ForwardSpec.key), for two warp choices
 
 
 _PROVIDERS = []
@@ -84,12 +88,12 @@ def forward_specialization(spec: ForwardSpec) -> Specialization:
     label = _label("forward", spec, dict(split=spec.split, scores=spec.need_scores,
                                          jagged=spec.jagged))
     return Specialization(label, din_forward_kernel, spec.signature(), spec.constexprs(),
-                          spec.warp_choices(), NUM_STAGES, spec.aligned())
+                          spec.warp_choices(), NUM_STAGES, spec.aligned(), spec.key())
 
 
 @register
 def forward_specializations(quick: bool):
-    """The forward over the grid of issue 3, with lengths (the common layout).
+    """The forward over its grid, with lengths (the common layout).
 
     The full grid is dtypes x activations x normalizations x D x hidden at
     C = 1, plus C = 100 (several candidates per program) for sigmoid, plus
@@ -179,13 +183,23 @@ def backward_specializations(quick: bool):
 
 
 def compile_one(spec: Specialization, arch: int) -> dict:
-    """Compile for sm_<arch> and read its resource usage (with the warp count
-    the launcher takes) and the preferred warp count's spills."""
+    """Compile for sm_<arch> with the warp count the launcher takes there and
+    read its resource usage; with two warp choices, also whether the
+    preferred one spills and whether the other is clean (the warp table's
+    evidence)."""
     args = (spec.kernel, spec.signature, spec.constexprs, spec.aligned)
-    usage = first_spill_free(*args, spec.warp_choices, spec.num_stages, arch)
-    preferred = resource_usage(*args, spec.warp_choices[0], spec.num_stages, arch)
-    return dict(usage, label=spec.label, arch=arch,
-                preferred_spills=(preferred["local"], preferred["stack"]))
+    listed = spec.key in FALLBACK.get(table_family(arch), ())
+    usages = {warps: resource_usage(*args, warps, spec.num_stages, arch)
+              for warps in spec.warp_choices[:1 + listed]}
+    preferred = usages[spec.warp_choices[0]]
+    if spills(preferred) and len(spec.warp_choices) > 1 and not listed:
+        other = spec.warp_choices[1]
+        usages[other] = resource_usage(*args, other, spec.num_stages, arch)
+    launched = usages[spec.warp_choices[int(listed)]]
+    other_clean = len(usages) > 1 and not spills(usages[spec.warp_choices[1]])
+    return dict(launched, label=spec.label, key=spec.key, arch=arch, listed=listed,
+                preferred_spills=(preferred["local"], preferred["stack"]),
+                other_clean=other_clean)
 
 
 def _compile_job(job):
@@ -199,16 +213,21 @@ def problems(row: dict) -> list:
     found = []
     if row["local"] or row["stack"]:
         found.append(f"spills (LOCAL {row['local']}, STACK {row['stack']})")
+        if row["other_clean"] and not row["listed"]:
+            found.append("the other warp count is clean: the warp table is out of date "
+                         "(--write-warps)")
     limit = SHARED_LIMIT.get(row["arch"])
     if limit is not None and row["shared"] > limit:
         found.append(f"shared memory {row['shared']} > {limit}")
     return found
 
 
-def report(archs, quick: bool, jobs: int, match: str = "", out=sys.stdout) -> int:
+def report(archs, quick: bool, jobs: int, match: str = "", out=sys.stdout,
+           fallbacks_found=None) -> int:
     """Compile every specialization whose label matches `match` (a regular
     expression) and print one line per kernel as it finishes; returns the
-    number of kernels with problems."""
+    number of kernels with problems. ``fallbacks_found``, a dict, receives
+    {arch: {key: label}} of the kernels whose other warp count is the clean one."""
     labels = [spec.label for spec in specializations(quick)]
     work = [(quick, index, arch) for arch in archs
             for index, label in enumerate(labels) if re.search(match, label)]
@@ -220,6 +239,8 @@ def report(archs, quick: bool, jobs: int, match: str = "", out=sys.stdout) -> in
     bad = 0
     fallbacks = 0
     for row in rows:
+        if fallbacks_found is not None and any(row["preferred_spills"]) and row["other_clean"]:
+            fallbacks_found.setdefault(table_family(row["arch"]), {})[row["key"]] = row["label"]
         found = problems(row)
         bad += bool(found)
         status = "; ".join(found) or "ok"
@@ -246,8 +267,37 @@ def main(argv=None) -> int:
                         help="parallel compiles")
     parser.add_argument("--match", default="",
                         help="only kernels whose label matches this regular expression")
+    parser.add_argument("--write-warps", action="store_true",
+                        help="rewrite the forward's warp table (kernels/forward_warps.py) from "
+                        "this run; meant for the whole grid on --arch 80 90")
     args = parser.parse_args(argv)
-    return 1 if report(args.arch, args.quick, args.jobs, args.match) else 0
+    found = {}
+    bad = report(args.arch, args.quick, args.jobs, args.match, fallbacks_found=found)
+    if args.write_warps:
+        write_warp_table(found, {table_family(arch) for arch in args.arch})
+    return 1 if bad else 0
+
+
+def write_warp_table(found: dict, families: set) -> None:
+    """Rewrite FALLBACK in forward_warps.py: the families compiled take
+    ``found``'s entries, the others keep theirs."""
+    path = os.path.join(os.path.dirname(__file__), "forward_warps.py")
+    with open(path) as handle:
+        source = handle.read()
+    table = {family: dict(entries) for family, entries in FALLBACK.items()}
+    for family in families:
+        table[family] = found.get(family, {})
+    lines = ["FALLBACK = {"]
+    for family in sorted(table):
+        lines.append(f"    {family}: {{")
+        lines += [f"        {key!r}: {label!r},"
+                  for key, label in sorted(table[family].items(), key=lambda kv: kv[1])]
+        lines.append("    },")
+    lines.append("}")
+    start = source.index("FALLBACK = {")
+    end = source.index("\n}\n", start) + 3
+    with open(path, "w") as handle:
+        handle.write(source[:start] + "\n".join(lines) + "\n" + source[end:])
 
 
 if __name__ == "__main__":

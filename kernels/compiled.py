@@ -2,8 +2,8 @@
 
 No GPU is needed: ``triton.compile`` takes a ``GPUTarget`` and the bundled
 ``cuobjdump`` reads the resource usage out of the cubin. The compile report
-(din_fast.kernels.aot) prints these numbers; the forward launcher uses
-:func:`first_spill_free` to pick its warp count, so both take the same choice.
+(din_fast.kernels.aot) prints these numbers and writes the forward's warp
+table from them; nothing here runs when a kernel launches.
 """
 
 from __future__ import annotations
@@ -17,11 +17,6 @@ import tempfile
 import triton
 from triton.backends.compiler import GPUTarget
 from triton.compiler import ASTSource
-
-
-# What resource_usage raises when the triton install cannot read a cubin's
-# resource usage (no bundled cuobjdump, or one that fails).
-UNREADABLE_USAGE = (OSError, subprocess.CalledProcessError)
 
 
 def _cuobjdump() -> str:
@@ -59,16 +54,3 @@ def resource_usage(kernel, signature: dict, constexprs: dict, aligned: tuple, nu
 
 def spills(usage: dict) -> bool:
     return bool(usage["stack"] or usage["local"])
-
-
-def first_spill_free(kernel, signature: dict, constexprs: dict, aligned: tuple, warp_choices,
-                     num_stages: int, arch: int) -> dict:
-    """resource_usage of the first of `warp_choices` that compiles without
-    spills on sm_<arch>; of the first choice when none does."""
-    usages = []
-    for num_warps in warp_choices:
-        usages.append(resource_usage(kernel, signature, constexprs, aligned, num_warps,
-                                     num_stages, arch))
-        if not spills(usages[-1]):
-            return usages[-1]
-    return usages[0]

@@ -1,9 +1,9 @@
 """The fused backward of the DIN activation unit + attention pooling.
 
-FlashAttention's method: nothing of the forward is stored but, for softmax,
-the per-(b, c) max of the scaled scores (the exponent's offset; the kernel
-recomputes the normalizer and the row term delta itself). The kernel
-recomputes the MLP tile by tile from the keys, with the forward's folded
+FlashAttention's method, taken one step further: nothing of the forward is
+stored, not even the softmax statistics (the kernel recomputes the max, the
+normalizer and the row term delta itself, in a first pass over the row). The
+kernel recomputes the MLP tile by tile from the keys, with the forward's folded
 parameters, and runs the chain rule on the spot, so no [B, C, T, H] or
 [B, C, T, 4D] tensor ever reaches memory. Positions past a row's length are
 skipped (their gradients are zero), as in the forward.
@@ -41,11 +41,13 @@ from dataclasses import dataclass, replace
 import torch
 import triton
 import triton.language as tl
+from torch.library import wrap_triton
 
 from din_fast.problem import DINProblem, split_first_layer
 
-from .din_forward import (MAX_HIDDEN_LAYERS, NUM_STAGES, TILE_BUDGET, TRITON_DTYPES,
-                          _activate, _mma, _unit_params, fold_parameters, interpreting, padded)
+from .common import (MAX_HIDDEN_LAYERS, NUM_STAGES, TILE_BUDGET, TRITON_DTYPES, activate,
+                     fold_parameters, interpreting, launch_device, load_tile, mma, padded,
+                     store_tile, unit_params)
 
 
 @triton.jit
@@ -103,7 +105,7 @@ def _deeper_layer_backward(z, dh, h_in, w_ptr, unit_ptr, layer: tl.constexpr, ac
     # is then the left operand, split across the warps, and only dz^T is held
     # whole by each warp.
     if WEIGHTS:
-        acc_w = _mma(h_in, tl.trans(dz), acc_w, DOT_F32, GRAD_PRECISION)
+        acc_w = mma(h_in, tl.trans(dz), acc_w, DOT_F32, GRAD_PRECISION)
         acc_b += tl.sum(dz, axis=1)
         acc_a += da
         acc_mu += dmu
@@ -112,7 +114,7 @@ def _deeper_layer_backward(z, dh, h_in, w_ptr, unit_ptr, layer: tl.constexpr, ac
     if NEED_DH_IN:
         # W^T in float32 straight from memory: a TF32 operand the tensor
         # cores read from shared memory, not a converted copy in registers.
-        dh_in = _mma(_load_tile(w_ptr, IN_P, OUT_P, False), dz,
+        dh_in = mma(load_tile(w_ptr, IN_P, OUT_P, False), dz,
                      tl.zeros((IN_P, BLOCK_T), tl.float32), DOT_F32, GRAD_PRECISION)
     return dh_in, acc_w, acc_b, acc_a, acc_mu, acc_var
 
@@ -123,7 +125,10 @@ def _tile_inputs(k_ptr, v_ptr, mask_ptr, gs_ptr, b64, bc, t0, t_stop, T, D, DV, 
                  VALUES_ARE_KEYS: tl.constexpr, BLOCK_T: tl.constexpr, D_P: tl.constexpr,
                  DV_P: tl.constexpr):
     """A tile of positions: (offsets, in range, valid, key tile [BLOCK_T, D_P], and
-    dw = d loss / d w = dout . v_t (+ gs_t))."""
+    dw = d loss / d w = dout . v_t (+ gs_t)).
+
+    Invalid positions load as zeros, never as what the padding holds: their
+    gradients are multiplied by zero, and 0 * NaN is NaN."""
     offs_t = t0 + tl.arange(0, BLOCK_T)
     offs_d = tl.arange(0, D_P)
     offs_dv = tl.arange(0, DV_P)
@@ -134,15 +139,15 @@ def _tile_inputs(k_ptr, v_ptr, mask_ptr, gs_ptr, b64, bc, t0, t_stop, T, D, DV, 
         valid = t_ok
     rows = b64 * T + offs_t
     keys = tl.load(k_ptr + rows[:, None] * D + offs_d[None, :],
-                   mask=t_ok[:, None] & (offs_d < D)[None, :], other=0.0)
+                   mask=valid[:, None] & (offs_d < D)[None, :], other=0.0)
     if VALUES_ARE_KEYS:
         vals = keys.to(tl.float32)
     else:
         vals = tl.load(v_ptr + rows[:, None] * DV + offs_dv[None, :],
-                       mask=t_ok[:, None] & (offs_dv < DV)[None, :], other=0.0).to(tl.float32)
+                       mask=valid[:, None] & (offs_dv < DV)[None, :], other=0.0).to(tl.float32)
     dw = tl.sum(vals * dout[None, :], axis=1)
     if HAS_GRAD_SCORES:
-        dw += tl.load(gs_ptr + bc * T + offs_t, mask=t_ok, other=0.0).to(tl.float32)
+        dw += tl.load(gs_ptr + bc * T + offs_t, mask=valid, other=0.0).to(tl.float32)
     return offs_t, t_ok, valid, keys, dw
 
 
@@ -156,11 +161,11 @@ def _tile_forward(keys, m_ptr, u, w2_ptr, w3_ptr, unit_ptr, w_out, b_out,
 
     Layers the MLP lacks repeat the last one's (z, h), unused by the caller.
     """
-    m = _load_tile(m_ptr, H1_P, D_P, False)
-    z1 = _mma(m, tl.trans(keys), tl.zeros((H1_P, BLOCK_T), tl.float32), DOT_F32,
+    m = load_tile(m_ptr, H1_P, D_P, False)
+    z1 = mma(m, tl.trans(keys), tl.zeros((H1_P, BLOCK_T), tl.float32), DOT_F32,
               INPUT_PRECISION) + u
     _, a1, mu1, rstd1 = _unit_columns(unit_ptr, 0, UNIT_W, H1_P)
-    h1 = _activate(z1, a1, mu1, rstd1, ACTIVATION)
+    h1 = activate(z1, a1, mu1, rstd1, ACTIVATION)
     z2, h2 = z1, h1
     if NUM_LAYERS >= 2:
         z2, h2 = _deeper_layer_forward(h1, w2_ptr, unit_ptr, 1, H1_P, H2_P, UNIT_W, BLOCK_T,
@@ -180,33 +185,18 @@ def _deeper_layer_forward(h_in, wt_ptr, unit_ptr, layer: tl.constexpr, IN_P: tl.
     """A hidden layer after the first, transposed: (z, h) [OUT_P, BLOCK_T] from
     h_in [IN_P, BLOCK_T], with W reloaded from its float32 W^T [IN_P, OUT_P]
     and rounded to the dot dtype as the forward kernel uses it."""
-    w = _load_tile(wt_ptr, IN_P, OUT_P, True).to(DOT_DTYPE)
+    w = load_tile(wt_ptr, IN_P, OUT_P, True).to(DOT_DTYPE)
     bias, a, mu, rstd = _unit_columns(unit_ptr, layer, UNIT_W, OUT_P)
-    z = _mma(w, h_in.to(DOT_DTYPE), tl.zeros((OUT_P, BLOCK_T), tl.float32), DOT_F32,
+    z = mma(w, h_in.to(DOT_DTYPE), tl.zeros((OUT_P, BLOCK_T), tl.float32), DOT_F32,
              INPUT_PRECISION) + bias
-    return z, _activate(z, a, mu, rstd, ACTIVATION)
+    return z, activate(z, a, mu, rstd, ACTIVATION)
 
 
 @triton.jit
 def _unit_columns(unit_ptr, layer: tl.constexpr, UNIT_W: tl.constexpr, HP: tl.constexpr):
     """A layer's (bias, a, mu, rstd) as [HP, 1] columns."""
-    bias, a, mu, rstd = _unit_params(unit_ptr, layer, 0, UNIT_W, HP)
+    bias, a, mu, rstd = unit_params(unit_ptr, layer, 0, UNIT_W, HP)
     return bias[:, None], a[:, None], mu[:, None], rstd[:, None]
-
-
-@triton.jit
-def _load_tile(ptr, RP: tl.constexpr, SP: tl.constexpr, TRANSPOSE: tl.constexpr):
-    """A zero-padded row-major [RP, SP] matrix (its [SP, RP] transpose with TRANSPOSE)."""
-    if TRANSPOSE:
-        return tl.load(ptr + tl.arange(0, RP)[None, :] * SP + tl.arange(0, SP)[:, None])
-    else:
-        return tl.load(ptr + tl.arange(0, RP)[:, None] * SP + tl.arange(0, SP)[None, :])
-
-
-@triton.jit
-def _store_tile(ptr, tile, RP: tl.constexpr, SP: tl.constexpr):
-    """ptr[RP, SP] = tile, row-major."""
-    tl.store(ptr + tl.arange(0, RP)[:, None] * SP + tl.arange(0, SP)[None, :], tile)
 
 
 @triton.jit
@@ -246,7 +236,7 @@ def _add_unit_grads(ptr, layer: tl.constexpr, db, da, dmu, dvar, UNIT_W: tl.cons
 def din_backward_kernel(
     q_ptr, u_ptr, k_ptr, v_ptr, len_ptr, mask_ptr,
     wp_ptr, wa_ptr, w2_ptr, w3_ptr, unit_ptr, wout_ptr, bout_ptr,
-    dout_ptr, gs_ptr, max_ptr,
+    dout_ptr, gs_ptr,
     dq_ptr, dk_ptr, dv_ptr, g_ptr, m_scratch_ptr,
     part_k_ptr, part_qk_ptr, part_w2_ptr, part_w3_ptr, part_unit_ptr, part_out_ptr,
     B, C, T, D, DV, scale,
@@ -264,13 +254,12 @@ def din_backward_kernel(
     Inputs as din_forward_kernel's (contiguous; the folded parameters padded
     to the tile widths, with D_P rows; but wp and wa are W_p and W_k - W_d,
     [H1_P, D_P], rows of units; w2 and w3 are W_i^T in float32), plus
-    dout [B, C, DV] = d loss / d pooled, gs [B, C, T] = d loss / d w and the
-    forward's row max [B, C] (softmax; the exponent's offset); m_scratch
+    dout [B, C, DV] = d loss / d pooled and gs [B, C, T] = d loss / d w; m_scratch
     [P, H1_P, D_P] in the inputs' dtype, each program's slot for its
     candidate's M.
 
-    Softmax takes a first pass over the row's tiles for its normalizer and
-    delta = sum_t w_t dw_t, both from this kernel's own recomputed scores:
+    Softmax takes a first pass over the row's tiles for its max, normalizer
+    and delta = sum_t w_t dw_t, all from this kernel's own recomputed scores:
     then sum_t ds_t = 0 holds to float32 rounding, where a delta from the
     forward's half-precision output would leave a bias in every sum of ds
     (the output bias's gradient, and the small gradients that cancel).
@@ -354,14 +343,20 @@ def din_backward_kernel(
             # The candidate's fold M = (W_k - W_d) + W_p * q, [H1, D], staged in
             # this program's scratch slot and reloaded per tile (cache hits):
             # held in registers across the loops, it would spill.
-            m = (_load_tile(wa_ptr, H1_P, D_P, False).to(tl.float32)
-                 + _load_tile(wp_ptr, H1_P, D_P, False).to(tl.float32) * q[None, :])
+            m = (load_tile(wa_ptr, H1_P, D_P, False).to(tl.float32)
+                 + load_tile(wp_ptr, H1_P, D_P, False).to(tl.float32) * q[None, :])
             tl.debug_barrier()      # the previous candidate's reads are done
-            _store_tile(m_ptr, m.to(dot_dtype), H1_P, D_P)
+            store_tile(m_ptr, m.to(dot_dtype), H1_P, D_P)
             tl.debug_barrier()      # every thread sees the whole tile
             dout = tl.load(dout_ptr + bc * DV + offs_dv, mask=dv_ok, other=0.0).to(tl.float32)
             if SOFTMAX:
-                row_max = tl.load(max_ptr + bc)
+                # The normalizer and delta = sum_t w_t dw_t, online as in the
+                # forward, with this pass's own max: the weights below are then
+                # exp(x - max) of the very x computed here, never above 1, at
+                # any scale (a max taken from the forward's differently rounded
+                # scores can sit below them, by far more than exp's range
+                # when |scale| is large).
+                row_max = tl.full((), float("-inf"), tl.float32)
                 row_sum = 0.0
                 delta = 0.0
                 for t0 in range(0, t_stop, BLOCK_T):
@@ -371,9 +366,15 @@ def din_backward_kernel(
                     s = _tile_forward(keys, m_ptr, u, w2_ptr, w3_ptr, unit_ptr, w_out, b_out,
                                       NUM_LAYERS, ACTIVATION, BLOCK_T, D_P, H1_P, H2_P, H3_P,
                                       UNIT_W, DOT_F32, INPUT_PRECISION)[6]
-                    e = tl.exp(tl.where(valid, scale * s - row_max, float("-inf")))
-                    row_sum += tl.sum(e, axis=0)
-                    delta += tl.sum(e * dw, axis=0)
+                    x = tl.where(valid, scale * s, float("-inf"))
+                    new_max = tl.maximum(row_max, tl.max(x, axis=0))
+                    base = tl.where(new_max == float("-inf"), 0.0, new_max)
+                    e = tl.exp(x - base)
+                    rescale = tl.exp(row_max - base)
+                    row_sum = row_sum * rescale + tl.sum(e, axis=0)
+                    delta = delta * rescale + tl.sum(e * dw, axis=0)
+                    row_max = new_max
+                row_max = tl.where(row_max == float("-inf"), 0.0, row_max)
                 inv_sum = tl.where(row_sum > 0, 1.0 / tl.where(row_sum > 0, row_sum, 1.0), 0.0)
                 delta = delta * inv_sum
             if FIRST_WEIGHTS:
@@ -423,15 +424,15 @@ def din_backward_kernel(
                     keys_p = keys
                     if FIRST_DC < D_P:
                         keys_p = tl.load(k_ptr + rows[:, None] * D + offs_p[None, :],
-                                         mask=t_ok[:, None] & (offs_p < D)[None, :], other=0.0)
-                    acc_p = _mma(dz1.to(dot_dtype), keys_p, acc_p, DOT_F32, INPUT_PRECISION)
+                                         mask=valid[:, None] & (offs_p < D)[None, :], other=0.0)
+                    acc_p = mma(dz1.to(dot_dtype), keys_p, acc_p, DOT_F32, INPUT_PRECISION)
                     acc_g += tl.sum(dz1, axis=1)
                 if INPUT_GRADS:
                     acc_a1 += da1
                     acc_mu1 += dmu1
                     acc_var1 += dvar1
-                    m_t = _load_tile(m_ptr, H1_P, D_P, True)              # M^T [D, H1]
-                    dk = tl.trans(_mma(m_t, dz1.to(dot_dtype),
+                    m_t = load_tile(m_ptr, H1_P, D_P, True)              # M^T [D, H1]
+                    dk = tl.trans(mma(m_t, dz1.to(dot_dtype),
                                        tl.zeros((D_P, BLOCK_T), tl.float32), DOT_F32,
                                        INPUT_PRECISION))                 # [BLOCK_T, D]
                     # A row's key/value gradients sum over its candidates: the
@@ -576,7 +577,7 @@ class BackwardSpec:
 
     def constexprs(self) -> dict:
         widths = [padded(h) for h in self.hidden] + [16] * (MAX_HIDDEN_LAYERS - len(self.hidden))
-        # TF32 for float32 inputs (SPEC section 3 allows it on a GPU): with IEEE
+        # TF32 for float32 inputs (the GPU accuracy bound allows it): with IEEE
         # float32 dots ptxas keeps 32 registers and spills about 10 KB per thread.
         # Half inputs: dz stays float32 (GRAD_PRECISION), in TF32 dots.
         precision = "tf32" if self.dtype == torch.float32 else "ieee"
@@ -602,7 +603,7 @@ class BackwardSpec:
         pointers = dict(
             q_ptr=io, u_ptr="*fp32", k_ptr=io, v_ptr=io, len_ptr="*i64", mask_ptr="*u8",
             wp_ptr=io, wa_ptr=io, w2_ptr="*fp32", w3_ptr="*fp32", unit_ptr="*fp32", wout_ptr="*fp32",
-            bout_ptr="*fp32", dout_ptr=io, gs_ptr=io, max_ptr="*fp32",
+            bout_ptr="*fp32", dout_ptr=io, gs_ptr=io,
             dq_ptr="*fp32", dk_ptr=grad, dv_ptr=grad, g_ptr="*fp32", m_scratch_ptr=io,
             **{name: "*fp32" for name in ("part_k_ptr", "part_qk_ptr", "part_w2_ptr",
                                           "part_w3_ptr", "part_unit_ptr", "part_out_ptr")})
@@ -677,12 +678,6 @@ def backward_unsupported_shape(embed_dim: int, hidden: tuple, dtype: torch.dtype
     return None
 
 
-def backward_unsupported(problem: DINProblem):
-    """backward_unsupported_shape for a problem."""
-    return backward_unsupported_shape(problem.keys.shape[2], problem.hidden_units,
-                                      problem.keys.dtype)
-
-
 def _num_programs(batch: int, device: torch.device) -> int:
     """Persistent grid: enough programs to fill the GPU, each owning several rows.
 
@@ -694,19 +689,23 @@ def _num_programs(batch: int, device: torch.device) -> int:
     return max(1, min(batch, 3))
 
 
-def din_backward(problem: DINProblem, grad_pooled: torch.Tensor, row_max: torch.Tensor,
+def _launch_part(part: BackwardSpec, programs: int, arguments: tuple) -> None:
+    wrap_triton(din_backward_kernel)[(programs,)](*arguments, num_warps=part.blocks()[1],
+                                                  num_stages=NUM_STAGES, **part.constexprs())
+
+
+def din_backward(problem: DINProblem, grad_pooled: torch.Tensor,
                  grad_scores: torch.Tensor | None = None):
     """Gradients of din_attention from the fused backward kernel.
 
-    grad_pooled is d loss / d pooled [B, C, Dv]; row_max the forward's float32
-    [B, C] max of the scaled scores (softmax; unused for normalization=None:
-    the kernel recomputes the normalizer, see din_backward_kernel);
-    grad_scores, when the weights w were returned and used, is d loss / d w
-    [B, C, T]. Returns (dq [B, C, D], dk [B, T, D],
-    dv [B, T, Dv] or None, dweights, dbiases, dact_params) in the dtypes of the
-    inputs; dact_params has per layer () / (da,) / (da, dmu, dvar).
+    grad_pooled is d loss / d pooled [B, C, Dv]; grad_scores, when the
+    weights w were returned and used, is d loss / d w [B, C, T]. Returns
+    (dq [B, C, D], dk [B, T, D], dv [B, T, Dv] or None, dweights, dbiases,
+    dact_params) in the dtypes of the inputs; dact_params has per layer ()
+    / (da,) / (da, dmu, dvar).
     """
-    reason = backward_unsupported(problem)
+    reason = backward_unsupported_shape(problem.keys.shape[2], problem.hidden_units,
+                                        problem.keys.dtype)
     if reason is not None:
         raise ValueError(f"din_backward: the fused backward does not support {reason}")
     query, keys = problem.query.contiguous(), problem.keys.contiguous()
@@ -717,7 +716,6 @@ def din_backward(problem: DINProblem, grad_pooled: torch.Tensor, row_max: torch.
     layers = len(hidden)
     device = keys.device
     f32 = dict(dtype=torch.float32, device=device)
-    softmax = problem.normalization == "softmax"
     spec = backward_spec(problem, grad_scores is not None)
 
     constexprs = spec.constexprs()
@@ -732,7 +730,14 @@ def din_backward(problem: DINProblem, grad_pooled: torch.Tensor, row_max: torch.
     # of dq are [H1, D] tiles, loaded contiguously (vectorized, coalesced).
     w_p, w_a = folded.w_p.t().contiguous(), folded.w_a.t().contiguous()
     grad_pooled = grad_pooled.contiguous()
-    placeholder = folded.b_out
+    # Absent lengths, mask or d loss / d w: one-element placeholders of the
+    # types the kernel's signature names (never read), as the compile report
+    # compiles it.
+    lengths = (problem.lengths.contiguous() if problem.lengths is not None
+               else keys.new_zeros(1, dtype=torch.int64))
+    mask = (problem.mask.contiguous().view(torch.uint8) if problem.mask is not None
+            else keys.new_zeros(1, dtype=torch.uint8))
+    grad_scores = grad_scores.contiguous() if grad_scores is not None else keys.new_zeros(1)
 
     programs = _num_programs(batch, device)
     launch = batch > 0 and candidates > 0 and length > 0
@@ -752,21 +757,15 @@ def din_backward(problem: DINProblem, grad_pooled: torch.Tensor, row_max: torch.
     part_w3 = torch.zeros(programs, widths[1], widths[2], **f32)
     part_unit = torch.zeros(programs, layers, 4, constexprs["UNIT_W"], **f32)
     part_out = torch.zeros(programs, widths[layers - 1] + 1, **f32)
-    for part in spec.launches() if launch else ():
-        din_backward_kernel[(programs,)](
-            query, folded.u, keys, values,
-            problem.lengths if problem.lengths is not None else placeholder,
-            problem.mask.contiguous().view(torch.uint8) if problem.mask is not None
-            else placeholder,
-            w_p, w_a, deeper[0], deeper[1], folded.unit, folded.w_out,
-            folded.b_out, grad_pooled,
-            grad_scores.contiguous() if grad_scores is not None else placeholder,
-            row_max.contiguous() if softmax else placeholder,
-            dq_part, dk, dv if dv is not None else dk, g, m_scratch,
-            part_k, part_qk, part_w2, part_w3, part_unit, part_out,
-            batch, candidates, length, embed_dim, value_dim, problem.scale,
-            num_warps=part.blocks()[1], num_stages=NUM_STAGES, **part.constexprs(),
-        )
+    with launch_device(device):
+        for part in spec.launches() if launch else ():
+            _launch_part(part, programs, (
+                query, folded.u, keys, values, lengths, mask,
+                w_p, w_a, deeper[0], deeper[1], folded.unit, folded.w_out, folded.b_out,
+                grad_pooled, grad_scores,
+                dq_part, dk, dv if dv is not None else dk, g, m_scratch,
+                part_k, part_qk, part_w2, part_w3, part_unit, part_out,
+                batch, candidates, length, embed_dim, value_dim, problem.scale))
 
     # Host epilogue: the first layer from G and the P partials; fixed-order sums.
     h1 = hidden[0]

@@ -7,7 +7,7 @@ candidate of the block. Per tile it forms the (position, candidate) pairs, runs 
 MLP on them on chip, masks, normalizes (an online max/sum for softmax, as FlashAttention
 does) and accumulates w^T V. Nothing of size B*C*T*H or B*C*T*4D is written.
 
-The first layer is folded (SPEC section 2, "torch" backend):
+The first layer is folded (as the "torch" backend does):
     W_1 [q | k | q-k | q*k] + b_1 = u + k (W_k - W_d)^T + (q*k) W_p^T,
     u = q (W_q + W_d)^T + b_1,
 so u is a [B, C, H_1] prologue computed on the host (tiny next to the keys), the key
@@ -18,59 +18,19 @@ M = (W_k - W_d) + W_p * q, with one weight operand per dot (tensor cores for any
 
 from __future__ import annotations
 
-import functools
-import os
+import hashlib
 from dataclasses import dataclass
 
 import torch
 import triton
 import triton.language as tl
+from torch.library import wrap_triton
 
-from din_fast.problem import DINProblem, JaggedDINProblem, split_first_layer
-from din_fast.triton_backend import MAX_HIDDEN_LAYERS
-from .compiled import UNREADABLE_USAGE, first_spill_free
-
-
-@triton.jit
-def _mma(a, b, acc, DOT_F32: tl.constexpr, INPUT_PRECISION: tl.constexpr):
-    """acc + a @ b, in b's dtype on the GPU.
-
-    Under TRITON_INTERPRET=1 (DOT_F32) both operands go to float32 first: the
-    interpreter's bfloat16 dot multiplies raw bit patterns. The values are
-    still the low-precision ones, so the interpreter sees the GPU's rounding.
-    """
-    if DOT_F32:
-        return tl.dot(a.to(b.dtype).to(tl.float32), b.to(tl.float32), acc)
-    else:
-        return tl.dot(a.to(b.dtype), b, acc, input_precision=INPUT_PRECISION)
-
-
-@triton.jit
-def _unit_params(unit_ptr, layer: tl.constexpr, start, UNIT_W: tl.constexpr,
-                 WIDTH: tl.constexpr):
-    """Layer `layer`'s per-unit (bias, a, mu, rstd) of units start..start+WIDTH."""
-    base = unit_ptr + layer * 4 * UNIT_W + start + tl.arange(0, WIDTH)
-    bias = tl.load(base)
-    a = tl.load(base + UNIT_W)
-    mu = tl.load(base + 2 * UNIT_W)
-    rstd = tl.load(base + 3 * UNIT_W)
-    return bias, a, mu, rstd
-
-
-@triton.jit
-def _activate(x, a, mu, rstd, ACTIVATION: tl.constexpr):
-    """SPEC section 1's activations on a tile; dice in its inference form. a, mu
-    and rstd come already shaped to broadcast against x: [1, H] when units run
-    along columns (the forward), [H, 1] when along rows (the backward)."""
-    if ACTIVATION == "sigmoid":
-        return tl.sigmoid(x)
-    elif ACTIVATION == "relu":
-        return tl.maximum(x, 0.0)
-    elif ACTIVATION == "prelu":
-        return tl.where(x > 0, x, a * x)
-    else:
-        p = tl.sigmoid((x - mu) * rstd)
-        return x * (a + p * (1.0 - a))
+from din_fast.problem import DINProblem, JaggedDINProblem
+from .common import (MAX_HIDDEN_LAYERS, NUM_STAGES, TILE_BUDGET, TRITON_DTYPES, activate,
+                     cuda_matmul_tf32, device_arch, fold_parameters, interpreting,
+                     launch_device, mma, padded, unit_params)
+from .forward_warps import FALLBACK, table_family
 
 
 @triton.jit
@@ -88,9 +48,9 @@ def _hidden_chunk(h, w_ptr, unit_ptr, layer: tl.constexpr, start, H_IN_P: tl.con
     offs_in = tl.arange(0, H_IN_P)
     offs_out = start + tl.arange(0, CHUNK)
     w = tl.load(w_ptr + offs_in[:, None] * H_OUT_P + offs_out[None, :])
-    bias, a, mu, rstd = _unit_params(unit_ptr, layer, start, UNIT_W, CHUNK)
-    x = _mma(h, w, tl.zeros((h.shape[0], CHUNK), tl.float32), DOT_F32, INPUT_PRECISION)
-    return _activate(x + bias[None, :], a[None, :], mu[None, :], rstd[None, :], ACTIVATION)
+    bias, a, mu, rstd = unit_params(unit_ptr, layer, start, UNIT_W, CHUNK)
+    x = mma(h, w, tl.zeros((h.shape[0], CHUNK), tl.float32), DOT_F32, INPUT_PRECISION)
+    return activate(x + bias[None, :], a[None, :], mu[None, :], rstd[None, :], ACTIVATION)
 
 
 @triton.jit
@@ -121,9 +81,9 @@ def _score(h1, w2_ptr, w3_ptr, unit_ptr, wout_ptr, b_out, H2, NUM_LAYERS: tl.con
                                ACTIVATION, DOT_F32, INPUT_PRECISION)
             offs2 = start + tl.arange(0, CHUNK)
             w3 = tl.load(w3_ptr + offs2[:, None] * H3_P + offs3[None, :])
-            pre3 = _mma(h2, w3, pre3, DOT_F32, INPUT_PRECISION)
-        bias, a, mu, rstd = _unit_params(unit_ptr, 2, 0, UNIT_W, H3_P)
-        h3 = _activate(pre3 + bias[None, :], a[None, :], mu[None, :], rstd[None, :],
+            pre3 = mma(h2, w3, pre3, DOT_F32, INPUT_PRECISION)
+        bias, a, mu, rstd = unit_params(unit_ptr, 2, 0, UNIT_W, H3_P)
+        h3 = activate(pre3 + bias[None, :], a[None, :], mu[None, :], rstd[None, :],
                        ACTIVATION)
         s = tl.sum(h3 * tl.load(wout_ptr + offs3)[None, :], axis=1)
     return s + b_out
@@ -134,7 +94,7 @@ def din_forward_kernel(
     q_ptr, u_ptr, k_ptr, v_ptr, len_ptr, mask_ptr,
     wp_ptr, wa_ptr, w2_ptr, w3_ptr, unit_ptr, wout_ptr, bout_ptr,
     pooled_ptr, scores_ptr, max_ptr, sum_ptr,
-    B, C, T, D, DV, H2, t_per_split,
+    B, C, T, D, DV, H2, t_per_split, L,
     stride_qb, stride_qc, stride_kb, stride_kt, stride_vb, stride_vt, stride_mb,
     scale,
     ACTIVATION: tl.constexpr, SOFTMAX: tl.constexpr, HAS_LENGTHS: tl.constexpr,
@@ -157,8 +117,10 @@ def din_forward_kernel(
 
     JAGGED: keys [L, D] and values [L, DV] hold the rows back to back, row b at
     positions offsets[b]:offsets[b + 1] (len_ptr: offsets [B + 1] int64, read
-    with HAS_LENGTHS); T is the longest row the launch allows, stride_kb and
-    stride_vb are unused, and scores are jagged [L, C] (nothing past a row).
+    with HAS_LENGTHS, each clamped into [0, L] and the end to at least the
+    start); T is the longest row the launch allows, stride_kb and stride_vb
+    are unused, and scores are jagged [L, C] (nothing past a row). L is unused
+    by the padded layout.
     """
     PAIRS: tl.constexpr = BLOCK_T * BLOCK_C
     pid = tl.program_id(0)
@@ -175,9 +137,12 @@ def din_forward_kernel(
     t_lo = split * t_per_split
     t_hi = tl.minimum(t_lo + t_per_split, T)
     if JAGGED:
-        # 64-bit row start; the length clamped to [0, T] as lengths are below.
-        row0 = tl.load(len_ptr + b)
-        n = tl.minimum(tl.load(len_ptr + b + 1) - row0, T).to(tl.int32)
+        # 64-bit row start and end, clamped into the L rows (whatever the
+        # offsets hold, nothing is read outside keys and values); the length
+        # then to [0, T] as lengths are below.
+        row0 = tl.minimum(tl.maximum(tl.load(len_ptr + b), 0), L)
+        row_end = tl.minimum(tl.maximum(tl.load(len_ptr + b + 1), row0), L)
+        n = tl.minimum(row_end - row0, T).to(tl.int32)
         t_stop = tl.maximum(tl.minimum(t_hi, n), 0)
     elif HAS_LENGTHS:
         n = tl.load(len_ptr + b).to(tl.int32)
@@ -221,25 +186,25 @@ def din_forward_kernel(
             wp = tl.load(wp_ptr + w_off)
             wa = tl.load(wa_ptr + w_off)
             qk = k[:, None, :].to(tl.float32) * q[None, :, :].to(tl.float32)
-            pre_pair = _mma(tl.reshape(qk, (PAIRS, BLOCK_D)), wp, pre_pair, DOT_F32,
+            pre_pair = mma(tl.reshape(qk, (PAIRS, BLOCK_D)), wp, pre_pair, DOT_F32,
                             INPUT_PRECISION)
             if BLOCK_C > 1:
-                pre_key = _mma(k, wa, pre_key, DOT_F32, INPUT_PRECISION)
+                pre_key = mma(k, wa, pre_key, DOT_F32, INPUT_PRECISION)
             else:
                 # One candidate: pairs are positions, one accumulator serves both.
-                pre_pair = _mma(k, wa, pre_pair, DOT_F32, INPUT_PRECISION)
+                pre_pair = mma(k, wa, pre_pair, DOT_F32, INPUT_PRECISION)
         # Per-unit vectors are reloaded per tile (L1 hits): kept live across
         # the loop they would cost more registers than the tiles themselves.
         u = tl.load(u_ptr + (b * C + offs_c)[:, None] * H1_P + offs_h1[None, :],
                     mask=c_ok[:, None], other=0.0)
-        _, a1, mu1, rstd1 = _unit_params(unit_ptr, 0, 0, UNIT_W, H1_P)
+        _, a1, mu1, rstd1 = unit_params(unit_ptr, 0, 0, UNIT_W, H1_P)
         if BLOCK_C > 1:
             pre = tl.reshape(pre_pair, (BLOCK_T, BLOCK_C, H1_P)) + pre_key[:, None, :] \
                 + u[None, :, :]
             pre = tl.reshape(pre, (PAIRS, H1_P))
         else:
             pre = pre_pair + u
-        h1 = _activate(pre, a1[None, :], mu1[None, :], rstd1[None, :], ACTIVATION)
+        h1 = activate(pre, a1[None, :], mu1[None, :], rstd1[None, :], ACTIVATION)
         s = _score(h1, w2_ptr, w3_ptr, unit_ptr, wout_ptr, b_out, H2, NUM_LAYERS, H1_P, H2_P,
                    H3_P, UNIT_W, CHUNK, ACTIVATION, DOT_F32, INPUT_PRECISION)
         s = tl.reshape(s, (BLOCK_T, BLOCK_C)) * scale
@@ -262,7 +227,7 @@ def din_forward_kernel(
         v = tl.load(v_row + offs_t[:, None] * stride_vt + offs_dv[None, :],
                     mask=t_valid[:, None] & dv_ok[None, :], other=0.0)
         if BLOCK_C >= 16:
-            acc = _mma(tl.trans(w), v, acc, DOT_F32, INPUT_PRECISION)
+            acc = mma(tl.trans(w), v, acc, DOT_F32, INPUT_PRECISION)
         else:
             # Too few candidates for a tensor-core tile: a broadcast sum.
             acc += tl.sum(w[:, :, None] * v[:, None, :].to(tl.float32), axis=0)
@@ -300,26 +265,6 @@ def din_forward_kernel(
 # ---------------------------------------------------------------------------
 # Host side: specialization, parameter folding, launch.
 # ---------------------------------------------------------------------------
-
-# Elements of the widest [pairs, units] tile one program holds in 16-bit
-# inputs (float32: half, ForwardSpec.blocks). python -m din_fast.kernels.aot
-# compiles every specialization of the grid with the warp count its launcher
-# takes (ForwardSpec.num_warps) and checks it spill-free. Software pipelining
-# (num_stages > 1) costs more registers than it saves here.
-TILE_BUDGET = 4096
-NUM_STAGES = 1
-TRITON_DTYPES = {torch.float32: "fp32", torch.float16: "fp16", torch.bfloat16: "bf16"}
-
-
-def interpreting() -> bool:
-    """True under TRITON_INTERPRET=1 (CPU tensors, the tests' mode)."""
-    return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
-
-
-def padded(n: int) -> int:
-    """A tile width for n: a power of two, at least 16 (the tl.dot minimum)."""
-    return max(16, triton.next_power_of_2(n))
-
 
 @dataclass(frozen=True)
 class ForwardSpec:
@@ -368,8 +313,8 @@ class ForwardSpec:
         return max([padded(h) for h in self.hidden] + [padded(self.value_dim)])
 
     def warp_choices(self) -> tuple:
-        """Warp counts to launch with, in order of preference; the launcher
-        takes the first that ptxas compiles without spills (num_warps).
+        """(preferred, other) warp counts; the launcher takes the other one
+        where the warp table lists the spec for the device's family (num_warps).
 
         Preferred: four warps, eight only for a [pairs, units] tile over the
         budget (at the 16-row minimum), so each thread holds at most
@@ -380,29 +325,31 @@ class ForwardSpec:
         kernels of the compile grid spilled 8-32 bytes at the preferred count,
         and moving float32 kernels to the other count spilled about as many
         others (one in ten). The other count is the fallback; every kernel of
-        the grid compiles spill-free with one of the two.
+        the grid compiles spill-free with one of the two, and the compile
+        report writes down which (forward_warps.py).
         """
         block_c, block_t = self.blocks()[:2]
         if block_c * block_t * self._widest() <= self._budget():
             return (4, 8)
         return (8, 4)
 
-    @functools.lru_cache(maxsize=None)
     def num_warps(self, arch=None) -> int:
-        """The warp count for sm_<arch>: the first of warp_choices that
-        compiles spill-free there, found by compiling ahead of time (once per
-        process and spec; Triton's cache keeps the cubins), as the compile
-        report does. The preferred count when arch is None (the interpreter)
-        or when the triton install cannot read a cubin's resource usage."""
-        if arch is None:
-            return self.warp_choices()[0]
-        try:
-            usage = first_spill_free(din_forward_kernel, self.signature(), self.constexprs(),
-                                     self.aligned(), self.warp_choices(), NUM_STAGES, arch)
-        except UNREADABLE_USAGE:
-            # No usable bundled cuobjdump: launch unchecked rather than not at all.
-            return self.warp_choices()[0]
-        return usage["warps"]
+        """The warp count for sm_<arch>, from the spec alone: the preferred
+        one, or the other where the compile report found the preferred one
+        spilling on that architecture family and the other clean (the table
+        it writes, forward_warps.FALLBACK). The preferred count when arch is
+        None (the interpreter) or outside the table's families."""
+        preferred, other = self.warp_choices()
+        if arch is not None and self.key() in FALLBACK.get(table_family(arch), ()):
+            return other
+        return preferred
+
+    def key(self) -> str:
+        """A name for the compiled kernel: a hash of everything that selects it
+        (argument types, constants, alignment), the warp table's key."""
+        selected = (sorted(self.signature().items()), sorted(self.constexprs().items()),
+                    self.aligned())
+        return hashlib.sha1(repr(selected).encode()).hexdigest()[:16]
 
     def constexprs(self) -> dict:
         block_c, block_t, block_d, chunk = self.blocks()
@@ -428,7 +375,7 @@ class ForwardSpec:
                         unit_ptr="*fp32", wout_ptr="*fp32", bout_ptr="*fp32",
                         pooled_ptr="*fp32" if self.split else io, scores_ptr="*fp32",
                         max_ptr="*fp32", sum_ptr="*fp32")
-        ints = ("B C T D DV H2 t_per_split stride_qb stride_qc stride_kb "
+        ints = ("B C T D DV H2 t_per_split L stride_qb stride_qc stride_kb "
                 "stride_kt stride_vb stride_vt stride_mb").split()
         return {**pointers, **{name: "i32" for name in ints}, "scale": "fp32",
                 **{name: "constexpr" for name in self.constexprs()}}
@@ -460,67 +407,8 @@ def forward_spec(problem, need_scores: bool, split: bool) -> ForwardSpec:
         hidden=problem.hidden_units, embed_dim=query.shape[2],
         value_dim=problem.value_tensor.shape[-1], candidates=query.shape[1], split=split,
         interpret=interpreting(),
-        tf32=query.is_cuda and torch.backends.cuda.matmul.allow_tf32, jagged=jagged,
+        tf32=query.is_cuda and cuda_matmul_tf32(), jagged=jagged,
     )
-
-
-@dataclass
-class FoldedParameters:
-    """The MLP's parameters as the kernels read them, zero-padded to tile widths.
-
-    H_i_P = padded(H_i), D_P = D rounded up to BLOCK_D; the padding is exact
-    (padded units meet zero weights).
-    """
-
-    u: torch.Tensor          # [B, C, H1_P] float32: q (W_q + W_d)^T + b_1
-    w_p: torch.Tensor        # [D_P, H1_P] W_p^T, in the inputs' dtype
-    w_a: torch.Tensor        # [D_P, H1_P] (W_k - W_d)^T, in the inputs' dtype
-    deeper: list             # W_i^T [H_{i-1}_P, H_i_P] for i >= 2, in the inputs' dtype
-    unit: torch.Tensor       # [L, 4, max H_i_P] float32: bias, a, mu, 1/sqrt(var + eps)
-    w_out: torch.Tensor      # [H_L_P] float32
-    b_out: torch.Tensor      # [1] float32
-
-
-def _pad(tensor: torch.Tensor, shape, dtype) -> torch.Tensor:
-    """tensor in the top-left corner of a zero tensor of `shape`."""
-    out = tensor.new_zeros(shape, dtype=dtype)
-    out[tuple(slice(0, n) for n in tensor.shape)] = tensor.to(dtype)
-    return out
-
-
-def fold_parameters(problem, block_d: int) -> FoldedParameters:
-    """For a DINProblem or a JaggedDINProblem: reads the query and the parameters."""
-    dtype = problem.query.dtype
-    f32 = torch.float32
-    hidden = problem.hidden_units
-    widths = [padded(h) for h in hidden]
-    rows = triton.cdiv(problem.query.shape[2], block_d) * block_d
-    w_q, w_k, w_d, w_p = (w.to(f32) for w in split_first_layer(problem.weights[0]))
-    u = problem.query.to(f32) @ _pad((w_q + w_d).t(), (w_q.shape[1], widths[0]), f32) \
-        + _pad(problem.biases[0], (widths[0],), f32)
-    unit = torch.zeros(len(hidden), 4, max(widths), dtype=f32, device=problem.query.device)
-    for i, (width, bias, params) in enumerate(zip(hidden, problem.biases, problem.act_params)):
-        unit[i, 0, :width] = bias.to(f32)
-        if problem.activation in ("prelu", "dice"):
-            unit[i, 1, :width] = params[0].to(f32)
-        if problem.activation == "dice":
-            unit[i, 2, :width] = params[1].to(f32)
-            unit[i, 3, :width] = torch.rsqrt(params[2].to(f32) + problem.dice_eps)
-    return FoldedParameters(
-        u=u.contiguous(),
-        w_p=_pad(w_p.t(), (rows, widths[0]), dtype),
-        w_a=_pad((w_k - w_d).t(), (rows, widths[0]), dtype),
-        deeper=[_pad(w.t(), (n_in, n_out), dtype)
-                for w, n_in, n_out in zip(problem.weights[1:-1], widths, widths[1:])],
-        unit=unit,
-        w_out=_pad(problem.weights[-1].reshape(-1), (widths[-1],), f32),
-        b_out=problem.biases[-1].to(f32).reshape(1).contiguous(),
-    )
-
-
-def _arch(device: torch.device) -> int:
-    major, minor = torch.cuda.get_device_capability(device)
-    return 10 * major + minor
 
 
 def choose_splits(programs: int, length: int, block_t: int, device: torch.device) -> int:
@@ -575,8 +463,9 @@ def din_forward(problem: DINProblem, need_scores: bool, num_splits=None):
     values = problem.value_tensor.contiguous()
     mask = problem.mask.contiguous().view(torch.uint8) if problem.mask is not None else None
     batch, length = keys.shape[:2]
+    lengths = None if problem.lengths is None else problem.lengths.contiguous()
     pooled, scores, row_max, row_sum = _launch(
-        problem, keys, values, problem.lengths, mask, length,
+        problem, keys, values, lengths, mask, length,
         (keys.stride(0), values.stride(0), 0 if mask is None else mask.stride(0)),
         (batch, problem.query.shape[1], length), need_scores, num_splits)
     if need_scores and problem.normalization == "softmax":
@@ -620,6 +509,13 @@ def _launch(problem, keys, values, lengths, mask, length, row_strides, scores_sh
     device = keys.device
     softmax = problem.normalization == "softmax"
     f32 = torch.float32
+    if batch * candidates == 0 or length == 0:
+        # No (candidate, position) pair: every output is zero (and empty
+        # shapes need no specialization, whose tile sizes divide by them).
+        stats = query.new_zeros((batch, candidates) if softmax else (0,), dtype=f32)
+        scores = query.new_zeros(scores_shape, dtype=f32) if need_scores else None
+        return (query.new_zeros(batch, candidates, value_dim, dtype=keys.dtype), scores,
+                stats, stats.clone())
 
     spec = forward_spec(problem, need_scores, split=False)
     block_c, block_t, block_d = spec.blocks()[:3]
@@ -630,7 +526,7 @@ def _launch(problem, keys, values, lengths, mask, length, row_strides, scores_sh
     if splits > 1:
         spec = forward_spec(problem, need_scores, split=True)
     constexprs = spec.constexprs()
-    num_warps = spec.num_warps(None if spec.interpret else _arch(device))
+    num_warps = spec.num_warps(None if spec.interpret else device_arch(device))
 
     folded = fold_parameters(problem, block_d)
     deeper = folded.deeper + [folded.w_p] * (MAX_HIDDEN_LAYERS - 1 - len(folded.deeper))
@@ -648,22 +544,17 @@ def _launch(problem, keys, values, lengths, mask, length, row_strides, scores_sh
     part_sum = allocate(stats_shape, f32, device)
     scores = allocate(scores_shape, f32, device) if need_scores else part_max
     stride_kb, stride_vb, stride_mb = row_strides
-    if batch * candidates and length:
-        din_forward_kernel[(programs, splits)](
+    with launch_device(device):
+        wrap_triton(din_forward_kernel)[(programs, splits)](
             query, folded.u, keys, values, lengths, mask,
             folded.w_p, folded.w_a, deeper[0], deeper[1], folded.unit, folded.w_out,
             folded.b_out, pooled, scores, part_max, part_sum,
             batch, candidates, length, embed_dim, value_dim,
-            hidden[1] if len(hidden) > 1 else 1, t_per_split,
+            hidden[1] if len(hidden) > 1 else 1, t_per_split, keys.shape[0],
             query.stride(0), query.stride(1), stride_kb, keys.stride(-2),
             stride_vb, values.stride(-2), stride_mb,
             problem.scale, num_warps=num_warps, num_stages=NUM_STAGES, **constexprs,
         )
-    else:
-        # No position anywhere: every pooled output is 0, as are the stats.
-        pooled.zero_()
-        part_max.zero_()
-        part_sum.zero_()
     if not softmax:
         pooled = pooled.sum(0) if splits > 1 else pooled[0]
         row_max = row_sum = part_max.new_empty(0)

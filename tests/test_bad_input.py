@@ -5,7 +5,7 @@ exception, never a result."""
 
 import pytest
 import torch
-from hypothesis import HealthCheck, given, settings
+from hypothesis import HealthCheck, assume, given, settings
 from hypothesis import strategies as st
 
 import din_fast
@@ -215,7 +215,8 @@ def test_din_attention_jagged_rejects_broken_arguments(data):
         names = (_break_option(call, data),)
     else:
         free = (1,) if target == "query" and call["query"].dim() == 3 else ()
-        call[target] = _breakages(call[target], data, free_dims=free)
+        allowed = (torch.int32,) if target == "offsets" else ()
+        call[target] = _breakages(call[target], data, allowed_dtypes=allowed, free_dims=free)
         if target == "offsets" and isinstance(call[target], torch.Tensor) \
                 and call[target].dim() == 1:
             names = ("offsets", "query")  # B + 1 entries no more matching the query
@@ -250,19 +251,20 @@ def test_adapters_reject_broken_arguments(data):
         pairs = {"target_item": ("target_item", "history_sequence"),
                  "history_sequence": ("history_sequence", "target_item")}
     target = data.draw(st.sampled_from(targets))
-    if target == "mask" and data.draw(st.booleans()):
-        # FuxiCTR masks are 0/1 of any dtype, DeepCTR-Torch's bool.
-        call["mask"] = torch.full(call["mask"].shape, 0.5) if isinstance(layer, DIN_Attention) \
-            else call["mask"].float()
-    elif target == "keys_length" and data.draw(st.booleans()):
-        call["keys_length"] = call["keys_length"] + length + 1
+    if target == "mask" and isinstance(layer, AttentionSequencePoolingLayer) \
+            and data.draw(st.booleans()):
+        call["mask"] = call["mask"].float()  # DeepCTR-Torch's mask is bool
     else:
-        allowed = (torch.int32, torch.int64) if target == "keys_length" else \
-            (torch.bool, torch.float32, torch.float64, torch.int32, torch.int64, torch.uint8) \
+        # The peers read keys_length of any real dtype and FuxiCTR's mask of any.
+        real = (torch.float32, torch.float64, torch.int32, torch.int64, torch.uint8)
+        allowed = real if target == "keys_length" else (torch.bool,) + real \
             if isinstance(layer, DIN_Attention) and target == "mask" else ()
         free = (1,) if target in ("keys", "history_sequence") else ()
         call[target] = _breakages(call[target], data, allowed, free,
                                   optional=target == "mask" and isinstance(layer, DIN_Attention))
+        # DeepCTR-Torch reads keys_length.view(-1, 1): any shape of B elements or of one.
+        assume(target != "keys_length" or not isinstance(call[target], torch.Tensor)
+               or call[target].dtype == torch.bool or call[target].numel() not in (1, batch))
     with pytest.raises((ValueError, TypeError)) as error:
         layer(**call)
     _assert_names(error, *pairs.get(target, (target,)))

@@ -1,12 +1,16 @@
 """din_fast.compat.deepctr against the real DeepCTR-Torch layer: a peer
 checkpoint loads with strict=True and gives the same outputs, gradients and
-(Dice, training) BatchNorm statistics, for every activation and option."""
+(Dice, training) BatchNorm statistics, for every activation the peer takes,
+every option and every keys_length the peer reads; the fused path runs where
+it can."""
 
 import pytest
 import torch
+from torch import nn
 
+import din_fast.compat.deepctr as deepctr_adapter
 from din_fast.compat.deepctr import AttentionSequencePoolingLayer
-from peers import deepctr_sequence_module
+from peers import deepctr_sequence_module, record_fused_calls
 
 B, T, E, HIDDEN = 5, 6, 4, (8, 4)
 LENGTHS = [6, 0, 3, 1, 5]  # a full row and an empty one
@@ -57,83 +61,147 @@ def _run(layer, query, keys, lengths, mask, cotangent):
     return out, grads
 
 
-def _assert_close(ours, theirs, what):
+def _assert_close(ours, theirs, what, tolerance=1e-12):
     assert ours.shape == theirs.shape, what
-    # float64 on both sides; the floor covers gradients that are 0 in exact
-    # arithmetic (the score bias under a softmax) and round to ~1e-17.
-    error = (ours - theirs).norm()
-    assert error <= 1e-10 * theirs.norm() + 1e-12, f"{what}: error {error:.3g}"
+    assert ours.dtype == theirs.dtype, what
+    # Relative, with a floor of 1 for values 0 in exact arithmetic (the score
+    # bias's gradient under a softmax) that round to ~1e-15.
+    error = (ours.double() - theirs.double()).norm()
+    assert error <= tolerance * max(theirs.double().norm(), 1.0), f"{what}: error {error:.3g}"
 
 
-# Every activation (the peer's names, any case) with an orthogonal array of
-# (weight_normalization, return_score, supports_masking): every pair of
-# option values meets at least once.
-OPTIONS = [(activation,) + flags
-           for activation in ("sigmoid", "relu", "prelu", "Dice")
-           for flags in ((False, False, False), (False, True, True),
-                         (True, False, True), (True, True, False))]
+def _assert_matches(peer, ours, query, keys, lengths, mask, generator, tolerance=1e-12):
+    """Same output, gradients and buffers after one forward and backward from
+    equal states."""
+    ours.load_state_dict(peer.state_dict())
+    shape = (B, 1, T) if peer.return_score else (B, 1, E)
+    cotangent = torch.randn(shape, generator=generator, dtype=torch.float64).to(keys.dtype)
+    expected, expected_grads = _run(peer, query, keys, lengths, mask, cotangent)
+    got, got_grads = _run(ours, query, keys, lengths, mask, cotangent)
+    _assert_close(got, expected, "output", tolerance)
+    assert got_grads.keys() == expected_grads.keys()
+    for name, grad in expected_grads.items():
+        _assert_close(got_grads[name], grad, f"gradient of {name}", tolerance)
+    for name, buffer in peer.state_dict().items():
+        _assert_close(ours.state_dict()[name], buffer, name, tolerance)
 
 
-@pytest.mark.parametrize("backend", ["torch", "reference"])
-@pytest.mark.parametrize("activation,weight_normalization,return_score,supports_masking",
-                         OPTIONS)
-def test_matches_peer(activation, weight_normalization, return_score, supports_masking,
-                      backend):
-    generator = torch.Generator().manual_seed(len(activation) + 2 * weight_normalization
-                                              + 4 * return_score + 8 * supports_masking)
-    options = dict(weight_normalization=weight_normalization, return_score=return_score,
-                   supports_masking=supports_masking)
-    peer, ours = _pair(activation, generator, **options)
+# Every activation the peer takes: its names (any case) and nn.Module
+# classes, fused or not.
+FUSED = ["sigmoid", "relu", "prelu", "Dice", nn.Sigmoid, nn.ReLU, nn.PReLU]
+GENERAL = ["linear", "LINEAR", nn.Tanh, nn.LeakyReLU, nn.ELU, nn.Identity, nn.SiLU]
+# An orthogonal array of (weight_normalization, return_score, supports_masking):
+# every pair of option values meets at least once.
+FLAGS = ((False, False, False), (False, True, True), (True, False, True), (True, True, False))
+
+
+def _name(activation):
+    return activation if isinstance(activation, str) else activation.__name__
+
+
+# The general path runs the peer's layers whatever the backend: one is enough.
+BACKENDS = [(a, backend) for a in FUSED for backend in ("torch", "reference")] \
+    + [(a, "torch") for a in GENERAL]
+
+
+@pytest.mark.parametrize("flags", FLAGS, ids=str)
+@pytest.mark.parametrize("activation,backend", BACKENDS,
+                         ids=[f"{_name(a)}-{b}" for a, b in BACKENDS])
+def test_matches_peer(activation, backend, flags):
+    weight_normalization, return_score, supports_masking = flags
+    generator = torch.Generator().manual_seed(len(_name(activation)) + FLAGS.index(flags))
+    peer, ours = _pair(activation, generator, weight_normalization=weight_normalization,
+                       return_score=return_score, supports_masking=supports_masking)
     ours.backend = backend
     query, keys, lengths, mask = _inputs(generator)
-    modes = ("train", "eval") if activation == "Dice" else ("eval",)
-    for mode in modes:
+    for mode in ("train", "eval"):
         for layer in (peer, ours):
             layer.train(mode == "train")
-        shape = (B, 1, T) if return_score else (B, 1, E)
-        cotangent = torch.randn(shape, generator=generator, dtype=torch.float64)
-        # Dice in training moves the running statistics: start from equal states.
-        ours.load_state_dict(peer.state_dict())
-        expected, expected_grads = _run(peer, query, keys, lengths, mask, cotangent)
-        got, got_grads = _run(ours, query, keys, lengths, mask, cotangent)
-        _assert_close(got, expected, f"{mode} output")
-        assert got_grads.keys() == expected_grads.keys()
-        for name, grad in expected_grads.items():
-            _assert_close(got_grads[name], grad, f"{mode} gradient of {name}")
-        for name, buffer in peer.state_dict().items():
-            assert torch.allclose(ours.state_dict()[name], buffer, rtol=1e-12, atol=0), name
+        _assert_matches(peer, ours, query, keys, lengths, mask, generator)
+
+
+@pytest.mark.parametrize("activation", FUSED + GENERAL, ids=_name)
+def test_fused_wherever_din_attention_expresses_the_peer(activation, monkeypatch):
+    calls = record_fused_calls(monkeypatch, deepctr_adapter)
+    _, ours = _pair(activation, torch.Generator().manual_seed(0))
+    query, keys, lengths, _ = _inputs(torch.Generator().manual_seed(1))
+    ours.train()(query, keys, lengths)
+    ours.eval()(query, keys, lengths)
+    spec = {nn.Sigmoid: "sigmoid", nn.ReLU: "relu", nn.PReLU: "prelu"}.get(activation)
+    spec = spec or (activation.lower() if activation in FUSED else None)
+    runs_fused = [spec is not None and spec != "dice", spec is not None]  # train, eval
+    assert calls == [spec] * sum(runs_fused)
+
+
+# keys_length as DeepCTR-Torch's models pass it ([B] from DIN's
+# squeeze, [B, 1] from DIEN's unsqueeze, a strided slice of a wider id
+# tensor) and as the peer reads any: above T, negative, fractional, NaN, one
+# length for every row, any integer dtype.
+def _wide(lengths):
+    """The lengths as column 1 of a [B, 3] int64 tensor: a strided [B, 1] view."""
+    wide = torch.zeros(len(lengths), 3, dtype=torch.int64)
+    wide[:, 1] = torch.tensor(lengths)
+    return wide[:, 1:2]
+
+
+KEYS_LENGTHS = {
+    "column": lambda: torch.tensor(LENGTHS)[:, None],
+    "flat": lambda: torch.tensor(LENGTHS),
+    "strided_column": lambda: _wide(LENGTHS),
+    "strided_flat": lambda: _wide(LENGTHS)[:, 0],
+    "above_t_and_negative": lambda: torch.tensor([[T + 3], [-2], [3], [10 ** 12], [-(10 ** 12)]]),
+    "one_for_all": lambda: torch.tensor([[T + 1]]),
+    "one_for_all_expanded": lambda: torch.tensor([2]).expand(B),
+    "int32": lambda: torch.tensor(LENGTHS, dtype=torch.int32)[:, None],
+    "uint8": lambda: torch.tensor([6, 0, 3, 200, 5], dtype=torch.uint8)[:, None],
+    "float": lambda: torch.tensor([[2.5], [float("nan")], [float("inf")], [-0.5], [7.0]],
+                                  dtype=torch.float64),
+    "float32_strided": lambda: torch.tensor([[0.0, 1.2], [0.0, -3.0], [0.0, 4.0], [0.0, 9.9],
+                                             [0.0, 0.0]])[:, 1:],
+}
+
+
+@pytest.mark.parametrize("form", sorted(KEYS_LENGTHS))
+@pytest.mark.parametrize("activation,backend", [("sigmoid", "torch"), ("sigmoid", "reference"),
+                                                ("sigmoid", "triton"), ("linear", "torch")])
+def test_keys_length_read_as_the_peer_reads_it(activation, backend, form):
+    generator = torch.Generator().manual_seed(sorted(KEYS_LENGTHS).index(form))
+    peer, ours = _pair(activation, generator, weight_normalization=True)
+    ours.backend = backend
+    query, keys, _, _ = _inputs(generator)
+    tolerance = 1e-12
+    if backend == "triton":  # the kernels take float32
+        peer.float()
+        ours.float()
+        query, keys, tolerance = query.float(), keys.float(), 1e-5
+    _assert_matches(peer, ours, query, keys, KEYS_LENGTHS[form](), None, generator, tolerance)
 
 
 def test_dice_with_a_negative_batchnorm_weight_matches_peer():
-    """A BatchNorm weight <= 0 cannot fold into SPEC's Dice: the adapter then
+    """A BatchNorm weight <= 0 cannot fold into din_fast's Dice: the adapter then
     scores over the padding as the peer does, in eval mode too."""
     generator = torch.Generator().manual_seed(7)
     peer, ours = _pair("dice", generator, weight_normalization=True)
     with torch.no_grad():
         peer.local_att.dnn.activation_layers[1].bn.weight[0] = -0.7
-    ours.load_state_dict(peer.state_dict(), strict=True)
     peer.eval()
     ours.eval()
     query, keys, lengths, mask = _inputs(generator)
-    cotangent = torch.randn(B, 1, E, generator=generator, dtype=torch.float64)
-    expected, expected_grads = _run(peer, query, keys, lengths, mask, cotangent)
-    got, got_grads = _run(ours, query, keys, lengths, mask, cotangent)
-    _assert_close(got, expected, "output")
-    for name, grad in expected_grads.items():
-        _assert_close(got_grads[name], grad, f"gradient of {name}")
+    _assert_matches(peer, ours, query, keys, lengths, mask, generator)
 
 
-def test_same_seed_same_initialization():
+@pytest.mark.parametrize("activation", ["sigmoid", "prelu", "dice", "linear", nn.ELU, nn.PReLU],
+                         ids=_name)
+def test_same_seed_same_initialization(activation):
     peer_cls = deepctr_sequence_module().AttentionSequencePoolingLayer
-    for activation in ("sigmoid", "prelu", "dice"):
-        torch.manual_seed(3)
-        peer = peer_cls(att_hidden_units=HIDDEN, att_activation=activation, embedding_dim=E)
-        torch.manual_seed(3)
-        ours = AttentionSequencePoolingLayer(att_hidden_units=HIDDEN, att_activation=activation,
-                                             embedding_dim=E)
-        assert ours.state_dict().keys() == peer.state_dict().keys()
-        for name, tensor in peer.state_dict().items():
-            assert torch.equal(ours.state_dict()[name], tensor), name
+    torch.manual_seed(3)
+    peer = peer_cls(att_hidden_units=HIDDEN, att_activation=activation, embedding_dim=E)
+    torch.manual_seed(3)
+    ours = AttentionSequencePoolingLayer(att_hidden_units=HIDDEN, att_activation=activation,
+                                         embedding_dim=E)
+    assert ours.state_dict().keys() == peer.state_dict().keys()
+    for name, tensor in peer.state_dict().items():
+        assert torch.equal(ours.state_dict()[name], tensor), name
 
 
 def test_float32_default_backend_matches_peer():
@@ -152,14 +220,24 @@ def test_errors_use_the_peer_argument_names():
     layer = AttentionSequencePoolingLayer(att_hidden_units=HIDDEN, embedding_dim=E)
     query, keys = torch.randn(B, 1, E), torch.randn(B, T, E)
     with pytest.raises(ValueError, match="AttentionSequencePoolingLayer: `keys_length`"):
-        layer(query, keys, torch.full((B, 1), T + 1))
+        layer(query, keys, torch.ones(B + 1, 1, dtype=torch.long))
     with pytest.raises(TypeError, match="`keys_length`"):
-        layer(query, keys, torch.ones(B, 1))
+        layer(query, keys, torch.ones(B, 1, dtype=torch.bool))
+    with pytest.raises(ValueError, match="`keys_length`"):
+        layer(query, keys, None)
     with pytest.raises(ValueError, match="`query`"):
         layer(query.squeeze(1), keys, torch.ones(B, 1, dtype=torch.long))
     with pytest.raises(ValueError, match="`att_activation`"):
-        AttentionSequencePoolingLayer(att_activation="linear")
+        AttentionSequencePoolingLayer(att_activation="tanh")
+    with pytest.raises(ValueError, match="`att_activation`"):
+        AttentionSequencePoolingLayer(att_activation=nn.Tanh())
+    with pytest.raises(ValueError, match="`att_activation`"):
+        AttentionSequencePoolingLayer(att_activation=nn.Linear)
     masked = AttentionSequencePoolingLayer(att_hidden_units=HIDDEN, embedding_dim=E,
                                            supports_masking=True)
     with pytest.raises(ValueError, match="`mask`"):
         masked(query, keys, None)
+    general = AttentionSequencePoolingLayer(att_hidden_units=HIDDEN, embedding_dim=E,
+                                            att_activation="linear", supports_masking=True)
+    with pytest.raises(TypeError, match="AttentionSequencePoolingLayer: `mask`"):
+        general(query, keys, None, mask=torch.ones(B, T))

@@ -1,17 +1,21 @@
-"""din_fast.compat.fuxictr against outputs saved once from FuxiCTR's own
-DIN_Attention (tests/data/make_fuxictr_reference.py says how): a FuxiCTR
-state_dict loads with strict=True and gives the same outputs, gradients and
-(Dice, training) BatchNorm statistics."""
+"""din_fast.compat.fuxictr against FuxiCTR's own DIN_Attention, on every case
+of fuxictr_cases.py: against results saved once from fuxictr 2.3.10
+(data/make_fuxictr_reference.py), and live where fuxictr is installed. A
+FuxiCTR state_dict loads with strict=True and gives the same outputs,
+gradients and BatchNorm statistics; the fused path runs where it can."""
 
 import pathlib
 
 import pytest
 import torch
 
+import din_fast.compat.fuxictr as fuxictr_adapter
 from din_fast.compat.fuxictr import DIN_Attention
+from fuxictr_cases import CASES, make_inputs, run_case
+from peers import fuxictr_din_attention, record_fused_calls
 
 DATA = pathlib.Path(__file__).parent / "data" / "fuxictr_din_attention.pt"
-REFERENCE = torch.load(DATA, weights_only=True)
+SAVED = torch.load(DATA, weights_only=True)["cases"]
 
 
 def _unpack(packed):
@@ -24,44 +28,47 @@ def _unpack(packed):
     return tensors
 
 
-def _section(tensors, prefix):
-    return {name[len(prefix) + 1:]: t for name, t in tensors.items()
-            if name.startswith(prefix + "/")}
+def _assert_same(ours: dict, theirs: dict):
+    assert ours.keys() == theirs.keys()
+    for name, expected in theirs.items():
+        got = ours[name]
+        assert got.shape == expected.shape, name
+        # float64 on both sides; the floor covers values 0 in exact arithmetic.
+        error = (got.double() - expected.double()).abs().max() if got.numel() else 0.0
+        assert error <= 1e-12 * max(1.0, expected.double().abs().max()), f"{name}: {error:.3g}"
 
 
-def _close(ours, theirs, what):
-    assert ours.shape == theirs.shape, what
-    error = (ours - theirs).norm()
-    assert error <= 1e-10 * theirs.norm() + 1e-12, f"{what}: error {error:.3g}"
+def _ours(backend):
+    return lambda **options: DIN_Attention(backend=backend, **options)
+
+
+def test_saved_results_cover_every_case():
+    assert SAVED.keys() == CASES.keys()
 
 
 @pytest.mark.parametrize("backend", ["torch", "reference"])
-@pytest.mark.parametrize("index", range(len(REFERENCE["cases"])))
-def test_matches_fuxictr(index, backend):
-    inputs = _unpack(REFERENCE["inputs"])
-    case = REFERENCE["cases"][index]
-    options = {k: v for k, v in case["case"].items() if k not in ("mask", "mode")}
-    saved = _unpack(case)
-    layer = DIN_Attention(embedding_dim=REFERENCE["embedding_dim"],
-                          attention_units=REFERENCE["attention_units"], backend=backend,
-                          **options).double()
-    layer.load_state_dict(_section(saved, "state_dict"), strict=True)
-    layer.train(case["case"]["mode"] == "train")
-    valid = inputs["valid"]
-    mask = {None: None, "bool": valid, "float": valid.double()}[case["case"]["mask"]]
-    target = inputs["target_item"].clone().requires_grad_()
-    history = inputs["history_sequence"].clone().requires_grad_()
-    output = layer(target, history, mask=mask)
-    _close(output, saved["output"], "output")
-    (output * saved["cotangent"]).sum().backward()
-    grads = {"target_item": target.grad, "history_sequence": history.grad}
-    grads.update({name: p.grad for name, p in layer.named_parameters()})
-    expected = _section(saved, "grads")
-    assert grads.keys() == expected.keys()
-    for name, grad in expected.items():
-        _close(grads[name], grad, f"gradient of {name}")
-    for name, tensor in _section(saved, "state_dict_after").items():
-        _close(layer.state_dict()[name].double(), tensor.double(), f"{name} after the forward")
+@pytest.mark.parametrize("name", sorted(CASES))
+def test_matches_saved_fuxictr(name, backend):
+    saved = _unpack(SAVED[name])
+    state = {k[len("state_dict/"):]: v for k, v in saved.items() if k.startswith("state_dict/")}
+    _, ours = run_case(_ours(backend), name, make_inputs(), state)
+    _assert_same(ours, {k: v for k, v in saved.items() if not k.startswith("state_dict/")})
+
+
+@pytest.mark.parametrize("name", sorted(CASES))
+def test_matches_live_fuxictr(name):
+    peer_cls = fuxictr_din_attention()
+    inputs = make_inputs()
+    state, theirs = run_case(peer_cls, name, inputs)
+    _, ours = run_case(_ours("torch"), name, inputs, state)
+    _assert_same(ours, theirs)
+
+
+@pytest.mark.parametrize("name", sorted(CASES))
+def test_fused_wherever_din_attention_expresses_the_peer(name, monkeypatch):
+    calls = record_fused_calls(monkeypatch, fuxictr_adapter)
+    run_case(_ours("torch"), name, make_inputs())
+    assert bool(calls) == CASES[name].fused
 
 
 def test_errors_use_the_peer_argument_names():
@@ -72,10 +79,21 @@ def test_errors_use_the_peer_argument_names():
     with pytest.raises(ValueError, match="`history_sequence`"):
         layer(target, history[0])
     with pytest.raises(ValueError, match="`mask`"):
-        layer(target, history, mask=torch.full((3, 5), 0.5))
+        layer(target, history, mask=torch.ones(3, 4))
+    with pytest.raises(TypeError, match="`mask`"):
+        layer(target, history, mask=torch.ones(3, 5, dtype=torch.complex64))
+    general = DIN_Attention(embedding_dim=4, attention_units=[8], hidden_activations="Tanh")
+    with pytest.raises(ValueError, match="DIN_Attention: `mask`"):
+        general(target, history, mask=torch.full((3, 4), 0.5))
     with pytest.raises(ValueError, match="`hidden_activations`"):
-        DIN_Attention(hidden_activations="tanh")
-    with pytest.raises(ValueError, match="`batch_norm`"):
-        DIN_Attention(batch_norm=True)
+        DIN_Attention(hidden_activations="no_such_activation")
+    with pytest.raises(ValueError, match="`hidden_activations`"):
+        DIN_Attention(attention_units=[4, 4], hidden_activations=["relu"])
+    with pytest.raises(ValueError, match="`hidden_activations`"):
+        DIN_Attention(hidden_activations=[torch.relu])
+    with pytest.raises(ValueError, match="`output_activation`"):
+        DIN_Attention(output_activation="prelu")
     with pytest.raises(ValueError, match="`dropout_rate`"):
-        DIN_Attention(embedding_dim=4, attention_units=[8], dropout_rate=0.1)(target, history)
+        DIN_Attention(attention_units=[4, 4], dropout_rate=[0.1])
+    with pytest.raises(ValueError, match="`attention_units`"):
+        DIN_Attention(attention_units=[0])

@@ -109,7 +109,8 @@ def test_never_builds_the_padding(backend):
 
 
 @pytest.mark.parametrize("offsets,max_len,error,match", [
-    (torch.tensor([0, 2, 5], dtype=torch.int32), 6, TypeError, "`offsets` must be int64"),
+    (torch.tensor([0, 2, 5], dtype=torch.float32), 6, TypeError,
+     "`offsets` must be int32 or int64"),
     (torch.tensor([[0, 2, 5]]), 6, ValueError, "`offsets` must be a 1-D"),
     (torch.tensor([1, 2, 5]), 6, ValueError, r"`offsets\[0\]`"),
     (torch.tensor([0, 2, 4]), 6, ValueError, r"`offsets\[-1\]`"),
@@ -124,9 +125,22 @@ def test_bad_offsets_raise(offsets, max_len, error, match):
     batch = offsets.shape[-1] - 1
     query = torch.randn(batch, D, dtype=torch.float64)
     keys = torch.randn(5, D, dtype=torch.float64)
-    with pytest.raises(error, match=match):
+    with pytest.raises(error, match=match) as raised:
         din_fast.din_attention_jagged(query, keys, offsets, max_len, weights=weights,
                                       biases=biases)
+    assert str(raised.value).startswith("din_attention_jagged: ")
+
+
+def test_int32_offsets_as_int64():
+    """TorchRec's offsets may be int32: taken as int64 offsets are."""
+    generator = torch.Generator().manual_seed(1)
+    weights, biases, _ = _parameters("sigmoid", generator)
+    query, keys = torch.randn(2, D, dtype=torch.float64), torch.randn(5, D, dtype=torch.float64)
+    offsets = torch.tensor([0, 2, 5])
+    want = din_fast.din_attention_jagged(query, keys, offsets, 3, weights=weights, biases=biases)
+    got = din_fast.din_attention_jagged(query, keys, offsets.int(), 3, weights=weights,
+                                        biases=biases)
+    torch.testing.assert_close(got, want, rtol=0, atol=0)
 
 
 def test_triton_says_why_it_cannot_run_float64():

@@ -1,17 +1,12 @@
-"""din_attention_jagged under torch.compile: the custom ops
-din_fast::attention_jagged_forward/backward pass opcheck, and
-torch.compile(fullgraph=True) of a function calling din_attention_jagged
-matches eager on both backends (triton in the interpreter on CPU)."""
+"""din_attention_jagged under torch.compile: torch.compile(fullgraph=True) of
+a function calling it matches eager on both backends (triton in the
+interpreter on CPU; its ops pass opcheck in test_ops)."""
 
 import pytest
 import torch
 
 import din_fast
-from din_fast.ops import NO_NORMALIZATION, attention_jagged_backward, attention_jagged_forward
-from din_fast.problem import validate_jagged
-from din_cases import make_case
-
-DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
+from helpers import DEVICE, make_case
 LENGTHS = [3, 0, 5, 1]
 
 
@@ -27,35 +22,6 @@ def jagged_call(dtype):
                   activation_params=case["activation_params"], normalization="softmax",
                   values=case["values"][valid], return_scores=True)
     return case["query"], case["keys"][valid], offsets, max(LENGTHS), kwargs
-
-
-def op_arguments(dtype, requires_grad):
-    query, keys_values, offsets, max_len, kwargs = jagged_call(dtype)
-    kwargs.pop("return_scores")
-    problem = validate_jagged(query, keys_values, offsets, max_len, scale=1.0, dice_eps=1e-8,
-                              **kwargs)
-    tensors = [t.to(DEVICE).requires_grad_(requires_grad) for t in problem.float_tensors()]
-    problem = problem.with_float_tensors(tensors)
-    act_params = [p for layer in problem.act_params for p in layer]
-    return problem, (problem.query, problem.keys_values, problem.values,
-                     problem.offsets.to(DEVICE), max_len, problem.weights, problem.biases,
-                     act_params, problem.activation, problem.normalization or NO_NORMALIZATION,
-                     problem.scale, problem.dice_eps)
-
-
-@pytest.mark.parametrize("backend", ["torch", "triton"])
-def test_opcheck_jagged_forward(backend):
-    dtype = torch.float64 if backend == "torch" else torch.float32
-    _, args = op_arguments(dtype, requires_grad=True)
-    torch.library.opcheck(attention_jagged_forward, (*args, True, backend))
-
-
-def test_opcheck_jagged_backward():
-    problem, args = op_arguments(torch.float64, requires_grad=False)
-    batch, candidates = problem.query.shape[:2]
-    grad_pooled = torch.randn(batch, candidates, problem.values.shape[1], dtype=torch.float64)
-    grad_scores = torch.randn(problem.keys_values.shape[0], candidates, dtype=torch.float64)
-    torch.library.opcheck(attention_jagged_backward, (grad_pooled, grad_scores, *args))
 
 
 def on_device_leaves(query, keys_values, kwargs):

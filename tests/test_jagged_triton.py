@@ -12,24 +12,10 @@ import din_fast
 from din_fast.functional import resolve_backend
 from din_fast.kernels import din_forward as fwd
 from din_fast.problem import validate_jagged
-from din_cases import TOLERANCE, ZERO_GRAD_ATOL, make_case, relative_error
+from helpers import (DEVICE, ZERO_GRAD_ATOL, make_case, on_device, relative_error,
+                     tolerance)
 
-DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
-
-
-def tolerance(dtype):
-    """SPEC section 3; float32 dots run as TF32 on a GPU only where torch allows it."""
-    if dtype == torch.float32 and DEVICE == "cuda" and torch.backends.cuda.matmul.allow_tf32:
-        return 5e-3
-    return TOLERANCE[dtype]
-
-
-@pytest.fixture(autouse=True)
-def poisoned_outputs(monkeypatch):
-    """Every output buffer of the kernel starts as NaN, so an element it skips fails."""
-    def allocate(shape, dtype, device):
-        return torch.full(shape, float("nan"), dtype=dtype, device=device)
-    monkeypatch.setattr(fwd, "allocate", allocate)
+pytestmark = pytest.mark.usefixtures("poisoned_outputs")
 
 
 def jagged_case(batch, candidates, dim, hidden, lengths, **options):
@@ -39,9 +25,7 @@ def jagged_case(batch, candidates, dim, hidden, lengths, **options):
     its histories the padded case's valid prefixes, packed back to back.
     """
     max_len = max(lengths + [1])
-    case = make_case(batch, candidates, max_len, dim, hidden, **options)
-    case = {name: value.to(DEVICE) if isinstance(value, torch.Tensor) else value
-            for name, value in case.items()}
+    case = on_device(make_case(batch, candidates, max_len, dim, hidden, **options))
     case["lengths"] = torch.tensor(lengths, device=DEVICE)
     valid = torch.arange(max_len, device=DEVICE) < case["lengths"][:, None]
     offsets = torch.zeros(batch + 1, dtype=torch.int64, device=DEVICE)

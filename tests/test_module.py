@@ -135,3 +135,39 @@ def test_resolved_backend_names_what_runs(monkeypatch):
     monkeypatch.setenv("DIN_FAST_BACKEND", "reference")
     assert layer.resolved_backend() == "reference"
     assert din_fast.DINAttention(5, backend="torch").resolved_backend() == "torch"
+
+
+@pytest.mark.parametrize("training", [False, True])
+@pytest.mark.parametrize("activation", ["sigmoid", "prelu", "dice"])
+def test_forward_jagged_matches_forward_on_padding(activation, training):
+    """The layer on jagged histories (TorchRec's layout) scores what it scores
+    on the same histories padded, in both modes: training-mode Dice's batch
+    statistics (and running statistics) and the gradients included."""
+    torch.manual_seed(0)
+    layers = [din_fast.DINAttention(4, (6, 3), activation, normalization="softmax",
+                                    return_scores=True).train(training) for _ in range(2)]
+    layers[1].load_state_dict(layers[0].state_dict())
+    query, keys = torch.randn(3, 2, 4, requires_grad=True), torch.randn(3, 5, 4)
+    lengths = torch.tensor([5, 0, 2])
+    valid = torch.arange(5) < lengths[:, None]
+    offsets = torch.tensor([0, 5, 5, 7])
+    jagged_keys = keys[valid].requires_grad_()
+    pooled, scores = layers[0].forward_jagged(query, jagged_keys, offsets, 5)
+    want_pooled, want_scores = layers[1](query, keys.requires_grad_(), lengths)
+    torch.testing.assert_close(pooled, want_pooled)
+    torch.testing.assert_close(scores, want_scores.transpose(1, 2)[valid])
+    torch.testing.assert_close(layers[0].state_dict(), layers[1].state_dict())
+    grads = torch.autograd.grad(pooled.sum() + scores.sum(), (query, jagged_keys))
+    want = torch.autograd.grad(want_pooled.sum() + want_scores.sum(), (query, keys))
+    torch.testing.assert_close(grads[0], want[0])
+    torch.testing.assert_close(grads[1], want[1][valid])
+
+
+@pytest.mark.parametrize("option,value", [
+    ("activation", "tanh"), ("normalization", "sparsemax"), ("scale", float("nan")),
+    ("scale", "2"), ("backend", "cuda"), ("dice_eps", 0.0), ("momentum", 1.5),
+    ("momentum", True)])
+def test_bad_options_fail_at_construction(option, value):
+    """A bad option is named when the layer is built, not at its first forward."""
+    with pytest.raises((ValueError, TypeError), match=rf"DINAttention: `{option}`"):
+        din_fast.DINAttention(4, (5,), **{option: value})

@@ -1,4 +1,6 @@
-"""The custom ops: gradients, opcheck, and torch.compile(fullgraph=True) on CPU."""
+"""The custom ops: their fake implementations against the real ops
+(torch.library.opcheck), and torch.compile(fullgraph=True) of models that use
+them, matching eager."""
 
 import copy
 
@@ -6,79 +8,100 @@ import pytest
 import torch
 
 import din_fast
-from din_fast.ops import attention_backward, attention_forward, run_attention_op
-from grad_cases import GradCase, call_kwargs, make_leaves, make_problem, output_grads, \
-    reference_grads, rel_error
+from din_fast import torch_backend, triton_backend
+from din_fast.op_args import AttentionArgs, JaggedAttentionArgs
+from din_fast.problem import validate, validate_jagged
+from helpers import DEVICE, loss_probes, make_case, map_tensors, on_device
 
 OP_CASES = [
-    GradCase(label="sigmoid-none-lengths-2d", candidates=0),
-    GradCase(label="dice-softmax-mask-values-scores", activation="dice", normalization="softmax",
-             masking="mask", value_dim=3, return_scores=True, candidates=2, scalar_params=True),
-    GradCase(label="prelu-none-nomask-3layers", activation="prelu", masking=None,
-             hidden=(7, 5, 3)),
+    dict(batch=3, candidates=None, length=6, dim=5, hidden=(7,)),
+    dict(batch=3, candidates=2, length=6, dim=5, hidden=(6, 4), activation="dice",
+         normalization="softmax", masking="mask", value_dim=3, scalar_params=True),
+    dict(batch=3, candidates=1, length=6, dim=5, hidden=(7, 5, 3), activation="prelu",
+         masking=None),
 ]
 
 
-def op_arguments(case, dtype=torch.float64, requires_grad=False):
-    leaves, lengths, mask = make_leaves(case, dtype)
-    for leaf in leaves.values():
-        leaf.requires_grad_(requires_grad)
-    problem = make_problem(case, leaves, lengths, mask)
-    act_params = [p for layer in problem.act_params for p in layer]
-    return problem, (problem.query, problem.keys, problem.values, problem.lengths, problem.mask,
-                     problem.weights, problem.biases, act_params, problem.activation,
-                     problem.normalization or "none", problem.scale, problem.dice_eps)
+def problem_of(arguments, dtype, requires_grad=True):
+    case = on_device(make_case(**arguments, dtype=dtype, seed=1))
+    case = map_tensors(case, lambda t: t.requires_grad_(requires_grad))
+    kwargs = {k: v for k, v in case.items() if k not in ("query", "keys", "lengths")}
+    kwargs.setdefault("mask", None)
+    kwargs.setdefault("values", None)
+    return validate(case["query"], case["keys"], case["lengths"], dice_eps=1e-8, **kwargs)
 
 
-@pytest.mark.parametrize("case", OP_CASES, ids=str)
-def test_op_gradients_match_reference(case):
-    ref = reference_grads(case)
-    leaves, lengths, mask = make_leaves(case)
-    for leaf in leaves.values():
-        leaf.requires_grad_(True)
-    problem = make_problem(case, leaves, lengths, mask)
-    pooled, scores = run_attention_op(problem, "torch", need_scores=case.return_scores)
-    grad_pooled, grad_scores = output_grads(case, problem)
-    loss = (pooled * grad_pooled).sum()
-    if case.return_scores:
-        loss = loss + (scores * grad_scores).sum()
-    grads = torch.autograd.grad(loss, list(leaves.values()))
-    assert rel_error(pooled.detach(), ref["pooled"]) <= 1e-10
-    for name, got in zip(leaves, grads):
-        assert rel_error(got, ref["grads"][name]) <= 1e-10, name
+def jagged_of(problem):
+    """The same histories as jagged values (lengths masking, or all valid)."""
+    valid = problem.valid_mask()
+    lengths = valid.sum(1)
+    offsets = torch.cat([lengths.new_zeros(1), lengths.cumsum(0)])
+    values = None if problem.values is None else problem.values[valid]
+    return validate_jagged(problem.query, problem.keys[valid], offsets, problem.keys.shape[1],
+                           weights=problem.weights, biases=problem.biases,
+                           activation=problem.activation,
+                           activation_params=_activation_params(problem),
+                           normalization=problem.normalization, scale=problem.scale,
+                           values=values, dice_eps=problem.dice_eps)
 
 
-@pytest.mark.parametrize("case", OP_CASES, ids=str)
-def test_opcheck_forward(case):
-    _, args = op_arguments(case, requires_grad=True)
-    torch.library.opcheck(attention_forward, (*args, case.return_scores, "torch"))
+def _activation_params(problem):
+    if problem.activation == "prelu":
+        return [layer[0] for layer in problem.act_params]
+    if problem.activation == "dice":
+        return [tuple(layer) for layer in problem.act_params]
+    return None
 
 
-def test_opcheck_forward_triton():
-    case = OP_CASES[1]
-    _, args = op_arguments(case, dtype=torch.float32, requires_grad=True)
-    if torch.cuda.is_available():
-        args = tuple(a.cuda() if isinstance(a, torch.Tensor) else
-                     [t.cuda() for t in a] if isinstance(a, list) else a for a in args)
-    torch.library.opcheck(attention_forward, (*args, case.return_scores, "triton"))
+def output_probes(problem, scores_shape):
+    batch, candidates = problem.query.shape[:2]
+    value_dim = problem.value_tensor.shape[-1]
+    pooled, scores = loss_probes([torch.empty(batch, candidates, value_dim),
+                                  torch.empty(scores_shape)])
+    return pooled.to(DEVICE, problem.query.dtype), scores.to(DEVICE, problem.query.dtype)
 
 
-def test_opcheck_backward():
-    case = OP_CASES[1]
-    problem, args = op_arguments(case)
-    row_max = attention_forward(*args, True, "torch")[2]
-    grad_pooled, grad_scores = output_grads(case, problem)
-    torch.library.opcheck(attention_backward, (grad_pooled, grad_scores, row_max, *args,
-                                               "torch"))
+@pytest.mark.parametrize("arguments", OP_CASES)
+def test_opcheck_triton_forward(arguments):
+    problem = problem_of(arguments, torch.float32)
+    torch.library.opcheck(triton_backend.triton_attention_forward,
+                          (*AttentionArgs.of(problem), True))
+
+
+@pytest.mark.parametrize("arguments", OP_CASES)
+def test_opcheck_triton_jagged_forward(arguments):
+    problem = jagged_of(problem_of(arguments, torch.float32))
+    torch.library.opcheck(triton_backend.triton_attention_jagged_forward,
+                          (*JaggedAttentionArgs.of(problem), True))
+
+
+@pytest.mark.parametrize("arguments", OP_CASES)
+def test_opcheck_backward_ops(arguments):
+    """The fused backward (float32) and the torch backend's (float64), padded
+    and jagged."""
+    fused = problem_of(arguments, torch.float32, requires_grad=False)
+    probes = output_probes(fused, fused.keys.shape[:1] + fused.query.shape[1:2]
+                           + fused.keys.shape[1:2])
+    torch.library.opcheck(triton_backend.triton_attention_backward,
+                          (*probes, *AttentionArgs.of(fused)))
+    exact = problem_of(arguments, torch.float64, requires_grad=False)
+    probes = tuple(p.double() for p in probes)
+    torch.library.opcheck(torch_backend.backward_op, (*probes, *AttentionArgs.of(exact)))
+    jagged = jagged_of(exact)
+    jagged_probes = output_probes(jagged, (jagged.keys_values.shape[0],
+                                           jagged.query.shape[1]))
+    torch.library.opcheck(torch_backend.jagged_backward_op,
+                          (*jagged_probes, *JaggedAttentionArgs.of(jagged)))
 
 
 class Ranker(torch.nn.Module):
     """A small model around DINAttention, as a CTR model would use it."""
 
-    def __init__(self, dim=8):
+    def __init__(self, dim=8, backend="auto"):
         super().__init__()
         self.attention = din_fast.DINAttention(dim, hidden_units=(16, 8),
-                                               normalization="softmax", scale=dim ** -0.5)
+                                               normalization="softmax", scale=dim ** -0.5,
+                                               backend=backend)
         self.head = torch.nn.Linear(2 * dim, 1)
 
     def forward(self, query, keys, lengths):
@@ -86,20 +109,27 @@ class Ranker(torch.nn.Module):
         return self.head(torch.cat([query, pooled], dim=-1)).squeeze(-1)
 
 
-@pytest.mark.parametrize("device", ["cpu"] + (["cuda"] if torch.cuda.is_available() else []))
-def test_compile_fullgraph_matches_eager(device):
-    """On CPU the model runs the torch backend's op, on CUDA the triton one."""
+# On CPU: the torch backend (aten ops) under inductor, and the triton ops under
+# aot_eager (the interpreter's kernels cannot be traced, so they stay opaque
+# ops there); on CUDA the triton ops under inductor, kernels traced.
+COMPILE_RUNS = [("auto", "inductor"), ("triton", "aot_eager")]
+
+
+@pytest.mark.parametrize("backend,compiler", COMPILE_RUNS)
+def test_compile_fullgraph_matches_eager(backend, compiler):
+    if DEVICE == "cuda":
+        compiler = "inductor"
     torch.manual_seed(0)
-    model = Ranker().to(device)
-    query, keys = torch.randn(6, 8, device=device), torch.randn(6, 11, 8, device=device)
-    lengths = torch.tensor([11, 0, 3, 7, 1, 11], device=device)
+    model = Ranker(backend=backend).to(DEVICE)
+    query, keys = torch.randn(6, 8, device=DEVICE), torch.randn(6, 11, 8, device=DEVICE)
+    lengths = torch.tensor([11, 0, 3, 7, 1, 11], device=DEVICE)
     torch._dynamo.reset()
-    compiled = torch.compile(model, fullgraph=True)
+    compiled = torch.compile(model, fullgraph=True, backend=compiler)
     eager_out = model(query, keys, lengths)
     eager_grads = torch.autograd.grad(eager_out.square().sum(), list(model.parameters()))
     out = compiled(query, keys, lengths)
     grads = torch.autograd.grad(out.square().sum(), list(model.parameters()))
-    tol = dict(rtol=1e-5, atol=1e-6) if device == "cpu" else dict(rtol=1e-3, atol=1e-4)
+    tol = dict(rtol=1e-5, atol=1e-6) if DEVICE == "cpu" else dict(rtol=1e-3, atol=1e-4)
     torch.testing.assert_close(out, eager_out, **tol)
     for got, want in zip(grads, eager_grads):
         torch.testing.assert_close(got, want, **tol)
@@ -130,36 +160,3 @@ def test_compile_fullgraph_dice_training_matches_eager():
         # The second batch has no valid position: both leave the statistics as they were.
         for got, want in zip(layer.buffers(), twin.buffers()):
             torch.testing.assert_close(got, want)
-
-
-TRITON_CASES = [
-    GradCase(label="sigmoid-none-lengths-2d", candidates=0),
-    GradCase(label="relu-softmax-mask-values-scores", activation="relu",
-             normalization="softmax", masking="mask", value_dim=3, return_scores=True,
-             candidates=3),
-    GradCase(label="dice-softmax-lengths-3layers", activation="dice", normalization="softmax",
-             hidden=(6, 5, 3), scalar_params=True, length=20),
-    # A first layer too wide for the fused backward: the op takes the torch backward.
-    GradCase(label="wide-first-layer", embed_dim=64, hidden=(200,), batch=2, length=5),
-]
-
-
-@pytest.mark.parametrize("case", TRITON_CASES, ids=str)
-def test_triton_backend_gradients_match_reference(case):
-    """backend="triton" end to end: fused forward, custom op, fused backward."""
-    device = "cuda" if torch.cuda.is_available() else "cpu"
-    ref = reference_grads(case)
-    leaves = {k: v.float().to(device).requires_grad_(True) for k, v in ref["leaves"].items()}
-    lengths = None if ref["lengths"] is None else ref["lengths"].to(device)
-    mask = None if ref["mask"] is None else ref["mask"].to(device)
-    out = din_fast.din_attention(**call_kwargs(case, leaves, lengths, mask),
-                                 return_scores=case.return_scores, backend="triton")
-    pooled, scores = out if case.return_scores else (out, None)
-    grad_pooled = ref["grad_pooled"].float().to(device)
-    loss = (pooled * (grad_pooled.squeeze(1) if case.candidates == 0 else grad_pooled)).sum()
-    if scores is not None:
-        loss = loss + (scores * ref["grad_scores"].float().to(device)).sum()
-    grads = torch.autograd.grad(loss, list(leaves.values()))
-    tol = 1e-5 if device == "cpu" else 5e-3
-    for name, got in zip(leaves, grads):
-        assert rel_error(got.cpu(), ref["grads"][name]) <= tol, name

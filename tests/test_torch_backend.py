@@ -6,7 +6,7 @@ import pytest
 import torch
 from hypothesis import given, settings, strategies as st
 
-from din_cases import assert_matches_reference, make_case
+from helpers import assert_matches_reference, make_case
 
 SHAPES = [  # (B, C, T, D, hidden); C=None is a 2-D query
     (1, None, 1, 3, (5,)),

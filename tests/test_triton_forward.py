@@ -13,30 +13,14 @@ import torch
 import din_fast
 from din_fast.functional import run_problem
 from din_fast.kernels import din_forward as fwd
-from din_fast.triton_backend import triton_unsupported_reason
+from din_fast.triton_backend import unsupported_reason
 from din_fast.problem import validate
 from din_fast.reference import reference_din_attention
-from din_cases import TOLERANCE, assert_matches_reference, make_case, relative_error
-
-DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
-
-
-def tolerance(dtype):
-    """SPEC section 3; float32 dots run as TF32 on a GPU only where torch allows it."""
-    if dtype == torch.float32 and DEVICE == "cuda" and torch.backends.cuda.matmul.allow_tf32:
-        return 5e-3
-    return TOLERANCE[dtype]
+from helpers import (DEVICE, assert_matches_reference, make_case, on_device, relative_error,
+                     tolerance)
 
 
-def on_device(case):
-    """The case with every tensor on DEVICE."""
-    def move(x):
-        if isinstance(x, torch.Tensor):
-            return x.to(DEVICE)
-        if isinstance(x, (list, tuple)):
-            return type(x)(move(v) for v in x)
-        return x
-    return {name: move(value) for name, value in case.items()}
+
 
 
 def make_problem(*shape, **options):
@@ -52,13 +36,7 @@ def reference64(problem):
     return reference_din_attention(problem.with_float_tensors(
         [t.detach().double() for t in problem.float_tensors()]))
 
-
-@pytest.fixture(autouse=True)
-def poisoned_outputs(monkeypatch):
-    """Every output buffer starts as NaN, so an element the kernel skips fails."""
-    def allocate(shape, dtype, device):
-        return torch.full(shape, float("nan"), dtype=dtype, device=device)
-    monkeypatch.setattr(fwd, "allocate", allocate)
+pytestmark = pytest.mark.usefixtures("poisoned_outputs")
 
 
 def check(problem, need_scores=True, num_splits=None):
@@ -158,12 +136,12 @@ def test_public_api_2d_query_and_auto():
 
 def test_unsupported_configurations_raise():
     deep = make_problem(2, 1, 3, 2, (4, 4, 4, 4))
-    assert "4 hidden layers" in triton_unsupported_reason(deep)
+    assert "4 hidden layers" in unsupported_reason(deep)
     with pytest.raises(ValueError, match="backend='triton' cannot run"):
         run_problem(deep, "triton")
     assert din_fast.functional.resolve_backend("auto", deep) == "torch"
     double = make_problem(2, 1, 3, 2, (4,), dtype=torch.float64)
-    assert "float64" in triton_unsupported_reason(double)
+    assert "float64" in unsupported_reason(double)
 
 
 def test_training_step_gradients_match_reference():

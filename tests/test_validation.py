@@ -4,7 +4,7 @@ import pytest
 import torch
 
 import din_fast
-from din_cases import make_case
+from helpers import make_case
 
 
 def call(case, **overrides):
@@ -60,7 +60,7 @@ BAD_INPUTS = [  # (description, overrides as a function of the case, error type,
     ("unknown normalization", lambda c: dict(normalization="sum"), ValueError, "normalization"),
     ("unknown backend", lambda c: dict(backend="cuda"), ValueError, "backend"),
     ("scale not a number", lambda c: dict(scale="1"), TypeError, "scale"),
-    ("scale infinite", lambda c: dict(scale=float("inf")), TypeError, "scale"),
+    ("scale infinite", lambda c: dict(scale=float("inf")), ValueError, "scale"),
     ("prelu without params", lambda c: dict(activation="prelu"), ValueError,
      "activation_params"),
     ("prelu wrong count", lambda c: dict(activation="prelu", activation_params=[torch.ones(6)]),

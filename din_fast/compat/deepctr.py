@@ -4,25 +4,28 @@ Replace ``from deepctr_torch.layers.sequence import AttentionSequencePoolingLaye
 with ``from din_fast.compat.deepctr import AttentionSequencePoolingLayer``: same
 constructor, same forward, same output, same state_dict names (a DeepCTR-Torch
 checkpoint loads with ``strict=True``), same initialization for the same seed.
+Everything deepctr-torch 0.3.0's layer runs, this layer runs, with the peer's
+results:
 
-DeepCTR-Torch's semantics, kept where they differ from SPEC section 1:
+- ``keys_length`` is read as the peer reads it (``arange(T) < keys_length``):
+  any integer or floating dtype, [B, 1], [B] or one length for every row; a
+  length above T counts as T, a negative one as 0, a fractional one rounds
+  up, NaN counts as 0.
 - ``weight_normalization=True`` fills the padding with -(2**32) + 1 before a
   softmax over all T positions: a row of length 0 gets the weight 1/T at every
   position, so its output is the mean of its (padding) keys. Rows with a valid
-  position are SPEC's softmax exactly (exp of the fill underflows to 0) and
+  position are din_fast's softmax exactly (exp of the fill underflows to 0) and
   run fused; the mean is added to the empty rows.
-- Its Dice is a BatchNorm1d (eps 1e-8, momentum 0.1, with an affine weight
-  and bias) over every position, padding included, and a slope ``alpha``. In
-  training mode, and in eval mode when a BatchNorm weight is not positive,
-  the adapter scores every position on the torch backend with the peer's
-  BatchNorm, as the peer does. In eval mode with positive BatchNorm weights
-  the BatchNorm folds into SPEC's Dice (mu, var) and runs fused.
-- Its PReLU has one slope per layer (torch.nn.PReLU(), slope 0.25).
-
-Not reproduced: ``keys_length`` outside [0, T] raises ValueError (the peer
-treats a length above T as T and a negative one as 0); ``att_activation``
-must be sigmoid, relu, prelu or dice (the peer also takes "linear" and
-module classes).
+- ``att_activation`` "sigmoid", "relu", "prelu" (one slope per layer, as
+  torch.nn.PReLU()) and the classes nn.Sigmoid, nn.ReLU, nn.PReLU run fused.
+  "dice" is a BatchNorm1d (eps 1e-8, momentum 0.1, affine) over every
+  position, padding included, and a slope ``alpha``: in eval mode with
+  positive BatchNorm weights it folds into din_fast's Dice and runs fused; in
+  training mode, or with a BatchNorm weight <= 0, it runs on the general path.
+- ``att_activation="linear"`` and any other nn.Module class (nn.Tanh,
+  nn.LeakyReLU, ...) run on the general path: the peer's own layers on every
+  position, padding included, in PyTorch (the first layer folded, no concat),
+  whatever ``backend``.
 """
 
 from __future__ import annotations
@@ -31,10 +34,11 @@ import torch
 from torch import nn
 
 from ..functional import din_attention
-from ..problem import check_layer_sizes, validate
-from .peer_semantics import all_position_scores, batchnorm_gate, peer_argument_names
+from ..problem import check_layer_sizes
+from .peer_semantics import (first_layer_everywhere, fused_activation, module_of_class,
+                             peer_argument_names, validate_inputs)
 
-ACTIVATIONS = ("sigmoid", "relu", "prelu", "dice")
+ACTIVATION_NAMES = ("sigmoid", "relu", "prelu", "dice", "linear")
 DICE_EPS = 1e-8               # the peer's Dice BatchNorm eps
 SOFTMAX_PADDING = -2**32 + 1  # the peer's fill for masked scores before its softmax
 INIT_STD = 1e-4               # the peer's DNN initializes its Linear weights N(0, 1e-4)
@@ -43,26 +47,39 @@ ARGUMENT_NAMES = {"lengths": "keys_length"}
 
 
 class _Dice(nn.Module):
-    """The parameters of the peer's Dice(dim=3): ``bn`` and ``alpha`` [H, 1]."""
+    """The peer's Dice(dim=3): BatchNorm1d ``bn`` over the units of [B, T, H]
+    (every position a sample) and a slope ``alpha`` [H, 1]."""
 
     def __init__(self, units: int):
         super().__init__()
         self.bn = nn.BatchNorm1d(units, eps=DICE_EPS)
         self.alpha = nn.Parameter(torch.zeros(units, 1))
 
+    def forward(self, x):
+        x = x.transpose(1, 2)                                  # [B, H, T]: BatchNorm1d's layout
+        p = torch.sigmoid(self.bn(x))
+        return (self.alpha * (1 - p) * x + p * x).transpose(1, 2)
 
-def _activation_layer(activation: str, units: int) -> nn.Module:
-    if activation == "dice":
-        return _Dice(units)
-    if activation == "prelu":
-        return nn.PReLU()
-    return nn.Sigmoid() if activation == "sigmoid" else nn.ReLU()
+
+def _activation_layer(activation, units: int) -> nn.Module:
+    """The peer's activation_layer: a name (any case) or an nn.Module class."""
+    if isinstance(activation, str) and activation.lower() in ACTIVATION_NAMES:
+        name = activation.lower()
+        if name == "dice":
+            return _Dice(units)
+        return {"sigmoid": nn.Sigmoid, "relu": nn.ReLU, "prelu": nn.PReLU,
+                "linear": nn.Identity}[name]()
+    module = module_of_class(activation, LAYER, "att_activation")
+    if module is not None:
+        return module
+    raise ValueError(f"{LAYER}: `att_activation` must be one of {ACTIVATION_NAMES} (any case) or "
+                     f"an nn.Module class; got {activation!r}")
 
 
 class _DNN(nn.Module):
     """The peer's DNN parameters: ``linears`` and ``activation_layers``."""
 
-    def __init__(self, inputs_dim: int, hidden_units, activation: str):
+    def __init__(self, inputs_dim: int, hidden_units, activation):
         super().__init__()
         widths = [inputs_dim] + list(hidden_units)
         self.linears = nn.ModuleList(nn.Linear(i, o) for i, o in zip(widths[:-1], widths[1:]))
@@ -75,37 +92,42 @@ class _DNN(nn.Module):
 class _LocalActivationUnit(nn.Module):
     """The peer's LocalActivationUnit parameters: ``dnn`` and ``dense``."""
 
-    def __init__(self, hidden_units, embedding_dim: int, activation: str):
+    def __init__(self, hidden_units, embedding_dim: int, activation):
         super().__init__()
         self.dnn = _DNN(4 * embedding_dim, hidden_units, activation)
         self.dense = nn.Linear(hidden_units[-1], 1)
+
+    def scores_everywhere(self, query, keys):
+        """The peer's scores of every position, [B, T], on the general path."""
+        h = first_layer_everywhere(self.dnn.linears[0], query, keys)     # [B, T, H_1]
+        for i, activation in enumerate(self.dnn.activation_layers):
+            h = activation(h)
+            if i + 1 < len(self.dnn.linears):
+                h = self.dnn.linears[i + 1](h)
+        return self.dense(h).squeeze(-1)
 
 
 class AttentionSequencePoolingLayer(nn.Module):
     """DIN attention pooling with DeepCTR-Torch's interface (see the module doc).
 
-    forward(query [B, 1, E], keys [B, T, E], keys_length [B, 1] int, mask=None)
+    forward(query [B, 1, E], keys [B, T, E], keys_length [B, 1], mask=None)
     returns [B, 1, E], or with ``return_score`` the weights [B, 1, T]. With
     ``supports_masking`` the bool ``mask`` [B, T] (True = valid) replaces
-    ``keys_length``. ``backend`` is din_fast's (SPEC section 2).
+    ``keys_length``. ``backend`` is din_attention's.
     """
 
     def __init__(self, att_hidden_units=(80, 40), att_activation="sigmoid",
                  weight_normalization=False, return_score=False, supports_masking=False,
                  embedding_dim=4, backend="auto", **kwargs):
         super().__init__()
-        activation = att_activation.lower() if isinstance(att_activation, str) else None
-        if activation not in ACTIVATIONS:
-            raise ValueError(f"{LAYER}: `att_activation` must be one of {ACTIVATIONS} "
-                             f"(any case); got {att_activation!r}")
         hidden_units = check_layer_sizes(LAYER, "embedding_dim", embedding_dim,
                                          "att_hidden_units", att_hidden_units)
-        self.activation = activation
         self.return_score = return_score
         self.weight_normalization = weight_normalization
         self.supports_masking = supports_masking
         self.backend = backend
-        self.local_att = _LocalActivationUnit(hidden_units, embedding_dim, activation)
+        self.local_att = _LocalActivationUnit(hidden_units, embedding_dim, att_activation)
+        self.activation = fused_activation(self.local_att.dnn.activation_layers[0], _Dice)
 
     def _layers(self):
         unit = self.local_att
@@ -114,7 +136,7 @@ class AttentionSequencePoolingLayer(nn.Module):
         return weights, biases
 
     def _activation_params(self):
-        """SPEC activation_params for the fused path, or None where it cannot serve."""
+        """din_attention's activation_params for the fused path."""
         layers = self.local_att.dnn.activation_layers
         if self.activation == "prelu":
             return [layer.weight for layer in layers]
@@ -132,7 +154,7 @@ class AttentionSequencePoolingLayer(nn.Module):
 
     def _runs_fused(self) -> bool:
         if self.activation != "dice":
-            return True
+            return self.activation is not None
         if self.training:
             return False
         return all(bool((layer.bn.weight > 0).all())
@@ -144,35 +166,31 @@ class AttentionSequencePoolingLayer(nn.Module):
                 raise ValueError(f"{LAYER}: `mask` is required when supports_masking=True")
             lengths = None
         else:
-            if keys_length is None:
-                raise ValueError(f"{LAYER}: `keys_length` [B, 1] is required when "
-                                 "supports_masking=False")
             mask = None
-            lengths = keys_length
-            if isinstance(lengths, torch.Tensor) and lengths.dim() == 2 and lengths.shape[1] == 1:
-                lengths = lengths.squeeze(1)
+            lengths = _peer_lengths(keys_length, keys)
         if isinstance(query, torch.Tensor) and (query.dim() != 3 or query.shape[1] != 1):
             raise ValueError(f"{LAYER}: `query` must have shape [B, 1, E]; "
                              f"got {tuple(query.shape)}")
-        normalization = "softmax" if self.weight_normalization else None
-        weights, biases = self._layers()
         with peer_argument_names(LAYER, ARGUMENT_NAMES):
             if self._runs_fused():
-                result = din_attention(
-                    query, keys, lengths, mask=mask, weights=weights, biases=biases,
-                    activation=self.activation, activation_params=self._activation_params(),
-                    normalization=normalization, return_scores=self.return_score,
-                    backend=self.backend, dice_eps=DICE_EPS)
-                result = result[1] if self.return_score else result
-                if self.weight_normalization:
-                    result = self._average_empty_rows(result, keys, lengths, mask)
-                return result
-            return self._forward_over_padding(query, keys, lengths, mask, weights, biases,
-                                              normalization)
+                return self._forward_fused(query, keys, lengths, mask)
+            return self._forward_general(validate_inputs(query, keys, lengths, mask))
+
+    def _forward_fused(self, query, keys, lengths, mask):
+        weights, biases = self._layers()
+        result = din_attention(
+            query, keys, lengths, mask=mask, weights=weights, biases=biases,
+            activation=self.activation, activation_params=self._activation_params(),
+            normalization="softmax" if self.weight_normalization else None,
+            return_scores=self.return_score, backend=self.backend, dice_eps=DICE_EPS)
+        result = result[1] if self.return_score else result
+        if self.weight_normalization:
+            result = self._average_empty_rows(result, keys, lengths, mask)
+        return result
 
     def _average_empty_rows(self, result, keys, lengths, mask):
         """The peer's softmax gives a row with no valid position the weight 1/T
-        everywhere (SPEC gives it 0): add that to the scores or the output."""
+        everywhere (din_attention gives it 0): add that to the scores or the output."""
         length = keys.shape[1]
         if length == 0:
             return result
@@ -182,18 +200,41 @@ class AttentionSequencePoolingLayer(nn.Module):
             return result + empty / length
         return result + empty * keys.mean(dim=1, keepdim=True).to(result.dtype)
 
-    def _forward_over_padding(self, query, keys, lengths, mask, weights, biases, normalization):
-        """The peer's own order: BatchNorm-Dice over every position, then mask."""
-        layers = self.local_att.dnn.activation_layers
-        problem = validate(query, keys, lengths, weights=weights, biases=biases,
-                           activation="dice", mask=mask, normalization=normalization,
-                           scale=1.0, values=None, dice_eps=DICE_EPS,
-                           activation_params=[(layer.alpha.view(-1), layer.bn.running_mean,
-                                               layer.bn.running_var) for layer in layers])
-        scores = all_position_scores(problem, batchnorm_gate([layer.bn for layer in layers]))
-        valid = problem.valid_mask()[:, None, :]
+    def _forward_general(self, problem):
+        """The peer's own order: its layers on every position, then the mask
+        and the softmax (see the module doc)."""
+        scores = self.local_att.scores_everywhere(problem.query[:, 0], problem.keys)[:, None, :]
         fill = SOFTMAX_PADDING if self.weight_normalization else 0.0
-        scores = torch.where(valid, scores, torch.full_like(scores, fill))
+        scores = torch.where(problem.valid_mask()[:, None, :], scores,
+                             torch.full_like(scores, fill))
         if self.weight_normalization:
             scores = torch.softmax(scores, dim=-1)
         return scores if self.return_score else scores @ problem.keys
+
+
+def _peer_lengths(keys_length, keys):
+    """``keys_length`` as the peer reads it, as din_attention's lengths [B] int64.
+
+    The peer's mask is ``arange(T, dtype=keys_length.dtype) < keys_length.view(-1, 1)``:
+    the first clamp(ceil(length), 0, T) positions of each row (none for NaN),
+    one length per row or one for all.
+    """
+    if keys_length is None:
+        raise ValueError(f"{LAYER}: `keys_length` [B, 1] is required when supports_masking=False")
+    if not isinstance(keys_length, torch.Tensor) or keys_length.dtype == torch.bool \
+            or keys_length.is_complex():
+        got = keys_length.dtype if isinstance(keys_length, torch.Tensor) \
+            else type(keys_length).__name__
+        raise TypeError(f"{LAYER}: `keys_length` must be an integer or floating tensor "
+                        f"[B, 1]; got {got}")
+    if not isinstance(keys, torch.Tensor) or keys.dim() != 3:
+        return keys_length  # din_attention names what is wrong with the keys
+    batch, length = keys.shape[:2]
+    flat = keys_length.reshape(-1)
+    if flat.numel() not in (1, batch):
+        raise ValueError(f"{LAYER}: `keys_length` must hold one length per row of `keys` "
+                         f"{tuple(keys.shape)} ([{batch}, 1]) or one for all; "
+                         f"got shape {tuple(keys_length.shape)}")
+    if flat.is_floating_point():
+        flat = torch.nan_to_num(flat.ceil(), nan=0.0).clamp(0, length)
+    return flat.expand(batch).long().clamp(0, length)

@@ -3,44 +3,47 @@
 Replace ``from fuxictr.pytorch.layers import DIN_Attention`` with
 ``from din_fast.compat.fuxictr import DIN_Attention``: same constructor, same
 forward, same output, same state_dict names (the ``attention_layer.mlp``
-Sequential indices included, so a FuxiCTR checkpoint loads with
-``strict=True``), same initialization order.
+Sequential laid out as FuxiCTR's MLP_Block lays it out, so a FuxiCTR
+checkpoint loads with ``strict=True``), same initialization order. Everything
+fuxictr 2.3.10's layer runs, this layer runs, with the peer's results.
 
-FuxiCTR's semantics, kept where they differ from SPEC section 1:
-- ``mask`` may be bool or numeric with 0 = padding; a numeric mask must hold
-  only 0 and 1 (checked; FuxiCTR would weight the scores by other values).
-- ``use_softmax`` adds -1e9 to the padded scores before a softmax over all T
-  positions: a row with no valid position gets 1/T everywhere, so its output
-  is the mean of its (padding) history. Other rows are SPEC's softmax and
-  run fused; the mean is added to the empty rows.
-- Its Dice is a BatchNorm1d without affine parameters (eps 1e-9, momentum
-  0.01) over every position, padding included, and a slope ``alpha`` [H]. In
-  eval mode it is SPEC's Dice with dice_eps=1e-9 and runs fused; in training
-  mode the adapter scores every position on the torch backend with the
-  peer's BatchNorm, as the peer does.
-- Its PReLU has one slope per unit (torch.nn.PReLU(H, init=0.1)).
-- ``output_activation`` (applied to the score before the mask) has no SPEC
-  counterpart: with one, the scores of every position come from the torch
-  backend and the activation, mask and softmax follow as in the peer.
+The fused path (din_attention) runs when the peer's MLP is din_attention's unit:
+- at least one hidden layer, each with one hidden activation of one kind:
+  "relu", "sigmoid", "prelu" (one slope per unit, torch.nn.PReLU(H, init=0.1)),
+  "dice" (in eval mode), or the modules nn.ReLU, nn.Sigmoid, nn.PReLU;
+- ``batch_norm`` only in eval mode (each BatchNorm folds into its Linear);
+- ``dropout_rate`` only in eval mode (dropout is then the identity);
+- no ``output_activation``;
+- a ``mask`` that is bool, or numeric holding only 0 and 1 (finding that out
+  reads the mask: a host sync on a GPU; a bool mask needs none).
+``use_softmax`` adds -1e9 to the padded scores before a softmax over all T
+positions: a row with no valid position gets 1/T everywhere, so its output is
+the mean of its (padding) history; the fused path adds that mean to such rows.
 
-Not supported (ValueError): ``batch_norm=True``; ``dropout_rate > 0`` in
-training mode (in eval mode dropout is the identity, so such a checkpoint
-serves); hidden activations other than relu, sigmoid, prelu, dice, or
-different ones per layer.
+Everything else runs on the general path: the peer's own modules, in the
+peer's layout ([B*T, H]), on every position, padding included, in PyTorch (the
+first layer folded, no concat), whatever ``backend``: other hidden
+activations (any torch.nn name, module instances, mixed per-layer lists,
+none), ``attention_units=[]``, BatchNorm and dropout in training mode, Dice
+in training mode (its BatchNorm, eps 1e-9 and momentum 0.01 without affine
+parameters, takes its statistics over the padding too), an
+``output_activation`` (applied to the scores before the mask), and a mask of
+other values (it weights the scores, as in the peer).
 """
 
 from __future__ import annotations
 
 import numbers
+from typing import NamedTuple, Optional
 
 import torch
 from torch import nn
 
 from ..functional import din_attention
-from ..problem import check_all, check_layer_sizes, validate
-from .peer_semantics import all_position_scores, batchnorm_gate, peer_argument_names
+from ..problem import check_layer_sizes
+from .peer_semantics import (first_layer_everywhere, fused_activation, module_of_class,
+                             peer_argument_names, validate_inputs)
 
-ACTIVATIONS = ("relu", "sigmoid", "prelu", "dice")
 DICE_EPS = 1e-9          # the peer's Dice BatchNorm eps
 DICE_MOMENTUM = 0.01     # and momentum
 PRELU_INIT = 0.1         # the peer's PReLU slope
@@ -50,161 +53,226 @@ ARGUMENT_NAMES = {"query": "target_item", "keys": "history_sequence"}
 
 
 class _Dice(nn.Module):
-    """The parameters of the peer's Dice: ``bn`` (no affine) and ``alpha`` [H]."""
+    """The peer's Dice: ``bn`` (no affine) and ``alpha`` [H], on [N, H]."""
 
     def __init__(self, units: int):
         super().__init__()
         self.bn = nn.BatchNorm1d(units, affine=False, eps=DICE_EPS, momentum=DICE_MOMENTUM)
         self.alpha = nn.Parameter(torch.zeros(units))
 
-
-def _activation_name(hidden_activations, layers: int) -> str:
-    names = hidden_activations if isinstance(hidden_activations, list) \
-        else [hidden_activations] * layers
-    lowered = {name.lower() if isinstance(name, str) else None for name in names}
-    if len(names) != layers or len(lowered) != 1 or not lowered <= set(ACTIVATIONS):
-        raise ValueError(f"{LAYER}: `hidden_activations` must be one of {ACTIVATIONS} (any case) "
-                         f"or a list of {layers} equal ones; got {hidden_activations!r}")
-    return lowered.pop()
+    def forward(self, x):
+        p = torch.sigmoid(self.bn(x))
+        return p * x + self.alpha * (1 - p) * x
 
 
-def _hidden_activation(activation: str, units: int) -> nn.Module:
-    if activation == "dice":
-        return _Dice(units)
-    if activation == "prelu":
-        return nn.PReLU(units, init=PRELU_INIT)
-    return nn.Sigmoid() if activation == "sigmoid" else nn.ReLU()
-
-
-def _output_activation(name) -> nn.Module:
-    """The peer's get_activation for a score activation given by name."""
+def _activation(name, argument: str, units=None):
+    """The peer's get_activation: a module for a name (a few special ones,
+    else any torch.nn class by its exact name); anything else as it is."""
+    if not isinstance(name, str):
+        return name
     special = {"relu": nn.ReLU, "sigmoid": nn.Sigmoid, "tanh": nn.Tanh,
                "softmax": lambda: nn.Softmax(dim=-1)}
-    if isinstance(name, str) and name.lower() in special:
+    if name.lower() in special:
         return special[name.lower()]()
-    if isinstance(name, str) and isinstance(getattr(nn, name, None), type) \
-            and issubclass(getattr(nn, name), nn.Module) and name.lower() not in ("prelu", "dice"):
-        return getattr(nn, name)()
-    raise ValueError(f"{LAYER}: `output_activation` must be None or the name of a torch.nn "
-                     f"activation; got {name!r}")
+    if name.lower() in ("prelu", "dice"):
+        if units is None:
+            raise ValueError(f"{LAYER}: `{argument}` cannot be {name!r} (it needs a width; "
+                             "only hidden layers have one)")
+        return nn.PReLU(units, init=PRELU_INIT) if name.lower() == "prelu" else _Dice(units)
+    module = module_of_class(getattr(nn, name, None), LAYER, argument)
+    if module is not None:
+        return module
+    raise ValueError(f"{LAYER}: `{argument}` must name a torch.nn activation (or be relu, "
+                     f"sigmoid, tanh, softmax, prelu, dice in any case) or be a module; "
+                     f"got {name!r}")
+
+
+def _per_layer(value, layers: int, argument: str) -> list:
+    """The peer's broadcast of a hidden-layer option: one value for every
+    layer, or a list of one per layer."""
+    if not isinstance(value, list):
+        return [value] * layers
+    if len(value) < layers or (argument == "hidden_activations" and len(value) != layers):
+        raise ValueError(f"{LAYER}: `{argument}` must be one value or a list of one per hidden "
+                         f"layer ({layers}); got {value!r}")
+    return value[:layers]
+
+
+class _HiddenLayer(NamedTuple):
+    """Where one hidden layer's modules sit in the Sequential (None = absent)."""
+
+    linear: int
+    norm: Optional[int]
+    activation: Optional[int]
+    dropout: Optional[int]
 
 
 class _MLPBlock(nn.Module):
-    """The peer's MLP_Block parameters: ``mlp``, a Sequential laid out as the
-    peer lays it out (Linear, activation, [Dropout] per hidden layer, the
-    score Linear, [output activation]), which fixes the state_dict indices."""
+    """The peer's MLP_Block: ``mlp``, a Sequential of, per hidden layer,
+    Linear, [BatchNorm1d], [activation], [Dropout], then the score Linear and
+    [the output activation]; the indices are the state_dict's."""
 
-    def __init__(self, input_dim: int, hidden_units, activation: str, dropout_rates,
-                 output_activation):
+    def __init__(self, input_dim: int, hidden_units, hidden_activations, dropout_rates,
+                 batch_norm: bool, output_activation):
         super().__init__()
         widths = [input_dim] + list(hidden_units)
-        layers = []
-        for fan_in, units, rate in zip(widths[:-1], widths[1:], dropout_rates):
+        layers, self.hidden = [], []
+        for fan_in, units, activation, rate in zip(widths[:-1], widths[1:], hidden_activations,
+                                                   dropout_rates):
+            where = [len(layers), None, None, None]
             layers.append(nn.Linear(fan_in, units))
-            layers.append(_hidden_activation(activation, units))
+            if batch_norm:
+                where[1] = len(layers)
+                layers.append(nn.BatchNorm1d(units))
+            module = _activation(activation, "hidden_activations", units)
+            if module:  # the peer skips a falsy activation (None: no activation)
+                if not isinstance(module, nn.Module):
+                    raise ValueError(f"{LAYER}: `hidden_activations` must be names or nn.Module "
+                                     f"instances; got {module!r}")
+                where[2] = len(layers)
+                layers.append(module)
             if rate > 0:
+                where[3] = len(layers)
                 layers.append(nn.Dropout(p=rate))
+            self.hidden.append(_HiddenLayer(*where))
+        self.score = len(layers)
         layers.append(nn.Linear(widths[-1], 1))
         if output_activation is not None:
-            layers.append(_output_activation(output_activation))
+            module = _activation(output_activation, "output_activation")
+            if not isinstance(module, nn.Module):
+                raise ValueError(f"{LAYER}: `output_activation` must be None, a name or an "
+                                 f"nn.Module; got {output_activation!r}")
+            layers.append(module)
+        self.has_output_activation = output_activation is not None
         self.mlp = nn.Sequential(*layers)
+
+    def fused_unit(self):
+        """(weights, biases, activation, activation_params) of din_attention
+        for the MLP as it runs now (train or eval), or None where
+        din_attention cannot express it (see the module doc)."""
+        if not self.hidden or self.has_output_activation:
+            return None
+        weights, biases, names, params = [], [], set(), []
+        for layer in self.hidden:
+            activation = None if layer.activation is None else self.mlp[layer.activation]
+            name = fused_activation(activation, _Dice)
+            norm = None if layer.norm is None else self.mlp[layer.norm]
+            dropout = None if layer.dropout is None else self.mlp[layer.dropout]
+            if name is None or (name == "dice" and _batch_statistics(activation.bn)) \
+                    or (norm is not None and _batch_statistics(norm)) \
+                    or (dropout is not None and dropout.training):
+                return None
+            names.add(name)
+            weight, bias = _folded_linear(self.mlp[layer.linear], norm)
+            weights.append(weight)
+            biases.append(bias)
+            if name == "prelu":
+                params.append(activation.weight)
+            elif name == "dice":
+                params.append((activation.alpha, activation.bn.running_mean,
+                               activation.bn.running_var))
+        if len(names) != 1:
+            return None
+        score = self.mlp[self.score]
+        name = names.pop()
+        return (weights + [score.weight], biases + [score.bias], name,
+                params if name in ("prelu", "dice") else None)
+
+    def scores_everywhere(self, query, keys):
+        """The peer's scores of every position, [B, T], on the general path:
+        its Sequential on [B*T, H] after the folded first layer."""
+        batch, length = keys.shape[:2]
+        h = first_layer_everywhere(self.mlp[0], query, keys)            # [B, T, H_1]
+        return self.mlp[1:](h.reshape(batch * length, -1)).view(batch, length)
+
+
+def _batch_statistics(norm: nn.BatchNorm1d) -> bool:
+    """Whether a BatchNorm normalizes with the statistics of its input."""
+    return norm.training or norm.running_mean is None
+
+
+def _folded_linear(linear: nn.Linear, norm):
+    """A Linear followed by an eval-mode BatchNorm1d as one Linear."""
+    if norm is None:
+        return linear.weight, linear.bias
+    scale = torch.rsqrt(norm.running_var + norm.eps)
+    if norm.weight is not None:
+        scale = scale * norm.weight
+    bias = (linear.bias - norm.running_mean) * scale
+    if norm.bias is not None:
+        bias = bias + norm.bias
+    return linear.weight * scale[:, None], bias
 
 
 class DIN_Attention(nn.Module):  # noqa: N801 - the peer's class name
     """DIN target attention with FuxiCTR's interface (see the module doc).
 
     forward(target_item [B, E], history_sequence [B, T, E], mask [B, T] = None)
-    returns [B, E]. ``backend`` is din_fast's (SPEC section 2).
+    returns [B, E]. ``backend`` is din_attention's.
     """
 
     def __init__(self, embedding_dim=64, attention_units=[32], hidden_activations="ReLU",
                  output_activation=None, dropout_rate=0, batch_norm=False, use_softmax=False,
                  backend="auto"):
         super().__init__()
-        units = list(check_layer_sizes(LAYER, "embedding_dim", embedding_dim, "attention_units",
-                                       attention_units))
-        if batch_norm:
-            raise ValueError(f"{LAYER}: `batch_norm` must be False (din_fast has no BatchNorm "
-                             f"between the attention unit's layers); got {batch_norm!r}")
-        rates = dropout_rate if isinstance(dropout_rate, list) else [dropout_rate] * len(units)
-        if len(rates) != len(units) or not all(isinstance(r, numbers.Real) and 0 <= r < 1
-                                               for r in rates):
-            raise ValueError(f"{LAYER}: `dropout_rate` must be a rate in [0, 1) or a list of "
-                             f"{len(units)}; got {dropout_rate!r}")
+        if isinstance(attention_units, (list, tuple)) and len(attention_units) == 0:
+            # No hidden layer: the score Linear alone (the check needs a width).
+            check_layer_sizes(LAYER, "embedding_dim", embedding_dim, "attention_units", [1])
+            units = []
+        else:
+            units = list(check_layer_sizes(LAYER, "embedding_dim", embedding_dim,
+                                           "attention_units", attention_units))
+        rates = _per_layer(dropout_rate, len(units), "dropout_rate")
+        if not all(isinstance(r, numbers.Real) and not isinstance(r, bool) and r <= 1
+                   for r in rates):
+            raise ValueError(f"{LAYER}: `dropout_rate` must be a rate <= 1 or a list of one "
+                             f"per hidden layer; got {dropout_rate!r}")
         self.embedding_dim = embedding_dim
         self.use_softmax = use_softmax
-        self.activation = _activation_name(hidden_activations, len(units))
-        self.has_dropout = any(r > 0 for r in rates)
-        self.has_output_activation = output_activation is not None
         self.backend = backend
-        self.attention_layer = _MLPBlock(4 * embedding_dim, units, self.activation, rates,
-                                         output_activation)
-
-    def _linears(self):
-        return [m for m in self.attention_layer.mlp if isinstance(m, nn.Linear)]
-
-    def _activation_modules(self):
-        return [m for m in self.attention_layer.mlp if isinstance(m, (nn.PReLU, _Dice))]
-
-    def _activation_params(self):
-        if self.activation == "prelu":
-            return [m.weight for m in self._activation_modules()]
-        if self.activation == "dice":
-            return [(m.alpha, m.bn.running_mean, m.bn.running_var)
-                    for m in self._activation_modules()]
-        return None
+        self.attention_layer = _MLPBlock(
+            4 * embedding_dim, units,
+            _per_layer(hidden_activations, len(units), "hidden_activations"), rates,
+            bool(batch_norm), output_activation)
 
     def forward(self, target_item, history_sequence, mask=None):
-        if self.training and self.has_dropout:
-            raise ValueError(f"{LAYER}: `dropout_rate` > 0 is supported in eval mode only "
-                             "(din_fast has no dropout inside the attention unit)")
         if isinstance(target_item, torch.Tensor) and target_item.dim() != 2:
             raise ValueError(f"{LAYER}: `target_item` must have shape [B, E]; "
                              f"got {tuple(target_item.shape)}")
-        valid = self._valid_mask(mask)
-        linears = self._linears()
-        kwargs = dict(weights=[m.weight for m in linears], biases=[m.bias for m in linears],
-                      activation=self.activation, activation_params=self._activation_params(),
-                      mask=valid, scale=1.0, values=None, dice_eps=DICE_EPS)
-        normalization = "softmax" if self.use_softmax else None
+        if isinstance(mask, torch.Tensor) and mask.is_complex():
+            raise TypeError(f"{LAYER}: `mask` must be bool or real (0 = padding); "
+                            f"got {mask.dtype}")
+        # The peer's mask: 0 = padding, any real dtype. A numeric one weights
+        # the scores: the fused path takes it only when it holds 0 and 1 alone.
+        numeric = isinstance(mask, torch.Tensor) and mask.dtype != torch.bool
+        valid = mask != 0 if numeric else mask
+        unit = self.attention_layer.fused_unit()
         with peer_argument_names(LAYER, ARGUMENT_NAMES):
-            if self.has_output_activation or (self.activation == "dice" and self.training):
-                problem = validate(target_item, history_sequence, None,
-                                   normalization=normalization, **kwargs)
-                return self._forward_over_padding(problem)
-            pooled = din_attention(target_item, history_sequence, normalization=normalization,
-                                   backend=self.backend, **kwargs)
+            if unit is None or numeric:
+                problem = validate_inputs(target_item, history_sequence, None, valid)
+                if unit is None or not bool(((mask == 0) | (mask == 1)).all()):
+                    return self._forward_general(problem.query[:, 0], problem.keys, mask)
+            weights, biases, activation, params = unit
+            pooled = din_attention(target_item, history_sequence, mask=valid, weights=weights,
+                                   biases=biases, activation=activation,
+                                   activation_params=params,
+                                   normalization="softmax" if self.use_softmax else None,
+                                   backend=self.backend, dice_eps=DICE_EPS)
         if self.use_softmax and valid is not None and history_sequence.shape[1] > 0:
             # The peer's softmax gives a row with no valid position 1/T everywhere.
             empty = (~valid.any(dim=1)).to(pooled.dtype)[:, None]
             pooled = pooled + empty * history_sequence.mean(dim=1).to(pooled.dtype)
         return pooled
 
-    def _valid_mask(self, mask):
-        """The peer's mask (0 = padding, any dtype) as SPEC's bool mask."""
-        if not isinstance(mask, torch.Tensor) or mask.dtype == torch.bool:
-            return mask  # None, or checked by din_attention
-        if mask.is_complex():
-            raise TypeError(f"{LAYER}: `mask` must be bool or real (0 = padding); "
-                            f"got {mask.dtype}")
-        check_all((mask == 0) | (mask == 1),
-                  f"{LAYER}: `mask` must hold only 0 (padding) and 1 (valid)")
-        return mask != 0
-
-    def _forward_over_padding(self, problem):
-        """The peer's own order: every position scored (Dice batch statistics
-        over the padding too), then the output activation, the mask, the softmax."""
-        gate = None
-        if self.activation == "dice":
-            gate = batchnorm_gate([m.bn for m in self._activation_modules()])
-        scores = all_position_scores(problem, gate)                          # [B, T]
-        if self.has_output_activation:
-            scores = self.attention_layer.mlp[-1](scores.reshape(-1, 1)).view_as(scores)
-        if problem.mask is not None:
-            valid = problem.mask.to(scores.dtype)
-            scores = scores * valid
-            if self.use_softmax:
-                scores = scores + SOFTMAX_PADDING * (1 - valid)
+    def _forward_general(self, target_item, history_sequence, mask):
+        """The peer's own order: its MLP on every position, then the mask
+        (which weights the scores), the padding fill and the softmax."""
+        scores = self.attention_layer.scores_everywhere(target_item, history_sequence)
+        if mask is not None:
+            scores = scores * mask.float()
         if self.use_softmax:
+            if mask is not None:
+                scores = scores + SOFTMAX_PADDING * (1 - mask.float())
             scores = scores.softmax(dim=-1)
-        return (scores.unsqueeze(-1) * problem.keys).sum(dim=1)
+        return (scores.unsqueeze(-1) * history_sequence).sum(dim=1)
+

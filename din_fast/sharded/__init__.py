@@ -1,0 +1,82 @@
+"""DIN with its embedding tables sharded across processes by TorchRec.
+
+``din_fast.sharded.model`` holds the model (TorchRecDIN: the item and category
+tables as a TorchRec EmbeddingCollection, the history pooled by
+din_attention_jagged) and its sharding; ``din_fast.sharded.training`` the
+distributed training loop behind ``torchrun ... -m din_fast train``. Both need
+the optional TorchRec install (see the README); this module does not, so the
+command line can offer the options without it.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+
+from ..errors import InputError
+
+SHARDING_TYPES = ("table_wise", "row_wise", "column_wise")
+# Optimizers of the embedding tables, applied inside the backward by FBGEMM's
+# fused kernel (TorchRec's FUSED compute kernel): rows untouched by a batch are
+# not updated. fbgemm has no CPU kernel for Adam, hence a CPU-capable default.
+EMBEDDING_OPTIMIZERS = ("rowwise_adagrad", "adagrad", "sgd", "adam")
+DEFAULT_EMBEDDING_OPTIMIZER = "rowwise_adagrad"
+DEFAULT_EMBEDDING_LR = 0.1
+
+
+class OptionError(InputError):
+    """Sharded training cannot run as asked; the message says why and what to change."""
+
+
+def check_options(model: str, embedding_optimizer: str, embedding_lr: float,
+                  device_type: str) -> None:
+    if model != "din":
+        raise OptionError(f"sharded training runs DIN only (--model din); got --model {model}")
+    if embedding_optimizer not in EMBEDDING_OPTIMIZERS:
+        raise OptionError(f"--embedding-optimizer must be one of {EMBEDDING_OPTIMIZERS}; "
+                          f"got {embedding_optimizer!r}")
+    if not embedding_lr > 0:
+        raise OptionError(f"--embedding-lr must be a positive number; got {embedding_lr}")
+    if embedding_optimizer == "adam" and device_type != "cuda":
+        raise OptionError("--embedding-optimizer adam needs --device cuda: FBGEMM's fused Adam "
+                          f"has no CPU kernel; on CPU use one of {EMBEDDING_OPTIMIZERS[:-1]}")
+
+
+def load_trainer():
+    """din_fast.sharded.training.train_sharded, or an OptionError that says how
+    to install TorchRec."""
+    try:
+        from .training import train_sharded
+    except ModuleNotFoundError as error:
+        if (error.name or "").partition(".")[0] not in ("torchrec", "fbgemm_gpu"):
+            raise
+        raise OptionError(
+            f"sharded training needs TorchRec ({error.name} is missing): pip install "
+            "'din-fast[torchrec]' && pip install --no-deps fbgemm-gpu-cpu==1.8.0 "
+            "torchrec==1.8.0 (on a GPU machine fbgemm-gpu instead of fbgemm-gpu-cpu)") from None
+    return train_sharded
+
+
+def add_options(parser: argparse.ArgumentParser) -> None:
+    """The train command's TorchRec options."""
+    group = parser.add_argument_group(
+        "sharded embedding tables (TorchRec; run under torchrun, or alone as one process)")
+    group.add_argument("--sharding", choices=SHARDING_TYPES,
+                       help="how both tables are split over the processes; omitted under "
+                       "torchrun: TorchRec's planner chooses among these")
+    group.add_argument("--embedding-optimizer", choices=EMBEDDING_OPTIMIZERS,
+                       default=DEFAULT_EMBEDDING_OPTIMIZER,
+                       help="the tables' optimizer, fused into the backward (adam: CUDA only); "
+                       "the dense layers keep Adam with --lr")
+    group.add_argument("--embedding-lr", type=float, default=DEFAULT_EMBEDDING_LR,
+                       help="the tables' learning rate")
+
+
+def under_torchrun() -> bool:
+    return "WORLD_SIZE" in os.environ   # set by torchrun for every process it starts
+
+
+def requested(args: argparse.Namespace) -> bool:
+    """Whether a parsed train command runs the TorchRec model: --sharding was
+    given, or the command runs under torchrun."""
+    return args.sharding is not None or under_torchrun()

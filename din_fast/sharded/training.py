@@ -1,0 +1,256 @@
+"""Distributed training of TorchRecDIN: ``torchrun --nproc_per_node N -m din_fast train ...``.
+
+The same data, samples, protocol and global batches as single-process
+``din-fast train`` (din_fast.training.fit_learner: validation every epoch,
+early stopping on validation GAUC, the best epoch restored, the test set
+scored once): every process builds the same seeded global batches and trains
+on its share of each (rows rank, rank + N, ...), so a training step does not
+depend on the number of processes beyond floating-point order and Dice's
+per-process batch statistics (the tables' initial values do: each process
+draws its own shards). Gradients are those of the mean loss over the global
+batch plus the mini-batch aware L2 penalty of the rows the global batch
+looks up: each process's loss is its share's sum times N / (global batch
+size), plus N times the penalty of the rows whose first occurrence in the
+global batch falls in its share; DistributedDataParallel (the dense layers)
+and TorchRec (the tables, in its all-to-all backward) average over the
+processes. The tables are trained by their fused optimizer (see
+din_fast.sharded.EMBEDDING_OPTIMIZERS), the dense layers by Adam with the
+learning-rate decay. Metrics gather every process's logits; the checkpoint is
+din_fast.DIN's, which single-process ``din-fast evaluate`` loads.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import os
+from typing import Optional
+
+import numpy as np
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+from torch.distributed._shard.sharded_tensor import ShardedTensor
+from torchrec.optim.optimizers import in_backward_optimizer_filter
+
+from ..checkpoint import save_checkpoint
+from ..config import TrainConfig, build_model
+from ..data import BATCH_STREAM, Batch, EncodedData, Samples, iterate_batches
+from ..training import (EVAL_BATCH_SIZE, check_device_and_backend, describe_data, fit_learner,
+                        inverse_frequencies, load_training_data, metrics_of, write_json)
+from . import DEFAULT_EMBEDDING_LR, DEFAULT_EMBEDDING_OPTIMIZER, check_options, under_torchrun
+from .model import TorchRecDIN, batch_features, din_state_dict, plan_summary, shard_model
+
+
+@contextlib.contextmanager
+def process_group(device: str):
+    """The default process group of a torchrun launch (NCCL on CUDA, gloo on
+    CPU), or a group of one process outside torchrun; yields the device of this
+    process."""
+    if device == "cuda":
+        local_device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0)))
+        torch.cuda.set_device(local_device)
+    else:
+        local_device = torch.device("cpu")
+    backend = "nccl" if device == "cuda" else "gloo"
+    if under_torchrun():
+        dist.init_process_group(backend)
+    else:
+        dist.init_process_group(backend, store=dist.HashStore(), rank=0, world_size=1)
+    try:
+        yield local_device
+    finally:
+        dist.destroy_process_group()
+
+
+def rank_share(batch: Batch) -> tuple[Batch, int]:
+    """This process's rows of a global batch, rank, rank + N, ... (batches are
+    sorted by history length, so every process gets a similar mix), and how
+    many of them are samples. TorchRec cannot take an empty batch, so a process
+    whose share is empty (a last batch smaller than N) gets one stand-in: no
+    history and the padding id 0 as target. Its output is to be dropped; it
+    touches only the padding rows and gives them zero gradient."""
+    rank, world = dist.get_rank(), dist.get_world_size()
+    share = Batch(*(t[rank::world] for t in batch))
+    if len(share.labels):
+        return share, len(share.labels)
+    return Batch(*(t.new_zeros((1,) + t.shape[1:]) for t in share)), 0
+
+
+def penalized_rows(batch: Batch, inverse_frequency: dict, device) -> dict:
+    """{table: (ids, 1 / frequency)} of the rows this process penalizes for a
+    global batch: every distinct id the batch looks up (padding aside) once,
+    by the process whose share holds the id's first sample, so that the
+    processes' penalties add up to the single-process one."""
+    rank, world = dist.get_rank(), dist.get_world_size()
+    size, width = batch.history_items.shape
+    valid = torch.arange(width) < batch.lengths[:, None]
+    sample = torch.arange(size)
+    samples = torch.cat([sample[:, None].expand(size, width)[valid], sample])
+    penalized = {}
+    for table, history, target in (
+            ("item", batch.history_items, batch.target_items),
+            ("category", batch.history_categories, batch.target_categories)):
+        ids = torch.cat([history[valid], target])
+        looked_up = ids != 0
+        unique, inverse = torch.unique(ids[looked_up], return_inverse=True)
+        first = torch.full_like(unique, size).scatter_reduce(0, inverse, samples[looked_up],
+                                                             "amin")
+        own = unique[first % world == rank]
+        penalized[table] = (own.to(device), inverse_frequency[table][own].to(device))
+    return penalized
+
+
+def dense_parameters(sharded) -> list:
+    """The parameters that the tables' fused optimizer does not train."""
+    return [p for _, p in in_backward_optimizer_filter(sharded.named_parameters())]
+
+
+def train_step(sharded, optimizer, batch: Batch, device, l2: float = 0.0,
+               inverse_frequency: Optional[dict] = None) -> torch.Tensor:
+    """One step on this process's share of a global batch (a collective); the
+    summed loss of the share (without the penalty), detached. ``l2`` > 0
+    adds the mini-batch aware L2 penalty (``inverse_frequency`` per table,
+    see din_fast.training.inverse_frequencies)."""
+    share, count = rank_share(batch)
+    features = batch_features(share).to(device)
+    width = batch.history_items.shape[1]
+    penalty = 0.0
+    if l2:
+        logits, penalty = sharded(features, width,
+                                  penalized_rows(batch, inverse_frequency, device))
+    else:
+        logits = sharded(features, width)
+    loss_sum = F.binary_cross_entropy_with_logits(logits[:count],
+                                                  share.labels[:count].to(device),
+                                                  reduction="sum")
+    optimizer.zero_grad(set_to_none=True)
+    ((loss_sum / len(batch.labels) + l2 * penalty) * dist.get_world_size()).backward()
+    optimizer.step()
+    return loss_sum.detach()
+
+
+class ShardedLearner:
+    """din_fast.training.LocalLearner's counterpart for a sharded TorchRecDIN:
+    every method is a collective."""
+
+    def __init__(self, sharded, data: EncodedData, config: TrainConfig, device):
+        self.sharded, self.data, self.config, self.device = sharded, data, config, device
+        self.optimizer = torch.optim.Adam(dense_parameters(sharded), lr=config.lr)
+        self.schedule = torch.optim.lr_scheduler.ExponentialLR(self.optimizer,
+                                                               gamma=config.lr_decay)
+        self.inverse_frequency = inverse_frequencies(data, "cpu") if config.l2 else None
+        self.batch_rng = np.random.default_rng([config.seed, BATCH_STREAM])
+
+    def lr(self) -> float:
+        return self.optimizer.param_groups[0]["lr"]
+
+    def train_epoch(self, samples: Samples, bar) -> float:
+        """One pass over ``samples``; the mean training loss over them."""
+        config = self.config
+        self.sharded.train()
+        loss_sum = torch.zeros((), dtype=torch.float64, device=self.device)
+        for _, batch in bar(iterate_batches(self.data, samples, config.batch_size,
+                                            max_len=config.max_len, shuffle=True,
+                                            rng=self.batch_rng)):
+            loss_sum += train_step(self.sharded, self.optimizer, batch, self.device, config.l2,
+                                   self.inverse_frequency)
+        dist.all_reduce(loss_sum)
+        self.schedule.step()
+        return loss_sum.item() / len(samples)
+
+    @torch.no_grad()
+    def evaluate(self, samples: Samples, prefix: str) -> dict:
+        """Metrics over all ``samples``, each process scoring its share of
+        every batch."""
+        self.sharded.eval()
+        # Dice's running statistics: rank 0's on every process, as in the
+        # checkpoint (DistributedDataParallel broadcasts them before each
+        # training forward, so each process's last update is its own).
+        for name, buffer in self.sharded.named_buffers():
+            if "tables." not in name:
+                dist.broadcast(buffer, src=0)
+        rank, world = dist.get_rank(), dist.get_world_size()
+        indices, logits = [], []
+        for batch_indices, batch in iterate_batches(self.data, samples, EVAL_BATCH_SIZE * world,
+                                                    max_len=self.config.max_len):
+            share, count = rank_share(batch)
+            indices.append(batch_indices[rank::world])
+            logits.append(self.sharded(batch_features(share).to(self.device),
+                                       batch.history_items.shape[1])
+                          [:count].double().cpu().numpy())
+        gathered = [None] * world
+        dist.all_gather_object(gathered, (np.concatenate(indices), np.concatenate(logits)))
+        all_logits = np.empty(len(samples), dtype=np.float64)
+        for rank_indices, rank_logits in gathered:
+            all_logits[rank_indices] = rank_logits
+        return metrics_of(samples, all_logits, prefix)
+
+    def _local_tensors(self):
+        """This process's weights: its table shards and the dense tensors."""
+        for value in self.sharded.state_dict().values():
+            if isinstance(value, ShardedTensor):
+                yield from (shard.tensor for shard in value.local_shards())
+            else:
+                yield value
+
+    def snapshot(self) -> list:
+        return [t.detach().clone() for t in self._local_tensors()]
+
+    @torch.no_grad()
+    def restore(self, snapshot: list) -> None:
+        for tensor, saved in zip(self._local_tensors(), snapshot, strict=True):
+            tensor.copy_(saved)
+
+
+def train_sharded(config: TrainConfig, sharding: Optional[str] = None, *,
+                  embedding_optimizer: str = DEFAULT_EMBEDDING_OPTIMIZER,
+                  embedding_lr: float = DEFAULT_EMBEDDING_LR, checkpoint: Optional[str] = None,
+                  metrics_out: Optional[str] = None, progress: bool = True,
+                  log=print) -> Optional[dict]:
+    """Train TorchRecDIN in the process group of a torchrun launch (or alone).
+
+    Returns the metrics on rank 0 (also written to ``metrics_out``), None on
+    the other ranks: din_fast.training.train's keys, plus ``world_size``,
+    ``sharding`` (the plan: each table's sharding type and ranks),
+    ``embedding_optimizer`` and ``embedding_lr``. Each epoch's ``train_loss``
+    is the mean loss over its training samples.
+    """
+    check_options(config.model, embedding_optimizer, embedding_lr, config.device)
+    check_device_and_backend(config)
+    with process_group(config.device) as device:
+        rank, world = dist.get_rank(), dist.get_world_size()
+        if rank != 0:
+            log, progress = (lambda *_: None), False
+        torch.manual_seed(config.seed)
+        data, splits = load_training_data(config)
+        log(describe_data(data, splits))
+        model = TorchRecDIN(data.num_items, data.num_categories, embed_dim=config.embed_dim,
+                            mlp_activation=config.mlp_activation, backend=config.backend,
+                            mlp_input=config.mlp_input,
+                            attention_activation=config.attention_activation,
+                            attention_normalization=config.attention_normalization,
+                            device=device)
+        backend = model.attention.resolved_backend()
+        sharded = shard_model(model, device, sharding, embedding_optimizer=embedding_optimizer,
+                              embedding_lr=embedding_lr,
+                              batch_size=-(-config.batch_size // world))
+        plan = plan_summary(sharded)
+        log(f"{world} process(es); tables: " + ", ".join(
+            f"{name} {p['sharding_type']} on ranks {p['ranks']}" for name, p in plan.items()))
+        result = fit_learner(ShardedLearner(sharded, data, config, device), data, splits,
+                             config, progress=progress, log=log)
+        result.update(model=config.model, backend=backend, world_size=world, sharding=plan,
+                      embedding_optimizer=embedding_optimizer, embedding_lr=embedding_lr,
+                      config=dataclasses.asdict(config))
+        state = din_state_dict(sharded) if checkpoint else None
+        if rank != 0:
+            return None
+        if checkpoint:
+            din = build_model(dataclasses.replace(config, device="cpu"), data.num_items,
+                              data.num_categories)
+            din.load_state_dict(state)
+            save_checkpoint(checkpoint, din, data.id_maps, config)
+        if metrics_out:
+            write_json(metrics_out, result)
+        return result

@@ -1,0 +1,163 @@
+"""The benchmark scripts: their harness, their records and their command lines.
+
+Benchmarks print and record figures; these tests check that what they record
+is right (rows, columns, errors against float64), never how fast anything is.
+CI runs the whole GPU check's dry run (bash benchmarks/gpu_check.sh --dry-run).
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from benchmarks import harness, sanitizer_workload
+from benchmarks.bench_gpu import GPU_SIZES
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def run_module(*args, env=None):
+    """python -m benchmarks.<args> from the repository root."""
+    return subprocess.run([sys.executable, "-m", *args], cwd=ROOT, capture_output=True,
+                          text=True, timeout=300, env=env)
+
+
+def test_spread_of_measurements():
+    spread = harness.Spread.of([5.0, 1.0, 3.0, 2.0, 4.0])
+    assert (spread.median, spread.q1, spread.q3, spread.low, spread.high) == (3, 2, 4, 1, 5)
+    assert harness.Spread.of([7.0]) == harness.Spread(7.0, 7.0, 7.0, 7.0, 7.0)
+    assert all(math.isnan(v) for v in vars(harness.Spread.of([])).values())
+    row = spread.fields("ms")
+    assert harness.Spread.from_fields(row, "ms") == spread
+    assert spread.text(".1f", "x") == "3.0x (2.0-4.0)"
+
+
+def test_round_robin_rotates_the_order_and_times_every_round():
+    calls = []
+    fns = {name: (lambda name=name: calls.append(name)) for name in "abc"}
+    times = harness.time_round_robin(fns, rounds=3, warmup=1, device=torch.device("cpu"))
+    assert calls == list("abc") + list("abc") + list("bca") + list("cab")
+    assert {name: len(ms) for name, ms in times.items()} == {"a": 3, "b": 3, "c": 3}
+    assert all(t >= 0 for ms in times.values() for t in ms)
+
+
+def test_peak_memory_counts_the_tensors_alive_at_once():
+    def two_buffers():
+        a = torch.ones(1000, dtype=torch.float64)     # 8000 bytes
+        b = torch.ones(500, dtype=torch.float64)      # 4000 bytes, while a lives
+        del a
+        return b
+
+    assert harness.peak_memory_bytes(two_buffers, torch.device("cpu")) == 12000
+
+
+def test_gradient_error_is_relative_and_survives_exact_zeros():
+    exact = [torch.tensor([2.0, -4.0], dtype=torch.float64), torch.zeros(3, dtype=torch.float64)]
+    grads = [torch.tensor([2.0, -3.0]), torch.tensor([0.0, 4e-4, 0.0])]
+    # 1 / 4 in the first; the zero gradient is measured on a thousandth of 4
+    assert harness.worst_gradient_error(grads, exact) == pytest.approx(0.25)
+    grads[1][0] = float("nan")
+    assert math.isnan(harness.worst_gradient_error(grads, exact))
+    assert math.isnan(harness.max_abs_error(torch.tensor([float("nan")]), torch.zeros(1)))
+
+
+def test_csv_round_trip(tmp_path):
+    rows = [dict(impl="triton", batch=4096, ms=0.125, note=""), dict(impl="torch", extra=1e-5)]
+    path = tmp_path / "sub" / "rows.csv"
+    harness.write_csv(rows, str(path))
+    back = harness.read_csv(str(path))
+    assert back[0] == dict(impl="triton", batch=4096, ms=0.125, note="", extra="")
+    assert back[1]["extra"] == 1e-5 and back[1]["impl"] == "torch"
+
+
+def test_gpu_sweep_shapes_keep_the_pair_count():
+    shapes = GPU_SIZES.shapes()
+    assert shapes[0] == (4096, 1, 200)
+    assert len(shapes) == len(set(shapes)) == 8
+    assert {(c, t) for _, c, t in shapes} == {(c, t) for c in (1, 100) for t in (50, 200, 1000, 10000)}
+    for batch, candidates, length in shapes:
+        assert batch == max(1, 4096 * 200 // (candidates * length))
+
+
+def test_sanitizer_cases_run_every_backward_launch_configuration():
+    covered = set()
+    for case in sanitizer_workload.CASES:
+        if case.backward:
+            inputs = sanitizer_workload.case_inputs(case, torch.device("cpu"))
+            covered.update(sanitizer_workload.fused_backward_launches(inputs, case.options))
+    assert covered == sanitizer_workload.REQUIRED_LAUNCHES
+
+
+def test_bench_cpu_records_every_implementation_and_pass(tmp_path):
+    out = tmp_path / "cpu.csv"
+    result = run_module("benchmarks.bench_cpu", "--batch", "6", "--length", "5", "--dim", "8",
+                        "--hidden", "6", "4", "--rounds", "3", "--out", str(out))
+    assert result.returncode == 0, result.stderr
+    rows = harness.read_csv(str(out))
+    names = {"torch", "reference"} | ({"deepctr_torch"} if "deepctr" in rows[-1]["baseline"] else set())
+    assert {(r["impl"], r["pass"]) for r in rows} == {
+        (n, p) for n in names for p in ("forward", "forward+backward")}
+    for row in rows:
+        assert row["max_abs_error"] < 1e-5 and row["peak_mb"] > 0
+        assert row["ms_q1"] <= row["ms"] <= row["ms_q3"]
+        assert row["threads"] == 1 and "--rounds 3" in row["command"]
+        if row["pass"] == "forward+backward":
+            assert row["grad_error"] < 1e-4
+        if row["impl"] == row["baseline"]:
+            assert row[f"speedup_vs_{row['baseline']}"] == 1.0
+    assert "speedup (IQR)" in result.stdout
+
+
+def test_bench_gpu_dry_run_records_errors_beside_times(tmp_path):
+    result = run_module("benchmarks.bench_gpu", "--pass", "train", "--dry-run", "--headline-only",
+                        "--dtypes", "float32", "--implementations", "triton", "reference",
+                        "--out", str(tmp_path))
+    assert result.returncode == 0, result.stderr
+    rows = harness.read_csv(str(tmp_path / "bench_gpu_train_dry-run-cpu.csv"))
+    assert [r["impl"] for r in rows] == ["triton", "reference"]
+    for row in rows:
+        assert row["note"] == "" and row["ms"] > 0
+        assert row["max_abs_error"] < 1e-4 and row["grad_error"] < 1e-4
+        assert (row["batch"], row["candidates"], row["length"]) == (4, 1, 16)
+    report = run_module("benchmarks.gpu_report", "--label", "dry-run-cpu", "--results",
+                        str(tmp_path))
+    # the forward pass was not run: reported as missing, exit status 1
+    assert report.returncode == 1 and "bench_gpu_forward_dry-run-cpu.csv was not written" in report.stdout
+    assert (tmp_path / "gpu_summary_dry-run-cpu.md").exists()
+    assert (tmp_path / "bench_gpu_dry-run-cpu.png").exists()
+
+
+@pytest.mark.parametrize("args, status, message", [
+    (["benchmarks.bench_cpu", "--threads", "0"], 2, "--threads: must be a positive integer; got '0'"),
+    (["benchmarks.bench_cpu", "--rounds", "x"], 2, "--rounds: must be a positive integer; got 'x'"),
+    (["benchmarks.bench_gpu"], 2, "the following arguments are required: --pass"),
+    (["benchmarks.bench_gpu", "--pass", "train", "--dry-run", "--implementations", "torch"], 2,
+     "--implementations must include triton"),
+    (["benchmarks.gpu_report", "--label", "nothing", "--results", "/nonexistent"], 1,
+     "gpu_report: no results: forward: /nonexistent/bench_gpu_forward_nothing.csv was not written"),
+])
+def test_command_line_failures_say_what_is_wrong(args, status, message):
+    result = run_module(*args)
+    assert result.returncode == status
+    assert message in result.stderr
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the message on a machine without CUDA")
+def test_gpu_commands_without_cuda_point_to_the_dry_run():
+    bench = run_module("benchmarks.bench_gpu", "--pass", "forward")
+    assert bench.returncode == 2 and "--dry-run checks the script on CPU" in bench.stderr
+    check = subprocess.run(["bash", "benchmarks/gpu_check.sh"], cwd=ROOT, capture_output=True,
+                           text=True, timeout=120)
+    assert check.returncode == 2 and "--dry-run runs every step on CPU" in check.stderr
+
+
+def test_gpu_check_rejects_unknown_arguments():
+    result = subprocess.run(["bash", "benchmarks/gpu_check.sh", "--dryrun"], cwd=ROOT,
+                            capture_output=True, text=True, timeout=60)
+    assert result.returncode == 2
+    assert "unknown argument '--dryrun' (takes --dry-run or nothing)" in result.stderr

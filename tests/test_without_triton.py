@@ -1,0 +1,39 @@
+"""din_fast without triton (pyproject installs it on Linux only): the package
+imports, the torch backend runs, "auto" takes it, and backend="triton" says
+why it cannot run. A subprocess, whose imports make triton look absent."""
+
+import subprocess
+import sys
+import textwrap
+
+SCRIPT = textwrap.dedent("""
+    import sys
+
+    class NoTriton:
+        def find_spec(self, name, path=None, target=None):
+            if name == "triton" or name.startswith("triton."):
+                raise ModuleNotFoundError(f"No module named {name!r}")
+
+    sys.meta_path.insert(0, NoTriton())
+    import torch
+    import din_fast
+
+    layer = din_fast.DINAttention(4, (5,))
+    query, keys, lengths = torch.randn(2, 4), torch.randn(2, 3, 4), torch.tensor([3, 0])
+    layer(query, keys, lengths).sum().backward()
+    assert layer.resolved_backend() == "torch"
+    try:
+        din_fast.DINAttention(4, (5,), backend="triton")(query, keys, lengths)
+    except ValueError as error:
+        assert "triton package is not installed" in str(error), error
+    else:
+        raise AssertionError("backend='triton' ran without triton")
+    print("ok")
+""")
+
+
+def test_package_works_without_triton():
+    run = subprocess.run([sys.executable, "-c", SCRIPT], capture_output=True, text=True,
+                         timeout=300)
+    assert run.returncode == 0 and run.stdout.strip().endswith("ok"), run.stdout + run.stderr
+    assert "Triton not available" not in run.stderr, run.stderr
