@@ -428,14 +428,9 @@ def _autocast_inputs(*tensors):
                  for t in tensors)
 
 
-def validate(query, keys, lengths, **arguments) -> DINProblem:
+def validate(query, keys, lengths, *, weights, biases, activation, activation_params, mask,
+             normalization, scale, values, dice_eps) -> DINProblem:
     """Check every argument of din_attention and return the canonical problem."""
-    with validating("din_attention"):
-        return _validate(query, keys, lengths, **arguments)
-
-
-def _validate(query, keys, lengths, *, weights, biases, activation, activation_params, mask,
-              normalization, scale, values, dice_eps) -> DINProblem:
     query, keys, values = _autocast_inputs(query, keys, values)
     _validate_keys("keys", keys, 3, "[B, T, D]")
     batch, length, embed_dim = keys.shape
