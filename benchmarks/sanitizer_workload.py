@@ -89,8 +89,9 @@ def fused_backward_launches(inputs: dict, options: dict) -> list:
     public = inspect.signature(din_fast.din_attention).parameters
     arguments = {name: p.default for name, p in public.items() if p.default is not p.empty}
     arguments.update(inputs, **options)
-    accepted = inspect.signature(validate).parameters
-    problem = validate(**{name: value for name, value in arguments.items() if name in accepted})
+    # din_attention's arguments less the two that choose what runs, not what is computed
+    problem = validate(**{name: value for name, value in arguments.items()
+                          if name not in ("return_scores", "backend")})
     reason = backward_unsupported_shape(problem.keys.shape[2], problem.hidden_units,
                                         problem.keys.dtype)
     if reason is not None:

@@ -8,7 +8,6 @@ rejected with an error that names the argument, what it got and what it needs.
 from __future__ import annotations
 
 import contextlib
-import contextvars
 import dataclasses
 import math
 import numbers
@@ -177,23 +176,23 @@ def check_layer_sizes(owner: str, embed_name: str, embed_dim, units_name: str,
     return units
 
 
-# The public function being validated: the first word of every message.
-_OWNER = contextvars.ContextVar("din_fast_validated_function", default="din_attention")
-
-
-def _owner() -> str:
-    return _OWNER.get()
+# The first word of every message: the public function validated. Another
+# caller (din_attention_jagged, DINAttention) renames it with ``validating``.
+OWNER = "din_attention"
 
 
 @contextlib.contextmanager
 def validating(function: str):
-    """Messages raised inside name ``function`` (din_attention,
-    din_attention_jagged) as the call the user made."""
-    token = _OWNER.set(function)
+    """Messages raised inside name ``function`` (din_attention_jagged,
+    DINAttention) as the call the user made. An exception handler rather
+    than state: torch.compile traces it (a context variable it cannot)."""
     try:
         yield
-    finally:
-        _OWNER.reset(token)
+    except (TypeError, ValueError) as error:
+        message = str(error)
+        if not message.startswith(OWNER + ":"):
+            raise
+        raise type(error)(function + message[len(OWNER):]) from None
 
 
 def _describe(value) -> str:
@@ -204,7 +203,7 @@ def _describe(value) -> str:
 
 def _require_tensor(name: str, value) -> torch.Tensor:
     if not isinstance(value, torch.Tensor):
-        raise TypeError(f"{_owner()}: `{name}` must be a torch.Tensor; got {_describe(value)}")
+        raise TypeError(f"{OWNER}: `{name}` must be a torch.Tensor; got {_describe(value)}")
     return value
 
 
@@ -212,7 +211,7 @@ def _require_device(name: str, tensor: torch.Tensor, device: torch.device,
                     anchor: str = "keys") -> None:
     if tensor.device != device:
         raise ValueError(
-            f"{_owner()}: `{name}` is on {tensor.device} but `{anchor}` is on {device}; "
+            f"{OWNER}: `{name}` is on {tensor.device} but `{anchor}` is on {device}; "
             "all tensors must be on one device"
         )
 
@@ -220,24 +219,24 @@ def _require_device(name: str, tensor: torch.Tensor, device: torch.device,
 def _require_float(name: str, tensor: torch.Tensor) -> None:
     if not tensor.is_floating_point():
         raise TypeError(
-            f"{_owner()}: `{name}` must be a floating-point tensor; got dtype {tensor.dtype}"
+            f"{OWNER}: `{name}` must be a floating-point tensor; got dtype {tensor.dtype}"
         )
 
 
 def _validate_layers(weights, biases, embed_dim, device, anchor):
     if not isinstance(weights, (list, tuple)) or not isinstance(biases, (list, tuple)):
         raise TypeError(
-            f"{_owner()}: `weights` and `biases` must be lists of tensors "
+            f"{OWNER}: `weights` and `biases` must be lists of tensors "
             f"[W_1, ..., W_L, W_out]; got {type(weights).__name__} and {type(biases).__name__}"
         )
     if len(weights) < 2:
         raise ValueError(
-            f"{_owner()}: `weights` must hold at least one hidden layer and the output "
+            f"{OWNER}: `weights` must hold at least one hidden layer and the output "
             f"layer [W_1, ..., W_L, W_out]; got {len(weights)} tensor(s)"
         )
     if len(biases) != len(weights):
         raise ValueError(
-            f"{_owner()}: `biases` must have one tensor per entry of `weights` "
+            f"{OWNER}: `biases` must have one tensor per entry of `weights` "
             f"({len(weights)}); got {len(biases)}"
         )
     fan_in = 4 * embed_dim
@@ -254,10 +253,10 @@ def _validate_layers(weights, biases, embed_dim, device, anchor):
             if i == 0:
                 needs += " (its columns are the blocks [q | k | q-k | q*k] of 4*D = 4*" \
                          f"{embed_dim})"
-            raise ValueError(f"{_owner()}: `weights[{i}]` must have shape {needs}; "
+            raise ValueError(f"{OWNER}: `weights[{i}]` must have shape {needs}; "
                              f"got {tuple(w.shape)}")
         if b.shape != (w.shape[0],):
-            raise ValueError(f"{_owner()}: `biases[{i}]` must have shape ({w.shape[0]},) to "
+            raise ValueError(f"{OWNER}: `biases[{i}]` must have shape ({w.shape[0]},) to "
                              f"match `weights[{i}]` {tuple(w.shape)}; got {tuple(b.shape)}")
         fan_in = w.shape[0]
     return list(weights), list(biases)
@@ -270,7 +269,7 @@ def _unit_vector(name: str, tensor, width: int, device, anchor) -> torch.Tensor:
     _require_device(name, tensor, device, anchor)
     if tensor.shape not in ((width,), (1,)):
         raise ValueError(
-            f"{_owner()}: `{name}` must have shape ({width},) or (1,); got {tuple(tensor.shape)}"
+            f"{OWNER}: `{name}` must have shape ({width},) or (1,); got {tuple(tensor.shape)}"
         )
     return tensor.expand(width)
 
@@ -280,7 +279,7 @@ def _validate_act_params(activation, activation_params, hidden_units, device, an
     if activation in ("sigmoid", "relu"):
         if activation_params not in (None, [], ()):
             raise ValueError(
-                f"{_owner()}: `activation_params` must be None for activation={activation!r}; "
+                f"{OWNER}: `activation_params` must be None for activation={activation!r}; "
                 f"got {type(activation_params).__name__}"
             )
         return [() for _ in hidden_units]
@@ -291,7 +290,7 @@ def _validate_act_params(activation, activation_params, hidden_units, device, an
             f"{len(activation_params)} entries" if isinstance(activation_params, (list, tuple))
             else type(activation_params).__name__)
         raise ValueError(
-            f"{_owner()}: `activation_params` for activation={activation!r} must be a list "
+            f"{OWNER}: `activation_params` for activation={activation!r} must be a list "
             f"{form} with one entry per hidden layer ({layers}); got {got}"
         )
     params = []
@@ -302,7 +301,7 @@ def _validate_act_params(activation, activation_params, hidden_units, device, an
             continue
         if not isinstance(entry, (list, tuple)) or len(entry) != 3:
             raise ValueError(
-                f"{_owner()}: `activation_params[{i}]` for dice must be a tuple (a, mu, var); "
+                f"{OWNER}: `activation_params[{i}]` for dice must be a tuple (a, mu, var); "
                 f"got {_describe(entry)}"
             )
         params.append(tuple(
@@ -330,7 +329,7 @@ def check_all(ok: torch.Tensor, message: str, details=None) -> None:
 
 def check_range(name: str, values: torch.Tensor, low: int, high: int, needs: str) -> None:
     """Check low <= values <= high (see check_all for when and how)."""
-    check_all((values >= low) & (values <= high), f"{_owner()}: `{name}` must lie in {needs}",
+    check_all((values >= low) & (values <= high), f"{OWNER}: `{name}` must lie in {needs}",
               lambda: f"; got values in [{int(values.min())}, {int(values.max())}]")
 
 
@@ -338,17 +337,17 @@ def _validate_query(query, batch: int, embed_dim: int, keys: torch.Tensor, keys_
     """The query as [B, C, D] and whether it was 2-D; `keys` gives dtype and device."""
     _require_tensor("query", query)
     if query.dim() not in (2, 3):
-        raise ValueError(f"{_owner()}: `query` must be [B, D] or [B, C, D]; "
+        raise ValueError(f"{OWNER}: `query` must be [B, D] or [B, C, D]; "
                          f"got shape {tuple(query.shape)}")
     _require_device("query", query, keys.device, keys_name)
     if query.dtype != keys.dtype:
-        raise TypeError(f"{_owner()}: `query` has dtype {query.dtype} but `{keys_name}` has "
+        raise TypeError(f"{OWNER}: `query` has dtype {query.dtype} but `{keys_name}` has "
                         f"{keys.dtype}; they must match")
     squeeze = query.dim() == 2
     query3 = query.unsqueeze(1) if squeeze else query
     if query3.shape[0] != batch or query3.shape[2] != embed_dim:
         raise ValueError(
-            f"{_owner()}: `query` must have batch {batch} and embedding size {embed_dim} "
+            f"{OWNER}: `query` must have batch {batch} and embedding size {embed_dim} "
             f"to match `{keys_name}` {tuple(keys.shape)}; got shape {tuple(query.shape)}"
         )
     return query3, squeeze
@@ -357,10 +356,10 @@ def _validate_query(query, batch: int, embed_dim: int, keys: torch.Tensor, keys_
 def _validate_keys(name: str, keys, rank: int, layout: str) -> None:
     _require_tensor(name, keys)
     if keys.dim() != rank:
-        raise ValueError(f"{_owner()}: `{name}` must be a {rank}-D tensor {layout}; "
+        raise ValueError(f"{OWNER}: `{name}` must be a {rank}-D tensor {layout}; "
                          f"got shape {tuple(keys.shape)}")
     if keys.dtype not in INPUT_DTYPES:
-        raise TypeError(f"{_owner()}: `{name}` must be float16, bfloat16, float32 or float64; "
+        raise TypeError(f"{OWNER}: `{name}` must be float16, bfloat16, float32 or float64; "
                         f"got {keys.dtype}")
 
 
@@ -369,28 +368,28 @@ def _validate_values(values, keys: torch.Tensor, keys_name: str, layout: str) ->
     _require_tensor("values", values)
     _require_device("values", values, keys.device, keys_name)
     if values.dim() != keys.dim() or values.shape[:-1] != keys.shape[:-1]:
-        raise ValueError(f"{_owner()}: `values` must be {layout} to match `{keys_name}` "
+        raise ValueError(f"{OWNER}: `values` must be {layout} to match `{keys_name}` "
                          f"{tuple(keys.shape)}; got shape {tuple(values.shape)}")
     if values.dtype != keys.dtype:
-        raise TypeError(f"{_owner()}: `values` has dtype {values.dtype} but `{keys_name}` has "
+        raise TypeError(f"{OWNER}: `values` has dtype {values.dtype} but `{keys_name}` has "
                         f"{keys.dtype}; they must match")
 
 
 def validate_options(activation, normalization, scale, dice_eps) -> None:
     """The activation, normalization, scale and dice_eps options checked."""
     if activation not in ACTIVATIONS:
-        raise ValueError(f"{_owner()}: `activation` must be one of {ACTIVATIONS}; "
+        raise ValueError(f"{OWNER}: `activation` must be one of {ACTIVATIONS}; "
                          f"got {activation!r}")
     if normalization not in NORMALIZATIONS:
-        raise ValueError(f"{_owner()}: `normalization` must be None or 'softmax'; "
+        raise ValueError(f"{OWNER}: `normalization` must be None or 'softmax'; "
                          f"got {normalization!r}")
     if isinstance(scale, bool) or not isinstance(scale, numbers.Real):
-        raise TypeError(f"{_owner()}: `scale` must be a finite real number; "
+        raise TypeError(f"{OWNER}: `scale` must be a finite real number; "
                         f"got {_describe(scale)}")
     if not math.isfinite(scale):
-        raise ValueError(f"{_owner()}: `scale` must be a finite real number; got {scale!r}")
+        raise ValueError(f"{OWNER}: `scale` must be a finite real number; got {scale!r}")
     if isinstance(dice_eps, bool) or not isinstance(dice_eps, numbers.Real) or not dice_eps > 0:
-        raise ValueError(f"{_owner()}: `dice_eps` must be a positive number; "
+        raise ValueError(f"{OWNER}: `dice_eps` must be a positive number; "
                          f"got {_describe(dice_eps)}")
 
 
@@ -429,14 +428,9 @@ def _autocast_inputs(*tensors):
                  for t in tensors)
 
 
-def validate(query, keys, lengths, **arguments) -> DINProblem:
+def validate(query, keys, lengths, *, weights, biases, activation, activation_params, mask,
+             normalization, scale, values, dice_eps) -> DINProblem:
     """Check every argument of din_attention and return the canonical problem."""
-    with validating("din_attention"):
-        return _validate(query, keys, lengths, **arguments)
-
-
-def _validate(query, keys, lengths, *, weights, biases, activation, activation_params, mask,
-              normalization, scale, values, dice_eps) -> DINProblem:
     query, keys, values = _autocast_inputs(query, keys, values)
     _validate_keys("keys", keys, 3, "[B, T, D]")
     batch, length, embed_dim = keys.shape
@@ -445,14 +439,14 @@ def _validate(query, keys, lengths, *, weights, biases, activation, activation_p
     if values is not None:
         _validate_values(values, keys, "keys", f"[B, T, Dv] = [{batch}, {length}, Dv]")
     if lengths is not None and mask is not None:
-        raise ValueError(f"{_owner()}: give `lengths` or `mask`, not both")
+        raise ValueError(f"{OWNER}: give `lengths` or `mask`, not both")
     if lengths is not None:
         _require_tensor("lengths", lengths)
         _require_device("lengths", lengths, device)
         if lengths.dtype not in (torch.int32, torch.int64):
-            raise TypeError(f"{_owner()}: `lengths` must be int32 or int64; got {lengths.dtype}")
+            raise TypeError(f"{OWNER}: `lengths` must be int32 or int64; got {lengths.dtype}")
         if lengths.shape != (batch,):
-            raise ValueError(f"{_owner()}: `lengths` must have shape ({batch},) to match "
+            raise ValueError(f"{OWNER}: `lengths` must have shape ({batch},) to match "
                              f"`keys` {tuple(keys.shape)}; got {tuple(lengths.shape)}")
         # Contiguous int64: a strided view (DeepCTR's [B, 1] slice, an expand)
         # reaches the kernels as the plain array they index.
@@ -462,10 +456,10 @@ def _validate(query, keys, lengths, *, weights, biases, activation, activation_p
         _require_tensor("mask", mask)
         _require_device("mask", mask, device)
         if mask.dtype != torch.bool:
-            raise TypeError(f"{_owner()}: `mask` must be a bool tensor (True = valid); "
+            raise TypeError(f"{OWNER}: `mask` must be a bool tensor (True = valid); "
                             f"got {mask.dtype}")
         if mask.shape != (batch, length):
-            raise ValueError(f"{_owner()}: `mask` must have shape ({batch}, {length}) to "
+            raise ValueError(f"{OWNER}: `mask` must have shape ({batch}, {length}) to "
                              f"match `keys` {tuple(keys.shape)}; got {tuple(mask.shape)}")
         mask = mask.contiguous()
     validate_options(activation, normalization, scale, dice_eps)
@@ -532,17 +526,17 @@ def _validate_jagged(query, keys_values, offsets, max_len, *, weights, biases, a
     _require_tensor("offsets", offsets)
     _require_device("offsets", offsets, device, "keys_values")
     if offsets.dtype not in (torch.int32, torch.int64):
-        raise TypeError(f"{_owner()}: `offsets` must be int32 or int64; got {offsets.dtype}")
+        raise TypeError(f"{OWNER}: `offsets` must be int32 or int64; got {offsets.dtype}")
     if offsets.dim() != 1 or offsets.shape[0] < 1:
-        raise ValueError(f"{_owner()}: `offsets` must be a 1-D tensor [B + 1]; "
+        raise ValueError(f"{OWNER}: `offsets` must be a 1-D tensor [B + 1]; "
                          f"got shape {tuple(offsets.shape)}")
     # Contiguous int64, as lengths (the kernels index it as a plain array).
     offsets = offsets.long().contiguous()
     if isinstance(max_len, bool) or not isinstance(max_len, numbers.Integral):
-        raise TypeError(f"{_owner()}: `max_len` must be a non-negative int; "
+        raise TypeError(f"{OWNER}: `max_len` must be a non-negative int; "
                         f"got {_describe(max_len)}")
     if max_len < 0:
-        raise ValueError(f"{_owner()}: `max_len` must be a non-negative int; got {max_len}")
+        raise ValueError(f"{OWNER}: `max_len` must be a non-negative int; got {max_len}")
     # A Python int from here on: torch.compile, seeing max_len change between
     # calls, would otherwise pass a symbolic int, which it cannot format into
     # the messages below; this specializes on it instead (one graph per value).
