@@ -65,6 +65,16 @@ def load_checkpoint(path) -> Checkpoint:
     return Checkpoint(config, id_maps, state_dict)
 
 
+def restored_model(checkpoint: Checkpoint, config: TrainConfig) -> torch.nn.Module:
+    """The checkpoint's model with its weights, built by ``config`` (the
+    checkpoint's, with the backend and device of this run), on config.device
+    and in eval mode."""
+    model = build_model(config, len(checkpoint.id_maps.item_ids),
+                        len(checkpoint.id_maps.category_ids))
+    model.load_state_dict(checkpoint.state_dict)
+    return model.to(config.device).eval()
+
+
 def _checked_config(values, where: str) -> TrainConfig:
     if not isinstance(values, dict):
         raise CheckpointError(f"{where}: `config` must be a dict of TrainConfig's fields")

@@ -20,6 +20,7 @@ import torch
 from . import sharded
 from .config import TrainConfig
 from .errors import InputError
+from .export import export_checkpoint
 from .models import MLP_ACTIVATIONS, MLP_INPUTS, MODELS
 from .problem import ACTIVATIONS, BACKENDS
 from .plot import check_matplotlib, plot_training
@@ -29,7 +30,7 @@ from .training import evaluate_checkpoint, train, write_json
 USAGE_ERROR = 2
 # The files each command writes: checked before any work starts.
 OUTPUT_OPTIONS = {"train": ("metrics_out", "checkpoint", "plot"), "evaluate": ("metrics_out",),
-                  "predict": ("output",)}
+                  "predict": ("output",), "export": ("out",)}
 
 
 class ArgumentParser(argparse.ArgumentParser):
@@ -165,6 +166,19 @@ def build_parser() -> argparse.ArgumentParser:
     predict_parser.add_argument("--backend", choices=BACKENDS, default="auto")
     predict_parser.add_argument("--device", choices=("cpu", "cuda"), default=default_device())
     add_threads_option(predict_parser)
+
+    export_parser = commands.add_parser(
+        "export", help="package a checkpoint's model for serving without Python "
+        "(AOTInductor .pt2, any batch and history length)",
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    export_parser.add_argument("--checkpoint", required=True)
+    export_parser.add_argument("--out", required=True,
+                               help="the package to write (.pt2); the id maps go beside it "
+                               "as <name>.ids.json")
+    export_parser.add_argument("--backend", choices=BACKENDS, default="auto")
+    export_parser.add_argument("--device", choices=("cpu", "cuda"), default=default_device(),
+                               help="where the package runs")
+    add_threads_option(export_parser)
     return parser
 
 
@@ -233,6 +247,11 @@ def run_command(args) -> int:
         print(json.dumps(metrics, indent=2))
         if args.metrics_out:
             write_json(args.metrics_out, metrics)
+    elif args.command == "export":
+        package, ids = export_checkpoint(args.checkpoint, args.out, device=args.device,
+                                         backend=args.backend)
+        print(f"din-fast: wrote {package} (inputs: dense ids) and {ids} (raw ids -> dense ids)",
+              file=sys.stderr)
     else:
         counts = predict_file(args.checkpoint, args.requests, args.data, args.output,
                               args.format, device=args.device, backend=args.backend)

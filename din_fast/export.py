@@ -11,13 +11,23 @@ graph into one ``.pt2`` file: a shared library and the weights, which
     package = din_fast.export.export_din(model, "din.pt2")
     scores = din_fast.export.load(package)(history_items, history_categories, lengths,
                                             target_items, target_categories)
+
+``din-fast export`` does the same for a checkpoint (:func:`export_checkpoint`)
+and writes the id maps beside the package.
 """
 
 from __future__ import annotations
 
+import json
+from dataclasses import replace
+from pathlib import Path
 from typing import Optional, Sequence
 
 import torch
+
+from .checkpoint import load_checkpoint, restored_model
+from .errors import InputError
+from .training import check_device, check_device_and_backend
 
 # The largest batch and history length an exported DIN takes (dynamic shapes
 # need bounds; these are far above what a serving batch holds).
@@ -72,6 +82,34 @@ def export_din(model: torch.nn.Module, path: str) -> str:
     """Package din_fast.DIN or BaseModel for serving, any batch and history
     length, on the device its parameters are on; returns the path written."""
     return export_package(model, din_example_inputs(model), path, din_dynamic_shapes())
+
+
+def export_checkpoint(checkpoint_path: str, path: str, *, device: str = "cpu",
+                      backend: str = "auto") -> tuple[str, str]:
+    """Package a ``din-fast train`` checkpoint's model (:func:`export_din`)
+    and write its id maps as JSON beside it (``<path stem>.ids.json``:
+    ``item_ids`` and ``category_ids``, the raw ids in dense order, dense id =
+    position + 1 with 0 the padding, and ``item_category``, the dense
+    category of each dense item). Returns (package, id maps) paths."""
+    check_device(device)
+    checkpoint = load_checkpoint(checkpoint_path)
+    config = replace(checkpoint.config, backend=backend, device=device)
+    check_device_and_backend(config)
+    model = restored_model(checkpoint, config)
+    try:
+        package = export_din(model, path)
+    except Exception as error:  # noqa: BLE001 - torch.export / Inductor raise many kinds
+        first_line = (str(error).strip().splitlines() or [""])[0][:200]
+        raise InputError(f"--out {path}: the model could not be exported and compiled "
+                         f"({type(error).__name__}: {first_line}); AOTInductor needs a C++ "
+                         "compiler on CPU (and the CUDA toolkit on a GPU)") from error
+    maps = checkpoint.id_maps
+    ids_path = str(Path(path).with_suffix(".ids.json"))
+    with open(ids_path, "w") as handle:
+        json.dump({"item_ids": maps.item_ids.to_pylist(),
+                   "category_ids": maps.category_ids.to_pylist(),
+                   "item_category": maps.item_category.tolist()}, handle)
+    return package, ids_path
 
 
 def load(path: str):

@@ -31,8 +31,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import torch
 
-from .checkpoint import load_checkpoint
-from .config import build_model
+from .checkpoint import load_checkpoint, restored_model
 from .data import EncodedData, IdMaps, encode
 from .errors import DataFormatError, InputError
 from .loaders import load_interactions, text_lines
@@ -135,10 +134,7 @@ def predict_file(checkpoint_path, requests_path, data_path=None, output=None,
     data = None if data_path is None else encode(load_interactions(data_path),
                                                  checkpoint.id_maps)
     histories = user_histories(data, requests, requests_path)
-    model = build_model(config, len(checkpoint.id_maps.item_ids),
-                        len(checkpoint.id_maps.category_ids))
-    model.load_state_dict(checkpoint.state_dict)
-    model.to(device).eval()
+    model = restored_model(checkpoint, config)
     counts = Counts()
     with (open(output, "w", newline="") if output else nullcontext(sys.stdout)) as out:
         write_scores(score_requests(model, checkpoint.id_maps, config.max_len, requests,

@@ -13,7 +13,7 @@ import torch
 import torch.nn.functional as F
 from tqdm import tqdm
 
-from .checkpoint import load_checkpoint, save_checkpoint
+from .checkpoint import load_checkpoint, restored_model, save_checkpoint
 from .config import TrainConfig, build_model
 from .data import (BATCH_STREAM, EncodedData, Samples, SampleSplits, build_samples, encode,
                    iterate_batches, known_test_samples, training_samples)
@@ -284,10 +284,7 @@ def evaluate_checkpoint(path: str, data: Optional[str] = None, *, backend: str =
     if len(known.samples) == 0:
         raise InputError(f"{interactions.source}: no test sample left: the checkpoint knows "
                          "none of the users' test items")
-    model = build_model(config, len(checkpoint.id_maps.item_ids),
-                        len(checkpoint.id_maps.category_ids))
-    model.load_state_dict(checkpoint.state_dict)
-    model.to(config.device)
+    model = restored_model(checkpoint, config)
     metrics = evaluate(model, known.data, known.samples, config.max_len, config.device, "test")
     metrics.update(model=config.model, backend=model.attention_backend(),
                    test_samples=len(known.samples), excluded_test_samples=known.excluded_samples,
