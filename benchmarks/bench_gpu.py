@@ -234,7 +234,7 @@ def main(argv=None) -> int:
         print("bench_gpu: --implementations must include triton (the speedups are over it)",
               file=sys.stderr)
         return 2
-    if peers.deepctr_sequence_module() is None:
+    if peers.deepctr_module("layers.sequence") is None:
         print(peers.DEEPCTR_MISSING)
     label = args.label or harness.results_label(device, args.dry_run)
     path = os.path.join(args.out, f"bench_gpu_{args.pass_}_{label}.csv")

@@ -17,7 +17,6 @@ row as CSV).
 from __future__ import annotations
 
 import argparse
-import csv
 import json
 import os
 import platform
@@ -27,6 +26,8 @@ from pathlib import Path
 
 import numpy as np
 import pyarrow as pa
+
+from .harness import write_csv
 
 ROOT = Path(__file__).resolve().parents[1]
 USERS_PER_ROW = 1 / 10          # ~10 behaviours per user, as in the Amazon sets
@@ -106,11 +107,7 @@ def main() -> int:
                                 peak_mb=round(figures["peak_bytes"] / 2 ** 20),
                                 users=figures["users"], items=figures["items"]))
             print(results[-1], flush=True)
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    with open(args.out, "w", newline="") as handle:
-        writer = csv.DictWriter(handle, fieldnames=list(results[0]))
-        writer.writeheader()
-        writer.writerows(results)
+    write_csv(results, args.out)
     print(f"\n{platform.processor() or platform.machine()}, {os.cpu_count()} cores, load "
           f"average {os.getloadavg()[0]:.1f}, pyarrow {pa.__version__}; written to {args.out}\n")
     print("| rows | format | file MB | wall s | CPU s | peak MB |\n|---|---|---|---|---|---|")

@@ -128,12 +128,13 @@ def compiled_reference(compile_backend: str = "inductor") -> Implementation:
     return Implementation("reference_compiled", lambda inputs: compiled(**inputs))
 
 
-def deepctr_sequence_module():
-    """deepctr_torch.layers.sequence, or None when deepctr-torch is not installed.
+def deepctr_module(submodule: str):
+    """deepctr_torch.<submodule> ("layers.sequence", "models.din"), or None
+    when deepctr-torch is not installed.
 
     The package's __init__ starts a thread that asks PyPI for the latest
-    version (no timeout: it can hold the process open offline); the layers
-    do not need it, so the package is registered without running it.
+    version (no timeout: it can hold the process open offline); its layers
+    and models do not need it, so the package is registered without running it.
     """
     if "deepctr_torch" not in sys.modules:
         spec = importlib.util.find_spec("deepctr_torch")
@@ -142,7 +143,7 @@ def deepctr_sequence_module():
         package = types.ModuleType("deepctr_torch")
         package.__path__ = list(spec.submodule_search_locations)
         sys.modules["deepctr_torch"] = package
-    return importlib.import_module("deepctr_torch.layers.sequence")
+    return importlib.import_module(f"deepctr_torch.{submodule}")
 
 
 def deepctr_implementation(inputs: dict) -> Implementation | None:
@@ -154,7 +155,7 @@ def deepctr_implementation(inputs: dict) -> Implementation | None:
     Half-precision inputs run under torch.autocast (float32 parameters, the
     matrix products in the inputs' dtype), as DeepCTR-Torch trains in AMP.
     """
-    sequence = deepctr_sequence_module()
+    sequence = deepctr_module("layers.sequence")
     if sequence is None:
         return None
     weights, biases = inputs["weights"], inputs["biases"]

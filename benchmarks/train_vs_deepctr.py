@@ -31,12 +31,8 @@ with a message, when the data directory or deepctr-torch is missing.
 from __future__ import annotations
 
 import argparse
-import csv
-import importlib
-import importlib.util
 import platform
 import sys
-import types
 from pathlib import Path
 
 import torch
@@ -47,22 +43,11 @@ from din_fast.config import TrainConfig, build_model
 from din_fast.models import EMBEDDING_INIT_STD
 from din_fast.training import fit, load_training_data
 
+from .harness import write_csv
+from .peers import deepctr_module
+
 ROOT = Path(__file__).resolve().parents[1]
 DEEPCTR_ACTIVATIONS = {"sigmoid": "sigmoid", "relu": "relu", "prelu": "prelu", "dice": "Dice"}
-
-
-def import_deepctr_din():
-    """deepctr_torch.models.din.DIN without running deepctr_torch/__init__.py,
-    which starts a thread that asks PyPI for the latest version (it can hold
-    the process open on a machine without network)."""
-    if "deepctr_torch" not in sys.modules:
-        spec = importlib.util.find_spec("deepctr_torch")
-        if spec is None:
-            return None
-        package = types.ModuleType("deepctr_torch")
-        package.__path__ = list(spec.submodule_search_locations)
-        sys.modules["deepctr_torch"] = package
-    return importlib.import_module("deepctr_torch.models.din").DIN
 
 
 class DeepCTRDIN(nn.Module):
@@ -145,7 +130,8 @@ def main() -> int:
     parser.add_argument("--out", type=Path, default=ROOT / "benchmarks" / "results" /
                         "train_vs_deepctr.csv")
     args = parser.parse_args()
-    din_class = import_deepctr_din()
+    din_module = deepctr_module("models.din")
+    din_class = None if din_module is None else din_module.DIN
     if din_class is None:
         print("skipped: deepctr-torch is not installed (pip install --no-deps deepctr-torch)")
         return 0
@@ -168,11 +154,7 @@ def main() -> int:
                 config.max_len, **deepctr_options(config, matched=False)))]:
             torch.manual_seed(config.seed)
             rows.append(dict(dataset=dataset, **run(name, make(), data, splits, config)))
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    with open(args.out, "w", newline="") as handle:
-        writer = csv.DictWriter(handle, fieldnames=list(rows[0]))
-        writer.writeheader()
-        writer.writerows(rows)
+    write_csv(rows, args.out)
     print(f"\n{platform.processor() or platform.machine()}, torch {torch.__version__}, "
           f"{args.threads} thread(s), seed {args.seed}; written to {args.out}\n")
     print("| data | model | val GAUC | test GAUC | test AUC | epochs (best/run) | s/epoch |")

@@ -12,6 +12,8 @@ import types
 
 import pytest
 
+from benchmarks.peers import deepctr_module
+
 
 def _package_without_init(name: str, path) -> None:
     """Register ``name`` as a package at ``path`` without running its __init__."""
@@ -21,19 +23,13 @@ def _package_without_init(name: str, path) -> None:
 
 
 def deepctr_sequence_module():
-    """deepctr_torch.layers.sequence, or skip when deepctr-torch is not installed.
-
-    deepctr_torch/__init__.py starts a thread that asks PyPI for the latest
-    version (requests.get without a timeout, which can hold the test process
-    open on a firewalled machine); the layers and models do not need it, so
-    the package is entered without running its __init__.
-    """
-    if "deepctr_torch" not in sys.modules:
-        spec = importlib.util.find_spec("deepctr_torch")
-        if spec is None:
-            pytest.skip("deepctr-torch is not installed (pip install --no-deps deepctr-torch)")
-        _package_without_init("deepctr_torch", spec.submodule_search_locations[0])
-    return importlib.import_module("deepctr_torch.layers.sequence")
+    """deepctr_torch.layers.sequence (entered without the package's __init__,
+    see benchmarks.peers.deepctr_module), or skip when deepctr-torch is not
+    installed."""
+    module = deepctr_module("layers.sequence")
+    if module is None:
+        pytest.skip("deepctr-torch is not installed (pip install --no-deps deepctr-torch)")
+    return module
 
 
 FUXICTR_VERSION = "2.3.10"

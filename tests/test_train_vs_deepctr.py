@@ -1,7 +1,4 @@
-"""benchmarks/train_vs_deepctr.py: DeepCTR-Torch's DIN trained by din_fast's protocol."""
-
-import sys
-from pathlib import Path
+"""benchmarks.train_vs_deepctr: DeepCTR-Torch's DIN trained by din_fast's protocol."""
 
 import pytest
 import torch
@@ -11,16 +8,16 @@ from din_fast.data import build_samples, encode, iterate_batches
 from din_fast.loaders import synthetic_interactions
 from din_fast.training import fit
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
-import train_vs_deepctr as bench  # noqa: E402
+from benchmarks import train_vs_deepctr as bench
+from benchmarks.peers import deepctr_module
 
 
 @pytest.fixture(scope="module")
 def din_class():
-    din = bench.import_deepctr_din()
-    if din is None:
+    module = deepctr_module("models.din")
+    if module is None:
         pytest.skip("deepctr-torch is not installed (pip install --no-deps deepctr-torch)")
-    return din
+    return module.DIN
 
 
 @pytest.mark.parametrize("matched", [True, False])
