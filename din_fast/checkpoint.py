@@ -4,9 +4,9 @@ untrusted input.
 A checkpoint is a ``torch.save`` dict: ``format``, ``config`` (TrainConfig's
 fields), ``id_maps`` (the raw string ids in encoding order, as UTF-8 bytes and
 offsets, and each item's category) and the model's ``state_dict``. Loading
-reads it with ``weights_only=True`` (no code runs) and memory-mapped, then checks every part against the others (config
-values, id maps, the shape and dtype of every tensor, finite values) before
-anything is allocated from them. Errors say what was expected and never quote
+reads it with ``weights_only=True`` (no code runs) and memory-mapped, then
+checks every part against the others (config values, id maps, the shape and
+dtype of every tensor, finite values) before anything is allocated from them. Errors say what was expected and never quote
 the file's contents.
 """
 
