@@ -55,14 +55,22 @@ def test_empty_sizes_jagged(backend, sizes):
     kwargs = {k: v for k, v in case.items() if k not in ("query", "keys", "lengths", "values")}
     if case.get("values") is not None:
         kwargs["values"] = case["values"][valid]
-    pooled, scores = din_fast.din_attention_jagged(case["query"], case["keys"][valid], offsets,
-                                                   length, return_scores=True, backend=backend,
+    query = case["query"].detach().requires_grad_()
+    keys_values = case["keys"][valid].detach().requires_grad_()
+    pooled, scores = din_fast.din_attention_jagged(query, keys_values, offsets, length,
+                                                   return_scores=True, backend=backend,
                                                    **kwargs)
     padded, _ = call_din_attention(case, "reference")
     assert pooled.shape == padded.shape
     assert scores.shape == (int(valid.sum()),) + tuple(case["query"].shape[1:-1])
     bound = tolerance(pooled.dtype)
     torch.testing.assert_close(pooled, padded.to(pooled.dtype), rtol=bound, atol=bound / 10)
+    # The backward of an empty problem runs and gives finite gradients of the inputs' shapes.
+    inputs = [query, keys_values]
+    grads = torch.autograd.grad(pooled.sum() + scores.sum(), inputs, allow_unused=True,
+                                materialize_grads=True)
+    for tensor, grad in zip(inputs, grads):
+        assert grad.shape == tensor.shape and torch.isfinite(grad).all()
 
 
 @pytest.mark.parametrize("sizes", EMPTY, ids=str)
