@@ -21,7 +21,7 @@ differs:
   initialised with std 1e-4). Its ``l2_reg_embedding`` (1e-6 on whole tables)
   is not applied: the protocol's L2 setting is, as for every row.
 
-    python -m benchmarks.train_vs_deepctr [--data-dir ../shared/data]
+    python -m benchmarks.train_vs_deepctr [--data-dir DIR]
         [--datasets amazon-beauty amazon-sports] [--seed 0] [--threads 1]
 
 Prints a table and writes benchmarks/results/train_vs_deepctr.csv. Skips,
@@ -123,7 +123,10 @@ def run(name, model, data, splits, config):
 
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--data-dir", type=Path, default=ROOT.parent / "shared" / "data")
+    parser.add_argument("--data-dir", type=Path, default=ROOT.parent / "shared" / "data",
+                        help="a folder holding the datasets as Amazon-layout directories "
+                        "(see the README's Data paragraph); default: the development "
+                        "checkout's data folder beside the repository")
     parser.add_argument("--datasets", nargs="+", default=["amazon-beauty", "amazon-sports"])
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--threads", type=int, default=1)
