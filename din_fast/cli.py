@@ -20,7 +20,7 @@ import torch
 from . import sharded
 from .config import TrainConfig
 from .errors import InputError
-from .export import export_checkpoint
+from .export import export_checkpoint, ids_path_of
 from .models import MLP_ACTIVATIONS, MLP_INPUTS, MODELS
 from .problem import ACTIVATIONS, BACKENDS
 from .plot import check_matplotlib, plot_training
@@ -248,6 +248,7 @@ def run_command(args) -> int:
         if args.metrics_out:
             write_json(args.metrics_out, metrics)
     elif args.command == "export":
+        check_output_path("--out", ids_path_of(args.out))
         package, ids = export_checkpoint(args.checkpoint, args.out, device=args.device,
                                          backend=args.backend)
         print(f"din-fast: wrote {package} (inputs: dense ids) and {ids} (raw ids -> dense ids)",

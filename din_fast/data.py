@@ -269,7 +269,7 @@ def sample_negatives(data: EncodedData, user: np.ndarray, rng) -> np.ndarray:
 def iterate_batches(data: EncodedData, samples: Samples, batch_size: int, *,
                     max_len: Optional[int] = None, shuffle: bool = False,
                     rng: Optional[np.random.Generator] = None,
-                    bucket_batches: int = 64) -> Iterator[tuple]:
+                    bucket_batches: int = 64, min_batch: int = 2) -> Iterator[tuple]:
     """Yield (sample indices, Batch). Histories keep the ``max_len`` most recent
     items and pad to the batch's longest one.
 
@@ -277,7 +277,9 @@ def iterate_batches(data: EncodedData, samples: Samples, batch_size: int, *,
     With it (training), samples are shuffled, then sorted by length within
     windows of ``bucket_batches`` batches, and the batches of all windows
     shuffled: each batch holds similar lengths, yet the order stays random;
-    no batch holds a single sample.
+    a leftover batch of fewer than ``min_batch`` samples joins the one before
+    it (Dice's batch normalization needs two rows; sharded training two per
+    process).
     """
     if batch_size < 1:
         raise ValueError(f"iterate_batches: `batch_size` must be >= 1; got {batch_size}")
@@ -292,9 +294,7 @@ def iterate_batches(data: EncodedData, samples: Samples, batch_size: int, *,
         order = np.concatenate([chunk[np.argsort(length[chunk], kind="stable")]
                                 for chunk in np.split(order, range(window, len(order), window))])
         batches = np.split(order, range(batch_size, len(order), batch_size))
-        if len(batches) > 1 and len(batches[-1]) == 1:
-            # Batch statistics (Dice's batch normalization) need two rows: a
-            # lone leftover sample joins the batch before it.
+        if len(batches) > 1 and len(batches[-1]) < min_batch:
             batches[-2:] = [np.concatenate(batches[-2:])]
         batches = [batches[i] for i in rng.permutation(len(batches))]
     else:

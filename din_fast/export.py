@@ -91,6 +91,9 @@ def export_checkpoint(checkpoint_path: str, path: str, *, device: str = "cpu",
     ``item_ids`` and ``category_ids``, the raw ids in dense order, dense id =
     position + 1 with 0 the padding, and ``item_category``, the dense
     category of each dense item). Returns (package, id maps) paths."""
+    if not str(path).endswith(".pt2"):
+        raise InputError(f"--out {path}: the package's name must end in .pt2 (AOTInductor's "
+                         "package format)")
     check_device(device)
     checkpoint = load_checkpoint(checkpoint_path)
     config = replace(checkpoint.config, backend=backend, device=device)
@@ -104,12 +107,16 @@ def export_checkpoint(checkpoint_path: str, path: str, *, device: str = "cpu",
                          f"({type(error).__name__}: {first_line}); AOTInductor needs a C++ "
                          "compiler on CPU (and the CUDA toolkit on a GPU)") from error
     maps = checkpoint.id_maps
-    ids_path = str(Path(path).with_suffix(".ids.json"))
-    with open(ids_path, "w") as handle:
+    with open(ids_path_of(path), "w") as handle:
         json.dump({"item_ids": maps.item_ids.to_pylist(),
                    "category_ids": maps.category_ids.to_pylist(),
                    "item_category": maps.item_category.tolist()}, handle)
-    return package, ids_path
+    return package, ids_path_of(path)
+
+
+def ids_path_of(path: str) -> str:
+    """Where export_checkpoint writes the id maps of the package ``path``."""
+    return str(Path(path).with_suffix(".ids.json"))
 
 
 def load(path: str):

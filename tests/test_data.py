@@ -126,17 +126,20 @@ def test_batches_pad_to_longest_and_truncate_to_most_recent():
     assert sorted(np.concatenate(seen).tolist()) == list(range(len(train)))
 
 
-@pytest.mark.parametrize("size", [1, 2, 65, 129])
-def test_training_batches_never_hold_one_sample(size):
-    # Dice's batch normalization needs two rows: a lone leftover joins a batch.
+@pytest.mark.parametrize("size, min_batch", [(1, 2), (2, 2), (65, 2), (129, 2), (67, 4),
+                                             (70, 8), (64, 8)])
+def test_training_batches_are_never_smaller_than_min_batch(size, min_batch):
+    # Dice's batch normalization needs two rows (per process when sharded): a
+    # leftover smaller than min_batch joins a batch.
     data = encode(synthetic_interactions(num_users=100, seed=0))
     samples = build_samples(data, seed=0).test
     keep = np.arange(size)
     subset = type(samples)(*(getattr(samples, f)[keep] for f in
                              ("user", "history_start", "history_length", "target", "label")))
     sizes = [len(i) for i, _ in iterate_batches(data, subset, 64, shuffle=True,
-                                                rng=np.random.default_rng(0))]
-    assert sum(sizes) == size and (min(sizes) > 1 or size == 1)
+                                                rng=np.random.default_rng(0),
+                                                min_batch=min_batch)]
+    assert sum(sizes) == size and (min(sizes) >= min_batch or len(sizes) == 1)
 
 
 def test_bucketing_keeps_padding_small():

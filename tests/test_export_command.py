@@ -48,7 +48,9 @@ def test_export_command_errors_are_one_line(tmp_path):
     cases = [(["--checkpoint", str(not_a_checkpoint), "--out", str(tmp_path / "a.pt2")],
               "not a readable torch checkpoint"),
              (["--checkpoint", str(not_a_checkpoint), "--out",
-               str(tmp_path / "missing" / "a.pt2")], "--out")]
+               str(tmp_path / "missing" / "a.pt2")], "--out"),
+             (["--checkpoint", str(not_a_checkpoint), "--out", str(tmp_path / "a.zip")],
+              "must end in .pt2")]
     for arguments, message in cases:
         result = subprocess.run([sys.executable, "-m", "din_fast", "export", *arguments],
                                 capture_output=True, text=True, timeout=120)

@@ -287,6 +287,7 @@ def test_sharding_without_torchrun_runs_as_one_process(tmp_path, tiny_csv):
     (["--model", "base"], "runs DIN only"),
     (["--embedding-optimizer", "adam"], "adam needs --device cuda"),
     (["--embedding-lr", "0"], "--embedding-lr must be a positive number; got 0.0"),
+    (["--batch-size", "1"], "--batch-size 1 is too small for 1 process(es)"),
 ])
 def test_sharded_training_rejects_what_it_cannot_run(tiny_csv, capsys, arguments, message):
     assert main(["train", "--data", str(tiny_csv), "--sharding", "row_wise", "--device", "cpu",

@@ -38,8 +38,12 @@ from ..config import TrainConfig, build_model
 from ..data import BATCH_STREAM, Batch, EncodedData, Samples, iterate_batches
 from ..training import (EVAL_BATCH_SIZE, check_device_and_backend, describe_data, fit_learner,
                         inverse_frequencies, load_training_data, metrics_of, write_json)
-from . import DEFAULT_EMBEDDING_LR, DEFAULT_EMBEDDING_OPTIMIZER, check_options, under_torchrun
+from . import (DEFAULT_EMBEDDING_LR, DEFAULT_EMBEDDING_OPTIMIZER, OptionError, check_options,
+               under_torchrun)
 from .model import TorchRecDIN, batch_features, din_state_dict, plan_summary, shard_model
+
+
+MIN_SHARE = 2   # samples per process in a training batch: Dice's batch statistics need two
 
 
 @contextlib.contextmanager
@@ -150,9 +154,12 @@ class ShardedLearner:
         config = self.config
         self.sharded.train()
         loss_sum = torch.zeros((), dtype=torch.float64, device=self.device)
+        # Every process's share holds two samples at least (Dice's batch
+        # statistics need two rows).
         for _, batch in bar(iterate_batches(self.data, samples, config.batch_size,
                                             max_len=config.max_len, shuffle=True,
-                                            rng=self.batch_rng)):
+                                            rng=self.batch_rng,
+                                            min_batch=MIN_SHARE * dist.get_world_size())):
             loss_sum += train_step(self.sharded, self.optimizer, batch, self.device, config.l2,
                                    self.inverse_frequency)
         dist.all_reduce(loss_sum)
@@ -164,9 +171,9 @@ class ShardedLearner:
         """Metrics over all ``samples``, each process scoring its share of
         every batch."""
         self.sharded.eval()
-        # Dice's running statistics: rank 0's on every process, as in the
-        # checkpoint (DistributedDataParallel broadcasts them before each
-        # training forward, so each process's last update is its own).
+        # Dice's running statistics: each process updates its own while
+        # training (TorchRec's DistributedDataParallel does not broadcast
+        # buffers); rank 0's serve every process, as in the checkpoint.
         for name, buffer in self.sharded.named_buffers():
             if "tables." not in name:
                 dist.broadcast(buffer, src=0)
@@ -217,13 +224,21 @@ def train_sharded(config: TrainConfig, sharding: Optional[str] = None, *,
     is the mean loss over its training samples.
     """
     check_options(config.model, embedding_optimizer, embedding_lr, config.device)
-    check_device_and_backend(config)
     with process_group(config.device) as device:
         rank, world = dist.get_rank(), dist.get_world_size()
+        if config.batch_size < MIN_SHARE * world:
+            raise OptionError(f"--batch-size {config.batch_size} is too small for {world} "
+                              f"process(es): each needs {MIN_SHARE} samples of every batch "
+                              f"(at least {MIN_SHARE * world})")
+        check_device_and_backend(config)   # after set_device: on this process's GPU
         if rank != 0:
             log, progress = (lambda *_: None), False
         torch.manual_seed(config.seed)
         data, splits = load_training_data(config)
+        if 2 * len(splits.train_positives) < MIN_SHARE * world:
+            raise OptionError(f"{data.source}: {2 * len(splits.train_positives)} training "
+                              f"samples are too few for {world} processes (each needs "
+                              f"{MIN_SHARE})")
         log(describe_data(data, splits))
         model = TorchRecDIN(data.num_items, data.num_categories, embed_dim=config.embed_dim,
                             mlp_activation=config.mlp_activation, backend=config.backend,
