@@ -75,6 +75,10 @@ class TrainConfig:
         for name, expected in config_problems(vars(self)):
             raise InputError(f"TrainConfig: `{name}` must be {expected}; "
                              f"got {getattr(self, name)!r}")
+        if self.mlp_activation == "dice" and self.batch_size < 2:
+            raise InputError(f"TrainConfig: `batch_size` must be at least 2 with mlp_activation "
+                             f"'dice' (its batch normalization needs two rows); "
+                             f"got {self.batch_size}")
 
 
 def config_problems(values: dict) -> list:

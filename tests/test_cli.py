@@ -95,3 +95,11 @@ def test_data_without_training_samples_is_rejected(tmp_path):
     path.write_text("user,item,category,timestamp\n1,1,1,0\n1,2,1,1\n1,4,1,2\n2,3,2,0\n")
     with pytest.raises(ValueError, match="at least 4 behaviours"):
         train(TrainConfig(data=str(path)), progress=False, log=lambda *_: None)
+
+
+def test_batch_of_one_with_dice_is_refused(capsys):
+    """Dice's batch normalization needs two rows: said before any data is read."""
+    assert main(["train", "--batch-size", "1", "--no-progress"]) == 2
+    assert "`batch_size` must be at least 2 with mlp_activation 'dice'" in capsys.readouterr().err
+    assert TrainConfig(batch_size=1, mlp_activation="prelu").batch_size == 1
+
