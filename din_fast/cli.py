@@ -110,8 +110,10 @@ def build_parser() -> argparse.ArgumentParser:
                               help="Adam's learning rate")
     train_parser.add_argument("--lr-decay", type=fraction, default=defaults.lr_decay,
                               help="multiply the learning rate by this after every epoch")
-    train_parser.add_argument("--l2", type=non_negative_float, default=defaults.l2,
-                              help="mini-batch aware L2 on the embeddings (DIN paper, 4.3)")
+    train_parser.add_argument("--l2", type=non_negative_float, default=argparse.SUPPRESS,
+                              help="mini-batch aware L2 on the embeddings (DIN paper, 4.3); "
+                              f"default {defaults.l2}, {sharded.DEFAULT_L2} for sharded "
+                              "training (its tables' Adagrad)")
     train_parser.add_argument("--embed-dim", type=positive_int, default=defaults.embed_dim,
                               help="size of the item and of the category embedding each")
     train_parser.add_argument("--max-len", type=positive_int, default=defaults.max_len,
@@ -216,7 +218,9 @@ def run_command(args) -> int:
     if args.command == "train":
         if args.plot:
             check_matplotlib()
-        options = {f.name: getattr(args, f.name) for f in fields(TrainConfig)}
+        options = {f.name: vars(args).get(f.name) for f in fields(TrainConfig)}
+        if options["l2"] is None:   # not given: the default of the trainer that runs
+            options["l2"] = sharded.DEFAULT_L2 if sharded.requested(args) else TrainConfig.l2
         if options["attention_normalization"] == "none":
             options["attention_normalization"] = None
         config = TrainConfig(**options)

@@ -279,15 +279,19 @@ def test_sharding_without_torchrun_runs_as_one_process(tmp_path, tiny_csv):
     assert sharded["sharding"] == {table: {"sharding_type": "column_wise", "ranks": [0]}
                                    for table in ("item", "category")}
     assert set(single) <= set(sharded)                # the single-process report, and more
-    for key in ("train_samples", "test_samples", "model", "backend", "config"):
+    for key in ("train_samples", "test_samples", "model", "backend"):
         assert sharded[key] == single[key], key
+    # The same settings, but for the default L2 of each trainer.
+    assert (single["config"]["l2"], sharded["config"]["l2"]) == (0.1, 0.01)
+    assert dict(sharded["config"], l2=0.1) == single["config"]
 
 
 @pytest.mark.parametrize("arguments, message", [
     (["--model", "base"], "runs DIN only"),
     (["--embedding-optimizer", "adam"], "adam needs --device cuda"),
     (["--embedding-lr", "0"], "--embedding-lr must be a positive number; got 0.0"),
-    (["--batch-size", "1"], "--batch-size 1 is too small for 1 process(es)"),
+    (["--batch-size", "1", "--mlp-activation", "prelu"],
+     "--batch-size 1 is too small for 1 process(es)"),
 ])
 def test_sharded_training_rejects_what_it_cannot_run(tiny_csv, capsys, arguments, message):
     assert main(["train", "--data", str(tiny_csv), "--sharding", "row_wise", "--device", "cpu",
