@@ -22,7 +22,7 @@ import torch
 
 from .config import TrainConfig, build_model, config_problems
 from .data import IdMaps
-from .errors import CheckpointError
+from .errors import CheckpointError, snippet
 
 CHECKPOINT_FORMAT = "din_fast.checkpoint/3"
 WRITTEN_BY = "a file written by din-fast train --checkpoint"
@@ -56,7 +56,13 @@ def load_checkpoint(path) -> Checkpoint:
     except Exception as error:  # noqa: BLE001 - any bytes reach the unpickler; name the kind only
         raise CheckpointError(f"{where}: not a readable torch checkpoint "
                               f"({type(error).__name__}); expected {WRITTEN_BY}") from None
-    if not isinstance(state, dict) or state.get("format") != CHECKPOINT_FORMAT:
+    found = state.get("format") if isinstance(state, dict) else None
+    if isinstance(found, str) and found.startswith(CHECKPOINT_FORMAT.rpartition("/")[0] + "/") \
+            and found != CHECKPOINT_FORMAT:
+        raise CheckpointError(f"{where}: written by another version of din-fast (format "
+                              f"{snippet(found)}); this one reads format "
+                              f"{CHECKPOINT_FORMAT!r}: train again with it")
+    if found != CHECKPOINT_FORMAT:
         raise CheckpointError(f"{where}: not a din_fast checkpoint (expected a dict with "
                               f"format {CHECKPOINT_FORMAT!r}, {WRITTEN_BY})")
     config = _checked_config(state.get("config"), where)

@@ -161,6 +161,8 @@ def checkpoint_cases(tmp, trained):
          "not a readable torch checkpoint")
     case("format_only", lambda p: torch.save({"format": state["format"]}, p),
          "`config` must be a dict")
+    case("earlier_format", change(lambda s: s.update(format="din_fast.checkpoint/1")),
+         "written by another version of din-fast", "train again")
     case("embed_dim_tampered", change(lambda s: s["config"].update(embed_dim=10 ** 9)),
          "state_dict['item_embedding.weight'] must be", "shape")
     case("config_type_tampered", change(lambda s: s["config"].update(lr=SECRET)),
@@ -257,7 +259,8 @@ IN_PROCESS_CASES = (
     [f"data:{n}" for n in ("nul_byte", "nan_timestamp", "json_truncated",
                            "json_nested_too_deeply", "json_random_bytes",
                            "amazon_txt_random_bytes")]
-    + [f"checkpoint:{n}" for n in ("pickled_object", "format_only", "config_model_tampered",
+    + [f"checkpoint:{n}" for n in ("pickled_object", "format_only", "earlier_format",
+                                   "config_model_tampered",
                                    "config_unknown_field", "config_missing_field",
                                    "id_maps_wrong_dtype", "id_maps_not_utf8",
                                    "id_maps_offsets_out_of_range", "item_category_out_of_range",
