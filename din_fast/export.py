@@ -19,15 +19,14 @@ and writes the id maps beside the package.
 from __future__ import annotations
 
 import json
-from dataclasses import replace
 from pathlib import Path
 from typing import Optional, Sequence
 
 import torch
 
-from .checkpoint import load_checkpoint, restored_model
+from .checkpoint import restored_model
 from .errors import InputError
-from .training import check_device, check_device_and_backend
+from .training import checkpoint_for_run
 
 # The largest batch and history length an exported DIN takes (dynamic shapes
 # need bounds; these are far above what a serving batch holds).
@@ -94,10 +93,7 @@ def export_checkpoint(checkpoint_path: str, path: str, *, device: str = "cpu",
     if not str(path).endswith(".pt2"):
         raise InputError(f"--out {path}: the package's name must end in .pt2 (AOTInductor's "
                          "package format)")
-    check_device(device)
-    checkpoint = load_checkpoint(checkpoint_path)
-    config = replace(checkpoint.config, backend=backend, device=device)
-    check_device_and_backend(config)
+    checkpoint, config = checkpoint_for_run(checkpoint_path, backend, device)
     model = restored_model(checkpoint, config)
     try:
         package = export_din(model, path)
@@ -106,12 +102,12 @@ def export_checkpoint(checkpoint_path: str, path: str, *, device: str = "cpu",
         raise InputError(f"--out {path}: the model could not be exported and compiled "
                          f"({type(error).__name__}: {first_line}); AOTInductor needs a C++ "
                          "compiler on CPU (and the CUDA toolkit on a GPU)") from error
-    maps = checkpoint.id_maps
-    with open(ids_path_of(path), "w") as handle:
+    maps, ids_path = checkpoint.id_maps, ids_path_of(path)
+    with open(ids_path, "w") as handle:
         json.dump({"item_ids": maps.item_ids.to_pylist(),
                    "category_ids": maps.category_ids.to_pylist(),
                    "item_category": maps.item_category.tolist()}, handle)
-    return package, ids_path_of(path)
+    return package, ids_path
 
 
 def ids_path_of(path: str) -> str:

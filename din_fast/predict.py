@@ -22,7 +22,7 @@ import csv
 import json
 import sys
 from contextlib import nullcontext
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterator, Optional
 
@@ -31,11 +31,11 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import torch
 
-from .checkpoint import load_checkpoint, restored_model
+from .checkpoint import restored_model
 from .data import EncodedData, IdMaps, encode
 from .errors import DataFormatError, InputError
 from .loaders import load_interactions, text_lines
-from .training import check_device, check_device_and_backend
+from .training import checkpoint_for_run
 
 # A batch holds requests x (most candidates of one of them) scores: at most this many.
 CANDIDATES_PER_BATCH = 1 << 16
@@ -126,10 +126,7 @@ def predict_file(checkpoint_path, requests_path, data_path=None, output=None,
                  output_format=None, *, device="cpu", backend="auto") -> Counts:
     """Score a requests file with a checkpoint, writing CSV or JSON lines to
     ``output`` (default stdout); returns what was scored and what was unknown."""
-    check_device(device)
-    checkpoint = load_checkpoint(checkpoint_path)
-    config = replace(checkpoint.config, backend=backend, device=device)
-    check_device_and_backend(config)
+    checkpoint, config = checkpoint_for_run(checkpoint_path, backend, device)
     requests = read_requests(requests_path)
     data = None if data_path is None else encode(load_interactions(data_path),
                                                  checkpoint.id_maps)

@@ -260,6 +260,17 @@ def write_json(path: str, values: dict) -> None:
         json.dump(values, handle, indent=2)
 
 
+def checkpoint_for_run(path: str, backend: str, device: str):
+    """(Checkpoint, its config with this run's backend and device) for
+    evaluate, predict and export: the device is checked before the file is
+    read, the backend before anything is built."""
+    check_device(device)
+    checkpoint = load_checkpoint(path)
+    config = replace(checkpoint.config, backend=backend, device=device)
+    check_device_and_backend(config)
+    return checkpoint, config
+
+
 def evaluate_checkpoint(path: str, data: Optional[str] = None, *, backend: str = "auto",
                         device: str = "cpu") -> dict:
     """Test metrics of a checkpoint on ``data``, with its id maps and seed.
@@ -271,10 +282,7 @@ def evaluate_checkpoint(path: str, data: Optional[str] = None, *, backend: str =
     out (counted in ``excluded_test_samples``); unknown history items are
     skipped (``skipped_history_items``).
     """
-    check_device(device)
-    checkpoint = load_checkpoint(path)
-    config = replace(checkpoint.config, data=data, backend=backend, device=device)
-    check_device_and_backend(config)
+    checkpoint, config = checkpoint_for_run(path, backend, device)
     if data is None and checkpoint.config.data is not None:
         raise InputError(f"checkpoint {path} was trained on a data file; pass the data to "
                          "evaluate on with --data (a checkpoint does not choose what is read)")
