@@ -108,22 +108,44 @@ def minibatch_l2(model, batch, inverse_frequency: dict) -> torch.Tensor:
     return total
 
 
-class LocalLearner:
-    """What :func:`fit_learner` trains in one process: a model that scores
-    data.Batch fields (and lists its ``embedding_tables()`` for the L2
-    penalty), with Adam at ``config.lr`` times ``config.lr_decay`` per epoch.
-    din_fast.sharded.training has the TorchRec counterpart."""
+class Learner:
+    """What fit_learner's learners share: Adam over ``parameters`` at
+    ``config.lr``, times ``config.lr_decay`` after every epoch (``end_epoch``),
+    the inverse frequencies of the L2 penalty on ``frequency_device``, and one
+    seeded stream of shuffled training batches of at least ``min_batch``
+    samples (Dice's batch normalization needs two rows)."""
 
-    def __init__(self, model, data: EncodedData, config: TrainConfig):
-        self.model, self.data, self.config = model, data, config
-        self.optimizer = torch.optim.Adam(model.parameters(), lr=config.lr)
+    def __init__(self, parameters, data: EncodedData, config: TrainConfig, frequency_device,
+                 min_batch: int = 2):
+        self.data, self.config, self.min_batch = data, config, min_batch
+        self.optimizer = torch.optim.Adam(parameters, lr=config.lr)
         self.schedule = torch.optim.lr_scheduler.ExponentialLR(self.optimizer,
                                                                gamma=config.lr_decay)
-        self.inverse_frequency = inverse_frequencies(data, config.device) if config.l2 else None
+        self.inverse_frequency = inverse_frequencies(data, frequency_device) if config.l2 \
+            else None
         self.batch_rng = np.random.default_rng([config.seed, BATCH_STREAM])
 
     def lr(self) -> float:
         return self.optimizer.param_groups[0]["lr"]
+
+    def training_batches(self, samples: Samples, bar):
+        """The epoch's shuffled batches of ``samples``, through the progress bar."""
+        return bar(iterate_batches(self.data, samples, self.config.batch_size,
+                                   max_len=self.config.max_len, shuffle=True,
+                                   rng=self.batch_rng, min_batch=self.min_batch))
+
+    def end_epoch(self) -> None:
+        self.schedule.step()
+
+
+class LocalLearner(Learner):
+    """What :func:`fit_learner` trains in one process: a model that scores
+    data.Batch fields (and lists its ``embedding_tables()`` for the L2
+    penalty). din_fast.sharded.training has the TorchRec counterpart."""
+
+    def __init__(self, model, data: EncodedData, config: TrainConfig):
+        super().__init__(model.parameters(), data, config, config.device)
+        self.model = model
 
     def train_epoch(self, samples: Samples, bar) -> float:
         """One pass over ``samples``; the training loss (without the penalty)
@@ -131,9 +153,7 @@ class LocalLearner:
         config, model = self.config, self.model
         model.train()
         running = None
-        for _, batch in bar(iterate_batches(self.data, samples, config.batch_size,
-                                            max_len=config.max_len, shuffle=True,
-                                            rng=self.batch_rng)):
+        for _, batch in self.training_batches(samples, bar):
             batch = batch.to(config.device)
             loss = F.binary_cross_entropy_with_logits(model(*batch[:5]), batch.labels)
             value = loss.item()
@@ -143,7 +163,7 @@ class LocalLearner:
             loss.backward()
             self.optimizer.step()
             running = value if running is None else running + LOSS_SMOOTHING * (value - running)
-        self.schedule.step()
+        self.end_epoch()
         return running
 
     def evaluate(self, samples: Samples, prefix: str) -> dict:

@@ -35,9 +35,9 @@ from torchrec.optim.optimizers import in_backward_optimizer_filter
 
 from ..checkpoint import save_checkpoint
 from ..config import TrainConfig, build_model
-from ..data import BATCH_STREAM, Batch, EncodedData, Samples, iterate_batches
-from ..training import (EVAL_BATCH_SIZE, check_device_and_backend, describe_data, fit_learner,
-                        inverse_frequencies, load_training_data, metrics_of, write_json)
+from ..data import Batch, EncodedData, Samples, iterate_batches
+from ..training import (EVAL_BATCH_SIZE, Learner, check_device_and_backend, describe_data,
+                        fit_learner, load_training_data, metrics_of, write_json)
 from . import (DEFAULT_EMBEDDING_LR, DEFAULT_EMBEDDING_OPTIMIZER, OptionError, check_options,
                under_torchrun)
 from .model import TorchRecDIN, batch_features, din_state_dict, plan_summary, shard_model
@@ -134,36 +134,26 @@ def train_step(sharded, optimizer, batch: Batch, device, l2: float = 0.0,
     return loss_sum.detach()
 
 
-class ShardedLearner:
+class ShardedLearner(Learner):
     """din_fast.training.LocalLearner's counterpart for a sharded TorchRecDIN:
-    every method is a collective."""
+    Adam trains the dense layers (the tables train in their fused optimizer);
+    every method is a collective. Every process's share of a training batch
+    holds MIN_SHARE samples at least."""
 
     def __init__(self, sharded, data: EncodedData, config: TrainConfig, device):
-        self.sharded, self.data, self.config, self.device = sharded, data, config, device
-        self.optimizer = torch.optim.Adam(dense_parameters(sharded), lr=config.lr)
-        self.schedule = torch.optim.lr_scheduler.ExponentialLR(self.optimizer,
-                                                               gamma=config.lr_decay)
-        self.inverse_frequency = inverse_frequencies(data, "cpu") if config.l2 else None
-        self.batch_rng = np.random.default_rng([config.seed, BATCH_STREAM])
-
-    def lr(self) -> float:
-        return self.optimizer.param_groups[0]["lr"]
+        super().__init__(dense_parameters(sharded), data, config, "cpu",
+                         min_batch=MIN_SHARE * dist.get_world_size())
+        self.sharded, self.device = sharded, device
 
     def train_epoch(self, samples: Samples, bar) -> float:
         """One pass over ``samples``; the mean training loss over them."""
-        config = self.config
         self.sharded.train()
         loss_sum = torch.zeros((), dtype=torch.float64, device=self.device)
-        # Every process's share holds two samples at least (Dice's batch
-        # statistics need two rows).
-        for _, batch in bar(iterate_batches(self.data, samples, config.batch_size,
-                                            max_len=config.max_len, shuffle=True,
-                                            rng=self.batch_rng,
-                                            min_batch=MIN_SHARE * dist.get_world_size())):
-            loss_sum += train_step(self.sharded, self.optimizer, batch, self.device, config.l2,
-                                   self.inverse_frequency)
+        for _, batch in self.training_batches(samples, bar):
+            loss_sum += train_step(self.sharded, self.optimizer, batch, self.device,
+                                   self.config.l2, self.inverse_frequency)
         dist.all_reduce(loss_sum)
-        self.schedule.step()
+        self.end_epoch()
         return loss_sum.item() / len(samples)
 
     @torch.no_grad()
