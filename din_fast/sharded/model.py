@@ -114,12 +114,20 @@ class TorchRecDIN(nn.Module):
         return logits, penalty
 
 
+def smallest_key_per_value(values: torch.Tensor, keys: torch.Tensor):
+    """(the distinct ``values``, sorted; for each, the smallest of the
+    ``keys`` at its occurrences): with keys the positions, where each value
+    occurs first."""
+    unique, inverse = torch.unique(values, return_inverse=True)
+    smallest = torch.full_like(unique, torch.iinfo(keys.dtype).max, dtype=keys.dtype)
+    return unique, smallest.scatter_reduce(0, inverse, keys, "amin")
+
+
 def first_positions(values: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
     """The position of each of ``ids`` (all present in ``values``) at its
     first occurrence in ``values``."""
-    unique, inverse = torch.unique(values, return_inverse=True)
-    first = torch.full_like(unique, values.numel()).scatter_reduce(
-        0, inverse, torch.arange(values.numel(), device=values.device), "amin")
+    unique, first = smallest_key_per_value(
+        values, torch.arange(values.numel(), device=values.device))
     return first[torch.searchsorted(unique, ids)]
 
 

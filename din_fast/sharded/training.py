@@ -40,7 +40,8 @@ from ..training import (EVAL_BATCH_SIZE, Learner, check_device_and_backend, desc
                         fit_learner, load_training_data, metrics_of, write_json)
 from . import (DEFAULT_EMBEDDING_LR, DEFAULT_EMBEDDING_OPTIMIZER, OptionError, check_options,
                under_torchrun)
-from .model import TorchRecDIN, batch_features, din_state_dict, plan_summary, shard_model
+from .model import (TorchRecDIN, batch_features, din_state_dict, plan_summary, shard_model,
+                    smallest_key_per_value)
 
 
 MIN_SHARE = 2   # samples per process in a training batch: Dice's batch statistics need two
@@ -97,10 +98,8 @@ def penalized_rows(batch: Batch, inverse_frequency: dict, device) -> dict:
             ("category", batch.history_categories, batch.target_categories)):
         ids = torch.cat([history[valid], target])
         looked_up = ids != 0
-        unique, inverse = torch.unique(ids[looked_up], return_inverse=True)
-        first = torch.full_like(unique, size).scatter_reduce(0, inverse, samples[looked_up],
-                                                             "amin")
-        own = unique[first % world == rank]
+        unique, first_sample = smallest_key_per_value(ids[looked_up], samples[looked_up])
+        own = unique[first_sample % world == rank]
         penalized[table] = (own.to(device), inverse_frequency[table][own].to(device))
     return penalized
 
