@@ -93,7 +93,7 @@ def test_known_test_samples_equal_the_protocol_when_every_item_is_known():
 def test_known_test_samples_skip_unknown_history_and_leave_out_unknown_targets():
     data, users = distinct_items_data(seed=4)
     data.items = data.items.copy()
-    first_user, second_user = data.offsets[0], data.offsets[1]
+    first_user = data.offsets[0]
     data.items[first_user + 1] = 0                      # an unknown item in user 0's history
     data.items[data.offsets[2] - 1] = 0                 # user 1's test item unknown
     known = known_test_samples(data, seed=0)

@@ -55,7 +55,8 @@ def test_din_attention_any_layout(backend):
 def jagged_call(case, backend):
     """din_attention_jagged on the case's valid prefixes (lengths masking)."""
     kwargs = dict(case)
-    query, keys, lengths = kwargs.pop("query"), kwargs.pop("keys"), kwargs.pop("lengths")
+    query, keys = kwargs.pop("query"), kwargs.pop("keys")
+    del kwargs["lengths"]                        # the offsets carry them
     return din_fast.din_attention_jagged(query, keys, kwargs.pop("offsets"), keys.shape[0],
                                          return_scores=True, backend=backend, **kwargs)
 
