@@ -30,7 +30,7 @@ from itertools import product
 import torch
 
 from .compiled import resource_usage, spills
-from .din_backward import BackwardSpec, backward_unsupported_shape, din_backward_kernel
+from .din_backward import BackwardSpec, backward_unsupported_shape
 from .din_forward import NUM_STAGES, ForwardSpec, din_forward_kernel
 from .forward_warps import FALLBACK, table_family
 
@@ -145,7 +145,7 @@ def jagged_forward_specializations(quick: bool):
 def backward_specialization(spec: BackwardSpec) -> Specialization:
     label = _label(f"backward[{spec.part}]", spec, dict(scores=spec.has_grad_scores,
                                                         values=not spec.values_are_keys))
-    return Specialization(label, din_backward_kernel, spec.signature(), spec.constexprs(),
+    return Specialization(label, spec.kernel, spec.signature(), spec.constexprs(),
                           (spec.blocks()[-1],), NUM_STAGES, spec.aligned())
 
 

@@ -1,10 +1,10 @@
 """The fused backward of the DIN activation unit + attention pooling.
 
 FlashAttention's method, taken one step further: nothing of the forward is
-stored, not even the softmax statistics (the kernel recomputes the max, the
+stored, not even the softmax statistics (each kernel recomputes the max, the
 normalizer and the row term delta itself, in a first pass over the row). The
-kernel recomputes the MLP tile by tile from the keys, with the forward's folded
-parameters, and runs the chain rule on the spot, so no [B, C, T, H] or
+kernels recompute the MLP tile by tile from the keys, with the forward's folded
+parameters, and run the chain rule on the spot, so no [B, C, T, H] or
 [B, C, T, 4D] tensor ever reaches memory. Positions past a row's length are
 skipped (their gradients are zero), as in the forward.
 
@@ -16,22 +16,46 @@ row in float32, added to the program's own partial when the row is done, and
 the partials are reduced in a fixed order on the host. No atomics: two
 backward passes give bitwise-identical gradients.
 
-What stays on chip for a whole pass is the gradient accumulators. When
-they add up to more than TILE_BUDGET elements, the backward runs as three
-launches of the same kernel (BackwardSpec.launches; PARTS): dk and dv; the
-first layer's sums; the deeper layers'. Each recomputes the forward and
-keeps one kind of accumulator live, and ptxas keeps every one of them within
-the register file (python -m din_fast.kernels.aot) at the cost of the
-recompute: the split trades arithmetic, which the tiles have to spare, for
+What stays on chip for a whole pass is the gradient accumulators. When they
+add up to at most TILE_BUDGET elements, one kernel computes every gradient
+(din_backward_kernel). Past that the backward is three passes, three kernels
+(BackwardSpec.launches): din_backward_inputs_kernel (dk, dv, the output
+layer, the first layer's unit parameters), din_backward_first_layer_kernel
+(the first layer's weight sums, in blocks of key columns when wide) and
+din_backward_deeper_kernel (the later layers' sums). Each recomputes the
+forward and keeps one kind of accumulator live, and ptxas keeps every one of
+them within the register file (python -m din_fast.kernels.aot) at the cost of
+the recompute: the split trades arithmetic, which the tiles have to spare, for
 not spilling. The weight tiles (M, W_i, W_i^T) are reloaded per tile from
-L1/L2 rather than held: staged once in registers they would spill.
+L1/L2 rather than held: staged once in registers they would spill. The walk
+over rows, candidates and tiles that every kernel takes is in
+backward_steps; the kernels here say what each one keeps.
 
 The first layer goes through the fold z1 = u + k M^T, u = (W_q + W_d) q + b_1,
-M = (W_k - W_d) + W_p * q. Per (b, c) the kernel accumulates
+M = (W_k - W_d) + W_p * q. Per (b, c) the kernels accumulate
 P = sum_t dz1_t k_t^T ([H_1, D]) and G = sum_t dz1_t ([H_1]); everything else
 of the first layer follows from them:
     dW_q = sum G q^T,  dW_k = sum P,  dW_d = dW_q - dW_k,  dW_p = sum P * q,
     db_1 = sum G,      dq = (W_q + W_d)^T G + colsum(W_p * P),  dk_t = M^T dz1_t.
+
+The kernels' arguments (each takes those its pass uses; grid (P,)):
+    inputs   q [B, C, D], u [B, C, H1_P] float32, k [B, T, D], v [B, T, DV]
+             (k itself when the values are the keys), lengths [B] int64,
+             mask [B, T] uint8, contiguous; the folded parameters padded to the
+             tile widths: wp and wa are W_p and W_k - W_d as [H1_P, D_P] rows of
+             units in the inputs' dtype, w2 and w3 are W_i^T in float32, unit
+             [L, 4, UNIT_W] (bias, a, mu, rstd), wout [HL_P], bout [1];
+             dout [B, C, DV] = d loss / d pooled, gs [B, C, T] = d loss / d w;
+             m_scratch [P, H1_P, D_P] in the inputs' dtype, each program's slot
+             for its candidate's M.
+    outputs  dq [B, C, D_P] float32 (the W_p term only), dk [B, T, D] and
+             dv [B, T, DV] (float32 when C > 1: the candidates add up in
+             place), G [B, C, H1_P] float32; per program float32 partials,
+             padded, starting at zero: part_k and part_qk [P, H1_P, D_P] (sum
+             of dz1 k^T and of dz1 (q*k)^T), part_w2 [P, H1_P, H2_P] and
+             part_w3 [P, H2_P, H3_P] (W_2^T, W_3^T), part_unit [P, L, 4,
+             UNIT_W] (bias, a, mu, var), part_out [P, HL_P + 1] (W_out, then
+             b_out).
 """
 
 from __future__ import annotations
@@ -45,464 +69,251 @@ from torch.library import wrap_triton
 
 from din_fast.problem import DINProblem, split_first_layer
 
-from .common import (MAX_HIDDEN_LAYERS, NUM_STAGES, TILE_BUDGET, TRITON_DTYPES, activate,
-                     fold_parameters, interpreting, launch_device, load_tile, mma, padded,
-                     store_tile, unit_params)
-
-
-@triton.jit
-def _activation_backward(z, dh, a, mu, rstd, ACTIVATION: tl.constexpr):
-    """dz, and per element the gradient terms of the unit parameters (a, mu, var).
-
-    Tiles [H, BLOCK_T]; a, mu, rstd are [H, 1] (rstd = 1/sqrt(var + eps)).
-    """
-    zero = tl.zeros_like(z)
-    if ACTIVATION == "sigmoid":
-        p = tl.sigmoid(z)
-        return dh * p * (1.0 - p), zero, zero, zero
-    elif ACTIVATION == "relu":
-        return tl.where(z > 0, dh, 0.0), zero, zero, zero
-    elif ACTIVATION == "prelu":
-        negative = z <= 0  # the a-branch of where(z > 0, z, a * z), z == 0 included
-        return tl.where(negative, dh * a, dh), tl.where(negative, dh * z, 0.0), zero, zero
-    else:
-        p = tl.sigmoid((z - mu) * rstd)
-        slope = (1.0 - a) * z * p * (1.0 - p)  # d f / d((z - mu) * rstd)
-        dz = dh * (a + p * (1.0 - a) + slope * rstd)
-        dmu = -dh * slope * rstd
-        dvar = -0.5 * dh * slope * (z - mu) * rstd * rstd * rstd
-        return dz, dh * z * (1.0 - p), dmu, dvar
-
-
-@triton.jit
-def _unit_backward(z, dh, unit_ptr, layer: tl.constexpr, UNIT_W: tl.constexpr, HP: tl.constexpr,
-                   ACTIVATION: tl.constexpr):
-    """A hidden layer's [H, BLOCK_T] tile backward: dz, and the per-unit sums of
-    the (a, mu, var) gradient terms.
-
-    The unit parameters are reloaded per tile (cache hits): held across the
-    loops, broadcast to the tiles' layouts, they cost more registers than the
-    tiles themselves."""
-    _, a, mu, rstd = _unit_columns(unit_ptr, layer, UNIT_W, HP)
-    dz, da, dmu, dvar = _activation_backward(z, dh, a, mu, rstd, ACTIVATION)
-    return dz, tl.sum(da, axis=1), tl.sum(dmu, axis=1), tl.sum(dvar, axis=1)
-
-
-@triton.jit
-def _deeper_layer_backward(z, dh, h_in, w_ptr, unit_ptr, layer: tl.constexpr, acc_w, acc_b,
-                           acc_a, acc_mu, acc_var, IN_P: tl.constexpr, OUT_P: tl.constexpr,
-                           UNIT_W: tl.constexpr, BLOCK_T: tl.constexpr,
-                           ACTIVATION: tl.constexpr, WEIGHTS: tl.constexpr,
-                           NEED_DH_IN: tl.constexpr,
-                           DOT_F32: tl.constexpr, GRAD_PRECISION: tl.constexpr):
-    """A hidden layer after the first (z = W h_in + b), transposed: d loss / d h_in
-    (with NEED_DH_IN), and with WEIGHTS the layer's accumulators (W and its
-    unit vectors) updated; a launch without them passes them through."""
-    dz, da, dmu, dvar = _unit_backward(z, dh, unit_ptr, layer, UNIT_W, OUT_P, ACTIVATION)
-    # dz stays float32 (in TF32 dots): rounded to half precision here, the
-    # error would compound down the layers into the gradients that cancel.
-    # acc_w is W's gradient transposed, [IN_P, OUT_P]: h_in (the wider side)
-    # is then the left operand, split across the warps, and only dz^T is held
-    # whole by each warp.
-    if WEIGHTS:
-        acc_w = mma(h_in, tl.trans(dz), acc_w, DOT_F32, GRAD_PRECISION)
-        acc_b += tl.sum(dz, axis=1)
-        acc_a += da
-        acc_mu += dmu
-        acc_var += dvar
-    dh_in = dh
-    if NEED_DH_IN:
-        # W^T in float32 straight from memory: a TF32 operand the tensor
-        # cores read from shared memory, not a converted copy in registers.
-        dh_in = mma(load_tile(w_ptr, IN_P, OUT_P, False), dz,
-                     tl.zeros((IN_P, BLOCK_T), tl.float32), DOT_F32, GRAD_PRECISION)
-    return dh_in, acc_w, acc_b, acc_a, acc_mu, acc_var
-
-
-@triton.jit
-def _tile_inputs(k_ptr, v_ptr, mask_ptr, gs_ptr, b64, bc, t0, t_stop, T, D, DV, dout,
-                 HAS_MASK: tl.constexpr, HAS_GRAD_SCORES: tl.constexpr,
-                 VALUES_ARE_KEYS: tl.constexpr, BLOCK_T: tl.constexpr, D_P: tl.constexpr,
-                 DV_P: tl.constexpr):
-    """A tile of positions: (offsets, in range, valid, key tile [BLOCK_T, D_P], and
-    dw = d loss / d w = dout . v_t (+ gs_t)).
-
-    Invalid positions load as zeros, never as what the padding holds: their
-    gradients are multiplied by zero, and 0 * NaN is NaN."""
-    offs_t = t0 + tl.arange(0, BLOCK_T)
-    offs_d = tl.arange(0, D_P)
-    offs_dv = tl.arange(0, DV_P)
-    t_ok = offs_t < t_stop
-    if HAS_MASK:
-        valid = t_ok & (tl.load(mask_ptr + b64 * T + offs_t, mask=t_ok, other=0) != 0)
-    else:
-        valid = t_ok
-    rows = b64 * T + offs_t
-    keys = tl.load(k_ptr + rows[:, None] * D + offs_d[None, :],
-                   mask=valid[:, None] & (offs_d < D)[None, :], other=0.0)
-    if VALUES_ARE_KEYS:
-        vals = keys.to(tl.float32)
-    else:
-        vals = tl.load(v_ptr + rows[:, None] * DV + offs_dv[None, :],
-                       mask=valid[:, None] & (offs_dv < DV)[None, :], other=0.0).to(tl.float32)
-    dw = tl.sum(vals * dout[None, :], axis=1)
-    if HAS_GRAD_SCORES:
-        dw += tl.load(gs_ptr + bc * T + offs_t, mask=valid, other=0.0).to(tl.float32)
-    return offs_t, t_ok, valid, keys, dw
-
-
-@triton.jit
-def _tile_forward(keys, m_ptr, u, w2_ptr, w3_ptr, unit_ptr, w_out, b_out,
-                  NUM_LAYERS: tl.constexpr, ACTIVATION: tl.constexpr, BLOCK_T: tl.constexpr,
-                  D_P: tl.constexpr, H1_P: tl.constexpr, H2_P: tl.constexpr,
-                  H3_P: tl.constexpr, UNIT_W: tl.constexpr, DOT_F32: tl.constexpr,
-                  INPUT_PRECISION: tl.constexpr):
-    """The MLP on a key tile, transposed ([H, BLOCK_T]): (z1, h1, z2, h2, z3, h3, s).
-
-    Layers the MLP lacks repeat the last one's (z, h), unused by the caller.
-    """
-    m = load_tile(m_ptr, H1_P, D_P, False)
-    z1 = mma(m, tl.trans(keys), tl.zeros((H1_P, BLOCK_T), tl.float32), DOT_F32,
-              INPUT_PRECISION) + u
-    _, a1, mu1, rstd1 = _unit_columns(unit_ptr, 0, UNIT_W, H1_P)
-    h1 = activate(z1, a1, mu1, rstd1, ACTIVATION)
-    z2, h2 = z1, h1
-    if NUM_LAYERS >= 2:
-        z2, h2 = _deeper_layer_forward(h1, w2_ptr, unit_ptr, 1, H1_P, H2_P, UNIT_W, BLOCK_T,
-                                       keys.dtype, ACTIVATION, DOT_F32, INPUT_PRECISION)
-    z3, h3 = z2, h2
-    if NUM_LAYERS >= 3:
-        z3, h3 = _deeper_layer_forward(h2, w3_ptr, unit_ptr, 2, H2_P, H3_P, UNIT_W, BLOCK_T,
-                                       keys.dtype, ACTIVATION, DOT_F32, INPUT_PRECISION)
-    return z1, h1, z2, h2, z3, h3, tl.sum(h3 * w_out, axis=0) + b_out
-
-
-@triton.jit
-def _deeper_layer_forward(h_in, wt_ptr, unit_ptr, layer: tl.constexpr, IN_P: tl.constexpr,
-                          OUT_P: tl.constexpr, UNIT_W: tl.constexpr, BLOCK_T: tl.constexpr,
-                          DOT_DTYPE: tl.constexpr, ACTIVATION: tl.constexpr,
-                          DOT_F32: tl.constexpr, INPUT_PRECISION: tl.constexpr):
-    """A hidden layer after the first, transposed: (z, h) [OUT_P, BLOCK_T] from
-    h_in [IN_P, BLOCK_T], with W reloaded from its float32 W^T [IN_P, OUT_P]
-    and rounded to the dot dtype as the forward kernel uses it."""
-    w = load_tile(wt_ptr, IN_P, OUT_P, True).to(DOT_DTYPE)
-    bias, a, mu, rstd = _unit_columns(unit_ptr, layer, UNIT_W, OUT_P)
-    z = mma(w, h_in.to(DOT_DTYPE), tl.zeros((OUT_P, BLOCK_T), tl.float32), DOT_F32,
-             INPUT_PRECISION) + bias
-    return z, activate(z, a, mu, rstd, ACTIVATION)
-
-
-@triton.jit
-def _unit_columns(unit_ptr, layer: tl.constexpr, UNIT_W: tl.constexpr, HP: tl.constexpr):
-    """A layer's (bias, a, mu, rstd) as [HP, 1] columns."""
-    bias, a, mu, rstd = unit_params(unit_ptr, layer, 0, UNIT_W, HP)
-    return bias[:, None], a[:, None], mu[:, None], rstd[:, None]
-
-
-@triton.jit
-def _add_to_tile(ptr, tile, RP: tl.constexpr, SP: tl.constexpr, STRIDE: tl.constexpr):
-    """ptr[RP, SP] += tile, rows STRIDE apart: a program's private partial, so no
-    race and no atomics."""
-    offs = tl.arange(0, RP)[:, None] * STRIDE + tl.arange(0, SP)[None, :]
-    tl.store(ptr + offs, tl.load(ptr + offs) + tile)
-
-
-@triton.jit
-def _zero_unit_grads(HP: tl.constexpr):
-    """Zero accumulators for one layer's (bias, a, mu, var) gradients."""
-    zero = tl.zeros((HP,), tl.float32)
-    return zero, zero, zero, zero
-
-
-@triton.jit
-def _add_to_vector(ptr, vector, N: tl.constexpr):
-    """ptr[N] += vector, as _add_to_tile."""
-    offs = tl.arange(0, N)
-    tl.store(ptr + offs, tl.load(ptr + offs) + vector)
-
-
-@triton.jit
-def _add_unit_grads(ptr, layer: tl.constexpr, db, da, dmu, dvar, UNIT_W: tl.constexpr,
-                    HP: tl.constexpr):
-    """One layer's (bias, a, mu, var) gradients added to a [L, 4, UNIT_W] partial."""
-    base = ptr + layer * 4 * UNIT_W
-    _add_to_vector(base, db, HP)
-    _add_to_vector(base + UNIT_W, da, HP)
-    _add_to_vector(base + 2 * UNIT_W, dmu, HP)
-    _add_to_vector(base + 3 * UNIT_W, dvar, HP)
+from .backward_steps import (add_layer_grads, add_output_grads, add_unit_grads,
+                             first_layer_tile, hidden_layers_backward, output_layer_tile,
+                             program_mlp, recompute_tile, start_candidate, start_row,
+                             store_first_layer_sums, store_key_value_grads, unit_backward,
+                             zero_layer_grads, zero_past_length, zero_unit_grads)
+from .common import (MAX_HIDDEN_LAYERS, NUM_STAGES, TILE_BUDGET, TRITON_DTYPES,
+                     fold_parameters, interpreting, launch_device, padded)
 
 
 @triton.jit
 def din_backward_kernel(
-    q_ptr, u_ptr, k_ptr, v_ptr, len_ptr, mask_ptr,
-    wp_ptr, wa_ptr, w2_ptr, w3_ptr, unit_ptr, wout_ptr, bout_ptr,
-    dout_ptr, gs_ptr,
-    dq_ptr, dk_ptr, dv_ptr, g_ptr, m_scratch_ptr,
+    q_ptr, u_ptr, k_ptr, v_ptr, len_ptr, mask_ptr, wp_ptr, wa_ptr, w2_ptr, w3_ptr, unit_ptr,
+    wout_ptr, bout_ptr, dout_ptr, gs_ptr, m_scratch_ptr,
+    dq_ptr, dk_ptr, dv_ptr, g_ptr,
     part_k_ptr, part_qk_ptr, part_w2_ptr, part_w3_ptr, part_unit_ptr, part_out_ptr,
     B, C, T, D, DV, scale,
     ACTIVATION: tl.constexpr, SOFTMAX: tl.constexpr, HAS_LENGTHS: tl.constexpr,
     HAS_MASK: tl.constexpr, HAS_GRAD_SCORES: tl.constexpr, VALUES_ARE_KEYS: tl.constexpr,
-    MULTI_CANDIDATE: tl.constexpr, INPUT_GRADS: tl.constexpr, FIRST_WEIGHTS: tl.constexpr,
-    DEEPER_WEIGHTS: tl.constexpr, FIRST_D0: tl.constexpr, FIRST_DC: tl.constexpr,
-    NUM_LAYERS: tl.constexpr, DOT_F32: tl.constexpr, INPUT_PRECISION: tl.constexpr,
-    GRAD_PRECISION: tl.constexpr, BLOCK_T: tl.constexpr, D_P: tl.constexpr,
-    DV_P: tl.constexpr, H1_P: tl.constexpr, H2_P: tl.constexpr, H3_P: tl.constexpr,
-    UNIT_W: tl.constexpr,
+    MULTI_CANDIDATE: tl.constexpr, NUM_LAYERS: tl.constexpr, DOT_F32: tl.constexpr,
+    INPUT_PRECISION: tl.constexpr, GRAD_PRECISION: tl.constexpr, BLOCK_T: tl.constexpr,
+    D_P: tl.constexpr, DV_P: tl.constexpr, H1_P: tl.constexpr, H2_P: tl.constexpr,
+    H3_P: tl.constexpr, HL_P: tl.constexpr, UNIT_W: tl.constexpr,
 ):
-    """Grid (P,): program pid owns rows pid, pid + P, ...
-
-    Inputs as din_forward_kernel's (contiguous; the folded parameters padded
-    to the tile widths, with D_P rows; but wp and wa are W_p and W_k - W_d,
-    [H1_P, D_P], rows of units; w2 and w3 are W_i^T in float32), plus
-    dout [B, C, DV] = d loss / d pooled and gs [B, C, T] = d loss / d w; m_scratch
-    [P, H1_P, D_P] in the inputs' dtype, each program's slot for its
-    candidate's M.
-
-    Softmax takes a first pass over the row's tiles for its max, normalizer
-    and delta = sum_t w_t dw_t, all from this kernel's own recomputed scores:
-    then sum_t ds_t = 0 holds to float32 rounding, where a delta from the
-    forward's half-precision output would leave a bias in every sum of ds
-    (the output bias's gradient, and the small gradients that cancel).
-    Outputs: dq [B, C, D_P] float32 (the W_p term only), dk [B, T, D] and
-    dv [B, T, DV] (float32 when C > 1: the candidates add up in place),
-    G [B, C, H1_P] float32; per program float32 partials, padded: part_k and
-    part_qk [P, H1_P, D_P] (sum of dz1 k^T and of dz1 (q*k)^T), part_w2
-    [P, H1_P, H2_P] and part_w3 [P, H2_P, H3_P] (W_2^T, W_3^T), part_unit
-    [P, L, 4, UNIT_W] (bias, a, mu, var), part_out [P, H_L_P + 1] (W_out, then
-    b_out). Partials start at zero. INPUT_GRADS, FIRST_WEIGHTS and
-    DEEPER_WEIGHTS select which of them this launch writes (PARTS); a
-    FIRST_WEIGHTS launch covers the key columns FIRST_D0 + [0, FIRST_DC) of P
-    (and dq's W_p term), and the one with FIRST_D0 = 0 also G.
-
-    The MLP runs transposed, units along rows and positions along columns
-    ([H, BLOCK_T] tiles): the loop-invariant matrices (M, M^T, W_i, W_i^T)
-    are then the left operands of the dots, which the warps split by rows
-    (see BackwardSpec.blocks), rather than right operands every warp would
-    hold whole.
-    """
-    pid = tl.program_id(0)
+    """Every gradient in one pass, for MLPs whose accumulators fit on chip together."""
     programs = tl.num_programs(0)
-    dot_dtype = k_ptr.dtype.element_ty
-    offs_d = tl.arange(0, D_P)
-    offs_dv = tl.arange(0, DV_P)
-    offs_h1 = tl.arange(0, H1_P)
-    d_ok = offs_d < D
-    dv_ok = offs_dv < DV
-
-    m_ptr = m_scratch_ptr + pid * H1_P * D_P
-    if NUM_LAYERS == 1:
-        HL_P: tl.constexpr = H1_P
-    elif NUM_LAYERS == 2:
-        HL_P: tl.constexpr = H2_P
-    else:
-        HL_P: tl.constexpr = H3_P
-    offs_hl = tl.arange(0, HL_P)
-    w_out = tl.load(wout_ptr + offs_hl)[:, None]
-    b_out = tl.load(bout_ptr)
-
-    for b in range(pid, B, programs):
-        b64 = tl.cast(b, tl.int64)
-        if HAS_LENGTHS:
-            t_stop = tl.minimum(tl.maximum(tl.load(len_ptr + b64).to(tl.int32), 0), T)
-        else:
-            t_stop = T
-        if INPUT_GRADS:
-            # Past the length every gradient is zero: written once, never computed.
-            for t0 in range(t_stop, T, BLOCK_T):
-                offs_t = t0 + tl.arange(0, BLOCK_T)
-                rows = b64 * T + offs_t
-                tl.store(dk_ptr + rows[:, None] * D + offs_d[None, :],
-                         tl.zeros((BLOCK_T, D_P), tl.float32),
-                         mask=(offs_t < T)[:, None] & d_ok[None, :])
-                if not VALUES_ARE_KEYS:
-                    tl.store(dv_ptr + rows[:, None] * DV + offs_dv[None, :],
-                             tl.zeros((BLOCK_T, DV_P), tl.float32),
-                             mask=(offs_t < T)[:, None] & dv_ok[None, :])
-
+    history = (k_ptr, v_ptr, mask_ptr, gs_ptr, T, D, DV)
+    mlp = program_mlp(m_scratch_ptr, w2_ptr, w3_ptr, unit_ptr, wout_ptr, bout_ptr, D_P, H1_P,
+                      HL_P)
+    for b in range(tl.program_id(0), B, programs):
+        b64, t_stop = start_row(len_ptr, b, T, HAS_LENGTHS)
+        zero_past_length(dk_ptr, dv_ptr, b64, t_stop, T, D, DV, VALUES_ARE_KEYS, BLOCK_T, D_P,
+                         DV_P)
         # The row's sums of the weight gradients (over its candidates and
         # positions), added to this program's partials once the row is done.
-        acc_b1, acc_a1, acc_mu1, acc_var1 = _zero_unit_grads(H1_P)
-        if INPUT_GRADS:
-            acc_wout = tl.zeros((HL_P,), tl.float32)
-            acc_bout = tl.zeros((1,), tl.float32)
-        # Placeholders where a pass skips a layer's sums (never read).
-        acc_w2, acc_b2, acc_a2, acc_mu2, acc_var2 = b_out, b_out, b_out, b_out, b_out
-        acc_w3, acc_b3, acc_a3, acc_mu3, acc_var3 = b_out, b_out, b_out, b_out, b_out
-        if NUM_LAYERS >= 2:
-            if DEEPER_WEIGHTS:
-                acc_w2 = tl.zeros((H1_P, H2_P), tl.float32)
-                acc_b2, acc_a2, acc_mu2, acc_var2 = _zero_unit_grads(H2_P)
-        if NUM_LAYERS >= 3:
-            if DEEPER_WEIGHTS:
-                acc_w3 = tl.zeros((H2_P, H3_P), tl.float32)
-                acc_b3, acc_a3, acc_mu3, acc_var3 = _zero_unit_grads(H3_P)
+        acc_b1, acc_a1, acc_mu1, acc_var1 = zero_unit_grads(H1_P)
+        out_sums = (tl.zeros((HL_P,), tl.float32), tl.zeros((1,), tl.float32))
+        grads2 = zero_layer_grads(H1_P, H2_P) if NUM_LAYERS >= 2 else ()
+        grads3 = zero_layer_grads(H2_P, H3_P) if NUM_LAYERS >= 3 else ()
         for c in range(0, C):
-            bc = b64 * C + c
-            q = tl.load(q_ptr + bc * D + offs_d, mask=d_ok, other=0.0).to(tl.float32)
-            u = tl.load(u_ptr + bc * H1_P + offs_h1)[:, None]
-            # The candidate's fold M = (W_k - W_d) + W_p * q, [H1, D], staged in
-            # this program's scratch slot and reloaded per tile (cache hits):
-            # held in registers across the loops, it would spill.
-            m = (load_tile(wa_ptr, H1_P, D_P, False).to(tl.float32)
-                 + load_tile(wp_ptr, H1_P, D_P, False).to(tl.float32) * q[None, :])
-            tl.debug_barrier()      # the previous candidate's reads are done
-            store_tile(m_ptr, m.to(dot_dtype), H1_P, D_P)
-            tl.debug_barrier()      # every thread sees the whole tile
-            dout = tl.load(dout_ptr + bc * DV + offs_dv, mask=dv_ok, other=0.0).to(tl.float32)
-            if SOFTMAX:
-                # The normalizer and delta = sum_t w_t dw_t, online as in the
-                # forward, with this pass's own max: the weights below are then
-                # exp(x - max) of the very x computed here, never above 1, at
-                # any scale (a max taken from the forward's differently rounded
-                # scores can sit below them, by far more than exp's range
-                # when |scale| is large).
-                row_max = tl.full((), float("-inf"), tl.float32)
-                row_sum = 0.0
-                delta = 0.0
-                for t0 in range(0, t_stop, BLOCK_T):
-                    offs_t, t_ok, valid, keys, dw = _tile_inputs(
-                        k_ptr, v_ptr, mask_ptr, gs_ptr, b64, bc, t0, t_stop, T, D, DV, dout,
-                        HAS_MASK, HAS_GRAD_SCORES, VALUES_ARE_KEYS, BLOCK_T, D_P, DV_P)
-                    s = _tile_forward(keys, m_ptr, u, w2_ptr, w3_ptr, unit_ptr, w_out, b_out,
-                                      NUM_LAYERS, ACTIVATION, BLOCK_T, D_P, H1_P, H2_P, H3_P,
-                                      UNIT_W, DOT_F32, INPUT_PRECISION)[6]
-                    x = tl.where(valid, scale * s, float("-inf"))
-                    new_max = tl.maximum(row_max, tl.max(x, axis=0))
-                    base = tl.where(new_max == float("-inf"), 0.0, new_max)
-                    e = tl.exp(x - base)
-                    rescale = tl.exp(row_max - base)
-                    row_sum = row_sum * rescale + tl.sum(e, axis=0)
-                    delta = delta * rescale + tl.sum(e * dw, axis=0)
-                    row_max = new_max
-                row_max = tl.where(row_max == float("-inf"), 0.0, row_max)
-                inv_sum = tl.where(row_sum > 0, 1.0 / tl.where(row_sum > 0, row_sum, 1.0), 0.0)
-                delta = delta * inv_sum
-            if FIRST_WEIGHTS:
-                # P = sum dz1 k^T over this launch's key columns FIRST_D0 + [0, FIRST_DC).
-                acc_p = tl.zeros((H1_P, FIRST_DC), tl.float32)
-                offs_p = FIRST_D0 + tl.arange(0, FIRST_DC)
-                acc_g = tl.zeros((H1_P,), tl.float32)                      # G = sum dz1
-
+            cand = start_candidate(q_ptr, u_ptr, wa_ptr, wp_ptr, dout_ptr, history, mlp, b64,
+                                   b64 * C + c, t_stop, scale, SOFTMAX, HAS_MASK,
+                                   HAS_GRAD_SCORES, VALUES_ARE_KEYS, NUM_LAYERS, ACTIVATION,
+                                   BLOCK_T, D_P, DV_P, H1_P, H2_P, H3_P, UNIT_W, DOT_F32,
+                                   INPUT_PRECISION)
+            acc_p = tl.zeros((H1_P, D_P), tl.float32)
+            acc_g = tl.zeros((H1_P,), tl.float32)
             for t0 in range(0, t_stop, BLOCK_T):
-                offs_t, t_ok, valid, keys, dw = _tile_inputs(
-                    k_ptr, v_ptr, mask_ptr, gs_ptr, b64, bc, t0, t_stop, T, D, DV, dout,
-                    HAS_MASK, HAS_GRAD_SCORES, VALUES_ARE_KEYS, BLOCK_T, D_P, DV_P)
-                rows = b64 * T + offs_t
-                # Forward recompute of the tile, transposed: [H, BLOCK_T].
-                z1, h1, z2, h2, z3, h_last, s = _tile_forward(
-                    keys, m_ptr, u, w2_ptr, w3_ptr, unit_ptr, w_out, b_out, NUM_LAYERS,
-                    ACTIVATION, BLOCK_T, D_P, H1_P, H2_P, H3_P, UNIT_W, DOT_F32,
-                    INPUT_PRECISION)
-
-                # Pooling and normalization backward: ds = d loss / d s.
-                if SOFTMAX:
-                    w = tl.exp(tl.where(valid, scale * s - row_max, float("-inf"))) * inv_sum
-                    ds = scale * w * (dw - delta)
-                else:
-                    w = tl.where(valid, scale * s, 0.0)
-                    ds = tl.where(valid, scale * dw, 0.0)
-
-                # MLP backward, output layer first.
-                if INPUT_GRADS:
-                    acc_wout += tl.sum(h_last * ds[None, :], axis=1)
-                    acc_bout += tl.sum(ds, axis=0)
-                dh = w_out * ds[None, :]
-                if NUM_LAYERS >= 3:
-                    dh, acc_w3, acc_b3, acc_a3, acc_mu3, acc_var3 = _deeper_layer_backward(
-                        z3, dh, h2, w3_ptr, unit_ptr, 2, acc_w3, acc_b3, acc_a3, acc_mu3,
-                        acc_var3, H2_P, H3_P, UNIT_W, BLOCK_T, ACTIVATION, DEEPER_WEIGHTS,
-                        True, DOT_F32, GRAD_PRECISION)
-                if NUM_LAYERS >= 2:
-                    dh, acc_w2, acc_b2, acc_a2, acc_mu2, acc_var2 = _deeper_layer_backward(
-                        z2, dh, h1, w2_ptr, unit_ptr, 1, acc_w2, acc_b2, acc_a2, acc_mu2,
-                        acc_var2, H1_P, H2_P, UNIT_W, BLOCK_T, ACTIVATION, DEEPER_WEIGHTS,
-                        INPUT_GRADS or FIRST_WEIGHTS, DOT_F32, GRAD_PRECISION)
-                if INPUT_GRADS or FIRST_WEIGHTS:
-                    dz1, da1, dmu1, dvar1 = _unit_backward(z1, dh, unit_ptr, 0, UNIT_W, H1_P,
-                                                           ACTIVATION)
-                if FIRST_WEIGHTS:
-                    keys_p = keys
-                    if FIRST_DC < D_P:
-                        keys_p = tl.load(k_ptr + rows[:, None] * D + offs_p[None, :],
-                                         mask=valid[:, None] & (offs_p < D)[None, :], other=0.0)
-                    acc_p = mma(dz1.to(dot_dtype), keys_p, acc_p, DOT_F32, INPUT_PRECISION)
-                    acc_g += tl.sum(dz1, axis=1)
-                if INPUT_GRADS:
-                    acc_a1 += da1
-                    acc_mu1 += dmu1
-                    acc_var1 += dvar1
-                    m_t = load_tile(m_ptr, H1_P, D_P, True)              # M^T [D, H1]
-                    dk = tl.trans(mma(m_t, dz1.to(dot_dtype),
-                                       tl.zeros((D_P, BLOCK_T), tl.float32), DOT_F32,
-                                       INPUT_PRECISION))                 # [BLOCK_T, D]
-                    # A row's key/value gradients sum over its candidates: the
-                    # first candidate writes, the others add (same program).
-                    dv = w[:, None] * dout[None, :]
-                    if VALUES_ARE_KEYS:
-                        dk += dv
-                    else:
-                        dv_ptrs = dv_ptr + rows[:, None] * DV + offs_dv[None, :]
-                        dv_mask = t_ok[:, None] & dv_ok[None, :]
-                        if MULTI_CANDIDATE:
-                            dv += tl.load(dv_ptrs, mask=dv_mask & (c > 0),
-                                          other=0.0).to(tl.float32)
-                        tl.store(dv_ptrs, dv, mask=dv_mask)
-                    dk_ptrs = dk_ptr + rows[:, None] * D + offs_d[None, :]
-                    dk_mask = t_ok[:, None] & d_ok[None, :]
-                    if MULTI_CANDIDATE:
-                        dk += tl.load(dk_ptrs, mask=dk_mask & (c > 0), other=0.0).to(tl.float32)
-                    tl.store(dk_ptrs, dk, mask=dk_mask)
-
+                tile = recompute_tile(t0, history, mlp, cand, SOFTMAX, HAS_MASK, HAS_GRAD_SCORES,
+                                      VALUES_ARE_KEYS, NUM_LAYERS, ACTIVATION, BLOCK_T, D_P,
+                                      DV_P, H1_P, H2_P, H3_P, UNIT_W, DOT_F32, INPUT_PRECISION)
+                out_sums = output_layer_tile(out_sums, tile)
+                dh, grads2, grads3 = hidden_layers_backward(
+                    tile, mlp, grads2, grads3, True, True, NUM_LAYERS, ACTIVATION, BLOCK_T,
+                    H1_P, H2_P, H3_P, UNIT_W, DOT_F32, GRAD_PRECISION)
+                dz1, da1, dmu1, dvar1 = unit_backward(tile[5], dh, unit_ptr, 0, UNIT_W, H1_P,
+                                                      ACTIVATION)
+                acc_p, acc_g = first_layer_tile(acc_p, acc_g, dz1, tile, history, cand, 0, D_P,
+                                                D_P, DOT_F32, INPUT_PRECISION)
+                acc_a1 += da1
+                acc_mu1 += dmu1
+                acc_var1 += dvar1
+                store_key_value_grads(dk_ptr, dv_ptr, dz1, tile, history, mlp, cand, c,
+                                      VALUES_ARE_KEYS, MULTI_CANDIDATE, BLOCK_T, D_P, DV_P,
+                                      H1_P, DOT_F32, INPUT_PRECISION)
             # This program's partials, indexed by b % P (== pid): addresses
             # computed from the loop variable are not hoisted out of the
             # loops, where they would be held in registers (or spilled).
-            slot = b % programs
-            if FIRST_WEIGHTS:
-                # Per (b, c): G for the host (dW_q, dq's fold term) and the
-                # first bias (from the launch with the first key columns), the
-                # query's W_p term and the P partials (this launch's columns).
-                if FIRST_D0 == 0:
-                    tl.store(g_ptr + bc * H1_P + offs_h1, acc_g)
-                    acc_b1 += acc_g
-                wp = tl.load(wp_ptr + offs_h1[:, None] * D_P + offs_p[None, :]).to(tl.float32)
-                tl.store(dq_ptr + bc * D_P + offs_p, tl.sum(wp * acc_p, axis=0))
-                q_p = tl.load(q_ptr + bc * D + offs_p, mask=offs_p < D, other=0.0).to(tl.float32)
-                part = slot * H1_P * D_P + FIRST_D0
-                _add_to_tile(part_k_ptr + part, acc_p, H1_P, FIRST_DC, D_P)
-                _add_to_tile(part_qk_ptr + part, acc_p * q_p[None, :], H1_P, FIRST_DC, D_P)
-
+            store_first_layer_sums(q_ptr, wp_ptr, dq_ptr, g_ptr, part_k_ptr, part_qk_ptr,
+                                   acc_p, acc_g, history, cand, b % programs, 0, D_P, D_P,
+                                   H1_P)
+            acc_b1 += acc_g
         slot = b % programs
         part_unit = part_unit_ptr + slot * NUM_LAYERS * 4 * UNIT_W
-        # The first layer's bias (from G) and (a, mu, var) come from two
-        # launches when split: each adds its own, the other's stay zero.
-        if FIRST_WEIGHTS or INPUT_GRADS:
-            _add_unit_grads(part_unit, 0, acc_b1, acc_a1, acc_mu1, acc_var1, UNIT_W, H1_P)
-        if INPUT_GRADS:
-            _add_to_vector(part_out_ptr + slot * (HL_P + 1), acc_wout, HL_P)
-            _add_to_vector(part_out_ptr + slot * (HL_P + 1) + HL_P, acc_bout, 1)
+        add_unit_grads(part_unit, 0, acc_b1, acc_a1, acc_mu1, acc_var1, UNIT_W, H1_P)
+        add_output_grads(part_out_ptr, slot, out_sums, HL_P)
         if NUM_LAYERS >= 2:
-            if DEEPER_WEIGHTS:
-                _add_to_tile(part_w2_ptr + slot * H1_P * H2_P, acc_w2, H1_P, H2_P, H2_P)
-                _add_unit_grads(part_unit, 1, acc_b2, acc_a2, acc_mu2, acc_var2, UNIT_W, H2_P)
+            add_layer_grads(part_w2_ptr + slot * H1_P * H2_P, part_unit, 1, grads2, H1_P, H2_P,
+                            UNIT_W)
         if NUM_LAYERS >= 3:
-            if DEEPER_WEIGHTS:
-                _add_to_tile(part_w3_ptr + slot * H2_P * H3_P, acc_w3, H2_P, H3_P, H3_P)
-                _add_unit_grads(part_unit, 2, acc_b3, acc_a3, acc_mu3, acc_var3, UNIT_W, H3_P)
+            add_layer_grads(part_w3_ptr + slot * H2_P * H3_P, part_unit, 2, grads3, H2_P, H3_P,
+                            UNIT_W)
+
+
+@triton.jit
+def din_backward_inputs_kernel(
+    q_ptr, u_ptr, k_ptr, v_ptr, len_ptr, mask_ptr, wp_ptr, wa_ptr, w2_ptr, w3_ptr, unit_ptr,
+    wout_ptr, bout_ptr, dout_ptr, gs_ptr, m_scratch_ptr,
+    dk_ptr, dv_ptr, part_unit_ptr, part_out_ptr,
+    B, C, T, D, DV, scale,
+    ACTIVATION: tl.constexpr, SOFTMAX: tl.constexpr, HAS_LENGTHS: tl.constexpr,
+    HAS_MASK: tl.constexpr, HAS_GRAD_SCORES: tl.constexpr, VALUES_ARE_KEYS: tl.constexpr,
+    MULTI_CANDIDATE: tl.constexpr, NUM_LAYERS: tl.constexpr, DOT_F32: tl.constexpr,
+    INPUT_PRECISION: tl.constexpr, GRAD_PRECISION: tl.constexpr, BLOCK_T: tl.constexpr,
+    D_P: tl.constexpr, DV_P: tl.constexpr, H1_P: tl.constexpr, H2_P: tl.constexpr,
+    H3_P: tl.constexpr, HL_P: tl.constexpr, UNIT_W: tl.constexpr,
+):
+    """The split backward's first pass: dk, dv, the output layer's W_out and
+    b_out, and the first layer's unit parameters (a, mu, var)."""
+    programs = tl.num_programs(0)
+    history = (k_ptr, v_ptr, mask_ptr, gs_ptr, T, D, DV)
+    mlp = program_mlp(m_scratch_ptr, w2_ptr, w3_ptr, unit_ptr, wout_ptr, bout_ptr, D_P, H1_P,
+                      HL_P)
+    for b in range(tl.program_id(0), B, programs):
+        b64, t_stop = start_row(len_ptr, b, T, HAS_LENGTHS)
+        zero_past_length(dk_ptr, dv_ptr, b64, t_stop, T, D, DV, VALUES_ARE_KEYS, BLOCK_T, D_P,
+                         DV_P)
+        no_bias, acc_a1, acc_mu1, acc_var1 = zero_unit_grads(H1_P)
+        out_sums = (tl.zeros((HL_P,), tl.float32), tl.zeros((1,), tl.float32))
+        for c in range(0, C):
+            cand = start_candidate(q_ptr, u_ptr, wa_ptr, wp_ptr, dout_ptr, history, mlp, b64,
+                                   b64 * C + c, t_stop, scale, SOFTMAX, HAS_MASK,
+                                   HAS_GRAD_SCORES, VALUES_ARE_KEYS, NUM_LAYERS, ACTIVATION,
+                                   BLOCK_T, D_P, DV_P, H1_P, H2_P, H3_P, UNIT_W, DOT_F32,
+                                   INPUT_PRECISION)
+            for t0 in range(0, t_stop, BLOCK_T):
+                tile = recompute_tile(t0, history, mlp, cand, SOFTMAX, HAS_MASK, HAS_GRAD_SCORES,
+                                      VALUES_ARE_KEYS, NUM_LAYERS, ACTIVATION, BLOCK_T, D_P,
+                                      DV_P, H1_P, H2_P, H3_P, UNIT_W, DOT_F32, INPUT_PRECISION)
+                out_sums = output_layer_tile(out_sums, tile)
+                dh = hidden_layers_backward(tile, mlp, (), (), False, True, NUM_LAYERS,
+                                            ACTIVATION, BLOCK_T, H1_P, H2_P, H3_P, UNIT_W,
+                                            DOT_F32, GRAD_PRECISION)[0]
+                dz1, da1, dmu1, dvar1 = unit_backward(tile[5], dh, unit_ptr, 0, UNIT_W, H1_P,
+                                                      ACTIVATION)
+                acc_a1 += da1
+                acc_mu1 += dmu1
+                acc_var1 += dvar1
+                store_key_value_grads(dk_ptr, dv_ptr, dz1, tile, history, mlp, cand, c,
+                                      VALUES_ARE_KEYS, MULTI_CANDIDATE, BLOCK_T, D_P, DV_P,
+                                      H1_P, DOT_F32, INPUT_PRECISION)
+        slot = b % programs
+        # The first layer's bias comes from G, in the first-layer pass.
+        add_unit_grads(part_unit_ptr + slot * NUM_LAYERS * 4 * UNIT_W, 0, no_bias, acc_a1,
+                       acc_mu1, acc_var1, UNIT_W, H1_P)
+        add_output_grads(part_out_ptr, slot, out_sums, HL_P)
+
+
+@triton.jit
+def din_backward_first_layer_kernel(
+    q_ptr, u_ptr, k_ptr, v_ptr, len_ptr, mask_ptr, wp_ptr, wa_ptr, w2_ptr, w3_ptr, unit_ptr,
+    wout_ptr, bout_ptr, dout_ptr, gs_ptr, m_scratch_ptr,
+    dq_ptr, g_ptr, part_k_ptr, part_qk_ptr, part_unit_ptr,
+    B, C, T, D, DV, scale,
+    ACTIVATION: tl.constexpr, SOFTMAX: tl.constexpr, HAS_LENGTHS: tl.constexpr,
+    HAS_MASK: tl.constexpr, HAS_GRAD_SCORES: tl.constexpr, VALUES_ARE_KEYS: tl.constexpr,
+    NUM_LAYERS: tl.constexpr, DOT_F32: tl.constexpr, INPUT_PRECISION: tl.constexpr,
+    GRAD_PRECISION: tl.constexpr, BLOCK_T: tl.constexpr, D_P: tl.constexpr,
+    DV_P: tl.constexpr, H1_P: tl.constexpr, H2_P: tl.constexpr, H3_P: tl.constexpr,
+    HL_P: tl.constexpr, UNIT_W: tl.constexpr, FIRST_D0: tl.constexpr, FIRST_DC: tl.constexpr,
+):
+    """The split backward's first-layer pass over the key columns
+    FIRST_D0 + [0, FIRST_DC): the P partials and dq's W_p term on them; the
+    launch with FIRST_D0 = 0 also writes G and adds the first bias's sums."""
+    programs = tl.num_programs(0)
+    history = (k_ptr, v_ptr, mask_ptr, gs_ptr, T, D, DV)
+    mlp = program_mlp(m_scratch_ptr, w2_ptr, w3_ptr, unit_ptr, wout_ptr, bout_ptr, D_P, H1_P,
+                      HL_P)
+    for b in range(tl.program_id(0), B, programs):
+        b64, t_stop = start_row(len_ptr, b, T, HAS_LENGTHS)
+        acc_b1, no_a, no_mu, no_var = zero_unit_grads(H1_P)
+        for c in range(0, C):
+            cand = start_candidate(q_ptr, u_ptr, wa_ptr, wp_ptr, dout_ptr, history, mlp, b64,
+                                   b64 * C + c, t_stop, scale, SOFTMAX, HAS_MASK,
+                                   HAS_GRAD_SCORES, VALUES_ARE_KEYS, NUM_LAYERS, ACTIVATION,
+                                   BLOCK_T, D_P, DV_P, H1_P, H2_P, H3_P, UNIT_W, DOT_F32,
+                                   INPUT_PRECISION)
+            acc_p = tl.zeros((H1_P, FIRST_DC), tl.float32)
+            acc_g = tl.zeros((H1_P,), tl.float32)
+            for t0 in range(0, t_stop, BLOCK_T):
+                tile = recompute_tile(t0, history, mlp, cand, SOFTMAX, HAS_MASK, HAS_GRAD_SCORES,
+                                      VALUES_ARE_KEYS, NUM_LAYERS, ACTIVATION, BLOCK_T, D_P,
+                                      DV_P, H1_P, H2_P, H3_P, UNIT_W, DOT_F32, INPUT_PRECISION)
+                dh = hidden_layers_backward(tile, mlp, (), (), False, True, NUM_LAYERS,
+                                            ACTIVATION, BLOCK_T, H1_P, H2_P, H3_P, UNIT_W,
+                                            DOT_F32, GRAD_PRECISION)[0]
+                dz1 = unit_backward(tile[5], dh, unit_ptr, 0, UNIT_W, H1_P, ACTIVATION)[0]
+                acc_p, acc_g = first_layer_tile(acc_p, acc_g, dz1, tile, history, cand,
+                                                FIRST_D0, FIRST_DC, D_P, DOT_F32,
+                                                INPUT_PRECISION)
+            store_first_layer_sums(q_ptr, wp_ptr, dq_ptr, g_ptr, part_k_ptr, part_qk_ptr,
+                                   acc_p, acc_g, history, cand, b % programs, FIRST_D0,
+                                   FIRST_DC, D_P, H1_P)
+            acc_b1 += acc_g
+        if FIRST_D0 == 0:
+            add_unit_grads(part_unit_ptr + (b % programs) * NUM_LAYERS * 4 * UNIT_W, 0, acc_b1,
+                           no_a, no_mu, no_var, UNIT_W, H1_P)
+
+
+@triton.jit
+def din_backward_deeper_kernel(
+    q_ptr, u_ptr, k_ptr, v_ptr, len_ptr, mask_ptr, wp_ptr, wa_ptr, w2_ptr, w3_ptr, unit_ptr,
+    wout_ptr, bout_ptr, dout_ptr, gs_ptr, m_scratch_ptr,
+    part_w2_ptr, part_w3_ptr, part_unit_ptr,
+    B, C, T, D, DV, scale,
+    ACTIVATION: tl.constexpr, SOFTMAX: tl.constexpr, HAS_LENGTHS: tl.constexpr,
+    HAS_MASK: tl.constexpr, HAS_GRAD_SCORES: tl.constexpr, VALUES_ARE_KEYS: tl.constexpr,
+    NUM_LAYERS: tl.constexpr, DOT_F32: tl.constexpr, INPUT_PRECISION: tl.constexpr,
+    GRAD_PRECISION: tl.constexpr, BLOCK_T: tl.constexpr, D_P: tl.constexpr,
+    DV_P: tl.constexpr, H1_P: tl.constexpr, H2_P: tl.constexpr, H3_P: tl.constexpr,
+    HL_P: tl.constexpr, UNIT_W: tl.constexpr,
+):
+    """The split backward's last pass (two or three hidden layers): the sums of
+    the layers after the first, W_i and their unit vectors."""
+    programs = tl.num_programs(0)
+    history = (k_ptr, v_ptr, mask_ptr, gs_ptr, T, D, DV)
+    mlp = program_mlp(m_scratch_ptr, w2_ptr, w3_ptr, unit_ptr, wout_ptr, bout_ptr, D_P, H1_P,
+                      HL_P)
+    for b in range(tl.program_id(0), B, programs):
+        b64, t_stop = start_row(len_ptr, b, T, HAS_LENGTHS)
+        grads2 = zero_layer_grads(H1_P, H2_P)
+        grads3 = zero_layer_grads(H2_P, H3_P) if NUM_LAYERS >= 3 else ()
+        for c in range(0, C):
+            cand = start_candidate(q_ptr, u_ptr, wa_ptr, wp_ptr, dout_ptr, history, mlp, b64,
+                                   b64 * C + c, t_stop, scale, SOFTMAX, HAS_MASK,
+                                   HAS_GRAD_SCORES, VALUES_ARE_KEYS, NUM_LAYERS, ACTIVATION,
+                                   BLOCK_T, D_P, DV_P, H1_P, H2_P, H3_P, UNIT_W, DOT_F32,
+                                   INPUT_PRECISION)
+            for t0 in range(0, t_stop, BLOCK_T):
+                tile = recompute_tile(t0, history, mlp, cand, SOFTMAX, HAS_MASK, HAS_GRAD_SCORES,
+                                      VALUES_ARE_KEYS, NUM_LAYERS, ACTIVATION, BLOCK_T, D_P,
+                                      DV_P, H1_P, H2_P, H3_P, UNIT_W, DOT_F32, INPUT_PRECISION)
+                chained = hidden_layers_backward(tile, mlp, grads2, grads3, True, False,
+                                                 NUM_LAYERS, ACTIVATION, BLOCK_T, H1_P, H2_P,
+                                                 H3_P, UNIT_W, DOT_F32, GRAD_PRECISION)
+                grads2, grads3 = chained[1], chained[2]
+        slot = b % programs
+        part_unit = part_unit_ptr + slot * NUM_LAYERS * 4 * UNIT_W
+        add_layer_grads(part_w2_ptr + slot * H1_P * H2_P, part_unit, 1, grads2, H1_P, H2_P,
+                        UNIT_W)
+        if NUM_LAYERS >= 3:
+            add_layer_grads(part_w3_ptr + slot * H2_P * H3_P, part_unit, 2, grads3, H2_P, H3_P,
+                            UNIT_W)
 
 
 # ---------------------------------------------------------------------------
 # Host side: specialization, launch, the reduction of the partials.
 # ---------------------------------------------------------------------------
 
-# A launch's share of the gradients: (INPUT_GRADS: dk, dv, the output layer's
-# and the first layer's (a, mu, var); FIRST_WEIGHTS: the first layer's P and
-# G (its bias, dW_q) and dq's W_p term; DEEPER_WEIGHTS: the later layers' W_i
-# and unit vectors).
+# A launch's kernel, and which weight-gradient accumulators it holds on chip
+# (the first layer's P; the deeper layers' W_i), as BackwardSpec.blocks weighs them.
 PARTS = {
-    "all": (True, True, True),
-    "inputs": (True, False, False),
-    "first": (False, True, False),
-    "deeper": (False, False, True),
+    "all": (din_backward_kernel, True, True),
+    "inputs": (din_backward_inputs_kernel, False, False),
+    "first": (din_backward_first_layer_kernel, True, False),
+    "deeper": (din_backward_deeper_kernel, False, True),
 }
 
 
@@ -522,7 +333,7 @@ class BackwardSpec:
     value_dim: int
     candidates: int
     interpret: bool = False
-    part: str = "all"       # which gradients this launch computes: a key of PARTS
+    part: str = "all"       # which pass this launch runs: a key of PARTS
     first_d0: int = 0       # a "first" launch's key columns of P: first_d0 + [0, first_dc)
     first_dc: int = 0       # (0: all of them)
 
@@ -575,13 +386,18 @@ class BackwardSpec:
         first_weights, deeper_weights = PARTS[self.part][1:]
         return max([first * first_weights] + [tile * deeper_weights for tile in deeper])
 
+    @property
+    def kernel(self):
+        return PARTS[self.part][0]
+
     def constexprs(self) -> dict:
+        """The launch's constexpr arguments: those its kernel takes."""
         widths = [padded(h) for h in self.hidden] + [16] * (MAX_HIDDEN_LAYERS - len(self.hidden))
         # TF32 for float32 inputs (the GPU accuracy bound allows it): with IEEE
         # float32 dots ptxas keeps 32 registers and spills about 10 KB per thread.
         # Half inputs: dz stays float32 (GRAD_PRECISION), in TF32 dots.
         precision = "tf32" if self.dtype == torch.float32 else "ieee"
-        return dict(
+        every = dict(
             ACTIVATION=self.activation, SOFTMAX=self.softmax, HAS_LENGTHS=self.has_lengths,
             HAS_MASK=self.has_mask, HAS_GRAD_SCORES=self.has_grad_scores,
             VALUES_ARE_KEYS=self.values_are_keys, MULTI_CANDIDATE=self.candidates > 1,
@@ -591,26 +407,26 @@ class BackwardSpec:
             BLOCK_T=self.blocks()[0],
             D_P=padded(self.embed_dim), DV_P=padded(self.value_dim),
             H1_P=widths[0], H2_P=widths[1], H3_P=widths[2],
-            UNIT_W=max(widths[:len(self.hidden)]),
-            **dict(zip(("INPUT_GRADS", "FIRST_WEIGHTS", "DEEPER_WEIGHTS"), PARTS[self.part])),
+            HL_P=widths[len(self.hidden) - 1], UNIT_W=max(widths[:len(self.hidden)]),
             FIRST_D0=self.first_d0, FIRST_DC=self.first_dc or padded(self.embed_dim),
         )
+        return {name: value for name, value in every.items() if name in self.kernel.arg_names}
 
     def signature(self) -> dict:
-        """Argument types for triton.compile (the AOT compile report)."""
+        """Argument types for triton.compile (the AOT compile report), in the
+        kernel's order."""
         io = "*" + TRITON_DTYPES[self.dtype]
         grad = io if self.candidates == 1 else "*fp32"
-        pointers = dict(
+        types = dict(
             q_ptr=io, u_ptr="*fp32", k_ptr=io, v_ptr=io, len_ptr="*i64", mask_ptr="*u8",
-            wp_ptr=io, wa_ptr=io, w2_ptr="*fp32", w3_ptr="*fp32", unit_ptr="*fp32", wout_ptr="*fp32",
-            bout_ptr="*fp32", dout_ptr=io, gs_ptr=io,
-            dq_ptr="*fp32", dk_ptr=grad, dv_ptr=grad, g_ptr="*fp32", m_scratch_ptr=io,
+            wp_ptr=io, wa_ptr=io, w2_ptr="*fp32", w3_ptr="*fp32", unit_ptr="*fp32",
+            wout_ptr="*fp32", bout_ptr="*fp32", dout_ptr=io, gs_ptr=io, m_scratch_ptr=io,
+            dq_ptr="*fp32", dk_ptr=grad, dv_ptr=grad, g_ptr="*fp32",
             **{name: "*fp32" for name in ("part_k_ptr", "part_qk_ptr", "part_w2_ptr",
-                                          "part_w3_ptr", "part_unit_ptr", "part_out_ptr")})
-        ints = "B C T D DV".split()
-        return {**pointers, **{name: "i32" for name in ints}, "scale": "fp32",
-                **{name: "constexpr" for name in self.constexprs()}}
-
+                                          "part_w3_ptr", "part_unit_ptr", "part_out_ptr")},
+            **{name: "i32" for name in "B C T D DV".split()}, scale="fp32",
+            **{name: "constexpr" for name in self.constexprs()})
+        return {name: types[name] for name in self.kernel.arg_names}
 
     def aligned(self) -> tuple:
         """Arguments a launch sees as multiples of 16, as Triton's JIT specializes
@@ -689,9 +505,12 @@ def _num_programs(batch: int, device: torch.device) -> int:
     return max(1, min(batch, 3))
 
 
-def _launch_part(part: BackwardSpec, programs: int, arguments: tuple) -> None:
-    wrap_triton(din_backward_kernel)[(programs,)](*arguments, num_warps=part.blocks()[1],
-                                                  num_stages=NUM_STAGES, **part.constexprs())
+def _launch_part(part: BackwardSpec, programs: int, arguments: dict) -> None:
+    """One launch of the part's kernel, with those of `arguments` (by name) it takes."""
+    kernel = part.kernel
+    wrap_triton(kernel)[(programs,)](
+        **{name: arguments[name] for name in kernel.arg_names if name in arguments},
+        num_warps=part.blocks()[1], num_stages=NUM_STAGES, **part.constexprs())
 
 
 def din_backward(problem: DINProblem, grad_pooled: torch.Tensor,
@@ -759,13 +578,16 @@ def din_backward(problem: DINProblem, grad_pooled: torch.Tensor,
     part_out = torch.zeros(programs, widths[layers - 1] + 1, **f32)
     with launch_device(device):
         for part in spec.launches() if launch else ():
-            _launch_part(part, programs, (
-                query, folded.u, keys, values, lengths, mask,
-                w_p, w_a, deeper[0], deeper[1], folded.unit, folded.w_out, folded.b_out,
-                grad_pooled, grad_scores,
-                dq_part, dk, dv if dv is not None else dk, g, m_scratch,
-                part_k, part_qk, part_w2, part_w3, part_unit, part_out,
-                batch, candidates, length, embed_dim, value_dim, problem.scale))
+            _launch_part(part, programs, dict(
+                q_ptr=query, u_ptr=folded.u, k_ptr=keys, v_ptr=values, len_ptr=lengths,
+                mask_ptr=mask, wp_ptr=w_p, wa_ptr=w_a, w2_ptr=deeper[0], w3_ptr=deeper[1],
+                unit_ptr=folded.unit, wout_ptr=folded.w_out, bout_ptr=folded.b_out,
+                dout_ptr=grad_pooled, gs_ptr=grad_scores, m_scratch_ptr=m_scratch,
+                dq_ptr=dq_part, dk_ptr=dk, dv_ptr=dv if dv is not None else dk, g_ptr=g,
+                part_k_ptr=part_k, part_qk_ptr=part_qk, part_w2_ptr=part_w2,
+                part_w3_ptr=part_w3, part_unit_ptr=part_unit, part_out_ptr=part_out,
+                B=batch, C=candidates, T=length, D=embed_dim, DV=value_dim,
+                scale=problem.scale))
 
     # Host epilogue: the first layer from G and the P partials; fixed-order sums.
     h1 = hidden[0]
