@@ -2,8 +2,11 @@
 
 import pytest
 import torch
+from hypothesis import given
+from hypothesis import strategies as st
 
 import din_fast
+from helpers import backend_settings
 
 
 def _inputs(batch=6, candidates=None, length=7, dim=5, seed=0):
@@ -161,6 +164,69 @@ def test_forward_jagged_matches_forward_on_padding(activation, training):
     want = torch.autograd.grad(want_pooled.sum() + want_scores.sum(), (query, keys))
     torch.testing.assert_close(grads[0], want[0])
     torch.testing.assert_close(grads[1], want[1][valid])
+
+
+@st.composite
+def jagged_batches(draw):
+    """A training batch for forward_jagged: its lengths (empty rows, a batch
+    of empty rows, one row), a 2-D or 3-D query, values or not, 1 or 2 layers."""
+    lengths = draw(st.lists(st.integers(0, 5), min_size=1, max_size=4))
+    return dict(lengths=lengths, candidates=draw(st.sampled_from([None, 1, 3])),
+                dim=draw(st.integers(1, 4)), value_dim=draw(st.sampled_from([None, 2])),
+                hidden=tuple(draw(st.lists(st.integers(1, 5), min_size=1, max_size=2))),
+                max_len=max(lengths) + draw(st.integers(0, 2)),
+                return_scores=draw(st.booleans()), seed=draw(st.integers(0, 2**16)))
+
+
+@backend_settings("torch")
+@given(jagged_batches())
+def test_forward_jagged_dice_training_properties(batch):
+    """Training-mode Dice on jagged rows, over sizes and layouts: the outputs,
+    running statistics and every gradient (query, keys, values, parameters)
+    are those of the padded forward on the same rows, whose padding holds NaN."""
+    gen = torch.Generator().manual_seed(batch["seed"])
+    lengths = torch.tensor(batch["lengths"])
+    rows, width, max_len = len(batch["lengths"]), batch["dim"], batch["max_len"]
+    value_dim = batch["value_dim"]
+    layers = [din_fast.DINAttention(width, batch["hidden"], "dice", normalization="softmax",
+                                    return_scores=batch["return_scores"]).double().train()
+              for _ in range(2)]
+    layers[1].load_state_dict(layers[0].state_dict())
+    shape = (rows, width) if batch["candidates"] is None else (rows, batch["candidates"], width)
+    query = torch.randn(shape, generator=gen, dtype=torch.float64, requires_grad=True)
+    valid = torch.arange(max_len) < lengths[:, None]
+
+    def jagged_and_padded(dim):
+        jagged = torch.randn(int(lengths.sum()), dim, generator=gen, dtype=torch.float64)
+        padded = torch.full((rows, max_len, dim), float("nan"), dtype=torch.float64)
+        padded[valid] = jagged
+        return jagged.requires_grad_(), padded.requires_grad_()
+
+    keys, padded_keys = jagged_and_padded(width)
+    values, padded_values = jagged_and_padded(value_dim) if value_dim else (None, None)
+    offsets = torch.cat([torch.zeros(1, dtype=torch.long), lengths.cumsum(0)])
+    got = layers[0].forward_jagged(query, keys, offsets, max_len, values=values)
+    want = layers[1](query, padded_keys, lengths, values=padded_values)
+    if batch["return_scores"]:
+        scores = want[1] if want[1].dim() == 2 else want[1].transpose(1, 2)
+        want = (want[0], scores[valid])
+    else:
+        got, want = (got,), (want,)
+    for output, expected in zip(got, want):
+        torch.testing.assert_close(output, expected)
+    torch.testing.assert_close(layers[0].state_dict(), layers[1].state_dict())
+    loss = sum(output.sum() for output in got)
+    want_loss = sum(output.sum() for output in want)
+    histories = [(keys, padded_keys)] + ([(values, padded_values)] if value_dim else [])
+    ours = [query, *(jagged for jagged, _ in histories), *layers[0].parameters()]
+    theirs = [query, *(padded for _, padded in histories), *layers[1].parameters()]
+    grads = torch.autograd.grad(loss, ours)
+    want_grads = list(torch.autograd.grad(want_loss, theirs))
+    for index in range(1, 1 + len(histories)):      # the padded histories' rows
+        assert torch.equal(want_grads[index][~valid], torch.zeros_like(want_grads[index][~valid]))
+        want_grads[index] = want_grads[index][valid]
+    for grad, expected in zip(grads, want_grads):
+        torch.testing.assert_close(grad, expected)
 
 
 @pytest.mark.parametrize("option,value", [
