@@ -14,6 +14,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from .dice_statistics import batch_moments, update_running
 from .modules import DINAttention
 from .problem import DEFAULT_DICE_EPS
 
@@ -24,16 +25,30 @@ EMBEDDING_INIT_STD = 0.05
 
 class Dice(nn.Module):
     """The DIN paper's Dice activation for the scoring MLP: p = sigmoid of the
-    batch-normalized input (running statistics at eval), f = p x + (1-p) a x."""
+    batch-normalized input (running statistics at eval), f = p x + (1-p) a x.
+
+    The statistics are BatchNorm1d's (``norm``), over the batch's rows; with
+    ``statistics_group`` set (din_fast.synchronize_dice_statistics) over every
+    process's rows, updating ``norm``'s running estimates the same way."""
 
     def __init__(self, width: int, eps: float = DEFAULT_DICE_EPS):
         super().__init__()
         self.norm = nn.BatchNorm1d(width, eps=eps, affine=False)
         self.alpha = nn.Parameter(torch.zeros(width))
+        self.statistics_group = None
 
     def forward(self, x):
-        p = torch.sigmoid(self.norm(x))
+        p = torch.sigmoid(self._normalized(x))
         return x * (self.alpha + p * (1 - self.alpha))
+
+    def _normalized(self, x):
+        if not self.training or self.statistics_group is None:
+            return self.norm(x)
+        mean, var, count = batch_moments(x, None, self.statistics_group)
+        update_running(self.norm.running_mean, self.norm.running_var, mean, var, count,
+                       self.norm.momentum)
+        self.norm.num_batches_tracked.add_(1)
+        return (x - mean) * torch.rsqrt(var + self.norm.eps)
 
 
 def scoring_mlp(in_features: int, hidden_units, activation: str) -> nn.Sequential:

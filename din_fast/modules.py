@@ -7,6 +7,7 @@ import numbers
 import torch
 from torch import nn
 
+from .dice_statistics import batch_moments, update_running
 from .functional import din_attention, din_attention_jagged, resolve_backend, run_problem
 from .problem import (BACKENDS, DEFAULT_DICE_EPS, check_layer_sizes, validate,
                       validate_jagged, validate_options, validating)
@@ -68,6 +69,9 @@ class DINAttention(nn.Module):
         self.backend = backend
         self.dice_eps = dice_eps
         self.momentum = momentum
+        # Dice's training statistics over this process's batch (None) or a
+        # process group's (din_fast.synchronize_dice_statistics).
+        self.statistics_group = None
         widths = (4 * embed_dim,) + hidden_units
         self.hidden = nn.ModuleList(nn.Linear(i, o) for i, o in zip(widths[:-1], widths[1:]))
         self.output = nn.Linear(hidden_units[-1], 1)
@@ -173,22 +177,13 @@ class DINAttention(nn.Module):
         batch_stats = []
 
         def batch_stats_gate(layer, x, valid):
-            mu, var, count = _valid_moments(x, valid)
+            mu, var, count = _valid_moments(x, valid, self.statistics_group)
             batch_stats.append((mu, var, count))
             return (x - mu) * torch.rsqrt(var + self.dice_eps)
 
         pooled, scores = run_problem(problem, "torch", dice_gate=batch_stats_gate)
-        with torch.no_grad():
-            for (mu, var, count), (run_mu, run_var) in zip(batch_stats, self._running_stats()):
-                # A batch with no valid position leaves them unchanged: a
-                # select, not a Python branch, so that torch.compile traces it.
-                seen = count > 0
-                count = count.to(var.dtype)
-                unbiased = var * (count / (count - 1).clamp(min=1))
-                run_mu.copy_(torch.where(seen, run_mu.lerp(mu.to(run_mu.dtype), self.momentum),
-                                         run_mu))
-                run_var.copy_(torch.where(
-                    seen, run_var.lerp(unbiased.to(run_var.dtype), self.momentum), run_var))
+        for (mu, var, count), (run_mu, run_var) in zip(batch_stats, self._running_stats()):
+            update_running(run_mu, run_var, mu, var, count, self.momentum)
         return (pooled, scores) if self.return_scores else pooled
 
     def extra_repr(self) -> str:
@@ -197,24 +192,14 @@ class DINAttention(nn.Module):
                 f"scale={self.scale}, backend={self.backend!r}")
 
 
-def _valid_moments(x, valid):
+def _valid_moments(x, valid, group):
     """Mean and biased variance per unit of the pre-activations x [N, C, H]
     over their valid positions (every candidate), as BatchNorm normalizes in
-    training, and the count of values they cover (an int64 tensor).
+    training, and the count of values they cover (an int64 tensor); over the
+    process group's batch with ``group`` (din_fast.dice_statistics).
 
     ``valid`` [N] bool marks the valid positions, or is None when all are (the
     eager torch backend passes the valid positions only, packed).
     """
-    flat = x.flatten(0, 1)
-    if valid is None:
-        count = torch.tensor(flat.shape[0], device=x.device)
-    else:
-        keep = valid[:, None, None].expand(-1, x.shape[1], 1).flatten(0, 1)   # [N*C, 1]
-        flat = torch.where(keep, flat, torch.zeros_like(flat))
-        count = keep.sum()
-    mu = flat.sum(0) / count.clamp(min=1)
-    centered = flat - mu
-    if valid is not None:
-        centered = torch.where(keep, centered, torch.zeros_like(centered))
-    var = centered.square().sum(0) / count.clamp(min=1)
-    return mu, var, count
+    keep = None if valid is None else valid[:, None, None].expand(-1, x.shape[1], 1).flatten(0, 1)
+    return batch_moments(x.flatten(0, 1), keep, group)

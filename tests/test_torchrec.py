@@ -32,10 +32,10 @@ from din_fast.sharded import SHARDING_TYPES  # noqa: E402
 
 WORLD = 2
 TIMEOUT_S = 240          # a hung collective fails the test instead of blocking CI
-# Activations without batch statistics: Dice's are each process's own, so a
-# sharded step equals the single-process one only without them.
 SIZES = dict(embed_dim=8, attention_hidden=(8, 4), mlp_hidden=(16, 8),
              attention_activation="sigmoid", mlp_activation="prelu", mlp_input="product")
+# Dice in the attention and the MLP: batch statistics over the global batch.
+DICE_SIZES = dict(SIZES, attention_activation="dice", mlp_activation="dice")
 # SGD on the dense layers: unlike Adam, it shows any error in the scale of the
 # gradients (and does not blow rounding noise up where a gradient is ~0).
 DENSE_LR, EMBEDDING_LR = 0.5, 0.1
@@ -52,10 +52,10 @@ def tiny_data():
     return data, training_samples(data, build_samples(data, seed=0).train_positives, 0, 1)
 
 
-def reference_din():
+def reference_din(sizes=SIZES):
     torch.manual_seed(0)
     data, _ = tiny_data()
-    return DIN(data.num_items, data.num_categories, **SIZES)
+    return DIN(data.num_items, data.num_categories, **sizes)
 
 
 def forward_batches():
@@ -68,13 +68,15 @@ def forward_batches():
     return batches
 
 
-def training_batches():
-    """A few shuffled global batches, then two awkward ones: 3 samples (shares
-    of 2 and 1) and 1 sample (rank 1's share is empty)."""
+def training_batches(sizes=SIZES):
+    """A few shuffled global batches, then awkward ones: 3 samples (shares of 2
+    and 1) and, without Dice, 1 sample (rank 1's share is empty: its stand-in
+    would enter Dice's statistics, and the trainer never makes one)."""
     data, samples = tiny_data()
     batches = [batch for _, batch in iterate_batches(data, samples, 10, max_len=6, shuffle=True,
                                                      rng=np.random.default_rng(1))][:3]
-    return batches + [Batch(*(t[:n] for t in batches[0])) for n in (3, 1)]
+    small = (3,) if sizes is DICE_SIZES else (3, 1)
+    return batches + [Batch(*(t[:n] for t in batches[0])) for n in small]
 
 
 def share_of(batch: Batch, rank: int) -> Batch:
@@ -96,13 +98,23 @@ def worker(rank, store, out):
                             timeout=datetime.timedelta(seconds=TIMEOUT_S // 2))
     try:
         data, _ = tiny_data()
-        reference = reference_din()
 
-        def sharded_din(sharding, **optimizer):
-            model = TorchRecDIN(data.num_items, data.num_categories, **SIZES)
+        def sharded_din(sharding, sizes=SIZES, **optimizer):
+            model = TorchRecDIN(data.num_items, data.num_categories, **sizes)
             sharded = shard_model(model, torch.device("cpu"), sharding, **optimizer)
-            load_din_state_dict(sharded, reference.state_dict())
+            load_din_state_dict(sharded, reference_din(sizes).state_dict())
             return sharded
+
+        def train(sharded, sizes=SIZES, l2=0.0):
+            """training_batches, SGD on the dense layers; the gathered state."""
+            dense = dense_parameters(sharded)
+            assert {id(p) for p in dense} == {
+                id(p) for name, p in sharded.named_parameters() if "tables." not in name}
+            optimizer = torch.optim.SGD(dense, lr=DENSE_LR)
+            for batch in training_batches(sizes):
+                train_step(sharded, optimizer, batch, torch.device("cpu"), l2,
+                           inverse_frequencies(data, "cpu"))
+            return din_state_dict(sharded)
 
         for sharding in SHARDING_TYPES:
             sharded = sharded_din(sharding)
@@ -114,17 +126,15 @@ def worker(rank, store, out):
             for optimizer_name, l2 in runs:
                 sharded = sharded_din(sharding, embedding_optimizer=optimizer_name,
                                       embedding_lr=EMBEDDING_LR)
-                dense = dense_parameters(sharded)
-                assert {id(p) for p in dense} == {
-                    id(p) for name, p in sharded.named_parameters() if "tables." not in name}
-                optimizer = torch.optim.SGD(dense, lr=DENSE_LR)
-                for batch in training_batches():
-                    train_step(sharded, optimizer, batch, torch.device("cpu"), l2,
-                               inverse_frequencies(data, "cpu"))
-                state = din_state_dict(sharded)
+                state = train(sharded, l2=l2)
                 if rank == 0:
                     torch.save({"state": state, "plan": plan_summary(sharded)},
                                f"{out}/train-{sharding}-{optimizer_name}-{l2}.pt")
+        sharded = sharded_din("row_wise", DICE_SIZES, embedding_optimizer="sgd",
+                              embedding_lr=EMBEDDING_LR)
+        state = train(sharded, DICE_SIZES)
+        if rank == 0:
+            torch.save({"state": state, "plan": plan_summary(sharded)}, f"{out}/train-dice.pt")
     finally:
         dist.destroy_process_group()
 
@@ -184,10 +194,10 @@ def update_table(optimizer_name, weight, grad, state, column_shards):
         weight -= (EMBEDDING_LR * shards / (state.sqrt() + FBGEMM_EPS)[..., None]).view_as(grad)
 
 
-def replay(optimizer_name, plan, l2):
+def replay(optimizer_name, plan, l2, sizes=SIZES):
     """din_fast.DIN on the whole global batches: SGD on the dense layers, the
     engine's row updates on the tables, the mini-batch aware L2 of ``l2``."""
-    din = reference_din()
+    din = reference_din(sizes)
     inverse_frequency = inverse_frequencies(tiny_data()[0], "cpu")
     tables = {"item": din.item_embedding.weight, "category": din.category_embedding.weight}
     dense = [p for p in din.parameters() if all(p is not t for t in tables.values())]
@@ -197,7 +207,7 @@ def replay(optimizer_name, plan, l2):
     states = {name: torch.zeros(t.shape if optimizer_name == "adagrad"
                                 else (t.shape[0], column_shards[name]))
               for name, t in tables.items()}
-    for batch in training_batches():
+    for batch in training_batches(sizes):
         loss = torch.nn.functional.binary_cross_entropy_with_logits(din(*batch[:5]), batch.labels)
         loss = loss + l2 * minibatch_l2(din, batch, inverse_frequency)
         din.zero_grad()
@@ -216,13 +226,23 @@ def test_sharded_training_steps_match_a_single_process_replay(results, sharding,
                                                               optimizer_name, l2):
     """With l2 > 0, each row's penalty is paid once per step although both
     processes may look it up."""
-    saved = results(f"train-{sharding}-{optimizer_name}-{l2}")
-    expected = replay(optimizer_name, saved["plan"], l2)
+    assert_matches_replay(results(f"train-{sharding}-{optimizer_name}-{l2}"), optimizer_name, l2)
+
+
+def test_sharded_dice_training_steps_match_a_single_process_replay(results):
+    """Dice in the attention and the MLP: its batch statistics are the global
+    batch's (a share of one sample included), so the steps, and the running
+    statistics, are the single-process ones."""
+    assert_matches_replay(results("train-dice"), "sgd", 0.0, DICE_SIZES)
+
+
+def assert_matches_replay(saved, optimizer_name, l2, sizes=SIZES):
+    expected = replay(optimizer_name, saved["plan"], l2, sizes)
     assert saved["state"].keys() == expected.keys()
     for key, value in expected.items():
         torch.testing.assert_close(saved["state"][key], value, rtol=1e-4, atol=1e-6,
                                    msg=lambda m, key=key: f"{key}: {m}")
-    initial = reference_din().state_dict()
+    initial = reference_din(sizes).state_dict()
     for key in ("item_embedding.weight", "category_embedding.weight", "mlp.0.weight"):
         assert not torch.equal(expected[key], initial[key]), key   # the steps did move them
 
@@ -267,6 +287,16 @@ def test_torchrun_trains_and_the_checkpoint_evaluates_in_one_process(tmp_path, t
         assert evaluated[key] == pytest.approx(metrics[key], abs=1e-6), key
 
 
+def test_torchrun_rejects_a_batch_smaller_than_the_processes(tiny_csv):
+    """Every process needs a sample of every training batch."""
+    command = [sys.executable, "-m", "torch.distributed.run", "--standalone",
+               f"--nproc_per_node={WORLD}", "-m", "din_fast", "train", "--data", str(tiny_csv),
+               "--batch-size", "1", "--mlp-activation", "prelu", "--no-progress"]
+    result = subprocess.run(command, capture_output=True, text=True, timeout=TIMEOUT_S)
+    assert result.returncode != 0
+    assert f"din-fast: error: --batch-size 1 is too small for {WORLD} process(es)" in result.stderr
+
+
 def test_sharding_without_torchrun_runs_as_one_process(tmp_path, tiny_csv):
     common = ["train", "--data", str(tiny_csv), "--epochs", "1", "--batch-size", "64",
               "--no-progress", "--device", "cpu"]
@@ -290,8 +320,6 @@ def test_sharding_without_torchrun_runs_as_one_process(tmp_path, tiny_csv):
     (["--model", "base"], "runs DIN only"),
     (["--embedding-optimizer", "adam"], "adam needs --device cuda"),
     (["--embedding-lr", "0"], "--embedding-lr must be a positive number; got 0.0"),
-    (["--batch-size", "1", "--mlp-activation", "prelu"],
-     "--batch-size 1 is too small for 1 process(es)"),
 ])
 def test_sharded_training_rejects_what_it_cannot_run(tiny_csv, capsys, arguments, message):
     assert main(["train", "--data", str(tiny_csv), "--sharding", "row_wise", "--device", "cpu",

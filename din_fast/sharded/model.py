@@ -36,6 +36,7 @@ from torchrec.optim import RowWiseAdagrad
 from torchrec.optim.apply_optimizer_in_backward import apply_optimizer_in_backward
 
 from ..data import Batch
+from ..dice_statistics import synchronize_dice_statistics
 from ..models import EMBEDDING_INIT_STD, mlp_width, score, scoring_mlp
 from ..modules import DINAttention
 from . import (DEFAULT_EMBEDDING_LR, DEFAULT_EMBEDDING_OPTIMIZER, EMBEDDING_OPTIMIZERS,
@@ -59,9 +60,9 @@ class TorchRecDIN(nn.Module):
 
     The tables are built on the meta device: DistributedModelParallel
     allocates each process's shards (drawn from N(0, 0.05), as DIN's) and
-    never the whole tables. Dice's batch statistics (in the attention unit and
-    the scoring MLP) are each process's own, as BatchNorm's are under
-    DistributedDataParallel.
+    never the whole tables. shard_model makes Dice's batch statistics (in the
+    attention unit and the scoring MLP) those of the global batch
+    (din_fast.synchronize_dice_statistics).
     """
 
     def __init__(self, num_items: int, num_categories: int, embed_dim: int = 32,
@@ -163,11 +164,14 @@ def shard_model(model: TorchRecDIN, device: torch.device, sharding: Optional[str
     choice among those when None, with the FUSED compute kernel: the tables'
     optimizer runs inside the backward and their gradients never materialize.
     DistributedModelParallel wraps the dense layers in DistributedDataParallel.
-    ``batch_size`` (samples per process) informs the planner's cost estimates.
+    Dice's training statistics are taken over every process's share of a
+    batch (din_fast.synchronize_dice_statistics), so a training forward is a
+    collective. ``batch_size`` (samples per process) informs the planner's cost estimates.
     """
     if sharding is not None and sharding not in SHARDING_TYPES:
         raise ValueError(f"`sharding` must be one of {SHARDING_TYPES} or None; got {sharding!r}")
     check_options("din", embedding_optimizer, embedding_lr, device.type)
+    synchronize_dice_statistics(model)
     apply_optimizer_in_backward(OPTIMIZER_CLASSES[embedding_optimizer],
                                 model.tables.parameters(), {"lr": embedding_lr})
     world_size = dist.get_world_size()

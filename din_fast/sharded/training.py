@@ -5,9 +5,9 @@ The same data, samples, protocol and global batches as single-process
 early stopping on validation GAUC, the best epoch restored, the test set
 scored once): every process builds the same seeded global batches and trains
 on its share of each (rows rank, rank + N, ...), so a training step does not
-depend on the number of processes beyond floating-point order and Dice's
-per-process batch statistics (the tables' initial values do: each process
-draws its own shards). Gradients are those of the mean loss over the global
+depend on the number of processes beyond floating-point order (Dice's batch
+statistics are taken over the global batch, din_fast.synchronize_dice_statistics;
+the tables' initial values do depend on it: each process draws its own shards). Gradients are those of the mean loss over the global
 batch plus the mini-batch aware L2 penalty of the rows the global batch
 looks up: each process's loss is its share's sum times N / (global batch
 size), plus N times the penalty of the rows whose first occurrence in the
@@ -44,7 +44,9 @@ from .model import (TorchRecDIN, batch_features, din_state_dict, plan_summary, s
                     smallest_key_per_value)
 
 
-MIN_SHARE = 2   # samples per process in a training batch: Dice's batch statistics need two
+# Samples per process in a training batch: an empty share would train on a
+# stand-in row (rank_share), which the synchronized Dice statistics would count.
+MIN_SHARE = 1
 
 
 @contextlib.contextmanager
@@ -74,7 +76,9 @@ def rank_share(batch: Batch) -> tuple[Batch, int]:
     many of them are samples. TorchRec cannot take an empty batch, so a process
     whose share is empty (a last batch smaller than N) gets one stand-in: no
     history and the padding id 0 as target. Its output is to be dropped; it
-    touches only the padding rows and gives them zero gradient."""
+    touches only the padding rows and gives them zero gradient, but in
+    training it would enter the MLP's Dice statistics, so the trainer never
+    makes one there (MIN_SHARE); evaluation has no batch statistics."""
     rank, world = dist.get_rank(), dist.get_world_size()
     share = Batch(*(t[rank::world] for t in batch))
     if len(share.labels):
@@ -140,8 +144,9 @@ class ShardedLearner(Learner):
     holds MIN_SHARE samples at least."""
 
     def __init__(self, sharded, data: EncodedData, config: TrainConfig, device):
+        # Two samples at least globally, as in one process (Dice's batch statistics).
         super().__init__(dense_parameters(sharded), data, config, "cpu",
-                         min_batch=MIN_SHARE * dist.get_world_size())
+                         min_batch=max(2, MIN_SHARE * dist.get_world_size()))
         self.sharded, self.device = sharded, device
 
     def train_epoch(self, samples: Samples, bar) -> float:
@@ -160,12 +165,6 @@ class ShardedLearner(Learner):
         """Metrics over all ``samples``, each process scoring its share of
         every batch."""
         self.sharded.eval()
-        # Dice's running statistics: each process updates its own while
-        # training (TorchRec's DistributedDataParallel does not broadcast
-        # buffers); rank 0's serve every process, as in the checkpoint.
-        for name, buffer in self.sharded.named_buffers():
-            if "tables." not in name:
-                dist.broadcast(buffer, src=0)
         rank, world = dist.get_rank(), dist.get_world_size()
         indices, logits = [], []
         for batch_indices, batch in iterate_batches(self.data, samples, EVAL_BATCH_SIZE * world,
@@ -217,7 +216,7 @@ def train_sharded(config: TrainConfig, sharding: Optional[str] = None, *,
         rank, world = dist.get_rank(), dist.get_world_size()
         if config.batch_size < MIN_SHARE * world:
             raise OptionError(f"--batch-size {config.batch_size} is too small for {world} "
-                              f"process(es): each needs {MIN_SHARE} samples of every batch "
+                              f"process(es): each needs {MIN_SHARE} sample(s) of every batch "
                               f"(at least {MIN_SHARE * world})")
         check_device_and_backend(config)   # after set_device: on this process's GPU
         if rank != 0:

@@ -1,0 +1,106 @@
+"""Dice's batch statistics in training: over this process's batch, or over
+every process's share of a data-parallel global batch.
+
+Dice normalizes each hidden unit by the mean and variance of the batch's
+(valid) pre-activations, as BatchNorm does in training, and keeps running
+estimates for evaluation. Under data parallelism (DDP, or TorchRec's sharded
+DIN) each process holds only a share of the global batch, so its statistics,
+and with them every output and gradient, differ from a single-process step on
+the whole batch. ``synchronize_dice_statistics(model)`` makes a model's Dice
+layers (``DINAttention``'s and the scoring MLP's) take the statistics over
+the process group instead, as ``nn.SyncBatchNorm`` does for BatchNorm on GPUs:
+two all-reduces per layer and step (the sum, then the centered squares), with
+their gradients all-reduced in the backward. A step then equals the
+single-process step on the global batch, up to floating-point order.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.distributed as dist
+from torch import nn
+
+
+class _AllReduceSum(torch.autograd.Function):
+    """The sum over the group's processes, differentiable: the gradient of the
+    sum with respect to each process's term is the sum of the processes'
+    gradients of their losses with respect to the result."""
+
+    @staticmethod
+    def forward(ctx, tensor, group):
+        ctx.group = group
+        total = tensor.clone()
+        dist.all_reduce(total, group=group)
+        return total
+
+    @staticmethod
+    def backward(ctx, grad):
+        grad = grad.clone()
+        dist.all_reduce(grad, group=ctx.group)
+        return grad, None
+
+
+def _sum_rows(x: torch.Tensor, group) -> torch.Tensor:
+    total = x.sum(0)
+    return total if group is None else _AllReduceSum.apply(total, group)
+
+
+def batch_moments(x: torch.Tensor, keep, group=None):
+    """Mean and biased variance per unit (the last dimension) of the rows of
+    ``x`` [N, H] that ``keep`` [N, 1] (bool; None: every row) marks, and the
+    number of rows they cover (an int64 tensor). With ``group`` (a process
+    group, see synchronize_dice_statistics) over every process's rows."""
+    if keep is None:
+        count = torch.tensor(x.shape[0], device=x.device)
+    else:
+        x = torch.where(keep, x, torch.zeros_like(x))
+        count = keep.sum()
+    if group is not None:
+        dist.all_reduce(count, group=group)
+    mean = _sum_rows(x, group) / count.clamp(min=1)
+    centered = x - mean
+    if keep is not None:
+        centered = torch.where(keep, centered, torch.zeros_like(centered))
+    return mean, _sum_rows(centered.square(), group) / count.clamp(min=1), count
+
+
+@torch.no_grad()
+def update_running(running_mean, running_var, mean, var, count, momentum: float) -> None:
+    """BatchNorm's running estimates: each moves ``momentum`` of the way to the
+    batch's mean and unbiased variance; a batch with no rows leaves them (a
+    select, not a Python branch, so that torch.compile traces it)."""
+    seen = count > 0
+    count = count.to(var.dtype)
+    unbiased = var * (count / (count - 1).clamp(min=1))
+    running_mean.copy_(torch.where(
+        seen, running_mean.lerp(mean.to(running_mean.dtype), momentum), running_mean))
+    running_var.copy_(torch.where(
+        seen, running_var.lerp(unbiased.to(running_var.dtype), momentum), running_var))
+
+
+def synchronize_dice_statistics(model: nn.Module, process_group=None) -> nn.Module:
+    """Make every Dice layer of ``model`` (``DINAttention`` with
+    activation="dice", and the DIN models' MLP ``Dice``) take its training
+    statistics over ``process_group`` (default: the whole world) rather than
+    this process's batch alone; returns ``model``.
+
+    Call it on every process, after torch.distributed is initialized and
+    before training (before or after wrapping the model in DDP). Every
+    process must then run each training forward (an empty share of a batch
+    included), since each Dice layer is a collective. Evaluation is
+    unchanged: running statistics, no communication. ``process_group=False``
+    turns the synchronization off again.
+    """
+    from .models import Dice
+    from .modules import DINAttention
+
+    if process_group is None:
+        if not dist.is_available() or not dist.is_initialized():
+            raise RuntimeError("synchronize_dice_statistics: torch.distributed is not "
+                               "initialized; call torch.distributed.init_process_group first")
+        process_group = dist.group.WORLD
+    group = None if process_group is False else process_group
+    for module in model.modules():
+        if isinstance(module, (Dice, DINAttention)):
+            module.statistics_group = group
+    return model
