@@ -1,6 +1,7 @@
 """DistributedDataParallel and FSDP2 (fully_shard): two CPU processes (gloo),
 each on half of the global batch, end a few SGD steps with the parameters of
-one process trained on the whole batch."""
+one process trained on the whole batch; with Dice, once its statistics are
+synchronized (din_fast.synchronize_dice_statistics), the running statistics too."""
 
 import socket
 
@@ -17,9 +18,9 @@ D, WORLD, STEPS, BATCH, T = 4, 2, 3, 8, 6
 class CTRModel(torch.nn.Module):
     """DINAttention pooling the history, a linear head on [interest, candidate]."""
 
-    def __init__(self):
+    def __init__(self, activation):
         super().__init__()
-        self.attention = din_fast.DINAttention(D, (8, 4), activation="prelu",
+        self.attention = din_fast.DINAttention(D, (8, 4), activation=activation,
                                                normalization="softmax")
         self.head = torch.nn.Linear(2 * D, 1)
 
@@ -49,9 +50,9 @@ def _train(model, rank=0, world=1):
         optimizer.step()
 
 
-def _initial_model():
+def _initial_model(activation="prelu"):
     torch.manual_seed(0)
-    return CTRModel().double()
+    return CTRModel(activation).double()
 
 
 def _worker(rank, port, result_dir):
@@ -66,9 +67,13 @@ def _worker(rank, port, result_dir):
         fsdp = fully_shard(_initial_model())   # each rank holds half of every parameter
         _train(fsdp, rank, WORLD)
         gathered = {name: tensor.full_tensor() for name, tensor in fsdp.state_dict().items()}
+        dice = torch.nn.parallel.DistributedDataParallel(
+            din_fast.synchronize_dice_statistics(_initial_model("dice")), broadcast_buffers=False)
+        _train(dice, rank, WORLD)
         if rank == 0:
             torch.save(ddp.module.state_dict(), f"{result_dir}/ddp.pt")
             torch.save(gathered, f"{result_dir}/fsdp.pt")
+            torch.save(dice.module.state_dict(), f"{result_dir}/ddp-dice.pt")
     finally:
         dist.destroy_process_group()
 
@@ -81,9 +86,9 @@ def _free_port():
 
 def test_ddp_and_fsdp_match_single_process(tmp_path):
     mp.spawn(_worker, args=(_free_port(), str(tmp_path)), nprocs=WORLD, join=True)
-    single = _initial_model()
-    _train(single)
-    for engine in ("ddp", "fsdp"):
+    for engine, activation in (("ddp", "prelu"), ("fsdp", "prelu"), ("ddp-dice", "dice")):
+        single = _initial_model(activation)
+        _train(single)
         distributed = torch.load(tmp_path / f"{engine}.pt", weights_only=True)
         assert distributed.keys() == single.state_dict().keys()
         for name, tensor in single.state_dict().items():
