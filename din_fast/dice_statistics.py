@@ -9,9 +9,9 @@ and with them every output and gradient, differ from a single-process step on
 the whole batch. ``synchronize_dice_statistics(model)`` makes a model's Dice
 layers (``DINAttention``'s and the scoring MLP's) take the statistics over
 the process group instead, as ``nn.SyncBatchNorm`` does for BatchNorm on GPUs:
-two all-reduces per layer and step (the sum, then the centered squares), with
-their gradients all-reduced in the backward. A step then equals the
-single-process step on the global batch, up to floating-point order.
+one all-gather of every process's (count, mean, variance) per layer and step,
+and one all-reduce of their gradients in the backward. A step then equals the
+single-process step on the global batch, up to floating-point rounding.
 """
 
 from __future__ import annotations
@@ -21,28 +21,23 @@ import torch.distributed as dist
 from torch import nn
 
 
-class _AllReduceSum(torch.autograd.Function):
-    """The sum over the group's processes, differentiable: the gradient of the
-    sum with respect to each process's term is the sum of the processes'
-    gradients of their losses with respect to the result."""
+class _AllGather(torch.autograd.Function):
+    """Every process's ``tensor``, stacked [world, ...], differentiable: the
+    gradient of a process's tensor is the sum over the processes of their
+    gradients of its row."""
 
     @staticmethod
     def forward(ctx, tensor, group):
         ctx.group = group
-        total = tensor.clone()
-        dist.all_reduce(total, group=group)
-        return total
+        rows = [torch.empty_like(tensor) for _ in range(dist.get_world_size(group))]
+        dist.all_gather(rows, tensor.contiguous(), group=group)
+        return torch.stack(rows)
 
     @staticmethod
     def backward(ctx, grad):
-        grad = grad.clone()
+        grad = grad.contiguous().clone()
         dist.all_reduce(grad, group=ctx.group)
-        return grad, None
-
-
-def _sum_rows(x: torch.Tensor, group) -> torch.Tensor:
-    total = x.sum(0)
-    return total if group is None else _AllReduceSum.apply(total, group)
+        return grad[dist.get_rank(ctx.group)], None
 
 
 def batch_moments(x: torch.Tensor, keep, group=None):
@@ -55,13 +50,31 @@ def batch_moments(x: torch.Tensor, keep, group=None):
     else:
         x = torch.where(keep, x, torch.zeros_like(x))
         count = keep.sum()
-    if group is not None:
-        dist.all_reduce(count, group=group)
-    mean = _sum_rows(x, group) / count.clamp(min=1)
+    mean = x.sum(0) / count.clamp(min=1)
     centered = x - mean
     if keep is not None:
         centered = torch.where(keep, centered, torch.zeros_like(centered))
-    return mean, _sum_rows(centered.square(), group) / count.clamp(min=1), count
+    var = centered.square().sum(0) / count.clamp(min=1)
+    if group is None:
+        return mean, var, count
+    return _combined_moments(mean, var, count, group)
+
+
+def _combined_moments(mean, var, count, group):
+    """The group's moments from every process's (mean, var, count), in one
+    all-gather (one all-reduce in the backward), in float64: the mean weighted
+    by the counts, the variance as the counts' weighted sum of each process's
+    variance and its squared distance to that mean (Chan et al.'s parallel
+    algorithm, exact where a sum of squares less the squared mean cancels)."""
+    width = mean.shape[0]
+    local = torch.cat([count.to(torch.float64).reshape(1), mean.double(), var.double()])
+    every = _AllGather.apply(local, group)
+    counts, means, variances = every[:, :1], every[:, 1:1 + width], every[:, 1 + width:]
+    total = counts.sum()
+    weights = counts / total.clamp(min=1)
+    group_mean = (weights * means).sum(0)
+    group_var = (weights * (variances + (means - group_mean).square())).sum(0)
+    return group_mean.to(mean.dtype), group_var.to(var.dtype), total.to(torch.int64)
 
 
 @torch.no_grad()
