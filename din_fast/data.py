@@ -278,7 +278,7 @@ def iterate_batches(data: EncodedData, samples: Samples, batch_size: int, *,
     windows of ``bucket_batches`` batches, and the batches of all windows
     shuffled: each batch holds similar lengths, yet the order stays random;
     a leftover batch of fewer than ``min_batch`` samples joins the one before
-    it (Dice's batch normalization needs two rows; sharded training two per
+    it (Dice's batch normalization needs two rows; sharded training one per
     process).
     """
     if batch_size < 1:

@@ -24,7 +24,7 @@ from torch import nn
 class _AllGather(torch.autograd.Function):
     """Every process's ``tensor``, stacked [world, ...], differentiable: the
     gradient of a process's tensor is the sum over the processes of their
-    gradients of its row."""
+    gradients of its row (_SumRow, so that double backward is exact too)."""
 
     @staticmethod
     def forward(ctx, tensor, group):
@@ -35,9 +35,23 @@ class _AllGather(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, grad):
-        grad = grad.contiguous().clone()
-        dist.all_reduce(grad, group=ctx.group)
-        return grad[dist.get_rank(ctx.group)], None
+        return _SumRow.apply(grad, ctx.group), None
+
+
+class _SumRow(torch.autograd.Function):
+    """This process's row of the sum over the processes of a [world, ...]
+    tensor: _AllGather's adjoint, whose own adjoint is _AllGather."""
+
+    @staticmethod
+    def forward(ctx, stacked, group):
+        ctx.group = group
+        total = stacked.contiguous().clone()
+        dist.all_reduce(total, group=group)
+        return total[dist.get_rank(group)].clone()
+
+    @staticmethod
+    def backward(ctx, grad):
+        return _AllGather.apply(grad, ctx.group), None
 
 
 def batch_moments(x: torch.Tensor, keep, group=None):

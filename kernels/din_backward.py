@@ -18,10 +18,11 @@ backward passes give bitwise-identical gradients.
 
 What stays on chip for a whole pass is the gradient accumulators. When they
 add up to at most TILE_BUDGET elements, one kernel computes every gradient
-(din_backward_kernel). Past that the backward is three passes, three kernels
-(BackwardSpec.launches): din_backward_inputs_kernel (dk, dv, the output
-layer, the first layer's unit parameters), din_backward_first_layer_kernel
-(the first layer's weight sums, in blocks of key columns when wide) and
+(din_backward_kernel). Past that the backward is split into passes, one
+kernel each (BackwardSpec.launches): din_backward_inputs_kernel (dk, dv, the
+output layer, the first layer's unit parameters),
+din_backward_first_layer_kernel (the first layer's weight sums; one launch per
+block of key columns when wide) and, with two or three hidden layers,
 din_backward_deeper_kernel (the later layers' sums). Each recomputes the
 forward and keeps one kind of accumulator live, and ptxas keeps every one of
 them within the register file (python -m din_fast.kernels.aot) at the cost of

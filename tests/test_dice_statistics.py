@@ -53,3 +53,19 @@ def test_false_turns_the_synchronization_off(group_of_one):
 def test_it_needs_an_initialized_process_group():
     with pytest.raises(RuntimeError, match="torch.distributed is not initialized"):
         din_fast.synchronize_dice_statistics(dice_din())
+
+
+def test_double_backward_through_the_synchronized_statistics(group_of_one):
+    """Second derivatives (the gradient of a gradient's norm) through the
+    collectives are the unsynchronized model's."""
+    def second_derivatives(model):
+        gen = torch.Generator().manual_seed(2)
+        items = torch.randint(1, 21, (4, 5), generator=gen)
+        logits = model.train()(items, items % 5 + 1, torch.tensor([5, 2, 0, 4]), items[:, 0],
+                               items[:, 0] % 5 + 1)
+        params = list(model.parameters())
+        grads = torch.autograd.grad(logits.square().sum(), params, create_graph=True)
+        return torch.autograd.grad(sum(g.square().sum() for g in grads), params)
+
+    got = second_derivatives(din_fast.synchronize_dice_statistics(dice_din()))
+    torch.testing.assert_close(got, second_derivatives(dice_din()))

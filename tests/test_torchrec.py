@@ -133,8 +133,12 @@ def worker(rank, store, out):
         sharded = sharded_din("row_wise", DICE_SIZES, embedding_optimizer="sgd",
                               embedding_lr=EMBEDDING_LR)
         state = train(sharded, DICE_SIZES)
+        buffers = [None] * WORLD     # Dice's running statistics, as each rank holds them
+        dist.all_gather_object(buffers, {name: b for name, b in sharded.named_buffers()
+                                         if "tables." not in name})
         if rank == 0:
-            torch.save({"state": state, "plan": plan_summary(sharded)}, f"{out}/train-dice.pt")
+            torch.save({"state": state, "plan": plan_summary(sharded), "buffers": buffers},
+                       f"{out}/train-dice.pt")
     finally:
         dist.destroy_process_group()
 
@@ -232,8 +236,14 @@ def test_sharded_training_steps_match_a_single_process_replay(results, sharding,
 def test_sharded_dice_training_steps_match_a_single_process_replay(results):
     """Dice in the attention and the MLP: its batch statistics are the global
     batch's (a share of one sample included), so the steps, and the running
-    statistics, are the single-process ones."""
-    assert_matches_replay(results("train-dice"), "sgd", 0.0, DICE_SIZES)
+    statistics, are the single-process ones, and every rank holds the same."""
+    saved = results("train-dice")
+    assert_matches_replay(saved, "sgd", 0.0, DICE_SIZES)
+    first, *others = saved["buffers"]
+    assert any("running_mean" in name for name in first)
+    for other in others:
+        assert other.keys() == first.keys()
+        assert all(torch.equal(other[name], first[name]) for name in first)
 
 
 def assert_matches_replay(saved, optimizer_name, l2, sizes=SIZES):
