@@ -154,20 +154,15 @@ class DINAttention(nn.Module):
 
     def _forward_dice_training_jagged(self, query, keys_values, offsets, max_len, kwargs):
         problem = validate_jagged(query, keys_values, offsets, max_len, **kwargs)
-        lengths = problem.lengths()
-        valid = torch.arange(problem.max_len, device=lengths.device) < lengths[:, None]
-
-        def padded(jagged):   # differentiable: index_put records the scatter
-            return jagged.new_zeros(valid.shape + jagged.shape[1:]).index_put((valid,), jagged)
-
-        kwargs = dict(kwargs, mask=None,
-                      values=None if problem.values is None else padded(problem.values))
-        result = self._forward_dice_training(query, padded(problem.keys_values), lengths,
-                                             kwargs)
+        values = None if problem.values is None else problem.padded(problem.values, max_len)
+        result = self._forward_dice_training(query, problem.padded(problem.keys_values, max_len),
+                                             problem.lengths(), dict(kwargs, mask=None,
+                                                                     values=values))
         if not self.return_scores:
             return result
         pooled, scores = result                 # scores [B, T] or [B, C, T]
-        return pooled, (scores[valid] if scores.dim() == 2 else scores.transpose(1, 2)[valid])
+        rows, cols = problem.padded_positions()
+        return pooled, (scores[rows, cols] if scores.dim() == 2 else scores[rows, :, cols])
 
     def _forward_dice_training(self, query, keys, lengths, kwargs):
         # Batch statistics need every valid pre-activation of a layer before

@@ -506,6 +506,17 @@ class JaggedDINProblem(UnitAndOptions):
         rows = torch.arange(batch, device=self.offsets.device)
         return rows.repeat_interleave(self.lengths(), output_size=self.keys_values.shape[0])
 
+    def padded_positions(self) -> tuple:
+        """(row, column) [L] of every jagged position in the padded [B, T] layout."""
+        rows = self.row_ids()
+        return rows, torch.arange(rows.shape[0], device=rows.device) - self.offsets[rows]
+
+    def padded(self, jagged: torch.Tensor, length: int) -> torch.Tensor:
+        """A jagged [L, ...] tensor as [B, length, ...], zeros past each row's
+        end (length at least the longest row); differentiable."""
+        shape = (self.offsets.shape[0] - 1, length, *jagged.shape[1:])
+        return jagged.new_zeros(shape).index_put(self.padded_positions(), jagged)
+
     def shape_output(self, pooled: torch.Tensor, scores: Optional[torch.Tensor]):
         return shape_output(pooled, scores, self.keys_values.dtype, self.squeeze_candidates)
 

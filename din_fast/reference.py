@@ -59,26 +59,19 @@ def reference_din_attention(problem: DINProblem):
 def reference_din_attention_jagged(problem: JaggedDINProblem):
     """The oracle on jagged input: pad to the longest row, run the reference,
     unpad the weights. Returns (pooled [B, C, Dv], w [L, C])."""
-    rows = problem.row_ids()
-    cols = torch.arange(rows.shape[0], device=rows.device) - problem.offsets[rows]
-    batch = problem.offsets.shape[0] - 1
     # max_len is only a bound (it may be huge): pad to the longest row there is.
     lengths = problem.lengths()
-    length = int(lengths.max()) if batch else 0
-
-    def pad(jagged):
-        dense = jagged.new_zeros(batch, length, jagged.shape[1])
-        return dense.index_put((rows, cols), jagged)
-
+    length = int(lengths.max()) if lengths.numel() else 0
     padded = DINProblem(
-        query=problem.query, keys=pad(problem.keys_values),
-        values=None if problem.values is None else pad(problem.values),
+        query=problem.query, keys=problem.padded(problem.keys_values, length),
+        values=None if problem.values is None else problem.padded(problem.values, length),
         lengths=lengths, mask=None, weights=problem.weights, biases=problem.biases,
         activation=problem.activation, act_params=problem.act_params,
         normalization=problem.normalization, scale=problem.scale, dice_eps=problem.dice_eps,
         squeeze_candidates=problem.squeeze_candidates,
     )
     pooled, weights = reference_din_attention(padded)
+    rows, cols = problem.padded_positions()
     return pooled, weights[rows, :, cols]
 
 
