@@ -78,9 +78,7 @@ def measure(args, command: str) -> list:
     hidden = tuple(args.hidden)
     inputs = peers.make_inputs(args.batch, 1, args.length, args.dim, hidden, torch.float32, device)
     train_inputs = peers.with_grad(inputs)
-    probe = peers.make_probe(inputs)
-    exact = peers.float64_output(inputs)
-    exact_grads = peers.float64_gradients(inputs, probe)
+    probe, exact, exact_grads = peers.float64_oracle(inputs, train=True)
     impls = implementations(inputs)
 
     fns, rows = {}, {}

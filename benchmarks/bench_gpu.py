@@ -129,9 +129,7 @@ def measure_shape(args, sizes: Sizes, shape: tuple, dtype: torch.dtype, device, 
     batch, candidates, length = shape
     train = args.pass_ == "train"
     inputs = peers.make_inputs(batch, candidates, length, sizes.dim, sizes.hidden, dtype, device)
-    probe = peers.make_probe(inputs)
-    exact = peers.float64_output(inputs)
-    exact_grads = peers.float64_gradients(inputs, probe) if train else None
+    probe, exact, exact_grads = peers.float64_oracle(inputs, train)
     if train:
         inputs = peers.with_grad(inputs)
     fns, rows = {}, {}

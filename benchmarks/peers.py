@@ -93,6 +93,13 @@ def float64_gradients(inputs: dict, probe: torch.Tensor) -> list:
     return list(torch.autograd.grad((pooled * probe.double()).sum(), leaves(exact)))
 
 
+def float64_oracle(inputs: dict, train: bool) -> tuple:
+    """What a benchmark row is checked against: (the probe, the reference's
+    float64 output, and with ``train`` its float64 gradients, else None)."""
+    probe = make_probe(inputs)
+    return probe, float64_output(inputs), float64_gradients(inputs, probe) if train else None
+
+
 @dataclass
 class Implementation:
     """One way of computing the pooled output from din_attention's inputs.

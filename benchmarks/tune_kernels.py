@@ -88,9 +88,7 @@ def measure(train: bool, dtype: torch.dtype, args, device) -> list:
     batch, length, dim, hidden = ((4, 20, 8, (8, 4)) if args.dry_run
                                   else (4096, 200, 64, (80, 40)))
     inputs = peers.make_inputs(batch, 1, length, dim, hidden, dtype, device)
-    probe = peers.make_probe(inputs)
-    exact = peers.float64_output(inputs)
-    exact_grads = peers.float64_gradients(inputs, probe) if train else None
+    probe, exact, exact_grads = peers.float64_oracle(inputs, train)
     if train:
         inputs = peers.with_grad(inputs)
     triton = peers.din_fast_implementation("triton")

@@ -29,6 +29,7 @@ from din_fast.data import (Batch, build_samples, encode, iterate_batches,  # noq
 from din_fast.loaders import synthetic_interactions  # noqa: E402
 from din_fast.training import inverse_frequencies, minibatch_l2  # noqa: E402
 from din_fast.sharded import SHARDING_TYPES  # noqa: E402
+from cli_data import write_csv  # noqa: E402
 
 WORLD = 2
 TIMEOUT_S = 240          # a hung collective fails the test instead of blocking CI
@@ -262,16 +263,7 @@ def assert_matches_replay(saved, optimizer_name, l2, sizes=SIZES):
 @pytest.fixture
 def tiny_csv(tmp_path):
     """60 users of the synthetic set as a user,item,category,timestamp table."""
-    interactions = synthetic_interactions(num_users=60, seed=4)
-    category = dict(zip(interactions.category_items.tolist(),
-                        interactions.category_values.tolist()))
-    rows = ["user,item,category,timestamp"]
-    for u, user in enumerate(interactions.user_ids.tolist()):
-        items = interactions.items[interactions.offsets[u]:interactions.offsets[u + 1]].tolist()
-        rows += [f"{user},{item},{category[item]},{t}" for t, item in enumerate(items)]
-    path = tmp_path / "tiny.csv"
-    path.write_text("\n".join(rows) + "\n")
-    return path
+    return write_csv(tmp_path / "tiny.csv", synthetic_interactions(num_users=60, seed=4))
 
 
 def test_torchrun_trains_and_the_checkpoint_evaluates_in_one_process(tmp_path, tiny_csv):
