@@ -9,6 +9,7 @@ from torch import nn
 
 from .dice_statistics import batch_moments, update_running
 from .functional import din_attention, din_attention_jagged, resolve_backend, run_problem
+from .layer_hooks import run_weight_hooks
 from .problem import (BACKENDS, DEFAULT_DICE_EPS, check_layer_sizes, validate,
                       validate_jagged, validate_options, validating)
 
@@ -42,6 +43,12 @@ class DINAttention(nn.Module):
     ``running_var_{i}``. In training mode Dice normalizes with the statistics
     of the batch's valid positions only (never the padding) and updates the
     running ones; in eval mode it uses the running ones.
+
+    The forward reads the layers' weights without calling the layers, running
+    their forward pre-hooks first, so weight reparametrizations hold
+    (``torch.nn.utils.weight_norm``, ``spectral_norm``, ``prune`` and
+    ``torch.nn.utils.parametrize``); a hook that needs a layer's input or
+    output (a forward or backward hook) is refused by name at forward.
     """
 
     def __init__(self, embed_dim: int, hidden_units=(80, 40), activation: str = "sigmoid",
@@ -96,6 +103,13 @@ class DINAttention(nn.Module):
             return [(a, mu, var) for a, (mu, var) in zip(self.alphas, self._running_stats())]
         return None
 
+    def _run_layer_hooks(self) -> None:
+        """The layers' forward pre-hooks (old-style weight_norm, spectral_norm,
+        prune recompute ``weight`` there), which calling them would run: the
+        forward reads their weights instead (din_fast.layer_hooks)."""
+        layers = [(f"hidden.{i}", layer) for i, layer in enumerate(self.hidden)]
+        run_weight_hooks("DINAttention", layers + [("output", self.output)])
+
     def _functional_kwargs(self, mask=None, values=None) -> dict:
         """din_attention's keyword arguments for this layer, less the backend."""
         weights = [layer.weight for layer in self.hidden] + [self.output.weight]
@@ -130,6 +144,7 @@ class DINAttention(nn.Module):
             The pooled history, [B, Dv] or [B, C, Dv] in the keys' dtype; with
             ``return_scores`` also the weights, [B, T] or [B, C, T].
         """
+        self._run_layer_hooks()
         kwargs = self._functional_kwargs(mask, values)
         if self.activation == "dice" and self.training:
             return self._forward_dice_training(query, keys, lengths, kwargs)
@@ -143,6 +158,7 @@ class DINAttention(nn.Module):
         returns, the weights jagged ([L] or [L, C]). Training-mode Dice pads
         the rows to ``max_len`` for its batch statistics (the other modes
         never build the padding)."""
+        self._run_layer_hooks()
         kwargs = self._functional_kwargs(values=values)
         del kwargs["mask"]                       # jagged rows have no padding to mask
         if self.activation == "dice" and self.training:

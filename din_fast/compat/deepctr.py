@@ -34,6 +34,7 @@ import torch
 from torch import nn
 
 from ..functional import din_attention
+from ..layer_hooks import run_weight_hooks
 from ..problem import check_layer_sizes
 from .peer_semantics import (first_layer_everywhere, fused_activation, module_of_class,
                              peer_argument_names, validate_inputs)
@@ -172,9 +173,24 @@ class AttentionSequencePoolingLayer(nn.Module):
             raise ValueError(f"{LAYER}: `query` must have shape [B, 1, E]; "
                              f"got {tuple(query.shape)}")
         with peer_argument_names(LAYER, ARGUMENT_NAMES):
-            if self._runs_fused():
+            fused = self._runs_fused()
+            self._run_layer_hooks(fused)
+            if fused:
                 return self._forward_fused(query, keys, lengths, mask)
             return self._forward_general(validate_inputs(query, keys, lengths, mask))
+
+    def _run_layer_hooks(self, fused: bool) -> None:
+        """The hooks of the modules this forward reads without calling them
+        (din_fast.layer_hooks), which the peer calls: on the fused path all of
+        the unit's; on the general path, which calls the others, the unit, its
+        DNN and the first Linear (folded)."""
+        unit = self.local_att
+        if fused:
+            layers = unit.named_modules(prefix="local_att")
+        else:
+            layers = [("local_att", unit), ("local_att.dnn", unit.dnn),
+                      ("local_att.dnn.linears.0", unit.dnn.linears[0])]
+        run_weight_hooks(LAYER, layers)
 
     def _forward_fused(self, query, keys, lengths, mask):
         weights, biases = self._layers()

@@ -40,6 +40,7 @@ import torch
 from torch import nn
 
 from ..functional import din_attention
+from ..layer_hooks import run_weight_hooks
 from ..problem import check_layer_sizes
 from .peer_semantics import (first_layer_everywhere, fused_activation, module_of_class,
                              peer_argument_names, validate_inputs)
@@ -49,6 +50,7 @@ DICE_MOMENTUM = 0.01     # and momentum
 PRELU_INIT = 0.1         # the peer's PReLU slope
 SOFTMAX_PADDING = -1e9   # the peer's additive mask before its softmax
 LAYER = "DIN_Attention"
+MLP = "attention_layer.mlp"  # the peer's Sequential, as state_dict names it
 ARGUMENT_NAMES = {"query": "target_item", "keys": "history_sequence"}
 
 
@@ -152,7 +154,7 @@ class _MLPBlock(nn.Module):
         din_attention cannot express it (see the module doc)."""
         if not self.hidden or self.has_output_activation:
             return None
-        weights, biases, names, params = [], [], set(), []
+        names = []
         for layer in self.hidden:
             activation = None if layer.activation is None else self.mlp[layer.activation]
             name = fused_activation(activation, _Dice)
@@ -162,26 +164,32 @@ class _MLPBlock(nn.Module):
                     or (norm is not None and _batch_statistics(norm)) \
                     or (dropout is not None and dropout.training):
                 return None
-            names.add(name)
+            names.append(name)
+        if len(set(names)) != 1:
+            return None
+        # Read, not called: the layers' weight hooks first (din_fast.layer_hooks).
+        run_weight_hooks(LAYER, list(self.mlp.named_modules(prefix=MLP))[1:])
+        weights, biases, params = [], [], []
+        for layer, name in zip(self.hidden, names):
+            norm = None if layer.norm is None else self.mlp[layer.norm]
             weight, bias = _folded_linear(self.mlp[layer.linear], norm)
             weights.append(weight)
             biases.append(bias)
+            activation = None if layer.activation is None else self.mlp[layer.activation]
             if name == "prelu":
                 params.append(activation.weight)
             elif name == "dice":
                 params.append((activation.alpha, activation.bn.running_mean,
                                activation.bn.running_var))
-        if len(names) != 1:
-            return None
         score = self.mlp[self.score]
-        name = names.pop()
-        return (weights + [score.weight], biases + [score.bias], name,
-                params if name in ("prelu", "dice") else None)
+        return (weights + [score.weight], biases + [score.bias], names[0],
+                params if names[0] in ("prelu", "dice") else None)
 
     def scores_everywhere(self, query, keys):
         """The peer's scores of every position, [B, T], on the general path:
         its Sequential on [B*T, H] after the folded first layer."""
         batch, length = keys.shape[:2]
+        run_weight_hooks(LAYER, [(f"{MLP}.0", self.mlp[0])])            # folded, not called
         h = first_layer_everywhere(self.mlp[0], query, keys)            # [B, T, H_1]
         return self.mlp[1:](h.reshape(batch * length, -1)).view(batch, length)
 
@@ -246,6 +254,9 @@ class DIN_Attention(nn.Module):  # noqa: N801 - the peer's class name
         # the scores: the fused path takes it only when it holds 0 and 1 alone.
         numeric = isinstance(mask, torch.Tensor) and mask.dtype != torch.bool
         valid = mask != 0 if numeric else mask
+        # The peer calls these two; this layer reads them (din_fast.layer_hooks).
+        run_weight_hooks(LAYER, [("attention_layer", self.attention_layer),
+                                 (MLP, self.attention_layer.mlp)])
         unit = self.attention_layer.fused_unit()
         with peer_argument_names(LAYER, ARGUMENT_NAMES):
             if unit is None or numeric:
