@@ -274,7 +274,8 @@ def _unit_vector(name: str, tensor, width: int, device, anchor) -> torch.Tensor:
     return tensor.expand(width)
 
 
-def _validate_act_params(activation, activation_params, hidden_units, device, anchor):
+def _validate_act_params(activation, activation_params, hidden_units, device, anchor,
+                         dice_eps):
     layers = len(hidden_units)
     if activation in ("sigmoid", "relu"):
         if activation_params not in (None, [], ()):
@@ -308,7 +309,25 @@ def _validate_act_params(activation, activation_params, hidden_units, device, an
             _unit_vector(f"activation_params[{i}][{j}] ({part})", t, width, device, anchor)
             for j, (part, t) in enumerate(zip(("a", "mu", "var"), entry))
         ))
+        # Dice divides by sqrt(var + eps): a variance at or below -eps (a
+        # corrupted running_var) would make every score NaN.
+        var = _plain_values(params[-1][2])
+        check_all(var + dice_eps > 0,
+                  f"{OWNER}: `activation_params[{i}][2] (var)` must be greater than "
+                  f"-dice_eps = {-dice_eps:g} (Dice divides by sqrt(var + dice_eps))",
+                  lambda: f"; got {float(var.min()):g}")
     return params
+
+
+def _plain_values(tensor: torch.Tensor) -> torch.Tensor:
+    """``tensor``'s values outside any torch.func transform (all of a vmap's
+    batch), for a check that reads them; the tensor itself while tracing."""
+    tensor = tensor.detach()
+    if torch.compiler.is_compiling():
+        return tensor
+    while torch._C._functorch.is_functorch_wrapped_tensor(tensor):
+        tensor = torch._C._functorch.get_unwrapped(tensor)
+    return tensor
 
 
 def check_all(ok: torch.Tensor, message: str, details=None) -> None:
@@ -386,22 +405,40 @@ def validate_options(activation, normalization, scale, dice_eps) -> None:
     if isinstance(scale, bool) or not isinstance(scale, numbers.Real):
         raise TypeError(f"{OWNER}: `scale` must be a finite real number; "
                         f"got {_describe(scale)}")
-    if not math.isfinite(scale):
+    try:
+        finite = math.isfinite(scale)
+    except OverflowError:     # an int beyond float64's range (10**400)
+        raise ValueError(f"{OWNER}: `scale` must be a finite real number; got an int of "
+                         f"{len(str(abs(scale)))} digits, beyond float64's range") from None
+    if not finite:
         raise ValueError(f"{OWNER}: `scale` must be a finite real number; got {scale!r}")
     if isinstance(dice_eps, bool) or not isinstance(dice_eps, numbers.Real) or not dice_eps > 0:
         raise ValueError(f"{OWNER}: `dice_eps` must be a positive number; "
                          f"got {_describe(dice_eps)}")
 
 
-def _validate_parameters(weights, biases, activation, activation_params, keys: torch.Tensor,
-                         keys_name: str):
+FLOAT32_MAX = torch.finfo(torch.float32).max
+
+
+def _validate_scale_range(scale, keys: torch.Tensor, keys_name: str) -> None:
+    """Inputs below float64 are scored in float32, where a scale beyond its
+    range is infinite: every score and weight would be Inf or NaN."""
+    if compute_dtype(keys.dtype) == torch.float32 and not -FLOAT32_MAX <= scale <= FLOAT32_MAX:
+        raise ValueError(f"{OWNER}: `scale` must lie in [-{FLOAT32_MAX:.4e}, {FLOAT32_MAX:.4e}] "
+                         f"for {keys.dtype} `{keys_name}` (scored in float32, where a larger "
+                         f"scale is infinite); got {float(scale):.4e}. float64 inputs take any "
+                         "finite scale")
+
+
+def _validate_parameters(weights, biases, activation, activation_params, dice_eps,
+                         keys: torch.Tensor, keys_name: str):
     """(weights, biases, act_params) of the activation unit, checked against
     the keys' embedding size and device, and expanded."""
     embed_dim, device = keys.shape[-1], keys.device
     weights, biases = _validate_layers(weights, biases, embed_dim, device, keys_name)
     hidden_units = tuple(w.shape[0] for w in weights[:-1])
     act_params = _validate_act_params(activation, activation_params, hidden_units, device,
-                                      keys_name)
+                                      keys_name, dice_eps)
     return weights, biases, act_params
 
 
@@ -463,8 +500,10 @@ def validate(query, keys, lengths, *, weights, biases, activation, activation_pa
                              f"match `keys` {tuple(keys.shape)}; got {tuple(mask.shape)}")
         mask = mask.contiguous()
     validate_options(activation, normalization, scale, dice_eps)
+    _validate_scale_range(scale, keys, "keys")
     weights, biases, act_params = _validate_parameters(weights, biases, activation,
-                                                       activation_params, keys, "keys")
+                                                       activation_params, dice_eps, keys,
+                                                       "keys")
     return DINProblem(
         query=query3, keys=keys, values=values, lengths=lengths, mask=mask,
         weights=weights, biases=biases, activation=activation, act_params=act_params,
@@ -562,9 +601,10 @@ def _validate_jagged(query, keys_values, offsets, max_len, *, weights, biases, a
     check_range("offsets[b + 1] - offsets[b]", offsets[1:] - offsets[:-1], 0, max_len,
                 f"[0, max_len={max_len}] (offsets non-decreasing, no segment over max_len)")
     validate_options(activation, normalization, scale, dice_eps)
+    _validate_scale_range(scale, keys_values, "keys_values")
     weights, biases, act_params = _validate_parameters(weights, biases, activation,
-                                                       activation_params, keys_values,
-                                                       "keys_values")
+                                                       activation_params, dice_eps,
+                                                       keys_values, "keys_values")
     return JaggedDINProblem(
         query=query3, keys_values=keys_values, values=values, offsets=offsets,
         max_len=max_len, weights=weights, biases=biases, activation=activation,

@@ -231,9 +231,27 @@ def test_forward_jagged_dice_training_properties(batch):
 
 @pytest.mark.parametrize("option,value", [
     ("activation", "tanh"), ("normalization", "sparsemax"), ("scale", float("nan")),
-    ("scale", "2"), ("backend", "cuda"), ("dice_eps", 0.0), ("momentum", 1.5),
+    ("scale", "2"), pytest.param("scale", 10**400, id="scale-10**400"), ("backend", "cuda"), ("dice_eps", 0.0), ("momentum", 1.5),
     ("momentum", True)])
 def test_bad_options_fail_at_construction(option, value):
     """A bad option is named when the layer is built, not at its first forward."""
     with pytest.raises((ValueError, TypeError), match=rf"DINAttention: `{option}`"):
         din_fast.DINAttention(4, (5,), **{option: value})
+
+
+@pytest.mark.parametrize("jagged", [False, True])
+def test_loaded_dice_variance_below_minus_eps_is_named(jagged):
+    """A running_var corrupted through load_state_dict would make every score
+    NaN: the eval forward names it instead."""
+    layer = din_fast.DINAttention(5, (6, 3), activation="dice").double().eval()
+    state = layer.state_dict()
+    state["running_var_1"] = torch.tensor([1.0, -0.5, 1.0], dtype=torch.float64)
+    layer.load_state_dict(state)
+    query, keys, lengths = _inputs()
+    with pytest.raises(ValueError, match=r"`activation_params\[1\]\[2\] \(var\)` must be "
+                                         r"greater than -dice_eps = -1e-08.*got -0\.5"):
+        if jagged:
+            offsets = torch.cat([lengths.new_zeros(1), lengths.cumsum(0)])
+            layer.forward_jagged(query, keys.flatten(0, 1)[:int(offsets[-1])], offsets, 7)
+        else:
+            layer(query, keys, lengths)

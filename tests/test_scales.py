@@ -14,8 +14,9 @@ import torch
 from hypothesis import given
 from hypothesis import strategies as st
 
+import din_fast
 from helpers import (BACKENDS, backend_dtype, backend_settings, call_din_attention, cases,
-                     leaf_copy, map_tensors, outputs_and_grads, tolerance)
+                     leaf_copy, make_case, map_tensors, outputs_and_grads, tolerance)
 
 SCALES = [sign * 10.0 ** e for e in (-30, -3, 0, 1, 3, 10, 30) for sign in (1, -1)]
 # The relative error of float32 results at well-conditioned scales: twice the
@@ -62,3 +63,28 @@ def test_extreme_softmax_scales(backend):
             if w.norm() > 1e-12 and tolerance < 0.1:
                 assert error <= tolerance, f"result {i}: relative error {error:.2e}"
     check()
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("jagged", [False, True])
+def test_scale_beyond_float32(backend, jagged):
+    """A finite scale float32 cannot hold is refused for inputs scored in
+    float32, naming the range; float64 inputs take it: finite, as the reference."""
+    case = make_case(3, None, 4, 4, (5,), normalization="softmax", scale=1e39)
+
+    def run(case, on):
+        args = dict(case)
+        query, keys, lengths = args.pop("query"), args.pop("keys"), args.pop("lengths")
+        if not jagged:
+            return din_fast.din_attention(query, keys, lengths, backend=on, **args)
+        offsets = torch.cat([lengths.new_zeros(1), lengths.cumsum(0)])
+        rows = torch.cat([keys[b, :n] for b, n in enumerate(lengths.tolist())])
+        return din_fast.din_attention_jagged(query, rows, offsets, 4, backend=on, **args)
+    with pytest.raises(ValueError, match=r"`scale` must lie in \[-3\.4028e\+38, 3\.4028e\+38\] "
+                                         r"for torch\.float32 `keys(_values)?`.*got 1\.0000e\+39"):
+        run(case, backend)
+    if backend != "triton":                      # float64 runs on torch and reference
+        case = map_tensors(case, torch.Tensor.double)
+        got = run(case, backend)
+        assert torch.isfinite(got).all()
+        torch.testing.assert_close(got, run(case, "reference"))

@@ -61,6 +61,8 @@ BAD_INPUTS = [  # (description, overrides as a function of the case, error type,
     ("unknown backend", lambda c: dict(backend="cuda"), ValueError, "backend"),
     ("scale not a number", lambda c: dict(scale="1"), TypeError, "scale"),
     ("scale infinite", lambda c: dict(scale=float("inf")), ValueError, "scale"),
+    ("scale beyond float64", lambda c: dict(scale=10**400), ValueError, "scale"),
+    ("scale beyond float32", lambda c: dict(scale=-1e39), ValueError, "scale"),
     ("prelu without params", lambda c: dict(activation="prelu"), ValueError,
      "activation_params"),
     ("prelu wrong count", lambda c: dict(activation="prelu", activation_params=[torch.ones(6)]),
@@ -74,6 +76,16 @@ BAD_INPUTS = [  # (description, overrides as a function of the case, error type,
     ("sigmoid with params", lambda c: dict(activation_params=[torch.ones(6), torch.ones(2)]),
      ValueError, "activation_params"),
     ("dice_eps zero", lambda c: dict(dice_eps=0.0), ValueError, "dice_eps"),
+    ("dice variance below -eps",
+     lambda c: dict(activation="dice", activation_params=[
+         (torch.ones(6), torch.zeros(6), torch.tensor([1.0, 1, 1, -2e-8, 1, 1])),
+         (torch.ones(2), torch.zeros(2), torch.ones(2))]),
+     ValueError, "activation_params[0][2] (var)"),
+    ("dice variance NaN",
+     lambda c: dict(activation="dice", activation_params=[
+         (torch.ones(6), torch.zeros(6), torch.ones(6)),
+         (torch.ones(2), torch.zeros(2), torch.tensor([float("nan"), 1.0]))]),
+     ValueError, "activation_params[1][2] (var)"),
 ]
 
 
