@@ -16,7 +16,9 @@ from torch import nn
 
 from .dice_statistics import batch_moments, update_running
 from .modules import DINAttention
-from .problem import DEFAULT_DICE_EPS
+from .problem import DEFAULT_DICE_EPS, check_all
+
+ID_DTYPES = (torch.int32, torch.int64)
 
 MLP_ACTIVATIONS = ("prelu", "dice")
 MLP_INPUTS = ("concat", "product")
@@ -49,6 +51,20 @@ class Dice(nn.Module):
                        self.norm.momentum)
         self.norm.num_batches_tracked.add_(1)
         return (x - mean) * torch.rsqrt(var + self.norm.eps)
+
+
+def check_within(subject: str, name: str, values: torch.Tensor, high, needs: str,
+                 high_name: str = "") -> None:
+    """0 <= values <= high, else "<subject> must lie in <needs>" (see
+    problem.check_all), naming on CPU the first element outside (and the
+    bound's value, called ``high_name`` in ``needs``)."""
+    outside = (values < 0) | (values > high)
+
+    def first_outside():
+        index = tuple(outside.nonzero()[0].tolist())
+        bound = f" with {high_name} = {high}" if high_name else ""
+        return f"; got {name}[{', '.join(map(str, index))}] = {int(values[index])}{bound}"
+    check_all(~outside, f"{subject} must lie in {needs}", first_outside)
 
 
 def scoring_mlp(in_features: int, hidden_units, activation: str) -> nn.Sequential:
@@ -85,6 +101,9 @@ def score(mlp: nn.Module, mlp_input: str, interest, candidate):
 class BaseModel(nn.Module):
     """Embedding + sum pooling of the history + MLP (the DIN paper's BaseModel).
 
+    The sum runs over each row's first ``lengths[b]`` positions, as DIN's
+    attention does: ids past a row's length never reach the score.
+
     ``embed_dim`` is the size of each table, so an item (and the attention's
     query and keys in DIN) is 2 * embed_dim wide. ``backend`` is the attention
     backend: BaseModel has no attention and keeps it only so that both models
@@ -111,13 +130,53 @@ class BaseModel(nn.Module):
 
     def pool(self, candidate, history, lengths):
         """User interest, [B, 2E] (or [B, C, 2E] for C candidates [B, C, 2E]
-        per row); padded positions hold the zero padding row."""
-        interest = history.sum(1)
+        per row): the sum of each row's first lengths[b] positions; whatever
+        lies past them is never read (a select, so its gradient is 0)."""
+        valid = torch.arange(history.shape[1], device=history.device) < lengths[:, None]
+        interest = torch.where(valid[..., None], history, history.new_zeros(())).sum(1)
         return interest if candidate.dim() == 2 else interest[:, None].expand_as(candidate)
 
     def attention_backend(self):
         """The backend the attention runs in the current mode, None without attention."""
         return None
+
+    def check_inputs(self, history_items, history_categories, lengths, target_items,
+                     target_categories) -> None:
+        """forward's inputs checked, named as forward names them (the messages
+        also serve as the asserts of an exported graph: no sizes in them,
+        which would be symbols there)."""
+        owner = type(self).__name__
+        inputs = {"history_items": history_items, "history_categories": history_categories,
+                  "lengths": lengths, "target_items": target_items,
+                  "target_categories": target_categories}
+        for name, tensor in inputs.items():
+            if not isinstance(tensor, torch.Tensor) or tensor.dtype not in ID_DTYPES:
+                got = tensor.dtype if isinstance(tensor, torch.Tensor) else type(tensor).__name__
+                raise TypeError(f"{owner}: `{name}` must be an int32 or int64 tensor; got {got}")
+        if history_items.dim() != 2 or history_categories.shape != history_items.shape:
+            raise ValueError(f"{owner}: `history_items` and `history_categories` must both be "
+                             f"[B, T]; got {tuple(history_items.shape)} and "
+                             f"{tuple(history_categories.shape)}")
+        batch = history_items.shape[0]
+        if lengths.shape != (batch,):
+            raise ValueError(f"{owner}: `lengths` must be [B] with B = {batch}, the rows of "
+                             f"`history_items`; got {tuple(lengths.shape)}")
+        if target_items.dim() not in (1, 2) or target_items.shape[0] != batch \
+                or target_categories.shape != target_items.shape:
+            raise ValueError(f"{owner}: `target_items` and `target_categories` must both be [B] "
+                             f"(or [B, C] for C candidates) with B = {batch}, the rows of "
+                             f"`history_items`; got {tuple(target_items.shape)} and "
+                             f"{tuple(target_categories.shape)}")
+        tables = {"item": self.item_embedding.num_embeddings - 1,
+                  "category": self.category_embedding.num_embeddings - 1}
+        for name, tensor in inputs.items():
+            if name == "lengths":
+                check_within(f"{owner}: `lengths`", name, tensor, history_items.shape[1],
+                             "[0, T], T the width of `history_items`", "T")
+            else:
+                table = "item" if name.endswith("items") else "category"
+                check_within(f"{owner}: `{name}`", name, tensor, tables[table],
+                             f"[0, {tables[table]}], the {table} table's ids")
 
     def embedding_tables(self):
         """(table, which ids index it: "item" or "category")."""
@@ -127,7 +186,15 @@ class BaseModel(nn.Module):
                 target_categories):
         """Logits [B] for batches of data.Batch's fields; with C candidates per
         row (``target_items`` and ``target_categories`` [B, C]) logits [B, C],
-        each history pooled once for all of its candidates."""
+        each history pooled once for all of its candidates.
+
+        The ids must lie in the tables (0, the padding, up to num_items and
+        num_categories) and ``lengths`` in [0, T], T the width of
+        ``history_items``: ValueError on CPU; on an accelerator, and in a
+        compiled or exported graph, an asynchronous assert with the same
+        message (no host sync)."""
+        self.check_inputs(history_items, history_categories, lengths, target_items,
+                          target_categories)
         candidate = self.embed(target_items, target_categories)
         history = self.embed(history_items, history_categories)
         interest = self.pool(candidate, history, lengths)

@@ -76,6 +76,51 @@ def test_padding_beyond_lengths_changes_nothing(model_class):
     assert torch.allclose(model(*padded, *batch[2:5]), logits, atol=1e-6)
 
 
+@pytest.mark.parametrize("model_class", [DIN, BaseModel])
+def test_ids_past_lengths_change_nothing(model_class):
+    """Whatever ids lie past a row's length (real items, not the padding id)
+    never reach the score or a gradient."""
+    data, batch = small_batch()
+    torch.manual_seed(0)
+    model = model_class(data.num_items, data.num_categories, embed_dim=4).eval()
+    items, categories, lengths = batch.history_items, batch.history_categories, batch.lengths
+    past = torch.arange(items.shape[1]) >= lengths[:, None]
+    noisy = [torch.where(past, torch.randint(1, high + 1, items.shape), ids)
+             for ids, high in ((items, data.num_items), (categories, data.num_categories))]
+    assert (noisy[0] != items).any()
+    logits = model(*batch[:5])
+    torch.testing.assert_close(model(*noisy, *batch[2:5]), logits, rtol=0, atol=1e-6)
+    model(*noisy, *batch[2:5]).sum().backward()
+    used = set(items[~past].tolist()) | set(batch.target_items.tolist()) | {0}
+    unused = [i for i in set(noisy[0][past].tolist()) if i not in used]
+    assert not model.item_embedding.weight.grad[unused].any()
+
+
+@pytest.mark.parametrize("model_class", [DIN, BaseModel])
+@pytest.mark.parametrize("argument,bad,error,message", [
+    ("lengths", lambda b: b.lengths.clone().fill_(99), ValueError,
+     r"`lengths` must lie in \[0, T\], T the width of `history_items`; got lengths\[0\] = 99 "
+     r"with T = \d+"),
+    ("lengths", lambda b: b.lengths.float(), TypeError, r"`lengths` must be an int32 or int64"),
+    ("lengths", lambda b: b.lengths[:-1], ValueError, r"`lengths` must be \[B\] with B = 24"),
+    ("history_items", lambda b: b.history_items + 10_000, ValueError,
+     r"`history_items` must lie in \[0, \d+\], the item table's ids; got history_items\[0, 0\]"),
+    ("target_categories", lambda b: -b.target_categories, ValueError,
+     r"`target_categories` must lie in \[0, \d+\], the category table's ids"),
+    ("target_items", lambda b: b.target_items[:3], ValueError,
+     r"`target_items` and `target_categories` must both be \[B\]")],
+    ids=["lengths above T", "lengths float", "lengths short", "item id beyond the table",
+         "category id negative", "targets short"])
+def test_bad_batches_are_named(model_class, argument, bad, error, message):
+    data, batch = small_batch()
+    model = model_class(data.num_items, data.num_categories, embed_dim=4).eval()
+    inputs = dict(zip(("history_items", "history_categories", "lengths", "target_items",
+                       "target_categories"), batch[:5]))
+    inputs[argument] = bad(batch)
+    with pytest.raises(error, match=rf"^{model_class.__name__}: {message}"):
+        model(**inputs)
+
+
 def test_base_model_sum_pools_the_history():
     data, batch = small_batch()
     model = BaseModel(data.num_items, data.num_categories, embed_dim=4)
