@@ -26,6 +26,7 @@ import torch
 
 from .checkpoint import restored_model
 from .errors import InputError
+from .package_inputs import InputContract
 from .training import checkpoint_for_run
 
 # The largest batch and history length an exported DIN takes (dynamic shapes
@@ -35,12 +36,17 @@ MAX_HISTORY = 1 << 16
 
 
 def export_package(model: torch.nn.Module, example_inputs: Sequence[torch.Tensor], path: str,
-                   dynamic_shapes=None) -> str:
+                   dynamic_shapes=None, value_ranges=None, padding_dims=()) -> str:
     """Export ``model`` (in eval mode) on ``example_inputs`` and compile it into
     the AOTInductor package ``path``; returns the path written.
 
     ``dynamic_shapes`` as torch.export.export takes it (for example the batch
     and history axes); without it the package takes the example's shapes only.
+    The package records what it takes (din_fast.package_inputs), which
+    :func:`load` checks at every call: each input's dtype and shape, with
+    ``value_ranges`` ({input name: (low, high)}, high an int or a
+    ``torch.export.Dim``) the values an input may hold, and ``padding_dims``
+    (Dim names) the dims a call may give as 0, zero-padded to their minimum.
     """
     was_training = model.training
     model.eval()
@@ -49,7 +55,10 @@ def export_package(model: torch.nn.Module, example_inputs: Sequence[torch.Tensor
                                       dynamic_shapes=dynamic_shapes)
     finally:
         model.train(was_training)
-    return torch._inductor.aoti_compile_and_package(program, package_path=str(path))
+    contract = InputContract.of_program(program, dynamic_shapes, value_ranges, padding_dims)
+    configs = {} if contract is None else {"aot_inductor.metadata": contract.to_metadata()}
+    return torch._inductor.aoti_compile_and_package(program, package_path=str(path),
+                                                    inductor_configs=configs)
 
 
 def din_example_inputs(model: torch.nn.Module, batch: int = 4, history: int = 8,
@@ -70,17 +79,29 @@ def din_example_inputs(model: torch.nn.Module, batch: int = 4, history: int = 8,
 
 
 def din_dynamic_shapes() -> tuple:
-    """dynamic_shapes for din_example_inputs: any batch and history length."""
-    batch = torch.export.Dim("batch", min=1, max=MAX_BATCH)
-    history = torch.export.Dim("history", min=1, max=MAX_HISTORY)
+    """dynamic_shapes for din_example_inputs: any batch B and history length T."""
+    batch = torch.export.Dim("B", min=1, max=MAX_BATCH)
+    history = torch.export.Dim("T", min=1, max=MAX_HISTORY)
     return ({0: batch, 1: history}, {0: batch, 1: history}, {0: batch}, {0: batch},
             {0: batch})
 
 
+def din_value_ranges(model: torch.nn.Module) -> dict:
+    """What each input of din_example_inputs may hold: ids inside the
+    tables (0 the padding), lengths in [0, T]."""
+    items = model.item_embedding.num_embeddings - 1
+    categories = model.category_embedding.num_embeddings - 1
+    return {"history_items": (0, items), "history_categories": (0, categories),
+            "lengths": (0, "T"), "target_items": (0, items),
+            "target_categories": (0, categories)}
+
+
 def export_din(model: torch.nn.Module, path: str) -> str:
     """Package din_fast.DIN or BaseModel for serving, any batch and history
-    length, on the device its parameters are on; returns the path written."""
-    return export_package(model, din_example_inputs(model), path, din_dynamic_shapes())
+    length, on the device its parameters are on; returns the path written.
+    A history of length T = 0 is padded to one position (id 0, length 0)."""
+    return export_package(model, din_example_inputs(model), path, din_dynamic_shapes(),
+                          din_value_ranges(model), padding_dims=("T",))
 
 
 def export_checkpoint(checkpoint_path: str, path: str, *, device: str = "cpu",
@@ -115,6 +136,27 @@ def ids_path_of(path: str) -> str:
     return str(Path(path).with_suffix(".ids.json"))
 
 
-def load(path: str):
-    """The packaged model as a callable: load(path)(*inputs) -> the model's outputs."""
-    return torch._inductor.aoti_load_package(str(path))
+class LoadedPackage:
+    """A loaded package, called as the exported model: inputs by position
+    or by name, checked and converted first (din_fast.package_inputs:
+    int32 ids and lengths become int64, every input contiguous; a wrong
+    dtype, shape, device or value raises naming the input). A package
+    din_fast did not write runs its inputs unchecked. ``compiled`` is
+    torch's loaded package itself."""
+
+    def __init__(self, path: str):
+        self.name = Path(path).name
+        self.compiled = torch._inductor.aoti_load_package(str(path))
+        metadata = getattr(self.compiled, "get_metadata", dict)()
+        self.contract = InputContract.from_metadata(metadata)
+
+    def __call__(self, *args, **kwargs):
+        if self.contract is None:
+            return self.compiled(*args, **kwargs)
+        return self.compiled(*self.contract.prepare(self.name, args, kwargs))
+
+
+def load(path: str) -> LoadedPackage:
+    """The packaged model as a callable: load(path)(*inputs) -> the model's
+    outputs, its inputs checked first (:class:`LoadedPackage`)."""
+    return LoadedPackage(path)

@@ -4,9 +4,13 @@ program matches eager, for other lengths and (dynamic shapes) other sizes.
 Written against the public behaviour only, so it holds whether DINAttention
 reaches the torch backend directly or through a registered custom op."""
 
+import re
+
+import pytest
 import torch
 
 import din_fast
+from din_fast import export
 
 D = 4
 
@@ -36,20 +40,106 @@ def test_export_matches_eager():
     torch.testing.assert_close(exported(*other), model(*other))
 
 
-def test_din_packages_with_aotinductor_and_scores_as_eager(tmp_path):
-    """export_din: torch.export + AOTInductor; the loaded package scores what
-    eager scores, for other batch sizes and history lengths, and its graph
-    holds aten operations only (no din_fast op: it runs without Python)."""
-    from din_fast import export
+@pytest.fixture(scope="module")
+def packaged(tmp_path_factory):
+    """(model, its package loaded): one export for the module (it takes half a minute)."""
+    torch.manual_seed(0)
+    model = din_fast.DIN(30, 5, embed_dim=4, mlp_activation="dice").eval()
+    package = export.export_din(model, tmp_path_factory.mktemp("package") / "din.pt2")
+    return model, export.load(package)
 
+
+def test_din_graph_holds_aten_operations_only():
+    """The exported graph holds no din_fast op: the package runs without Python."""
     torch.manual_seed(0)
     model = din_fast.DIN(30, 5, embed_dim=4, mlp_activation="dice").eval()
     program = torch.export.export(model, export.din_example_inputs(model),
                                   dynamic_shapes=export.din_dynamic_shapes())
     targets = {str(node.target) for node in program.graph.nodes if node.op == "call_function"}
     assert not [t for t in targets if "din_fast" in t], targets
-    package = export.export_din(model, tmp_path / "din.pt2")
-    scorer = export.load(package)
-    for batch, history in ((4, 8), (7, 3), (1, 12)):
+
+
+def test_din_package_scores_as_eager(packaged):
+    """For other batch sizes and history lengths, int32 ids and lengths
+    (converted exactly), strided and expanded inputs, inputs by name, and a
+    history of length 0 (padded to one position of padding)."""
+    model, scorer = packaged
+    for batch, history in ((4, 8), (7, 3), (1, 12), (3, 0)):
         inputs = export.din_example_inputs(model, batch, history)
-        torch.testing.assert_close(scorer(*inputs), model(*inputs), rtol=1e-5, atol=1e-6)
+        with torch.no_grad():
+            expected = model(*inputs)
+        torch.testing.assert_close(scorer(*inputs), expected, rtol=1e-5, atol=1e-6)
+        torch.testing.assert_close(scorer(*(t.int() for t in inputs)), expected,
+                                   rtol=1e-5, atol=1e-6)
+    items, categories, lengths, targets, target_categories = export.din_example_inputs(model, 5,
+                                                                                        6)
+    strided = (items.t().contiguous().t(), categories[:, None].expand(-1, 2, -1)[:, 1],
+               lengths[:1].expand(5).int(), targets, target_categories)
+    with torch.no_grad():
+        expected = model(*strided)
+    torch.testing.assert_close(scorer(*strided), expected, rtol=1e-5, atol=1e-6)
+    named = dict(zip(INPUT_NAMES, strided))
+    torch.testing.assert_close(scorer(**named), expected, rtol=1e-5, atol=1e-6)
+
+
+INPUT_NAMES = ("history_items", "history_categories", "lengths", "target_items",
+               "target_categories")
+
+
+def _replaced(inputs, **changes):
+    return [changes.get(name, tensor) for name, tensor in zip(INPUT_NAMES, inputs)]
+
+
+BAD_CALLS = [  # (description, the call's inputs from good ones, error, message)
+    ("lengths above T", lambda i: _replaced(i, lengths=torch.tensor([0, 1, 57, 3])),
+     ValueError, r"lengths\[2\] = 57 is outside \[0, T\] with T = 8, history_items\.shape\[1\]"),
+    ("int32 lengths above T", lambda i: _replaced(i, lengths=torch.tensor([0, -1, 2, 3],
+                                                                          dtype=torch.int32)),
+     ValueError, r"lengths\[1\] = -1 is outside \[0, T\]"),
+    ("item id beyond the table", lambda i: _replaced(i, history_items=i[0] + 30),
+     ValueError, r"history_items\[0, 0\] = \d+ is outside \[0, 30\]"),
+    ("negative category", lambda i: _replaced(i, target_categories=-i[4]),
+     ValueError, r"target_categories\[0\] = -\d+ is outside \[0, 5\]"),
+    ("float ids", lambda i: _replaced(i, target_items=i[3].float()),
+     TypeError, r"`target_items` must be torch\.int64 .*; got torch\.float32"),
+    ("bool lengths", lambda i: _replaced(i, lengths=i[2].bool()),
+     TypeError, r"`lengths` must be torch\.int64 .*; got torch\.bool"),
+    ("lengths [B, 1]", lambda i: _replaced(i, lengths=i[2][:, None]),
+     ValueError, r"`lengths` must be 1-D \[B\]; got shape \(4, 1\)"),
+    ("batch mismatch", lambda i: _replaced(i, target_items=i[3][:3]),
+     ValueError, r"`target_items` must have shape \[B\] with B = 4, history_items\.shape\[0\]; "
+                 r"got \(3,\)"),
+    ("history width mismatch", lambda i: _replaced(i, history_categories=i[1][:, :5]),
+     ValueError, r"`history_categories` must have shape \[B, T\] with T = 8"),
+    ("empty batch", lambda i: [t[:0] for t in i],
+     ValueError, r"B = 0, history_items\.shape\[0\], is outside \[1, 1048576\]"),
+    ("another device", lambda i: _replaced(i, lengths=i[2].to("meta")),
+     ValueError, r"`lengths` is on meta; the package runs on cpu"),
+    ("not a tensor", lambda i: _replaced(i, lengths=[0, 1, 2, 3]),
+     TypeError, r"`lengths` must be a torch\.Tensor"),
+    ("missing input", lambda i: i[:4], TypeError, r"missing `target_categories`"),
+]
+
+
+@pytest.mark.parametrize("description,bad,error,message", BAD_CALLS,
+                         ids=[case[0] for case in BAD_CALLS])
+def test_din_package_refuses_bad_inputs_by_name(packaged, description, bad, error, message):
+    model, scorer = packaged
+    inputs = export.din_example_inputs(model, 4, 8)
+    with pytest.raises(error, match=rf"^din\.pt2: {message}"):
+        scorer(*bad(inputs))
+
+
+def test_graph_asserts_name_the_inputs(packaged):
+    """The compiled graph's own checks (what a C++ caller meets) use the
+    model's argument names, never the graph's symbolic sizes."""
+    model, scorer = packaged
+    inputs = export.din_example_inputs(model, 4, 8)
+    for bad, message in ((_replaced(inputs, lengths=torch.tensor([0, 9, 1, 1])),
+                          "DIN: `lengths` must lie in [0, T], T the width of `history_items`"),
+                         (_replaced(inputs, history_items=inputs[0] + 30),
+                          "DIN: `history_items` must lie in [0, 30], the item table's ids")):
+        with pytest.raises(RuntimeError) as error:
+            scorer.compiled(*bad)
+        assert message in str(error.value)
+        assert not re.search(r"\bs\d+\b", str(error.value).splitlines()[0])
