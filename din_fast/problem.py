@@ -346,10 +346,17 @@ def check_all(ok: torch.Tensor, message: str, details=None) -> None:
         torch._assert_async(ok.all(), message)
 
 
-def check_range(name: str, values: torch.Tensor, low: int, high: int, needs: str) -> None:
-    """Check low <= values <= high (see check_all for when and how)."""
+def check_range(name: str, values: torch.Tensor, low: int, high: int, needs: str,
+                bound: str = "") -> None:
+    """Check low <= values <= high (see check_all for when and how).
+
+    A size that is a symbol while tracing (T, L) appears in ``needs`` by its
+    name only, never its value (a compiled graph would hold "T=s35", and
+    specialize on it); ``bound`` names the size ``high`` is, whose value the
+    eager message adds."""
     check_all((values >= low) & (values <= high), f"{OWNER}: `{name}` must lie in {needs}",
-              lambda: f"; got values in [{int(values.min())}, {int(values.max())}]")
+              lambda: f"; got values in [{int(values.min())}, {int(values.max())}]"
+                      + (f" with {bound} = {high}" if bound else ""))
 
 
 def _validate_query(query, batch: int, embed_dim: int, keys: torch.Tensor, keys_name: str):
@@ -488,7 +495,8 @@ def validate(query, keys, lengths, *, weights, biases, activation, activation_pa
         # Contiguous int64: a strided view (DeepCTR's [B, 1] slice, an expand)
         # reaches the kernels as the plain array they index.
         lengths = lengths.long().contiguous()
-        check_range("lengths", lengths, 0, length, f"[0, T={length}]")
+        check_range("lengths", lengths, 0, length, "[0, T], T the length of `keys` (dim 1)",
+                    "T")
     if mask is not None:
         _require_tensor("mask", mask)
         _require_device("mask", mask, device)
@@ -596,8 +604,8 @@ def _validate_jagged(query, keys_values, offsets, max_len, *, weights, biases, a
     if values is not None:
         _validate_values(values, keys_values, "keys_values", f"[L, Dv] = [{total}, Dv]")
     check_range("offsets[0]", offsets[:1], 0, 0, "{0}")
-    check_range("offsets[-1]", offsets[-1:], total, total,
-                f"{{{total}}}, the rows L of `keys_values`")
+    check_range("offsets[-1]", offsets[-1:], total, total, "{L}, L the rows of `keys_values`",
+                "L")
     check_range("offsets[b + 1] - offsets[b]", offsets[1:] - offsets[:-1], 0, max_len,
                 f"[0, max_len={max_len}] (offsets non-decreasing, no segment over max_len)")
     validate_options(activation, normalization, scale, dice_eps)

@@ -40,6 +40,21 @@ def test_export_matches_eager():
     torch.testing.assert_close(exported(*other), model(*other))
 
 
+def test_exported_range_check_names_sizes_not_symbols():
+    """The lengths check traced into a graph with a dynamic history length
+    says what T is, never the graph's symbol for it ("T=s35")."""
+    model = Scorer().eval()
+    length = torch.export.Dim("length")
+    program = torch.export.export(model, (torch.randn(3, D), torch.randn(3, 5, D),
+                                          torch.tensor([5, 2, 0])),
+                                  dynamic_shapes=(None, {1: length}, None))
+    with pytest.raises(RuntimeError) as error:
+        program.module()(torch.randn(3, D), torch.randn(3, 4, D), torch.tensor([5, 2, 0]))
+    message = str(error.value).splitlines()[0]
+    assert "`lengths` must lie in [0, T], T the length of `keys` (dim 1)" in message
+    assert not re.search(r"\bs\d+\b", message), message
+
+
 @pytest.fixture(scope="module")
 def packaged(tmp_path_factory):
     """(model, its package loaded): one export for the module (it takes half a minute)."""
