@@ -69,6 +69,16 @@ def load_interactions(path) -> Interactions:
                           "a directory in the Amazon layout, a CSV/TSV or a Parquet file")
 
 
+def data_files(path) -> list:
+    """The files load_interactions(path) reads: the path itself, or for a
+    directory the two files of the Amazon layout (DataFormatError when the
+    directory does not hold them); none for None (the synthetic set)."""
+    if path is None:
+        return []
+    path = Path(path)
+    return list(_amazon_files(path)) if path.is_dir() else [path]
+
+
 def _opened(path: Path):
     try:
         return open(path, "rb")
@@ -100,6 +110,38 @@ def load_amazon_directory(directory) -> Interactions:
     ``<Name>_item2attributes.json`` (item -> attribute ids, the last one being
     the leaf category, as in the original DIN code)."""
     directory = Path(directory)
+    sequences_file, attributes_file = _amazon_files(directory)
+    user_ids, lengths, items = [], [], []
+    line_of_user = {}
+    for line_number, line in enumerate(text_lines(sequences_file), start=1):
+        tokens = line.split()
+        if not tokens:
+            continue
+        if len(tokens) < 2:
+            raise DataFormatError(f"{sequences_file}, line {line_number}: expected "
+                                  "'user_id item_1 item_2 ...', got one field")
+        # Two lines of one user have no order between them (the layout has no
+        # timestamps), so they are refused rather than guessed at.
+        first_line = line_of_user.setdefault(tokens[0], line_number)
+        if first_line != line_number:
+            raise DataFormatError(f"{sequences_file}, line {line_number}: user "
+                                  f"{snippet(tokens[0])} already has line {first_line}; "
+                                  "expected one line per user")
+        user_ids.append(tokens[0])
+        items.extend(tokens[1:])
+        lengths.append(len(tokens) - 1)
+    if not user_ids:
+        raise DataFormatError(f"{sequences_file}: empty file; expected one line per user, "
+                              "'user_id item_1 item_2 ...'")
+    category_items, category_values = _load_leaf_categories(attributes_file)
+    return Interactions(pa.array(user_ids, pa.string()),
+                        np.concatenate([[0], np.cumsum(lengths)]).astype(np.int64),
+                        pa.array(items, pa.string()).dictionary_encode(), category_items,
+                        category_values, str(directory))
+
+
+def _amazon_files(directory: Path) -> tuple[Path, Path]:
+    """(``<Name>.txt``, ``<Name>_item2attributes.json``) of an Amazon-layout directory."""
     attribute_files = sorted(directory.glob("*" + AMAZON_ATTRIBUTES_SUFFIX))
     if len(attribute_files) != 1:
         raise DataFormatError(f"{directory}: expected exactly one "
@@ -110,25 +152,7 @@ def load_amazon_directory(directory) -> Interactions:
     if not sequences_file.is_file():
         raise DataFormatError(f"{directory}: found {attribute_files[0].name} but not the "
                               f"sequences file {sequences_file.name}")
-    user_ids, lengths, items = [], [], []
-    for line_number, line in enumerate(text_lines(sequences_file), start=1):
-        tokens = line.split()
-        if not tokens:
-            continue
-        if len(tokens) < 2:
-            raise DataFormatError(f"{sequences_file}, line {line_number}: expected "
-                                  "'user_id item_1 item_2 ...', got one field")
-        user_ids.append(tokens[0])
-        items.extend(tokens[1:])
-        lengths.append(len(tokens) - 1)
-    if not user_ids:
-        raise DataFormatError(f"{sequences_file}: empty file; expected one line per user, "
-                              "'user_id item_1 item_2 ...'")
-    category_items, category_values = _load_leaf_categories(attribute_files[0])
-    return Interactions(pa.array(user_ids, pa.string()),
-                        np.concatenate([[0], np.cumsum(lengths)]).astype(np.int64),
-                        pa.array(items, pa.string()).dictionary_encode(), category_items,
-                        category_values, str(directory))
+    return sequences_file, attribute_files[0]
 
 
 def _load_leaf_categories(path: Path):
@@ -141,9 +165,22 @@ def _load_leaf_categories(path: Path):
         line = raw.count(b"\n", 0, error.start) + 1
         raise DataFormatError(f"{path}, line {line}: not UTF-8 text; expected {expected}") \
             from None
+    def unique_categories(pairs):
+        """An object's dict; an item listed twice must keep its category (the
+        last attribute), or which one the file means is anyone's guess."""
+        values = {}
+        for key, value in pairs:
+            earlier = values.setdefault(key, value)
+            if _leaf(earlier) != _leaf(value):
+                raise DataFormatError(f"{path}, item {snippet(key)}: listed twice with "
+                                      "different categories (last attributes); expected one "
+                                      "category per item")
+        return values
+
     try:
         # Numbers stay the tokens they are written as: ids of any length.
-        attributes = json.loads(text, parse_int=str, parse_float=str)
+        attributes = json.loads(text, parse_int=str, parse_float=str,
+                                object_pairs_hook=unique_categories)
     except json.JSONDecodeError as error:
         raise DataFormatError(f"{path}, line {error.lineno}: {error.msg}; expected {expected}") \
             from None
@@ -160,6 +197,11 @@ def _load_leaf_categories(path: Path):
         items.append(key)
         categories.append(values[-1])
     return pa.array(items, pa.string()), pa.array(categories, pa.string())
+
+
+def _leaf(values):
+    """The category of an attribute list (its last id); anything else as it is."""
+    return values[-1] if isinstance(values, list) and values else values
 
 
 # ---------------------------------------------------------------- tables
@@ -373,6 +415,13 @@ def load_parquet(path) -> Interactions:
     if missing:
         raise DataFormatError(f"{path}: missing column(s) {missing}; expected the columns "
                               f"{list(TABLE_COLUMNS)}")
+    # Names compare as in a CSV header (any case, spaces trimmed): "user" and
+    # "User" both present would leave it to chance which one is read.
+    repeated = sorted({c for c in TABLE_COLUMNS
+                       if sum(name.strip().lower() == c for name in schema.names) > 1})
+    if repeated:
+        raise DataFormatError(f"{path}: column(s) {repeated} named more than once (names "
+                              "compare in any case)")
     try:
         table = pq.read_table(path, columns=[names[c] for c in TABLE_COLUMNS])
     except (pa.ArrowInvalid, OSError) as error:
@@ -384,6 +433,9 @@ def load_parquet(path) -> Interactions:
         column = table[name]
         if name == "timestamp" and pa.types.is_timestamp(column.type):
             column = column.cast(pa.int64())
+        if name == "timestamp" and pa.types.is_boolean(column.type):
+            raise DataFormatError(f"{path}: column timestamp has type bool; expected numbers "
+                                  "or a timestamp type")
         try:
             column = column.cast(pa.float64() if name == "timestamp" else pa.string())
         except (pa.ArrowInvalid, pa.ArrowNotImplementedError):
