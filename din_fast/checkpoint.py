@@ -3,11 +3,14 @@ untrusted input.
 
 A checkpoint is a ``torch.save`` dict: ``format``, ``config`` (TrainConfig's
 fields), ``id_maps`` (the raw string ids in encoding order, as UTF-8 bytes and
-offsets, and each item's category) and the model's ``state_dict``. Loading
-reads it with ``weights_only=True`` (no code runs) and memory-mapped, then
+offsets, and each item's category) and the model's ``state_dict``. Saving
+goes through din_fast.files (a temporary file renamed into place: a reader,
+or a crash, never sees half a checkpoint). Loading reads the whole file into
+memory with ``weights_only=True`` (no code runs; not memory-mapped, so a file
+rewritten or truncated afterwards changes nothing the caller holds), then
 checks every part against the others (config values, id maps, the shape and
-dtype of every tensor, finite values) before anything is allocated from them. Errors say what was expected and never quote
-the file's contents.
+dtype of every tensor, finite values) before anything is allocated from them.
+Errors say what was expected and never quote the file's contents.
 """
 
 from __future__ import annotations
@@ -23,6 +26,7 @@ import torch
 from .config import TrainConfig, build_model, config_problems
 from .data import IdMaps
 from .errors import CheckpointError, snippet
+from .files import open_replacing
 
 CHECKPOINT_FORMAT = "din_fast.checkpoint/3"
 WRITTEN_BY = "a file written by din-fast train --checkpoint"
@@ -36,11 +40,14 @@ class Checkpoint:
 
 
 def save_checkpoint(path, model: torch.nn.Module, id_maps: IdMaps, config: TrainConfig):
-    torch.save({"format": CHECKPOINT_FORMAT, "config": asdict(config),
-                "id_maps": {"item_ids": _strings_state(id_maps.item_ids),
-                            "category_ids": _strings_state(id_maps.category_ids),
-                            "item_category": torch.from_numpy(id_maps.item_category)},
-                "state_dict": model.state_dict()}, path)
+    """Write the checkpoint atomically (din_fast.files.replacing); OutputError
+    when it cannot be written, the file at ``path`` unchanged."""
+    with open_replacing(path, "--checkpoint", "wb") as handle:
+        torch.save({"format": CHECKPOINT_FORMAT, "config": asdict(config),
+                    "id_maps": {"item_ids": _strings_state(id_maps.item_ids),
+                                "category_ids": _strings_state(id_maps.category_ids),
+                                "item_category": torch.from_numpy(id_maps.item_category)},
+                    "state_dict": model.state_dict()}, handle)
 
 
 def load_checkpoint(path) -> Checkpoint:
@@ -52,7 +59,7 @@ def load_checkpoint(path) -> Checkpoint:
     if not path.is_file():
         raise CheckpointError(f"{where} is not a regular file; expected {WRITTEN_BY}")
     try:
-        state = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+        state = torch.load(path, map_location="cpu", weights_only=True, mmap=False)
     except Exception as error:  # noqa: BLE001 - any bytes reach the unpickler; name the kind only
         raise CheckpointError(f"{where}: not a readable torch checkpoint "
                               f"({type(error).__name__}); expected {WRITTEN_BY}") from None

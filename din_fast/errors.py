@@ -20,6 +20,10 @@ class CheckpointError(InputError):
     """A checkpoint that is not one din-fast wrote, or whose contents do not fit together."""
 
 
+class OutputError(InputError):
+    """An output path the command cannot write, or one that would overwrite an input."""
+
+
 def snippet(text: str) -> str:
     """A short, escaped quote of ``text`` for an error message."""
     quoted = repr(text)
