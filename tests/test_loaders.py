@@ -145,12 +145,38 @@ def test_parquet_nulls_and_missing_columns_name_the_row(tmp_path):
     (["1 10 99"], None, "amazon", "no category for item '99'"),
     (["1 10"], {"10": []}, "Small_item2attributes.json", "non-empty list"),
     (["1 10"], {"10": [[1]]}, "Small_item2attributes.json", "non-empty list"),
+    (["1 10 11", "2 10", "1 11"], None, "Small.txt, line 3",
+     "user '1' already has line 1; expected one line per user"),
 ])
 def test_bad_amazon_files(tmp_path, lines, attributes, fragment, expected):
     directory = write_amazon(tmp_path / "amazon", lines=lines, attributes=attributes)
     with pytest.raises(DataFormatError) as error:
         encode(load_interactions(directory))
     assert fragment in str(error.value) and expected in str(error.value)
+
+
+def test_amazon_item_listed_twice_needs_one_category(tmp_path):
+    directory = write_amazon(tmp_path / "amazon", lines=["1 10 11"])
+    attributes = directory / "Small_item2attributes.json"
+    attributes.write_text('{"10": [7, 1], "11": [2], "10": [7, 3]}')
+    with pytest.raises(DataFormatError, match=r"Small_item2attributes.json, item '10': listed "
+                       "twice with different categories"):
+        load_interactions(directory)
+    attributes.write_text('{"10": [7, 1], "11": [2], "10": [9, 1]}')     # same category
+    assert categories(load_interactions(directory)) == {"10": "1", "11": "2"}
+
+
+@pytest.mark.parametrize("columns, expected", [
+    ({"user": ["a"], "User": ["b"], "item": ["1"], "category": ["c"], "timestamp": [1.0]},
+     r"column\(s\) \['user'\] named more than once"),
+    ({"user": ["a"], "item": ["1"], "category": ["c"], "timestamp": [True]},
+     "column timestamp has type bool; expected numbers"),
+])
+def test_ambiguous_parquet_is_refused(tmp_path, columns, expected):
+    path = tmp_path / "log.parquet"
+    pq.write_table(pa.table(columns), path)
+    with pytest.raises(DataFormatError, match=expected):
+        load_interactions(path)
 
 
 def test_amazon_directory_needs_both_files(tmp_path):
