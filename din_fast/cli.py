@@ -2,8 +2,12 @@
 checkpoint, or score new rows with one.
 
 Every mistake a user can make with a file or an option (a bad data file or
-checkpoint, a device or backend this machine lacks, too little data) ends in
-one line, ``din-fast: error: ...``, and exit status 2.
+checkpoint, a device or backend this machine lacks, too little data, an
+output path that would overwrite an input or cannot be written) ends in one
+line, ``din-fast: error: ...``, and exit status 2. Output paths are checked
+before any work and written atomically (din_fast.files). Ctrl-C ends in one
+line, ``din-fast: interrupted ...``, and exit status 130; training saves the
+best epoch so far to --checkpoint first.
 """
 
 from __future__ import annotations
@@ -20,17 +24,17 @@ import torch
 from . import sharded
 from .config import TrainConfig
 from .errors import InputError
-from .export import export_checkpoint, ids_path_of
+from .export import export_checkpoint
+from .files import check_outputs, write_json
+from .loaders import data_files
 from .models import MLP_ACTIVATIONS, MLP_INPUTS, MODELS
 from .problem import ACTIVATIONS, BACKENDS
-from .plot import check_matplotlib, plot_training
+from .plot import check_plot_path, plot_training
 from .predict import OUTPUT_FORMATS, describe, predict_file
-from .training import evaluate_checkpoint, train, write_json
+from .training import check_training_outputs, evaluate_checkpoint, train
 
 USAGE_ERROR = 2
-# The files each command writes: checked before any work starts.
-OUTPUT_OPTIONS = {"train": ("metrics_out", "checkpoint", "plot"), "evaluate": ("metrics_out",),
-                  "predict": ("output",), "export": ("out",)}
+INTERRUPTED = 130       # 128 + SIGINT, what a shell reports for Ctrl-C
 
 
 class ArgumentParser(argparse.ArgumentParser):
@@ -184,19 +188,6 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def check_output_path(option: str, path) -> None:
-    """InputError now, not after training, when ``path`` cannot be written."""
-    if path is None:
-        return
-    directory = os.path.dirname(os.path.abspath(path))
-    if os.path.isdir(path):
-        raise InputError(f"{option} {path}: is a directory; expected a file path")
-    if not os.path.isdir(directory):
-        raise InputError(f"{option} {path}: directory {directory} does not exist")
-    if not os.access(directory, os.W_OK):
-        raise InputError(f"{option} {path}: directory {directory} is not writable")
-
-
 def main(argv=None) -> int:
     args = build_parser().parse_args(argv)
     torch.set_num_threads(args.threads)
@@ -206,6 +197,10 @@ def main(argv=None) -> int:
         message = " ".join(str(error).splitlines())
         print(f"din-fast: error: {message}", file=sys.stderr)
         return USAGE_ERROR
+    except KeyboardInterrupt as interrupted:     # training's says what it saved
+        detail = " ".join(str(interrupted).splitlines())
+        print(f"din-fast: interrupted{' ' + detail if detail else ''}", file=sys.stderr)
+        return INTERRUPTED
     except BrokenPipeError:
         # The reader of stdout went away (| head): stop quietly, as Unix tools do.
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
@@ -213,17 +208,20 @@ def main(argv=None) -> int:
 
 
 def run_command(args) -> int:
-    for option in OUTPUT_OPTIONS[args.command]:
-        check_output_path("--" + option.replace("_", "-"), getattr(args, option))
+    """Run a parsed command. Its output paths are checked first (here, or
+    first thing in the function that writes them: predict_file,
+    export_checkpoint); after training, the checkpoint is written first, then
+    the metrics, then the plot, so a late failure still keeps the model."""
     if args.command == "train":
         if args.plot:
-            check_matplotlib()
+            check_plot_path(args.plot)
         options = {f.name: vars(args).get(f.name) for f in fields(TrainConfig)}
         if options["l2"] is None:   # not given: the default of the trainer that runs
             options["l2"] = sharded.DEFAULT_L2 if sharded.requested(args) else TrainConfig.l2
         if options["attention_normalization"] == "none":
             options["attention_normalization"] = None
         config = TrainConfig(**options)
+        check_training_outputs(config, args.checkpoint, args.metrics_out, args.plot)
         if sharded.requested(args):
             metrics = sharded.load_trainer()(
                 config, args.sharding, embedding_optimizer=args.embedding_optimizer,
@@ -241,6 +239,8 @@ def run_command(args) -> int:
               f"{metrics['best_epoch']} of {metrics['epochs_run']}; validation GAUC "
               f"{metrics['validation_gauc']:.4f})  train {metrics['train_seconds']:.1f} s")
     elif args.command == "evaluate":
+        check_outputs({"--metrics-out": args.metrics_out},
+                      {"--checkpoint": args.checkpoint, "--data": data_files(args.data)})
         metrics = evaluate_checkpoint(args.checkpoint, args.data, backend=args.backend,
                                       device=args.device)
         if metrics["excluded_test_samples"] or metrics["skipped_history_items"]:
@@ -250,9 +250,8 @@ def run_command(args) -> int:
                   file=sys.stderr)
         print(json.dumps(metrics, indent=2))
         if args.metrics_out:
-            write_json(args.metrics_out, metrics)
+            write_json(args.metrics_out, metrics, "--metrics-out")
     elif args.command == "export":
-        check_output_path("--out", ids_path_of(args.out))
         package, ids = export_checkpoint(args.checkpoint, args.out, device=args.device,
                                          backend=args.backend)
         print(f"din-fast: wrote {package} (inputs: dense ids) and {ids} (raw ids -> dense ids)",

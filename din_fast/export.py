@@ -26,6 +26,7 @@ import torch
 
 from .checkpoint import restored_model
 from .errors import InputError
+from .files import check_outputs, replacing
 from .package_inputs import InputContract
 from .training import checkpoint_for_run
 
@@ -47,6 +48,8 @@ def export_package(model: torch.nn.Module, example_inputs: Sequence[torch.Tensor
     ``value_ranges`` ({input name: (low, high)}, high an int or a
     ``torch.export.Dim``) the values an input may hold, and ``padding_dims``
     (Dim names) the dims a call may give as 0, zero-padded to their minimum.
+    The package is written atomically (din_fast.files.replacing: whole or not
+    at all; OutputError when it cannot be written).
     """
     was_training = model.training
     model.eval()
@@ -57,8 +60,11 @@ def export_package(model: torch.nn.Module, example_inputs: Sequence[torch.Tensor
         model.train(was_training)
     contract = InputContract.of_program(program, dynamic_shapes, value_ranges, padding_dims)
     configs = {} if contract is None else {"aot_inductor.metadata": contract.to_metadata()}
-    return torch._inductor.aoti_compile_and_package(program, package_path=str(path),
-                                                    inductor_configs=configs)
+    # The temporary file keeps the .pt2 suffix, which AOTInductor requires.
+    with replacing(path, "--out") as temporary:
+        torch._inductor.aoti_compile_and_package(program, package_path=temporary,
+                                                 inductor_configs=configs)
+    return str(path)
 
 
 def din_example_inputs(model: torch.nn.Module, batch: int = 4, history: int = 8,
@@ -114,21 +120,29 @@ def export_checkpoint(checkpoint_path: str, path: str, *, device: str = "cpu",
     if not str(path).endswith(".pt2"):
         raise InputError(f"--out {path}: the package's name must end in .pt2 (AOTInductor's "
                          "package format)")
+    ids_path = ids_path_of(path)
+    check_outputs({"--out": path, "--out's id maps": ids_path},
+                  {"--checkpoint": checkpoint_path})
     checkpoint, config = checkpoint_for_run(checkpoint_path, backend, device)
     model = restored_model(checkpoint, config)
-    try:
-        package = export_din(model, path)
-    except Exception as error:  # noqa: BLE001 - torch.export / Inductor raise many kinds
-        first_line = (str(error).strip().splitlines() or [""])[0][:200]
-        raise InputError(f"--out {path}: the model could not be exported and compiled "
-                         f"({type(error).__name__}: {first_line}); AOTInductor needs a C++ "
-                         "compiler on CPU (and the CUDA toolkit on a GPU)") from error
-    maps, ids_path = checkpoint.id_maps, ids_path_of(path)
-    with open(ids_path, "w") as handle:
-        json.dump({"item_ids": maps.item_ids.to_pylist(),
-                   "category_ids": maps.category_ids.to_pylist(),
-                   "item_category": maps.item_category.tolist()}, handle)
-    return package, ids_path
+    maps = checkpoint.id_maps
+    # The id maps are written first and renamed into place right after the
+    # package: a failure to write either leaves both files as they were.
+    with replacing(ids_path, "--out's id maps") as ids_temporary:
+        with open(ids_temporary, "w", encoding="utf-8") as handle:
+            json.dump({"item_ids": maps.item_ids.to_pylist(),
+                       "category_ids": maps.category_ids.to_pylist(),
+                       "item_category": maps.item_category.tolist()}, handle)
+        try:
+            export_din(model, path)
+        except InputError:
+            raise
+        except Exception as error:  # noqa: BLE001 - torch.export / Inductor raise many kinds
+            first_line = (str(error).strip().splitlines() or [""])[0][:200]
+            raise InputError(f"--out {path}: the model could not be exported and compiled "
+                             f"({type(error).__name__}: {first_line}); AOTInductor needs a C++ "
+                             "compiler on CPU (and the CUDA toolkit on a GPU)") from error
+    return str(path), ids_path
 
 
 def ids_path_of(path: str) -> str:

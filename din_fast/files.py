@@ -4,8 +4,10 @@ they are written.
 The rules, checked by :func:`check_outputs` before any work starts:
 
 - an output is a file path: not a directory, nor a name ending in a slash;
-- if it exists, it is a regular file: a device, pipe or socket (``/dev/full``,
-  ``/dev/stdout``) cannot be replaced by a rename, so it is refused;
+- if it exists, it is a regular file: a device, pipe or socket (``/dev/full``)
+  cannot be replaced by a rename, so it is refused, and so is a file
+  descriptor's alias (``/dev/stdout``, ``/proc/self/fd/1``), whatever it
+  is redirected to;
 - its directory exists and takes a new file (tried: a probe file is created
   and removed, which also catches read-only filesystems and root's bypass of
   permission bits);
@@ -73,6 +75,10 @@ def check_output(option: str, path) -> None:
         raise OutputError(f"{option}: an empty path; expected a file path")
     if text.endswith(("/", os.sep)) or os.path.isdir(text):
         raise OutputError(f"{option} {text}: is a directory; expected a file path")
+    if _names_a_descriptor(text):
+        raise OutputError(f"{option} {text}: names an open file descriptor (like /dev/stdout "
+                          "or /dev/fd/N), which a file renamed into place cannot replace; give a file "
+                          "path")
     try:
         mode = os.stat(text).st_mode
     except FileNotFoundError:
@@ -93,6 +99,20 @@ def check_output(option: str, path) -> None:
                           f"({error.strerror})") from None
     os.close(handle)
     os.remove(probe)
+
+
+def _names_a_descriptor(text: str) -> bool:
+    """Whether a path is, or links to, a file descriptor's alias (/dev/stdout
+    links to /proc/self/fd/1): replacing what it resolves to would replace
+    whatever file the descriptor happens to be redirected to."""
+    path = os.path.abspath(text)
+    for _ in range(40):     # the kernel's own limit on links in a row
+        if path.startswith(("/proc/", "/dev/fd/")):
+            return True
+        if not os.path.islink(path):
+            return False
+        path = os.path.normpath(os.path.join(os.path.dirname(path), os.readlink(path)))
+    return False
 
 
 def same_file(a, b) -> bool:

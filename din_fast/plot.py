@@ -9,16 +9,40 @@ matplotlib is an optional dependency (``pip install din-fast[plot]``).
 
 from __future__ import annotations
 
+import io
+from pathlib import Path
+
 from .errors import InputError
+from .files import replacing
 
 
-def check_matplotlib() -> None:
-    """InputError now, before training, when --plot cannot be drawn."""
+def check_plot_path(path) -> None:
+    """InputError now, before training, when --plot cannot be drawn: no
+    matplotlib, or a format (the name's suffix) it does not write here. A
+    figure holding one word is drawn in that format, in memory, to find out
+    (some formats need more than matplotlib: .pgf lays its text out with LaTeX)."""
     try:
-        import matplotlib  # noqa: F401
+        from matplotlib.backend_bases import FigureCanvasBase
+        from matplotlib.figure import Figure
     except ImportError:
         raise InputError("--plot needs matplotlib: pip install matplotlib (or "
                          "din-fast[plot])") from None
+    formats = FigureCanvasBase.get_supported_filetypes()
+    if plot_format(path) not in formats:
+        raise InputError(f"--plot {path}: expected a name ending in a format matplotlib "
+                         f"writes, one of {' '.join('.' + f for f in sorted(formats))}")
+    try:
+        probe = Figure()
+        probe.text(0.5, 0.5, "probe")
+        probe.savefig(io.BytesIO(), format=plot_format(path))
+    except Exception as error:  # noqa: BLE001 - each format's writer fails its own way
+        raise InputError(f"--plot {path}: matplotlib cannot write {Path(path).suffix} here "
+                         f"({type(error).__name__}); .png needs nothing else") from None
+
+
+def plot_format(path) -> str:
+    """The format of a --plot file: its suffix, as matplotlib names formats."""
+    return Path(path).suffix[1:].lower()
 
 
 def plot_training(metrics: dict, path: str) -> None:
@@ -47,5 +71,8 @@ def plot_training(metrics: dict, path: str) -> None:
     figure.suptitle(f"{metrics['model']} on {config['data'] or 'synthetic data'}: test GAUC "
                     f"{metrics['test_gauc']:.4f} at epoch {best} ({metrics['stopped']})",
                     fontsize=9)
-    figure.savefig(path, dpi=100)
-    plt.close(figure)
+    try:
+        with replacing(path, "--plot") as temporary:
+            figure.savefig(temporary, dpi=100, format=plot_format(path))
+    finally:
+        plt.close(figure)

@@ -34,7 +34,8 @@ import torch
 from .checkpoint import restored_model
 from .data import EncodedData, IdMaps, encode
 from .errors import DataFormatError, InputError
-from .loaders import load_interactions, text_lines
+from .files import check_outputs, open_replacing
+from .loaders import data_files, load_interactions, text_lines
 from .training import checkpoint_for_run
 
 # A batch holds requests x (most candidates of one of them) scores: at most this many.
@@ -125,7 +126,12 @@ def user_histories(data: Optional[EncodedData], requests: list, path: str):
 def predict_file(checkpoint_path, requests_path, data_path=None, output=None,
                  output_format=None, *, device="cpu", backend="auto") -> Counts:
     """Score a requests file with a checkpoint, writing CSV or JSON lines to
-    ``output`` (default stdout); returns what was scored and what was unknown."""
+    ``output`` (default stdout; a file is checked before anything is read and
+    written atomically, see din_fast.files); returns what was scored and what
+    was unknown."""
+    check_outputs({"--output": output}, {"--checkpoint": checkpoint_path,
+                                         "--requests": requests_path,
+                                         "--data": data_files(data_path)})
     checkpoint, config = checkpoint_for_run(checkpoint_path, backend, device)
     requests = read_requests(requests_path)
     data = None if data_path is None else encode(load_interactions(data_path),
@@ -133,7 +139,8 @@ def predict_file(checkpoint_path, requests_path, data_path=None, output=None,
     histories = user_histories(data, requests, requests_path)
     model = restored_model(checkpoint, config)
     counts = Counts()
-    with (open(output, "w", newline="") if output else nullcontext(sys.stdout)) as out:
+    with (open_replacing(output, "--output", newline="", encoding="utf-8") if output
+          else nullcontext(sys.stdout)) as out:
         write_scores(score_requests(model, checkpoint.id_maps, config.max_len, requests,
                                     histories, device, counts), out,
                      output_format_of(output, output_format))

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 import time
 from dataclasses import asdict, replace
 from functools import partial
@@ -18,7 +17,8 @@ from .config import TrainConfig, build_model
 from .data import (BATCH_STREAM, EncodedData, Samples, SampleSplits, build_samples, encode,
                    iterate_batches, known_test_samples, training_samples)
 from .errors import InputError
-from .loaders import load_interactions, synthetic_interactions
+from .files import check_outputs, write_json
+from .loaders import data_files, load_interactions, synthetic_interactions
 from .metrics import ctr_metrics
 
 EVAL_BATCH_SIZE = 4096
@@ -177,25 +177,64 @@ class LocalLearner(Learner):
         self.model.load_state_dict(snapshot)
 
 
+class TrainingInterrupted(KeyboardInterrupt):
+    """Ctrl-C during :func:`fit_learner`. ``best`` is the best epoch's record
+    (None when no epoch finished), whose weights the learner then holds;
+    ``saved`` the checkpoint they were written to, else ``unsaved`` says why
+    not."""
+
+    def __init__(self, stage: str, best: Optional[dict]):
+        super().__init__(stage)
+        self.stage, self.best = stage, best
+        self.saved, self.unsaved = None, "no --checkpoint given"
+
+    def __str__(self) -> str:
+        if self.best is None:
+            outcome = "no epoch had finished, nothing saved"
+        elif self.saved:
+            outcome = (f"saved epoch {self.best['epoch']}, the best so far (validation GAUC "
+                       f"{self.best['validation_gauc']:.4f}), to {self.saved}")
+        else:
+            outcome = f"epoch {self.best['epoch']} was the best so far, not saved ({self.unsaved})"
+        return f"during {self.stage}: {outcome}; metrics and plots are written by finished runs"
+
+
+def check_training_outputs(config: TrainConfig, checkpoint=None, metrics_out=None,
+                           plot=None) -> None:
+    """OutputError, before any work, when a file of the training run cannot be
+    written or would overwrite its data (see din_fast.files)."""
+    check_outputs({"--checkpoint": checkpoint, "--metrics-out": metrics_out, "--plot": plot},
+                  {"--data": data_files(config.data)})
+
+
 def train(config: TrainConfig, *, checkpoint: Optional[str] = None,
           metrics_out: Optional[str] = None, progress: bool = True, log=print) -> dict:
     """Load the config's data, build its model and :func:`fit` it; save the
-    checkpoint and the metrics JSON when asked. Returns fit's metrics with
-    ``model``, ``backend`` (the one the attention ran: "torch", "triton";
-    None for the base model) and ``config`` (the run's settings, the
-    requested backend among them)."""
+    checkpoint and then the metrics JSON when asked (both checked first, see
+    :func:`check_training_outputs`). Returns fit's metrics with ``model``,
+    ``backend`` (the one the attention ran: "torch", "triton"; None for the
+    base model) and ``config`` (the run's settings, the requested backend
+    among them). On Ctrl-C after an epoch finished, the best epoch so far is
+    saved to ``checkpoint`` and TrainingInterrupted raised."""
+    check_training_outputs(config, checkpoint, metrics_out)
     check_device_and_backend(config)
     torch.manual_seed(config.seed)
     data, splits = load_training_data(config)
     log(describe_data(data, splits))
     model = build_model(config, data.num_items, data.num_categories).to(config.device)
     backend = model.attention_backend()  # what training runs: config.backend resolved
-    result = fit(model, data, splits, config, progress=progress, log=log)
+    try:
+        result = fit(model, data, splits, config, progress=progress, log=log)
+    except TrainingInterrupted as interrupted:
+        if checkpoint and interrupted.best is not None:
+            save_checkpoint(checkpoint, model, data.id_maps, config)
+            interrupted.saved = checkpoint
+        raise
     result.update(model=config.model, backend=backend, config=asdict(config))
     if checkpoint:
         save_checkpoint(checkpoint, model, data.id_maps, config)
     if metrics_out:
-        write_json(metrics_out, result)
+        write_json(metrics_out, result, "--metrics-out")
     return result
 
 
@@ -238,33 +277,43 @@ def fit_learner(learner, data: EncodedData, splits: SampleSplits, config: TrainC
     train_size = 2 * len(splits.train_positives)
     epochs, best, best_state = [], None, None
     stopped = f"reached the maximum of {config.epochs} epochs"
-    for epoch in range(1, config.epochs + 1):
-        started = time.perf_counter()
-        lr = learner.lr()
-        samples = training_samples(data, splits.train_positives, config.seed, epoch)
-        bar = partial(tqdm, total=-(-train_size // config.batch_size), leave=False,
-                      desc=f"epoch {epoch}/{config.epochs}", disable=not progress)
-        train_loss = learner.train_epoch(samples, bar)
-        seconds = time.perf_counter() - started
-        metrics = learner.evaluate(splits.validation, "validation")
-        metrics.update(epoch=epoch, train_loss=train_loss, lr=lr, epoch_seconds=seconds,
-                       samples_per_second=train_size / seconds)
-        epochs.append(metrics)
-        improved = best is None or metrics["validation_gauc"] > best["validation_gauc"]
-        log(f"epoch {epoch}: validation AUC {metrics['validation_auc']:.4f}  GAUC "
-            f"{metrics['validation_gauc']:.4f}  logloss {metrics['validation_logloss']:.4f}  "
-            f"train loss {train_loss:.4f}  {metrics['samples_per_second']:.0f} samples/s "
-            f"({seconds:.1f} s){'  best so far' if improved else ''}")
-        if improved:
-            best = metrics
-            best_state = learner.snapshot()
-        elif epoch - best["epoch"] >= config.patience:
-            stopped = (f"early stop: no validation GAUC gain in {config.patience} epoch(s) "
-                       f"after epoch {best['epoch']}")
-            break
-    log(f"{stopped}; restored epoch {best['epoch']}")
-    learner.restore(best_state)
-    result = learner.evaluate(splits.test, "test")
+    stage = "epoch 1"
+    try:
+        for epoch in range(1, config.epochs + 1):
+            stage = f"epoch {epoch}"
+            started = time.perf_counter()
+            lr = learner.lr()
+            samples = training_samples(data, splits.train_positives, config.seed, epoch)
+            bar = partial(tqdm, total=-(-train_size // config.batch_size), leave=False,
+                          desc=f"epoch {epoch}/{config.epochs}", disable=not progress)
+            train_loss = learner.train_epoch(samples, bar)
+            seconds = time.perf_counter() - started
+            metrics = learner.evaluate(splits.validation, "validation")
+            metrics.update(epoch=epoch, train_loss=train_loss, lr=lr, epoch_seconds=seconds,
+                           samples_per_second=train_size / seconds)
+            epochs.append(metrics)
+            improved = best is None or metrics["validation_gauc"] > best["validation_gauc"]
+            if improved:    # before the epoch's line: once it shows, the epoch is kept
+                best = metrics
+                best_state = learner.snapshot()
+            log(f"epoch {epoch}: validation AUC {metrics['validation_auc']:.4f}  GAUC "
+                f"{metrics['validation_gauc']:.4f}  logloss "
+                f"{metrics['validation_logloss']:.4f}  train loss {train_loss:.4f}  "
+                f"{metrics['samples_per_second']:.0f} samples/s ({seconds:.1f} s)"
+                f"{'  best so far' if improved else ''}")
+            if epoch - best["epoch"] >= config.patience:
+                stopped = (f"early stop: no validation GAUC gain in {config.patience} "
+                           f"epoch(s) after epoch {best['epoch']}")
+                break
+        log(f"{stopped}; restored epoch {best['epoch']}")
+        stage = "the test evaluation"
+        learner.restore(best_state)
+        result = learner.evaluate(splits.test, "test")
+    except KeyboardInterrupt:
+        # Ctrl-C: hand the best epoch's weights to the caller, who may save them.
+        if best is not None:
+            learner.restore(best_state)
+        raise TrainingInterrupted(stage, best) from None
     result.update({f"validation_{k}": best[f"validation_{k}"] for k in METRIC_NAMES})
     train_seconds = sum(e["epoch_seconds"] for e in epochs)
     result.update(best_epoch=best["epoch"], epochs_run=len(epochs), stopped=stopped,
@@ -273,11 +322,6 @@ def fit_learner(learner, data: EncodedData, splits: SampleSplits, config: TrainC
                   train_samples=train_size, validation_samples=len(splits.validation),
                   test_samples=len(splits.test), epochs=epochs)
     return result
-
-
-def write_json(path: str, values: dict) -> None:
-    with open(path, "w") as handle:
-        json.dump(values, handle, indent=2)
 
 
 def checkpoint_for_run(path: str, backend: str, device: str):

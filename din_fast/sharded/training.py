@@ -36,8 +36,10 @@ from torchrec.optim.optimizers import in_backward_optimizer_filter
 from ..checkpoint import save_checkpoint
 from ..config import TrainConfig, build_model
 from ..data import Batch, EncodedData, Samples, iterate_batches
-from ..training import (EVAL_BATCH_SIZE, Learner, check_device_and_backend, describe_data,
-                        fit_learner, load_training_data, metrics_of, write_json)
+from ..files import write_json
+from ..training import (EVAL_BATCH_SIZE, Learner, TrainingInterrupted, check_device_and_backend,
+                        check_training_outputs, describe_data, fit_learner, load_training_data,
+                        metrics_of)
 from . import (DEFAULT_EMBEDDING_LR, DEFAULT_EMBEDDING_OPTIMIZER, OptionError, check_options,
                under_torchrun)
 from .model import (TorchRecDIN, batch_features, din_state_dict, plan_summary, shard_model,
@@ -212,6 +214,7 @@ def train_sharded(config: TrainConfig, sharding: Optional[str] = None, *,
     is the mean loss over its training samples.
     """
     check_options(config.model, embedding_optimizer, embedding_lr, config.device)
+    check_training_outputs(config, checkpoint, metrics_out)
     with process_group(config.device) as device:
         rank, world = dist.get_rank(), dist.get_world_size()
         if config.batch_size < MIN_SHARE * world:
@@ -241,8 +244,19 @@ def train_sharded(config: TrainConfig, sharding: Optional[str] = None, *,
         plan = plan_summary(sharded)
         log(f"{world} process(es); tables: " + ", ".join(
             f"{name} {p['sharding_type']} on ranks {p['ranks']}" for name, p in plan.items()))
-        result = fit_learner(ShardedLearner(sharded, data, config, device), data, splits,
-                             config, progress=progress, log=log)
+        try:
+            result = fit_learner(ShardedLearner(sharded, data, config, device), data, splits,
+                                 config, progress=progress, log=log)
+        except TrainingInterrupted as interrupted:
+            # Gathering the tables is a collective, which processes interrupted
+            # at different points would never finish: one process saves alone.
+            if checkpoint and interrupted.best is not None and world == 1:
+                save_checkpoint(checkpoint, _din_of(din_state_dict(sharded), data, config),
+                                data.id_maps, config)
+                interrupted.saved = checkpoint
+            elif checkpoint:
+                interrupted.unsaved = f"{world} processes cannot gather the tables once stopped"
+            raise
         result.update(model=config.model, backend=backend, world_size=world, sharding=plan,
                       embedding_optimizer=embedding_optimizer, embedding_lr=embedding_lr,
                       config=dataclasses.asdict(config))
@@ -250,10 +264,15 @@ def train_sharded(config: TrainConfig, sharding: Optional[str] = None, *,
         if rank != 0:
             return None
         if checkpoint:
-            din = build_model(dataclasses.replace(config, device="cpu"), data.num_items,
-                              data.num_categories)
-            din.load_state_dict(state)
-            save_checkpoint(checkpoint, din, data.id_maps, config)
+            save_checkpoint(checkpoint, _din_of(state, data, config), data.id_maps, config)
         if metrics_out:
-            write_json(metrics_out, result)
+            write_json(metrics_out, result, "--metrics-out")
         return result
+
+
+def _din_of(state: dict, data: EncodedData, config: TrainConfig):
+    """din_fast.DIN on the CPU holding a sharded model's gathered ``state``."""
+    din = build_model(dataclasses.replace(config, device="cpu"), data.num_items,
+                      data.num_categories)
+    din.load_state_dict(state)
+    return din
