@@ -1,12 +1,35 @@
-"""Small data files in the layouts din-fast reads, for the data and CLI tests."""
+"""Small data files in the layouts din-fast reads, and the real command run
+on them in a subprocess, for the data and CLI tests."""
 
 from __future__ import annotations
 
 import json
+import os
+import subprocess
+import sys
+import tempfile
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import pytest
 import torch
+
+
+@dataclass
+class Case:
+    argv: list
+    expected: tuple                       # fragments the error line must contain
+    env: dict = field(default_factory=dict)
+    unset: tuple = ()                     # environment variables removed for the command
+
+
+def run(case: Case, **options) -> subprocess.CompletedProcess:
+    """``python -m din_fast`` with the case's arguments and environment
+    (``options`` go to subprocess.run)."""
+    env = {k: v for k, v in os.environ.items() if k not in case.unset}
+    env.update(case.env)
+    return subprocess.run([sys.executable, "-m", "din_fast", *case.argv], capture_output=True,
+                          text=True, env=env, timeout=600, **options)
 
 
 def write_csv(path: Path, interactions) -> Path:
@@ -40,3 +63,16 @@ def one_torch_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(threads)
+
+
+def unwritable_directory(tmp_path: Path) -> Path:
+    """A directory that takes no new file: one without write permission, or
+    (root writes there anyway) /sys, which refuses even root."""
+    locked = tmp_path / "locked"
+    locked.mkdir(mode=0o500, exist_ok=True)
+    for directory in (locked, Path("/sys")):
+        try:
+            tempfile.TemporaryFile(dir=directory).close()
+        except OSError:
+            return directory
+    pytest.skip("no directory here refuses a new file")

@@ -12,10 +12,7 @@ from __future__ import annotations
 import codecs
 import json
 import os
-import subprocess
-import sys
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass, field
 
 import pytest
 import torch
@@ -24,25 +21,10 @@ from din_fast.cli import main
 from din_fast.loaders import load_interactions, synthetic_interactions
 from din_fast.training import TrainConfig, train
 
-from cli_data import write_amazon, write_csv
+from cli_data import Case, run, write_amazon, write_csv
 
 SECRET = "s3cr3t-c0ntent"  # written into files whose contents no message may quote
 MAX_MESSAGE_CHARS = 400
-
-
-@dataclass
-class Case:
-    argv: list
-    expected: tuple                       # fragments the error line must contain
-    env: dict = field(default_factory=dict)
-    unset: tuple = ()                     # environment variables removed for the command
-
-
-def run(case: Case) -> subprocess.CompletedProcess:
-    env = {k: v for k, v in os.environ.items() if k not in case.unset}
-    env.update(case.env)
-    return subprocess.run([sys.executable, "-m", "din_fast", *case.argv], capture_output=True,
-                          text=True, env=env, timeout=600)
 
 
 def random_bytes(path, size=4096, seed=0):

@@ -29,6 +29,7 @@ def test_export_command_packages_what_the_checkpoint_scores(tmp_path):
     assert result.returncode == 0, result.stderr[-3000:]
     ids_path = tmp_path / "serving" / "din.ids.json"
     assert str(ids_path) in result.stderr
+    assert sorted(p.name for p in package.parent.iterdir()) == ["din.ids.json", "din.pt2"]
     saved = load_checkpoint(checkpoint)
     ids = json.loads(ids_path.read_text())
     assert ids["item_ids"] == saved.id_maps.item_ids.to_pylist()

@@ -318,6 +318,29 @@ def test_sharding_without_torchrun_runs_as_one_process(tmp_path, tiny_csv):
     assert dict(sharded["config"], l2=0.1) == single["config"]
 
 
+def test_ctrl_c_in_one_sharded_process_saves_the_best_epoch(tmp_path, tiny_csv, capsys,
+                                                            monkeypatch):
+    from din_fast.sharded.training import ShardedLearner
+    finished = []
+    train_epoch = ShardedLearner.train_epoch
+
+    def second_epoch_interrupted(self, samples, bar):
+        if finished:
+            raise KeyboardInterrupt
+        finished.append(1)
+        return train_epoch(self, samples, bar)
+    monkeypatch.setattr(ShardedLearner, "train_epoch", second_epoch_interrupted)
+    checkpoint = tmp_path / "din.pt"
+    assert main(["train", "--data", str(tiny_csv), "--epochs", "3", "--batch-size", "64",
+                 "--no-progress", "--device", "cpu", "--sharding", "row_wise",
+                 "--checkpoint", str(checkpoint)]) == 130
+    error = capsys.readouterr().err.splitlines()
+    assert len(error) == 1 and error[0].startswith("din-fast: interrupted during epoch 2: "
+                                                   "saved epoch 1"), error
+    assert main(["evaluate", "--checkpoint", str(checkpoint), "--data", str(tiny_csv),
+                 "--device", "cpu"]) == 0
+
+
 @pytest.mark.parametrize("arguments, message", [
     (["--model", "base"], "runs DIN only"),
     (["--embedding-optimizer", "adam"], "adam needs --device cuda"),
