@@ -211,7 +211,11 @@ def train_sharded(config: TrainConfig, sharding: Optional[str] = None, *,
     the other ranks: din_fast.training.train's keys, plus ``world_size``,
     ``sharding`` (the plan: each table's sharding type and ranks),
     ``embedding_optimizer`` and ``embedding_lr``. Each epoch's ``train_loss``
-    is the mean loss over its training samples.
+    is the mean loss over its training samples. The output paths are checked
+    before any work (din_fast.training.check_training_outputs). On Ctrl-C
+    (TrainingInterrupted), one process saves the best epoch so far to
+    ``checkpoint``; several do not (gathering the tables is a collective that
+    processes stopped at different points could not finish).
     """
     check_options(config.model, embedding_optimizer, embedding_lr, config.device)
     check_training_outputs(config, checkpoint, metrics_out)
