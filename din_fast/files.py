@@ -4,10 +4,11 @@ they are written.
 The rules, checked by :func:`check_outputs` before any work starts:
 
 - an output is a file path: not a directory, nor a name ending in a slash;
-- if it exists, it is a regular file: a device, pipe or socket (``/dev/full``)
+- if it exists, it is a regular file, and one you may write (a rename would
+  replace a read-only file too): a device, pipe or socket (``/dev/full``)
   cannot be replaced by a rename, so it is refused, and so is a file
-  descriptor's alias (``/dev/stdout``, ``/proc/self/fd/1``), whatever it
-  is redirected to;
+  descriptor's alias (``/dev/stdout``, ``/proc/self/fd/1``), whatever it is
+  redirected to;
 - its directory exists and takes a new file (tried: a probe file is created
   and removed, which also catches read-only filesystems and root's bypass of
   permission bits);
@@ -89,6 +90,10 @@ def check_output(option: str, path) -> None:
         raise OutputError(f"{option} {text}: not a regular file (a device, pipe or socket); "
                           "din-fast writes a file beside its output and renames it into place, "
                           "which cannot replace such a file; give a file path")
+    # A rename would replace a read-only file too; its permissions mean keep it.
+    if mode is not None and not os.access(text, os.W_OK):
+        raise OutputError(f"{option} {text}: exists and is read-only; choose another path or "
+                          "make it writable")
     directory = os.path.dirname(os.path.realpath(text))
     if not os.path.isdir(directory):
         raise OutputError(f"{option} {text}: directory {directory} does not exist")

@@ -170,6 +170,16 @@ def test_paths_that_cannot_take_an_output(tmp_path, path, expected):
         files.check_output("--metrics-out", path.format(tmp=tmp_path))
 
 
+def test_a_read_only_file_is_kept(tmp_path):
+    kept = tmp_path / "kept.pt"
+    kept.write_bytes(b"a model")
+    kept.chmod(0o444)
+    if os.access(kept, os.W_OK):
+        pytest.skip("root may write any file")
+    with pytest.raises(OutputError, match="exists and is read-only"):
+        files.check_output("--checkpoint", kept)
+
+
 def test_an_unwritable_directory_is_found_before_any_work(tmp_path):
     with pytest.raises(OutputError, match="is not writable"):
         files.check_output("--checkpoint", unwritable_directory(tmp_path) / "m.pt")
