@@ -68,12 +68,33 @@ SCHEMA_TYPES = {Tensor: "Tensor", Optional[Tensor]: "Tensor?", List[Tensor]: "Te
                 str: "str", float: "float", int: "SymInt"}
 
 
-def backward_schema(fields: type) -> str:
-    """The schema of a backward op over ``fields``: (grad_pooled, grad_scores,
-    the forward's arguments) -> InputGrads.flat()."""
-    arguments = ["Tensor grad_pooled", "Tensor? grad_scores"] + [
-        f"{SCHEMA_TYPES[kind]} {name}" for name, kind in get_type_hints(fields).items()]
-    return f"({', '.join(arguments)}) -> Tensor[]"
+def op_schema(fields: type, returns: str, leading: tuple = ()) -> str:
+    """The schema of an op over ``leading`` (spelled as in a schema: "Tensor
+    grad_pooled") then ``fields``, returning ``returns``."""
+    arguments = list(leading) + [f"{SCHEMA_TYPES[kind]} {name}"
+                                 for name, kind in get_type_hints(fields).items()]
+    return f"({', '.join(arguments)}) -> {returns}"
+
+
+def save_arguments(ctx, args, *outputs: Tensor) -> None:
+    """Save a forward op's argument tuple on its autograd ``ctx``, and the
+    ``outputs`` its backward needs; ``saved_arguments`` gives both back."""
+    named = args._asdict()
+    ctx.fields = type(args)
+    ctx.singles = [name for name, v in named.items() if v is None or isinstance(v, Tensor)]
+    ctx.lists = [(name, len(v)) for name, v in named.items() if isinstance(v, list)]
+    ctx.options = {name: v for name, v in named.items()
+                   if name not in ctx.singles and not isinstance(v, list)}
+    ctx.save_for_backward(*(named[name] for name in ctx.singles),
+                          *(t for name, _ in ctx.lists for t in named[name]), *outputs)
+
+
+def saved_arguments(ctx) -> tuple:
+    """(the argument tuple, [the saved outputs]) that save_arguments saved."""
+    saved = iter(ctx.saved_tensors)
+    named = {name: next(saved) for name in ctx.singles}
+    named.update({name: [next(saved) for _ in range(n)] for name, n in ctx.lists})
+    return ctx.fields(**named, **ctx.options), list(saved)
 
 
 def _unit_args(problem) -> tuple:

@@ -16,6 +16,7 @@ from typing import ClassVar, Optional, Sequence
 
 import torch
 from torch.autograd import forward_ad
+from torch.fx.experimental.symbolic_shapes import guard_scalar
 
 ACTIVATIONS = ("sigmoid", "relu", "prelu", "dice")
 NORMALIZATIONS = (None, "softmax")
@@ -350,7 +351,7 @@ def check_range(name: str, values: torch.Tensor, low: int, high: int, needs: str
                 bound: str = "") -> None:
     """Check low <= values <= high (see check_all for when and how).
 
-    A size that is a symbol while tracing (T, L) appears in ``needs`` by its
+    A size that is a symbol while tracing (T, L, max_len) appears in ``needs`` by its
     name only, never its value (a compiled graph would hold "T=s35", and
     specialize on it); ``bound`` names the size ``high`` is, whose value the
     eager message adds."""
@@ -390,15 +391,29 @@ def _validate_keys(name: str, keys, rank: int, layout: str) -> None:
 
 
 def _validate_values(values, keys: torch.Tensor, keys_name: str, layout: str) -> None:
-    """values: the keys' leading dims, any last dim, the keys' dtype and device."""
+    """values: the keys' leading dims, any last dim, the keys' dtype and device.
+    ``layout`` names the dims ("[B, T, Dv]"); the sizes are filled in only in
+    the message (formatting a size while tracing would specialize on it)."""
     _require_tensor("values", values)
     _require_device("values", values, keys.device, keys_name)
     if values.dim() != keys.dim() or values.shape[:-1] != keys.shape[:-1]:
-        raise ValueError(f"{OWNER}: `values` must be {layout} to match `{keys_name}` "
-                         f"{tuple(keys.shape)}; got shape {tuple(values.shape)}")
+        sizes = ", ".join(map(str, keys.shape[:-1]))
+        raise ValueError(f"{OWNER}: `values` must be {layout} = [{sizes}, Dv] to match "
+                         f"`{keys_name}` {tuple(keys.shape)}; got shape {tuple(values.shape)}")
     if values.dtype != keys.dtype:
         raise TypeError(f"{OWNER}: `values` has dtype {values.dtype} but `{keys_name}` has "
                         f"{keys.dtype}; they must match")
+
+
+def concrete_number(value):
+    """``value``, or its value where torch.compile(dynamic=True) traces a
+    number argument as a symbol (which it presents as a Python float or int):
+    math.isfinite and an op's float argument take no symbol, so the graph is
+    specialized to it (a guard; a model's scale and epsilon do not change
+    between calls). Anything else is returned as it is, for validate_options."""
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        return value
+    return guard_scalar(value)
 
 
 def validate_options(activation, normalization, scale, dice_eps) -> None:
@@ -476,12 +491,13 @@ def validate(query, keys, lengths, *, weights, biases, activation, activation_pa
              normalization, scale, values, dice_eps) -> DINProblem:
     """Check every argument of din_attention and return the canonical problem."""
     query, keys, values = _autocast_inputs(query, keys, values)
+    scale, dice_eps = concrete_number(scale), concrete_number(dice_eps)
     _validate_keys("keys", keys, 3, "[B, T, D]")
     batch, length, embed_dim = keys.shape
     device = keys.device
     query3, squeeze = _validate_query(query, batch, embed_dim, keys, "keys")
     if values is not None:
-        _validate_values(values, keys, "keys", f"[B, T, Dv] = [{batch}, {length}, Dv]")
+        _validate_values(values, keys, "keys", "[B, T, Dv]")
     if lengths is not None and mask is not None:
         raise ValueError(f"{OWNER}: give `lengths` or `mask`, not both")
     if lengths is not None:
@@ -578,6 +594,7 @@ def _validate_jagged(query, keys_values, offsets, max_len, *, weights, biases, a
                      activation_params, normalization, scale, values,
                      dice_eps) -> JaggedDINProblem:
     query, keys_values, values = _autocast_inputs(query, keys_values, values)
+    scale, dice_eps = concrete_number(scale), concrete_number(dice_eps)
     _validate_keys("keys_values", keys_values, 2, "[L, D]")
     total, embed_dim = keys_values.shape
     device = keys_values.device
@@ -590,24 +607,25 @@ def _validate_jagged(query, keys_values, offsets, max_len, *, weights, biases, a
                          f"got shape {tuple(offsets.shape)}")
     # Contiguous int64, as lengths (the kernels index it as a plain array).
     offsets = offsets.long().contiguous()
-    if isinstance(max_len, bool) or not isinstance(max_len, numbers.Integral):
+    if isinstance(max_len, bool) or not isinstance(max_len, (numbers.Integral, torch.SymInt)):
         raise TypeError(f"{OWNER}: `max_len` must be a non-negative int; "
                         f"got {_describe(max_len)}")
     if max_len < 0:
         raise ValueError(f"{OWNER}: `max_len` must be a non-negative int; got {max_len}")
-    # A Python int from here on: torch.compile, seeing max_len change between
-    # calls, would otherwise pass a symbolic int, which it cannot format into
-    # the messages below; this specializes on it instead (one graph per value).
-    max_len = int(max_len)
+    # A Python int from here on (a NumPy integer is not one the ops take), or,
+    # while torch.compile traces calls whose max_len varies, a symbolic int:
+    # int() would specialize the graph to its value.
+    if not isinstance(max_len, torch.SymInt):
+        max_len = int(max_len)
     batch = offsets.shape[0] - 1
     query3, squeeze = _validate_query(query, batch, embed_dim, keys_values, "keys_values")
     if values is not None:
-        _validate_values(values, keys_values, "keys_values", f"[L, Dv] = [{total}, Dv]")
+        _validate_values(values, keys_values, "keys_values", "[L, Dv]")
     check_range("offsets[0]", offsets[:1], 0, 0, "{0}")
     check_range("offsets[-1]", offsets[-1:], total, total, "{L}, L the rows of `keys_values`",
                 "L")
     check_range("offsets[b + 1] - offsets[b]", offsets[1:] - offsets[:-1], 0, max_len,
-                f"[0, max_len={max_len}] (offsets non-decreasing, no segment over max_len)")
+                "[0, max_len] (offsets non-decreasing, no segment over max_len)", "max_len")
     validate_options(activation, normalization, scale, dice_eps)
     _validate_scale_range(scale, keys_values, "keys_values")
     weights, biases, act_params = _validate_parameters(weights, biases, activation,

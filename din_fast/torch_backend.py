@@ -8,9 +8,14 @@ Three savings over the literal formula, all exact:
 - the MLP runs on the valid positions only, packed; padding costs nothing;
 - the backward is written by hand (``packed_backward``): it keeps only the
   pre-activations of the packed positions (no concat, no autograd graph of
-  the MLP) and recomputes the rest. The same function serves the triton
-  backend's autograd formula wherever its fused backward does not reach (as
-  the opaque op din_fast::torch_attention_backward, at the end of this file).
+  the MLP) and recomputes the rest.
+
+Forward and backward are opaque custom ops (din_fast::torch_attention_forward
+and din_fast::torch_attention_backward, at the end of this file), so that
+torch.compile calls them whole, with the same speed as eager mode, instead of
+tracing a graph of aten ops (which could not pack: the number of valid
+positions depends on the data). The backward op also serves the triton
+backend's autograd formula wherever its fused backward does not reach.
 
 A Dice gate hook (``dice_gate``: batch statistics in training, the peers'
 BatchNorm) has side effects and parameters of its own, so that path runs
@@ -26,9 +31,9 @@ import torch
 from torch import Tensor
 
 from .activations import activate, activation_backward, dice
-from .op_args import (AttentionArgs, InputGrads, JaggedAttentionArgs, backward_schema,
-                      fake_input_grads)
-from .problem import DINProblem, JaggedDINProblem, split_first_layer
+from .op_args import (AttentionArgs, InputGrads, JaggedAttentionArgs, fake_input_grads,
+                      op_schema, save_arguments, saved_arguments)
+from .problem import DINProblem, JaggedDINProblem, compute_dtype, split_first_layer
 from .reference import masked_normalize
 
 
@@ -120,17 +125,6 @@ class PackedMLP:
         return cls([w.to(dtype) for w in problem.weights], [b.to(dtype) for b in problem.biases],
                    [tuple(p.to(dtype) for p in layer) for layer in act_params],
                    problem.activation, problem.dice_eps)
-
-    def flat(self) -> list:
-        return [*self.weights, *self.biases, *(p for layer in self.act_params for p in layer)]
-
-    def with_flat(self, tensors) -> "PackedMLP":
-        """The same layers with the tensors of ``flat()`` replaced, in order."""
-        n = len(self.weights)
-        rest = iter(tensors[2 * n:])
-        act_params = [tuple(next(rest) for _ in layer) for layer in self.act_params]
-        return PackedMLP(list(tensors[:n]), list(tensors[n:2 * n]), act_params,
-                         self.activation, self.dice_eps)
 
 
 def packed_scores(mlp: PackedMLP, query: torch.Tensor, k_packed: torch.Tensor, expand_rows,
@@ -254,48 +248,6 @@ def _padded_forward(mlp, packed, query, keys, values, normalization, scale, prea
     return w @ packed.without_padding(values), w
 
 
-class _TorchDINAttention(torch.autograd.Function):
-    """The padded forward with ``packed_backward`` as its backward. Tensor
-    inputs are in the compute dtype: query, keys, values, then mlp.flat().
-
-    Under create_graph=True the gradients must be differentiable themselves:
-    the backward then recomputes through autograd (autograd_gradients)
-    instead, which double backward can differentiate.
-    """
-
-    @staticmethod
-    def forward(ctx, problem, mlp, packed, query, keys, values, *tensors):
-        preacts = []
-        pooled, w = _padded_forward(mlp, packed, query, keys, values, problem.normalization,
-                                    problem.scale, preacts)
-        ctx.problem, ctx.mlp, ctx.packed = problem, mlp, packed
-        # No values argument (not: values that happen to be the keys tensor,
-        # which keep their own slot and gradient).
-        ctx.values_are_keys = problem.values is None
-        ctx.save_for_backward(query, keys, values, w, *tensors, *preacts)
-        return pooled, w
-
-    @staticmethod
-    def backward(ctx, grad_pooled, grad_w):
-        problem = ctx.problem
-        query, keys, values, w, *rest = ctx.saved_tensors
-        n_layers = len(problem.act_params)
-        tensors = rest[:-n_layers]
-        if torch.is_grad_enabled():
-            history = [query, keys] + ([] if ctx.values_are_keys else [values])
-            grads = autograd_gradients(problem.with_float_tensors(history + tensors),
-                                       grad_pooled, grad_w)
-            if ctx.values_are_keys:
-                grads.insert(2, None)
-            return (None, None, None, *grads)
-        mlp = ctx.mlp.with_flat(tensors)
-        grad_q, grad_k, grad_v, grad_weights, grad_biases, grad_params = packed_backward(
-            mlp, ctx.packed, query, keys, values, w, rest[-n_layers:], grad_pooled, grad_w,
-            problem.normalization, problem.scale, ctx.values_are_keys)
-        return (None, None, None, grad_q, grad_k, grad_v, *grad_weights, *grad_biases,
-                *(g for layer in grad_params for g in layer))
-
-
 def _inputs(problem, dtype):
     """(query, history, values) of a DINProblem or a JaggedDINProblem, in ``dtype``."""
     keys = getattr(problem, problem.HISTORY).to(dtype)
@@ -322,25 +274,22 @@ def _autograd_forward(problem: DINProblem, packed: PackedPositions, dice_gate=No
 def torch_din_attention(problem: DINProblem, dice_gate=None):
     """Returns (pooled [B, C, Dv], weights w [B, C, T]) in the compute dtype.
 
-    The eager fast path: the MLP on the valid positions only (packed, a
-    data-dependent size) with the hand-written backward.
+    The fast path: the MLP on the valid positions only (packed, a
+    data-dependent size) with the hand-written backward, as the opaque op
+    din_fast::torch_attention_forward, so that torch.compile keeps it whole
+    instead of tracing a graph that scores the padding.
     ``dice_gate(layer, x, valid)`` replaces Dice's normalization (see
-    packed_scores) and runs through autograd. ``valid`` [N] bool marks the
-    positions of x that are valid, or is None when all are: here x holds the
-    valid positions only; under differentiable_din_attention it holds every
-    position, padding included, so statistics must be masked.
+    packed_scores) and runs through autograd instead, packed in eager mode and
+    on every position while tracing. ``valid`` [N] bool marks the positions of
+    x that are valid, or is None when all are: packed, x holds the valid
+    positions only; unpacked it holds the padding too, so statistics must be
+    masked.
     """
-    packed = PackedPositions(problem)
     if dice_gate is not None:
+        packed = PackedPositions(problem, pack=not torch.compiler.is_compiling())
         return _autograd_forward(problem, packed, dice_gate)
-    query, keys, values = _inputs(problem, problem.compute_dtype())
-    mlp = PackedMLP.of(problem, query.dtype)
-    # The options and layout only, empty tensors in the float tensors' places
-    # (which stay in the same places): the tensors travel as inputs, where
-    # autograd tracks them.
-    placeholder = query.new_empty(0)
-    blank = problem.with_float_tensors([placeholder] * len(problem.float_tensors()))
-    return _TorchDINAttention.apply(blank, mlp, packed, query, keys, values, *mlp.flat())
+    pooled, w, _ = forward_op(*AttentionArgs.of(problem))
+    return pooled, w
 
 
 def differentiable_din_attention(problem, dice_gate=None):
@@ -420,28 +369,32 @@ def torch_din_attention_jagged(problem: JaggedDINProblem):
 
 
 def torch_din_attention_backward(problem, grad_pooled: torch.Tensor,
-                                 grad_scores: Optional[torch.Tensor] = None):
+                                 grad_scores: Optional[torch.Tensor] = None, saved=()):
     """The gradients of every input from d loss / d pooled [B, C, Dv] (and
     d loss / d w, [B, C, T] padded or [L, C] jagged): the custom ops' backward
     on the torch backend, for a DINProblem or a JaggedDINProblem.
 
-    The ops run below autograd, so this recomputes the forward's
-    pre-activations and applies ``packed_backward``. Returns (dq, d history,
+    The ops run below autograd: ``saved`` holds what the forward op kept
+    (w, then the hidden pre-activations) or is empty, and then the forward is
+    recomputed; ``packed_backward`` does the rest. Returns (dq, d history,
     dv or None, dweights, dbiases, dact_params per layer), each in its input's
     dtype, as din_fast.kernels.din_backward.din_backward does.
     """
     dtype = problem.compute_dtype()
     query, keys, values = _inputs(problem, dtype)
     mlp = PackedMLP.of(problem, dtype)
-    preacts = []
     if isinstance(problem, JaggedDINProblem):
         packed = JaggedPositions(problem)
         forward = _jagged_forward
     else:
         packed = PackedPositions(problem)
         forward = _padded_forward
-    _, w = forward(mlp, packed, query, keys, values, problem.normalization, problem.scale,
-                   preacts)
+    if saved:
+        w, *preacts = saved
+    else:
+        preacts = []
+        _, w = forward(mlp, packed, query, keys, values, problem.normalization,
+                       problem.scale, preacts)
     dq, dk, dv, dweights, dbiases, dact = packed_backward(
         mlp, packed, query, keys, values, w, preacts, grad_pooled.to(dtype),
         None if grad_scores is None else grad_scores.to(dtype), problem.normalization,
@@ -458,44 +411,122 @@ def torch_din_attention_backward(problem, grad_pooled: torch.Tensor,
 
 def run(problem, dice_gate=None):
     """(pooled [B, C, Dv], w) in the compute dtype of a DINProblem (w [B, C, T]):
-    the packed eager path, or differentiable_din_attention where a trace or a
-    transform needs a graph of aten ops alone (torch.compile, torch.export,
-    torch.func, forward-mode AD); of a JaggedDINProblem (w [L, C]) the jagged
-    path, which is such a graph already."""
+    the packed path, or differentiable_din_attention where a transform or an
+    export needs a graph of aten ops alone (torch.func, forward-mode AD,
+    torch.export, whose package runs without Python); of a JaggedDINProblem
+    (w [L, C]) the jagged path, which is such a graph already."""
     if isinstance(problem, JaggedDINProblem):
         return torch_din_attention_jagged(problem)
-    if torch.compiler.is_compiling() or problem.differentiated_forward():
+    if problem.differentiated_forward() or torch.compiler.is_exporting():
         return differentiable_din_attention(problem, dice_gate)
     return torch_din_attention(problem, dice_gate)
 
 
-# The hand-written backward as opaque custom ops: what the triton backend's
-# autograd formula runs where its fused backward does not reach, which
-# torch.compile must not trace (the packing has a data-dependent size).
+def reverse_gradients(problem, grad_pooled: Tensor, grad_scores: Optional[Tensor],
+                      backward) -> List[Tensor]:
+    """InputGrads.flat() of a forward op's autograd formula (on either
+    backend): ``backward()``, a backward op, or under create_graph=True, where
+    the gradients must be differentiable themselves, autograd_gradients
+    (which double backward can differentiate)."""
+    if not torch.is_grad_enabled():
+        return backward()
+    flat = autograd_gradients(problem, grad_pooled, grad_scores)
+    if problem.values is None:
+        flat.insert(2, None)
+    return flat
+
+
+# The packed forward and the hand-written backward as opaque custom ops:
+# torch.compile must not trace them (the packing has a data-dependent size),
+# and keeps eager's fast path by calling them whole. The backward ops also
+# serve the triton backend's autograd formula where its fused backward does
+# not reach.
+
+def _forward_op(*inputs):
+    """(pooled, w, the hidden pre-activations [N, C, H_i] of the N valid
+    positions) of AttentionArgs, in the compute dtype."""
+    problem = AttentionArgs(*inputs).problem()
+    dtype = problem.compute_dtype()
+    query, keys, values = _inputs(problem, dtype)
+    preacts = []
+    with torch.no_grad():   # below autograd: packed_scores may work in place
+        pooled, w = _padded_forward(PackedMLP.of(problem, dtype), PackedPositions(problem),
+                                    query, keys, values, problem.normalization,
+                                    problem.scale, preacts)
+    # Contiguous, as the fake promises (w is a transposed scatter).
+    return pooled.contiguous(), w.contiguous(), [z.contiguous() for z in preacts]
+
+
+def _forward_fake(query, keys, values, lengths, mask, weights, *options):
+    dtype = compute_dtype(keys.dtype)
+    batch, candidates = query.shape[:2]
+    positions = torch.library.get_ctx().new_dynamic_size()   # how many are valid
+    value_dim = (keys if values is None else values).shape[-1]
+    return (query.new_empty(batch, candidates, value_dim, dtype=dtype),
+            query.new_empty(batch, candidates, keys.shape[1], dtype=dtype),
+            [query.new_empty(positions, candidates, w.shape[0], dtype=dtype)
+             for w in weights[:-1]])
+
+
+def _forward_setup_context(ctx, inputs, output):
+    _, w, preacts = output
+    save_arguments(ctx, AttentionArgs(*inputs), w, *preacts)
+    ctx.mark_non_differentiable(*preacts)
+    # No zeros for the pre-activations' gradients (nor for the scores' when
+    # they are not used): the backward takes None.
+    ctx.set_materialize_grads(False)
+
+
+def _forward_backward(ctx, grad_pooled, grad_scores, _):
+    args, saved = saved_arguments(ctx)
+    problem = args.problem()
+    if grad_pooled is None:    # only the scores were used
+        grad_pooled = saved[0].new_zeros(*saved[0].shape[:2],
+                                         problem.value_tensor.shape[-1])
+    flat = reverse_gradients(problem, grad_pooled, grad_scores,
+                             lambda: backward_op(grad_pooled, grad_scores, saved, *args))
+    return InputGrads.unflat(flat, len(args.weights)).as_inputs(AttentionArgs,
+                                                                problem.values is not None)
+
+
+forward_op = torch.library.custom_op(
+    "din_fast::torch_attention_forward", _forward_op, mutates_args=(),
+    schema=op_schema(AttentionArgs, returns="(Tensor, Tensor, Tensor[])"))
+forward_op.register_fake(_forward_fake)
+forward_op.register_autograd(_forward_backward, setup_context=_forward_setup_context)
+
 
 def _backward_op_for(fields: type):
-    """The op function of ``fields``' backward: (grad_pooled, grad_scores, the
-    forward's arguments) -> InputGrads.flat()."""
-    def backward(grad_pooled, grad_scores, *inputs):
+    """The op function of ``fields``' backward: (grad_pooled, grad_scores,
+    saved, the forward's arguments) -> InputGrads.flat()."""
+    def backward(grad_pooled, grad_scores, saved, *inputs):
         args = fields(*inputs)
-        grads = torch_din_attention_backward(args.problem(), grad_pooled, grad_scores)
+        grads = torch_din_attention_backward(args.problem(), grad_pooled, grad_scores, saved)
         return InputGrads.of(grads, inputs[1]).flat()
     return backward
 
 
+def _backward_fake(grad_pooled, grad_scores, saved, *inputs):
+    return fake_input_grads(grad_pooled, grad_scores, *inputs)
+
+
+BACKWARD_LEADING = ("Tensor grad_pooled", "Tensor? grad_scores", "Tensor[] saved")
 backward_op = torch.library.custom_op(
     "din_fast::torch_attention_backward", _backward_op_for(AttentionArgs), mutates_args=(),
-    schema=backward_schema(AttentionArgs))
-backward_op.register_fake(fake_input_grads)
+    schema=op_schema(AttentionArgs, returns="Tensor[]", leading=BACKWARD_LEADING))
+backward_op.register_fake(_backward_fake)
 jagged_backward_op = torch.library.custom_op(
     "din_fast::torch_attention_jagged_backward", _backward_op_for(JaggedAttentionArgs),
-    mutates_args=(), schema=backward_schema(JaggedAttentionArgs))
-jagged_backward_op.register_fake(fake_input_grads)
+    mutates_args=(),
+    schema=op_schema(JaggedAttentionArgs, returns="Tensor[]", leading=BACKWARD_LEADING))
+jagged_backward_op.register_fake(_backward_fake)
 
 
 def torch_attention_backward(problem, grad_pooled: Tensor,
                              grad_scores: Optional[Tensor]) -> List[Tensor]:
-    """InputGrads.flat() of a DINProblem or a JaggedDINProblem through the ops above."""
+    """InputGrads.flat() of a DINProblem or a JaggedDINProblem through the
+    backward ops above, the forward recomputed."""
     if isinstance(problem, JaggedDINProblem):
-        return jagged_backward_op(grad_pooled, grad_scores, *JaggedAttentionArgs.of(problem))
-    return backward_op(grad_pooled, grad_scores, *AttentionArgs.of(problem))
+        return jagged_backward_op(grad_pooled, grad_scores, [],
+                                  *JaggedAttentionArgs.of(problem))
+    return backward_op(grad_pooled, grad_scores, [], *AttentionArgs.of(problem))

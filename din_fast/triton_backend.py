@@ -36,9 +36,9 @@ from torch import Tensor
 
 from .kernels import MAX_HIDDEN_LAYERS, interpreting, triton_available
 from .op_args import (AttentionArgs, InputGrads, JaggedAttentionArgs, check_signature,
-                      fake_input_grads)
+                      fake_input_grads, save_arguments, saved_arguments)
 from .problem import DINProblem, JaggedDINProblem
-from .torch_backend import autograd_gradients, torch_attention_backward
+from .torch_backend import reverse_gradients, torch_attention_backward
 
 
 def unsupported_reason(problem) -> Optional[str]:
@@ -188,39 +188,23 @@ def _setup_context_for(fields: type):
     """setup_context of a forward op whose arguments are ``fields`` then need_scores."""
     def setup_context(ctx, inputs, output):
         # Only the inputs: the backward recomputes the rest.
-        args = fields(*inputs[:-1])._asdict()
-        ctx.fields, ctx.need_scores = fields, inputs[-1]
-        ctx.singles = [name for name, v in args.items() if v is None or isinstance(v, Tensor)]
-        ctx.lists = [(name, len(v)) for name, v in args.items() if isinstance(v, list)]
-        ctx.options = {name: v for name, v in args.items()
-                       if name not in ctx.singles and not isinstance(v, list)}
-        ctx.save_for_backward(*(args[name] for name in ctx.singles),
-                              *(t for name, _ in ctx.lists for t in args[name]))
+        save_arguments(ctx, fields(*inputs[:-1]))
+        ctx.need_scores = inputs[-1]
     return setup_context
 
 
-def _saved_args(ctx):
-    """The forward's argument tuple back from the saved tensors and options."""
-    saved = iter(ctx.saved_tensors)
-    named = {name: next(saved) for name in ctx.singles}
-    named.update({name: [next(saved) for _ in range(n)] for name, n in ctx.lists})
-    return ctx.fields(**named, **ctx.options)
-
-
 def _backward(ctx, grad_pooled, grad_scores):
-    args = _saved_args(ctx)
+    args, _ = saved_arguments(ctx)
     grad_scores = grad_scores if ctx.need_scores else None
     problem = args.problem()
-    if torch.is_grad_enabled():
-        # create_graph=True: gradients that are themselves differentiable.
-        flat = autograd_gradients(problem, grad_pooled, grad_scores)
-        if problem.values is None:
-            flat.insert(2, None)
-    elif isinstance(problem, DINProblem) and fused_backward_unsupported(problem) is None:
-        flat = triton_attention_backward(grad_pooled, grad_scores, *args)
+    if isinstance(problem, DINProblem) and fused_backward_unsupported(problem) is None:
+        def backward():
+            return triton_attention_backward(grad_pooled, grad_scores, *args)
     else:
-        flat = torch_attention_backward(problem, grad_pooled, grad_scores)
-    grads = InputGrads.unflat(flat, len(args.weights))
+        def backward():
+            return torch_attention_backward(problem, grad_pooled, grad_scores)
+    grads = InputGrads.unflat(reverse_gradients(problem, grad_pooled, grad_scores, backward),
+                              len(args.weights))
     return grads.as_inputs(ctx.fields, problem.values is not None, need_scores=None)
 
 

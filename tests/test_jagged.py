@@ -115,7 +115,7 @@ def test_never_builds_the_padding(backend):
     (torch.tensor([1, 2, 5]), 6, ValueError, r"`offsets\[0\]`"),
     (torch.tensor([0, 2, 4]), 6, ValueError, r"`offsets\[-1\]`"),
     (torch.tensor([0, 4, 3, 5]), 6, ValueError, "non-decreasing"),
-    (torch.tensor([0, 1, 5]), 3, ValueError, "max_len=3"),
+    (torch.tensor([0, 1, 5]), 3, ValueError, "max_len = 3"),
     (torch.tensor([0, 2, 5]), 2.5, TypeError, "`max_len`"),
     (torch.tensor([0, 2, 5]).to("meta"), 6, ValueError, "`offsets` is on meta"),
 ])

@@ -86,12 +86,23 @@ def test_opcheck_backward_ops(arguments):
                           (*probes, *AttentionArgs.of(fused)))
     exact = problem_of(arguments, torch.float64, requires_grad=False)
     probes = tuple(p.double() for p in probes)
-    torch.library.opcheck(torch_backend.backward_op, (*probes, *AttentionArgs.of(exact)))
+    torch.library.opcheck(torch_backend.backward_op, (*probes, [], *AttentionArgs.of(exact)))
+    _, w, preacts = torch_backend.forward_op(*AttentionArgs.of(exact))
+    torch.library.opcheck(torch_backend.backward_op,
+                          (*probes, [w, *preacts], *AttentionArgs.of(exact)))
     jagged = jagged_of(exact)
     jagged_probes = output_probes(jagged, (jagged.keys_values.shape[0],
                                            jagged.query.shape[1]))
     torch.library.opcheck(torch_backend.jagged_backward_op,
-                          (*jagged_probes, *JaggedAttentionArgs.of(jagged)))
+                          (*jagged_probes, [], *JaggedAttentionArgs.of(jagged)))
+
+
+@pytest.mark.parametrize("arguments", OP_CASES)
+def test_opcheck_torch_forward(arguments):
+    """The packed forward: its hidden pre-activations have a data-dependent
+    number of rows (the valid positions), which the fake gives a symbol."""
+    torch.library.opcheck(torch_backend.forward_op,
+                          AttentionArgs.of(problem_of(arguments, torch.float64)))
 
 
 class Ranker(torch.nn.Module):
