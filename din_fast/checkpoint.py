@@ -30,6 +30,7 @@ from .files import open_replacing
 
 CHECKPOINT_FORMAT = "din_fast.checkpoint/3"
 WRITTEN_BY = "a file written by din-fast train --checkpoint"
+ADDED_CONFIG_FIELDS = {"compile": None}
 
 
 @dataclass
@@ -91,6 +92,9 @@ def restored_model(checkpoint: Checkpoint, config: TrainConfig) -> torch.nn.Modu
 def _checked_config(values, where: str) -> TrainConfig:
     if not isinstance(values, dict):
         raise CheckpointError(f"{where}: `config` must be a dict of TrainConfig's fields")
+    # A field added since this format was fixed is absent from older files:
+    # its value there is the one they were trained with.
+    values = {**ADDED_CONFIG_FIELDS, **values}
     known = {f.name for f in fields(TrainConfig)}
     if not set(values) <= known:
         raise CheckpointError(f"{where}: `config` has {len(set(values) - known)} field(s) "

@@ -22,7 +22,7 @@ from dataclasses import fields
 import torch
 
 from . import sharded
-from .config import TrainConfig
+from .config import COMPILE_BACKENDS, TrainConfig
 from .errors import InputError
 from .export import export_checkpoint
 from .files import check_outputs, write_json
@@ -138,6 +138,9 @@ def build_parser() -> argparse.ArgumentParser:
     train_parser.add_argument("--seed", type=seed, default=defaults.seed)
     train_parser.add_argument("--backend", choices=BACKENDS, default=defaults.backend)
     train_parser.add_argument("--device", choices=("cpu", "cuda"), default=default_device())
+    train_parser.add_argument("--compile", nargs="?", const="inductor", choices=COMPILE_BACKENDS,
+                              help="train and evaluate through torch.compile with this backend "
+                              "(alone: inductor); omitted: eagerly")
     train_parser.add_argument("--metrics-out", help="write the final metrics as JSON here")
     train_parser.add_argument("--checkpoint", help="save the model, id maps and config here")
     train_parser.add_argument("--plot", help="draw validation and training curves per epoch "

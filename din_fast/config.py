@@ -14,6 +14,10 @@ from .models import MLP_ACTIVATIONS, MLP_INPUTS, MODELS
 from .problem import ACTIVATIONS, BACKENDS
 
 DEVICES = ("cpu", "cuda")
+# torch.compile backends for --compile: inductor generates code (a C++
+# compiler on CPU, Triton on CUDA); aot_eager and eager trace the same graphs
+# and run them as they are (quick to compile: for checking).
+COMPILE_BACKENDS = ("inductor", "aot_eager", "eager")
 ATTENTION_NORMALIZATIONS = (None, "softmax")
 
 
@@ -45,13 +49,16 @@ FIELD_RULES = {
     "attention_activation": (lambda v: v in ACTIVATIONS, f"one of {ACTIVATIONS}"),
     "mlp_activation": (lambda v: v in MLP_ACTIVATIONS, f"one of {MLP_ACTIVATIONS}"),
     "mlp_input": (lambda v: v in MLP_INPUTS, f"one of {MLP_INPUTS}"),
+    "compile": (lambda v: v is None or v in COMPILE_BACKENDS,
+                f"None (eager) or one of {COMPILE_BACKENDS}"),
 }
 
 
 @dataclass
 class TrainConfig:
     """Everything a run depends on; saved in checkpoints. ``data`` None is the
-    seeded synthetic dataset. Invalid values raise InputError."""
+    seeded synthetic dataset; ``compile`` None trains eagerly, else through
+    torch.compile with that backend. Invalid values raise InputError."""
 
     data: Optional[str] = None
     model: str = "din"
@@ -70,6 +77,7 @@ class TrainConfig:
     attention_activation: str = "dice"
     mlp_activation: str = "dice"
     mlp_input: str = "concat"
+    compile: Optional[str] = None
 
     def __post_init__(self):
         for name, expected in config_problems(vars(self)):

@@ -143,8 +143,10 @@ def packed_scores(mlp: PackedMLP, query: torch.Tensor, k_packed: torch.Tensor, e
     h = expand_rows(query @ (w_q + w_d).t() + mlp.biases[0])           # [N, C, H1]
     h += (k_packed @ (w_k - w_d).t())[:, None, :]
     qk = expand_rows(query) * k_packed[:, None, :]                      # [N, C, D]
-    if torch.is_grad_enabled() or torch._C._functorch.is_functorch_wrapped_tensor(h):
-        # Autograd and vmap: out of place (vmap has no batching rule for addmm_).
+    if torch.is_grad_enabled() or torch.compiler.is_compiling() \
+            or torch._C._functorch.is_functorch_wrapped_tensor(h):
+        # Autograd and vmap: out of place (vmap has no batching rule for addmm_);
+        # a trace too, which cannot call the functorch check.
         h = torch.addmm(h.flatten(0, 1), qk.flatten(0, 1), w_p.t()).view_as(h)
     else:
         # Under the hand-written backward: in place, one [N, C, H1] buffer.

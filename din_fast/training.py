@@ -146,6 +146,11 @@ class LocalLearner(Learner):
     def __init__(self, model, data: EncodedData, config: TrainConfig):
         super().__init__(model.parameters(), data, config, config.device)
         self.model = model
+        if config.compile:
+            # In place (nn.Module.compile): the state dict keeps its keys for
+            # snapshots and checkpoints; training and evaluation call the
+            # compiled forward, one graph per mode once the sizes have varied.
+            model.compile(backend=config.compile)
 
     def train_epoch(self, samples: Samples, bar) -> float:
         """One pass over ``samples``; the training loss (without the penalty)
@@ -230,6 +235,11 @@ def train(config: TrainConfig, *, checkpoint: Optional[str] = None,
             save_checkpoint(checkpoint, model, data.id_maps, config)
             interrupted.saved = checkpoint
         raise
+    except torch._dynamo.exc.BackendCompilerFailed as error:
+        # This machine cannot compile (no C++ compiler for inductor on CPU, say).
+        raise InputError(f"compile {config.compile!r}: torch.compile could not compile the "
+                         f"model ({type(error.inner_exception).__name__}); train without "
+                         "--compile, or with --compile aot_eager") from None
     result.update(model=config.model, backend=backend, config=asdict(config))
     if checkpoint:
         save_checkpoint(checkpoint, model, data.id_maps, config)

@@ -155,6 +155,8 @@ def checkpoint_cases(tmp, trained):
          "1 field(s) TrainConfig does not have")
     case("config_missing_field", change(lambda s: s["config"].pop("embed_dim")),
          "config field `embed_dim` must be present")
+    case("config_compile_tampered", change(lambda s: s["config"].update(compile=SECRET)),
+         "config field `compile` must be None (eager) or one of")
     ids = id_strings(state["id_maps"]["item_ids"])
     case("id_maps_unsorted", change(lambda s: s["id_maps"].update(
         item_ids=strings_state(ids[::-1]))), "sorted, without repeats")

@@ -218,6 +218,10 @@ def train_sharded(config: TrainConfig, sharding: Optional[str] = None, *,
     processes stopped at different points could not finish).
     """
     check_options(config.model, embedding_optimizer, embedding_lr, config.device)
+    if config.compile:
+        raise OptionError("sharded training runs eagerly: --compile is not supported with "
+                          "TorchRec's sharded tables; drop --compile, or train in one process "
+                          "without --sharding")
     check_training_outputs(config, checkpoint, metrics_out)
     with process_group(config.device) as device:
         rank, world = dist.get_rank(), dist.get_world_size()
