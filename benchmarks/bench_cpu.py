@@ -1,10 +1,11 @@
 """The main job: din_fast's torch backend on CPU against the reference and DeepCTR-Torch.
 
 Times the forward (no grad) and the forward+backward (every gradient: query,
-keys, weights, biases) of din_fast backend="torch", backend="reference" and
-DeepCTR-Torch's AttentionSequencePoolingLayer, all with the same inputs and
+keys, weights, biases) of din_fast backend="torch", the same under
+torch.compile (``torch_compiled``: what a compiled model runs), backend="reference"
+and DeepCTR-Torch's AttentionSequencePoolingLayer, all with the same inputs and
 weights, at B=1024, T=100 (lengths uniform in 1..T), D=64, hidden (80, 40),
-sigmoid, float32. All six are timed round-robin (harness.time_round_robin),
+sigmoid, float32. All eight are timed round-robin (harness.time_round_robin),
 so the machine's load falls on each alike; each time is printed as the
 median with its interquartile range, each speedup as the median of the
 per-round ratios. Beside every time: the peak memory of one call and the
@@ -14,6 +15,7 @@ element). One torch thread by default: on a shared machine more threads than
 free cores made the timings swing by 2x.
 
     python -m benchmarks.bench_cpu [--threads 1] [--rounds 20] [--out FILE.csv]
+                                   [--compile-backend inductor]
 
 Writes a CSV (default benchmarks/results/bench_cpu.csv, not tracked by git).
 """
@@ -57,13 +59,17 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--warmup", type=int, default=2, help="untimed calls of each first")
     parser.add_argument("--threads", type=positive_int, default=1,
                         help="torch CPU threads (default 1: no oversubscription on a shared machine)")
+    parser.add_argument("--compile-backend", choices=("inductor", "aot_eager"),
+                        default="inductor", help="torch.compile's backend for torch_compiled "
+                        "(aot_eager: the same graphs without code generation, quick to compile)")
     parser.add_argument("--out", default=os.path.join(RESULTS, "bench_cpu.csv"),
                         help="CSV to write (default: %(default)s)")
     return parser
 
 
-def implementations(inputs: dict) -> list:
+def implementations(inputs: dict, compile_backend: str) -> list:
     impls = [peers.din_fast_implementation(backend) for backend in BACKENDS]
+    impls.insert(1, peers.compiled_implementation("torch", compile_backend))
     deepctr = peers.deepctr_implementation(inputs)
     if deepctr is None:
         print(peers.DEEPCTR_MISSING)
@@ -79,7 +85,7 @@ def measure(args, command: str) -> list:
     inputs = peers.make_inputs(args.batch, 1, args.length, args.dim, hidden, torch.float32, device)
     train_inputs = peers.with_grad(inputs)
     probe, exact, exact_grads = peers.float64_oracle(inputs, train=True)
-    impls = implementations(inputs)
+    impls = implementations(inputs, args.compile_backend)
 
     fns, rows = {}, {}
     for impl in impls:

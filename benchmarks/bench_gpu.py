@@ -111,7 +111,8 @@ def flops(batch: int, candidates: int, length: int, dim: int, hidden: tuple, tra
 def implementations(inputs: dict, args, headline: bool) -> list:
     impls = [peers.din_fast_implementation(backend) for backend in ("triton", "torch", "reference")]
     if headline or args.compile_sweep:
-        impls.append(peers.compiled_reference("aot_eager" if args.dry_run else "inductor"))
+        impls.append(peers.compiled_implementation("reference",
+                                                   "aot_eager" if args.dry_run else "inductor"))
     deepctr = peers.deepctr_implementation(inputs)
     if deepctr is not None:
         impls.append(deepctr)

@@ -3,7 +3,9 @@
 CPU PyTorch has no allocator statistics, and the process's resident size
 mostly measures the C allocator's caching. Instead a dispatch mode sees every
 op (backward ops included) and counts each new tensor storage from its
-creation until Python's finalizer reports it freed.
+creation until Python's finalizer reports it freed. A custom op written in
+Python (din_fast's torch backend runs as such ops) reaches the mode as one
+op, so its function runs inside the mode: its temporaries count too.
 """
 
 from __future__ import annotations
@@ -11,6 +13,7 @@ from __future__ import annotations
 import weakref
 
 import torch
+from torch._library.custom_ops import _maybe_get_opdef
 from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_flatten
 
@@ -30,7 +33,12 @@ class PeakMemory(TorchDispatchMode):
         self.current_bytes -= nbytes
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-        out = func(*args, **(kwargs or {}))
+        opdef = _maybe_get_opdef(func)
+        if opdef is None:
+            out = func(*args, **(kwargs or {}))
+        else:
+            with self:
+                out = opdef._init_fn(*args, **(kwargs or {}))
         # Views and in-place ops return storage that already exists.
         if any(r.alias_info is not None for r in func._schema.returns):
             return out

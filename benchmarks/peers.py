@@ -1,6 +1,6 @@
 """What the benchmarks compare: one DIN problem, its float64 answer, and the
-implementations that compute it (din_fast's backends, torch.compile of the
-reference, DeepCTR-Torch's AttentionSequencePoolingLayer).
+implementations that compute it (din_fast's backends, torch.compile of them,
+DeepCTR-Torch's AttentionSequencePoolingLayer).
 
 Every implementation gets the same inputs and weights: a query [B, D] or
 [B, C, D], keys [B, T, D] in the benchmark's dtype, lengths uniform in 1..T,
@@ -123,16 +123,18 @@ def din_fast_implementation(backend: str) -> Implementation:
     return Implementation(backend, lambda inputs: din_fast.din_attention(backend=backend, **inputs))
 
 
-def compiled_reference(compile_backend: str = "inductor") -> Implementation:
-    """torch.compile of the reference (the strongest stock-op baseline).
+def compiled_implementation(backend: str, compile_backend: str = "inductor") -> Implementation:
+    """torch.compile of din_attention on ``backend``: of the reference, the
+    strongest stock-op baseline; of the torch backend, what a compiled model
+    runs (the packed custom ops).
 
     Dynamo's caches are cleared first: every shape compiles anew, and past
-    its recompile limit dynamo would silently run the reference eagerly.
+    its recompile limit dynamo would silently run the function eagerly.
     """
     torch._dynamo.reset()
-    compiled = torch.compile(lambda **inputs: din_fast.din_attention(backend="reference", **inputs),
+    compiled = torch.compile(lambda **inputs: din_fast.din_attention(backend=backend, **inputs),
                              backend=compile_backend)
-    return Implementation("reference_compiled", lambda inputs: compiled(**inputs))
+    return Implementation(f"{backend}_compiled", lambda inputs: compiled(**inputs))
 
 
 def deepctr_module(submodule: str):

@@ -96,10 +96,12 @@ def test_sanitizer_cases_run_every_backward_launch_configuration():
 def test_bench_cpu_records_every_implementation_and_pass(tmp_path):
     out = tmp_path / "cpu.csv"
     result = run_module("benchmarks.bench_cpu", "--batch", "6", "--length", "5", "--dim", "8",
-                        "--hidden", "6", "4", "--rounds", "3", "--out", str(out))
+                        "--hidden", "6", "4", "--rounds", "3", "--compile-backend", "aot_eager",
+                        "--out", str(out))
     assert result.returncode == 0, result.stderr
     rows = harness.read_csv(str(out))
-    names = {"torch", "reference"} | ({"deepctr_torch"} if "deepctr" in rows[-1]["baseline"] else set())
+    names = {"torch", "torch_compiled", "reference"} | (
+        {"deepctr_torch"} if "deepctr" in rows[-1]["baseline"] else set())
     assert {(r["impl"], r["pass"]) for r in rows} == {
         (n, p) for n in names for p in ("forward", "forward+backward")}
     for row in rows:
