@@ -2,12 +2,13 @@
 
 Times the forward (no grad) and the forward+backward (every gradient: query,
 keys, weights, biases) of din_fast backend="torch", the same under
-torch.compile (``torch_compiled``: what a compiled model runs), backend="reference"
-and DeepCTR-Torch's AttentionSequencePoolingLayer, all with the same inputs and
-weights, at B=1024, T=100 (lengths uniform in 1..T), D=64, hidden (80, 40),
-sigmoid, float32. All eight are timed round-robin (harness.time_round_robin),
-so the machine's load falls on each alike; each time is printed as the
-median with its interquartile range, each speedup as the median of the
+torch.compile (``torch_compiled``: what a compiled model runs),
+backend="reference" and DeepCTR-Torch's AttentionSequencePoolingLayer, all
+with the same inputs and weights, at B=1024, T=100 (lengths uniform in 1..T),
+D=64, hidden (80, 40), sigmoid, float32. All eight are timed round-robin
+(harness.time_round_robin), so the machine's load falls on each alike; each
+time is printed as the median with its interquartile range, each speedup
+(over DeepCTR-Torch, and over the eager torch backend) as the median of the
 per-round ratios. Beside every time: the peak memory of one call and the
 error against the float64 reference (the output's largest absolute error; for
 forward+backward also the gradients', relative to each gradient's largest
@@ -118,8 +119,11 @@ def measure(args, command: str) -> list:
     out = []
     for (impl, name), row in rows.items():
         ratios = harness.paired_ratios(times[base, name], times[impl, name])
+        # Against the eager torch backend as well: what torch_compiled must not lose.
+        eager_ratios = harness.paired_ratios(times["torch", name], times[impl, name])
         out.append(dict(row, **harness.Spread.of(times[impl, name]).fields("ms"),
                         **harness.Spread.of(ratios).fields(f"speedup_vs_{base}"), baseline=base,
+                        **harness.Spread.of(eager_ratios).fields("speedup_vs_torch"),
                         **setting))
     return out
 
@@ -137,15 +141,16 @@ def report(rows: list) -> None:
               "noisy, the speedups (per-round ratios) less so")
     speedup = f"speedup_vs_{base}"
     print(f"{'implementation':<15}{'pass':<17}{'ms: median (IQR)':>22}{'speedup (IQR)':>20}"
-          f"{'peak MB':>9}{'out err':>9}{'grad err':>9}")
+          f"{'vs torch (IQR)':>20}{'peak MB':>9}{'out err':>9}{'grad err':>9}")
     for r in rows:
         ms = harness.Spread.from_fields(r, "ms").text(".1f")
         ratio = harness.Spread.from_fields(r, speedup).text(".2f", "x")
+        eager_ratio = harness.Spread.from_fields(r, "speedup_vs_torch").text(".2f", "x")
         grad_error = "-" if math.isnan(r["grad_error"]) else f"{r['grad_error']:.1e}"
-        print(f"{r['impl']:<15}{r['pass']:<17}{ms:>22}{ratio:>20}{r['peak_mb']:>9.1f}"
-              f"{r['max_abs_error']:>9.1e}{grad_error:>9}")
+        print(f"{r['impl']:<15}{r['pass']:<17}{ms:>22}{ratio:>20}{eager_ratio:>20}"
+              f"{r['peak_mb']:>9.1f}{r['max_abs_error']:>9.1e}{grad_error:>9}")
     print(f"(speedup: {base}'s time over each one's, the median of the per-round ratios; "
-          f"err: against float64)")
+          f"vs torch: the eager torch backend's likewise; err: against float64)")
 
 
 def main(argv=None) -> int:

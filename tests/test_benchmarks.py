@@ -112,6 +112,8 @@ def test_bench_cpu_records_every_implementation_and_pass(tmp_path):
             assert row["grad_error"] < 1e-4
         if row["impl"] == row["baseline"]:
             assert row[f"speedup_vs_{row['baseline']}"] == 1.0
+        if row["impl"] == "torch":
+            assert row["speedup_vs_torch"] == 1.0
     assert "speedup (IQR)" in result.stdout
 
 
