@@ -66,8 +66,11 @@ class UnitAndOptions:
         jvp, jacfwd, ...) or carries a forward-mode tangent: what needs more
         than a reverse-mode backward of the result."""
         if torch.compiler.is_compiling():
-            # Dynamo traces torch.func itself (and cannot trace this check).
-            return False
+            # Dynamo traces torch.func itself, and cannot trace the check of
+            # each tensor below: whether a transform is active at all (an
+            # isinstance, which dynamo answers right where "is None" is not).
+            return isinstance(torch._C._functorch.peek_interpreter_stack(),
+                              torch._C._functorch.CInterpreter)
         tensors = [t for t in self.float_tensors() if t is not None]
         if any(torch._C._functorch.is_functorch_wrapped_tensor(t) for t in tensors):
             return True

@@ -301,3 +301,39 @@ def test_sharded_training_refuses_compile():
 
     with pytest.raises(InputError, match="--compile is not supported"):
         load_trainer()(TrainConfig(compile="eager"))
+
+
+def test_compiled_torch_backend_calls_the_packed_op():
+    """What keeps a compiled call as fast as an eager one: the graph calls the
+    torch backend's packed forward op, not a traced unpacked MLP."""
+    graphs = []
+
+    def recording(graph, example_inputs):
+        graphs.append(graph)
+        return graph.forward
+
+    layer = attention("torch")
+    torch._dynamo.reset()
+    compiled = torch.compile(layer, fullgraph=True, backend=recording)
+    query, keys, lengths = padded_batch(6, 11, 2, torch.Generator().manual_seed(5), "fullgraph")
+    compiled(query, keys, lengths)
+    targets = {str(node.target) for graph in graphs for node in graph.graph.nodes}
+    assert "din_fast.torch_attention_forward.default" in targets, targets
+
+
+def test_torch_func_transforms_compile():
+    """torch.func.grad and vmap inside a compiled function take the torch
+    backend's differentiable path, as they do in eager mode."""
+    layer = attention("torch")
+    params = dict(layer.named_parameters())
+    query, keys, lengths = padded_batch(6, 11, 2, torch.Generator().manual_seed(6), "fullgraph")
+    keys = keys.detach()
+
+    def loss(params, query):
+        return torch.func.functional_call(layer, params, (query, keys, lengths)).sum()
+
+    torch._dynamo.reset()
+    for transform, args in ((torch.func.grad(loss), (params, query)),
+                            (torch.func.vmap(loss, in_dims=(None, 1)), (params, query))):
+        got = torch.compile(transform, fullgraph=True, backend="aot_eager")(*args)
+        torch.testing.assert_close(got, transform(*args))

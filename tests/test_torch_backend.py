@@ -123,3 +123,24 @@ def test_zero_length_history_axis(backend, normalization):
     assert torch.equal(out, torch.zeros_like(out))
     out.sum().backward()
     assert torch.equal(query.grad, torch.zeros_like(query))
+
+
+@pytest.mark.parametrize("normalization", [None, "softmax"])
+def test_gradients_of_the_scores_alone(normalization):
+    """A loss of the attention weights only: the forward op's autograd formula
+    then gets no gradient for the pooled output (None, not zeros)."""
+    import din_fast
+
+    case = make_case(4, 2, 6, 3, (5,), normalization=normalization, dtype=torch.float64)
+    grads = {}
+    for backend in ("torch", "reference"):
+        leaves = [case["query"].clone().requires_grad_(), case["keys"].clone().requires_grad_(),
+                  *(w.clone().requires_grad_() for w in case["weights"])]
+        kwargs = {k: v for k, v in case.items() if k not in ("query", "keys", "lengths",
+                                                             "weights")}
+        _, w = din_fast.din_attention(*leaves[:2], case["lengths"], weights=leaves[2:],
+                                      return_scores=True, backend=backend, **kwargs)
+        probe = torch.linspace(-1, 1, w.numel(), dtype=w.dtype).view_as(w)
+        grads[backend] = torch.autograd.grad((w * probe).sum(), leaves)
+    for got, want in zip(grads["torch"], grads["reference"]):
+        torch.testing.assert_close(got, want)
