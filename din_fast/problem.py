@@ -354,10 +354,10 @@ def check_range(name: str, values: torch.Tensor, low: int, high: int, needs: str
                 bound: str = "") -> None:
     """Check low <= values <= high (see check_all for when and how).
 
-    A size that is a symbol while tracing (T, L, max_len) appears in ``needs`` by its
-    name only, never its value (a compiled graph would hold "T=s35", and
-    specialize on it); ``bound`` names the size ``high`` is, whose value the
-    eager message adds."""
+    A size that is a symbol while tracing (T, L, max_len) appears in
+    ``needs`` by its name only, never its value (a compiled graph would hold
+    "T=s35", and specialize on it); ``bound`` names the size ``high`` is,
+    whose value the eager message adds."""
     check_all((values >= low) & (values <= high), f"{OWNER}: `{name}` must lie in {needs}",
               lambda: f"; got values in [{int(values.min())}, {int(values.max())}]"
                       + (f" with {bound} = {high}" if bound else ""))
@@ -610,16 +610,15 @@ def _validate_jagged(query, keys_values, offsets, max_len, *, weights, biases, a
                          f"got shape {tuple(offsets.shape)}")
     # Contiguous int64, as lengths (the kernels index it as a plain array).
     offsets = offsets.long().contiguous()
-    if isinstance(max_len, bool) or not isinstance(max_len, (numbers.Integral, torch.SymInt)):
+    if isinstance(max_len, bool) or not isinstance(max_len, numbers.Integral):
         raise TypeError(f"{OWNER}: `max_len` must be a non-negative int; "
                         f"got {_describe(max_len)}")
     if max_len < 0:
         raise ValueError(f"{OWNER}: `max_len` must be a non-negative int; got {max_len}")
-    # A Python int from here on (a NumPy integer is not one the ops take), or,
-    # while torch.compile traces calls whose max_len varies, a symbolic int:
-    # int() would specialize the graph to its value.
-    if not isinstance(max_len, torch.SymInt):
-        max_len = int(max_len)
+    # A Python int from here on (a NumPy integer is not one the ops take);
+    # while torch.compile traces calls whose max_len varies, it stays a symbol
+    # (dynamo's int() adds no guard), which no message below formats.
+    max_len = int(max_len)
     batch = offsets.shape[0] - 1
     query3, squeeze = _validate_query(query, batch, embed_dim, keys_values, "keys_values")
     if values is not None:
