@@ -28,6 +28,7 @@ from .export import export_checkpoint
 from .files import check_outputs, write_json
 from .loaders import data_files
 from .models import MLP_ACTIVATIONS, MLP_INPUTS, MODELS
+from .onnx_export import OPSET as ONNX_OPSET, export_checkpoint_onnx
 from .problem import ACTIVATIONS, BACKENDS
 from .plot import check_plot_path, plot_training
 from .predict import OUTPUT_FORMATS, describe, predict_file
@@ -35,6 +36,7 @@ from .training import check_training_outputs, evaluate_checkpoint, train
 
 USAGE_ERROR = 2
 INTERRUPTED = 130       # 128 + SIGINT, what a shell reports for Ctrl-C
+EXPORT_FORMATS = ("pt2", "onnx")
 
 
 class ArgumentParser(argparse.ArgumentParser):
@@ -178,15 +180,22 @@ def build_parser() -> argparse.ArgumentParser:
 
     export_parser = commands.add_parser(
         "export", help="package a checkpoint's model for serving without Python "
-        "(AOTInductor .pt2, any batch and history length)",
+        "(AOTInductor .pt2 or ONNX, any batch and history length)",
         formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     export_parser.add_argument("--checkpoint", required=True)
     export_parser.add_argument("--out", required=True,
-                               help="the package to write (.pt2); the id maps go beside it "
-                               "as <name>.ids.json")
-    export_parser.add_argument("--backend", choices=BACKENDS, default="auto")
-    export_parser.add_argument("--device", choices=("cpu", "cuda"), default=default_device(),
-                               help="where the package runs")
+                               help="the file to write (.pt2 or .onnx, as --format); the id "
+                               "maps go beside it as <name>.ids.json")
+    export_parser.add_argument("--format", choices=EXPORT_FORMATS, default="pt2",
+                               help="pt2: an AOTInductor package (C++ or Python, the device "
+                               "of --device); onnx: an ONNX model (opset "
+                               f"{ONNX_OPSET}, stock operators, [B, C] candidates), for ONNX "
+                               "Runtime or TensorRT")
+    export_parser.add_argument("--backend", choices=BACKENDS,
+                               help="the .pt2 package's attention backend (default: auto)")
+    export_parser.add_argument("--device", choices=("cpu", "cuda"),
+                               help="where the .pt2 package runs (default: cuda when there is "
+                               "one, else cpu)")
     add_threads_option(export_parser)
     return parser
 
@@ -255,9 +264,18 @@ def run_command(args) -> int:
         if args.metrics_out:
             write_json(args.metrics_out, metrics, "--metrics-out")
     elif args.command == "export":
-        package, ids = export_checkpoint(args.checkpoint, args.out, device=args.device,
-                                         backend=args.backend)
-        print(f"din-fast: wrote {package} (inputs: dense ids) and {ids} (raw ids -> dense ids)",
+        if args.format == "onnx":
+            for option in ("backend", "device"):
+                if getattr(args, option) is not None:
+                    raise InputError(f"--{option} {getattr(args, option)}: applies to the .pt2 "
+                                     "package only; an ONNX model runs stock operators "
+                                     "wherever ONNX Runtime runs (leave it out)")
+            written, ids = export_checkpoint_onnx(args.checkpoint, args.out)
+        else:
+            written, ids = export_checkpoint(args.checkpoint, args.out,
+                                             device=args.device or default_device(),
+                                             backend=args.backend or "auto")
+        print(f"din-fast: wrote {written} (inputs: dense ids) and {ids} (raw ids -> dense ids)",
               file=sys.stderr)
     else:
         counts = predict_file(args.checkpoint, args.requests, args.data, args.output,

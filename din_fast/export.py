@@ -19,12 +19,14 @@ and writes the id maps beside the package.
 from __future__ import annotations
 
 import json
+from contextlib import contextmanager
 from pathlib import Path
-from typing import Optional, Sequence
+from typing import Iterator, Optional, Sequence
 
 import torch
 
 from .checkpoint import restored_model
+from .data import IdMaps
 from .errors import InputError
 from .files import check_outputs, replacing
 from .package_inputs import InputContract
@@ -120,19 +122,11 @@ def export_checkpoint(checkpoint_path: str, path: str, *, device: str = "cpu",
     if not str(path).endswith(".pt2"):
         raise InputError(f"--out {path}: the package's name must end in .pt2 (AOTInductor's "
                          "package format)")
-    ids_path = ids_path_of(path)
-    check_outputs({"--out": path, "--out's id maps": ids_path},
+    check_outputs({"--out": path, "--out's id maps": ids_path_of(path)},
                   {"--checkpoint": checkpoint_path})
     checkpoint, config = checkpoint_for_run(checkpoint_path, backend, device)
     model = restored_model(checkpoint, config)
-    maps = checkpoint.id_maps
-    # The id maps are written first and renamed into place right after the
-    # package: a failure to write either leaves both files as they were.
-    with replacing(ids_path, "--out's id maps") as ids_temporary:
-        with open(ids_temporary, "w", encoding="utf-8") as handle:
-            json.dump({"item_ids": maps.item_ids.to_pylist(),
-                       "category_ids": maps.category_ids.to_pylist(),
-                       "item_category": maps.item_category.tolist()}, handle)
+    with writing_id_maps(checkpoint.id_maps, path) as ids_path:
         try:
             export_din(model, path)
         except InputError:
@@ -145,8 +139,29 @@ def export_checkpoint(checkpoint_path: str, path: str, *, device: str = "cpu",
     return str(path), ids_path
 
 
+@contextmanager
+def writing_id_maps(maps: IdMaps, path) -> Iterator[str]:
+    """The id maps, as JSON beside the exported model ``path``
+    (:func:`ids_path_of`), for the block that writes the model: written
+    first, renamed into place when the block ends without an error, so that
+    a failure to write either file leaves both as they were. Yields their path.
+
+    The JSON holds ``item_ids`` and ``category_ids``, the raw ids in dense
+    order (dense id = position + 1, 0 the padding), and ``item_category``, the
+    dense category of each dense item (index 0, the padding item, holds 0).
+    din_fast.serving.Encoder reads it."""
+    ids_path = ids_path_of(path)
+    with replacing(ids_path, "--out's id maps") as temporary:
+        with open(temporary, "w", encoding="utf-8") as handle:
+            json.dump({"item_ids": maps.item_ids.to_pylist(),
+                       "category_ids": maps.category_ids.to_pylist(),
+                       "item_category": maps.item_category.tolist()}, handle)
+        yield ids_path
+
+
 def ids_path_of(path: str) -> str:
-    """Where export_checkpoint writes the id maps of the package ``path``."""
+    """Where the id maps of the exported model ``path`` go: ``din.pt2`` or
+    ``din.onnx`` -> ``din.ids.json``."""
     return str(Path(path).with_suffix(".ids.json"))
 
 

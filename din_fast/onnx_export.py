@@ -1,0 +1,250 @@
+"""Serving on ONNX Runtime (or TensorRT): din_fast.DIN and BaseModel as an ONNX model.
+
+The eager model does not export to ONNX as it is: on CUDA its attention runs
+din_fast's custom ops (Triton kernels), and the torch backend packs the valid
+history positions, a size that depends on the data. So the export traces
+:class:`OnnxDIN`, which computes the same numbers over stock operators:
+every history position is scored and the padding masked out, the first layer
+folded into plain matrix products (``(W_q + W_d) q + (W_k - W_d) k +
+W_p (q * k)``, no ``[B, C, T, 4D]`` concat), Dice and the scoring MLP in
+their inference form (running statistics). The graph is then translated by
+``torch.onnx.export`` (the torch.export-based exporter, which needs onnxscript).
+
+The ONNX model (opset :data:`OPSET`) takes five int64 inputs, every axis but
+the rank dynamic:
+
+==================== ========= ==============================================
+input                shape     meaning
+==================== ========= ==============================================
+history_items        [B, T]    dense item ids of each history, oldest first,
+                               0 after ``lengths[b]`` (the padding)
+history_categories   [B, T]    the dense category of each history item
+lengths              [B]       valid history positions per row, 0..T
+target_items         [B, C]    dense ids of the C candidates of each row
+target_categories    [B, C]    their dense categories
+==================== ========= ==============================================
+
+and returns ``logits`` [B, C] float32 (the click probability is their
+sigmoid). Dense ids are what ``din-fast train`` encodes: item ``i`` of the id
+maps is ``i + 1``, 0 is the padding (see :mod:`din_fast.serving`, which builds
+these inputs from raw ids). The graph itself checks no range: an id outside
+the tables makes ONNX Runtime's Gather fail, and a length above T counts as T;
+:class:`din_fast.serving.OnnxModel` checks every input before running.
+
+    din_fast.onnx_export.export_onnx(model, "din.onnx")    # a DIN or BaseModel
+    din_fast.onnx_export.export_checkpoint_onnx("din.pt", "din.onnx")   # + din.ids.json
+
+``din-fast export --format onnx`` does the latter.
+"""
+
+from __future__ import annotations
+
+import logging
+import warnings
+from contextlib import contextmanager
+
+import torch
+from torch import nn
+
+from .activations import activate
+from .errors import InputError
+from .export import MAX_BATCH, MAX_HISTORY, din_example_inputs, ids_path_of, writing_id_maps
+from .files import check_outputs, replacing
+from .models import BaseModel, score
+from .modules import DINAttention
+from .problem import split_first_layer
+from .reference import masked_normalize
+
+# ONNX Runtime has run opset 18 since 1.14, TensorRT since 8.6.
+OPSET = 18
+INPUT_NAMES = ("history_items", "history_categories", "lengths", "target_items",
+               "target_categories")
+OUTPUT_NAME = "logits"
+MAX_CANDIDATES = 1 << 16
+# A single-file ONNX model is one protobuf message, which holds at most 2 GiB.
+MAX_BYTES = 2 ** 31
+# metadata_props keys of the exported model: the tables' sizes, which
+# din_fast.serving.OnnxModel checks ids against.
+NUM_ITEMS_KEY = "din_fast.num_items"
+NUM_CATEGORIES_KEY = "din_fast.num_categories"
+QUIET_LOGGERS = ("torch.onnx._internal.exporter._registration",
+                 "onnxscript.optimizer._constant_folding")
+
+
+def masked_attention(layer: DINAttention, query: torch.Tensor, keys: torch.Tensor,
+                     lengths: torch.Tensor) -> torch.Tensor:
+    """``layer(query, keys, lengths)`` in eval mode, over stock operators
+    only: the pooled history [B, C, D] for ``query`` [B, C, D], ``keys``
+    [B, T, D] and ``lengths`` [B] int64.
+
+    Every position is scored (nothing of a data-dependent size), then the
+    padding is masked out of the weights, and the padding keys are zeroed
+    before the weighted sum, so whatever ids the padding holds never reach
+    the result (the eager layer's guarantee)."""
+    if layer.training and layer.activation == "dice":
+        raise ValueError("masked_attention: Dice's batch statistics exist in training mode "
+                         "only; put the layer in eval mode (model.eval()) to export it")
+    valid = torch.arange(keys.shape[1], device=keys.device)[None, :] < lengths[:, None]
+    keys = torch.where(valid[:, :, None], keys, torch.zeros((), dtype=keys.dtype))
+    w_q, w_k, w_d, w_p = split_first_layer(layer.hidden[0].weight)
+    per_query = query @ (w_q + w_d).t() + layer.hidden[0].bias                  # [B, C, H1]
+    per_key = keys @ (w_k - w_d).t()                                            # [B, T, H1]
+    h = (per_query[:, :, None, :] + per_key[:, None, :, :]
+         + (query[:, :, None, :] * keys[:, None, :, :]) @ w_p.t())             # [B, C, T, H1]
+    # activate()'s per-layer params: () / (a,) / (a, mu, var).
+    params = layer.activation_params() or [()] * len(layer.hidden)
+    for i, linear in enumerate(layer.hidden):
+        if i:
+            h = linear(h)
+        layer_params = params[i] if isinstance(params[i], tuple) else (params[i],)
+        h = activate(h, layer.activation, layer_params, layer.dice_eps)
+    scores = layer.output(h).squeeze(-1)                                        # [B, C, T]
+    weights = masked_normalize(scores, valid, layer.normalization, layer.scale)
+    return weights @ keys
+
+
+class OnnxDIN(nn.Module):
+    """A trained DIN or BaseModel (in eval mode) with C candidates per row,
+    over stock operators: the module :func:`export_onnx` traces.
+
+    ``forward(history_items, history_categories [B, T], lengths [B],
+    target_items, target_categories [B, C])``, all int64, returns the logits
+    [B, C] the model scores for the same inputs (``model(...)`` with
+    ``[B, C]`` targets), to float rounding."""
+
+    def __init__(self, model: BaseModel):
+        super().__init__()
+        if not isinstance(model, BaseModel):
+            raise TypeError(f"OnnxDIN: `model` must be a din_fast.DIN or BaseModel; got "
+                            f"{type(model).__name__}")
+        if getattr(getattr(model, "attention", None), "top_k", None) is not None:
+            raise ValueError("OnnxDIN: the model's attention is two-stage (top_k); the ONNX "
+                             "export computes exact DIN only")
+        self.model = model
+
+    def forward(self, history_items, history_categories, lengths, target_items,
+                target_categories):
+        model = self.model
+        candidate = model.embed(target_items, target_categories)               # [B, C, 2E]
+        history = model.embed(history_items, history_categories)               # [B, T, 2E]
+        if isinstance(getattr(model, "attention", None), DINAttention):
+            interest = masked_attention(model.attention, candidate, history, lengths)
+        else:
+            interest = model.pool(candidate, history, lengths)
+        return score(model.mlp, model.mlp_input, interest, candidate)
+
+
+def example_inputs(model: BaseModel, batch: int = 4, history: int = 8,
+                   candidates: int = 3) -> tuple:
+    """OnnxDIN's inputs for ``model``: din_fast.export.din_example_inputs with
+    ``candidates`` targets per row ([B, C]), ids inside the tables."""
+    items, categories, lengths, targets, target_categories = din_example_inputs(
+        model, batch, history, torch.device("cpu"))
+    return (items, categories, lengths, targets[:, None].repeat(1, candidates),
+            target_categories[:, None].repeat(1, candidates))
+
+
+def dynamic_shapes() -> tuple:
+    """The export's dynamic axes: batch, history length and candidates."""
+    batch = torch.export.Dim("batch", min=1, max=MAX_BATCH)
+    history = torch.export.Dim("history", min=1, max=MAX_HISTORY)
+    candidates = torch.export.Dim("candidates", min=1, max=MAX_CANDIDATES)
+    return ({0: batch, 1: history}, {0: batch, 1: history}, {0: batch},
+            {0: batch, 1: candidates}, {0: batch, 1: candidates})
+
+
+def export_onnx(model: BaseModel, path) -> str:
+    """Write ``model`` (din_fast.DIN or BaseModel) as the ONNX model ``path``
+    (see the module's docstring for its inputs); returns the path written.
+
+    The model is exported from a CPU copy in eval mode; ``model`` itself is
+    left as it was. The file is written whole or not at all (a temporary file
+    beside it, then a rename). Raises TypeError for another kind of model,
+    ValueError for a model over ONNX's 2 GiB or a two-stage attention, and
+    ImportError without onnx and onnxscript (``pip install "din-fast[onnx]"``).
+    """
+    _require_exporter()
+    scorer = OnnxDIN(model)
+    size = sum(p.numel() * p.element_size() for p in model.parameters())
+    if size >= MAX_BYTES:
+        raise ValueError(f"export_onnx: the model's parameters take {size / 2 ** 30:.1f} GiB; "
+                         "a single-file ONNX model holds less than 2 GiB (serve it as an "
+                         "AOTInductor package: din_fast.export.export_din)")
+    was_training, device = model.training, next(model.parameters()).device
+    scorer.cpu().eval()
+    try:
+        with _exporter_notes_quiet():
+            program = torch.onnx.export(scorer, example_inputs(model), dynamo=True,
+                                        opset_version=OPSET, input_names=list(INPUT_NAMES),
+                                        output_names=[OUTPUT_NAME],
+                                        dynamic_shapes=dynamic_shapes(), verbose=False)
+    finally:
+        model.to(device).train(was_training)
+    program.model.metadata_props[NUM_ITEMS_KEY] = str(model.item_embedding.num_embeddings - 1)
+    program.model.metadata_props[NUM_CATEGORIES_KEY] = str(
+        model.category_embedding.num_embeddings - 1)
+    with replacing(path, "--out") as temporary:
+        program.save(temporary, external_data=False)
+    return str(path)
+
+
+def export_checkpoint_onnx(checkpoint_path, path) -> tuple[str, str]:
+    """The ONNX model of a ``din-fast train`` checkpoint (:func:`export_onnx`)
+    and its id maps beside it, ``<path stem>.ids.json`` (as the .pt2 export
+    writes them). Returns (model, id maps) paths. Raises
+    din_fast.errors.InputError (one line, the option named) for a path that
+    does not end in .onnx, a bad checkpoint, a missing exporter, or a model
+    the export refuses."""
+    # Imported here: the training stack is needed by this entry point only.
+    from .checkpoint import restored_model
+    from .training import checkpoint_for_run
+
+    if not str(path).endswith(".onnx"):
+        raise InputError(f"--out {path}: an ONNX model's name must end in .onnx")
+    try:
+        _require_exporter()
+    except ImportError as error:
+        raise InputError(f"--format onnx: {error}") from None
+    check_outputs({"--out": path, "--out's id maps": ids_path_of(path)},
+                  {"--checkpoint": checkpoint_path})
+    checkpoint, config = checkpoint_for_run(checkpoint_path, "torch", "cpu")
+    model = restored_model(checkpoint, config)
+    with writing_id_maps(checkpoint.id_maps, path) as ids_path:
+        try:
+            written = export_onnx(model, path)
+        except ValueError as error:
+            raise InputError(f"--checkpoint {checkpoint_path}: {error}") from None
+    return written, ids_path
+
+
+@contextmanager
+def _exporter_notes_quiet():
+    """The exporter's notes that a user can do nothing about, silenced: how it
+    names the dynamic axes (each shared by several inputs), torchvision's ops
+    it does not register, a Split it does not constant-fold."""
+    loggers = [logging.getLogger(name) for name in QUIET_LOGGERS]
+    levels = [logger.level for logger in loggers]
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message=".*axis name", category=UserWarning)
+        warnings.filterwarnings("ignore", category=FutureWarning, module="copyreg")
+        for logger in loggers:
+            logger.setLevel(logging.ERROR)
+        try:
+            yield
+        finally:
+            for logger, level in zip(loggers, levels):
+                logger.setLevel(level)
+
+
+def _require_exporter() -> None:
+    """ImportError naming the extra unless torch.onnx's exporter can run."""
+    missing = []
+    for module in ("onnx", "onnxscript"):
+        try:
+            __import__(module)
+        except ImportError:
+            missing.append(module)
+    if missing:
+        raise ImportError(f"the ONNX export needs {' and '.join(missing)}: pip install "
+                          "\"din-fast[onnx]\"")
+

@@ -1,0 +1,171 @@
+"""ONNX export (din-fast export --format onnx, din_fast.onnx_export) and the
+serving helpers (din_fast.serving): ONNX Runtime scores what the checkpoint
+scores eagerly, for other batch sizes, history lengths and candidate counts,
+rows of length 0 and ids in the padding included; bad inputs are refused."""
+
+import itertools
+import json
+import subprocess
+import sys
+
+import pytest
+import torch
+
+import din_fast
+from din_fast.checkpoint import load_checkpoint, restored_model
+from din_fast.cli import main
+from din_fast.loaders import synthetic_interactions
+from din_fast.onnx_export import OPSET, OnnxDIN, example_inputs, export_onnx
+from din_fast.serving import Encoder, OnnxModel
+
+from cli_data import one_torch_thread, write_csv  # noqa: F401 (a fixture)
+
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
+
+SHAPES = ((3, 5, 1), (1, 1, 1), (6, 11, 4), (2, 3, 9))     # (B, T, C)
+
+
+def awkward_inputs(model, batch, history, candidates):
+    """OnnxDIN's inputs with every row length from 0 to T, and ids (not the
+    padding 0) after each row's length, which must not reach the score."""
+    inputs = list(example_inputs(model, batch, history, candidates))
+    inputs[2] = torch.arange(batch) % (history + 1)
+    beyond = torch.arange(history)[None, :] >= inputs[2][:, None]
+    inputs[0] = torch.where(beyond, 1, inputs[0])
+    inputs[1] = torch.where(beyond, 1, inputs[1])
+    return tuple(inputs)
+
+
+def assert_scores_as_eager(scorer, model):
+    for shape in SHAPES:
+        inputs = awkward_inputs(model, *shape)
+        with torch.no_grad():
+            expected = model(*inputs)
+        torch.testing.assert_close(scorer(*inputs), expected, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("model", ["din", "base"])
+@pytest.mark.parametrize("activation,normalization", [("dice", "softmax"), ("sigmoid", None),
+                                                      ("relu", "softmax"), ("prelu", None)])
+def test_onnx_din_computes_what_the_model_computes(model, activation, normalization):
+    """The traced module (stock ops, every position scored, padding masked)
+    against the eager model, running statistics and PReLU slopes not at their
+    initial values, both MLP inputs and activations."""
+    torch.manual_seed(0)
+    for mlp_activation, mlp_input in itertools.product(("prelu", "dice"), ("concat", "product")):
+        options = dict(attention_activation=activation, attention_normalization=normalization) \
+            if model == "din" else {}
+        eager = din_fast.models.MODELS[model](30, 5, embed_dim=4, mlp_activation=mlp_activation,
+                                               mlp_input=mlp_input, **options)
+        for _ in range(2):               # training steps move the running statistics
+            eager(*example_inputs(eager, 16, 6, 2)).sum()
+        with torch.no_grad():
+            for parameter in eager.parameters():
+                parameter.add_(0.1 * torch.randn_like(parameter))
+        eager.eval()
+        assert_scores_as_eager(OnnxDIN(eager), eager)
+
+
+def test_onnx_command_scores_what_the_checkpoint_scores(tmp_path):
+    """Through the real command: a tiny checkpoint, `din-fast export --format
+    onnx`, ONNX Runtime against the eager model, and from raw ids through the
+    Encoder (an unknown history item and an unknown candidate included)."""
+    data = write_csv(tmp_path / "tiny.csv", synthetic_interactions(num_users=40, seed=6))
+    checkpoint, onnx_path = tmp_path / "m.pt", tmp_path / "serving" / "din.onnx"
+    onnx_path.parent.mkdir()
+    assert main(["train", "--data", str(data), "--epochs", "1", "--batch-size", "64",
+                 "--embed-dim", "4", "--no-progress", "--checkpoint", str(checkpoint)]) == 0
+    result = subprocess.run([sys.executable, "-m", "din_fast", "export", "--format", "onnx",
+                             "--checkpoint", str(checkpoint), "--out", str(onnx_path)],
+                            capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert result.stderr.strip().splitlines() == [
+        f"din-fast: wrote {onnx_path} (inputs: dense ids) and {tmp_path / 'serving' / 'din.ids.json'}"
+        " (raw ids -> dense ids)"]
+    import onnx
+
+    proto = onnx.load(str(onnx_path))
+    assert [(o.domain, o.version) for o in proto.opset_import] == [("", OPSET)]
+    assert [i.name for i in proto.graph.input] == list(din_fast.onnx_export.INPUT_NAMES)
+    saved = load_checkpoint(checkpoint)
+    model = restored_model(saved, saved.config)
+    scorer = OnnxModel(onnx_path)
+    assert (scorer.num_items, scorer.num_categories) == (len(saved.id_maps.item_ids),
+                                                         len(saved.id_maps.category_ids))
+    assert_scores_as_eager(scorer, model)
+
+    encoder = Encoder.from_json(tmp_path / "serving" / "din.ids.json")
+    raw = saved.id_maps.item_ids.to_pylist()
+    batch = encoder.encode([[raw[3], "not-an-item", raw[5]], [], [raw[1]] * 7],
+                           [[raw[7], raw[8]], [raw[2]], ["nor-this", raw[0], raw[9]]], max_len=5)
+    assert batch.unknown_history_items == 1 and batch.unknown_candidates == [(2, "nor-this")]
+    assert batch.lengths.tolist() == [2, 0, 5] and batch.shape == (3, 3)
+    assert batch.known.tolist() == [[True, True, False], [True, False, False],
+                                    [False, True, True]]
+    with torch.no_grad():
+        expected = model(*batch.inputs())
+        torch.testing.assert_close(model(*batch.rows()).view(batch.shape), expected)
+    torch.testing.assert_close(scorer(*batch.inputs()), expected, rtol=1e-5, atol=1e-5)
+
+
+def test_onnx_model_refuses_bad_inputs(tmp_path):
+    torch.manual_seed(0)
+    model = din_fast.DIN(20, 4, embed_dim=4, attention_activation="sigmoid").eval()
+    scorer = OnnxModel(export_onnx(model, tmp_path / "din.onnx"))
+    good = example_inputs(model, 2, 3, 2)
+    torch.testing.assert_close(scorer(*good), model(*good), rtol=1e-5, atol=1e-5)
+    cases = [
+        (0, good[0].float(), TypeError, "`history_items` must hold integer ids"),
+        (2, good[2] != 0, TypeError, "`lengths` must hold integer ids"),
+        (2, torch.tensor([1, 4]), ValueError, "`lengths` must lie in [0, T]"),
+        (2, torch.tensor([-1, 0]), ValueError, "lengths[0] = -1"),
+        (3, good[3] + 20, ValueError, "`target_items` must lie in [0, 20]"),
+        (1, torch.full_like(good[1], -2), ValueError, "`history_categories` must lie in [0, 4]"),
+        (3, good[3][:, 0], ValueError, "[B, C] with B = 2"),
+        (1, good[1][:, :2], ValueError, "`history_items` and `history_categories` must both"),
+        (2, good[2][:1], ValueError, "`lengths` must be [B] with B = 2"),
+    ]
+    for index, value, error, message in cases:
+        inputs = list(good)
+        inputs[index] = value
+        with pytest.raises(error) as raised:
+            scorer(*inputs)
+        assert message in str(raised.value)
+    int32 = [t.int().numpy() for t in good]          # any integer dtype, numpy arrays too
+    torch.testing.assert_close(scorer(*int32), model(*good), rtol=1e-5, atol=1e-5)
+
+
+def test_export_refusals(tmp_path, monkeypatch):
+    with pytest.raises(TypeError, match="must be a din_fast.DIN or BaseModel"):
+        OnnxDIN(torch.nn.Linear(2, 2))
+    with pytest.raises(ValueError, match="item_category"):
+        Encoder(["a", "b"], ["c"], [0, 1])
+    with pytest.raises(ValueError, match="item_category"):
+        Encoder(["a"], ["c"], [0, 2])
+    encoder = Encoder(["a"], ["c"], [0, 1])
+    with pytest.raises(ValueError, match="one entry per request"):
+        encoder.encode([["a"]], [])
+    with pytest.raises(ValueError, match=r"`candidates\[0\]` must be a non-empty"):
+        encoder.encode([["a"]], ["a"])
+    monkeypatch.setitem(sys.modules, "onnxscript", None)    # as if not installed
+    with pytest.raises(ImportError, match=r"din-fast\[onnx\]"):
+        export_onnx(din_fast.DIN(3, 2, embed_dim=2), tmp_path / "x.onnx")
+    assert not list(tmp_path.iterdir())
+
+
+def test_export_command_onnx_errors_are_one_line(tmp_path, capsys):
+    not_a_checkpoint = tmp_path / "x.pt"
+    not_a_checkpoint.write_bytes(b"\x00garbage")
+    base = ["--format", "onnx", "--checkpoint", str(not_a_checkpoint)]
+    cases = [(base + ["--out", str(tmp_path / "a.pt2")], "must end in .onnx"),
+             (base + ["--out", str(tmp_path / "a.onnx")], "not a readable torch checkpoint"),
+             (base + ["--out", str(tmp_path / "a.onnx"), "--device", "cpu"],
+              "--device cpu: applies to the .pt2 package only"),
+             (base + ["--out", str(tmp_path / "a.onnx"), "--backend", "torch"],
+              "--backend torch: applies to the .pt2 package only")]
+    for arguments, message in cases:
+        assert main(["export", *arguments]) == 2
+        lines = capsys.readouterr().err.strip().splitlines()
+        assert len(lines) == 1 and lines[0].startswith("din-fast: error:"), lines
+        assert message in lines[0]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["x.pt"]
