@@ -104,6 +104,13 @@ class Encoder:
                              f"{int(self.item_category[index])}")
 
     @classmethod
+    def from_id_maps(cls, id_maps) -> "Encoder":
+        """The encoder of a checkpoint's id maps (din_fast.data.IdMaps:
+        ``load_checkpoint(path).id_maps``), to score with the eager model."""
+        return cls(id_maps.item_ids.to_pylist(), id_maps.category_ids.to_pylist(),
+                   id_maps.item_category.tolist())
+
+    @classmethod
     def from_json(cls, path) -> "Encoder":
         """The encoder of the id maps ``path`` (``<name>.ids.json``, written
         beside the exported model)."""
