@@ -186,13 +186,16 @@ class OnnxModel:
     Args:
         path: the .onnx file.
         providers: ONNX Runtime's execution providers (default: CPU).
+        session_options: an ``onnxruntime.SessionOptions`` (threads, graph
+            optimizations), or None for ONNX Runtime's defaults.
     """
 
-    def __init__(self, path, providers: Optional[Sequence[str]] = None):
+    def __init__(self, path, providers: Optional[Sequence[str]] = None, session_options=None):
         import onnxruntime   # an optional dependency: pip install "din-fast[onnx]"
 
         self.session = onnxruntime.InferenceSession(
-            str(path), providers=list(providers or ["CPUExecutionProvider"]))
+            str(path), sess_options=session_options,
+            providers=list(providers or ["CPUExecutionProvider"]))
         metadata = self.session.get_modelmeta().custom_metadata_map
         if NUM_ITEMS_KEY not in metadata or NUM_CATEGORIES_KEY not in metadata:
             raise ValueError(f"OnnxModel: {path} is not a model din-fast export --format onnx "

@@ -117,6 +117,23 @@ def test_bench_cpu_records_every_implementation_and_pass(tmp_path):
     assert "speedup (IQR)" in result.stdout
 
 
+def test_bench_serving_records_each_format_and_its_error(tmp_path):
+    """Eager and ONNX Runtime (the .pt2 export, a minute of C++ compiling, is
+    left to the examples' test): one row each, logits as eager's."""
+    out = tmp_path / "serving.csv"
+    result = run_module("benchmarks.bench_serving", "--history", "7", "--candidates", "3",
+                        "--items", "40", "--categories", "5", "--formats", "eager", "onnx",
+                        "--rounds", "3", "--warmup", "1", "--out", str(out))
+    assert result.returncode == 0, result.stderr
+    rows = harness.read_csv(str(out))
+    assert [r["format"] for r in rows] == ["eager", "onnx"]
+    for row in rows:
+        assert row["max_abs_logit_error"] < 1e-5
+        assert row["ms_q1"] <= row["ms"] <= row["ms_q3"]
+        assert row["candidates"] == 3 and "--formats eager onnx" in row["command"]
+    assert rows[0]["speedup_vs_eager"] == 1.0
+
+
 def test_bench_gpu_dry_run_records_errors_beside_times(tmp_path):
     result = run_module("benchmarks.bench_gpu", "--pass", "train", "--dry-run", "--headline-only",
                         "--dtypes", "float32", "--implementations", "triton", "reference",
