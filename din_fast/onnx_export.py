@@ -161,7 +161,7 @@ def export_onnx(model: BaseModel, path) -> str:
     left as it was. The file is written whole or not at all (a temporary file
     beside it, then a rename). Raises TypeError for another kind of model,
     ValueError for a model over ONNX's 2 GiB or a two-stage attention, and
-    ImportError without onnx and onnxscript (``pip install "din-fast[onnx]"``).
+    ImportError without onnx and onnxscript (din_fast's ``onnx`` extra).
     """
     _require_exporter()
     scorer = OnnxDIN(model)
@@ -245,6 +245,6 @@ def _require_exporter() -> None:
         except ImportError:
             missing.append(module)
     if missing:
-        raise ImportError(f"the ONNX export needs {' and '.join(missing)}: pip install "
-                          "\"din-fast[onnx]\"")
+        raise ImportError(f"the ONNX export needs {' and '.join(missing)} (din_fast's onnx "
+                          "extra: pip install onnx onnxscript onnxruntime)")
 

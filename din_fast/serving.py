@@ -191,7 +191,7 @@ class OnnxModel:
     """
 
     def __init__(self, path, providers: Optional[Sequence[str]] = None, session_options=None):
-        import onnxruntime   # an optional dependency: pip install "din-fast[onnx]"
+        import onnxruntime   # the onnx extra: pip install onnxruntime
 
         self.session = onnxruntime.InferenceSession(
             str(path), sess_options=session_options,

@@ -12,7 +12,8 @@ one candidate per row (``batch.rows()``), the ONNX model C candidates per row
     python examples/serve_exported.py --checkpoint din.pt # your din-fast train checkpoint
 
 The .pt2 export compiles C++ (a compiler must be installed; a minute on a
-small CPU); the ONNX export needs ``pip install "din-fast[onnx]"``.
+small CPU); the ONNX export needs the ``onnx`` extra
+(``pip install -e ".[onnx]"`` in the checkout).
 """
 
 import argparse

@@ -9,7 +9,7 @@ nothing of size [B, max_len, D] is ever built. This script builds such a
 pipeline, checks it against the same histories padded, and trains it a few
 steps (single process; for sharded tables see din_fast.sharded).
 
-    pip install "din-fast[torchrec]"
+    pip install -e ".[torchrec]"        # in the checkout
     pip install --no-deps fbgemm-gpu-cpu==1.8.0 torchrec==1.8.0   # with torch 2.13
     python examples/torchrec_jagged.py
 """
