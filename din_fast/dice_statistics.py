@@ -117,6 +117,18 @@ def synchronize_dice_statistics(model: nn.Module, process_group=None) -> nn.Modu
     included), since each Dice layer is a collective. Evaluation is
     unchanged: running statistics, no communication. ``process_group=False``
     turns the synchronization off again.
+
+    Args:
+        model: any module; its ``DINAttention`` and ``Dice`` submodules change.
+        process_group: a torch.distributed process group, None for the whole
+            world, or False to go back to per-process statistics.
+
+    Returns:
+        ``model`` itself (changed in place).
+
+    Raises:
+        RuntimeError: ``process_group`` None while torch.distributed is not
+            initialized.
     """
     from .models import Dice
     from .modules import DINAttention

@@ -43,15 +43,29 @@ def export_package(model: torch.nn.Module, example_inputs: Sequence[torch.Tensor
     """Export ``model`` (in eval mode) on ``example_inputs`` and compile it into
     the AOTInductor package ``path``; returns the path written.
 
-    ``dynamic_shapes`` as torch.export.export takes it (for example the batch
-    and history axes); without it the package takes the example's shapes only.
+    Args:
+        model: any module torch.export can trace (models using DINAttention
+            can); put back in its own mode afterwards.
+        example_inputs: the forward's positional arguments, tensors on the
+            device the package will run on.
+        path: the package to write, ending in ``.pt2``.
+        dynamic_shapes: as torch.export.export takes it (for example the
+            batch and history axes); without it the package takes the
+            example's shapes only.
+        value_ranges: {input name: (low, high)}, high an int or a
+            ``torch.export.Dim`` (or its name): the values an input may hold.
+        padding_dims: Dim names of the dims a call may give as 0,
+            zero-padded to their minimum.
+
     The package records what it takes (din_fast.package_inputs), which
-    :func:`load` checks at every call: each input's dtype and shape, with
-    ``value_ranges`` ({input name: (low, high)}, high an int or a
-    ``torch.export.Dim``) the values an input may hold, and ``padding_dims``
-    (Dim names) the dims a call may give as 0, zero-padded to their minimum.
-    The package is written atomically (din_fast.files.replacing: whole or not
-    at all; OutputError when it cannot be written).
+    :func:`load` checks at every call: each input's dtype and shape and,
+    with ``value_ranges``, its values. The package is written atomically
+    (din_fast.files.replacing: whole or not at all).
+
+    Raises:
+        din_fast.errors.OutputError: the package cannot be written.
+        Exception: what torch.export and Inductor raise, for a model that
+            does not trace or a missing C++ compiler (CPU) or CUDA toolkit (GPU).
     """
     was_training = model.training
     model.eval()
@@ -105,9 +119,15 @@ def din_value_ranges(model: torch.nn.Module) -> dict:
 
 
 def export_din(model: torch.nn.Module, path: str) -> str:
-    """Package din_fast.DIN or BaseModel for serving, any batch and history
-    length, on the device its parameters are on; returns the path written.
-    A history of length T = 0 is padded to one position (id 0, length 0)."""
+    """Package din_fast.DIN or BaseModel for serving, any batch (up to
+    MAX_BATCH) and history length (up to MAX_HISTORY), on the device its
+    parameters are on; returns the path written.
+
+    The package takes din_example_inputs' five int64 tensors:
+    ``history_items``, ``history_categories`` [B, T], ``lengths`` [B],
+    ``target_items``, ``target_categories`` [B] (dense ids, 0 the padding),
+    and returns the logits [B]. A history of length T = 0 is padded to one
+    position (id 0, length 0)."""
     return export_package(model, din_example_inputs(model), path, din_dynamic_shapes(),
                           din_value_ranges(model), padding_dims=("T",))
 
@@ -118,7 +138,19 @@ def export_checkpoint(checkpoint_path: str, path: str, *, device: str = "cpu",
     and write its id maps as JSON beside it (``<path stem>.ids.json``:
     ``item_ids`` and ``category_ids``, the raw ids in dense order, dense id =
     position + 1 with 0 the padding, and ``item_category``, the dense
-    category of each dense item). Returns (package, id maps) paths."""
+    category of each dense item). Returns (package, id maps) paths.
+
+    Args:
+        checkpoint_path: a ``din-fast train --checkpoint`` file.
+        path: the package to write, ending in ``.pt2``.
+        device: "cpu" or "cuda", where the package runs.
+        backend: the attention backend traced ("auto": triton on CUDA).
+
+    Raises:
+        din_fast.errors.InputError: a path not ending in .pt2, a bad
+            checkpoint, a device or backend this machine lacks, or an export
+            or compile that failed (one line, naming the option).
+    """
     if not str(path).endswith(".pt2"):
         raise InputError(f"--out {path}: the package's name must end in .pt2 (AOTInductor's "
                          "package format)")

@@ -80,8 +80,21 @@ def din_attention(query, keys, lengths=None, *, weights, biases, activation="sig
         The pooled history [B, Dv] (or [B, C, Dv] for a 3-D query) in the
         keys' dtype; with ``return_scores`` also w, [B, T] (or [B, C, T]).
 
+    Raises:
+        TypeError: an argument of the wrong type or dtype (a non-tensor,
+            float lengths, a non-bool mask, query and keys of different
+            dtypes, a non-finite or non-real scale).
+        ValueError: shapes that do not fit together (rank, D, B, T, the
+            layers' widths), lengths and mask both given, lengths outside
+            [0, T] (on CPU; on CUDA an asynchronous device assert), tensors on
+            different devices, an unknown activation, normalization or
+            backend, wrong activation_params, or an explicit backend that
+            cannot run the call (the message says why).
+
     Under ``torch.autocast`` the query, keys and values are cast to the
     autocast dtype first; parameters keep theirs and accumulation is float32.
+    Every input that requires grad gets a gradient (``lengths`` and ``mask``
+    never do).
     """
     problem = validate(query, keys, lengths, weights=weights, biases=biases,
                        activation=activation, activation_params=activation_params, mask=mask,
@@ -109,6 +122,14 @@ def din_attention_jagged(query, keys_values, offsets, max_len, *, weights, biase
     Returns:
         The pooled history [B, Dv] or [B, C, Dv]; with ``return_scores`` also
         the weights as jagged values, [L] or [L, C].
+
+    Raises:
+        TypeError: as din_attention, and for offsets that are not int32 or
+            int64, or a max_len that is not an int.
+        ValueError: as din_attention, and for offsets that are not 1-D
+            [B + 1], do not start at 0 and end at L, decrease, or hold a row
+            longer than ``max_len`` (checked on CPU; on CUDA an asynchronous
+            device assert).
     """
     problem = validate_jagged(query, keys_values, offsets, max_len, weights=weights,
                               biases=biases, activation=activation,

@@ -35,6 +35,13 @@ class DINAttention(nn.Module):
         dice_eps: Dice's epsilon.
         momentum: Dice's running-statistics momentum, as BatchNorm's.
 
+    Raises:
+        ValueError: ``embed_dim`` or a width not a positive int, no hidden
+            layer, an unknown activation, normalization or backend, a
+            non-finite scale, a dice_eps that is not a positive number, a
+            momentum outside [0, 1].
+        TypeError: a scale that is not a real number.
+
     Parameters are in ``nn.Linear`` layout, so weights of other PyTorch DIN
     layers load unchanged: ``hidden[i]`` is layer i+1 (the first takes the 4D
     features [q | k | q-k | q*k]) and ``output`` maps the last hidden layer to
@@ -143,6 +150,9 @@ class DINAttention(nn.Module):
         Returns:
             The pooled history, [B, Dv] or [B, C, Dv] in the keys' dtype; with
             ``return_scores`` also the weights, [B, T] or [B, C, T].
+
+        Raises:
+            TypeError, ValueError: as din_fast.din_attention, for bad inputs.
         """
         self._run_layer_hooks()
         kwargs = self._functional_kwargs(mask, values)

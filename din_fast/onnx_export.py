@@ -154,14 +154,22 @@ def dynamic_shapes() -> tuple:
 
 
 def export_onnx(model: BaseModel, path) -> str:
-    """Write ``model`` (din_fast.DIN or BaseModel) as the ONNX model ``path``
-    (see the module's docstring for its inputs); returns the path written.
+    """Write ``model`` as the ONNX model ``path`` (see the module's
+    docstring for its inputs and output); returns the path written.
 
-    The model is exported from a CPU copy in eval mode; ``model`` itself is
-    left as it was. The file is written whole or not at all (a temporary file
-    beside it, then a rename). Raises TypeError for another kind of model,
-    ValueError for a model over ONNX's 2 GiB or a two-stage attention, and
-    ImportError without onnx and onnxscript (din_fast's ``onnx`` extra).
+    The model is exported on the CPU in eval mode, then put back on its
+    device and in its mode. The file is written whole or not at all (a
+    temporary file beside it, then a rename).
+
+    Args:
+        model: a din_fast.DIN or BaseModel.
+        path: the file to write (``.onnx`` by convention).
+
+    Raises:
+        TypeError: another kind of model.
+        ValueError: parameters over ONNX's 2 GiB, or a two-stage (top-K)
+            attention.
+        ImportError: onnx or onnxscript missing (din_fast's ``onnx`` extra).
     """
     _require_exporter()
     scorer = OnnxDIN(model)
@@ -191,10 +199,13 @@ def export_onnx(model: BaseModel, path) -> str:
 def export_checkpoint_onnx(checkpoint_path, path) -> tuple[str, str]:
     """The ONNX model of a ``din-fast train`` checkpoint (:func:`export_onnx`)
     and its id maps beside it, ``<path stem>.ids.json`` (as the .pt2 export
-    writes them). Returns (model, id maps) paths. Raises
-    din_fast.errors.InputError (one line, the option named) for a path that
-    does not end in .onnx, a bad checkpoint, a missing exporter, or a model
-    the export refuses."""
+    writes them). Returns (model, id maps) paths.
+
+    Raises:
+        din_fast.errors.InputError: a path that does not end in .onnx, a bad
+            checkpoint, a missing exporter, or a model the export refuses (one
+            line, naming the option).
+    """
     # Imported here: the training stack is needed by this entry point only.
     from .checkpoint import restored_model
     from .training import checkpoint_for_run

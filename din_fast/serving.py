@@ -125,7 +125,7 @@ class Encoder:
 
     def encode(self, histories: Sequence[Sequence], candidates: Sequence[Sequence],
                max_len: Optional[int] = None) -> EncodedBatch:
-        """Dense inputs for B requests.
+        """Dense inputs for B requests (see :class:`EncodedBatch`).
 
         Args:
             histories: B sequences of raw item ids, oldest first (may be empty).
@@ -134,6 +134,10 @@ class Encoder:
             max_len: keep the most recent ``max_len`` known items of each
                 history (the model's training ``--max-len`` is a good choice);
                 None keeps all.
+
+        Raises:
+            ValueError: histories and candidates of different lengths, a
+                request without candidates, a bad max_len.
         """
         if len(histories) != len(candidates):
             raise ValueError(f"Encoder.encode: `histories` and `candidates` must have one entry "
@@ -205,6 +209,13 @@ class OnnxModel:
 
     def __call__(self, history_items, history_categories, lengths, target_items,
                  target_categories) -> torch.Tensor:
+        """Logits [B, C] (float32 tensor) of the five inputs.
+
+        Raises:
+            TypeError: an input that does not hold integers.
+            ValueError: a wrong shape, a length outside [0, T], an id
+                outside the model's tables.
+        """
         arrays = check_inputs(dict(zip(INPUT_NAMES, (history_items, history_categories, lengths,
                                                      target_items, target_categories))),
                               self.num_items, self.num_categories)
