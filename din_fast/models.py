@@ -104,10 +104,22 @@ class BaseModel(nn.Module):
     The sum runs over each row's first ``lengths[b]`` positions, as DIN's
     attention does: ids past a row's length never reach the score.
 
-    ``embed_dim`` is the size of each table, so an item (and the attention's
-    query and keys in DIN) is 2 * embed_dim wide. ``backend`` is the attention
-    backend: BaseModel has no attention and keeps it only so that both models
-    take the same arguments.
+    Args:
+        num_items: the items of the id maps; the item table has one more row,
+            row 0 the padding (kept at zero).
+        num_categories: likewise for the category table.
+        embed_dim: the size of each table, so an item (and the attention's
+            query and keys in DIN) is 2 * embed_dim wide.
+        mlp_hidden: the scoring MLP's hidden widths.
+        mlp_activation: "dice" (the paper's) or "prelu".
+        backend: the attention backend (din_attention's); BaseModel has no
+            attention and keeps it only so that both models take the same
+            arguments.
+        mlp_input: "concat" (MLP over [interest, candidate], the paper's) or
+            "product" (interest * candidate appended).
+
+    Raises:
+        ValueError: an unknown ``mlp_activation`` or ``mlp_input``.
     """
 
     def __init__(self, num_items: int, num_categories: int, embed_dim: int = 32,
@@ -188,11 +200,25 @@ class BaseModel(nn.Module):
         row (``target_items`` and ``target_categories`` [B, C]) logits [B, C],
         each history pooled once for all of its candidates.
 
-        The ids must lie in the tables (0, the padding, up to num_items and
-        num_categories) and ``lengths`` in [0, T], T the width of
-        ``history_items``: ValueError on CPU; on an accelerator, and in a
-        compiled or exported graph, an asynchronous assert with the same
-        message (no host sync)."""
+        Args:
+            history_items: [B, T] int32/int64 dense item ids, oldest first, 0
+                (the padding) after ``lengths[b]``.
+            history_categories: [B, T] the dense category of each.
+            lengths: [B] int32/int64, each row's history length, in [0, T].
+            target_items: [B] (or [B, C]) the candidates' dense item ids.
+            target_categories: [B] (or [B, C]) their dense categories.
+
+        Returns:
+            The logits [B] (or [B, C]); the click probability is their sigmoid.
+
+        Raises:
+            TypeError: an input that is not an int32/int64 tensor.
+            ValueError: shapes that do not fit together, an id outside the
+                tables (0, the padding, up to num_items and num_categories),
+                ``lengths`` outside [0, T]; on CPU. On an accelerator, and in
+                a compiled or exported graph, an asynchronous assert with the
+                same message (no host sync).
+        """
         self.check_inputs(history_items, history_categories, lengths, target_items,
                           target_categories)
         candidate = self.embed(target_items, target_categories)
@@ -208,7 +234,19 @@ class DIN(BaseModel):
 
     The weights are a softmax over the history by default, as in the original
     released DIN code; ``attention_normalization=None`` gives the paper's raw
-    scores (on the Amazon sets softmax won; see the README's recipe section).
+    scores (on the Amazon sets softmax won; see the training guide's recipe
+    section).
+
+    Args:
+        num_items, num_categories, embed_dim, mlp_hidden, mlp_activation,
+            backend, mlp_input: as BaseModel's.
+        attention_hidden: the attention unit's hidden widths.
+        attention_activation: "dice", "sigmoid", "relu" or "prelu".
+        attention_normalization: "softmax" or None (raw scores).
+
+    Raises:
+        ValueError: as BaseModel, and for the attention options
+            (DINAttention's checks).
     """
 
     def __init__(self, num_items: int, num_categories: int, embed_dim: int = 32,

@@ -27,9 +27,13 @@ target_categories    [B, C]    their dense categories
 and returns ``logits`` [B, C] float32 (the click probability is their
 sigmoid). Dense ids are what ``din-fast train`` encodes: item ``i`` of the id
 maps is ``i + 1``, 0 is the padding (see :mod:`din_fast.serving`, which builds
-these inputs from raw ids). The graph itself checks no range: an id outside
-the tables makes ONNX Runtime's Gather fail, and a length above T counts as T;
-:class:`din_fast.serving.OnnxModel` checks every input before running.
+these inputs from raw ids). The graph itself checks nothing (ONNX has no
+assert): ONNX Runtime refuses an item id past the table, but reads a negative
+one from the table's end and counts a length above T as T. So the export
+records what the model takes in the model's metadata (``din_fast.inputs``,
+din_fast.package_inputs' record, as a .pt2 package keeps it: each input's
+dtype, named dims and value range), and :class:`din_fast.serving.OnnxModel`
+checks every call against it.
 
     din_fast.onnx_export.export_onnx(model, "din.onnx")    # a DIN or BaseModel
     din_fast.onnx_export.export_checkpoint_onnx("din.pt", "din.onnx")   # + din.ids.json
@@ -48,10 +52,12 @@ from torch import nn
 
 from .activations import activate
 from .errors import InputError
-from .export import MAX_BATCH, MAX_HISTORY, din_example_inputs, ids_path_of, writing_id_maps
+from .export import (din_dynamic_shapes, din_example_inputs, din_value_ranges, ids_path_of,
+                     writing_id_maps)
 from .files import check_outputs, replacing
 from .models import BaseModel, score
 from .modules import DINAttention
+from .package_inputs import InputContract
 from .problem import split_first_layer
 from .reference import masked_normalize
 
@@ -63,10 +69,6 @@ OUTPUT_NAME = "logits"
 MAX_CANDIDATES = 1 << 16
 # A single-file ONNX model is one protobuf message, which holds at most 2 GiB.
 MAX_BYTES = 2 ** 31
-# metadata_props keys of the exported model: the tables' sizes, which
-# din_fast.serving.OnnxModel checks ids against.
-NUM_ITEMS_KEY = "din_fast.num_items"
-NUM_CATEGORIES_KEY = "din_fast.num_categories"
 QUIET_LOGGERS = ("torch.onnx._internal.exporter._registration",
                  "onnxscript.optimizer._constant_folding")
 
@@ -145,12 +147,11 @@ def example_inputs(model: BaseModel, batch: int = 4, history: int = 8,
 
 
 def dynamic_shapes() -> tuple:
-    """The export's dynamic axes: batch, history length and candidates."""
-    batch = torch.export.Dim("batch", min=1, max=MAX_BATCH)
-    history = torch.export.Dim("history", min=1, max=MAX_HISTORY)
-    candidates = torch.export.Dim("candidates", min=1, max=MAX_CANDIDATES)
-    return ({0: batch, 1: history}, {0: batch, 1: history}, {0: batch},
-            {0: batch, 1: candidates}, {0: batch, 1: candidates})
+    """The export's dynamic axes: the .pt2 package's batch B and history
+    length T (din_fast.export.din_dynamic_shapes), and candidates C."""
+    items, categories, lengths, _, _ = din_dynamic_shapes()
+    targets = {0: lengths[0], 1: torch.export.Dim("C", min=1, max=MAX_CANDIDATES)}
+    return items, categories, lengths, targets, dict(targets)
 
 
 def export_onnx(model: BaseModel, path) -> str:
@@ -180,19 +181,22 @@ def export_onnx(model: BaseModel, path) -> str:
                          "AOTInductor package: din_fast.export.export_din)")
     was_training, device = model.training, next(model.parameters()).device
     scorer.cpu().eval()
+    shapes = dynamic_shapes()
     try:
+        program = torch.export.export(scorer, example_inputs(model), dynamic_shapes=shapes)
+        # What the model takes, recorded as the .pt2 package records it, for
+        # din_fast.serving.OnnxModel to check every call against.
+        contract = InputContract.of_program(program, shapes, din_value_ranges(model),
+                                            padding_dims=("T",))
         with _exporter_notes_quiet():
-            program = torch.onnx.export(scorer, example_inputs(model), dynamo=True,
-                                        opset_version=OPSET, input_names=list(INPUT_NAMES),
-                                        output_names=[OUTPUT_NAME],
-                                        dynamic_shapes=dynamic_shapes(), verbose=False)
+            onnx_program = torch.onnx.export(program, dynamo=True, opset_version=OPSET,
+                                             input_names=list(INPUT_NAMES),
+                                             output_names=[OUTPUT_NAME], verbose=False)
     finally:
         model.to(device).train(was_training)
-    program.model.metadata_props[NUM_ITEMS_KEY] = str(model.item_embedding.num_embeddings - 1)
-    program.model.metadata_props[NUM_CATEGORIES_KEY] = str(
-        model.category_embedding.num_embeddings - 1)
+    onnx_program.model.metadata_props.update(contract.to_metadata())
     with replacing(path, "--out") as temporary:
-        program.save(temporary, external_data=False)
+        onnx_program.save(temporary, external_data=False)
     return str(path)
 
 

@@ -26,12 +26,14 @@ from __future__ import annotations
 
 import json
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Optional, Sequence
 
 import numpy as np
 import torch
 
-from .onnx_export import INPUT_NAMES, NUM_CATEGORIES_KEY, NUM_ITEMS_KEY, OUTPUT_NAME
+from .onnx_export import OUTPUT_NAME
+from .package_inputs import METADATA_KEY, InputContract
 
 
 @dataclass
@@ -180,86 +182,57 @@ class OnnxModel:
     """An ONNX model from ``din-fast export --format onnx`` on ONNX Runtime.
 
     ``OnnxModel(path)(history_items, history_categories, lengths,
-    target_items, target_categories)`` returns the logits [B, C] as a float32
-    tensor; inputs are tensors or numpy arrays of an integer dtype, shaped as
-    :class:`EncodedBatch.inputs` gives them. Each is checked before the run
-    (the graph itself cannot): TypeError for a non-integer input, ValueError
-    naming the input for a wrong shape, a length outside [0, T] or an id
-    outside the model's tables.
+    target_items, target_categories)`` (by position or by name) returns the
+    logits [B, C] as a float32 tensor; inputs are CPU tensors or numpy arrays,
+    shaped as :meth:`EncodedBatch.inputs` gives them. Every call is checked
+    first against what the export recorded in the model, as
+    ``din_fast.export.load`` checks a .pt2 package's calls (the ONNX graph
+    checks nothing): narrower integer inputs (int32) are converted to int64,
+    which is exact; a history of width T = 0 is padded to one position.
 
     Args:
         path: the .onnx file.
         providers: ONNX Runtime's execution providers (default: CPU).
         session_options: an ``onnxruntime.SessionOptions`` (threads, graph
             optimizations), or None for ONNX Runtime's defaults.
+
+    Raises:
+        ValueError: a model that din-fast export did not write (no record of
+            its inputs).
     """
 
     def __init__(self, path, providers: Optional[Sequence[str]] = None, session_options=None):
         import onnxruntime   # the onnx extra: pip install onnxruntime
 
+        self.name = Path(path).name
         self.session = onnxruntime.InferenceSession(
             str(path), sess_options=session_options,
             providers=list(providers or ["CPUExecutionProvider"]))
-        metadata = self.session.get_modelmeta().custom_metadata_map
-        if NUM_ITEMS_KEY not in metadata or NUM_CATEGORIES_KEY not in metadata:
-            raise ValueError(f"OnnxModel: {path} is not a model din-fast export --format onnx "
-                             f"wrote (no {NUM_ITEMS_KEY} in its metadata)")
-        self.num_items = int(metadata[NUM_ITEMS_KEY])
-        self.num_categories = int(metadata[NUM_CATEGORIES_KEY])
+        self.contract = InputContract.from_metadata(
+            self.session.get_modelmeta().custom_metadata_map)
+        if self.contract is None:
+            raise ValueError(f"OnnxModel: {path} holds no record of its inputs "
+                             f"({METADATA_KEY}); expected a model din-fast export --format "
+                             "onnx wrote")
 
-    def __call__(self, history_items, history_categories, lengths, target_items,
-                 target_categories) -> torch.Tensor:
+    def __call__(self, *args, **kwargs) -> torch.Tensor:
         """Logits [B, C] (float32 tensor) of the five inputs.
 
         Raises:
-            TypeError: an input that does not hold integers.
-            ValueError: a wrong shape, a length outside [0, T], an id
-                outside the model's tables.
+            TypeError: a missing, repeated or unknown input, or one that is
+                not an integer tensor or array (int64, or narrower).
+            ValueError: a wrong rank or shape, sizes that disagree between
+                inputs, a length outside [0, T], an id outside the model's
+                tables: each named by its input.
         """
-        arrays = check_inputs(dict(zip(INPUT_NAMES, (history_items, history_categories, lengths,
-                                                     target_items, target_categories))),
-                              self.num_items, self.num_categories)
-        (logits,) = self.session.run([OUTPUT_NAME], arrays)
+        args = tuple(_as_tensor(value) for value in args)
+        kwargs = {name: _as_tensor(value) for name, value in kwargs.items()}
+        tensors = self.contract.prepare(self.name, args, kwargs)
+        feed = {spec.name: tensor.numpy() for spec, tensor in zip(self.contract.inputs, tensors)}
+        (logits,) = self.session.run([OUTPUT_NAME], feed)
         return torch.from_numpy(logits)
 
 
-def check_inputs(inputs: dict, num_items: int, num_categories: int) -> dict:
-    """The ONNX model's inputs (``{name: tensor or array}``, names as
-    din_fast.onnx_export.INPUT_NAMES) as C-contiguous int64 numpy arrays,
-    each checked: an integer dtype (TypeError), history [B, T] with T >= 1,
-    lengths [B] in [0, T], targets [B, C] with C >= 1, item ids in
-    [0, num_items] and category ids in [0, num_categories] (ValueError)."""
-    arrays = {}
-    for name, value in inputs.items():
-        array = value.detach().cpu().numpy() if isinstance(value, torch.Tensor) else \
-            np.asarray(value)
-        if array.dtype == np.bool_ or not np.issubdtype(array.dtype, np.integer):
-            raise TypeError(f"OnnxModel: `{name}` must hold integer ids; got dtype {array.dtype}")
-        arrays[name] = np.ascontiguousarray(array, dtype=np.int64)
-    history, lengths, targets = (arrays["history_items"], arrays["lengths"],
-                                 arrays["target_items"])
-    if history.ndim != 2 or history.shape[1] < 1 \
-            or arrays["history_categories"].shape != history.shape:
-        raise ValueError(f"OnnxModel: `history_items` and `history_categories` must both be "
-                         f"[B, T] with T >= 1; got {history.shape} and "
-                         f"{arrays['history_categories'].shape}")
-    if lengths.shape != history.shape[:1]:
-        raise ValueError(f"OnnxModel: `lengths` must be [B] with B = {history.shape[0]}, the "
-                         f"rows of `history_items`; got {lengths.shape}")
-    if targets.ndim != 2 or targets.shape[0] != history.shape[0] or targets.shape[1] < 1 \
-            or arrays["target_categories"].shape != targets.shape:
-        raise ValueError(f"OnnxModel: `target_items` and `target_categories` must both be "
-                         f"[B, C] with B = {history.shape[0]} and C >= 1; got {targets.shape} "
-                         f"and {arrays['target_categories'].shape}")
-    bounds = {"lengths": (history.shape[1], "[0, T], T the width of `history_items`")}
-    for name in INPUT_NAMES:
-        if name != "lengths":
-            high = num_items if name.endswith("items") else num_categories
-            bounds[name] = (high, f"[0, {high}], the ids of the model's table")
-    for name, (high, needs) in bounds.items():
-        outside = np.argwhere((arrays[name] < 0) | (arrays[name] > high))
-        if len(outside):
-            index = tuple(int(i) for i in outside[0])
-            raise ValueError(f"OnnxModel: `{name}` must lie in {needs}; got {name}"
-                             f"[{', '.join(map(str, index))}] = {int(arrays[name][index])}")
-    return arrays
+def _as_tensor(value):
+    """A numpy array as a tensor (sharing its memory); anything else as it is."""
+    return torch.from_numpy(value) if isinstance(value, np.ndarray) else value

@@ -90,8 +90,9 @@ def test_onnx_command_scores_what_the_checkpoint_scores(tmp_path):
     saved = load_checkpoint(checkpoint)
     model = restored_model(saved, saved.config)
     scorer = OnnxModel(onnx_path)
-    assert (scorer.num_items, scorer.num_categories) == (len(saved.id_maps.item_ids),
-                                                         len(saved.id_maps.category_ids))
+    ranges = {spec.name: spec.values for spec in scorer.contract.inputs}
+    assert ranges["target_items"] == (0, len(saved.id_maps.item_ids))
+    assert ranges["history_categories"] == (0, len(saved.id_maps.category_ids))
     assert_scores_as_eager(scorer, model)
 
     encoder = Encoder.from_json(tmp_path / "serving" / "din.ids.json")
@@ -115,15 +116,18 @@ def test_onnx_model_refuses_bad_inputs(tmp_path):
     good = example_inputs(model, 2, 3, 2)
     torch.testing.assert_close(scorer(*good), model(*good), rtol=1e-5, atol=1e-5)
     cases = [
-        (0, good[0].float(), TypeError, "`history_items` must hold integer ids"),
-        (2, good[2] != 0, TypeError, "`lengths` must hold integer ids"),
-        (2, torch.tensor([1, 4]), ValueError, "`lengths` must lie in [0, T]"),
-        (2, torch.tensor([-1, 0]), ValueError, "lengths[0] = -1"),
-        (3, good[3] + 20, ValueError, "`target_items` must lie in [0, 20]"),
-        (1, torch.full_like(good[1], -2), ValueError, "`history_categories` must lie in [0, 4]"),
-        (3, good[3][:, 0], ValueError, "[B, C] with B = 2"),
-        (1, good[1][:, :2], ValueError, "`history_items` and `history_categories` must both"),
-        (2, good[2][:1], ValueError, "`lengths` must be [B] with B = 2"),
+        (0, good[0].float(), TypeError, "din.onnx: `history_items` must be torch.int64"),
+        (2, good[2] != 0, TypeError, "`lengths` must be torch.int64"),
+        (2, torch.tensor([1, 4]), ValueError,
+         "lengths[1] = 4 is outside [0, T] with T = 3, history_items.shape[1]"),
+        (2, torch.tensor([-1, 0]), ValueError, "lengths[0] = -1 is outside"),
+        (3, good[3] + 20, ValueError, f"target_items[0, 0] = {int(good[3][0, 0]) + 20} is "
+         "outside [0, 20]"),
+        (1, torch.full_like(good[1], -2), ValueError, "history_categories[0, 0] = -2 is outside "
+         "[0, 4]"),
+        (3, good[3][:, 0], ValueError, "`target_items` must be 2-D [B, C]"),
+        (1, good[1][:, :2], ValueError, "`history_categories` must have shape [B, T] with T = 3"),
+        (2, good[2][:1], ValueError, "`lengths` must have shape [B] with B = 2"),
     ]
     for index, value, error, message in cases:
         inputs = list(good)
@@ -131,8 +135,13 @@ def test_onnx_model_refuses_bad_inputs(tmp_path):
         with pytest.raises(error) as raised:
             scorer(*inputs)
         assert message in str(raised.value)
-    int32 = [t.int().numpy() for t in good]          # any integer dtype, numpy arrays too
+    int32 = [t.int().numpy() for t in good]          # int32 converts exactly; numpy arrays too
     torch.testing.assert_close(scorer(*int32), model(*good), rtol=1e-5, atol=1e-5)
+    by_name = dict(zip(din_fast.onnx_export.INPUT_NAMES, good))
+    torch.testing.assert_close(scorer(**by_name), model(*good), rtol=1e-5, atol=1e-5)
+    empty = (torch.zeros(2, 0, dtype=torch.long), torch.zeros(2, 0, dtype=torch.long),
+             torch.zeros(2, dtype=torch.long), good[3], good[4])       # T = 0: padded
+    torch.testing.assert_close(scorer(*empty), model(*empty), rtol=1e-5, atol=1e-5)
 
 
 def test_export_refusals(tmp_path, monkeypatch):
