@@ -26,7 +26,6 @@ from __future__ import annotations
 import argparse
 import math
 import os
-import shlex
 import sys
 
 import torch
@@ -55,17 +54,25 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--length", type=positive_int, default=100, help="T")
     parser.add_argument("--dim", type=positive_int, default=64, help="D")
     parser.add_argument("--hidden", type=positive_int, nargs="+", default=[80, 40])
-    parser.add_argument("--rounds", type=positive_int, default=20,
-                        help="timed rounds, each calling every implementation once")
-    parser.add_argument("--warmup", type=int, default=2, help="untimed calls of each first")
-    parser.add_argument("--threads", type=positive_int, default=1,
-                        help="torch CPU threads (default 1: no oversubscription on a shared machine)")
     parser.add_argument("--compile-backend", choices=("inductor", "aot_eager"),
                         default="inductor", help="torch.compile's backend for torch_compiled "
                         "(aot_eager: the same graphs without code generation, quick to compile)")
-    parser.add_argument("--out", default=os.path.join(RESULTS, "bench_cpu.csv"),
-                        help="CSV to write (default: %(default)s)")
+    add_run_options(parser, "bench_cpu.csv", rounds=20, warmup=2)
     return parser
+
+
+def add_run_options(parser: argparse.ArgumentParser, csv_name: str, rounds: int,
+                    warmup: int) -> None:
+    """The options every CPU benchmark takes: --rounds, --warmup, --threads
+    (torch's; default 1) and --out (default: results/<csv_name>)."""
+    parser.add_argument("--rounds", type=positive_int, default=rounds,
+                        help="timed rounds, each calling every implementation once")
+    parser.add_argument("--warmup", type=int, default=warmup,
+                        help="untimed calls of each first")
+    parser.add_argument("--threads", type=positive_int, default=1,
+                        help="CPU threads (default 1: no oversubscription on a shared machine)")
+    parser.add_argument("--out", default=os.path.join(RESULTS, csv_name),
+                        help="CSV to write (default: %(default)s)")
 
 
 def implementations(inputs: dict, compile_backend: str) -> list:
@@ -154,14 +161,7 @@ def report(rows: list) -> None:
 
 
 def main(argv=None) -> int:
-    argv = sys.argv[1:] if argv is None else list(argv)
-    args = build_parser().parse_args(argv)
-    torch.set_num_threads(args.threads)
-    rows = measure(args, shlex.join(["python", "-m", "benchmarks.bench_cpu", *argv]))
-    report(rows)
-    harness.write_csv(rows, args.out)
-    print(f"wrote {args.out}")
-    return 0
+    return harness.run_cpu_benchmark("bench_cpu", build_parser, measure, report, argv)
 
 
 if __name__ == "__main__":

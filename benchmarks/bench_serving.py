@@ -28,7 +28,6 @@ from __future__ import annotations
 
 import argparse
 import os
-import shlex
 import sys
 import tempfile
 
@@ -39,7 +38,7 @@ from din_fast import export, onnx_export
 from din_fast.serving import EncodedBatch, OnnxModel
 
 from . import harness
-from .bench_cpu import RESULTS, positive_int
+from .bench_cpu import add_run_options, positive_int
 
 FORMATS = ("eager", "pt2", "onnx")
 
@@ -53,12 +52,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--items", type=positive_int, default=100_000)
     parser.add_argument("--categories", type=positive_int, default=1000)
     parser.add_argument("--formats", nargs="+", choices=FORMATS, default=list(FORMATS))
-    parser.add_argument("--rounds", type=positive_int, default=50)
-    parser.add_argument("--warmup", type=int, default=5, help="untimed calls of each first")
-    parser.add_argument("--threads", type=positive_int, default=1,
-                        help="torch and ONNX Runtime CPU threads")
-    parser.add_argument("--out", default=os.path.join(RESULTS, "bench_serving.csv"),
-                        help="CSV to write (default: %(default)s)")
+    add_run_options(parser, "bench_serving.csv", rounds=50, warmup=5)   # threads: ORT's too
     return parser
 
 
@@ -143,14 +137,7 @@ def report(rows: list) -> None:
 
 
 def main(argv=None) -> int:
-    argv = sys.argv[1:] if argv is None else list(argv)
-    args = build_parser().parse_args(argv)
-    torch.set_num_threads(args.threads)
-    rows = measure(args, shlex.join(["python", "-m", "benchmarks.bench_serving", *argv]))
-    report(rows)
-    harness.write_csv(rows, args.out)
-    print(f"wrote {args.out}")
-    return 0
+    return harness.run_cpu_benchmark("bench_serving", build_parser, measure, report, argv)
 
 
 if __name__ == "__main__":

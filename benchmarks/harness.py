@@ -21,7 +21,9 @@ import math
 import os
 import platform
 import re
+import shlex
 import statistics
+import sys
 import time
 from dataclasses import dataclass
 
@@ -200,6 +202,20 @@ def results_label(device: torch.device, dry_run: bool = False) -> str:
     if dry_run:
         return "dry-run-cpu"
     return re.sub(r"[^A-Za-z0-9.]+", "-", device_name(device)).strip("-") or "unknown"
+
+
+def run_cpu_benchmark(name: str, build_parser, measure, report, argv=None) -> int:
+    """A CPU benchmark's command: parse ``argv`` (default: sys.argv), set
+    torch's threads (``--threads``), ``measure(args, command)`` into rows,
+    print ``report(rows)`` and write them to ``--out``."""
+    argv = sys.argv[1:] if argv is None else list(argv)
+    args = build_parser().parse_args(argv)
+    torch.set_num_threads(args.threads)
+    rows = measure(args, shlex.join(["python", "-m", f"benchmarks.{name}", *argv]))
+    report(rows)
+    write_csv(rows, args.out)
+    print(f"wrote {args.out}")
+    return 0
 
 
 def write_csv(rows: list, path: str) -> None:

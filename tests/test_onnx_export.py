@@ -4,7 +4,6 @@ scores eagerly, for other batch sizes, history lengths and candidate counts,
 rows of length 0 and ids in the padding included; bad inputs are refused."""
 
 import itertools
-import json
 import subprocess
 import sys
 
