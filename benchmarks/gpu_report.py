@@ -2,7 +2,7 @@
 
 Reads bench_gpu_forward_<label>.csv and bench_gpu_train_<label>.csv (either
 may be missing: a pass that failed is reported as missing) from --results and
-writes gpu_summary_<label>.md (printed too; the tables paste into the README)
+writes gpu_summary_<label>.md (printed too; the tables paste into docs/guides/benchmarks.md)
 and bench_gpu_<label>.png (time against T, one panel per pass, dtype and C).
 
     python -m benchmarks.gpu_report --label NVIDIA-H200 [--results benchmarks/results]

@@ -9,7 +9,7 @@ does not inflate) and the process's peak resident memory, imports included.
 
     python -m benchmarks.load_large_log [--rows 1000000 3000000 10000000] [--dir /tmp]
 
-Writes benchmarks/results/load_large_log.csv (the README's run is in
+Writes benchmarks/results/load_large_log.csv (the documented run is in
 benchmarks/recorded/). The generated files are left in --dir (about 45 bytes a
 row as CSV).
 """

@@ -125,7 +125,7 @@ def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--data-dir", type=Path, default=ROOT.parent / "shared" / "data",
                         help="a folder holding the datasets as Amazon-layout directories "
-                        "(see the README's Data paragraph); default: the development "
+                        "(see docs/guides/training.md, Data); default: the development "
                         "checkout's data folder beside the repository")
     parser.add_argument("--datasets", nargs="+", default=["amazon-beauty", "amazon-sports"])
     parser.add_argument("--seed", type=int, default=0)

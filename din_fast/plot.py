@@ -4,7 +4,7 @@ Two panels: validation GAUC and AUC (the early-stopping criterion, the best
 epoch marked), and the training loss at the end of each epoch (averaged over
 its last ~50 batches) beside the validation logloss (where overfitting shows:
 the one keeps falling while the other turns up).
-matplotlib is an optional dependency (``pip install din-fast[plot]``).
+matplotlib is an optional dependency (din_fast's ``plot`` extra).
 """
 
 from __future__ import annotations

@@ -1,5 +1,5 @@
 """DeepCTR-Torch's own DIN and DIEN models with din_fast's adapter patched in,
-as the README shows (``din.AttentionSequencePoolingLayer = ...``), against
+as the migration guide shows (``din.AttentionSequencePoolingLayer = ...``), against
 the same models unpatched: the same initialization, outputs, gradients and
 parameters after a fit step.
 

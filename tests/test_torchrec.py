@@ -20,7 +20,7 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 
 pytest.importorskip("torchrec", reason="TorchRec is not installed (the optional extra "
-                    "'din-fast[torchrec]', see the README)")
+                    "'torchrec', see docs/install.md)")
 
 from din_fast import DIN  # noqa: E402
 from din_fast.cli import main  # noqa: E402

@@ -4,7 +4,7 @@
 tables as a TorchRec EmbeddingCollection, the history pooled by
 din_attention_jagged) and its sharding; ``din_fast.sharded.training`` the
 distributed training loop behind ``torchrun ... -m din_fast train``. Both need
-the optional TorchRec install (see the README); this module does not, so the
+the optional TorchRec install (see docs/install.md); this module does not, so the
 command line can offer the options without it.
 """
 
@@ -24,7 +24,7 @@ DEFAULT_EMBEDDING_OPTIMIZER = "rowwise_adagrad"
 DEFAULT_EMBEDDING_LR = 0.1
 # The mini-batch aware L2's default here: with the tables' row-wise Adagrad at
 # lr 0.1, single-process training's 0.1 (tuned with Adam) shrinks rare rows too
-# hard; 0.01 won on Amazon Beauty validation GAUC (see the README).
+# hard; 0.01 won on Amazon Beauty validation GAUC (see docs/guides/jagged-torchrec.md, "Measured").
 DEFAULT_L2 = 0.01
 
 
@@ -55,8 +55,9 @@ def load_trainer():
         if (error.name or "").partition(".")[0] not in ("torchrec", "fbgemm_gpu"):
             raise
         raise OptionError(
-            f"sharded training needs TorchRec ({error.name} is missing): pip install "
-            "'din-fast[torchrec]' && pip install --no-deps fbgemm-gpu-cpu==1.8.0 "
+            f"sharded training needs TorchRec ({error.name} is missing): din_fast's "
+            "torchrec extra (pip install -e '.[torchrec]' in a checkout) && pip install "
+            "--no-deps fbgemm-gpu-cpu==1.8.0 "
             "torchrec==1.8.0 (on a GPU machine fbgemm-gpu instead of fbgemm-gpu-cpu)") from None
     return train_sharded
 
