@@ -170,7 +170,12 @@ def test_export_command_onnx_errors_are_one_line(tmp_path, capsys):
              (base + ["--out", str(tmp_path / "a.onnx"), "--device", "cpu"],
               "--device cpu: applies to the .pt2 package only"),
              (base + ["--out", str(tmp_path / "a.onnx"), "--backend", "torch"],
-              "--backend torch: applies to the .pt2 package only")]
+              "--backend torch: applies to the .pt2 package only"),
+             (["--format", "onnx", "--checkpoint", str(not_a_checkpoint), "--out",
+               str(tmp_path / "x.pt" / "a.onnx")], "--out"),
+             # The id maps beside the model would overwrite the checkpoint.
+             (["--format", "onnx", "--checkpoint", str(tmp_path / "x.ids.json"), "--out",
+               str(tmp_path / "x.onnx")], "an input of this command (--checkpoint)")]
     for arguments, message in cases:
         assert main(["export", *arguments]) == 2
         lines = capsys.readouterr().err.strip().splitlines()
