@@ -191,9 +191,10 @@ def build_parser() -> argparse.ArgumentParser:
                                "of --device); onnx: an ONNX model (opset "
                                f"{ONNX_OPSET}, stock operators, [B, C] candidates), for ONNX "
                                "Runtime or TensorRT")
-    export_parser.add_argument("--backend", choices=BACKENDS,
+    # Defaults resolved in run_command: given with --format onnx, they are refused.
+    export_parser.add_argument("--backend", choices=BACKENDS, default=argparse.SUPPRESS,
                                help="the .pt2 package's attention backend (default: auto)")
-    export_parser.add_argument("--device", choices=("cpu", "cuda"),
+    export_parser.add_argument("--device", choices=("cpu", "cuda"), default=argparse.SUPPRESS,
                                help="where the .pt2 package runs (default: cuda when there is "
                                "one, else cpu)")
     add_threads_option(export_parser)
@@ -264,17 +265,18 @@ def run_command(args) -> int:
         if args.metrics_out:
             write_json(args.metrics_out, metrics, "--metrics-out")
     elif args.command == "export":
+        given = vars(args)
         if args.format == "onnx":
             for option in ("backend", "device"):
-                if getattr(args, option) is not None:
-                    raise InputError(f"--{option} {getattr(args, option)}: applies to the .pt2 "
+                if option in given:
+                    raise InputError(f"--{option} {given[option]}: applies to the .pt2 "
                                      "package only; an ONNX model runs stock operators "
                                      "wherever ONNX Runtime runs (leave it out)")
             written, ids = export_checkpoint_onnx(args.checkpoint, args.out)
         else:
             written, ids = export_checkpoint(args.checkpoint, args.out,
-                                             device=args.device or default_device(),
-                                             backend=args.backend or "auto")
+                                             device=given.get("device", default_device()),
+                                             backend=given.get("backend", "auto"))
         print(f"din-fast: wrote {written} (inputs: dense ids) and {ids} (raw ids -> dense ids)",
               file=sys.stderr)
     else:
