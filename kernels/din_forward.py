@@ -90,6 +90,59 @@ def _score(h1, w2_ptr, w3_ptr, unit_ptr, wout_ptr, b_out, H2, NUM_LAYERS: tl.con
 
 
 @triton.jit
+def tile_scores(q_row, k_row, u_ptr, wp_ptr, wa_ptr, w2_ptr, w3_ptr, unit_ptr, wout_ptr, b_out,
+                b, C, D, H2, offs_t, t_valid, offs_c, c_ok, stride_kt, scale,
+                ACTIVATION: tl.constexpr, NUM_LAYERS: tl.constexpr, DOT_F32: tl.constexpr,
+                INPUT_PRECISION: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_T: tl.constexpr,
+                BLOCK_D: tl.constexpr, H1_P: tl.constexpr, H2_P: tl.constexpr,
+                H3_P: tl.constexpr, UNIT_W: tl.constexpr, CHUNK: tl.constexpr):
+    """scale * s [BLOCK_T, BLOCK_C]: the activation unit's scores of one tile
+    of (position, candidate) pairs, positions offs_t of the row at k_row (keys
+    read where t_valid) against candidates offs_c (c_ok) of the row at q_row.
+    What the forward and the top-K search (din_search.py) both compute; the
+    invalid pairs hold the scores of zero keys, for the caller to mask.
+    """
+    PAIRS: tl.constexpr = BLOCK_T * BLOCK_C
+    offs_h1 = tl.arange(0, H1_P)
+    # Layer 1 on the BLOCK_T x BLOCK_C pairs (position-major), D in chunks.
+    pre_pair = tl.zeros((PAIRS, H1_P), tl.float32)
+    if BLOCK_C > 1:
+        pre_key = tl.zeros((BLOCK_T, H1_P), tl.float32)
+    for d0 in range(0, D, BLOCK_D):
+        offs_d = d0 + tl.arange(0, BLOCK_D)
+        d_ok = offs_d < D
+        k = tl.load(k_row + offs_t[:, None] * stride_kt + offs_d[None, :],
+                    mask=t_valid[:, None] & d_ok[None, :], other=0.0)
+        q = tl.load(q_row + offs_d[None, :], mask=c_ok[:, None] & d_ok[None, :], other=0.0)
+        w_off = offs_d[:, None] * H1_P + offs_h1[None, :]
+        wp = tl.load(wp_ptr + w_off)
+        wa = tl.load(wa_ptr + w_off)
+        qk = k[:, None, :].to(tl.float32) * q[None, :, :].to(tl.float32)
+        pre_pair = mma(tl.reshape(qk, (PAIRS, BLOCK_D)), wp, pre_pair, DOT_F32,
+                        INPUT_PRECISION)
+        if BLOCK_C > 1:
+            pre_key = mma(k, wa, pre_key, DOT_F32, INPUT_PRECISION)
+        else:
+            # One candidate: pairs are positions, one accumulator serves both.
+            pre_pair = mma(k, wa, pre_pair, DOT_F32, INPUT_PRECISION)
+    # Per-unit vectors are reloaded per tile (L1 hits): kept live across
+    # the loop they would cost more registers than the tiles themselves.
+    u = tl.load(u_ptr + (b * C + offs_c)[:, None] * H1_P + offs_h1[None, :],
+                mask=c_ok[:, None], other=0.0)
+    _, a1, mu1, rstd1 = unit_params(unit_ptr, 0, 0, UNIT_W, H1_P)
+    if BLOCK_C > 1:
+        pre = tl.reshape(pre_pair, (BLOCK_T, BLOCK_C, H1_P)) + pre_key[:, None, :] \
+            + u[None, :, :]
+        pre = tl.reshape(pre, (PAIRS, H1_P))
+    else:
+        pre = pre_pair + u
+    h1 = activate(pre, a1[None, :], mu1[None, :], rstd1[None, :], ACTIVATION)
+    s = _score(h1, w2_ptr, w3_ptr, unit_ptr, wout_ptr, b_out, H2, NUM_LAYERS, H1_P, H2_P,
+               H3_P, UNIT_W, CHUNK, ACTIVATION, DOT_F32, INPUT_PRECISION)
+    return tl.reshape(s, (BLOCK_T, BLOCK_C)) * scale
+
+
+@triton.jit
 def din_forward_kernel(
     q_ptr, u_ptr, k_ptr, v_ptr, len_ptr, mask_ptr,
     wp_ptr, wa_ptr, w2_ptr, w3_ptr, unit_ptr, wout_ptr, bout_ptr,
@@ -122,14 +175,12 @@ def din_forward_kernel(
     are unused, and scores are jagged [L, C] (nothing past a row). L is unused
     by the padded layout.
     """
-    PAIRS: tl.constexpr = BLOCK_T * BLOCK_C
     pid = tl.program_id(0)
     split = tl.program_id(1)
     c_blocks = tl.cdiv(C, BLOCK_C)
     b = (pid // c_blocks).to(tl.int64)
     offs_c = (pid % c_blocks) * BLOCK_C + tl.arange(0, BLOCK_C)
     c_ok = offs_c < C
-    offs_h1 = tl.arange(0, H1_P)
     offs_dv = tl.arange(0, DV_P)
     dv_ok = offs_dv < DV
 
@@ -172,42 +223,10 @@ def din_forward_kernel(
             keep = tl.load(mask_ptr + b * stride_mb + offs_t, mask=t_valid, other=0)
             t_valid = t_valid & (keep != 0)
 
-        # Layer 1 on the BLOCK_T x BLOCK_C pairs (position-major), D in chunks.
-        pre_pair = tl.zeros((PAIRS, H1_P), tl.float32)
-        if BLOCK_C > 1:
-            pre_key = tl.zeros((BLOCK_T, H1_P), tl.float32)
-        for d0 in range(0, D, BLOCK_D):
-            offs_d = d0 + tl.arange(0, BLOCK_D)
-            d_ok = offs_d < D
-            k = tl.load(k_row + offs_t[:, None] * stride_kt + offs_d[None, :],
-                        mask=t_valid[:, None] & d_ok[None, :], other=0.0)
-            q = tl.load(q_row + offs_d[None, :], mask=c_ok[:, None] & d_ok[None, :], other=0.0)
-            w_off = offs_d[:, None] * H1_P + offs_h1[None, :]
-            wp = tl.load(wp_ptr + w_off)
-            wa = tl.load(wa_ptr + w_off)
-            qk = k[:, None, :].to(tl.float32) * q[None, :, :].to(tl.float32)
-            pre_pair = mma(tl.reshape(qk, (PAIRS, BLOCK_D)), wp, pre_pair, DOT_F32,
-                            INPUT_PRECISION)
-            if BLOCK_C > 1:
-                pre_key = mma(k, wa, pre_key, DOT_F32, INPUT_PRECISION)
-            else:
-                # One candidate: pairs are positions, one accumulator serves both.
-                pre_pair = mma(k, wa, pre_pair, DOT_F32, INPUT_PRECISION)
-        # Per-unit vectors are reloaded per tile (L1 hits): kept live across
-        # the loop they would cost more registers than the tiles themselves.
-        u = tl.load(u_ptr + (b * C + offs_c)[:, None] * H1_P + offs_h1[None, :],
-                    mask=c_ok[:, None], other=0.0)
-        _, a1, mu1, rstd1 = unit_params(unit_ptr, 0, 0, UNIT_W, H1_P)
-        if BLOCK_C > 1:
-            pre = tl.reshape(pre_pair, (BLOCK_T, BLOCK_C, H1_P)) + pre_key[:, None, :] \
-                + u[None, :, :]
-            pre = tl.reshape(pre, (PAIRS, H1_P))
-        else:
-            pre = pre_pair + u
-        h1 = activate(pre, a1[None, :], mu1[None, :], rstd1[None, :], ACTIVATION)
-        s = _score(h1, w2_ptr, w3_ptr, unit_ptr, wout_ptr, b_out, H2, NUM_LAYERS, H1_P, H2_P,
-                   H3_P, UNIT_W, CHUNK, ACTIVATION, DOT_F32, INPUT_PRECISION)
-        s = tl.reshape(s, (BLOCK_T, BLOCK_C)) * scale
+        s = tile_scores(q_row, k_row, u_ptr, wp_ptr, wa_ptr, w2_ptr, w3_ptr, unit_ptr, wout_ptr,
+                        b_out, b, C, D, H2, offs_t, t_valid, offs_c, c_ok, stride_kt, scale,
+                        ACTIVATION, NUM_LAYERS, DOT_F32, INPUT_PRECISION, BLOCK_C, BLOCK_T,
+                        BLOCK_D, H1_P, H2_P, H3_P, UNIT_W, CHUNK)
 
         valid = t_valid[:, None] & c_ok[None, :]
         if SOFTMAX:
