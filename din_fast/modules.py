@@ -7,11 +7,13 @@ import numbers
 import torch
 from torch import nn
 
+from . import two_stage
 from .dice_statistics import batch_moments, update_running
 from .functional import din_attention, din_attention_jagged, resolve_backend, run_problem
 from .layer_hooks import run_weight_hooks
 from .problem import (BACKENDS, DEFAULT_DICE_EPS, check_layer_sizes, validate,
                       validate_jagged, validate_options, validating)
+from .search import SEARCHES
 
 PRELU_INIT = 0.25  # torch.nn.PReLU's default slope
 
@@ -34,6 +36,15 @@ class DINAttention(nn.Module):
         backend: "auto", "triton", "torch" or "reference" (din_attention's).
         dice_eps: Dice's epsilon.
         momentum: Dice's running-statistics momentum, as BatchNorm's.
+        top_k: None (exact DIN over the whole history) or K: two-stage
+            attention, din_fast.din_attention_top_k (stage one keeps the K
+            positions that ``search`` scores highest, stage two is this
+            layer's DIN over those alone).
+        search: the stage-one scorer with ``top_k``: "din" (this layer's own
+            score), "dot" (learned projections ``search_query`` and
+            ``search_key``, trained by a loss on ``search_logits``) or
+            "category" (forward then takes the categories).
+        search_dim: P, the width of the "dot" projections (default: embed_dim).
 
     Raises:
         ValueError: ``embed_dim`` or a width not a positive int, no hidden
@@ -61,7 +72,7 @@ class DINAttention(nn.Module):
     def __init__(self, embed_dim: int, hidden_units=(80, 40), activation: str = "sigmoid",
                  normalization=None, scale: float = 1.0, return_scores: bool = False,
                  backend: str = "auto", dice_eps: float = DEFAULT_DICE_EPS,
-                 momentum: float = 0.1):
+                 momentum: float = 0.1, top_k=None, search: str = "din", search_dim=None):
         super().__init__()
         hidden_units = check_layer_sizes("DINAttention", "embed_dim", embed_dim,
                                          "hidden_units", hidden_units)
@@ -83,6 +94,7 @@ class DINAttention(nn.Module):
         self.backend = backend
         self.dice_eps = dice_eps
         self.momentum = momentum
+        self.top_k, self.search = _check_search_options(top_k, search, search_dim)
         # Dice's training statistics over this process's batch (None) or a
         # process group's (din_fast.synchronize_dice_statistics).
         self.statistics_group = None
@@ -97,6 +109,10 @@ class DINAttention(nn.Module):
             for i, h in enumerate(hidden_units):
                 self.register_buffer(f"running_mean_{i}", torch.zeros(h))
                 self.register_buffer(f"running_var_{i}", torch.ones(h))
+        if search == "dot":
+            width = embed_dim if search_dim is None else search_dim
+            self.search_query = nn.Linear(embed_dim, width, bias=False)
+            self.search_key = nn.Linear(embed_dim, width, bias=False)
 
     def _running_stats(self):
         return [(getattr(self, f"running_mean_{i}"), getattr(self, f"running_var_{i}"))
@@ -115,7 +131,16 @@ class DINAttention(nn.Module):
         prune recompute ``weight`` there), which calling them would run: the
         forward reads their weights instead (din_fast.layer_hooks)."""
         layers = [(f"hidden.{i}", layer) for i, layer in enumerate(self.hidden)]
-        run_weight_hooks("DINAttention", layers + [("output", self.output)])
+        layers.append(("output", self.output))
+        if self.search == "dot":
+            layers += [("search_query", self.search_query), ("search_key", self.search_key)]
+        run_weight_hooks("DINAttention", layers)
+
+    def search_params(self):
+        """din_attention_top_k's search_params: the "dot" projections, else None."""
+        if self.search != "dot":
+            return None
+        return (self.search_query.weight, self.search_key.weight)
 
     def _functional_kwargs(self, mask=None, values=None) -> dict:
         """din_attention's keyword arguments for this layer, less the backend."""
@@ -137,7 +162,8 @@ class DINAttention(nn.Module):
         return resolve_backend(self.backend, validate(probe[:, 0], probe, None,
                                                       **self._functional_kwargs()))
 
-    def forward(self, query, keys, lengths=None, mask=None, values=None):
+    def forward(self, query, keys, lengths=None, mask=None, values=None,
+                query_categories=None, key_categories=None):
         """Pool the history for each candidate.
 
         Args:
@@ -146,6 +172,8 @@ class DINAttention(nn.Module):
             lengths: [B] int, valid positions t < lengths[b]; or
             mask: [B, T] bool, True = valid (not both; neither: all valid).
             values: [B, T, Dv] pooled instead of the keys.
+            query_categories, key_categories: with ``search="category"``,
+                int [B] or [B, C], and [B, T].
 
         Returns:
             The pooled history, [B, Dv] or [B, C, Dv] in the keys' dtype; with
@@ -155,6 +183,9 @@ class DINAttention(nn.Module):
             TypeError, ValueError: as din_fast.din_attention, for bad inputs.
         """
         self._run_layer_hooks()
+        if self.top_k is not None:
+            return two_stage.module_forward(self, query, keys, lengths, mask, values,
+                                            query_categories, key_categories)
         kwargs = self._functional_kwargs(mask, values)
         if self.activation == "dice" and self.training:
             return self._forward_dice_training(query, keys, lengths, kwargs)
@@ -169,6 +200,9 @@ class DINAttention(nn.Module):
         the rows to ``max_len`` for its batch statistics (the other modes
         never build the padding)."""
         self._run_layer_hooks()
+        if self.top_k is not None:
+            raise ValueError("DINAttention: forward_jagged has no two-stage mode; pad the "
+                             "histories and call forward (top_k is set)")
         kwargs = self._functional_kwargs(values=values)
         del kwargs["mask"]                       # jagged rows have no padding to mask
         if self.activation == "dice" and self.training:
@@ -207,10 +241,42 @@ class DINAttention(nn.Module):
             update_running(run_mu, run_var, mu, var, count, self.momentum)
         return (pooled, scores) if self.return_scores else pooled
 
+    def search_logits(self, query, keys, lengths=None, mask=None):
+        """SIM's auxiliary logits of the "dot" search, one per candidate ([B]
+        or [B, C]): sum_t softmax_t(s1) * s1[t] over the valid positions, s1
+        the projections' inner products. A CTR loss on them trains the
+        projections over the whole history (stage one's selection has no
+        gradient); query and keys are detached, so nothing else learns from
+        it (din_fast.two_stage.search_logits)."""
+        if self.search != "dot":
+            raise ValueError(f"DINAttention: search_logits needs search='dot'; this layer's "
+                             f"search is {self.search!r}")
+        self._run_layer_hooks()
+        return two_stage.search_logits(self, query, keys, lengths, mask)
+
     def extra_repr(self) -> str:
+        two_stage_mode = "" if self.top_k is None else \
+            f", top_k={self.top_k}, search={self.search!r}"
         return (f"embed_dim={self.embed_dim}, hidden_units={self.hidden_units}, "
                 f"activation={self.activation!r}, normalization={self.normalization!r}, "
-                f"scale={self.scale}, backend={self.backend!r}")
+                f"scale={self.scale}, backend={self.backend!r}{two_stage_mode}")
+
+
+def _check_search_options(top_k, search, search_dim):
+    """(top_k, search) of a DINAttention, checked."""
+    if top_k is not None and (isinstance(top_k, bool) or not isinstance(top_k, int)
+                              or top_k < 1):
+        raise ValueError(f"DINAttention: `top_k` must be None or a positive int; got {top_k!r}")
+    if search not in SEARCHES:
+        raise ValueError(f"DINAttention: `search` must be one of {SEARCHES}; got {search!r}")
+    if search != "din" and top_k is None:
+        raise ValueError(f"DINAttention: search={search!r} is stage one of the two-stage mode; "
+                         "give `top_k` too")
+    if search_dim is not None and (search != "dot" or isinstance(search_dim, bool)
+                                   or not isinstance(search_dim, int) or search_dim < 1):
+        raise ValueError(f"DINAttention: `search_dim` is the positive width of the 'dot' "
+                         f"projections; got {search_dim!r} with search={search!r}")
+    return top_k, search
 
 
 def _valid_moments(x, valid, group):

@@ -1,0 +1,344 @@
+"""The fused search of two-stage attention: score and select the top K in one pass.
+
+Stage one of din_fast.din_attention_top_k (SPEC section 6) on the GPU. One
+program owns one history row b, a block of BLOCK_C of its candidates and a
+range of its positions (the whole row unless T is split across programs, as
+the forward splits it). Per tile of BLOCK_T positions it computes the search
+score of every (position, candidate) pair on chip -- the exact DIN score with
+the forward's own ``tile_scores`` ("din"), the inner product of the projected
+query and key ("dot"), or a category match ("category") -- and folds the tile
+into a running top-M per candidate held in registers. No score is written to
+memory: what leaves the kernel is the K best per candidate.
+
+The sort keys. Each pair becomes one int64: the score's float32 bits, mapped
+to an int32 of the same order, in the high half, and the position in the low
+half. Keys are distinct and compare as (score, position) pairs: the larger
+key is the higher score, ties going to the more recent position, which is the
+selection's rule, by plain integer comparison. A NaN score counts as -inf and
+-0.0 as +0.0 (which the float comparison of the torch path does too); an
+invalid pair (padding, a candidate past C) is EMPTY, below every key.
+
+The running top-M. ``best`` [BLOCK_C, M] stays sorted in descending order. A
+tile's keys, widened to M with EMPTY and sorted in ascending order, meet it
+elementwise: max(best_i, tile_i) of a descending and an ascending sequence is
+the top M of their union as a bitonic sequence (the first step of Batcher's
+bitonic merge), which one bitonic merge sorts again. M is the next power of
+two of K, at least BLOCK_T; M * BLOCK_C stays within MERGE_BUDGET keys.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import triton
+import triton.language as tl
+from torch.library import wrap_triton
+
+from .common import (MAX_HIDDEN_LAYERS, NUM_STAGES, TILE_BUDGET, TRITON_DTYPES,
+                     cuda_matmul_tf32, fold_parameters, interpreting, launch_device, mma, padded)
+from .din_forward import ForwardSpec, choose_splits, tile_scores
+
+SCORERS = ("din", "dot", "category")
+# Keys of the running top-M one program holds (int64): 16 per thread at 4 warps.
+MERGE_BUDGET = 2048
+# The largest K the kernel selects (M = K rounded up to a power of two, one candidate per program).
+MAX_TOP_K = MERGE_BUDGET
+# The widest "dot" projection (the [BLOCK_T, P] tile of projected keys).
+MAX_PROJECTION = 256
+# Below every key: the key of an invalid pair (-2**63 + 1: -2**63 is no literal Triton takes).
+EMPTY_KEY = -(2 ** 63 - 1)
+EMPTY = tl.constexpr(EMPTY_KEY)
+POSITION_BITS = 32
+
+
+@triton.jit
+def _sort_keys(s, offs_t, valid):
+    """int64 keys of scores s [BLOCK_T, BLOCK_C] at positions offs_t: larger
+    key = higher score, then later position; EMPTY where not valid."""
+    s = tl.where(s != s, float("-inf"), s)          # NaN counts as -inf
+    s = tl.where(s == 0.0, 0.0, s)                  # -0.0 as +0.0
+    bits = s.to(tl.int32, bitcast=True)
+    # Negative floats order by magnitude the other way round: flip their low 31 bits.
+    ordered = bits ^ ((bits >> 31) & 0x7FFFFFFF)
+    keys = (ordered.to(tl.int64) << 32) | offs_t[:, None].to(tl.int64)
+    return tl.where(valid, keys, tl.full(keys.shape, EMPTY, tl.int64))
+
+
+@triton.jit
+def _merge(best, keys, BLOCK_C: tl.constexpr, BLOCK_T: tl.constexpr, M: tl.constexpr):
+    """The top M of best [BLOCK_C, M] (sorted descending) and keys [BLOCK_T,
+    BLOCK_C], sorted descending."""
+    keys = tl.trans(keys)
+    if M > BLOCK_T:
+        # Widen to M: the tile in the first of M // BLOCK_T slots, EMPTY in the others.
+        slot = tl.arange(0, M // BLOCK_T)
+        wide = tl.where(slot[None, None, :] == 0, keys[:, :, None],
+                        tl.full((BLOCK_C, BLOCK_T, M // BLOCK_T), EMPTY, tl.int64))
+        keys = tl.reshape(wide, (BLOCK_C, M))
+    top = tl.maximum(best, tl.sort(keys))
+    return tl.bitonic_merge(top, descending=True)
+
+
+@triton.jit
+def din_search_kernel(
+    q_ptr, u_ptr, k_ptr, len_ptr, mask_ptr,
+    wp_ptr, wa_ptr, w2_ptr, w3_ptr, unit_ptr, wout_ptr, bout_ptr,
+    qs_ptr, ks_ptr, qcat_ptr, kcat_ptr, out_ptr,
+    B, C, T, D, P, H2, K, t_per_split,
+    stride_qb, stride_qc, stride_kb, stride_kt, stride_mb, stride_cb,
+    scale,
+    SCORER: tl.constexpr, ACTIVATION: tl.constexpr, HAS_LENGTHS: tl.constexpr,
+    HAS_MASK: tl.constexpr, NUM_LAYERS: tl.constexpr, DOT_F32: tl.constexpr,
+    INPUT_PRECISION: tl.constexpr,
+    BLOCK_C: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_D: tl.constexpr,
+    BLOCK_P: tl.constexpr, H1_P: tl.constexpr, H2_P: tl.constexpr, H3_P: tl.constexpr,
+    UNIT_W: tl.constexpr, CHUNK: tl.constexpr, M: tl.constexpr,
+):
+    """Grid (B * cdiv(C, BLOCK_C), splits).
+
+    Inputs by scorer. "din": q [B, C, D], keys [B, T, D] and the parameters
+    of FoldedParameters (as the forward reads them). "dot": the projected
+    query qs [B, C, P] and keys ks [B, T, P], float32, contiguous. "category":
+    the query's categories [B, C] and the keys' [B, T] (row stride
+    stride_cb), int64. Always: lengths [B] int64 or mask [B, T] uint8.
+    Output: out [S, B, C, K] int64 (S = splits), each candidate's K largest
+    keys of its split's positions in descending order, EMPTY where the split
+    has fewer than K valid positions.
+    """
+    pid = tl.program_id(0)
+    split = tl.program_id(1)
+    c_blocks = tl.cdiv(C, BLOCK_C)
+    b = (pid // c_blocks).to(tl.int64)
+    offs_c = (pid % c_blocks) * BLOCK_C + tl.arange(0, BLOCK_C)
+    c_ok = offs_c < C
+
+    t_lo = split * t_per_split
+    t_hi = tl.minimum(t_lo + t_per_split, T)
+    if HAS_LENGTHS:
+        n = tl.load(len_ptr + b).to(tl.int32)
+        t_stop = tl.minimum(t_hi, tl.maximum(tl.minimum(n, T), 0))
+    else:
+        t_stop = t_hi
+
+    if SCORER == "din":
+        b_out = tl.load(bout_ptr)
+        q_row = q_ptr + b * stride_qb + offs_c[:, None] * stride_qc
+        k_row = k_ptr + b * stride_kb
+    elif SCORER == "dot":
+        offs_p = tl.arange(0, BLOCK_P)
+        p_ok = offs_p < P
+        qs = tl.load(qs_ptr + (b * C + offs_c)[:, None] * P + offs_p[None, :],
+                     mask=c_ok[:, None] & p_ok[None, :], other=0.0)
+    else:
+        q_cat = tl.load(qcat_ptr + b * C + offs_c, mask=c_ok, other=0)
+
+    best = tl.full((BLOCK_C, M), EMPTY, tl.int64)
+    for t0 in range(t_lo, t_stop, BLOCK_T):
+        offs_t = t0 + tl.arange(0, BLOCK_T)
+        t_valid = offs_t < t_stop
+        if HAS_MASK:
+            keep = tl.load(mask_ptr + b * stride_mb + offs_t, mask=t_valid, other=0)
+            t_valid = t_valid & (keep != 0)
+        if SCORER == "din":
+            s = tile_scores(q_row, k_row, u_ptr, wp_ptr, wa_ptr, w2_ptr, w3_ptr, unit_ptr,
+                            wout_ptr, b_out, b, C, D, H2, offs_t, t_valid, offs_c, c_ok,
+                            stride_kt, scale, ACTIVATION, NUM_LAYERS, DOT_F32, INPUT_PRECISION,
+                            BLOCK_C, BLOCK_T, BLOCK_D, H1_P, H2_P, H3_P, UNIT_W, CHUNK)
+        elif SCORER == "dot":
+            ks = tl.load(ks_ptr + (b * T + offs_t)[:, None] * P + offs_p[None, :],
+                         mask=t_valid[:, None] & p_ok[None, :], other=0.0)
+            if BLOCK_C >= 16:
+                s = mma(ks, tl.trans(qs), tl.zeros((BLOCK_T, BLOCK_C), tl.float32), DOT_F32,
+                        INPUT_PRECISION)
+            else:
+                # Too few candidates for a tensor-core tile: a broadcast sum.
+                s = tl.sum(ks[:, None, :] * qs[None, :, :], axis=2)
+        else:
+            k_cat = tl.load(kcat_ptr + b * stride_cb + offs_t, mask=t_valid, other=0)
+            s = (k_cat[:, None] == q_cat[None, :]).to(tl.float32)
+        keys = _sort_keys(s, offs_t, t_valid[:, None] & c_ok[None, :])
+        best = _merge(best, keys, BLOCK_C, BLOCK_T, M)
+
+    offs_m = tl.arange(0, M)
+    out = (split * B + b) * C + offs_c
+    tl.store(out_ptr + out[:, None] * K + offs_m[None, :], best,
+             mask=c_ok[:, None] & (offs_m < K)[None, :])
+
+
+# ---------------------------------------------------------------------------
+# Host side: specialization, launch, and the keys decoded into positions.
+# ---------------------------------------------------------------------------
+
+@dataclass(frozen=True)
+class SearchSpec:
+    """Everything that selects one compiled search kernel. ``hidden`` and
+    ``activation`` matter to "din" only, ``projection`` (P) to "dot" only."""
+
+    scorer: str
+    dtype: torch.dtype
+    top_k: int
+    candidates: int
+    has_lengths: bool
+    has_mask: bool
+    embed_dim: int
+    hidden: tuple = (16,)
+    activation: str = "sigmoid"
+    projection: int = 1
+    interpret: bool = False
+    tf32: bool = False
+
+    def _forward(self) -> ForwardSpec:
+        """The forward's specialization for the same tiles of scores (no values)."""
+        return ForwardSpec(dtype=self.dtype, activation=self.activation, softmax=False,
+                           has_lengths=self.has_lengths, has_mask=self.has_mask,
+                           need_scores=False, hidden=self.hidden, embed_dim=self.embed_dim,
+                           value_dim=1, candidates=self.candidates, split=False,
+                           interpret=self.interpret, tf32=self.tf32)
+
+    def blocks(self):
+        """(BLOCK_C, BLOCK_T, BLOCK_D, CHUNK, M).
+
+        "din" takes the forward's tiles; "dot" a [BLOCK_T, BLOCK_C, P] product
+        (a tensor-core tile from 16 candidates on) within the tile budget;
+        "category" one compare per pair. Then fewer candidates per program
+        until the running top-M fits MERGE_BUDGET keys.
+        """
+        block_c = min(16, triton.next_power_of_2(self.candidates))
+        block_d = chunk = 16
+        if self.scorer == "din":
+            block_c, block_t, block_d, chunk = self._forward().blocks()
+        elif self.scorer == "dot":
+            width = padded(self.projection) * (1 if block_c >= 16 else block_c)
+            block_t = max(16, min(128, TILE_BUDGET // width))
+        else:
+            block_t = max(16, min(128, TILE_BUDGET // block_c))
+        top = triton.next_power_of_2(self.top_k)
+        while block_c > 1 and max(top, block_t) * block_c > MERGE_BUDGET:
+            block_c //= 2
+        return block_c, block_t, block_d, chunk, max(top, block_t)
+
+    def num_warps(self) -> int:
+        return self._forward().warp_choices()[0] if self.scorer == "din" else 4
+
+    def constexprs(self) -> dict:
+        block_c, block_t, block_d, chunk, merge = self.blocks()
+        forward = self._forward().constexprs()
+        return dict(
+            SCORER=self.scorer, ACTIVATION=self.activation, HAS_LENGTHS=self.has_lengths,
+            HAS_MASK=self.has_mask, NUM_LAYERS=forward["NUM_LAYERS"],
+            DOT_F32=self.interpret, INPUT_PRECISION=forward["INPUT_PRECISION"],
+            BLOCK_C=block_c, BLOCK_T=block_t, BLOCK_D=block_d,
+            BLOCK_P=padded(self.projection), H1_P=forward["H1_P"], H2_P=forward["H2_P"],
+            H3_P=forward["H3_P"], UNIT_W=forward["UNIT_W"], CHUNK=chunk, M=merge,
+        )
+
+    def signature(self) -> dict:
+        """Argument types for triton.compile (the AOT compile report)."""
+        io = "*" + TRITON_DTYPES[self.dtype]
+        pointers = dict(q_ptr=io, u_ptr="*fp32", k_ptr=io, len_ptr="*i64", mask_ptr="*u8",
+                        wp_ptr=io, wa_ptr=io, w2_ptr=io, w3_ptr=io, unit_ptr="*fp32",
+                        wout_ptr="*fp32", bout_ptr="*fp32", qs_ptr="*fp32", ks_ptr="*fp32",
+                        qcat_ptr="*i64", kcat_ptr="*i64", out_ptr="*i64")
+        ints = ("B C T D P H2 K t_per_split stride_qb stride_qc stride_kb stride_kt "
+                "stride_mb stride_cb").split()
+        return {**pointers, **{name: "i32" for name in ints}, "scale": "fp32",
+                **{name: "constexpr" for name in self.constexprs()}}
+
+    def aligned(self) -> tuple:
+        """Arguments a launch sees as multiples of 16 (see ForwardSpec.aligned)."""
+        names = [name for name, kind in self.signature().items() if kind.startswith("*")]
+        if self.embed_dim % 16 == 0:
+            names += ["D", "stride_qb", "stride_qc", "stride_kb", "stride_kt"]
+        return tuple(names + ["T", "stride_mb", "stride_cb"])
+
+
+def search_spec(problem, scorer: str, top_k: int, projection: int = 1) -> SearchSpec:
+    query = problem.query
+    return SearchSpec(
+        scorer=scorer, dtype=query.dtype, top_k=top_k, candidates=query.shape[1],
+        has_lengths=problem.lengths is not None, has_mask=problem.mask is not None,
+        embed_dim=query.shape[2], hidden=problem.hidden_units, activation=problem.activation,
+        projection=projection, interpret=interpreting(),
+        tf32=query.is_cuda and cuda_matmul_tf32())
+
+
+def search_unsupported(top_k: int, projection: int) -> str | None:
+    """Why the kernel cannot select this (its limits beyond the forward's), or None."""
+    if top_k > MAX_TOP_K:
+        return f"top_k is {top_k}; the fused search selects at most {MAX_TOP_K}"
+    if projection > MAX_PROJECTION:
+        return (f"the search projections are {projection} wide; the fused search takes at "
+                f"most {MAX_PROJECTION}")
+    return None
+
+
+def din_search(problem, scorer: str, top_k: int, projected=None, categories=None,
+               num_splits=None):
+    """The K = min(top_k, T) selected positions of every (row, candidate).
+
+    ``problem`` is a validated DINProblem (its keys, lengths or mask, and for
+    "din" its activation unit and scale); ``projected`` the "dot" scorer's
+    (query [B, C, P], keys [B, T, P]) projections, ``categories`` the
+    "category" scorer's (query [B, C], keys [B, T]) ids. Returns (positions
+    [B, C, K] int64, in ascending order, then any in-range position past each
+    row's count; counts [B, C] int64).
+    """
+    keys = problem.keys.contiguous()
+    query = problem.query.contiguous()
+    batch, length = keys.shape[:2]
+    candidates = query.shape[1]
+    device = keys.device
+    k = min(top_k, length)
+    if batch * candidates == 0 or k == 0:
+        return (torch.zeros(batch, candidates, k, dtype=torch.int64, device=device),
+                torch.zeros(batch, candidates, dtype=torch.int64, device=device))
+
+    projection = 1 if projected is None else projected[0].shape[-1]
+    spec = search_spec(problem, scorer, top_k, projection)
+    block_c, block_t, block_d = spec.blocks()[:3]
+    programs = batch * triton.cdiv(candidates, block_c)
+    splits = num_splits or choose_splits(programs, length, block_t, device)
+    t_per_split = triton.cdiv(triton.cdiv(length, block_t), splits) * block_t
+    splits = triton.cdiv(length, t_per_split)
+
+    # What a scorer does not read: one-element placeholders.
+    f32_none = keys.new_zeros(1, dtype=torch.float32)
+    i64_none = keys.new_zeros(1, dtype=torch.int64)
+    if scorer == "din":
+        folded = fold_parameters(problem, block_d)
+        deeper = folded.deeper + [folded.w_p] * (MAX_HIDDEN_LAYERS - 1 - len(folded.deeper))
+        unit = (folded.u, folded.w_p, folded.w_a, deeper[0], deeper[1], folded.unit,
+                folded.w_out, folded.b_out)
+    else:
+        unit = (f32_none, keys, keys, keys, keys, f32_none, f32_none, f32_none)
+    query_projected, keys_projected = (f32_none, f32_none) if projected is None else \
+        (projected[0].float().contiguous(), projected[1].float().contiguous())
+    query_categories, key_categories = (i64_none, i64_none) if categories is None else \
+        (categories[0].long().contiguous(), categories[1].long().contiguous())
+    lengths = i64_none if problem.lengths is None else problem.lengths.contiguous()
+    mask = keys.new_zeros(1, dtype=torch.uint8) if problem.mask is None else \
+        problem.mask.contiguous().view(torch.uint8)
+    hidden = problem.hidden_units
+    out = torch.empty(splits, batch, candidates, k, dtype=torch.int64, device=device)
+    with launch_device(device):
+        wrap_triton(din_search_kernel)[(programs, splits)](
+            query, unit[0], keys, lengths, mask, *unit[1:],
+            query_projected, keys_projected, query_categories, key_categories, out,
+            batch, candidates, length, query.shape[2], projection,
+            hidden[1] if len(hidden) > 1 else 1, k, t_per_split,
+            query.stride(0), query.stride(1), keys.stride(0), keys.stride(1),
+            0 if problem.mask is None else mask.stride(0), key_categories.stride(0),
+            problem.scale, num_warps=spec.num_warps(), num_stages=NUM_STAGES,
+            **spec.constexprs(),
+        )
+    best = out[0] if splits == 1 else out.permute(1, 2, 0, 3).flatten(2).topk(k, dim=-1).values
+    return positions_of(best, length)
+
+
+def positions_of(best: torch.Tensor, length: int):
+    """(positions in ascending order, counts) from keys in descending order."""
+    valid = best != EMPTY_KEY
+    positions = torch.where(valid, best & ((1 << POSITION_BITS) - 1), length)
+    positions = positions.sort(dim=-1).values.clamp_(max=max(length - 1, 0))
+    return positions, valid.sum(-1)
