@@ -42,7 +42,8 @@ def reference_search_scores(problem: DINProblem, search: Search) -> torch.Tensor
 
 def ranked_positions(problem: DINProblem, search: Search) -> list:
     """For every row b and candidate c, the selected positions, ascending: [[[t, ...]]]."""
-    scores = reference_search_scores(problem, search)
+    with torch.no_grad():
+        scores = reference_search_scores(problem, search)
     valid = problem.valid_mask()
     batch, candidates, length = scores.shape
     selected = []

@@ -119,9 +119,10 @@ def spread(problem: DINProblem, selection: Selection, pooled: torch.Tensor, scor
     in the problem's shapes: pooled [B, C, Dv] and weights [B, C, T], zero at
     the positions not selected (a 2-D query drops the C axis)."""
     batch, candidates = problem.query.shape[:2]
-    pooled = pooled.reshape(batch, candidates, -1)
+    pooled = pooled.reshape(batch, candidates, pooled.shape[-1])
     if scores is not None:
-        kept = torch.where(selection.slot_valid(), scores.reshape(batch, candidates, -1), 0)
+        kept = torch.where(selection.slot_valid(),
+                           scores.reshape(selection.positions.shape), 0)
         scores = kept.new_zeros(batch, candidates, problem.keys.shape[1]).scatter_add(
             -1, selection.positions, kept)
     return problem.shape_output(pooled, scores)

@@ -32,6 +32,7 @@ import torch
 from .compiled import resource_usage, spills
 from .din_backward import BackwardSpec, backward_unsupported_shape
 from .din_forward import NUM_STAGES, ForwardSpec, din_forward_kernel
+from .din_search import MAX_TOP_K, SearchSpec, din_search_kernel
 from .forward_warps import FALLBACK, table_family
 
 # Largest dynamic shared memory per block (opt-in), bytes.
@@ -180,6 +181,39 @@ def backward_specializations(quick: bool):
             has_grad_scores=scores, values_are_keys=not scores, hidden=hidden,
             embed_dim=dim, value_dim=dim, candidates=cands)
         yield from map(backward_specialization, spec.launches())
+
+
+def search_specialization(spec: SearchSpec) -> Specialization:
+    shape = (f"D={spec.embed_dim} H={spec.hidden} {spec.activation}" if spec.scorer == "din"
+             else f"P={spec.projection}" if spec.scorer == "dot" else "")
+    dtype = str(spec.dtype).replace("torch.", "")
+    label = f"search[{spec.scorer}] {dtype} K={spec.top_k} C={spec.candidates} {shape}".rstrip()
+    return Specialization(label, din_search_kernel, spec.signature(), spec.constexprs(),
+                          (spec.num_warps(),), NUM_STAGES, spec.aligned())
+
+
+@register
+def search_specializations(quick: bool):
+    """The two-stage search kernel (din_search.py): each scorer at K in {1,
+    50, 200, MAX_TOP_K} (the running top-M from 16 to its largest) and C in
+    {1, 100} (one candidate per program, and blocks of them), bfloat16 and
+    float32 keys; "din" at D = 64 with H = (80, 40) sigmoid and (200, 80)
+    dice, "dot" at P = 64. The quick subset: the largest K and the widest
+    "din" tiles."""
+    grid = [(scorer, dtype, k, cands)
+            for scorer in ("din", "dot", "category")
+            for dtype in (torch.bfloat16, torch.float32)
+            for k in (1, 50, 200, MAX_TOP_K) for cands in (1, 100)]
+    if quick:
+        grid = [("din", torch.bfloat16, MAX_TOP_K, 100), ("din", torch.float32, 200, 100),
+                ("dot", torch.float32, 50, 100), ("category", torch.bfloat16, MAX_TOP_K, 1)]
+    for scorer, dtype, k, cands in grid:
+        units = [((80, 40), "sigmoid")] + ([((200, 80), "dice")] if scorer == "din" else [])
+        for hidden, activation in units:
+            yield search_specialization(SearchSpec(
+                scorer=scorer, dtype=dtype, top_k=k, candidates=cands, has_lengths=True,
+                has_mask=False, embed_dim=64, hidden=hidden, activation=activation,
+                projection=64))
 
 
 def compile_one(spec: Specialization, arch: int) -> dict:

@@ -22,7 +22,10 @@ The running top-M. ``best`` [BLOCK_C, M] stays sorted in descending order. A
 tile's keys, widened to M with EMPTY and sorted in ascending order, meet it
 elementwise: max(best_i, tile_i) of a descending and an ascending sequence is
 the top M of their union as a bitonic sequence (the first step of Batcher's
-bitonic merge), which one bitonic merge sorts again. M is the next power of
+bitonic merge), which one bitonic merge sorts again. The sorting network is
+written here (_exchange) rather than taken from tl.sort: the same steps, with
+a pair's min and max as reductions, which the interpreter runs at numpy's
+speed. M is the next power of
 two of K, at least BLOCK_T; M * BLOCK_C stays within MERGE_BUDGET keys.
 """
 
@@ -66,7 +69,26 @@ def _sort_keys(s, offs_t, valid):
 
 
 @triton.jit
-def _merge(best, keys, BLOCK_C: tl.constexpr, BLOCK_T: tl.constexpr, M: tl.constexpr):
+def _exchange(x, descending, STRIDE: tl.constexpr):
+    """One compare-exchange step of a bitonic network along the last axis of
+    x [R, N]: elements i and i + STRIDE of each block of 2 * STRIDE are put
+    in ascending order, or descending where ``descending`` [R, N] is set
+    (the same for both). The pair is an axis of size 2 of a reshape, its min
+    and max two reductions over it (numpy's own in the interpreter, where
+    tl.sort's xor reduction runs in Python)."""
+    R: tl.constexpr = x.shape[0]
+    N: tl.constexpr = x.shape[1]
+    pairs: tl.constexpr = (R * N // (2 * STRIDE), 2, STRIDE)
+    y = tl.reshape(x, pairs)
+    low = tl.min(y, axis=1, keep_dims=True)
+    high = tl.max(y, axis=1, keep_dims=True)
+    second = tl.arange(0, 2)[None, :, None] == 1
+    return tl.reshape(tl.where(second != tl.reshape(descending, pairs), high, low), (R, N))
+
+
+@triton.jit
+def _merge(best, keys, BLOCK_C: tl.constexpr, BLOCK_T: tl.constexpr, M: tl.constexpr,
+           LOG_M: tl.constexpr):
     """The top M of best [BLOCK_C, M] (sorted descending) and keys [BLOCK_T,
     BLOCK_C], sorted descending."""
     keys = tl.trans(keys)
@@ -76,8 +98,18 @@ def _merge(best, keys, BLOCK_C: tl.constexpr, BLOCK_T: tl.constexpr, M: tl.const
         wide = tl.where(slot[None, None, :] == 0, keys[:, :, None],
                         tl.full((BLOCK_C, BLOCK_T, M // BLOCK_T), EMPTY, tl.int64))
         keys = tl.reshape(wide, (BLOCK_C, M))
-    top = tl.maximum(best, tl.sort(keys))
-    return tl.bitonic_merge(top, descending=True)
+    # Bitonic sort of the tile, ascending: stage s sorts runs of 2**s, every
+    # other one descending, so that each pair of runs is bitonic for the next.
+    index = tl.broadcast_to(tl.arange(0, M)[None, :], (BLOCK_C, M))
+    for s in tl.static_range(1, LOG_M + 1):
+        descending = ((index >> s) & 1) == 1
+        for j in tl.static_range(s):
+            keys = _exchange(keys, descending, 1 << (s - 1 - j))
+    # max of a descending and an ascending run: the top M, bitonic; merged descending.
+    best = tl.maximum(best, keys)
+    for j in tl.static_range(LOG_M):
+        best = _exchange(best, index >= 0, 1 << (LOG_M - 1 - j))
+    return best
 
 
 @triton.jit
@@ -93,7 +125,7 @@ def din_search_kernel(
     INPUT_PRECISION: tl.constexpr,
     BLOCK_C: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_D: tl.constexpr,
     BLOCK_P: tl.constexpr, H1_P: tl.constexpr, H2_P: tl.constexpr, H3_P: tl.constexpr,
-    UNIT_W: tl.constexpr, CHUNK: tl.constexpr, M: tl.constexpr,
+    UNIT_W: tl.constexpr, CHUNK: tl.constexpr, M: tl.constexpr, LOG_M: tl.constexpr,
 ):
     """Grid (B * cdiv(C, BLOCK_C), splits).
 
@@ -158,7 +190,7 @@ def din_search_kernel(
             k_cat = tl.load(kcat_ptr + b * stride_cb + offs_t, mask=t_valid, other=0)
             s = (k_cat[:, None] == q_cat[None, :]).to(tl.float32)
         keys = _sort_keys(s, offs_t, t_valid[:, None] & c_ok[None, :])
-        best = _merge(best, keys, BLOCK_C, BLOCK_T, M)
+        best = _merge(best, keys, BLOCK_C, BLOCK_T, M, LOG_M)
 
     offs_m = tl.arange(0, M)
     out = (split * B + b) * C + offs_c
@@ -231,6 +263,7 @@ class SearchSpec:
             BLOCK_C=block_c, BLOCK_T=block_t, BLOCK_D=block_d,
             BLOCK_P=padded(self.projection), H1_P=forward["H1_P"], H2_P=forward["H2_P"],
             H3_P=forward["H3_P"], UNIT_W=forward["UNIT_W"], CHUNK=chunk, M=merge,
+            LOG_M=merge.bit_length() - 1,
         )
 
     def signature(self) -> dict:
