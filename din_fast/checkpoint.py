@@ -30,7 +30,7 @@ from .files import open_replacing
 
 CHECKPOINT_FORMAT = "din_fast.checkpoint/3"
 WRITTEN_BY = "a file written by din-fast train --checkpoint"
-ADDED_CONFIG_FIELDS = {"compile": None}
+ADDED_CONFIG_FIELDS = {"compile": None, "top_k": None, "search": "din"}
 
 
 @dataclass

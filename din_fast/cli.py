@@ -31,6 +31,7 @@ from .models import MLP_ACTIVATIONS, MLP_INPUTS, MODELS
 from .onnx_export import OPSET as ONNX_OPSET, export_checkpoint_onnx
 from .problem import ACTIVATIONS, BACKENDS
 from .plot import check_plot_path, plot_training
+from .search import SEARCHES
 from .predict import OUTPUT_FORMATS, describe, predict_file
 from .training import check_training_outputs, evaluate_checkpoint, train
 
@@ -137,6 +138,14 @@ def build_parser() -> argparse.ArgumentParser:
     train_parser.add_argument("--mlp-input", choices=MLP_INPUTS, default=defaults.mlp_input,
                               help="the scoring MLP's input: [interest, candidate] (concat, "
                               "the DIN paper's) or with interest x candidate appended (product)")
+    train_parser.add_argument("--top-k", type=positive_int, default=defaults.top_k,
+                              help="two-stage attention: DIN attends over the K history items "
+                              "--search ranks highest for each candidate (default: the whole "
+                              "history, exact DIN)")
+    train_parser.add_argument("--search", choices=SEARCHES, default=defaults.search,
+                              help="how --top-k ranks the history: din (the attention's own "
+                              "score), dot (learned projections, trained by an auxiliary CTR "
+                              "loss), category (the candidate's category first, then recency)")
     train_parser.add_argument("--seed", type=seed, default=defaults.seed)
     train_parser.add_argument("--backend", choices=BACKENDS, default=defaults.backend)
     train_parser.add_argument("--device", choices=("cpu", "cuda"), default=default_device())

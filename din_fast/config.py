@@ -12,6 +12,7 @@ import torch
 from .errors import InputError
 from .models import MLP_ACTIVATIONS, MLP_INPUTS, MODELS
 from .problem import ACTIVATIONS, BACKENDS
+from .search import SEARCHES
 
 DEVICES = ("cpu", "cuda")
 # torch.compile backends for --compile: inductor generates code (a C++
@@ -51,6 +52,8 @@ FIELD_RULES = {
     "mlp_input": (lambda v: v in MLP_INPUTS, f"one of {MLP_INPUTS}"),
     "compile": (lambda v: v is None or v in COMPILE_BACKENDS,
                 f"None (eager) or one of {COMPILE_BACKENDS}"),
+    "top_k": (lambda v: v is None or _positive_int(v), "None (exact DIN) or a positive integer"),
+    "search": (lambda v: v in SEARCHES, f"one of {SEARCHES}"),
 }
 
 
@@ -78,11 +81,19 @@ class TrainConfig:
     mlp_activation: str = "dice"
     mlp_input: str = "concat"
     compile: Optional[str] = None
+    top_k: Optional[int] = None
+    search: str = "din"
 
     def __post_init__(self):
         for name, expected in config_problems(vars(self)):
             raise InputError(f"TrainConfig: `{name}` must be {expected}; "
                              f"got {getattr(self, name)!r}")
+        if self.top_k is not None and self.model != "din":
+            raise InputError(f"TrainConfig: `top_k` is DIN's two-stage attention; model "
+                             f"{self.model!r} has no attention (got top_k {self.top_k})")
+        if self.search != "din" and self.top_k is None:
+            raise InputError(f"TrainConfig: `search` {self.search!r} is the first stage of "
+                             "two-stage attention; it needs `top_k`")
         if self.mlp_activation == "dice" and self.batch_size < 2:
             raise InputError(f"TrainConfig: `batch_size` must be at least 2 with mlp_activation "
                              f"'dice' (its batch normalization needs two rows); "
@@ -101,7 +112,8 @@ def config_problems(values: dict) -> list:
 def build_model(config: TrainConfig, num_items: int, num_categories: int) -> torch.nn.Module:
     """The untrained model of ``config`` (on the current default device)."""
     options = {"attention_normalization": config.attention_normalization,
-               "attention_activation": config.attention_activation} \
+               "attention_activation": config.attention_activation,
+               "top_k": config.top_k, "search": config.search} \
         if config.model == "din" else {}
     return MODELS[config.model](num_items, num_categories, embed_dim=config.embed_dim,
                                 mlp_activation=config.mlp_activation, backend=config.backend,

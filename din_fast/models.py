@@ -12,6 +12,7 @@ comparison measures.
 from __future__ import annotations
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from .dice_statistics import batch_moments, update_running
@@ -140,10 +141,12 @@ class BaseModel(nn.Module):
     def embed(self, items, categories):
         return torch.cat([self.item_embedding(items), self.category_embedding(categories)], -1)
 
-    def pool(self, candidate, history, lengths):
+    def pool(self, candidate, history, lengths, categories=None):
         """User interest, [B, 2E] (or [B, C, 2E] for C candidates [B, C, 2E]
         per row): the sum of each row's first lengths[b] positions; whatever
-        lies past them is never read (a select, so its gradient is 0)."""
+        lies past them is never read (a select, so its gradient is 0).
+        ``categories`` is (the candidates', the history's) category ids, for a
+        search that reads them."""
         valid = torch.arange(history.shape[1], device=history.device) < lengths[:, None]
         interest = torch.where(valid[..., None], history, history.new_zeros(())).sum(1)
         return interest if candidate.dim() == 2 else interest[:, None].expand_as(candidate)
@@ -223,8 +226,13 @@ class BaseModel(nn.Module):
                           target_categories)
         candidate = self.embed(target_items, target_categories)
         history = self.embed(history_items, history_categories)
-        interest = self.pool(candidate, history, lengths)
+        interest = self.pool(candidate, history, lengths, (target_categories, history_categories))
         return score(self.mlp, self.mlp_input, interest, candidate)
+
+    def auxiliary_loss(self, history_items, history_categories, lengths, target_items,
+                       target_categories, labels):
+        """A loss training adds to the model's own, or None (here: none)."""
+        return None
 
 
 class DIN(BaseModel):
@@ -237,12 +245,20 @@ class DIN(BaseModel):
     scores (on the Amazon sets softmax won; see the training guide's recipe
     section).
 
+    ``top_k`` K makes the attention two-stage (din_fast.din_attention_top_k):
+    ``search`` keeps each candidate's K best history items, "din" by the
+    attention's own score, "dot" by learned projections (trained by
+    :meth:`auxiliary_loss`, SIM's auxiliary CTR loss over the whole history),
+    "category" by the candidate's category; the attention pools those alone.
+
     Args:
         num_items, num_categories, embed_dim, mlp_hidden, mlp_activation,
             backend, mlp_input: as BaseModel's.
         attention_hidden: the attention unit's hidden widths.
         attention_activation: "dice", "sigmoid", "relu" or "prelu".
         attention_normalization: "softmax" or None (raw scores).
+        top_k: None (exact DIN) or K, two-stage attention.
+        search: the two-stage search, "din", "dot" or "category".
 
     Raises:
         ValueError: as BaseModel, and for the attention options
@@ -252,14 +268,33 @@ class DIN(BaseModel):
     def __init__(self, num_items: int, num_categories: int, embed_dim: int = 32,
                  mlp_hidden=(200, 80), mlp_activation: str = "dice", backend: str = "auto",
                  mlp_input: str = "concat", attention_hidden=(80, 40),
-                 attention_activation: str = "dice", attention_normalization="softmax"):
+                 attention_activation: str = "dice", attention_normalization="softmax",
+                 top_k=None, search: str = "din"):
         super().__init__(num_items, num_categories, embed_dim, mlp_hidden, mlp_activation,
                          backend, mlp_input)
         self.attention = DINAttention(2 * embed_dim, attention_hidden, attention_activation,
-                                      normalization=attention_normalization, backend=backend)
+                                      normalization=attention_normalization, backend=backend,
+                                      top_k=top_k, search=search)
 
-    def pool(self, candidate, history, lengths):
-        return self.attention(candidate, history, lengths)
+    def pool(self, candidate, history, lengths, categories=None):
+        if self.attention.search != "category":
+            return self.attention(candidate, history, lengths)
+        return self.attention(candidate, history, lengths, query_categories=categories[0],
+                              key_categories=categories[1])
+
+    def auxiliary_loss(self, history_items, history_categories, lengths, target_items,
+                       target_categories, labels):
+        """With the "dot" search: SIM's auxiliary CTR loss, the binary cross
+        entropy of the search's own logits (DINAttention.search_logits: the
+        softmax of the projections' scores over the whole history pooling
+        those scores) against the labels. It trains the projections alone;
+        None for the other searches."""
+        if self.attention.search != "dot":
+            return None
+        logits = self.attention.search_logits(self.embed(target_items, target_categories),
+                                              self.embed(history_items, history_categories),
+                                              lengths)
+        return F.binary_cross_entropy_with_logits(logits, labels.to(logits.dtype))
 
     def attention_backend(self):
         return self.attention.resolved_backend()

@@ -207,31 +207,39 @@ def search_scores(problem: DINProblem, search: Search, start: int, stop: int,
     return (query_categories[:, :, None] == key_categories[:, None, start:stop]).to(dtype)
 
 
-def _chunk_size(problem: DINProblem, search: Search) -> int:
-    """Positions per chunk of the torch search: its intermediates within CHUNK_ELEMENTS."""
+def _chunks(problem: DINProblem, search: Search) -> list:
+    """(start, stop) of the torch search's chunks of positions, each one's
+    intermediates within CHUNK_ELEMENTS; one chunk while tracing (a trace has
+    no loop over a data-dependent size)."""
     batch, length = problem.keys.shape[:2]
     if torch.compiler.is_compiling():
-        return max(length, 1)    # one chunk: a trace has no loop over a data size
+        return [(0, length)]
     width = {"din": problem.hidden_units[0], "category": 1}.get(
         search.scorer, search.projections[0].shape[0] if search.projections else 1)
     per_position = max(batch * problem.query.shape[1] * width, 1)
-    return max(MIN_CHUNK, CHUNK_ELEMENTS // per_position)
+    step = max(MIN_CHUNK, CHUNK_ELEMENTS // per_position)
+    return [(start, min(start + step, length)) for start in range(0, length, step)]
 
 
 def _torch_selection(problem: DINProblem, search: Search) -> Selection:
     """Chunks of positions, each scored and merged into a running top K: the
     chunk's positions follow the kept ones, so index order is position order
-    and top_k_mask's tie rule (the later index) is the recency rule."""
+    and top_k_mask's tie rule (the later index) is the recency rule.
+
+    While tracing, K empty slots (position 0, not kept) come first: the
+    selection is then K wide whatever T is, a static size, where min(K, T)
+    would make the exported graph's shapes depend on how T compares to K.
+    """
     batch, length = problem.keys.shape[:2]
     candidates = problem.query.shape[1]
     device = problem.keys.device
     valid = problem.valid_mask()
-    scores = torch.empty(batch, candidates, 0, dtype=problem.compute_dtype(), device=device)
-    positions = torch.empty(batch, candidates, 0, dtype=torch.int64, device=device)
-    kept = torch.empty(batch, candidates, 0, dtype=torch.bool, device=device)
-    step = _chunk_size(problem, search)
-    for start in range(0, length, step):
-        stop = min(start + step, length)
+    slots = search.top_k if torch.compiler.is_compiling() else 0
+    scores = torch.full((batch, candidates, slots), float("-inf"), dtype=problem.compute_dtype(),
+                        device=device)
+    positions = torch.zeros(batch, candidates, slots, dtype=torch.int64, device=device)
+    kept = torch.zeros(batch, candidates, slots, dtype=torch.bool, device=device)
+    for start, stop in _chunks(problem, search):
         chunk = search_scores(problem, search, start, stop)
         scores = torch.cat([scores, torch.where(chunk.isnan(), float("-inf"), chunk)], -1)
         here = torch.arange(start, stop, device=device).expand(batch, candidates, -1)
@@ -240,7 +248,7 @@ def _torch_selection(problem: DINProblem, search: Search) -> Selection:
         kept = top_k_mask(scores, kept, search.top_k)
         # The kept entries first, in index order (a stable sort of the flags).
         order = kept.to(torch.uint8).argsort(dim=-1, descending=True, stable=True)
-        order = order[..., :search.top_k]
+        order = order.narrow(-1, 0, torch.sym_min(search.top_k, order.shape[-1]))
         scores, positions, kept = (x.gather(-1, order) for x in (scores, positions, kept))
     return Selection(positions, kept.sum(-1))
 
@@ -250,12 +258,11 @@ def top_k_mask(scores: torch.Tensor, valid: torch.Tensor, k: int) -> torch.Tenso
     ties going to the later index; every valid entry where a row has at most k.
 
     The k-th highest valid score is the threshold: every valid entry above it
-    is kept, and of those equal to it the latest ones, as many as fit.
+    is kept, and of those equal to it the latest ones, as many as fit. (With
+    at most k entries the threshold is the lowest, and every valid one is kept.)
     """
-    if scores.shape[-1] <= k:
-        return valid
     ranked = torch.where(valid, scores, float("-inf"))
-    threshold = ranked.topk(k, dim=-1).values[..., -1:]
+    threshold = ranked.topk(torch.sym_min(k, scores.shape[-1]), dim=-1).values[..., -1:]
     above = valid & (scores > threshold)
     tied = valid & (scores == threshold)
     room = k - above.sum(-1, keepdim=True)

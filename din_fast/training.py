@@ -162,6 +162,9 @@ class LocalLearner(Learner):
             batch = batch.to(config.device)
             loss = F.binary_cross_entropy_with_logits(model(*batch[:5]), batch.labels)
             value = loss.item()
+            auxiliary = model.auxiliary_loss(*batch[:5], batch.labels)
+            if auxiliary is not None:   # SIM's loss of a two-stage DIN's "dot" search
+                loss = loss + auxiliary
             if config.l2:
                 loss = loss + config.l2 * minibatch_l2(model, batch, self.inverse_frequency)
             self.optimizer.zero_grad(set_to_none=True)

@@ -85,10 +85,14 @@ def din_attention_top_k(query, keys, lengths=None, *, top_k, search="din", searc
 def search_backend(backend: str, problem: DINProblem, search: Search) -> str:
     """The concrete backend of stage one: ``backend`` resolved as
     din_attention resolves it, then torch where "auto" chose triton and the
-    fused search cannot run this one (an explicit triton raises why)."""
+    fused search cannot run this one (an explicit triton raises why). While
+    tracing (torch.compile, torch.export) the torch search, which traces as
+    aten ops; stage two keeps its backend."""
     concrete = resolve_backend(backend, problem)
     if concrete != "triton":
         return concrete
+    if torch.compiler.is_compiling():
+        return "torch"
     reason = kernel_unsupported(problem, search)
     if reason is None:
         return "triton"

@@ -7,6 +7,10 @@ rows, masks); padding; the fused search kernel's launch variants against the
 torch selection; the module, its "dot" projections and training-mode Dice.
 """
 
+import json
+import subprocess
+import sys
+
 import pytest
 import torch
 from hypothesis import given
@@ -14,9 +18,13 @@ from hypothesis import strategies as st
 
 import din_fast
 from din_fast import search as search_module
+from din_fast.checkpoint import load_checkpoint, restored_model
+from din_fast.cli import main
+from din_fast.loaders import synthetic_interactions
 from din_fast.problem import validate
 from din_fast.reference_top_k import ranked_positions
 from din_fast.search import project, select, validate_search
+from cli_data import one_torch_thread, write_csv  # noqa: F401 (a fixture)
 from helpers import (DEVICE, ZERO_GRAD_ATOL, backend_settings, get_slot, leaf_copy, make_case,
                      map_tensors, on_device, outputs_and_grads, relative_error, tensor_slots,
                      tolerance)
@@ -339,3 +347,54 @@ def test_module_dice_training_over_the_selected_positions():
         torch.testing.assert_close(dict(two_stage.named_buffers())[name], buffer)
     with pytest.raises(TypeError, match="DINAttention: `query_categories`"):
         two_stage(query, keys, lengths)
+
+
+# ------------------------------------------------------------------ din-fast train --top-k
+
+def test_command_trains_evaluates_and_predicts_two_stage(tmp_path, one_torch_thread):
+    # The real command: train with each search (dot through the subprocess,
+    # with SIM's auxiliary loss), the checkpoint records top_k and search, and
+    # evaluate and predict rebuild the two-stage model from it.
+    data = write_csv(tmp_path / "tiny.csv", synthetic_interactions(num_users=40, seed=4))
+    common = ["--data", str(data), "--epochs", "1", "--batch-size", "64", "--embed-dim", "4",
+              "--no-progress", "--top-k", "2"]
+    run = subprocess.run([sys.executable, "-m", "din_fast", "train", *common, "--search", "dot",
+                          "--checkpoint", str(tmp_path / "dot.pt"),
+                          "--metrics-out", str(tmp_path / "dot.json")],
+                         capture_output=True, text=True, timeout=300)
+    assert run.returncode == 0, run.stderr
+    trained = json.loads((tmp_path / "dot.json").read_text())
+    assert (trained["config"]["top_k"], trained["config"]["search"]) == (2, "dot")
+    for search in ("din", "category"):
+        assert main(["train", *common, "--search", search, "--checkpoint",
+                     str(tmp_path / f"{search}.pt")]) == 0
+    for search in ("din", "dot", "category"):
+        checkpoint = load_checkpoint(tmp_path / f"{search}.pt")
+        assert (checkpoint.config.top_k, checkpoint.config.search) == (2, search)
+        model = restored_model(checkpoint, checkpoint.config)
+        assert model.attention.top_k == 2 and model.attention.search == search
+    assert main(["evaluate", "--checkpoint", str(tmp_path / "dot.pt"), "--data", str(data),
+                 "--metrics-out", str(tmp_path / "eval.json")]) == 0
+    evaluated = json.loads((tmp_path / "eval.json").read_text())
+    assert evaluated["test_gauc"] == pytest.approx(trained["test_gauc"], abs=1e-9)
+    requests = tmp_path / "requests.jsonl"
+    items = checkpoint.id_maps.item_ids.to_pylist()
+    requests.write_text(json.dumps({"history": items[:6], "candidates": items[6:9]}) + "\n")
+    assert main(["predict", "--checkpoint", str(tmp_path / "category.pt"), "--requests",
+                 str(requests), "--output", str(tmp_path / "scores.csv")]) == 0
+    assert len((tmp_path / "scores.csv").read_text().splitlines()) == 4
+
+
+@pytest.mark.parametrize("flags,message", [
+    (["--search", "dot"], "`search` 'dot' is the first stage of two-stage attention"),
+    (["--model", "base", "--top-k", "3"], "`top_k` is DIN's two-stage attention"),
+    (["--top-k", "0"], "--top-k: must be a positive integer"),
+])
+def test_command_rejects_bad_two_stage_flags(flags, message, capsys):
+    try:
+        status = main(["train", "--epochs", "1", "--no-progress", *flags])
+    except SystemExit as stop:        # argparse's own errors
+        status = stop.code
+    assert status == 2
+    error = capsys.readouterr().err.strip()
+    assert error.startswith("din-fast: error:") and message in error and "\n" not in error

@@ -218,6 +218,10 @@ def train_sharded(config: TrainConfig, sharding: Optional[str] = None, *,
     processes stopped at different points could not finish).
     """
     check_options(config.model, embedding_optimizer, embedding_lr, config.device)
+    if config.top_k is not None:
+        raise OptionError(f"--top-k {config.top_k}: sharded training runs exact DIN (its "
+                          "attention reads the histories jagged, which the two-stage mode "
+                          "does not take); leave out --top-k or --sharding")
     if config.compile:
         raise OptionError("sharded training runs eagerly: --compile is not supported with "
                           "TorchRec's sharded tables; drop --compile, or train in one process "
