@@ -40,7 +40,8 @@ set -uo pipefail
 CUDA_TESTS="tests/test_triton_forward.py tests/test_backward.py tests/test_ops.py
             tests/test_jagged_triton.py tests/test_jagged_ops.py tests/test_layouts.py
             tests/test_padding.py tests/test_sizes.py tests/test_scales.py
-            tests/test_higher_order.py tests/test_launch_safety.py tests/test_aot.py"
+            tests/test_higher_order.py tests/test_launch_safety.py tests/test_aot.py
+            tests/test_top_k.py"
 SANITIZER_TOOLS="memcheck racecheck"
 
 cd "$(dirname "$0")/.."

@@ -9,7 +9,9 @@ checks the output and the gradients against float64 (a wrong result fails
 the run too).
 
 The forward cases cover padded rows, many candidates with softmax and
-scores, a long row split over T, and jagged histories. The backward cases
+scores, a long row split over T, and jagged histories; the two-stage cases
+(din_attention_top_k) run the search kernel with each scorer: blocks of
+candidates, a long row split over T, and K wider than a tile. The backward cases
 are chosen so that together they run every launch configuration the fused
 backward has: one launch computing everything; split into the inputs', the
 first layer's and the deeper layers' launches; the first layer's sums in
@@ -52,6 +54,7 @@ class Case:
     options: dict = field(default_factory=dict)   # more din_attention keywords
     backward: bool = True
     jagged: bool = False
+    search: tuple = ()      # (scorer, K): din_attention_top_k's two stages, forward only
 
 
 CASES = [
@@ -66,6 +69,13 @@ CASES = [
     Case("backward, first layer in column blocks", 3, 1, 21, 128, (80, 40), torch.bfloat16,
          dict(normalization="softmax", scale=0.1, return_scores=True)),
     Case("backward, split without deeper layers", 4, 2, 19, 128, (64,), torch.float16),
+    Case("two-stage: din search, candidate blocks", 3, 20, 37, 32, (80, 40), torch.float32,
+         dict(normalization="softmax"), backward=False, search=("din", 8)),
+    Case("two-stage: dot search, split over T", 1, 2, 3000, 32, (80, 40), torch.float32,
+         backward=False, search=("dot", 100)),
+    Case("two-stage: category search, K past a tile", 4, 3, 300, 32, (80, 40),
+         torch.bfloat16, dict(normalization="softmax"), backward=False,
+         search=("category", 200)),
 ]
 
 
@@ -111,6 +121,8 @@ def run_case(case: Case, device) -> float:
     """Forward (and backward) on the triton backend: the largest error of the
     output (and of every gradient) against float64, relative to its largest element."""
     inputs = case_inputs(case, device)
+    if case.search:
+        return run_two_stage(case, inputs, device)
     if case.jagged:
         exact = float64_output(inputs)
         lengths = inputs.pop("lengths")
@@ -131,6 +143,26 @@ def run_case(case: Case, device) -> float:
             for out, tensors in ((triton_out, triton_leaves), (exact_out, exact_leaves)))
         error = max(error, worst_gradient_error(grads, exact_grads))
     return error
+
+
+def run_two_stage(case: Case, inputs: dict, device) -> float:
+    """din_attention_top_k on triton (the search kernel, then the forward on
+    the gathered rows) against its float64 oracle: the output's error."""
+    scorer, top_k = case.search
+    gen = torch.Generator().manual_seed(5)
+    batch, length, dim = inputs["keys"].shape
+    search = dict(top_k=top_k, search=scorer)
+    if scorer == "dot":
+        search["search_params"] = tuple(torch.randn(16, dim, generator=gen).to(device)
+                                        for _ in range(2))
+    if scorer == "category":
+        search["query_categories"] = torch.randint(0, 4, inputs["query"].shape[:-1],
+                                                   generator=gen).to(device)
+        search["key_categories"] = torch.randint(0, 4, (batch, length), generator=gen).to(device)
+    pooled = din_fast.din_attention_top_k(backend="triton", **inputs, **case.options, **search)
+    exact = din_fast.din_attention_top_k(backend="reference", **as_float64(inputs),
+                                         **case.options, **as_float64(search))
+    return relative_error(pooled, exact)
 
 
 def differentiable_call(inputs: dict, options: dict, backend: str):

@@ -7,10 +7,11 @@ Each specialization is compiled with ``triton.compile`` for a ``GPUTarget``
 thread, spill bytes (LOCAL and STACK, from the bundled ``cuobjdump
 --dump-resource-usage``) and shared memory per block, and the command exits
 non-zero on any spill or on shared memory over the architecture's limit. A
-specialization with two warp choices (the forward) is reported with the one
-its launcher takes on that architecture (the warp table,
+specialization with two warp choices (the forward, the search) is reported
+with the one its launcher takes on that architecture (the warp table,
 din_fast.kernels.forward_warps), and its status notes what the preferred
-choice spilled. ``--write-warps`` rewrites that table from the run: the
+choice spilled. ``--write-warps`` rewrites that table's entries of the
+kernels compiled (all, or those ``--match`` selects) from the run: the
 specializations whose preferred count spills and whose other one is clean.
 
 Kernels join the report through :func:`register`: a provider is a function
@@ -189,7 +190,7 @@ def search_specialization(spec: SearchSpec) -> Specialization:
     dtype = str(spec.dtype).replace("torch.", "")
     label = f"search[{spec.scorer}] {dtype} K={spec.top_k} C={spec.candidates} {shape}".rstrip()
     return Specialization(label, din_search_kernel, spec.signature(), spec.constexprs(),
-                          (spec.num_warps(),), NUM_STAGES, spec.aligned())
+                          spec.warp_choices(), NUM_STAGES, spec.aligned(), spec.key())
 
 
 @register
@@ -198,18 +199,18 @@ def search_specializations(quick: bool):
     50, 200, MAX_TOP_K} (the running top-M from 16 to its largest) and C in
     {1, 100} (one candidate per program, and blocks of them), bfloat16 and
     float32 keys; "din" at D = 64 with H = (80, 40) sigmoid and (200, 80)
-    dice, "dot" at P = 64. The quick subset: the largest K and the widest
-    "din" tiles."""
+    dice, "dot" at P = 64. The quick subset: "din" at K = 200 over blocks of
+    candidates (each search kernel takes seconds to compile: its sorting
+    network is unrolled)."""
     grid = [(scorer, dtype, k, cands)
             for scorer in ("din", "dot", "category")
             for dtype in (torch.bfloat16, torch.float32)
             for k in (1, 50, 200, MAX_TOP_K) for cands in (1, 100)]
+    units = {"din": [((80, 40), "sigmoid"), ((200, 80), "dice")]}
     if quick:
-        grid = [("din", torch.bfloat16, MAX_TOP_K, 100), ("din", torch.float32, 200, 100),
-                ("dot", torch.float32, 50, 100), ("category", torch.bfloat16, MAX_TOP_K, 1)]
+        grid, units = [("din", torch.bfloat16, 200, 100)], {"din": [((80, 40), "sigmoid")]}
     for scorer, dtype, k, cands in grid:
-        units = [((80, 40), "sigmoid")] + ([((200, 80), "dice")] if scorer == "din" else [])
-        for hidden, activation in units:
+        for hidden, activation in units.get(scorer, [((80, 40), "sigmoid")]):
             yield search_specialization(SearchSpec(
                 scorer=scorer, dtype=dtype, top_k=k, candidates=cands, has_lengths=True,
                 has_mask=False, embed_dim=64, hidden=hidden, activation=activation,
@@ -302,25 +303,29 @@ def main(argv=None) -> int:
     parser.add_argument("--match", default="",
                         help="only kernels whose label matches this regular expression")
     parser.add_argument("--write-warps", action="store_true",
-                        help="rewrite the forward's warp table (kernels/forward_warps.py) from "
-                        "this run; meant for the whole grid on --arch 80 90")
+                        help="rewrite the warp table's entries of the kernels compiled "
+                        "(kernels/forward_warps.py) from this run; meant for the whole grid "
+                        "(or a --match of it) on --arch 80 90")
     args = parser.parse_args(argv)
     found = {}
     bad = report(args.arch, args.quick, args.jobs, args.match, fallbacks_found=found)
     if args.write_warps:
-        write_warp_table(found, {table_family(arch) for arch in args.arch})
+        write_warp_table(found, {table_family(arch) for arch in args.arch}, args.match)
     return 1 if bad else 0
 
 
-def write_warp_table(found: dict, families: set) -> None:
-    """Rewrite FALLBACK in forward_warps.py: the families compiled take
-    ``found``'s entries, the others keep theirs."""
+def write_warp_table(found: dict, families: set, match: str = "") -> None:
+    """Rewrite FALLBACK in forward_warps.py: in the families compiled, the
+    entries of the kernels compiled (labels matching ``match``) are
+    ``found``'s; every other entry stays."""
     path = os.path.join(os.path.dirname(__file__), "forward_warps.py")
     with open(path) as handle:
         source = handle.read()
     table = {family: dict(entries) for family, entries in FALLBACK.items()}
     for family in families:
-        table[family] = found.get(family, {})
+        kept = {key: label for key, label in table.get(family, {}).items()
+                if not re.search(match, label)}
+        table[family] = {**kept, **found.get(family, {})}
     lines = ["FALLBACK = {"]
     for family in sorted(table):
         lines.append(f"    {family}: {{")

@@ -30,6 +30,46 @@ def mma(a, b, acc, DOT_F32: tl.constexpr, INPUT_PRECISION: tl.constexpr):
 
 
 @triton.jit
+def program_candidates(C, BLOCK_C: tl.constexpr):
+    """(b, offs_c, c_ok): the history row (int64) and the block of BLOCK_C
+    candidates of this program, axis 0 of a grid (B * cdiv(C, BLOCK_C), ...)."""
+    pid = tl.program_id(0)
+    c_blocks = tl.cdiv(C, BLOCK_C)
+    b = (pid // c_blocks).to(tl.int64)
+    offs_c = (pid % c_blocks) * BLOCK_C + tl.arange(0, BLOCK_C)
+    return b, offs_c, offs_c < C
+
+
+@triton.jit
+def split_positions(T, t_per_split):
+    """(t_lo, t_hi): the positions this program owns, axis 1 of the grid
+    numbering the splits of a row (flash-decoding)."""
+    t_lo = tl.program_id(1) * t_per_split
+    return t_lo, tl.minimum(t_lo + t_per_split, T)
+
+
+@triton.jit
+def length_stop(len_ptr, b, t_hi, T):
+    """Where the valid prefix of padded row b ends within positions up to
+    t_hi: its length, clamped into [0, T] so nothing reads past the row."""
+    n = tl.load(len_ptr + b).to(tl.int32)
+    return tl.minimum(t_hi, tl.maximum(tl.minimum(n, T), 0))
+
+
+@triton.jit
+def tile_positions(t0, t_stop, mask_ptr, b, stride_mb, HAS_MASK: tl.constexpr,
+                   BLOCK_T: tl.constexpr):
+    """(offs_t, t_valid): the tile's positions from t0, and which are valid:
+    before t_stop and, with HAS_MASK, set in row b of the mask."""
+    offs_t = t0 + tl.arange(0, BLOCK_T)
+    t_valid = offs_t < t_stop
+    if HAS_MASK:
+        keep = tl.load(mask_ptr + b * stride_mb + offs_t, mask=t_valid, other=0)
+        t_valid = t_valid & (keep != 0)
+    return offs_t, t_valid
+
+
+@triton.jit
 def unit_params(unit_ptr, layer: tl.constexpr, start, UNIT_W: tl.constexpr,
                  WIDTH: tl.constexpr):
     """Layer `layer`'s per-unit (bias, a, mu, rstd) of units start..start+WIDTH."""

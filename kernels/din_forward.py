@@ -29,7 +29,8 @@ from torch.library import wrap_triton
 from din_fast.problem import DINProblem, JaggedDINProblem
 from .common import (MAX_HIDDEN_LAYERS, NUM_STAGES, TILE_BUDGET, TRITON_DTYPES, activate,
                      cuda_matmul_tf32, device_arch, fold_parameters, interpreting,
-                     launch_device, mma, padded, unit_params)
+                     launch_device, length_stop, mma, padded, program_candidates,
+                     split_positions, tile_positions, unit_params)
 from .forward_warps import FALLBACK, table_family
 
 
@@ -175,18 +176,13 @@ def din_forward_kernel(
     are unused, and scores are jagged [L, C] (nothing past a row). L is unused
     by the padded layout.
     """
-    pid = tl.program_id(0)
     split = tl.program_id(1)
-    c_blocks = tl.cdiv(C, BLOCK_C)
-    b = (pid // c_blocks).to(tl.int64)
-    offs_c = (pid % c_blocks) * BLOCK_C + tl.arange(0, BLOCK_C)
-    c_ok = offs_c < C
+    b, offs_c, c_ok = program_candidates(C, BLOCK_C)
     offs_dv = tl.arange(0, DV_P)
     dv_ok = offs_dv < DV
 
     # The positions this program owns, and the row's valid prefix.
-    t_lo = split * t_per_split
-    t_hi = tl.minimum(t_lo + t_per_split, T)
+    t_lo, t_hi = split_positions(T, t_per_split)
     if JAGGED:
         # 64-bit row start and end, clamped into the L rows (whatever the
         # offsets hold, nothing is read outside keys and values); the length
@@ -196,8 +192,7 @@ def din_forward_kernel(
         n = tl.minimum(row_end - row0, T).to(tl.int32)
         t_stop = tl.maximum(tl.minimum(t_hi, n), 0)
     elif HAS_LENGTHS:
-        n = tl.load(len_ptr + b).to(tl.int32)
-        t_stop = tl.minimum(t_hi, tl.maximum(tl.minimum(n, T), 0))
+        t_stop = length_stop(len_ptr, b, t_hi, T)
     else:
         t_stop = t_hi
 
@@ -217,11 +212,7 @@ def din_forward_kernel(
         scores_row = scores_ptr + (b * C + offs_c)[None, :].to(tl.int64) * T
 
     for t0 in range(t_lo, t_stop, BLOCK_T):
-        offs_t = t0 + tl.arange(0, BLOCK_T)
-        t_valid = offs_t < t_stop
-        if HAS_MASK:
-            keep = tl.load(mask_ptr + b * stride_mb + offs_t, mask=t_valid, other=0)
-            t_valid = t_valid & (keep != 0)
+        offs_t, t_valid = tile_positions(t0, t_stop, mask_ptr, b, stride_mb, HAS_MASK, BLOCK_T)
 
         s = tile_scores(q_row, k_row, u_ptr, wp_ptr, wa_ptr, w2_ptr, w3_ptr, unit_ptr, wout_ptr,
                         b_out, b, C, D, H2, offs_t, t_valid, offs_c, c_ok, stride_kt, scale,

@@ -39,14 +39,17 @@ import triton.language as tl
 from torch.library import wrap_triton
 
 from .common import (MAX_HIDDEN_LAYERS, NUM_STAGES, TILE_BUDGET, TRITON_DTYPES,
-                     cuda_matmul_tf32, fold_parameters, interpreting, launch_device, mma, padded)
+                     cuda_matmul_tf32, device_arch, fold_parameters, interpreting, launch_device,
+                     length_stop, mma, padded, program_candidates, split_positions,
+                     tile_positions)
 from .din_forward import ForwardSpec, choose_splits, tile_scores
 
 SCORERS = ("din", "dot", "category")
 # Keys of the running top-M one program holds (int64): 16 per thread at 4 warps.
 MERGE_BUDGET = 2048
-# The largest K the kernel selects (M = K rounded up to a power of two, one candidate per program).
-MAX_TOP_K = MERGE_BUDGET
+# The largest K the kernel selects (M = K rounded up to a power of two). Its
+# sorting network is unrolled: at M = 2048 ptxas takes many minutes over it.
+MAX_TOP_K = 1024
 # The widest "dot" projection (the [BLOCK_T, P] tile of projected keys).
 MAX_PROJECTION = 256
 # Below every key: the key of an invalid pair (-2**63 + 1: -2**63 is no literal Triton takes).
@@ -138,18 +141,11 @@ def din_search_kernel(
     keys of its split's positions in descending order, EMPTY where the split
     has fewer than K valid positions.
     """
-    pid = tl.program_id(0)
     split = tl.program_id(1)
-    c_blocks = tl.cdiv(C, BLOCK_C)
-    b = (pid // c_blocks).to(tl.int64)
-    offs_c = (pid % c_blocks) * BLOCK_C + tl.arange(0, BLOCK_C)
-    c_ok = offs_c < C
-
-    t_lo = split * t_per_split
-    t_hi = tl.minimum(t_lo + t_per_split, T)
+    b, offs_c, c_ok = program_candidates(C, BLOCK_C)
+    t_lo, t_hi = split_positions(T, t_per_split)
     if HAS_LENGTHS:
-        n = tl.load(len_ptr + b).to(tl.int32)
-        t_stop = tl.minimum(t_hi, tl.maximum(tl.minimum(n, T), 0))
+        t_stop = length_stop(len_ptr, b, t_hi, T)
     else:
         t_stop = t_hi
 
@@ -167,11 +163,7 @@ def din_search_kernel(
 
     best = tl.full((BLOCK_C, M), EMPTY, tl.int64)
     for t0 in range(t_lo, t_stop, BLOCK_T):
-        offs_t = t0 + tl.arange(0, BLOCK_T)
-        t_valid = offs_t < t_stop
-        if HAS_MASK:
-            keep = tl.load(mask_ptr + b * stride_mb + offs_t, mask=t_valid, other=0)
-            t_valid = t_valid & (keep != 0)
+        offs_t, t_valid = tile_positions(t0, t_stop, mask_ptr, b, stride_mb, HAS_MASK, BLOCK_T)
         if SCORER == "din":
             s = tile_scores(q_row, k_row, u_ptr, wp_ptr, wa_ptr, w2_ptr, w3_ptr, unit_ptr,
                             wout_ptr, b_out, b, C, D, H2, offs_t, t_valid, offs_c, c_ok,
@@ -220,6 +212,20 @@ class SearchSpec:
     interpret: bool = False
     tf32: bool = False
 
+    # The forward's warp choice, by duck typing: key() hashes signature(),
+    # constexprs() and aligned(), which name this kernel in the same warp
+    # table (forward_warps.FALLBACK), and num_warps(arch) reads it.
+    key = ForwardSpec.key
+    num_warps = ForwardSpec.num_warps
+
+    def warp_choices(self) -> tuple:
+        """(preferred, other): four warps, eight where the compile report
+        found four spilling and eight clean (as for the forward, ptxas may
+        spill a few bytes at either count, and the tile sizes do not say
+        which; with the forward's eight for its wide float32 tiles, the
+        search spills more often)."""
+        return (4, 8)
+
     def _forward(self) -> ForwardSpec:
         """The forward's specialization for the same tiles of scores (no values)."""
         return ForwardSpec(dtype=self.dtype, activation=self.activation, softmax=False,
@@ -249,9 +255,6 @@ class SearchSpec:
         while block_c > 1 and max(top, block_t) * block_c > MERGE_BUDGET:
             block_c //= 2
         return block_c, block_t, block_d, chunk, max(top, block_t)
-
-    def num_warps(self) -> int:
-        return self._forward().warp_choices()[0] if self.scorer == "din" else 4
 
     def constexprs(self) -> dict:
         block_c, block_t, block_d, chunk, merge = self.blocks()
@@ -362,7 +365,8 @@ def din_search(problem, scorer: str, top_k: int, projected=None, categories=None
             hidden[1] if len(hidden) > 1 else 1, k, t_per_split,
             query.stride(0), query.stride(1), keys.stride(0), keys.stride(1),
             0 if problem.mask is None else mask.stride(0), key_categories.stride(0),
-            problem.scale, num_warps=spec.num_warps(), num_stages=NUM_STAGES,
+            problem.scale, num_warps=spec.num_warps(None if spec.interpret else device_arch(device)),
+            num_stages=NUM_STAGES,
             **spec.constexprs(),
         )
     best = out[0] if splits == 1 else out.permute(1, 2, 0, 3).flatten(2).topk(k, dim=-1).values

@@ -1,7 +1,7 @@
-"""The forward launcher's warp table: for each architecture family, the
-specializations (ForwardSpec.key() -> the compile report's label) whose
-preferred warp count makes ptxas spill while the other compiles clean, so
-that the launcher takes the other.
+"""The launchers' warp table: for each architecture family, the
+specializations (ForwardSpec.key() or SearchSpec.key() -> the compile
+report's label) whose preferred warp count makes ptxas spill while the other
+compiles clean, so that the launcher takes the other.
 
 Written by ``python -m din_fast.kernels.aot --write-warps`` over the whole
 compile grid. Choosing from this table keeps compilation and subprocesses
