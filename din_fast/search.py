@@ -150,11 +150,17 @@ def kernel_unsupported(problem: DINProblem, search: Search) -> Optional[str]:
     return search_unsupported(search.top_k, width)
 
 
-@torch.no_grad()
 def select(problem: DINProblem, search: Search, backend: str) -> Selection:
     """Stage one on a concrete backend: "reference" (the literal selection),
     "torch" (chunks with a running top K) or "triton" (the fused kernel;
-    kernel_unsupported must be None)."""
+    kernel_unsupported must be None).
+
+    Not differentiable: it scores detached tensors (rather than under
+    no_grad, which the torch backend's scoring cannot be traced under)."""
+    problem = problem.with_float_tensors([t.detach() for t in problem.float_tensors()])
+    if search.projections is not None:
+        search = dataclasses.replace(search, projections=tuple(
+            p.detach() for p in search.projections))
     if backend == "reference":
         from .reference_top_k import reference_selection
 
@@ -184,12 +190,9 @@ def project(query: torch.Tensor, keys: torch.Tensor, projections: tuple, dtype) 
     return query.to(dtype) @ query_projection.t(), keys.to(dtype) @ key_projection.t()
 
 
-def search_scores(problem: DINProblem, search: Search, start: int, stop: int,
-                  run=torch_backend.run) -> torch.Tensor:
-    """s1 [B, C, stop - start] of positions start..stop in the compute dtype
-    (any value at invalid positions: the caller masks). ``run`` is the
-    backend that computes the "din" scores (din_fast.torch_backend.run or
-    din_fast.reference.run)."""
+def search_scores(problem: DINProblem, search: Search, start: int, stop: int) -> torch.Tensor:
+    """s1 [B, C, stop - start] of positions start..stop in the compute dtype,
+    on the torch backend (any value at invalid positions: the caller masks)."""
     dtype = problem.compute_dtype()
     keys = problem.keys[:, start:stop]
     if search.scorer == "din":
@@ -199,7 +202,7 @@ def search_scores(problem: DINProblem, search: Search, start: int, stop: int,
         chunk = dataclasses.replace(problem, keys=keys, values=keys.new_empty(*keys.shape[:2], 0),
                                     lengths=None, mask=valid, normalization=None,
                                     squeeze_candidates=False)
-        return run(chunk)[1]
+        return torch_backend.run(chunk)[1]
     if search.scorer == "dot":
         query, keys = project(problem.query, keys, search.projections, dtype)
         return query @ keys.transpose(1, 2)
@@ -214,8 +217,12 @@ def _chunks(problem: DINProblem, search: Search) -> list:
     batch, length = problem.keys.shape[:2]
     if torch.compiler.is_compiling():
         return [(0, length)]
-    width = {"din": problem.hidden_units[0], "category": 1}.get(
-        search.scorer, search.projections[0].shape[0] if search.projections else 1)
+    if search.scorer == "din":
+        width = problem.hidden_units[0]
+    elif search.scorer == "dot":
+        width = search.projections[0].shape[0]
+    else:
+        width = 1
     per_position = max(batch * problem.query.shape[1] * width, 1)
     step = max(MIN_CHUNK, CHUNK_ELEMENTS // per_position)
     return [(start, min(start + step, length)) for start in range(0, length, step)]

@@ -45,8 +45,9 @@ from .common import (MAX_HIDDEN_LAYERS, NUM_STAGES, TILE_BUDGET, TRITON_DTYPES,
 from .din_forward import ForwardSpec, choose_splits, tile_scores
 
 SCORERS = ("din", "dot", "category")
-# Keys of the running top-M one program holds (int64): 16 per thread at 4 warps.
-MERGE_BUDGET = 2048
+# Keys of the running top-M one program holds (int64): 8 per thread at 4 warps.
+# At 2048 (two candidates of K = 1024), ptxas spills with four warps and eight.
+MERGE_BUDGET = 1024
 # The largest K the kernel selects (M = K rounded up to a power of two). Its
 # sorting network is unrolled: at M = 2048 ptxas takes many minutes over it.
 MAX_TOP_K = 1024
@@ -239,8 +240,9 @@ class SearchSpec:
 
         "din" takes the forward's tiles; "dot" a [BLOCK_T, BLOCK_C, P] product
         (a tensor-core tile from 16 candidates on) within the tile budget;
-        "category" one compare per pair. Then fewer candidates per program
-        until the running top-M fits MERGE_BUDGET keys.
+        "category" one compare per pair. Then, until the running top-M fits
+        MERGE_BUDGET keys, fewer positions per tile (down to 16, or to K)
+        and then fewer candidates per program.
         """
         block_c = min(16, triton.next_power_of_2(self.candidates))
         block_d = chunk = 16
@@ -252,6 +254,8 @@ class SearchSpec:
         else:
             block_t = max(16, min(128, TILE_BUDGET // block_c))
         top = triton.next_power_of_2(self.top_k)
+        while block_t > max(16, top) and block_t * block_c > MERGE_BUDGET:
+            block_t //= 2
         while block_c > 1 and max(top, block_t) * block_c > MERGE_BUDGET:
             block_c //= 2
         return block_c, block_t, block_d, chunk, max(top, block_t)

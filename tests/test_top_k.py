@@ -351,9 +351,9 @@ def test_module_dice_training_over_the_selected_positions():
 # ------------------------------------------------------------------ din-fast train --top-k
 
 def test_command_trains_evaluates_and_predicts_two_stage(tmp_path, one_torch_thread):
-    # The real command: train with each search (dot through the subprocess,
-    # with SIM's auxiliary loss), the checkpoint records top_k and search, and
-    # evaluate and predict rebuild the two-stage model from it.
+    # The real command: train (dot through a subprocess, with SIM's auxiliary
+    # loss; category, which reads the categories), the checkpoint records
+    # top_k and search, and evaluate and predict rebuild the two-stage model.
     data = write_csv(tmp_path / "tiny.csv", synthetic_interactions(num_users=40, seed=4))
     common = ["--data", str(data), "--epochs", "1", "--batch-size", "64", "--embed-dim", "4",
               "--no-progress", "--top-k", "2"]
@@ -364,10 +364,9 @@ def test_command_trains_evaluates_and_predicts_two_stage(tmp_path, one_torch_thr
     assert run.returncode == 0, run.stderr
     trained = json.loads((tmp_path / "dot.json").read_text())
     assert (trained["config"]["top_k"], trained["config"]["search"]) == (2, "dot")
-    for search in ("din", "category"):
-        assert main(["train", *common, "--search", search, "--checkpoint",
-                     str(tmp_path / f"{search}.pt")]) == 0
-    for search in ("din", "dot", "category"):
+    assert main(["train", *common, "--search", "category", "--checkpoint",
+                 str(tmp_path / "category.pt")]) == 0
+    for search in ("dot", "category"):
         checkpoint = load_checkpoint(tmp_path / f"{search}.pt")
         assert (checkpoint.config.top_k, checkpoint.config.search) == (2, search)
         model = restored_model(checkpoint, checkpoint.config)
@@ -397,3 +396,17 @@ def test_command_rejects_bad_two_stage_flags(flags, message, capsys):
     assert status == 2
     error = capsys.readouterr().err.strip()
     assert error.startswith("din-fast: error:") and message in error and "\n" not in error
+
+
+def test_exported_model_takes_any_history_length():
+    # torch.export traces the torch search with K empty slots first (a static
+    # width), so one exported graph serves histories shorter and longer than K.
+    from din_fast.export import din_dynamic_shapes, din_example_inputs
+
+    torch.manual_seed(0)
+    model = din_fast.DIN(20, 4, embed_dim=4, top_k=3, search="din").eval()
+    program = torch.export.export(model, din_example_inputs(model),
+                                  dynamic_shapes=din_dynamic_shapes())
+    for length in (2, 3, 9):
+        inputs = din_example_inputs(model, batch=5, history=length)
+        torch.testing.assert_close(program.module()(*inputs), model(*inputs))
