@@ -33,6 +33,9 @@ FALLBACK = {
         'c28638b371c977fd': 'forward float32 sigmoid none D=64 H=(200, 80, 40) C=100',
         '387dabf050c34113': 'forward float32 sigmoid softmax D=64 H=(200, 80) C=100',
         '8502028c5ef59d35': 'forward float32 sigmoid softmax D=64 H=(64,) C=1',
+        'cfce830e7471507e': 'search[din] bfloat16 K=50 C=1 D=64 H=(80, 40) sigmoid',
+        '2b23ce27310b7551': 'search[din] float32 K=50 C=100 D=64 H=(200, 80) dice',
+        'c24057fb7da7767c': 'search[din] float32 K=50 C=100 D=64 H=(80, 40) sigmoid',
     },
     90: {
         'fc2e37ab76b688ed': 'forward bfloat16 prelu none D=128 H=(80, 40) C=1',
@@ -60,6 +63,10 @@ FALLBACK = {
         'c9d65d5083090c5c': 'forward float32 sigmoid softmax D=16 H=(64,) C=100',
         '73ba57e2ee406739': 'forward float32 sigmoid softmax D=16 H=(80, 40) C=100',
         '8502028c5ef59d35': 'forward float32 sigmoid softmax D=64 H=(64,) C=1',
+        'e47c0081cec22b19': 'search[din] bfloat16 K=1 C=1 D=64 H=(80, 40) sigmoid',
+        '3c974ff5e8f2adea': 'search[din] float32 K=1 C=100 D=64 H=(80, 40) sigmoid',
+        '44e803416cc62459': 'search[dot] bfloat16 K=1024 C=100 P=64',
+        '99ac5db8477a1f42': 'search[dot] float32 K=1024 C=100 P=64',
     },
 }
 
