@@ -229,11 +229,6 @@ class BaseModel(nn.Module):
         interest = self.pool(candidate, history, lengths, (target_categories, history_categories))
         return score(self.mlp, self.mlp_input, interest, candidate)
 
-    def auxiliary_loss(self, history_items, history_categories, lengths, target_items,
-                       target_categories, labels):
-        """A loss training adds to the model's own, or None (here: none)."""
-        return None
-
 
 class DIN(BaseModel):
     """Deep Interest Network: the history pooled by DINAttention with the

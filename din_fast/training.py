@@ -141,7 +141,9 @@ class Learner:
 class LocalLearner(Learner):
     """What :func:`fit_learner` trains in one process: a model that scores
     data.Batch fields (and lists its ``embedding_tables()`` for the L2
-    penalty). din_fast.sharded.training has the TorchRec counterpart."""
+    penalty; an ``auxiliary_loss(*fields, labels)``, where it has one, is
+    added to the loss). din_fast.sharded.training has the TorchRec
+    counterpart."""
 
     def __init__(self, model, data: EncodedData, config: TrainConfig):
         super().__init__(model.parameters(), data, config, config.device)
@@ -162,7 +164,8 @@ class LocalLearner(Learner):
             batch = batch.to(config.device)
             loss = F.binary_cross_entropy_with_logits(model(*batch[:5]), batch.labels)
             value = loss.item()
-            auxiliary = model.auxiliary_loss(*batch[:5], batch.labels)
+            auxiliary = getattr(model, "auxiliary_loss", None)
+            auxiliary = None if auxiliary is None else auxiliary(*batch[:5], batch.labels)
             if auxiliary is not None:   # SIM's loss of a two-stage DIN's "dot" search
                 loss = loss + auxiliary
             if config.l2:
