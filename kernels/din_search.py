@@ -22,11 +22,13 @@ The running top-M. ``best`` [BLOCK_C, M] stays sorted in descending order. A
 tile's keys, widened to M with EMPTY and sorted in ascending order, meet it
 elementwise: max(best_i, tile_i) of a descending and an ascending sequence is
 the top M of their union as a bitonic sequence (the first step of Batcher's
-bitonic merge), which one bitonic merge sorts again. The sorting network is
-written here (_exchange) rather than taken from tl.sort: the same steps, with
-a pair's min and max as reductions, which the interpreter runs at numpy's
-speed. M is the next power of
-two of K, at least BLOCK_T; M * BLOCK_C stays within MERGE_BUDGET keys.
+bitonic merge), which one bitonic merge sorts again. With the cheap scorers
+a tile without a key above its candidate's current M-th best is not sorted
+at all. The sorting
+network is written here (_exchange) rather than taken from tl.sort: the same
+steps, with a pair's min and max as reductions, which the interpreter runs
+at numpy's speed. M is the next power of two of K, at least BLOCK_T;
+M * BLOCK_C stays within MERGE_BUDGET keys.
 """
 
 from __future__ import annotations
@@ -183,7 +185,18 @@ def din_search_kernel(
             k_cat = tl.load(kcat_ptr + b * stride_cb + offs_t, mask=t_valid, other=0)
             s = (k_cat[:, None] == q_cat[None, :]).to(tl.float32)
         keys = _sort_keys(s, offs_t, t_valid[:, None] & c_ok[None, :])
-        best = _merge(best, keys, BLOCK_C, BLOCK_T, M, LOG_M)
+        if SCORER == "din":
+            best = _merge(best, keys, BLOCK_C, BLOCK_T, M, LOG_M)
+        else:
+            # A tile none of whose keys beats its candidate's M-th best changes
+            # nothing: its sort is skipped (on a long row, past the first
+            # tiles, most are). For the cheap scorers the sorting network is
+            # most of the work; the DIN score's MLP costs far more than it, and
+            # with the branch ptxas spilled some of its kernels at either warp
+            # count, so "din" merges every tile.
+            beats = tl.max(keys, axis=0) > tl.min(best, axis=1)
+            if tl.max(beats.to(tl.int32), axis=0) > 0:
+                best = _merge(best, keys, BLOCK_C, BLOCK_T, M, LOG_M)
 
     offs_m = tl.arange(0, M)
     out = (split * B + b) * C + offs_c

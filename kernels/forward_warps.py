@@ -65,8 +65,8 @@ FALLBACK = {
         '8502028c5ef59d35': 'forward float32 sigmoid softmax D=64 H=(64,) C=1',
         'e47c0081cec22b19': 'search[din] bfloat16 K=1 C=1 D=64 H=(80, 40) sigmoid',
         '3c974ff5e8f2adea': 'search[din] float32 K=1 C=100 D=64 H=(80, 40) sigmoid',
-        '44e803416cc62459': 'search[dot] bfloat16 K=1024 C=100 P=64',
-        '99ac5db8477a1f42': 'search[dot] float32 K=1024 C=100 P=64',
+        '400599297ae6214b': 'search[dot] bfloat16 K=50 C=1 P=64',
+        '3877ca8613de6622': 'search[dot] float32 K=50 C=1 P=64',
     },
 }
 

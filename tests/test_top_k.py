@@ -250,6 +250,20 @@ def test_search_kernel_variants(search, candidates, length, top_k, splits):
     assert torch.equal(positions[kept], expected.positions[kept])
 
 
+def test_search_kernel_skips_only_tiles_that_cannot_enter():
+    # One candidate: tiles of 128 positions. The first tile all matches (its
+    # keys fill the running top), the second matches nowhere (skipped: no key
+    # beats the 128th best), the third matches at 290 (merged, it is the best).
+    case = top_k_case(1, None, 300, 4, (5,), search="category", top_k=3,
+                      normalization="softmax", masking=None)
+    categories = torch.zeros(1, 300, dtype=torch.long, device=DEVICE)
+    categories[0, :128] = categories[0, 290] = 1
+    case.update(query_categories=torch.ones(1, dtype=torch.long, device=DEVICE),
+                key_categories=categories)
+    weights = call(case, "triton")[1]
+    assert (weights[0] != 0).nonzero().flatten().tolist() == [126, 127, 290]
+
+
 # ------------------------------------------------------------------ property
 
 @given(data=st.data())
