@@ -59,9 +59,22 @@ def din_attention_top_k(query, keys, lengths=None, *, top_k, search="din", searc
             is the fused search kernel (nothing of size [B, C, T] written),
             on "torch" it scores chunks of positions with a running top K.
 
-    Every other argument, and what is returned, is din_attention's: the
-    pooled history [B, Dv] or [B, C, Dv], with ``return_scores`` also the
-    weights [B, T] or [B, C, T].
+    Every other argument is din_attention's.
+
+    Returns:
+        din_attention's: the pooled history [B, Dv] or [B, C, Dv] in the
+        keys' dtype; with ``return_scores`` also the weights [B, T] or
+        [B, C, T], zero at every position not selected.
+
+    Raises:
+        TypeError: as din_attention, and for categories that are not int32
+            or int64 tensors.
+        ValueError: as din_attention, and for a ``top_k`` that is not a
+            positive int, an unknown ``search``, projections that are not two
+            float [P, D] tensors of one width, categories of the wrong shape
+            or device, search arguments given to another scorer, or
+            backend="triton" with a search its kernel cannot run (K over
+            1024, projections over 256 wide).
     """
     with validating("din_attention_top_k"):
         problem = validate(query, keys, lengths, weights=weights, biases=biases,
