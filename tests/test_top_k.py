@@ -310,6 +310,13 @@ def test_bad_arguments_are_named(change, message):
     assert message in str(error.value)
 
 
+def test_triton_refuses_a_search_past_its_kernel():
+    case = top_k_case(2, None, 6, 4, (5,), search="din", top_k=1025)
+    with pytest.raises(ValueError, match="backend='triton' cannot run this search: top_k is "
+                                         "1025; the fused search selects at most 1024"):
+        call(case, "triton")
+
+
 # ------------------------------------------------------------------ the module
 
 def test_module_two_stage_and_its_projections():
