@@ -431,3 +431,11 @@ def test_exported_model_takes_any_history_length():
     for length in (2, 3, 9):
         inputs = din_example_inputs(model, batch=5, history=length)
         torch.testing.assert_close(program.module()(*inputs), model(*inputs))
+
+
+def test_onnx_export_refuses_a_two_stage_model():
+    # The ONNX model runs exact DIN over stock operators: it has no search.
+    from din_fast.onnx_export import OnnxDIN
+
+    with pytest.raises(ValueError, match="two-stage"):
+        OnnxDIN(din_fast.DIN(20, 4, embed_dim=4, top_k=3, search="dot"))
