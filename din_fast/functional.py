@@ -112,22 +112,41 @@ def din_attention_jagged(query, keys_values, offsets, max_len, *, weights, biase
     """din_attention on jagged histories (TorchRec's and FBGEMM's layout).
 
     Row b's history is ``keys_values[offsets[b]:offsets[b + 1]]``: all
-    histories back to back, [L, D] in all; ``offsets`` [B + 1] int64 runs
-    from 0 to L, non-decreasing, with no row longer than ``max_len`` (an upper
-    bound; a new value compiles a new graph under torch.compile). ``values``
-    [L, Dv] likewise. Equal to din_attention on the same histories padded with
-    their lengths, without ever building the padding. Every other argument is
-    din_attention's.
+    histories back to back. Equal to din_attention on the same histories
+    padded to their lengths, without ever building the padding.
+
+    Args:
+        query: the candidate items, [B, D] or [B, C, D] (C candidates per row).
+        keys_values: every row's history back to back, [L, D], in the query's
+            dtype (float32, float16, bfloat16; float64 on the torch and
+            reference backends).
+        offsets: [B + 1] int32/int64, from 0 to L, non-decreasing: row b's
+            history is positions offsets[b] to offsets[b + 1].
+        max_len: a non-negative int, an upper bound on every row's length
+            (a new value compiles a new graph under torch.compile).
+        weights: [W_1, ..., W_L, W_out] in ``torch.nn.Linear`` layout, W_1
+            [H_1, 4D] over the blocks [q | k | q-k | q*k] (din_attention's).
+        biases: [b_1, ..., b_L, b_out], one per weight.
+        activation: of every hidden layer: "sigmoid", "relu", "prelu" or "dice".
+        activation_params: prelu: [a_1, ..., a_L] ([H_i] or [1] each); dice:
+            [(a_i, mu_i, var_i), ...] (Dice's inference form); else None.
+        normalization: None (raw scores, ``scale * s``) or "softmax" over
+            each row's positions.
+        scale: multiplies the scores before the normalization.
+        values: [L, Dv] jagged like ``keys_values``, pooled instead of it.
+        return_scores: also return the weights.
+        backend: "auto", "triton", "torch" or "reference", as din_attention's.
+        dice_eps: Dice's epsilon in 1 / sqrt(var + eps).
 
     Returns:
-        The pooled history [B, Dv] or [B, C, Dv]; with ``return_scores`` also
-        the weights as jagged values, [L] or [L, C].
+        The pooled history [B, Dv] or [B, C, Dv] in the keys' dtype; with
+        ``return_scores`` also the weights as jagged values, [L] or [L, C].
 
     Raises:
         TypeError: as din_attention, and for offsets that are not int32 or
             int64, or a max_len that is not an int.
-        ValueError: as din_attention, and for offsets that are not 1-D
-            [B + 1], do not start at 0 and end at L, decrease, or hold a row
+        ValueError: as din_attention, and for a negative max_len, offsets that
+            are not 1-D [B + 1], do not start at 0 and end at L, decrease, or hold a row
             longer than ``max_len`` (checked on CPU; on CUDA an asynchronous
             device assert).
     """

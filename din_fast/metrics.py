@@ -11,6 +11,20 @@ import numpy as np
 
 
 def auc(labels, scores) -> float:
+    """Area under the ROC curve (scikit-learn's roc_auc_score).
+
+    Args:
+        labels: [N] array-like of 0/1 clicks.
+        scores: [N] array-like of real scores, higher = more likely a click
+            (logits or probabilities: only their order counts).
+
+    Returns:
+        The AUC, a float in [0, 1]; NaN with a warning where ``labels`` hold
+        one class only (older scikit-learn raises ValueError).
+
+    Raises:
+        ValueError: from scikit-learn, for arrays of different lengths.
+    """
     from sklearn.metrics import roc_auc_score
     return float(roc_auc_score(np.asarray(labels), np.asarray(scores)))
 
@@ -22,6 +36,18 @@ def gauc(users, labels, scores) -> float:
     weight too). Ties in score count one half, as in roc_auc_score. Computed
     for all users at once: within each user, AUC is the Mann-Whitney statistic
     (sum of the positives' mid-ranks - P(P+1)/2) / (P N).
+
+    Args:
+        users: [N] array-like of user ids (any sortable dtype).
+        labels: [N] array-like of clicks; a label above 0.5 is a positive.
+        scores: [N] array-like of real scores (only their order counts).
+
+    Returns:
+        The GAUC, a float in [0, 1].
+
+    Raises:
+        ValueError: arrays that are not 1-D of one length, no samples, or no
+            user with both a positive and a negative sample.
     """
     users, labels, scores = (np.asarray(a) for a in (users, labels, scores))
     if not (users.shape == labels.shape == scores.shape) or users.ndim != 1:
@@ -55,13 +81,41 @@ def gauc(users, labels, scores) -> float:
 
 
 def logloss(labels, probabilities) -> float:
+    """Mean binary cross-entropy (scikit-learn's log_loss, labels 0 and 1).
+
+    Args:
+        labels: [N] array-like of 0/1 clicks.
+        probabilities: [N] array-like of click probabilities in [0, 1]
+            (computed in float64; 0 and 1 are clipped, so the loss is finite).
+
+    Returns:
+        The mean log loss, a float.
+
+    Raises:
+        ValueError: from scikit-learn, for a label other than 0 or 1, a
+            probability outside [0, 1], or arrays of different lengths.
+    """
     from sklearn.metrics import log_loss
     return float(log_loss(np.asarray(labels), np.asarray(probabilities, dtype=np.float64),
                           labels=[0, 1]))
 
 
 def ctr_metrics(users, labels, logits) -> dict:
-    """auc, gauc and logloss of a model's logits."""
+    """auc, gauc and logloss of a model's logits.
+
+    Args:
+        users: [N] array-like of user ids, for gauc.
+        labels: [N] array-like of 0/1 clicks.
+        logits: [N] array-like of the model's logits (before the sigmoid);
+            logloss reads their sigmoid.
+
+    Returns:
+        ``{"auc": float, "gauc": float, "logloss": float}``.
+
+    Raises:
+        ValueError: as gauc and logloss (arrays of different lengths, no
+            user with both classes, labels other than 0 and 1).
+    """
     from scipy.special import expit
     logits = np.asarray(logits, dtype=np.float64)
     probabilities = expit(logits)

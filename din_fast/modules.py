@@ -152,10 +152,21 @@ class DINAttention(nn.Module):
                     dice_eps=self.dice_eps)
 
     def resolved_backend(self, dtype: torch.dtype = torch.float32) -> str:
-        """The concrete backend a forward in the current mode runs on inputs
-        of ``dtype`` on the parameters' device: ``backend`` with "auto" (and
-        DIN_FAST_BACKEND) resolved as din_attention resolves it. Training-mode
-        Dice always runs the torch backend."""
+        """The concrete backend a forward in the current mode runs.
+
+        ``backend`` with "auto" (and DIN_FAST_BACKEND) resolved as
+        din_attention resolves it; training-mode Dice always runs the torch
+        backend.
+
+        Args:
+            dtype: the inputs' floating dtype (on the parameters' device).
+
+        Returns:
+            "triton", "torch" or "reference".
+
+        Raises:
+            ValueError: DIN_FAST_BACKEND names no backend.
+        """
         if self.activation == "dice" and self.training:
             return "torch"
         probe = self.output.weight.new_zeros(1, 1, self.embed_dim, dtype=dtype)
@@ -172,15 +183,21 @@ class DINAttention(nn.Module):
             lengths: [B] int, valid positions t < lengths[b]; or
             mask: [B, T] bool, True = valid (not both; neither: all valid).
             values: [B, T, Dv] pooled instead of the keys.
-            query_categories, key_categories: with ``search="category"``,
-                int [B] or [B, C], and [B, T].
+            query_categories: with ``search="category"``, the candidates'
+                categories, int32/int64 [B] (2-D query) or [B, C].
+            key_categories: with ``search="category"``, the history's
+                categories, int32/int64 [B, T].
 
         Returns:
             The pooled history, [B, Dv] or [B, C, Dv] in the keys' dtype; with
             ``return_scores`` also the weights, [B, T] or [B, C, T].
 
         Raises:
-            TypeError, ValueError: as din_fast.din_attention, for bad inputs.
+            TypeError: as din_fast.din_attention (din_attention_top_k with
+                ``top_k``), for inputs of the wrong type or dtype.
+            ValueError: as din_fast.din_attention (din_attention_top_k with
+                ``top_k``), for inputs whose shapes or devices do not fit, and
+                for a forward or backward hook on one of the layers.
         """
         self._run_layer_hooks()
         if self.top_k is not None:
@@ -193,12 +210,30 @@ class DINAttention(nn.Module):
                              backend=self.backend, **kwargs)
 
     def forward_jagged(self, query, keys_values, offsets, max_len, values=None):
-        """The layer on jagged histories (din_fast.din_attention_jagged's layout:
-        row b is ``keys_values[offsets[b]:offsets[b + 1]]``, TorchRec's
-        ``JaggedTensor.values()`` and ``.offsets()``). Returns what forward
-        returns, the weights jagged ([L] or [L, C]). Training-mode Dice pads
-        the rows to ``max_len`` for its batch statistics (the other modes
-        never build the padding)."""
+        """The layer on jagged histories (din_fast.din_attention_jagged's layout).
+
+        Training-mode Dice pads the rows to ``max_len`` for its batch
+        statistics (the other modes never build the padding).
+
+        Args:
+            query: the candidates, [B, D] or [B, C, D].
+            keys_values: every row's history back to back, [L, D], in the
+                query's dtype (TorchRec's ``JaggedTensor.values()``).
+            offsets: [B + 1] int32/int64, from 0 to L, non-decreasing: row b is
+                ``keys_values[offsets[b]:offsets[b + 1]]`` (``.offsets()``).
+            max_len: a non-negative int, an upper bound on every row's length.
+            values: [L, Dv] jagged like ``keys_values``, pooled instead of it.
+
+        Returns:
+            The pooled history, [B, Dv] or [B, C, Dv] in the keys' dtype; with
+            ``return_scores`` also the weights as jagged values, [L] or [L, C].
+
+        Raises:
+            TypeError: as din_fast.din_attention_jagged, for inputs of the
+                wrong type or dtype.
+            ValueError: the layer has ``top_k`` (no two-stage mode on jagged
+                input), or as din_fast.din_attention_jagged.
+        """
         self._run_layer_hooks()
         if self.top_k is not None:
             raise ValueError("DINAttention: forward_jagged has no two-stage mode; pad the "
@@ -242,12 +277,29 @@ class DINAttention(nn.Module):
         return (pooled, scores) if self.return_scores else pooled
 
     def search_logits(self, query, keys, lengths=None, mask=None):
-        """SIM's auxiliary logits of the "dot" search, one per candidate ([B]
-        or [B, C]): sum_t softmax_t(s1) * s1[t] over the valid positions, s1
-        the projections' inner products. A CTR loss on them trains the
+        """SIM's auxiliary logits of the "dot" search.
+
+        ``sum_t softmax_t(s1) * s1[t]`` over the valid positions, s1 the
+        projections' inner products. A CTR loss on them trains the
         projections over the whole history (stage one's selection has no
         gradient); query and keys are detached, so nothing else learns from
-        it (din_fast.two_stage.search_logits)."""
+        it (din_fast.two_stage.search_logits).
+
+        Args:
+            query: the candidates, [B, D] or [B, C, D].
+            keys: the history, [B, T, D], in the query's dtype.
+            lengths: [B] int32/int64, valid positions t < lengths[b]; or
+            mask: [B, T] bool, True = valid (not both; neither: all valid).
+
+        Returns:
+            One logit per candidate, [B] or [B, C]: float32 (float64 for
+            float64 inputs).
+
+        Raises:
+            ValueError: the layer's ``search`` is not "dot", or inputs whose
+                shapes or devices do not fit (as din_fast.din_attention).
+            TypeError: inputs of the wrong type or dtype.
+        """
         if self.search != "dot":
             raise ValueError(f"DINAttention: search_logits needs search='dot'; this layer's "
                              f"search is {self.search!r}")

@@ -25,8 +25,9 @@ def check_plot_path(path) -> None:
         from matplotlib.backend_bases import FigureCanvasBase
         from matplotlib.figure import Figure
     except ImportError:
-        raise InputError("--plot needs matplotlib: pip install matplotlib (or "
-                         "din-fast[plot])") from None
+        # din-fast is not on PyPI: the extra installs from a checkout only.
+        raise InputError("--plot needs matplotlib, which is not installed: pip install "
+                         "matplotlib (in a din_fast checkout: pip install -e '.[plot]')") from None
     formats = FigureCanvasBase.get_supported_filetypes()
     if plot_format(path) not in formats:
         raise InputError(f"--plot {path}: expected a name ending in a format matplotlib "

@@ -43,7 +43,11 @@ def din_attention_top_k(query, keys, lengths=None, *, top_k, search="din", searc
     so are the gradients there. The selection itself is not differentiable.
 
     Args:
-        top_k: K, a positive int.
+        query: the candidate items, [B, D] or [B, C, D] (C candidates per row).
+        keys: the behaviour history, [B, T, D], in the query's dtype (float32,
+            float16, bfloat16; float64 on the torch and reference backends).
+        lengths: [B] int32/int64 in [0, T]: positions t < lengths[b] are valid.
+        top_k: K, a positive int: how many positions stage two attends to.
         search: the stage-one scorer. "din": the exact DIN score, scale * s
             (TWIN's consistent search; nothing extra to learn). "dot": the
             inner product of learned projections, <P_q q, P_k k> (SIM's soft
@@ -51,15 +55,29 @@ def din_attention_top_k(query, keys, lengths=None, *, top_k, search="din", searc
             key's, else 0 (SIM's hard search: the K most recent matching
             positions, topped up with the most recent others).
         search_params: for "dot", (query_projection, key_projection), each
-            [P, D] (``nn.Linear`` layout); they get no gradient here (see
-            DINAttention.search_logits for how a model trains them).
-        query_categories, key_categories: for "category", int tensors [B]
-            (2-D query) or [B, C], and [B, T].
-        backend: as din_attention's, for both stages: on "triton" stage one
-            is the fused search kernel (nothing of size [B, C, T] written),
-            on "torch" it scores chunks of positions with a running top K.
-
-    Every other argument is din_attention's.
+            [P, D] float (``nn.Linear`` layout); they get no gradient here
+            (see DINAttention.search_logits for how a model trains them).
+        query_categories: for "category", the candidates' categories, int32/
+            int64 [B] (2-D query) or [B, C].
+        key_categories: for "category", the history's categories, int32/int64
+            [B, T].
+        weights: [W_1, ..., W_L, W_out] in ``torch.nn.Linear`` layout, W_1
+            [H_1, 4D] over the blocks [q | k | q-k | q*k] (din_attention's).
+        biases: [b_1, ..., b_L, b_out], one per weight.
+        activation: of every hidden layer: "sigmoid", "relu", "prelu" or "dice".
+        activation_params: prelu: [a_1, ..., a_L] ([H_i] or [1] each); dice:
+            [(a_i, mu_i, var_i), ...] (Dice's inference form); else None.
+        mask: [B, T] bool, True = valid; instead of ``lengths`` (not both).
+        normalization: None (raw scores, ``scale * s``) or "softmax" over the
+            selected positions.
+        scale: multiplies the scores before the normalization.
+        values: [B, T, Dv] pooled instead of the keys.
+        return_scores: also return the weights.
+        backend: "auto", "triton", "torch" or "reference", for both stages: on
+            "triton" stage one is the fused search kernel (nothing of size
+            [B, C, T] written), on "torch" it scores chunks of positions with
+            a running top K.
+        dice_eps: Dice's epsilon in 1 / sqrt(var + eps).
 
     Returns:
         din_attention's: the pooled history [B, Dv] or [B, C, Dv] in the

@@ -111,10 +111,25 @@ class _LocalActivationUnit(nn.Module):
 class AttentionSequencePoolingLayer(nn.Module):
     """DIN attention pooling with DeepCTR-Torch's interface (see the module doc).
 
-    forward(query [B, 1, E], keys [B, T, E], keys_length [B, 1], mask=None)
-    returns [B, 1, E], or with ``return_score`` the weights [B, 1, T]. With
-    ``supports_masking`` the bool ``mask`` [B, T] (True = valid) replaces
-    ``keys_length``. ``backend`` is din_attention's.
+    Args:
+        att_hidden_units: the attention MLP's hidden widths, at least one.
+        att_activation: of every hidden layer: "sigmoid", "relu", "prelu",
+            "dice" or "linear" (any case), or an nn.Module class built
+            without arguments (nn.Tanh, ...).
+        weight_normalization: softmax over the T positions, padding filled
+            with -(2**32) + 1 as the peer does; False: raw masked scores.
+        return_score: forward returns the weights [B, 1, T] instead of the
+            pooled keys.
+        supports_masking: forward reads the bool ``mask`` instead of
+            ``keys_length``.
+        embedding_dim: E, the size of the query and of every key.
+        backend: "auto", "triton", "torch" or "reference", as
+            din_fast.din_attention's (the general path always runs PyTorch).
+        **kwargs: accepted and ignored, as the peer's constructor does.
+
+    Raises:
+        ValueError: ``embedding_dim`` or a width that is not a positive int,
+            no hidden layer, or an unknown ``att_activation``.
     """
 
     def __init__(self, att_hidden_units=(80, 40), att_activation="sigmoid",
@@ -162,6 +177,30 @@ class AttentionSequencePoolingLayer(nn.Module):
                    for layer in self.local_att.dnn.activation_layers)
 
     def forward(self, query, keys, keys_length, mask=None):
+        """Pool each row's history for its one candidate.
+
+        Args:
+            query: the candidate, [B, 1, E] float (float32, float16,
+                bfloat16; float64 off the triton backend).
+            keys: the history, [B, T, E], in the query's dtype.
+            keys_length: valid lengths read as the peer reads them, any
+                integer or floating dtype, [B, 1], [B] or one for all rows;
+                ignored with ``supports_masking``.
+            mask: with ``supports_masking``, [B, T] bool, True = valid
+                (required then); else ignored.
+
+        Returns:
+            The pooled keys, [B, 1, E] in the keys' dtype; with
+            ``return_score`` the weights [B, 1, T] instead.
+
+        Raises:
+            TypeError: a ``keys_length`` that is not an integer or floating
+                tensor, or inputs of the wrong type or dtype (as
+                din_fast.din_attention, in the peer's argument names).
+            ValueError: a missing ``mask`` or ``keys_length``, a query that is
+                not [B, 1, E], a ``keys_length`` of neither B nor one length,
+                or inputs whose shapes or devices do not fit.
+        """
         if self.supports_masking:
             if mask is None:
                 raise ValueError(f"{LAYER}: `mask` is required when supports_masking=True")

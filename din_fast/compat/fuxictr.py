@@ -215,8 +215,27 @@ def _folded_linear(linear: nn.Linear, norm):
 class DIN_Attention(nn.Module):  # noqa: N801 - the peer's class name
     """DIN target attention with FuxiCTR's interface (see the module doc).
 
-    forward(target_item [B, E], history_sequence [B, T, E], mask [B, T] = None)
-    returns [B, E]. ``backend`` is din_attention's.
+    Args:
+        embedding_dim: E, the size of the target item and of every history item.
+        attention_units: the MLP's hidden widths (``[]``: the score Linear
+            alone, on the general path).
+        hidden_activations: one activation for every hidden layer or a list
+            of one per layer: a name (relu, sigmoid, tanh, softmax, prelu or
+            dice in any case, or a torch.nn class name such as "LeakyReLU"),
+            an nn.Module instance, or None (no activation).
+        output_activation: None, or a name or nn.Module applied to the scores
+            before the mask (general path).
+        dropout_rate: a rate <= 1, or a list of one per hidden layer.
+        batch_norm: a BatchNorm1d after every hidden Linear.
+        use_softmax: softmax over the T positions, padding shifted by -1e9 as
+            the peer does; False: raw masked scores.
+        backend: "auto", "triton", "torch" or "reference", as
+            din_fast.din_attention's (the general path always runs PyTorch).
+
+    Raises:
+        ValueError: ``embedding_dim`` or a width that is not a positive int, a
+            bad ``dropout_rate``, a per-layer list of the wrong length, or an
+            activation that names no torch.nn module or cannot be built.
     """
 
     def __init__(self, embedding_dim=64, attention_units=[32], hidden_activations="ReLU",
@@ -244,6 +263,27 @@ class DIN_Attention(nn.Module):  # noqa: N801 - the peer's class name
             bool(batch_norm), output_activation)
 
     def forward(self, target_item, history_sequence, mask=None):
+        """Pool each row's history for its target item.
+
+        Args:
+            target_item: the candidate, [B, E] float (float32, float16,
+                bfloat16; float64 off the triton backend).
+            history_sequence: the history, [B, T, E], in the target's dtype.
+            mask: [B, T], 0 = padding: bool, or any real dtype (a mask of
+                values other than 0 and 1 weights the scores, as the peer's
+                does); None: every position valid.
+
+        Returns:
+            The pooled history, [B, E], in the history's dtype (on the
+            general path a mask is applied in float32, as the peer applies
+            it, which promotes a half-precision result to float32).
+
+        Raises:
+            TypeError: a complex mask, or inputs of the wrong type or dtype
+                (as din_fast.din_attention, in the peer's argument names).
+            ValueError: a target that is not [B, E], or inputs whose shapes
+                or devices do not fit.
+        """
         if isinstance(target_item, torch.Tensor) and target_item.dim() != 2:
             raise ValueError(f"{LAYER}: `target_item` must have shape [B, E]; "
                              f"got {tuple(target_item.shape)}")
