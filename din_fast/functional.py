@@ -124,12 +124,12 @@ def din_attention_jagged(query, keys_values, offsets, max_len, *, weights, biase
             history is positions offsets[b] to offsets[b + 1].
         max_len: a non-negative int, an upper bound on every row's length
             (a new value compiles a new graph under torch.compile).
-        weights: [W_1, ..., W_L, W_out] in ``torch.nn.Linear`` layout, W_1
-            [H_1, 4D] over the blocks [q | k | q-k | q*k] (din_attention's).
-        biases: [b_1, ..., b_L, b_out], one per weight.
-        activation: of every hidden layer: "sigmoid", "relu", "prelu" or "dice".
-        activation_params: prelu: [a_1, ..., a_L] ([H_i] or [1] each); dice:
-            [(a_i, mu_i, var_i), ...] (Dice's inference form); else None.
+        weights: the MLP's Linear weights, W_1 [H_1, 4D] first, W_out [1, H_L]
+            last (din_attention's layout).
+        biases: the MLP's biases, one per weight.
+        activation: "sigmoid", "relu", "prelu" or "dice", of the hidden layers.
+        activation_params: the PReLU slopes or Dice's (alpha, mean, var) per
+            hidden layer, as din_attention takes them; None otherwise.
         normalization: None (raw scores, ``scale * s``) or "softmax" over
             each row's positions.
         scale: multiplies the scores before the normalization.

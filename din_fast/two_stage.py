@@ -61,12 +61,12 @@ def din_attention_top_k(query, keys, lengths=None, *, top_k, search="din", searc
             int64 [B] (2-D query) or [B, C].
         key_categories: for "category", the history's categories, int32/int64
             [B, T].
-        weights: [W_1, ..., W_L, W_out] in ``torch.nn.Linear`` layout, W_1
-            [H_1, 4D] over the blocks [q | k | q-k | q*k] (din_attention's).
-        biases: [b_1, ..., b_L, b_out], one per weight.
-        activation: of every hidden layer: "sigmoid", "relu", "prelu" or "dice".
-        activation_params: prelu: [a_1, ..., a_L] ([H_i] or [1] each); dice:
-            [(a_i, mu_i, var_i), ...] (Dice's inference form); else None.
+        weights: the DIN unit's weights (stage two's, and the "din"
+            search's), in din_attention's layout (``nn.Linear``'s, W_1 [H_1, 4D]).
+        biases: one per weight.
+        activation: the hidden layers': "sigmoid", "relu", "prelu" or "dice".
+        activation_params: PReLU's slopes or Dice's inference statistics, as
+            din_attention takes them; None for sigmoid and relu.
         mask: [B, T] bool, True = valid; instead of ``lengths`` (not both).
         normalization: None (raw scores, ``scale * s``) or "softmax" over the
             selected positions.
