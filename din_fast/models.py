@@ -247,8 +247,13 @@ class DIN(BaseModel):
     "category" by the candidate's category; the attention pools those alone.
 
     Args:
-        num_items, num_categories, embed_dim, mlp_hidden, mlp_activation,
-            backend, mlp_input: as BaseModel's.
+        num_items: the items of the id maps, as BaseModel's.
+        num_categories: the categories, as BaseModel's.
+        embed_dim: each table's size, as BaseModel's.
+        mlp_hidden: the scoring MLP's hidden widths.
+        mlp_activation: the scoring MLP's activation, as BaseModel's.
+        backend: the attention backend (din_attention's).
+        mlp_input: the scoring MLP's input, as BaseModel's.
         attention_hidden: the attention unit's hidden widths.
         attention_activation: "dice", "sigmoid", "relu" or "prelu".
         attention_normalization: "softmax" or None (raw scores).
