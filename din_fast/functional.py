@@ -186,5 +186,5 @@ def run_problem(problem, backend: str, dice_gate=None, need_scores=True):
                 raise ValueError(f"{function}: backend='triton' cannot run this call: {reason}")
             pooled, scores = triton_backend.run(problem, need_scores)
         else:
-            pooled, scores = torch_backend.run(problem, dice_gate)
+            pooled, scores = torch_backend.run(problem, dice_gate, need_scores)
     return problem.shape_output(pooled, scores)

@@ -68,11 +68,12 @@ SCHEMA_TYPES = {Tensor: "Tensor", Optional[Tensor]: "Tensor?", List[Tensor]: "Te
                 str: "str", float: "float", int: "SymInt"}
 
 
-def op_schema(fields: type, returns: str, leading: tuple = ()) -> str:
+def op_schema(fields: type, returns: str, leading: tuple = (), trailing: tuple = ()) -> str:
     """The schema of an op over ``leading`` (spelled as in a schema: "Tensor
-    grad_pooled") then ``fields``, returning ``returns``."""
+    grad_pooled"), ``fields``, then ``trailing``, returning ``returns``."""
     arguments = list(leading) + [f"{SCHEMA_TYPES[kind]} {name}"
                                  for name, kind in get_type_hints(fields).items()]
+    arguments += list(trailing)
     return f"({', '.join(arguments)}) -> {returns}"
 
 

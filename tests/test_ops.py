@@ -87,9 +87,10 @@ def test_opcheck_backward_ops(arguments):
     exact = problem_of(arguments, torch.float64, requires_grad=False)
     probes = tuple(p.double() for p in probes)
     torch.library.opcheck(torch_backend.backward_op, (*probes, [], *AttentionArgs.of(exact)))
-    _, w, preacts = torch_backend.forward_op(*AttentionArgs.of(exact))
-    torch.library.opcheck(torch_backend.backward_op,
-                          (*probes, [w, *preacts], *AttentionArgs.of(exact)))
+    if exact.normalization == "softmax":   # what the forward op saves for its backward
+        pooled, w, row_max, row_sum = torch_backend.forward_op(*AttentionArgs.of(exact), True)
+        torch.library.opcheck(torch_backend.backward_op,
+                              (*probes, [pooled, row_max, row_sum, w], *AttentionArgs.of(exact)))
     jagged = jagged_of(exact)
     jagged_probes = output_probes(jagged, (jagged.keys_values.shape[0],
                                            jagged.query.shape[1]))
@@ -97,12 +98,16 @@ def test_opcheck_backward_ops(arguments):
                           (*jagged_probes, [], *JaggedAttentionArgs.of(jagged)))
 
 
+@pytest.mark.parametrize("need_scores", [True, False])
 @pytest.mark.parametrize("arguments", OP_CASES)
-def test_opcheck_torch_forward(arguments):
-    """The packed forward: its hidden pre-activations have a data-dependent
-    number of rows (the valid positions), which the fake gives a symbol."""
-    torch.library.opcheck(torch_backend.forward_op,
-                          AttentionArgs.of(problem_of(arguments, torch.float64)))
+def test_opcheck_torch_forward(arguments, need_scores):
+    """The blocked forward ops, padded and jagged: without the scores they
+    return empty tensors in their place (and in the statistics' without
+    softmax)."""
+    problem = problem_of(arguments, torch.float64)
+    torch.library.opcheck(torch_backend.forward_op, (*AttentionArgs.of(problem), need_scores))
+    torch.library.opcheck(torch_backend.jagged_forward_op,
+                          (*JaggedAttentionArgs.of(jagged_of(problem)), need_scores))
 
 
 class Ranker(torch.nn.Module):

@@ -1,0 +1,262 @@
+"""The torch backend's forward and backward, block by block, in bounded memory.
+
+The forward walks the row groups of din_fast.chunking: per block of pairs it
+scores the keys with the folded unit (din_fast.folded_unit) and pools them
+at once, keeping per (row, candidate) only the pooled sum and, for softmax,
+the running max and normalizer (the online softmax of FlashAttention: a
+new span's larger max rescales what was pooled so far). Nothing of size
+B * C * T is kept, unless the weights are returned.
+
+The backward recomputes each block's activations from the keys and those
+statistics, and runs the chain rule on the block: the weights w from the
+max and the normalizer, and for softmax the row term
+sum_t w[t] dL/dw[t] = dL/dpooled . pooled (+ the returned weights' own
+gradient), known before any block is seen.
+
+Peak memory beyond the inputs and outputs: the per-(row, candidate)
+statistics, the gradients' accumulators (each the size of its input), and
+one block (its size set by chunking.working_set).
+"""
+
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+from torch import Tensor
+
+from .chunking import History, RowGroup, pair_budget
+from .folded_unit import FoldedUnit, UnitGrads
+from .problem import JaggedDINProblem
+
+
+class _Pooling:
+    """One block's running pooled sum [G, Cc, Dv] over its spans: raw
+    weights for normalization=None, an online softmax otherwise."""
+
+    def __init__(self, rows: int, candidates: int, value_dim: int, softmax: bool, like: Tensor):
+        self.softmax = softmax
+        self.total = like.new_zeros(rows, candidates, value_dim)
+        if softmax:
+            self.max = like.new_full((rows, candidates), float("-inf"))
+            self.sum = like.new_zeros(rows, candidates)
+
+    def add(self, scores: Tensor, values: Tensor, valid: Optional[Tensor]) -> None:
+        """Pool a span: scaled scores [G, span, Cc] (zero at invalid slots),
+        values [G, span, Dv]."""
+        if not self.softmax:
+            self.total.baddbmm_(scores.transpose(1, 2), values)
+            return
+        if valid is not None:
+            scores = scores.masked_fill(~valid[..., None], float("-inf"))
+        # Every row of a group has a valid slot in each of its spans (a group
+        # of several rows has one span from position 0; a single row's spans
+        # lie within its length), so the new max is finite.
+        new_max = torch.maximum(self.max, scores.amax(1))
+        weights = torch.exp(scores - new_max[:, None, :])
+        factor = torch.exp(self.max - new_max)
+        self.sum.mul_(factor).add_(weights.sum(1))
+        self.total.mul_(factor[..., None]).baddbmm_(weights.transpose(1, 2), values)
+        self.max = new_max
+
+    def result(self):
+        """(pooled [G, Cc, Dv], max, normalizer [G, Cc] or None)."""
+        if not self.softmax:
+            return self.total, None, None
+        return self.total / self.sum[..., None], self.max, self.sum
+
+
+def _layout(problem):
+    """(compute dtype, query [B, C, D], history, values (the history itself
+    when the problem has none), History)."""
+    keys = getattr(problem, problem.HISTORY)
+    values = keys if problem.values is None else problem.values
+    return problem.compute_dtype(), problem.query, keys, values, History(problem)
+
+
+def _groups(problem, history: History, dtype: torch.dtype):
+    element_size = torch.empty((), dtype=dtype).element_size()
+    candidates = problem.query.shape[1]
+    return history.groups(candidates, pair_budget(problem.hidden_units, element_size))
+
+
+def _rows(group: RowGroup):
+    """The group's rows as an index of [B, ...] tensors (a slice where consecutive)."""
+    if group.first_row is not None:
+        return slice(group.first_row, group.first_row + len(group.rows))
+    return group.rows
+
+
+def forward(problem, need_scores: bool):
+    """(pooled [B, C, Dv], w ([B, C, T] padded, [L, C] jagged) or None,
+    row_max [B, C], row_sum [B, C]) in the compute dtype, of a DINProblem or
+    a JaggedDINProblem. For softmax, row_max is the max over the valid
+    positions of scale * s and row_sum the sum of exp(scale * s - row_max)
+    (both 0 for a row without valid positions), as the fused kernels keep
+    them; for normalization=None both are None."""
+    dtype, query, keys, values, history = _layout(problem)
+    batch, candidates = query.shape[:2]
+    softmax = problem.normalization == "softmax"
+    unit = FoldedUnit(problem, dtype)
+    pooled = query.new_zeros(batch, candidates, values.shape[-1], dtype=dtype)
+    row_max = query.new_zeros(batch, candidates, dtype=dtype) if softmax else None
+    row_sum = torch.zeros_like(row_max) if softmax else None
+    scores = query.new_zeros(_scores_shape(problem), dtype=dtype) if need_scores else None
+    for group in _groups(problem, history, dtype):
+        rows = _rows(group)
+        blocks = [history.block(group, span) for span in group.spans()]
+        for chunk in group.candidate_chunks(candidates):
+            u, m = unit.fold(query[rows, chunk].to(dtype))
+            pooling = _Pooling(len(group.rows), chunk.stop - chunk.start, values.shape[-1],
+                               softmax, u)
+            for block in blocks:
+                k = history.gather(keys, block, dtype)
+                v = k if values is keys else history.gather(values, block, dtype)
+                s = unit.scores(k, u, m).mul_(problem.scale)
+                if block.valid is not None:
+                    s.masked_fill_(~block.valid[..., None], 0)
+                if scores is not None:
+                    history.put_scores(scores, block, chunk, s)
+                pooling.add(s, v, block.valid)
+            pooled[rows, chunk], block_max, block_sum = pooling.result()
+            if softmax:
+                row_max[rows, chunk], row_sum[rows, chunk] = block_max, block_sum
+    if scores is not None and softmax:
+        _normalize(problem, scores, row_max, row_sum)
+    return pooled, scores, row_max, row_sum
+
+
+def _scores_shape(problem) -> tuple:
+    if isinstance(problem, JaggedDINProblem):
+        return (problem.keys_values.shape[0], problem.query.shape[1])
+    return (problem.keys.shape[0], problem.query.shape[1], problem.keys.shape[1])
+
+
+def _per_position(problem, per_row: Tensor) -> Tensor:
+    """Row statistics [B, C] laid out against the scores: [B, C, 1] padded,
+    [L, C] jagged."""
+    if isinstance(problem, JaggedDINProblem):
+        return per_row[problem.row_ids()]
+    return per_row[..., None]
+
+
+def _normalize(problem, scores: Tensor, row_max: Tensor, row_sum: Tensor) -> None:
+    """Softmax weights, in place, from the scaled scores and the row statistics;
+    0 at the padding."""
+    normalizer = torch.where(row_sum > 0, row_sum, torch.ones_like(row_sum))
+    scores.sub_(_per_position(problem, row_max)).exp_()
+    scores.div_(_per_position(problem, normalizer))
+    if not isinstance(problem, JaggedDINProblem):
+        scores.masked_fill_(~problem.valid_mask()[:, None, :], 0)
+
+
+def _row_term(problem, grad_pooled: Tensor, pooled: Tensor, w: Optional[Tensor],
+              grad_w: Optional[Tensor]) -> Tensor:
+    """sum_t w[t] * dL/dw[t] over each row's valid positions, [B, C], where
+    dL/dw[t] = dL/dpooled . v[t] (+ the weights' own gradient)."""
+    term = (grad_pooled * pooled).sum(-1)
+    if grad_w is None:
+        return term
+    products = w * grad_w
+    if isinstance(problem, JaggedDINProblem):
+        return term.index_add_(0, problem.row_ids(), products)
+    # w is 0 at the padding, grad_w maybe not finite there: a select.
+    products = torch.where(problem.valid_mask()[:, None, :], products, 0)
+    return term + products.sum(-1)
+
+
+def backward(problem, grad_pooled: Tensor, grad_scores: Optional[Tensor], saved=()):
+    """The gradients of every input from dL/dpooled [B, C, Dv] (and dL/dw,
+    [B, C, T] padded or [L, C] jagged): (dq, d history, dv or None when the
+    values are the keys, dweights, dbiases, dact_params per layer), each in
+    its input's dtype.
+
+    ``saved`` is what the forward op kept for softmax, [pooled, row_max,
+    row_sum] in the compute dtype and w when it returned the weights, or
+    empty: then the forward runs first (normalization=None needs nothing).
+    """
+    dtype, query, keys, values, history = _layout(problem)
+    batch, candidates = query.shape[:2]
+    softmax = problem.normalization == "softmax"
+    grad_pooled = grad_pooled.to(dtype)
+    # Contiguous (a loss's gradient may be an expanded scalar): blocks index it flat.
+    grad_scores = None if grad_scores is None else grad_scores.to(dtype).contiguous()
+    if softmax:
+        if not saved:
+            pooled, w, row_max, row_sum = forward(problem, grad_scores is not None)
+        else:
+            pooled, row_max, row_sum, *rest = saved
+            w = rest[0] if rest else None
+        row_term = _row_term(problem, grad_pooled, pooled, w, grad_scores)
+        normalizer = torch.where(row_sum > 0, row_sum, torch.ones_like(row_sum))
+    unit = FoldedUnit(problem, dtype)
+    grads = UnitGrads(unit)
+    grad_query = torch.zeros(query.shape, dtype=dtype, device=query.device)
+    grad_keys = torch.zeros(keys.shape, dtype=dtype, device=keys.device)
+    grad_values = (grad_keys if values is keys
+                   else torch.zeros(values.shape, dtype=dtype, device=values.device))
+    scale = problem.scale
+    for group in _groups(problem, history, dtype):
+        rows = _rows(group)
+        blocks = [history.block(group, span) for span in group.spans()]
+        whole_rows = len(blocks) == 1
+        for chunk in group.candidate_chunks(candidates):
+            q = query[rows, chunk].to(dtype)
+            u, m = unit.fold(q)
+            grad_out = grad_pooled[rows, chunk]                          # [G, Cc, Dv]
+            if softmax:
+                block_max = row_max[rows, chunk][:, None, :]
+                block_normalizer = normalizer[rows, chunk][:, None, :]
+                block_term = None if whole_rows else row_term[rows, chunk][:, None, :]
+            grad_u = grad_m = None
+            for block in blocks:
+                invalid = None if block.valid is None else ~block.valid[..., None]
+                k = history.gather(keys, block, dtype)
+                v = k if values is keys else history.gather(values, block, dtype)
+                kept = []
+                s = unit.scores(k, u, m, kept).mul_(scale)
+                # dL/dw per slot, then dL/ds (0 at the padding slots).
+                grad_w = torch.bmm(v, grad_out.transpose(1, 2))          # [G, span, Cc]
+                if grad_scores is not None:
+                    grad_w += history.take_scores(grad_scores, block, chunk, dtype)
+                if softmax:
+                    w = s.sub_(block_max).exp_().div_(block_normalizer)
+                    if invalid is not None:
+                        w.masked_fill_(invalid, 0)
+                    if whole_rows:
+                        # The row term from the very weights used here: then
+                        # sum_t dL/ds[t] cancels to rounding (the biases'
+                        # gradients are such sums); dL/dpooled . pooled, from
+                        # the forward's rounding, would leave ~1e-7 of it.
+                        block_term = (w * grad_w).sum(1, keepdim=True)
+                    grad_s = grad_w.sub_(block_term).mul_(w).mul_(scale)
+                else:
+                    w = s
+                    grad_s = grad_w.mul_(scale)
+                    if invalid is not None:
+                        w.masked_fill_(invalid, 0)
+                        grad_s.masked_fill_(invalid, 0)
+                grad_v = torch.bmm(w, grad_out)                          # [G, span, Dv]
+                del w, s
+                grad_z = unit.backward(grad_s, kept, grads)             # [G, span, Cc*H1]
+                del kept
+                grad_k = torch.bmm(grad_z, m)
+                if values is keys:
+                    grad_k += grad_v
+                else:
+                    history.add(grad_values, block, grad_v)
+                history.add(grad_keys, block, grad_k)
+                if grad_u is None:
+                    grad_u, grad_m = grad_z.sum(1), torch.bmm(grad_z.transpose(1, 2), k)
+                else:
+                    grad_u += grad_z.sum(1)
+                    grad_m.baddbmm_(grad_z.transpose(1, 2), k)
+            grad_query[rows, chunk] = unit.first_layer_backward(q, m, grad_u, grad_m, grads)
+    return (
+        grad_query.to(query.dtype), grad_keys.to(keys.dtype),
+        None if values is keys else grad_values.to(values.dtype),
+        [d.to(t.dtype) for d, t in zip(grads.weights(), problem.weights)],
+        [d.to(t.dtype) for d, t in zip(grads.biases(), problem.biases)],
+        [tuple(d.to(p.dtype) for d, p in zip(layer, params))
+         for layer, params in zip(grads.act_params, problem.act_params)],
+    )
