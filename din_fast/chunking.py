@@ -59,12 +59,16 @@ def working_set(nbytes: int):
         _budget[0] = previous
 
 
+def pair_bytes(hidden: tuple, element_size: int) -> int:
+    """The working set of one (candidate, position) pair of a block: its
+    hidden activations and pre-activations, and in the backward two
+    gradients of the widest layer, besides a few scalars."""
+    return element_size * (2 * sum(hidden) + 2 * max(hidden) + 4)
+
+
 def pair_budget(hidden: tuple, element_size: int) -> int:
-    """How many (candidate, position) pairs one block may hold: each keeps its
-    hidden activations and pre-activations, and the backward two gradients
-    of the widest layer, besides a few scalars."""
-    per_pair = element_size * (2 * sum(hidden) + 2 * max(hidden) + 4)
-    return max(1, _budget[0] // per_pair)
+    """How many pairs one block may hold under the working-set budget."""
+    return max(1, _budget[0] // pair_bytes(hidden, element_size))
 
 
 @dataclass
@@ -119,8 +123,9 @@ def plan(counts: Tensor, candidates: int, pairs: int) -> List[RowGroup]:
             span, candidate_step = longest, candidates
         else:
             # One row beyond the budget: spans of at least MIN_SPAN positions
-            # and as many candidates as the budget leaves.
-            span = min(longest, max(pairs // candidates, MIN_SPAN))
+            # (fewer only under a budget of fewer pairs) and as many
+            # candidates as the budget leaves.
+            span = min(longest, max(pairs // candidates, min(MIN_SPAN, pairs)))
             candidate_step = min(candidates, max(1, pairs // span))
         consecutive = rows == list(range(rows[0], rows[0] + len(rows)))
         groups.append(RowGroup(
