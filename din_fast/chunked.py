@@ -165,6 +165,57 @@ def _row_term(problem, grad_pooled: Tensor, pooled: Tensor, w: Optional[Tensor],
     return term + products.sum(-1)
 
 
+def _outer(w: Tensor, grad_out: Tensor) -> Tensor:
+    """sum_c w[g, t, c] * grad_out[g, c, :]: [G, span, Dv]; with one candidate
+    a broadcast product, which beats a product of inner size 1."""
+    if w.shape[-1] == 1:
+        return w * grad_out
+    return torch.bmm(w, grad_out)
+
+
+class _Softmax:
+    """What the backward of softmax needs per (row, candidate): the forward's
+    max and normalizer, and the row term sum_t w[t] dL/dw[t]."""
+
+    def __init__(self, problem, grad_pooled: Tensor, grad_scores: Optional[Tensor], saved):
+        if saved:
+            pooled, self.max, row_sum, *rest = saved
+            w = rest[0] if rest else None
+        else:
+            pooled, w, self.max, row_sum = forward(problem, grad_scores is not None)
+        self.normalizer = torch.where(row_sum > 0, row_sum, torch.ones_like(row_sum))
+        self.term = _row_term(problem, grad_pooled, pooled, w, grad_scores)
+
+    def block(self, rows, chunk: slice, whole_rows: bool):
+        """(max, normalizer, row term or None where the block holds whole rows),
+        each [G, 1, Cc]."""
+        term = None if whole_rows else self.term[rows, chunk][:, None, :]
+        return self.max[rows, chunk][:, None, :], self.normalizer[rows, chunk][:, None, :], term
+
+
+def _score_gradients(s: Tensor, grad_w: Tensor, invalid: Optional[Tensor], scale: float,
+                     softmax: Optional[tuple]):
+    """(w, dL/ds) of a block, both [G, span, Cc] and 0 at the ``invalid``
+    slots, from its scaled scores ``s`` and dL/dw (both overwritten);
+    ``softmax`` is _Softmax.block's, or None for normalization=None."""
+    if softmax is None:
+        grad_s = grad_w.mul_(scale)
+        if invalid is not None:
+            s.masked_fill_(invalid, 0)
+            grad_s.masked_fill_(invalid, 0)
+        return s, grad_s
+    row_max, normalizer, term = softmax
+    w = s.sub_(row_max).exp_().div_(normalizer)
+    if invalid is not None:
+        w.masked_fill_(invalid, 0)
+    if term is None:
+        # The row term from the very weights used here: then sum_t dL/ds[t]
+        # cancels to rounding (the biases' gradients are such sums);
+        # dL/dpooled . pooled, from the forward's rounding, would leave ~1e-7.
+        term = (w * grad_w).sum(1, keepdim=True)
+    return w, grad_w.sub_(term).mul_(w).mul_(scale)
+
+
 def backward(problem, grad_pooled: Tensor, grad_scores: Optional[Tensor], saved=()):
     """The gradients of every input from dL/dpooled [B, C, Dv] (and dL/dw,
     [B, C, T] padded or [L, C] jagged): (dq, d history, dv or None when the
@@ -176,75 +227,45 @@ def backward(problem, grad_pooled: Tensor, grad_scores: Optional[Tensor], saved=
     empty: then the forward runs first (normalization=None needs nothing).
     """
     dtype, query, keys, values, history = _layout(problem)
-    batch, candidates = query.shape[:2]
-    softmax = problem.normalization == "softmax"
+    candidates = query.shape[1]
     grad_pooled = grad_pooled.to(dtype)
     # Contiguous (a loss's gradient may be an expanded scalar): blocks index it flat.
     grad_scores = None if grad_scores is None else grad_scores.to(dtype).contiguous()
-    if softmax:
-        if not saved:
-            pooled, w, row_max, row_sum = forward(problem, grad_scores is not None)
-        else:
-            pooled, row_max, row_sum, *rest = saved
-            w = rest[0] if rest else None
-        row_term = _row_term(problem, grad_pooled, pooled, w, grad_scores)
-        normalizer = torch.where(row_sum > 0, row_sum, torch.ones_like(row_sum))
+    softmax = (_Softmax(problem, grad_pooled, grad_scores, saved)
+               if problem.normalization == "softmax" else None)
     unit = FoldedUnit(problem, dtype)
     grads = UnitGrads(unit)
     grad_query = torch.zeros(query.shape, dtype=dtype, device=query.device)
     grad_keys = torch.zeros(keys.shape, dtype=dtype, device=keys.device)
     grad_values = (grad_keys if values is keys
                    else torch.zeros(values.shape, dtype=dtype, device=values.device))
-    scale = problem.scale
     for group in _groups(problem, history, dtype):
         rows = _rows(group)
         blocks = [history.block(group, span) for span in group.spans()]
-        whole_rows = len(blocks) == 1
         for chunk in group.candidate_chunks(candidates):
             q = query[rows, chunk].to(dtype)
             u, m = unit.fold(q)
             grad_out = grad_pooled[rows, chunk]                          # [G, Cc, Dv]
-            if softmax:
-                block_max = row_max[rows, chunk][:, None, :]
-                block_normalizer = normalizer[rows, chunk][:, None, :]
-                block_term = None if whole_rows else row_term[rows, chunk][:, None, :]
+            stats = None if softmax is None else softmax.block(rows, chunk, len(blocks) == 1)
             grad_u = grad_m = None
             for block in blocks:
-                invalid = None if block.valid is None else ~block.valid[..., None]
                 k = history.gather(keys, block, dtype)
                 v = k if values is keys else history.gather(values, block, dtype)
                 kept = []
-                s = unit.scores(k, u, m, kept).mul_(scale)
-                # dL/dw per slot, then dL/ds (0 at the padding slots).
+                s = unit.scores(k, u, m, kept).mul_(problem.scale)
                 grad_w = torch.bmm(v, grad_out.transpose(1, 2))          # [G, span, Cc]
                 if grad_scores is not None:
                     grad_w += history.take_scores(grad_scores, block, chunk, dtype)
-                if softmax:
-                    w = s.sub_(block_max).exp_().div_(block_normalizer)
-                    if invalid is not None:
-                        w.masked_fill_(invalid, 0)
-                    if whole_rows:
-                        # The row term from the very weights used here: then
-                        # sum_t dL/ds[t] cancels to rounding (the biases'
-                        # gradients are such sums); dL/dpooled . pooled, from
-                        # the forward's rounding, would leave ~1e-7 of it.
-                        block_term = (w * grad_w).sum(1, keepdim=True)
-                    grad_s = grad_w.sub_(block_term).mul_(w).mul_(scale)
-                else:
-                    w = s
-                    grad_s = grad_w.mul_(scale)
-                    if invalid is not None:
-                        w.masked_fill_(invalid, 0)
-                        grad_s.masked_fill_(invalid, 0)
-                grad_v = torch.bmm(w, grad_out)                          # [G, span, Dv]
-                del w, s
+                invalid = None if block.valid is None else ~block.valid[..., None]
+                w, grad_s = _score_gradients(s, grad_w, invalid, problem.scale, stats)
+                grad_v = _outer(w, grad_out)                             # [G, span, Dv]
                 grad_z = unit.backward(grad_s, kept, grads)             # [G, span, Cc*H1]
-                del kept
-                grad_k = torch.bmm(grad_z, m)
+                del w, s, grad_w, grad_s, kept
                 if values is keys:
-                    grad_k += grad_v
+                    grad_k = torch.baddbmm(grad_v, grad_z, m)
                 else:
                     history.add(grad_values, block, grad_v)
+                    grad_k = torch.bmm(grad_z, m)
                 history.add(grad_keys, block, grad_k)
                 if grad_u is None:
                     grad_u, grad_m = grad_z.sum(1), torch.bmm(grad_z.transpose(1, 2), k)
