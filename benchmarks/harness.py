@@ -119,23 +119,32 @@ def paired_ratios(numerators, denominators) -> list:
 
 def peak_memory_bytes(fn, device: torch.device) -> float:
     """Peak bytes one call of fn adds to what was allocated before it."""
+    return peak_memory_and_result(fn, device)[0]
+
+
+def peak_memory_and_result(fn, device: torch.device) -> tuple:
+    """(peak bytes one call of fn adds to what was allocated before it, its result)."""
     if device.type == "cuda":
         torch.cuda.synchronize(device)
         before = torch.cuda.memory_allocated(device)
         torch.cuda.reset_peak_memory_stats(device)
         result = fn()
         torch.cuda.synchronize(device)
-        del result
-        return torch.cuda.max_memory_allocated(device) - before
+        return torch.cuda.max_memory_allocated(device) - before, result
     with PeakMemory() as memory:
-        fn()
-    return memory.peak_bytes
+        result = fn()
+    return memory.peak_bytes, result
 
 
 def max_abs_error(out: torch.Tensor, exact: torch.Tensor) -> float:
     """Largest |out - exact| (exact: float64); NaN anywhere gives NaN."""
     diff = (out.double() - exact).abs()
     return math.nan if diff.isnan().any() else diff.max().item()
+
+
+def relative_error(out: torch.Tensor, exact: torch.Tensor) -> float:
+    """||out - exact|| / ||exact|| (exact: float64), SPEC's accuracy measure."""
+    return ((out.double() - exact).norm() / exact.norm()).item()
 
 
 def worst_gradient_error(grads, exact) -> float:

@@ -80,10 +80,22 @@ def as_float64(inputs: dict) -> dict:
     return {name: convert(value) for name, value in inputs.items()}
 
 
-def float64_output(inputs: dict) -> torch.Tensor:
-    """The pooled output of the reference in float64."""
+def float64_output(inputs: dict, max_pairs: int | None = None) -> torch.Tensor:
+    """The pooled output of the reference in float64; with ``max_pairs``, a
+    few candidates at a time, so that the reference's [B, C, T, 4D] concat
+    of one call holds at most that many (candidate, position) pairs."""
+    exact = as_float64(inputs)
+    query = exact["query"]
+    candidates = 1 if query.dim() == 2 else query.shape[1]
+    pairs_per_candidate = max(1, query.shape[0] * exact["keys"].shape[1])
+    step = candidates if max_pairs is None else max(1, max_pairs // pairs_per_candidate)
+    if step >= candidates:
+        with torch.no_grad():
+            return din_fast.din_attention(backend="reference", **exact)
     with torch.no_grad():
-        return din_fast.din_attention(backend="reference", **as_float64(inputs))
+        return torch.cat([din_fast.din_attention(backend="reference",
+                                                 **dict(exact, query=query[:, c:c + step]))
+                          for c in range(0, candidates, step)], dim=1)
 
 
 def float64_gradients(inputs: dict, probe: torch.Tensor) -> list:
@@ -155,12 +167,63 @@ def deepctr_module(submodule: str):
     return importlib.import_module(f"deepctr_torch.{submodule}")
 
 
-def deepctr_implementation(inputs: dict) -> Implementation | None:
+def attention_flops(inputs: dict) -> int:
+    """The activation unit's matrix-product FLOPs of one forward: per valid
+    (candidate, position) pair, the folded first layer (2 * D * H1), each
+    deeper layer (2 * H_(i-1) * H_i) and the output (2 * H_L). A backward
+    costs about twice as much."""
+    query, weights = inputs["query"], inputs["weights"]
+    candidates = 1 if query.dim() == 2 else query.shape[1]
+    keys = inputs["keys"]
+    lengths = inputs.get("lengths")
+    positions = keys.shape[0] * keys.shape[1] if lengths is None else int(lengths.sum())
+    per_pair = 2 * (keys.shape[-1] * weights[0].shape[0]
+                    + sum(w.shape[0] * w.shape[1] for w in weights[1:]))
+    return positions * candidates * per_pair
+
+
+# The representative matrix product whose rate sets the FLOP floor: the
+# folded first layer of a block, [positions, D] x [D, candidates * H1].
+FLOOR_GEMM = (4096, 64, 1280)
+
+
+def floor_gemm(device, dtype=torch.float32) -> tuple:
+    """(a function computing FLOOR_GEMM's product, its FLOPs)."""
+    m, k, n = FLOOR_GEMM
+    gen = torch.Generator().manual_seed(2)
+    a = torch.randn(m, k, generator=gen).to(device, dtype)
+    b = torch.randn(k, n, generator=gen).to(device, dtype)
+    return (lambda: a @ b), 2 * m * k * n
+
+
+def deepctr_rows_per_call(inputs: dict, memory_budget: int) -> int | None:
+    """How many candidate rows (each with its own copy of the history) one
+    call of DeepCTR-Torch's layer may take within ``memory_budget`` bytes:
+    a power of two, or None when all of them fit. Its memory per row: the
+    tiled history, the [T, 4D] concat and the hidden activations, kept for
+    the backward."""
+    keys, weights = inputs["keys"], inputs["weights"]
+    length, dim = keys.shape[1:]
+    per_row = length * (5 * dim + 2 * sum(w.shape[0] for w in weights)) * keys.element_size()
+    query = inputs["query"]
+    rows = query.shape[0] * (1 if query.dim() == 2 else query.shape[1])
+    if rows * per_row <= memory_budget:
+        return None
+    fit = max(1, memory_budget // per_row)
+    return 1 << (fit.bit_length() - 1)
+
+
+def deepctr_implementation(inputs: dict, rows_per_call: int | None = None,
+                           compile_backend: str | None = None) -> Implementation | None:
     """DeepCTR-Torch's AttentionSequencePoolingLayer with the inputs' weights
     (None when deepctr-torch is not installed).
 
     The layer scores one candidate per row: C candidates become B*C rows, each
-    with its own copy of the history, as a DeepCTR-Torch user would batch them.
+    with its own copy of the history, as a DeepCTR-Torch user would batch them;
+    ``rows_per_call`` splits them into calls of that many rows (how a server
+    would bound the layer's memory, which grows with C * T). With
+    ``compile_backend`` the layer runs under torch.compile
+    (``deepctr_compiled``): what a user who does not adopt din_fast would do.
     Half-precision inputs run under torch.autocast (float32 parameters, the
     matrix products in the inputs' dtype), as DeepCTR-Torch trains in AMP.
     """
@@ -181,22 +244,35 @@ def deepctr_implementation(inputs: dict) -> Implementation | None:
     autocast = torch.autocast(inputs["keys"].device.type, dtype=dtype,
                               enabled=dtype in (torch.float16, torch.bfloat16))
 
+    call = layer
+    if compile_backend is not None:
+        torch._dynamo.reset()
+        call = torch.compile(layer, backend=compile_backend)
+
     def forward(inputs):
         query, keys, lengths = inputs["query"], inputs["keys"], inputs["lengths"]
         batch, length, _ = keys.shape
         candidates = 1 if query.dim() == 2 else query.shape[1]
         rows = batch * candidates
+        queries = query.reshape(rows, 1, dim)
+        row_lengths = lengths.repeat_interleave(candidates)[:, None]
+        step = rows if rows_per_call is None else rows_per_call
+        pooled = []
         with autocast:
-            pooled = layer(query.reshape(rows, 1, dim),
-                           keys[:, None].expand(batch, candidates, length, dim).reshape(rows, length, dim),
-                           lengths.repeat_interleave(candidates)[:, None])
-        return pooled.reshape(query.shape)
+            for start in range(0, rows, step):
+                # The history copied for this call's rows (row r is batch r // C).
+                owners = torch.arange(start, min(start + step, rows), device=keys.device)
+                history = keys.index_select(0, owners // candidates)
+                pooled.append(call(queries[start:start + step], history,
+                                   row_lengths[start:start + step]))
+        return torch.cat(pooled).reshape(query.shape)
 
     def layer_leaves(inputs):
         return ([inputs[name] for name in GRAD_INPUTS] + [m.weight for m in linears]
                 + [m.bias for m in linears])
 
-    return Implementation("deepctr_torch", forward, layer_leaves)
+    name = "deepctr_torch" if compile_backend is None else "deepctr_compiled"
+    return Implementation(name, forward, layer_leaves)
 
 
 DEEPCTR_MISSING = ("deepctr-torch is not installed: its layer is left out "

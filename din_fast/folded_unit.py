@@ -90,7 +90,13 @@ class FoldedUnit:
         for layer in reversed(range(len(kept))):
             w, _ = self.deeper[layer]
             z, h = kept[layer]
-            grads.deeper_weights[layer].addmm_(grad_z.t(), h)
+            if grad_z.shape[1] == 1:
+                # The output layer: a product of inner size 1 would sum the
+                # block's pairs one after another (1e-5 off in float32 at
+                # 50k pairs); torch's sum adds them pairwise.
+                grads.deeper_weights[layer] += (grad_z * h).sum(0)
+            else:
+                grads.deeper_weights[layer].addmm_(grad_z.t(), h)
             grads.deeper_biases[layer] += grad_z.sum(0)
             grad_h = grad_z @ w
             grad_z, param_grads = activation_backward(

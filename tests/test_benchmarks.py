@@ -94,44 +94,77 @@ def test_sanitizer_cases_run_every_backward_launch_configuration():
 
 
 def test_bench_cpu_records_every_implementation_and_pass(tmp_path):
+    """Both shapes: the training shape's passes for every implementation, the
+    serving shape's forward without the reference (over the memory budget
+    given) and with DeepCTR-Torch in calls of fewer rows; the floor's rows."""
     out = tmp_path / "cpu.csv"
     result = run_module("benchmarks.bench_cpu", "--batch", "6", "--length", "5", "--dim", "8",
                         "--hidden", "6", "4", "--rounds", "3", "--compile-backend", "aot_eager",
-                        "--out", str(out))
+                        "--serving-length", "400", "--serving-candidates", "16",
+                        "--serving-rounds", "2", "--memory-budget-mb", "1", "--out", str(out))
     assert result.returncode == 0, result.stderr
     rows = harness.read_csv(str(out))
-    names = {"torch", "torch_compiled", "reference"} | (
-        {"deepctr_torch"} if "deepctr" in rows[-1]["baseline"] else set())
-    assert {(r["impl"], r["pass"]) for r in rows} == {
-        (n, p) for n in names for p in ("forward", "forward+backward")}
+    peers = {"deepctr_torch", "deepctr_compiled"} if "deepctr" in rows[0]["baseline"] else set()
+    training = {"torch", "torch_compiled", "reference", "flop_floor"} | peers
+    assert {(r["shape"], r["impl"], r["pass"]) for r in rows} == {
+        ("training", n, p) for n in training for p in ("forward", "forward+backward")} | {
+        ("serving", n, "forward") for n in training - {"reference"}}
+    assert "serving: reference left out" in result.stdout
+    if peers:
+        assert "serving: DeepCTR-Torch's layer takes 8 candidate rows per call" in result.stdout
     for row in rows:
-        assert row["max_abs_error"] < 1e-5 and row["peak_mb"] > 0
         assert row["ms_q1"] <= row["ms"] <= row["ms_q3"]
         assert row["threads"] == 1 and "--rounds 3" in row["command"]
+        assert row["x_floor"] > 0 and row["flops"] > 0 and row["gemm_gflops"] > 0
+        if row["impl"] == "flop_floor":
+            assert row["x_floor"] == 1.0 and math.isnan(row["peak_mb"])
+            continue
+        assert row["max_abs_error"] < 1e-4 and row["rel_error"] < 1e-5 and row["peak_mb"] > 0
         if row["pass"] == "forward+backward":
             assert row["grad_error"] < 1e-4
         if row["impl"] == row["baseline"]:
             assert row[f"speedup_vs_{row['baseline']}"] == 1.0
         if row["impl"] == "torch":
             assert row["speedup_vs_torch"] == 1.0
-    assert "speedup (IQR)" in result.stdout
+    serving = [r for r in rows if r["shape"] == "serving"]
+    assert {(r["batch"], r["candidates"], r["length"], r["rounds"]) for r in serving} == {
+        (1, 16, 400, 2)}
+    assert "x floor" in result.stdout and "serving: B=1, C=16 candidates, T=400" in result.stdout
 
 
-def test_bench_serving_records_each_format_and_its_error(tmp_path):
-    """Eager and ONNX Runtime (the .pt2 export, a minute of C++ compiling, is
-    left to the examples' test): one row each, logits as eager's."""
+def test_bench_serving_records_the_grid_and_each_format(tmp_path):
+    """The grid's paths per shape (DeepCTR-Torch left out over the memory
+    budget), their latency, memory and error; eager and ONNX Runtime (the .pt2
+    export, a minute of C++ compiling, is left to the examples' test): one
+    row each, logits as eager's."""
     out = tmp_path / "serving.csv"
-    result = run_module("benchmarks.bench_serving", "--history", "7", "--candidates", "3",
+    result = run_module("benchmarks.bench_serving", "--grid-lengths", "20", "400",
+                        "--grid-candidates", "1", "24", "--seconds-per-shape", "0.2",
+                        "--memory-budget-mb", "1", "--history", "7", "--candidates", "3",
                         "--items", "40", "--categories", "5", "--formats", "eager", "onnx",
                         "--rounds", "3", "--warmup", "1", "--out", str(out))
     assert result.returncode == 0, result.stderr
     rows = harness.read_csv(str(out))
-    assert [r["format"] for r in rows] == ["eager", "onnx"]
-    for row in rows:
+    grid = [r for r in rows if r["part"] == "grid"]
+    deepctr = {"deepctr_torch"} if any(r["path"] == "deepctr_torch" for r in grid) else set()
+    shapes = {(t, c) for t in (20, 400) for c in (1, 24)}
+    assert {(r["length"], r["candidates"], r["path"]) for r in grid} == {
+        (t, c, p) for t, c in shapes for p in {"exact", "flop_floor"}
+        | (deepctr if t * c <= 400 else set())}
+    assert "T=400 C=24: deepctr_torch left out" in result.stdout
+    for row in grid:
+        assert 3 <= row["requests"] <= 50 and row["p50_ms"] <= row["p99_ms"]
+        assert row["h100_fp32_floor_ms"] > row["h100_tf32_floor_ms"] > 0
+        if row["path"] != "flop_floor":
+            assert row["rel_error"] < 1e-5 and row["peak_mb"] > 0
+    assert "p50 within the DIN paper's 10 ms" in result.stdout
+    formats = [r for r in rows if r["part"] == "formats"]
+    assert [r["format"] for r in formats] == ["eager", "onnx"]
+    for row in formats:
         assert row["max_abs_logit_error"] < 1e-5
         assert row["ms_q1"] <= row["ms"] <= row["ms_q3"]
         assert row["candidates"] == 3 and "--formats eager onnx" in row["command"]
-    assert rows[0]["speedup_vs_eager"] == 1.0
+    assert formats[0]["speedup_vs_eager"] == 1.0
 
 
 def test_bench_gpu_dry_run_records_errors_beside_times(tmp_path):
