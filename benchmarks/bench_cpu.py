@@ -202,12 +202,12 @@ def measure_shape(shape: Shape, args) -> list:
             rows[impl.name, name] = dict(
                 impl=impl.name, **{"pass": name}, peak_mb=peak / 2 ** 20,
                 max_abs_error=output_error[0], rel_error=output_error[1], grad_error=grad_error)
-    gemm, gemm_flops = peers.floor_gemm(device)
-    fns[FLOOR] = gemm
+    flops = peers.attention_flops(inputs)
+    fns[FLOOR], gemm_flops = peers.floor_gemm(device, flops)
     load_before = harness.load_average()
     times = harness.time_round_robin(fns, shape.rounds, shape.warmup, device)
     load_after = harness.load_average()
-    return _rows(shape, args, rows, times, peers.attention_flops(inputs), gemm_flops,
+    return _rows(shape, args, rows, times, flops, gemm_flops,
                  dict(load_before=load_before, load_after=load_after))
 
 

@@ -133,7 +133,7 @@ def _percentile(values: list, q: int) -> float:
     return statistics.quantiles(values, n=100, method="inclusive")[q - 1]
 
 
-def measure_grid_shape(length: int, candidates: int, args, gemm, gemm_flops: int) -> list:
+def measure_grid_shape(length: int, candidates: int, args) -> list:
     inputs = peers.make_inputs(1, candidates, length, 64, (80, 40), torch.float32,
                                torch.device("cpu"))
     inputs["lengths"].fill_(length)
@@ -152,11 +152,12 @@ def measure_grid_shape(length: int, candidates: int, args, gemm, gemm_flops: int
                            rel_error=harness.relative_error(out, exact))
     round_seconds = sum(f["seconds"] for f in first.values())
     requests = int(min(args.requests, max(3, args.seconds_per_shape // max(round_seconds, 1e-6))))
+    flops = peers.attention_flops(inputs)
+    gemm, gemm_flops = peers.floor_gemm(torch.device("cpu"), flops)
     load_before = harness.load_average()
     times = harness.time_round_robin(dict(paths, **{FLOOR: gemm}), requests, 1,
                                      torch.device("cpu"))
     load_after = harness.load_average()
-    flops = peers.attention_flops(inputs)
     floor = [ms * flops / gemm_flops for ms in times.pop(FLOOR)]
     setting = dict(part="grid", length=length, candidates=candidates, requests=requests,
                    flops=flops, gemm_gflops=harness.Spread.of(
@@ -180,9 +181,8 @@ def measure_grid_shape(length: int, candidates: int, args, gemm, gemm_flops: int
 
 
 def measure_grid(args) -> list:
-    gemm, gemm_flops = peers.floor_gemm(torch.device("cpu"))
     return [row for length in args.grid_lengths for candidates in args.grid_candidates
-            for row in measure_grid_shape(length, candidates, args, gemm, gemm_flops)]
+            for row in measure_grid_shape(length, candidates, args)]
 
 
 def request(model, history: int, candidates: int) -> EncodedBatch:

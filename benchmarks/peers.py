@@ -187,13 +187,22 @@ def attention_flops(inputs: dict) -> int:
 FLOOR_GEMM = (4096, 64, 1280)
 
 
-def floor_gemm(device, dtype=torch.float32) -> tuple:
-    """(a function computing FLOOR_GEMM's product, its FLOPs)."""
+def floor_gemm(device, flops: int, dtype=torch.float32) -> tuple:
+    """(a function computing FLOOR_GEMM's product as many times as comes
+    closest to ``flops``, the FLOPs it does): timed beside an implementation
+    doing ``flops``, it runs about as long, so that both see the same load."""
     m, k, n = FLOOR_GEMM
     gen = torch.Generator().manual_seed(2)
     a = torch.randn(m, k, generator=gen).to(device, dtype)
     b = torch.randn(k, n, generator=gen).to(device, dtype)
-    return (lambda: a @ b), 2 * m * k * n
+    out = torch.empty(m, n, device=device, dtype=dtype)
+    once = 2 * m * k * n
+    times = max(1, round(flops / once))
+
+    def products():
+        for _ in range(times):
+            torch.mm(a, b, out=out)
+    return products, times * once
 
 
 def deepctr_rows_per_call(inputs: dict, memory_budget: int) -> int | None:

@@ -21,7 +21,7 @@ Autograd: a forward saves its inputs, nothing per position. The backward is
 the fused kernel, which recomputes the activation unit tile by tile, where
 :func:`fused_backward_unsupported` allows; elsewhere (and for jagged input,
 which has no fused backward yet) the torch backend's hand-written backward
-op, which holds per-position pre-activations while it runs. Under
+op, which recomputes block by block (din_fast.chunked). Under
 create_graph=True both recompute through autograd instead
 (torch_backend.autograd_gradients), so double backward works; forward-mode
 AD and torch.func transforms are among the unsupported reasons.
