@@ -11,7 +11,7 @@ from hypothesis import given, settings, strategies as st
 
 import din_fast
 from din_fast.chunking import pair_bytes, plan, working_set
-from helpers import assert_matches_reference, call_din_attention, make_case, run_case
+from helpers import DEVICE, assert_matches_reference, call_din_attention, make_case, run_case
 from test_padding import POISONS, assert_padding_ignored
 
 HIDDEN = (6, 3)
@@ -173,3 +173,32 @@ def test_working_set_refuses_a_bad_budget():
         with pytest.raises(ValueError, match="`nbytes` must be a positive int"):
             with working_set(bad):
                 pass
+
+
+def test_triton_launchers_allocate_nothing_per_pair():
+    """The fused kernels' launchers (forward, and the fused backward) allocate
+    the outputs, per-(row, candidate) statistics and per-program partial sums:
+    no tensor as large as one float per (candidate, position) pair."""
+    from benchmarks.peak_memory import PeakMemory
+
+    if DEVICE != "cpu":
+        pytest.skip("the count is of CPU tensors (the kernels in the interpreter)")
+
+    class LargestStorage(PeakMemory):
+        largest = 0
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            out = super().__torch_dispatch__(func, types, args, kwargs)
+            for tensor in out if isinstance(out, (tuple, list)) else [out]:
+                if isinstance(tensor, torch.Tensor):
+                    self.largest = max(self.largest, tensor.untyped_storage().nbytes())
+            return out
+
+    case = make_case(1, 32, 48, 4, (8, 4), normalization="softmax", masking=None, seed=4)
+    for name in ("query", "keys"):
+        case[name].requires_grad_()
+    with LargestStorage() as memory:
+        pooled = din_fast.din_attention(case.pop("query"), case.pop("keys"),
+                                        case.pop("lengths"), backend="triton", **case)
+        pooled.sum().backward()
+    assert 0 < memory.largest < 32 * 48 * 4
