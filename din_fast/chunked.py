@@ -165,14 +165,6 @@ def _row_term(problem, grad_pooled: Tensor, pooled: Tensor, w: Optional[Tensor],
     return term + products.sum(-1)
 
 
-def _outer(w: Tensor, grad_out: Tensor) -> Tensor:
-    """sum_c w[g, t, c] * grad_out[g, c, :]: [G, span, Dv]; with one candidate
-    a broadcast product, which beats a product of inner size 1."""
-    if w.shape[-1] == 1:
-        return w * grad_out
-    return torch.bmm(w, grad_out)
-
-
 class _Softmax:
     """What the backward of softmax needs per (row, candidate): the forward's
     max and normalizer, and the row term sum_t w[t] dL/dw[t]."""
@@ -258,14 +250,15 @@ def backward(problem, grad_pooled: Tensor, grad_scores: Optional[Tensor], saved=
                     grad_w += history.take_scores(grad_scores, block, chunk, dtype)
                 invalid = None if block.valid is None else ~block.valid[..., None]
                 w, grad_s = _score_gradients(s, grad_w, invalid, problem.scale, stats)
-                grad_v = _outer(w, grad_out)                             # [G, span, Dv]
                 grad_z = unit.backward(grad_s, kept, grads)             # [G, span, Cc*H1]
-                del w, s, grad_w, grad_s, kept
+                grad_k = torch.bmm(grad_z, m)
+                # dL/dv[t] = sum_c w[c, t] dL/dpooled[c]: into d keys in place
+                # where the values are the keys (a product of inner size Cc).
                 if values is keys:
-                    grad_k = torch.baddbmm(grad_v, grad_z, m)
+                    grad_k.baddbmm_(w, grad_out)
                 else:
-                    history.add(grad_values, block, grad_v)
-                    grad_k = torch.bmm(grad_z, m)
+                    history.add(grad_values, block, torch.bmm(w, grad_out))
+                del w, s, grad_w, grad_s, kept
                 history.add(grad_keys, block, grad_k)
                 if grad_u is None:
                     grad_u, grad_m = grad_z.sum(1), torch.bmm(grad_z.transpose(1, 2), k)
