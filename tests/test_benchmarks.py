@@ -15,7 +15,7 @@ import sys
 import pytest
 import torch
 
-from benchmarks import harness, sanitizer_workload
+from benchmarks import bench_serving, harness, sanitizer_workload
 from benchmarks.bench_gpu import GPU_SIZES
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -157,7 +157,10 @@ def test_bench_serving_records_the_grid_and_each_format(tmp_path):
         assert row["h100_fp32_floor_ms"] > row["h100_tf32_floor_ms"] > 0
         if row["path"] != "flop_floor":
             assert row["rel_error"] < 1e-5 and row["peak_mb"] > 0
-    assert "p50 within the DIN paper's 10 ms" in result.stdout
+    assert "within the DIN paper's 10 ms per request:" in result.stdout
+    reach = bench_serving.ten_ms_reach(grid)
+    assert set(reach) == {"exact", "flop_floor"} | deepctr
+    assert set(reach["exact"]) == set(reach["flop_floor"]) == {1, 24}
     formats = [r for r in rows if r["part"] == "formats"]
     assert [r["format"] for r in formats] == ["eager", "onnx"]
     for row in formats:
