@@ -10,6 +10,11 @@ position valid, each path scores the request:
 
 - ``exact``: din_fast.din_attention (backend="torch"), the [1, C, D] query
   against the history once, in bounded memory;
+- ``two_stage_<search>_K<K>``: din_fast.din_attention_top_k (backend="torch")
+  with K in ``--top-k`` (50, 200): stage one scores every position with the
+  ``din`` scorer (the exact DIN score: as costly as ``exact`` on CPU) or the
+  ``dot`` scorer (the inner product of 16-wide projections, random here) and
+  keeps the K best per candidate, stage two attends over those K only;
 - ``deepctr_torch``: DeepCTR-Torch's AttentionSequencePoolingLayer with the
   history tiled per candidate (C rows), left out where its memory estimate
   exceeds ``--memory-budget-mb`` (the reason is printed);
@@ -76,6 +81,8 @@ H100_FP32_FLOPS = 67e12
 H100_TF32_FLOPS = 495e12
 # The float64 reference's error is measured on this many candidates at most.
 ERROR_CANDIDATES = 16
+SEARCHES = ("din", "dot")
+PROJECTION = 16   # the dot search's projection width
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -92,6 +99,8 @@ def build_parser() -> argparse.ArgumentParser:
                         help="grid: the most requests timed per shape (at least 3)")
     parser.add_argument("--memory-budget-mb", type=positive_int, default=2048,
                         help="grid: a peer whose one request would hold more is left out")
+    parser.add_argument("--top-k", type=positive_int, nargs="*", default=[50, 200],
+                        help="grid: K of the two-stage paths (none: leave them out)")
     parser.add_argument("--history", type=positive_int, default=1000,
                         help="formats: behaviours per request")
     parser.add_argument("--candidates", type=positive_int, default=512,
@@ -103,14 +112,29 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def two_stage_options(dim: int) -> dict:
+    """{path name: din_attention_top_k's stage-one options} of the grid's
+    two-stage paths without K: the din and dot searches."""
+    gen = torch.Generator().manual_seed(3)
+    projections = [torch.randn(PROJECTION, dim, generator=gen) / dim ** 0.5 for _ in range(2)]
+    return {"din": dict(search="din"), "dot": dict(search="dot", search_params=projections)}
+
+
 def grid_paths(inputs: dict, args) -> dict:
-    """{path: a function scoring the request} at one grid shape, the peers
-    whose memory estimate exceeds the budget left out (printed)."""
+    """{path: (a function scoring the request, din_attention_top_k's options
+    or {} for exact DIN)} at one grid shape, the peers whose memory estimate
+    exceeds the budget left out (printed)."""
     def exact():
         with torch.inference_mode():
             return din_fast.din_attention(backend="torch", **inputs)
 
-    paths = {"exact": exact}
+    paths = {"exact": (exact, {})}
+    for search, options in two_stage_options(inputs["keys"].shape[-1]).items():
+        for top_k in args.top_k:
+            def two_stage(options=dict(options, top_k=top_k)):
+                with torch.inference_mode():
+                    return din_fast.din_attention_top_k(backend="torch", **inputs, **options)
+            paths[f"two_stage_{search}_K{top_k}"] = (two_stage, dict(options, top_k=top_k))
     length, candidates = inputs["keys"].shape[1], inputs["query"].shape[1]
     if peers.deepctr_rows_per_call(inputs, args.memory_budget_mb * 2 ** 20) is not None:
         print(f"T={length} C={candidates}: deepctr_torch left out: the history tiled per "
@@ -121,7 +145,7 @@ def grid_paths(inputs: dict, args) -> dict:
         def tiled():
             with torch.inference_mode():
                 return deepctr.forward(inputs)
-        paths["deepctr_torch"] = tiled
+        paths["deepctr_torch"] = (tiled, {})
     return paths
 
 
@@ -140,10 +164,15 @@ def measure_grid_shape(length: int, candidates: int, args) -> list:
     inputs["query"] = inputs["query"].reshape(1, candidates, -1)    # C = 1 too: [1, C, D]
     paths = grid_paths(inputs, args)
     sample = min(candidates, ERROR_CANDIDATES)
-    exact = peers.float64_output(dict(inputs, query=inputs["query"][:, :sample]),
-                                 max_pairs=args.memory_budget_mb * 2 ** 20 // 4096)
+    sampled = dict(inputs, query=inputs["query"][:, :sample])
+    max_pairs = args.memory_budget_mb * 2 ** 20 // 4096
+    references = {}
     first = {}
-    for name, fn in paths.items():
+    for name, (fn, options) in paths.items():
+        key = tuple(sorted((k, str(v)) for k, v in options.items() if k != "search_params"))
+        if key not in references:   # the float64 reference of what the path computes
+            references[key] = peers.float64_output(sampled, max_pairs, **options)
+        exact = references[key]
         start = time.perf_counter()
         peak, out = harness.peak_memory_and_result(fn, torch.device("cpu"))
         out = out[:, :sample]
@@ -155,8 +184,8 @@ def measure_grid_shape(length: int, candidates: int, args) -> list:
     flops = peers.attention_flops(inputs)
     gemm, gemm_flops = peers.floor_gemm(torch.device("cpu"), flops)
     load_before = harness.load_average()
-    times = harness.time_round_robin(dict(paths, **{FLOOR: gemm}), requests, 1,
-                                     torch.device("cpu"))
+    times = harness.time_round_robin(dict({name: fn for name, (fn, _) in paths.items()},
+                                          **{FLOOR: gemm}), requests, 1, torch.device("cpu"))
     load_after = harness.load_average()
     floor = [ms * flops / gemm_flops for ms in times.pop(FLOOR)]
     setting = dict(part="grid", length=length, candidates=candidates, requests=requests,
@@ -276,7 +305,7 @@ def report_grid(rows: list) -> None:
           f"position valid; floor at {first['gemm_gflops']:.1f} GFLOP/s (sgemm "
           f"{'x'.join(map(str, peers.FLOOR_GEMM))}); load average {first['load_before']:.2f} "
           f"-> {rows[-1]['load_after']:.2f}")
-    print(f"{'T':>7}{'C':>5}{'path':>15}{'requests':>9}{'p50 ms':>10}{'p99 ms':>10}"
+    print(f"{'T':>7}{'C':>5}{'path':>20}{'requests':>9}{'p50 ms':>10}{'p99 ms':>10}"
           f"{'x floor':>9}{'vs deepctr':>11}{'peak MB':>10}{'rel err':>9}{'H100 floor ms':>15}")
     for r in rows:
         versus = r.get("speedup_vs_deepctr_torch")
@@ -285,7 +314,7 @@ def report_grid(rows: list) -> None:
         h100 = f"{r['h100_fp32_floor_ms']:.3f}" if r["path"] == FLOOR else ""
         peak = "-" if math.isnan(r["peak_mb"]) else f"{r['peak_mb']:.1f}"
         error = "-" if math.isnan(r["rel_error"]) else f"{r['rel_error']:.1e}"
-        print(f"{r['length']:>7}{r['candidates']:>5}{r['path']:>15}{r['requests']:>9}"
+        print(f"{r['length']:>7}{r['candidates']:>5}{r['path']:>20}{r['requests']:>9}"
               f"{r['p50_ms']:>10.2f}{r['p99_ms']:>10.2f}{r['x_floor']:>8.2f}x{versus:>11}"
               f"{peak:>10}{error:>9}{h100:>15}")
     print("the longest history whose p50 is within the DIN paper's 10 ms per request:")

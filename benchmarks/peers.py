@@ -80,22 +80,25 @@ def as_float64(inputs: dict) -> dict:
     return {name: convert(value) for name, value in inputs.items()}
 
 
-def float64_output(inputs: dict, max_pairs: int | None = None) -> torch.Tensor:
+def float64_output(inputs: dict, max_pairs: int | None = None, **options) -> torch.Tensor:
     """The pooled output of the reference in float64; with ``max_pairs``, a
     few candidates at a time, so that the reference's [B, C, T, 4D] concat
-    of one call holds at most that many (candidate, position) pairs."""
+    of one call holds at most that many (candidate, position) pairs.
+    ``options`` (top_k, search, search_params) make it two-stage
+    (din_attention_top_k's reference)."""
     exact = as_float64(inputs)
+    attention = din_fast.din_attention_top_k if "top_k" in options else din_fast.din_attention
+    options = {name: [t.double() for t in value] if name == "search_params" else value
+               for name, value in options.items()}
     query = exact["query"]
     candidates = 1 if query.dim() == 2 else query.shape[1]
     pairs_per_candidate = max(1, query.shape[0] * exact["keys"].shape[1])
     step = candidates if max_pairs is None else max(1, max_pairs // pairs_per_candidate)
-    if step >= candidates:
-        with torch.no_grad():
-            return din_fast.din_attention(backend="reference", **exact)
     with torch.no_grad():
-        return torch.cat([din_fast.din_attention(backend="reference",
-                                                 **dict(exact, query=query[:, c:c + step]))
-                          for c in range(0, candidates, step)], dim=1)
+        if step >= candidates:
+            return attention(backend="reference", **exact, **options)
+        return torch.cat([attention(backend="reference", **dict(exact, query=query[:, c:c + step]),
+                                    **options) for c in range(0, candidates, step)], dim=1)
 
 
 def float64_gradients(inputs: dict, probe: torch.Tensor) -> list:

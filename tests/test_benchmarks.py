@@ -133,14 +133,16 @@ def test_bench_cpu_records_every_implementation_and_pass(tmp_path):
 
 
 def test_bench_serving_records_the_grid_and_each_format(tmp_path):
-    """The grid's paths per shape (DeepCTR-Torch left out over the memory
-    budget), their latency, memory and error; eager and ONNX Runtime (the .pt2
+    """The grid's paths per shape (exact, two-stage with each search,
+    DeepCTR-Torch left out over the memory budget), their latency, memory and
+    error against their own float64 reference; eager and ONNX Runtime (the .pt2
     export, a minute of C++ compiling, is left to the examples' test): one
     row each, logits as eager's."""
     out = tmp_path / "serving.csv"
     result = run_module("benchmarks.bench_serving", "--grid-lengths", "20", "400",
                         "--grid-candidates", "1", "24", "--seconds-per-shape", "0.2",
-                        "--memory-budget-mb", "1", "--history", "7", "--candidates", "3",
+                        "--memory-budget-mb", "1", "--top-k", "5", "--history", "7",
+                        "--candidates", "3",
                         "--items", "40", "--categories", "5", "--formats", "eager", "onnx",
                         "--rounds", "3", "--warmup", "1", "--out", str(out))
     assert result.returncode == 0, result.stderr
@@ -149,7 +151,8 @@ def test_bench_serving_records_the_grid_and_each_format(tmp_path):
     deepctr = {"deepctr_torch"} if any(r["path"] == "deepctr_torch" for r in grid) else set()
     shapes = {(t, c) for t in (20, 400) for c in (1, 24)}
     assert {(r["length"], r["candidates"], r["path"]) for r in grid} == {
-        (t, c, p) for t, c in shapes for p in {"exact", "flop_floor"}
+        (t, c, p) for t, c in shapes
+        for p in {"exact", "two_stage_din_K5", "two_stage_dot_K5", "flop_floor"}
         | (deepctr if t * c <= 400 else set())}
     assert "T=400 C=24: deepctr_torch left out" in result.stdout
     for row in grid:
@@ -159,7 +162,7 @@ def test_bench_serving_records_the_grid_and_each_format(tmp_path):
             assert row["rel_error"] < 1e-5 and row["peak_mb"] > 0
     assert "within the DIN paper's 10 ms per request:" in result.stdout
     reach = bench_serving.ten_ms_reach(grid)
-    assert set(reach) == {"exact", "flop_floor"} | deepctr
+    assert set(reach) == {"exact", "two_stage_din_K5", "two_stage_dot_K5", "flop_floor"} | deepctr
     assert set(reach["exact"]) == set(reach["flop_floor"]) == {1, 24}
     formats = [r for r in rows if r["part"] == "formats"]
     assert [r["format"] for r in formats] == ["eager", "onnx"]
