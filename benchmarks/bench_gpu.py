@@ -180,11 +180,26 @@ def measure_shape(args, sizes: Sizes, shape: tuple, dtype: torch.dtype, device, 
     return out
 
 
+def measure_ceilings(device: torch.device, sizes: Sizes, dtypes) -> dict:
+    """The device's measured ceilings: {"copy_bytes_per_s": a device-to-device
+    copy's bandwidth, dtype: a matrix product's FLOP rate in it, ...}."""
+    ceilings = {"copy_bytes_per_s": harness.copy_bandwidth(device, sizes.copy_bytes)}
+    ceilings.update({dtype: harness.matmul_rate(device, dtype, sizes.matmul_size)
+                     for dtype in dtypes})
+    return ceilings
+
+
+def floor_seconds(bytes_needed: int, work: float, bandwidth: float, peak: float) -> float:
+    """The least time a problem can take on the device: its bytes at the copy
+    bandwidth or its FLOPs at the matmul peak, whichever is longer."""
+    return max(bytes_needed / bandwidth, work / peak)
+
+
 def against_ceilings(ms: float, bytes_needed: int, work: float, bandwidth: float,
                      peak: float) -> dict:
     """A time against the device's measured copy bandwidth and matmul peak."""
     seconds = ms / 1e3
-    floor = max(bytes_needed / bandwidth, work / peak)
+    floor = floor_seconds(bytes_needed, work, bandwidth, peak)
     return dict(min_bytes=bytes_needed, flops=work, gbps=bytes_needed / seconds / 1e9,
                 copy_fraction=bytes_needed / seconds / bandwidth, tflops=work / seconds / 1e12,
                 peak_fraction=work / seconds / peak, floor_ms=1e3 * floor,
@@ -238,8 +253,7 @@ def main(argv=None) -> int:
     label = args.label or harness.results_label(device, args.dry_run)
     path = os.path.join(args.out, f"bench_gpu_{args.pass_}_{label}.csv")
     dtypes = [getattr(torch, name) for name in args.dtypes]
-    ceilings = {"copy_bytes_per_s": harness.copy_bandwidth(device, sizes.copy_bytes)}
-    ceilings.update({dtype: harness.matmul_rate(device, dtype, sizes.matmul_size) for dtype in dtypes})
+    ceilings = measure_ceilings(device, sizes, dtypes)
     print(f"{harness.device_name(device)}: torch {torch.__version__}, triton {triton.__version__}; "
           f"copy {ceilings['copy_bytes_per_s'] / 1e9:.0f} GB/s, matmul "
           + ", ".join(f"{str(d).removeprefix('torch.')} {ceilings[d] / 1e12:.1f} TFLOP/s"

@@ -1,33 +1,45 @@
-"""Serving latency per request on CPU: the attention layer over long histories and many candidates, and the whole model in each serving format.
+"""Serving latency per request: the attention layer over long histories and many candidates (CPU or a GPU), and the whole model in each serving format (CPU).
 
 One request is one user: a history of T behaviours and C candidate items to
 score, as a recommender's ranking stage sends it. Two parts, in one run:
 
 ``grid`` (the attention layer, the DIN paper's "hundreds of ads for each
-visitor in less than 10 ms"): for T in ``--grid-lengths`` x C in
-``--grid-candidates``, D=64, hidden (80, 40), sigmoid, float32, every
-position valid, each path scores the request:
+visitor in less than 10 ms"): for each dtype in ``--dtypes`` (float32 on
+CPU; bfloat16, then float32 with ``--device cuda``), T in ``--grid-lengths``
+x C in ``--grid-candidates``, D=64, hidden (80, 40), sigmoid, every position
+valid, each path scores the request, the exact and two-stage ones on each
+din_fast backend in ``--backends`` (torch on CPU; triton and torch on CUDA):
 
-- ``exact``: din_fast.din_attention (backend="torch"), the [1, C, D] query
-  against the history once, in bounded memory;
-- ``two_stage_<search>_K<K>``: din_fast.din_attention_top_k (backend="torch")
-  with K in ``--top-k`` (50, 200): stage one scores every position with the
-  ``din`` scorer (the exact DIN score: as costly as ``exact`` on CPU) or the
-  ``dot`` scorer (the inner product of 16-wide projections, random here) and
-  keeps the K best per candidate, stage two attends over those K only;
+- ``exact``: din_fast.din_attention, the [1, C, D] query against the
+  history once, in bounded memory;
+- ``two_stage_<search>_K<K>``: din_fast.din_attention_top_k with K in
+  ``--top-k`` (50, 200): stage one scores every position with the ``din``
+  scorer (the exact DIN score: as costly as ``exact`` on CPU; on triton the
+  fused search kernel) or the ``dot`` scorer (the inner product of 16-wide
+  projections, random here) and keeps the K best per candidate, stage two
+  attends over those K only;
 - ``deepctr_torch``: DeepCTR-Torch's AttentionSequencePoolingLayer with the
-  history tiled per candidate (C rows), left out where its memory estimate
-  exceeds ``--memory-budget-mb`` (the reason is printed);
-- ``flop_floor``: the activation unit's matrix-product FLOPs at this
-  machine's rate for a representative sgemm, timed in every round, and
-  what the same FLOPs would take at an H100's rate (the spec sheet's, an
-  estimate, not a measurement).
+  history tiled per candidate (C rows; half precision under autocast), left
+  out where its memory estimate exceeds ``--memory-budget-mb`` (the reason
+  is printed);
+- ``flop_floor``: on CPU, the activation unit's matrix-product FLOPs at this
+  machine's rate for a representative sgemm, timed in every round, and what
+  the same FLOPs would take at an H100's rate (the spec sheet's, an
+  estimate, not a measurement); on a GPU, the request's bytes at the
+  device's measured copy bandwidth or its FLOPs at the measured matmul peak
+  in the dtype, whichever is longer (bench_gpu's floor), computed.
 
 Per path: the latency's median (p50) and 99th percentile (p99) over the
 requests, timed round-robin with the other paths (fewer requests at the
-large shapes: ``--seconds-per-shape``), the peak memory of one request, and
+large shapes: ``--seconds-per-shape``), each from a synchronized start to
+its last kernel done on a GPU (host work and launches included, after an L2
+flush), the peak memory of one request (the CUDA allocator's on a GPU), and
 the error against the float64 reference (computed in chunks of candidates,
-on up to 16 of them).
+on up to 16 of them). A path that fails at a shape (out of memory, a kernel
+that cannot compile) is recorded with its reason and the run goes on.
+``--dry-run`` runs the ``--device cuda`` code on CPU at two tiny shapes, the
+triton backend in the Triton interpreter (TRITON_INTERPRET=1 in the
+environment): it checks the script, not the speed.
 
 ``formats`` (the whole model): din_fast.DIN with the default recipe (Dice
 attention 80-40 with a softmax, Dice MLP 200-80, 32 per embedding table)
@@ -48,9 +60,10 @@ All is timed with benchmarks.harness, one torch thread by default.
 
     python -m benchmarks.bench_serving [--parts grid formats] [--history 1000]
                                        [--candidates 512] [--out FILE.csv]
+    python -m benchmarks.bench_serving --device cuda [--grid-lengths 1000 10000]
 
 Writes a CSV (default benchmarks/results/bench_serving.csv), one row per
-path and shape, then per format.
+path, backend and shape, then per format; the grid's rows after every shape.
 """
 
 from __future__ import annotations
@@ -62,14 +75,16 @@ import statistics
 import sys
 import tempfile
 import time
+from dataclasses import dataclass
 
 import torch
+import triton
 
 import din_fast
 from din_fast import export, onnx_export
 from din_fast.serving import EncodedBatch, OnnxModel
 
-from . import harness, peers
+from . import bench_gpu, harness, peers
 from .bench_cpu import add_run_options, positive_int
 
 FORMATS = ("eager", "pt2", "onnx")
@@ -81,14 +96,54 @@ H100_FP32_FLOPS = 67e12
 H100_TF32_FLOPS = 495e12
 # The float64 reference's error is measured on this many candidates at most.
 ERROR_CANDIDATES = 16
-SEARCHES = ("din", "dot")
 PROJECTION = 16   # the dot search's projection width
+BACKENDS = ("triton", "torch")
+DTYPES = ("bfloat16", "float32")
+# --dry-run's grid: two tiny shapes, K under T (the selection runs), two requests.
+DRY_RUN_GRID = dict(grid_lengths=[16], grid_candidates=[1, 4], top_k=[4], requests=2,
+                    seconds_per_shape=0.0)
+
+
+class ServingParser(argparse.ArgumentParser):
+    """The command line, with the defaults that depend on the device filled in
+    and the combinations that cannot run refused (exit status 2)."""
+
+    def parse_args(self, args=None, namespace=None):
+        parsed = super().parse_args(args, namespace)
+        gpu_mode = parsed.dry_run or parsed.device == "cuda"
+        if gpu_mode and parsed.parts is not None and "formats" in parsed.parts:
+            self.error("--parts formats: the model formats run on CPU only; with --device cuda "
+                       "or --dry-run give --parts grid")
+        if parsed.device == "cuda" and not parsed.dry_run and not torch.cuda.is_available():
+            self.error("--device cuda: needs a CUDA device (torch.cuda.is_available() is "
+                       "False); --dry-run checks its code on CPU")
+        if parsed.parts is None:
+            parsed.parts = ["grid"] if gpu_mode else list(PARTS)
+        if parsed.backends is None:
+            parsed.backends = list(BACKENDS) if gpu_mode else ["torch"]
+        if parsed.dtypes is None:
+            parsed.dtypes = list(DTYPES) if gpu_mode else ["float32"]
+        if parsed.dry_run:
+            parsed.__dict__.update(DRY_RUN_GRID)
+        return parsed
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="python -m benchmarks.bench_serving",
-                                     description=__doc__.splitlines()[0])
-    parser.add_argument("--parts", nargs="+", choices=PARTS, default=list(PARTS))
+    parser = ServingParser(prog="python -m benchmarks.bench_serving",
+                           description=__doc__.splitlines()[0])
+    parser.add_argument("--parts", nargs="+", choices=PARTS,
+                        help="default: both on CPU, grid with --device cuda or --dry-run")
+    parser.add_argument("--device", choices=("cpu", "cuda"), default="cpu",
+                        help="grid: where the paths run (default: %(default)s)")
+    parser.add_argument("--dry-run", action="store_true",
+                        help="grid: the --device cuda run's code on CPU, tiny shapes, triton in "
+                        "the interpreter (set TRITON_INTERPRET=1): checks the script")
+    parser.add_argument("--backends", nargs="+", choices=BACKENDS,
+                        help="grid: din_fast's backends, each exact and two-stage path on each "
+                        "(default: torch on CPU, triton and torch on CUDA)")
+    parser.add_argument("--dtypes", nargs="+", choices=DTYPES,
+                        help="grid: of the query and history (default: float32 on CPU, "
+                        "bfloat16 and float32 on CUDA)")
     parser.add_argument("--grid-lengths", type=positive_int, nargs="+",
                         default=[100, 1000, 10_000, 50_000], help="grid: T")
     parser.add_argument("--grid-candidates", type=positive_int, nargs="+", default=[1, 64, 512],
@@ -112,29 +167,73 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def two_stage_options(dim: int) -> dict:
+@dataclass(frozen=True)
+class Grid:
+    """Where the grid runs and what it measures against.
+
+    ``ceilings`` are bench_gpu.measure_ceilings' on a GPU (and in a dry run):
+    the floor is then max(bytes / copy bandwidth, FLOPs / matmul peak in the
+    dtype), computed. On CPU they are None: the floor is a representative
+    sgemm doing the same FLOPs, timed beside the paths so that both see the
+    machine's load, with what the FLOPs would take at an H100's rate.
+    """
+
+    device: torch.device
+    ceilings: dict | None
+    device_text: str
+
+    @classmethod
+    def of(cls, args) -> "Grid":
+        if args.dry_run:
+            device = torch.device("cpu")
+            return cls(device, bench_gpu.measure_ceilings(device, bench_gpu.DRY_RUN_SIZES,
+                                                         dtypes_of(args)),
+                       harness.device_name(device) + " (dry run: CPU, Triton interpreter)")
+        device = torch.device(args.device)
+        ceilings = (bench_gpu.measure_ceilings(device, bench_gpu.GPU_SIZES, dtypes_of(args))
+                    if device.type == "cuda" else None)
+        return cls(device, ceilings, harness.device_name(device))
+
+    def floor_ms(self, inputs: dict, flops: int) -> float:
+        """The measured ceilings' floor of one request (GPU)."""
+        return 1e3 * bench_gpu.floor_seconds(bench_gpu.min_bytes(inputs, train=False), flops,
+                                             self.ceilings["copy_bytes_per_s"],
+                                             self.ceilings[inputs["keys"].dtype])
+
+
+def dtypes_of(args) -> list:
+    return [getattr(torch, name) for name in args.dtypes]
+
+
+def two_stage_options(dim: int, device) -> dict:
     """{path name: din_attention_top_k's stage-one options} of the grid's
     two-stage paths without K: the din and dot searches."""
     gen = torch.Generator().manual_seed(3)
-    projections = [torch.randn(PROJECTION, dim, generator=gen) / dim ** 0.5 for _ in range(2)]
+    projections = [(torch.randn(PROJECTION, dim, generator=gen) / dim ** 0.5).to(device)
+                   for _ in range(2)]
     return {"din": dict(search="din"), "dot": dict(search="dot", search_params=projections)}
 
 
 def grid_paths(inputs: dict, args) -> dict:
-    """{path: (a function scoring the request, din_attention_top_k's options
-    or {} for exact DIN)} at one grid shape, the peers whose memory estimate
-    exceeds the budget left out (printed)."""
-    def exact():
-        with torch.inference_mode():
-            return din_fast.din_attention(backend="torch", **inputs)
+    """{(path, backend): (a function scoring the request, din_attention_top_k's
+    options or {} for exact DIN)} at one grid shape: exact and each two-stage
+    path on each of ``--backends``, then DeepCTR-Torch's layer (backend "")
+    unless its memory estimate exceeds the budget (printed)."""
+    paths = {}
+    searches = two_stage_options(inputs["keys"].shape[-1], inputs["keys"].device)
+    for backend in args.backends:
+        def exact(backend=backend):
+            with torch.inference_mode():
+                return din_fast.din_attention(backend=backend, **inputs)
 
-    paths = {"exact": (exact, {})}
-    for search, options in two_stage_options(inputs["keys"].shape[-1]).items():
-        for top_k in args.top_k:
-            def two_stage(options=dict(options, top_k=top_k)):
-                with torch.inference_mode():
-                    return din_fast.din_attention_top_k(backend="torch", **inputs, **options)
-            paths[f"two_stage_{search}_K{top_k}"] = (two_stage, dict(options, top_k=top_k))
+        paths["exact", backend] = (exact, {})
+        for search, options in searches.items():
+            for top_k in args.top_k:
+                def two_stage(backend=backend, options=dict(options, top_k=top_k)):
+                    with torch.inference_mode():
+                        return din_fast.din_attention_top_k(backend=backend, **inputs, **options)
+                paths[f"two_stage_{search}_K{top_k}", backend] = (two_stage,
+                                                                  dict(options, top_k=top_k))
     length, candidates = inputs["keys"].shape[1], inputs["query"].shape[1]
     if peers.deepctr_rows_per_call(inputs, args.memory_budget_mb * 2 ** 20) is not None:
         print(f"T={length} C={candidates}: deepctr_torch left out: the history tiled per "
@@ -145,8 +244,13 @@ def grid_paths(inputs: dict, args) -> dict:
         def tiled():
             with torch.inference_mode():
                 return deepctr.forward(inputs)
-        paths["deepctr_torch"] = (tiled, {})
+        paths["deepctr_torch", ""] = (tiled, {})
     return paths
+
+
+def path_label(row: dict) -> str:
+    """A grid row's path with its backend: 'exact (triton)', 'deepctr_torch'."""
+    return f"{row['path']} ({row['backend']})" if row["backend"] else row["path"]
 
 
 def _percentile(values: list, q: int) -> float:
@@ -157,61 +261,106 @@ def _percentile(values: list, q: int) -> float:
     return statistics.quantiles(values, n=100, method="inclusive")[q - 1]
 
 
-def measure_grid_shape(length: int, candidates: int, args) -> list:
-    inputs = peers.make_inputs(1, candidates, length, 64, (80, 40), torch.float32,
-                               torch.device("cpu"))
-    inputs["lengths"].fill_(length)
-    inputs["query"] = inputs["query"].reshape(1, candidates, -1)    # C = 1 too: [1, C, D]
-    paths = grid_paths(inputs, args)
+def first_requests(paths: dict, inputs: dict, args, grid: Grid) -> dict:
+    """{(path, backend): the first request's peak memory and error against
+    the float64 reference of what the path computes (on up to
+    ERROR_CANDIDATES candidates), and the seconds of a second one (warm:
+    compilation and caches out, as the timed requests), or the note of why
+    it failed}."""
+    candidates = inputs["query"].shape[1]
     sample = min(candidates, ERROR_CANDIDATES)
     sampled = dict(inputs, query=inputs["query"][:, :sample])
     max_pairs = args.memory_budget_mb * 2 ** 20 // 4096
     references = {}
     first = {}
-    for name, (fn, options) in paths.items():
-        key = tuple(sorted((k, str(v)) for k, v in options.items() if k != "search_params"))
-        if key not in references:   # the float64 reference of what the path computes
-            references[key] = peers.float64_output(sampled, max_pairs, **options)
-        exact = references[key]
-        start = time.perf_counter()
-        peak, out = harness.peak_memory_and_result(fn, torch.device("cpu"))
+    for key, (fn, options) in paths.items():
+        reference_key = tuple(sorted((k, str(v)) for k, v in options.items()
+                                     if k != "search_params"))
+        if reference_key not in references:
+            references[reference_key] = peers.float64_output(sampled, max_pairs, **options)
+        exact = references[reference_key]
+        try:
+            peak, out = harness.peak_memory_and_result(fn, grid.device)
+            start = time.perf_counter()
+            fn()
+            harness.synchronize(grid.device)
+            seconds = time.perf_counter() - start
+        except Exception as exc:  # a path that cannot run here is recorded, not fatal
+            first[key] = dict(note=bench_gpu.failure_note(exc))
+            if grid.device.type == "cuda":
+                torch.cuda.empty_cache()
+            continue
         out = out[:, :sample]
-        first[name] = dict(seconds=time.perf_counter() - start, peak_mb=peak / 2 ** 20,
-                           max_abs_error=harness.max_abs_error(out, exact),
-                           rel_error=harness.relative_error(out, exact))
-    round_seconds = sum(f["seconds"] for f in first.values())
+        first[key] = dict(seconds=seconds, peak_mb=peak / 2 ** 20,
+                          max_abs_error=harness.max_abs_error(out, exact),
+                          rel_error=harness.relative_error(out, exact), note="")
+    return first
+
+
+def measure_grid_shape(length: int, candidates: int, dtype: torch.dtype, args,
+                       grid: Grid) -> list:
+    inputs = peers.make_inputs(1, candidates, length, 64, (80, 40), dtype, grid.device)
+    inputs["lengths"].fill_(length)
+    inputs["query"] = inputs["query"].reshape(1, candidates, -1)    # C = 1 too: [1, C, D]
+    paths = grid_paths(inputs, args)
+    first = first_requests(paths, inputs, args, grid)
+    fns = {key: fn for key, (fn, _) in paths.items() if "seconds" in first[key]}
+    round_seconds = sum(f.get("seconds", 0.0) for f in first.values())
     requests = int(min(args.requests, max(3, args.seconds_per_shape // max(round_seconds, 1e-6))))
     flops = peers.attention_flops(inputs)
-    gemm, gemm_flops = peers.floor_gemm(torch.device("cpu"), flops)
+    floor_key = (FLOOR, "")
+    if grid.ceilings is None:
+        gemm, gemm_flops = peers.floor_gemm(grid.device, flops)
+        gemm()   # warm, as the paths are
+        fns[floor_key] = gemm
     load_before = harness.load_average()
-    times = harness.time_round_robin(dict({name: fn for name, (fn, _) in paths.items()},
-                                          **{FLOOR: gemm}), requests, 1, torch.device("cpu"))
+    times = harness.time_round_robin(fns, requests, 0, grid.device, wall_clock=True) if fns else {}
     load_after = harness.load_average()
-    floor = [ms * flops / gemm_flops for ms in times.pop(FLOOR)]
-    setting = dict(part="grid", length=length, candidates=candidates, requests=requests,
-                   flops=flops, gemm_gflops=harness.Spread.of(
-                       [flops / ms / 1e6 for ms in floor]).median,
-                   h100_fp32_floor_ms=1e3 * flops / H100_FP32_FLOPS,
-                   h100_tf32_floor_ms=1e3 * flops / H100_TF32_FLOPS,
-                   load_before=load_before, load_after=load_after)
+    setting = dict(part="grid", dtype=str(dtype).removeprefix("torch."), length=length,
+                   candidates=candidates, requests=requests, flops=flops)
+    if grid.ceilings is None:
+        floor = [ms * flops / gemm_flops for ms in times.pop(floor_key)]
+        setting.update(gemm_gflops=harness.Spread.of([flops / ms / 1e6 for ms in floor]).median,
+                       h100_fp32_floor_ms=1e3 * flops / H100_FP32_FLOPS,
+                       h100_tf32_floor_ms=1e3 * flops / H100_TF32_FLOPS)
+    else:
+        floor = [grid.floor_ms(inputs, flops)] * requests
+        setting.update(min_bytes=bench_gpu.min_bytes(inputs, train=False), floor_ms=floor[0],
+                       copy_gbps=grid.ceilings["copy_bytes_per_s"] / 1e9,
+                       peak_tflops=grid.ceilings[dtype] / 1e12)
+    setting.update(load_before=load_before, load_after=load_after)
+    unmeasured = dict(peak_mb=math.nan, max_abs_error=math.nan, rel_error=math.nan, note="")
     rows = []
-    for name, ms in dict(times, **{FLOOR: floor}).items():
-        measured = first.get(name, dict(peak_mb=math.nan, max_abs_error=math.nan,
-                                        rel_error=math.nan))
+    for (path, backend), ms in {**times, floor_key: floor}.items():
+        measured = dict(unmeasured, **first.get((path, backend), {}))
         measured.pop("seconds", None)
-        row = dict(path=name, p50_ms=statistics.median(ms), p99_ms=_percentile(ms, 99),
-                   **measured, **harness.Spread.of(harness.paired_ratios(ms, floor))
-                   .fields("x_floor"), **setting)
-        if "deepctr_torch" in times:
-            row.update(harness.Spread.of(harness.paired_ratios(times["deepctr_torch"], ms))
+        row = dict(path=path, backend=backend, p50_ms=statistics.median(ms),
+                   p99_ms=_percentile(ms, 99), **measured,
+                   **harness.Spread.of(harness.paired_ratios(ms, floor)).fields("x_floor"),
+                   **setting)
+        if ("deepctr_torch", "") in times:
+            row.update(harness.Spread.of(harness.paired_ratios(times["deepctr_torch", ""], ms))
                        .fields("speedup_vs_deepctr_torch"))
         rows.append(row)
+    for (path, backend), measured in first.items():
+        if "seconds" not in measured:
+            print(f"T={length} C={candidates} {path} ({backend}): failed: {measured['note']}")
+            rows.append(dict(path=path, backend=backend, p50_ms=math.nan, p99_ms=math.nan,
+                             **dict(unmeasured, **measured),
+                             **harness.Spread.of([]).fields("x_floor"), **setting))
     return rows
 
 
-def measure_grid(args) -> list:
-    return [row for length in args.grid_lengths for candidates in args.grid_candidates
-            for row in measure_grid_shape(length, candidates, args)]
+def measure_grid(args, grid: Grid, record) -> list:
+    """The grid's rows, dtype by dtype (the first given first, so that a run
+    stopped by a time limit has it), ``record(rows so far)`` after each shape."""
+    rows = []
+    for dtype in dtypes_of(args):
+        for length in args.grid_lengths:
+            for candidates in args.grid_candidates:
+                rows += measure_grid_shape(length, candidates, dtype, args, grid)
+                record(rows)
+    return rows
 
 
 def request(model, history: int, candidates: int) -> EncodedBatch:
@@ -276,23 +425,33 @@ def measure_formats(args) -> list:
 
 
 def measure(args, command: str) -> list:
-    """The grid's rows, then the formats', each with the run's setting."""
-    setting = dict(threads=args.threads, torch=torch.__version__, cpu=harness.cpu_name(),
+    """The grid's rows, then the formats', each with the run's setting; the
+    CSV is written after every grid shape, so that a run stopped by a time
+    limit keeps what it measured."""
+    grid = Grid.of(args)
+    setting = dict(device=grid.device_text, threads=args.threads, torch=torch.__version__,
+                   triton=triton.__version__, cpu=harness.cpu_name(),
                    cores=len(os.sched_getaffinity(0)), command=command)
+
+    def with_setting(rows):
+        return [dict(row, **setting) for row in rows]
+
     rows = []
     if "grid" in args.parts:
-        rows += measure_grid(args)
+        rows += measure_grid(args, grid, lambda so_far: harness.write_csv(with_setting(so_far),
+                                                                           args.out))
     if "formats" in args.parts:
         rows += measure_formats(args)
-    return [dict(row, **setting) for row in rows]
+    return with_setting(rows)
 
 
 def ten_ms_reach(rows: list) -> dict:
-    """{path: {C: the largest T whose p50 is at most 10 ms, or None}} of the
-    grid's rows (a path left out at a shape does not reach it)."""
+    """{path label: {C: the largest T whose p50 is at most 10 ms, or None}}
+    of the grid's rows in one dtype (a path left out at a shape, or failed
+    there, does not reach it)."""
     reach = {}
     for row in rows:
-        per_c = reach.setdefault(row["path"], {})
+        per_c = reach.setdefault(path_label(row), {})
         per_c.setdefault(row["candidates"], None)
         if row["p50_ms"] <= 10:
             per_c[row["candidates"]] = max(per_c[row["candidates"]] or 0, row["length"])
@@ -301,29 +460,44 @@ def ten_ms_reach(rows: list) -> dict:
 
 def report_grid(rows: list) -> None:
     first = rows[0]
-    print(f"the attention layer, one request: D=64, hidden 80x40, sigmoid, float32, every "
-          f"position valid; floor at {first['gemm_gflops']:.1f} GFLOP/s (sgemm "
-          f"{'x'.join(map(str, peers.FLOOR_GEMM))}); load average {first['load_before']:.2f} "
-          f"-> {rows[-1]['load_after']:.2f}")
-    print(f"{'T':>7}{'C':>5}{'path':>20}{'requests':>9}{'p50 ms':>10}{'p99 ms':>10}"
-          f"{'x floor':>9}{'vs deepctr':>11}{'peak MB':>10}{'rel err':>9}{'H100 floor ms':>15}")
-    for r in rows:
-        versus = r.get("speedup_vs_deepctr_torch")
-        versus = "-" if versus is None or r["path"] == FLOOR or math.isnan(versus) \
-            else f"{versus:.2f}x"
-        h100 = f"{r['h100_fp32_floor_ms']:.3f}" if r["path"] == FLOOR else ""
-        peak = "-" if math.isnan(r["peak_mb"]) else f"{r['peak_mb']:.1f}"
-        error = "-" if math.isnan(r["rel_error"]) else f"{r['rel_error']:.1e}"
-        print(f"{r['length']:>7}{r['candidates']:>5}{r['path']:>20}{r['requests']:>9}"
-              f"{r['p50_ms']:>10.2f}{r['p99_ms']:>10.2f}{r['x_floor']:>8.2f}x{versus:>11}"
-              f"{peak:>10}{error:>9}{h100:>15}")
-    print("the longest history whose p50 is within the DIN paper's 10 ms per request:")
-    for path, reach in ten_ms_reach(rows).items():
-        print(f"  {path}: " + ", ".join(f"C={c}: " + ("none" if t is None else f"T={t}")
-                                        for c, t in reach.items()))
-    print("(x floor: each path's time over the FLOP floor's, per request; vs deepctr: "
-          "DeepCTR-Torch's time over each one's; H100 floor: the same FLOPs at an H100's "
-          f"FP32 rate of {H100_FP32_FLOPS / 1e12:.0f} TFLOP/s, an estimate)")
+    on_gpu = "floor_ms" in first
+    if on_gpu:
+        floor = (f"floor max(bytes / {first['copy_gbps']:.0f} GB/s copy, FLOPs / the measured "
+                 "matmul peak in the dtype)")
+    else:
+        floor = (f"floor at {first['gemm_gflops']:.1f} GFLOP/s (sgemm "
+                 f"{'x'.join(map(str, peers.FLOOR_GEMM))})")
+    print(f"the attention layer, one request: D=64, hidden 80x40, sigmoid, every position "
+          f"valid; {floor}; load average {first['load_before']:.2f} -> "
+          f"{rows[-1]['load_after']:.2f}")
+    for dtype in dict.fromkeys(r["dtype"] for r in rows):
+        chosen = [r for r in rows if r["dtype"] == dtype]
+        print(f"\n{dtype}" + (f": matmul peak {chosen[0]['peak_tflops']:.1f} TFLOP/s"
+                               if on_gpu else ""))
+        print(f"{'T':>7}{'C':>5}{'path':>20}{'backend':>8}{'requests':>9}{'p50 ms':>10}"
+              f"{'p99 ms':>10}{'x floor':>11}{'vs deepctr':>11}{'peak MB':>10}{'rel err':>9}"
+              f"{'floor ms' if on_gpu else 'H100 floor ms':>15}")
+        for r in chosen:
+            versus = r.get("speedup_vs_deepctr_torch")
+            versus = "-" if versus is None or r["path"] == FLOOR or math.isnan(versus) \
+                else f"{versus:.2f}x"
+            floor_ms = f"{r['floor_ms'] if on_gpu else r['h100_fp32_floor_ms']:.4g}" \
+                if r["path"] == FLOOR else ""
+            peak = "-" if math.isnan(r["peak_mb"]) else f"{r['peak_mb']:.1f}"
+            error = "-" if math.isnan(r["rel_error"]) else f"{r['rel_error']:.1e}"
+            print(f"{r['length']:>7}{r['candidates']:>5}{r['path']:>20}{r['backend'] or '-':>8}"
+                  f"{r['requests']:>9}{r['p50_ms']:>10.3f}{r['p99_ms']:>10.3f}"
+                  f"{r['x_floor']:>10.2f}x{versus:>11}{peak:>10}{error:>9}"
+                  f"{floor_ms:>15}  {r['note']}".rstrip())
+        print("the longest history whose p50 is within the DIN paper's 10 ms per request:")
+        for path, reach in ten_ms_reach(chosen).items():
+            print(f"  {path}: " + ", ".join(f"C={c}: " + ("none" if t is None else f"T={t}")
+                                            for c, t in reach.items()))
+    print("(x floor: each path's time over the floor's, per request; vs deepctr: "
+          "DeepCTR-Torch's time over each one's; "
+          + ("floor ms: the floor from the device's measured copy bandwidth and matmul peak)"
+             if on_gpu else "H100 floor: the same FLOPs at an H100's FP32 rate of "
+             f"{H100_FP32_FLOPS / 1e12:.0f} TFLOP/s, an estimate)"))
 
 
 def report_formats(rows: list) -> None:
@@ -344,8 +518,8 @@ def report_formats(rows: list) -> None:
 
 def report(rows: list) -> None:
     first = rows[0]
-    print(f"{first['cpu']}, {first['threads']} thread(s) of {first['cores']} cores, torch "
-          f"{first['torch']}")
+    print(f"{first['device']}; host {first['cpu']}, {first['threads']} thread(s) of "
+          f"{first['cores']} cores, torch {first['torch']}, triton {first['triton']}")
     for part, show in (("grid", report_grid), ("formats", report_formats)):
         chosen = [r for r in rows if r["part"] == part]
         if chosen:

@@ -9,19 +9,26 @@
 #      headline shape and sweep, bfloat16 and float32, with peak memory, the
 #      error against float64 and the bandwidth / FLOP rate against the
 #      device's measured copy bandwidth and matmul peak);
-#   4. compute-sanitizer memcheck and racecheck over a small problem per
+#   4. the serving benchmark: one request (one user's history of T behaviours
+#      against C candidates) at T in {1000, 10000} x C in {1, 64, 512},
+#      bfloat16 then float32: exact DIN and the two-stage paths on the triton
+#      and torch backends and DeepCTR-Torch's layer, p50/p99 latency per
+#      request, peak memory, the error against float64 and the floor from the
+#      measured ceilings (python3 -m benchmarks.bench_serving --device cuda);
+#   5. compute-sanitizer memcheck and racecheck over a small problem per
 #      kernel launch configuration (python3 -m benchmarks.sanitizer_workload);
-#   5. the tuning sweep: the kernels' tile, warp, stage and backward-plan
+#   6. the tuning sweep: the kernels' tile, warp, stage and backward-plan
 #      choices timed side by side at the headline shape (benchmarks.tune_kernels);
-#   6. the report: a markdown summary table and a plot (benchmarks.gpu_report).
+#   7. the report: a markdown summary table and a plot (benchmarks.gpu_report).
 #
-# Each step has its own time limit (together 470 s, plus a few seconds of
-# setup) and a failing step does not stop the next: one run on a lent GPU
-# should bring back every figure; the benchmarks write their CSV after every
-# shape, so a step stopped at its limit keeps what it measured. The exit status
-# is 1 when any step failed. Everything goes to $OUT when it is set, else to
-# benchmarks/results/, named with the GPU: gpu_check_<gpu>.log (all output),
-# bench_gpu_forward_<gpu>.csv, bench_gpu_train_<gpu>.csv, bench_gpu_<gpu>.png,
+# Each step has its own time limit (together 470 s on a GPU and in the dry
+# run, plus a few seconds of setup) and a failing step does not stop the next:
+# one run on a lent GPU should bring back every figure; the benchmarks write
+# their CSV after every shape, so a step stopped at its limit keeps what it
+# measured. The exit status is 1 when any step failed. Everything goes to $OUT
+# when it is set, else to benchmarks/results/, named with the GPU:
+# gpu_check_<gpu>.log (all output), bench_gpu_forward_<gpu>.csv,
+# bench_gpu_train_<gpu>.csv, bench_serving_<gpu>.csv, bench_gpu_<gpu>.png,
 # tune_kernels_<gpu>.csv, gpu_summary_<gpu>.md.
 #
 # DeepCTR-Torch's layer is one of the peers. Where deepctr_torch is not
@@ -131,18 +138,25 @@ if [ "$DRY_RUN" = 1 ]; then
     fi
 fi
 
-step 110 "CUDA tests" python3 -m pytest -q "${TESTS[@]}"
-step 85 "forward benchmark" python3 -m benchmarks.bench_gpu --pass forward --label "$LABEL" --out "$RESULTS" "${BENCH_ARGS[@]}"
-step 100 "training benchmark" python3 -m benchmarks.bench_gpu --pass train --label "$LABEL" --out "$RESULTS" "${BENCH_ARGS[@]}"
+# The limits add up to 470 s either way (memcheck and racecheck 35 s each on a
+# GPU, the workload alone 70 s in the dry run); rebalance them when adding a step.
+step 95 "CUDA tests" python3 -m pytest -q "${TESTS[@]}"
+step 75 "forward benchmark" python3 -m benchmarks.bench_gpu --pass forward --label "$LABEL" --out "$RESULTS" "${BENCH_ARGS[@]}"
+step 85 "training benchmark" python3 -m benchmarks.bench_gpu --pass train --label "$LABEL" --out "$RESULTS" "${BENCH_ARGS[@]}"
+# The issue's serving target is T=10,000 x 512 candidates in under 10 ms; at
+# two seconds of requests per shape the 12 shapes leave time for compiling.
+step 70 "serving benchmark" python3 -m benchmarks.bench_serving --device cuda \
+    --grid-lengths 1000 10000 --grid-candidates 1 64 512 --seconds-per-shape 2 \
+    --out "$RESULTS/bench_serving_$LABEL.csv" "${BENCH_ARGS[@]}"
 if [ "$DRY_RUN" = 1 ]; then
     echo
     echo "=== dry run: compute-sanitizer ($SANITIZER_TOOLS) skipped; its workload runs without it"
-    step 90 "sanitizer workload" python3 -m benchmarks.sanitizer_workload --device cpu
+    step 70 "sanitizer workload" python3 -m benchmarks.sanitizer_workload --device cpu
 elif SANITIZER=$(find_sanitizer); then
     for tool in $SANITIZER_TOOLS; do
         # Without the caching allocator every tensor is its own allocation, so
         # memcheck sees an access past a tensor's end.
-        step 40 "compute-sanitizer $tool" env PYTORCH_NO_CUDA_MEMORY_CACHING=1 "$SANITIZER" \
+        step 35 "compute-sanitizer $tool" env PYTORCH_NO_CUDA_MEMORY_CACHING=1 "$SANITIZER" \
             --tool "$tool" --error-exitcode 1 --print-limit 20 \
             python3 -m benchmarks.sanitizer_workload --device cuda
     done
@@ -151,7 +165,7 @@ else
     echo "=== compute-sanitizer skipped: no binary found (looked on PATH, in \$CUDA_HOME," \
          "/usr/local/cuda*, /opt/nvidia, triton's bundled tools and the nvidia Python packages)"
 fi
-step 80 "tuning sweep" python3 -m benchmarks.tune_kernels --label "$LABEL" --out "$RESULTS" "${BENCH_ARGS[@]}"
+step 60 "tuning sweep" python3 -m benchmarks.tune_kernels --label "$LABEL" --out "$RESULTS" "${BENCH_ARGS[@]}"
 step 15 "report" python3 -m benchmarks.gpu_report --label "$LABEL" --results "$RESULTS"
 
 echo

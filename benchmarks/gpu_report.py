@@ -1,9 +1,11 @@
-"""The report of a GPU benchmark run: a markdown summary and a plot from bench_gpu's CSVs.
+"""The report of a GPU benchmark run: a markdown summary and a plot from the benchmarks' CSVs.
 
-Reads bench_gpu_forward_<label>.csv and bench_gpu_train_<label>.csv (either
-may be missing: a pass that failed is reported as missing) from --results and
-writes gpu_summary_<label>.md (printed too; the tables paste into docs/guides/benchmarks.md)
-and bench_gpu_<label>.png (time against T, one panel per pass, dtype and C).
+Reads bench_gpu_forward_<label>.csv, bench_gpu_train_<label>.csv and
+bench_serving_<label>.csv (any may be missing: a step that failed is
+reported as missing) from --results and writes gpu_summary_<label>.md
+(printed too; the tables paste into docs/guides/benchmarks.md) and
+bench_gpu_<label>.png (bench_gpu's time against T, one panel per pass, dtype
+and C).
 
     python -m benchmarks.gpu_report --label NVIDIA-H200 [--results benchmarks/results]
 """
@@ -16,6 +18,7 @@ import os
 import sys
 
 from . import harness
+from .bench_serving import FLOOR, path_label
 
 RESULTS = os.path.join(os.path.dirname(os.path.abspath(__file__)), "results")
 PASSES = ("forward", "train")
@@ -25,6 +28,8 @@ SPEEDUP_TARGETS = (("forward", "reference", 10.0), ("forward", "reference_compil
                    ("train", "reference", 5.0), ("train", "reference_compiled", 2.0))
 FLOOR_TARGET = ("forward", 3.0)          # triton within 3x of the floor
 MEMORY_TARGET = ("train", "reference", 0.25)   # triton's peak over eager's at most this
+# Issue 24's serving target: one user, (T, C) = SERVING_SHAPE, p50 under this many ms.
+SERVING_SHAPE, SERVING_MS = (10_000, 512), 10.0
 
 
 def number(value, fmt: str) -> str:
@@ -95,13 +100,76 @@ def target_lines(headline: list) -> list:
     return lines
 
 
-def summary(rows: list, missing: list) -> str:
+def serving_table(rows: list) -> list:
+    lines = ["| dtype | T | C | path | requests | p50 ms | p99 ms | x floor | vs DeepCTR-Torch | "
+             "peak MB | rel. error | note |",
+             "|" + "---|" * 12]
+    for row in rows:
+        floor = row["path"] == FLOOR
+        versus = row.get("speedup_vs_deepctr_torch", math.nan)
+        lines.append(
+            f"| {row['dtype']} | {row['length']} | {row['candidates']} | {path_label(row)} | "
+            f"{row['requests']} | {number(row['p50_ms'], '.3f')} | {number(row['p99_ms'], '.3f')} | "
+            f"{number(row['x_floor'], '.1f')} | {'-' if floor else number(versus, '.2f')} | "
+            f"{number(row['peak_mb'], '.1f')} | {number(row['rel_error'], '.1e')} | "
+            f"{row['note']} |")
+    return lines
+
+
+def serving_target_lines(rows: list) -> list:
+    """Issue 24's serving target, per dtype: each path's p50 at SERVING_SHAPE."""
+    length, candidates = SERVING_SHAPE
+    at = [r for r in rows if (r["length"], r["candidates"]) == SERVING_SHAPE
+          and r["path"] != FLOOR]
+    if not at:
+        return [f"- T={length:,}, C={candidates}: not measured"]
+    lines = []
+    for dtype in dict.fromkeys(r["dtype"] for r in at):
+        paths = [f"{path_label(r)} {number(r['p50_ms'], '.2f')} ms "
+                 f"({'met' if r['p50_ms'] < SERVING_MS else 'NOT met'})"
+                 for r in at if r["dtype"] == dtype]
+        lines.append(f"- {dtype}, T={length:,}, C={candidates}, p50 under {SERVING_MS:g} ms: "
+                     + "; ".join(paths))
+    return lines
+
+
+def serving_summary(rows: list) -> list:
+    first = rows[0]
+    return [
+        "### Serving: one request (B=1), D=64, hidden 80x40, sigmoid, every position valid", "",
+        f"p50 / p99 over the requests, each from a synchronized start to its last kernel done "
+        f"(host work and launches included); x floor = the time over max(bytes / "
+        f"{first['copy_gbps']:.0f} GB/s copy, FLOPs / the matmul peak in the dtype) (the "
+        f"flop_floor row's times are that floor); vs DeepCTR-Torch = its time over the path's; "
+        f"peak = the allocator's peak of one request; error on up to 16 candidates against "
+        f"float64 (a two-stage path against its own two-stage reference).", "",
+        *serving_table(rows), "",
+        "### Serving target (one user, T = 10,000, 512 candidates in under 10 ms)", "",
+        *serving_target_lines(rows),
+    ]
+
+
+def summary(rows: list, serving: list, missing: list) -> str:
+    lines = [f"## GPU benchmark: {(rows or serving)[0]['device']}", ""]
+    if rows:
+        lines += gpu_summary(rows)
+    if serving:
+        lines += ["", *serving_summary(serving)] if rows else serving_summary(serving)
+    failures = [f"- {r['pass']} {r['dtype']} B={r['batch']} C={r['candidates']} T={r['length']} "
+                f"{r['impl']}: {r['note']}" for r in rows if r["note"]]
+    failures += [f"- serving {r['dtype']} T={r['length']} C={r['candidates']} {path_label(r)}: "
+                 f"{r['note']}" for r in serving if r["note"]]
+    lines += ["", "### Missing results", "", *[f"- {m}" for m in missing]] if missing else []
+    lines += ["", "### Failures", "", *failures] if failures else []
+    return "\n".join(lines) + "\n"
+
+
+def gpu_summary(rows: list) -> list:
     first = rows[0]
     ceilings = {r["dtype"]: r["peak_tflops"] for r in rows}
     headline_shape = (first["batch"], first["candidates"], first["length"])
     headline = [r for r in rows if (r["batch"], r["candidates"], r["length"]) == headline_shape]
-    lines = [
-        f"## GPU benchmark: {first['device']}", "",
+    return [
         f"torch {first['torch']}, triton {first['triton']}. Measured ceilings: device-to-device "
         f"copy {first['copy_gbps']:.0f} GB/s; matrix product "
         + ", ".join(f"{dtype} {tflops:.0f} TFLOP/s" for dtype, tflops in ceilings.items()) + ".",
@@ -118,11 +186,19 @@ def summary(rows: list, missing: list) -> str:
         *sweep_table(rows), "",
         "### Targets (headline, bfloat16)", "", *target_lines(headline),
     ]
-    failures = [f"- {r['pass']} {r['dtype']} B={r['batch']} C={r['candidates']} T={r['length']} "
-                f"{r['impl']}: {r['note']}" for r in rows if r["note"]]
-    lines += ["", "### Missing passes", "", *[f"- {m}" for m in missing]] if missing else []
-    lines += ["", "### Failures", "", *failures] if failures else []
-    return "\n".join(lines) + "\n"
+
+
+def read_rows(path: str, missing: list, what: str) -> list:
+    """The rows of a benchmark's CSV, or [] with the reason added to ``missing``."""
+    if not os.path.exists(path):
+        missing.append(f"{what}: {path} was not written (see the log of its step)")
+        return []
+    rows = harness.read_csv(path)
+    for row in rows:   # a text cell read back empty is ""
+        for column in ("note", "backend"):
+            if column in row and not isinstance(row[column], str):
+                row[column] = ""
+    return rows
 
 
 def main(argv=None) -> int:
@@ -131,27 +207,26 @@ def main(argv=None) -> int:
     parser.add_argument("--label", required=True, help="the device part of the file names")
     parser.add_argument("--results", default=RESULTS, help="folder of the CSVs (default: %(default)s)")
     args = parser.parse_args(argv)
-    rows, missing = [], []
-    for pass_ in PASSES:
-        path = os.path.join(args.results, f"bench_gpu_{pass_}_{args.label}.csv")
-        if os.path.exists(path):
-            rows += harness.read_csv(path)
-        else:
-            missing.append(f"{pass_}: {path} was not written (see the log of its step)")
-    if not rows:
+    missing = []
+    rows = [row for pass_ in PASSES for row in read_rows(
+        os.path.join(args.results, f"bench_gpu_{pass_}_{args.label}.csv"), missing, pass_)]
+    serving = read_rows(os.path.join(args.results, f"bench_serving_{args.label}.csv"), missing,
+                        "serving")
+    if not rows and not serving:
         print("gpu_report: no results: " + "; ".join(missing), file=sys.stderr)
         return 1
-    for row in rows:   # a note read back from an empty CSV cell is ""
-        row["note"] = row["note"] if isinstance(row["note"], str) else ""
-    text = summary(rows, missing)
+    text = summary(rows, serving, missing)
     path = os.path.join(args.results, f"gpu_summary_{args.label}.md")
     with open(path, "w") as f:
         f.write(text)
-    plot_path = os.path.join(args.results, f"bench_gpu_{args.label}.png")
-    harness.plot_panels(rows, plot_path, panel=("pass", "dtype", "candidates"), x="length",
-                        y="ms", line="impl", xlabel="T (history length)", ylabel="ms (median)")
+    written = [path]
+    if rows:
+        written.append(os.path.join(args.results, f"bench_gpu_{args.label}.png"))
+        harness.plot_panels(rows, written[-1], panel=("pass", "dtype", "candidates"), x="length",
+                            y="ms", line="impl", xlabel="T (history length)",
+                            ylabel="ms (median)")
     print(text)
-    print(f"wrote {path} and {plot_path}")
+    print(f"wrote {' and '.join(written)}")
     return 1 if missing else 0
 
 

@@ -5,7 +5,9 @@ with a different one each round, so a change in the machine's load during a
 run falls on all of them alike; the speedups are medians of per-round ratios,
 which cancel most of what is left. On a GPU each call is timed with CUDA
 events after the L2 cache has been flushed (the inputs of small shapes would
-otherwise be timed from cache); on CPU with time.perf_counter. Every figure
+otherwise be timed from cache), or from a synchronized start to a
+synchronized end where a request's latency is the figure; on CPU with
+time.perf_counter. Every figure
 is a median with its spread (the interquartile range and the extremes).
 
 Peak memory is the CUDA allocator's peak above what was allocated before the
@@ -39,12 +41,17 @@ def synchronize(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
-def time_round_robin(fns: dict, rounds: int, warmup: int, device: torch.device) -> dict:
+def time_round_robin(fns: dict, rounds: int, warmup: int, device: torch.device,
+                     wall_clock: bool = False) -> dict:
     """Milliseconds per call of each fn, `rounds` of them: {name: [ms, ...]}.
 
     Every fn is first called `warmup` times (compilation, autotuning and
     caches stay out of the figures). Round r then calls the fns in their
-    order rotated by r, each call timed alone.
+    order rotated by r, each call timed alone. On a GPU a call's time is the
+    device's, between CUDA events, or with ``wall_clock`` the time from an
+    idle device to the call's last kernel done (torch.cuda.synchronize on
+    both sides): what a caller waits for, the host's validation and launches
+    included, as a served request's latency.
     """
     for fn in fns.values():
         for _ in range(warmup):
@@ -56,10 +63,14 @@ def time_round_robin(fns: dict, rounds: int, warmup: int, device: torch.device) 
              if device.type == "cuda" else None)
     for r in range(rounds):
         order = names[r % len(names):] + names[:r % len(names)]
-        if flush is None:
+        if flush is None or wall_clock:
             for name in order:
+                if flush is not None:
+                    flush.zero_()
+                    torch.cuda.synchronize(device)
                 start = time.perf_counter()
                 fns[name]()
+                synchronize(device)
                 times[name].append(1e3 * (time.perf_counter() - start))
             continue
         events = []

@@ -158,12 +158,15 @@ def test_bench_serving_records_the_grid_and_each_format(tmp_path):
     for row in grid:
         assert 3 <= row["requests"] <= 50 and row["p50_ms"] <= row["p99_ms"]
         assert row["h100_fp32_floor_ms"] > row["h100_tf32_floor_ms"] > 0
+        assert row["dtype"] == "float32" and row["note"] == ""
         if row["path"] != "flop_floor":
             assert row["rel_error"] < 1e-5 and row["peak_mb"] > 0
+        assert row["backend"] == ("torch" if row["path"].startswith(("exact", "two_stage")) else "")
     assert "within the DIN paper's 10 ms per request:" in result.stdout
     reach = bench_serving.ten_ms_reach(grid)
-    assert set(reach) == {"exact", "two_stage_din_K5", "two_stage_dot_K5", "flop_floor"} | deepctr
-    assert set(reach["exact"]) == set(reach["flop_floor"]) == {1, 24}
+    assert set(reach) == {"exact (torch)", "two_stage_din_K5 (torch)", "two_stage_dot_K5 (torch)",
+                          "flop_floor"} | deepctr
+    assert set(reach["exact (torch)"]) == set(reach["flop_floor"]) == {1, 24}
     formats = [r for r in rows if r["part"] == "formats"]
     assert [r["format"] for r in formats] == ["eager", "onnx"]
     for row in formats:
@@ -192,12 +195,47 @@ def test_bench_gpu_dry_run_records_errors_beside_times(tmp_path):
     assert (tmp_path / "bench_gpu_dry-run-cpu.png").exists()
 
 
+def test_bench_serving_dry_run_runs_the_gpu_grid_and_its_report(tmp_path):
+    """--dry-run: the --device cuda code on CPU (the triton backend in the
+    interpreter): exact and two-stage on both backends, DeepCTR-Torch and the
+    floor from the measured ceilings, each checked against float64; the CSV
+    then reported by gpu_report (bench_gpu's CSVs missing: exit status 1)."""
+    env = dict(os.environ, TRITON_INTERPRET="1", CUDA_VISIBLE_DEVICES="")
+    out = tmp_path / "bench_serving_dry-run-cpu.csv"
+    result = run_module("benchmarks.bench_serving", "--dry-run", "--dtypes", "float32",
+                        "--out", str(out), env=env)
+    assert result.returncode == 0, result.stderr
+    rows = harness.read_csv(str(out))
+    deepctr = {("deepctr_torch", "")} if any(r["path"] == "deepctr_torch" for r in rows) else set()
+    paths = {(p, b) for p in ("exact", "two_stage_din_K4", "two_stage_dot_K4")
+             for b in ("triton", "torch")} | deepctr | {("flop_floor", "")}
+    assert {(r["length"], r["candidates"], r["path"], r["backend"]) for r in rows} == {
+        (16, c, p, b) for c in (1, 4) for p, b in paths}
+    for row in rows:
+        assert row["part"] == "grid" and row["dtype"] == "float32" and row["note"] == ""
+        assert row["requests"] == 2 and row["floor_ms"] > 0 and row["copy_gbps"] > 0
+        assert "dry run" in row["device"]
+        if row["path"] == "flop_floor":
+            assert row["p50_ms"] == row["floor_ms"] and row["x_floor"] == 1.0
+        else:
+            assert row["rel_error"] < 1e-5 and row["peak_mb"] > 0
+            assert row["x_floor"] == pytest.approx(row["p50_ms"] / row["floor_ms"], rel=0.5)
+    report = run_module("benchmarks.gpu_report", "--label", "dry-run-cpu", "--results",
+                        str(tmp_path))
+    assert report.returncode == 1, report.stderr
+    assert "bench_gpu_forward_dry-run-cpu.csv was not written" in report.stdout
+    assert "| float32 | 16 | 4 | two_stage_dot_K4 (triton) | 2 |" in report.stdout
+    assert "- T=10,000, C=512: not measured" in report.stdout
+
+
 @pytest.mark.parametrize("args, status, message", [
     (["benchmarks.bench_cpu", "--threads", "0"], 2, "--threads: must be a positive integer; got '0'"),
     (["benchmarks.bench_cpu", "--rounds", "x"], 2, "--rounds: must be a positive integer; got 'x'"),
     (["benchmarks.bench_gpu"], 2, "the following arguments are required: --pass"),
     (["benchmarks.bench_gpu", "--pass", "train", "--dry-run", "--implementations", "torch"], 2,
      "--implementations must include triton"),
+    (["benchmarks.bench_serving", "--dry-run", "--parts", "formats"], 2,
+     "--parts formats: the model formats run on CPU only"),
     (["benchmarks.gpu_report", "--label", "nothing", "--results", "/nonexistent"], 1,
      "gpu_report: no results: forward: /nonexistent/bench_gpu_forward_nothing.csv was not written"),
 ])
@@ -211,6 +249,8 @@ def test_command_line_failures_say_what_is_wrong(args, status, message):
 def test_gpu_commands_without_cuda_point_to_the_dry_run():
     bench = run_module("benchmarks.bench_gpu", "--pass", "forward")
     assert bench.returncode == 2 and "--dry-run checks the script on CPU" in bench.stderr
+    serving = run_module("benchmarks.bench_serving", "--device", "cuda")
+    assert serving.returncode == 2 and "--dry-run checks its code on CPU" in serving.stderr
     check = subprocess.run(["bash", "benchmarks/gpu_check.sh"], cwd=ROOT, capture_output=True,
                            text=True, timeout=120)
     assert check.returncode == 2 and "--dry-run runs every step on CPU" in check.stderr
