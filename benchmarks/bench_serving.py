@@ -344,10 +344,11 @@ def measure_grid_shape(length: int, candidates: int, dtype: torch.dtype, args,
         rows.append(row)
     for (path, backend), measured in first.items():
         if "seconds" not in measured:
-            print(f"T={length} C={candidates} {path} ({backend}): failed: {measured['note']}")
-            rows.append(dict(path=path, backend=backend, p50_ms=math.nan, p99_ms=math.nan,
-                             **dict(unmeasured, **measured),
-                             **harness.Spread.of([]).fields("x_floor"), **setting))
+            row = dict(path=path, backend=backend, p50_ms=math.nan, p99_ms=math.nan,
+                       **dict(unmeasured, **measured), **harness.Spread.of([]).fields("x_floor"),
+                       **setting)
+            print(f"T={length} C={candidates} {path_label(row)}: failed: {row['note']}")
+            rows.append(row)
     return rows
 
 

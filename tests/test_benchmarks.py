@@ -228,6 +228,32 @@ def test_bench_serving_dry_run_runs_the_gpu_grid_and_its_report(tmp_path):
     assert "- T=10,000, C=512: not measured" in report.stdout
 
 
+def test_bench_serving_records_a_failing_path_and_goes_on(monkeypatch, capsys):
+    """A path that raises at a shape (on a GPU: out of memory, a kernel that
+    does not compile) gets a row with the reason and no times; the others
+    are measured."""
+    two_stage = bench_serving.din_fast.din_attention_top_k
+
+    def out_of_memory(*args, backend, **kwargs):
+        if backend == "reference":    # the float64 reference still runs
+            return two_stage(*args, backend=backend, **kwargs)
+        raise RuntimeError("CUDA out of memory. Tried to allocate 9.00 GiB\nmore detail")
+
+    monkeypatch.setattr(bench_serving.din_fast, "din_attention_top_k", out_of_memory)
+    args = bench_serving.build_parser().parse_args(
+        ["--dry-run", "--backends", "torch", "--dtypes", "float32"])
+    grid = bench_serving.Grid.of(args)
+    rows = bench_serving.measure_grid_shape(16, 4, torch.float32, args, grid)
+    failed = [r for r in rows if r["note"]]
+    assert {r["path"] for r in failed} == {"two_stage_din_K4", "two_stage_dot_K4"}
+    for row in failed:
+        assert row["note"] == "RuntimeError: CUDA out of memory. Tried to allocate 9.00 GiB"
+        assert math.isnan(row["p50_ms"]) and math.isnan(row["rel_error"])
+    exact = next(r for r in rows if r["path"] == "exact")
+    assert exact["p50_ms"] > 0 and exact["rel_error"] < 1e-5 and exact["note"] == ""
+    assert "T=16 C=4 two_stage_dot_K4 (torch): failed: RuntimeError" in capsys.readouterr().out
+
+
 @pytest.mark.parametrize("args, status, message", [
     (["benchmarks.bench_cpu", "--threads", "0"], 2, "--threads: must be a positive integer; got '0'"),
     (["benchmarks.bench_cpu", "--rounds", "x"], 2, "--rounds: must be a positive integer; got 'x'"),
