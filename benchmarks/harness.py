@@ -225,8 +225,9 @@ def results_label(device: torch.device, dry_run: bool = False) -> str:
 
 
 def run_cpu_benchmark(name: str, build_parser, measure, report, argv=None) -> int:
-    """A CPU benchmark's command: parse ``argv`` (default: sys.argv), set
-    torch's threads (``--threads``), ``measure(args, command)`` into rows,
+    """The command of a benchmark that writes one CSV (the CPU benchmarks,
+    bench_serving on either device): parse ``argv`` (default: sys.argv), set
+    torch's CPU threads (``--threads``), ``measure(args, command)`` into rows,
     print ``report(rows)`` and write them to ``--out``."""
     argv = sys.argv[1:] if argv is None else list(argv)
     args = build_parser().parse_args(argv)
