@@ -3,7 +3,10 @@ untrusted input.
 
 A checkpoint is a ``torch.save`` dict: ``format``, ``config`` (TrainConfig's
 fields), ``id_maps`` (the raw string ids in encoding order, as UTF-8 bytes and
-offsets, and each item's category) and the model's ``state_dict``. Saving
+offsets, each item's category, the side features' values and the numeric
+ones' standardization, and the ``fingerprint`` of it all) and the model's
+``state_dict``. A run state file (:func:`resume_path`, written after every
+epoch) adds ``run``: what ``din-fast train --resume`` continues from. Saving
 goes through din_fast.files (a temporary file renamed into place: a reader,
 or a crash, never sees half a checkpoint). Loading reads the whole file into
 memory with ``weights_only=True`` (no code runs; not memory-mapped, so a file
@@ -17,20 +20,40 @@ from __future__ import annotations
 
 from dataclasses import asdict, dataclass, fields
 from pathlib import Path
+from typing import Optional
 
 import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 import torch
 
-from .config import TrainConfig, build_model, config_problems
+from .config import TrainConfig, config_problems, model_for
 from .data import IdMaps
 from .errors import CheckpointError, snippet
 from .files import open_replacing
 
-CHECKPOINT_FORMAT = "din_fast.checkpoint/3"
+CHECKPOINT_FORMAT = "din_fast.checkpoint/4"
+# Formats this version reads: 3 lacks what 4 added (labeled logs, side
+# features, run states, fingerprints), which it reads as their defaults.
+READABLE_FORMATS = ("din_fast.checkpoint/3", CHECKPOINT_FORMAT)
 WRITTEN_BY = "a file written by din-fast train --checkpoint"
-ADDED_CONFIG_FIELDS = {"compile": None, "top_k": None, "search": "din"}
+ADDED_CONFIG_FIELDS = {"compile": None, "top_k": None, "search": "din", "label_column": None,
+                       "features": (), "numeric_features": (), "feature_dim": None,
+                       "validation_fraction": 0.1, "test_fraction": 0.1, "min_count": 1}
+RUN_STATE_SUFFIX = ".run"
+
+
+@dataclass
+class RunState:
+    """A run after ``epoch`` epochs, all --resume needs to go on as if never
+    stopped: the epochs' records, the best one and its weights, and the
+    learner's state (optimizer, learning-rate schedule, random streams)."""
+
+    epoch: int
+    epochs: list
+    best: dict
+    best_weights: dict
+    learner: dict
 
 
 @dataclass
@@ -38,17 +61,46 @@ class Checkpoint:
     config: TrainConfig
     id_maps: IdMaps
     state_dict: dict
+    run: Optional[RunState] = None
 
 
-def save_checkpoint(path, model: torch.nn.Module, id_maps: IdMaps, config: TrainConfig):
-    """Write the checkpoint atomically (din_fast.files.replacing); OutputError
-    when it cannot be written, the file at ``path`` unchanged."""
-    with open_replacing(path, "--checkpoint", "wb") as handle:
-        torch.save({"format": CHECKPOINT_FORMAT, "config": asdict(config),
-                    "id_maps": {"item_ids": _strings_state(id_maps.item_ids),
-                                "category_ids": _strings_state(id_maps.category_ids),
-                                "item_category": torch.from_numpy(id_maps.item_category)},
-                    "state_dict": model.state_dict()}, handle)
+def resume_path(checkpoint) -> str:
+    """Where a run with ``--checkpoint din.pt`` writes its run state:
+    ``din.run.pt`` (the suffix kept, as torch files are named)."""
+    path = Path(checkpoint)
+    return str(path.with_name(path.stem + RUN_STATE_SUFFIX + path.suffix))
+
+
+def save_checkpoint(path, model: torch.nn.Module, id_maps: IdMaps, config: TrainConfig,
+                    run: Optional[RunState] = None, option: str = "--checkpoint"):
+    """Write the checkpoint atomically (din_fast.files.replacing), with a run
+    state where given; OutputError when it cannot be written, the file at
+    ``path`` unchanged."""
+    state = {"format": CHECKPOINT_FORMAT, "config": asdict(config),
+             "id_maps": _id_maps_state(id_maps), "state_dict": model.state_dict()}
+    if run is not None:
+        state["run"] = asdict(run)
+    with open_replacing(path, option, "wb") as handle:
+        torch.save(state, handle)
+
+
+def save_run_state(path, model: torch.nn.Module, id_maps: IdMaps, config: TrainConfig,
+                   run: RunState):
+    """The run state file: a checkpoint of the latest epoch's model with ``run``."""
+    save_checkpoint(path, model, id_maps, config, run, "--checkpoint's run state")
+
+
+def _id_maps_state(id_maps: IdMaps) -> dict:
+    state = {"item_ids": _strings_state(id_maps.item_ids), "unknown": id_maps.unknown,
+             "features": {name: _strings_state(values)
+                          for name, values in id_maps.features.items()},
+             "numeric": {name: torch.tensor(stats, dtype=torch.float64)
+                         for name, stats in id_maps.numeric.items()},
+             "fingerprint": id_maps.fingerprint()}
+    if id_maps.category_ids is not None:
+        state.update(category_ids=_strings_state(id_maps.category_ids),
+                     item_category=torch.from_numpy(id_maps.item_category))
+    return state
 
 
 def load_checkpoint(path) -> Checkpoint:
@@ -66,25 +118,29 @@ def load_checkpoint(path) -> Checkpoint:
                               f"({type(error).__name__}); expected {WRITTEN_BY}") from None
     found = state.get("format") if isinstance(state, dict) else None
     if isinstance(found, str) and found.startswith(CHECKPOINT_FORMAT.rpartition("/")[0] + "/") \
-            and found != CHECKPOINT_FORMAT:
+            and found not in READABLE_FORMATS:
         raise CheckpointError(f"{where}: written by another version of din-fast (format "
-                              f"{snippet(found)}); this one reads format "
-                              f"{CHECKPOINT_FORMAT!r}: train again with it")
-    if found != CHECKPOINT_FORMAT:
+                              f"{snippet(found)}); this one reads formats "
+                              f"{', '.join(map(repr, READABLE_FORMATS))}: train again with it")
+    if found not in READABLE_FORMATS:
         raise CheckpointError(f"{where}: not a din_fast checkpoint (expected a dict with "
                               f"format {CHECKPOINT_FORMAT!r}, {WRITTEN_BY})")
     config = _checked_config(state.get("config"), where)
-    id_maps = _checked_id_maps(state.get("id_maps"), where)
-    state_dict = _checked_state_dict(state.get("state_dict"), config, id_maps, where)
-    return Checkpoint(config, id_maps, state_dict)
+    id_maps = _checked_id_maps(state.get("id_maps"), where, config)
+    with torch.device("meta"):
+        # The model the config and id maps describe, on the meta device: shapes
+        # and dtypes without allocating a byte, whatever sizes the file claims.
+        expected = model_for(config, id_maps)
+    state_dict = _checked_state_dict(state.get("state_dict"), expected.state_dict(), where)
+    run = None if state.get("run") is None else _checked_run(state["run"], expected, where)
+    return Checkpoint(config, id_maps, state_dict, run)
 
 
 def restored_model(checkpoint: Checkpoint, config: TrainConfig) -> torch.nn.Module:
     """The checkpoint's model with its weights, built by ``config`` (the
     checkpoint's, with the backend and device of this run), on config.device
     and in eval mode."""
-    model = build_model(config, len(checkpoint.id_maps.item_ids),
-                        len(checkpoint.id_maps.category_ids))
+    model = model_for(config, checkpoint.id_maps)
     model.load_state_dict(checkpoint.state_dict)
     return model.to(config.device).eval()
 
@@ -116,14 +172,14 @@ def _strings_state(array: pa.Array) -> dict:
 
 
 def _checked_strings(state, name: str, where: str) -> pa.Array:
-    """The sorted, repeat-free, non-empty list of strings id_maps[name] holds."""
+    """The sorted, repeat-free list of strings id_maps[name] holds."""
     expected = (f"{where}: id_maps[{name!r}] must be {{'offsets': int64 tensor, 'bytes': "
                 "uint8 tensor}} holding UTF-8 ids, sorted, without repeats")
     if not isinstance(state, dict):
         raise CheckpointError(expected)
     offsets, data = state.get("offsets"), state.get("bytes")
     if not (isinstance(offsets, torch.Tensor) and offsets.dtype == torch.int64
-            and offsets.dim() == 1 and len(offsets) >= 2 and isinstance(data, torch.Tensor)
+            and offsets.dim() == 1 and len(offsets) >= 1 and isinstance(data, torch.Tensor)
             and data.dtype == torch.uint8 and data.dim() == 1 and offsets[0] == 0
             and offsets[-1] == len(data) and bool((offsets[1:] >= offsets[:-1]).all())):
         raise CheckpointError(expected)
@@ -139,42 +195,98 @@ def _checked_strings(state, name: str, where: str) -> pa.Array:
     return array.cast(pa.string())
 
 
-def _checked_id_maps(state, where: str) -> IdMaps:
+def _checked_id_maps(state, where: str, config: TrainConfig) -> IdMaps:
     if not isinstance(state, dict):
         raise CheckpointError(f"{where}: `id_maps` must be a dict")
+    unknown = state.get("unknown", False)
+    if not isinstance(unknown, bool):
+        raise CheckpointError(f"{where}: id_maps['unknown'] must be True or False")
     item_ids = _checked_strings(state.get("item_ids"), "item_ids", where)
-    category_ids = _checked_strings(state.get("category_ids"), "category_ids", where)
-    item_category = state.get("item_category")
-    num_items, num_categories = len(item_ids), len(category_ids)
-    if (not isinstance(item_category, torch.Tensor) or item_category.dtype != torch.int64
-            or item_category.shape != (num_items + 1,) or item_category[0] != 0
-            or not bool(((item_category[1:] >= 1) & (item_category[1:] <= num_categories)).all())):
-        raise CheckpointError(f"{where}: id_maps['item_category'] must be an int64 tensor "
-                              f"holding 0 (the padding) and then one category in "
-                              f"1..{num_categories} for each of the {num_items} items")
-    return IdMaps(item_ids, category_ids, item_category.numpy())
+    category_ids = item_category = None
+    if state.get("category_ids") is not None or state.get("item_category") is not None:
+        category_ids = _checked_strings(state.get("category_ids"), "category_ids", where)
+        item_category = state.get("item_category")
+        num_items, num_categories = len(item_ids), len(category_ids) + unknown
+        if (not isinstance(item_category, torch.Tensor) or item_category.dtype != torch.int64
+                or item_category.shape != (num_items + 1,) or item_category[0] != 0
+                or not bool(((item_category[1:] >= 1)
+                             & (item_category[1:] <= num_categories)).all())):
+            raise CheckpointError(f"{where}: id_maps['item_category'] must be an int64 tensor "
+                                  f"holding 0 (the padding) and then one category in "
+                                  f"1..{num_categories} for each of the {num_items} items")
+        item_category = item_category.numpy()
+    features, numeric = state.get("features", {}), state.get("numeric", {})
+    if not isinstance(features, dict) or list(features) != list(config.features):
+        raise CheckpointError(f"{where}: id_maps['features'] must map each of the config's "
+                              f"features {list(config.features)} to its values, in that order")
+    features = {name: _checked_strings(values, f"features/{name}", where)
+                for name, values in features.items()}
+    if not isinstance(numeric, dict) or list(numeric) != list(config.numeric_features) or not \
+            all(isinstance(v, torch.Tensor) and v.dtype == torch.float64 and v.shape == (2,)
+                and bool(torch.isfinite(v).all()) and v[1] > 0 for v in numeric.values()):
+        raise CheckpointError(f"{where}: id_maps['numeric'] must map each of the config's "
+                              f"numeric features {list(config.numeric_features)} to a float64 "
+                              "tensor [mean, standard deviation > 0]")
+    id_maps = IdMaps(item_ids, category_ids, item_category, unknown, features,
+                     {name: tuple(v.tolist()) for name, v in numeric.items()})
+    recorded = state.get("fingerprint")
+    if recorded is not None and recorded != id_maps.fingerprint():
+        raise CheckpointError(f"{where}: its id maps do not match the fingerprint recorded with "
+                              f"them (the file was altered); expected {WRITTEN_BY}")
+    return id_maps
 
 
-def _checked_state_dict(state, config: TrainConfig, id_maps: IdMaps, where: str) -> dict:
+def _checked_state_dict(state, expected: dict, where: str, name: str = "state_dict") -> dict:
+    """``state`` holding exactly the tensors of ``expected`` (a state dict
+    on the meta device), finite, variances not negative."""
     if not isinstance(state, dict) or not all(isinstance(k, str) and isinstance(v, torch.Tensor)
                                               for k, v in state.items()):
-        raise CheckpointError(f"{where}: `state_dict` must be a dict of named tensors")
-    # The model the config and id maps describe, on the meta device: shapes
-    # and dtypes without allocating a byte, whatever sizes the file claims.
-    with torch.device("meta"):
-        expected = build_model(config, len(id_maps.item_ids),
-                               len(id_maps.category_ids)).state_dict()
+        raise CheckpointError(f"{where}: `{name}` must be a dict of named tensors")
     if set(state) != set(expected):
-        raise CheckpointError(f"{where}: `state_dict` does not hold the tensors of its config's "
+        raise CheckpointError(f"{where}: `{name}` does not hold the tensors of its config's "
                               f"model ({len(set(expected) - set(state))} missing, "
                               f"{len(set(state) - set(expected))} unexpected)")
-    for name, want in expected.items():
-        tensor = state[name]
+    for key, want in expected.items():
+        tensor = state[key]
         if tensor.shape != want.shape or tensor.dtype != want.dtype:
-            raise CheckpointError(f"{where}: state_dict[{name!r}] must be {want.dtype} of shape "
+            raise CheckpointError(f"{where}: {name}[{key!r}] must be {want.dtype} of shape "
                                   f"{list(want.shape)} for its config and id maps")
         if tensor.is_floating_point() and not bool(torch.isfinite(tensor).all()):
-            raise CheckpointError(f"{where}: state_dict[{name!r}] holds NaN or Inf")
-        if name.rpartition(".")[2].startswith("running_var") and bool((tensor < 0).any()):
-            raise CheckpointError(f"{where}: state_dict[{name!r}] holds a negative variance")
+            raise CheckpointError(f"{where}: {name}[{key!r}] holds NaN or Inf")
+        if key.rpartition(".")[2].startswith("running_var") and bool((tensor < 0).any()):
+            raise CheckpointError(f"{where}: {name}[{key!r}] holds a negative variance")
     return state
+
+
+RECORD_KEYS = ("epoch", "validation_auc", "validation_gauc", "validation_logloss", "train_loss",
+               "lr", "epoch_seconds", "samples_per_second")
+
+
+def _checked_run(state, model: torch.nn.Module, where: str) -> RunState:
+    """A run state's structure: the epochs' records (epoch 1 on, numbers),
+    the best among them, its weights as the model's, the learner's parts
+    (whose contents the learner checks as it loads them)."""
+    expected = f"{where}: `run` must be the run state din-fast train writes after an epoch"
+    if not isinstance(state, dict) or set(state) != {f.name for f in fields(RunState)}:
+        raise CheckpointError(expected)
+    epoch, epochs, best = state["epoch"], state["epochs"], state["best"]
+    if not (type(epoch) is int and epoch >= 1 and isinstance(epochs, list)
+            and len(epochs) == epoch and isinstance(best, dict)):
+        raise CheckpointError(f"{expected} (epoch, its records, the best)")
+    for number, record in enumerate(epochs, start=1):
+        if not (isinstance(record, dict) and set(RECORD_KEYS) <= set(record)
+                and record["epoch"] == number
+                and all(type(record[k]) in (int, float) for k in RECORD_KEYS)):
+            raise CheckpointError(f"{expected} (the record of epoch {number})")
+    if best not in epochs:
+        raise CheckpointError(f"{expected} (the best epoch among the records)")
+    best_weights = _checked_state_dict(state["best_weights"], model.state_dict(), where,
+                                       "run.best_weights")
+    learner = state["learner"]
+    if not (isinstance(learner, dict) and set(learner) == {"optimizer", "schedule", "batch_rng",
+                                                           "torch_rng"}
+            and all(isinstance(learner[k], dict) for k in ("optimizer", "schedule",
+                                                           "batch_rng"))
+            and isinstance(learner["torch_rng"], torch.Tensor)):
+        raise CheckpointError(f"{expected} (the optimizer, schedule and random states)")
+    return RunState(epoch, epochs, best, best_weights, learner)

@@ -1,5 +1,5 @@
-"""The ``din-fast`` command: train a CTR model on DIN-protocol data, evaluate a
-checkpoint, or score new rows with one.
+"""The ``din-fast`` command: train a CTR model on behaviours (the DIN protocol)
+or on a labeled impression log, evaluate a checkpoint, or score new rows with one.
 
 Every mistake a user can make with a file or an option (a bad data file or
 checkpoint, a device or backend this machine lacks, too little data, an
@@ -26,6 +26,7 @@ from .config import COMPILE_BACKENDS, TrainConfig
 from .errors import InputError
 from .export import export_checkpoint
 from .files import check_outputs, write_json
+from .foreign_data import MAX_UNKNOWN
 from .loaders import data_files
 from .models import MLP_ACTIVATIONS, MLP_INPUTS, MODELS
 from .onnx_export import OPSET as ONNX_OPSET, export_checkpoint_onnx
@@ -46,6 +47,25 @@ class ArgumentParser(argparse.ArgumentParser):
     def error(self, message):
         self.exit(USAGE_ERROR, f"din-fast: error: {self.prog}: {message} (see {self.prog} "
                                "--help)\n")
+
+
+class DefaultsHelpFormatter(argparse.HelpFormatter):
+    """Each option's help ends with its default, as a user would type it
+    (``none`` for no value or an empty list); required options have none."""
+
+    def _get_help_string(self, action):
+        text = action.help or ""
+        if not action.option_strings or action.required or action.default is argparse.SUPPRESS \
+                or "(default:" in text or text.startswith("default:"):
+            return text
+        default = action.default
+        if default is None or default == ():
+            shown = "none"
+        elif isinstance(default, tuple):
+            shown = ",".join(map(str, default))
+        else:
+            shown = str(default)
+        return f"{text} (default: {shown.replace('%', '%%')})"
 
 
 def default_device() -> str:
@@ -87,13 +107,47 @@ def seed(text: str) -> int:
     return value
 
 
+def share(text: str) -> float:
+    value = float(text)
+    if not 0 <= value <= 1:
+        raise argparse.ArgumentTypeError(f"must be a number in [0, 1]; got {text}")
+    return value
+
+
+def open_fraction(text: str) -> float:
+    value = float(text)
+    if not 0 < value < 1:
+        raise argparse.ArgumentTypeError(f"must be a number in (0, 1); got {text}")
+    return value
+
+
+def column_names(text: str) -> tuple:
+    names = tuple(name.strip() for name in text.split(","))
+    if not all(names):
+        raise argparse.ArgumentTypeError(f"must be column names separated by commas; got {text!r}")
+    return names
+
+
+def available_cores() -> int:
+    """The cores this process may run on (its affinity mask: what a container,
+    taskset or a batch scheduler grants, not the machine's count)."""
+    try:
+        return len(os.sched_getaffinity(0))
+    except AttributeError:          # no affinity masks here (macOS, Windows)
+        return os.cpu_count() or 1
+
+
 def add_threads_option(parser: argparse.ArgumentParser) -> None:
-    # One thread by default: batches of a few hundred short histories gain
-    # little from a second thread, and when the cores are shared (CI, a busy
-    # workstation) torch's spinning worker threads slow training down many
-    # times over.
-    parser.add_argument("--threads", type=positive_int, default=1,
-                        help="CPU threads for torch")
+    parser.add_argument("--threads", type=positive_int, default=available_cores(),
+                        help="CPU threads for torch; by default the cores this process may "
+                        "run on (on a machine others share, fewer can be faster)")
+
+
+def add_max_unknown_option(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--max-unknown", type=share, default=MAX_UNKNOWN,
+                        help="refuse data whose rows hold ids the checkpoint has never seen "
+                        "(items, categories, feature values) in more than this share of rows "
+                        "in any column: it was trained on other data")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -103,16 +157,20 @@ def build_parser() -> argparse.ArgumentParser:
 
     train_parser = commands.add_parser(
         "train", help="train DIN or BaseModel and report test AUC, GAUC and logloss",
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+        formatter_class=DefaultsHelpFormatter)
     train_parser.add_argument("--data", help="a CSV/TSV or Parquet file with columns user,item,"
                               "category,timestamp, or an Amazon-layout directory (<Name>.txt + "
-                              "<Name>_item2attributes.json); omitted: a seeded synthetic set")
-    train_parser.add_argument("--model", choices=tuple(MODELS), default=defaults.model)
+                              "<Name>_item2attributes.json); with --label-column a labeled log: "
+                              "user,item,timestamp, the label and the features (category "
+                              "optional); omitted: a seeded synthetic set")
+    train_parser.add_argument("--model", choices=tuple(MODELS), default=defaults.model,
+                              help="din (attention over the history) or base (sum pooling)")
     train_parser.add_argument("--epochs", type=positive_int, default=defaults.epochs,
                               help="the most epochs to train (early stopping may end sooner)")
     train_parser.add_argument("--patience", type=positive_int, default=defaults.patience,
                               help="stop after this many epochs without a validation GAUC gain")
-    train_parser.add_argument("--batch-size", type=positive_int, default=defaults.batch_size)
+    train_parser.add_argument("--batch-size", type=positive_int, default=defaults.batch_size,
+                              help="training samples per step")
     train_parser.add_argument("--lr", type=positive_float, default=defaults.lr,
                               help="Adam's learning rate")
     train_parser.add_argument("--lr-decay", type=fraction, default=defaults.lr_decay,
@@ -146,52 +204,92 @@ def build_parser() -> argparse.ArgumentParser:
                               help="how --top-k ranks the history: din (the attention's own "
                               "score), dot (learned projections, trained by an auxiliary CTR "
                               "loss), category (the candidate's category first, then recency)")
-    train_parser.add_argument("--seed", type=seed, default=defaults.seed)
-    train_parser.add_argument("--backend", choices=BACKENDS, default=defaults.backend)
-    train_parser.add_argument("--device", choices=("cpu", "cuda"), default=default_device())
+    labeled = train_parser.add_argument_group(
+        "labeled logs (every row an impression with its 0/1 label; no negative sampled)")
+    labeled.add_argument("--label-column", default=defaults.label_column,
+                         help="the 0/1 label's column; omitted: the DIN protocol (behaviours "
+                         "as positives, one sampled negative each)")
+    labeled.add_argument("--features", type=column_names, default=defaults.features,
+                         help="categorical side features (user, item or context columns), "
+                         "separated by commas; a cell may hold several values separated by |")
+    labeled.add_argument("--numeric-features", type=column_names,
+                         default=defaults.numeric_features,
+                         help="numeric side features, standardized on the training rows")
+    labeled.add_argument("--feature-dim", type=positive_int, default=defaults.feature_dim,
+                         help="each side feature's embedding size (default: --embed-dim)")
+    labeled.add_argument("--validation-fraction", type=open_fraction,
+                         default=defaults.validation_fraction,
+                         help="the share of rows before the test rows that validates")
+    labeled.add_argument("--test-fraction", type=open_fraction, default=defaults.test_fraction,
+                         help="the share of the latest rows that tests")
+    labeled.add_argument("--min-count", type=positive_int, default=defaults.min_count,
+                         help="ids seen fewer times in the training rows share the reserved "
+                         "id of unknown ones")
+    train_parser.add_argument("--seed", type=seed, default=defaults.seed,
+                              help="seeds the weights, the negatives and the batches' order")
+    train_parser.add_argument("--backend", choices=BACKENDS, default=defaults.backend,
+                              help="the attention's backend (auto: triton on CUDA, else torch)")
+    train_parser.add_argument("--device", choices=("cpu", "cuda"), default=default_device(),
+                              help="where training runs")
     train_parser.add_argument("--compile", nargs="?", const="inductor", choices=COMPILE_BACKENDS,
                               help="train and evaluate through torch.compile with this backend "
                               "(alone: inductor); omitted: eagerly")
     train_parser.add_argument("--metrics-out", help="write the final metrics as JSON here")
-    train_parser.add_argument("--checkpoint", help="save the model, id maps and config here")
+    train_parser.add_argument("--checkpoint", help="save the best epoch's model, id maps and "
+                              "config here (as each best epoch ends), and after every epoch the "
+                              "run's state beside it, <name>.run<suffix>, for --resume")
+    train_parser.add_argument("--resume", help="continue the run whose state this file holds "
+                              "(a <name>.run<suffix> file), with its options and data: the "
+                              "result is the uninterrupted run's")
     train_parser.add_argument("--plot", help="draw validation and training curves per epoch "
                               "to this PNG (needs matplotlib)")
-    train_parser.add_argument("--no-progress", action="store_true", help="no progress bar")
+    train_parser.add_argument("--log-dir", help="write the epochs' metrics to DIR/metrics.csv, "
+                              "rewritten after every epoch")
+    train_parser.add_argument("--no-progress", action="store_true",
+                              help="no progress bar (there is none when stderr is not a "
+                              "terminal: one line per epoch)")
     add_threads_option(train_parser)
     sharded.add_options(train_parser)
 
     eval_parser = commands.add_parser(
         "evaluate", help="test metrics of a saved checkpoint",
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    eval_parser.add_argument("--checkpoint", required=True)
+        formatter_class=DefaultsHelpFormatter)
+    eval_parser.add_argument("--checkpoint", required=True, help="a din-fast train checkpoint")
     eval_parser.add_argument("--data", help="the data to evaluate on (required unless the "
                              "checkpoint was trained on the synthetic set)")
-    eval_parser.add_argument("--backend", choices=BACKENDS, default="auto")
-    eval_parser.add_argument("--device", choices=("cpu", "cuda"), default=default_device())
+    eval_parser.add_argument("--backend", choices=BACKENDS, default="auto",
+                             help="the attention's backend")
+    eval_parser.add_argument("--device", choices=("cpu", "cuda"), default=default_device(),
+                             help="where the model runs")
     eval_parser.add_argument("--metrics-out", help="write the metrics as JSON here")
+    add_max_unknown_option(eval_parser)
     add_threads_option(eval_parser)
 
     predict_parser = commands.add_parser(
         "predict", help="score candidates for users or histories with a checkpoint",
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    predict_parser.add_argument("--checkpoint", required=True)
+        formatter_class=DefaultsHelpFormatter)
+    predict_parser.add_argument("--checkpoint", required=True, help="a din-fast train checkpoint")
     predict_parser.add_argument("--requests", required=True,
                                 help='JSON lines: {"user": id or "history": [ids], '
-                                '"candidates": [ids], "request": optional name}')
+                                '"candidates": [ids], "features": {column: value} (a model with '
+                                'side features), "request": optional name}')
     predict_parser.add_argument("--data", help="the behaviours of the users that requests "
                                 "name (same layouts as train --data)")
     predict_parser.add_argument("--output", help="write the scores here (default: stdout)")
     predict_parser.add_argument("--format", choices=OUTPUT_FORMATS,
                                 help="default: jsonl for a .jsonl/.json --output, else csv")
-    predict_parser.add_argument("--backend", choices=BACKENDS, default="auto")
-    predict_parser.add_argument("--device", choices=("cpu", "cuda"), default=default_device())
+    predict_parser.add_argument("--backend", choices=BACKENDS, default="auto",
+                                help="the attention's backend")
+    predict_parser.add_argument("--device", choices=("cpu", "cuda"), default=default_device(),
+                                help="where the model runs")
+    add_max_unknown_option(predict_parser)
     add_threads_option(predict_parser)
 
     export_parser = commands.add_parser(
         "export", help="package a checkpoint's model for serving without Python "
         "(AOTInductor .pt2 or ONNX, any batch and history length)",
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    export_parser.add_argument("--checkpoint", required=True)
+        formatter_class=DefaultsHelpFormatter)
+    export_parser.add_argument("--checkpoint", required=True, help="a din-fast train checkpoint")
     export_parser.add_argument("--out", required=True,
                                help="the file to write (.pt2 or .onnx, as --format); the id "
                                "maps go beside it as <name>.ids.json")
@@ -243,8 +341,11 @@ def run_command(args) -> int:
         if options["attention_normalization"] == "none":
             options["attention_normalization"] = None
         config = TrainConfig(**options)
-        check_training_outputs(config, args.checkpoint, args.metrics_out, args.plot)
+        check_training_outputs(config, args.checkpoint, args.metrics_out, args.plot,
+                               args.log_dir, args.resume)
         if sharded.requested(args):
+            sharded.check_single_process_options(config, resume=args.resume,
+                                                 log_dir=args.log_dir)
             metrics = sharded.load_trainer()(
                 config, args.sharding, embedding_optimizer=args.embedding_optimizer,
                 embedding_lr=args.embedding_lr, checkpoint=args.checkpoint,
@@ -253,7 +354,8 @@ def run_command(args) -> int:
                 return 0
         else:
             metrics = train(config, checkpoint=args.checkpoint, metrics_out=args.metrics_out,
-                            progress=not args.no_progress)
+                            progress=not args.no_progress, resume=args.resume,
+                            log_dir=args.log_dir)
         if args.plot:
             plot_training(metrics, args.plot)
         print(f"{config.model}: test AUC {metrics['test_auc']:.4f}  GAUC "
@@ -264,8 +366,11 @@ def run_command(args) -> int:
         check_outputs({"--metrics-out": args.metrics_out},
                       {"--checkpoint": args.checkpoint, "--data": data_files(args.data)})
         metrics = evaluate_checkpoint(args.checkpoint, args.data, backend=args.backend,
-                                      device=args.device)
-        if metrics["excluded_test_samples"] or metrics["skipped_history_items"]:
+                                      device=args.device, max_unknown=args.max_unknown)
+        if metrics.get("unknown_test_items"):
+            print(f"din-fast: note: {metrics['unknown_test_items']} test row(s) hold an item the "
+                  "checkpoint has never seen (scored as its reserved id)", file=sys.stderr)
+        if metrics.get("excluded_test_samples") or metrics.get("skipped_history_items"):
             print(f"din-fast: note: {metrics['excluded_test_samples']} test sample(s) left out "
                   "(their test item is unknown to the checkpoint); "
                   f"{metrics['skipped_history_items']} unknown history item(s) skipped",
@@ -290,7 +395,8 @@ def run_command(args) -> int:
               file=sys.stderr)
     else:
         counts = predict_file(args.checkpoint, args.requests, args.data, args.output,
-                              args.format, device=args.device, backend=args.backend)
+                              args.format, device=args.device, backend=args.backend,
+                              max_unknown=args.max_unknown)
         print(f"din-fast: note: {describe(counts)}", file=sys.stderr)
     return 0
 

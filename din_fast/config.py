@@ -30,6 +30,14 @@ def _positive_float(value) -> bool:
     return type(value) in (int, float) and math.isfinite(value) and value > 0
 
 
+def _fraction(value) -> bool:
+    return type(value) in (int, float) and 0 < value < 1
+
+
+def _names(value) -> bool:
+    return type(value) is tuple and all(type(v) is str and v for v in value)
+
+
 # field -> (accepts the value, what it must be)
 FIELD_RULES = {
     "data": (lambda v: v is None or type(v) is str, "None (the synthetic set) or a path"),
@@ -54,6 +62,15 @@ FIELD_RULES = {
                 f"None (eager) or one of {COMPILE_BACKENDS}"),
     "top_k": (lambda v: v is None or _positive_int(v), "None (exact DIN) or a positive integer"),
     "search": (lambda v: v in SEARCHES, f"one of {SEARCHES}"),
+    "label_column": (lambda v: v is None or (type(v) is str and bool(v.strip())),
+                     "None (the DIN protocol) or a column name"),
+    "features": (_names, "a tuple of column names"),
+    "numeric_features": (_names, "a tuple of column names"),
+    "feature_dim": (lambda v: v is None or _positive_int(v), "None (embed_dim) or a positive "
+                    "integer"),
+    "validation_fraction": (_fraction, "a number in (0, 1)"),
+    "test_fraction": (_fraction, "a number in (0, 1)"),
+    "min_count": (_positive_int, "a positive integer"),
 }
 
 
@@ -61,7 +78,13 @@ FIELD_RULES = {
 class TrainConfig:
     """Everything a run depends on; saved in checkpoints. ``data`` None is the
     seeded synthetic dataset; ``compile`` None trains eagerly, else through
-    torch.compile with that backend. Invalid values raise InputError."""
+    torch.compile with that backend. ``label_column`` None reads behaviours
+    by the DIN protocol (negatives sampled); a column name reads a labeled
+    log (din_fast.labeled_samples), whose side ``features`` (categorical)
+    and ``numeric_features`` the model takes, split by time into the
+    ``test_fraction`` and ``validation_fraction`` latest rows, ids seen
+    fewer than ``min_count`` times in training mapped to the reserved id.
+    Invalid values raise InputError."""
 
     data: Optional[str] = None
     model: str = "din"
@@ -83,8 +106,18 @@ class TrainConfig:
     compile: Optional[str] = None
     top_k: Optional[int] = None
     search: str = "din"
+    label_column: Optional[str] = None
+    features: tuple = ()
+    numeric_features: tuple = ()
+    feature_dim: Optional[int] = None
+    validation_fraction: float = 0.1
+    test_fraction: float = 0.1
+    min_count: int = 1
 
     def __post_init__(self):
+        for name in ("features", "numeric_features"):   # a list reads as the tuple it means
+            if type(getattr(self, name)) is list:
+                setattr(self, name, tuple(getattr(self, name)))
         for name, expected in config_problems(vars(self)):
             raise InputError(f"TrainConfig: `{name}` must be {expected}; "
                              f"got {getattr(self, name)!r}")
@@ -94,6 +127,16 @@ class TrainConfig:
         if self.search != "din" and self.top_k is None:
             raise InputError(f"TrainConfig: `search` {self.search!r} is the first stage of "
                              "two-stage attention; it needs `top_k`")
+        if self.label_column is None:
+            given = [name for name in ("features", "numeric_features") if getattr(self, name)]
+            if given:
+                raise InputError(f"TrainConfig: `{given[0]}` needs `label_column`: side "
+                                 "features belong to the rows of a labeled log (the DIN "
+                                 "protocol samples negatives, which have none)")
+        if self.validation_fraction + self.test_fraction >= 1:
+            raise InputError(f"TrainConfig: `validation_fraction` + `test_fraction` must be "
+                             f"below 1 (the rest trains); got {self.validation_fraction} + "
+                             f"{self.test_fraction}")
         if self.mlp_activation == "dice" and self.batch_size < 2:
             raise InputError(f"TrainConfig: `batch_size` must be at least 2 with mlp_activation "
                              f"'dice' (its batch normalization needs two rows); "
@@ -109,12 +152,23 @@ def config_problems(values: dict) -> list:
     return problems
 
 
-def build_model(config: TrainConfig, num_items: int, num_categories: int) -> torch.nn.Module:
-    """The untrained model of ``config`` (on the current default device)."""
+def build_model(config: TrainConfig, num_items: int, num_categories: int,
+                feature_sizes: Optional[dict] = None) -> torch.nn.Module:
+    """The untrained model of ``config`` (on the current default device), for
+    tables of ``num_items`` and ``num_categories`` ids (0: no category table)
+    and ``feature_sizes`` ({feature: ids}, the side features' tables)."""
     options = {"attention_normalization": config.attention_normalization,
                "attention_activation": config.attention_activation,
                "top_k": config.top_k, "search": config.search} \
         if config.model == "din" else {}
     return MODELS[config.model](num_items, num_categories, embed_dim=config.embed_dim,
                                 mlp_activation=config.mlp_activation, backend=config.backend,
-                                mlp_input=config.mlp_input, **options)
+                                mlp_input=config.mlp_input, features=feature_sizes,
+                                numeric_features=len(config.numeric_features),
+                                feature_dim=config.feature_dim, **options)
+
+
+def model_for(config: TrainConfig, id_maps) -> torch.nn.Module:
+    """build_model for the tables of ``id_maps`` (din_fast.data.IdMaps)."""
+    return build_model(config, id_maps.num_items, id_maps.num_categories,
+                       id_maps.feature_sizes())

@@ -13,8 +13,11 @@ samples of similar length so that little padding is built.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Iterator, NamedTuple, Optional
+
+
+import hashlib
 
 import numpy as np
 import pyarrow as pa
@@ -32,36 +35,109 @@ TEST_STREAM, VALIDATION_STREAM, BATCH_STREAM, TRAIN_STREAM = range(4)
 @dataclass
 class IdMaps:
     """Raw ids in encoding order: raw ``item_ids[i]`` is dense item ``i + 1``
-    (0 is padding), and likewise for categories; ``item_category[i]`` is the
-    dense category of dense item i (0 for the padding). The raw ids are
-    sorted strings without repeats."""
+    (0 is padding), and likewise for categories and each side feature's
+    values; ``item_category[i]`` is the dense category of dense item i (0
+    for the padding). The raw ids are sorted strings without repeats.
+
+    ``unknown``: every table has one more id, ``len(ids) + 1``, that any raw
+    id not listed maps to (labeled logs, whose maps hold the training split's
+    ids); without it such ids map to 0 (the DIN protocol, whose maps hold
+    every id of the data). ``category_ids`` is None for data without
+    categories (and ``item_category`` then too). ``features`` maps each
+    categorical side feature to its values, ``numeric`` each numeric one to
+    the (mean, standard deviation) that standardizes it.
+    """
 
     item_ids: pa.Array
-    category_ids: pa.Array
-    item_category: np.ndarray
+    category_ids: Optional[pa.Array]
+    item_category: Optional[np.ndarray]
+    unknown: bool = False
+    features: dict = field(default_factory=dict)
+    numeric: dict = field(default_factory=dict)
+
+    @property
+    def num_items(self) -> int:
+        """The item table's ids beyond the padding (the reserved one included)."""
+        return len(self.item_ids) + self.unknown
+
+    @property
+    def num_categories(self) -> int:
+        """Likewise for categories; 0 without categories."""
+        return 0 if self.category_ids is None else len(self.category_ids) + self.unknown
+
+    def feature_sizes(self) -> dict:
+        """{feature: its table's ids beyond the padding}."""
+        return {name: len(values) + self.unknown for name, values in self.features.items()}
 
     def dense_items(self, raw: pa.Array) -> np.ndarray:
-        """Dense ids of raw item ids (strings), 0 for the ones not in the map."""
-        return _dense(self.item_ids, raw)
+        """Dense ids of raw item ids (strings); for ids not in the map, the
+        reserved id (``unknown``) or 0."""
+        return self.dense(self.item_ids, raw)
+
+    def dense(self, ids: pa.Array, raw) -> np.ndarray:
+        """Dense ids of ``raw`` in the map ``ids`` (one of this IdMaps')."""
+        return dense_ids(ids, raw, len(ids) + 1 if self.unknown else 0)
+
+    def fingerprint(self) -> str:
+        """A SHA-256 of everything the maps hold: equal maps give equal
+        fingerprints, whatever the data they were built from."""
+        digest = hashlib.sha256()
+
+        def add(tag: str, value) -> None:
+            data = value if isinstance(value, bytes) else repr(value).encode()
+            digest.update(f"{tag}:{len(data)}:".encode() + data)
+        strings = lambda array: "\0".join(array.to_pylist()).encode()
+        add("unknown", self.unknown)
+        add("items", strings(self.item_ids))
+        if self.category_ids is not None:
+            add("categories", strings(self.category_ids))
+            add("item_category", np.ascontiguousarray(self.item_category, np.int64).tobytes())
+        for name, values in self.features.items():
+            add("feature " + name, strings(values))
+        for name, (mean, std) in self.numeric.items():
+            add("numeric " + name, (float(mean), float(std)))
+        return digest.hexdigest()
 
 
-def _dense(ids: pa.Array, raw) -> np.ndarray:
+def dense_ids(ids: pa.Array, raw, missing: int = 0) -> np.ndarray:
+    """Position + 1 in ``ids`` of each string of ``raw`` (a dictionary array
+    looked up once per distinct value), ``missing`` for those not there."""
+    if isinstance(raw, pa.DictionaryArray):
+        return dense_ids(ids, raw.dictionary, missing)[raw.indices.to_numpy()]
     position = pc.index_in(raw, value_set=ids)
-    dense = pc.fill_null(pc.add(position.cast(pa.int64()), 1), 0)
+    dense = pc.fill_null(pc.add(position.cast(pa.int64()), 1), missing)
     return np.array(dense.to_numpy(zero_copy_only=False))     # a writable copy
 
 
 @dataclass
+class RowFeatures:
+    """The side features of a labeled log's rows: each categorical feature's
+    dense ids, ragged (row r holds ``values[name][offsets[name][r]:
+    offsets[name][r + 1]]``, several for a multi-valued cell, none for an
+    empty one), and the numeric features standardized, [rows, N] float32
+    (None without any)."""
+
+    values: dict
+    offsets: dict
+    numeric: Optional[np.ndarray]
+
+
+@dataclass
 class EncodedData:
-    """Interactions with dense ids: ``items`` flat in user order (see
-    Interactions.offsets; 0 for an id the id maps do not know). ``source``
-    names the data in messages."""
+    """Behaviours with dense ids: ``items`` flat in user order (see
+    Interactions.offsets; 0 for an id the id maps do not know), the
+    histories samples take their items from. ``categories``, where given,
+    holds the category of each of them (else the id maps' item_category
+    gives it); ``rows`` the side features samples point to (Samples.row).
+    ``source`` names the data in messages."""
 
     user_ids: pa.Array
     offsets: np.ndarray
     items: np.ndarray
     id_maps: IdMaps
     source: str
+    categories: Optional[np.ndarray] = None
+    rows: Optional[RowFeatures] = None
 
     @property
     def item_category(self) -> np.ndarray:
@@ -69,42 +145,66 @@ class EncodedData:
 
     @property
     def num_items(self) -> int:
-        return len(self.id_maps.item_ids)
+        return self.id_maps.num_items
 
     @property
     def num_categories(self) -> int:
-        return len(self.id_maps.category_ids)
+        return self.id_maps.num_categories
 
 
 @dataclass
 class Samples:
     """DIN samples: the history of sample n is
     ``items[history_start[n]:history_start[n] + history_length[n]]`` of the
-    EncodedData they were built from; ``user`` indexes its users."""
+    EncodedData they were built from; ``user`` indexes its users. The
+    target's category is ``target_category[n]`` where given (else the id
+    maps' category of the target item); ``row`` indexes the data's
+    RowFeatures (None: no side features)."""
 
     user: np.ndarray
     history_start: np.ndarray
     history_length: np.ndarray
     target: np.ndarray
     label: np.ndarray
+    target_category: Optional[np.ndarray] = None
+    row: Optional[np.ndarray] = None
+
+    def subset(self, indices) -> "Samples":
+        return Samples(*(None if a is None else a[indices] for a in
+                         (self.user, self.history_start, self.history_length, self.target,
+                          self.label, self.target_category, self.row)))
 
     def __len__(self) -> int:
         return len(self.label)
 
 
 class Batch(NamedTuple):
-    """One padded batch: histories [B, L] with 0 after ``lengths[b]``."""
+    """One padded batch: histories [B, L] with 0 after ``lengths[b]``; the
+    categories None for data without them. ``features`` maps each
+    categorical side feature to its ids [B, V] (0 after a row's values),
+    ``numeric`` holds the numeric ones [B, N]; both None without any."""
 
     history_items: torch.Tensor
-    history_categories: torch.Tensor
+    history_categories: Optional[torch.Tensor]
     lengths: torch.Tensor
     target_items: torch.Tensor
-    target_categories: torch.Tensor
+    target_categories: Optional[torch.Tensor]
     labels: torch.Tensor
     users: torch.Tensor
+    features: Optional[dict] = None
+    numeric: Optional[torch.Tensor] = None
 
     def to(self, device) -> "Batch":
-        return Batch(*(t.to(device) for t in self))
+        moved = lambda t: None if t is None else t.to(device)
+        return Batch(*(moved(t) for t in self[:7]),
+                     None if self.features is None else {k: moved(v) for k, v in
+                                                          self.features.items()},
+                     moved(self.numeric))
+
+    def model_inputs(self) -> tuple:
+        """(args, kwargs) of a model's forward (din_fast.DIN's) for this batch."""
+        side = {"features": self.features, "numeric": self.numeric}
+        return self[:5], {k: v for k, v in side.items() if v is not None}
 
 
 # ---------------------------------------------------------------- encoding and protocol
@@ -126,8 +226,8 @@ def encode(interactions: Interactions, id_maps: Optional[IdMaps] = None) -> Enco
         category_ids = pc.unique(raw_category)
         category_ids = category_ids.take(pc.sort_indices(category_ids))
         id_maps = IdMaps(item_ids, category_ids,
-                         np.concatenate([[0], _dense(category_ids, raw_category)]))
-    dense_seen = _dense(id_maps.item_ids, seen)
+                         np.concatenate([[0], dense_ids(category_ids, raw_category)]))
+    dense_seen = dense_ids(id_maps.item_ids, seen)
     items = dense_seen[interactions.items.indices.to_numpy(zero_copy_only=False)]
     return EncodedData(interactions.user_ids, interactions.offsets, items.astype(np.int64),
                        id_maps, interactions.source)
@@ -140,13 +240,24 @@ def _first_null(array: pa.Array) -> Optional[int]:
 
 @dataclass
 class SampleSplits:
-    """The DIN protocol's samples of one dataset: training positives (a fresh
-    negative is drawn for each, every epoch: :func:`with_negatives`), and the
-    validation and test samples with their negatives drawn once."""
+    """The samples of one dataset. By the DIN protocol (``negatives``):
+    training positives (a fresh negative is drawn for each, every epoch:
+    :func:`with_negatives`), and the validation and test samples with their
+    negatives drawn once. Of a labeled log (no ``negatives``): its rows."""
 
-    train_positives: Samples
+    train: Samples
     validation: Samples
     test: Samples
+    negatives: bool = True
+
+    @property
+    def train_size(self) -> int:
+        """Training samples per epoch."""
+        return len(self.train) * (2 if self.negatives else 1)
+
+    def training(self, data: "EncodedData", seed: int, epoch: int) -> Samples:
+        """The training samples of ``epoch``."""
+        return training_samples(data, self.train, seed, epoch) if self.negatives else self.train
 
 
 def build_samples(data: EncodedData, seed: int = 0) -> SampleSplits:
@@ -232,9 +343,7 @@ def known_test_samples(data: EncodedData, seed: int = 0) -> KnownTestSamples:
     test = with_negatives(compact, _positives(compact, test_users, kept_lengths[test_users] - 1),
                           np.random.default_rng([seed, TEST_STREAM]))
     known = np.tile(data.items[data.offsets[test_users + 1] - 1] != 0, 2)
-    samples = Samples(*(field[known] for field in (test.user, test.history_start,
-                                                   test.history_length, test.target,
-                                                   test.label)))
+    samples = test.subset(known)
     kept_users = test_users[known[:len(test_users)]]
     skipped = int((lengths[kept_users] - kept_lengths[kept_users]).sum())
     return KnownTestSamples(compact, samples, int((~known).sum()), skipped)
@@ -307,14 +416,36 @@ def iterate_batches(data: EncodedData, samples: Samples, batch_size: int, *,
 def make_batch(data: EncodedData, samples: Samples, indices: np.ndarray,
                length: np.ndarray) -> Batch:
     """The padded batch of ``indices``, keeping the last ``length`` items of each history."""
-    width = max(int(length.max()), 1)
     start = samples.history_start[indices] + samples.history_length[indices] - length
-    position = np.arange(width)
-    valid = position < length[:, None]
-    history = np.where(valid, data.items[np.where(valid, start[:, None] + position, 0)], 0)
+    history = padded(data.items, start, length)
     target = samples.target[indices]
     as_tensor = torch.from_numpy
-    return Batch(as_tensor(history), as_tensor(data.item_category[history]),
-                 as_tensor(length.astype(np.int64)), as_tensor(target),
-                 as_tensor(data.item_category[target]), as_tensor(samples.label[indices]),
-                 as_tensor(samples.user[indices]))
+    if data.id_maps.category_ids is None:
+        history_categories = target_categories = None
+    else:
+        history_categories = as_tensor(data.item_category[history] if data.categories is None
+                                       else padded(data.categories, start, length))
+        target_categories = as_tensor(data.item_category[target]
+                                      if samples.target_category is None
+                                      else samples.target_category[indices])
+    features = numeric = None
+    if data.rows is not None:
+        row = samples.row[indices]
+        features = {name: as_tensor(padded(values, data.rows.offsets[name][row],
+                                           np.diff(data.rows.offsets[name])[row]))
+                    for name, values in data.rows.values.items()} or None
+        numeric = None if data.rows.numeric is None else as_tensor(data.rows.numeric[row])
+    return Batch(as_tensor(history), history_categories, as_tensor(length.astype(np.int64)),
+                 as_tensor(target), target_categories, as_tensor(samples.label[indices]),
+                 as_tensor(samples.user[indices]), features, numeric)
+
+
+def padded(values: np.ndarray, start: np.ndarray, length: np.ndarray) -> np.ndarray:
+    """[len(start), width] rows of ``values[start[r]:start[r] + length[r]]``
+    padded with 0 after each row's length (width: the longest, at least 1)."""
+    width = max(int(length.max(initial=0)), 1)
+    position = np.arange(width)
+    valid = position < length[:, None]
+    if not len(values):
+        return np.zeros(valid.shape, dtype=np.int64)
+    return np.where(valid, values[np.where(valid, start[:, None] + position, 0)], 0)

@@ -59,7 +59,7 @@ def load_interactions(path) -> Interactions:
     if path.is_dir():
         return load_amazon_directory(path)
     if path.is_file():
-        with _opened(path) as handle:
+        with opened(path) as handle:
             magic = handle.read(len(PARQUET_MAGIC))
         return load_parquet(path) if magic == PARQUET_MAGIC else load_table(path)
     if not path.exists():
@@ -79,7 +79,7 @@ def data_files(path) -> list:
     return list(_amazon_files(path)) if path.is_dir() else [path]
 
 
-def _opened(path: Path):
+def opened(path: Path):
     try:
         return open(path, "rb")
     except OSError as error:
@@ -89,7 +89,7 @@ def _opened(path: Path):
 def text_lines(path: Path) -> Iterator[str]:
     """The lines of a UTF-8 text file (a UTF-8 byte-order mark is dropped);
     DataFormatError naming the line where the file is not UTF-8 text."""
-    with _opened(path) as handle:
+    with opened(path) as handle:
         for number, raw in enumerate(handle, start=1):
             if number == 1 and raw.startswith((codecs.BOM_UTF16_LE, codecs.BOM_UTF16_BE)):
                 raise DataFormatError(f"{path}: UTF-16 text; expected UTF-8 (convert it, "
@@ -157,7 +157,7 @@ def _amazon_files(directory: Path) -> tuple[Path, Path]:
 
 def _load_leaf_categories(path: Path):
     expected = 'a JSON object {"item_id": [attribute ids, ...]}'
-    with _opened(path) as handle:
+    with opened(path) as handle:
         raw = handle.read()
     try:
         text = raw.decode("utf-8-sig")
@@ -214,7 +214,7 @@ def load_table(path) -> Interactions:
     path = Path(path)
     header_line = next(text_lines(path), "")
     delimiter = "\t" if path.suffix.lower() == ".tsv" or "\t" in header_line else ","
-    header = _table_header(header_line, path, delimiter)
+    header = table_header(header_line, path, delimiter)
     try:
         # Timestamps as numbers first (the fast path); pyarrow's number parser
         # rejects " 5", which Python's accepts, so a failure retries with them
@@ -230,7 +230,7 @@ def load_table(path) -> Interactions:
             from None
     try:
         return _interactions_from_table(table, path)
-    except _BadRow as bad:
+    except BadRow as bad:
         raise _first_bad_line(path, delimiter, header) or bad.error(path, "data row") from None
 
 
@@ -252,48 +252,65 @@ def _read_table(path: Path, header: list, delimiter: str, timestamp_type) -> pa.
 TABLE_BLOCK_BYTES = 16 << 20
 
 
-def _table_header(line: str, path: Path, delimiter: str) -> list:
+def table_header(line: str, path: Path, delimiter: str, required=TABLE_COLUMNS, optional=(),
+                 options=None) -> list:
+    """The header's column names (trimmed, lower case), the ones not among
+    ``required`` and ``optional`` renamed ``_ignored_<i>`` (pyarrow needs
+    names); DataFormatError naming line 1 when a required column is missing
+    (with the option that named it, from ``options``) or a column is named twice."""
+    expected = ",".join(required)
     if not line.strip():
         raise DataFormatError(f"{path}, line 1: empty file; expected a header naming the "
-                              f"columns {','.join(TABLE_COLUMNS)}")
+                              f"columns {expected}")
     try:
         header = [name.strip().lower() for name in next(csv.reader([line], delimiter=delimiter,
                                                                      strict=True))]
     except csv.Error as error:
         raise DataFormatError(f"{path}, line 1: {error}; expected a header naming the columns "
-                              f"{','.join(TABLE_COLUMNS)}") from None
-    missing = [c for c in TABLE_COLUMNS if c not in header]
+                              f"{expected}") from None
+    missing = [c for c in required if c not in header]
+    if missing and options:
+        named = [f"{c!r} ({options[c]})" if c in options else repr(c) for c in missing]
+        raise DataFormatError(f"{path}, line 1: the header has no column {', '.join(named)}; "
+                              f"its columns are {','.join(header)}")
     if missing:
         raise DataFormatError(f"{path}, line 1: header is missing column(s) {missing}; "
-                              f"expected the columns {list(TABLE_COLUMNS)}")
-    repeated = sorted({c for c in TABLE_COLUMNS if header.count(c) > 1})
+                              f"expected the columns {list(required)}")
+    used = tuple(required) + tuple(optional)
+    repeated = sorted({c for c in used if header.count(c) > 1})
     if repeated:
         raise DataFormatError(f"{path}, line 1: column(s) {repeated} named more than once")
     # Unnamed or repeated other columns are ignored, but pyarrow needs names.
-    return [name if name in TABLE_COLUMNS else f"_ignored_{i}" for i, name in enumerate(header)]
+    return [name if name in used else f"_ignored_{i}" for i, name in enumerate(header)]
 
 
-class _BadRow(Exception):
+class BadRow(Exception):
     """A row that fails a check on the parsed columns (0-based ``row``; None
-    when the check cannot tell which)."""
+    when the check cannot tell which), in ``column`` where one is named."""
 
-    def __init__(self, row: Optional[int], problem: str):
+    def __init__(self, row: Optional[int], problem: str, column: Optional[str] = None):
         super().__init__(problem)
-        self.row, self.problem = row, problem
+        self.row, self.problem, self.column = row, problem, column
 
-    def error(self, path: Path, rows: str = "row") -> DataFormatError:
-        where = path if self.row is None else f"{path}, {rows} {self.row + 1}"
+    def error(self, path: Path, unit: str = "row", number: Optional[int] = None) \
+            -> DataFormatError:
+        """The error naming ``path``, the row as ``unit`` ``number`` (by
+        default row + 1) and the column."""
+        number = self.row + 1 if number is None and self.row is not None else number
+        where = str(path) if number is None else f"{path}, {unit} {number}"
+        if self.column:
+            where += f", column {self.column}"
         return DataFormatError(f"{where}: {self.problem}")
 
 
-def _first_index(mask) -> Optional[int]:
+def first_index(mask) -> Optional[int]:
     indices = np.flatnonzero(np.asarray(mask))
     return int(indices[0]) if len(indices) else None
 
 
-def _encoded_ids(column, name: str) -> pa.DictionaryArray:
+def encoded_ids(column, name: str) -> pa.DictionaryArray:
     """A column of ids, dictionary-encoded with surrounding spaces dropped;
-    _BadRow at the first empty id or id holding a NUL byte. The checks and
+    BadRow at the first empty id or id holding a NUL byte. The checks and
     the trimming run on the distinct values only."""
     encoded = column.combine_chunks().dictionary_encode()
     values = pc.utf8_trim_whitespace(encoded.dictionary)
@@ -303,7 +320,7 @@ def _encoded_ids(column, name: str) -> pa.DictionaryArray:
             (pc.match_substring(values, "\0"), f"a NUL byte in a {name} id; expected UTF-8 text")):
         bad_values = bad_values.to_numpy(zero_copy_only=False)
         if bad_values.any():
-            raise _BadRow(_first_index(bad_values[encoded.indices.to_numpy()]), problem)
+            raise BadRow(first_index(bad_values[encoded.indices.to_numpy()]), problem)
     if values.equals(encoded.dictionary):
         return encoded
     merged = values.dictionary_encode()       # " a" and "a" are one id
@@ -313,30 +330,30 @@ def _encoded_ids(column, name: str) -> pa.DictionaryArray:
 
 def _interactions_from_table(table: pa.Table, path: Path) -> Interactions:
     """Interactions of a table with string columns user, item, category and a
-    string or float64 timestamp; _BadRow for an empty id, a timestamp that is
+    string or float64 timestamp; BadRow for an empty id, a timestamp that is
     not a finite number, or an item with two categories."""
     if table.num_rows == 0:
         raise DataFormatError(f"{path}: no data rows after the header; expected one row per "
                               "behaviour")
-    columns = {name: _encoded_ids(table[name], name) for name in TABLE_COLUMNS[:3]}
+    columns = {name: encoded_ids(table[name], name) for name in TABLE_COLUMNS[:3]}
     timestamps = table["timestamp"].combine_chunks()
     if pa.types.is_string(timestamps.type):
         try:
             timestamps = pc.utf8_trim_whitespace(timestamps).cast(pa.float64())
         except pa.ArrowInvalid:
-            raise _BadRow(None, "a timestamp that is not a number") from None
-    bad = _first_index(pc.invert(pc.fill_null(pc.is_finite(timestamps), False)))
+            raise BadRow(None, "a timestamp that is not a number") from None
+    bad = first_index(pc.invert(pc.fill_null(pc.is_finite(timestamps), False)))
     if bad is not None:
-        raise _BadRow(bad, "expected a finite numeric timestamp")
+        raise BadRow(bad, "expected a finite numeric timestamp")
     item_codes = columns["item"].indices.to_numpy()
     category_codes = columns["category"].indices.to_numpy()
     # Each item's category is the one of its first row; any other row disagreeing is an error.
     _, first_row = np.unique(item_codes, return_index=True)
     first_category = np.empty(len(columns["item"].dictionary), dtype=category_codes.dtype)
     first_category[item_codes[first_row]] = category_codes[first_row]
-    bad = _first_index(category_codes != first_category[item_codes])
+    bad = first_index(category_codes != first_category[item_codes])
     if bad is not None:
-        raise _BadRow(bad, "the item has another category on an earlier row; expected one "
+        raise BadRow(bad, "the item has another category on an earlier row; expected one "
                       "category per item")
     user_dictionary = columns["user"].dictionary
     user_order = pc.sort_indices(user_dictionary)
@@ -359,13 +376,13 @@ def _interactions_from_table(table: pa.Table, path: Path) -> Interactions:
         str(path))
 
 
-def _first_bad_line(path: Path, delimiter: str, header: list) -> Optional[DataFormatError]:
-    """The DataFormatError of the first bad line of a table file (the checks
-    of pyarrow's parse and of _interactions_from_table, line by line), or
-    None when every line passes."""
-    first_category = {}
+def table_rows(path: Path, delimiter: str, header: list) -> Iterator[tuple]:
+    """(line number, {column: field}) for every non-empty data line of a table
+    file; DataFormatError at the first line pyarrow could not parse either
+    (a quoting error, a wrong number of fields)."""
     lines = text_lines(path)
     next(lines, None)
+    columns = ",".join(n for n in header if not n.startswith("_ignored_"))
     for number, line in enumerate(lines, start=2):
         where = f"{path}, line {number}"
         if not line.rstrip("\r\n"):
@@ -373,29 +390,52 @@ def _first_bad_line(path: Path, delimiter: str, header: list) -> Optional[DataFo
         try:
             fields = next(csv.reader([line], delimiter=delimiter, strict=True))
         except csv.Error as error:
-            return DataFormatError(f"{where}: {error}; expected {len(header)} "
-                                   f"{delimiter!r}-separated fields on one line")
+            raise DataFormatError(f"{where}: {error}; expected {len(header)} "
+                                  f"{delimiter!r}-separated fields on one line") from None
         if len(fields) != len(header):
-            return DataFormatError(f"{where}: expected {len(header)} fields "
-                                   f"({','.join(n for n in header if n in TABLE_COLUMNS)}, ...)"
-                                   f", got {len(fields)}")
-        row = dict(zip(header, fields))
-        for name in TABLE_COLUMNS[:3]:
-            if not row[name].strip():
-                return DataFormatError(f"{where}: empty {name} id; expected a non-empty token")
-        try:
-            timestamp = float(row["timestamp"])
-        except ValueError:
-            timestamp = math.nan
-        if not math.isfinite(timestamp):
-            return DataFormatError(f"{where}: expected a finite numeric timestamp, got "
-                                   f"{snippet(row['timestamp'])}")
-        item, category = row["item"].strip(), row["category"].strip()
-        seen = first_category.setdefault(item, (category, number))
-        if seen[0] != category:
-            return DataFormatError(f"{where}: item {snippet(item)} has category "
-                                   f"{snippet(category)}, but {snippet(seen[0])} on line "
-                                   f"{seen[1]}; expected one category per item")
+            raise DataFormatError(f"{where}: expected {len(header)} fields ({columns}, ...), "
+                                  f"got {len(fields)}")
+        yield number, dict(zip(header, fields))
+
+
+def first_bad_line(path: Path, delimiter: str, header: list) -> Optional[DataFormatError]:
+    """The DataFormatError of the first line of a table file pyarrow cannot
+    parse (see :func:`table_rows`), or None."""
+    try:
+        for _ in table_rows(path, delimiter, header):
+            pass
+    except DataFormatError as error:
+        return error
+    return None
+
+
+def _first_bad_line(path: Path, delimiter: str, header: list) -> Optional[DataFormatError]:
+    """The DataFormatError of the first bad line of a behaviour table (the
+    checks of pyarrow's parse and of _interactions_from_table, line by
+    line), or None when every line passes."""
+    first_category = {}
+    try:
+        for number, row in table_rows(path, delimiter, header):
+            where = f"{path}, line {number}"
+            for name in TABLE_COLUMNS[:3]:
+                if not row[name].strip():
+                    return DataFormatError(f"{where}: empty {name} id; expected a non-empty "
+                                           "token")
+            try:
+                timestamp = float(row["timestamp"])
+            except ValueError:
+                timestamp = math.nan
+            if not math.isfinite(timestamp):
+                return DataFormatError(f"{where}: expected a finite numeric timestamp, got "
+                                       f"{snippet(row['timestamp'])}")
+            item, category = row["item"].strip(), row["category"].strip()
+            seen = first_category.setdefault(item, (category, number))
+            if seen[0] != category:
+                return DataFormatError(f"{where}: item {snippet(item)} has category "
+                                       f"{snippet(category)}, but {snippet(seen[0])} on line "
+                                       f"{seen[1]}; expected one category per item")
+    except DataFormatError as error:
+        return error
     return None
 
 
@@ -441,13 +481,13 @@ def load_parquet(path) -> Interactions:
         except (pa.ArrowInvalid, pa.ArrowNotImplementedError):
             raise DataFormatError(f"{path}: column {name} has type {column.type}; expected "
                                   f"{'numbers' if name == 'timestamp' else 'ids'}") from None
-        bad = _first_index(column.is_null().combine_chunks())
+        bad = first_index(column.is_null().combine_chunks())
         if bad is not None:
             raise DataFormatError(f"{path}, row {bad + 1}: {name} is null; expected a value")
         columns.append(column)
     try:
         return _interactions_from_table(pa.table(columns, names=list(TABLE_COLUMNS)), path)
-    except _BadRow as bad:
+    except BadRow as bad:
         raise bad.error(path) from None
 
 

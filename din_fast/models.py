@@ -1,12 +1,16 @@
 """CTR models: DIN (attention pooling of the history) and its sum-pooling BaseModel.
 
 Both embed an item as [item embedding | category embedding] (one table each,
-row 0 the padding and kept at zero), use the candidate item as the query, pool
-the history into a user-interest vector, and score MLP([interest, candidate])
+row 0 the padding and kept at zero; the item embedding alone for data without
+categories), use the candidate item as the query, pool the history into a
+user-interest vector, and score MLP([interest, candidate, side features])
 as a logit (the DIN paper's input; ``mlp_input="product"`` appends
-interest * candidate); the sigmoid of it is the click probability. The two
-differ only in the pooling, which is what the DIN paper's DIN vs. BaseModel
-comparison measures.
+interest * candidate); the sigmoid of it is the click probability. Side
+features (user profile, item and context columns, as the DIN paper's model
+has beside the behaviours) are one embedding table each, a multi-valued one
+mean-pooled, and numeric columns as they are. The two models differ only in
+the pooling, which is what the DIN paper's DIN vs. BaseModel comparison
+measures.
 """
 
 from __future__ import annotations
@@ -80,20 +84,23 @@ def scoring_mlp(in_features: int, hidden_units, activation: str) -> nn.Sequentia
     return nn.Sequential(*layers)
 
 
-def mlp_width(embed_dim: int, mlp_input: str) -> int:
-    """The scoring MLP's input width for items of 2 * embed_dim."""
+def mlp_width(item_width: int, mlp_input: str) -> int:
+    """The scoring MLP's input width for items ``item_width`` wide (side features aside)."""
     if mlp_input not in MLP_INPUTS:
         raise ValueError(f"`mlp_input` must be one of {MLP_INPUTS}; got {mlp_input!r}")
-    return 6 * embed_dim if mlp_input == "product" else 4 * embed_dim
+    return 3 * item_width if mlp_input == "product" else 2 * item_width
 
 
-def score(mlp: nn.Module, mlp_input: str, interest, candidate):
+def score(mlp: nn.Module, mlp_input: str, interest, candidate, side=None):
     """Logits [...] of MLP([interest, candidate]) (``mlp_input`` "concat") or
     MLP([interest, candidate, interest * candidate]) ("product"), for
-    interest and candidate [..., 2E]."""
+    interest and candidate [..., W], with the side features [..., S] appended
+    where given."""
     features = [interest, candidate]
     if mlp_input == "product":
         features.append(interest * candidate)
+    if side is not None:
+        features.append(side)
     features = torch.cat(features, -1)
     # The MLP sees rows of features: its Dice normalizes per unit (BatchNorm1d).
     return mlp(features.flatten(0, -2)).view(features.shape[:-1])
@@ -108,9 +115,12 @@ class BaseModel(nn.Module):
     Args:
         num_items: the items of the id maps; the item table has one more row,
             row 0 the padding (kept at zero).
-        num_categories: likewise for the category table.
+        num_categories: likewise for the category table; 0 for none (the
+            item embedding alone is an item; forward takes None for the
+            categories).
         embed_dim: the size of each table, so an item (and the attention's
-            query and keys in DIN) is 2 * embed_dim wide.
+            query and keys in DIN) is 2 * embed_dim wide (embed_dim without
+            categories).
         mlp_hidden: the scoring MLP's hidden widths.
         mlp_activation: "dice" (the paper's) or "prelu".
         backend: the attention backend (din_attention's); BaseModel has no
@@ -118,6 +128,12 @@ class BaseModel(nn.Module):
             arguments.
         mlp_input: "concat" (MLP over [interest, candidate], the paper's) or
             "product" (interest * candidate appended).
+        features: {side feature: its number of ids}: a table each (row 0
+            the padding), whose mean over a row's ids enters the MLP beside
+            [interest, candidate].
+        numeric_features: the number of numeric side features, entering the
+            MLP as they are.
+        feature_dim: the side features' embedding size (default embed_dim).
 
     Raises:
         ValueError: an unknown ``mlp_activation`` or ``mlp_input``.
@@ -125,24 +141,38 @@ class BaseModel(nn.Module):
 
     def __init__(self, num_items: int, num_categories: int, embed_dim: int = 32,
                  mlp_hidden=(200, 80), mlp_activation: str = "dice", backend: str = "auto",
-                 mlp_input: str = "concat"):
+                 mlp_input: str = "concat", features=None, numeric_features: int = 0,
+                 feature_dim=None):
         super().__init__()
-        width = mlp_width(embed_dim, mlp_input)
         self.backend = backend
         self.mlp_input = mlp_input
-        self.item_embedding = nn.Embedding(num_items + 1, embed_dim, padding_idx=0)
-        self.category_embedding = nn.Embedding(num_categories + 1, embed_dim, padding_idx=0)
-        for table in (self.item_embedding, self.category_embedding):
-            nn.init.normal_(table.weight, std=EMBEDDING_INIT_STD)
-            with torch.no_grad():
-                table.weight[0].zero_()
-        self.mlp = scoring_mlp(width, mlp_hidden, mlp_activation)
+        self.item_embedding = _embedding(num_items, embed_dim)
+        self.category_embedding = _embedding(num_categories, embed_dim) if num_categories \
+            else None
+        self.item_width = embed_dim * (2 if num_categories else 1)
+        features = dict(features or {})
+        feature_dim = embed_dim if feature_dim is None else feature_dim
+        # In a list, not a ModuleDict: a column name may hold a dot.
+        self.feature_names = tuple(features)
+        self.feature_embeddings = nn.ModuleList(_embedding(size, feature_dim)
+                                                for size in features.values())
+        for table in [self.item_embedding, self.category_embedding, *self.feature_embeddings]:
+            if table is not None:
+                nn.init.normal_(table.weight, std=EMBEDDING_INIT_STD)
+                with torch.no_grad():
+                    table.weight[0].zero_()
+        self.numeric_features = numeric_features
+        side = len(features) * feature_dim + numeric_features
+        self.mlp = scoring_mlp(mlp_width(self.item_width, mlp_input) + side, mlp_hidden,
+                               mlp_activation)
 
     def embed(self, items, categories):
+        if self.category_embedding is None:
+            return self.item_embedding(items)
         return torch.cat([self.item_embedding(items), self.category_embedding(categories)], -1)
 
     def pool(self, candidate, history, lengths, categories=None):
-        """User interest, [B, 2E] (or [B, C, 2E] for C candidates [B, C, 2E]
+        """User interest, [B, W] (or [B, C, W] for C candidates [B, C, W]
         per row): the sum of each row's first lengths[b] positions; whatever
         lies past them is never read (a select, so its gradient is 0).
         ``categories`` is (the candidates', the history's) category ids, for a
@@ -151,12 +181,30 @@ class BaseModel(nn.Module):
         interest = torch.where(valid[..., None], history, history.new_zeros(())).sum(1)
         return interest if candidate.dim() == 2 else interest[:, None].expand_as(candidate)
 
+    def side_features(self, candidate, features, numeric):
+        """[..., S]: each categorical feature's embedding (the mean of a
+        row's non-padding ids; zero for none) and the numeric features, over
+        the candidates' leading dims (a row's [B, V] broadcast to its C
+        candidates); None without side features."""
+        parts = []
+        for name, table in zip(self.feature_names, self.feature_embeddings):
+            ids = features[name]
+            count = (ids != 0).sum(-1, keepdim=True).clamp(min=1)
+            parts.append(table(ids).sum(-2) / count.to(table.weight.dtype))
+        if self.numeric_features:
+            parts.append(numeric.to(self.item_embedding.weight.dtype))
+        if not parts:
+            return None
+        leading = candidate.shape[:-1]
+        return torch.cat([p if p.dim() == len(leading) + 1
+                          else p[:, None].expand(*leading, p.shape[-1]) for p in parts], -1)
+
     def attention_backend(self):
         """The backend the attention runs in the current mode, None without attention."""
         return None
 
     def check_inputs(self, history_items, history_categories, lengths, target_items,
-                     target_categories) -> None:
+                     target_categories, features=None, numeric=None) -> None:
         """forward's inputs checked, named as forward names them (the messages
         also serve as the asserts of an exported graph: no sizes in them,
         which would be symbols there)."""
@@ -164,41 +212,90 @@ class BaseModel(nn.Module):
         inputs = {"history_items": history_items, "history_categories": history_categories,
                   "lengths": lengths, "target_items": target_items,
                   "target_categories": target_categories}
+        if self.category_embedding is None:
+            given = [name for name in ("history_categories", "target_categories")
+                     if inputs.pop(name) is not None]
+            if given:
+                raise ValueError(f"{owner}: `{given[0]}` must be None: the model has no "
+                                 "category table (num_categories=0)")
+        inputs.update({name: (features or {}).get(name) for name in self.feature_names})
         for name, tensor in inputs.items():
             if not isinstance(tensor, torch.Tensor) or tensor.dtype not in ID_DTYPES:
                 got = tensor.dtype if isinstance(tensor, torch.Tensor) else type(tensor).__name__
-                raise TypeError(f"{owner}: `{name}` must be an int32 or int64 tensor; got {got}")
-        if history_items.dim() != 2 or history_categories.shape != history_items.shape:
+                what = f"features[{name!r}]" if name in self.feature_names else f"`{name}`"
+                raise TypeError(f"{owner}: {what} must be an int32 or int64 tensor; got {got}")
+        categories = self.category_embedding is not None
+        if history_items.dim() != 2 or categories and history_categories.shape != \
+                history_items.shape:
             raise ValueError(f"{owner}: `history_items` and `history_categories` must both be "
                              f"[B, T]; got {tuple(history_items.shape)} and "
-                             f"{tuple(history_categories.shape)}")
+                             f"{tuple(history_categories.shape) if categories else None}")
         batch = history_items.shape[0]
         if lengths.shape != (batch,):
             raise ValueError(f"{owner}: `lengths` must be [B] with B = {batch}, the rows of "
                              f"`history_items`; got {tuple(lengths.shape)}")
         if target_items.dim() not in (1, 2) or target_items.shape[0] != batch \
-                or target_categories.shape != target_items.shape:
+                or categories and target_categories.shape != target_items.shape:
             raise ValueError(f"{owner}: `target_items` and `target_categories` must both be [B] "
                              f"(or [B, C] for C candidates) with B = {batch}, the rows of "
                              f"`history_items`; got {tuple(target_items.shape)} and "
-                             f"{tuple(target_categories.shape)}")
-        tables = {"item": self.item_embedding.num_embeddings - 1,
-                  "category": self.category_embedding.num_embeddings - 1}
+                             f"{tuple(target_categories.shape) if categories else None}")
+        self._check_side_shapes(owner, target_items.shape, features, numeric)
+        tables = {"item": self.item_embedding.num_embeddings - 1}
+        if categories:
+            tables["category"] = self.category_embedding.num_embeddings - 1
+        tables.update({name: table.num_embeddings - 1
+                       for name, table in zip(self.feature_names, self.feature_embeddings)})
         for name, tensor in inputs.items():
             if name == "lengths":
                 check_within(f"{owner}: `lengths`", name, tensor, history_items.shape[1],
                              "[0, T], T the width of `history_items`", "T")
+            elif name in self.feature_names:
+                check_within(f"{owner}: features[{name!r}]", name, tensor, tables[name],
+                             f"[0, {tables[name]}], the feature table's ids")
             else:
                 table = "item" if name.endswith("items") else "category"
                 check_within(f"{owner}: `{name}`", name, tensor, tables[table],
                              f"[0, {tables[table]}], the {table} table's ids")
 
+    def _check_side_shapes(self, owner, targets, features, numeric) -> None:
+        """Side features [B, V] or, with C candidates, [B, C, V]; numeric ones
+        [B, N] or [B, C, N]; exactly the model's."""
+        extra = sorted(set(features or {}) - set(self.feature_names))
+        if extra:
+            raise ValueError(f"{owner}: features {extra} are not the model's; it takes "
+                             f"{list(self.feature_names)}")
+        for name in self.feature_names:
+            shape = tuple(features[name].shape)
+            if not (len(shape) in (2, len(targets) + 1) and shape[:len(shape) - 1] ==
+                    tuple(targets)[:len(shape) - 1]):
+                raise ValueError(f"{owner}: features[{name!r}] must be [B, V] (or [B, C, V] "
+                                 f"for C candidates) with [B] or [B, C] = {tuple(targets)}, "
+                                 f"the shape of `target_items`; got {shape}")
+        if not self.numeric_features:
+            if numeric is not None:
+                raise ValueError(f"{owner}: `numeric` must be None: the model has no numeric "
+                                 "features")
+            return
+        if not isinstance(numeric, torch.Tensor) or not numeric.is_floating_point():
+            got = numeric.dtype if isinstance(numeric, torch.Tensor) else type(numeric).__name__
+            raise TypeError(f"{owner}: `numeric` must be a floating-point tensor; got {got}")
+        shape = tuple(numeric.shape)
+        if not (len(shape) in (2, len(targets) + 1) and shape[-1] == self.numeric_features
+                and shape[:len(shape) - 1] == tuple(targets)[:len(shape) - 1]):
+            raise ValueError(f"{owner}: `numeric` must be [B, N] (or [B, C, N]) with N = "
+                             f"{self.numeric_features} and [B] or [B, C] = {tuple(targets)}, "
+                             f"the shape of `target_items`; got {shape}")
+
     def embedding_tables(self):
-        """(table, which ids index it: "item" or "category")."""
-        return [(self.item_embedding, "item"), (self.category_embedding, "category")]
+        """(table, which ids index it: "item", "category" or a feature's name)."""
+        tables = [(self.item_embedding, "item")]
+        if self.category_embedding is not None:
+            tables.append((self.category_embedding, "category"))
+        return tables + list(zip(self.feature_embeddings, self.feature_names))
 
     def forward(self, history_items, history_categories, lengths, target_items,
-                target_categories):
+                target_categories, features=None, numeric=None):
         """Logits [B] for batches of data.Batch's fields; with C candidates per
         row (``target_items`` and ``target_categories`` [B, C]) logits [B, C],
         each history pooled once for all of its candidates.
@@ -206,16 +303,24 @@ class BaseModel(nn.Module):
         Args:
             history_items: [B, T] int32/int64 dense item ids, oldest first, 0
                 (the padding) after ``lengths[b]``.
-            history_categories: [B, T] the dense category of each.
+            history_categories: [B, T] the dense category of each (None
+                without a category table).
             lengths: [B] int32/int64, each row's history length, in [0, T].
             target_items: [B] (or [B, C]) the candidates' dense item ids.
-            target_categories: [B] (or [B, C]) their dense categories.
+            target_categories: [B] (or [B, C]) their dense categories (None
+                without a category table).
+            features: {side feature: [B, V] ids} (or [B, C, V]; a row's [B, V]
+                serves all of its candidates), 0 padding a row's values;
+                each of the model's side features, no other.
+            numeric: [B, N] (or [B, C, N]) the numeric side features, as
+                standardized in training; None without any.
 
         Returns:
             The logits [B] (or [B, C]); the click probability is their sigmoid.
 
         Raises:
-            TypeError: an input that is not an int32/int64 tensor.
+            TypeError: an input that is not an int32/int64 tensor (numeric: not
+                floating point).
             ValueError: shapes that do not fit together, an id outside the
                 tables (0, the padding, up to num_items and num_categories),
                 ``lengths`` outside [0, T]; on CPU. On an accelerator, and in
@@ -223,11 +328,17 @@ class BaseModel(nn.Module):
                 same message (no host sync).
         """
         self.check_inputs(history_items, history_categories, lengths, target_items,
-                          target_categories)
+                          target_categories, features, numeric)
         candidate = self.embed(target_items, target_categories)
         history = self.embed(history_items, history_categories)
         interest = self.pool(candidate, history, lengths, (target_categories, history_categories))
-        return score(self.mlp, self.mlp_input, interest, candidate)
+        return score(self.mlp, self.mlp_input, interest, candidate,
+                     self.side_features(candidate, features, numeric))
+
+
+def _embedding(num_ids: int, dim: int) -> nn.Embedding:
+    """A table of ``num_ids`` ids and the padding row 0 (kept at zero)."""
+    return nn.Embedding(num_ids + 1, dim, padding_idx=0)
 
 
 class DIN(BaseModel):
@@ -269,10 +380,14 @@ class DIN(BaseModel):
                  mlp_hidden=(200, 80), mlp_activation: str = "dice", backend: str = "auto",
                  mlp_input: str = "concat", attention_hidden=(80, 40),
                  attention_activation: str = "dice", attention_normalization="softmax",
-                 top_k=None, search: str = "din"):
+                 top_k=None, search: str = "din", features=None, numeric_features: int = 0,
+                 feature_dim=None):
         super().__init__(num_items, num_categories, embed_dim, mlp_hidden, mlp_activation,
-                         backend, mlp_input)
-        self.attention = DINAttention(2 * embed_dim, attention_hidden, attention_activation,
+                         backend, mlp_input, features, numeric_features, feature_dim)
+        if search == "category" and not num_categories:
+            raise ValueError("DIN: `search` 'category' ranks the history by category; the "
+                             "model has none (num_categories 0)")
+        self.attention = DINAttention(self.item_width, attention_hidden, attention_activation,
                                       normalization=attention_normalization, backend=backend,
                                       top_k=top_k, search=search)
 

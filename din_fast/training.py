@@ -1,7 +1,9 @@
-"""Training and evaluation of the CTR models on DIN-protocol data."""
+"""Training and evaluation of the CTR models: on behaviours by the DIN
+protocol (negatives sampled) or on a labeled log (din_fast.labeled_samples)."""
 
 from __future__ import annotations
 
+import sys
 import time
 from dataclasses import asdict, replace
 from functools import partial
@@ -12,14 +14,19 @@ import torch
 import torch.nn.functional as F
 from tqdm import tqdm
 
-from .checkpoint import load_checkpoint, restored_model, save_checkpoint
-from .config import TrainConfig, build_model
+from .checkpoint import (RunState, load_checkpoint, restored_model, resume_path,
+                         save_checkpoint, save_run_state)
+from .config import TrainConfig, build_model, model_for
 from .data import (BATCH_STREAM, EncodedData, Samples, SampleSplits, build_samples, encode,
-                   iterate_batches, known_test_samples, training_samples)
-from .errors import InputError
-from .files import check_outputs, write_json
+                   iterate_batches, known_test_samples)
+from .errors import CheckpointError, InputError
+from .files import check_outputs, same_file, write_json
+from .foreign_data import MAX_UNKNOWN, check_behaviours, check_log
+from .labeled_loader import LogColumns, load_labeled_log
+from .labeled_samples import LogSplit, encode_log, labeled_samples, split_log
 from .loaders import data_files, load_interactions, synthetic_interactions
 from .metrics import ctr_metrics
+from .run_log import EpochLog
 
 EVAL_BATCH_SIZE = 4096
 LOSS_SMOOTHING = 0.02  # the progress bar's loss: an exponential average over ~50 batches
@@ -42,7 +49,7 @@ def check_device_and_backend(config: TrainConfig) -> None:
         return
     # One forward of a one-item model with the run's settings on the run's
     # device: it fails exactly as the first training step would.
-    probe = build_model(config, 1, 1).to(config.device).eval()
+    probe = build_model(replace(config, numeric_features=()), 1, 1).to(config.device).eval()
     ones = torch.ones(1, 1, dtype=torch.long, device=config.device)
     try:
         with torch.no_grad():
@@ -53,10 +60,27 @@ def check_device_and_backend(config: TrainConfig) -> None:
 
 
 def load_data(path: Optional[str], seed: int):
-    """(EncodedData, SampleSplits) of a data path or the synthetic set."""
+    """(EncodedData, SampleSplits) of a data path or the synthetic set, by the DIN protocol."""
     interactions = synthetic_interactions(seed=seed) if path is None else load_interactions(path)
     data = encode(interactions)
     return data, build_samples(data, seed)
+
+
+def log_columns(config: TrainConfig) -> LogColumns:
+    """The columns of the labeled log a config reads."""
+    return LogColumns(config.label_column, config.features, config.numeric_features)
+
+
+def log_split(config: TrainConfig) -> LogSplit:
+    return LogSplit(config.validation_fraction, config.test_fraction, config.min_count)
+
+
+def load_config_data(config: TrainConfig):
+    """(EncodedData, SampleSplits) of the config's data: a labeled log where
+    it names a label column, else by the DIN protocol."""
+    if config.label_column is None:
+        return load_data(config.data, config.seed)
+    return labeled_samples(load_labeled_log(config.data, log_columns(config)), log_split(config))
 
 
 @torch.no_grad()
@@ -65,8 +89,8 @@ def evaluate(model, data: EncodedData, samples: Samples, max_len, device, prefix
     model.eval()
     logits = np.empty(len(samples), dtype=np.float64)
     for indices, batch in iterate_batches(data, samples, EVAL_BATCH_SIZE, max_len=max_len):
-        batch = batch.to(device)
-        logits[indices] = model(*batch[:5]).double().cpu().numpy()
+        args, kwargs = batch.to(device).model_inputs()
+        logits[indices] = model(*args, **kwargs).double().cpu().numpy()
     return metrics_of(samples, logits, prefix)
 
 
@@ -81,15 +105,30 @@ def metrics_of(samples: Samples, logits: np.ndarray, prefix: str) -> dict:
                                                       logits).items()}
 
 
-def inverse_frequencies(data: EncodedData, device) -> dict:
-    """1 / (occurrences among the training behaviours) per item and per
-    category id: the scale of the mini-batch aware L2 penalty."""
-    lengths = np.diff(data.offsets)
-    position = np.arange(len(data.items)) - np.repeat(data.offsets[:-1], lengths)
-    training = data.items[position < np.repeat(lengths - 2, lengths)]   # not val/test targets
-    counts = {"item": np.bincount(training, minlength=data.num_items + 1),
-              "category": np.bincount(data.item_category[training],
-                                      minlength=data.num_categories + 1)}
+def inverse_frequencies(data: EncodedData, device, train: Optional[Samples] = None) -> dict:
+    """1 / (occurrences in training) per id of each table: the scale of the
+    mini-batch aware L2 penalty. By the DIN protocol (``train`` None), the
+    occurrences among the training behaviours; of a labeled log, among its
+    training samples ``train`` (their items, categories and side features)."""
+    maps = data.id_maps
+    if train is None:
+        lengths = np.diff(data.offsets)
+        position = np.arange(len(data.items)) - np.repeat(data.offsets[:-1], lengths)
+        training = data.items[position < np.repeat(lengths - 2, lengths)]   # not val/test targets
+        counts = {"item": np.bincount(training, minlength=data.num_items + 1),
+                  "category": np.bincount(data.item_category[training],
+                                          minlength=data.num_categories + 1)}
+    else:
+        counts = {"item": np.bincount(train.target, minlength=data.num_items + 1)}
+        if maps.category_ids is not None:
+            counts["category"] = np.bincount(train.target_category,
+                                             minlength=data.num_categories + 1)
+        for name, size in maps.feature_sizes().items():
+            offsets = data.rows.offsets[name]
+            rows = np.zeros(len(offsets) - 1, dtype=bool)
+            rows[train.row] = True
+            of_value = np.repeat(rows, np.diff(offsets))
+            counts[name] = np.bincount(data.rows.values[name][of_value], minlength=size + 1)
     return {kind: torch.from_numpy(1.0 / np.maximum(c, 1)).float().to(device)
             for kind, c in counts.items()}
 
@@ -99,7 +138,10 @@ def minibatch_l2(model, batch, inverse_frequency: dict) -> torch.Tensor:
     rows that occur in the batch (padding excluded), sum ||w_j||^2 / n_j with
     n_j the row's frequency; rows absent from the batch are not touched."""
     ids = {"item": torch.cat([batch.history_items.flatten(), batch.target_items]),
-           "category": torch.cat([batch.history_categories.flatten(), batch.target_categories])}
+           **(batch.features or {})}
+    if batch.history_categories is not None:
+        ids["category"] = torch.cat([batch.history_categories.flatten(),
+                                     batch.target_categories])
     total = 0.0
     for table, kind in model.embedding_tables():
         rows = torch.unique(ids[kind])
@@ -111,22 +153,43 @@ def minibatch_l2(model, batch, inverse_frequency: dict) -> torch.Tensor:
 class Learner:
     """What fit_learner's learners share: Adam over ``parameters`` at
     ``config.lr``, times ``config.lr_decay`` after every epoch (``end_epoch``),
-    the inverse frequencies of the L2 penalty on ``frequency_device``, and one
-    seeded stream of shuffled training batches of at least ``min_batch``
-    samples (Dice's batch normalization needs two rows)."""
+    the inverse frequencies of the L2 penalty on ``frequency_device`` (of a
+    labeled log's training samples ``labeled_train``), and one seeded stream
+    of shuffled training batches of at least ``min_batch`` samples (Dice's
+    batch normalization needs two rows)."""
 
     def __init__(self, parameters, data: EncodedData, config: TrainConfig, frequency_device,
-                 min_batch: int = 2):
+                 min_batch: int = 2, labeled_train: Optional[Samples] = None):
         self.data, self.config, self.min_batch = data, config, min_batch
         self.optimizer = torch.optim.Adam(parameters, lr=config.lr)
         self.schedule = torch.optim.lr_scheduler.ExponentialLR(self.optimizer,
                                                                gamma=config.lr_decay)
-        self.inverse_frequency = inverse_frequencies(data, frequency_device) if config.l2 \
-            else None
+        self.inverse_frequency = inverse_frequencies(data, frequency_device, labeled_train) \
+            if config.l2 else None
         self.batch_rng = np.random.default_rng([config.seed, BATCH_STREAM])
 
     def lr(self) -> float:
         return self.optimizer.param_groups[0]["lr"]
+
+    def state_dict(self) -> dict:
+        """What continues training exactly: the optimizer, the learning-rate
+        schedule and the random streams (the model's weights aside)."""
+        return {"optimizer": self.optimizer.state_dict(), "schedule": self.schedule.state_dict(),
+                "batch_rng": self.batch_rng.bit_generator.state,
+                "torch_rng": torch.get_rng_state()}
+
+    def load_state_dict(self, state: dict) -> None:
+        """A state of :meth:`state_dict`; CheckpointError when it does not
+        fit this learner (a run state file altered, or of another model)."""
+        try:
+            self.optimizer.load_state_dict(state["optimizer"])
+            self.schedule.load_state_dict(state["schedule"])
+            self.batch_rng.bit_generator.state = state["batch_rng"]
+            torch.set_rng_state(state["torch_rng"])
+        except (KeyError, TypeError, ValueError, RuntimeError) as error:
+            raise CheckpointError(f"the run state to resume does not fit the run's model and "
+                                  f"optimizer ({type(error).__name__}); resume from a run state "
+                                  "file din-fast train wrote for this run") from None
 
     def training_batches(self, samples: Samples, bar):
         """The epoch's shuffled batches of ``samples``, through the progress bar."""
@@ -145,8 +208,10 @@ class LocalLearner(Learner):
     added to the loss). din_fast.sharded.training has the TorchRec
     counterpart."""
 
-    def __init__(self, model, data: EncodedData, config: TrainConfig):
-        super().__init__(model.parameters(), data, config, config.device)
+    def __init__(self, model, data: EncodedData, config: TrainConfig,
+                 labeled_train: Optional[Samples] = None):
+        super().__init__(model.parameters(), data, config, config.device,
+                         labeled_train=labeled_train)
         self.model = model
         if config.compile:
             # In place (nn.Module.compile): the state dict keeps its keys for
@@ -162,7 +227,8 @@ class LocalLearner(Learner):
         running = None
         for _, batch in self.training_batches(samples, bar):
             batch = batch.to(config.device)
-            loss = F.binary_cross_entropy_with_logits(model(*batch[:5]), batch.labels)
+            args, kwargs = batch.model_inputs()
+            loss = F.binary_cross_entropy_with_logits(model(*args, **kwargs), batch.labels)
             value = loss.item()
             auxiliary = getattr(model, "auxiliary_loss", None)
             auxiliary = None if auxiliary is None else auxiliary(*batch[:5], batch.labels)
@@ -192,12 +258,12 @@ class TrainingInterrupted(KeyboardInterrupt):
     """Ctrl-C during :func:`fit_learner`. ``best`` is the best epoch's record
     (None when no epoch finished), whose weights the learner then holds;
     ``saved`` the checkpoint they were written to, else ``unsaved`` says why
-    not."""
+    not; ``resumable`` the file --resume continues the run from."""
 
     def __init__(self, stage: str, best: Optional[dict]):
         super().__init__(stage)
         self.stage, self.best = stage, best
-        self.saved, self.unsaved = None, "no --checkpoint given"
+        self.saved, self.unsaved, self.resumable = None, "no --checkpoint given", None
 
     def __str__(self) -> str:
         if self.best is None:
@@ -207,46 +273,86 @@ class TrainingInterrupted(KeyboardInterrupt):
                        f"{self.best['validation_gauc']:.4f}), to {self.saved}")
         else:
             outcome = f"epoch {self.best['epoch']} was the best so far, not saved ({self.unsaved})"
+        if self.resumable:
+            outcome += f"; continue the run with --resume {self.resumable}"
         return f"during {self.stage}: {outcome}; metrics and plots are written by finished runs"
 
 
+# What a resumed run may change; everything else must be the run's own.
+RESUME_MAY_CHANGE = ("data", "epochs", "patience", "device", "backend", "compile")
+
+
 def check_training_outputs(config: TrainConfig, checkpoint=None, metrics_out=None,
-                           plot=None) -> None:
+                           plot=None, log_dir=None, resume=None) -> None:
     """OutputError, before any work, when a file of the training run cannot be
-    written or would overwrite its data (see din_fast.files)."""
-    check_outputs({"--checkpoint": checkpoint, "--metrics-out": metrics_out, "--plot": plot},
-                  {"--data": data_files(config.data)})
+    written or would overwrite its data (see din_fast.files). The run's state
+    file (beside --checkpoint, :func:`din_fast.checkpoint.resume_path`) may be
+    the --resume file it continues from: that one is read whole first and
+    replaced after the next epoch."""
+    last = resume_path(checkpoint) if checkpoint else None
+    continued = resume is not None and last is not None and same_file(resume, last)
+    check_outputs({"--checkpoint": checkpoint, "--checkpoint's run state": last,
+                   "--metrics-out": metrics_out, "--plot": plot,
+                   "--log-dir's metrics.csv": EpochLog.path_in(log_dir) if log_dir else None},
+                  {"--data": data_files(config.data),
+                   "--resume": None if continued else resume})
 
 
 def train(config: TrainConfig, *, checkpoint: Optional[str] = None,
-          metrics_out: Optional[str] = None, progress: bool = True, log=print) -> dict:
+          metrics_out: Optional[str] = None, progress: bool = True, log=print,
+          resume: Optional[str] = None, log_dir: Optional[str] = None) -> dict:
     """Load the config's data, build its model and :func:`fit` it; save the
     checkpoint and then the metrics JSON when asked (both checked first, see
     :func:`check_training_outputs`). Returns fit's metrics with ``model``,
     ``backend`` (the one the attention ran: "torch", "triton"; None for the
-    base model) and ``config`` (the run's settings, the requested backend
-    among them). On Ctrl-C after an epoch finished, the best epoch so far is
-    saved to ``checkpoint`` and TrainingInterrupted raised."""
-    check_training_outputs(config, checkpoint, metrics_out)
+    base model), ``config`` (the run's settings, the requested backend
+    among them) and ``data_fingerprint`` (of the id maps).
+
+    With ``checkpoint``, every epoch that is the best so far is saved there
+    as it ends, and every epoch's run state (the weights, the best epoch's,
+    the optimizer, the random streams, the records) to
+    ``resume_path(checkpoint)``; ``resume`` names such a file to continue
+    from, with the run's own config (epochs, patience, device, backend and
+    compile may differ) and data: the result is the uninterrupted run's.
+    ``log_dir`` gets a CSV of the epochs' metrics, rewritten after each. On
+    Ctrl-C after an epoch finished, the best epoch so far is saved to
+    ``checkpoint`` and TrainingInterrupted raised."""
+    check_training_outputs(config, checkpoint, metrics_out, log_dir=log_dir, resume=resume)
     check_device_and_backend(config)
+    resumed = resumed_run(resume, config) if resume else None
     torch.manual_seed(config.seed)
     data, splits = load_training_data(config)
+    if resumed is not None:
+        check_resumed_data(resume, resumed, data)
     log(describe_data(data, splits))
-    model = build_model(config, data.num_items, data.num_categories).to(config.device)
+    model = model_for(config, data.id_maps).to(config.device)
+    if resumed is not None:
+        model.load_state_dict(resumed.state_dict)
     backend = model.attention_backend()  # what training runs: config.backend resolved
+    epoch_log = EpochLog(log_dir) if log_dir else None
+
+    def on_epoch(state: RunState, improved: bool) -> None:
+        if checkpoint:
+            if improved:
+                save_checkpoint(checkpoint, model, data.id_maps, config)
+            save_run_state(resume_path(checkpoint), model, data.id_maps, config, state)
+        if epoch_log:
+            epoch_log.write(state.epochs)
     try:
-        result = fit(model, data, splits, config, progress=progress, log=log)
+        result = fit(model, data, splits, config, progress=progress, log=log, on_epoch=on_epoch,
+                     resume=None if resumed is None else resumed.run)
     except TrainingInterrupted as interrupted:
         if checkpoint and interrupted.best is not None:
             save_checkpoint(checkpoint, model, data.id_maps, config)
-            interrupted.saved = checkpoint
+            interrupted.saved, interrupted.resumable = checkpoint, resume_path(checkpoint)
         raise
     except torch._dynamo.exc.BackendCompilerFailed as error:
         # This machine cannot compile (no C++ compiler for inductor on CPU, say).
         raise InputError(f"compile {config.compile!r}: torch.compile could not compile the "
                          f"model ({type(error.inner_exception).__name__}); train without "
                          "--compile, or with --compile aot_eager") from None
-    result.update(model=config.model, backend=backend, config=asdict(config))
+    result.update(model=config.model, backend=backend, config=asdict(config),
+                  data_fingerprint=data.id_maps.fingerprint())
     if checkpoint:
         save_checkpoint(checkpoint, model, data.id_maps, config)
     if metrics_out:
@@ -254,54 +360,121 @@ def train(config: TrainConfig, *, checkpoint: Optional[str] = None,
     return result
 
 
+def resumed_run(path: str, config: TrainConfig):
+    """The checkpoint at ``path`` with its run state, checked against the
+    run's ``config``; InputError when it holds none or the config differs."""
+    checkpoint = load_checkpoint(path)
+    if checkpoint.run is None:
+        raise InputError(f"--resume {path}: holds no run state (it is a best-epoch checkpoint, "
+                         "as --checkpoint writes); resume from the run state written beside "
+                         f"it, {resume_path(path)}")
+    for name, saved in asdict(checkpoint.config).items():
+        given = getattr(config, name)
+        if name not in RESUME_MAY_CHANGE and given != saved:
+            raise InputError(f"--resume {path}: the run was started with {_option(name, saved)}, "
+                             f"this command gives {_option(name, given)}; a resumed run keeps "
+                             "its options (only --data's spelling, --epochs, --patience, "
+                             "--device, --backend and --compile may change)")
+    return checkpoint
+
+
+def _option(name: str, value) -> str:
+    if isinstance(value, (tuple, list)):
+        value = ",".join(value) if value else "(none)"
+    return f"--{name.replace('_', '-')} {'none' if value is None else value}"
+
+
+def check_resumed_data(path: str, checkpoint, data: EncodedData) -> None:
+    saved, given = checkpoint.id_maps.fingerprint(), data.id_maps.fingerprint()
+    if saved != given:
+        raise InputError(f"--resume {path}: the data gives other id maps than the run's "
+                         f"(fingerprint {given[:12]} against {saved[:12]}); resume with the "
+                         "data the run started with")
+
+
 def describe_data(data: EncodedData, splits: SampleSplits) -> str:
+    categories = "no" if data.id_maps.category_ids is None else str(data.num_categories)
+    side = data.id_maps.feature_sizes()
+    features = "" if not side and not data.id_maps.numeric else "; side features " + ", ".join(
+        [f"{name} ({size})" for name, size in side.items()] + list(data.id_maps.numeric))
     return (f"data: {data.source}: {len(data.user_ids)} users, {data.num_items} items, "
-            f"{data.num_categories} categories; {2 * len(splits.train_positives)} train, "
+            f"{categories} categories{features}; {splits.train_size} train, "
             f"{len(splits.validation)} validation and {len(splits.test)} test samples")
 
 
 def load_training_data(config: TrainConfig):
     """(EncodedData, SampleSplits) of the config's data; InputError when it
-    gives no training sample."""
-    data, splits = load_data(config.data, config.seed)
-    if len(splits.train_positives) == 0:
+    gives no training sample, or (a labeled log) validation or test rows
+    that no user has both labels in (GAUC, the early-stopping criterion,
+    would be undefined)."""
+    data, splits = load_config_data(config)
+    if len(splits.train) == 0:
         raise InputError(f"{data.source}: no training samples: the protocol needs users with "
                          "at least 4 behaviours (the last two are the test and validation "
                          "targets)")
+    if not splits.negatives:
+        for name, samples in (("validation", splits.validation), ("test", splits.test)):
+            check_both_labels(samples, f"{data.source}: the {name} rows")
     return data, splits
 
 
+def check_both_labels(samples: Samples, what: str) -> None:
+    """InputError unless some user of ``samples`` has both a 0 and a 1 label."""
+    order = np.lexsort((samples.label, samples.user))
+    user, label = samples.user[order], samples.label[order]
+    changes = (user[1:] == user[:-1]) & (label[1:] != label[:-1])
+    if not changes.any():
+        raise InputError(f"{what} ({len(samples)}) hold no user with both a 0 and a 1 label, "
+                         "so GAUC is undefined there; give more rows or larger "
+                         "--validation-fraction/--test-fraction")
+
+
 def fit(model, data: EncodedData, splits: SampleSplits, config: TrainConfig, *,
-        progress: bool = True, log=print) -> dict:
+        progress: bool = True, log=print, on_epoch=None, resume: Optional[RunState] = None
+        ) -> dict:
     """:func:`fit_learner` for a model in this process (see LocalLearner)."""
-    return fit_learner(LocalLearner(model, data, config), data, splits, config,
-                       progress=progress, log=log)
+    learner = LocalLearner(model, data, config, None if splits.negatives else splits.train)
+    return fit_learner(learner, data, splits, config, progress=progress, log=log,
+                       on_epoch=on_epoch, resume=resume)
 
 
 def fit_learner(learner, data: EncodedData, splits: SampleSplits, config: TrainConfig, *,
-                progress: bool = True, log=print) -> dict:
+                progress: bool = True, log=print, on_epoch=None,
+                resume: Optional[RunState] = None) -> dict:
     """The training protocol, for a LocalLearner or its sharded counterpart.
 
-    Fresh training negatives every epoch; validation metrics after every
-    epoch; early stopping when validation GAUC has not improved for
-    ``config.patience`` epochs (at most ``config.epochs``); the best epoch's
-    weights restored and the test samples evaluated once. Returns test and
-    validation metrics (of the best epoch), ``best_epoch``, ``epochs_run``,
-    ``stopped`` (why training ended), timings and the per-epoch records
-    under ``epochs``.
+    Fresh training negatives every epoch (the DIN protocol); validation
+    metrics after every epoch; early stopping when validation GAUC has not
+    improved for ``config.patience`` epochs (at most ``config.epochs``); the
+    best epoch's weights restored and the test samples evaluated once.
+    Returns test and validation metrics (of the best epoch), ``best_epoch``,
+    ``epochs_run``, ``stopped`` (why training ended), timings and the
+    per-epoch records under ``epochs``. ``on_epoch(RunState, improved)`` runs
+    after each epoch (before its line is logged); ``resume`` continues from
+    such a state (the learner's model holding its weights).
     """
-    train_size = 2 * len(splits.train_positives)
-    epochs, best, best_state = [], None, None
-    stopped = f"reached the maximum of {config.epochs} epochs"
-    stage = "epoch 1"
+    train_size = splits.train_size
+    epochs, best, best_state, epoch = [], None, None, 0
+    if resume is not None:
+        learner.load_state_dict(resume.learner)
+        epochs, best, best_state, epoch = (list(resume.epochs), resume.best, resume.best_weights,
+                                           resume.epoch)
+        log(f"resumed after epoch {epoch} (best so far: epoch {best['epoch']}, validation GAUC "
+            f"{best['validation_gauc']:.4f})")
+    # A bar on a terminal; in a log file the epoch lines alone, without its
+    # carriage returns.
+    show_bar = progress and sys.stderr.isatty()
+    stage = f"epoch {epoch + 1}"
     try:
-        for epoch in range(1, config.epochs + 1):
+        while epoch < config.epochs and (best is None
+                                         or epoch - best["epoch"] < config.patience):
+            epoch += 1
             stage = f"epoch {epoch}"
             started = time.perf_counter()
             lr = learner.lr()
-            samples = training_samples(data, splits.train_positives, config.seed, epoch)
+            samples = splits.training(data, config.seed, epoch)
             bar = partial(tqdm, total=-(-train_size // config.batch_size), leave=False,
-                          desc=f"epoch {epoch}/{config.epochs}", disable=not progress)
+                          desc=f"epoch {epoch}/{config.epochs}", disable=not show_bar)
             train_loss = learner.train_epoch(samples, bar)
             seconds = time.perf_counter() - started
             metrics = learner.evaluate(splits.validation, "validation")
@@ -312,15 +485,19 @@ def fit_learner(learner, data: EncodedData, splits: SampleSplits, config: TrainC
             if improved:    # before the epoch's line: once it shows, the epoch is kept
                 best = metrics
                 best_state = learner.snapshot()
+            if on_epoch is not None:
+                on_epoch(RunState(epoch, list(epochs), best, best_state, learner.state_dict()),
+                         improved)
             log(f"epoch {epoch}: validation AUC {metrics['validation_auc']:.4f}  GAUC "
                 f"{metrics['validation_gauc']:.4f}  logloss "
                 f"{metrics['validation_logloss']:.4f}  train loss {train_loss:.4f}  "
                 f"{metrics['samples_per_second']:.0f} samples/s ({seconds:.1f} s)"
                 f"{'  best so far' if improved else ''}")
-            if epoch - best["epoch"] >= config.patience:
-                stopped = (f"early stop: no validation GAUC gain in {config.patience} "
-                           f"epoch(s) after epoch {best['epoch']}")
-                break
+        if epoch - best["epoch"] >= config.patience:
+            stopped = (f"early stop: no validation GAUC gain in {config.patience} "
+                       f"epoch(s) after epoch {best['epoch']}")
+        else:
+            stopped = f"reached the maximum of {config.epochs} epochs"
         log(f"{stopped}; restored epoch {best['epoch']}")
         stage = "the test evaluation"
         learner.restore(best_state)
@@ -352,27 +529,46 @@ def checkpoint_for_run(path: str, backend: str, device: str):
 
 
 def evaluate_checkpoint(path: str, data: Optional[str] = None, *, backend: str = "auto",
-                        device: str = "cpu") -> dict:
+                        device: str = "cpu", max_unknown: float = MAX_UNKNOWN) -> dict:
     """Test metrics of a checkpoint on ``data``, with its id maps and seed.
 
     ``data`` None is allowed only for a checkpoint trained on the synthetic
     set (which is regenerated): a checkpoint never chooses which files are
     read. On the training data the test set is the run's and so are the
-    metrics. Samples whose test item the checkpoint does not know are left
-    out (counted in ``excluded_test_samples``); unknown history items are
-    skipped (``skipped_history_items``).
+    metrics. Data that contradicts the checkpoint's id maps (more than
+    ``max_unknown`` of its rows with ids they do not hold, items of another
+    category: din_fast.foreign_data) is refused.
+
+    By the DIN protocol, samples whose test item the checkpoint does not
+    know are left out (counted in ``excluded_test_samples``); unknown
+    history items are skipped (``skipped_history_items``). Of a labeled log,
+    the test rows of the run's time split are scored, unknown ids as the
+    reserved one (counted in ``unknown_test_items``).
     """
     checkpoint, config = checkpoint_for_run(path, backend, device)
     if data is None and checkpoint.config.data is not None:
         raise InputError(f"checkpoint {path} was trained on a data file; pass the data to "
                          "evaluate on with --data (a checkpoint does not choose what is read)")
+    model = restored_model(checkpoint, config)
+    if config.label_column is not None:
+        log = load_labeled_log(data, log_columns(config))
+        check_log(log, checkpoint.id_maps, path, max_unknown)
+        encoded = encode_log(log, checkpoint.id_maps)
+        test = split_log(encoded, log_split(config)).test
+        check_both_labels(test, f"{log.source}: the test rows")
+        metrics = evaluate(model, encoded.data, test, config.max_len, config.device, "test")
+        metrics.update(model=config.model, backend=model.attention_backend(),
+                       test_samples=len(test), unknown_test_items=int(
+                           (test.target == len(checkpoint.id_maps.item_ids) + 1).sum()))
+        return metrics
     interactions = synthetic_interactions(seed=config.seed) if data is None \
         else load_interactions(data)
+    if data is not None:
+        check_behaviours(interactions, checkpoint.id_maps, path, max_unknown)
     known = known_test_samples(encode(interactions, checkpoint.id_maps), config.seed)
     if len(known.samples) == 0:
         raise InputError(f"{interactions.source}: no test sample left: the checkpoint knows "
                          "none of the users' test items")
-    model = restored_model(checkpoint, config)
     metrics = evaluate(model, known.data, known.samples, config.max_len, config.device, "test")
     metrics.update(model=config.model, backend=model.attention_backend(),
                    test_samples=len(known.samples), excluded_test_samples=known.excluded_samples,

@@ -221,7 +221,7 @@ def test_din_training_step_compiles_at_most_twice_per_mode():
     torch._dynamo.reset()
     model.compile(fullgraph=True, backend=counter)
     optimizers = [torch.optim.Adam(m.parameters(), lr=1e-2) for m in (model, twin)]
-    samples = training_samples(data, splits.train_positives, 0, 1)
+    samples = training_samples(data, splits.train, 0, 1)
     batches = [batch.to(DEVICE) for _, batch in iterate_batches(
         data, samples, 32, max_len=config.max_len, shuffle=True, rng=np.random.default_rng(0))
         if batch.history_items.shape[1] >= 2][:8]

@@ -37,7 +37,7 @@ def test_protocol_prefixes_targets_and_no_leak():
     data, users = distinct_items_data()
     splits = build_samples(data, seed=0)
     lengths = np.diff(data.offsets)
-    train = splits.train_positives
+    train = splits.train
     assert len(train) == np.maximum(lengths - 3, 0).sum() and (train.label == 1).all()
     assert len(splits.validation) == 2 * (lengths >= 3).sum()
     assert len(splits.test) == 2 * (lengths >= 2).sum()
@@ -56,7 +56,7 @@ def test_protocol_prefixes_targets_and_no_leak():
 
 
 def all_samples(data, splits, epoch=1):
-    return (training_samples(data, splits.train_positives, 5, epoch), splits.validation,
+    return (training_samples(data, splits.train, 5, epoch), splits.validation,
             splits.test)
 
 
@@ -77,7 +77,7 @@ def test_sampling_is_seeded_and_training_negatives_change_every_epoch():
     for a, b in zip(all_samples(data, first), all_samples(data, again)):
         assert np.array_equal(a.target, b.target) and np.array_equal(a.label, b.label)
     assert not np.array_equal(first.test.target, other.test.target)
-    epoch_1, epoch_2 = (training_samples(data, first.train_positives, 7, e) for e in (1, 2))
+    epoch_1, epoch_2 = (training_samples(data, first.train, 7, e) for e in (1, 2))
     assert np.array_equal(epoch_1.target[epoch_1.label == 1], epoch_2.target[epoch_2.label == 1])
     assert (epoch_1.target[epoch_1.label == 0] != epoch_2.target[epoch_2.label == 0]).mean() > 0.5
 
@@ -144,7 +144,7 @@ def test_training_batches_are_never_smaller_than_min_batch(size, min_batch):
 
 def test_bucketing_keeps_padding_small():
     data = encode(synthetic_interactions(num_users=300, min_length=3, max_length=60, seed=0))
-    train = training_samples(data, build_samples(data, seed=0).train_positives, 0, 1)
+    train = training_samples(data, build_samples(data, seed=0).train, 0, 1)
 
     def padding(bucket_batches):
         return sum(b.history_items.numel() - b.lengths.sum().item()
@@ -164,5 +164,5 @@ def test_shared_amazon_data_matches_readme_statistics():
     assert (len(data.user_ids), data.num_items, data.num_categories) == (22363, 12101, 195)
     # The data's README counts 307,552 training samples when the validation
     # target is trained on too: 2 per user fewer here.
-    assert 2 * len(splits.train_positives) == 307552 - 2 * 22363
+    assert 2 * len(splits.train) == 307552 - 2 * 22363
     assert len(splits.validation) == len(splits.test) == 44726

@@ -50,7 +50,7 @@ def tiny_data():
     data = encode(synthetic_interactions(num_users=30, num_categories=8, items_per_category=5,
                                          interests_per_user=3, min_length=3, max_length=9,
                                          seed=3))
-    return data, training_samples(data, build_samples(data, seed=0).train_positives, 0, 1)
+    return data, training_samples(data, build_samples(data, seed=0).train, 0, 1)
 
 
 def reference_din(sizes=SIZES):

@@ -74,7 +74,7 @@ def test_minibatch_l2_regularizes_only_the_rows_in_the_batch(small):
     data, splits = small
     model = DIN(data.num_items, data.num_categories, embed_dim=4)
     inverse = inverse_frequencies(data, "cpu")
-    samples = training_samples(data, splits.train_positives, 0, 1)
+    samples = training_samples(data, splits.train, 0, 1)
     _, batch = next(iterate_batches(data, samples, 16, shuffle=True,
                                     rng=np.random.default_rng(0)))
     penalty = minibatch_l2(model, batch, inverse)

@@ -46,6 +46,17 @@ def check_options(model: str, embedding_optimizer: str, embedding_lr: float,
                           f"has no CPU kernel; on CPU use one of {EMBEDDING_OPTIMIZERS[:-1]}")
 
 
+def check_single_process_options(config, resume=None, log_dir=None) -> None:
+    """OptionError for what only single-process training offers: labeled
+    logs (and their side features), --resume and --log-dir."""
+    offered = [("--label-column", config.label_column), ("--resume", resume),
+               ("--log-dir", log_dir)]
+    given = [option for option, value in offered if value is not None]
+    if given:
+        raise OptionError(f"sharded training runs the DIN protocol from the start, without "
+                          f"{given[0]}; train in one process (without --sharding or torchrun)")
+
+
 def load_trainer():
     """din_fast.sharded.training.train_sharded, or an OptionError that says how
     to install TorchRec."""

@@ -83,7 +83,7 @@ class TorchRecDIN(nn.Module):
                                       normalization=attention_normalization,
                                       backend=backend).to(device)
         self.mlp_input = mlp_input
-        self.mlp = scoring_mlp(mlp_width(embed_dim, mlp_input), mlp_hidden,
+        self.mlp = scoring_mlp(mlp_width(2 * embed_dim, mlp_input), mlp_hidden,
                                mlp_activation).to(device)
 
     def forward(self, features: KeyedJaggedTensor, max_len: int, penalized=None):

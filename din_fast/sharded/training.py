@@ -238,8 +238,8 @@ def train_sharded(config: TrainConfig, sharding: Optional[str] = None, *,
             log, progress = (lambda *_: None), False
         torch.manual_seed(config.seed)
         data, splits = load_training_data(config)
-        if 2 * len(splits.train_positives) < MIN_SHARE * world:
-            raise OptionError(f"{data.source}: {2 * len(splits.train_positives)} training "
+        if 2 * len(splits.train) < MIN_SHARE * world:
+            raise OptionError(f"{data.source}: {2 * len(splits.train)} training "
                               f"samples are too few for {world} processes (each needs "
                               f"{MIN_SHARE})")
         log(describe_data(data, splits))

@@ -1,0 +1,116 @@
+"""Refusing data a checkpoint was not trained for.
+
+A checkpoint's id maps say which ids it knows and each item's category. Data
+whose rows hold ids the maps do not know, beyond ``max_unknown`` of them
+(MAX_UNKNOWN, 10%, unless a command is told otherwise), in any column (items,
+categories, each side feature), or whose items known to the maps carry
+another category than the maps', beyond MAX_CONFLICTS (1%) of those items,
+is other data whose ids happen to overlap: ``evaluate`` and ``predict``
+refuse it with one line instead of scoring it. Within the tolerances, unknown
+ids are what they always are (skipped, left out, or the reserved id of a
+labeled log's maps). Ids are compared as the strings they are, so data of
+another source with integer ids of the same range and no categories or
+features to contradict is beyond what this can tell.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import pyarrow as pa
+
+from .data import IdMaps, dense_ids
+from .errors import InputError, snippet
+from .labeled_loader import LabeledLog
+from .loaders import Interactions
+
+MAX_UNKNOWN = 0.1
+MAX_CONFLICTS = 0.01
+
+
+def check_behaviours(interactions: Interactions, id_maps: IdMaps, checkpoint: str,
+                     max_unknown: float = MAX_UNKNOWN) -> None:
+    """InputError when behaviours (the DIN protocol's data) contradict a
+    checkpoint's id maps (see the module's docstring)."""
+    where = f"{interactions.source} does not fit checkpoint {checkpoint}"
+    items = interactions.items
+    _check_unknown(where, "item", items, dense_ids(id_maps.item_ids, items), max_unknown)
+    if id_maps.category_ids is not None:
+        category_of = dict(zip(interactions.category_items.to_pylist(),
+                               interactions.category_values.to_pylist()))
+        distinct = items.dictionary
+        data_categories = pa.array([category_of.get(i) for i in distinct.to_pylist()],
+                                   pa.string())
+        _check_conflicts(where, id_maps, distinct, data_categories)
+
+
+def check_log(log: LabeledLog, id_maps: IdMaps, checkpoint: str,
+              max_unknown: float = MAX_UNKNOWN) -> None:
+    """InputError when a labeled log contradicts a checkpoint's id maps, or
+    lacks the category column its model reads (see the module's docstring)."""
+    where = f"{log.source} does not fit checkpoint {checkpoint}"
+    _check_unknown(where, "item", log.items, dense_ids(id_maps.item_ids, log.items), max_unknown)
+    if id_maps.category_ids is None:
+        return _check_features(where, log, id_maps, max_unknown)
+    if log.categories is None:
+        raise InputError(f"{where}: the data has no category column; the checkpoint's model "
+                         "reads each item's category")
+    _check_unknown(where, "category", log.categories,
+                   dense_ids(id_maps.category_ids, log.categories), max_unknown)
+    # One category per item in a log (the loader checks), so its first row tells.
+    codes = log.items.indices.to_numpy()
+    first_row = np.unique(codes, return_index=True)[1]
+    _check_conflicts(where, id_maps, log.items.take(pa.array(first_row)).cast(pa.string()),
+                     log.categories.take(pa.array(first_row)).cast(pa.string()))
+    _check_features(where, log, id_maps, max_unknown)
+
+
+def _check_features(where: str, log: LabeledLog, id_maps: IdMaps, max_unknown: float) -> None:
+    for name, values in id_maps.features.items():
+        column = log.features[name]
+        flat = column.flatten()
+        unknown_value = dense_ids(values, flat) == 0
+        of_row = np.repeat(np.arange(len(column)), np.diff(column.offsets.to_numpy()))
+        unknown_rows = np.zeros(len(column), dtype=bool)
+        unknown_rows[of_row[unknown_value]] = True
+        if unknown_rows.mean() > max_unknown:
+            example = flat[int(np.flatnonzero(unknown_value)[0])].as_py()
+            _refuse(where, f"feature {name}", unknown_rows, example, max_unknown)
+
+
+def _check_unknown(where: str, column: str, raw, dense: np.ndarray, max_unknown: float) -> None:
+    """The rows whose ``column`` id is not in the maps (``dense`` 0), within the tolerance."""
+    unknown = dense == 0
+    if unknown.mean() > max_unknown:
+        _refuse(where, column, unknown, raw[int(np.flatnonzero(unknown)[0])].as_py(),
+                max_unknown)
+
+
+def _refuse(where: str, column: str, unknown: np.ndarray, example, max_unknown: float):
+    raise InputError(f"{where}: {unknown.mean():.1%} of its rows ({int(unknown.sum())} of "
+                     f"{len(unknown)}) hold a {column} id the checkpoint has never seen (such as "
+                     f"{snippet(str(example))}), more than the {max_unknown:.0%} tolerated "
+                     "(--max-unknown); the checkpoint was trained on other data")
+
+
+def _check_conflicts(where: str, id_maps: IdMaps, items: pa.Array, categories: pa.Array) -> None:
+    """Items the maps know whose category in the data is not the maps' one,
+    at most MAX_CONFLICTS of the known items."""
+    dense_item = dense_ids(id_maps.item_ids, items)
+    known = dense_item != 0
+    if not known.any():
+        return
+    saved = id_maps.item_category[dense_item[known]]
+    categories = categories.filter(pa.array(known))
+    # A category the maps hold as the reserved id (a rare one) is that id in both.
+    conflict = saved != id_maps.dense(id_maps.category_ids, categories)
+    if conflict.mean() > MAX_CONFLICTS:
+        first = int(np.flatnonzero(conflict)[0])
+        item = items.filter(pa.array(known))[first].as_py()
+        was = int(saved[first])
+        was = snippet(id_maps.category_ids[was - 1].as_py()) if was <= len(id_maps.category_ids) \
+            else "a category too rare to keep"
+        raise InputError(
+            f"{where}: {conflict.mean():.1%} of the items both know ({int(conflict.sum())} of "
+            f"{len(conflict)}) have another category in the data than in the checkpoint (item "
+            f"{snippet(item)}: {snippet(str(categories[first].as_py()))} against {was}), more "
+            f"than the {MAX_CONFLICTS:.0%} tolerated; the checkpoint was trained on other data")
