@@ -5,21 +5,32 @@ A request is one JSON object per line:
     {"user": "u42", "candidates": ["B00004Y2UT", "B0000530HU"]}
     {"history": ["B000052YM0", "B00004TMFE"], "candidates": ["B0000530HU"], "request": "r7"}
 
+    {"user": "u7", "candidates": ["12", "40"], "features": {"hour": 21, "genres": ["Drama", "Comedy|Crime"]}}
+
 ``user`` takes the user's behaviours from ``--data`` as the history (all of
-them, the most recent ``max_len`` kept, as training did); ``history`` gives
-the items explicitly, oldest first. Each request gets one score per
+them, or of a labeled log the user's label-1 rows; the most recent
+``max_len`` kept, as training did); ``history`` gives the items explicitly,
+oldest first. A model trained with side features takes each of them in
+``features``: one value for every candidate (a multi-valued one with its
+values separated by ``|``, as in the data), or a list of one value per
+candidate; numeric features as numbers. Each request gets one score per
 candidate: the model's click probability. The history is read once per
 request for all of its candidates (the models' many-candidates path, a 3-D
-attention query). Nothing unknown is mapped to anything: an unknown
+attention query).
+
+A model of the DIN protocol maps nothing unknown to anything: an unknown
 candidate gets no score (``unknown item``), an unknown user none for any of
 its candidates (``unknown user``), and unknown history items are skipped and
-counted.
+counted. A model of a labeled log has a reserved id for what its training
+rows never held: unknown candidates, history items and feature values take
+it (candidates are scored, with the note ``unknown item``).
 """
 
 from __future__ import annotations
 
 import csv
 import json
+import math
 import sys
 from contextlib import nullcontext
 from dataclasses import dataclass
@@ -33,10 +44,13 @@ import torch
 
 from .checkpoint import restored_model
 from .data import EncodedData, IdMaps, encode
-from .errors import DataFormatError, InputError
+from .errors import DataFormatError, InputError, snippet
 from .files import check_outputs, open_replacing
+from .foreign_data import MAX_UNKNOWN, check_behaviours, check_log
+from .labeled_loader import SEPARATOR, load_labeled_log
+from .labeled_samples import encode_log
 from .loaders import data_files, load_interactions, text_lines
-from .training import checkpoint_for_run
+from .training import checkpoint_for_run, log_columns
 
 # A batch holds requests x (most candidates of one of them) scores: at most this many.
 CANDIDATES_PER_BATCH = 1 << 16
@@ -50,17 +64,23 @@ class Request:
     user: Optional[str]
     history: Optional[list]
     candidates: list
+    features: dict                  # column -> a value or a list of one per candidate
 
 
 @dataclass
 class Counts:
-    """What the requests held that the checkpoint (or the data) does not know."""
+    """What the requests held that the checkpoint (or the data) does not know;
+    ``unknown_scored``: whether unknown candidates were scored (a labeled
+    log's model, with its reserved id) or left without a score."""
 
     requests: int = 0
     scores: int = 0
     unknown_candidates: int = 0
     unknown_users: int = 0
     skipped_history_items: int = 0
+    unknown_history_items: int = 0
+    unknown_feature_values: int = 0
+    unknown_scored: bool = False
 
 
 def _token(value) -> Optional[str]:
@@ -101,17 +121,22 @@ def read_requests(path) -> list:
         if "history" in value and (not isinstance(history, list)
                                    or any(_token(h) is None for h in history)):
             raise DataFormatError(f"{where}: \"history\" must be a list of ids, oldest first")
+        features = value.get("features", {})
+        if not isinstance(features, dict):
+            raise DataFormatError(f"{where}: \"features\" must be an object {{column: value or "
+                                  "[one value per candidate]}")
         name = value.get("request", str(number))
         requests.append(Request(number, name if isinstance(name, str) else json.dumps(name),
                                 _token(user), history and [_token(h) for h in history],
-                                [_token(c) for c in candidates]))
+                                [_token(c) for c in candidates], features))
     if not requests:
         raise DataFormatError(f"{path}: no requests; expected one JSON object per line")
     return requests
 
 
 def user_histories(data: Optional[EncodedData], requests: list, path: str):
-    """{user id: its known dense items} for the requests that name a user."""
+    """{user id: (its dense items, their dense categories or None)} for the
+    requests that name a user (None for a user the data lacks)."""
     wanted = sorted({r.user for r in requests if r.user is not None})
     if not wanted:
         return {}
@@ -119,52 +144,84 @@ def user_histories(data: Optional[EncodedData], requests: list, path: str):
         raise InputError(f"requests file {path}: requests name users, so --data must give "
                          "their behaviours (or give each request a \"history\")")
     position = pc.index_in(pa.array(wanted, pa.string()), value_set=data.user_ids).to_pylist()
-    return {user: data.items[data.offsets[u]:data.offsets[u + 1]] if u is not None else None
-            for user, u in zip(wanted, position)}
+    histories = {}
+    for user, u in zip(wanted, position):
+        if u is None:
+            histories[user] = None
+            continue
+        span = slice(data.offsets[u], data.offsets[u + 1])
+        histories[user] = (data.items[span],
+                           None if data.categories is None else data.categories[span])
+    return histories
 
 
 def predict_file(checkpoint_path, requests_path, data_path=None, output=None,
-                 output_format=None, *, device="cpu", backend="auto") -> Counts:
+                 output_format=None, *, device="cpu", backend="auto",
+                 max_unknown: float = MAX_UNKNOWN) -> Counts:
     """Score a requests file with a checkpoint, writing CSV or JSON lines to
     ``output`` (default stdout; a file is checked before anything is read and
     written atomically, see din_fast.files); returns what was scored and what
-    was unknown."""
+    was unknown. ``data_path`` (the users' behaviours) is refused when it
+    contradicts the checkpoint (din_fast.foreign_data, ``max_unknown``)."""
     check_outputs({"--output": output}, {"--checkpoint": checkpoint_path,
                                          "--requests": requests_path,
                                          "--data": data_files(data_path)})
     checkpoint, config = checkpoint_for_run(checkpoint_path, backend, device)
     requests = read_requests(requests_path)
-    data = None if data_path is None else encode(load_interactions(data_path),
-                                                 checkpoint.id_maps)
+    maps = checkpoint.id_maps
+    data = None
+    if data_path is not None and config.label_column is not None:
+        log = load_labeled_log(data_path, log_columns(config))
+        check_log(log, maps, checkpoint_path, max_unknown)
+        data = encode_log(log, maps).data
+    elif data_path is not None:
+        interactions = load_interactions(data_path)
+        check_behaviours(interactions, maps, checkpoint_path, max_unknown)
+        data = encode(interactions, maps)
     histories = user_histories(data, requests, requests_path)
     model = restored_model(checkpoint, config)
-    counts = Counts()
+    counts = Counts(unknown_scored=maps.unknown)
     with (open_replacing(output, "--output", newline="", encoding="utf-8") if output
           else nullcontext(sys.stdout)) as out:
-        write_scores(score_requests(model, checkpoint.id_maps, config.max_len, requests,
-                                    histories, device, counts), out,
+        write_scores(score_requests(model, maps, config.max_len, requests, histories, device,
+                                    counts, requests_path), out,
                      output_format_of(output, output_format))
     return counts
 
 
 def score_requests(model, id_maps: IdMaps, max_len, requests: list, histories: dict, device,
-                   counts: Counts) -> Iterator[tuple]:
+                   counts: Counts, path: str = "requests") -> Iterator[tuple]:
     """(request, candidate, probability or None, note) for every candidate of
     every request, in file order."""
     for batch in _batches(requests):
-        rows = _encode_batch(batch, histories, id_maps, max_len, counts)
-        scores = _score_batch(model, rows, id_maps, device)
-        for request, (_, candidates, note), row_scores in zip(batch, rows, scores):
+        rows = [_encode_request(request, histories, id_maps, max_len, counts, path)
+                for request in batch]
+        scores = _score_batch(model, rows, device)
+        for request, row, row_scores in zip(batch, rows, scores):
             counts.requests += 1
-            for raw, dense, score in zip(request.candidates, candidates, row_scores):
-                if note:
-                    yield request.name, raw, None, note
-                elif dense == 0:
-                    counts.unknown_candidates += 1
-                    yield request.name, raw, None, "unknown item"
+            for raw, dense, score in zip(request.candidates, row.candidates, row_scores):
+                unknown = dense == 0 or dense > len(id_maps.item_ids)
+                counts.unknown_candidates += bool(unknown and not row.note)
+                if row.note or unknown and not id_maps.unknown:
+                    yield request.name, raw, None, row.note or "unknown item"
                 else:
                     counts.scores += 1
-                    yield request.name, raw, float(score), ""
+                    yield request.name, raw, float(score), "unknown item" if unknown else ""
+
+
+@dataclass
+class EncodedRequest:
+    """A request's dense inputs: history [T] and its categories (None without
+    categories), candidates [C] and theirs, each side feature's ids per
+    candidate (lists), numeric features [C, N]; ``note`` why it is not scored."""
+
+    history: np.ndarray
+    history_categories: Optional[np.ndarray]
+    candidates: np.ndarray
+    candidate_categories: Optional[np.ndarray]
+    features: dict
+    numeric: Optional[np.ndarray]
+    note: str = ""
 
 
 def _batches(requests: list) -> Iterator[list]:
@@ -180,43 +237,145 @@ def _batches(requests: list) -> Iterator[list]:
         yield batch
 
 
-def _encode_batch(batch, histories, id_maps: IdMaps, max_len, counts: Counts) -> list:
-    """(history dense ids, candidate dense ids, note) per request."""
-    rows = []
-    for request in batch:
-        candidates = id_maps.dense_items(pa.array(request.candidates, pa.string()))
-        if request.user is not None:
-            history = histories[request.user]
-            if history is None:
-                counts.unknown_users += 1
-                rows.append((np.zeros(0, np.int64), candidates, "unknown user"))
-                continue
+def _encode_request(request: Request, histories: dict, id_maps: IdMaps, max_len,
+                    counts: Counts, path: str) -> EncodedRequest:
+    candidates = id_maps.dense_items(pa.array(request.candidates, pa.string()))
+    features, numeric = _encode_features(request, id_maps, counts, path)
+    history = categories = None
+    note = ""
+    if request.user is not None:
+        found = histories[request.user]
+        if found is None:
+            counts.unknown_users += 1
+            note = "unknown user"
         else:
-            history = id_maps.dense_items(pa.array(request.history, pa.string()))
-        known = history[history != 0]
-        counts.skipped_history_items += len(history) - len(known)
-        rows.append((known[-max_len:] if max_len else known, candidates, ""))
-    return rows
+            history, categories = found
+    else:
+        history = id_maps.dense_items(pa.array(request.history, pa.string()))
+    if history is None:
+        history = np.zeros(0, np.int64)
+    if not id_maps.unknown:        # unknown items are skipped: the model has no id for them
+        known = history != 0
+        counts.skipped_history_items += int((~known).sum())
+        history = history[known]
+        categories = None if categories is None else categories[known]
+    else:
+        counts.unknown_history_items += int((history > len(id_maps.item_ids)).sum())
+    if max_len:
+        history = history[-max_len:]
+        categories = None if categories is None else categories[-max_len:]
+    if id_maps.category_ids is not None and categories is None:
+        categories = category_of(id_maps, history)
+    return EncodedRequest(history, categories, candidates,
+                          None if id_maps.category_ids is None
+                          else category_of(id_maps, candidates), features, numeric, note)
+
+
+def category_of(id_maps: IdMaps, items: np.ndarray) -> np.ndarray:
+    """The dense category of dense items; the reserved item's is the reserved category."""
+    table = id_maps.item_category
+    if id_maps.unknown:
+        table = np.append(table, id_maps.num_categories)
+    return table[items]
+
+
+def _encode_features(request: Request, id_maps: IdMaps, counts: Counts, path: str):
+    """({feature: a list of dense ids per candidate}, numeric [C, N] standardized or None)."""
+    where = f"{path}, line {request.line}"
+    wanted = list(id_maps.features) + list(id_maps.numeric)
+    given = request.features
+    missing = [name for name in wanted if name not in given]
+    extra = sorted(set(given) - set(wanted))
+    if missing or extra:
+        problem = f"lacks {missing[0]!r}" if missing else f"has {extra[0]!r}, not one of them"
+        raise DataFormatError(f"{where}: \"features\" {problem}; the model takes "
+                              f"{', '.join(wanted) if wanted else 'no side features'}")
+    count = len(request.candidates)
+
+    def per_candidate(name):
+        value = given[name]
+        if isinstance(value, list):
+            if len(value) != count:
+                raise DataFormatError(f"{where}: features[{name!r}] has {len(value)} values for "
+                                      f"{count} candidates; give one value, or one per candidate "
+                                      f"(several values of one go in one string, separated by "
+                                      f"{SEPARATOR!r})")
+            return value
+        return [value] * count
+    features = {}
+    for name, values in id_maps.features.items():
+        lists = []
+        for value in per_candidate(name):
+            if not isinstance(value, str) or "\0" in value:
+                raise DataFormatError(f"{where}: features[{name!r}] holds {snippet(repr(value))}; "
+                                      f"expected ids (several separated by {SEPARATOR!r})")
+            tokens = [t.strip() for t in value.split(SEPARATOR) if t.strip()]
+            dense = id_maps.dense(values, pa.array(tokens, pa.string()))
+            counts.unknown_feature_values += int((dense > len(values)).sum())
+            lists.append(dense)
+        features[name] = lists
+    numeric = None
+    if id_maps.numeric:
+        columns = []
+        for name, (mean, std) in id_maps.numeric.items():
+            column = []
+            for value in per_candidate(name):
+                try:
+                    number = float(value)
+                except (TypeError, ValueError):
+                    number = math.nan
+                if not math.isfinite(number):
+                    raise DataFormatError(f"{where}: features[{name!r}] holds "
+                                          f"{snippet(repr(value))}; expected a finite number")
+                column.append((number - mean) / std)
+            columns.append(column)
+        numeric = np.array(columns, dtype=np.float32).T
+    return features, numeric
 
 
 @torch.no_grad()
-def _score_batch(model, rows, id_maps: IdMaps, device) -> np.ndarray:
+def _score_batch(model, rows: list, device) -> np.ndarray:
     """Click probabilities [requests, most candidates]: each history pooled once
     for all of its request's candidates (padding candidates score garbage that
     is never read)."""
-    width = max(max(len(h) for h, _, _ in rows), 1)
-    most = max(len(c) for _, c, _ in rows)
+    width = max(max(len(r.history) for r in rows), 1)
+    most = max(len(r.candidates) for r in rows)
     history = np.zeros((len(rows), width), np.int64)
     candidates = np.zeros((len(rows), most), np.int64)
-    for r, (h, c, _) in enumerate(rows):
-        history[r, :len(h)] = h
-        candidates[r, :len(c)] = c
-    lengths = torch.tensor([len(h) for h, _, _ in rows])
-    category = id_maps.item_category
-    inputs = [torch.from_numpy(a) for a in (history, category[history])] + [lengths] + \
-        [torch.from_numpy(a) for a in (candidates, category[candidates])]
-    logits = model(*(t.to(device) for t in inputs))
+    categories = rows[0].history_categories is not None
+    history_categories, candidate_categories = np.zeros_like(history), np.zeros_like(candidates)
+    for r, row in enumerate(rows):
+        history[r, :len(row.history)] = row.history
+        candidates[r, :len(row.candidates)] = row.candidates
+        if categories:
+            history_categories[r, :len(row.history)] = row.history_categories
+            candidate_categories[r, :len(row.candidates)] = row.candidate_categories
+    as_tensor = lambda a: torch.from_numpy(a).to(device)
+    kwargs = {}
+    if rows[0].features:
+        kwargs["features"] = {name: as_tensor(_padded_values([row.features[name]
+                                                              for row in rows], most))
+                              for name in rows[0].features}
+    if rows[0].numeric is not None:
+        numeric = np.zeros((len(rows), most, rows[0].numeric.shape[1]), np.float32)
+        for r, row in enumerate(rows):
+            numeric[r, :len(row.candidates)] = row.numeric
+        kwargs["numeric"] = as_tensor(numeric)
+    lengths = torch.tensor([len(r.history) for r in rows], device=device)
+    logits = model(as_tensor(history), as_tensor(history_categories) if categories else None,
+                   lengths, as_tensor(candidates),
+                   as_tensor(candidate_categories) if categories else None, **kwargs)
     return torch.sigmoid(logits.double()).cpu().numpy()
+
+
+def _padded_values(per_request: list, most: int) -> np.ndarray:
+    """[requests, most, widest] ids of per-candidate id lists, 0-padded."""
+    widest = max(max((len(v) for values in per_request for v in values), default=0), 1)
+    out = np.zeros((len(per_request), most, widest), np.int64)
+    for r, values in enumerate(per_request):
+        for c, v in enumerate(values):
+            out[r, c, :len(v)] = v
+    return out
 
 
 def write_scores(rows: Iterator[tuple], out, output_format: str) -> None:
@@ -241,6 +400,13 @@ def output_format_of(path: Optional[str], requested: Optional[str]) -> str:
 
 
 def describe(counts: Counts) -> str:
+    if counts.unknown_scored:
+        return (f"{counts.scores} score(s) for {counts.requests} request(s); "
+                f"{counts.unknown_users} unknown user(s) without a score; "
+                f"{counts.unknown_candidates} unknown candidate(s), "
+                f"{counts.unknown_history_items} unknown history item(s) and "
+                f"{counts.unknown_feature_values} unknown feature value(s) scored as the "
+                "reserved id")
     return (f"{counts.scores} score(s) for {counts.requests} request(s); "
             f"{counts.unknown_candidates} unknown candidate(s) and "
             f"{counts.unknown_users} unknown user(s) without a score; "
