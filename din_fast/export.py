@@ -19,6 +19,7 @@ and writes the id maps beside the package.
 from __future__ import annotations
 
 import json
+import re
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Iterator, Optional, Sequence
@@ -84,38 +85,91 @@ def export_package(model: torch.nn.Module, example_inputs: Sequence[torch.Tensor
 
 
 def din_example_inputs(model: torch.nn.Module, batch: int = 4, history: int = 8,
-                       device: Optional[torch.device] = None) -> tuple:
+                       device: Optional[torch.device] = None,
+                       candidates: Optional[int] = None) -> tuple:
     """Example inputs of din_fast.DIN or BaseModel's forward: (history_items,
     history_categories [B, T], lengths [B], target_items, target_categories [B])
-    with ids inside the model's tables and every row length from 0 to T."""
+    with ids inside the model's tables and every row length from 0 to T; the
+    categories None for a model without a category table; then, for a model
+    with side features, ``features`` ({feature: [B, 2] ids}) and ``numeric``
+    ([B, N]; None without numeric features). With ``candidates`` C the
+    targets are [B, C] and the side features [B, C, ...]."""
     device = device or next(model.parameters()).device
     num_items = model.item_embedding.num_embeddings - 1
-    num_categories = model.category_embedding.num_embeddings - 1
     gen = torch.Generator().manual_seed(0)
+    rows = (batch,) if candidates is None else (batch, candidates)
 
     def ids(high, *shape):
         return torch.randint(1, max(high, 1) + 1, shape, generator=gen).to(device)
     lengths = torch.arange(batch) % (history + 1)
-    return (ids(num_items, batch, history), ids(num_categories, batch, history),
-            lengths.to(device), ids(num_items, batch), ids(num_categories, batch))
+    items, targets = ids(num_items, batch, history), ids(num_items, *rows)
+    if model.category_embedding is None:
+        categories = target_categories = None
+    else:
+        num_categories = model.category_embedding.num_embeddings - 1
+        categories, target_categories = (ids(num_categories, batch, history),
+                                          ids(num_categories, *rows))
+    inputs = (items, categories, lengths.to(device), targets, target_categories)
+    if not model.feature_names and not model.numeric_features:
+        return inputs
+    # Two values a row: a width of 1 would be traced as a constant.
+    features = {name: ids(table.num_embeddings - 1, *rows, 2)
+                for name, table in zip(model.feature_names, model.feature_embeddings)}
+    numeric = torch.randn(*rows, model.numeric_features, generator=gen).to(device) \
+        if model.numeric_features else None
+    return inputs + (features, numeric)
 
 
-def din_dynamic_shapes() -> tuple:
-    """dynamic_shapes for din_example_inputs: any batch B and history length T."""
+def din_dynamic_shapes(model: Optional[torch.nn.Module] = None,
+                       candidates: Optional[torch.export.Dim] = None) -> tuple:
+    """dynamic_shapes for din_example_inputs: any batch B and history length T
+    (and, with ``candidates``, that Dim C of candidates), any number of
+    values V_<feature> of each side feature."""
     batch = torch.export.Dim("B", min=1, max=MAX_BATCH)
     history = torch.export.Dim("T", min=1, max=MAX_HISTORY)
-    return ({0: batch, 1: history}, {0: batch, 1: history}, {0: batch}, {0: batch},
-            {0: batch})
+    rows = {0: batch} if candidates is None else {0: batch, 1: candidates}
+    categories = model is None or model.category_embedding is not None
+    shapes = ({0: batch, 1: history}, {0: batch, 1: history} if categories else None,
+              {0: batch}, dict(rows), dict(rows) if categories else None)
+    if model is None or not model.feature_names and not model.numeric_features:
+        return shapes
+    width = len(rows)
+    features = {name: {**rows, width: torch.export.Dim(value_dim(name), min=1,
+                                                       max=MAX_HISTORY)}
+                for name in model.feature_names}
+    return shapes + (features, dict(rows) if model.numeric_features else None)
+
+
+def value_dim(feature: str) -> str:
+    """The name of a side feature's dim of values (a row's multi-values)."""
+    return "V_" + exported_name("", feature)
+
+
+def exported_name(argument: str, key: str) -> str:
+    """torch.export's name for ``key`` of the dict input ``argument``
+    (``features``, ``genres`` -> ``features_genres``): lower case, every
+    character but letters and digits made ``_``."""
+    return "_".join(part for part in (argument, re.sub(r"[^a-z0-9]", "_", key.lower()))
+                    if part)
+
+
+def din_padding_dims(model: torch.nn.Module) -> tuple:
+    """The dims a call may give as 0 (padded with zeros to 1, which changes
+    nothing): the history's T, and each side feature's values."""
+    return ("T",) + tuple(value_dim(name) for name in model.feature_names)
 
 
 def din_value_ranges(model: torch.nn.Module) -> dict:
     """What each input of din_example_inputs may hold: ids inside the
     tables (0 the padding), lengths in [0, T]."""
     items = model.item_embedding.num_embeddings - 1
-    categories = model.category_embedding.num_embeddings - 1
-    return {"history_items": (0, items), "history_categories": (0, categories),
-            "lengths": (0, "T"), "target_items": (0, items),
-            "target_categories": (0, categories)}
+    ranges = {"history_items": (0, items), "lengths": (0, "T"), "target_items": (0, items)}
+    if model.category_embedding is not None:
+        categories = model.category_embedding.num_embeddings - 1
+        ranges.update(history_categories=(0, categories), target_categories=(0, categories))
+    for name, table in zip(model.feature_names, model.feature_embeddings):
+        ranges[exported_name("features", name)] = (0, table.num_embeddings - 1)
+    return ranges
 
 
 def export_din(model: torch.nn.Module, path: str) -> str:
@@ -127,9 +181,13 @@ def export_din(model: torch.nn.Module, path: str) -> str:
     ``history_items``, ``history_categories`` [B, T], ``lengths`` [B],
     ``target_items``, ``target_categories`` [B] (dense ids, 0 the padding),
     and returns the logits [B]. A history of length T = 0 is padded to one
-    position (id 0, length 0)."""
-    return export_package(model, din_example_inputs(model), path, din_dynamic_shapes(),
-                          din_value_ranges(model), padding_dims=("T",))
+    position (id 0, length 0). A model without a category table takes no
+    category inputs; a model with side features takes, after them, one
+    ``features_<name>`` [B, V] int64 input per side feature (0 pads a row's
+    values; V = 0 is padded as T is) and ``numeric`` [B, N] float32 (see
+    :func:`input_layout`)."""
+    return export_package(model, din_example_inputs(model), path, din_dynamic_shapes(model),
+                          din_value_ranges(model), padding_dims=din_padding_dims(model))
 
 
 def export_checkpoint(checkpoint_path: str, path: str, *, device: str = "cpu",
@@ -158,7 +216,7 @@ def export_checkpoint(checkpoint_path: str, path: str, *, device: str = "cpu",
                   {"--checkpoint": checkpoint_path})
     checkpoint, config = checkpoint_for_run(checkpoint_path, backend, device)
     model = restored_model(checkpoint, config)
-    with writing_id_maps(checkpoint.id_maps, path) as ids_path:
+    with writing_id_maps(checkpoint.id_maps, path, input_layout(model)) as ids_path:
         try:
             export_din(model, path)
         except InputError:
@@ -172,23 +230,61 @@ def export_checkpoint(checkpoint_path: str, path: str, *, device: str = "cpu",
 
 
 @contextmanager
-def writing_id_maps(maps: IdMaps, path) -> Iterator[str]:
+def writing_id_maps(maps: IdMaps, path, inputs: list) -> Iterator[str]:
     """The id maps, as JSON beside the exported model ``path``
     (:func:`ids_path_of`), for the block that writes the model: written
     first, renamed into place when the block ends without an error, so that
     a failure to write either file leaves both as they were. Yields their path.
 
     The JSON holds ``item_ids`` and ``category_ids``, the raw ids in dense
-    order (dense id = position + 1, 0 the padding), and ``item_category``, the
-    dense category of each dense item (index 0, the padding item, holds 0).
-    din_fast.serving.Encoder reads it."""
+    order (dense id = position + 1, 0 the padding; ``category_ids`` null
+    without categories), ``item_category``, the dense category of each dense
+    item (index 0, the padding item, holds 0), ``unknown``: whether ids not
+    listed take the reserved id ``len(ids) + 1`` of their table (a labeled
+    log's model) or have none, ``features`` (each side feature's values in
+    dense order, as the items), ``numeric`` (each numeric feature's ``mean``
+    and ``std``: the model takes ``(value - mean) / std``), ``fingerprint``
+    (the checkpoint's id maps') and ``inputs``, the model's inputs in call
+    order (:func:`input_layout`). din_fast.serving.Encoder reads it."""
     ids_path = ids_path_of(path)
     with replacing(ids_path, "--out's id maps") as temporary:
         with open(temporary, "w", encoding="utf-8") as handle:
             json.dump({"item_ids": maps.item_ids.to_pylist(),
-                       "category_ids": maps.category_ids.to_pylist(),
-                       "item_category": maps.item_category.tolist()}, handle)
+                       "category_ids": None if maps.category_ids is None
+                       else maps.category_ids.to_pylist(),
+                       "item_category": None if maps.item_category is None
+                       else maps.item_category.tolist(),
+                       "unknown": maps.unknown,
+                       "features": {name: values.to_pylist()
+                                    for name, values in maps.features.items()},
+                       "numeric": {name: {"mean": mean, "std": std}
+                                   for name, (mean, std) in maps.numeric.items()},
+                       "fingerprint": maps.fingerprint(), "inputs": inputs}, handle)
         yield ids_path
+
+
+def input_layout(model: torch.nn.Module, candidates: bool = False) -> list:
+    """The inputs of the exported ``model`` in call order: {name, dtype,
+    shape (named dims: B rows, T history, C candidates with ``candidates``,
+    V_<feature> values), what the values are}."""
+    rows = ["B", "C"] if candidates else ["B"]
+    layout = [("history_items", "int64", ["B", "T"], "dense item ids, oldest first, 0 after "
+               "lengths[b]"),
+              ("history_categories", "int64", ["B", "T"], "the dense category of each"),
+              ("lengths", "int64", ["B"], "each history's length, in [0, T]"),
+              ("target_items", "int64", rows, "the candidates' dense item ids"),
+              ("target_categories", "int64", rows, "their dense categories")]
+    if model.category_embedding is None:
+        layout = [entry for entry in layout if "categor" not in entry[0]]
+    for name in model.feature_names:
+        layout.append((exported_name("features", name), "int64", rows + [value_dim(name)],
+                       f"dense ids of feature {name!r} (features[{name!r}] in dense order), "
+                       "0 after a row's values"))
+    if model.numeric_features:
+        layout.append(("numeric", "float32", rows + [model.numeric_features],
+                       "the numeric features in the order of `numeric`, standardized"))
+    return [dict(name=name, dtype=dtype, shape=shape, values=values)
+            for name, dtype, shape, values in layout]
 
 
 def ids_path_of(path: str) -> str:

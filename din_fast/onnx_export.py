@@ -52,8 +52,8 @@ from torch import nn
 
 from .activations import activate
 from .errors import InputError
-from .export import (din_dynamic_shapes, din_example_inputs, din_value_ranges, ids_path_of,
-                     writing_id_maps)
+from .export import (din_dynamic_shapes, din_example_inputs, din_padding_dims,
+                     din_value_ranges, ids_path_of, input_layout, writing_id_maps)
 from .files import check_outputs, replacing
 from .models import BaseModel, score
 from .modules import DINAttention
@@ -125,7 +125,7 @@ class OnnxDIN(nn.Module):
         self.model = model
 
     def forward(self, history_items, history_categories, lengths, target_items,
-                target_categories):
+                target_categories, features=None, numeric=None):
         model = self.model
         candidate = model.embed(target_items, target_categories)               # [B, C, 2E]
         history = model.embed(history_items, history_categories)               # [B, T, 2E]
@@ -133,25 +133,22 @@ class OnnxDIN(nn.Module):
             interest = masked_attention(model.attention, candidate, history, lengths)
         else:
             interest = model.pool(candidate, history, lengths)
-        return score(model.mlp, model.mlp_input, interest, candidate)
+        return score(model.mlp, model.mlp_input, interest, candidate,
+                     model.side_features(candidate, features, numeric))
 
 
 def example_inputs(model: BaseModel, batch: int = 4, history: int = 8,
                    candidates: int = 3) -> tuple:
     """OnnxDIN's inputs for ``model``: din_fast.export.din_example_inputs with
-    ``candidates`` targets per row ([B, C]), ids inside the tables."""
-    items, categories, lengths, targets, target_categories = din_example_inputs(
-        model, batch, history, torch.device("cpu"))
-    return (items, categories, lengths, targets[:, None].repeat(1, candidates),
-            target_categories[:, None].repeat(1, candidates))
+    ``candidates`` targets per row ([B, C], side features [B, C, ...]), ids
+    inside the tables."""
+    return din_example_inputs(model, batch, history, torch.device("cpu"), candidates)
 
 
-def dynamic_shapes() -> tuple:
+def dynamic_shapes(model: BaseModel) -> tuple:
     """The export's dynamic axes: the .pt2 package's batch B and history
     length T (din_fast.export.din_dynamic_shapes), and candidates C."""
-    items, categories, lengths, _, _ = din_dynamic_shapes()
-    targets = {0: lengths[0], 1: torch.export.Dim("C", min=1, max=MAX_CANDIDATES)}
-    return items, categories, lengths, targets, dict(targets)
+    return din_dynamic_shapes(model, torch.export.Dim("C", min=1, max=MAX_CANDIDATES))
 
 
 def export_onnx(model: BaseModel, path) -> str:
@@ -181,16 +178,16 @@ def export_onnx(model: BaseModel, path) -> str:
                          "AOTInductor package: din_fast.export.export_din)")
     was_training, device = model.training, next(model.parameters()).device
     scorer.cpu().eval()
-    shapes = dynamic_shapes()
+    shapes = dynamic_shapes(model)
     try:
         program = torch.export.export(scorer, example_inputs(model), dynamic_shapes=shapes)
         # What the model takes, recorded as the .pt2 package records it, for
         # din_fast.serving.OnnxModel to check every call against.
         contract = InputContract.of_program(program, shapes, din_value_ranges(model),
-                                            padding_dims=("T",))
+                                            padding_dims=din_padding_dims(model))
         with _exporter_notes_quiet():
             onnx_program = torch.onnx.export(program, dynamo=True, opset_version=OPSET,
-                                             input_names=list(INPUT_NAMES),
+                                             input_names=[s.name for s in contract.inputs],
                                              output_names=[OUTPUT_NAME], verbose=False)
     finally:
         model.to(device).train(was_training)
@@ -224,7 +221,8 @@ def export_checkpoint_onnx(checkpoint_path, path) -> tuple[str, str]:
                   {"--checkpoint": checkpoint_path})
     checkpoint, config = checkpoint_for_run(checkpoint_path, "torch", "cpu")
     model = restored_model(checkpoint, config)
-    with writing_id_maps(checkpoint.id_maps, path) as ids_path:
+    with writing_id_maps(checkpoint.id_maps, path, input_layout(model, candidates=True)) \
+            as ids_path:
         try:
             written = export_onnx(model, path)
         except ValueError as error:

@@ -67,17 +67,24 @@ class InputContract:
     @classmethod
     def of_program(cls, program, dynamic_shapes=None, value_ranges=None,
                    padding_dims: Sequence[str] = ()) -> Optional["InputContract"]:
-        """The contract of an exported program whose inputs are tensors passed
-        positionally (None for any other: it records nothing). Dynamic sizes
-        take the names of their ``torch.export.Dim``; ``value_ranges`` maps
-        input names to (low, high), high an int or a Dim (or its name)."""
-        names = list(program.graph_signature.user_inputs)
+        """The contract of an exported program whose inputs are tensors (a
+        dict of them counts as its tensors, named as torch.export names them,
+        ``features_genres``; a None input is no input), called positionally
+        in that flattened order (None for a program taking anything else: it
+        records nothing). Dynamic sizes take the names of their
+        ``torch.export.Dim``; ``value_ranges`` maps input names to (low,
+        high), high an int or a Dim (or its name)."""
+        given = list(program.graph_signature.user_inputs)
+        specs = _flat_shapes(dynamic_shapes, len(given))
+        kept = [i for i, name in enumerate(given) if name is not None]
+        names = [given[i] for i in kept]
         placeholders = {node.name: node.meta.get("val") for node in program.graph.nodes
                         if node.op == "placeholder"}
         values = [placeholders.get(name) for name in names]
         if not values or not all(isinstance(v, torch.Tensor) for v in values):
             return None
-        symbols = _dim_names(names, values, dynamic_shapes)
+        symbols = _dim_names(names, values,
+                             dynamic_shapes if specs is None else [specs[i] for i in kept])
         dims = {}
         for symbol, bounds in program.range_constraints.items():
             if str(symbol) in symbols:
@@ -244,6 +251,21 @@ def _bound(value) -> Optional[int]:
         return int(value)
     except (TypeError, OverflowError, ValueError):  # sympy's infinity
         return None
+
+
+def _flat_shapes(dynamic_shapes, count: int) -> Optional[list]:
+    """A tuple of dynamic_shapes as one spec per flattened input: a dict input's
+    spec (a dict keyed by its keys, strings) gives one per key, in order; None
+    where dynamic_shapes is not a tuple or list of ``count`` flattened specs."""
+    if not isinstance(dynamic_shapes, (list, tuple)):
+        return None
+    flat = []
+    for spec in dynamic_shapes:
+        if isinstance(spec, dict) and spec and all(isinstance(k, str) for k in spec):
+            flat.extend(spec.values())
+        else:
+            flat.append(spec)
+    return flat if len(flat) == count else None
 
 
 def _dim_names(names, values, dynamic_shapes) -> dict:
