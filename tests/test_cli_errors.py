@@ -353,24 +353,38 @@ def test_evaluate_skips_unknown_history_items_and_leaves_out_unknown_targets(tra
     assert without_targets["excluded_test_samples"] == 4
     assert without_targets["test_samples"] == baseline["test_samples"] - 4
     assert "4 test sample(s) left out" in result.stderr
-    # No test item known at all: an error, not metrics of nothing.
+    # No test item known at all: an error, not metrics of nothing (data this
+    # foreign is refused first; with every row allowed to be unknown, it
+    # reaches the empty test set).
     unknown = [[r[0], str(3 * 10 ** 6 + int(r[1])), r[2], r[3]] for r in rows]
-    result = run(Case(["evaluate", "--checkpoint", str(checkpoint), "--data",
-                       str(write_rows(tmp_path / "all_new.csv", header, unknown))], ()))
-    assert result.returncode == 2 and result.stderr.startswith("din-fast: error: ")
-    assert "no test sample left" in result.stderr and len(result.stderr.splitlines()) == 1
+    all_new = write_rows(tmp_path / "all_new.csv", header, unknown)
+    for extra, expected in (((), "100.0% of its rows"),
+                            (("--max-unknown", "1"), "no test sample left")):
+        result = run(Case(["evaluate", "--checkpoint", str(checkpoint), "--data", str(all_new),
+                           *extra], ()))
+        assert result.returncode == 2 and result.stderr.startswith("din-fast: error: ")
+        assert expected in result.stderr and len(result.stderr.splitlines()) == 1
 
 
 def test_categories_come_from_the_checkpoint(trained, tmp_path):
     # A known item's category in the new file is ignored: the model scores
-    # the item as it was trained, so relabelled categories change nothing.
+    # the item as it was trained, so one relabelled item changes nothing.
+    # Relabelling more than 1% of the items is data of another source: refused.
     data, checkpoint, _ = trained
     header, rows = rows_of(data)
-    relabelled = [[u, i, str(int(c) + 500), t] for u, i, c, t in rows]
+    items = sorted({i for _, i, _, _ in rows})
     _, baseline = evaluate_json(checkpoint, data, tmp_path, "baseline")
-    _, other = evaluate_json(checkpoint, write_rows(tmp_path / "relabelled.csv", header,
-                                                    relabelled), tmp_path, "relabelled")
-    assert other["test_auc"] == baseline["test_auc"]
+    for relabelled_items in ({items[0]}, set(items)):
+        relabelled = [[u, i, str(int(c) + 500) if i in relabelled_items else c, t]
+                      for u, i, c, t in rows]
+        result, other = evaluate_json(checkpoint, write_rows(tmp_path / "relabelled.csv", header,
+                                                             relabelled), tmp_path, "relabelled")
+        if len(relabelled_items) == 1:
+            assert other["test_auc"] == baseline["test_auc"]
+        else:
+            assert result.returncode == 2 and len(result.stderr.splitlines()) == 1
+            assert "100.0% of the items both know" in result.stderr
+            assert f"does not fit checkpoint {checkpoint}" in result.stderr
 
 
 def test_utf8_byte_order_mark_is_accepted(tmp_path):

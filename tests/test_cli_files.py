@@ -242,7 +242,7 @@ def test_a_failure_after_training_keeps_the_model(tmp_path, trained, capsys, mon
     assert error == [f"din-fast: error: --metrics-out {metrics}: could not be written "
                      "(No space left on device); nothing was written"]
     assert load_checkpoint(checkpoint).config.data == str(data)
-    assert sorted(os.listdir(tmp_path)) == ["m.pt"]
+    assert sorted(os.listdir(tmp_path)) == ["m.pt", "m.run.pt"]      # the run state too
 
 
 def test_ctrl_c_saves_the_best_epoch_so_far(tmp_path, trained):
@@ -275,7 +275,11 @@ def test_ctrl_c_saves_the_best_epoch_so_far(tmp_path, trained):
     saved = int(lines[0].partition("saved epoch ")[2].split(",")[0])
     assert saved >= best_shown and f"to {checkpoint}" in lines[0]
     assert load_checkpoint(checkpoint).config.data == str(data)
-    assert sorted(os.listdir(tmp_path)) == ["best.pt"]
+    # The run state of the last finished epoch, which --resume continues from.
+    run_state = tmp_path / "best.run.pt"
+    assert f"continue the run with --resume {run_state}" in lines[0]
+    assert load_checkpoint(run_state).run.epoch >= saved
+    assert sorted(os.listdir(tmp_path)) == ["best.pt", "best.run.pt"]
 
 
 def test_ctrl_c_before_an_epoch_finished_saves_nothing(tmp_path, trained, capsys, monkeypatch,
