@@ -39,7 +39,8 @@ READABLE_FORMATS = ("din_fast.checkpoint/3", CHECKPOINT_FORMAT)
 WRITTEN_BY = "a file written by din-fast train --checkpoint"
 ADDED_CONFIG_FIELDS = {"compile": None, "top_k": None, "search": "din", "label_column": None,
                        "features": (), "numeric_features": (), "feature_dim": None,
-                       "validation_fraction": 0.1, "test_fraction": 0.1, "min_count": 1}
+                       "validation_fraction": 0.1, "test_fraction": 0.1, "min_count": 1,
+                       "linear": False}
 RUN_STATE_SUFFIX = ".run"
 
 

@@ -204,6 +204,10 @@ def build_parser() -> argparse.ArgumentParser:
                               help="how --top-k ranks the history: din (the attention's own "
                               "score), dot (learned projections, trained by an auxiliary CTR "
                               "loss), category (the candidate's category first, then recency)")
+    train_parser.add_argument("--linear", action="store_true",
+                              help="add a linear part to the logit, as DeepFM and Wide & Deep "
+                              "have beside their deep part: a learned weight per item, category "
+                              "and side-feature id (and per numeric feature)")
     labeled = train_parser.add_argument_group(
         "labeled logs (every row an impression with its 0/1 label; no negative sampled)")
     labeled.add_argument("--label-column", default=defaults.label_column,

@@ -71,6 +71,7 @@ FIELD_RULES = {
     "validation_fraction": (_fraction, "a number in (0, 1)"),
     "test_fraction": (_fraction, "a number in (0, 1)"),
     "min_count": (_positive_int, "a positive integer"),
+    "linear": (lambda v: type(v) is bool, "True or False"),
 }
 
 
@@ -84,7 +85,8 @@ class TrainConfig:
     and ``numeric_features`` the model takes, split by time into the
     ``test_fraction`` and ``validation_fraction`` latest rows, ids seen
     fewer than ``min_count`` times in training mapped to the reserved id.
-    Invalid values raise InputError."""
+    ``linear`` adds the models' linear part (a weight per id, summed into
+    the logit). Invalid values raise InputError."""
 
     data: Optional[str] = None
     model: str = "din"
@@ -113,6 +115,7 @@ class TrainConfig:
     validation_fraction: float = 0.1
     test_fraction: float = 0.1
     min_count: int = 1
+    linear: bool = False
 
     def __post_init__(self):
         for name in ("features", "numeric_features"):   # a list reads as the tuple it means
@@ -165,7 +168,8 @@ def build_model(config: TrainConfig, num_items: int, num_categories: int,
                                 mlp_activation=config.mlp_activation, backend=config.backend,
                                 mlp_input=config.mlp_input, features=feature_sizes,
                                 numeric_features=len(config.numeric_features),
-                                feature_dim=config.feature_dim, **options)
+                                feature_dim=config.feature_dim, linear=config.linear,
+                                **options)
 
 
 def model_for(config: TrainConfig, id_maps) -> torch.nn.Module:

@@ -134,6 +134,10 @@ class BaseModel(nn.Module):
         numeric_features: the number of numeric side features, entering the
             MLP as they are.
         feature_dim: the side features' embedding size (default embed_dim).
+        linear: add a linear part to the logit, as DeepFM and Wide & Deep have
+            beside their deep part: a learned weight per id of the candidate's
+            item, category and side features (a multi-valued one's mean) and
+            per numeric feature.
 
     Raises:
         ValueError: an unknown ``mlp_activation`` or ``mlp_input``.
@@ -142,7 +146,7 @@ class BaseModel(nn.Module):
     def __init__(self, num_items: int, num_categories: int, embed_dim: int = 32,
                  mlp_hidden=(200, 80), mlp_activation: str = "dice", backend: str = "auto",
                  mlp_input: str = "concat", features=None, numeric_features: int = 0,
-                 feature_dim=None):
+                 feature_dim=None, linear: bool = False):
         super().__init__()
         self.backend = backend
         self.mlp_input = mlp_input
@@ -165,6 +169,19 @@ class BaseModel(nn.Module):
         side = len(features) * feature_dim + numeric_features
         self.mlp = scoring_mlp(mlp_width(self.item_width, mlp_input) + side, mlp_hidden,
                                mlp_activation)
+        # The linear part: a weight per id of the candidate's tables (zero at
+        # first, the padding's kept at zero) and per numeric feature.
+        self.linear = None
+        if linear:
+            self.linear = nn.ModuleDict({
+                "item": _embedding(num_items, 1), "features": nn.ModuleList(
+                    _embedding(size, 1) for size in features.values())})
+            if num_categories:
+                self.linear["category"] = _embedding(num_categories, 1)
+            if numeric_features:
+                self.linear["numeric"] = nn.Linear(numeric_features, 1, bias=False)
+            for parameter in self.linear.parameters():
+                nn.init.zeros_(parameter)
 
     def embed(self, items, categories):
         if self.category_embedding is None:
@@ -288,11 +305,17 @@ class BaseModel(nn.Module):
                              f"the shape of `target_items`; got {shape}")
 
     def embedding_tables(self):
-        """(table, which ids index it: "item", "category" or a feature's name)."""
+        """(table, which ids index it: "item", "category" or a feature's name),
+        the linear part's tables among them."""
         tables = [(self.item_embedding, "item")]
         if self.category_embedding is not None:
             tables.append((self.category_embedding, "category"))
-        return tables + list(zip(self.feature_embeddings, self.feature_names))
+        tables += list(zip(self.feature_embeddings, self.feature_names))
+        if self.linear is not None:
+            tables += [(self.linear[kind], kind) for kind in ("item", "category")
+                       if kind in self.linear]
+            tables += list(zip(self.linear["features"], self.feature_names))
+        return tables
 
     def forward(self, history_items, history_categories, lengths, target_items,
                 target_categories, features=None, numeric=None):
@@ -331,9 +354,29 @@ class BaseModel(nn.Module):
                           target_categories, features, numeric)
         candidate = self.embed(target_items, target_categories)
         history = self.embed(history_items, history_categories)
-        interest = self.pool(candidate, history, lengths, (target_categories, history_categories))
-        return score(self.mlp, self.mlp_input, interest, candidate,
-                     self.side_features(candidate, features, numeric))
+        interest = self.pool(candidate, history, lengths,
+                             (target_categories, history_categories))
+        logits = score(self.mlp, self.mlp_input, interest, candidate,
+                       self.side_features(candidate, features, numeric))
+        return self.add_linear(logits, target_items, target_categories, features, numeric)
+
+    def add_linear(self, logits, target_items, target_categories, features, numeric):
+        """``logits`` plus the linear part, where the model has one: the
+        weights of the candidate's item and category, the mean weight of each
+        side feature's ids, the numeric features' weighted sum."""
+        if self.linear is None:
+            return logits
+        terms = [self.linear["item"](target_items)[..., 0]]
+        if "category" in self.linear:
+            terms.append(self.linear["category"](target_categories)[..., 0])
+        for name, table in zip(self.feature_names, self.linear["features"]):
+            ids = features[name]
+            count = (ids != 0).sum(-1).clamp(min=1).to(table.weight.dtype)
+            terms.append(table(ids)[..., 0].sum(-1) / count)
+        if self.numeric_features:
+            terms.append(self.linear["numeric"](numeric.to(logits.dtype))[..., 0])
+        # A row's [B] side features serve its [B, C] candidates.
+        return logits + sum(t if t.dim() == logits.dim() else t[:, None] for t in terms)
 
 
 def _embedding(num_ids: int, dim: int) -> nn.Embedding:
@@ -381,9 +424,9 @@ class DIN(BaseModel):
                  mlp_input: str = "concat", attention_hidden=(80, 40),
                  attention_activation: str = "dice", attention_normalization="softmax",
                  top_k=None, search: str = "din", features=None, numeric_features: int = 0,
-                 feature_dim=None):
+                 feature_dim=None, linear: bool = False):
         super().__init__(num_items, num_categories, embed_dim, mlp_hidden, mlp_activation,
-                         backend, mlp_input, features, numeric_features, feature_dim)
+                         backend, mlp_input, features, numeric_features, feature_dim, linear)
         if search == "category" and not num_categories:
             raise ValueError("DIN: `search` 'category' ranks the history by category; the "
                              "model has none (num_categories 0)")

@@ -133,8 +133,9 @@ class OnnxDIN(nn.Module):
             interest = masked_attention(model.attention, candidate, history, lengths)
         else:
             interest = model.pool(candidate, history, lengths)
-        return score(model.mlp, model.mlp_input, interest, candidate,
-                     model.side_features(candidate, features, numeric))
+        logits = score(model.mlp, model.mlp_input, interest, candidate,
+                       model.side_features(candidate, features, numeric))
+        return model.add_linear(logits, target_items, target_categories, features, numeric)
 
 
 def example_inputs(model: BaseModel, batch: int = 4, history: int = 8,

@@ -11,6 +11,7 @@ import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 
@@ -76,3 +77,33 @@ def unwritable_directory(tmp_path: Path) -> Path:
         except OSError:
             return directory
     pytest.skip("no directory here refuses a new file")
+
+
+def labeled_rows(num_rows: int = 600, num_users: int = 30, num_items: int = 40,
+                 seed: int = 0) -> list:
+    """A seeded labeled log as rows (user, item, category, timestamp, label,
+    genres, hour, price): a user clicks items of their favourite category
+    more often, timestamps repeat (several rows a second), genres are
+    multi-valued (sometimes none)."""
+    rng = np.random.default_rng(seed)
+    favourite = rng.integers(0, 5, num_users)
+    rows = []
+    for r in range(num_rows):
+        user, item = int(rng.integers(num_users)), int(rng.integers(num_items))
+        category = item % 5
+        click = rng.random() < (0.7 if category == favourite[user] else 0.25)
+        genres = "|".join(f"g{g}" for g in sorted(set(rng.integers(0, 6, rng.integers(0, 3)))))
+        rows.append((f"u{user}", f"i{item}", f"c{category}", r // 3, int(click), genres,
+                     int(rng.integers(24)), round(float(rng.normal(10, 3)), 3)))
+    return rows
+
+
+LABELED_HEADER = ("user", "item", "category", "timestamp", "label", "genres", "hour", "price")
+
+
+def write_labeled_log(path: Path, rows=None, header=LABELED_HEADER) -> Path:
+    """A labeled log as CSV (labeled_rows() by default)."""
+    rows = labeled_rows() if rows is None else rows
+    path.write_text("\n".join([",".join(header)]
+                              + [",".join(map(str, row)) for row in rows]) + "\n")
+    return path

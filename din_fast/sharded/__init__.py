@@ -48,9 +48,9 @@ def check_options(model: str, embedding_optimizer: str, embedding_lr: float,
 
 def check_single_process_options(config, resume=None, log_dir=None) -> None:
     """OptionError for what only single-process training offers: labeled
-    logs (and their side features), --resume and --log-dir."""
-    offered = [("--label-column", config.label_column), ("--resume", resume),
-               ("--log-dir", log_dir)]
+    logs (and their side features), the linear part, --resume and --log-dir."""
+    offered = [("--label-column", config.label_column), ("--linear", config.linear or None),
+               ("--resume", resume), ("--log-dir", log_dir)]
     given = [option for option, value in offered if value is not None]
     if given:
         raise OptionError(f"sharded training runs the DIN protocol from the start, without "

@@ -1,0 +1,276 @@
+"""din-fast on labeled logs: train, evaluate, predict and export with side
+features; resumed runs; checkpoints that refuse foreign data; the options'
+defaults; bad input through the real command."""
+
+import json
+import os
+import subprocess
+import sys
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+import torch
+
+from din_fast.checkpoint import load_checkpoint
+from din_fast.cli import available_cores, build_parser, main
+from din_fast.errors import CheckpointError
+from din_fast.training import LocalLearner
+
+from cli_data import (Case, labeled_rows, one_torch_thread, run,  # noqa: F401 (a fixture)
+                      write_labeled_log)
+
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
+
+LABELED = ["--label-column", "label", "--features", "genres,hour", "--numeric-features", "price",
+           "--embed-dim", "4", "--batch-size", "32", "--no-progress"]
+TIMINGS = ("epoch_seconds", "samples_per_second", "train_seconds")
+
+
+@pytest.fixture(scope="module")
+def log(tmp_path_factory):
+    return write_labeled_log(tmp_path_factory.mktemp("labeled") / "log.csv")
+
+
+@pytest.fixture(scope="module")
+def trained(log):
+    """A DIN with side features and its linear part, trained 2 epochs, and its metrics."""
+    directory = log.parent
+    checkpoint, metrics = directory / "din.pt", directory / "din.json"
+    threads = torch.get_num_threads()
+    try:
+        assert main(["train", "--data", str(log), *LABELED, "--linear", "--epochs", "2",
+                     "--checkpoint", str(checkpoint), "--metrics-out", str(metrics)]) == 0
+    finally:
+        torch.set_num_threads(threads)
+    return checkpoint, json.loads(metrics.read_text())
+
+
+def without_timings(metrics: dict) -> dict:
+    strip = lambda record: {k: v for k, v in record.items() if k not in TIMINGS}
+    return {**strip(metrics), "epochs": [strip(e) for e in metrics["epochs"]]}
+
+
+def test_train_and_evaluate_a_labeled_log(log, trained, tmp_path, capsys):
+    checkpoint, metrics = trained
+    # 600 rows: the latest 60 test, the 60 before them validate; no negative sampled.
+    assert (metrics["train_samples"], metrics["validation_samples"],
+            metrics["test_samples"]) == (480, 60, 60)
+    for key in ("test_auc", "test_gauc", "test_logloss", "validation_gauc"):
+        assert 0 <= metrics[key] <= 1 or key == "test_logloss", key
+    saved = load_checkpoint(checkpoint)
+    assert metrics["data_fingerprint"] == saved.id_maps.fingerprint()
+    assert saved.config.features == ("genres", "hour") and saved.id_maps.unknown
+    assert main(["evaluate", "--checkpoint", str(checkpoint), "--data", str(log),
+                 "--metrics-out", str(tmp_path / "e.json")]) == 0
+    evaluated = json.loads((tmp_path / "e.json").read_text())
+    for key in ("test_auc", "test_gauc", "test_logloss", "test_samples"):
+        assert evaluated[key] == pytest.approx(metrics[key], abs=1e-9), key
+
+
+def test_predict_with_side_features(log, trained, tmp_path, capsys):
+    checkpoint, _ = trained
+    requests = tmp_path / "requests.jsonl"
+    requests.write_text("\n".join(json.dumps(r) for r in [
+        {"user": "u3", "candidates": ["i1", "i2"],
+         "features": {"genres": ["g1|g2", ""], "hour": 7, "price": 9.5}},
+        {"history": ["i1", "never"], "candidates": ["i4", "unseen"], "request": "r",
+         "features": {"genres": "g0", "hour": ["1", "99"], "price": [8, 12]}}]) + "\n")
+    out = tmp_path / "scores.csv"
+    assert main(["predict", "--checkpoint", str(checkpoint), "--requests", str(requests),
+                 "--data", str(log), "--output", str(out)]) == 0
+    note = capsys.readouterr().err
+    # Unknown ids take the reserved id and are scored (and counted).
+    assert "1 unknown candidate(s), 1 unknown history item(s) and 1 unknown feature value(s)" \
+        in note
+    rows = [line.split(",") for line in out.read_text().splitlines()[1:]]
+    assert [(r[0], r[1], r[3]) for r in rows] == [("1", "i1", ""), ("1", "i2", ""),
+                                                  ("r", "i4", ""), ("r", "unseen",
+                                                                    "unknown item")]
+    assert all(0 < float(r[2]) < 1 for r in rows)
+    # A request without a feature the model takes: one error line naming it.
+    requests.write_text(json.dumps({"history": [], "candidates": ["i1"],
+                                    "features": {"genres": "g1", "price": 1}}) + "\n")
+    assert main(["predict", "--checkpoint", str(checkpoint), "--requests",
+                 str(requests)]) == 2
+    assert f"{requests}, line 1: \"features\" lacks 'hour'" in capsys.readouterr().err
+
+
+def test_resume_gives_the_uninterrupted_run(log, tmp_path, monkeypatch):
+    """Three epochs at once, and the same run stopped by Ctrl-C in its second
+    epoch and resumed from the run state of its first: the same records,
+    metrics and weights."""
+    common = ["train", "--data", str(log), *LABELED, "--epochs", "3", "--patience", "3",
+              "--lr-decay", "0.9"]
+    straight, resumed = tmp_path / "straight", tmp_path / "resumed"
+    for directory in (straight, resumed):
+        directory.mkdir()
+    assert main([*common, "--checkpoint", str(straight / "m.pt"), "--metrics-out",
+                 str(straight / "m.json")]) == 0
+    calls = []
+    train_epoch = LocalLearner.train_epoch
+
+    def interrupted_in_epoch_2(self, *args):
+        calls.append(1)
+        if len(calls) == 2:
+            raise KeyboardInterrupt
+        return train_epoch(self, *args)
+    monkeypatch.setattr(LocalLearner, "train_epoch", interrupted_in_epoch_2)
+    assert main([*common, "--checkpoint", str(resumed / "m.pt")]) == 130
+    monkeypatch.setattr(LocalLearner, "train_epoch", train_epoch)
+    run_state = resumed / "m.run.pt"
+    assert load_checkpoint(run_state).run.epoch == 1
+    assert main([*common, "--checkpoint", str(resumed / "m.pt"), "--resume", str(run_state),
+                 "--metrics-out", str(resumed / "m.json"), "--log-dir", str(resumed)]) == 0
+    results = [json.loads((d / "m.json").read_text()) for d in (straight, resumed)]
+    assert without_timings(results[0]) == without_timings(results[1])
+    weights = [load_checkpoint(d / "m.pt").state_dict for d in (straight, resumed)]
+    assert all(torch.equal(weights[0][k], weights[1][k]) for k in weights[0])
+    # The CSV log holds every epoch, those before the interruption included.
+    lines = (resumed / "metrics.csv").read_text().splitlines()
+    assert lines[0].startswith("epoch,train_loss,validation_auc") and len(lines) == 4
+
+
+def test_resume_refuses_another_run(log, trained, tmp_path, capsys):
+    checkpoint, _ = trained
+    run_state = checkpoint.with_name("din.run.pt")
+    common = ["train", "--data", str(log), *LABELED, "--linear", "--epochs", "3"]
+    cases = [([*common, "--resume", str(checkpoint)], "holds no run state"),
+             ([*common, "--lr", "0.01", "--resume", str(run_state)],
+              "started with --lr 0.001, this command gives --lr 0.01"),
+             ([*common[:-3], "--epochs", "3", "--resume", str(run_state)], "--linear"),
+             ([*common, "--min-count", "1", "--test-fraction", "0.2", "--resume",
+               str(run_state)], "--test-fraction")]
+    other = write_labeled_log(tmp_path / "other.csv", labeled_rows(seed=1))
+    cases.append(([*common[:2], str(other), *common[3:], "--resume", str(run_state)],
+                  "the data gives other id maps than the run's"))
+    for argv, expected in cases:
+        assert main(argv) == 2, argv
+        error = capsys.readouterr().err.splitlines()
+        assert len(error) == 1 and expected in error[0], (expected, error)
+
+
+def test_checkpoints_refuse_foreign_data(trained, tmp_path, capsys):
+    checkpoint, _ = trained
+    # Another source: the same columns, ids of the same kind, other items
+    # (most unknown) or other categories for them.
+    renamed = [(u, i.replace("i", "j") if n % 2 else i, *rest)
+               for n, (u, i, *rest) in enumerate(labeled_rows())]
+    recategorized = [(u, i, "c9" if i in ("i1", "i2") else c, *rest)
+                     for u, i, c, *rest in labeled_rows()]
+    requests = tmp_path / "requests.jsonl"
+    requests.write_text(json.dumps({"user": "u1", "candidates": ["i1"], "features": {
+        "genres": "g1", "hour": "1", "price": "1"}}) + "\n")
+    for rows, expected in ((renamed, "hold a item id the checkpoint has never seen"),
+                           (recategorized, "have another category in the data")):
+        data = write_labeled_log(tmp_path / "foreign.csv", rows)
+        for command in (["evaluate"], ["predict", "--requests", str(requests)]):
+            assert main([*command, "--checkpoint", str(checkpoint), "--data", str(data)]) == 2
+            error = capsys.readouterr().err.splitlines()
+            assert len(error) == 1 and expected in error[0] and \
+                f"does not fit checkpoint {checkpoint}" in error[0], error
+    # Within the tolerance it is scored.
+    assert main(["evaluate", "--checkpoint", str(checkpoint), "--data",
+                 str(write_labeled_log(tmp_path / "foreign.csv", renamed)),
+                 "--max-unknown", "0.6"]) == 0
+
+
+def test_a_tampered_id_map_is_refused(trained, tmp_path):
+    checkpoint, _ = trained
+    state = torch.load(checkpoint, weights_only=True)
+    state["id_maps"]["numeric"]["price"][0] += 1          # the standardization's mean
+    torch.save(state, tmp_path / "tampered.pt")
+    with pytest.raises(CheckpointError, match="do not match the fingerprint"):
+        load_checkpoint(tmp_path / "tampered.pt")
+
+
+def test_every_option_shows_its_default_and_threads_follow_the_cores():
+    parser = build_parser()
+    commands = parser._subparsers._group_actions[0].choices
+    for name, command in commands.items():
+        text = command.format_help()
+        for action in command._actions:
+            if not action.option_strings or action.required or action.dest == "help":
+                continue
+            help_text = command._get_formatter()._expand_help(action) if action.help else ""
+            assert "default" in command.formatter_class("x")._get_help_string(action) \
+                or "default" in help_text, (name, action.option_strings)
+        assert "(default: none)" in text or name != "train"
+    assert commands["train"].get_default("threads") == available_cores() == \
+        len(os.sched_getaffinity(0))
+
+
+def test_log_file_gets_one_line_per_epoch_without_a_bar(log, tmp_path, capsys):
+    """stderr not a terminal (captured here, a file or a pipe in a job): no
+    progress bar (no carriage returns) although one was not refused, one
+    line per epoch."""
+    assert main(["train", "--data", str(log), *LABELED[:-1], "--epochs", "2", "--log-dir",
+                 str(tmp_path / "logs")]) == 0
+    out, err = capsys.readouterr()
+    assert "\r" not in out + err
+    assert [line.split(":")[0] for line in out.splitlines()
+            if line.startswith("epoch ")] == ["epoch 1", "epoch 2"]
+    assert len((tmp_path / "logs" / "metrics.csv").read_text().splitlines()) == 3
+
+
+def bad_input_cases(tmp):
+    """(argv, fragments the one error line must hold)."""
+    rows = labeled_rows(30)
+    train = lambda path, *options: ["train", "--data", str(path), "--label-column", "label",
+                                    *options]
+    cases = {}
+
+    def csv_case(name, rows, options, *expected, header=None):
+        path = write_labeled_log(tmp / f"{name}.csv", rows,
+                                 *(() if header is None else (header,)))
+        cases[name] = (train(path, *options), (str(path),) + expected)
+    csv_case("no_label_column", [r[:4] + r[5:] for r in rows], (), "line 1", "'label'",
+             "--label-column", header=("user", "item", "category", "timestamp", "genres",
+                                       "hour", "price"))
+    csv_case("label_not_binary", rows[:5] + [rows[5][:4] + (2,) + rows[5][5:]], (), "line 7",
+             "column label", "not 0 or 1")
+    csv_case("label_empty", rows[:3] + [rows[3][:4] + ("",) + rows[3][5:]], (), "line 5",
+             "column label", "empty cell")
+    csv_case("feature_absent", rows, ("--features", "genres,brand"), "line 1", "'brand'",
+             "--features")
+    csv_case("feature_empty", [r[:5] + ("",) + r[6:] for r in rows], ("--features", "genres"),
+             "column genres", "empty on every row")
+    csv_case("numeric_not_a_number", rows[:8] + [rows[8][:7] + ("cheap",)],
+             ("--numeric-features", "price"), "line 10", "column price", "'cheap' is not a "
+             "number")
+    csv_case("separator_in_an_id", rows[:2] + [(rows[2][0], "i1|i2") + rows[2][2:]], (),
+             "line 4", "column item", "'|'")
+    table = pa.table({"user": ["u1"], "item": ["i1"], "timestamp": [1], "label": [1],
+                      "price": ["cheap"]})
+    pq.write_table(table, tmp / "string_price.parquet")
+    cases["numeric_of_the_wrong_type"] = (
+        train(tmp / "string_price.parquet", "--numeric-features", "price"),
+        (str(tmp / "string_price.parquet"), "column price", "type string", "numbers"))
+    cases["features_without_a_label"] = (["train", "--features", "genres"],
+                                         ("`features` needs `label_column`",))
+    return cases
+
+
+SUBPROCESS = ("separator_in_an_id",)
+
+
+@pytest.fixture(scope="module")
+def bad_inputs(tmp_path_factory):
+    return bad_input_cases(tmp_path_factory.mktemp("bad_labeled"))
+
+
+@pytest.mark.parametrize("name", ["no_label_column", "label_not_binary", "label_empty",
+                                  "feature_absent", "feature_empty", "numeric_not_a_number",
+                                  "separator_in_an_id", "numeric_of_the_wrong_type",
+                                  "features_without_a_label"])
+def test_bad_input_is_one_error_line(bad_inputs, name, capsys):
+    argv, expected = bad_inputs[name]
+    if name in SUBPROCESS:      # a few through the real command, the rest through main()
+        result = run(Case(argv, expected))
+        status, err = result.returncode, result.stderr
+    else:
+        status, err = main(argv), capsys.readouterr().err
+    lines = err.splitlines()
+    assert status == 2 and len(lines) == 1 and lines[0].startswith("din-fast: error: "), err
+    for fragment in expected:
+        assert fragment in lines[0], (fragment, lines[0])
