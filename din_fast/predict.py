@@ -30,7 +30,6 @@ from __future__ import annotations
 
 import csv
 import json
-import math
 import sys
 from contextlib import nullcontext
 from dataclasses import dataclass
@@ -44,12 +43,13 @@ import torch
 
 from .checkpoint import restored_model
 from .data import EncodedData, IdMaps, encode
-from .errors import DataFormatError, InputError, snippet
+from .errors import DataFormatError, InputError
 from .files import check_outputs, open_replacing
 from .foreign_data import MAX_UNKNOWN, check_behaviours, check_log
-from .labeled_loader import SEPARATOR, load_labeled_log
+from .labeled_loader import load_labeled_log
 from .labeled_samples import encode_log
 from .loaders import data_files, load_interactions, text_lines
+from .serving import Encoder
 from .training import checkpoint_for_run, log_columns
 
 # A batch holds requests x (most candidates of one of them) scores: at most this many.
@@ -193,8 +193,9 @@ def score_requests(model, id_maps: IdMaps, max_len, requests: list, histories: d
                    counts: Counts, path: str = "requests") -> Iterator[tuple]:
     """(request, candidate, probability or None, note) for every candidate of
     every request, in file order."""
+    encoder = Encoder.from_id_maps(id_maps)
     for batch in _batches(requests):
-        rows = [_encode_request(request, histories, id_maps, max_len, counts, path)
+        rows = [_encode_request(request, histories, id_maps, encoder, max_len, counts, path)
                 for request in batch]
         scores = _score_batch(model, rows, device)
         for request, row, row_scores in zip(batch, rows, scores):
@@ -237,10 +238,10 @@ def _batches(requests: list) -> Iterator[list]:
         yield batch
 
 
-def _encode_request(request: Request, histories: dict, id_maps: IdMaps, max_len,
-                    counts: Counts, path: str) -> EncodedRequest:
+def _encode_request(request: Request, histories: dict, id_maps: IdMaps, encoder: Encoder,
+                    max_len, counts: Counts, path: str) -> EncodedRequest:
     candidates = id_maps.dense_items(pa.array(request.candidates, pa.string()))
-    features, numeric = _encode_features(request, id_maps, counts, path)
+    features, numeric = _encode_features(request, encoder, counts, path)
     history = categories = None
     note = ""
     if request.user is not None:
@@ -279,58 +280,15 @@ def category_of(id_maps: IdMaps, items: np.ndarray) -> np.ndarray:
     return table[items]
 
 
-def _encode_features(request: Request, id_maps: IdMaps, counts: Counts, path: str):
+def _encode_features(request: Request, encoder: Encoder, counts: Counts, path: str):
     """({feature: a list of dense ids per candidate}, numeric [C, N] standardized or None)."""
-    where = f"{path}, line {request.line}"
-    wanted = list(id_maps.features) + list(id_maps.numeric)
-    given = request.features
-    missing = [name for name in wanted if name not in given]
-    extra = sorted(set(given) - set(wanted))
-    if missing or extra:
-        problem = f"lacks {missing[0]!r}" if missing else f"has {extra[0]!r}, not one of them"
-        raise DataFormatError(f"{where}: \"features\" {problem}; the model takes "
-                              f"{', '.join(wanted) if wanted else 'no side features'}")
-    count = len(request.candidates)
-
-    def per_candidate(name):
-        value = given[name]
-        if isinstance(value, list):
-            if len(value) != count:
-                raise DataFormatError(f"{where}: features[{name!r}] has {len(value)} values for "
-                                      f"{count} candidates; give one value, or one per candidate "
-                                      f"(several values of one go in one string, separated by "
-                                      f"{SEPARATOR!r})")
-            return value
-        return [value] * count
-    features = {}
-    for name, values in id_maps.features.items():
-        lists = []
-        for value in per_candidate(name):
-            if not isinstance(value, str) or "\0" in value:
-                raise DataFormatError(f"{where}: features[{name!r}] holds {snippet(repr(value))}; "
-                                      f"expected ids (several separated by {SEPARATOR!r})")
-            tokens = [t.strip() for t in value.split(SEPARATOR) if t.strip()]
-            dense = id_maps.dense(values, pa.array(tokens, pa.string()))
-            counts.unknown_feature_values += int((dense > len(values)).sum())
-            lists.append(dense)
-        features[name] = lists
-    numeric = None
-    if id_maps.numeric:
-        columns = []
-        for name, (mean, std) in id_maps.numeric.items():
-            column = []
-            for value in per_candidate(name):
-                try:
-                    number = float(value)
-                except (TypeError, ValueError):
-                    number = math.nan
-                if not math.isfinite(number):
-                    raise DataFormatError(f"{where}: features[{name!r}] holds "
-                                          f"{snippet(repr(value))}; expected a finite number")
-                column.append((number - mean) / std)
-            columns.append(column)
-        numeric = np.array(columns, dtype=np.float32).T
-    return features, numeric
+    try:
+        features, numeric, unknown = encoder.encode_features(request.features,
+                                                             len(request.candidates))
+    except ValueError as error:
+        raise DataFormatError(f"{path}, line {request.line}: \"features\" {error}") from None
+    counts.unknown_feature_values += unknown
+    return features, None if numeric is None else np.array(numeric, dtype=np.float32)
 
 
 @torch.no_grad()

@@ -15,16 +15,25 @@ checking its inputs first.
     logits = din_fast.export.load("din.pt2")(*batch.rows()).view(batch.shape)
 
 Ids are compared as strings (``din-fast train`` keeps them so), so the raw
-id ``7`` and ``"7"`` are the same item. Nothing unknown is mapped to
-anything: unknown history items are left out of the history (counted in
-``unknown_history_items``), an unknown candidate is scored as the padding
-item and marked ``known[b, c] = False`` (listed in ``unknown_candidates``):
-its logit means nothing.
+id ``7`` and ``"7"`` are the same item. With maps of the DIN protocol nothing
+unknown is mapped to anything: unknown history items are left out of the
+history (counted in ``unknown_history_items``), an unknown candidate is
+scored as the padding item and marked ``known[b, c] = False`` (listed in
+``unknown_candidates``): its logit means nothing. The maps of a labeled log
+(``unknown``) have a reserved id for what their training rows never held:
+unknown history items, candidates and side-feature values take it (and are
+counted and listed the same way), and such a candidate's logit is the
+model's score of an unseen item.
+
+A model with side features takes them after the ids, one ``[B, C, V]`` input
+per categorical feature and ``[B, C, N]`` numeric ones (:meth:`Encoder.encode`'s
+``features``; the ``inputs`` of ``<name>.ids.json`` list them in order).
 """
 
 from __future__ import annotations
 
 import json
+import math
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Optional, Sequence
@@ -32,6 +41,7 @@ from typing import Optional, Sequence
 import numpy as np
 import torch
 
+from .labeled_loader import SEPARATOR
 from .onnx_export import OUTPUT_NAME
 from .package_inputs import METADATA_KEY, InputContract
 
@@ -45,16 +55,23 @@ class EncodedBatch:
     ``target_items``, ``target_categories`` [B, C] int64 (C the most
     candidates of a request; a request with fewer is padded with item 0),
     ``known`` [B, C] bool: True where a logit scores a real, known candidate.
+    The categories are None for maps without categories; ``features`` maps
+    each side feature to [B, C, V] int64 ids (0 after a candidate's values),
+    ``numeric`` holds the numeric ones [B, C, N] float32, standardized (None
+    without side features).
     """
 
     history_items: torch.Tensor
-    history_categories: torch.Tensor
+    history_categories: Optional[torch.Tensor]
     lengths: torch.Tensor
     target_items: torch.Tensor
-    target_categories: torch.Tensor
+    target_categories: Optional[torch.Tensor]
     known: torch.Tensor
     unknown_history_items: int = 0
     unknown_candidates: list = field(default_factory=list)   # (request index, raw id)
+    features: Optional[dict] = None
+    numeric: Optional[torch.Tensor] = None
+    unknown_feature_values: int = 0
 
     @property
     def shape(self) -> torch.Size:
@@ -62,21 +79,29 @@ class EncodedBatch:
         return self.known.shape
 
     def inputs(self) -> tuple:
-        """The five inputs with C candidates per row, [B, C] targets: what an
-        ONNX model from ``din-fast export --format onnx`` (and din_fast.DIN's
-        forward) takes; logits come back [B, C]."""
-        return (self.history_items, self.history_categories, self.lengths, self.target_items,
-                self.target_categories)
+        """The inputs with C candidates per row, [B, C] targets: what an ONNX
+        model from ``din-fast export --format onnx`` takes, in its order (the
+        five ids, the categories left out without categories, then the side
+        features); logits come back [B, C]."""
+        side = [*(self.features or {}).values(), self.numeric]
+        return tuple(t for t in (self.history_items, self.history_categories, self.lengths,
+                                 self.target_items, self.target_categories, *side)
+                     if t is not None)
 
     def rows(self) -> tuple:
-        """The five inputs with one candidate per row, [B * C] rows (row
-        ``b * C + c`` is request b's history with its candidate c): what a
-        ``.pt2`` package from ``din-fast export`` takes; ``logits.view(shape)``
-        gives them back as [B, C]."""
+        """The inputs with one candidate per row, [B * C] rows (row ``b * C +
+        c`` is request b's history with its candidate c): what a ``.pt2``
+        package from ``din-fast export`` takes, in its order;
+        ``logits.view(shape)`` gives them back as [B, C]."""
         candidates = self.known.shape[1]
-        history = [t.repeat_interleave(candidates, dim=0)
-                   for t in (self.history_items, self.history_categories, self.lengths)]
-        return (*history, self.target_items.reshape(-1), self.target_categories.reshape(-1))
+        per_row = lambda t: None if t is None else t.repeat_interleave(candidates, dim=0)
+        per_candidate = lambda t: None if t is None else t.reshape(-1, *t.shape[2:])
+        side = [*(self.features or {}).values(), self.numeric]
+        return tuple(t for t in (per_row(self.history_items), per_row(self.history_categories),
+                                 per_row(self.lengths), per_candidate(self.target_items),
+                                 per_candidate(self.target_categories),
+                                 *map(per_candidate, side))
+                     if t is not None)
 
 
 class Encoder:
@@ -84,33 +109,57 @@ class Encoder:
 
     Args:
         item_ids: raw item ids in dense order (dense id = position + 1).
-        category_ids: raw category ids in dense order.
+        category_ids: raw category ids in dense order; None without categories.
         item_category: the dense category of each dense item, index 0 (the
-            padding item) holding 0; len(item_ids) + 1 entries.
+            padding item) holding 0; len(item_ids) + 1 entries (None without
+            categories).
+        unknown: whether every table has the reserved id ``len(ids) + 1``
+            for ids not listed (the maps of a labeled log).
+        features: {side feature: its raw values in dense order}.
+        numeric: {numeric feature: (mean, standard deviation)}, which
+            standardize it as in training.
     """
 
-    def __init__(self, item_ids: Sequence, category_ids: Sequence, item_category: Sequence[int]):
+    def __init__(self, item_ids: Sequence, category_ids: Optional[Sequence],
+                 item_category: Optional[Sequence[int]], unknown: bool = False,
+                 features: Optional[dict] = None, numeric: Optional[dict] = None):
+        self.item_dense = {str(raw): i + 1 for i, raw in enumerate(item_ids)}
+        self.num_items = len(item_ids)
+        self.unknown = bool(unknown)
+        self.features = {name: {str(raw): i + 1 for i, raw in enumerate(values)}
+                         for name, values in (features or {}).items()}
+        self.numeric = {name: (float(mean), float(std))
+                        for name, (mean, std) in (numeric or {}).items()}
+        if category_ids is None:
+            self.item_category, self.num_categories = None, 0
+            return
         if len(item_category) != len(item_ids) + 1 or (len(item_category) and item_category[0]):
             raise ValueError(f"Encoder: `item_category` must hold 0 (the padding item) and then "
                              f"one dense category per item, {len(item_ids) + 1} entries; got "
                              f"{len(item_category)} entries starting with "
                              f"{list(item_category[:1])}")
-        self.item_dense = {str(raw): i + 1 for i, raw in enumerate(item_ids)}
+        self.num_categories = len(category_ids) + self.unknown
         self.item_category = torch.as_tensor(list(item_category), dtype=torch.int64)
-        self.num_items, self.num_categories = len(item_ids), len(category_ids)
         bad = (self.item_category < 0) | (self.item_category > self.num_categories)
         if bool(bad.any()):
             index = int(bad.nonzero()[0])
             raise ValueError(f"Encoder: `item_category` must hold dense categories in "
                              f"[0, {self.num_categories}]; got item_category[{index}] = "
                              f"{int(self.item_category[index])}")
+        if self.unknown:    # the reserved item's category: the reserved one
+            self.item_category = torch.cat([self.item_category,
+                                            torch.tensor([self.num_categories])])
 
     @classmethod
     def from_id_maps(cls, id_maps) -> "Encoder":
         """The encoder of a checkpoint's id maps (din_fast.data.IdMaps:
         ``load_checkpoint(path).id_maps``), to score with the eager model."""
-        return cls(id_maps.item_ids.to_pylist(), id_maps.category_ids.to_pylist(),
-                   id_maps.item_category.tolist())
+        categories = id_maps.category_ids is not None
+        return cls(id_maps.item_ids.to_pylist(),
+                   id_maps.category_ids.to_pylist() if categories else None,
+                   id_maps.item_category.tolist() if categories else None, id_maps.unknown,
+                   {name: values.to_pylist() for name, values in id_maps.features.items()},
+                   id_maps.numeric)
 
     @classmethod
     def from_json(cls, path) -> "Encoder":
@@ -123,10 +172,18 @@ class Encoder:
             raise ValueError(f"Encoder.from_json: {path} must hold a JSON object with "
                              "item_ids, category_ids and item_category (the <name>.ids.json "
                              "din-fast export writes)")
-        return cls(maps["item_ids"], maps["category_ids"], maps["item_category"])
+        numeric = {name: (stats["mean"], stats["std"])
+                   for name, stats in maps.get("numeric", {}).items()}
+        return cls(maps["item_ids"], maps["category_ids"], maps["item_category"],
+                   maps.get("unknown", False), maps.get("features", {}), numeric)
+
+    def dense_item(self, raw) -> int:
+        """A raw item's dense id: its own, else the reserved one, else 0."""
+        return self.item_dense.get(str(raw), self.num_items + 1 if self.unknown else 0)
 
     def encode(self, histories: Sequence[Sequence], candidates: Sequence[Sequence],
-               max_len: Optional[int] = None) -> EncodedBatch:
+               max_len: Optional[int] = None,
+               features: Optional[Sequence[dict]] = None) -> EncodedBatch:
         """Dense inputs for B requests (see :class:`EncodedBatch`).
 
         Args:
@@ -136,10 +193,15 @@ class Encoder:
             max_len: keep the most recent ``max_len`` known items of each
                 history (the model's training ``--max-len`` is a good choice);
                 None keeps all.
+            features: for maps with side features, B dicts {feature: value},
+                every side and numeric feature of the maps: one value for all
+                of the request's candidates or a list of one per candidate; a
+                categorical value holds its ids separated by ``|``.
 
         Raises:
             ValueError: histories and candidates of different lengths, a
-                request without candidates, a bad max_len.
+                request without candidates, a bad max_len, a missing or
+                malformed feature value.
         """
         if len(histories) != len(candidates):
             raise ValueError(f"Encoder.encode: `histories` and `candidates` must have one entry "
@@ -151,13 +213,19 @@ class Encoder:
             if isinstance(row, (str, bytes)) or len(row) == 0:
                 raise ValueError(f"Encoder.encode: `candidates[{b}]` must be a non-empty sequence "
                                  f"of raw item ids; got {row!r}")
+        side = self.features or self.numeric
+        if side and (features is None or len(features) != len(candidates)):
+            raise ValueError(f"Encoder.encode: `features` must hold one dict per request for "
+                             f"the model's side features {list(self.features)}"
+                             f"{list(self.numeric)}")
         unknown_history = 0
         dense_histories = []
         for row in histories:
-            dense = [self.item_dense.get(str(raw), 0) for raw in row]
-            known = [i for i in dense if i]
+            dense = [self.dense_item(raw) for raw in row]
+            known = [i for i in dense if 0 < i <= self.num_items]
             unknown_history += len(dense) - len(known)
-            dense_histories.append(known[-max_len:] if max_len else known)
+            kept = dense if self.unknown else known
+            dense_histories.append(kept[-max_len:] if max_len else kept)
         length = max([1] + [len(row) for row in dense_histories])
         count = max(len(row) for row in candidates) if len(candidates) else 1
         history_items = torch.zeros(len(histories), length, dtype=torch.int64)
@@ -168,14 +236,94 @@ class Encoder:
             history_items[b, :len(row)] = torch.tensor(row, dtype=torch.int64)
         for b, row in enumerate(candidates):
             for c, raw in enumerate(row):
-                target_items[b, c] = self.item_dense.get(str(raw), 0)
-                known[b, c] = bool(target_items[b, c])
+                target_items[b, c] = self.dense_item(raw)
+                known[b, c] = 0 < int(target_items[b, c]) <= self.num_items
                 if not known[b, c]:
                     unknown_candidates.append((b, raw))
         lengths = torch.tensor([len(row) for row in dense_histories], dtype=torch.int64)
-        return EncodedBatch(history_items, self.item_category[history_items], lengths,
-                            target_items, self.item_category[target_items], known,
-                            unknown_history, unknown_candidates)
+        category = (lambda ids: None) if self.item_category is None \
+            else (lambda ids: self.item_category[ids])
+        batch = EncodedBatch(history_items, category(history_items), lengths, target_items,
+                             category(target_items), known, unknown_history, unknown_candidates)
+        if side:
+            self._add_features(batch, features, [len(row) for row in candidates], count)
+        return batch
+
+    def _add_features(self, batch: EncodedBatch, features: Sequence[dict], counts: list,
+                      count: int) -> None:
+        encoded = []
+        for b, (given, candidates) in enumerate(zip(features, counts)):
+            try:
+                encoded.append(self.encode_features(given, candidates))
+            except ValueError as error:
+                raise ValueError(f"Encoder.encode: features[{b}]: {error}") from None
+        widest = {name: max([1] + [len(ids) for ids_of, _, _ in encoded
+                                   for ids in ids_of[name]]) for name in self.features}
+        batch.features = {name: torch.zeros(len(counts), count, widest[name], dtype=torch.int64)
+                          for name in self.features}
+        if self.numeric:
+            batch.numeric = torch.zeros(len(counts), count, len(self.numeric))
+        for b, (ids_of, numeric, unknown) in enumerate(encoded):
+            for name, per_candidate in ids_of.items():
+                for c, ids in enumerate(per_candidate):
+                    batch.features[name][b, c, :len(ids)] = torch.tensor(ids, dtype=torch.int64)
+            if numeric is not None:
+                batch.numeric[b, :len(numeric)] = torch.tensor(numeric)
+            batch.unknown_feature_values += unknown
+
+    def encode_features(self, given: dict, count: int) -> tuple:
+        """One request's side features for ``count`` candidates: ({feature:
+        a list of dense ids per candidate}, numeric [count][N] standardized or
+        None, the number of values the maps do not hold). ValueError for a
+        missing, extra or malformed value, naming the feature."""
+        wanted = list(self.features) + list(self.numeric)
+        if not isinstance(given, dict):
+            raise ValueError(f"must be a dict {{feature: value}} of {wanted}")
+        missing = [name for name in wanted if name not in given]
+        extra = sorted(set(given) - set(wanted))
+        if missing or extra:
+            problem = f"lacks {missing[0]!r}" if missing else f"has {extra[0]!r}, not one of them"
+            raise ValueError(f"{problem}; the model takes "
+                             f"{', '.join(wanted) if wanted else 'no side features'}")
+
+        def per_candidate(name):
+            value = given[name]
+            if isinstance(value, (list, tuple)):
+                if len(value) != count:
+                    raise ValueError(f"{name!r} has {len(value)} values for {count} candidates; "
+                                     "give one value, or one per candidate (several values of "
+                                     f"one go in one string, separated by {SEPARATOR!r})")
+                return value
+            return [value] * count
+        ids_of, unknown = {}, 0
+        for name, dense_of in self.features.items():
+            reserved = len(dense_of) + 1 if self.unknown else 0
+            ids_of[name] = []
+            for value in per_candidate(name):
+                if not isinstance(value, (str, int)) or isinstance(value, bool) \
+                        or "\0" in str(value):
+                    raise ValueError(f"{name!r} holds {value!r}; expected ids (several "
+                                     f"separated by {SEPARATOR!r})")
+                tokens = [t.strip() for t in str(value).split(SEPARATOR) if t.strip()]
+                ids = [dense_of.get(t, reserved) for t in tokens]
+                unknown += sum(i == 0 or i == reserved for i in ids)
+                ids_of[name].append([i for i in ids if i])
+        numeric = None
+        if self.numeric:
+            columns = []
+            for name, (mean, std) in self.numeric.items():
+                column = []
+                for value in per_candidate(name):
+                    try:
+                        number = float(value)
+                    except (TypeError, ValueError):
+                        number = math.nan
+                    if not math.isfinite(number) or isinstance(value, bool):
+                        raise ValueError(f"{name!r} holds {value!r}; expected a finite number")
+                    column.append((number - mean) / std)
+                columns.append(column)
+            numeric = [list(row) for row in zip(*columns)]
+        return ids_of, numeric, unknown
 
 
 class OnnxModel:
