@@ -274,3 +274,48 @@ def test_bad_input_is_one_error_line(bad_inputs, name, capsys):
     assert status == 2 and len(lines) == 1 and lines[0].startswith("din-fast: error: "), err
     for fragment in expected:
         assert fragment in lines[0], (fragment, lines[0])
+
+
+def test_exported_model_takes_the_side_features(trained, tmp_path, capsys):
+    """ONNX through the command: the id maps JSON lists the inputs in call
+    order, the Encoder builds them from raw requests with features, and the
+    model scores as the eager one. The .pt2 package's program (the
+    AOTInductor compile aside) takes the same inputs, by the same names."""
+    pytest.importorskip("onnxruntime")
+    import din_fast.export as export
+    from din_fast.checkpoint import restored_model
+    from din_fast.package_inputs import InputContract
+    from din_fast.serving import Encoder, OnnxModel
+    from din_fast.training import checkpoint_for_run
+
+    checkpoint, _ = trained
+    out = tmp_path / "din.onnx"
+    assert main(["export", "--checkpoint", str(checkpoint), "--out", str(out), "--format",
+                 "onnx"]) == 0
+    maps = json.loads((tmp_path / "din.ids.json").read_text())
+    names = ["history_items", "history_categories", "lengths", "target_items",
+             "target_categories", "features_genres", "features_hour", "numeric"]
+    assert [i["name"] for i in maps["inputs"]] == names
+    assert maps["unknown"] and maps["numeric"]["price"]["std"] > 0
+    batch = Encoder.from_json(tmp_path / "din.ids.json").encode(
+        [["i1", "i7", "never"], []], [["i2", "unseen"], ["i3"]], max_len=50,
+        features=[{"genres": ["g1|g2", ""], "hour": 3, "price": 9.5},
+                  {"genres": "g9", "hour": "23", "price": "11"}])
+    assert batch.unknown_candidates == [(0, "unseen")] and batch.unknown_feature_values == 1
+    model = restored_model(*checkpoint_for_run(str(checkpoint), "torch", "cpu"))
+    args = batch.inputs()
+    eager = model(*args[:5], features=dict(zip(("genres", "hour"), args[5:7])),
+                  numeric=args[7])
+    assert torch.allclose(OnnxModel(out)(*args), eager.detach(), atol=1e-5)
+    # The .pt2 export's program and what its package would record.
+    program = torch.export.export(model, export.din_example_inputs(model),
+                                  dynamic_shapes=export.din_dynamic_shapes(model))
+    contract = InputContract.of_program(program, export.din_dynamic_shapes(model),
+                                        export.din_value_ranges(model),
+                                        export.din_padding_dims(model))
+    assert [spec.name for spec in contract.inputs] == names
+    assert contract.padding_dims == ("T", "V_genres", "V_hour")
+    rows = contract.prepare("din.pt2", batch.rows(), {})
+    assert torch.allclose(program.module()(*rows[:5], dict(zip(("genres", "hour"), rows[5:7])),
+                                           rows[7]),
+                          eager.detach().reshape(-1), atol=1e-5)
