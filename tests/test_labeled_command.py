@@ -213,6 +213,61 @@ def test_log_file_gets_one_line_per_epoch_without_a_bar(log, tmp_path, capsys):
     assert len((tmp_path / "logs" / "metrics.csv").read_text().splitlines()) == 3
 
 
+def on_one_core():
+    """Pins a child process to the first core it may run on (what taskset or a
+    container's CPU set does)."""
+    os.sched_setaffinity(0, {min(os.sched_getaffinity(0))})
+
+
+def terminal_output(argv) -> tuple:
+    """``python -m din_fast`` on one core, stderr an 80-column terminal (a
+    pseudo-terminal): (exit status, stdout, what the terminal showed)."""
+    import fcntl
+    import pty
+    import struct
+    import termios
+
+    controller, terminal = pty.openpty()
+    fcntl.ioctl(terminal, termios.TIOCSWINSZ, struct.pack("HHHH", 24, 80, 0, 0))
+    process = subprocess.Popen([sys.executable, "-m", "din_fast", *argv], stdout=subprocess.PIPE,
+                               stderr=terminal, preexec_fn=on_one_core)
+    os.close(terminal)
+    shown = []
+    while True:
+        try:
+            chunk = os.read(controller, 1 << 16)
+        except OSError:     # the child closed the terminal (EIO)
+            break
+        if not chunk:
+            break
+        shown.append(chunk)
+    os.close(controller)
+    out = process.stdout.read().decode()
+    return process.wait(timeout=600), out, b"".join(shown).decode(errors="replace")
+
+
+@pytest.mark.skipif(not hasattr(os, "sched_setaffinity"), reason="no CPU affinity here")
+def test_the_command_on_a_terminal_draws_a_bar_and_takes_the_cores_it_may_use(log, tmp_path):
+    """Through the real command on one core of a terminal: --help shows one
+    thread as the default, training draws a bar per epoch on the terminal
+    while its epoch lines go to stdout, and --log-dir gets the epochs' CSV."""
+    status, out, shown = terminal_output(["train", "--help"])
+    option = "\n  --threads THREADS"
+    assert status == 0 and option in out
+    threads_help = " ".join(out.split(option, 1)[1].split("\n  -", 1)[0].split("\n\n")[0].split())
+    assert threads_help.endswith("(default: 1)"), threads_help
+    status, out, shown = terminal_output(
+        ["train", "--data", str(log), *LABELED[:-1], "--epochs", "2", "--log-dir",
+         str(tmp_path / "logs")])
+    assert status == 0, shown
+    assert "\r" in shown and "epoch 1/2" in shown and "epoch 2/2" in shown, shown
+    assert [line.split(":")[0] for line in out.splitlines()
+            if line.startswith("epoch ")] == ["epoch 1", "epoch 2"]
+    lines = (tmp_path / "logs" / "metrics.csv").read_text().splitlines()
+    assert lines[0].split(",")[:2] == ["epoch", "train_loss"] and len(lines) == 3
+    assert [line.split(",")[0] for line in lines[1:]] == ["1", "2"]
+
+
 def bad_input_cases(tmp):
     """(argv, fragments the one error line must hold)."""
     rows = labeled_rows(30)
