@@ -40,7 +40,7 @@ WRITTEN_BY = "a file written by din-fast train --checkpoint"
 ADDED_CONFIG_FIELDS = {"compile": None, "top_k": None, "search": "din", "label_column": None,
                        "features": (), "numeric_features": (), "feature_dim": None,
                        "validation_fraction": 0.1, "test_fraction": 0.1, "min_count": 1,
-                       "linear": False}
+                       "linear": False, "linear_lr": None}
 RUN_STATE_SUFFIX = ".run"
 
 

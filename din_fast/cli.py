@@ -208,6 +208,11 @@ def build_parser() -> argparse.ArgumentParser:
                               help="add a linear part to the logit, as DeepFM and Wide & Deep "
                               "have beside their deep part: a learned weight per item, category "
                               "and side-feature id (and per numeric feature)")
+    train_parser.add_argument("--linear-lr", type=positive_float, default=defaults.linear_lr,
+                              help="the linear part's Adam learning rate (default: --lr); a "
+                              "weight seen a few times an epoch needs a larger one than the deep "
+                              "part, which overfits first (Wide & Deep trains its two parts "
+                              "with two optimizers)")
     labeled = train_parser.add_argument_group(
         "labeled logs (every row an impression with its 0/1 label; no negative sampled)")
     labeled.add_argument("--label-column", default=defaults.label_column,

@@ -72,6 +72,7 @@ FIELD_RULES = {
     "test_fraction": (_fraction, "a number in (0, 1)"),
     "min_count": (_positive_int, "a positive integer"),
     "linear": (lambda v: type(v) is bool, "True or False"),
+    "linear_lr": (lambda v: v is None or _positive_float(v), "None (lr) or a finite number > 0"),
 }
 
 
@@ -86,7 +87,8 @@ class TrainConfig:
     ``test_fraction`` and ``validation_fraction`` latest rows, ids seen
     fewer than ``min_count`` times in training mapped to the reserved id.
     ``linear`` adds the models' linear part (a weight per id, summed into
-    the logit). Invalid values raise InputError."""
+    the logit), trained at ``linear_lr`` (None: ``lr``). Invalid values
+    raise InputError."""
 
     data: Optional[str] = None
     model: str = "din"
@@ -116,6 +118,7 @@ class TrainConfig:
     test_fraction: float = 0.1
     min_count: int = 1
     linear: bool = False
+    linear_lr: Optional[float] = None
 
     def __post_init__(self):
         for name in ("features", "numeric_features"):   # a list reads as the tuple it means
@@ -140,6 +143,9 @@ class TrainConfig:
             raise InputError(f"TrainConfig: `validation_fraction` + `test_fraction` must be "
                              f"below 1 (the rest trains); got {self.validation_fraction} + "
                              f"{self.test_fraction}")
+        if self.linear_lr is not None and not self.linear:
+            raise InputError(f"TrainConfig: `linear_lr` is the linear part's learning rate; it "
+                             f"needs `linear` True (got linear_lr {self.linear_lr})")
         if self.mlp_activation == "dice" and self.batch_size < 2:
             raise InputError(f"TrainConfig: `batch_size` must be at least 2 with mlp_activation "
                              f"'dice' (its batch normalization needs two rows); "

@@ -201,6 +201,19 @@ class Learner:
         self.schedule.step()
 
 
+def parameter_groups(model, config: TrainConfig) -> list:
+    """Adam's parameter groups: the linear part at ``config.linear_lr`` where
+    given (its weights, one per id, each in few batches, move by about lr per
+    batch it is in; the deep part, given the same rate, overfits first), the
+    rest at ``config.lr``."""
+    linear = getattr(model, "linear", None)
+    if config.linear_lr is None or linear is None:
+        return [{"params": list(model.parameters())}]
+    own = {id(p) for p in linear.parameters()}
+    return [{"params": [p for p in model.parameters() if id(p) not in own]},
+            {"params": list(linear.parameters()), "lr": config.linear_lr}]
+
+
 class LocalLearner(Learner):
     """What :func:`fit_learner` trains in one process: a model that scores
     data.Batch fields (and lists its ``embedding_tables()`` for the L2
@@ -210,7 +223,7 @@ class LocalLearner(Learner):
 
     def __init__(self, model, data: EncodedData, config: TrainConfig,
                  labeled_train: Optional[Samples] = None):
-        super().__init__(model.parameters(), data, config, config.device,
+        super().__init__(parameter_groups(model, config), data, config, config.device,
                          labeled_train=labeled_train)
         self.model = model
         if config.compile:

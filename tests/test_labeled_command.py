@@ -15,7 +15,7 @@ import torch
 from din_fast.checkpoint import load_checkpoint
 from din_fast.cli import available_cores, build_parser, main
 from din_fast.errors import CheckpointError
-from din_fast.training import LocalLearner
+from din_fast.training import LocalLearner, TrainConfig
 
 from cli_data import (Case, labeled_rows, one_torch_thread, run,  # noqa: F401 (a fixture)
                       write_labeled_log)
@@ -374,3 +374,25 @@ def test_exported_model_takes_the_side_features(trained, tmp_path, capsys):
     assert torch.allclose(program.module()(*rows[:5], dict(zip(("genres", "hour"), rows[5:7])),
                                            rows[7]),
                           eager.detach().reshape(-1), atol=1e-5)
+
+
+def test_linear_lr_is_the_linear_parts_own_rate(log, capsys):
+    """--linear-lr puts the linear part, and nothing else, in its own Adam
+    group; without --linear it is refused in one line."""
+    from din_fast.config import build_model
+    from din_fast.errors import InputError
+    from din_fast.training import parameter_groups
+
+    config = TrainConfig(linear=True, linear_lr=0.05, lr=0.002)
+    model = build_model(config, 10, 3, {"genres": 4})
+    deep, linear = parameter_groups(model, config)
+    assert linear["lr"] == 0.05 and "lr" not in deep     # deep: Adam's lr, config.lr
+    assert {id(p) for p in linear["params"]} == {id(p) for p in model.linear.parameters()}
+    assert sorted(map(id, deep["params"] + linear["params"])) == \
+        sorted(map(id, model.parameters()))
+    assert len(parameter_groups(model, TrainConfig(linear=True))) == 1
+    with pytest.raises(InputError, match="`linear_lr`.*needs `linear`"):
+        TrainConfig(linear_lr=0.05)
+    assert main(["train", "--data", str(log), *LABELED, "--linear-lr", "0.05"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("din-fast: error:") and "linear_lr" in err[0]
