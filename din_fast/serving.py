@@ -273,9 +273,10 @@ class Encoder:
 
     def encode_features(self, given: dict, count: int) -> tuple:
         """One request's side features for ``count`` candidates: ({feature:
-        a list of dense ids per candidate}, numeric [count][N] standardized or
-        None, the number of values the maps do not hold). ValueError for a
-        missing, extra or malformed value, naming the feature."""
+        a list of dense ids per candidate}, the numeric features standardized
+        (``count`` lists of N) or None, the number of values the maps do not
+        hold). ValueError for a missing, extra or malformed value, naming the
+        feature."""
         wanted = list(self.features) + list(self.numeric)
         if not isinstance(given, dict):
             raise ValueError(f"must be a dict {{feature: value}} of {wanted}")
