@@ -287,3 +287,34 @@ def test_gpu_check_rejects_unknown_arguments():
                             capture_output=True, text=True, timeout=60)
     assert result.returncode == 2
     assert "unknown argument '--dryrun' (takes --dry-run or nothing)" in result.stderr
+
+
+def test_movielens_log_and_the_logistic_regressions_input(tmp_path):
+    """benchmarks.movielens on a few made-up ratings: label 1 from 4 stars,
+    the first genre the category, genres multi-valued, hour and weekday of
+    the UTC timestamp; the one-hot rows hold one user, item and category and
+    1/n per value of an n-valued feature."""
+    import pyarrow.csv as pacsv
+
+    from benchmarks.movielens import FEATURES, build_log, one_hot
+    from din_fast.training import TrainConfig, load_training_data
+
+    movies = ["movieId,title,genres", "1,A,Drama|Comedy", "2,B,Crime", "3,C,Drama"]
+    (tmp_path / "movies.csv").write_text("\n".join(movies) + "\n")
+    # 2018-09-24 was a Monday; 86400 * 17798 is its midnight UTC.
+    ratings = [f"{u},{1 + r % 3},{(3.5, 4.0, 5.0, 2.0)[r % 4]},{86400 * 17798 + 3600 * r}"
+               for u in (1, 2, 3) for r in range(10)]
+    (tmp_path / "ratings.csv").write_text("userId,movieId,rating,timestamp\n"
+                                          + "\n".join(ratings) + "\n")
+    log = pacsv.read_csv(build_log(tmp_path, tmp_path / "log.csv")).to_pylist()
+    assert [r["label"] for r in log[:4]] == [0, 1, 1, 0]
+    assert (log[0]["category"], log[0]["genres"]) == ("Drama", "Drama|Comedy")
+    assert [(r["hour"], r["weekday"]) for r in log[:2]] == [(0, 0), (1, 0)]
+    config = TrainConfig(data=str(tmp_path / "log.csv"), label_column="label",
+                         features=FEATURES, validation_fraction=0.2, test_fraction=0.2)
+    data, splits = load_training_data(config)
+    matrix = one_hot(data, splits.train).toarray()
+    assert matrix.shape[0] == len(splits.train) and (splits.train.target != 0).all()
+    # 1 for the user, item and category each, 1 per feature (item 1's genres 1/2 each).
+    assert (matrix.sum(1) == 3 + len(FEATURES)).all()
+    assert sorted(set(matrix.ravel())) == [0, 0.5, 1]
