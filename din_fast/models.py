@@ -412,11 +412,17 @@ class DIN(BaseModel):
         attention_activation: "dice", "sigmoid", "relu" or "prelu".
         attention_normalization: "softmax" or None (raw scores).
         top_k: None (exact DIN) or K, two-stage attention.
-        search: the two-stage search, "din", "dot" or "category".
+        search: the two-stage search, "din", "dot" or "category" (which
+            needs categories).
+        features: the side features' tables, as BaseModel's.
+        numeric_features: the number of numeric side features, as
+            BaseModel's.
+        feature_dim: the side features' embedding size, as BaseModel's.
+        linear: add the linear part, as BaseModel's.
 
     Raises:
-        ValueError: as BaseModel, and for the attention options
-            (DINAttention's checks).
+        ValueError: as BaseModel, for the attention options (DINAttention's
+            checks), and for the "category" search without categories.
     """
 
     def __init__(self, num_items: int, num_categories: int, embed_dim: int = 32,
