@@ -194,12 +194,17 @@ class Batch(NamedTuple):
     features: Optional[dict] = None
     numeric: Optional[torch.Tensor] = None
 
-    def to(self, device) -> "Batch":
-        moved = lambda t: None if t is None else t.to(device)
-        return Batch(*(moved(t) for t in self[:7]),
-                     None if self.features is None else {k: moved(v) for k, v in
+    def map(self, fn) -> "Batch":
+        """The batch with ``fn`` applied to each of its tensors (each
+        feature's too); an absent field stays None."""
+        apply = lambda t: None if t is None else fn(t)
+        return Batch(*(apply(t) for t in self[:7]),
+                     None if self.features is None else {k: fn(v) for k, v in
                                                           self.features.items()},
-                     moved(self.numeric))
+                     apply(self.numeric))
+
+    def to(self, device) -> "Batch":
+        return self.map(lambda t: t.to(device))
 
     def model_inputs(self) -> tuple:
         """(args, kwargs) of a model's forward (din_fast.DIN's) for this batch."""

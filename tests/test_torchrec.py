@@ -77,11 +77,11 @@ def training_batches(sizes=SIZES):
     batches = [batch for _, batch in iterate_batches(data, samples, 10, max_len=6, shuffle=True,
                                                      rng=np.random.default_rng(1))][:3]
     small = (3,) if sizes is DICE_SIZES else (3, 1)
-    return batches + [Batch(*(t[:n] for t in batches[0])) for n in small]
+    return batches + [batches[0].map(lambda t: t[:n]) for n in small]
 
 
 def share_of(batch: Batch, rank: int) -> Batch:
-    return Batch(*(t[rank::WORLD] for t in batch))
+    return batch.map(lambda t: t[rank::WORLD])
 
 
 # ---------------------------------------------------------------- the two processes

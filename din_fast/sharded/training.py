@@ -82,10 +82,10 @@ def rank_share(batch: Batch) -> tuple[Batch, int]:
     training it would enter the MLP's Dice statistics, so the trainer never
     makes one there (MIN_SHARE); evaluation has no batch statistics."""
     rank, world = dist.get_rank(), dist.get_world_size()
-    share = Batch(*(t[rank::world] for t in batch))
+    share = batch.map(lambda t: t[rank::world])
     if len(share.labels):
         return share, len(share.labels)
-    return Batch(*(t.new_zeros((1,) + t.shape[1:]) for t in share)), 0
+    return share.map(lambda t: t.new_zeros((1,) + t.shape[1:])), 0
 
 
 def penalized_rows(batch: Batch, inverse_frequency: dict, device) -> dict:
@@ -271,7 +271,8 @@ def train_sharded(config: TrainConfig, sharding: Optional[str] = None, *,
             raise
         result.update(model=config.model, backend=backend, world_size=world, sharding=plan,
                       embedding_optimizer=embedding_optimizer, embedding_lr=embedding_lr,
-                      config=dataclasses.asdict(config))
+                      config=dataclasses.asdict(config),
+                      data_fingerprint=data.id_maps.fingerprint())
         state = din_state_dict(sharded) if checkpoint else None
         if rank != 0:
             return None
