@@ -23,8 +23,14 @@ block by the lengths: they are data). The backward ops also serve the triton
 backend's autograd formula wherever its fused backward does not reach.
 
 Where a graph of aten ops is needed (torch.func transforms, forward-mode AD,
-double backward, torch.export), ``differentiable_din_attention`` runs the
-MLP through autograd on every position (memory B * C * T * H). A Dice gate
+double backward), ``differentiable_din_attention`` runs the MLP through
+autograd on every position (memory B * C * T * H). torch.export, whose
+graph must also run without Python (an AOTInductor package), traces
+``exported_din_attention`` instead: the blocked ops' own arithmetic (the
+folded first layer: one product of the keys with the stacked M of the
+candidates, per row) over the whole padded problem as a single block, with
+the padding zeroed and masked, since a traced graph cannot follow the
+lengths (data) into blocks; its memory is B * C * T * H too. A Dice gate
 hook (``dice_gate``: batch statistics in training, the peers' BatchNorm)
 needs every pre-activation of a layer before any is activated, and has side
 effects and parameters of its own, so that path runs through autograd too,
@@ -41,6 +47,7 @@ from torch import Tensor
 
 from . import chunked
 from .activations import activate, dice
+from .folded_unit import FoldedUnit
 from .op_args import (AttentionArgs, InputGrads, JaggedAttentionArgs, fake_input_grads,
                       op_schema, save_arguments, saved_arguments)
 from .problem import DINProblem, JaggedDINProblem, compute_dtype, split_first_layer
@@ -277,14 +284,40 @@ def _jagged_forward(mlp, rows, query, keys_values, values, normalization, scale)
     return pooled, scores
 
 
+def exported_din_attention(problem, dice_gate=None):
+    """(pooled [B, C, Dv], w) in the compute dtype, as torch.export traces
+    it: a padded problem through din_fast.folded_unit on every position at
+    once (the padding zeroed, then masked out of the weights), the first
+    layer one product per row of the keys [T, D] with the folded M of its C
+    candidates [D, C * H1]. That is the blocked ops' arithmetic, so the
+    compiled package scores as fast as eager mode does per pair, where the
+    autograd path (differentiable_din_attention) builds q * k [B, T, C, D]
+    and runs two first-layer products per pair. A Dice gate hook or a jagged
+    problem takes differentiable_din_attention."""
+    if dice_gate is not None or isinstance(problem, JaggedDINProblem):
+        return differentiable_din_attention(problem, dice_gate)
+    dtype = problem.compute_dtype()
+    query, keys, values = _inputs(problem, dtype)
+    unit = FoldedUnit(problem, dtype)
+    u, m = unit.fold(query)
+    scores = unit.scores(problem.without_padding(keys), u, m)            # [B, T, C]
+    w = masked_normalize(scores.transpose(1, 2), problem.valid_mask(), problem.normalization,
+                         problem.scale)
+    # w is 0 at the padding, but 0 * NaN is not: the padding never reaches the sum.
+    return w @ problem.without_padding(values), w
+
+
 def run(problem, dice_gate=None, need_scores: bool = True):
     """(pooled [B, C, Dv], w or None without ``need_scores``) in the compute
     dtype of a DINProblem (w [B, C, T]) or a JaggedDINProblem (w [L, C]):
-    the blocked ops, or differentiable_din_attention where a transform or an
-    export needs a graph of aten ops alone (torch.func, forward-mode AD,
-    torch.export, whose package runs without Python)."""
-    if problem.differentiated_forward() or torch.compiler.is_exporting():
+    the blocked ops, differentiable_din_attention where a transform needs a
+    graph of aten ops alone (torch.func, forward-mode AD), or
+    exported_din_attention under torch.export (whose package runs without
+    Python)."""
+    if problem.differentiated_forward():
         return differentiable_din_attention(problem, dice_gate)
+    if torch.compiler.is_exporting():
+        return exported_din_attention(problem, dice_gate)
     if isinstance(problem, JaggedDINProblem):
         return torch_din_attention_jagged(problem, need_scores)
     return torch_din_attention(problem, dice_gate, need_scores)

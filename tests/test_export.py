@@ -40,6 +40,49 @@ def test_export_matches_eager():
     torch.testing.assert_close(exported(*other), model(*other))
 
 
+class Pool(torch.nn.Module):
+    """The layer alone, C candidates per row, its weights returned too."""
+
+    def __init__(self, **options):
+        super().__init__()
+        self.attention = din_fast.DINAttention(D, (6, 3), return_scores=True, **options)
+
+    def forward(self, query, keys, mask, values):
+        return self.attention(query, keys, mask=mask, values=values)
+
+
+@pytest.mark.parametrize("activation,normalization", [("sigmoid", None), ("relu", "softmax"),
+                                                      ("prelu", None), ("dice", "softmax")])
+def test_exported_layer_matches_eager(activation, normalization):
+    """The exported graph (the folded unit over the whole padded problem)
+    against the eager blocked op: several candidates, a mask with holes and
+    an empty row, separate values, NaN in the padding, other sizes."""
+    torch.manual_seed(0)
+    model = Pool(activation=activation, normalization=normalization, scale=0.7).eval()
+
+    def inputs(batch, candidates, length, seed):
+        gen = torch.Generator().manual_seed(seed)
+        mask = torch.rand(batch, length, generator=gen) < 0.6
+        mask[0] = False
+        keys = torch.randn(batch, length, D, generator=gen).masked_fill(~mask[..., None], NaN)
+        values = torch.randn(batch, length, 3, generator=gen).masked_fill(~mask[..., None], NaN)
+        return torch.randn(batch, candidates, D, generator=gen), keys, mask, values
+    example = inputs(3, 2, 5, 1)
+    batch, candidates, length = (torch.export.Dim(n) for n in ("batch", "candidates", "length"))
+    program = torch.export.export(model, example, dynamic_shapes=(
+        {0: batch, 1: candidates}, {0: batch, 1: length}, {0: batch, 1: length},
+        {0: batch, 1: length}))
+    for case in (example, inputs(5, 7, 11, 2), inputs(2, 1, 64, 3)):
+        pooled, weights = program.module()(*case)
+        expected_pooled, expected_weights = model(*case)
+        torch.testing.assert_close(pooled, expected_pooled, rtol=1e-5, atol=1e-6)
+        torch.testing.assert_close(weights, expected_weights, rtol=1e-5, atol=1e-6)
+        assert not pooled.isnan().any()
+
+
+NaN = float("nan")
+
+
 def test_exported_range_check_names_sizes_not_symbols():
     """The lengths check traced into a graph with a dynamic history length
     says what T is, never the graph's symbol for it ("T=s35")."""
