@@ -218,7 +218,8 @@ def differentiable_din_attention(problem, dice_gate=None):
     JaggedDINProblem, through autograd alone and with no data-dependent size:
     every position is scored, the padding zeroed first (jagged histories
     have none). What torch.func transforms (vmap, jvp, grad), forward-mode
-    AD, double backward and torch.export run on; ``dice_gate`` as in
+    AD and double backward run on, and torch.export with a Dice gate or a
+    jagged history (exported_din_attention); ``dice_gate`` as in
     torch_din_attention. Its memory grows with B * C * T * H, unlike the
     blocked ops'.
     """
