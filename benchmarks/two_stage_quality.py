@@ -50,6 +50,7 @@ import numpy as np
 from din_fast.files import write_json
 from din_fast.training import load_data
 
+from .bench_cpu import positive_int
 from .harness import write_csv
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -204,11 +205,11 @@ def main(argv=None) -> int:
     parser.add_argument("--datasets", nargs="+", default=["amazon-beauty", "amazon-sports"])
     parser.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2])
     parser.add_argument("--models", nargs="+", choices=MODELS, default=list(MODELS))
-    parser.add_argument("--top-k", type=int, default=10,
+    parser.add_argument("--top-k", type=positive_int, default=10,
                         help="K of the truncated and of the two-stage models")
-    parser.add_argument("--epochs", type=int, default=None,
+    parser.add_argument("--epochs", type=positive_int, default=None,
                         help="the most epochs per run (default: the recipe's)")
-    parser.add_argument("--jobs", type=int, default=2, help="runs at a time")
+    parser.add_argument("--jobs", type=positive_int, default=2, help="runs at a time")
     parser.add_argument("--nice", type=int, default=5, help="niceness of each run")
     parser.add_argument("--results", type=Path,
                         default=ROOT / "benchmarks" / "results" / "two_stage_quality",

@@ -14,8 +14,9 @@ import sys
 
 import pytest
 import torch
+from cli_data import write_amazon
 
-from benchmarks import bench_serving, harness, sanitizer_workload
+from benchmarks import bench_serving, harness, sanitizer_workload, two_stage_quality
 from benchmarks.bench_gpu import GPU_SIZES
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -254,10 +255,48 @@ def test_bench_serving_records_a_failing_path_and_goes_on(monkeypatch, capsys):
     assert "T=16 C=4 two_stage_dot_K4 (torch): failed: RuntimeError" in capsys.readouterr().out
 
 
+def test_two_stage_quality_records_each_model_and_resumes(tmp_path, capsys):
+    """One run per (dataset, model, seed), with the history options that make
+    each model; a second call runs only what has no record yet."""
+    lines = [" ".join(str(v) for v in [user] + [10 + (user * 7 + t) % 30 for t in range(3 + user % 9)])
+             for user in range(1, 41)]
+    (tmp_path / "data").mkdir()
+    write_amazon(tmp_path / "data" / "tiny", "Tiny", lines,
+                 {str(item): [item % 4] for item in range(10, 40)})
+    results = tmp_path / "results" / "quality"
+    common = ["--data-dir", str(tmp_path / "data"), "--datasets", "tiny", "--seeds", "3",
+              "--top-k", "4", "--epochs", "1", "--results", str(results)]
+    assert two_stage_quality.main(common + ["--models", "full", "last", "top-category"]) == 0
+    first = capsys.readouterr().out
+    assert "tiny: longest history 10" in first   # users with 11 behaviours, the last the test's target
+    rows = {row["model"]: row for row in harness.read_csv(str(results) + ".csv")}
+    assert set(rows) == {"full", "last4", "top4-category"}
+    assert [(rows[m]["max_len"], rows[m]["top_k"], rows[m]["search"]) for m in sorted(rows)] == [
+        (10, "", ""), (4, "", ""), (10, 4, "category")]
+    assert "--max-len 10 --top-k 4 --search category --seed 3 --epochs 1" in rows["top4-category"]["command"]
+    for row in rows.values():
+        assert row["dataset"] == "tiny" and row["seed"] == 3 and row["epochs_run"] == 1
+        assert 0 <= row["test_gauc"] <= 1 and 0 <= row["validation_auc"] <= 1
+        assert row["commit"] != "unknown"
+    summary = harness.read_csv(str(results) + "_summary.csv")
+    assert {(s["model"], s["runs"], s["test_gauc_mean"]) for s in summary} == {
+        (m, 1, rows[m]["test_gauc"]) for m in rows}
+    gain = rows["top4-category"]["test_gauc"] - rows["last4"]["test_gauc"]
+    assert f"| tiny | top4-category | 3 | {gain:+.4f} |" in first
+    recorded = (results / "tiny" / "full_seed3.json").stat().st_mtime_ns
+    assert two_stage_quality.main(common + ["--models", "full", "top-dot"]) == 0
+    assert "1 of 2 runs recorded; running 1" in capsys.readouterr().out
+    assert (results / "tiny" / "full_seed3.json").stat().st_mtime_ns == recorded
+    assert {r["model"] for r in harness.read_csv(str(results) + ".csv")} == {"full", "top4-dot"}
+    assert two_stage_quality.main(["--data-dir", str(tmp_path / "none")]) == 0
+    assert "skipped: no data at" in capsys.readouterr().out
+
+
 @pytest.mark.parametrize("args, status, message", [
     (["benchmarks.bench_cpu", "--threads", "0"], 2, "--threads: must be a positive integer; got '0'"),
     (["benchmarks.bench_cpu", "--rounds", "x"], 2, "--rounds: must be a positive integer; got 'x'"),
     (["benchmarks.bench_gpu"], 2, "the following arguments are required: --pass"),
+    (["benchmarks.two_stage_quality", "--jobs", "0"], 2, "--jobs: must be a positive integer; got '0'"),
     (["benchmarks.bench_gpu", "--pass", "train", "--dry-run", "--implementations", "torch"], 2,
      "--implementations must include triton"),
     (["benchmarks.bench_serving", "--dry-run", "--parts", "formats"], 2,
