@@ -215,6 +215,9 @@ def main(argv=None) -> int:
                         default=ROOT / "benchmarks" / "results" / "two_stage_quality",
                         help="the runs' records go in this folder; the tables beside it "
                         "(RESULTS.csv, RESULTS_summary.csv)")
+    parser.add_argument("--report-only", action="store_true",
+                        help="run nothing: tabulate the runs already recorded (of the "
+                        "datasets, seeds and models asked for)")
     args = parser.parse_args(argv)
     missing = [d for d in args.datasets if not (args.data_dir / d).is_dir()]
     if missing:
@@ -229,7 +232,8 @@ def main(argv=None) -> int:
                  for seed in args.seeds for model in args.models]
     # Seed by seed, so that a partial table already compares every model.
     runs.sort(key=lambda run: (run.seed, run.dataset))
-    pending = [run for run in runs if not run.record(args.results).exists()]
+    pending = [] if args.report_only else [run for run in runs
+                                           if not run.record(args.results).exists()]
     print(f"{len(runs) - len(pending)} of {len(runs)} runs recorded; running {len(pending)}, "
           f"{args.jobs} at a time", flush=True)
     extra = [] if args.epochs is None else ["--epochs", str(args.epochs)]
@@ -249,7 +253,9 @@ def main(argv=None) -> int:
     write_csv(summary, str(table.with_name(f"{table.stem}_summary.csv")))
     report(rows, summary, f"{TRUNCATED}{args.top_k}")
     print(f"\nwritten: {table} and {table.stem}_summary.csv beside it")
-    return 0 if len(rows) == len(runs) else 1
+    if len(rows) < len(runs):
+        print(f"{len(runs) - len(rows)} of {len(runs)} runs not recorded yet")
+    return 0 if len(rows) == len(runs) or args.report_only else 1
 
 
 if __name__ == "__main__":
