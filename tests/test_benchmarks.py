@@ -291,7 +291,7 @@ def test_two_stage_quality_records_each_model_and_resumes(tmp_path, capsys):
     # --report-only tabulates the records there are and runs nothing.
     assert two_stage_quality.main(common + ["--models", "full", "top-din", "--report-only"]) == 0
     assert "1 of 2 runs not recorded yet" in capsys.readouterr().out
-    assert not (results / "tiny" / "top-din_seed3.json").exists()
+    assert not (results / "tiny" / "top4-din_seed3.json").exists()
     assert {r["model"] for r in harness.read_csv(str(results) + ".csv")} == {"full"}
     assert two_stage_quality.main(["--data-dir", str(tmp_path / "none")]) == 0
     assert "skipped: no data at" in capsys.readouterr().out
