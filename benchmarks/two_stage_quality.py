@@ -99,7 +99,7 @@ def longest_history(data_dir: Path) -> int:
     only the negatives depend on the seed)."""
     _, splits = load_data(str(data_dir), seed=0)
     return int(max(samples.history_length.max(initial=0)
-                   for samples in (splits.train_positives, splits.validation, splits.test)))
+                   for samples in (splits.train, splits.validation, splits.test)))
 
 
 def code_commit() -> str:
@@ -234,7 +234,8 @@ def main(argv=None) -> int:
     runs.sort(key=lambda run: (run.seed, run.dataset))
     pending = [] if args.report_only else [run for run in runs
                                            if not run.record(args.results).exists()]
-    print(f"{len(runs) - len(pending)} of {len(runs)} runs recorded; running {len(pending)}, "
+    recorded = sum(run.record(args.results).exists() for run in runs)
+    print(f"{recorded} of {len(runs)} runs recorded; running {len(pending)}, "
           f"{args.jobs} at a time", flush=True)
     extra = [] if args.epochs is None else ["--epochs", str(args.epochs)]
     commit = code_commit()
