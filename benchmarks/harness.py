@@ -27,6 +27,7 @@ import shlex
 import statistics
 import sys
 import time
+from pathlib import Path
 from dataclasses import dataclass
 
 import torch
@@ -295,3 +296,14 @@ def plot_panels(rows: list, path: str, *, panel: tuple, x: str, y: str, line: st
     os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
     fig.savefig(path, dpi=110)
     plt.close(fig)
+
+
+def add_amazon_data_options(parser) -> None:
+    """``--data-dir`` and ``--datasets``: the Amazon-layout sets a training
+    benchmark runs on (the same two options in each such benchmark)."""
+    root = Path(__file__).resolve().parents[1]
+    parser.add_argument("--data-dir", type=Path, default=root.parent / "shared" / "data",
+                        help="a folder holding the datasets as Amazon-layout directories "
+                        "(see docs/guides/training.md, Data); default: the development "
+                        "checkout's data folder beside the repository")
+    parser.add_argument("--datasets", nargs="+", default=["amazon-beauty", "amazon-sports"])

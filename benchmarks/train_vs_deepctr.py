@@ -43,7 +43,7 @@ from din_fast.config import TrainConfig, build_model
 from din_fast.models import EMBEDDING_INIT_STD
 from din_fast.training import fit, load_training_data
 
-from .harness import write_csv
+from .harness import add_amazon_data_options, write_csv
 from .peers import deepctr_module
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -123,11 +123,7 @@ def run(name, model, data, splits, config):
 
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--data-dir", type=Path, default=ROOT.parent / "shared" / "data",
-                        help="a folder holding the datasets as Amazon-layout directories "
-                        "(see docs/guides/training.md, Data); default: the development "
-                        "checkout's data folder beside the repository")
-    parser.add_argument("--datasets", nargs="+", default=["amazon-beauty", "amazon-sports"])
+    add_amazon_data_options(parser)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--out", type=Path, default=ROOT / "benchmarks" / "results" /

@@ -51,7 +51,7 @@ from din_fast.files import write_json
 from din_fast.training import load_data
 
 from .bench_cpu import positive_int
-from .harness import write_csv
+from .harness import add_amazon_data_options, write_csv
 
 ROOT = Path(__file__).resolve().parents[1]
 MODELS = ("full", "last", "top-din", "top-dot", "top-category")
@@ -198,11 +198,7 @@ def report(rows: list, summary: list, truncated: str) -> None:
 
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--data-dir", type=Path, default=ROOT.parent / "shared" / "data",
-                        help="a folder holding the datasets as Amazon-layout directories "
-                        "(see docs/guides/training.md, Data); default: the development "
-                        "checkout's data folder beside the repository")
-    parser.add_argument("--datasets", nargs="+", default=["amazon-beauty", "amazon-sports"])
+    add_amazon_data_options(parser)
     parser.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2])
     parser.add_argument("--models", nargs="+", choices=MODELS, default=list(MODELS))
     parser.add_argument("--top-k", type=positive_int, default=10,
