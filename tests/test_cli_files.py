@@ -254,8 +254,13 @@ def test_ctrl_c_saves_the_best_epoch_so_far(tmp_path, trained):
     command = [sys.executable, "-m", "din_fast", *TRAIN, "--epochs", "1000", "--patience",
                "1000", "--data", str(data), "--checkpoint", str(checkpoint), "--metrics-out",
                str(metrics)]
+    # A job started in the background of a non-interactive shell (`cmd &`)
+    # ignores SIGINT, its children inherit that and Python then keeps it
+    # ignored, as a nohup'd run should: the child gets the default back so
+    # that it hears the Ctrl-C this test sends, wherever the suite runs.
     process = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                               text=True, env={**os.environ, "PYTHONUNBUFFERED": "1"})
+                               text=True, env={**os.environ, "PYTHONUNBUFFERED": "1"},
+                               preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
     try:
         shown = []
         for line in process.stdout:
