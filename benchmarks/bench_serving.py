@@ -49,9 +49,9 @@ on what was learned), one request of ``--history`` behaviours and
 
 - eager: ``model(...)`` under ``torch.inference_mode``, [1, C] targets (the
   history pooled once for all candidates);
-- AOTInductor: the ``.pt2`` package of ``din_fast.export.export_din``, one
+- AOTInductor: the ``.pt2`` package of ``din_fast.ctr.export.export_din``, one
   candidate per row (C rows, each with the history: ``EncodedBatch.rows()``);
-- ONNX Runtime: ``din_fast.serving.OnnxModel`` (its input checks included),
+- ONNX Runtime: ``din_fast.ctr.serving.OnnxModel`` (its input checks included),
   [1, C] targets, ``--threads`` intra-op threads.
 
 Each logit is compared with eager's. Exporting the package compiles C++
@@ -81,8 +81,8 @@ import torch
 import triton
 
 import din_fast
-from din_fast import export, onnx_export
-from din_fast.serving import EncodedBatch, OnnxModel
+from din_fast.ctr import export, onnx_export
+from din_fast.ctr.serving import EncodedBatch, OnnxModel
 
 from . import bench_gpu, harness, peers
 from .bench_cpu import add_run_options, positive_int

@@ -2,8 +2,8 @@
 
 Generates a log of N rows (string ids: users "u<n>", ASIN-like items, category
 paths, integer timestamps; Zipf-like item popularity) as CSV and as Parquet,
-then loads each in a fresh process through ``din_fast.loaders.load_interactions``
-and ``din_fast.data.encode`` (what ``din-fast train`` does before building
+then loads each in a fresh process through ``din_fast.ctr.loaders.load_interactions``
+and ``din_fast.ctr.data.encode`` (what ``din-fast train`` does before building
 samples), reporting wall time, CPU time (user + system: what a busy machine
 does not inflate) and the process's peak resident memory, imports included.
 
@@ -70,8 +70,8 @@ def generate(rows: int, directory: Path) -> tuple:
 MEASURE = """
 import json, resource, sys, time
 started = time.perf_counter()
-from din_fast.data import encode
-from din_fast.loaders import load_interactions
+from din_fast.ctr.data import encode
+from din_fast.ctr.loaders import load_interactions
 data = encode(load_interactions(sys.argv[1]))
 seconds = time.perf_counter() - started
 usage = resource.getrusage(resource.RUSAGE_SELF)

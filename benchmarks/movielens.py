@@ -6,7 +6,7 @@ MovieLens experiment does: every rating is an impression, label 1 where the
 rating is 4 or more; the movie's genres are a multi-valued feature, its first
 genre the item's category; the hour and weekday of the timestamp (UTC) are
 context features; the user id is a user feature. Then trains, over one time split (the latest 10% of rows
-test, the 10% before validation), through ``din_fast.training.train``:
+test, the 10% before validation), through ``din_fast.ctr.training.train``:
 
 - DIN with the side features (genres, hour, weekday, user id), DIN without
   them, BaseModel with them, all with the linear part and RECIPE;
@@ -37,7 +37,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.csv as pacsv
 
-from din_fast.cli import available_cores
+from din_fast.ctr.cli import available_cores
 
 from .harness import read_csv, write_csv
 
@@ -107,7 +107,7 @@ def logistic_regression(data, splits) -> dict:
     validation GAUC."""
     from sklearn.linear_model import LogisticRegression
 
-    from din_fast.training import metrics_of
+    from din_fast.ctr.training import metrics_of
 
     train, validation, test = (one_hot(data, s) for s in (splits.train, splits.validation,
                                                           splits.test))
@@ -140,9 +140,9 @@ METRICS = ("test_auc", "test_gauc", "test_logloss", "validation_auc", "validatio
 
 
 def run_models(log: Path, seeds, epochs: int) -> list:
-    """One row per model and seed: the neural models through din_fast.training.train,
+    """One row per model and seed: the neural models through din_fast.ctr.training.train,
     the logistic regression on the same split."""
-    from din_fast.training import TrainConfig, load_training_data, train
+    from din_fast.ctr.training import TrainConfig, load_training_data, train
 
     rows = []
     for seed in seeds:

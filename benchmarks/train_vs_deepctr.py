@@ -39,9 +39,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from din_fast.config import TrainConfig, build_model
-from din_fast.models import EMBEDDING_INIT_STD
-from din_fast.training import fit, load_training_data
+from din_fast.ctr.config import TrainConfig, build_model
+from din_fast.ctr.models import EMBEDDING_INIT_STD
+from din_fast.ctr.training import fit, load_training_data
 
 from .harness import add_amazon_data_options, write_csv
 from .peers import deepctr_module

@@ -47,8 +47,8 @@ from pathlib import Path
 
 import numpy as np
 
-from din_fast.files import write_json
-from din_fast.training import load_data
+from din_fast.ctr.files import write_json
+from din_fast.ctr.training import load_data
 
 from .bench_cpu import positive_int
 from .harness import add_amazon_data_options, write_csv

@@ -105,6 +105,15 @@ def update_running(running_mean, running_var, mean, var, count, momentum: float)
         seen, running_var.lerp(unbiased.to(running_var.dtype), momentum), running_var))
 
 
+class DiceStatistics:
+    """Marks a module that takes Dice batch statistics in training
+    (``DINAttention``, the DIN models' MLP ``Dice``): synchronize_dice_statistics
+    sets its ``statistics_group``. A marker rather than a list of classes, so
+    that this module imports neither the layer nor the models, which import it."""
+
+    statistics_group = None
+
+
 def synchronize_dice_statistics(model: nn.Module, process_group=None) -> nn.Module:
     """Make every Dice layer of ``model`` (``DINAttention`` with
     activation="dice", and the DIN models' MLP ``Dice``) take its training
@@ -130,9 +139,6 @@ def synchronize_dice_statistics(model: nn.Module, process_group=None) -> nn.Modu
         RuntimeError: ``process_group`` None while torch.distributed is not
             initialized.
     """
-    from .models import Dice
-    from .modules import DINAttention
-
     if process_group is None:
         if not dist.is_available() or not dist.is_initialized():
             raise RuntimeError("synchronize_dice_statistics: torch.distributed is not "
@@ -140,6 +146,6 @@ def synchronize_dice_statistics(model: nn.Module, process_group=None) -> nn.Modu
         process_group = dist.group.WORLD
     group = None if process_group is False else process_group
     for module in model.modules():
-        if isinstance(module, (Dice, DINAttention)):
+        if isinstance(module, DiceStatistics):
             module.statistics_group = group
     return model

@@ -8,7 +8,7 @@ import torch
 from torch import nn
 
 from . import two_stage
-from .dice_statistics import batch_moments, update_running
+from .dice_statistics import DiceStatistics, batch_moments, update_running
 from .functional import din_attention, din_attention_jagged, resolve_backend, run_problem
 from .layer_hooks import run_weight_hooks
 from .problem import (BACKENDS, DEFAULT_DICE_EPS, check_layer_sizes, validate,
@@ -18,7 +18,7 @@ from .search import SEARCHES
 PRELU_INIT = 0.25  # torch.nn.PReLU's default slope
 
 
-class DINAttention(nn.Module):
+class DINAttention(DiceStatistics, nn.Module):
     """The DIN local activation unit and attention pooling, as a layer.
 
     Scores every history item against the candidate with an MLP over

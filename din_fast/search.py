@@ -150,21 +150,23 @@ def kernel_unsupported(problem: DINProblem, search: Search) -> Optional[str]:
     return search_unsupported(search.top_k, width)
 
 
-def select(problem: DINProblem, search: Search, backend: str) -> Selection:
-    """Stage one on a concrete backend: "reference" (the literal selection),
-    "torch" (chunks with a running top K) or "triton" (the fused kernel;
-    kernel_unsupported must be None).
-
-    Not differentiable: it scores detached tensors (rather than under
+def detached(problem: DINProblem, search: Search):
+    """``problem`` and ``search`` with their tensors detached: stage one is
+    not differentiable, so it scores detached tensors (rather than under
     no_grad, which the torch backend's scoring cannot be traced under)."""
     problem = problem.with_float_tensors([t.detach() for t in problem.float_tensors()])
     if search.projections is not None:
         search = dataclasses.replace(search, projections=tuple(
             p.detach() for p in search.projections))
-    if backend == "reference":
-        from .reference_top_k import reference_selection
+    return problem, search
 
-        return reference_selection(problem, search)
+
+def select(problem: DINProblem, search: Search, backend: str) -> Selection:
+    """Stage one on a fast backend: "torch" (chunks with a running top K) or
+    "triton" (the fused kernel; kernel_unsupported must be None). Not
+    differentiable (see detached). The literal selection, which the reference
+    backend runs, is reference_top_k.reference_selection."""
+    problem, search = detached(problem, search)
     # Stage one ranks in the compute dtype (float32 for half inputs): autocast
     # must not round the scores behind its back.
     with _autocast_off(problem.keys.device):

@@ -23,8 +23,9 @@ import torch
 from .functional import resolve_backend, run_problem
 from .problem import DEFAULT_DICE_EPS, OWNER, DINProblem, validate, validating
 from .reference import masked_normalize
-from .reference_top_k import reference_din_attention_top_k
-from .search import Search, Selection, kernel_unsupported, project, select, validate_search
+from .reference_top_k import reference_din_attention_top_k, reference_selection
+from .search import (Search, Selection, detached, kernel_unsupported, project, select,
+                     validate_search)
 
 
 def din_attention_top_k(query, keys, lengths=None, *, top_k, search="din", search_params=None,
@@ -105,12 +106,21 @@ def din_attention_top_k(query, keys, lengths=None, *, top_k, search="din", searc
             pooled, scores = reference_din_attention_top_k(problem, stage_one)
             pooled, scores = problem.shape_output(pooled, scores)
         else:
-            selection = select(problem, stage_one, search_backend(backend, problem, stage_one))
+            selection = selected(problem, stage_one, backend)
             rows = gathered(problem, selection)
             pooled, scores = run_problem(rows, resolve_backend(backend, rows),
                                          need_scores=return_scores)
             pooled, scores = spread(problem, selection, pooled, scores)
     return (pooled, scores) if return_scores else pooled
+
+
+def selected(problem: DINProblem, search: Search, backend: str) -> Selection:
+    """Stage one on ``backend`` (see search_backend): the literal selection on
+    the reference backend, else search.select."""
+    concrete = search_backend(backend, problem, search)
+    if concrete == "reference":
+        return reference_selection(*detached(problem, search))
+    return select(problem, search, concrete)
 
 
 def search_backend(backend: str, problem: DINProblem, search: Search) -> str:
@@ -175,8 +185,7 @@ def module_forward(layer, query, keys, lengths, mask, values, query_categories,
         problem = validate(query, keys, lengths, **kwargs)
         stage_one = validate_search(problem, layer.top_k, layer.search, layer.search_params(),
                                     query_categories, key_categories)
-        selection = select(problem, stage_one, search_backend(layer.backend, problem,
-                                                              stage_one))
+        selection = selected(problem, stage_one, layer.backend)
         rows = gathered(problem, selection)
         if layer.activation == "dice" and layer.training:
             result = layer._forward_dice_training(

@@ -10,7 +10,7 @@ MARKER = "<!-- din-fast commands -->"
 def on_page_markdown(markdown, page, config, files):
     if MARKER not in markdown:
         return markdown
-    from din_fast.cli import build_parser
+    from din_fast.ctr.cli import build_parser
 
     os.environ["COLUMNS"] = "100"    # argparse wraps to the terminal's width
     parser = build_parser()

@@ -3,7 +3,7 @@ an ONNX model, scored from raw ids.
 
 ``din-fast export`` (or the functions below) writes the model and, beside it,
 ``<name>.ids.json``, the map from raw ids to the dense ids the model takes.
-din_fast.serving.Encoder turns raw requests (a history of raw item ids, the
+din_fast.ctr.serving.Encoder turns raw requests (a history of raw item ids, the
 raw candidates to score) into the model's five inputs; the .pt2 package takes
 one candidate per row (``batch.rows()``), the ONNX model C candidates per row
 (``batch.inputs()``). Both score what the eager model scores.
@@ -24,12 +24,12 @@ from pathlib import Path
 
 import torch
 
-import din_fast.export
-from din_fast.checkpoint import load_checkpoint, restored_model
-from din_fast.config import TrainConfig
-from din_fast.onnx_export import export_checkpoint_onnx
-from din_fast.serving import Encoder, OnnxModel
-from din_fast.training import train
+import din_fast.ctr.export
+from din_fast.ctr.checkpoint import load_checkpoint, restored_model
+from din_fast.ctr.config import TrainConfig
+from din_fast.ctr.onnx_export import export_checkpoint_onnx
+from din_fast.ctr.serving import Encoder, OnnxModel
+from din_fast.ctr.training import train
 
 
 def main():
@@ -50,7 +50,7 @@ def serve(directory: Path, checkpoint=None):
         train(TrainConfig(epochs=1, embed_dim=8), checkpoint=checkpoint, progress=False,
               log=lambda line: None)
 
-    package, ids = din_fast.export.export_checkpoint(checkpoint, directory / "din.pt2",
+    package, ids = din_fast.ctr.export.export_checkpoint(checkpoint, directory / "din.pt2",
                                                      device="cpu")
     onnx_path, _ = export_checkpoint_onnx(checkpoint, directory / "din.onnx")
     print(f"wrote {package}, {onnx_path} and {ids}")
@@ -61,7 +61,7 @@ def serve(directory: Path, checkpoint=None):
     histories = [known_items[10:16], [], known_items[3:4] + ["never-seen"]]
     candidates = [known_items[:3], known_items[20:21], ["never-seen-either", known_items[5]]]
     batch = encoder.encode(histories, candidates, max_len=50)
-    from_package = din_fast.export.load(package)(*batch.rows()).view(batch.shape)
+    from_package = din_fast.ctr.export.load(package)(*batch.rows()).view(batch.shape)
     from_onnx = OnnxModel(onnx_path)(*batch.inputs())
 
     saved = load_checkpoint(checkpoint)

@@ -7,7 +7,7 @@ embeddings, ``values() [L, D]`` and ``offsets() [B + 1]``. DINAttention's
 place: on a GPU the fused kernel reads the jagged values directly, and
 nothing of size [B, max_len, D] is ever built. This script builds such a
 pipeline, checks it against the same histories padded, and trains it a few
-steps (single process; for sharded tables see din_fast.sharded).
+steps (single process; for sharded tables see din_fast.ctr.sharded).
 
     pip install -e ".[torchrec]"        # in the checkout
     pip install --no-deps fbgemm-gpu-cpu==1.8.0 torchrec==1.8.0   # with torch 2.13

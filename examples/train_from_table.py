@@ -4,7 +4,7 @@ The log is a table with the columns user, item, category, timestamp (ids of
 any type, compared as strings; each item has one category). pandas is not
 needed: a pyarrow table works, and a pandas DataFrame converts with
 ``pyarrow.Table.from_pandas(df)``. The table is written to Parquet (CSV works
-too) and ``din_fast.training.train`` runs what ``din-fast train --data`` runs:
+too) and ``din_fast.ctr.training.train`` runs what ``din-fast train --data`` runs:
 the leave-one-out protocol, early stopping on validation GAUC, the test
 metrics. The checkpoint then scores raw ids in this process.
 
@@ -20,10 +20,10 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import torch
 
-from din_fast.checkpoint import load_checkpoint, restored_model
-from din_fast.config import TrainConfig
-from din_fast.serving import Encoder
-from din_fast.training import train
+from din_fast.ctr.checkpoint import load_checkpoint, restored_model
+from din_fast.ctr.config import TrainConfig
+from din_fast.ctr.serving import Encoder
+from din_fast.ctr.training import train
 
 
 def behaviour_log(users=200, categories=12, items_per_category=20, seed=0) -> pa.Table:

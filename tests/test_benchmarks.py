@@ -341,7 +341,7 @@ def test_movielens_log_and_the_logistic_regressions_input(tmp_path):
     import pyarrow.csv as pacsv
 
     from benchmarks.movielens import FEATURES, build_log, one_hot
-    from din_fast.training import TrainConfig, load_training_data
+    from din_fast.ctr.training import TrainConfig, load_training_data
 
     movies = ["movieId,title,genres", "1,A,Drama|Comedy", "2,B,Crime", "3,C,Drama"]
     (tmp_path / "movies.csv").write_text("\n".join(movies) + "\n")

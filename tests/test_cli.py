@@ -1,4 +1,4 @@
-"""Training, checkpoints and the din-fast command (din_fast.training, din_fast.cli)."""
+"""Training, checkpoints and the din-fast command (din_fast.ctr.training, din_fast.ctr.cli)."""
 
 import json
 import subprocess
@@ -7,9 +7,9 @@ import sys
 import pytest
 import torch
 
-from din_fast.cli import main
-from din_fast.loaders import synthetic_interactions
-from din_fast.training import TrainConfig, train
+from din_fast.ctr.cli import main
+from din_fast.ctr.loaders import synthetic_interactions
+from din_fast.ctr.training import TrainConfig, train
 
 from cli_data import one_torch_thread, write_csv  # noqa: F401 (a fixture)
 

@@ -17,9 +17,9 @@ from concurrent.futures import ThreadPoolExecutor
 import pytest
 import torch
 
-from din_fast.cli import main
-from din_fast.loaders import load_interactions, synthetic_interactions
-from din_fast.training import TrainConfig, train
+from din_fast.ctr.cli import main
+from din_fast.ctr.loaders import load_interactions, synthetic_interactions
+from din_fast.ctr.training import TrainConfig, train
 
 from cli_data import Case, run, write_amazon, write_csv
 

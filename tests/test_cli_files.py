@@ -1,4 +1,4 @@
-"""Nothing a user owns is lost, through the real command (din_fast.files).
+"""Nothing a user owns is lost, through the real command (din_fast.ctr.files).
 
 An output path that names an input (by any spelling: a symlink, a hard link,
 ``..``), another output, a directory (trailing slash included), a device, a
@@ -25,10 +25,10 @@ from pathlib import Path
 import pytest
 import torch
 
-from din_fast.checkpoint import load_checkpoint
-from din_fast.cli import main
-from din_fast.loaders import synthetic_interactions
-from din_fast.training import LocalLearner, TrainConfig, train
+from din_fast.ctr.checkpoint import load_checkpoint
+from din_fast.ctr.cli import main
+from din_fast.ctr.loaders import synthetic_interactions
+from din_fast.ctr.training import LocalLearner, TrainConfig, train
 
 from cli_data import Case, one_torch_thread, run, unwritable_directory, write_amazon, write_csv  # noqa: F401,E501
 

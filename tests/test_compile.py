@@ -28,13 +28,13 @@ import torch.nn.functional as F
 from torch._dynamo.testing import CompileCounterWithBackend
 
 import din_fast
-from din_fast.checkpoint import load_checkpoint, save_checkpoint
-from din_fast.cli import main
-from din_fast.config import TrainConfig, build_model
-from din_fast.data import iterate_batches, training_samples
-from din_fast.errors import InputError
-from din_fast.loaders import synthetic_interactions
-from din_fast.training import load_data
+from din_fast.ctr.checkpoint import load_checkpoint, save_checkpoint
+from din_fast.ctr.cli import main
+from din_fast.ctr.config import TrainConfig, build_model
+from din_fast.ctr.data import iterate_batches, training_samples
+from din_fast.ctr.errors import InputError
+from din_fast.ctr.loaders import synthetic_interactions
+from din_fast.ctr.training import load_data
 from helpers import DEVICE
 
 from cli_data import one_torch_thread, write_csv  # noqa: F401 (a fixture)
@@ -297,7 +297,7 @@ def test_compile_option_is_checked(capsys):
 
 def test_sharded_training_refuses_compile():
     pytest.importorskip("torchrec")
-    from din_fast.sharded import load_trainer
+    from din_fast.ctr.sharded import load_trainer
 
     with pytest.raises(InputError, match="--compile is not supported"):
         load_trainer()(TrainConfig(compile="eager"))

@@ -1,4 +1,4 @@
-"""Dense ids, the DIN sample protocol and batching (din_fast.data)."""
+"""Dense ids, the DIN sample protocol and batching (din_fast.ctr.data)."""
 
 import os
 from pathlib import Path
@@ -6,9 +6,9 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from din_fast.data import (build_samples, encode, iterate_batches, known_test_samples,
+from din_fast.ctr.data import (build_samples, encode, iterate_batches, known_test_samples,
                            training_samples)
-from din_fast.loaders import load_interactions, synthetic_interactions
+from din_fast.ctr.loaders import load_interactions, synthetic_interactions
 
 # The shared data beside the repository, or where DIN_FAST_DATA_DIR points.
 SHARED_DATA = Path(os.environ.get("DIN_FAST_DATA_DIR",

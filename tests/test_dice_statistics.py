@@ -7,7 +7,7 @@ import torch
 import torch.distributed as dist
 
 import din_fast
-from din_fast.models import Dice
+from din_fast.ctr.models import Dice
 
 
 @pytest.fixture

@@ -10,7 +10,7 @@ import pytest
 import torch
 
 import din_fast
-from din_fast import export
+from din_fast.ctr import export
 
 D = 4
 

@@ -7,10 +7,10 @@ import sys
 import pytest
 import torch
 
-from din_fast import export
-from din_fast.checkpoint import load_checkpoint, restored_model
-from din_fast.cli import main
-from din_fast.loaders import synthetic_interactions
+from din_fast.ctr import export
+from din_fast.ctr.checkpoint import load_checkpoint, restored_model
+from din_fast.ctr.cli import main
+from din_fast.ctr.loaders import synthetic_interactions
 
 from cli_data import one_torch_thread, write_csv  # noqa: F401 (a fixture)
 

@@ -1,4 +1,4 @@
-"""The output rules and atomic writes of din_fast.files, and checkpoints read
+"""The output rules and atomic writes of din_fast.ctr.files, and checkpoints read
 whole into memory.
 
 Property tests (hypothesis, bounded): which output path names which input,
@@ -21,12 +21,12 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from din_fast import files
-from din_fast.checkpoint import load_checkpoint, save_checkpoint
-from din_fast.config import TrainConfig, build_model
-from din_fast.data import encode
-from din_fast.errors import CheckpointError, OutputError
-from din_fast.loaders import synthetic_interactions
+from din_fast.ctr import files
+from din_fast.ctr.checkpoint import load_checkpoint, save_checkpoint
+from din_fast.ctr.config import TrainConfig, build_model
+from din_fast.ctr.data import encode
+from din_fast.ctr.errors import CheckpointError, OutputError
+from din_fast.ctr.loaders import synthetic_interactions
 
 from cli_data import unwritable_directory
 

@@ -12,10 +12,10 @@ import pyarrow.parquet as pq
 import pytest
 import torch
 
-from din_fast.checkpoint import load_checkpoint
-from din_fast.cli import available_cores, build_parser, main
-from din_fast.errors import CheckpointError
-from din_fast.training import LocalLearner, TrainConfig
+from din_fast.ctr.checkpoint import load_checkpoint
+from din_fast.ctr.cli import available_cores, build_parser, main
+from din_fast.ctr.errors import CheckpointError
+from din_fast.ctr.training import LocalLearner, TrainConfig
 
 from cli_data import (Case, labeled_rows, one_torch_thread, run,  # noqa: F401 (a fixture)
                       write_labeled_log)
@@ -337,11 +337,11 @@ def test_exported_model_takes_the_side_features(trained, tmp_path, capsys):
     model scores as the eager one. The .pt2 package's program (the
     AOTInductor compile aside) takes the same inputs, by the same names."""
     pytest.importorskip("onnxruntime")
-    import din_fast.export as export
-    from din_fast.checkpoint import restored_model
-    from din_fast.package_inputs import InputContract
-    from din_fast.serving import Encoder, OnnxModel
-    from din_fast.training import checkpoint_for_run
+    import din_fast.ctr.export as export
+    from din_fast.ctr.checkpoint import restored_model
+    from din_fast.ctr.package_inputs import InputContract
+    from din_fast.ctr.serving import Encoder, OnnxModel
+    from din_fast.ctr.training import checkpoint_for_run
 
     checkpoint, _ = trained
     out = tmp_path / "din.onnx"
@@ -379,9 +379,9 @@ def test_exported_model_takes_the_side_features(trained, tmp_path, capsys):
 def test_linear_lr_is_the_linear_parts_own_rate(log, capsys):
     """--linear-lr puts the linear part, and nothing else, in its own Adam
     group; without --linear it is refused in one line."""
-    from din_fast.config import build_model
-    from din_fast.errors import InputError
-    from din_fast.training import parameter_groups
+    from din_fast.ctr.config import build_model
+    from din_fast.ctr.errors import InputError
+    from din_fast.ctr.training import parameter_groups
 
     config = TrainConfig(linear=True, linear_lr=0.05, lr=0.002)
     model = build_model(config, 10, 3, {"genres": 4})

@@ -1,4 +1,4 @@
-"""Labeled logs (din_fast.labeled_loader, din_fast.labeled_samples): reading,
+"""Labeled logs (din_fast.ctr.labeled_loader, din_fast.ctr.labeled_samples): reading,
 the time split, histories without leakage, the training rows' id maps."""
 
 import numpy as np
@@ -8,10 +8,10 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from din_fast.data import iterate_batches
-from din_fast.errors import InputError
-from din_fast.labeled_loader import LabeledLog, LogColumns, load_labeled_log
-from din_fast.labeled_samples import (LogSplit, build_id_maps, encode_log, labeled_samples,
+from din_fast.ctr.data import iterate_batches
+from din_fast.ctr.errors import InputError
+from din_fast.ctr.labeled_loader import LabeledLog, LogColumns, load_labeled_log
+from din_fast.ctr.labeled_samples import (LogSplit, build_id_maps, encode_log, labeled_samples,
                                       split_points)
 
 from cli_data import labeled_rows, write_labeled_log

@@ -1,13 +1,13 @@
-"""Reading behaviour logs (din_fast.loaders): Amazon layout, CSV/TSV, Parquet."""
+"""Reading behaviour logs (din_fast.ctr.loaders): Amazon layout, CSV/TSV, Parquet."""
 
 import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from din_fast.data import encode
-from din_fast.errors import DataFormatError
-from din_fast.loaders import load_amazon_directory, load_interactions, load_table
+from din_fast.ctr.data import encode
+from din_fast.ctr.errors import DataFormatError
+from din_fast.ctr.loaders import load_amazon_directory, load_interactions, load_table
 
 from cli_data import write_amazon
 
@@ -197,7 +197,7 @@ def test_many_blocks_read_as_one(tmp_path, monkeypatch):
     path.write_text("user,item,category,timestamp\n" + "".join(
         f"u{u},i{i},c{i % 7},{t % 50}\n" for t, (u, i) in enumerate(zip(users, items))))
     whole = load_interactions(path)
-    monkeypatch.setattr("din_fast.loaders.TABLE_BLOCK_BYTES", 4096)
+    monkeypatch.setattr("din_fast.ctr.loaders.TABLE_BLOCK_BYTES", 4096)
     blocks = load_interactions(path)
     assert whole.items.dictionary.take(whole.items.indices).equals(
         blocks.items.dictionary.take(blocks.items.indices))

@@ -1,4 +1,4 @@
-"""DIN and BaseModel (din_fast.models) and the CTR metrics (din_fast.metrics)."""
+"""DIN and BaseModel (din_fast.ctr.models) and the CTR metrics (din_fast.ctr.metrics)."""
 
 import copy
 
@@ -9,9 +9,9 @@ import torch.nn.functional as F
 from sklearn.metrics import roc_auc_score
 
 from din_fast import DIN, BaseModel
-from din_fast.data import build_samples, encode, iterate_batches
-from din_fast.loaders import synthetic_interactions
-from din_fast.metrics import ctr_metrics, gauc
+from din_fast.ctr.data import build_samples, encode, iterate_batches
+from din_fast.ctr.loaders import synthetic_interactions
+from din_fast.ctr.metrics import ctr_metrics, gauc
 
 
 def test_gauc_hand_computed():

@@ -1,5 +1,5 @@
-"""ONNX export (din-fast export --format onnx, din_fast.onnx_export) and the
-serving helpers (din_fast.serving): ONNX Runtime scores what the checkpoint
+"""ONNX export (din-fast export --format onnx, din_fast.ctr.onnx_export) and the
+serving helpers (din_fast.ctr.serving): ONNX Runtime scores what the checkpoint
 scores eagerly, for other batch sizes, history lengths and candidate counts,
 rows of length 0 and ids in the padding included; bad inputs are refused."""
 
@@ -11,11 +11,11 @@ import pytest
 import torch
 
 import din_fast
-from din_fast.checkpoint import load_checkpoint, restored_model
-from din_fast.cli import main
-from din_fast.loaders import synthetic_interactions
-from din_fast.onnx_export import OPSET, OnnxDIN, example_inputs, export_onnx
-from din_fast.serving import Encoder, OnnxModel
+from din_fast.ctr.checkpoint import load_checkpoint, restored_model
+from din_fast.ctr.cli import main
+from din_fast.ctr.loaders import synthetic_interactions
+from din_fast.ctr.onnx_export import OPSET, OnnxDIN, example_inputs, export_onnx
+from din_fast.ctr.serving import Encoder, OnnxModel
 
 from cli_data import one_torch_thread, write_csv  # noqa: F401 (a fixture)
 
@@ -54,7 +54,7 @@ def test_onnx_din_computes_what_the_model_computes(model, activation, normalizat
     for mlp_activation, mlp_input in itertools.product(("prelu", "dice"), ("concat", "product")):
         options = dict(attention_activation=activation, attention_normalization=normalization) \
             if model == "din" else {}
-        eager = din_fast.models.MODELS[model](30, 5, embed_dim=4, mlp_activation=mlp_activation,
+        eager = din_fast.ctr.models.MODELS[model](30, 5, embed_dim=4, mlp_activation=mlp_activation,
                                                mlp_input=mlp_input, **options)
         for _ in range(2):               # training steps move the running statistics
             eager(*example_inputs(eager, 16, 6, 2)).sum()
@@ -85,7 +85,7 @@ def test_onnx_command_scores_what_the_checkpoint_scores(tmp_path):
 
     proto = onnx.load(str(onnx_path))
     assert [(o.domain, o.version) for o in proto.opset_import] == [("", OPSET)]
-    assert [i.name for i in proto.graph.input] == list(din_fast.onnx_export.INPUT_NAMES)
+    assert [i.name for i in proto.graph.input] == list(din_fast.ctr.onnx_export.INPUT_NAMES)
     saved = load_checkpoint(checkpoint)
     model = restored_model(saved, saved.config)
     scorer = OnnxModel(onnx_path)
@@ -136,7 +136,7 @@ def test_onnx_model_refuses_bad_inputs(tmp_path):
         assert message in str(raised.value)
     int32 = [t.int().numpy() for t in good]          # int32 converts exactly; numpy arrays too
     torch.testing.assert_close(scorer(*int32), model(*good), rtol=1e-5, atol=1e-5)
-    by_name = dict(zip(din_fast.onnx_export.INPUT_NAMES, good))
+    by_name = dict(zip(din_fast.ctr.onnx_export.INPUT_NAMES, good))
     torch.testing.assert_close(scorer(**by_name), model(*good), rtol=1e-5, atol=1e-5)
     empty = (torch.zeros(2, 0, dtype=torch.long), torch.zeros(2, 0, dtype=torch.long),
              torch.zeros(2, dtype=torch.long), good[3], good[4])       # T = 0: padded

@@ -1,4 +1,4 @@
-"""din-fast predict: scores of new rows, unknown ids reported (din_fast.predict)."""
+"""din-fast predict: scores of new rows, unknown ids reported (din_fast.ctr.predict)."""
 
 import csv
 import json
@@ -10,13 +10,13 @@ import pyarrow as pa
 import pytest
 import torch
 
-from din_fast.checkpoint import load_checkpoint
-from din_fast.cli import main
-from din_fast.config import build_model
-from din_fast.data import encode
-from din_fast.loaders import load_interactions, synthetic_interactions
-from din_fast.predict import predict_file
-from din_fast.training import TrainConfig, train
+from din_fast.ctr.checkpoint import load_checkpoint
+from din_fast.ctr.cli import main
+from din_fast.ctr.config import build_model
+from din_fast.ctr.data import encode
+from din_fast.ctr.loaders import load_interactions, synthetic_interactions
+from din_fast.ctr.predict import predict_file
+from din_fast.ctr.training import TrainConfig, train
 
 from cli_data import write_csv
 
@@ -126,7 +126,7 @@ def test_many_candidates_in_batches_equal_one_at_a_time(trained, tmp_path, monke
     # Requests of different widths split over several batches: each score is
     # the one-candidate path's.
     _, data, checkpoint = trained
-    monkeypatch.setattr("din_fast.predict.CANDIDATES_PER_BATCH", 7)
+    monkeypatch.setattr("din_fast.ctr.predict.CANDIDATES_PER_BATCH", 7)
     items = encode(load_interactions(data)).id_maps.item_ids.to_pylist()
     rng = np.random.default_rng(0)
     requests = [{"history": rng.choice(items, 4).tolist(),

@@ -18,9 +18,9 @@ from hypothesis import strategies as st
 
 import din_fast
 from din_fast import search as search_module
-from din_fast.checkpoint import load_checkpoint, restored_model
-from din_fast.cli import main
-from din_fast.loaders import synthetic_interactions
+from din_fast.ctr.checkpoint import load_checkpoint, restored_model
+from din_fast.ctr.cli import main
+from din_fast.ctr.loaders import synthetic_interactions
 from din_fast.problem import validate
 from din_fast.reference_top_k import ranked_positions
 from din_fast.search import project, select, validate_search
@@ -422,7 +422,7 @@ def test_command_rejects_bad_two_stage_flags(flags, message, capsys):
 def test_exported_model_takes_any_history_length():
     # torch.export traces the torch search with K empty slots first (a static
     # width), so one exported graph serves histories shorter and longer than K.
-    from din_fast.export import din_dynamic_shapes, din_example_inputs
+    from din_fast.ctr.export import din_dynamic_shapes, din_example_inputs
 
     torch.manual_seed(0)
     model = din_fast.DIN(20, 4, embed_dim=4, top_k=3, search="din").eval()
@@ -435,7 +435,7 @@ def test_exported_model_takes_any_history_length():
 
 def test_onnx_export_refuses_a_two_stage_model():
     # The ONNX model runs exact DIN over stock operators: it has no search.
-    from din_fast.onnx_export import OnnxDIN
+    from din_fast.ctr.onnx_export import OnnxDIN
 
     with pytest.raises(ValueError, match="two-stage"):
         OnnxDIN(din_fast.DIN(20, 4, embed_dim=4, top_k=3, search="dot"))

@@ -1,4 +1,4 @@
-"""DIN on TorchRec (din_fast.sharded), with two gloo processes on CPU.
+"""DIN on TorchRec (din_fast.ctr.sharded), with two gloo processes on CPU.
 
 Against din_fast.DIN with the same weights, for every sharding type: the
 sharded forward, and a few training steps against a single-process replay of
@@ -23,12 +23,12 @@ pytest.importorskip("torchrec", reason="TorchRec is not installed (the optional 
                     "'torchrec', see docs/install.md)")
 
 from din_fast import DIN  # noqa: E402
-from din_fast.cli import main  # noqa: E402
-from din_fast.data import (Batch, build_samples, encode, iterate_batches,  # noqa: E402
+from din_fast.ctr.cli import main  # noqa: E402
+from din_fast.ctr.data import (Batch, build_samples, encode, iterate_batches,  # noqa: E402
                            training_samples)
-from din_fast.loaders import synthetic_interactions  # noqa: E402
-from din_fast.training import inverse_frequencies, minibatch_l2  # noqa: E402
-from din_fast.sharded import SHARDING_TYPES  # noqa: E402
+from din_fast.ctr.loaders import synthetic_interactions  # noqa: E402
+from din_fast.ctr.training import inverse_frequencies, minibatch_l2  # noqa: E402
+from din_fast.ctr.sharded import SHARDING_TYPES  # noqa: E402
 from cli_data import write_csv  # noqa: E402
 
 WORLD = 2
@@ -90,9 +90,9 @@ def worker(rank, store, out):
     """Every sharding type: the forward on forward_batches (each rank's
     logits saved) and, per table optimizer, training_batches (the gathered
     state saved by rank 0)."""
-    from din_fast.sharded.model import (TorchRecDIN, batch_features, din_state_dict,
+    from din_fast.ctr.sharded.model import (TorchRecDIN, batch_features, din_state_dict,
                                         load_din_state_dict, plan_summary, shard_model)
-    from din_fast.sharded.training import dense_parameters, train_step
+    from din_fast.ctr.sharded.training import dense_parameters, train_step
 
     torch.set_num_threads(1)  # two processes on a 2-core CI machine
     dist.init_process_group("gloo", init_method=f"file://{store}", rank=rank, world_size=WORLD,
@@ -320,7 +320,7 @@ def test_sharding_without_torchrun_runs_as_one_process(tmp_path, tiny_csv):
 
 def test_ctrl_c_in_one_sharded_process_saves_the_best_epoch(tmp_path, tiny_csv, capsys,
                                                             monkeypatch):
-    from din_fast.sharded.training import ShardedLearner
+    from din_fast.ctr.sharded.training import ShardedLearner
     finished = []
     train_epoch = ShardedLearner.train_epoch
 
@@ -356,7 +356,7 @@ def test_sharding_without_torchrec_says_how_to_install_it(tiny_csv, capsys, monk
     for name in list(sys.modules):                           # as if not installed
         if name.partition(".")[0] == "torchrec":
             monkeypatch.setitem(sys.modules, name, None)
-        elif name.startswith("din_fast.sharded."):
+        elif name.startswith("din_fast.ctr.sharded."):
             monkeypatch.delitem(sys.modules, name)
     assert main(["train", "--data", str(tiny_csv), "--sharding", "row_wise",
                  "--no-progress"]) == 2

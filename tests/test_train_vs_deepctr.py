@@ -3,10 +3,10 @@
 import pytest
 import torch
 
-from din_fast.config import TrainConfig
-from din_fast.data import build_samples, encode, iterate_batches
-from din_fast.loaders import synthetic_interactions
-from din_fast.training import fit
+from din_fast.ctr.config import TrainConfig
+from din_fast.ctr.data import build_samples, encode, iterate_batches
+from din_fast.ctr.loaders import synthetic_interactions
+from din_fast.ctr.training import fit
 
 from benchmarks import train_vs_deepctr as bench
 from benchmarks.peers import deepctr_module

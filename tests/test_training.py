@@ -1,4 +1,4 @@
-"""The training protocol (din_fast.training): early stopping on validation GAUC,
+"""The training protocol (din_fast.ctr.training): early stopping on validation GAUC,
 the best epoch restored, learning-rate decay, the mini-batch aware L2."""
 
 import json
@@ -8,10 +8,10 @@ import pytest
 import torch
 
 from din_fast import DIN, BaseModel
-from din_fast.cli import main
-from din_fast.data import build_samples, encode, iterate_batches, training_samples
-from din_fast.loaders import synthetic_interactions
-from din_fast.training import (TrainConfig, evaluate, fit, inverse_frequencies, minibatch_l2,
+from din_fast.ctr.cli import main
+from din_fast.ctr.data import build_samples, encode, iterate_batches, training_samples
+from din_fast.ctr.loaders import synthetic_interactions
+from din_fast.ctr.training import (TrainConfig, evaluate, fit, inverse_frequencies, minibatch_l2,
                                train)
 
 from cli_data import one_torch_thread, write_csv  # noqa: F401 (a fixture)
@@ -38,7 +38,7 @@ def test_early_stopping_restores_the_best_epoch(small, monkeypatch):
         return {"validation_auc": 0.5, "validation_gauc": next(scripted),
                 "validation_logloss": 0.7}
 
-    monkeypatch.setattr("din_fast.training.evaluate", scripted_evaluate)
+    monkeypatch.setattr("din_fast.ctr.training.evaluate", scripted_evaluate)
     torch.manual_seed(0)
     model = DIN(data.num_items, data.num_categories, embed_dim=4)
     result = fit(model, data, splits, TrainConfig(epochs=5, patience=2, batch_size=64),

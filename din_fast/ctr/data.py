@@ -1,6 +1,6 @@
 """Behaviour data for training DIN: dense ids, the DIN sample protocol, batching.
 
-The pipeline is: a loader (:mod:`din_fast.loaders`) returns Interactions (raw
+The pipeline is: a loader (:mod:`din_fast.ctr.loaders`) returns Interactions (raw
 string ids, each user's behaviours in time order); :func:`encode` maps raw ids
 to dense ones with 0 kept for padding; :func:`build_samples` applies the
 leave-one-out protocol of the DIN paper (every prefix of a user's history

@@ -1,5 +1,5 @@
 """Training and evaluation of the CTR models: on behaviours by the DIN
-protocol (negatives sampled) or on a labeled log (din_fast.labeled_samples)."""
+protocol (negatives sampled) or on a labeled log (din_fast.ctr.labeled_samples)."""
 
 from __future__ import annotations
 
@@ -218,7 +218,7 @@ class LocalLearner(Learner):
     """What :func:`fit_learner` trains in one process: a model that scores
     data.Batch fields (and lists its ``embedding_tables()`` for the L2
     penalty; an ``auxiliary_loss(*fields, labels)``, where it has one, is
-    added to the loss). din_fast.sharded.training has the TorchRec
+    added to the loss). din_fast.ctr.sharded.training has the TorchRec
     counterpart."""
 
     def __init__(self, model, data: EncodedData, config: TrainConfig,
@@ -298,8 +298,8 @@ RESUME_MAY_CHANGE = ("data", "epochs", "patience", "device", "backend", "compile
 def check_training_outputs(config: TrainConfig, checkpoint=None, metrics_out=None,
                            plot=None, log_dir=None, resume=None) -> None:
     """OutputError, before any work, when a file of the training run cannot be
-    written or would overwrite its data (see din_fast.files). The run's state
-    file (beside --checkpoint, :func:`din_fast.checkpoint.resume_path`) may be
+    written or would overwrite its data (see din_fast.ctr.files). The run's state
+    file (beside --checkpoint, :func:`din_fast.ctr.checkpoint.resume_path`) may be
     the --resume file it continues from: that one is read whole first and
     replaced after the next epoch."""
     last = resume_path(checkpoint) if checkpoint else None
@@ -550,7 +550,7 @@ def evaluate_checkpoint(path: str, data: Optional[str] = None, *, backend: str =
     read. On the training data the test set is the run's and so are the
     metrics. Data that contradicts the checkpoint's id maps (more than
     ``max_unknown`` of its rows with ids they do not hold, items of another
-    category: din_fast.foreign_data) is refused.
+    category: din_fast.ctr.foreign_data) is refused.
 
     By the DIN protocol, samples whose test item the checkpoint does not
     know are left out (counted in ``excluded_test_samples``); unknown

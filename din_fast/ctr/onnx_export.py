@@ -26,17 +26,17 @@ target_categories    [B, C]    their dense categories
 
 and returns ``logits`` [B, C] float32 (the click probability is their
 sigmoid). Dense ids are what ``din-fast train`` encodes: item ``i`` of the id
-maps is ``i + 1``, 0 is the padding (see :mod:`din_fast.serving`, which builds
+maps is ``i + 1``, 0 is the padding (see :mod:`din_fast.ctr.serving`, which builds
 these inputs from raw ids). The graph itself checks nothing (ONNX has no
 assert): ONNX Runtime refuses an item id past the table, but reads a negative
 one from the table's end and counts a length above T as T. So the export
 records what the model takes in the model's metadata (``din_fast.inputs``,
-din_fast.package_inputs' record, as a .pt2 package keeps it: each input's
-dtype, named dims and value range), and :class:`din_fast.serving.OnnxModel`
+din_fast.ctr.package_inputs' record, as a .pt2 package keeps it: each input's
+dtype, named dims and value range), and :class:`din_fast.ctr.serving.OnnxModel`
 checks every call against it.
 
-    din_fast.onnx_export.export_onnx(model, "din.onnx")    # a DIN or BaseModel
-    din_fast.onnx_export.export_checkpoint_onnx("din.pt", "din.onnx")   # + din.ids.json
+    din_fast.ctr.onnx_export.export_onnx(model, "din.onnx")    # a DIN or BaseModel
+    din_fast.ctr.onnx_export.export_checkpoint_onnx("din.pt", "din.onnx")   # + din.ids.json
 
 ``din-fast export --format onnx`` does the latter.
 """
@@ -50,16 +50,16 @@ from contextlib import contextmanager
 import torch
 from torch import nn
 
-from .activations import activate
+from din_fast.activations import activate
+from din_fast.modules import DINAttention
+from din_fast.problem import split_first_layer
+from din_fast.reference import masked_normalize
 from .errors import InputError
 from .export import (din_dynamic_shapes, din_example_inputs, din_padding_dims,
                      din_value_ranges, ids_path_of, input_layout, writing_id_maps)
 from .files import check_outputs, replacing
 from .models import BaseModel, score
-from .modules import DINAttention
 from .package_inputs import InputContract
-from .problem import split_first_layer
-from .reference import masked_normalize
 
 # ONNX Runtime has run opset 18 since 1.14, TensorRT since 8.6.
 OPSET = 18
@@ -140,7 +140,7 @@ class OnnxDIN(nn.Module):
 
 def example_inputs(model: BaseModel, batch: int = 4, history: int = 8,
                    candidates: int = 3) -> tuple:
-    """OnnxDIN's inputs for ``model``: din_fast.export.din_example_inputs with
+    """OnnxDIN's inputs for ``model``: din_fast.ctr.export.din_example_inputs with
     ``candidates`` targets per row ([B, C], side features [B, C, ...]), ids
     inside the tables."""
     return din_example_inputs(model, batch, history, torch.device("cpu"), candidates)
@@ -148,7 +148,7 @@ def example_inputs(model: BaseModel, batch: int = 4, history: int = 8,
 
 def dynamic_shapes(model: BaseModel) -> tuple:
     """The export's dynamic axes: the .pt2 package's batch B and history
-    length T (din_fast.export.din_dynamic_shapes), and candidates C."""
+    length T (din_fast.ctr.export.din_dynamic_shapes), and candidates C."""
     return din_dynamic_shapes(model, torch.export.Dim("C", min=1, max=MAX_CANDIDATES))
 
 
@@ -176,14 +176,14 @@ def export_onnx(model: BaseModel, path) -> str:
     if size >= MAX_BYTES:
         raise ValueError(f"export_onnx: the model's parameters take {size / 2 ** 30:.1f} GiB; "
                          "a single-file ONNX model holds less than 2 GiB (serve it as an "
-                         "AOTInductor package: din_fast.export.export_din)")
+                         "AOTInductor package: din_fast.ctr.export.export_din)")
     was_training, device = model.training, next(model.parameters()).device
     scorer.cpu().eval()
     shapes = dynamic_shapes(model)
     try:
         program = torch.export.export(scorer, example_inputs(model), dynamic_shapes=shapes)
         # What the model takes, recorded as the .pt2 package records it, for
-        # din_fast.serving.OnnxModel to check every call against.
+        # din_fast.ctr.serving.OnnxModel to check every call against.
         contract = InputContract.of_program(program, shapes, din_value_ranges(model),
                                             padding_dims=din_padding_dims(model))
         with _exporter_notes_quiet():
@@ -204,7 +204,7 @@ def export_checkpoint_onnx(checkpoint_path, path) -> tuple[str, str]:
     writes them). Returns (model, id maps) paths.
 
     Raises:
-        din_fast.errors.InputError: a path that does not end in .onnx, a bad
+        din_fast.ctr.errors.InputError: a path that does not end in .onnx, a bad
             checkpoint, a missing exporter, or a model the export refuses (one
             line, naming the option).
     """

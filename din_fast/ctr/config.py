@@ -9,10 +9,10 @@ from typing import Optional
 
 import torch
 
+from din_fast.problem import ACTIVATIONS, BACKENDS
+from din_fast.search import SEARCHES
 from .errors import InputError
 from .models import MLP_ACTIVATIONS, MLP_INPUTS, MODELS
-from .problem import ACTIVATIONS, BACKENDS
-from .search import SEARCHES
 
 DEVICES = ("cpu", "cuda")
 # torch.compile backends for --compile: inductor generates code (a C++
@@ -82,7 +82,7 @@ class TrainConfig:
     seeded synthetic dataset; ``compile`` None trains eagerly, else through
     torch.compile with that backend. ``label_column`` None reads behaviours
     by the DIN protocol (negatives sampled); a column name reads a labeled
-    log (din_fast.labeled_samples), whose side ``features`` (categorical)
+    log (din_fast.ctr.labeled_samples), whose side ``features`` (categorical)
     and ``numeric_features`` the model takes, split by time into the
     ``test_fraction`` and ``validation_fraction`` latest rows, ids seen
     fewer than ``min_count`` times in training mapped to the reserved id.
@@ -179,6 +179,6 @@ def build_model(config: TrainConfig, num_items: int, num_categories: int,
 
 
 def model_for(config: TrainConfig, id_maps) -> torch.nn.Module:
-    """build_model for the tables of ``id_maps`` (din_fast.data.IdMaps)."""
+    """build_model for the tables of ``id_maps`` (din_fast.ctr.data.IdMaps)."""
     return build_model(config, id_maps.num_items, id_maps.num_categories,
                        id_maps.feature_sizes())

@@ -1,12 +1,5 @@
-"""DIN with its embedding tables sharded across processes by TorchRec.
-
-``din_fast.sharded.model`` holds the model (TorchRecDIN: the item and category
-tables as a TorchRec EmbeddingCollection, the history pooled by
-din_attention_jagged) and its sharding; ``din_fast.sharded.training`` the
-distributed training loop behind ``torchrun ... -m din_fast train``. Both need
-the optional TorchRec install (see docs/install.md); this module does not, so the
-command line can offer the options without it.
-"""
+"""The TorchRec trainer's command-line options, their defaults and checks:
+what the command needs without TorchRec installed."""
 
 from __future__ import annotations
 
@@ -55,22 +48,6 @@ def check_single_process_options(config, resume=None, log_dir=None) -> None:
     if given:
         raise OptionError(f"sharded training runs the DIN protocol from the start, without "
                           f"{given[0]}; train in one process (without --sharding or torchrun)")
-
-
-def load_trainer():
-    """din_fast.sharded.training.train_sharded, or an OptionError that says how
-    to install TorchRec."""
-    try:
-        from .training import train_sharded
-    except ModuleNotFoundError as error:
-        if (error.name or "").partition(".")[0] not in ("torchrec", "fbgemm_gpu"):
-            raise
-        raise OptionError(
-            f"sharded training needs TorchRec ({error.name} is missing): din_fast's "
-            "torchrec extra (pip install -e '.[torchrec]' in a checkout) && pip install "
-            "--no-deps fbgemm-gpu-cpu==1.8.0 "
-            "torchrec==1.8.0 (on a GPU machine fbgemm-gpu instead of fbgemm-gpu-cpu)") from None
-    return train_sharded
 
 
 def add_options(parser: argparse.ArgumentParser) -> None:

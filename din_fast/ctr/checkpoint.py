@@ -7,7 +7,7 @@ offsets, each item's category, the side features' values and the numeric
 ones' standardization, and the ``fingerprint`` of it all) and the model's
 ``state_dict``. A run state file (:func:`resume_path`, written after every
 epoch) adds ``run``: what ``din-fast train --resume`` continues from. Saving
-goes through din_fast.files (a temporary file renamed into place: a reader,
+goes through din_fast.ctr.files (a temporary file renamed into place: a reader,
 or a crash, never sees half a checkpoint). Loading reads the whole file into
 memory with ``weights_only=True`` (no code runs; not memory-mapped, so a file
 rewritten or truncated afterwards changes nothing the caller holds), then
@@ -74,7 +74,7 @@ def resume_path(checkpoint) -> str:
 
 def save_checkpoint(path, model: torch.nn.Module, id_maps: IdMaps, config: TrainConfig,
                     run: Optional[RunState] = None, option: str = "--checkpoint"):
-    """Write the checkpoint atomically (din_fast.files.replacing), with a run
+    """Write the checkpoint atomically (din_fast.ctr.files.replacing), with a run
     state where given; OutputError when it cannot be written, the file at
     ``path`` unchanged."""
     state = {"format": CHECKPOINT_FORMAT, "config": asdict(config),

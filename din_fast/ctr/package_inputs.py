@@ -6,9 +6,9 @@ int64 was traced is read as int64 (other values, and past the tensor's end),
 a transposed tensor as its contiguous twin, a batch that differs between
 inputs as whatever lies past the shorter one, an id beyond a table as an
 "index out of bounds" in a generated kernel. :class:`InputContract` is what
-``din_fast.export`` records in the package's metadata (each input's name,
+``din_fast.ctr.export`` records in the package's metadata (each input's name,
 dtype and shape, the range of each dynamic size, the values an input may
-hold) and what ``din_fast.export.load`` enforces before the graph runs:
+hold) and what ``din_fast.ctr.export.load`` enforces before the graph runs:
 
 - an input of a narrower dtype of the same kind (int32 ids or lengths for
   int64, float16 for float32) is converted, which is exact; any other dtype

@@ -5,7 +5,7 @@ Every mistake a user can make with a file or an option (a bad data file or
 checkpoint, a device or backend this machine lacks, too little data, an
 output path that would overwrite an input or cannot be written) ends in one
 line, ``din-fast: error: ...``, and exit status 2. Output paths are checked
-before any work and written atomically (din_fast.files). Ctrl-C ends in one
+before any work and written atomically (din_fast.ctr.files). Ctrl-C ends in one
 line, ``din-fast: interrupted ...``, and exit status 130; training saves the
 best epoch so far to --checkpoint first.
 """
@@ -21,6 +21,8 @@ from dataclasses import fields
 
 import torch
 
+from din_fast.problem import ACTIVATIONS, BACKENDS
+from din_fast.search import SEARCHES
 from . import sharded
 from .config import COMPILE_BACKENDS, TrainConfig
 from .errors import InputError
@@ -30,9 +32,7 @@ from .foreign_data import MAX_UNKNOWN
 from .loaders import data_files
 from .models import MLP_ACTIVATIONS, MLP_INPUTS, MODELS
 from .onnx_export import OPSET as ONNX_OPSET, export_checkpoint_onnx
-from .problem import ACTIVATIONS, BACKENDS
 from .plot import check_plot_path, plot_training
-from .search import SEARCHES
 from .predict import OUTPUT_FORMATS, describe, predict_file
 from .training import check_training_outputs, evaluate_checkpoint, train
 

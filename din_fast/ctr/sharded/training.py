@@ -1,7 +1,7 @@
 """Distributed training of TorchRecDIN: ``torchrun --nproc_per_node N -m din_fast train ...``.
 
 The same data, samples, protocol and global batches as single-process
-``din-fast train`` (din_fast.training.fit_learner: validation every epoch,
+``din-fast train`` (din_fast.ctr.training.fit_learner: validation every epoch,
 early stopping on validation GAUC, the best epoch restored, the test set
 scored once): every process builds the same seeded global batches and trains
 on its share of each (rows rank, rank + N, ...), so a training step does not
@@ -14,7 +14,7 @@ size), plus N times the penalty of the rows whose first occurrence in the
 global batch falls in its share; DistributedDataParallel (the dense layers)
 and TorchRec (the tables, in its all-to-all backward) average over the
 processes. The tables are trained by their fused optimizer (see
-din_fast.sharded.EMBEDDING_OPTIMIZERS), the dense layers by Adam with the
+din_fast.ctr.sharded.EMBEDDING_OPTIMIZERS), the dense layers by Adam with the
 learning-rate decay. Metrics gather every process's logits; the checkpoint is
 din_fast.DIN's, which single-process ``din-fast evaluate`` loads.
 """
@@ -40,10 +40,10 @@ from ..files import write_json
 from ..training import (EVAL_BATCH_SIZE, Learner, TrainingInterrupted, check_device_and_backend,
                         check_training_outputs, describe_data, fit_learner, load_training_data,
                         metrics_of)
-from . import (DEFAULT_EMBEDDING_LR, DEFAULT_EMBEDDING_OPTIMIZER, OptionError, check_options,
-               under_torchrun)
 from .model import (TorchRecDIN, batch_features, din_state_dict, plan_summary, shard_model,
                     smallest_key_per_value)
+from .options import (DEFAULT_EMBEDDING_LR, DEFAULT_EMBEDDING_OPTIMIZER, OptionError,
+                      check_options, under_torchrun)
 
 
 # Samples per process in a training batch: an empty share would train on a
@@ -120,7 +120,7 @@ def train_step(sharded, optimizer, batch: Batch, device, l2: float = 0.0,
     """One step on this process's share of a global batch (a collective); the
     summed loss of the share (without the penalty), detached. ``l2`` > 0
     adds the mini-batch aware L2 penalty (``inverse_frequency`` per table,
-    see din_fast.training.inverse_frequencies)."""
+    see din_fast.ctr.training.inverse_frequencies)."""
     share, count = rank_share(batch)
     features = batch_features(share).to(device)
     width = batch.history_items.shape[1]
@@ -140,7 +140,7 @@ def train_step(sharded, optimizer, batch: Batch, device, l2: float = 0.0,
 
 
 class ShardedLearner(Learner):
-    """din_fast.training.LocalLearner's counterpart for a sharded TorchRecDIN:
+    """din_fast.ctr.training.LocalLearner's counterpart for a sharded TorchRecDIN:
     Adam trains the dense layers (the tables train in their fused optimizer);
     every method is a collective. Every process's share of a training batch
     holds MIN_SHARE samples at least."""
@@ -208,11 +208,11 @@ def train_sharded(config: TrainConfig, sharding: Optional[str] = None, *,
     """Train TorchRecDIN in the process group of a torchrun launch (or alone).
 
     Returns the metrics on rank 0 (also written to ``metrics_out``), None on
-    the other ranks: din_fast.training.train's keys, plus ``world_size``,
+    the other ranks: din_fast.ctr.training.train's keys, plus ``world_size``,
     ``sharding`` (the plan: each table's sharding type and ranks),
     ``embedding_optimizer`` and ``embedding_lr``. Each epoch's ``train_loss``
     is the mean loss over its training samples. The output paths are checked
-    before any work (din_fast.training.check_training_outputs). On Ctrl-C
+    before any work (din_fast.ctr.training.check_training_outputs). On Ctrl-C
     (TrainingInterrupted), one process saves the best epoch so far to
     ``checkpoint``; several do not (gathering the tables is a collective that
     processes stopped at different points could not finish).

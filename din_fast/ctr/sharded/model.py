@@ -35,12 +35,12 @@ from torchrec.distributed.planner.types import KernelConfig, TopologyFactory, Tr
 from torchrec.optim import RowWiseAdagrad
 from torchrec.optim.apply_optimizer_in_backward import apply_optimizer_in_backward
 
+from din_fast.dice_statistics import synchronize_dice_statistics
+from din_fast.modules import DINAttention
 from ..data import Batch
-from ..dice_statistics import synchronize_dice_statistics
 from ..models import EMBEDDING_INIT_STD, mlp_width, score, scoring_mlp
-from ..modules import DINAttention
-from . import (DEFAULT_EMBEDDING_LR, DEFAULT_EMBEDDING_OPTIMIZER, EMBEDDING_OPTIMIZERS,
-               SHARDING_TYPES, check_options)
+from .options import (DEFAULT_EMBEDDING_LR, DEFAULT_EMBEDDING_OPTIMIZER, EMBEDDING_OPTIMIZERS,
+                      SHARDING_TYPES, check_options)
 
 FEATURES = ("history_items", "history_categories", "target_items", "target_categories")
 # table name -> (its features, its weight's name in din_fast.DIN's state_dict)

@@ -1,7 +1,7 @@
 """``din-fast train --log-dir DIR``: the epochs' metrics as a CSV, for watching curves.
 
 ``DIR/metrics.csv`` holds one row per finished epoch (:data:`COLUMNS`),
-rewritten whole after every epoch through din_fast.files, so a reader (a
+rewritten whole after every epoch through din_fast.ctr.files, so a reader (a
 spreadsheet, pandas, gnuplot, ``tail``) never sees half a row; a resumed run
 writes every epoch since the first. The directory is created when missing.
 """

@@ -160,9 +160,9 @@ def predict_file(checkpoint_path, requests_path, data_path=None, output=None,
                  max_unknown: float = MAX_UNKNOWN) -> Counts:
     """Score a requests file with a checkpoint, writing CSV or JSON lines to
     ``output`` (default stdout; a file is checked before anything is read and
-    written atomically, see din_fast.files); returns what was scored and what
+    written atomically, see din_fast.ctr.files); returns what was scored and what
     was unknown. ``data_path`` (the users' behaviours) is refused when it
-    contradicts the checkpoint (din_fast.foreign_data, ``max_unknown``)."""
+    contradicts the checkpoint (din_fast.ctr.foreign_data, ``max_unknown``)."""
     check_outputs({"--output": output}, {"--checkpoint": checkpoint_path,
                                          "--requests": requests_path,
                                          "--data": data_files(data_path)})

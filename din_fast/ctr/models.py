@@ -19,9 +19,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .dice_statistics import batch_moments, update_running
-from .modules import DINAttention
-from .problem import DEFAULT_DICE_EPS, check_all
+from din_fast.dice_statistics import DiceStatistics, batch_moments, update_running
+from din_fast.modules import DINAttention
+from din_fast.problem import DEFAULT_DICE_EPS, check_all
 
 ID_DTYPES = (torch.int32, torch.int64)
 
@@ -30,7 +30,7 @@ MLP_INPUTS = ("concat", "product")
 EMBEDDING_INIT_STD = 0.05
 
 
-class Dice(nn.Module):
+class Dice(DiceStatistics, nn.Module):
     """The DIN paper's Dice activation for the scoring MLP: p = sigmoid of the
     batch-normalized input (running statistics at eval), f = p x + (1-p) a x.
 

@@ -8,8 +8,8 @@ graph into one ``.pt2`` file: a shared library and the weights, which
 ``torch._inductor.aoti_load_package`` in Python, or
 ``torch::inductor::AOTIModelPackageLoader`` in C++, loads and runs.
 
-    package = din_fast.export.export_din(model, "din.pt2")
-    scores = din_fast.export.load(package)(history_items, history_categories, lengths,
+    package = din_fast.ctr.export.export_din(model, "din.pt2")
+    scores = din_fast.ctr.export.load(package)(history_items, history_categories, lengths,
                                             target_items, target_categories)
 
 ``din-fast export`` does the same for a checkpoint (:func:`export_checkpoint`)
@@ -58,13 +58,13 @@ def export_package(model: torch.nn.Module, example_inputs: Sequence[torch.Tensor
         padding_dims: Dim names of the dims a call may give as 0,
             zero-padded to their minimum.
 
-    The package records what it takes (din_fast.package_inputs), which
+    The package records what it takes (din_fast.ctr.package_inputs), which
     :func:`load` checks at every call: each input's dtype and shape and,
     with ``value_ranges``, its values. The package is written atomically
-    (din_fast.files.replacing: whole or not at all).
+    (din_fast.ctr.files.replacing: whole or not at all).
 
     Raises:
-        din_fast.errors.OutputError: the package cannot be written.
+        din_fast.ctr.errors.OutputError: the package cannot be written.
         Exception: what torch.export and Inductor raise, for a model that
             does not trace or a missing C++ compiler (CPU) or CUDA toolkit (GPU).
     """
@@ -205,7 +205,7 @@ def export_checkpoint(checkpoint_path: str, path: str, *, device: str = "cpu",
         backend: the attention backend traced ("auto": triton on CUDA).
 
     Raises:
-        din_fast.errors.InputError: a path not ending in .pt2, a bad
+        din_fast.ctr.errors.InputError: a path not ending in .pt2, a bad
             checkpoint, a device or backend this machine lacks, or an export
             or compile that failed (one line, naming the option).
     """
@@ -245,7 +245,7 @@ def writing_id_maps(maps: IdMaps, path, inputs: list) -> Iterator[str]:
     dense order, as the items), ``numeric`` (each numeric feature's ``mean``
     and ``std``: the model takes ``(value - mean) / std``), ``fingerprint``
     (the checkpoint's id maps') and ``inputs``, the model's inputs in call
-    order (:func:`input_layout`). din_fast.serving.Encoder reads it."""
+    order (:func:`input_layout`). din_fast.ctr.serving.Encoder reads it."""
     ids_path = ids_path_of(path)
     with replacing(ids_path, "--out's id maps") as temporary:
         with open(temporary, "w", encoding="utf-8") as handle:
@@ -295,7 +295,7 @@ def ids_path_of(path: str) -> str:
 
 class LoadedPackage:
     """A loaded package, called as the exported model: inputs by position
-    or by name, checked and converted first (din_fast.package_inputs:
+    or by name, checked and converted first (din_fast.ctr.package_inputs:
     int32 ids and lengths become int64, every input contiguous; a wrong
     dtype, shape, device or value raises naming the input). A package
     din_fast did not write runs its inputs unchecked. ``compiled`` is

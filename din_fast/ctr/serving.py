@@ -12,7 +12,7 @@ checking its inputs first.
     encoder = Encoder.from_json("din.ids.json")
     batch = encoder.encode(histories=[["i7", "i3"], []], candidates=[["i1", "i9"], ["i4"]])
     logits = OnnxModel("din.onnx")(*batch.inputs())             # [B, C]
-    logits = din_fast.export.load("din.pt2")(*batch.rows()).view(batch.shape)
+    logits = din_fast.ctr.export.load("din.pt2")(*batch.rows()).view(batch.shape)
 
 Ids are compared as strings (``din-fast train`` keeps them so), so the raw
 id ``7`` and ``"7"`` are the same item. With maps of the DIN protocol nothing
@@ -152,7 +152,7 @@ class Encoder:
 
     @classmethod
     def from_id_maps(cls, id_maps) -> "Encoder":
-        """The encoder of a checkpoint's id maps (din_fast.data.IdMaps:
+        """The encoder of a checkpoint's id maps (din_fast.ctr.data.IdMaps:
         ``load_checkpoint(path).id_maps``), to score with the eager model."""
         categories = id_maps.category_ids is not None
         return cls(id_maps.item_ids.to_pylist(),
@@ -335,7 +335,7 @@ class OnnxModel:
     logits [B, C] as a float32 tensor; inputs are CPU tensors or numpy arrays,
     shaped as :meth:`EncodedBatch.inputs` gives them. Every call is checked
     first against what the export recorded in the model, as
-    ``din_fast.export.load`` checks a .pt2 package's calls (the ONNX graph
+    ``din_fast.ctr.export.load`` checks a .pt2 package's calls (the ONNX graph
     checks nothing): narrower integer inputs (int32) are converted to int64,
     which is exact; a history of width T = 0 is padded to one position.
 
