@@ -49,8 +49,8 @@ on what was learned), one request of ``--history`` behaviours and
 
 - eager: ``model(...)`` under ``torch.inference_mode``, [1, C] targets (the
   history pooled once for all candidates);
-- AOTInductor: the ``.pt2`` package of ``din_fast.ctr.export.export_din``, one
-  candidate per row (C rows, each with the history: ``EncodedBatch.rows()``);
+- AOTInductor: the ``.pt2`` package of ``din_fast.ctr.export.export_din``
+  (its input checks included), [1, C] targets;
 - ONNX Runtime: ``din_fast.ctr.serving.OnnxModel`` (its input checks included),
   [1, C] targets, ``--threads`` intra-op threads.
 
@@ -387,8 +387,7 @@ def scorers(model, batch: EncodedBatch, formats, threads: int, directory: str) -
         found["eager"] = eager
     if "pt2" in formats:
         package = export.load(export.export_din(model, os.path.join(directory, "din.pt2")))
-        rows = batch.rows()
-        found["pt2"] = lambda: package(*rows).view(batch.shape)
+        found["pt2"] = lambda: package(*batch.inputs())
     if "onnx" in formats:
         import onnxruntime
 

@@ -4,9 +4,9 @@ an ONNX model, scored from raw ids.
 ``din-fast export`` (or the functions below) writes the model and, beside it,
 ``<name>.ids.json``, the map from raw ids to the dense ids the model takes.
 din_fast.ctr.serving.Encoder turns raw requests (a history of raw item ids, the
-raw candidates to score) into the model's five inputs; the .pt2 package takes
-one candidate per row (``batch.rows()``), the ONNX model C candidates per row
-(``batch.inputs()``). Both score what the eager model scores.
+raw candidates to score) into the model's five inputs (``batch.inputs()``,
+C candidates per row), which both formats take. Both score what the eager
+model scores.
 
     python examples/serve_exported.py                     # trains a tiny model first
     python examples/serve_exported.py --checkpoint din.pt # your din-fast train checkpoint
@@ -61,7 +61,7 @@ def serve(directory: Path, checkpoint=None):
     histories = [known_items[10:16], [], known_items[3:4] + ["never-seen"]]
     candidates = [known_items[:3], known_items[20:21], ["never-seen-either", known_items[5]]]
     batch = encoder.encode(histories, candidates, max_len=50)
-    from_package = din_fast.ctr.export.load(package)(*batch.rows()).view(batch.shape)
+    from_package = din_fast.ctr.export.load(package)(*batch.inputs())
     from_onnx = OnnxModel(onnx_path)(*batch.inputs())
 
     saved = load_checkpoint(checkpoint)

@@ -98,13 +98,63 @@ def test_exported_range_check_names_sizes_not_symbols():
     assert not re.search(r"\bs\d+\b", message), message
 
 
+FEATURES = {"genres": 6, "hour": 4}      # side features and their numbers of ids
+NUMERIC = 2
+POISONED = 30                           # the item whose embedding is NaN
+
+
+def din_with_features():
+    """A DIN with categories, two categorical side features, numeric ones
+    and the linear part, its parameters moved off their initial values (the
+    padding rows kept at zero, as training keeps them) and item POISONED's
+    embedding NaN: the inputs hold it only past each history's length,
+    where nothing may read it."""
+    torch.manual_seed(0)
+    model = din_fast.DIN(30, 5, embed_dim=4, mlp_activation="dice", features=FEATURES,
+                         numeric_features=NUMERIC, linear=True)
+    with torch.no_grad():
+        for parameter in model.parameters():
+            parameter.add_(0.1 * torch.randn_like(parameter))
+        for table in model.modules():
+            if isinstance(table, torch.nn.Embedding):
+                table.weight[0] = 0
+        model.item_embedding.weight[POISONED] = float("nan")
+    return model.eval()
+
+
 @pytest.fixture(scope="module")
 def packaged(tmp_path_factory):
     """(model, its package loaded): one export for the module (it takes half a minute)."""
-    torch.manual_seed(0)
-    model = din_fast.DIN(30, 5, embed_dim=4, mlp_activation="dice").eval()
+    model = din_with_features()
     package = export.export_din(model, tmp_path_factory.mktemp("package") / "din.pt2")
     return model, export.load(package)
+
+
+INPUT_NAMES = ("history_items", "history_categories", "lengths", "target_items",
+               "target_categories", "features_genres", "features_hour", "numeric")
+
+
+def request_inputs(model, batch, history, candidates, width=2, seed=0):
+    """The package's inputs (INPUT_NAMES, in order) for B rows of C
+    candidates: row lengths 0..T, item POISONED (NaN) at every position
+    past a row's length and nowhere else, ``width`` values V of each side
+    feature per candidate, 0 (the padding) among them."""
+    gen = torch.Generator().manual_seed(seed)
+    items, categories, _, targets, target_categories = \
+        export.din_example_inputs(model, batch, history, candidates)[:5]
+    lengths = torch.arange(batch) % (history + 1)
+    past = torch.arange(history)[None, :] >= lengths[:, None]
+    items = torch.where(past, POISONED, torch.where(items == POISONED, 1, items))
+    targets = torch.where(targets == POISONED, 1, targets)
+    features = [torch.randint(0, size + 1, (batch, candidates, width), generator=gen)
+                for size in FEATURES.values()]
+    numeric = torch.randn(batch, candidates, NUMERIC, generator=gen)
+    return [items, categories, lengths, targets, target_categories, *features, numeric]
+
+
+def eager_logits(model, inputs):
+    with torch.no_grad():
+        return model(*inputs[:5], features=dict(zip(FEATURES, inputs[5:7])), numeric=inputs[7])
 
 
 def test_din_graph_holds_aten_operations_only():
@@ -117,31 +167,49 @@ def test_din_graph_holds_aten_operations_only():
     assert not [t for t in targets if "din_fast" in t], targets
 
 
-def test_din_package_scores_as_eager(packaged):
-    """For other batch sizes and history lengths, int32 ids and lengths
-    (converted exactly), strided and expanded inputs, inputs by name, and a
-    history of length 0 (padded to one position of padding)."""
+@pytest.mark.parametrize("batch,history,candidates,width", [
+    (4, 8, 3, 2), (7, 3, 1, 1), (1, 12, 9, 3), (3, 0, 2, 2), (5, 6, 4, 0)])
+def test_din_package_scores_as_eager(packaged, batch, history, candidates, width):
+    """C candidates per row, their side features [B, C, V] and numeric ones
+    [B, C, N], against the eager model: other batch sizes, history lengths
+    and candidate counts (one per row included), rows of length 0, NaN
+    embeddings past each length, 0 among a feature's values, V = 0 and a
+    history of width T = 0 (both padded to one position of padding), int32
+    ids and lengths (converted exactly)."""
     model, scorer = packaged
-    for batch, history in ((4, 8), (7, 3), (1, 12), (3, 0)):
-        inputs = export.din_example_inputs(model, batch, history)
-        with torch.no_grad():
-            expected = model(*inputs)
-        torch.testing.assert_close(scorer(*inputs), expected, rtol=1e-5, atol=1e-6)
-        torch.testing.assert_close(scorer(*(t.int() for t in inputs)), expected,
-                                   rtol=1e-5, atol=1e-6)
-    items, categories, lengths, targets, target_categories = export.din_example_inputs(model, 5,
-                                                                                        6)
-    strided = (items.t().contiguous().t(), categories[:, None].expand(-1, 2, -1)[:, 1],
-               lengths[:1].expand(5).int(), targets, target_categories)
-    with torch.no_grad():
-        expected = model(*strided)
-    torch.testing.assert_close(scorer(*strided), expected, rtol=1e-5, atol=1e-6)
-    named = dict(zip(INPUT_NAMES, strided))
-    torch.testing.assert_close(scorer(**named), expected, rtol=1e-5, atol=1e-6)
+    inputs = request_inputs(model, batch, history, candidates, width, seed=batch)
+    expected = eager_logits(model, inputs)
+    assert expected.shape == (batch, candidates) and not expected.isnan().any()
+    torch.testing.assert_close(scorer(*inputs), expected, rtol=1e-5, atol=1e-6)
+    int32 = [t if t.is_floating_point() else t.int() for t in inputs]
+    torch.testing.assert_close(scorer(*int32), expected, rtol=1e-5, atol=1e-6)
 
 
-INPUT_NAMES = ("history_items", "history_categories", "lengths", "target_items",
-               "target_categories")
+def test_din_package_takes_strided_inputs_by_name(packaged):
+    """Strided and expanded inputs (a feature of the user, one value for all
+    of a row's candidates, expanded along C) by name."""
+    model, scorer = packaged
+    inputs = request_inputs(model, 5, 6, 4)
+    inputs[0] = inputs[0].t().contiguous().t()
+    inputs[1] = inputs[1][:, None].expand(-1, 2, -1)[:, 1]
+    inputs[6] = inputs[6][:, :1].expand(-1, 4, -1)
+    inputs[7] = inputs[7].transpose(1, 2).contiguous().transpose(1, 2)
+    expected = eager_logits(model, inputs)
+    torch.testing.assert_close(scorer(**dict(zip(INPUT_NAMES, inputs))), expected,
+                               rtol=1e-5, atol=1e-6)
+
+
+def test_recorded_layout_is_what_the_package_takes(packaged):
+    """input_layout (the id maps' ``inputs``) names, in call order, the
+    inputs the package's record checks, with their dtypes and named shapes."""
+    model, scorer = packaged
+    layout = [(entry["name"], entry["dtype"], entry["shape"])
+              for entry in export.input_layout(model)]
+    recorded = [(spec.name, str(spec.dtype).removeprefix("torch."), list(spec.shape))
+                for spec in scorer.contract.inputs]
+    assert layout == recorded
+    assert recorded[5] == ("features_genres", "int64", ["B", "C", "V_genres"])
+    assert recorded[7] == ("numeric", "float32", ["B", "C", NUMERIC])
 
 
 def _replaced(inputs, **changes):
@@ -157,7 +225,7 @@ BAD_CALLS = [  # (description, the call's inputs from good ones, error, message)
     ("item id beyond the table", lambda i: _replaced(i, history_items=i[0] + 30),
      ValueError, r"history_items\[0, 0\] = \d+ is outside \[0, 30\]"),
     ("negative category", lambda i: _replaced(i, target_categories=-i[4]),
-     ValueError, r"target_categories\[0\] = -\d+ is outside \[0, 5\]"),
+     ValueError, r"target_categories\[0, 0\] = -\d+ is outside \[0, 5\]"),
     ("float ids", lambda i: _replaced(i, target_items=i[3].float()),
      TypeError, r"`target_items` must be torch\.int64 .*; got torch\.float32"),
     ("bool lengths", lambda i: _replaced(i, lengths=i[2].bool()),
@@ -165,8 +233,25 @@ BAD_CALLS = [  # (description, the call's inputs from good ones, error, message)
     ("lengths [B, 1]", lambda i: _replaced(i, lengths=i[2][:, None]),
      ValueError, r"`lengths` must be 1-D \[B\]; got shape \(4, 1\)"),
     ("batch mismatch", lambda i: _replaced(i, target_items=i[3][:3]),
-     ValueError, r"`target_items` must have shape \[B\] with B = 4, history_items\.shape\[0\]; "
-                 r"got \(3,\)"),
+     ValueError, r"`target_items` must have shape \[B, C\] with B = 4, "
+                 r"history_items\.shape\[0\]; got \(3, 3\)"),
+    ("targets [B]", lambda i: _replaced(i, target_items=i[3][:, 0],
+                                        target_categories=i[4][:, 0]),
+     ValueError, r"`target_items` must be 2-D \[B, C\]; got shape \(4,\)"),
+    ("candidates mismatch", lambda i: _replaced(i, target_categories=i[4][:, :2]),
+     ValueError, r"`target_categories` must have shape \[B, C\] with C = 3, "
+                 r"target_items\.shape\[1\]"),
+    ("a side feature [B, V]", lambda i: _replaced(i, features_genres=i[5][:, 0]),
+     ValueError, r"`features_genres` must be 3-D \[B, C, V_genres\]; got shape \(4, 2\)"),
+    ("a side feature of other candidates", lambda i: _replaced(i, features_hour=i[6][:, :2]),
+     ValueError, r"`features_hour` must have shape \[B, C, V_hour\] with C = 3, "
+                 r"target_items\.shape\[1\]; got \(4, 2, 2\)"),
+    ("a feature id beyond its table", lambda i: _replaced(i, features_hour=i[6] * 0 + 5),
+     ValueError, r"features_hour\[0, 0, 0\] = 5 is outside \[0, 4\]"),
+    ("numeric [B, N]", lambda i: _replaced(i, numeric=i[7][:, 0]),
+     ValueError, r"`numeric` must be 3-D \[B, C, 2\]; got shape \(4, 2\)"),
+    ("float64 numeric", lambda i: _replaced(i, numeric=i[7].double()),
+     TypeError, r"`numeric` must be torch\.float32 .*; got torch\.float64"),
     ("history width mismatch", lambda i: _replaced(i, history_categories=i[1][:, :5]),
      ValueError, r"`history_categories` must have shape \[B, T\] with T = 8"),
     ("empty batch", lambda i: [t[:0] for t in i],
@@ -183,7 +268,7 @@ BAD_CALLS = [  # (description, the call's inputs from good ones, error, message)
                          ids=[case[0] for case in BAD_CALLS])
 def test_din_package_refuses_bad_inputs_by_name(packaged, description, bad, error, message):
     model, scorer = packaged
-    inputs = export.din_example_inputs(model, 4, 8)
+    inputs = request_inputs(model, 4, 8, 3)
     with pytest.raises(error, match=rf"^din\.pt2: {message}"):
         scorer(*bad(inputs))
 
@@ -192,7 +277,7 @@ def test_graph_asserts_name_the_inputs(packaged):
     """The compiled graph's own checks (what a C++ caller meets) use the
     model's argument names, never the graph's symbolic sizes."""
     model, scorer = packaged
-    inputs = export.din_example_inputs(model, 4, 8)
+    inputs = request_inputs(model, 4, 8, 3)
     for bad, message in ((_replaced(inputs, lengths=torch.tensor([0, 9, 1, 1])),
                           "DIN: `lengths` must lie in [0, T], T the width of `history_items`"),
                          (_replaced(inputs, history_items=inputs[0] + 30),

@@ -370,10 +370,11 @@ def test_exported_model_takes_the_side_features(trained, tmp_path, capsys):
                                         export.din_padding_dims(model))
     assert [spec.name for spec in contract.inputs] == names
     assert contract.padding_dims == ("T", "V_genres", "V_hour")
-    rows = contract.prepare("din.pt2", batch.rows(), {})
-    assert torch.allclose(program.module()(*rows[:5], dict(zip(("genres", "hour"), rows[5:7])),
-                                           rows[7]),
-                          eager.detach().reshape(-1), atol=1e-5)
+    prepared = contract.prepare("din.pt2", args, {})
+    assert torch.allclose(program.module()(*prepared[:5],
+                                           dict(zip(("genres", "hour"), prepared[5:7])),
+                                           prepared[7]),
+                          eager.detach(), atol=1e-5)
 
 
 def test_linear_lr_is_the_linear_parts_own_rate(log, capsys):

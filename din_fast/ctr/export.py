@@ -1,16 +1,16 @@
 """Deploying without Python: a model that uses DINAttention as an AOTInductor package.
 
 ``torch.export`` traces the model into a graph of aten operations (the
-attention unit's torch backend runs on every position with the padding
-zeroed, which traces; on CUDA the fused Triton kernels are traced in
-themselves), and ``torch._inductor.aoti_compile_and_package`` compiles that
+attention unit's torch backend runs its folded arithmetic on every position
+with the padding zeroed, which traces; on CUDA the fused Triton kernels are
+traced in themselves), and ``torch._inductor.aoti_compile_and_package`` compiles that
 graph into one ``.pt2`` file: a shared library and the weights, which
 ``torch._inductor.aoti_load_package`` in Python, or
 ``torch::inductor::AOTIModelPackageLoader`` in C++, loads and runs.
 
     package = din_fast.ctr.export.export_din(model, "din.pt2")
-    scores = din_fast.ctr.export.load(package)(history_items, history_categories, lengths,
-                                            target_items, target_categories)
+    logits = din_fast.ctr.export.load(package)(history_items, history_categories, lengths,
+                                               target_items, target_categories)   # [B, C]
 
 ``din-fast export`` does the same for a checkpoint (:func:`export_checkpoint`)
 and writes the id maps beside the package.
@@ -33,10 +33,12 @@ from .files import check_outputs, replacing
 from .package_inputs import InputContract
 from .training import checkpoint_for_run
 
-# The largest batch and history length an exported DIN takes (dynamic shapes
-# need bounds; these are far above what a serving batch holds).
+# The largest batch, history length and number of candidates per row an
+# exported DIN takes (dynamic shapes need bounds; these are far above what a
+# serving batch holds).
 MAX_BATCH = 1 << 20
 MAX_HISTORY = 1 << 16
+MAX_CANDIDATES = 1 << 16
 
 
 def export_package(model: torch.nn.Module, example_inputs: Sequence[torch.Tensor], path: str,
@@ -85,19 +87,33 @@ def export_package(model: torch.nn.Module, example_inputs: Sequence[torch.Tensor
 
 
 def din_example_inputs(model: torch.nn.Module, batch: int = 4, history: int = 8,
-                       device: Optional[torch.device] = None,
-                       candidates: Optional[int] = None) -> tuple:
-    """Example inputs of din_fast.DIN or BaseModel's forward: (history_items,
-    history_categories [B, T], lengths [B], target_items, target_categories [B])
-    with ids inside the model's tables and every row length from 0 to T; the
-    categories None for a model without a category table; then, for a model
-    with side features, ``features`` ({feature: [B, 2] ids}) and ``numeric``
-    ([B, N]; None without numeric features). With ``candidates`` C the
-    targets are [B, C] and the side features [B, C, ...]."""
+                       candidates: int = 3, device: Optional[torch.device] = None) -> tuple:
+    """Example inputs of din_fast.DIN or BaseModel's forward with C
+    candidates per row, in the layout both exports take (:func:`input_layout`).
+
+    Ids lie inside the model's tables (never 0, the padding, so that no size
+    is traced as a constant) and the row lengths run over 0..T.
+
+    Args:
+        model: a din_fast.DIN or BaseModel (its tables give the id ranges,
+            its side features the extra inputs).
+        batch: B, the rows.
+        history: T, the history length.
+        candidates: C, the candidates per row.
+        device: where the inputs are made; None for the model's parameters'
+            device.
+
+    Returns:
+        (history_items, history_categories [B, T], lengths [B], target_items,
+        target_categories [B, C]), int64, the categories None for a model
+        without a category table; then, for a model with side features,
+        ``features`` ({feature: [B, C, 2] int64 ids}) and ``numeric``
+        ([B, C, N] float32; None without numeric features).
+    """
     device = device or next(model.parameters()).device
     num_items = model.item_embedding.num_embeddings - 1
     gen = torch.Generator().manual_seed(0)
-    rows = (batch,) if candidates is None else (batch, candidates)
+    rows = (batch, candidates)
 
     def ids(high, *shape):
         return torch.randint(1, max(high, 1) + 1, shape, generator=gen).to(device)
@@ -112,7 +128,7 @@ def din_example_inputs(model: torch.nn.Module, batch: int = 4, history: int = 8,
     inputs = (items, categories, lengths.to(device), targets, target_categories)
     if not model.feature_names and not model.numeric_features:
         return inputs
-    # Two values a row: a width of 1 would be traced as a constant.
+    # Two values a candidate: a width of 1 would be traced as a constant.
     features = {name: ids(table.num_embeddings - 1, *rows, 2)
                 for name, table in zip(model.feature_names, model.feature_embeddings)}
     numeric = torch.randn(*rows, model.numeric_features, generator=gen).to(device) \
@@ -120,22 +136,28 @@ def din_example_inputs(model: torch.nn.Module, batch: int = 4, history: int = 8,
     return inputs + (features, numeric)
 
 
-def din_dynamic_shapes(model: Optional[torch.nn.Module] = None,
-                       candidates: Optional[torch.export.Dim] = None) -> tuple:
-    """dynamic_shapes for din_example_inputs: any batch B and history length T
-    (and, with ``candidates``, that Dim C of candidates), any number of
-    values V_<feature> of each side feature."""
+def din_dynamic_shapes(model: Optional[torch.nn.Module] = None) -> tuple:
+    """``dynamic_shapes`` for :func:`din_example_inputs` (as torch.export.export
+    takes it), shared by the .pt2 and the ONNX export: any batch B (up to
+    MAX_BATCH), history length T (up to MAX_HISTORY), number of candidates
+    per row C (up to MAX_CANDIDATES) and number of values ``V_<feature>``
+    of each side feature (up to MAX_HISTORY).
+
+    Args:
+        model: the din_fast.DIN or BaseModel exported, for its category
+            table and side features; None for a model with categories and
+            no side features.
+    """
     batch = torch.export.Dim("B", min=1, max=MAX_BATCH)
     history = torch.export.Dim("T", min=1, max=MAX_HISTORY)
-    rows = {0: batch} if candidates is None else {0: batch, 1: candidates}
+    rows = {0: batch, 1: torch.export.Dim("C", min=1, max=MAX_CANDIDATES)}
     categories = model is None or model.category_embedding is not None
     shapes = ({0: batch, 1: history}, {0: batch, 1: history} if categories else None,
               {0: batch}, dict(rows), dict(rows) if categories else None)
     if model is None or not model.feature_names and not model.numeric_features:
         return shapes
-    width = len(rows)
-    features = {name: {**rows, width: torch.export.Dim(value_dim(name), min=1,
-                                                       max=MAX_HISTORY)}
+    features = {name: {**rows, len(rows): torch.export.Dim(value_dim(name), min=1,
+                                                           max=MAX_HISTORY)}
                 for name in model.feature_names}
     return shapes + (features, dict(rows) if model.numeric_features else None)
 
@@ -174,18 +196,34 @@ def din_value_ranges(model: torch.nn.Module) -> dict:
 
 def export_din(model: torch.nn.Module, path: str) -> str:
     """Package din_fast.DIN or BaseModel for serving, any batch (up to
-    MAX_BATCH) and history length (up to MAX_HISTORY), on the device its
-    parameters are on; returns the path written.
+    MAX_BATCH), history length (up to MAX_HISTORY) and number of candidates
+    per row (up to MAX_CANDIDATES), on the device its parameters are on.
 
-    The package takes din_example_inputs' five int64 tensors:
-    ``history_items``, ``history_categories`` [B, T], ``lengths`` [B],
-    ``target_items``, ``target_categories`` [B] (dense ids, 0 the padding),
-    and returns the logits [B]. A history of length T = 0 is padded to one
-    position (id 0, length 0). A model without a category table takes no
-    category inputs; a model with side features takes, after them, one
-    ``features_<name>`` [B, V] int64 input per side feature (0 pads a row's
-    values; V = 0 is padded as T is) and ``numeric`` [B, N] float32 (see
-    :func:`input_layout`)."""
+    The package takes the inputs :func:`input_layout` lists, as the eager
+    model and the ONNX export do: ``history_items``, ``history_categories``
+    [B, T], ``lengths`` [B], ``target_items``, ``target_categories`` [B, C]
+    (int64 dense ids, 0 the padding), and returns the logits [B, C]: each
+    history is scored once for all of its row's candidates (one candidate
+    per row is C = 1). A history of length T = 0 is padded to one position
+    (id 0, length 0). A model without a category table takes no category
+    inputs; a model with side features takes, after them, one
+    ``features_<name>`` [B, C, V] int64 input per side feature (0 pads a
+    candidate's values; V = 0 is padded as T is) and ``numeric`` [B, C, N]
+    float32.
+
+    Args:
+        model: a din_fast.DIN or BaseModel; exported in eval mode, then put
+            back in its own mode.
+        path: the package to write, ending in ``.pt2``.
+
+    Returns:
+        ``path``, as a string.
+
+    Raises:
+        din_fast.ctr.errors.OutputError: the package cannot be written.
+        Exception: what torch.export and Inductor raise (see
+            :func:`export_package`).
+    """
     return export_package(model, din_example_inputs(model), path, din_dynamic_shapes(model),
                           din_value_ranges(model), padding_dims=din_padding_dims(model))
 
@@ -263,11 +301,21 @@ def writing_id_maps(maps: IdMaps, path, inputs: list) -> Iterator[str]:
         yield ids_path
 
 
-def input_layout(model: torch.nn.Module, candidates: bool = False) -> list:
-    """The inputs of the exported ``model`` in call order: {name, dtype,
-    shape (named dims: B rows, T history, C candidates with ``candidates``,
-    V_<feature> values), what the values are}."""
-    rows = ["B", "C"] if candidates else ["B"]
+def input_layout(model: torch.nn.Module) -> list:
+    """The inputs of the exported ``model`` in call order, as both exports
+    (the .pt2 package and the ONNX model) take them and ``<name>.ids.json``
+    lists them (its ``inputs``).
+
+    Args:
+        model: the din_fast.DIN or BaseModel exported.
+
+    Returns:
+        One dict per input: ``name``, ``dtype`` ("int64" or "float32"),
+        ``shape`` (named dims: B rows, T history, C candidates per row,
+        V_<feature> a side feature's values; ints for static sizes) and
+        ``values``, what the values are.
+    """
+    rows = ["B", "C"]
     layout = [("history_items", "int64", ["B", "T"], "dense item ids, oldest first, 0 after "
                "lengths[b]"),
               ("history_categories", "int64", ["B", "T"], "the dense category of each"),
@@ -279,7 +327,7 @@ def input_layout(model: torch.nn.Module, candidates: bool = False) -> list:
     for name in model.feature_names:
         layout.append((exported_name("features", name), "int64", rows + [value_dim(name)],
                        f"dense ids of feature {name!r} (features[{name!r}] in dense order), "
-                       "0 after a row's values"))
+                       "0 after a candidate's values"))
     if model.numeric_features:
         layout.append(("numeric", "float32", rows + [model.numeric_features],
                        "the numeric features in the order of `numeric`, standardized"))

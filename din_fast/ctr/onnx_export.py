@@ -66,7 +66,6 @@ OPSET = 18
 INPUT_NAMES = ("history_items", "history_categories", "lengths", "target_items",
                "target_categories")
 OUTPUT_NAME = "logits"
-MAX_CANDIDATES = 1 << 16
 # A single-file ONNX model is one protobuf message, which holds at most 2 GiB.
 MAX_BYTES = 2 ** 31
 QUIET_LOGGERS = ("torch.onnx._internal.exporter._registration",
@@ -138,20 +137,6 @@ class OnnxDIN(nn.Module):
         return model.add_linear(logits, target_items, target_categories, features, numeric)
 
 
-def example_inputs(model: BaseModel, batch: int = 4, history: int = 8,
-                   candidates: int = 3) -> tuple:
-    """OnnxDIN's inputs for ``model``: din_fast.ctr.export.din_example_inputs with
-    ``candidates`` targets per row ([B, C], side features [B, C, ...]), ids
-    inside the tables."""
-    return din_example_inputs(model, batch, history, torch.device("cpu"), candidates)
-
-
-def dynamic_shapes(model: BaseModel) -> tuple:
-    """The export's dynamic axes: the .pt2 package's batch B and history
-    length T (din_fast.ctr.export.din_dynamic_shapes), and candidates C."""
-    return din_dynamic_shapes(model, torch.export.Dim("C", min=1, max=MAX_CANDIDATES))
-
-
 def export_onnx(model: BaseModel, path) -> str:
     """Write ``model`` as the ONNX model ``path`` (see the module's
     docstring for its inputs and output); returns the path written.
@@ -179,9 +164,10 @@ def export_onnx(model: BaseModel, path) -> str:
                          "AOTInductor package: din_fast.ctr.export.export_din)")
     was_training, device = model.training, next(model.parameters()).device
     scorer.cpu().eval()
-    shapes = dynamic_shapes(model)
+    shapes = din_dynamic_shapes(model)
     try:
-        program = torch.export.export(scorer, example_inputs(model), dynamic_shapes=shapes)
+        # On the CPU now: the example inputs follow the parameters there.
+        program = torch.export.export(scorer, din_example_inputs(model), dynamic_shapes=shapes)
         # What the model takes, recorded as the .pt2 package records it, for
         # din_fast.ctr.serving.OnnxModel to check every call against.
         contract = InputContract.of_program(program, shapes, din_value_ranges(model),
@@ -222,8 +208,7 @@ def export_checkpoint_onnx(checkpoint_path, path) -> tuple[str, str]:
                   {"--checkpoint": checkpoint_path})
     checkpoint, config = checkpoint_for_run(checkpoint_path, "torch", "cpu")
     model = restored_model(checkpoint, config)
-    with writing_id_maps(checkpoint.id_maps, path, input_layout(model, candidates=True)) \
-            as ids_path:
+    with writing_id_maps(checkpoint.id_maps, path, input_layout(model)) as ids_path:
         try:
             written = export_onnx(model, path)
         except ValueError as error:

@@ -12,7 +12,7 @@ checking its inputs first.
     encoder = Encoder.from_json("din.ids.json")
     batch = encoder.encode(histories=[["i7", "i3"], []], candidates=[["i1", "i9"], ["i4"]])
     logits = OnnxModel("din.onnx")(*batch.inputs())             # [B, C]
-    logits = din_fast.ctr.export.load("din.pt2")(*batch.rows()).view(batch.shape)
+    logits = din_fast.ctr.export.load("din.pt2")(*batch.inputs())  # [B, C]
 
 Ids are compared as strings (``din-fast train`` keeps them so), so the raw
 id ``7`` and ``"7"`` are the same item. With maps of the DIN protocol nothing
@@ -79,28 +79,16 @@ class EncodedBatch:
         return self.known.shape
 
     def inputs(self) -> tuple:
-        """The inputs with C candidates per row, [B, C] targets: what an ONNX
-        model from ``din-fast export --format onnx`` takes, in its order (the
-        five ids, the categories left out without categories, then the side
-        features); logits come back [B, C]."""
+        """The inputs with C candidates per row, [B, C] targets: what both
+        formats of ``din-fast export`` (the .pt2 package and the ONNX model)
+        take, in their order (the five ids, the categories left out without
+        categories, then the side features [B, C, V] and the numeric ones
+        [B, C, N]); logits come back [B, C]. din_fast.DIN's forward takes
+        the same tensors, its side features as ``features`` ({feature:
+        [B, C, V]}) and ``numeric``."""
         side = [*(self.features or {}).values(), self.numeric]
         return tuple(t for t in (self.history_items, self.history_categories, self.lengths,
                                  self.target_items, self.target_categories, *side)
-                     if t is not None)
-
-    def rows(self) -> tuple:
-        """The inputs with one candidate per row, [B * C] rows (row ``b * C +
-        c`` is request b's history with its candidate c): what a ``.pt2``
-        package from ``din-fast export`` takes, in its order;
-        ``logits.view(shape)`` gives them back as [B, C]."""
-        candidates = self.known.shape[1]
-        per_row = lambda t: None if t is None else t.repeat_interleave(candidates, dim=0)
-        per_candidate = lambda t: None if t is None else t.reshape(-1, *t.shape[2:])
-        side = [*(self.features or {}).values(), self.numeric]
-        return tuple(t for t in (per_row(self.history_items), per_row(self.history_categories),
-                                 per_row(self.lengths), per_candidate(self.target_items),
-                                 per_candidate(self.target_categories),
-                                 *map(per_candidate, side))
                      if t is not None)
 
 
