@@ -44,26 +44,30 @@ MAX_CANDIDATES = 1 << 16
 def export_package(model: torch.nn.Module, example_inputs: Sequence[torch.Tensor], path: str,
                    dynamic_shapes=None, value_ranges=None, padding_dims=()) -> str:
     """Export ``model`` (in eval mode) on ``example_inputs`` and compile it into
-    the AOTInductor package ``path``; returns the path written.
-
-    Args:
-        model: any module torch.export can trace (models using DINAttention
-            can); put back in its own mode afterwards.
-        example_inputs: the forward's positional arguments, tensors on the
-            device the package will run on.
-        path: the package to write, ending in ``.pt2``.
-        dynamic_shapes: as torch.export.export takes it (for example the
-            batch and history axes); without it the package takes the
-            example's shapes only.
-        value_ranges: {input name: (low, high)}, high an int or a
-            ``torch.export.Dim`` (or its name): the values an input may hold.
-        padding_dims: Dim names of the dims a call may give as 0,
-            zero-padded to their minimum.
+    the AOTInductor package ``path``.
 
     The package records what it takes (din_fast.ctr.package_inputs), which
     :func:`load` checks at every call: each input's dtype and shape and,
     with ``value_ranges``, its values. The package is written atomically
     (din_fast.ctr.files.replacing: whole or not at all).
+
+    Args:
+        model: any module torch.export can trace (models using DINAttention
+            can); put back in its own mode afterwards.
+        example_inputs: the forward's positional arguments: tensors on the
+            device the package will run on, a dict of such tensors (each key
+            its own input, ``<argument>_<key>``) or None (no input).
+        path: the package to write, ending in ``.pt2``.
+        dynamic_shapes: as torch.export.export takes it (for example the
+            batch and history axes, ``{0: Dim("B"), 1: Dim("T")}`` per
+            input); without it the package takes the example's shapes only.
+        value_ranges: {input name: (low, high)}, high an int or a
+            ``torch.export.Dim`` (or its name): the values an input may hold.
+        padding_dims: Dim names of the dims a call may give as 0,
+            zero-padded to their minimum.
+
+    Returns:
+        ``path``, as a string.
 
     Raises:
         din_fast.ctr.errors.OutputError: the package cannot be written.
@@ -147,6 +151,11 @@ def din_dynamic_shapes(model: Optional[torch.nn.Module] = None) -> tuple:
         model: the din_fast.DIN or BaseModel exported, for its category
             table and side features; None for a model with categories and
             no side features.
+
+    Returns:
+        One entry per input of :func:`din_example_inputs`, in its order:
+        {axis: torch.export.Dim}, None for an input that is None, and for
+        ``features`` a dict {feature: {axis: Dim}}.
     """
     batch = torch.export.Dim("B", min=1, max=MAX_BATCH)
     history = torch.export.Dim("T", min=1, max=MAX_HISTORY)
@@ -163,27 +172,52 @@ def din_dynamic_shapes(model: Optional[torch.nn.Module] = None) -> tuple:
 
 
 def value_dim(feature: str) -> str:
-    """The name of a side feature's dim of values (a row's multi-values)."""
+    """The name of a side feature's dim of values in both exports' records:
+    ``V_`` and the feature's name as torch.export writes it (``genres`` ->
+    ``V_genres``, see :func:`exported_name`).
+
+    Args:
+        feature: the side feature's name (one of the model's ``feature_names``).
+    """
     return "V_" + exported_name("", feature)
 
 
 def exported_name(argument: str, key: str) -> str:
     """torch.export's name for ``key`` of the dict input ``argument``
     (``features``, ``genres`` -> ``features_genres``): lower case, every
-    character but letters and digits made ``_``."""
+    character but letters and digits made ``_``.
+
+    Args:
+        argument: the forward's argument that takes a dict (``features``);
+            "" for the key alone.
+        key: the dict's key, a side feature's name.
+    """
     return "_".join(part for part in (argument, re.sub(r"[^a-z0-9]", "_", key.lower()))
                     if part)
 
 
 def din_padding_dims(model: torch.nn.Module) -> tuple:
     """The dims a call may give as 0 (padded with zeros to 1, which changes
-    nothing): the history's T, and each side feature's values."""
+    nothing): the history's T, and each side feature's values ``V_<feature>``.
+
+    Args:
+        model: the din_fast.DIN or BaseModel exported.
+    """
     return ("T",) + tuple(value_dim(name) for name in model.feature_names)
 
 
 def din_value_ranges(model: torch.nn.Module) -> dict:
-    """What each input of din_example_inputs may hold: ids inside the
-    tables (0 the padding), lengths in [0, T]."""
+    """What each input of :func:`din_example_inputs` may hold, as
+    :func:`export_package`'s ``value_ranges`` takes it: ids inside their
+    tables (0 the padding), lengths in [0, T].
+
+    Args:
+        model: the din_fast.DIN or BaseModel exported (its tables give the
+            highest id of each input).
+
+    Returns:
+        {input name: (0, highest id)}, and ``lengths``: (0, "T").
+    """
     items = model.item_embedding.num_embeddings - 1
     ranges = {"history_items": (0, items), "lengths": (0, "T"), "target_items": (0, items)}
     if model.category_embedding is not None:
@@ -231,10 +265,8 @@ def export_din(model: torch.nn.Module, path: str) -> str:
 def export_checkpoint(checkpoint_path: str, path: str, *, device: str = "cpu",
                       backend: str = "auto") -> tuple[str, str]:
     """Package a ``din-fast train`` checkpoint's model (:func:`export_din`)
-    and write its id maps as JSON beside it (``<path stem>.ids.json``:
-    ``item_ids`` and ``category_ids``, the raw ids in dense order, dense id =
-    position + 1 with 0 the padding, and ``item_category``, the dense
-    category of each dense item). Returns (package, id maps) paths.
+    and write its id maps as JSON beside it, ``<path stem>.ids.json``
+    (:func:`writing_id_maps`): both whole, or neither.
 
     Args:
         checkpoint_path: a ``din-fast train --checkpoint`` file.
@@ -242,10 +274,15 @@ def export_checkpoint(checkpoint_path: str, path: str, *, device: str = "cpu",
         device: "cpu" or "cuda", where the package runs.
         backend: the attention backend traced ("auto": triton on CUDA).
 
+    Returns:
+        (package, id maps) paths.
+
     Raises:
         din_fast.ctr.errors.InputError: a path not ending in .pt2, a bad
             checkpoint, a device or backend this machine lacks, or an export
             or compile that failed (one line, naming the option).
+        din_fast.ctr.errors.OutputError: an output that is an input (the
+            checkpoint), a directory, or cannot be written.
     """
     if not str(path).endswith(".pt2"):
         raise InputError(f"--out {path}: the package's name must end in .pt2 (AOTInductor's "
@@ -272,7 +309,7 @@ def writing_id_maps(maps: IdMaps, path, inputs: list) -> Iterator[str]:
     """The id maps, as JSON beside the exported model ``path``
     (:func:`ids_path_of`), for the block that writes the model: written
     first, renamed into place when the block ends without an error, so that
-    a failure to write either file leaves both as they were. Yields their path.
+    a failure to write either file leaves both as they were.
 
     The JSON holds ``item_ids`` and ``category_ids``, the raw ids in dense
     order (dense id = position + 1, 0 the padding; ``category_ids`` null
@@ -283,7 +320,19 @@ def writing_id_maps(maps: IdMaps, path, inputs: list) -> Iterator[str]:
     dense order, as the items), ``numeric`` (each numeric feature's ``mean``
     and ``std``: the model takes ``(value - mean) / std``), ``fingerprint``
     (the checkpoint's id maps') and ``inputs``, the model's inputs in call
-    order (:func:`input_layout`). din_fast.ctr.serving.Encoder reads it."""
+    order (:func:`input_layout`). din_fast.ctr.serving.Encoder reads it.
+
+    Args:
+        maps: the checkpoint's id maps (din_fast.ctr.data.IdMaps).
+        path: the exported model's path (``.pt2`` or ``.onnx``).
+        inputs: the model's inputs, :func:`input_layout`'s list.
+
+    Yields:
+        The id maps' path.
+
+    Raises:
+        din_fast.ctr.errors.OutputError: the JSON cannot be written.
+    """
     ids_path = ids_path_of(path)
     with replacing(ids_path, "--out's id maps") as temporary:
         with open(temporary, "w", encoding="utf-8") as handle:
@@ -312,7 +361,7 @@ def input_layout(model: torch.nn.Module) -> list:
     Returns:
         One dict per input: ``name``, ``dtype`` ("int64" or "float32"),
         ``shape`` (named dims: B rows, T history, C candidates per row,
-        V_<feature> a side feature's values; ints for static sizes) and
+        ``V_<feature>`` a side feature's values; ints for static sizes) and
         ``values``, what the values are.
     """
     rows = ["B", "C"]
@@ -337,17 +386,35 @@ def input_layout(model: torch.nn.Module) -> list:
 
 def ids_path_of(path: str) -> str:
     """Where the id maps of the exported model ``path`` go: ``din.pt2`` or
-    ``din.onnx`` -> ``din.ids.json``."""
+    ``din.onnx`` -> ``din.ids.json``.
+
+    Args:
+        path: the exported model's path.
+    """
     return str(Path(path).with_suffix(".ids.json"))
 
 
 class LoadedPackage:
-    """A loaded package, called as the exported model: inputs by position
-    or by name, checked and converted first (din_fast.ctr.package_inputs:
-    int32 ids and lengths become int64, every input contiguous; a wrong
-    dtype, shape, device or value raises naming the input). A package
-    din_fast did not write runs its inputs unchecked. ``compiled`` is
-    torch's loaded package itself."""
+    """A loaded package, called as the exported model: inputs by position or
+    by name, checked and converted first (din_fast.ctr.package_inputs: int32
+    ids and lengths become int64, every input contiguous; a history of width
+    T = 0 is padded to one position). A package din_fast did not write runs
+    its inputs unchecked. ``compiled`` is torch's loaded package itself;
+    ``contract`` the record of its inputs (None for such a package).
+
+    Args:
+        path: the ``.pt2`` package (``export_package`` or ``din-fast export``
+            wrote it).
+
+    Raises:
+        RuntimeError: torch's, for a file that is not an AOTInductor package.
+        TypeError: at a call: a missing, repeated or unknown input, or one
+            that is not a tensor of the recorded dtype (or a narrower one of its
+            kind, converted exactly), named by its input.
+        ValueError: at a call: a wrong device, rank or size, sizes that
+            disagree between inputs (one B, T, C across them) or a value
+            outside its range, named by its input.
+    """
 
     def __init__(self, path: str):
         self.name = Path(path).name
@@ -362,6 +429,16 @@ class LoadedPackage:
 
 
 def load(path: str) -> LoadedPackage:
-    """The packaged model as a callable: load(path)(*inputs) -> the model's
-    outputs, its inputs checked first (:class:`LoadedPackage`)."""
+    """The packaged model as a callable: ``load(path)(*inputs)`` -> the model's
+    outputs, its inputs checked first (:class:`LoadedPackage`). For a
+    :func:`export_din` package: the inputs of :func:`input_layout`, the
+    logits [B, C] float32 back.
+
+    Args:
+        path: the ``.pt2`` package.
+
+    Raises:
+        RuntimeError: torch's, for a file that is not an AOTInductor package
+            (the calls raise as :class:`LoadedPackage`'s).
+    """
     return LoadedPackage(path)

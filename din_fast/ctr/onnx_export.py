@@ -10,19 +10,21 @@ W_p (q * k)``, no ``[B, C, T, 4D]`` concat), Dice and the scoring MLP in
 their inference form (running statistics). The graph is then translated by
 ``torch.onnx.export`` (the torch.export-based exporter, which needs onnxscript).
 
-The ONNX model (opset :data:`OPSET`) takes five int64 inputs, every axis but
-the rank dynamic:
+The ONNX model (opset :data:`OPSET`) takes what the .pt2 package takes
+(din_fast.ctr.export.input_layout), every axis but the rank dynamic: five
+int64 inputs (without a category table, no category inputs), then, for a
+model with side features, one input per categorical feature and the numeric
+ones:
 
-==================== ========= ==============================================
-input                shape     meaning
-==================== ========= ==============================================
-history_items        [B, T]    dense item ids of each history, oldest first,
-                               0 after ``lengths[b]`` (the padding)
-history_categories   [B, T]    the dense category of each history item
-lengths              [B]       valid history positions per row, 0..T
-target_items         [B, C]    dense ids of the C candidates of each row
-target_categories    [B, C]    their dense categories
-==================== ========= ==============================================
+| input | shape | meaning |
+|---|---|---|
+| ``history_items`` | [B, T] | each history's dense item ids, oldest first, then 0 (the padding) |
+| ``history_categories`` | [B, T] | the dense category of each history item |
+| ``lengths`` | [B] | each row's history length, 0..T |
+| ``target_items`` | [B, C] | dense ids of the C candidates of each row |
+| ``target_categories`` | [B, C] | their dense categories |
+| ``features_<name>`` | [B, C, V] | each candidate's dense ids of a side feature, 0 after them |
+| ``numeric`` | [B, C, N] | float32, the numeric features standardized |
 
 and returns ``logits`` [B, C] float32 (the click probability is their
 sigmoid). Dense ids are what ``din-fast train`` encodes: item ``i`` of the id
@@ -75,13 +77,26 @@ QUIET_LOGGERS = ("torch.onnx._internal.exporter._registration",
 def masked_attention(layer: DINAttention, query: torch.Tensor, keys: torch.Tensor,
                      lengths: torch.Tensor) -> torch.Tensor:
     """``layer(query, keys, lengths)`` in eval mode, over stock operators
-    only: the pooled history [B, C, D] for ``query`` [B, C, D], ``keys``
-    [B, T, D] and ``lengths`` [B] int64.
+    only: the pooled history.
 
     Every position is scored (nothing of a data-dependent size), then the
     padding is masked out of the weights, and the padding keys are zeroed
     before the weighted sum, so whatever ids the padding holds never reach
-    the result (the eager layer's guarantee)."""
+    the result (the eager layer's guarantee).
+
+    Args:
+        layer: the model's DINAttention (exact: no ``top_k``), in eval mode.
+        query: [B, C, D] float32, the candidates' embeddings.
+        keys: [B, T, D] float32, the history's embeddings (also the values).
+        lengths: [B] int64, each row's history length, in [0, T].
+
+    Returns:
+        The pooled history [B, C, D], float32.
+
+    Raises:
+        ValueError: a layer with Dice in training mode (its batch statistics
+            do not export).
+    """
     if layer.training and layer.activation == "dice":
         raise ValueError("masked_attention: Dice's batch statistics exist in training mode "
                          "only; put the layer in eval mode (model.eval()) to export it")
@@ -106,12 +121,16 @@ def masked_attention(layer: DINAttention, query: torch.Tensor, keys: torch.Tenso
 
 class OnnxDIN(nn.Module):
     """A trained DIN or BaseModel (in eval mode) with C candidates per row,
-    over stock operators: the module :func:`export_onnx` traces.
+    over stock operators: the module :func:`export_onnx` traces. It computes
+    what ``model(...)`` computes for the same inputs, to float rounding.
 
-    ``forward(history_items, history_categories [B, T], lengths [B],
-    target_items, target_categories [B, C])``, all int64, returns the logits
-    [B, C] the model scores for the same inputs (``model(...)`` with
-    ``[B, C]`` targets), to float rounding."""
+    Args:
+        model: the din_fast.DIN or BaseModel to export (exact attention).
+
+    Raises:
+        TypeError: another kind of model.
+        ValueError: a two-stage (``top_k``) attention.
+    """
 
     def __init__(self, model: BaseModel):
         super().__init__()
@@ -125,6 +144,26 @@ class OnnxDIN(nn.Module):
 
     def forward(self, history_items, history_categories, lengths, target_items,
                 target_categories, features=None, numeric=None):
+        """The logits of C candidates per row.
+
+        Args:
+            history_items: [B, T] int64 dense item ids, oldest first, 0 after
+                ``lengths[b]``.
+            history_categories: [B, T] int64, the dense category of each (None
+                for a model without categories).
+            lengths: [B] int64, each row's history length, in [0, T].
+            target_items: [B, C] int64, the candidates' dense item ids.
+            target_categories: [B, C] int64, their dense categories (None
+                without categories).
+            features: {side feature: [B, C, V] int64 dense ids, 0 after a
+                candidate's values}, every side feature of the model; None
+                without.
+            numeric: [B, C, N] float32, the numeric side features standardized;
+                None without.
+
+        Returns:
+            The logits [B, C] float32; the click probability is their sigmoid.
+        """
         model = self.model
         candidate = model.embed(target_items, target_categories)               # [B, C, 2E]
         history = model.embed(history_items, history_categories)               # [B, T, 2E]
@@ -138,22 +177,28 @@ class OnnxDIN(nn.Module):
 
 
 def export_onnx(model: BaseModel, path) -> str:
-    """Write ``model`` as the ONNX model ``path`` (see the module's
-    docstring for its inputs and output); returns the path written.
+    """Write ``model`` as the ONNX model ``path`` (see the module's docstring
+    for its inputs and output).
 
     The model is exported on the CPU in eval mode, then put back on its
     device and in its mode. The file is written whole or not at all (a
-    temporary file beside it, then a rename).
+    temporary file beside it, then a rename). It records what it takes in
+    its metadata (``din_fast.inputs``), which
+    din_fast.ctr.serving.OnnxModel checks every call against.
 
     Args:
-        model: a din_fast.DIN or BaseModel.
+        model: a din_fast.DIN or BaseModel (exact attention).
         path: the file to write (``.onnx`` by convention).
+
+    Returns:
+        ``path``, as a string.
 
     Raises:
         TypeError: another kind of model.
         ValueError: parameters over ONNX's 2 GiB, or a two-stage (top-K)
             attention.
         ImportError: onnx or onnxscript missing (din_fast's ``onnx`` extra).
+        din_fast.ctr.errors.OutputError: the file cannot be written.
     """
     _require_exporter()
     scorer = OnnxDIN(model)
@@ -187,12 +232,21 @@ def export_onnx(model: BaseModel, path) -> str:
 def export_checkpoint_onnx(checkpoint_path, path) -> tuple[str, str]:
     """The ONNX model of a ``din-fast train`` checkpoint (:func:`export_onnx`)
     and its id maps beside it, ``<path stem>.ids.json`` (as the .pt2 export
-    writes them). Returns (model, id maps) paths.
+    writes them, din_fast.ctr.export.writing_id_maps): both whole, or neither.
+
+    Args:
+        checkpoint_path: a ``din-fast train --checkpoint`` file.
+        path: the ONNX model to write, ending in ``.onnx``.
+
+    Returns:
+        (model, id maps) paths.
 
     Raises:
-        din_fast.ctr.errors.InputError: a path that does not end in .onnx, a bad
-            checkpoint, a missing exporter, or a model the export refuses (one
-            line, naming the option).
+        din_fast.ctr.errors.InputError: a path that does not end in .onnx, a
+            bad checkpoint, a missing exporter, or a model the export refuses
+            (one line, naming the option).
+        din_fast.ctr.errors.OutputError: an output that is an input (the
+            checkpoint), a directory, or cannot be written.
     """
     # Imported here: the training stack is needed by this entry point only.
     from .checkpoint import restored_model

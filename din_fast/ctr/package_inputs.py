@@ -33,9 +33,19 @@ METADATA_KEY = "din_fast.inputs"
 
 @dataclass
 class InputSpec:
-    """One input: ``shape`` holds ints (static sizes) and dim names
-    (dynamic ones); ``values`` is (low, high), high an int or a dim name, or
-    None for any value."""
+    """One input of a package, as recorded.
+
+    Args:
+        name: the input's name (the forward's argument, or
+            ``<argument>_<key>`` for a key of a dict argument:
+            ``features_genres``).
+        dtype: the dtype the package reads (torch.int64 ids, torch.float32
+            numeric features).
+        shape: one entry per axis: an int for a static size, a dim name
+            ("B", "T", "C", "V_genres") for a dynamic one.
+        values: (low, high), high an int or a dim name (``lengths``: (0,
+            "T")), the values the input may hold; None for any value.
+    """
 
     name: str
     dtype: torch.dtype
@@ -45,10 +55,19 @@ class InputSpec:
 
 @dataclass
 class InputContract:
-    """The inputs of a package, in call order, and the range [low, high] of
-    each dynamic size; ``padding_dims`` may be given as 0: the inputs are then
-    padded with zeros up to the dim's minimum, which for them changes no
-    result (an empty DIN history: id 0 and length 0 are padding)."""
+    """The inputs of a package, in call order, and the range of each dynamic
+    size: what ``din_fast.ctr.export.load`` and
+    ``din_fast.ctr.serving.OnnxModel`` check every call against.
+
+    Args:
+        inputs: the InputSpec of each input, in call order.
+        dims: {dim name: (low, high)}, the sizes a dynamic dim may take (None
+            for no bound).
+        device_type: the device the package runs on ("cpu", "cuda").
+        padding_dims: the dims a call may give as 0: the inputs are then
+            padded with zeros up to the dim's minimum, which for them changes
+            no result (an empty DIN history: id 0 and length 0 are padding).
+    """
 
     inputs: list
     dims: dict
@@ -67,13 +86,24 @@ class InputContract:
     @classmethod
     def of_program(cls, program, dynamic_shapes=None, value_ranges=None,
                    padding_dims: Sequence[str] = ()) -> Optional["InputContract"]:
-        """The contract of an exported program whose inputs are tensors (a
-        dict of them counts as its tensors, named as torch.export names them,
-        ``features_genres``; a None input is no input), called positionally
-        in that flattened order (None for a program taking anything else: it
-        records nothing). Dynamic sizes take the names of their
-        ``torch.export.Dim``; ``value_ranges`` maps input names to (low,
-        high), high an int or a Dim (or its name)."""
+        """The contract of an exported program whose inputs are tensors, called
+        positionally in their flattened order: a dict of tensors counts as its
+        tensors, named as torch.export names them (``features_genres``), and a
+        None input is no input.
+
+        Args:
+            program: the ``torch.export.ExportedProgram``.
+            dynamic_shapes: what the program was exported with (its Dims name
+                the dynamic sizes; a size without one keeps torch's symbol).
+            value_ranges: {input name: (low, high)}, high an int or a
+                ``torch.export.Dim`` (or its name); inputs not listed take any
+                value.
+            padding_dims: the dim names a call may give as 0 (padded).
+
+        Returns:
+            The contract, or None for a program taking anything but tensors (it
+            records nothing).
+        """
         given = list(program.graph_signature.user_inputs)
         specs = _flat_shapes(dynamic_shapes, len(given))
         kept = [i for i, name in enumerate(given) if name is not None]
@@ -103,7 +133,10 @@ class InputContract:
         return cls(inputs, dims, device_type, tuple(padding_dims))
 
     def to_metadata(self) -> dict:
-        """The contract as AOTInductor package metadata (string values)."""
+        """The contract as package metadata: {``din_fast.inputs``: its JSON},
+        string values, as AOTInductor's ``aot_inductor.metadata`` and ONNX's
+        ``metadata_props`` take them.
+        """
         return {METADATA_KEY: json.dumps({
             "inputs": [{"name": s.name, "dtype": str(s.dtype).removeprefix("torch."),
                         "shape": list(s.shape), "values": s.values} for s in self.inputs],
@@ -112,7 +145,12 @@ class InputContract:
 
     @classmethod
     def from_metadata(cls, metadata: dict) -> Optional["InputContract"]:
-        """The contract a package recorded, or None (a package din_fast did not write)."""
+        """The contract a package recorded, or None (a package din_fast did not write).
+
+        Args:
+            metadata: the package's metadata, {key: string} (AOTInductor's
+                ``get_metadata()``, ONNX Runtime's ``custom_metadata_map``).
+        """
         if METADATA_KEY not in metadata:
             return None
         data = json.loads(metadata[METADATA_KEY])
@@ -123,8 +161,26 @@ class InputContract:
         return cls(inputs, dims, data["device_type"], tuple(data["padding_dims"]))
 
     def prepare(self, owner: str, args: tuple, kwargs: dict) -> list:
-        """The call's inputs as the package reads them, or the error that
-        says what is wrong (``owner`` starts every message)."""
+        """The call's inputs as the package reads them: in call order, in the
+        recorded dtypes (a narrower dtype of the same kind converted, which is
+        exact), contiguous, a padding dim of size 0 padded to its minimum.
+
+        Args:
+            owner: what the messages start with (the package's file name).
+            args: the call's positional inputs, tensors.
+            kwargs: the call's inputs by name.
+
+        Returns:
+            The tensors to pass to the package, one per recorded input.
+
+        Raises:
+            TypeError: a missing, repeated or unknown input, a non-tensor, or a
+                dtype that does not convert exactly, named by its input.
+            ValueError: another device, a wrong rank or static size, sizes of one
+                dim that disagree between inputs, a size or a value outside its
+                range, named by the input (and the dim by where it was first given:
+                ``T = 8, history_items.shape[1]``).
+        """
         tensors = self._bind(owner, args, kwargs)
         device = tensors[0].device if isinstance(tensors[0], torch.Tensor) else None
         tensors = [self._converted(owner, spec, tensor, device)

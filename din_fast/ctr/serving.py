@@ -11,7 +11,7 @@ checking its inputs first.
 
     encoder = Encoder.from_json("din.ids.json")
     batch = encoder.encode(histories=[["i7", "i3"], []], candidates=[["i1", "i9"], ["i4"]])
-    logits = OnnxModel("din.onnx")(*batch.inputs())             # [B, C]
+    logits = OnnxModel("din.onnx")(*batch.inputs())                # [B, C]
     logits = din_fast.ctr.export.load("din.pt2")(*batch.inputs())  # [B, C]
 
 Ids are compared as strings (``din-fast train`` keeps them so), so the raw
@@ -25,9 +25,10 @@ unknown history items, candidates and side-feature values take it (and are
 counted and listed the same way), and such a candidate's logit is the
 model's score of an unseen item.
 
-A model with side features takes them after the ids, one ``[B, C, V]`` input
-per categorical feature and ``[B, C, N]`` numeric ones (:meth:`Encoder.encode`'s
-``features``; the ``inputs`` of ``<name>.ids.json`` list them in order).
+A model with side features takes them after the ids, in both formats, one
+``[B, C, V]`` input per categorical feature and ``[B, C, N]`` numeric ones
+(:meth:`Encoder.encode`'s ``features``; the ``inputs`` of ``<name>.ids.json``
+list them in order).
 """
 
 from __future__ import annotations
@@ -48,17 +49,32 @@ from .package_inputs import METADATA_KEY, InputContract
 
 @dataclass
 class EncodedBatch:
-    """A batch of B requests with up to C candidates each, as dense ids.
+    """A batch of B requests with up to C candidates each, as dense ids: what
+    :meth:`Encoder.encode` returns and both exported formats take
+    (:meth:`inputs`).
 
-    ``history_items``, ``history_categories`` [B, T] int64 (0 after
-    ``lengths[b]``; T the longest history, at least 1), ``lengths`` [B] int64,
-    ``target_items``, ``target_categories`` [B, C] int64 (C the most
-    candidates of a request; a request with fewer is padded with item 0),
-    ``known`` [B, C] bool: True where a logit scores a real, known candidate.
-    The categories are None for maps without categories; ``features`` maps
-    each side feature to [B, C, V] int64 ids (0 after a candidate's values),
-    ``numeric`` holds the numeric ones [B, C, N] float32, standardized (None
-    without side features).
+    Args:
+        history_items: [B, T] int64 dense item ids, oldest first, 0 after
+            ``lengths[b]`` (T the longest history, at least 1).
+        history_categories: [B, T] int64, the dense category of each (0 at
+            the padding); None for maps without categories.
+        lengths: [B] int64, each history's length, in [0, T].
+        target_items: [B, C] int64, the candidates' dense item ids (C the most
+            candidates of a request; a request with fewer is padded with
+            item 0).
+        target_categories: [B, C] int64, their dense categories; None for
+            maps without categories.
+        known: [B, C] bool, True where a logit scores a real, known candidate.
+        unknown_history_items: how many history items the maps do not hold
+            (left out, or given the reserved id with ``unknown`` maps).
+        unknown_candidates: (request index, raw id) of each unknown candidate.
+        features: {side feature: [B, C, V] int64 dense ids, 0 after a
+            candidate's values}, in the maps' order; None without side
+            features.
+        numeric: [B, C, N] float32, the numeric side features standardized as
+            in training; None without numeric features.
+        unknown_feature_values: how many side-feature values the maps do not
+            hold.
     """
 
     history_items: torch.Tensor
@@ -106,6 +122,11 @@ class Encoder:
         features: {side feature: its raw values in dense order}.
         numeric: {numeric feature: (mean, standard deviation)}, which
             standardize it as in training.
+
+    Raises:
+        ValueError: an ``item_category`` of another length than
+            ``len(item_ids) + 1``, not starting with 0, or holding a category
+            outside the maps'.
     """
 
     def __init__(self, item_ids: Sequence, category_ids: Optional[Sequence],
@@ -140,8 +161,11 @@ class Encoder:
 
     @classmethod
     def from_id_maps(cls, id_maps) -> "Encoder":
-        """The encoder of a checkpoint's id maps (din_fast.ctr.data.IdMaps:
-        ``load_checkpoint(path).id_maps``), to score with the eager model."""
+        """The encoder of a checkpoint's id maps, to score with the eager model.
+
+        Args:
+            id_maps: din_fast.ctr.data.IdMaps, ``load_checkpoint(path).id_maps``.
+        """
         categories = id_maps.category_ids is not None
         return cls(id_maps.item_ids.to_pylist(),
                    id_maps.category_ids.to_pylist() if categories else None,
@@ -152,7 +176,17 @@ class Encoder:
     @classmethod
     def from_json(cls, path) -> "Encoder":
         """The encoder of the id maps ``path`` (``<name>.ids.json``, written
-        beside the exported model)."""
+        beside the exported model).
+
+        Args:
+            path: the JSON file (str or path-like).
+
+        Raises:
+            ValueError: a file that does not hold a JSON object with
+                ``item_ids``, ``category_ids`` and ``item_category``, or whose
+                ``item_category`` does not fit its ids (as :class:`Encoder`).
+            OSError: the file cannot be read.
+        """
         with open(path, encoding="utf-8") as handle:
             maps = json.load(handle)
         if not isinstance(maps, dict) or not {"item_ids", "category_ids",
@@ -166,7 +200,12 @@ class Encoder:
                    maps.get("unknown", False), maps.get("features", {}), numeric)
 
     def dense_item(self, raw) -> int:
-        """A raw item's dense id: its own, else the reserved one, else 0."""
+        """A raw item's dense id: its own, else the reserved one (maps with
+        ``unknown``), else 0.
+
+        Args:
+            raw: the raw item id (compared as a string).
+        """
         return self.item_dense.get(str(raw), self.num_items + 1 if self.unknown else 0)
 
     def encode(self, histories: Sequence[Sequence], candidates: Sequence[Sequence],
@@ -260,11 +299,23 @@ class Encoder:
             batch.unknown_feature_values += unknown
 
     def encode_features(self, given: dict, count: int) -> tuple:
-        """One request's side features for ``count`` candidates: ({feature:
-        a list of dense ids per candidate}, the numeric features standardized
-        (``count`` lists of N) or None, the number of values the maps do not
-        hold). ValueError for a missing, extra or malformed value, naming the
-        feature."""
+        """One request's side features for ``count`` candidates.
+
+        Args:
+            given: {feature: value}, every side and numeric feature of the maps:
+                one value for all candidates or a list of one per candidate; a
+                categorical value holds its ids separated by ``|``.
+            count: the request's number of candidates.
+
+        Returns:
+            ({feature: a list of dense ids per candidate}, the numeric features
+            standardized (``count`` lists of N) or None, the number of values the
+            maps do not hold).
+
+        Raises:
+            ValueError: a missing, extra or malformed value, or a list of
+                another length than ``count``, naming the feature.
+        """
         wanted = list(self.features) + list(self.numeric)
         if not isinstance(given, dict):
             raise ValueError(f"must be a dict {{feature: value}} of {wanted}")
@@ -319,7 +370,8 @@ class OnnxModel:
     """An ONNX model from ``din-fast export --format onnx`` on ONNX Runtime.
 
     ``OnnxModel(path)(history_items, history_categories, lengths,
-    target_items, target_categories)`` (by position or by name) returns the
+    target_items, target_categories[, features_<name>..., numeric])`` (by
+    position or by name, in the order of the id maps' ``inputs``) returns the
     logits [B, C] as a float32 tensor; inputs are CPU tensors or numpy arrays,
     shaped as :meth:`EncodedBatch.inputs` gives them. Every call is checked
     first against what the export recorded in the model, as
@@ -336,6 +388,7 @@ class OnnxModel:
     Raises:
         ValueError: a model that din-fast export did not write (no record of
             its inputs).
+        ImportError: onnxruntime missing (din_fast's ``onnx`` extra).
     """
 
     def __init__(self, path, providers: Optional[Sequence[str]] = None, session_options=None):
@@ -353,14 +406,16 @@ class OnnxModel:
                              "onnx wrote")
 
     def __call__(self, *args, **kwargs) -> torch.Tensor:
-        """Logits [B, C] (float32 tensor) of the five inputs.
+        """Logits [B, C] (float32 tensor) of the model's inputs (the five ids,
+        then any side features), by position or by name.
 
         Raises:
-            TypeError: a missing, repeated or unknown input, or one that is
-                not an integer tensor or array (int64, or narrower).
+            TypeError: a missing, repeated or unknown input, or one of a dtype
+                that does not convert exactly (ids: int64 or a narrower integer;
+                numeric: float32 or narrower).
             ValueError: a wrong rank or shape, sizes that disagree between
-                inputs, a length outside [0, T], an id outside the model's
-                tables: each named by its input.
+                inputs (one B, T, C and V per feature), a length outside [0, T],
+                an id outside the model's tables: each named by its input.
         """
         args = tuple(_as_tensor(value) for value in args)
         kwargs = {name: _as_tensor(value) for name, value in kwargs.items()}
