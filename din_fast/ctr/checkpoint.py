@@ -48,7 +48,19 @@ RUN_STATE_SUFFIX = ".run"
 class RunState:
     """A run after ``epoch`` epochs, all --resume needs to go on as if never
     stopped: the epochs' records, the best one and its weights, and the
-    learner's state (optimizer, learning-rate schedule, random streams)."""
+    learner's state (optimizer, learning-rate schedule, random streams).
+
+    Args:
+        epoch: the epochs finished, >= 1.
+        epochs: their records, one dict per epoch (``epoch``,
+            ``validation_auc``, ``validation_gauc``, ``validation_logloss``,
+            ``train_loss``, ``lr``, ``epoch_seconds``, ``samples_per_second``).
+        best: the record of the best epoch so far (by validation GAUC), one
+            of ``epochs``.
+        best_weights: that epoch's model state dict.
+        learner: the learner's ``state_dict()`` (din_fast.ctr.training.Learner:
+            ``optimizer``, ``schedule``, ``batch_rng``, ``torch_rng``).
+    """
 
     epoch: int
     epochs: list
@@ -59,6 +71,18 @@ class RunState:
 
 @dataclass
 class Checkpoint:
+    """A checkpoint as :func:`load_checkpoint` returns it, every part checked.
+
+    Args:
+        config: the run's TrainConfig (fields added since an older format
+            hold the values that format was trained with).
+        id_maps: the din_fast.ctr.data.IdMaps the model's tables index.
+        state_dict: the model's weights, {name: CPU tensor}, exactly the
+            tensors of ``model_for(config, id_maps)``.
+        run: the run state of a file ``resume_path`` names (what --resume
+            continues from); None for a best-epoch checkpoint.
+    """
+
     config: TrainConfig
     id_maps: IdMaps
     state_dict: dict
@@ -67,16 +91,36 @@ class Checkpoint:
 
 def resume_path(checkpoint) -> str:
     """Where a run with ``--checkpoint din.pt`` writes its run state:
-    ``din.run.pt`` (the suffix kept, as torch files are named)."""
+    ``din.run.pt`` (the suffix kept, as torch files are named).
+
+    Args:
+        checkpoint: the --checkpoint path, a str or os.PathLike.
+
+    Returns:
+        The run state's path, a str beside ``checkpoint``.
+    """
     path = Path(checkpoint)
     return str(path.with_name(path.stem + RUN_STATE_SUFFIX + path.suffix))
 
 
 def save_checkpoint(path, model: torch.nn.Module, id_maps: IdMaps, config: TrainConfig,
                     run: Optional[RunState] = None, option: str = "--checkpoint"):
-    """Write the checkpoint atomically (din_fast.ctr.files.replacing), with a run
-    state where given; OutputError when it cannot be written, the file at
-    ``path`` unchanged."""
+    """Write a checkpoint atomically (din_fast.ctr.files.replacing): the
+    file at ``path`` is the old one or the new one, never part of one.
+
+    Args:
+        path: the file to write, a str or os.PathLike.
+        model: the trained din_fast.DIN or BaseModel (its ``state_dict``
+            is saved, on whatever device it is).
+        id_maps: the din_fast.ctr.data.IdMaps its tables index.
+        config: the run's TrainConfig.
+        run: the RunState to save with it (a run state file), or None.
+        option: the option ``path`` came from, named in errors.
+
+    Raises:
+        din_fast.ctr.errors.OutputError: the file cannot be written (the
+            file at ``path`` is then unchanged).
+    """
     state = {"format": CHECKPOINT_FORMAT, "config": asdict(config),
              "id_maps": _id_maps_state(id_maps), "state_dict": model.state_dict()}
     if run is not None:
@@ -87,7 +131,19 @@ def save_checkpoint(path, model: torch.nn.Module, id_maps: IdMaps, config: Train
 
 def save_run_state(path, model: torch.nn.Module, id_maps: IdMaps, config: TrainConfig,
                    run: RunState):
-    """The run state file: a checkpoint of the latest epoch's model with ``run``."""
+    """Write the run state file: a checkpoint of the latest epoch's model
+    with ``run`` (see :func:`save_checkpoint`).
+
+    Args:
+        path: the file to write, ``resume_path(checkpoint)``.
+        model: the model after the latest epoch.
+        id_maps: the din_fast.ctr.data.IdMaps its tables index.
+        config: the run's TrainConfig.
+        run: the run after that epoch.
+
+    Raises:
+        din_fast.ctr.errors.OutputError: the file cannot be written.
+    """
     save_checkpoint(path, model, id_maps, config, run, "--checkpoint's run state")
 
 
@@ -105,7 +161,27 @@ def _id_maps_state(id_maps: IdMaps) -> dict:
 
 
 def load_checkpoint(path) -> Checkpoint:
-    """The checkpoint at ``path``, every part checked; CheckpointError otherwise."""
+    """Load a checkpoint as untrusted input, every part checked.
+
+    The file is read whole with ``weights_only=True`` (no code runs), then
+    the config, the id maps, every tensor's shape, dtype and values and the
+    run state are checked against each other before the caller gets them.
+    Files of format 3 read as format 4 (what 4 added at its defaults).
+
+    Args:
+        path: a file ``din-fast train --checkpoint`` (or its run state)
+            wrote, a str or os.PathLike.
+
+    Returns:
+        The Checkpoint, its tensors on the CPU.
+
+    Raises:
+        din_fast.ctr.errors.CheckpointError: the file is missing or not a
+            regular file, not a torch file, of another din-fast version or
+            not a din_fast checkpoint, or a part of it is invalid or does not
+            fit the others (the message says which part, never quoting the
+            file's contents).
+    """
     path = Path(path)
     where = f"checkpoint {path}"
     if not path.exists():
@@ -138,9 +214,17 @@ def load_checkpoint(path) -> Checkpoint:
 
 
 def restored_model(checkpoint: Checkpoint, config: TrainConfig) -> torch.nn.Module:
-    """The checkpoint's model with its weights, built by ``config`` (the
-    checkpoint's, with the backend and device of this run), on config.device
-    and in eval mode."""
+    """The checkpoint's model with its weights.
+
+    Args:
+        checkpoint: a Checkpoint from :func:`load_checkpoint`.
+        config: the TrainConfig to build it by: the checkpoint's, with the
+            backend and device of this run
+            (din_fast.ctr.training.checkpoint_for_run gives both).
+
+    Returns:
+        The din_fast.DIN or BaseModel on ``config.device``, in eval mode.
+    """
     model = model_for(config, checkpoint.id_maps)
     model.load_state_dict(checkpoint.state_dict)
     return model.to(config.device).eval()

@@ -157,6 +157,12 @@ def build_parser() -> argparse.ArgumentParser:
 
     train_parser = commands.add_parser(
         "train", help="train DIN or BaseModel and report test AUC, GAUC and logloss",
+        description="Train DIN (attention over the history) or BaseModel (sum pooling) on a "
+        "behaviour log by the DIN protocol (each user's last behaviour tests, the one before "
+        "validates, the rest train; one sampled negative per positive), or on a labeled "
+        "impression log with --label-column (split by time). Early stopping on validation "
+        "GAUC; prints the best epoch's test AUC, GAUC and logloss, and saves its model with "
+        "--checkpoint for evaluate, predict and export.",
         formatter_class=DefaultsHelpFormatter)
     train_parser.add_argument("--data", help="a CSV/TSV or Parquet file with columns user,item,"
                               "category,timestamp, or an Amazon-layout directory (<Name>.txt + "
@@ -262,6 +268,12 @@ def build_parser() -> argparse.ArgumentParser:
 
     eval_parser = commands.add_parser(
         "evaluate", help="test metrics of a saved checkpoint",
+        description="Score the test samples of --data (the training run's protocol, seed and "
+        "split) with a checkpoint and print test AUC, GAUC and logloss as JSON. By the DIN "
+        "protocol, samples whose test item the checkpoint has never seen are left out and "
+        "unknown history items skipped; in a labeled log, unknown ids score as the reserved "
+        "id. A note on stderr counts them; data with more than --max-unknown of them is "
+        "refused (the checkpoint was trained on other data).",
         formatter_class=DefaultsHelpFormatter)
     eval_parser.add_argument("--checkpoint", required=True, help="a din-fast train checkpoint")
     eval_parser.add_argument("--data", help="the data to evaluate on (required unless the "
@@ -276,6 +288,11 @@ def build_parser() -> argparse.ArgumentParser:
 
     predict_parser = commands.add_parser(
         "predict", help="score candidates for users or histories with a checkpoint",
+        description="Score each request's candidates with a checkpoint: the click "
+        "probability of every candidate, as CSV (request,candidate,score,note) or JSON lines, "
+        "to --output or stdout. A request names a user (its history read from --data) or "
+        "gives the history itself; a note on stderr counts the requests, the scores and the "
+        "ids the checkpoint does not know.",
         formatter_class=DefaultsHelpFormatter)
     predict_parser.add_argument("--checkpoint", required=True, help="a din-fast train checkpoint")
     predict_parser.add_argument("--requests", required=True,
@@ -297,6 +314,10 @@ def build_parser() -> argparse.ArgumentParser:
     export_parser = commands.add_parser(
         "export", help="package a checkpoint's model for serving without Python "
         "(AOTInductor .pt2 or ONNX, any batch and history length)",
+        description="Package a checkpoint's model for serving without Python: an AOTInductor "
+        ".pt2 package (one candidate per row) or an ONNX model ([B, C] candidates), taking "
+        "dense ids of any batch size and history length and returning logits. The id maps "
+        "(raw id -> dense id) are written beside it as <name>.ids.json.",
         formatter_class=DefaultsHelpFormatter)
     export_parser.add_argument("--checkpoint", required=True, help="a din-fast train checkpoint")
     export_parser.add_argument("--out", required=True,

@@ -78,17 +78,79 @@ FIELD_RULES = {
 
 @dataclass
 class TrainConfig:
-    """Everything a run depends on; saved in checkpoints. ``data`` None is the
-    seeded synthetic dataset; ``compile`` None trains eagerly, else through
-    torch.compile with that backend. ``label_column`` None reads behaviours
-    by the DIN protocol (negatives sampled); a column name reads a labeled
-    log (din_fast.ctr.labeled_samples), whose side ``features`` (categorical)
+    """Everything a run depends on; saved in checkpoints.
+
+    Each field is a ``din-fast train`` option of the same name (``--batch-size``
+    for ``batch_size``, ...), with the same default except ``device`` (the
+    command's is cuda where there is one).
+    ``label_column`` None reads behaviours by the DIN protocol (negatives
+    sampled); a column name reads a labeled log
+    (din_fast.ctr.labeled_samples), whose side ``features`` (categorical)
     and ``numeric_features`` the model takes, split by time into the
-    ``test_fraction`` and ``validation_fraction`` latest rows, ids seen
-    fewer than ``min_count`` times in training mapped to the reserved id.
-    ``linear`` adds the models' linear part (a weight per id, summed into
-    the logit), trained at ``linear_lr`` (None: ``lr``). Invalid values
-    raise InputError."""
+    ``test_fraction`` and ``validation_fraction`` latest rows. Lists given
+    for ``features`` and ``numeric_features`` are kept as tuples.
+
+    Args:
+        data: the path, a str, of a CSV/TSV or Parquet file or an
+            Amazon-layout directory (din_fast.ctr.loaders); None: the seeded
+            synthetic set.
+        model: "din" (attention pooling) or "base" (sum pooling).
+        epochs: the most epochs to train, a positive int.
+        patience: stop after this many epochs without a validation GAUC
+            gain, a positive int.
+        batch_size: training samples per step, a positive int (at least 2
+            with ``mlp_activation`` "dice").
+        lr: Adam's learning rate, a finite float > 0.
+        lr_decay: multiplies the learning rate after every epoch, in (0, 1].
+        l2: the weight of the DIN paper's mini-batch aware L2 on the
+            embeddings, a finite float >= 0 (0: none).
+        embed_dim: the size of the item and of the category embedding each.
+        max_len: keep the most recent ``max_len`` behaviours of each
+            history; None keeps them all.
+        seed: in [0, 2**63): seeds the weights, the negatives and the
+            batches' order.
+        backend: the attention backend, "auto", "triton", "torch" or
+            "reference".
+        device: "cpu" or "cuda".
+        attention_normalization: "softmax" over the history or None (the
+            paper's raw scores).
+        attention_activation: the attention unit's, "sigmoid", "relu",
+            "prelu" or "dice".
+        mlp_activation: the scoring MLP's, "prelu" or "dice".
+        mlp_input: "concat" ([interest, candidate]) or "product" (with
+            interest * candidate appended).
+        compile: None trains eagerly; else the torch.compile backend,
+            "inductor", "aot_eager" or "eager".
+        top_k: None (exact DIN) or K, two-stage attention over the K
+            history items ``search`` ranks highest (``model`` "din" only).
+        search: how ``top_k`` ranks the history: "din", "dot" or
+            "category"; not "din" only with ``top_k``.
+        label_column: None (the DIN protocol) or the 0/1 label's column of
+            a labeled log.
+        features: the labeled log's categorical side-feature columns, a
+            tuple of names (needs ``label_column``).
+        numeric_features: its numeric side-feature columns, likewise.
+        feature_dim: each side feature's embedding size; None: ``embed_dim``.
+        validation_fraction: the share of rows before the test rows that
+            validates, in (0, 1) (labeled logs).
+        test_fraction: the share of the latest rows that tests, in (0, 1);
+            with ``validation_fraction`` below 1 (labeled logs).
+        min_count: ids seen fewer times in the training rows map to the
+            reserved id, a positive int (labeled logs).
+        linear: add the models' linear part (a weight per id, summed into
+            the logit).
+        linear_lr: the linear part's learning rate (needs ``linear``);
+            None: ``lr``.
+
+    Raises:
+        din_fast.ctr.errors.InputError: a value of the wrong type or
+            outside its range (the message names the field, see
+            FIELD_RULES), or options that do not go together (``top_k``
+            with model "base", a ``search`` other than "din" without
+            ``top_k``, side features without ``label_column``,
+            ``validation_fraction + test_fraction >= 1``, ``linear_lr``
+            without ``linear``, ``batch_size`` 1 with Dice in the MLP).
+    """
 
     data: Optional[str] = None
     model: str = "din"
@@ -153,8 +215,17 @@ class TrainConfig:
 
 
 def config_problems(values: dict) -> list:
-    """(field, what it must be) for every field of TrainConfig that ``values``
-    lacks or holds an invalid value for (other keys are not looked at)."""
+    """The fields of TrainConfig that ``values`` lacks or holds an invalid
+    value for (each field alone; the rules between fields are TrainConfig's).
+
+    Args:
+        values: {field name: value}, a TrainConfig's ``vars`` or a saved
+            config's dict; keys that are not fields are not looked at.
+
+    Returns:
+        [(field, what it must be)]: "present" for a missing field, else the
+        rule's description ("a positive integer", ...); empty when all hold.
+    """
     problems = [(f.name, "present") for f in fields(TrainConfig) if f.name not in values]
     problems += [(name, expected) for name, (accepts, expected) in FIELD_RULES.items()
                  if name in values and not accepts(values[name])]
@@ -163,9 +234,25 @@ def config_problems(values: dict) -> list:
 
 def build_model(config: TrainConfig, num_items: int, num_categories: int,
                 feature_sizes: Optional[dict] = None) -> torch.nn.Module:
-    """The untrained model of ``config`` (on the current default device), for
-    tables of ``num_items`` and ``num_categories`` ids (0: no category table)
-    and ``feature_sizes`` ({feature: ids}, the side features' tables)."""
+    """The untrained model of ``config``, on the current default device.
+
+    Args:
+        config: the run's settings (model, embed_dim, the activations, the
+            attention's options, side features, linear part).
+        num_items: the item table's ids beyond the padding.
+        num_categories: the category table's; 0 for no category table.
+        feature_sizes: {side feature: its ids beyond the padding}, one
+            table each; None for none.
+
+    Returns:
+        din_fast.DIN or din_fast.BaseModel (``config.model``), in training
+        mode.
+
+    Raises:
+        ValueError: from the model's constructor, for options it cannot
+            build (the "category" search without categories, say);
+            TrainConfig has checked the rest.
+    """
     options = {"attention_normalization": config.attention_normalization,
                "attention_activation": config.attention_activation,
                "top_k": config.top_k, "search": config.search} \
@@ -179,6 +266,16 @@ def build_model(config: TrainConfig, num_items: int, num_categories: int,
 
 
 def model_for(config: TrainConfig, id_maps) -> torch.nn.Module:
-    """build_model for the tables of ``id_maps`` (din_fast.ctr.data.IdMaps)."""
+    """build_model for the tables of ``id_maps``.
+
+    Args:
+        config: the run's settings.
+        id_maps: a din_fast.ctr.data.IdMaps (of the data or of a
+            checkpoint): its items, categories and side features size the
+            tables.
+
+    Returns:
+        The untrained din_fast.DIN or din_fast.BaseModel.
+    """
     return build_model(config, id_maps.num_items, id_maps.num_categories,
                        id_maps.feature_sizes())

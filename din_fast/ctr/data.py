@@ -46,6 +46,19 @@ class IdMaps:
     categories (and ``item_category`` then too). ``features`` maps each
     categorical side feature to its values, ``numeric`` each numeric one to
     the (mean, standard deviation) that standardizes it.
+
+    Args:
+        item_ids: the raw item ids, a sorted pyarrow string array without
+            repeats: dense item i + 1.
+        category_ids: the raw category ids, likewise; None for data without
+            categories.
+        item_category: [len(item_ids) + 1] int64, the dense category of
+            each dense item, 0 for the padding; None without categories.
+        unknown: each table has a reserved id for raw ids not listed
+            (labeled logs); False: they map to 0 (the DIN protocol).
+        features: {categorical side feature: its raw values, a sorted
+            string array}, in the model's order.
+        numeric: {numeric side feature: (mean, standard deviation)}.
     """
 
     item_ids: pa.Array
@@ -70,12 +83,29 @@ class IdMaps:
         return {name: len(values) + self.unknown for name, values in self.features.items()}
 
     def dense_items(self, raw: pa.Array) -> np.ndarray:
-        """Dense ids of raw item ids (strings); for ids not in the map, the
-        reserved id (``unknown``) or 0."""
+        """Dense ids of raw item ids.
+
+        Args:
+            raw: a pyarrow string array (or DictionaryArray of strings) of raw
+                item ids.
+
+        Returns:
+            [len(raw)] int64: position + 1 in ``item_ids``; for ids not there,
+            the reserved id ``len(item_ids) + 1`` (``unknown``) or 0.
+        """
         return self.dense(self.item_ids, raw)
 
     def dense(self, ids: pa.Array, raw) -> np.ndarray:
-        """Dense ids of ``raw`` in the map ``ids`` (one of this IdMaps')."""
+        """Dense ids of ``raw`` in one of this IdMaps' maps.
+
+    Args:
+        ids: the map: ``item_ids``, ``category_ids`` or a feature's values.
+        raw: a pyarrow string array (or DictionaryArray) of raw ids.
+
+    Returns:
+        [len(raw)] int64: position + 1 in ``ids``; for ids not there, the
+        reserved id ``len(ids) + 1`` (``unknown``) or 0.
+    """
         return dense_ids(ids, raw, len(ids) + 1 if self.unknown else 0)
 
     def fingerprint(self) -> str:
@@ -100,8 +130,17 @@ class IdMaps:
 
 
 def dense_ids(ids: pa.Array, raw, missing: int = 0) -> np.ndarray:
-    """Position + 1 in ``ids`` of each string of ``raw`` (a dictionary array
-    looked up once per distinct value), ``missing`` for those not there."""
+    """Position + 1 in ``ids`` of each string of ``raw``.
+
+    Args:
+        ids: a pyarrow string array without repeats, the map.
+        raw: a pyarrow string array; a DictionaryArray is looked up once per
+            distinct value.
+        missing: the id of a string not in ``ids``.
+
+    Returns:
+        [len(raw)] int64, a writable numpy array.
+    """
     if isinstance(raw, pa.DictionaryArray):
         return dense_ids(ids, raw.dictionary, missing)[raw.indices.to_numpy()]
     position = pc.index_in(raw, value_set=ids)
@@ -115,7 +154,16 @@ class RowFeatures:
     dense ids, ragged (row r holds ``values[name][offsets[name][r]:
     offsets[name][r + 1]]``, several for a multi-valued cell, none for an
     empty one), and the numeric features standardized, [rows, N] float32
-    (None without any)."""
+    (None without any).
+
+    Args:
+        values: {categorical feature: int64 dense ids of every row, back to
+            back}.
+        offsets: {categorical feature: [rows + 1] int64 offsets into its
+            values}.
+        numeric: [rows, N] float32, standardized; None without numeric
+            features.
+    """
 
     values: dict
     offsets: dict
@@ -129,7 +177,19 @@ class EncodedData:
     histories samples take their items from. ``categories``, where given,
     holds the category of each of them (else the id maps' item_category
     gives it); ``rows`` the side features samples point to (Samples.row).
-    ``source`` names the data in messages."""
+    ``source`` names the data in messages.
+
+    Args:
+        user_ids: [U] pyarrow string array, the users' raw ids.
+        offsets: [U + 1] int64: user u's behaviours are
+            ``items[offsets[u]:offsets[u + 1]]``, oldest first.
+        items: [N] int64 dense item ids.
+        id_maps: the IdMaps the ids are dense in.
+        source: names the data in messages.
+        categories: [N] int64 dense category of each item of ``items``; None:
+            ``id_maps.item_category`` gives them.
+        rows: a labeled log's RowFeatures; None without side features.
+    """
 
     user_ids: pa.Array
     offsets: np.ndarray
@@ -159,7 +219,19 @@ class Samples:
     EncodedData they were built from; ``user`` indexes its users. The
     target's category is ``target_category[n]`` where given (else the id
     maps' category of the target item); ``row`` indexes the data's
-    RowFeatures (None: no side features)."""
+    RowFeatures (None: no side features). All arrays have one entry per
+    sample.
+
+    Args:
+        user: int64 user index (into EncodedData.user_ids).
+        history_start: int64 start of each history in EncodedData.items.
+        history_length: int64 length of each history (may be 0).
+        target: int64 dense item id of the target.
+        label: float32, 1 for a click, 0 not.
+        target_category: int64 dense category of the target; None: the id
+            maps' ``item_category`` of the target.
+        row: int64 row of EncodedData.rows; None without side features.
+    """
 
     user: np.ndarray
     history_start: np.ndarray
@@ -170,6 +242,15 @@ class Samples:
     row: Optional[np.ndarray] = None
 
     def subset(self, indices) -> "Samples":
+        """The samples at ``indices``.
+
+        Args:
+            indices: what indexes a numpy array: an int array, a bool mask
+                of len(self), a slice.
+
+        Returns:
+            A new Samples (numpy's copies or views).
+        """
         return Samples(*(None if a is None else a[indices] for a in
                          (self.user, self.history_start, self.history_length, self.target,
                           self.label, self.target_category, self.row)))
@@ -182,7 +263,14 @@ class Batch(NamedTuple):
     """One padded batch: histories [B, L] with 0 after ``lengths[b]``; the
     categories None for data without them. ``features`` maps each
     categorical side feature to its ids [B, V] (0 after a row's values),
-    ``numeric`` holds the numeric ones [B, N]; both None without any."""
+    ``numeric`` holds the numeric ones [B, N]; both None without any.
+
+    Fields (dense ids int64, from :func:`make_batch`): ``history_items``
+    [B, L], ``history_categories`` [B, L], ``lengths`` [B] in [0, L],
+    ``target_items`` [B], ``target_categories`` [B], ``labels`` [B] float32,
+    ``users`` [B] (user indices, for GAUC), ``features`` {name: [B, V]},
+    ``numeric`` [B, N] float32.
+    """
 
     history_items: torch.Tensor
     history_categories: Optional[torch.Tensor]
@@ -196,7 +284,14 @@ class Batch(NamedTuple):
 
     def map(self, fn) -> "Batch":
         """The batch with ``fn`` applied to each of its tensors (each
-        feature's too); an absent field stays None."""
+        feature's too); an absent field stays None.
+
+        Args:
+            fn: tensor -> tensor (``lambda t: t.pin_memory()``, say).
+
+        Returns:
+            A new Batch.
+        """
         apply = lambda t: None if t is None else fn(t)
         return Batch(*(apply(t) for t in self[:7]),
                      None if self.features is None else {k: fn(v) for k, v in
@@ -204,6 +299,14 @@ class Batch(NamedTuple):
                      apply(self.numeric))
 
     def to(self, device) -> "Batch":
+        """The batch with every tensor on ``device``.
+
+        Args:
+            device: a str or torch.device.
+
+        Returns:
+            A new Batch.
+        """
         return self.map(lambda t: t.to(device))
 
     def model_inputs(self) -> tuple:
@@ -215,9 +318,23 @@ class Batch(NamedTuple):
 # ---------------------------------------------------------------- encoding and protocol
 
 def encode(interactions: Interactions, id_maps: Optional[IdMaps] = None) -> EncodedData:
-    """Dense ids (from 1; 0 is padding). With ``id_maps`` (say, from a
-    checkpoint) that encoding is kept, items' categories included: items it
-    does not know become 0 and the data's categories are not looked at."""
+    """Behaviours with dense ids (from 1; 0 is padding).
+
+    Args:
+        interactions: the behaviours, from din_fast.ctr.loaders.
+        id_maps: None: new maps of the data's own ids (sorted), every item
+            with its category. Given (say, a checkpoint's), that encoding is
+            kept, items' categories included: items it does not know become
+            0 (also with ``unknown`` maps: this is the DIN protocol's
+            encoding) and the data's categories are not looked at.
+
+    Returns:
+        The EncodedData.
+
+    Raises:
+        din_fast.ctr.errors.DataFormatError: without ``id_maps``, an item
+            with no category in the data.
+    """
     seen = interactions.items.dictionary
     if id_maps is None:
         item_ids = seen.take(pc.sort_indices(seen))
@@ -248,7 +365,15 @@ class SampleSplits:
     """The samples of one dataset. By the DIN protocol (``negatives``):
     training positives (a fresh negative is drawn for each, every epoch:
     :func:`with_negatives`), and the validation and test samples with their
-    negatives drawn once. Of a labeled log (no ``negatives``): its rows."""
+    negatives drawn once. Of a labeled log (no ``negatives``): its rows.
+
+    Args:
+        train: the training samples (by the DIN protocol the positives).
+        validation: the validation samples.
+        test: the test samples.
+        negatives: True by the DIN protocol (a negative drawn for each
+            training positive every epoch); False for a labeled log.
+    """
 
     train: Samples
     validation: Samples
@@ -261,7 +386,17 @@ class SampleSplits:
         return len(self.train) * (2 if self.negatives else 1)
 
     def training(self, data: "EncodedData", seed: int, epoch: int) -> Samples:
-        """The training samples of ``epoch``."""
+        """The training samples of ``epoch``.
+
+    Args:
+        data: the EncodedData the samples come from.
+        seed: the run's seed.
+        epoch: the epoch, from 1 (seeds its negatives).
+
+    Returns:
+        By the DIN protocol the positives and a fresh negative each
+        (:func:`training_samples`); of a labeled log, ``train`` itself.
+    """
         return training_samples(data, self.train, seed, epoch) if self.negatives else self.train
 
 
@@ -275,6 +410,17 @@ def build_samples(data: EncodedData, seed: int = 0) -> SampleSplits:
     test positive gets one negative with the same history: an item drawn
     uniformly from those the user never touched. They draw from separate
     seeded streams, so they depend on the seed and the data only.
+
+    Args:
+        data: the EncodedData.
+        seed: seeds the validation and test negatives.
+
+    Returns:
+        The SampleSplits (``negatives`` True).
+
+    Raises:
+        din_fast.ctr.errors.DataFormatError: a user who touched every item
+            (no negative can be drawn).
     """
     lengths = np.diff(data.offsets)
     per_user_train = np.maximum(lengths - 3, 0)
@@ -294,7 +440,17 @@ def build_samples(data: EncodedData, seed: int = 0) -> SampleSplits:
 def training_samples(data: EncodedData, positives: Samples, seed: int, epoch: int) -> Samples:
     """One epoch's training samples: ``positives`` and a negative for each,
     drawn afresh every epoch (seeded by seed and epoch), as the original DIN
-    code does."""
+    code does.
+
+    Args:
+        data: the EncodedData.
+        positives: the training positives (SampleSplits.train).
+        seed: the run's seed.
+        epoch: the epoch.
+
+    Returns:
+        Samples: the positives, then their negatives.
+    """
     return with_negatives(data, positives, np.random.default_rng([seed, TRAIN_STREAM, epoch]))
 
 
@@ -306,7 +462,20 @@ def _positives(data: EncodedData, user, history_length) -> Samples:
 
 def with_negatives(data: EncodedData, positives: Samples, rng) -> Samples:
     """``positives`` followed by one negative each: same user and history, a
-    target drawn uniformly from the items that user never touched."""
+    target drawn uniformly from the items that user never touched.
+
+    Args:
+        data: the EncodedData.
+        positives: the positive Samples (their target categories and rows
+            are not kept).
+        rng: a numpy Generator the negatives are drawn from.
+
+    Returns:
+        Samples of 2 * len(positives), the negatives labelled 0.
+
+    Raises:
+        din_fast.ctr.errors.DataFormatError: a user who touched every item.
+    """
     negatives = sample_negatives(data, positives.user, rng)
     both = lambda a, b: np.concatenate([a, b])
     return Samples(both(positives.user, positives.user),
@@ -319,7 +488,17 @@ def with_negatives(data: EncodedData, positives: Samples, rng) -> Samples:
 @dataclass
 class KnownTestSamples:
     """The test samples of data encoded with someone else's id maps (a
-    checkpoint's), and what unknown items cost: see :func:`known_test_samples`."""
+    checkpoint's), and what unknown items cost: see :func:`known_test_samples`.
+
+    Args:
+        data: the data with its unknown history items dropped, which the
+            samples index.
+        samples: the test samples whose test item is known.
+        excluded_samples: the samples left out (a positive and its negative
+            per user whose test item is unknown).
+        skipped_history_items: the unknown items dropped from the kept
+            users' histories.
+    """
 
     data: EncodedData
     samples: Samples
@@ -335,6 +514,17 @@ def known_test_samples(data: EncodedData, seed: int = 0) -> KnownTestSamples:
     are skipped, so the history is the known items before the test one (it
     may be empty). With every item known this is exactly the test set of
     :func:`build_samples`: the same users, histories and negatives.
+
+    Args:
+        data: behaviours encoded with a checkpoint's id maps (unknown items
+            0).
+        seed: the run's seed (draws the negatives as training did).
+
+    Returns:
+        The KnownTestSamples.
+
+    Raises:
+        din_fast.ctr.errors.DataFormatError: a user who touched every item.
     """
     lengths = np.diff(data.offsets)
     user_of_item = np.repeat(np.arange(len(lengths)), lengths)
@@ -356,7 +546,20 @@ def known_test_samples(data: EncodedData, seed: int = 0) -> KnownTestSamples:
 
 def sample_negatives(data: EncodedData, user: np.ndarray, rng) -> np.ndarray:
     """For each entry of ``user``, a uniform item that user never touched
-    (unknown items, 0, do not count as touched)."""
+    (unknown items, 0, do not count as touched).
+
+    Args:
+        data: the EncodedData.
+        user: int user indices, repeats allowed.
+        rng: a numpy Generator.
+
+    Returns:
+        [len(user)] int64 dense item ids in [1, num_items].
+
+    Raises:
+        din_fast.ctr.errors.DataFormatError: a user of ``user`` touched
+            every item, so none can be drawn.
+    """
     stride = data.num_items + 1
     user_of_item = np.repeat(np.arange(len(data.offsets) - 1), np.diff(data.offsets))
     known = data.items != 0
@@ -394,6 +597,24 @@ def iterate_batches(data: EncodedData, samples: Samples, batch_size: int, *,
     a leftover batch of fewer than ``min_batch`` samples joins the one before
     it (Dice's batch normalization needs two rows; sharded training one per
     process).
+
+    Args:
+        data: the EncodedData the samples' histories come from.
+        samples: the Samples to batch.
+        batch_size: samples per batch (the last may have fewer, or up to
+            ``batch_size + min_batch - 1`` when shuffled).
+        max_len: keep the most recent ``max_len`` items of each history;
+            None keeps them all.
+        shuffle: shuffle (training); else in order of history length.
+        rng: the numpy Generator that shuffles; None: a fresh unseeded one.
+        bucket_batches: batches per window sorted by length when shuffled.
+        min_batch: the fewest samples of a shuffled last batch.
+
+    Yields:
+        (int64 indices into ``samples``, Batch on the CPU).
+
+    Raises:
+        ValueError: ``batch_size`` below 1, or ``max_len`` below 1.
     """
     if batch_size < 1:
         raise ValueError(f"iterate_batches: `batch_size` must be >= 1; got {batch_size}")
@@ -420,7 +641,19 @@ def iterate_batches(data: EncodedData, samples: Samples, batch_size: int, *,
 
 def make_batch(data: EncodedData, samples: Samples, indices: np.ndarray,
                length: np.ndarray) -> Batch:
-    """The padded batch of ``indices``, keeping the last ``length`` items of each history."""
+    """The padded batch of ``indices``, keeping the last ``length`` items of
+    each history.
+
+    Args:
+        data: the EncodedData.
+        samples: the Samples.
+        indices: int indices of the batch's samples.
+        length: [len(indices)] the history length to keep for each (at most
+            its history's).
+
+    Returns:
+        The Batch, histories [B, max(length)] (at least 1 wide), on the CPU.
+    """
     start = samples.history_start[indices] + samples.history_length[indices] - length
     history = padded(data.items, start, length)
     target = samples.target[indices]
@@ -446,8 +679,18 @@ def make_batch(data: EncodedData, samples: Samples, indices: np.ndarray,
 
 
 def padded(values: np.ndarray, start: np.ndarray, length: np.ndarray) -> np.ndarray:
-    """[len(start), width] rows of ``values[start[r]:start[r] + length[r]]``
-    padded with 0 after each row's length (width: the longest, at least 1)."""
+    """Ragged slices of ``values`` as a 0-padded matrix.
+
+    Args:
+        values: the flat 1-D array the rows are slices of.
+        start: [R] int, where each row starts in ``values``.
+        length: [R] int, each row's length.
+
+    Returns:
+        [R, width] rows ``values[start[r]:start[r] + length[r]]`` padded
+        with 0 after each row's length, width the longest (at least 1), in
+        ``values``' dtype (int64 when ``values`` is empty).
+    """
     width = max(int(length.max(initial=0)), 1)
     position = np.arange(width)
     valid = position < length[:, None]

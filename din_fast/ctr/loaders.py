@@ -43,6 +43,17 @@ class Interactions:
     ``items[offsets[u]:offsets[u + 1]]``, oldest first; ``items`` is
     dictionary-encoded (each distinct id stored once). Item
     ``category_items[j]`` has category ``category_values[j]``.
+
+    Args:
+        user_ids: [U] string array, the users' raw ids (no repeats).
+        offsets: [U + 1] int64, from 0 to len(items), non-decreasing: user
+            u's behaviours are items[offsets[u]:offsets[u + 1]].
+        items: [N] dictionary-encoded string array, every user's items back
+            to back.
+        category_items: [M] string array, items with a category (each
+            once; every item of ``items`` among them for training data).
+        category_values: [M] string array, the category of each.
+        source: names the data in messages (its path, or "synthetic").
     """
 
     user_ids: pa.Array
@@ -54,7 +65,23 @@ class Interactions:
 
 
 def load_interactions(path) -> Interactions:
-    """A directory in the Amazon layout, a Parquet file, or a CSV/TSV file with a header."""
+    """Read behaviours from any of the three layouts.
+
+    Args:
+        path: a directory in the Amazon layout (:func:`load_amazon_directory`),
+            a Parquet file (by its PAR1 magic bytes, :func:`load_parquet`) or
+            a CSV/TSV file with a header (:func:`load_table`); a str or
+            os.PathLike.
+
+    Returns:
+        The Interactions, ``source`` the path.
+
+    Raises:
+        din_fast.ctr.errors.DataFormatError: the path does not exist, is
+            neither a regular file nor a directory, cannot be read, or its
+            contents are not behaviours in the layout (naming the line or
+            row).
+    """
     path = Path(path)
     if path.is_dir():
         return load_amazon_directory(path)
@@ -70,9 +97,21 @@ def load_interactions(path) -> Interactions:
 
 
 def data_files(path) -> list:
-    """The files load_interactions(path) reads: the path itself, or for a
-    directory the two files of the Amazon layout (DataFormatError when the
-    directory does not hold them); none for None (the synthetic set)."""
+    """The files load_interactions(path) reads, for checking that no output
+    overwrites them.
+
+    Args:
+        path: a data path, or None (the synthetic set).
+
+    Returns:
+        [Path]: the path itself; for a directory the two files of the
+        Amazon layout; [] for None.
+
+    Raises:
+        din_fast.ctr.errors.DataFormatError: a directory that does not hold
+            exactly one ``<Name>_item2attributes.json`` and its
+            ``<Name>.txt``.
+    """
     if path is None:
         return []
     path = Path(path)
@@ -80,6 +119,18 @@ def data_files(path) -> list:
 
 
 def opened(path: Path):
+    """Open a data file for reading, as bytes.
+
+    Args:
+        path: the file.
+
+    Returns:
+        The open binary file (a context manager).
+
+    Raises:
+        din_fast.ctr.errors.DataFormatError: it cannot be opened (missing,
+            no permission, a directory), with the system's reason.
+    """
     try:
         return open(path, "rb")
     except OSError as error:
@@ -87,8 +138,20 @@ def opened(path: Path):
 
 
 def text_lines(path: Path) -> Iterator[str]:
-    """The lines of a UTF-8 text file (a UTF-8 byte-order mark is dropped);
-    DataFormatError naming the line where the file is not UTF-8 text."""
+    """The lines of a UTF-8 text file, read lazily (a UTF-8 byte-order mark
+    is dropped).
+
+    Args:
+        path: the file.
+
+    Yields:
+        Each line as a str, its line ending kept.
+
+    Raises:
+        din_fast.ctr.errors.DataFormatError: the file cannot be opened, is
+            UTF-16 (by its byte-order mark), or a line holds a NUL byte or
+            is not UTF-8 (naming the line), raised as iteration reaches it.
+    """
     with opened(path) as handle:
         for number, raw in enumerate(handle, start=1):
             if number == 1 and raw.startswith((codecs.BOM_UTF16_LE, codecs.BOM_UTF16_BE)):
@@ -106,9 +169,27 @@ def text_lines(path: Path) -> Iterator[str]:
 # ---------------------------------------------------------------- Amazon layout
 
 def load_amazon_directory(directory) -> Interactions:
-    """``<Name>.txt`` (``user item_1 item_2 ...`` per line, oldest first) and
-    ``<Name>_item2attributes.json`` (item -> attribute ids, the last one being
-    the leaf category, as in the original DIN code)."""
+    """Read a directory in the Amazon layout of the DIN and S3-Rec papers.
+
+    ``<Name>.txt`` holds ``user item_1 item_2 ...`` per line, oldest first
+    (one line per user; blank lines are skipped), and
+    ``<Name>_item2attributes.json`` maps each item to its attribute ids,
+    the last one being the leaf category, as in the original DIN code.
+
+    Args:
+        directory: the directory, a str or os.PathLike.
+
+    Returns:
+        The Interactions, users in file order.
+
+    Raises:
+        din_fast.ctr.errors.DataFormatError: not exactly one
+            ``*_item2attributes.json`` file or no matching ``.txt``, a line
+            with a user and no item, a user on two lines, an empty sequences
+            file, or an attributes file that is not a JSON object of
+            non-empty attribute lists (or lists an item twice with two
+            categories); naming the file and line or item.
+    """
     directory = Path(directory)
     sequences_file, attributes_file = _amazon_files(directory)
     user_ids, lengths, items = [], [], []
@@ -207,10 +288,24 @@ def _leaf(values):
 # ---------------------------------------------------------------- tables
 
 def load_table(path) -> Interactions:
-    """A CSV (or TSV: by the .tsv suffix or a tab in the header) whose header
-    names the columns user, item, category, timestamp (any case; other
-    columns are ignored). Each user's rows are ordered by timestamp, ties
-    kept in file order."""
+    """Read a CSV (or TSV: by the .tsv suffix or a tab in the header) whose
+    header names the columns user, item, category, timestamp (any case;
+    other columns are ignored). Each user's rows are ordered by timestamp,
+    ties kept in file order.
+
+    Args:
+        path: the UTF-8 file, a str or os.PathLike.
+
+    Returns:
+        The Interactions, users in sorted id order.
+
+    Raises:
+        din_fast.ctr.errors.DataFormatError: a missing or repeated column,
+            no data row, a line pyarrow cannot parse (quoting, a wrong
+            number of fields), an empty id, a timestamp that is not a
+            finite number, an item with two categories, or text that is not
+            UTF-8; naming the first bad line.
+    """
     path = Path(path)
     header_line = next(text_lines(path), "")
     delimiter = "\t" if path.suffix.lower() == ".tsv" or "\t" in header_line else ","
@@ -254,10 +349,26 @@ TABLE_BLOCK_BYTES = 16 << 20
 
 def table_header(line: str, path: Path, delimiter: str, required=TABLE_COLUMNS, optional=(),
                  options=None) -> list:
-    """The header's column names (trimmed, lower case), the ones not among
-    ``required`` and ``optional`` renamed ``_ignored_<i>`` (pyarrow needs
-    names); DataFormatError naming line 1 when a required column is missing
-    (with the option that named it, from ``options``) or a column is named twice."""
+    """The header's column names, as pyarrow is to read them.
+
+    Args:
+        line: the file's first line.
+        path: the file, named in errors.
+        delimiter: "," or a tab.
+        required: the columns that must be present (lower case).
+        optional: columns read where present.
+        options: {column: the option that named it}, quoted in the error
+            for a missing one (labeled logs: "--label-column", ...); None.
+
+    Returns:
+        The names, trimmed and lower case; those not among ``required`` and
+        ``optional`` renamed ``_ignored_<i>`` (pyarrow needs names).
+
+    Raises:
+        din_fast.ctr.errors.DataFormatError: naming line 1, for an empty
+            line, a header the csv module cannot parse, a required column
+            missing, or a required or optional column named twice.
+    """
     expected = ",".join(required)
     if not line.strip():
         raise DataFormatError(f"{path}, line 1: empty file; expected a header naming the "
@@ -285,8 +396,14 @@ def table_header(line: str, path: Path, delimiter: str, required=TABLE_COLUMNS, 
 
 
 class BadRow(Exception):
-    """A row that fails a check on the parsed columns (0-based ``row``; None
-    when the check cannot tell which), in ``column`` where one is named."""
+    """A row that fails a check on the parsed columns; :meth:`error` turns
+    it into the DataFormatError a user sees.
+
+    Args:
+        row: the 0-based row; None when the check cannot tell which.
+        problem: what is wrong, the message's end.
+        column: the column, where one is named; else None.
+    """
 
     def __init__(self, row: Optional[int], problem: str, column: Optional[str] = None):
         super().__init__(problem)
@@ -294,8 +411,18 @@ class BadRow(Exception):
 
     def error(self, path: Path, unit: str = "row", number: Optional[int] = None) \
             -> DataFormatError:
-        """The error naming ``path``, the row as ``unit`` ``number`` (by
-        default row + 1) and the column."""
+        """The error a user sees.
+
+        Args:
+            path: the file, named first.
+            unit: what a row is called there ("row" in Parquet, "data row").
+            number: the row's number as shown; None: ``row + 1`` (no number
+                where the row is unknown).
+
+        Returns:
+            A DataFormatError "<path>, <unit> <number>, column <column>:
+            <problem>" (the parts that are known).
+        """
         number = self.row + 1 if number is None and self.row is not None else number
         where = str(path) if number is None else f"{path}, {unit} {number}"
         if self.column:
@@ -304,14 +431,35 @@ class BadRow(Exception):
 
 
 def first_index(mask) -> Optional[int]:
+    """The index of the first True of ``mask``.
+
+    Args:
+        mask: a 1-D bool array-like (a pyarrow array included).
+
+    Returns:
+        The int index, or None when there is no True.
+    """
     indices = np.flatnonzero(np.asarray(mask))
     return int(indices[0]) if len(indices) else None
 
 
 def encoded_ids(column, name: str) -> pa.DictionaryArray:
-    """A column of ids, dictionary-encoded with surrounding spaces dropped;
-    BadRow at the first empty id or id holding a NUL byte. The checks and
-    the trimming run on the distinct values only."""
+    """A column of ids, dictionary-encoded with surrounding spaces dropped
+    (" a" and "a" are one id). The checks and the trimming run on the
+    distinct values only.
+
+    Args:
+        column: a string pyarrow Array or ChunkedArray.
+        name: the column's name, for the messages ("user", "item").
+
+    Returns:
+        A pyarrow DictionaryArray of the trimmed ids.
+
+    Raises:
+        BadRow: at the first empty id or id holding a NUL byte (not a
+            ValueError: the caller turns it into a DataFormatError naming
+            the line).
+    """
     encoded = column.combine_chunks().dictionary_encode()
     values = pc.utf8_trim_whitespace(encoded.dictionary)
     for bad_values, problem in (
@@ -377,9 +525,22 @@ def _interactions_from_table(table: pa.Table, path: Path) -> Interactions:
 
 
 def table_rows(path: Path, delimiter: str, header: list) -> Iterator[tuple]:
-    """(line number, {column: field}) for every non-empty data line of a table
-    file; DataFormatError at the first line pyarrow could not parse either
-    (a quoting error, a wrong number of fields)."""
+    """The data lines of a table file, parsed one by one (the slow path,
+    for finding the line pyarrow rejected).
+
+    Args:
+        path: the table file.
+        delimiter: "," or a tab.
+        header: the column names of :func:`table_header`.
+
+    Yields:
+        (line number, {column: field}) for every non-empty data line.
+
+    Raises:
+        din_fast.ctr.errors.DataFormatError: at the first line the csv
+            module cannot parse either (a quoting error) or with a wrong
+            number of fields, or that is not UTF-8 text.
+    """
     lines = text_lines(path)
     next(lines, None)
     columns = ",".join(n for n in header if not n.startswith("_ignored_"))
@@ -399,8 +560,17 @@ def table_rows(path: Path, delimiter: str, header: list) -> Iterator[tuple]:
 
 
 def first_bad_line(path: Path, delimiter: str, header: list) -> Optional[DataFormatError]:
-    """The DataFormatError of the first line of a table file pyarrow cannot
-    parse (see :func:`table_rows`), or None."""
+    """The error of the first line of a table file that cannot be parsed.
+
+    Args:
+        path: the table file.
+        delimiter: "," or a tab.
+        header: the column names of :func:`table_header`.
+
+    Returns:
+        The DataFormatError :func:`table_rows` raises there, or None when
+        every line parses.
+    """
     try:
         for _ in table_rows(path, delimiter, header):
             pass
@@ -440,8 +610,24 @@ def _first_bad_line(path: Path, delimiter: str, header: list) -> Optional[DataFo
 
 
 def load_parquet(path) -> Interactions:
-    """A Parquet file with the columns user, item, category (any type; ids are
-    their string form) and timestamp (numbers or a timestamp type)."""
+    """Read a Parquet file with the columns user, item, category (any type
+    castable to string; ids are their string form) and timestamp (numbers
+    or a timestamp type); names compare in any case. Each user's rows are
+    ordered by timestamp, ties kept in file order.
+
+    Args:
+        path: the file, a str or os.PathLike.
+
+    Returns:
+        The Interactions, users in sorted id order.
+
+    Raises:
+        din_fast.ctr.errors.DataFormatError: not a Parquet file pyarrow can
+            read or a damaged one, a missing or repeated column, a column of
+            a type that does not convert (a bool timestamp, say), a null,
+            an empty id, a timestamp that is not finite, or an item with two
+            categories; naming the row where there is one.
+    """
     import pyarrow.parquet as pq
 
     path = Path(path)
@@ -507,6 +693,20 @@ def synthetic_interactions(num_users: int = 2000, num_categories: int = 40,
     other interests in the history are noise: attention can pick the related
     items out, sum pooling has to see them blurred with all the rest.
     Ids are the strings of integers from 1.
+
+    Args:
+        num_users: the users.
+        num_categories: the categories, each with its own items.
+        items_per_category: the items of each category, on a ring (so
+            num_categories * items_per_category items).
+        interests_per_user: the categories each user draws from (at most
+            ``num_categories``).
+        min_length: the fewest behaviours of a user.
+        max_length: the most (>= min_length).
+        seed: seeds everything; the same arguments give the same data.
+
+    Returns:
+        The Interactions, ``source`` "synthetic".
     """
     rng = np.random.default_rng(seed)
     lengths = rng.integers(min_length, max_length + 1, size=num_users)

@@ -184,25 +184,63 @@ class BaseModel(nn.Module):
                 nn.init.zeros_(parameter)
 
     def embed(self, items, categories):
+        """Items as the model sees them: [item embedding | category embedding].
+
+        Args:
+            items: int32/int64 dense item ids, any shape [...] (0 the
+                padding, whose row is zero).
+            categories: their dense category ids, the same shape; ignored
+                (pass None) without a category table.
+
+        Returns:
+            [..., W] in the tables' dtype, W = 2 * embed_dim (embed_dim
+            without a category table).
+        """
         if self.category_embedding is None:
             return self.item_embedding(items)
         return torch.cat([self.item_embedding(items), self.category_embedding(categories)], -1)
 
     def pool(self, candidate, history, lengths, categories=None):
-        """User interest, [B, W] (or [B, C, W] for C candidates [B, C, W]
-        per row): the sum of each row's first lengths[b] positions; whatever
-        lies past them is never read (a select, so its gradient is 0).
-        ``categories`` is (the candidates', the history's) category ids, for a
-        search that reads them."""
+        """The user interest: the sum of each row's first ``lengths[b]``
+        history positions; whatever lies past them is never read (a select,
+        so its gradient is 0).
+
+        Args:
+            candidate: the embedded candidates, [B, W] or [B, C, W] (only
+                the shape is read here: the interest is the same for every
+                candidate of a row).
+            history: the embedded history, [B, T, W].
+            lengths: [B] int32/int64, each row's history length, in [0, T].
+            categories: (the candidates', the history's) category ids, for
+                DIN's "category" search; not read here.
+
+        Returns:
+            [B, W] for a 2-D ``candidate``, else [B, C, W] (each row's sum
+            broadcast to its candidates).
+        """
         valid = torch.arange(history.shape[1], device=history.device) < lengths[:, None]
         interest = torch.where(valid[..., None], history, history.new_zeros(())).sum(1)
         return interest if candidate.dim() == 2 else interest[:, None].expand_as(candidate)
 
     def side_features(self, candidate, features, numeric):
-        """[..., S]: each categorical feature's embedding (the mean of a
-        row's non-padding ids; zero for none) and the numeric features, over
-        the candidates' leading dims (a row's [B, V] broadcast to its C
-        candidates); None without side features."""
+        """The side features' part of the scoring MLP's input.
+
+        Args:
+            candidate: the embedded candidates, [B, W] or [B, C, W] (only
+                the shape is read).
+            features: {side feature: int ids [B, V] or [B, C, V]}, 0 padding
+                a row's values; each of the model's side features (None or
+                {} for a model without any).
+            numeric: the numeric side features, floating [B, N] or
+                [B, C, N]; None for a model without any.
+
+        Returns:
+            [..., S] over the candidates' leading dims ([B] or [B, C]; a
+            row's [B, V] broadcast to its C candidates): each categorical
+            feature's embedding (the mean over a row's non-padding ids, zero
+            for none), then the numeric features, in the item table's dtype;
+            None for a model without side features.
+        """
         parts = []
         for name, table in zip(self.feature_names, self.feature_embeddings):
             ids = features[name]
@@ -222,9 +260,36 @@ class BaseModel(nn.Module):
 
     def check_inputs(self, history_items, history_categories, lengths, target_items,
                      target_categories, features=None, numeric=None) -> None:
-        """forward's inputs checked, named as forward names them (the messages
-        also serve as the asserts of an exported graph: no sizes in them,
-        which would be symbols there)."""
+        """Check forward's inputs, naming each as forward names it.
+
+        The messages of the value checks also serve as the asserts of a
+        compiled or exported graph: they hold no sizes, which would be
+        symbols there.
+
+        Args:
+            history_items: [B, T] int32/int64 dense item ids.
+            history_categories: [B, T] int32/int64 dense category ids; None
+                without a category table.
+            lengths: [B] int32/int64, in [0, T].
+            target_items: [B] or [B, C] int32/int64 dense item ids.
+            target_categories: the shape of ``target_items``, int32/int64;
+                None without a category table.
+            features: {side feature: int32/int64 ids [B, V] or [B, C, V]},
+                exactly the model's side features.
+            numeric: floating [B, N] or [B, C, N], N the model's numeric
+                features; None without any.
+
+        Raises:
+            TypeError: an id input or a side feature that is not an
+                int32/int64 tensor, ``numeric`` not a floating-point tensor.
+            ValueError: categories given to a model without a category
+                table, shapes that do not fit together, side features that
+                are not the model's, ``numeric`` given to a model without
+                numeric features; on CPU, an id outside its table ([0, the
+                table's ids]) or a length outside [0, T] (on an accelerator,
+                or while compiling or exporting, an asynchronous assert with
+                the same message instead).
+        """
         owner = type(self).__name__
         inputs = {"history_items": history_items, "history_categories": history_categories,
                   "lengths": lengths, "target_items": target_items,
@@ -361,9 +426,27 @@ class BaseModel(nn.Module):
         return self.add_linear(logits, target_items, target_categories, features, numeric)
 
     def add_linear(self, logits, target_items, target_categories, features, numeric):
-        """``logits`` plus the linear part, where the model has one: the
-        weights of the candidate's item and category, the mean weight of each
-        side feature's ids, the numeric features' weighted sum."""
+        """``logits`` plus the linear part, where the model has one (else
+        ``logits`` unchanged).
+
+        The linear part is the weights of the candidate's item and category,
+        the mean weight of each side feature's non-padding ids and the
+        numeric features' weighted sum.
+
+        Args:
+            logits: the deep part's logits, [B] or [B, C].
+            target_items: the candidates' dense item ids, the shape of
+                ``logits``.
+            target_categories: their dense categories, the same shape (None
+                without a category table).
+            features: {side feature: ids [B, V] or [B, C, V]}, as forward
+                takes them (a row's [B, V] serves all of its candidates).
+            numeric: floating [B, N] or [B, C, N]; None without numeric
+                features.
+
+        Returns:
+            [B] or [B, C], the shape of ``logits``.
+        """
         if self.linear is None:
             return logits
         terms = [self.linear["item"](target_items)[..., 0]]
@@ -441,6 +524,26 @@ class DIN(BaseModel):
                                       top_k=top_k, search=search)
 
     def pool(self, candidate, history, lengths, categories=None):
+        """The user interest: the history pooled by DINAttention with the
+        candidates as the query (two-stage with ``top_k``).
+
+        Args:
+            candidate: the embedded candidates, the query, [B, W] or
+                [B, C, W].
+            history: the embedded history, the keys, [B, T, W].
+            lengths: [B] int32/int64, valid positions t < lengths[b].
+            categories: (the candidates' category ids, [B] or [B, C]; the
+                history's, [B, T]): read by the "category" search only.
+
+        Returns:
+            [B, W] or [B, C, W], as ``candidate``.
+
+        Raises:
+            TypeError: as din_fast.DINAttention's forward, for inputs of the
+                wrong type or dtype.
+            ValueError: as din_fast.DINAttention's forward, for inputs whose
+                shapes or devices do not fit.
+        """
         if self.attention.search != "category":
             return self.attention(candidate, history, lengths)
         return self.attention(candidate, history, lengths, query_categories=categories[0],
@@ -451,8 +554,23 @@ class DIN(BaseModel):
         """With the "dot" search: SIM's auxiliary CTR loss, the binary cross
         entropy of the search's own logits (DINAttention.search_logits: the
         softmax of the projections' scores over the whole history pooling
-        those scores) against the labels. It trains the projections alone;
-        None for the other searches."""
+        those scores) against the labels. It trains the projections alone.
+
+        Args:
+            history_items: [B, T] int32/int64 dense item ids, as forward.
+            history_categories: [B, T] their categories (None without a
+                category table).
+            lengths: [B] int32/int64, each row's history length.
+            target_items: [B] (or [B, C]) the candidates' dense item ids.
+            target_categories: their categories, the same shape (None
+                without a category table).
+            labels: 0/1 labels of the candidates, the shape of
+                ``target_items`` (any real dtype).
+
+        Returns:
+            The mean loss, a 0-d float tensor; None for a search other than
+            "dot" (and for exact DIN).
+        """
         if self.attention.search != "dot":
             return None
         logits = self.attention.search_logits(self.embed(target_items, target_categories),
@@ -461,6 +579,13 @@ class DIN(BaseModel):
         return F.binary_cross_entropy_with_logits(logits, labels.to(logits.dtype))
 
     def attention_backend(self):
+        """The backend the attention runs in the current mode (float32
+        inputs): "triton", "torch" or "reference"
+        (DINAttention.resolved_backend).
+
+        Raises:
+            ValueError: DIN_FAST_BACKEND in the environment names no backend.
+        """
         return self.attention.resolved_backend()
 
 

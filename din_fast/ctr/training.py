@@ -34,16 +34,35 @@ METRIC_NAMES = ("auc", "gauc", "logloss")
 
 
 def check_device(device: str) -> None:
-    """InputError when this machine has no such device (CUDA, say)."""
+    """Check that this machine has ``device``.
+
+    Args:
+        device: "cpu" or "cuda".
+
+    Raises:
+        din_fast.ctr.errors.InputError: "cuda" without CUDA here (a
+            CPU-only torch build, or no GPU).
+    """
     if device == "cuda" and not torch.cuda.is_available():
         raise InputError(f"device 'cuda': CUDA is not available here (torch {torch.__version__}"
                          f"{'' if torch.version.cuda else ', a CPU-only build'}); use device 'cpu'")
 
 
 def check_device_and_backend(config: TrainConfig) -> None:
-    """InputError, before any data is read, when this machine cannot run the
-    config's device or attention backend (say, --device cuda without CUDA,
-    or backend "triton" on CPU tensors without TRITON_INTERPRET)."""
+    """Check, before any data is read, that this machine can run the
+    config's device and attention backend: one forward of a one-item model
+    with the run's settings, which fails as the first training step would.
+
+    Args:
+        config: the run's settings (its device, backend and, for DIN, the
+            attention's options).
+
+    Raises:
+        din_fast.ctr.errors.InputError: the device is missing (--device
+            cuda without CUDA), or the attention cannot run the backend
+            there (backend "triton" on CPU tensors without TRITON_INTERPRET,
+            say); the message names both.
+    """
     check_device(config.device)
     if config.model != "din":
         return
@@ -60,24 +79,72 @@ def check_device_and_backend(config: TrainConfig) -> None:
 
 
 def load_data(path: Optional[str], seed: int):
-    """(EncodedData, SampleSplits) of a data path or the synthetic set, by the DIN protocol."""
+    """Behaviours and their samples by the DIN protocol.
+
+    Args:
+        path: a data file or directory (din_fast.ctr.loaders.load_interactions);
+            None: the synthetic set of ``seed``.
+        seed: seeds the synthetic set and the validation and test negatives.
+
+    Returns:
+        (EncodedData, SampleSplits): the data with id maps of its own, and
+        its leave-one-out samples (din_fast.ctr.data.build_samples).
+
+    Raises:
+        din_fast.ctr.errors.DataFormatError: a data file that cannot be read
+            as behaviours (from the loader and the encoding).
+    """
     interactions = synthetic_interactions(seed=seed) if path is None else load_interactions(path)
     data = encode(interactions)
     return data, build_samples(data, seed)
 
 
 def log_columns(config: TrainConfig) -> LogColumns:
-    """The columns of the labeled log a config reads."""
+    """The columns of the labeled log a config reads.
+
+    Args:
+        config: a config with ``label_column`` set.
+
+    Returns:
+        din_fast.ctr.labeled_loader.LogColumns: its label, ``features`` and
+        ``numeric_features``.
+
+    Raises:
+        din_fast.ctr.errors.InputError: a column named twice or one of the
+            log's own (user, item, category, timestamp).
+    """
     return LogColumns(config.label_column, config.features, config.numeric_features)
 
 
 def log_split(config: TrainConfig) -> LogSplit:
+    """How a labeled log's rows split by time, by the config.
+
+    Args:
+        config: the run's settings (``validation_fraction``,
+            ``test_fraction``, ``min_count``).
+
+    Returns:
+        din_fast.ctr.labeled_samples.LogSplit.
+    """
     return LogSplit(config.validation_fraction, config.test_fraction, config.min_count)
 
 
 def load_config_data(config: TrainConfig):
-    """(EncodedData, SampleSplits) of the config's data: a labeled log where
-    it names a label column, else by the DIN protocol."""
+    """The config's data and samples: a labeled log where it names a label
+    column (split by time), else behaviours by the DIN protocol.
+
+    Args:
+        config: the run's settings (``data``, ``seed``, the labeled log's
+            columns and split).
+
+    Returns:
+        (EncodedData, SampleSplits).
+
+    Raises:
+        din_fast.ctr.errors.InputError: a data file that cannot be read as
+            the config says (DataFormatError), or a labeled log too small
+            to split.
+    """
     if config.label_column is None:
         return load_data(config.data, config.seed)
     return labeled_samples(load_labeled_log(config.data, log_columns(config)), log_split(config))
@@ -85,7 +152,26 @@ def load_config_data(config: TrainConfig):
 
 @torch.no_grad()
 def evaluate(model, data: EncodedData, samples: Samples, max_len, device, prefix: str) -> dict:
-    """``{prefix}_auc``, ``_gauc`` and ``_logloss`` of ``model`` on ``samples``."""
+    """The metrics of ``model`` on ``samples``, in eval mode and without
+    gradients (the model is left in eval mode).
+
+    Args:
+        model: din_fast.DIN, BaseModel or a model taking the same inputs
+            (din_fast.ctr.data.Batch.model_inputs), on ``device``.
+        data: the EncodedData the samples' histories come from.
+        samples: the Samples to score, in batches of EVAL_BATCH_SIZE.
+        max_len: keep the most recent ``max_len`` history items; None: all.
+        device: where the batches go (a str or torch.device).
+        prefix: the metrics' names' start ("validation", "test").
+
+    Returns:
+        ``{prefix}_auc``, ``{prefix}_gauc`` and ``{prefix}_logloss``, floats.
+
+    Raises:
+        din_fast.ctr.errors.InputError: a NaN or Inf score (see
+            :func:`metrics_of`).
+        ValueError: no user of ``samples`` with both labels (GAUC).
+    """
     model.eval()
     logits = np.empty(len(samples), dtype=np.float64)
     for indices, batch in iterate_batches(data, samples, EVAL_BATCH_SIZE, max_len=max_len):
@@ -95,8 +181,23 @@ def evaluate(model, data: EncodedData, samples: Samples, max_len, device, prefix
 
 
 def metrics_of(samples: Samples, logits: np.ndarray, prefix: str) -> dict:
-    """``{prefix}_auc``, ``_gauc`` and ``_logloss`` of the logits of
-    ``samples``; InputError when any is NaN or Inf."""
+    """The metrics of scores already computed.
+
+    Args:
+        samples: the scored Samples (their ``user`` and ``label``).
+        logits: [len(samples)] float logits, in the samples' order.
+        prefix: the metrics' names' start ("validation", "test").
+
+    Returns:
+        ``{prefix}_auc``, ``{prefix}_gauc`` and ``{prefix}_logloss``
+        (din_fast.ctr.metrics.ctr_metrics), floats.
+
+    Raises:
+        din_fast.ctr.errors.InputError: a logit is NaN or Inf (the weights
+            diverged or are corrupt).
+        ValueError: from din_fast.ctr.metrics.gauc, for samples in which no
+            user has both labels.
+    """
     if not np.isfinite(logits).all():
         raise InputError(f"the model's scores of {int((~np.isfinite(logits)).sum())} sample(s) "
                          "are NaN or Inf: its weights diverged (try a lower learning rate) or "
@@ -107,9 +208,22 @@ def metrics_of(samples: Samples, logits: np.ndarray, prefix: str) -> dict:
 
 def inverse_frequencies(data: EncodedData, device, train: Optional[Samples] = None) -> dict:
     """1 / (occurrences in training) per id of each table: the scale of the
-    mini-batch aware L2 penalty. By the DIN protocol (``train`` None), the
-    occurrences among the training behaviours; of a labeled log, among its
-    training samples ``train`` (their items, categories and side features)."""
+    mini-batch aware L2 penalty (an id never seen counts once).
+
+    Args:
+        data: the EncodedData trained on.
+        device: where the returned tensors go.
+        train: None by the DIN protocol: the occurrences among the training
+            behaviours (every user's but the last two, the validation and
+            test targets). Of a labeled log, its training Samples: the
+            occurrences of their target items, categories and side-feature
+            values.
+
+    Returns:
+        {"item": [num_items + 1] float32, "category": [num_categories + 1]
+        (where the data has categories), each side feature's name: [its ids
+        + 1]}, indexed by dense id.
+    """
     maps = data.id_maps
     if train is None:
         lengths = np.diff(data.offsets)
@@ -136,7 +250,21 @@ def inverse_frequencies(data: EncodedData, device, train: Optional[Samples] = No
 def minibatch_l2(model, batch, inverse_frequency: dict) -> torch.Tensor:
     """The DIN paper's mini-batch aware L2 (section 4.3): over the embedding
     rows that occur in the batch (padding excluded), sum ||w_j||^2 / n_j with
-    n_j the row's frequency; rows absent from the batch are not touched."""
+    n_j the row's frequency; rows absent from the batch are not touched.
+
+    Args:
+        model: a model listing its ``embedding_tables()`` ((table, kind)
+            pairs, kind "item", "category" or a side feature's name), as
+            din_fast.DIN and BaseModel do.
+        batch: the din_fast.ctr.data.Batch trained on, on the model's
+            device (its history and target ids, side features).
+        inverse_frequency: :func:`inverse_frequencies` of the training data,
+            on the model's device.
+
+    Returns:
+        The penalty, a 0-d float tensor with a gradient to the tables
+        (unweighted: the caller multiplies it by ``config.l2``).
+    """
     ids = {"item": torch.cat([batch.history_items.flatten(), batch.target_items]),
            **(batch.features or {})}
     if batch.history_categories is not None:
@@ -153,10 +281,27 @@ def minibatch_l2(model, batch, inverse_frequency: dict) -> torch.Tensor:
 class Learner:
     """What fit_learner's learners share: Adam over ``parameters`` at
     ``config.lr``, times ``config.lr_decay`` after every epoch (``end_epoch``),
-    the inverse frequencies of the L2 penalty on ``frequency_device`` (of a
-    labeled log's training samples ``labeled_train``), and one seeded stream
-    of shuffled training batches of at least ``min_batch`` samples (Dice's
-    batch normalization needs two rows)."""
+    the inverse frequencies of the L2 penalty, and one seeded stream of
+    shuffled training batches.
+
+    Subclasses add ``train_epoch(samples, bar)``, ``evaluate(samples,
+    prefix)``, ``snapshot()`` and ``restore(snapshot)``: LocalLearner, and
+    din_fast.ctr.sharded.training.ShardedLearner.
+
+    Args:
+        parameters: what Adam optimizes: parameters, or parameter groups
+            (:func:`parameter_groups`).
+        data: the EncodedData trained on.
+        config: the run's settings (``lr``, ``lr_decay``, ``l2``, ``seed``,
+            ``batch_size``, ``max_len``).
+        frequency_device: where the L2 penalty's inverse frequencies go
+            (computed only when ``config.l2`` is not 0).
+        min_batch: the fewest samples of a training batch (a smaller last
+            batch joins the one before it): 2 for Dice's batch
+            normalization; sharded training needs one per process.
+        labeled_train: a labeled log's training Samples, whose occurrences
+            the inverse frequencies count; None by the DIN protocol.
+    """
 
     def __init__(self, parameters, data: EncodedData, config: TrainConfig, frequency_device,
                  min_batch: int = 2, labeled_train: Optional[Samples] = None):
@@ -169,6 +314,8 @@ class Learner:
         self.batch_rng = np.random.default_rng([config.seed, BATCH_STREAM])
 
     def lr(self) -> float:
+        """The learning rate the next epoch trains at (the first parameter
+        group's)."""
         return self.optimizer.param_groups[0]["lr"]
 
     def state_dict(self) -> dict:
@@ -179,8 +326,17 @@ class Learner:
                 "torch_rng": torch.get_rng_state()}
 
     def load_state_dict(self, state: dict) -> None:
-        """A state of :meth:`state_dict`; CheckpointError when it does not
-        fit this learner (a run state file altered, or of another model)."""
+        """Continue from a state of :meth:`state_dict` (the model's weights
+        are loaded separately).
+
+        Args:
+            state: {"optimizer", "schedule", "batch_rng", "torch_rng"}, as
+                :meth:`state_dict` returns it (a run state's ``learner``).
+
+        Raises:
+            din_fast.ctr.errors.CheckpointError: it does not fit this learner
+                (a run state file altered, or of another model).
+        """
         try:
             self.optimizer.load_state_dict(state["optimizer"])
             self.schedule.load_state_dict(state["schedule"])
@@ -192,12 +348,26 @@ class Learner:
                                   "file din-fast train wrote for this run") from None
 
     def training_batches(self, samples: Samples, bar):
-        """The epoch's shuffled batches of ``samples``, through the progress bar."""
+        """The epoch's shuffled batches of ``samples`` (the learner's batch
+        stream, so a resumed run draws the same ones), through the progress
+        bar.
+
+        Args:
+            samples: the epoch's training Samples.
+            bar: wraps an iterable for display (a partial tqdm; ``lambda it:
+                it`` for none).
+
+        Returns:
+            What ``bar`` returns for din_fast.ctr.data.iterate_batches'
+            (indices, Batch) pairs, batches on the CPU.
+        """
         return bar(iterate_batches(self.data, samples, self.config.batch_size,
                                    max_len=self.config.max_len, shuffle=True,
                                    rng=self.batch_rng, min_batch=self.min_batch))
 
     def end_epoch(self) -> None:
+        """Multiply the learning rate by ``config.lr_decay``; once after every
+        training epoch."""
         self.schedule.step()
 
 
@@ -205,7 +375,18 @@ def parameter_groups(model, config: TrainConfig) -> list:
     """Adam's parameter groups: the linear part at ``config.linear_lr`` where
     given (its weights, one per id, each in few batches, move by about lr per
     batch it is in; the deep part, given the same rate, overfits first), the
-    rest at ``config.lr``."""
+    rest at ``config.lr``.
+
+    Args:
+        model: the model to train; its ``linear`` attribute, where not None,
+            is the linear part.
+        config: the run's settings (``linear_lr``).
+
+    Returns:
+        [{"params": ...}] (one group, without ``linear_lr`` or a linear part),
+        else [{"params": the rest}, {"params": the linear part's, "lr":
+        linear_lr}].
+    """
     linear = getattr(model, "linear", None)
     if config.linear_lr is None or linear is None:
         return [{"params": list(model.parameters())}]
@@ -219,7 +400,18 @@ class LocalLearner(Learner):
     data.Batch fields (and lists its ``embedding_tables()`` for the L2
     penalty; an ``auxiliary_loss(*fields, labels)``, where it has one, is
     added to the loss). din_fast.ctr.sharded.training has the TorchRec
-    counterpart."""
+    counterpart.
+
+    Args:
+        model: din_fast.DIN or BaseModel (or a model with their forward,
+            ``embedding_tables`` and optional ``auxiliary_loss``), on
+            ``config.device``. With ``config.compile`` it is compiled in
+            place (nn.Module.compile).
+        data: the EncodedData trained on.
+        config: the run's settings.
+        labeled_train: a labeled log's training Samples (for the L2
+            penalty's frequencies); None by the DIN protocol.
+    """
 
     def __init__(self, model, data: EncodedData, config: TrainConfig,
                  labeled_train: Optional[Samples] = None):
@@ -233,8 +425,19 @@ class LocalLearner(Learner):
             model.compile(backend=config.compile)
 
     def train_epoch(self, samples: Samples, bar) -> float:
-        """One pass over ``samples``; the training loss (without the penalty)
-        at its end, an exponential average over about the last 50 batches."""
+        """One pass over ``samples`` in training mode, then the learning-rate
+        decay.
+
+        Args:
+            samples: the epoch's training Samples.
+            bar: wraps the batches for display (see
+                :meth:`Learner.training_batches`).
+
+        Returns:
+            The training loss (binary cross entropy, without the L2 penalty or
+            an auxiliary loss) at the epoch's end, an exponential average over
+            about the last 50 batches; None for no batch.
+        """
         config, model = self.config, self.model
         model.train()
         running = None
@@ -257,13 +460,32 @@ class LocalLearner(Learner):
         return running
 
     def evaluate(self, samples: Samples, prefix: str) -> dict:
+        """The model's metrics on ``samples`` (module-level :func:`evaluate`).
+
+        Args:
+            samples: the Samples to score (validation or test).
+            prefix: the metrics' names' start ("validation", "test").
+
+        Returns:
+            ``{prefix}_auc``, ``{prefix}_gauc`` and ``{prefix}_logloss``.
+
+        Raises:
+            din_fast.ctr.errors.InputError: a NaN or Inf score.
+        """
         return evaluate(self.model, self.data, samples, self.config.max_len, self.config.device,
                         prefix)
 
     def snapshot(self) -> dict:
+        """A copy of the model's weights (its state dict, detached clones on
+        the model's device), for :meth:`restore`."""
         return {k: v.detach().clone() for k, v in self.model.state_dict().items()}
 
     def restore(self, snapshot: dict) -> None:
+        """Load weights :meth:`snapshot` took.
+
+        Args:
+            snapshot: the state dict :meth:`snapshot` returned.
+        """
         self.model.load_state_dict(snapshot)
 
 
@@ -271,7 +493,14 @@ class TrainingInterrupted(KeyboardInterrupt):
     """Ctrl-C during :func:`fit_learner`. ``best`` is the best epoch's record
     (None when no epoch finished), whose weights the learner then holds;
     ``saved`` the checkpoint they were written to, else ``unsaved`` says why
-    not; ``resumable`` the file --resume continues the run from."""
+    not; ``resumable`` the file --resume continues the run from. Its message
+    (``str``) says all of that in one line.
+
+    Args:
+        stage: what was running, for the message ("epoch 3", "the test
+            evaluation").
+        best: the best epoch's record so far; None when no epoch finished.
+    """
 
     def __init__(self, stage: str, best: Optional[dict]):
         super().__init__(stage)
@@ -297,11 +526,29 @@ RESUME_MAY_CHANGE = ("data", "epochs", "patience", "device", "backend", "compile
 
 def check_training_outputs(config: TrainConfig, checkpoint=None, metrics_out=None,
                            plot=None, log_dir=None, resume=None) -> None:
-    """OutputError, before any work, when a file of the training run cannot be
-    written or would overwrite its data (see din_fast.ctr.files). The run's state
-    file (beside --checkpoint, :func:`din_fast.ctr.checkpoint.resume_path`) may be
-    the --resume file it continues from: that one is read whole first and
-    replaced after the next epoch."""
+    """Check, before any work, that every file of the training run can be
+    written and none would overwrite its data (see din_fast.ctr.files).
+
+    The run's state file (beside --checkpoint,
+    :func:`din_fast.ctr.checkpoint.resume_path`) may be the --resume file it
+    continues from: that one is read whole first and replaced after the
+    next epoch. ``log_dir`` is created where missing.
+
+    Args:
+        config: the run's settings (its ``data`` files are the inputs).
+        checkpoint: the --checkpoint path (and so its run state's), or None.
+        metrics_out: the --metrics-out path, or None.
+        plot: the --plot path, or None.
+        log_dir: the --log-dir directory (its metrics.csv is checked), or
+            None.
+        resume: the --resume file, an input, or None.
+
+    Raises:
+        din_fast.ctr.errors.OutputError: an output that cannot be written
+            (a directory, a device, a missing or read-only directory), is an
+            input or is another output's path, or a ``log_dir`` that cannot
+            be created.
+    """
     last = resume_path(checkpoint) if checkpoint else None
     continued = resume is not None and last is not None and same_file(resume, last)
     check_outputs({"--checkpoint": checkpoint, "--checkpoint's run state": last,
@@ -329,7 +576,31 @@ def train(config: TrainConfig, *, checkpoint: Optional[str] = None,
     compile may differ) and data: the result is the uninterrupted run's.
     ``log_dir`` gets a CSV of the epochs' metrics, rewritten after each. On
     Ctrl-C after an epoch finished, the best epoch so far is saved to
-    ``checkpoint`` and TrainingInterrupted raised."""
+    ``checkpoint`` and TrainingInterrupted raised.
+
+    Args:
+        config: the run's settings.
+        checkpoint: where to save the best epoch's model (and the run state
+            beside it); None: nothing is saved.
+        metrics_out: where to write the result as JSON; None: not written.
+        progress: show a progress bar (only where stderr is a terminal).
+        log: called with each line to report (the data, every epoch, the
+            stop); print by default.
+        resume: a run state file to continue from; None starts afresh.
+        log_dir: a directory for the epochs' metrics.csv; None: none.
+
+    Returns:
+        :func:`fit_learner`'s metrics plus ``model``, ``backend``,
+        ``config`` and ``data_fingerprint``.
+
+    Raises:
+        din_fast.ctr.errors.InputError: an output path that cannot be used,
+            a device or backend this machine lacks, data that cannot be
+            read or gives no training sample, a --resume file that holds no
+            run state or another run's, or a model torch.compile cannot
+            compile here (all before training, but the last).
+        TrainingInterrupted: Ctrl-C (a KeyboardInterrupt).
+    """
     check_training_outputs(config, checkpoint, metrics_out, log_dir=log_dir, resume=resume)
     check_device_and_backend(config)
     resumed = resumed_run(resume, config) if resume else None
@@ -375,7 +646,22 @@ def train(config: TrainConfig, *, checkpoint: Optional[str] = None,
 
 def resumed_run(path: str, config: TrainConfig):
     """The checkpoint at ``path`` with its run state, checked against the
-    run's ``config``; InputError when it holds none or the config differs."""
+    run's ``config``.
+
+    Args:
+        path: the --resume file, a run state din-fast train wrote.
+        config: the resuming command's settings: all but ``data``,
+            ``epochs``, ``patience``, ``device``, ``backend`` and
+            ``compile`` (RESUME_MAY_CHANGE) must be the run's own.
+
+    Returns:
+        The din_fast.ctr.checkpoint.Checkpoint, its ``run`` not None.
+
+    Raises:
+        din_fast.ctr.errors.InputError: the file is no valid checkpoint
+            (CheckpointError), holds no run state (a best-epoch checkpoint),
+            or was started with another value of a setting that must stay.
+    """
     checkpoint = load_checkpoint(path)
     if checkpoint.run is None:
         raise InputError(f"--resume {path}: holds no run state (it is a best-epoch checkpoint, "
@@ -398,6 +684,17 @@ def _option(name: str, value) -> str:
 
 
 def check_resumed_data(path: str, checkpoint, data: EncodedData) -> None:
+    """Check that a resumed run reads the data it started with, by the id
+    maps' fingerprints.
+
+    Args:
+        path: the --resume file, named in the message.
+        checkpoint: the Checkpoint :func:`resumed_run` returned.
+        data: the EncodedData the resumed run loaded.
+
+    Raises:
+        din_fast.ctr.errors.InputError: the data gives other id maps.
+    """
     saved, given = checkpoint.id_maps.fingerprint(), data.id_maps.fingerprint()
     if saved != given:
         raise InputError(f"--resume {path}: the data gives other id maps than the run's "
@@ -406,6 +703,16 @@ def check_resumed_data(path: str, checkpoint, data: EncodedData) -> None:
 
 
 def describe_data(data: EncodedData, splits: SampleSplits) -> str:
+    """The line training logs about its data.
+
+    Args:
+        data: the EncodedData trained on.
+        splits: its SampleSplits.
+
+    Returns:
+        Its source, users, items, categories, side features and the
+        samples of each split, in one line.
+    """
     categories = "no" if data.id_maps.category_ids is None else str(data.num_categories)
     side = data.id_maps.feature_sizes()
     features = "" if not side and not data.id_maps.numeric else "; side features " + ", ".join(
@@ -416,10 +723,21 @@ def describe_data(data: EncodedData, splits: SampleSplits) -> str:
 
 
 def load_training_data(config: TrainConfig):
-    """(EncodedData, SampleSplits) of the config's data; InputError when it
-    gives no training sample, or (a labeled log) validation or test rows
-    that no user has both labels in (GAUC, the early-stopping criterion,
-    would be undefined)."""
+    """The config's data and samples (:func:`load_config_data`), checked
+    to be trainable.
+
+    Args:
+        config: the run's settings.
+
+    Returns:
+        (EncodedData, SampleSplits).
+
+    Raises:
+        din_fast.ctr.errors.InputError: data that cannot be read, data that
+            gives no training sample, or (a labeled log) validation or test
+            rows in which no user has both labels (GAUC, the early-stopping
+            criterion, would be undefined).
+    """
     data, splits = load_config_data(config)
     if len(splits.train) == 0:
         raise InputError(f"{data.source}: no training samples: the protocol needs users with "
@@ -432,7 +750,17 @@ def load_training_data(config: TrainConfig):
 
 
 def check_both_labels(samples: Samples, what: str) -> None:
-    """InputError unless some user of ``samples`` has both a 0 and a 1 label."""
+    """Check that GAUC is defined on ``samples``: some user has both a 0
+    and a 1 label.
+
+    Args:
+        samples: the Samples to check (a labeled log's validation or test
+            rows).
+        what: names them in the message.
+
+    Raises:
+        din_fast.ctr.errors.InputError: no user has both labels.
+    """
     order = np.lexsort((samples.label, samples.user))
     user, label = samples.user[order], samples.label[order]
     changes = (user[1:] == user[:-1]) & (label[1:] != label[:-1])
@@ -445,7 +773,27 @@ def check_both_labels(samples: Samples, what: str) -> None:
 def fit(model, data: EncodedData, splits: SampleSplits, config: TrainConfig, *,
         progress: bool = True, log=print, on_epoch=None, resume: Optional[RunState] = None
         ) -> dict:
-    """:func:`fit_learner` for a model in this process (see LocalLearner)."""
+    """:func:`fit_learner` for a model in this process (see LocalLearner).
+
+    Args:
+        model: the model to train, on ``config.device``; it ends holding
+            the best epoch's weights.
+        data: the EncodedData to train on.
+        splits: its SampleSplits.
+        config: the run's settings.
+        progress: show a progress bar (where stderr is a terminal).
+        log: called with each line to report.
+        on_epoch: called as ``on_epoch(RunState, improved)`` after each
+            epoch; None: nothing.
+        resume: a RunState to continue from (``model`` holding its
+            weights); None starts afresh.
+
+    Returns:
+        :func:`fit_learner`'s metrics.
+
+    Raises:
+        TrainingInterrupted: Ctrl-C.
+    """
     learner = LocalLearner(model, data, config, None if splits.negatives else splits.train)
     return fit_learner(learner, data, splits, config, progress=progress, log=log,
                        on_epoch=on_epoch, resume=resume)
@@ -465,6 +813,35 @@ def fit_learner(learner, data: EncodedData, splits: SampleSplits, config: TrainC
     per-epoch records under ``epochs``. ``on_epoch(RunState, improved)`` runs
     after each epoch (before its line is logged); ``resume`` continues from
     such a state (the learner's model holding its weights).
+
+    Args:
+        learner: a LocalLearner or a
+            din_fast.ctr.sharded.training.ShardedLearner.
+        data: the EncodedData to train on.
+        splits: its SampleSplits (fresh training negatives each epoch where
+            ``splits.negatives``).
+        config: the run's settings (``epochs``, ``patience``, ``seed``,
+            ``batch_size``).
+        progress: show a progress bar (where stderr is a terminal).
+        log: called with each line to report.
+        on_epoch: called as ``on_epoch(RunState, improved)`` after each
+            epoch, ``improved`` True when it is the best so far; None:
+            nothing.
+        resume: a RunState to continue from; None starts afresh.
+
+    Returns:
+        ``test_auc``, ``test_gauc``, ``test_logloss``, the same three
+        ``validation_`` ones, ``best_epoch``, ``epochs_run``, ``stopped``,
+        ``train_seconds``, ``samples_per_second``, ``train_samples``,
+        ``validation_samples``, ``test_samples`` and ``epochs`` (a list of
+        per-epoch dicts).
+
+    Raises:
+        TrainingInterrupted: Ctrl-C; the learner then holds the best
+            epoch's weights (where one finished).
+        din_fast.ctr.errors.InputError: a NaN or Inf score at evaluation.
+        din_fast.ctr.errors.CheckpointError: ``resume``'s learner state does
+            not fit the learner.
     """
     train_size = splits.train_size
     epochs, best, best_state, epoch = [], None, None, 0
@@ -531,9 +908,23 @@ def fit_learner(learner, data: EncodedData, splits: SampleSplits, config: TrainC
 
 
 def checkpoint_for_run(path: str, backend: str, device: str):
-    """(Checkpoint, its config with this run's backend and device) for
-    evaluate, predict and export: the device is checked before the file is
-    read, the backend before anything is built."""
+    """A checkpoint and the config to run it by, for evaluate, predict and
+    export: the device is checked before the file is read, the backend
+    before anything is built.
+
+    Args:
+        path: a ``din-fast train --checkpoint`` file.
+        backend: the attention backend to run ("auto", "triton", "torch",
+            "reference").
+        device: "cpu" or "cuda".
+
+    Returns:
+        (Checkpoint, its TrainConfig with this ``backend`` and ``device``).
+
+    Raises:
+        din_fast.ctr.errors.InputError: the device or backend cannot run
+            here, or the file is no valid checkpoint (CheckpointError).
+    """
     check_device(device)
     checkpoint = load_checkpoint(path)
     config = replace(checkpoint.config, backend=backend, device=device)
@@ -557,6 +948,29 @@ def evaluate_checkpoint(path: str, data: Optional[str] = None, *, backend: str =
     history items are skipped (``skipped_history_items``). Of a labeled log,
     the test rows of the run's time split are scored, unknown ids as the
     reserved one (counted in ``unknown_test_items``).
+
+    Args:
+        path: a ``din-fast train --checkpoint`` file.
+        data: the data file or directory to evaluate on (a labeled log for
+            a checkpoint trained on one); None for the synthetic set.
+        backend: the attention backend to run.
+        device: "cpu" or "cuda".
+        max_unknown: the largest share, in [0, 1], of rows in any column
+            holding ids the checkpoint does not know before the data is
+            refused as another data set's.
+
+    Returns:
+        ``test_auc``, ``test_gauc``, ``test_logloss``, ``model``,
+        ``backend`` (the one the attention ran) and ``test_samples``; by
+        the DIN protocol also ``excluded_test_samples`` and
+        ``skipped_history_items``, of a labeled log ``unknown_test_items``.
+
+    Raises:
+        din_fast.ctr.errors.InputError: no ``data`` for a checkpoint trained
+            on a file, no test sample left (the checkpoint knows none of the
+            test items), a bad checkpoint or data file, data that
+            contradicts the checkpoint, a device or backend this machine
+            lacks, or test rows where GAUC is undefined.
     """
     checkpoint, config = checkpoint_for_run(path, backend, device)
     if data is None and checkpoint.config.data is not None:
