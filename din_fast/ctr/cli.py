@@ -45,6 +45,9 @@ class ArgumentParser(argparse.ArgumentParser):
     """argparse with its errors on one line, like the command's other errors."""
 
     def error(self, message):
+        """Print ``din-fast: error: <command>: <message> (see <command>
+        --help)`` on stderr and exit with status 2 (argparse's usage block
+        left out)."""
         self.exit(USAGE_ERROR, f"din-fast: error: {self.prog}: {message} (see {self.prog} "
                                "--help)\n")
 
@@ -69,10 +72,16 @@ class DefaultsHelpFormatter(argparse.HelpFormatter):
 
 
 def default_device() -> str:
+    """--device's default: "cuda" where CUDA is available, else "cpu"."""
     return "cuda" if torch.cuda.is_available() else "cpu"
 
 
+# The option types below: the numeric ones raise ValueError for text that is
+# not a number (argparse reports "invalid <type> value"); each raises
+# ArgumentTypeError for a value outside its range, whose message argparse shows.
+
 def positive_int(text: str) -> int:
+    """An option's integer >= 1."""
     value = int(text)
     if value < 1:
         raise argparse.ArgumentTypeError(f"must be a positive integer; got {text}")
@@ -80,6 +89,7 @@ def positive_int(text: str) -> int:
 
 
 def positive_float(text: str) -> float:
+    """An option's finite number > 0."""
     value = float(text)
     if not (math.isfinite(value) and value > 0):
         raise argparse.ArgumentTypeError(f"must be a finite number > 0; got {text}")
@@ -87,6 +97,7 @@ def positive_float(text: str) -> float:
 
 
 def non_negative_float(text: str) -> float:
+    """An option's finite number >= 0."""
     value = float(text)
     if not (math.isfinite(value) and value >= 0):
         raise argparse.ArgumentTypeError(f"must be a finite number >= 0; got {text}")
@@ -94,6 +105,7 @@ def non_negative_float(text: str) -> float:
 
 
 def fraction(text: str) -> float:
+    """An option's number in (0, 1]."""
     value = float(text)
     if not 0 < value <= 1:
         raise argparse.ArgumentTypeError(f"must be a number in (0, 1]; got {text}")
@@ -101,6 +113,7 @@ def fraction(text: str) -> float:
 
 
 def seed(text: str) -> int:
+    """An option's integer in [0, 2**63), a seed numpy and torch take."""
     value = int(text)
     if not 0 <= value < 2 ** 63:
         raise argparse.ArgumentTypeError(f"must be an integer in [0, 2**63); got {text}")
@@ -108,6 +121,7 @@ def seed(text: str) -> int:
 
 
 def share(text: str) -> float:
+    """An option's number in [0, 1]."""
     value = float(text)
     if not 0 <= value <= 1:
         raise argparse.ArgumentTypeError(f"must be a number in [0, 1]; got {text}")
@@ -115,6 +129,7 @@ def share(text: str) -> float:
 
 
 def open_fraction(text: str) -> float:
+    """An option's number in (0, 1)."""
     value = float(text)
     if not 0 < value < 1:
         raise argparse.ArgumentTypeError(f"must be a number in (0, 1); got {text}")
@@ -122,6 +137,7 @@ def open_fraction(text: str) -> float:
 
 
 def column_names(text: str) -> tuple:
+    """An option's column names separated by commas, trimmed, none empty."""
     names = tuple(name.strip() for name in text.split(","))
     if not all(names):
         raise argparse.ArgumentTypeError(f"must be column names separated by commas; got {text!r}")
@@ -138,12 +154,14 @@ def available_cores() -> int:
 
 
 def add_threads_option(parser: argparse.ArgumentParser) -> None:
+    """Add --threads (torch's CPU threads) to a command's parser."""
     parser.add_argument("--threads", type=positive_int, default=available_cores(),
                         help="CPU threads for torch; by default the cores this process may "
                         "run on (on a machine others share, fewer can be faster)")
 
 
 def add_max_unknown_option(parser: argparse.ArgumentParser) -> None:
+    """Add --max-unknown (din_fast.ctr.foreign_data) to a command's parser."""
     parser.add_argument("--max-unknown", type=share, default=MAX_UNKNOWN,
                         help="refuse data whose rows hold ids the checkpoint has never seen "
                         "(items, categories, feature values) in more than this share of rows "
@@ -151,6 +169,9 @@ def add_max_unknown_option(parser: argparse.ArgumentParser) -> None:
 
 
 def build_parser() -> argparse.ArgumentParser:
+    """The ``din-fast`` parser: the commands train, evaluate, predict and
+    export, each option's help ending with its default (the command
+    reference, docs/reference/cli.md, is generated from it)."""
     defaults = TrainConfig()
     parser = ArgumentParser(prog="din-fast", description=__doc__)
     commands = parser.add_subparsers(dest="command", required=True)
@@ -339,6 +360,16 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv=None) -> int:
+    """Run ``din-fast`` (the console script and ``python -m din_fast``).
+
+    Args:
+        argv: the arguments after the program name; None reads sys.argv.
+
+    Returns:
+        The exit status: 0, 2 (a usage error or InputError, reported as one
+        ``din-fast: error: ...`` line), 130 (Ctrl-C, one ``din-fast:
+        interrupted ...`` line) or 1 (stdout's reader went away).
+    """
     args = build_parser().parse_args(argv)
     torch.set_num_threads(args.threads)
     try:

@@ -45,6 +45,7 @@ class Dice(DiceStatistics, nn.Module):
         self.statistics_group = None
 
     def forward(self, x):
+        """Dice of ``x``, [N, width] (BatchNorm1d's input), its shape kept."""
         p = torch.sigmoid(self._normalized(x))
         return x * (self.alpha + p * (1 - self.alpha))
 
@@ -73,6 +74,8 @@ def check_within(subject: str, name: str, values: torch.Tensor, high, needs: str
 
 
 def scoring_mlp(in_features: int, hidden_units, activation: str) -> nn.Sequential:
+    """The scoring MLP: Linear + activation per hidden width, then a Linear
+    to one logit; ValueError for an ``activation`` not in MLP_ACTIVATIONS."""
     if activation not in MLP_ACTIVATIONS:
         raise ValueError(f"`mlp_activation` must be one of {MLP_ACTIVATIONS}; got {activation!r}")
     layers, width = [], in_features

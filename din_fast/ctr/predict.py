@@ -59,6 +59,20 @@ OUTPUT_FORMATS = ("csv", "jsonl")
 
 @dataclass
 class Request:
+    """One request of a requests file, as :func:`read_requests` read it (ids
+    as strings, numbers as written).
+
+    Args:
+        line: its line in the file, from 1.
+        name: its "request" field (a non-string one as JSON), else the line
+            number as a str.
+        user: the user whose history --data holds; None with ``history``.
+        history: the raw item ids, oldest first; None with ``user``.
+        candidates: the raw item ids to score, at least one.
+        features: {column: a value, or a list of one value per candidate}
+            for a model with side features; {} without.
+    """
+
     line: int
     name: str                       # "request" from the file, else the line number
     user: Optional[str]
@@ -71,7 +85,23 @@ class Request:
 class Counts:
     """What the requests held that the checkpoint (or the data) does not know;
     ``unknown_scored``: whether unknown candidates were scored (a labeled
-    log's model, with its reserved id) or left without a score."""
+    log's model, with its reserved id) or left without a score.
+
+    Args:
+        requests: the requests scored.
+        scores: the scores written (candidates without one are not counted).
+        unknown_candidates: candidates the checkpoint does not know (of
+            requests whose history is known).
+        unknown_users: requests naming a user the data lacks (none of their
+            candidates scored).
+        skipped_history_items: unknown history items left out (DIN
+            protocol).
+        unknown_history_items: unknown history items scored as the
+            reserved id (labeled logs).
+        unknown_feature_values: side-feature values scored as the reserved
+            id.
+        unknown_scored: whether unknown candidates are scored.
+    """
 
     requests: int = 0
     scores: int = 0
@@ -89,7 +119,24 @@ def _token(value) -> Optional[str]:
 
 
 def read_requests(path) -> list:
-    """The requests of a JSON-lines file; DataFormatError naming the line."""
+    """Read a requests file: one JSON object per line (blank lines skipped),
+    ``{"user": id}`` or ``{"history": [ids]}``, ``"candidates": [ids]``, and
+    optionally ``"features"`` and ``"request"`` (its name); see the module's
+    documentation.
+
+    Args:
+        path: the UTF-8 JSON-lines file, a str or os.PathLike.
+
+    Returns:
+        [Request], in file order.
+
+    Raises:
+        din_fast.ctr.errors.DataFormatError: the file is missing, not a
+            regular file, not UTF-8, holds no request, or a line is not a
+            JSON object, has no non-empty list of candidates, has both or
+            neither of "user" and "history", an empty id, or "features" that
+            is not an object (naming the line).
+    """
     path = Path(path)
     if not path.is_file():
         raise DataFormatError(f"requests file {path} "
@@ -135,8 +182,24 @@ def read_requests(path) -> list:
 
 
 def user_histories(data: Optional[EncodedData], requests: list, path: str):
-    """{user id: (its dense items, their dense categories or None)} for the
-    requests that name a user (None for a user the data lacks)."""
+    """The histories of the users the requests name.
+
+    Args:
+        data: the users' behaviours, encoded with the checkpoint's id maps
+            (a labeled log's: each user's label-1 rows); None when --data
+            was not given.
+        requests: the Requests.
+        path: the requests file, named in the error.
+
+    Returns:
+        {raw user id: (int64 dense items, oldest first, and their int64
+        dense categories or None), or None for a user the data lacks}; {}
+        when no request names a user.
+
+    Raises:
+        din_fast.ctr.errors.InputError: requests name users and ``data`` is
+            None.
+    """
     wanted = sorted({r.user for r in requests if r.user is not None})
     if not wanted:
         return {}
@@ -162,7 +225,32 @@ def predict_file(checkpoint_path, requests_path, data_path=None, output=None,
     ``output`` (default stdout; a file is checked before anything is read and
     written atomically, see din_fast.ctr.files); returns what was scored and what
     was unknown. ``data_path`` (the users' behaviours) is refused when it
-    contradicts the checkpoint (din_fast.ctr.foreign_data, ``max_unknown``)."""
+    contradicts the checkpoint (din_fast.ctr.foreign_data, ``max_unknown``).
+
+    Args:
+        checkpoint_path: a ``din-fast train --checkpoint`` file.
+        requests_path: the requests, JSON lines (:func:`read_requests`).
+        data_path: the behaviours (or labeled log) of the users the requests
+            name; None when every request gives its history.
+        output: the file to write; None: stdout.
+        output_format: "csv" or "jsonl"; None: jsonl for a ``.jsonl`` or
+            ``.json`` output, else csv.
+        device: "cpu" or "cuda".
+        backend: the attention backend ("auto", "triton", "torch",
+            "reference").
+        max_unknown: the largest share, in [0, 1], of the data's rows in any
+            column with ids the checkpoint does not know.
+
+    Returns:
+        The Counts of what was scored and what was unknown.
+
+    Raises:
+        din_fast.ctr.errors.InputError: an output that cannot be written or
+            is an input, a device or backend this machine lacks, a bad
+            checkpoint, requests or data file, data that contradicts the
+            checkpoint, requests naming users without ``data_path``, or
+            "features" that do not fit the model (naming the line).
+    """
     check_outputs({"--output": output}, {"--checkpoint": checkpoint_path,
                                          "--requests": requests_path,
                                          "--data": data_files(data_path)})
@@ -191,8 +279,29 @@ def predict_file(checkpoint_path, requests_path, data_path=None, output=None,
 
 def score_requests(model, id_maps: IdMaps, max_len, requests: list, histories: dict, device,
                    counts: Counts, path: str = "requests") -> Iterator[tuple]:
-    """(request, candidate, probability or None, note) for every candidate of
-    every request, in file order."""
+    """Score requests, in batches of at most CANDIDATES_PER_BATCH scores,
+    each history pooled once for all of its candidates.
+
+    Args:
+        model: the checkpoint's model (din_fast.DIN or BaseModel), in eval
+            mode on ``device``.
+        id_maps: the checkpoint's IdMaps.
+        max_len: keep the most recent ``max_len`` history items; None: all.
+        requests: the Requests.
+        histories: :func:`user_histories` of the requests.
+        device: where the model runs.
+        counts: the Counts to update (in place).
+        path: the requests file, named in errors.
+
+    Yields:
+        (request name, raw candidate, click probability as a float or None,
+        note: "", "unknown item" or "unknown user") for every candidate of
+        every request, in file order.
+
+    Raises:
+        din_fast.ctr.errors.DataFormatError: a request's "features" that do
+            not fit the model (naming the line), as iteration reaches it.
+    """
     encoder = Encoder.from_id_maps(id_maps)
     for batch in _batches(requests):
         rows = [_encode_request(request, histories, id_maps, encoder, max_len, counts, path)
@@ -212,9 +321,19 @@ def score_requests(model, id_maps: IdMaps, max_len, requests: list, histories: d
 
 @dataclass
 class EncodedRequest:
-    """A request's dense inputs: history [T] and its categories (None without
-    categories), candidates [C] and theirs, each side feature's ids per
-    candidate (lists), numeric features [C, N]; ``note`` why it is not scored."""
+    """A request's dense inputs; ``note`` why it is not scored.
+
+    Args:
+        history: [T] int64 dense item ids, oldest first.
+        history_categories: [T] int64 their categories; None without
+            categories.
+        candidates: [C] int64 dense item ids.
+        candidate_categories: [C] int64; None without categories.
+        features: {side feature: a list of C lists of dense ids}.
+        numeric: [C, N] float32 standardized numeric features; None
+            without any.
+        note: "" (scored) or why not ("unknown user").
+    """
 
     history: np.ndarray
     history_categories: Optional[np.ndarray]
@@ -273,7 +392,17 @@ def _encode_request(request: Request, histories: dict, id_maps: IdMaps, encoder:
 
 
 def category_of(id_maps: IdMaps, items: np.ndarray) -> np.ndarray:
-    """The dense category of dense items; the reserved item's is the reserved category."""
+    """The dense category of dense items.
+
+    Args:
+        id_maps: IdMaps with categories.
+        items: int dense item ids (0 the padding; the reserved id with
+            ``unknown`` maps).
+
+    Returns:
+        Their dense categories, int64, the shape of ``items``; the padding's
+        is 0, the reserved item's the reserved category.
+    """
     table = id_maps.item_category
     if id_maps.unknown:
         table = np.append(table, id_maps.num_categories)
@@ -337,7 +466,17 @@ def _padded_values(per_request: list, most: int) -> np.ndarray:
 
 
 def write_scores(rows: Iterator[tuple], out, output_format: str) -> None:
-    """CSV (request,candidate,score,note; no score for unknowns) or JSON lines."""
+    """Write scored rows as CSV or JSON lines.
+
+    Args:
+        rows: (request, candidate, score or None, note) tuples, as
+            :func:`score_requests` yields them.
+        out: a text file open for writing.
+        output_format: "csv" (a header, then request,candidate,score,note;
+            the score empty where there is none, 6 significant digits) or
+            "jsonl" (``{"request", "candidate", "score"}`` with ``"note"``
+            where there is one; a null score where there is none).
+    """
     if output_format == "csv":
         writer = csv.writer(out, lineterminator="\n")
         writer.writerow(("request", "candidate", "score", "note"))
@@ -352,12 +491,31 @@ def write_scores(rows: Iterator[tuple], out, output_format: str) -> None:
 
 
 def output_format_of(path: Optional[str], requested: Optional[str]) -> str:
+    """The output format of predict's --output and --format.
+
+    Args:
+        path: the output file; None for stdout.
+        requested: "csv", "jsonl" or None.
+
+    Returns:
+        ``requested`` where given, else "jsonl" for a ``.jsonl`` or
+        ``.json`` path (any case), else "csv".
+    """
     if requested:
         return requested
     return "jsonl" if path and Path(path).suffix.lower() in (".jsonl", ".json") else "csv"
 
 
 def describe(counts: Counts) -> str:
+    """The note ``din-fast predict`` prints on stderr.
+
+    Args:
+        counts: the Counts :func:`predict_file` returned.
+
+    Returns:
+        One line: the scores and requests, and what was unknown (scored as
+        the reserved id, or left without a score and skipped).
+    """
     if counts.unknown_scored:
         return (f"{counts.scores} score(s) for {counts.requests} request(s); "
                 f"{counts.unknown_users} unknown user(s) without a score; "

@@ -21,6 +21,9 @@ COLUMNS = ("epoch", "train_loss", "validation_auc", "validation_gauc", "validati
 
 
 class EpochLog:
+    """The metrics.csv of a --log-dir directory (created where missing, by
+    :meth:`path_in`)."""
+
     def __init__(self, directory):
         self.path = self.path_in(directory)
 

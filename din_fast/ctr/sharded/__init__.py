@@ -21,8 +21,16 @@ __all__ = ["DEFAULT_EMBEDDING_LR", "DEFAULT_EMBEDDING_OPTIMIZER", "DEFAULT_L2",
 
 
 def load_trainer():
-    """din_fast.ctr.sharded.training.train_sharded, or an OptionError that says how
-    to install TorchRec."""
+    """Import the TorchRec trainer (TorchRec is an optional install).
+
+    Returns:
+        din_fast.ctr.sharded.training.train_sharded.
+
+    Raises:
+        OptionError: TorchRec or FBGEMM is not installed; the message says
+            how to install them.
+        ModuleNotFoundError: another module is missing (a broken install).
+    """
     try:
         from .training import train_sharded
     except ModuleNotFoundError as error:

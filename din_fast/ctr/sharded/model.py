@@ -56,13 +56,32 @@ STORAGE_RESERVATION = 0.15
 
 
 class TorchRecDIN(nn.Module):
-    """din_fast.DIN with TorchRec tables; the arguments are DIN's.
+    """din_fast.DIN with TorchRec tables (exact DIN: no two-stage attention,
+    side features or linear part; a category table is required).
 
     The tables are built on the meta device: DistributedModelParallel
     allocates each process's shards (drawn from N(0, 0.05), as DIN's) and
     never the whole tables. shard_model makes Dice's batch statistics (in the
     attention unit and the scoring MLP) those of the global batch
     (din_fast.synchronize_dice_statistics).
+
+    Args:
+        num_items: the items of the id maps; the item table has one more row,
+            row 0 the padding.
+        num_categories: likewise for the category table.
+        embed_dim: each table's width E, so an item is 2E wide.
+        mlp_hidden: the scoring MLP's hidden widths.
+        mlp_activation: the scoring MLP's, "dice" or "prelu".
+        backend: the attention backend (din_attention_jagged's).
+        mlp_input: "concat" or "product", as DIN's.
+        attention_hidden: the attention unit's hidden widths.
+        attention_activation: "dice", "sigmoid", "relu" or "prelu".
+        attention_normalization: "softmax" or None (raw scores).
+        device: where the attention unit and the MLP go (None: the default
+            device); the tables stay on the meta device until sharded.
+
+    Raises:
+        ValueError: an option DINAttention or the scoring MLP refuses.
     """
 
     def __init__(self, num_items: int, num_categories: int, embed_dim: int = 32,
@@ -87,12 +106,22 @@ class TorchRecDIN(nn.Module):
                                mlp_activation).to(device)
 
     def forward(self, features: KeyedJaggedTensor, max_len: int, penalized=None):
-        """Logits [B] of the samples in ``features`` (see batch_features);
-        ``max_len`` bounds the history lengths. With ``penalized``
-        ({table: (ids [N], weights [N])}, ids among the features' ids) also
-        the penalty sum_j weight_j * ||row_j||^2 over those rows, taken from
-        the lookups so that its gradient reaches the rows through the tables'
-        fused backward."""
+        """Score the samples of ``features``.
+
+        Args:
+            features: the KeyedJaggedTensor of :func:`batch_features` (the
+                keys of FEATURES; one target per sample), on the model's device.
+            max_len: an int bounding every history length (the padded batch's
+                width T).
+            penalized: {"item", "category": (int64 ids [N], float weights [N])},
+                ids among the features' ids; None: no penalty.
+
+        Returns:
+            The logits [B]; with ``penalized`` (logits, penalty): the penalty
+            sum_j weight_j * ||row_j||^2 over those rows, a 0-d tensor taken
+            from the lookups so that its gradient reaches the rows through the
+            tables' fused backward.
+        """
         embedded = self.tables(features)
 
         def items(prefix):  # an item is [item embedding | category embedding]
@@ -116,25 +145,51 @@ class TorchRecDIN(nn.Module):
 
 
 def smallest_key_per_value(values: torch.Tensor, keys: torch.Tensor):
-    """(the distinct ``values``, sorted; for each, the smallest of the
-    ``keys`` at its occurrences): with keys the positions, where each value
-    occurs first."""
+    """For each distinct value, the smallest key at its occurrences (with
+    the positions as keys: where each value occurs first).
+
+    Args:
+        values: a 1-D integer tensor.
+        keys: a 1-D integer tensor of the same length.
+
+    Returns:
+        (the distinct ``values``, sorted; [U] in keys' dtype the smallest
+        key of each).
+    """
     unique, inverse = torch.unique(values, return_inverse=True)
     smallest = torch.full_like(unique, torch.iinfo(keys.dtype).max, dtype=keys.dtype)
     return unique, smallest.scatter_reduce(0, inverse, keys, "amin")
 
 
 def first_positions(values: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
-    """The position of each of ``ids`` (all present in ``values``) at its
-    first occurrence in ``values``."""
+    """Where each of ``ids`` first occurs in ``values``.
+
+    Args:
+        values: a 1-D integer tensor.
+        ids: a 1-D integer tensor, each present in ``values`` (an absent
+            one gives a wrong position, unchecked).
+
+    Returns:
+        [len(ids)] int64 positions in ``values``.
+    """
     unique, first = smallest_key_per_value(
         values, torch.arange(values.numel(), device=values.device))
     return first[torch.searchsorted(unique, ids)]
 
 
 def batch_features(batch: Batch) -> KeyedJaggedTensor:
-    """The KeyedJaggedTensor of a padded data.Batch: the valid history
-    positions of each sample back to back, and its target."""
+    """The KeyedJaggedTensor of a padded batch: the valid history positions
+    of each sample back to back, and its target.
+
+    Args:
+        batch: a din_fast.ctr.data.Batch with categories (history [B, T],
+            lengths [B], targets [B]).
+
+    Returns:
+        A KeyedJaggedTensor with the keys of FEATURES: history_items and
+        history_categories of lengths ``batch.lengths``, target_items and
+        target_categories one id per sample; on the batch's device.
+    """
     positions = torch.arange(batch.history_items.shape[1], device=batch.lengths.device)
     valid = positions < batch.lengths[:, None]
     ones = torch.ones_like(batch.lengths)
@@ -147,7 +202,16 @@ def batch_features(batch: Batch) -> KeyedJaggedTensor:
 
 def column_shard_width(embed_dim: int, world_size: int) -> int:
     """The narrowest column-wise shard TorchRec accepts (a multiple of 4 that
-    divides embed_dim) that still gives at most one shard per process."""
+    divides embed_dim) that still gives at most one shard per process.
+
+    Args:
+        embed_dim: the table's width.
+        world_size: the processes.
+
+    Returns:
+        The width, at least ceil(embed_dim / world_size); ``embed_dim`` when
+        no narrower one fits.
+    """
     for width in range(-(-embed_dim // world_size), embed_dim):
         if width % 4 == 0 and embed_dim % width == 0:
             return width
@@ -167,6 +231,24 @@ def shard_model(model: TorchRecDIN, device: torch.device, sharding: Optional[str
     Dice's training statistics are taken over every process's share of a
     batch (din_fast.synchronize_dice_statistics), so a training forward is a
     collective. ``batch_size`` (samples per process) informs the planner's cost estimates.
+
+    Args:
+        model: the TorchRecDIN, its tables on the meta device.
+        device: this process's torch.device (its GPU under torchrun on
+            CUDA).
+        sharding: one of SHARDING_TYPES, or None (the planner chooses).
+        embedding_optimizer: one of EMBEDDING_OPTIMIZERS.
+        embedding_lr: the tables' learning rate.
+        batch_size: samples per process in a batch, or None.
+
+    Returns:
+        The DistributedModelParallel; each process holds its shards (the
+        padding row zeroed).
+
+    Raises:
+        ValueError: an unknown ``sharding``.
+        OptionError: options :func:`din_fast.ctr.sharded.check_options`
+            refuses (an InputError, so also a ValueError).
     """
     if sharding is not None and sharding not in SHARDING_TYPES:
         raise ValueError(f"`sharding` must be one of {SHARDING_TYPES} or None; got {sharding!r}")
@@ -205,7 +287,14 @@ def shard_model(model: TorchRecDIN, device: torch.device, sharding: Optional[str
 
 
 def plan_summary(sharded: DistributedModelParallel) -> dict:
-    """{table: {"sharding_type", "ranks"}} of a sharded TorchRecDIN."""
+    """The plan TorchRec chose, for the metrics and the log.
+
+    Args:
+        sharded: a TorchRecDIN from :func:`shard_model`.
+
+    Returns:
+        {"item", "category": {"sharding_type": str, "ranks": [int]}}.
+    """
     plan = sharded.plan.get_plan_for_module(TABLES_MODULE)
     return {name: {"sharding_type": plan[name].sharding_type, "ranks": plan[name].ranks}
             for name in TABLES}
@@ -230,10 +319,18 @@ def _table_of(state_key: str) -> str:
 
 
 def din_state_dict(sharded: DistributedModelParallel) -> Optional[dict]:
-    """din_fast.DIN's state_dict of a sharded TorchRecDIN, on the CPU of rank 0
-    (None on the other ranks). A collective: every rank must call it. Rank 0
-    holds each whole table for a moment, so this serves tables that fit in one
-    process's memory."""
+    """din_fast.DIN's state_dict of a sharded TorchRecDIN, gathered. A
+    collective: every rank must call it. Rank 0 holds each whole table for a
+    moment, so this serves tables that fit in one process's memory.
+
+    Args:
+        sharded: a TorchRecDIN from :func:`shard_model`.
+
+    Returns:
+        On rank 0 the state_dict, CPU tensors under din_fast.DIN's keys (the
+        tables as ``item_embedding.weight`` and
+        ``category_embedding.weight``); None on the other ranks.
+    """
     rank = dist.get_rank()
     state = {}
     for key, value in sharded.state_dict().items():
@@ -257,7 +354,19 @@ def _gather_device() -> torch.device:
 @torch.no_grad()
 def load_din_state_dict(sharded: DistributedModelParallel, state: dict) -> None:
     """Copy a din_fast.DIN state_dict (the whole tables, on every rank) into a
-    sharded TorchRecDIN: each process takes its own slices of the tables."""
+    sharded TorchRecDIN: each process takes its own slices of the tables.
+
+    Args:
+        sharded: a TorchRecDIN from :func:`shard_model`.
+        state: din_fast.DIN's state_dict of the same sizes (what
+            :func:`din_state_dict` returns), on every rank.
+
+    Raises:
+        ValueError: ``state`` lacks a key of din_fast.DIN's state_dict or
+            has another.
+        RuntimeError: from ``copy_``, for a tensor whose shape does not fit
+            (one that broadcasts to the model's is not detected).
+    """
     own = sharded.state_dict()
     expected = {TABLES[_table_of(k)][1] if isinstance(v, ShardedTensor) else k
                 for k, v in own.items()}

@@ -54,8 +54,15 @@ MIN_SHARE = 1
 @contextlib.contextmanager
 def process_group(device: str):
     """The default process group of a torchrun launch (NCCL on CUDA, gloo on
-    CPU), or a group of one process outside torchrun; yields the device of this
-    process."""
+    CPU), or a group of one process outside torchrun; destroyed on exit.
+
+    Args:
+        device: "cpu" or "cuda" (then this process's GPU is LOCAL_RANK's,
+            made the current one).
+
+    Yields:
+        This process's torch.device.
+    """
     if device == "cuda":
         local_device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0)))
         torch.cuda.set_device(local_device)
@@ -80,7 +87,14 @@ def rank_share(batch: Batch) -> tuple[Batch, int]:
     history and the padding id 0 as target. Its output is to be dropped; it
     touches only the padding rows and gives them zero gradient, but in
     training it would enter the MLP's Dice statistics, so the trainer never
-    makes one there (MIN_SHARE); evaluation has no batch statistics."""
+    makes one there (MIN_SHARE); evaluation has no batch statistics.
+
+    Args:
+        batch: the global din_fast.ctr.data.Batch, the same on every process.
+
+    Returns:
+        (this process's Batch, its number of samples: 0 for the stand-in).
+    """
     rank, world = dist.get_rank(), dist.get_world_size()
     share = batch.map(lambda t: t[rank::world])
     if len(share.labels):
@@ -89,10 +103,21 @@ def rank_share(batch: Batch) -> tuple[Batch, int]:
 
 
 def penalized_rows(batch: Batch, inverse_frequency: dict, device) -> dict:
-    """{table: (ids, 1 / frequency)} of the rows this process penalizes for a
-    global batch: every distinct id the batch looks up (padding aside) once,
-    by the process whose share holds the id's first sample, so that the
-    processes' penalties add up to the single-process one."""
+    """The rows this process penalizes for a global batch: every distinct id
+    the batch looks up (padding aside) once, by the process whose share
+    holds the id's first sample, so that the processes' penalties add up to
+    the single-process one.
+
+    Args:
+        batch: the global din_fast.ctr.data.Batch (on the CPU).
+        inverse_frequency: din_fast.ctr.training.inverse_frequencies of the
+            data ("item" and "category", on the CPU).
+        device: where the returned tensors go.
+
+    Returns:
+        {"item", "category": (int64 ids [N], float32 1 / frequency [N])},
+        TorchRecDIN.forward's ``penalized``.
+    """
     rank, world = dist.get_rank(), dist.get_world_size()
     size, width = batch.history_items.shape
     valid = torch.arange(width) < batch.lengths[:, None]
@@ -111,16 +136,37 @@ def penalized_rows(batch: Batch, inverse_frequency: dict, device) -> dict:
 
 
 def dense_parameters(sharded) -> list:
-    """The parameters that the tables' fused optimizer does not train."""
+    """The parameters that the tables' fused optimizer does not train.
+
+    Args:
+        sharded: a TorchRecDIN from din_fast.ctr.sharded.model.shard_model.
+
+    Returns:
+        [Parameter]: the attention unit's and the MLP's.
+    """
     return [p for _, p in in_backward_optimizer_filter(sharded.named_parameters())]
 
 
 def train_step(sharded, optimizer, batch: Batch, device, l2: float = 0.0,
                inverse_frequency: Optional[dict] = None) -> torch.Tensor:
-    """One step on this process's share of a global batch (a collective); the
-    summed loss of the share (without the penalty), detached. ``l2`` > 0
-    adds the mini-batch aware L2 penalty (``inverse_frequency`` per table,
-    see din_fast.ctr.training.inverse_frequencies)."""
+    """One step on this process's share of a global batch (a collective):
+    the gradient of the global batch's mean loss (and penalty), the dense
+    layers stepped by ``optimizer``, the tables by their fused optimizer.
+
+    Args:
+        sharded: a TorchRecDIN from din_fast.ctr.sharded.model.shard_model.
+        optimizer: the dense layers' optimizer.
+        batch: the global din_fast.ctr.data.Batch, the same on every
+            process, on the CPU.
+        device: this process's torch.device.
+        l2: the mini-batch aware L2's weight; 0 for none.
+        inverse_frequency: per table, din_fast.ctr.training.inverse_frequencies;
+            needed when ``l2`` > 0.
+
+    Returns:
+        The summed loss of the share (without the penalty), detached, a 0-d
+        tensor on ``device``.
+    """
     share, count = rank_share(batch)
     features = batch_features(share).to(device)
     width = batch.history_items.shape[1]
@@ -143,7 +189,14 @@ class ShardedLearner(Learner):
     """din_fast.ctr.training.LocalLearner's counterpart for a sharded TorchRecDIN:
     Adam trains the dense layers (the tables train in their fused optimizer);
     every method is a collective. Every process's share of a training batch
-    holds MIN_SHARE samples at least."""
+    holds MIN_SHARE samples at least.
+
+    Args:
+        sharded: a TorchRecDIN from din_fast.ctr.sharded.model.shard_model.
+        data: the EncodedData trained on (the same on every process).
+        config: the run's settings.
+        device: this process's torch.device.
+    """
 
     def __init__(self, sharded, data: EncodedData, config: TrainConfig, device):
         # Two samples at least globally, as in one process (Dice's batch statistics).
@@ -152,7 +205,17 @@ class ShardedLearner(Learner):
         self.sharded, self.device = sharded, device
 
     def train_epoch(self, samples: Samples, bar) -> float:
-        """One pass over ``samples``; the mean training loss over them."""
+        """One pass over ``samples`` (a collective), then the learning-rate
+    decay.
+
+    Args:
+        samples: the epoch's training Samples (the same on every process).
+        bar: wraps the batches for display (see
+            din_fast.ctr.training.Learner.training_batches).
+
+    Returns:
+        The mean training loss over the samples, without the penalty.
+    """
         self.sharded.train()
         loss_sum = torch.zeros((), dtype=torch.float64, device=self.device)
         for _, batch in self.training_batches(samples, bar):
@@ -165,7 +228,19 @@ class ShardedLearner(Learner):
     @torch.no_grad()
     def evaluate(self, samples: Samples, prefix: str) -> dict:
         """Metrics over all ``samples``, each process scoring its share of
-        every batch."""
+        every batch (a collective).
+
+        Args:
+            samples: the Samples to score (the same on every process).
+            prefix: the metrics' names' start ("validation", "test").
+
+        Returns:
+            ``{prefix}_auc``, ``{prefix}_gauc`` and ``{prefix}_logloss``, the
+            same on every process.
+
+        Raises:
+            din_fast.ctr.errors.InputError: a NaN or Inf score.
+        """
         self.sharded.eval()
         rank, world = dist.get_rank(), dist.get_world_size()
         indices, logits = [], []
@@ -192,10 +267,17 @@ class ShardedLearner(Learner):
                 yield value
 
     def snapshot(self) -> list:
+        """A copy of this process's weights (its table shards and the dense
+        tensors), for :meth:`restore`."""
         return [t.detach().clone() for t in self._local_tensors()]
 
     @torch.no_grad()
     def restore(self, snapshot: list) -> None:
+        """Load weights :meth:`snapshot` took on this process.
+
+        Args:
+            snapshot: the list :meth:`snapshot` returned.
+        """
         for tensor, saved in zip(self._local_tensors(), snapshot, strict=True):
             tensor.copy_(saved)
 
@@ -216,6 +298,35 @@ def train_sharded(config: TrainConfig, sharding: Optional[str] = None, *,
     (TrainingInterrupted), one process saves the best epoch so far to
     ``checkpoint``; several do not (gathering the tables is a collective that
     processes stopped at different points could not finish).
+
+    Args:
+        config: the run's settings (model "din", no ``top_k``, no
+            ``compile``; labeled logs and the linear part are refused by the
+            command, see din_fast.ctr.sharded.check_single_process_options).
+        sharding: one of SHARDING_TYPES, or None (TorchRec's planner
+            chooses).
+        embedding_optimizer: the tables' optimizer, one of
+            EMBEDDING_OPTIMIZERS.
+        embedding_lr: the tables' learning rate.
+        checkpoint: where rank 0 saves din_fast.DIN's checkpoint (the
+            gathered tables; written once, after training); None: not saved.
+        metrics_out: where rank 0 writes the metrics as JSON; None: not
+            written.
+        progress: show a progress bar on rank 0 (where stderr is a terminal).
+        log: called on rank 0 with each line to report.
+
+    Returns:
+        The metrics on rank 0, None on the other ranks.
+
+    Raises:
+        OptionError: options sharded training cannot run (a model other
+            than din, ``top_k``, ``compile``, a bad embedding optimizer or
+            learning rate, a batch smaller than the processes, too few
+            training samples).
+        din_fast.ctr.errors.InputError: an output path that cannot be used,
+            a device or backend this machine lacks, data that cannot be read
+            or gives no training sample.
+        din_fast.ctr.training.TrainingInterrupted: Ctrl-C.
     """
     check_options(config.model, embedding_optimizer, embedding_lr, config.device)
     if config.top_k is not None:
