@@ -336,9 +336,10 @@ def build_parser() -> argparse.ArgumentParser:
         "export", help="package a checkpoint's model for serving without Python "
         "(AOTInductor .pt2 or ONNX, any batch and history length)",
         description="Package a checkpoint's model for serving without Python: an AOTInductor "
-        ".pt2 package (one candidate per row) or an ONNX model ([B, C] candidates), taking "
-        "dense ids of any batch size and history length and returning logits. The id maps "
-        "(raw id -> dense id) are written beside it as <name>.ids.json.",
+        ".pt2 package or an ONNX model, both taking dense ids of any batch size B, history "
+        "length and number of candidates per row C ([B, C] targets) and returning the "
+        "logits [B, C]. The id maps (raw id -> dense id) are written beside it as "
+        "<name>.ids.json.",
         formatter_class=DefaultsHelpFormatter)
     export_parser.add_argument("--checkpoint", required=True, help="a din-fast train checkpoint")
     export_parser.add_argument("--out", required=True,
