@@ -1,7 +1,8 @@
 """The torch backend's forward and backward, block by block, in bounded memory.
 
 The forward walks the row groups of din_fast.chunking: per block of pairs it
-scores the keys with the folded unit (din_fast.folded_unit) and pools them
+scores the keys with the activation unit (din_fast.activation_unit; its
+first layer folded or shared, as the group's plan says) and pools them
 at once, keeping per (row, candidate) only the pooled sum and, for softmax,
 the running max and normalizer (the online softmax of FlashAttention: a
 new span's larger max rescales what was pooled so far). Nothing of size
@@ -25,8 +26,8 @@ from typing import Optional
 import torch
 from torch import Tensor
 
-from .chunking import History, RowGroup, pair_budget
-from .folded_unit import FoldedUnit, UnitGrads
+from .activation_unit import ActivationUnit, FoldedFirstLayer, SharedFirstLayer, UnitGrads
+from .chunking import History, RowGroup, UnitSize
 from .problem import JaggedDINProblem
 
 
@@ -75,9 +76,13 @@ def _layout(problem):
 
 
 def _groups(problem, history: History, dtype: torch.dtype):
-    element_size = torch.empty((), dtype=dtype).element_size()
-    candidates = problem.query.shape[1]
-    return history.groups(candidates, pair_budget(problem.hidden_units, element_size))
+    return history.groups(problem.query.shape[1], UnitSize.of(problem, dtype))
+
+
+def _first_layer(unit: ActivationUnit, group: RowGroup, query: Tensor):
+    """The first layer of a chunk of the group's candidates, query [G, Cc, D],
+    in the form its plan chose."""
+    return (FoldedFirstLayer if group.folded else SharedFirstLayer)(unit, query)
 
 
 def _rows(group: RowGroup):
@@ -97,7 +102,7 @@ def forward(problem, need_scores: bool):
     dtype, query, keys, values, history = _layout(problem)
     batch, candidates = query.shape[:2]
     softmax = problem.normalization == "softmax"
-    unit = FoldedUnit(problem, dtype)
+    unit = ActivationUnit(problem, dtype)
     pooled = query.new_zeros(batch, candidates, values.shape[-1], dtype=dtype)
     row_max = query.new_zeros(batch, candidates, dtype=dtype) if softmax else None
     row_sum = torch.zeros_like(row_max) if softmax else None
@@ -106,13 +111,13 @@ def forward(problem, need_scores: bool):
         rows = _rows(group)
         blocks = [history.block(group, span) for span in group.spans()]
         for chunk in group.candidate_chunks(candidates):
-            u, m = unit.fold(query[rows, chunk].to(dtype))
+            first_layer = _first_layer(unit, group, query[rows, chunk].to(dtype))
             pooling = _Pooling(len(group.rows), chunk.stop - chunk.start, values.shape[-1],
-                               softmax, u)
+                               softmax, first_layer.u)
             for block in blocks:
                 k = history.gather(keys, block, dtype)
                 v = k if values is keys else history.gather(values, block, dtype)
-                s = unit.scores(k, u, m).mul_(problem.scale)
+                s = unit.scores(k, first_layer).mul_(problem.scale)
                 if block.valid is not None:
                     s.masked_fill_(~block.valid[..., None], 0)
                 if scores is not None:
@@ -225,7 +230,7 @@ def backward(problem, grad_pooled: Tensor, grad_scores: Optional[Tensor], saved=
     grad_scores = None if grad_scores is None else grad_scores.to(dtype).contiguous()
     softmax = (_Softmax(problem, grad_pooled, grad_scores, saved)
                if problem.normalization == "softmax" else None)
-    unit = FoldedUnit(problem, dtype)
+    unit = ActivationUnit(problem, dtype)
     grads = UnitGrads(unit)
     grad_query = torch.zeros(query.shape, dtype=dtype, device=query.device)
     grad_keys = torch.zeros(keys.shape, dtype=dtype, device=keys.device)
@@ -235,23 +240,21 @@ def backward(problem, grad_pooled: Tensor, grad_scores: Optional[Tensor], saved=
         rows = _rows(group)
         blocks = [history.block(group, span) for span in group.spans()]
         for chunk in group.candidate_chunks(candidates):
-            q = query[rows, chunk].to(dtype)
-            u, m = unit.fold(q)
+            first_layer = _first_layer(unit, group, query[rows, chunk].to(dtype))
             grad_out = grad_pooled[rows, chunk]                          # [G, Cc, Dv]
             stats = None if softmax is None else softmax.block(rows, chunk, len(blocks) == 1)
-            grad_u = grad_m = None
             for block in blocks:
                 k = history.gather(keys, block, dtype)
                 v = k if values is keys else history.gather(values, block, dtype)
                 kept = []
-                s = unit.scores(k, u, m, kept).mul_(problem.scale)
+                s = unit.scores(k, first_layer, kept).mul_(problem.scale)
                 grad_w = torch.bmm(v, grad_out.transpose(1, 2))          # [G, span, Cc]
                 if grad_scores is not None:
                     grad_w += history.take_scores(grad_scores, block, chunk, dtype)
                 invalid = None if block.valid is None else ~block.valid[..., None]
                 w, grad_s = _score_gradients(s, grad_w, invalid, problem.scale, stats)
-                grad_z = unit.backward(grad_s, kept, grads)             # [G, span, Cc*H1]
-                grad_k = torch.bmm(grad_z, m)
+                grad_z = unit.backward(grad_s, kept, grads)             # [G, span, Cc, H1]
+                grad_k = first_layer.backward(k, grad_z, grads)
                 # dL/dv[t] = sum_c w[c, t] dL/dpooled[c]: into d keys in place
                 # where the values are the keys (a product of inner size Cc).
                 if values is keys:
@@ -260,12 +263,7 @@ def backward(problem, grad_pooled: Tensor, grad_scores: Optional[Tensor], saved=
                     history.add(grad_values, block, torch.bmm(w, grad_out))
                 del w, s, grad_w, grad_s, kept
                 history.add(grad_keys, block, grad_k)
-                if grad_u is None:
-                    grad_u, grad_m = grad_z.sum(1), torch.bmm(grad_z.transpose(1, 2), k)
-                else:
-                    grad_u += grad_z.sum(1)
-                    grad_m.baddbmm_(grad_z.transpose(1, 2), k)
-            grad_query[rows, chunk] = unit.first_layer_backward(q, m, grad_u, grad_m, grads)
+            grad_query[rows, chunk] = first_layer.finish(grads)
     return (
         grad_query.to(query.dtype), grad_keys.to(keys.dtype),
         None if values is keys else grad_values.to(values.dtype),

@@ -8,7 +8,11 @@ row whose history times its candidates exceeds the budget, split into
 candidate chunks and position spans (long histories, many candidates: a
 serving request). Rows are taken longest first, so that a group's rows have
 nearly equal lengths and padding them to one length wastes little work;
-rows with no valid position are skipped (they pool to zero).
+rows with no valid position are skipped (they pool to zero). A group's
+rows decide the form of its first layer (din_fast.activation_unit): folded
+per candidate where they are long enough to pay for the fold, shared
+otherwise; its blocks are sized to what that form holds (UnitSize.footprint),
+the folded M of their candidates included.
 
 ``History`` finds row b's j-th valid position in the history tensors, for
 every masking (none, lengths, a mask, jagged offsets): it gathers a block's
@@ -29,27 +33,42 @@ from typing import Iterator, List, Optional
 import torch
 from torch import Tensor
 
-from .problem import DINProblem, JaggedDINProblem
+from .problem import JaggedDINProblem
 
-# The default working set of one block (every hidden activation of its
-# pairs, forward and backward): 4 MiB is far under any memory limit, and
-# measured on a Zen 4 core (1 MiB L2, 32 MiB shared L3) at least as fast as
-# 2, 8 and 16 MiB at both the training and the serving shape: smaller blocks
-# pay more Python and dispatch per pair, larger ones leave the caches.
-WORKING_SET_BYTES = 4 << 20
+# The default working set of one block (its activations, the folded M of its
+# candidates, its gathered keys and values, their gradients), by device.
+# CPU: 4 MiB is far under any memory limit, and measured on a Zen 4 core
+# (1 MiB L2, 32 MiB shared L3) at least as fast as 2, 6, 8 and 16 MiB at
+# both the training and the serving shape: smaller blocks pay more Python
+# and dispatch per pair, larger ones leave the caches. CUDA: a block is some
+# twelve kernel launches, so small blocks leave the GPU waiting on the host;
+# 256 MiB is a guess, not yet measured on a GPU (issue #24 measures it).
+CPU_WORKING_SET_BYTES = 4 << 20
+CUDA_WORKING_SET_BYTES = 256 << 20
 # A span of one row's positions is at least this long (when the row has that
-# many), so that the first layer's product keeps a matrix shape: spans of a
-# few positions would turn it into matrix-vector products.
-MIN_SPAN = 64
+# many and the budget holds it with one candidate), so that the first layer's
+# product keeps a matrix shape (spans of a few positions would turn it into
+# matrix-vector products) and the candidate chunk's M stays small. Measured
+# at the serving shape on a Zen 4 core: spans of 256 with 12 candidates
+# about 6% faster than spans of 64 with 40, within the same budget.
+MIN_SPAN = 256
+# The cost of one element of the fold's element-wise passes over M (built,
+# then read by products with few positions per row, in the backward summed
+# twice more), in multiply-adds of a cache-resident matrix product: what
+# UnitSize.folds weighs. Fitted to where the two forms of the first layer
+# cross, forward and backward, on one Zen 4 core (D = 64, hidden 80-40,
+# float32): rows of about 30 positions with one candidate, 60 to 100 with
+# 16 or more (the rule: 36, and 74 to 80).
+ELEMENT_COST = 64
 
-_budget = [WORKING_SET_BYTES]
+_budget: List[Optional[int]] = [None]     # working_set's override, else by device
 
 
 @contextlib.contextmanager
 def working_set(nbytes: int):
     """Inside ``with working_set(nbytes):`` the torch backend sizes its blocks
-    to ``nbytes`` of working set (the tests force blocks of one pair this
-    way; a process may trade memory for fewer, larger products)."""
+    to ``nbytes`` of working set on every device (the tests force blocks of
+    one pair this way; a process may trade memory for fewer, larger products)."""
     if isinstance(nbytes, bool) or not isinstance(nbytes, int) or nbytes < 1:
         raise ValueError(f"working_set: `nbytes` must be a positive int; got {nbytes!r}")
     previous = _budget[0]
@@ -60,24 +79,124 @@ def working_set(nbytes: int):
         _budget[0] = previous
 
 
-def pair_bytes(hidden: tuple, element_size: int) -> int:
-    """The working set of one (candidate, position) pair of a block: its
-    hidden activations and pre-activations, and in the backward two
-    gradients of the widest layer, besides a few scalars."""
-    return element_size * (2 * sum(hidden) + 2 * max(hidden) + 4)
+def working_set_bytes(device: torch.device) -> int:
+    """The working set of one block on ``device``: working_set's, else the default."""
+    if _budget[0] is not None:
+        return _budget[0]
+    return CUDA_WORKING_SET_BYTES if device.type == "cuda" else CPU_WORKING_SET_BYTES
 
 
-def pair_budget(hidden: tuple, element_size: int) -> int:
-    """How many pairs one block may hold under the working-set budget."""
-    return max(1, _budget[0] // pair_bytes(hidden, element_size))
+@dataclass(frozen=True)
+class Footprint:
+    """The working set of a block, in elements of the compute dtype: ``pair``
+    per (candidate, position) pair, ``query`` per (row, candidate),
+    ``position`` per (row, position)."""
+
+    pair: int
+    query: int
+    position: int
+
+    def elements(self, rows: int, candidates: int, span: int) -> int:
+        """The working set of a block of ``rows`` x ``candidates`` x ``span``."""
+        return rows * (candidates * (span * self.pair + self.query) + span * self.position)
+
+    def split(self, length: int, candidates: int, budget: int):
+        """(span, candidate step) of one row of ``length`` positions that
+        exceeds ``budget`` elements whole: spans of at least MIN_SPAN
+        positions where a candidate fits with them (fewer only under a
+        smaller budget), and as many candidates as the budget leaves; spans
+        and chunks of nearly equal sizes."""
+        span = (budget - candidates * self.query) // (candidates * self.pair + self.position)
+        if span >= min(MIN_SPAN, length):
+            return _balanced(length, span), candidates
+        span = min(MIN_SPAN, length)
+        step = (budget - span * self.position) // (span * self.pair + self.query)
+        if step >= 1:
+            return _balanced(length, span), _balanced(candidates, step)
+        span = (budget - self.query) // (self.pair + self.position)
+        return _balanced(length, max(1, span)), 1
+
+
+def _balanced(total: int, step: int) -> int:
+    """The step, at most ``step``, that cuts ``total`` into as few parts of
+    nearly equal sizes: a last part of a few positions or candidates would
+    be a block of small products."""
+    parts = -(-total // step)
+    return -(-total // parts)
+
+
+@dataclass(frozen=True)
+class UnitSize:
+    """What a block's working set depends on: the hidden widths, the key
+    width, the value width (0 when the values are the keys), whether the
+    activation's derivative needs its inputs kept (prelu, dice), the compute
+    dtype's element size and the device."""
+
+    hidden: tuple
+    dim: int
+    value_dim: int
+    keeps_inputs: bool
+    element_size: int
+    device: torch.device
+
+    @classmethod
+    def of(cls, problem, dtype: torch.dtype) -> "UnitSize":
+        value_dim = 0 if problem.values is None else problem.values.shape[-1]
+        return cls(tuple(problem.hidden_units), problem.query.shape[-1], value_dim,
+                   problem.activation in ("prelu", "dice"),
+                   torch.empty((), dtype=dtype).element_size(), problem.query.device)
+
+    def budget(self) -> int:
+        """The working set of one block, in elements."""
+        return working_set_bytes(self.device) // self.element_size
+
+    def footprint(self, folded: bool) -> Footprint:
+        """The working set of a block in the backward (the forward holds
+        less: one plan serves both) whose first layer is ``folded`` (else
+        shared), as din_fast.chunked and din_fast.activation_unit allocate it."""
+        first, dim = self.hidden[0], self.dim
+        # Per pair: every hidden activation (and pre-activation, where the
+        # derivative needs it), two gradients of the widest layer, and a few
+        # scalars (s, w, their gradients, an index).
+        pair = (2 if self.keeps_inputs else 1) * sum(self.hidden) + 2 * max(self.hidden) + 4
+        # Per (row, candidate): the query, u, the pooled sum, dL/dpooled,
+        # the gradients of the query and u, the softmax statistics.
+        query = 2 * (first + dim) + 2 * max(dim, self.value_dim) + 4
+        # Per (row, position): the gathered keys and values, their
+        # gradients, an index.
+        position = 2 * (dim + self.value_dim) + 2
+        if folded:
+            # M, its gradient and a product of its size.
+            query += 3 * first * dim
+        else:
+            # q * k per pair, its gradient and a product of their size;
+            # (W_k - W_d) k per position and its gradient.
+            pair += 3 * dim
+            position += 2 * first
+        return Footprint(pair, query, position)
+
+    def folds(self, length: int, candidates: int) -> bool:
+        """Whether rows of ``length`` positions (a group's longest) against
+        ``candidates`` candidates score faster with the first layer folded.
+
+        Per (row, candidate) the fold costs element-wise passes over M,
+        H1 * D elements each, and saves per position the shared form's
+        (W_k - W_d) k, H1 * D multiply-adds shared by the candidates, and its
+        element-wise q * k, D elements. At ELEMENT_COST multiply-adds an
+        element: fold where
+        length * (H1 / candidates + ELEMENT_COST) * D > ELEMENT_COST * H1 * D.
+        """
+        first = self.hidden[0]
+        return length * (first + ELEMENT_COST * candidates) > ELEMENT_COST * first * candidates
 
 
 @dataclass
 class RowGroup:
     """Rows ``rows`` [G] (int64) with ``counts`` [G] valid positions each,
     walked as candidate chunks of ``candidate_step`` and position spans of
-    ``span`` up to ``length`` (the largest count). ``first_row`` is the first
-    row id when the rows are consecutive ids in order (their tensors are then
+    ``span`` up to ``length`` (the largest count), the first layer
+    ``folded`` or shared (UnitSize.folds). ``first_row`` is the first row id
+    when the rows are consecutive ids in order (their tensors are then
     slices, not gathers), else None; ``shortest`` is the smallest count."""
 
     rows: Tensor
@@ -87,6 +206,7 @@ class RowGroup:
     first_row: Optional[int]
     candidate_step: int
     span: int
+    folded: bool
 
     def candidate_chunks(self, candidates: int) -> Iterator[slice]:
         for start in range(0, candidates, self.candidate_step):
@@ -105,11 +225,14 @@ class RowGroup:
         return positions[None, :] < self.counts[:, None]
 
 
-def plan(counts: Tensor, candidates: int, pairs: int) -> List[RowGroup]:
+def plan(counts: Tensor, candidates: int, unit: UnitSize) -> List[RowGroup]:
     """The row groups of rows with ``counts`` [B] valid positions, for
-    ``candidates`` candidates and at most ``pairs`` pairs per block."""
+    ``candidates`` candidates, each block's working set (its footprint under
+    ``unit``) within unit.budget() elements, or one pair where not even one
+    fits."""
     if candidates == 0:
         return []
+    budget = unit.budget()
     host_counts = counts.tolist()
     order = sorted(range(len(host_counts)), key=lambda b: -host_counts[b])
     order = [b for b in order if host_counts[b] > 0]
@@ -117,17 +240,17 @@ def plan(counts: Tensor, candidates: int, pairs: int) -> List[RowGroup]:
     start = 0
     while start < len(order):
         longest = host_counts[order[start]]
-        size = max(1, pairs // (longest * candidates))
-        rows = order[start:start + size]
-        start += len(rows)
-        if len(rows) > 1:
+        folded = unit.folds(longest, candidates)
+        footprint = unit.footprint(folded)
+        size = budget // footprint.elements(1, candidates, longest)
+        if size >= 1:
+            rows = order[start:start + size]
             span, candidate_step = longest, candidates
         else:
-            # One row beyond the budget: spans of at least MIN_SPAN positions
-            # (fewer only under a budget of fewer pairs) and as many
-            # candidates as the budget leaves.
-            span = min(longest, max(pairs // candidates, min(MIN_SPAN, pairs)))
-            candidate_step = min(candidates, max(1, pairs // span))
+            # One row beyond the budget: in spans and candidate chunks.
+            rows = order[start:start + 1]
+            span, candidate_step = footprint.split(longest, candidates, budget)
+        start += len(rows)
         consecutive = rows == list(range(rows[0], rows[0] + len(rows)))
         groups.append(RowGroup(
             rows=torch.tensor(rows, dtype=torch.int64, device=counts.device),
@@ -135,7 +258,7 @@ def plan(counts: Tensor, candidates: int, pairs: int) -> List[RowGroup]:
                                 device=counts.device),
             length=longest, shortest=host_counts[rows[-1]],
             first_row=rows[0] if consecutive else None,
-            candidate_step=candidate_step, span=span))
+            candidate_step=candidate_step, span=span, folded=folded))
     return groups
 
 
@@ -165,6 +288,7 @@ class History:
     def __init__(self, problem):
         self.jagged = isinstance(problem, JaggedDINProblem)
         self.columns = None          # mask: the valid columns, row after row
+        self.host_starts = None      # jagged: the rows' offsets, read once where needed
         if self.jagged:
             self.length = 1          # a jagged position is its own row of the history
             self.counts = problem.lengths()
@@ -181,8 +305,8 @@ class History:
                                            device=problem.keys.device))
             self.starts = None
 
-    def groups(self, candidates: int, pairs: int) -> List[RowGroup]:
-        return plan(self.counts, candidates, pairs)
+    def groups(self, candidates: int, unit: UnitSize) -> List[RowGroup]:
+        return plan(self.counts, candidates, unit)
 
     def block(self, group: RowGroup, span: slice) -> Block:
         valid = group.valid(span)
@@ -195,7 +319,12 @@ class History:
         if self.jagged:
             index = self.starts[group.rows][:, None] + slots
             if len(group.rows) == 1:
-                start = int(index[0, 0])
+                # A single row's spans lie within its length: its slots are
+                # one window, found on the host (reading index would wait
+                # for the device, once per block).
+                if self.host_starts is None:
+                    self.host_starts = self.starts.tolist()
+                start = self.host_starts[group.first_row] + span.start
                 window = (slice(start, start + span.stop - span.start),)
         elif self.columns is not None:
             columns = self.columns[self.starts[group.rows][:, None] + slots]

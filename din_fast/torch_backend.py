@@ -3,11 +3,13 @@
 Its forward and backward (din_fast.chunked) walk the (row, candidate,
 position) triples in blocks sized to a working-set budget
 (din_fast.chunking), so memory never grows with B * C * T:
-- the first layer is folded per candidate (din_fast.folded_unit):
+- the first layer is folded per candidate (din_fast.activation_unit):
   W_1 [q, k, q-k, q*k] + b_1 = u + M k with M = (W_k - W_d) + W_p diag(q),
   so a block's first layer is one matrix product of its keys with the
   stacked M of its candidates, and the deeper layers plain products, never
-  building the [.., T, 4D] concat nor q * k;
+  building the [.., T, 4D] concat; where histories are too short for M to
+  pay for itself, it stays shared instead: (W_k - W_d) k per position plus
+  W_p (q * k) per pair, one product over all of a block's pairs;
 - the rows are taken longest first and grouped, each group padded to its
   longest row: padding costs little, and masked slots never reach a result;
 - the forward keeps per (row, candidate) only the pooled output and, for
@@ -39,18 +41,16 @@ on the valid positions packed.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
 from typing import List, Optional
 
 import torch
 from torch import Tensor
 
 from . import chunked
-from .activations import activate, dice
-from .folded_unit import FoldedUnit
+from .activation_unit import ActivationUnit, FoldedFirstLayer
 from .op_args import (AttentionArgs, InputGrads, JaggedAttentionArgs, fake_input_grads,
                       op_schema, save_arguments, saved_arguments)
-from .problem import DINProblem, JaggedDINProblem, compute_dtype, split_first_layer
+from .problem import DINProblem, JaggedDINProblem, compute_dtype
 from .reference import masked_normalize
 
 
@@ -99,28 +99,12 @@ class PackedPositions:
         return per_row[self.rows]
 
 
-@dataclass
-class PackedMLP:
-    """The activation unit's layers, cast to the compute dtype; ``act_params``
-    per hidden layer as in DINProblem."""
-
-    weights: list
-    biases: list
-    act_params: list
-    activation: str
-    dice_eps: float
-
-    @classmethod
-    def of(cls, problem, dtype: torch.dtype, act_params=None):
-        act_params = problem.act_params if act_params is None else act_params
-        return cls([w.to(dtype) for w in problem.weights], [b.to(dtype) for b in problem.biases],
-                   [tuple(p.to(dtype) for p in layer) for layer in act_params],
-                   problem.activation, problem.dice_eps)
-
-
-def packed_scores(mlp: PackedMLP, query: torch.Tensor, k_packed: torch.Tensor, expand_rows,
-                  dice_gate=None) -> torch.Tensor:
-    """Raw scores s [N, C] of packed history positions.
+def packed_scores(unit: ActivationUnit, query: torch.Tensor, k_packed: torch.Tensor,
+                  expand_rows, dice_gate=None) -> torch.Tensor:
+    """Raw scores s [N, C] of packed history positions, through autograd: the
+    activation unit's shared first layer (one product over the positions,
+    one over the pairs; the blocks' fold needs per-row matrices a transform
+    would have to batch) and its deeper layers.
 
     ``query`` [B, C, D] and ``k_packed`` [N, D] in the compute dtype;
     ``expand_rows`` maps a per-row tensor [B, ...] to its positions [N, ...].
@@ -128,32 +112,13 @@ def packed_scores(mlp: PackedMLP, query: torch.Tensor, k_packed: torch.Tensor, e
     the pre-activations x [N, C, H] of hidden layer ``layer`` in place of
     (x - mu) / sqrt(var + eps) (torch_din_attention documents its signature).
     """
-    w_q, w_k, w_d, w_p = split_first_layer(mlp.weights[0])
-    h = expand_rows(query @ (w_q + w_d).t() + mlp.biases[0])           # [N, C, H1]
-    h += (k_packed @ (w_k - w_d).t())[:, None, :]
-    qk = expand_rows(query) * k_packed[:, None, :]                      # [N, C, D]
-    if torch.is_grad_enabled() or torch.compiler.is_compiling() \
-            or torch._C._functorch.is_functorch_wrapped_tensor(h):
-        # Autograd and vmap: out of place (vmap has no batching rule for addmm_);
-        # a trace too, which cannot call the functorch check.
-        h = torch.addmm(h.flatten(0, 1), qk.flatten(0, 1), w_p.t()).view_as(h)
-    else:
-        # Without autograd: in place, one [N, C, H1] buffer.
-        h.flatten(0, 1).addmm_(qk.flatten(0, 1), w_p.t())
-    del qk
-    layers = zip(mlp.weights[1:], mlp.biases[1:], mlp.act_params)
-    for i, (w, b, params) in enumerate(layers):
-        if dice_gate is not None:
-            h = dice(h, params[0], dice_gate(i, h))
-        else:
-            h = activate(h, mlp.activation, params, mlp.dice_eps)
-        h = torch.addmm(b, h.flatten(0, 1), w.t()).view(*h.shape[:2], w.shape[0])
-    return h.squeeze(-1)
+    z = unit.first_layer(k_packed, expand_rows(query), expand_rows(unit.query_term(query)))
+    return unit.hidden_layers(z, dice_gate=dice_gate)
 
 
-def _padded_forward(mlp, packed, query, keys, values, normalization, scale, dice_gate=None):
+def _padded_forward(unit, packed, query, keys, values, normalization, scale, dice_gate=None):
     """(pooled [B, C, Dv], w [B, C, T]) of a padded batch."""
-    scores = packed_scores(mlp, query, packed.gather(keys), packed.expand_rows, dice_gate)
+    scores = packed_scores(unit, query, packed.gather(keys), packed.expand_rows, dice_gate)
     dense = packed.scatter(scores).transpose(1, 2)                        # [B, C, T]
     w = masked_normalize(dense, packed.valid, normalization, scale)
     # w is 0 at the padding, but 0 * NaN is not: the padding never reaches the sum.
@@ -178,8 +143,8 @@ def _autograd_forward(problem: DINProblem, packed: PackedPositions, dice_gate=No
         # The gate's statistics are Dice's mu and var: only a is a parameter here.
         act_params = [layer[:1] for layer in problem.act_params]
         gate = lambda i, x: dice_gate(i, x, packed.kept_valid)  # noqa: E731
-    mlp = PackedMLP.of(problem, dtype, act_params)
-    return _padded_forward(mlp, packed, query, keys, values, problem.normalization,
+    unit = ActivationUnit(problem, dtype, act_params)
+    return _padded_forward(unit, packed, query, keys, values, problem.normalization,
                            problem.scale, dice_gate=gate)
 
 
@@ -226,7 +191,7 @@ def differentiable_din_attention(problem, dice_gate=None):
     dtype = problem.compute_dtype()
     if isinstance(problem, JaggedDINProblem):
         query, keys_values, values = _inputs(problem, dtype)
-        return _jagged_forward(PackedMLP.of(problem, dtype), problem.row_ids(), query,
+        return _jagged_forward(ActivationUnit(problem, dtype), problem.row_ids(), query,
                                keys_values, values, problem.normalization, problem.scale)
     return _autograd_forward(problem, PackedPositions(problem, pack=False), dice_gate)
 
@@ -259,7 +224,7 @@ def autograd_gradients(problem, grad_pooled: torch.Tensor,
     return grads
 
 
-def _jagged_forward(mlp, rows, query, keys_values, values, normalization, scale):
+def _jagged_forward(unit, rows, query, keys_values, values, normalization, scale):
     """(pooled [B, C, Dv], w [L, C]) of a jagged batch through autograd;
     ``rows`` [L] the row of each position.
 
@@ -268,7 +233,7 @@ def _jagged_forward(mlp, rows, query, keys_values, values, normalization, scale)
     segment, so nothing of size [B, max_len, ...] is ever built.
     """
     batch, candidates = query.shape[:2]
-    scores = packed_scores(mlp, query, keys_values, lambda per_row: per_row[rows])
+    scores = packed_scores(unit, query, keys_values, lambda per_row: per_row[rows])
     scores = scores * scale
     if normalization == "softmax":
         # Per-segment softmax; the max only stabilizes, so it carries no gradient.
@@ -287,7 +252,7 @@ def _jagged_forward(mlp, rows, query, keys_values, values, normalization, scale)
 
 def exported_din_attention(problem, dice_gate=None):
     """(pooled [B, C, Dv], w) in the compute dtype, as torch.export traces
-    it: a padded problem through din_fast.folded_unit on every position at
+    it: a padded problem through din_fast.activation_unit on every position at
     once (the padding zeroed, then masked out of the weights), the first
     layer one product per row of the keys [T, D] with the folded M of its C
     candidates [D, C * H1]. That is the blocked ops' arithmetic, so the
@@ -299,9 +264,8 @@ def exported_din_attention(problem, dice_gate=None):
         return differentiable_din_attention(problem, dice_gate)
     dtype = problem.compute_dtype()
     query, keys, values = _inputs(problem, dtype)
-    unit = FoldedUnit(problem, dtype)
-    u, m = unit.fold(query)
-    scores = unit.scores(problem.without_padding(keys), u, m)            # [B, T, C]
+    unit = ActivationUnit(problem, dtype)
+    scores = unit.scores(problem.without_padding(keys), FoldedFirstLayer(unit, query))  # [B, T, C]
     w = masked_normalize(scores.transpose(1, 2), problem.valid_mask(), problem.normalization,
                          problem.scale)
     # w is 0 at the padding, but 0 * NaN is not: the padding never reaches the sum.
