@@ -456,11 +456,40 @@ def test_gpu_commands_without_cuda_point_to_the_dry_run():
     assert check.returncode == 2 and "--dry-run runs every step on CPU" in check.stderr
 
 
-def test_gpu_check_rejects_unknown_arguments():
-    result = subprocess.run(["bash", "benchmarks/gpu_check.sh", "--dryrun"], cwd=ROOT,
-                            capture_output=True, text=True, timeout=60)
+@pytest.mark.parametrize("args, env, message", [
+    (["--dryrun"], {}, "unknown argument '--dryrun' (takes --dry-run or nothing)"),
+    (["--dry-run"], {"GPU_CHECK_BUDGET_S": "7m"},
+     "GPU_CHECK_BUDGET_S must be a whole number of seconds; got '7m'"),
+])
+def test_gpu_check_rejects_bad_arguments(args, env, message):
+    result = subprocess.run(["bash", "benchmarks/gpu_check.sh", *args], cwd=ROOT,
+                            capture_output=True, text=True, timeout=60,
+                            env=dict(os.environ, **env))
     assert result.returncode == 2
-    assert "unknown argument '--dryrun' (takes --dry-run or nothing)" in result.stderr
+    assert message in result.stderr
+
+
+def test_gpu_check_keeps_to_its_budget(tmp_path):
+    """A budget the setup uses up: every step before the report is skipped
+    (the report's time is held back), each failure said, and the log (in
+    $OUT) ends with each step's limit, time and exit status and the total."""
+    env = dict(os.environ, GPU_CHECK_BUDGET_S="15", OUT=str(tmp_path))
+    result = subprocess.run(["bash", "benchmarks/gpu_check.sh", "--dry-run"], cwd=ROOT,
+                            capture_output=True, text=True, timeout=300, env=env)
+    assert result.returncode == 1
+    log = (tmp_path / "gpu_check_dry-run-cpu.log").read_text()
+    assert log == result.stdout
+    steps = ("CUDA tests", "forward benchmark", "training benchmark", "serving benchmark",
+             "sanitizer workload", "tuning sweep")
+    for name in steps:
+        assert f"=== {name}: skipped: 0s of the budget left (under 5 s)" in log
+        assert f"{name} (skipped)" in log
+    table = log[log.index("=== times (seconds; budget 45):"):].splitlines()
+    assert table[1].split() == ["step", "limit", "took", "exit"]
+    assert table[2].split()[0] == "setup"
+    assert [line[:26].strip() for line in table[3:9]] == list(steps)
+    assert all(line.split()[-3:] == ["0", "0", "skipped"] for line in table[3:9])
+    assert table[9].startswith("report") and table[10].startswith("total, setup included")
 
 
 def test_movielens_log_and_the_logistic_regressions_input(tmp_path):
