@@ -8,7 +8,10 @@ visitor in less than 10 ms"): for each dtype in ``--dtypes`` (float32 on
 CPU; bfloat16, then float32 with ``--device cuda``), T in ``--grid-lengths``
 x C in ``--grid-candidates``, D=64, hidden (80, 40), sigmoid, every position
 valid, each path scores the request, the exact and two-stage ones on each
-din_fast backend in ``--backends`` (torch on CPU; triton and torch on CUDA):
+din_fast backend in ``--backends`` (torch on CPU; triton and torch on CUDA).
+The serving target's shape, T=10,000 x C=512 (``SERVING_TARGET``), runs first
+in every dtype when the grid holds it, so that a run stopped by a time limit
+has it; then the other shapes, dtype by dtype.
 
 - ``exact``: din_fast.din_attention, the [1, C, D] query against the
   history once, in bounded memory;
@@ -17,7 +20,9 @@ din_fast backend in ``--backends`` (torch on CPU; triton and torch on CUDA):
   scorer (the exact DIN score: as costly as ``exact`` on CPU; on triton the
   fused search kernel) or the ``dot`` scorer (the inner product of 16-wide
   projections, random here) and keeps the K best per candidate, stage two
-  attends over those K only;
+  attends over those K only; on CUDA (and in ``--dry-run``) the torch
+  backend runs the first K only: it is bound by its many launches there, and
+  the triton backend's paths are the ones measured in full;
 - ``deepctr_torch``: DeepCTR-Torch's AttentionSequencePoolingLayer with the
   history tiled per candidate (C rows; half precision under autocast), left
   out where its memory estimate exceeds ``--memory-budget-mb`` (the reason
@@ -36,7 +41,9 @@ its last kernel done on a GPU (host work and launches included, after an L2
 flush), the peak memory of one request (the CUDA allocator's on a GPU), and
 the error against the float64 reference (computed in chunks of candidates,
 on up to 16 of them). A path that fails at a shape (out of memory, a kernel
-that cannot compile) is recorded with its reason and the run goes on.
+that cannot compile, in its first request or in the timed ones) is recorded
+with its reason and the run goes on, and so is a shape that cannot be set up
+at all (a row for "all paths").
 ``--dry-run`` runs the ``--device cuda`` code on CPU at two tiny shapes, the
 triton backend in the Triton interpreter (TRITON_INTERPRET=1 in the
 environment): it checks the script, not the speed.
@@ -98,6 +105,10 @@ H100_TF32_FLOPS = 495e12
 ERROR_CANDIDATES = 16
 PROJECTION = 16   # the dot search's projection width
 BACKENDS = ("triton", "torch")
+# The serving target's shape (T, C): one user, 10,000 behaviours, 512 candidates.
+SERVING_TARGET = (10_000, 512)
+# The path of the row that records a shape none of whose paths could be set up.
+ALL_PATHS = "all paths"
 DTYPES = ("bfloat16", "float32")
 # --dry-run's grid: two tiny shapes, K under T (the selection runs), two requests.
 DRY_RUN_GRID = dict(grid_lengths=[16], grid_candidates=[1, 4], top_k=[4], requests=2,
@@ -110,7 +121,7 @@ class ServingParser(argparse.ArgumentParser):
 
     def parse_args(self, args=None, namespace=None):
         parsed = super().parse_args(args, namespace)
-        gpu_mode = parsed.dry_run or parsed.device == "cuda"
+        gpu_mode = runs_gpu_code(parsed)
         if gpu_mode and parsed.parts is not None and "formats" in parsed.parts:
             self.error("--parts formats: the model formats run on CPU only; with --device cuda "
                        "or --dry-run give --parts grid")
@@ -126,6 +137,11 @@ class ServingParser(argparse.ArgumentParser):
         if parsed.dry_run:
             parsed.__dict__.update(DRY_RUN_GRID)
         return parsed
+
+
+def runs_gpu_code(args) -> bool:
+    """Whether the grid runs the --device cuda code (on CPU with --dry-run)."""
+    return args.dry_run or args.device == "cuda"
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -217,8 +233,9 @@ def two_stage_options(dim: int, device) -> dict:
 def grid_paths(inputs: dict, args) -> dict:
     """{(path, backend): (a function scoring the request, din_attention_top_k's
     options or {} for exact DIN)} at one grid shape: exact and each two-stage
-    path on each of ``--backends``, then DeepCTR-Torch's layer (backend "")
-    unless its memory estimate exceeds the budget (printed)."""
+    path on each of ``--backends`` (the torch backend's with the first K only
+    on CUDA), then DeepCTR-Torch's layer (backend "") unless its memory
+    estimate exceeds the budget (printed)."""
     paths = {}
     searches = two_stage_options(inputs["keys"].shape[-1], inputs["keys"].device)
     for backend in args.backends:
@@ -227,8 +244,9 @@ def grid_paths(inputs: dict, args) -> dict:
                 return din_fast.din_attention(backend=backend, **inputs)
 
         paths["exact", backend] = (exact, {})
+        top_ks = args.top_k[:1] if backend == "torch" and runs_gpu_code(args) else args.top_k
         for search, options in searches.items():
-            for top_k in args.top_k:
+            for top_k in top_ks:
                 def two_stage(backend=backend, options=dict(options, top_k=top_k)):
                     with torch.inference_mode():
                         return din_fast.din_attention_top_k(backend=backend, **inputs, **options)
@@ -276,10 +294,10 @@ def first_requests(paths: dict, inputs: dict, args, grid: Grid) -> dict:
     for key, (fn, options) in paths.items():
         reference_key = tuple(sorted((k, str(v)) for k, v in options.items()
                                      if k != "search_params"))
-        if reference_key not in references:
-            references[reference_key] = peers.float64_output(sampled, max_pairs, **options)
-        exact = references[reference_key]
         try:
+            if reference_key not in references:
+                references[reference_key] = peers.float64_output(sampled, max_pairs, **options)
+            exact = references[reference_key]
             peak, out = harness.peak_memory_and_result(fn, grid.device)
             start = time.perf_counter()
             fn()
@@ -287,14 +305,40 @@ def first_requests(paths: dict, inputs: dict, args, grid: Grid) -> dict:
             seconds = time.perf_counter() - start
         except Exception as exc:  # a path that cannot run here is recorded, not fatal
             first[key] = dict(note=bench_gpu.failure_note(exc))
-            if grid.device.type == "cuda":
-                torch.cuda.empty_cache()
+            release_memory(grid.device)
             continue
         out = out[:, :sample]
         first[key] = dict(seconds=seconds, peak_mb=peak / 2 ** 20,
                           max_abs_error=harness.max_abs_error(out, exact),
                           rel_error=harness.relative_error(out, exact), note="")
     return first
+
+
+def release_memory(device: torch.device) -> None:
+    """After a failure (out of memory, say): the allocator's cache back to the device."""
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
+
+
+def time_requests(fns: dict, requests: int, device: torch.device) -> tuple:
+    """({key: [ms per request]}, {key: why it has none}): the paths timed
+    round-robin; where a timed request fails (out of memory, a kernel error),
+    each path again alone, so that a failing path loses only its own times."""
+    if not fns:
+        return {}, {}
+    try:
+        return harness.time_round_robin(fns, requests, 0, device, wall_clock=True), {}
+    except Exception:  # which path failed, the loop below finds
+        release_memory(device)
+    times, notes = {}, {}
+    for key, fn in fns.items():
+        try:
+            times.update(harness.time_round_robin({key: fn}, requests, 0, device,
+                                                  wall_clock=True))
+        except Exception as exc:
+            notes[key] = f"timed requests: {bench_gpu.failure_note(exc)}"
+            release_memory(device)
+    return times, notes
 
 
 def measure_grid_shape(length: int, candidates: int, dtype: torch.dtype, args,
@@ -314,12 +358,12 @@ def measure_grid_shape(length: int, candidates: int, dtype: torch.dtype, args,
         gemm()   # warm, as the paths are
         fns[floor_key] = gemm
     load_before = harness.load_average()
-    times = harness.time_round_robin(fns, requests, 0, grid.device, wall_clock=True) if fns else {}
+    times, notes = time_requests(fns, requests, grid.device)
     load_after = harness.load_average()
     setting = dict(part="grid", dtype=str(dtype).removeprefix("torch."), length=length,
                    candidates=candidates, requests=requests, flops=flops)
     if grid.ceilings is None:
-        floor = [ms * flops / gemm_flops for ms in times.pop(floor_key)]
+        floor = [ms * flops / gemm_flops for ms in times.pop(floor_key, [math.nan])]
         setting.update(gemm_gflops=harness.Spread.of([flops / ms / 1e6 for ms in floor]).median,
                        h100_fp32_floor_ms=1e3 * flops / H100_FP32_FLOPS,
                        h100_tf32_floor_ms=1e3 * flops / H100_TF32_FLOPS)
@@ -330,37 +374,61 @@ def measure_grid_shape(length: int, candidates: int, dtype: torch.dtype, args,
                        peak_tflops=grid.ceilings[dtype] / 1e12)
     setting.update(load_before=load_before, load_after=load_after)
     unmeasured = dict(peak_mb=math.nan, max_abs_error=math.nan, rel_error=math.nan, note="")
-    rows = []
-    for (path, backend), ms in {**times, floor_key: floor}.items():
-        measured = dict(unmeasured, **first.get((path, backend), {}))
+    times[floor_key] = floor
+    rows, failed = [], []
+    for key in [*paths, floor_key]:
+        measured = dict(unmeasured, **first.get(key, {}))
         measured.pop("seconds", None)
-        row = dict(path=path, backend=backend, p50_ms=statistics.median(ms),
-                   p99_ms=_percentile(ms, 99), **measured,
+        measured["note"] = notes.get(key, measured["note"])
+        row = dict(path=key[0], backend=key[1])
+        if key not in times:   # failed in its first request or in the timed ones
+            row.update(p50_ms=math.nan, p99_ms=math.nan, **measured,
+                       **harness.Spread.of([]).fields("x_floor"), **setting)
+            print(f"T={length} C={candidates} {path_label(row)}: failed: {row['note']}")
+            failed.append(row)
+            continue
+        ms = times[key]
+        row.update(p50_ms=statistics.median(ms), p99_ms=_percentile(ms, 99), **measured,
                    **harness.Spread.of(harness.paired_ratios(ms, floor)).fields("x_floor"),
                    **setting)
         if ("deepctr_torch", "") in times:
             row.update(harness.Spread.of(harness.paired_ratios(times["deepctr_torch", ""], ms))
                        .fields("speedup_vs_deepctr_torch"))
         rows.append(row)
-    for (path, backend), measured in first.items():
-        if "seconds" not in measured:
-            row = dict(path=path, backend=backend, p50_ms=math.nan, p99_ms=math.nan,
-                       **dict(unmeasured, **measured), **harness.Spread.of([]).fields("x_floor"),
-                       **setting)
-            print(f"T={length} C={candidates} {path_label(row)}: failed: {row['note']}")
-            rows.append(row)
-    return rows
+    return rows + failed
+
+
+def grid_order(args) -> list:
+    """(dtype, T, C) in the order they are measured: SERVING_TARGET in every
+    dtype first (where the grid holds it), then the other shapes dtype by
+    dtype (the first given first), so that a run stopped by a time limit has
+    what matters most."""
+    shapes = [(length, candidates) for length in args.grid_lengths
+              for candidates in args.grid_candidates]
+    dtypes = dtypes_of(args)
+    first = [(dtype, *SERVING_TARGET) for dtype in dtypes if SERVING_TARGET in shapes]
+    return first + [(dtype, *shape) for dtype in dtypes for shape in shapes
+                    if shape != SERVING_TARGET]
 
 
 def measure_grid(args, grid: Grid, record) -> list:
-    """The grid's rows, dtype by dtype (the first given first, so that a run
-    stopped by a time limit has it), ``record(rows so far)`` after each shape."""
+    """The grid's rows in grid_order, ``record(rows so far)`` after each
+    shape; a shape that cannot be set up (its inputs, out of memory) is one
+    row for ALL_PATHS with the reason, and the next shape runs."""
     rows = []
-    for dtype in dtypes_of(args):
-        for length in args.grid_lengths:
-            for candidates in args.grid_candidates:
-                rows += measure_grid_shape(length, candidates, dtype, args, grid)
-                record(rows)
+    for dtype, length, candidates in grid_order(args):
+        try:
+            rows += measure_grid_shape(length, candidates, dtype, args, grid)
+        except Exception as exc:  # a shape that cannot run here is recorded, not fatal
+            release_memory(grid.device)
+            rows.append(dict(path=ALL_PATHS, backend="", p50_ms=math.nan, p99_ms=math.nan,
+                             peak_mb=math.nan, max_abs_error=math.nan, rel_error=math.nan,
+                             note=bench_gpu.failure_note(exc),
+                             **harness.Spread.of([]).fields("x_floor"), part="grid",
+                             dtype=str(dtype).removeprefix("torch."), length=length,
+                             candidates=candidates, requests=0))
+            print(f"T={length} C={candidates} {rows[-1]['dtype']}: failed: {rows[-1]['note']}")
+        record(rows)
     return rows
 
 
@@ -459,6 +527,12 @@ def ten_ms_reach(rows: list) -> dict:
 
 
 def report_grid(rows: list) -> None:
+    for r in rows:
+        if r["path"] == ALL_PATHS:
+            print(f"{r['dtype']} T={r['length']} C={r['candidates']}: not measured: {r['note']}")
+    rows = [r for r in rows if r["path"] != ALL_PATHS]
+    if not rows:
+        return
     first = rows[0]
     on_gpu = "floor_ms" in first
     if on_gpu:

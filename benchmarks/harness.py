@@ -32,6 +32,8 @@ from dataclasses import dataclass
 
 import torch
 
+from din_fast.ctr.files import open_replacing, replacing
+
 from .peak_memory import PeakMemory
 
 L2_FLUSH_BYTES = 256 * 2 ** 20   # over the L2 of any current GPU (H100/H200: 50-60 MB)
@@ -240,32 +242,37 @@ def run_cpu_benchmark(name: str, build_parser, measure, report, argv=None) -> in
     return 0
 
 
-def write_csv(rows: list, path: str) -> None:
-    """Write rows (dicts) to path, the columns in first-seen order."""
+def write_csv(rows: list, path: str, option: str = "--out") -> None:
+    """Write rows (dicts) to path, the columns in first-seen order: into a
+    temporary file beside it, then renamed over it, so that a run stopped
+    mid-write (a step's time limit) leaves the previous complete file. A
+    failed write raises OutputError naming ``option``, the path's flag."""
     os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
     fields = list(dict.fromkeys(key for row in rows for key in row))
-    with open(path, "w", newline="") as f:
+    with open_replacing(path, option, newline="") as f:
         writer = csv.DictWriter(f, fieldnames=fields)
         writer.writeheader()
         writer.writerows(rows)
 
 
 def read_csv(path: str) -> list:
-    """Rows of a CSV written by write_csv, with its numbers parsed."""
+    """Rows of a CSV written by write_csv, with its numbers parsed; a column a
+    short row lacks (a file cut off by hand or by another writer) is None."""
     def value(text):
         for parse in (int, float):
             try:
                 return parse(text)
-            except ValueError:
+            except (TypeError, ValueError):
                 pass
         return text
 
     with open(path, newline="") as f:
-        return [{key: value(text) for key, text in row.items()} for row in csv.DictReader(f)]
+        return [{key: value(text) for key, text in row.items() if key is not None}
+                for row in csv.DictReader(f)]
 
 
 def plot_panels(rows: list, path: str, *, panel: tuple, x: str, y: str, line: str,
-                xlabel: str, ylabel: str) -> None:
+                xlabel: str, ylabel: str, option: str = "--out") -> None:
     """One log-log panel per distinct value of the `panel` columns, y against
     x, one line (one colour in every panel) per value of `line`; saved as a PNG."""
     import matplotlib
@@ -294,7 +301,8 @@ def plot_panels(rows: list, path: str, *, panel: tuple, x: str, y: str, line: st
         ax.set_visible(False)
     fig.tight_layout()
     os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-    fig.savefig(path, dpi=110)
+    with replacing(path, option) as temporary:   # its suffix tells matplotlib the format
+        fig.savefig(temporary, dpi=110)
     plt.close(fig)
 
 

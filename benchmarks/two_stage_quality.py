@@ -246,8 +246,8 @@ def main(argv=None) -> int:
         return 1
     summary = summarize(rows)
     table = args.results.with_suffix(".csv")
-    write_csv(rows, str(table))
-    write_csv(summary, str(table.with_name(f"{table.stem}_summary.csv")))
+    write_csv(rows, str(table), "--results")
+    write_csv(summary, str(table.with_name(f"{table.stem}_summary.csv")), "--results")
     report(rows, summary, f"{TRUNCATED}{args.top_k}")
     print(f"\nwritten: {table} and {table.stem}_summary.csv beside it")
     if len(rows) < len(runs):

@@ -255,6 +255,136 @@ def test_bench_serving_records_a_failing_path_and_goes_on(monkeypatch, capsys):
     assert "T=16 C=4 two_stage_dot_K4 (torch): failed: RuntimeError" in capsys.readouterr().out
 
 
+def test_bench_serving_records_a_failure_in_the_timed_requests_and_a_failed_shape(monkeypatch,
+                                                                                 capsys):
+    """A path whose timed requests fail (its first ones ran) keeps its error
+    and gets the reason, the others their times; a shape that cannot be set
+    up is one "all paths" row, and the next shape runs."""
+    two_stage = bench_serving.din_fast.din_attention_top_k
+    calls = []
+
+    def fails_after_two(*args, backend, search, **kwargs):
+        if backend == "torch" and search == "dot":
+            calls.append(1)
+            if len(calls) > 2:    # the first request and its warm second one pass
+                raise RuntimeError("CUDA error: an illegal memory access was encountered")
+        return two_stage(*args, backend=backend, search=search, **kwargs)
+
+    make_inputs = bench_serving.peers.make_inputs
+
+    def no_memory_at_one_candidate(batch, candidates, *args, **kwargs):
+        if candidates == 1:
+            raise RuntimeError("CUDA out of memory. Tried to allocate 2.00 GiB")
+        return make_inputs(batch, candidates, *args, **kwargs)
+
+    monkeypatch.setattr(bench_serving.din_fast, "din_attention_top_k", fails_after_two)
+    monkeypatch.setattr(bench_serving.peers, "make_inputs", no_memory_at_one_candidate)
+    args = bench_serving.build_parser().parse_args(
+        ["--dry-run", "--backends", "torch", "--dtypes", "float32"])
+    recorded = []
+    rows = bench_serving.measure_grid(args, bench_serving.Grid.of(args),
+                                      lambda so_far: recorded.append(len(so_far)))
+    assert recorded[0] == 1 and recorded[1] == len(rows)    # written after each shape
+    shape = rows[0]
+    assert (shape["path"], shape["candidates"], shape["requests"]) == ("all paths", 1, 0)
+    assert shape["note"] == "RuntimeError: CUDA out of memory. Tried to allocate 2.00 GiB"
+    by_path = {r["path"]: r for r in rows[1:]}
+    dot = by_path["two_stage_dot_K4"]
+    assert dot["note"] == ("timed requests: RuntimeError: CUDA error: an illegal memory "
+                           "access was encountered")
+    assert math.isnan(dot["p50_ms"]) and dot["rel_error"] < 1e-5
+    for path in ("exact", "two_stage_din_K4", "flop_floor"):
+        assert by_path[path]["p50_ms"] > 0 and by_path[path]["note"] == ""
+    bench_serving.report_grid(rows)
+    out = capsys.readouterr().out
+    assert "float32 T=16 C=1: not measured: RuntimeError: CUDA out of memory" in out
+    assert "T=16 C=4 two_stage_dot_K4 (torch): failed: timed requests: RuntimeError" in out
+
+
+def test_bench_serving_runs_the_serving_target_first_and_one_k_on_the_torch_backend():
+    """The serving target's shape in every dtype before the other shapes; on
+    CUDA the torch backend's two-stage paths take the first K only."""
+    args = bench_serving.build_parser().parse_args(
+        ["--grid-lengths", "1000", "10000", "--grid-candidates", "1", "512", "--dtypes",
+         "bfloat16", "float32", "--backends", "triton", "torch", "--top-k", "2", "3"])
+    bf16, fp32 = torch.bfloat16, torch.float32
+    assert bench_serving.grid_order(args) == [
+        (bf16, 10000, 512), (fp32, 10000, 512), (bf16, 1000, 1), (bf16, 1000, 512),
+        (bf16, 10000, 1), (fp32, 1000, 1), (fp32, 1000, 512), (fp32, 10000, 1)]
+    inputs = bench_serving.peers.make_inputs(1, 3, 8, 64, (80, 40), fp32, "cpu")
+    two_stage = {"two_stage_din_K2", "two_stage_dot_K2", "two_stage_din_K3", "two_stage_dot_K3"}
+    on_cpu = {key for key in bench_serving.grid_paths(inputs, args) if key[1]}
+    assert on_cpu == {(p, b) for p in two_stage | {"exact"} for b in ("triton", "torch")}
+    args.device = "cuda"    # the paths are only built, never run, here
+    on_cuda = {key for key in bench_serving.grid_paths(inputs, args) if key[1]}
+    assert on_cuda == on_cpu - {("two_stage_din_K3", "torch"), ("two_stage_dot_K3", "torch")}
+
+
+def test_csv_is_replaced_whole_or_not_at_all(tmp_path, monkeypatch):
+    """A write stopped midway (a step's time limit, Ctrl-C) leaves the
+    previous file as it was and no temporary file beside it."""
+    path = tmp_path / "rows.csv"
+    harness.write_csv([dict(impl="triton", ms=1.0)], str(path))
+    before = path.read_text()
+
+    def interrupted(self, rows):
+        self.writerow(rows[0])
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(harness.csv.DictWriter, "writerows", interrupted)
+    with pytest.raises(KeyboardInterrupt):
+        harness.write_csv([dict(impl="triton", ms=2.0), dict(impl="torch", ms=3.0)], str(path))
+    assert path.read_text() == before and os.listdir(tmp_path) == ["rows.csv"]
+
+
+def test_gpu_report_takes_a_partial_csv_with_notes(tmp_path, capsys):
+    """A serving CSV cut off inside its last row, with a row that lacks what
+    it measured: the report leaves that row out, shows the cut row's missing
+    figures as '-' and says both."""
+    from benchmarks import gpu_report
+
+    setting = dict(part="grid", dtype="bfloat16", length=10000, candidates=512, requests=5,
+                   copy_gbps=3000.0, device="NVIDIA H100 80GB HBM3")
+    rows = [dict(path="exact", backend="triton", p50_ms=4.0, p99_ms=5.0, x_floor=2.0, peak_mb=9.5,
+                 rel_error=1e-3, note="", **setting),
+            dict(path="exact", backend="", p50_ms=1.0, p99_ms=1.0, x_floor=1.0, peak_mb=1.0,
+                 rel_error=1e-3, note="", **dict(setting, dtype="")),
+            dict(path="exact", backend="torch", p50_ms=40.0, p99_ms=50.0, x_floor=20.0,
+                 peak_mb=9.5, rel_error=1e-3, note="", **setting)]
+    path = tmp_path / "bench_serving_GPU.csv"
+    harness.write_csv(rows, str(path))
+    text = path.read_text()
+    # the last row cut after its shape: no requests, ceilings or device
+    path.write_text(text[:text.rindex(",bfloat16,10000,512,") + len(",bfloat16,10000,512")])
+    assert gpu_report.main(["--label", "GPU", "--results", str(tmp_path)]) == 1
+    out = capsys.readouterr().out
+    assert "bench_serving_GPU.csv line 3 has no dtype: left out" in out
+    assert "bench_serving_GPU.csv line 4 is cut short: its missing figures show as -" in out
+    assert "| bfloat16 | 10000 | 512 | exact (triton) | 5 | 4.000 | 5.000 | 2.0 |" in out
+    assert "| bfloat16 | 10000 | 512 | exact (torch) | - | 40.000 | 50.000 | 20.0 |" in out
+    assert "exact (triton) 4.00 ms (met); exact (torch) 40.00 ms (NOT met)" in out
+    assert (tmp_path / "gpu_summary_GPU.md").read_text() in out
+
+
+def test_cuda_test_selection_leaves_the_reference_out_and_runs_torch_last():
+    from types import SimpleNamespace
+
+    from benchmarks import cuda_test_selection
+
+    def item(name, backend=None):
+        params = {} if backend is None else {"backend": backend, "other": 1}
+        return SimpleNamespace(name=name, callspec=SimpleNamespace(params=params))
+
+    items = [item("a", "torch"), item("b", "triton"), item("c", "reference"), item("d"),
+             item("e", "auto"), item("f", "torch"), SimpleNamespace(name="g")]
+    deselected = []
+    config = SimpleNamespace(hook=SimpleNamespace(
+        pytest_deselected=lambda items: deselected.extend(i.name for i in items)))
+    cuda_test_selection.pytest_collection_modifyitems(config, items)
+    assert [i.name for i in items] == ["b", "d", "e", "g", "a", "f"]
+    assert deselected == ["c"]
+
+
 def test_two_stage_quality_records_each_model_and_resumes(tmp_path, capsys):
     """One run per (dataset, model, seed), with the history options that make
     each model; a second call runs only what has no record yet."""
@@ -326,11 +456,40 @@ def test_gpu_commands_without_cuda_point_to_the_dry_run():
     assert check.returncode == 2 and "--dry-run runs every step on CPU" in check.stderr
 
 
-def test_gpu_check_rejects_unknown_arguments():
-    result = subprocess.run(["bash", "benchmarks/gpu_check.sh", "--dryrun"], cwd=ROOT,
-                            capture_output=True, text=True, timeout=60)
+@pytest.mark.parametrize("args, env, message", [
+    (["--dryrun"], {}, "unknown argument '--dryrun' (takes --dry-run or nothing)"),
+    (["--dry-run"], {"GPU_CHECK_BUDGET_S": "7m"},
+     "GPU_CHECK_BUDGET_S must be a whole number of seconds; got '7m'"),
+])
+def test_gpu_check_rejects_bad_arguments(args, env, message):
+    result = subprocess.run(["bash", "benchmarks/gpu_check.sh", *args], cwd=ROOT,
+                            capture_output=True, text=True, timeout=60,
+                            env=dict(os.environ, **env))
     assert result.returncode == 2
-    assert "unknown argument '--dryrun' (takes --dry-run or nothing)" in result.stderr
+    assert message in result.stderr
+
+
+def test_gpu_check_keeps_to_its_budget(tmp_path):
+    """A budget the setup uses up: every step before the report is skipped
+    (the report's time is held back), each failure said, and the log (in
+    $OUT) ends with each step's limit, time and exit status and the total."""
+    env = dict(os.environ, GPU_CHECK_BUDGET_S="15", OUT=str(tmp_path))
+    result = subprocess.run(["bash", "benchmarks/gpu_check.sh", "--dry-run"], cwd=ROOT,
+                            capture_output=True, text=True, timeout=300, env=env)
+    assert result.returncode == 1
+    log = (tmp_path / "gpu_check_dry-run-cpu.log").read_text()
+    assert log == result.stdout
+    steps = ("CUDA tests", "forward benchmark", "training benchmark", "serving benchmark",
+             "sanitizer workload", "tuning sweep")
+    for name in steps:
+        assert f"=== {name}: skipped: 0s of the budget left (under 5 s)" in log
+        assert f"{name} (skipped)" in log
+    table = log[log.index("=== times (seconds; budget 45):"):].splitlines()
+    assert table[1].split() == ["step", "limit", "took", "exit"]
+    assert table[2].split()[0] == "setup"
+    assert [line[:26].strip() for line in table[3:9]] == list(steps)
+    assert all(line.split()[-3:] == ["0", "0", "skipped"] for line in table[3:9])
+    assert table[9].startswith("report") and table[10].startswith("total, setup included")
 
 
 def test_movielens_log_and_the_logistic_regressions_input(tmp_path):
