@@ -27,14 +27,6 @@ import pytest
 
 REFERENCE = Path(__file__).resolve().parents[1] / "docs" / "reference"
 
-# Modules whose docstrings are being rewritten on another branch: their
-# documented names are skipped until that lands, then their entries go and
-# the test reports what is left. Matched against a target and against the
-# module that defines each documented object (din_fast.DIN is
-# din_fast.ctr.models'). Empty: every documented module is checked.
-PENDING: set = set()
-PENDING_REASON = "pending: docstrings being rewritten on another branch"
-
 ARGS_HEADERS = ("Args", "Arguments", "Parameters")
 SECTION = re.compile(r"^(\w[\w ]*):\s*$")
 ENTRY = re.compile(r"^(\*{0,2}\w+)\s*(\([^)]*\))?\s*:")
@@ -45,10 +37,6 @@ def reference_targets() -> list:
     for page in sorted(REFERENCE.glob("*.md")):
         targets += re.findall(r"^::: ([\w.]+)", page.read_text(encoding="utf-8"), re.M)
     return targets
-
-
-def is_pending(name) -> bool:
-    return name is not None and any(name == p or name.startswith(p + ".") for p in PENDING)
 
 
 def resolve(target: str):
@@ -93,22 +81,17 @@ def class_methods(name: str, cls) -> list:
 
 
 def documented() -> list:
-    """(name, object, pending) of every documented function, class and method."""
+    """(name, object) of every documented module, function, class and method."""
     found = []
     for target in reference_targets():
-        if is_pending(target):
-            found.append((target, None, True))
-            continue
         obj = resolve(target)
         members = module_members(obj) if inspect.ismodule(obj) else [(target, obj)]
         if inspect.ismodule(obj):
-            found.append((target, obj, False))
+            found.append((target, obj))
         for name, member in members:
-            pending = is_pending(getattr(member, "__module__", None))
-            found.append((name, member, pending))
+            found.append((name, member))
             if inspect.isclass(member):
-                found += [(method_name, method, pending)
-                          for method_name, method in class_methods(name, member)]
+                found += class_methods(name, member)
     return found
 
 
@@ -190,10 +173,8 @@ def gaps(name: str, obj) -> list:
 DOCUMENTED = documented()
 
 
-@pytest.mark.parametrize("name, obj, pending", DOCUMENTED, ids=[d[0] for d in DOCUMENTED])
-def test_docstring_complete(name, obj, pending):
-    if pending:
-        pytest.skip(PENDING_REASON)
+@pytest.mark.parametrize("name, obj", DOCUMENTED, ids=[d[0] for d in DOCUMENTED])
+def test_docstring_complete(name, obj):
     assert gaps(name, obj) == []
 
 
@@ -217,7 +198,6 @@ def cli_gaps() -> list:
     return problems
 
 
-@pytest.mark.skipif(is_pending("din_fast.ctr.cli"), reason=PENDING_REASON)
 def test_cli_commands_documented():
     assert cli_gaps() == []
 
