@@ -210,6 +210,12 @@ def build_parser() -> argparse.ArgumentParser:
                               help="size of the item and of the category embedding each")
     train_parser.add_argument("--max-len", type=positive_int, default=defaults.max_len,
                               help="keep the most recent N behaviours of each history")
+    train_parser.add_argument("--min-count", type=positive_int, default=defaults.min_count,
+                              help="ids (items, categories, feature values) seen fewer times in "
+                              "the training split share one reserved row per table, which ids "
+                              "never seen in training take at evaluate and predict; a cold item "
+                              "keeps its category's row. By the DIN protocol, 1 gives every id "
+                              "of the data its own row and no reserved one")
     train_parser.add_argument("--attention-normalization", choices=("softmax", "none"),
                               default=defaults.attention_normalization or "none",
                               help="DIN's attention weights: softmax over the history, or the "
@@ -258,9 +264,6 @@ def build_parser() -> argparse.ArgumentParser:
                          help="the share of rows before the test rows that validates")
     labeled.add_argument("--test-fraction", type=open_fraction, default=defaults.test_fraction,
                          help="the share of the latest rows that tests")
-    labeled.add_argument("--min-count", type=positive_int, default=defaults.min_count,
-                         help="ids seen fewer times in the training rows share the reserved "
-                         "id of unknown ones")
     train_parser.add_argument("--seed", type=seed, default=defaults.seed,
                               help="seeds the weights, the negatives and the batches' order")
     train_parser.add_argument("--backend", choices=BACKENDS, default=defaults.backend,
@@ -430,8 +433,10 @@ def run_command(args) -> int:
         metrics = evaluate_checkpoint(args.checkpoint, args.data, backend=args.backend,
                                       device=args.device, max_unknown=args.max_unknown)
         if metrics.get("unknown_test_items"):
-            print(f"din-fast: note: {metrics['unknown_test_items']} test row(s) hold an item the "
-                  "checkpoint has never seen (scored as its reserved id)", file=sys.stderr)
+            print(f"din-fast: note: {metrics['unknown_test_items']} test sample(s) hold an item "
+                  "without a row of its own in the checkpoint (seen fewer than --min-count "
+                  "times in training, or never): scored through its reserved row",
+                  file=sys.stderr)
         if metrics.get("excluded_test_samples") or metrics.get("skipped_history_items"):
             print(f"din-fast: note: {metrics['excluded_test_samples']} test sample(s) left out "
                   "(their test item is unknown to the checkpoint); "

@@ -135,8 +135,10 @@ class TrainConfig:
             validates, in (0, 1) (labeled logs).
         test_fraction: the share of the latest rows that tests, in (0, 1);
             with ``validation_fraction`` below 1 (labeled logs).
-        min_count: ids seen fewer times in the training rows map to the
-            reserved id, a positive int (labeled logs).
+        min_count: ids seen fewer times in the training split map to each
+            table's reserved id, a positive int; by the DIN protocol 1 gives
+            every id of the data its own row and no reserved one
+            (din_fast.ctr.rare_ids).
         linear: add the models' linear part (a weight per id, summed into
             the logit).
         linear_lr: the linear part's learning rate (needs ``linear``);

@@ -14,7 +14,7 @@ samples of similar length so that little padding is built.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Iterator, NamedTuple, Optional
+from typing import TYPE_CHECKING, Iterator, NamedTuple, Optional
 
 
 import hashlib
@@ -26,6 +26,9 @@ import torch
 
 from .errors import DataFormatError, snippet
 from .loaders import Interactions
+
+if TYPE_CHECKING:
+    from .rare_ids import RareIds
 
 # Seeded random streams, [seed, stream]: each split's negatives and the
 # training batches' order draw from their own, so that one never shifts another.
@@ -41,11 +44,15 @@ class IdMaps:
 
     ``unknown``: every table has one more id, ``len(ids) + 1``, that any raw
     id not listed maps to (labeled logs, whose maps hold the training split's
-    ids); without it such ids map to 0 (the DIN protocol, whose maps hold
-    every id of the data). ``category_ids`` is None for data without
-    categories (and ``item_category`` then too). ``features`` maps each
-    categorical side feature to its values, ``numeric`` each numeric one to
-    the (mean, standard deviation) that standardizes it.
+    ids, and the DIN protocol with rare ids: din_fast.ctr.rare_ids); without
+    it such ids map to 0 (the DIN protocol, whose maps then hold every id of
+    the data). ``category_ids`` is None for data without categories (and
+    ``item_category`` then too). ``features`` maps each categorical side
+    feature to its values, ``numeric`` each numeric one to the (mean,
+    standard deviation) that standardizes it. ``rare_items`` are the items
+    of the training data that share the reserved row, with their
+    categories: the data the maps were built from, for telling other data
+    apart, and a cold item's category.
 
     Args:
         item_ids: the raw item ids, a sorted pyarrow string array without
@@ -55,10 +62,18 @@ class IdMaps:
         item_category: [len(item_ids) + 1] int64, the dense category of
             each dense item, 0 for the padding; None without categories.
         unknown: each table has a reserved id for raw ids not listed
-            (labeled logs); False: they map to 0 (the DIN protocol).
+            (labeled logs, the DIN protocol with rare ids); False: they map
+            to 0 (the DIN protocol).
         features: {categorical side feature: its raw values, a sorted
             string array}, in the model's order.
         numeric: {numeric side feature: (mean, standard deviation)}.
+        rare_items: the training data's items without a row of their own
+            (they share the reserved one), a sorted string array; None
+            where not kept (labeled logs, the DIN protocol without rare
+            ids).
+        rare_item_category: [len(rare_items)] int64, their dense categories
+            (the reserved one for a rare category); None without categories
+            or rare items.
     """
 
     item_ids: pa.Array
@@ -67,6 +82,8 @@ class IdMaps:
     unknown: bool = False
     features: dict = field(default_factory=dict)
     numeric: dict = field(default_factory=dict)
+    rare_items: Optional[pa.Array] = None
+    rare_item_category: Optional[np.ndarray] = None
 
     @property
     def num_items(self) -> int:
@@ -108,6 +125,23 @@ class IdMaps:
     """
         return dense_ids(ids, raw, len(ids) + 1 if self.unknown else 0)
 
+    def categories_of(self, raw: pa.Array) -> np.ndarray:
+        """The dense category of each raw item the maps list (their own items
+        and the rare ones), 0 for the others; None without categories."""
+        if self.category_ids is None:
+            return None
+        category = self.item_category[dense_ids(self.item_ids, raw)]
+        if self.rare_items is not None:
+            rare = dense_ids(self.rare_items, raw)
+            category = np.where(rare != 0, np.append(0, self.rare_item_category)[rare], category)
+        return category
+
+    def listed(self, raw: pa.Array) -> np.ndarray:
+        """Whether each raw item is one the maps were built from (theirs or a rare one)."""
+        listed = dense_ids(self.item_ids, raw) != 0
+        return listed if self.rare_items is None else listed | (dense_ids(self.rare_items,
+                                                                          raw) != 0)
+
     def fingerprint(self) -> str:
         """A SHA-256 of everything the maps hold: equal maps give equal
         fingerprints, whatever the data they were built from."""
@@ -126,6 +160,11 @@ class IdMaps:
             add("feature " + name, strings(values))
         for name, (mean, std) in self.numeric.items():
             add("numeric " + name, (float(mean), float(std)))
+        if self.rare_items is not None:     # absent before rare ids: old fingerprints hold
+            add("rare items", strings(self.rare_items))
+            if self.category_ids is not None:
+                add("rare item_category",
+                    np.ascontiguousarray(self.rare_item_category, np.int64).tobytes())
         return digest.hexdigest()
 
 
@@ -367,18 +406,27 @@ class SampleSplits:
     :func:`with_negatives`), and the validation and test samples with their
     negatives drawn once. Of a labeled log (no ``negatives``): its rows.
 
+    ``rare`` (din_fast.ctr.rare_ids.RareIds): the DIN protocol with rare
+    ids sharing a row. The training positives are then the protocol's own
+    (every id of the data its own), among whose items each epoch's negatives
+    are drawn before ``rare`` maps them to the model's ids, as it mapped the
+    validation and test samples.
+
     Args:
         train: the training samples (by the DIN protocol the positives).
         validation: the validation samples.
         test: the test samples.
         negatives: True by the DIN protocol (a negative drawn for each
             training positive every epoch); False for a labeled log.
+        rare: the mapping to the model's ids of the DIN protocol with rare
+            ids; None: the samples hold the model's ids.
     """
 
     train: Samples
     validation: Samples
     test: Samples
     negatives: bool = True
+    rare: Optional["RareIds"] = None
 
     @property
     def train_size(self) -> int:
@@ -395,9 +443,14 @@ class SampleSplits:
 
     Returns:
         By the DIN protocol the positives and a fresh negative each
-        (:func:`training_samples`); of a labeled log, ``train`` itself.
+        (:func:`training_samples`, the negatives drawn among the protocol's
+        own ids where ``rare`` maps them); of a labeled log, ``train`` itself.
     """
-        return training_samples(data, self.train, seed, epoch) if self.negatives else self.train
+        if not self.negatives:
+            return self.train
+        if self.rare is None:
+            return training_samples(data, self.train, seed, epoch)
+        return self.rare.samples(training_samples(self.rare.data, self.train, seed, epoch))
 
 
 def build_samples(data: EncodedData, seed: int = 0) -> SampleSplits:
@@ -435,6 +488,15 @@ def build_samples(data: EncodedData, seed: int = 0) -> SampleSplits:
     test = with_negatives(data, _positives(data, test_users, lengths[test_users] - 1),
                           np.random.default_rng([seed, TEST_STREAM]))
     return SampleSplits(_positives(data, user, k), validation, test)
+
+
+def training_behaviours(data: EncodedData) -> np.ndarray:
+    """Which of ``data.items`` (by the DIN protocol) precede their user's
+    validation and test targets: the behaviours of the training period, the
+    only ones whose counts training may use."""
+    lengths = np.diff(data.offsets)
+    position = np.arange(len(data.items)) - np.repeat(data.offsets[:-1], lengths)
+    return position < np.repeat(lengths - 2, lengths)
 
 
 def training_samples(data: EncodedData, positives: Samples, seed: int, epoch: int) -> Samples:
