@@ -13,8 +13,8 @@ samples of similar length so that little padding is built.
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Iterator, NamedTuple, Optional
+from dataclasses import dataclass, field, replace
+from typing import Iterator, NamedTuple, Optional
 
 
 import hashlib
@@ -26,9 +26,6 @@ import torch
 
 from .errors import DataFormatError, snippet
 from .loaders import Interactions
-
-if TYPE_CHECKING:
-    from .rare_ids import RareIds
 
 # Seeded random streams, [seed, stream]: each split's negatives and the
 # training batches' order draw from their own, so that one never shifts another.
@@ -400,17 +397,47 @@ def _first_null(array: pa.Array) -> Optional[int]:
 
 
 @dataclass
+class RareIds:
+    """Rare ids sharing a row by the DIN protocol (din_fast.ctr.rare_ids
+    builds them): the model's ids of data encoded with every id its own
+    (``data``, the protocol's: negatives are drawn among its items).
+    ``items[i]`` is the model's item of the data's dense item i (the
+    reserved one where the maps lack it), ``categories[i]`` the model's
+    category of that item's category (None without categories); ``maps``
+    the model's id maps."""
+
+    data: EncodedData
+    maps: IdMaps
+    items: np.ndarray
+    categories: Optional[np.ndarray]
+
+    def samples(self, samples: Samples) -> Samples:
+        """``samples`` of :attr:`data` with the model's targets and their categories."""
+        return replace(samples, target=self.items[samples.target],
+                       target_category=None if self.categories is None
+                       else self.categories[samples.target])
+
+    def encoded(self) -> EncodedData:
+        """:attr:`data` with the model's ids: the behaviours' items and, each
+        behaviour's own, their categories (so a rare item keeps its category)."""
+        data = self.data
+        return EncodedData(data.user_ids, data.offsets, self.items[data.items], self.maps,
+                           data.source, None if self.categories is None
+                           else self.categories[data.items])
+
+
+@dataclass
 class SampleSplits:
     """The samples of one dataset. By the DIN protocol (``negatives``):
     training positives (a fresh negative is drawn for each, every epoch:
     :func:`with_negatives`), and the validation and test samples with their
     negatives drawn once. Of a labeled log (no ``negatives``): its rows.
 
-    ``rare`` (din_fast.ctr.rare_ids.RareIds): the DIN protocol with rare
-    ids sharing a row. The training positives are then the protocol's own
-    (every id of the data its own), among whose items each epoch's negatives
-    are drawn before ``rare`` maps them to the model's ids, as it mapped the
-    validation and test samples.
+    ``rare`` (:class:`RareIds`): the DIN protocol with rare ids sharing a
+    row. The training positives are then the protocol's own (every id of the
+    data its own), among whose items each epoch's negatives are drawn before
+    ``rare`` maps them to the model's ids, as it mapped the validation and
+    test samples.
 
     Args:
         train: the training samples (by the DIN protocol the positives).
@@ -426,7 +453,7 @@ class SampleSplits:
     validation: Samples
     test: Samples
     negatives: bool = True
-    rare: Optional["RareIds"] = None
+    rare: Optional[RareIds] = None
 
     @property
     def train_size(self) -> int:

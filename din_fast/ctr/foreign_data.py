@@ -9,9 +9,10 @@ another category than the maps', beyond MAX_CONFLICTS (1%) of those items,
 is other data whose ids happen to overlap: ``evaluate`` and ``predict``
 refuse it with one line instead of scoring it. Within the tolerances, unknown
 ids are what they always are: the reserved id where the maps have one (a
-labeled log's, or the DIN protocol's with rare ids), else skipped or left out. Ids are compared as the strings they are, so data of
-another source with integer ids of the same range and no categories or
-features to contradict is beyond what this can tell.
+labeled log's, or the DIN protocol's with rare ids), else skipped or left
+out. Ids are compared as the strings they are, so data of another source
+with integer ids of the same range and no categories or features to
+contradict is beyond what this can tell.
 """
 
 from __future__ import annotations

@@ -15,49 +15,18 @@ items together are.
 The protocol itself does not depend on the threshold: the samples
 (histories, targets, and negatives drawn among every item of the data) are
 built with every id of the data its own (data.encode), as with N = 1, and
-:class:`RareIds` maps them to the model's ids. The validation samples a
+data.RareIds maps them to the model's ids. The validation samples a
 tuner compares thresholds on are therefore the same samples. N = 1 keeps
 every id of the data its own row, without a reserved one.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass, replace
-from typing import Optional
-
 import numpy as np
 import pyarrow as pa
 
-from .data import EncodedData, IdMaps, Samples, SampleSplits, encode, training_behaviours
+from .data import EncodedData, IdMaps, RareIds, SampleSplits, encode, training_behaviours
 from .loaders import Interactions
-
-
-@dataclass
-class RareIds:
-    """The model's ids of data encoded with every id its own (``data``, the
-    protocol's: negatives are drawn among its items): ``items[i]`` is the
-    model's item of the data's dense item i (the reserved one where the maps
-    lack it), ``categories[i]`` the model's category of that item's category
-    (None without categories); ``maps`` the model's id maps."""
-
-    data: EncodedData
-    maps: IdMaps
-    items: np.ndarray
-    categories: Optional[np.ndarray]
-
-    def samples(self, samples: Samples) -> Samples:
-        """``samples`` of :attr:`data` with the model's targets and their categories."""
-        return replace(samples, target=self.items[samples.target],
-                       target_category=None if self.categories is None
-                       else self.categories[samples.target])
-
-    def encoded(self) -> EncodedData:
-        """:attr:`data` with the model's ids: the behaviours' items and, each
-        behaviour's own, their categories (so a rare item keeps its category)."""
-        data = self.data
-        return EncodedData(data.user_ids, data.offsets, self.items[data.items], self.maps,
-                           data.source, None if self.categories is None
-                           else self.categories[data.items])
 
 
 def rare_ids(data: EncodedData, maps: IdMaps) -> RareIds:
