@@ -36,13 +36,15 @@ from .files import open_replacing
 CHECKPOINT_FORMAT = "din_fast.checkpoint/5"
 # Formats this version reads: 3 lacks what 4 added (labeled logs, side
 # features, run states, fingerprints), 4 what 5 added (the DIN protocol's
-# rare ids: the rare items in the id maps), which it reads as their defaults.
+# rare ids: the rare items in the id maps; the attention's and the MLP's
+# widths in the config), which it reads as their defaults.
 READABLE_FORMATS = ("din_fast.checkpoint/3", "din_fast.checkpoint/4", CHECKPOINT_FORMAT)
 WRITTEN_BY = "a file written by din-fast train --checkpoint"
 ADDED_CONFIG_FIELDS = {"compile": None, "top_k": None, "search": "din", "label_column": None,
                        "features": (), "numeric_features": (), "feature_dim": None,
                        "validation_fraction": 0.1, "test_fraction": 0.1, "min_count": 1,
-                       "linear": False, "linear_lr": None}
+                       "linear": False, "linear_lr": None, "attention_hidden": (80, 40),
+                       "mlp_hidden": (200, 80)}
 RUN_STATE_SUFFIX = ".run"
 
 

@@ -79,7 +79,7 @@ def check_device_and_backend(config: TrainConfig) -> None:
             from None
 
 
-def load_data(path: Optional[str], seed: int, min_count: int = 1):
+def load_data(path: Optional[str], seed: int, min_count: int = 1, interactions=None):
     """Behaviours and their samples by the DIN protocol.
 
     Args:
@@ -89,6 +89,8 @@ def load_data(path: Optional[str], seed: int, min_count: int = 1):
         min_count: ids seen fewer times among the training behaviours
             share a reserved row (din_fast.ctr.rare_ids); 1: every id of
             the data its own row.
+        interactions: the behaviours of ``path``, read already (what
+            :func:`read_config_data` returns); None: read them.
 
     Returns:
         (EncodedData, SampleSplits): the data in the model's ids, and its
@@ -98,7 +100,9 @@ def load_data(path: Optional[str], seed: int, min_count: int = 1):
         din_fast.ctr.errors.DataFormatError: a data file that cannot be read
             as behaviours (from the loader and the encoding).
     """
-    interactions = synthetic_interactions(seed=seed) if path is None else load_interactions(path)
+    if interactions is None:
+        interactions = synthetic_interactions(seed=seed) if path is None \
+            else load_interactions(path)
     data = encode(interactions)
     splits = build_samples(data, seed)
     return (data, splits) if min_count == 1 else with_rare_ids(data, splits, min_count)
@@ -134,13 +138,37 @@ def log_split(config: TrainConfig) -> LogSplit:
     return LogSplit(config.validation_fraction, config.test_fraction, config.min_count)
 
 
-def load_config_data(config: TrainConfig):
+def read_config_data(config: TrainConfig):
+    """What the config's data file holds, read once for runs that differ in
+    their settings alone (din-fast tune).
+
+    Args:
+        config: the run's settings (``data``, ``seed``, the labeled log's
+            columns).
+
+    Returns:
+        A LabeledLog where the config names a label column, else the
+        Interactions (the synthetic set of ``seed`` without a file).
+
+    Raises:
+        din_fast.ctr.errors.DataFormatError: a data file that cannot be read
+            as the config says.
+    """
+    if config.label_column is not None:
+        return load_labeled_log(config.data, log_columns(config))
+    return synthetic_interactions(seed=config.seed) if config.data is None \
+        else load_interactions(config.data)
+
+
+def load_config_data(config: TrainConfig, read=None):
     """The config's data and samples: a labeled log where it names a label
     column (split by time), else behaviours by the DIN protocol.
 
     Args:
         config: the run's settings (``data``, ``seed``, the labeled log's
-            columns and split).
+            columns and split, ``min_count``).
+        read: what :func:`read_config_data` returned for the config's data;
+            None: read it.
 
     Returns:
         (EncodedData, SampleSplits).
@@ -150,9 +178,10 @@ def load_config_data(config: TrainConfig):
             the config says (DataFormatError), or a labeled log too small
             to split.
     """
+    read = read_config_data(config) if read is None else read
     if config.label_column is None:
-        return load_data(config.data, config.seed, config.min_count)
-    return labeled_samples(load_labeled_log(config.data, log_columns(config)), log_split(config))
+        return load_data(config.data, config.seed, config.min_count, read)
+    return labeled_samples(read, log_split(config))
 
 
 @torch.no_grad()
@@ -730,12 +759,14 @@ def describe_data(data: EncodedData, splits: SampleSplits) -> str:
             f"{len(splits.validation)} validation and {len(splits.test)} test samples")
 
 
-def load_training_data(config: TrainConfig):
+def load_training_data(config: TrainConfig, read=None):
     """The config's data and samples (:func:`load_config_data`), checked
     to be trainable.
 
     Args:
         config: the run's settings.
+        read: what :func:`read_config_data` returned for the config's data;
+            None: read it.
 
     Returns:
         (EncodedData, SampleSplits).
@@ -746,7 +777,7 @@ def load_training_data(config: TrainConfig):
             rows in which no user has both labels (GAUC, the early-stopping
             criterion, would be undefined).
     """
-    data, splits = load_config_data(config)
+    data, splits = load_config_data(config, read)
     if len(splits.train) == 0:
         raise InputError(f"{data.source}: no training samples: the protocol needs users with "
                          "at least 4 behaviours (the last two are the test and validation "
@@ -779,8 +810,8 @@ def check_both_labels(samples: Samples, what: str) -> None:
 
 
 def fit(model, data: EncodedData, splits: SampleSplits, config: TrainConfig, *,
-        progress: bool = True, log=print, on_epoch=None, resume: Optional[RunState] = None
-        ) -> dict:
+        progress: bool = True, log=print, on_epoch=None, resume: Optional[RunState] = None,
+        test: bool = True) -> dict:
     """:func:`fit_learner` for a model in this process (see LocalLearner).
 
     Args:
@@ -795,6 +826,8 @@ def fit(model, data: EncodedData, splits: SampleSplits, config: TrainConfig, *,
             epoch; None: nothing.
         resume: a RunState to continue from (``model`` holding its
             weights); None starts afresh.
+        test: score the test samples at the end; False never looks at
+            them (a search that selects by validation).
 
     Returns:
         :func:`fit_learner`'s metrics.
@@ -804,12 +837,12 @@ def fit(model, data: EncodedData, splits: SampleSplits, config: TrainConfig, *,
     """
     learner = LocalLearner(model, data, config, None if splits.negatives else splits.train)
     return fit_learner(learner, data, splits, config, progress=progress, log=log,
-                       on_epoch=on_epoch, resume=resume)
+                       on_epoch=on_epoch, resume=resume, test=test)
 
 
 def fit_learner(learner, data: EncodedData, splits: SampleSplits, config: TrainConfig, *,
                 progress: bool = True, log=print, on_epoch=None,
-                resume: Optional[RunState] = None) -> dict:
+                resume: Optional[RunState] = None, test: bool = True) -> dict:
     """The training protocol, for a LocalLearner or its sharded counterpart.
 
     Fresh training negatives every epoch (the DIN protocol); validation
@@ -818,9 +851,10 @@ def fit_learner(learner, data: EncodedData, splits: SampleSplits, config: TrainC
     best epoch's weights restored and the test samples evaluated once.
     Returns test and validation metrics (of the best epoch), ``best_epoch``,
     ``epochs_run``, ``stopped`` (why training ended), timings and the
-    per-epoch records under ``epochs``. ``on_epoch(RunState, improved)`` runs
-    after each epoch (before its line is logged); ``resume`` continues from
-    such a state (the learner's model holding its weights).
+    per-epoch records under ``epochs``; without ``test`` the test samples
+    are not looked at. ``on_epoch(RunState, improved)`` runs after each
+    epoch (before its line is logged); ``resume`` continues from such a
+    state (the learner's model holding its weights).
 
     Args:
         learner: a LocalLearner or a
@@ -836,10 +870,12 @@ def fit_learner(learner, data: EncodedData, splits: SampleSplits, config: TrainC
             epoch, ``improved`` True when it is the best so far; None:
             nothing.
         resume: a RunState to continue from; None starts afresh.
+        test: score the test samples at the end; False never looks at
+            them (no test metrics: a search that selects by validation).
 
     Returns:
-        ``test_auc``, ``test_gauc``, ``test_logloss``, the same three
-        ``validation_`` ones, ``best_epoch``, ``epochs_run``, ``stopped``,
+        ``test_auc``, ``test_gauc``, ``test_logloss`` (with ``test``),
+        the same three ``validation_`` ones, ``best_epoch``, ``epochs_run``, ``stopped``,
         ``train_seconds``, ``samples_per_second``, ``train_samples``,
         ``validation_samples``, ``test_samples`` and ``epochs`` (a list of
         per-epoch dicts).
@@ -899,7 +935,7 @@ def fit_learner(learner, data: EncodedData, splits: SampleSplits, config: TrainC
         log(f"{stopped}; restored epoch {best['epoch']}")
         stage = "the test evaluation"
         learner.restore(best_state)
-        result = learner.evaluate(splits.test, "test")
+        result = learner.evaluate(splits.test, "test") if test else {}
     except KeyboardInterrupt:
         # Ctrl-C: hand the best epoch's weights to the caller, who may save them.
         if best is not None:
