@@ -256,7 +256,21 @@ def config_problems(values: dict, complete: bool = True) -> list:
 def read_config_file(path, option: str = "--config") -> dict:
     """The TrainConfig fields a JSON file sets: an object {field: value},
     any of the fields (what ``din-fast tune`` writes: all of them); lists
-    stand for tuples. InputError, naming the file and the field, otherwise."""
+    stand for tuples.
+
+    Args:
+        path: the JSON file (``din-fast train --config``).
+        option: the option that named it, for messages.
+
+    Returns:
+        {field: value}, each value valid on its own (the rules between
+        fields are TrainConfig's, checked once the command line joins them).
+
+    Raises:
+        din_fast.ctr.errors.InputError: a file that cannot be read, is not
+            a JSON object, names a field TrainConfig lacks or holds an
+            invalid value (naming the file and the field).
+    """
     expected = "expected a JSON object {setting: value} of din-fast train's settings"
     try:
         values = json.loads(Path(path).read_text(encoding="utf-8"))
@@ -280,7 +294,18 @@ def read_config_file(path, option: str = "--config") -> dict:
 
 
 def write_config_file(path, config: TrainConfig, option: str) -> None:
-    """``config`` as the JSON file :func:`read_config_file` reads, atomically."""
+    """``config`` as the JSON file :func:`read_config_file` reads,
+    written atomically (din_fast.ctr.files).
+
+    Args:
+        path: the file to write.
+        config: the TrainConfig to write.
+        option: the option that named the path, for messages.
+
+    Raises:
+        din_fast.ctr.errors.OutputError: the file cannot be written (the
+            one at ``path`` is then unchanged).
+    """
     write_json(path, asdict(config), option)
 
 

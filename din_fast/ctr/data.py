@@ -123,8 +123,15 @@ class IdMaps:
         return dense_ids(ids, raw, len(ids) + 1 if self.unknown else 0)
 
     def categories_of(self, raw: pa.Array) -> np.ndarray:
-        """The dense category of each raw item the maps list (their own items
-        and the rare ones), 0 for the others; None without categories."""
+        """The dense category of each raw item the maps list.
+
+        Args:
+            raw: raw item ids, a pyarrow string array.
+
+        Returns:
+            [len(raw)] int64: the category of each of the maps' own items
+            and rare ones, 0 for the others; None without categories.
+        """
         if self.category_ids is None:
             return None
         category = self.item_category[dense_ids(self.item_ids, raw)]
@@ -134,7 +141,14 @@ class IdMaps:
         return category
 
     def listed(self, raw: pa.Array) -> np.ndarray:
-        """Whether each raw item is one the maps were built from (theirs or a rare one)."""
+        """Whether each raw item is one the maps were built from.
+
+        Args:
+            raw: raw item ids, a pyarrow string array.
+
+        Returns:
+            [len(raw)] bool: True for the maps' own items and rare ones.
+        """
         listed = dense_ids(self.item_ids, raw) != 0
         return listed if self.rare_items is None else listed | (dense_ids(self.rare_items,
                                                                           raw) != 0)
@@ -404,7 +418,16 @@ class RareIds:
     ``items[i]`` is the model's item of the data's dense item i (the
     reserved one where the maps lack it), ``categories[i]`` the model's
     category of that item's category (None without categories); ``maps``
-    the model's id maps."""
+    the model's id maps.
+
+    Args:
+        data: the protocol's EncodedData, every id of the data its own.
+        maps: the model's IdMaps (with the reserved row).
+        items: [len(data's items) + 1] int64, the model's item of each of
+            the data's dense items (0 for the padding).
+        categories: likewise, the model's category of each; None without
+            categories.
+    """
 
     data: EncodedData
     maps: IdMaps
@@ -412,7 +435,14 @@ class RareIds:
     categories: Optional[np.ndarray]
 
     def samples(self, samples: Samples) -> Samples:
-        """``samples`` of :attr:`data` with the model's targets and their categories."""
+        """Samples in the model's ids.
+
+        Args:
+            samples: Samples of :attr:`data`.
+
+        Returns:
+            The same samples with the model's targets and their categories.
+        """
         return replace(samples, target=self.items[samples.target],
                        target_category=None if self.categories is None
                        else self.categories[samples.target])
@@ -518,9 +548,16 @@ def build_samples(data: EncodedData, seed: int = 0) -> SampleSplits:
 
 
 def training_behaviours(data: EncodedData) -> np.ndarray:
-    """Which of ``data.items`` (by the DIN protocol) precede their user's
-    validation and test targets: the behaviours of the training period, the
-    only ones whose counts training may use."""
+    """The behaviours of the training period by the DIN protocol, the only
+    ones whose counts training may use.
+
+    Args:
+        data: EncodedData of behaviours (each user's, oldest first).
+
+    Returns:
+        [len(data.items)] bool: True where a behaviour precedes its user's
+        validation and test targets (the last two).
+    """
     lengths = np.diff(data.offsets)
     position = np.arange(len(data.items)) - np.repeat(data.offsets[:-1], lengths)
     return position < np.repeat(lengths - 2, lengths)

@@ -416,7 +416,14 @@ class ItemCategories:
     (``items`` and their ``categories``, raw; where given and listed there:
     a cold item keeps its category's row), else the reserved category.
     Without categories, None; without the reserved row, 0 for unknown items
-    (which are skipped or left unscored)."""
+    (which are skipped or left unscored).
+
+    Args:
+        maps: the checkpoint's IdMaps.
+        items: raw item ids of the data (--data), a pyarrow string array;
+            None: the maps alone.
+        categories: the raw category of each of ``items``.
+    """
 
     def __init__(self, maps: IdMaps, items: Optional[pa.Array] = None,
                  categories: Optional[pa.Array] = None):
