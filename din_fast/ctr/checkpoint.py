@@ -4,7 +4,8 @@ untrusted input.
 A checkpoint is a ``torch.save`` dict: ``format``, ``config`` (TrainConfig's
 fields), ``id_maps`` (the raw string ids in encoding order, as UTF-8 bytes and
 offsets, each item's category, the side features' values and the numeric
-ones' standardization, and the ``fingerprint`` of it all) and the model's
+ones' standardization, the rare items sharing the reserved row with their
+categories, and the ``fingerprint`` of it all) and the model's
 ``state_dict``. A run state file (:func:`resume_path`, written after every
 epoch) adds ``run``: what ``din-fast train --resume`` continues from. Saving
 goes through din_fast.ctr.files (a temporary file renamed into place: a reader,
@@ -32,15 +33,18 @@ from .data import IdMaps
 from .errors import CheckpointError, snippet
 from .files import open_replacing
 
-CHECKPOINT_FORMAT = "din_fast.checkpoint/4"
+CHECKPOINT_FORMAT = "din_fast.checkpoint/5"
 # Formats this version reads: 3 lacks what 4 added (labeled logs, side
-# features, run states, fingerprints), which it reads as their defaults.
-READABLE_FORMATS = ("din_fast.checkpoint/3", CHECKPOINT_FORMAT)
+# features, run states, fingerprints), 4 what 5 added (the DIN protocol's
+# rare ids: the rare items in the id maps; the attention's and the MLP's
+# widths in the config), which it reads as their defaults.
+READABLE_FORMATS = ("din_fast.checkpoint/3", "din_fast.checkpoint/4", CHECKPOINT_FORMAT)
 WRITTEN_BY = "a file written by din-fast train --checkpoint"
 ADDED_CONFIG_FIELDS = {"compile": None, "top_k": None, "search": "din", "label_column": None,
                        "features": (), "numeric_features": (), "feature_dim": None,
                        "validation_fraction": 0.1, "test_fraction": 0.1, "min_count": 1,
-                       "linear": False, "linear_lr": None}
+                       "linear": False, "linear_lr": None, "attention_hidden": (80, 40),
+                       "mlp_hidden": (200, 80)}
 RUN_STATE_SUFFIX = ".run"
 
 
@@ -157,6 +161,10 @@ def _id_maps_state(id_maps: IdMaps) -> dict:
     if id_maps.category_ids is not None:
         state.update(category_ids=_strings_state(id_maps.category_ids),
                      item_category=torch.from_numpy(id_maps.item_category))
+    if id_maps.rare_items is not None:
+        state["rare_items"] = _strings_state(id_maps.rare_items)
+        if id_maps.category_ids is not None:
+            state["rare_item_category"] = torch.from_numpy(id_maps.rare_item_category)
     return state
 
 
@@ -315,13 +323,43 @@ def _checked_id_maps(state, where: str, config: TrainConfig) -> IdMaps:
         raise CheckpointError(f"{where}: id_maps['numeric'] must map each of the config's "
                               f"numeric features {list(config.numeric_features)} to a float64 "
                               "tensor [mean, standard deviation > 0]")
+    rare_items, rare_item_category = _checked_rare_items(state, where, item_ids, category_ids,
+                                                         unknown)
     id_maps = IdMaps(item_ids, category_ids, item_category, unknown, features,
-                     {name: tuple(v.tolist()) for name, v in numeric.items()})
+                     {name: tuple(v.tolist()) for name, v in numeric.items()}, rare_items,
+                     rare_item_category)
     recorded = state.get("fingerprint")
     if recorded is not None and recorded != id_maps.fingerprint():
         raise CheckpointError(f"{where}: its id maps do not match the fingerprint recorded with "
                               f"them (the file was altered); expected {WRITTEN_BY}")
     return id_maps
+
+
+def _checked_rare_items(state: dict, where: str, item_ids: pa.Array,
+                        category_ids: Optional[pa.Array], unknown: bool) -> tuple:
+    """(rare_items, rare_item_category) of the id maps' state: none, or
+    items the maps do not hold with one category each (the reserved one
+    included), where the maps have the reserved row they share."""
+    if state.get("rare_items") is None:
+        if state.get("rare_item_category") is not None:
+            raise CheckpointError(f"{where}: id_maps['rare_item_category'] without "
+                                  "id_maps['rare_items']")
+        return None, None
+    rare_items = _checked_strings(state["rare_items"], "rare_items", where)
+    if not unknown or pc.any(pc.is_in(rare_items, value_set=item_ids)).as_py():
+        raise CheckpointError(f"{where}: id_maps['rare_items'] must be items the maps do not "
+                              "hold, sharing their reserved row (id_maps['unknown'] True)")
+    if category_ids is None:
+        return rare_items, None
+    category = state.get("rare_item_category")
+    highest = len(category_ids) + 1
+    if not (isinstance(category, torch.Tensor) and category.dtype == torch.int64
+            and category.shape == (len(rare_items),)
+            and bool(((category >= 1) & (category <= highest)).all())):
+        raise CheckpointError(f"{where}: id_maps['rare_item_category'] must be an int64 tensor "
+                              f"holding one category in 1..{highest} for each of the "
+                              f"{len(rare_items)} rare items")
+    return rare_items, category.numpy()
 
 
 def _checked_state_dict(state, expected: dict, where: str, name: str = "state_dict") -> dict:

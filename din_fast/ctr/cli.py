@@ -18,13 +18,14 @@ import math
 import os
 import sys
 from dataclasses import fields
+from typing import Optional
 
 import torch
 
 from din_fast.problem import ACTIVATIONS, BACKENDS
 from din_fast.search import SEARCHES
 from . import sharded
-from .config import COMPILE_BACKENDS, TrainConfig
+from .config import COMPILE_BACKENDS, TrainConfig, read_config_file
 from .errors import InputError
 from .export import export_checkpoint
 from .files import check_outputs, write_json
@@ -35,6 +36,7 @@ from .onnx_export import OPSET as ONNX_OPSET, export_checkpoint_onnx
 from .plot import check_plot_path, plot_training
 from .predict import OUTPUT_FORMATS, describe, predict_file
 from .training import check_training_outputs, evaluate_checkpoint, train
+from .tune import DEFAULT_TRIALS, SEARCH_SPACE, tune
 
 USAGE_ERROR = 2
 INTERRUPTED = 130       # 128 + SIGINT, what a shell reports for Ctrl-C
@@ -144,6 +146,17 @@ def column_names(text: str) -> tuple:
     return names
 
 
+def widths(text: str) -> tuple:
+    try:
+        values = tuple(int(width) for width in text.split(","))
+    except ValueError:
+        values = ()
+    if not values or min(values) < 1:
+        raise argparse.ArgumentTypeError(f"must be positive layer widths separated by commas "
+                                         f"(80,40); got {text!r}")
+    return values
+
+
 def available_cores() -> int:
     """The cores this process may run on (its affinity mask: what a container,
     taskset or a batch scheduler grants, not the machine's count)."""
@@ -168,10 +181,19 @@ def add_max_unknown_option(parser: argparse.ArgumentParser) -> None:
                         "in any column: it was trained on other data")
 
 
-def build_parser() -> argparse.ArgumentParser:
-    """The ``din-fast`` parser: the commands train, evaluate, predict and
-    export, each option's help ending with its default (the command
-    reference, docs/reference/cli.md, is generated from it)."""
+def build_parser(train_settings: Optional[dict] = None) -> argparse.ArgumentParser:
+    """The ``din-fast`` parser: the commands train, tune, evaluate, predict
+    and export, each option's help ending with its default (the command
+    reference, docs/reference/cli.md, is generated from it).
+
+    Args:
+        train_settings: {TrainConfig field: value}, a ``--config`` file's,
+            replacing train's defaults (the command line overrides them);
+            None: TrainConfig's.
+
+    Returns:
+        The argparse parser.
+    """
     defaults = TrainConfig()
     parser = ArgumentParser(prog="din-fast", description=__doc__)
     commands = parser.add_subparsers(dest="command", required=True)
@@ -185,6 +207,9 @@ def build_parser() -> argparse.ArgumentParser:
         "GAUC; prints the best epoch's test AUC, GAUC and logloss, and saves its model with "
         "--checkpoint for evaluate, predict and export.",
         formatter_class=DefaultsHelpFormatter)
+    train_parser.add_argument("--config", help="a JSON file of train's settings ({\"lr\": "
+                              "0.001, ...}: what din-fast tune writes); options given here "
+                              "override it, the defaults fill in what neither gives")
     train_parser.add_argument("--data", help="a CSV/TSV or Parquet file with columns user,item,"
                               "category,timestamp, or an Amazon-layout directory (<Name>.txt + "
                               "<Name>_item2attributes.json); with --label-column a labeled log: "
@@ -210,6 +235,12 @@ def build_parser() -> argparse.ArgumentParser:
                               help="size of the item and of the category embedding each")
     train_parser.add_argument("--max-len", type=positive_int, default=defaults.max_len,
                               help="keep the most recent N behaviours of each history")
+    train_parser.add_argument("--min-count", type=positive_int, default=defaults.min_count,
+                              help="ids (items, categories, feature values) seen fewer times in "
+                              "the training split share one reserved row per table, which ids "
+                              "never seen in training take at evaluate and predict; a cold item "
+                              "keeps its category's row. By the DIN protocol, 1 gives every id "
+                              "of the data its own row and no reserved one")
     train_parser.add_argument("--attention-normalization", choices=("softmax", "none"),
                               default=defaults.attention_normalization or "none",
                               help="DIN's attention weights: softmax over the history, or the "
@@ -220,6 +251,10 @@ def build_parser() -> argparse.ArgumentParser:
     train_parser.add_argument("--mlp-activation", choices=MLP_ACTIVATIONS,
                               default=defaults.mlp_activation,
                               help="activation of the scoring MLP")
+    train_parser.add_argument("--attention-hidden", type=widths, default=defaults.attention_hidden,
+                              help="the hidden widths of DIN's attention unit")
+    train_parser.add_argument("--mlp-hidden", type=widths, default=defaults.mlp_hidden,
+                              help="the hidden widths of the scoring MLP")
     train_parser.add_argument("--mlp-input", choices=MLP_INPUTS, default=defaults.mlp_input,
                               help="the scoring MLP's input: [interest, candidate] (concat, "
                               "the DIN paper's) or with interest x candidate appended (product)")
@@ -258,9 +293,6 @@ def build_parser() -> argparse.ArgumentParser:
                          help="the share of rows before the test rows that validates")
     labeled.add_argument("--test-fraction", type=open_fraction, default=defaults.test_fraction,
                          help="the share of the latest rows that tests")
-    labeled.add_argument("--min-count", type=positive_int, default=defaults.min_count,
-                         help="ids seen fewer times in the training rows share the reserved "
-                         "id of unknown ones")
     train_parser.add_argument("--seed", type=seed, default=defaults.seed,
                               help="seeds the weights, the negatives and the batches' order")
     train_parser.add_argument("--backend", choices=BACKENDS, default=defaults.backend,
@@ -286,6 +318,9 @@ def build_parser() -> argparse.ArgumentParser:
                               "terminal: one line per epoch)")
     add_threads_option(train_parser)
     sharded.add_options(train_parser)
+    if train_settings:
+        train_parser.set_defaults(**train_settings)
+    add_tune_command(commands, train_parser)
 
     eval_parser = commands.add_parser(
         "evaluate", help="test metrics of a saved checkpoint",
@@ -360,6 +395,51 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+# Train's options a tune does not take: what it searches, and train's own
+# outputs and sharded training.
+NOT_TUNE_OPTIONS = {*SEARCH_SPACE, "help", "config", "checkpoint", "metrics_out", "resume",
+                    "plot", "log_dir", "no_progress", "sharding", "embedding_optimizer",
+                    "embedding_lr"}
+
+
+def add_tune_command(commands, train_parser: argparse.ArgumentParser) -> None:
+    """The tune command: its own options, then train's (the data, the model
+    and every setting the search leaves as given), taken over from the
+    train parser so that each is declared once."""
+    # No abbreviations: --lr, which the search sets, would read as --lr-decay.
+    tune_parser = commands.add_parser(
+        "tune", allow_abbrev=False,
+        help="search the training recipe by validation GAUC (Optuna; pip install "
+        "'din-fast[tune]') and write the best config and checkpoint",
+        formatter_class=DefaultsHelpFormatter,
+        description="Trials train with train's loop over learning rate, L2, embedding size, "
+        "the attention's and the MLP's widths, their activations and --min-count; a trial "
+        "below the median of the earlier ones after its second epoch is stopped (pruned). "
+        "The test split is never looked at. The other options are train's, fixed for every "
+        "trial; the first trial of a new study is train's defaults.")
+    tune_parser.add_argument("--study", required=True,
+                             help="the study's SQLite file: created where new, resumed where it "
+                             "exists (the same command again continues a tune)")
+    tune_parser.add_argument("--out", required=True,
+                             help="a directory (created where missing) for best_config.json, "
+                             "the best trial's settings (for train --config), and best.pt, "
+                             "its checkpoint")
+    tune_parser.add_argument("--trials", type=positive_int, default=DEFAULT_TRIALS,
+                             help="trials (completed or pruned) the study holds at the end, "
+                             "those of earlier runs included")
+    tune_parser.add_argument("--time-budget", type=positive_float,
+                             help="seconds after which no trial starts (the one running "
+                             "ends) (default: none, no limit)")
+    for group in train_parser._action_groups:
+        actions = [a for a in group._group_actions if a.dest not in NOT_TUNE_OPTIONS]
+        if not actions:
+            continue
+        target = tune_parser if group in (train_parser._optionals, train_parser._positionals) \
+            else tune_parser.add_argument_group(group.title)
+        for action in actions:
+            target._add_action(action)
+
+
 def main(argv=None) -> int:
     """Run ``din-fast`` (the console script and ``python -m din_fast``).
 
@@ -374,6 +454,10 @@ def main(argv=None) -> int:
     args = build_parser().parse_args(argv)
     torch.set_num_threads(args.threads)
     try:
+        if args.command == "train" and args.config:
+            # The file's settings become train's defaults, which the options
+            # given on the command line override.
+            args = build_parser(read_config_file(args.config)).parse_args(argv)
         return run_command(args)
     except InputError as error:
         message = " ".join(str(error).splitlines())
@@ -400,9 +484,7 @@ def run_command(args) -> int:
         options = {f.name: vars(args).get(f.name) for f in fields(TrainConfig)}
         if options["l2"] is None:   # not given: the default of the trainer that runs
             options["l2"] = sharded.DEFAULT_L2 if sharded.requested(args) else TrainConfig.l2
-        if options["attention_normalization"] == "none":
-            options["attention_normalization"] = None
-        config = TrainConfig(**options)
+        config = config_of(options)
         check_training_outputs(config, args.checkpoint, args.metrics_out, args.plot,
                                args.log_dir, args.resume)
         if sharded.requested(args):
@@ -430,8 +512,10 @@ def run_command(args) -> int:
         metrics = evaluate_checkpoint(args.checkpoint, args.data, backend=args.backend,
                                       device=args.device, max_unknown=args.max_unknown)
         if metrics.get("unknown_test_items"):
-            print(f"din-fast: note: {metrics['unknown_test_items']} test row(s) hold an item the "
-                  "checkpoint has never seen (scored as its reserved id)", file=sys.stderr)
+            print(f"din-fast: note: {metrics['unknown_test_items']} test sample(s) hold an item "
+                  "without a row of its own in the checkpoint (seen fewer than --min-count "
+                  "times in training, or never): scored through its reserved row",
+                  file=sys.stderr)
         if metrics.get("excluded_test_samples") or metrics.get("skipped_history_items"):
             print(f"din-fast: note: {metrics['excluded_test_samples']} test sample(s) left out "
                   "(their test item is unknown to the checkpoint); "
@@ -440,6 +524,17 @@ def run_command(args) -> int:
         print(json.dumps(metrics, indent=2))
         if args.metrics_out:
             write_json(args.metrics_out, metrics, "--metrics-out")
+    elif args.command == "tune":
+        # The searched settings are not options: the defaults, the first trial's.
+        config = config_of({f.name: vars(args)[f.name] for f in fields(TrainConfig)
+                            if f.name in vars(args)})
+        result = tune(config, study=args.study, out=args.out, trials=args.trials,
+                      time_budget=args.time_budget)
+        print(f"{config.model}: best trial {result['trial']}, validation GAUC "
+              f"{result['validation_gauc']:.4f} ({result['trials']} trial(s) finished, "
+              f"{result['pruned']} pruned, {result['failed']} failed); wrote "
+              f"{result['config_file']} and {result['checkpoint']}: din-fast train --config "
+              f"{result['config_file']}")
     elif args.command == "export":
         given = vars(args)
         if args.format == "onnx":
@@ -461,6 +556,14 @@ def run_command(args) -> int:
                               max_unknown=args.max_unknown)
         print(f"din-fast: note: {describe(counts)}", file=sys.stderr)
     return 0
+
+
+def config_of(options: dict) -> TrainConfig:
+    """The TrainConfig of a command's options (``--attention-normalization
+    none`` is None)."""
+    if options.get("attention_normalization") == "none":
+        options = dict(options, attention_normalization=None)
+    return TrainConfig(**options)
 
 
 if __name__ == "__main__":

@@ -3,8 +3,10 @@ model a config describes."""
 
 from __future__ import annotations
 
+import json
 import math
-from dataclasses import dataclass, fields
+from dataclasses import asdict, dataclass, fields
+from pathlib import Path
 from typing import Optional
 
 import torch
@@ -12,6 +14,7 @@ import torch
 from din_fast.problem import ACTIVATIONS, BACKENDS
 from din_fast.search import SEARCHES
 from .errors import InputError
+from .files import write_json
 from .models import MLP_ACTIVATIONS, MLP_INPUTS, MODELS
 
 DEVICES = ("cpu", "cuda")
@@ -36,6 +39,10 @@ def _fraction(value) -> bool:
 
 def _names(value) -> bool:
     return type(value) is tuple and all(type(v) is str and v for v in value)
+
+
+def _widths(value) -> bool:
+    return type(value) is tuple and len(value) >= 1 and all(map(_positive_int, value))
 
 
 # field -> (accepts the value, what it must be)
@@ -73,7 +80,11 @@ FIELD_RULES = {
     "min_count": (_positive_int, "a positive integer"),
     "linear": (lambda v: type(v) is bool, "True or False"),
     "linear_lr": (lambda v: v is None or _positive_float(v), "None (lr) or a finite number > 0"),
+    "attention_hidden": (_widths, "a tuple of positive integers (layer widths)"),
+    "mlp_hidden": (_widths, "a tuple of positive integers (layer widths)"),
 }
+# Fields holding tuples, which JSON (a --config file, a metrics file) holds as lists.
+TUPLE_FIELDS = ("features", "numeric_features", "attention_hidden", "mlp_hidden")
 
 
 @dataclass
@@ -88,7 +99,7 @@ class TrainConfig:
     (din_fast.ctr.labeled_samples), whose side ``features`` (categorical)
     and ``numeric_features`` the model takes, split by time into the
     ``test_fraction`` and ``validation_fraction`` latest rows. Lists given
-    for ``features`` and ``numeric_features`` are kept as tuples.
+    for the tuple fields (TUPLE_FIELDS) are kept as tuples.
 
     Args:
         data: the path, a str, of a CSV/TSV or Parquet file or an
@@ -135,12 +146,17 @@ class TrainConfig:
             validates, in (0, 1) (labeled logs).
         test_fraction: the share of the latest rows that tests, in (0, 1);
             with ``validation_fraction`` below 1 (labeled logs).
-        min_count: ids seen fewer times in the training rows map to the
-            reserved id, a positive int (labeled logs).
+        min_count: ids seen fewer times in the training split map to each
+            table's reserved id, a positive int; by the DIN protocol 1 gives
+            every id of the data its own row and no reserved one
+            (din_fast.ctr.rare_ids).
         linear: add the models' linear part (a weight per id, summed into
             the logit).
         linear_lr: the linear part's learning rate (needs ``linear``);
             None: ``lr``.
+        attention_hidden: the hidden widths of DIN's attention unit, a
+            tuple of positive ints.
+        mlp_hidden: the hidden widths of the scoring MLP, likewise.
 
     Raises:
         din_fast.ctr.errors.InputError: a value of the wrong type or
@@ -181,9 +197,11 @@ class TrainConfig:
     min_count: int = 1
     linear: bool = False
     linear_lr: Optional[float] = None
+    attention_hidden: tuple = (80, 40)
+    mlp_hidden: tuple = (200, 80)
 
     def __post_init__(self):
-        for name in ("features", "numeric_features"):   # a list reads as the tuple it means
+        for name in TUPLE_FIELDS:   # a list reads as the tuple it means
             if type(getattr(self, name)) is list:
                 setattr(self, name, tuple(getattr(self, name)))
         for name, expected in config_problems(vars(self)):
@@ -214,22 +232,81 @@ class TrainConfig:
                              f"got {self.batch_size}")
 
 
-def config_problems(values: dict) -> list:
+def config_problems(values: dict, complete: bool = True) -> list:
     """The fields of TrainConfig that ``values`` lacks or holds an invalid
     value for (each field alone; the rules between fields are TrainConfig's).
 
     Args:
         values: {field name: value}, a TrainConfig's ``vars`` or a saved
             config's dict; keys that are not fields are not looked at.
+        complete: whether every field must be there (a saved config); False
+            checks the fields given (a --config file).
 
     Returns:
         [(field, what it must be)]: "present" for a missing field, else the
         rule's description ("a positive integer", ...); empty when all hold.
     """
-    problems = [(f.name, "present") for f in fields(TrainConfig) if f.name not in values]
+    problems = [(f.name, "present") for f in fields(TrainConfig)
+                if complete and f.name not in values]
     problems += [(name, expected) for name, (accepts, expected) in FIELD_RULES.items()
                  if name in values and not accepts(values[name])]
     return problems
+
+
+def read_config_file(path, option: str = "--config") -> dict:
+    """The TrainConfig fields a JSON file sets: an object {field: value},
+    any of the fields (what ``din-fast tune`` writes: all of them); lists
+    stand for tuples.
+
+    Args:
+        path: the JSON file (``din-fast train --config``).
+        option: the option that named it, for messages.
+
+    Returns:
+        {field: value}, each value valid on its own (the rules between
+        fields are TrainConfig's, checked once the command line joins them).
+
+    Raises:
+        din_fast.ctr.errors.InputError: a file that cannot be read, is not
+            a JSON object, names a field TrainConfig lacks or holds an
+            invalid value (naming the file and the field).
+    """
+    expected = "expected a JSON object {setting: value} of din-fast train's settings"
+    try:
+        values = json.loads(Path(path).read_text(encoding="utf-8"))
+    except OSError as error:
+        raise InputError(f"{option} {path}: cannot be read ({error.strerror or error}); "
+                         f"{expected}") from None
+    except (UnicodeDecodeError, json.JSONDecodeError, RecursionError):
+        raise InputError(f"{option} {path}: not JSON text; {expected}") from None
+    if not isinstance(values, dict):
+        raise InputError(f"{option} {path}: holds a JSON {type(values).__name__}; {expected}")
+    names = [f.name for f in fields(TrainConfig)]
+    unknown = sorted(set(values) - set(names))
+    if unknown:
+        raise InputError(f"{option} {path}: {unknown[0]!r} is not a setting of din-fast train; "
+                         f"{expected} (such as {', '.join(names[:4])}, ...)")
+    values = {name: tuple(value) if name in TUPLE_FIELDS and isinstance(value, list) else value
+              for name, value in values.items()}
+    for name, must in config_problems(values, complete=False):
+        raise InputError(f"{option} {path}: `{name}` must be {must}; got {values[name]!r}")
+    return values
+
+
+def write_config_file(path, config: TrainConfig, option: str) -> None:
+    """``config`` as the JSON file :func:`read_config_file` reads,
+    written atomically (din_fast.ctr.files).
+
+    Args:
+        path: the file to write.
+        config: the TrainConfig to write.
+        option: the option that named the path, for messages.
+
+    Raises:
+        din_fast.ctr.errors.OutputError: the file cannot be written (the
+            one at ``path`` is then unchanged).
+    """
+    write_json(path, asdict(config), option)
 
 
 def build_model(config: TrainConfig, num_items: int, num_categories: int,
@@ -257,7 +334,10 @@ def build_model(config: TrainConfig, num_items: int, num_categories: int,
                "attention_activation": config.attention_activation,
                "top_k": config.top_k, "search": config.search} \
         if config.model == "din" else {}
+    if config.model == "din":
+        options["attention_hidden"] = config.attention_hidden
     return MODELS[config.model](num_items, num_categories, embed_dim=config.embed_dim,
+                                mlp_hidden=config.mlp_hidden,
                                 mlp_activation=config.mlp_activation, backend=config.backend,
                                 mlp_input=config.mlp_input, features=feature_sizes,
                                 numeric_features=len(config.numeric_features),

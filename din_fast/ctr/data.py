@@ -13,7 +13,7 @@ samples of similar length so that little padding is built.
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Iterator, NamedTuple, Optional
 
 
@@ -41,11 +41,15 @@ class IdMaps:
 
     ``unknown``: every table has one more id, ``len(ids) + 1``, that any raw
     id not listed maps to (labeled logs, whose maps hold the training split's
-    ids); without it such ids map to 0 (the DIN protocol, whose maps hold
-    every id of the data). ``category_ids`` is None for data without
-    categories (and ``item_category`` then too). ``features`` maps each
-    categorical side feature to its values, ``numeric`` each numeric one to
-    the (mean, standard deviation) that standardizes it.
+    ids, and the DIN protocol with rare ids: din_fast.ctr.rare_ids); without
+    it such ids map to 0 (the DIN protocol, whose maps then hold every id of
+    the data). ``category_ids`` is None for data without categories (and
+    ``item_category`` then too). ``features`` maps each categorical side
+    feature to its values, ``numeric`` each numeric one to the (mean,
+    standard deviation) that standardizes it. ``rare_items`` are the items
+    of the training data that share the reserved row, with their
+    categories: the data the maps were built from, for telling other data
+    apart, and a cold item's category.
 
     Args:
         item_ids: the raw item ids, a sorted pyarrow string array without
@@ -55,10 +59,18 @@ class IdMaps:
         item_category: [len(item_ids) + 1] int64, the dense category of
             each dense item, 0 for the padding; None without categories.
         unknown: each table has a reserved id for raw ids not listed
-            (labeled logs); False: they map to 0 (the DIN protocol).
+            (labeled logs, the DIN protocol with rare ids); False: they map
+            to 0 (the DIN protocol).
         features: {categorical side feature: its raw values, a sorted
             string array}, in the model's order.
         numeric: {numeric side feature: (mean, standard deviation)}.
+        rare_items: the training data's items without a row of their own
+            (they share the reserved one), a sorted string array; None
+            where not kept (labeled logs, the DIN protocol without rare
+            ids).
+        rare_item_category: [len(rare_items)] int64, their dense categories
+            (the reserved one for a rare category); None without categories
+            or rare items.
     """
 
     item_ids: pa.Array
@@ -67,6 +79,8 @@ class IdMaps:
     unknown: bool = False
     features: dict = field(default_factory=dict)
     numeric: dict = field(default_factory=dict)
+    rare_items: Optional[pa.Array] = None
+    rare_item_category: Optional[np.ndarray] = None
 
     @property
     def num_items(self) -> int:
@@ -108,6 +122,37 @@ class IdMaps:
     """
         return dense_ids(ids, raw, len(ids) + 1 if self.unknown else 0)
 
+    def categories_of(self, raw: pa.Array) -> np.ndarray:
+        """The dense category of each raw item the maps list.
+
+        Args:
+            raw: raw item ids, a pyarrow string array.
+
+        Returns:
+            [len(raw)] int64: the category of each of the maps' own items
+            and rare ones, 0 for the others; None without categories.
+        """
+        if self.category_ids is None:
+            return None
+        category = self.item_category[dense_ids(self.item_ids, raw)]
+        if self.rare_items is not None:
+            rare = dense_ids(self.rare_items, raw)
+            category = np.where(rare != 0, np.append(0, self.rare_item_category)[rare], category)
+        return category
+
+    def listed(self, raw: pa.Array) -> np.ndarray:
+        """Whether each raw item is one the maps were built from.
+
+        Args:
+            raw: raw item ids, a pyarrow string array.
+
+        Returns:
+            [len(raw)] bool: True for the maps' own items and rare ones.
+        """
+        listed = dense_ids(self.item_ids, raw) != 0
+        return listed if self.rare_items is None else listed | (dense_ids(self.rare_items,
+                                                                          raw) != 0)
+
     def fingerprint(self) -> str:
         """A SHA-256 of everything the maps hold: equal maps give equal
         fingerprints, whatever the data they were built from."""
@@ -126,6 +171,11 @@ class IdMaps:
             add("feature " + name, strings(values))
         for name, (mean, std) in self.numeric.items():
             add("numeric " + name, (float(mean), float(std)))
+        if self.rare_items is not None:     # absent before rare ids: old fingerprints hold
+            add("rare items", strings(self.rare_items))
+            if self.category_ids is not None:
+                add("rare item_category",
+                    np.ascontiguousarray(self.rare_item_category, np.int64).tobytes())
         return digest.hexdigest()
 
 
@@ -361,11 +411,63 @@ def _first_null(array: pa.Array) -> Optional[int]:
 
 
 @dataclass
+class RareIds:
+    """Rare ids sharing a row by the DIN protocol (din_fast.ctr.rare_ids
+    builds them): the model's ids of data encoded with every id its own
+    (``data``, the protocol's: negatives are drawn among its items).
+    ``items[i]`` is the model's item of the data's dense item i (the
+    reserved one where the maps lack it), ``categories[i]`` the model's
+    category of that item's category (None without categories); ``maps``
+    the model's id maps.
+
+    Args:
+        data: the protocol's EncodedData, every id of the data its own.
+        maps: the model's IdMaps (with the reserved row).
+        items: [len(data's items) + 1] int64, the model's item of each of
+            the data's dense items (0 for the padding).
+        categories: likewise, the model's category of each; None without
+            categories.
+    """
+
+    data: EncodedData
+    maps: IdMaps
+    items: np.ndarray
+    categories: Optional[np.ndarray]
+
+    def samples(self, samples: Samples) -> Samples:
+        """Samples in the model's ids.
+
+        Args:
+            samples: Samples of :attr:`data`.
+
+        Returns:
+            The same samples with the model's targets and their categories.
+        """
+        return replace(samples, target=self.items[samples.target],
+                       target_category=None if self.categories is None
+                       else self.categories[samples.target])
+
+    def encoded(self) -> EncodedData:
+        """:attr:`data` with the model's ids: the behaviours' items and, each
+        behaviour's own, their categories (so a rare item keeps its category)."""
+        data = self.data
+        return EncodedData(data.user_ids, data.offsets, self.items[data.items], self.maps,
+                           data.source, None if self.categories is None
+                           else self.categories[data.items])
+
+
+@dataclass
 class SampleSplits:
     """The samples of one dataset. By the DIN protocol (``negatives``):
     training positives (a fresh negative is drawn for each, every epoch:
     :func:`with_negatives`), and the validation and test samples with their
     negatives drawn once. Of a labeled log (no ``negatives``): its rows.
+
+    ``rare`` (:class:`RareIds`): the DIN protocol with rare ids sharing a
+    row. The training positives are then the protocol's own (every id of the
+    data its own), among whose items each epoch's negatives are drawn before
+    ``rare`` maps them to the model's ids, as it mapped the validation and
+    test samples.
 
     Args:
         train: the training samples (by the DIN protocol the positives).
@@ -373,12 +475,15 @@ class SampleSplits:
         test: the test samples.
         negatives: True by the DIN protocol (a negative drawn for each
             training positive every epoch); False for a labeled log.
+        rare: the mapping to the model's ids of the DIN protocol with rare
+            ids; None: the samples hold the model's ids.
     """
 
     train: Samples
     validation: Samples
     test: Samples
     negatives: bool = True
+    rare: Optional[RareIds] = None
 
     @property
     def train_size(self) -> int:
@@ -395,9 +500,14 @@ class SampleSplits:
 
     Returns:
         By the DIN protocol the positives and a fresh negative each
-        (:func:`training_samples`); of a labeled log, ``train`` itself.
+        (:func:`training_samples`, the negatives drawn among the protocol's
+        own ids where ``rare`` maps them); of a labeled log, ``train`` itself.
     """
-        return training_samples(data, self.train, seed, epoch) if self.negatives else self.train
+        if not self.negatives:
+            return self.train
+        if self.rare is None:
+            return training_samples(data, self.train, seed, epoch)
+        return self.rare.samples(training_samples(self.rare.data, self.train, seed, epoch))
 
 
 def build_samples(data: EncodedData, seed: int = 0) -> SampleSplits:
@@ -435,6 +545,22 @@ def build_samples(data: EncodedData, seed: int = 0) -> SampleSplits:
     test = with_negatives(data, _positives(data, test_users, lengths[test_users] - 1),
                           np.random.default_rng([seed, TEST_STREAM]))
     return SampleSplits(_positives(data, user, k), validation, test)
+
+
+def training_behaviours(data: EncodedData) -> np.ndarray:
+    """The behaviours of the training period by the DIN protocol, the only
+    ones whose counts training may use.
+
+    Args:
+        data: EncodedData of behaviours (each user's, oldest first).
+
+    Returns:
+        [len(data.items)] bool: True where a behaviour precedes its user's
+        validation and test targets (the last two).
+    """
+    lengths = np.diff(data.offsets)
+    position = np.arange(len(data.items)) - np.repeat(data.offsets[:-1], lengths)
+    return position < np.repeat(lengths - 2, lengths)
 
 
 def training_samples(data: EncodedData, positives: Samples, seed: int, epoch: int) -> Samples:

@@ -1,16 +1,18 @@
 """Refusing data a checkpoint was not trained for.
 
-A checkpoint's id maps say which ids it knows and each item's category. Data
-whose rows hold ids the maps do not know, beyond ``max_unknown`` of them
+A checkpoint's id maps say which ids it knows and each item's category (the
+rare items of its training data, which share the reserved row, among them).
+Data whose rows hold ids the maps do not know, beyond ``max_unknown`` of them
 (MAX_UNKNOWN, 10%, unless a command is told otherwise), in any column (items,
 categories, each side feature), or whose items known to the maps carry
 another category than the maps', beyond MAX_CONFLICTS (1%) of those items,
 is other data whose ids happen to overlap: ``evaluate`` and ``predict``
 refuse it with one line instead of scoring it. Within the tolerances, unknown
-ids are what they always are (skipped, left out, or the reserved id of a
-labeled log's maps). Ids are compared as the strings they are, so data of
-another source with integer ids of the same range and no categories or
-features to contradict is beyond what this can tell.
+ids are what they always are: the reserved id where the maps have one (a
+labeled log's, or the DIN protocol's with rare ids), else skipped or left
+out. Ids are compared as the strings they are, so data of another source
+with integer ids of the same range and no categories or features to
+contradict is beyond what this can tell.
 """
 
 from __future__ import annotations
@@ -33,7 +35,7 @@ def check_behaviours(interactions: Interactions, id_maps: IdMaps, checkpoint: st
     checkpoint's id maps (see the module's docstring)."""
     where = f"{interactions.source} does not fit checkpoint {checkpoint}"
     items = interactions.items
-    _check_unknown(where, "item", items, dense_ids(id_maps.item_ids, items), max_unknown)
+    _check_unknown(where, "item", items, id_maps.listed(items), max_unknown)
     if id_maps.category_ids is not None:
         category_of = dict(zip(interactions.category_items.to_pylist(),
                                interactions.category_values.to_pylist()))
@@ -48,14 +50,14 @@ def check_log(log: LabeledLog, id_maps: IdMaps, checkpoint: str,
     """InputError when a labeled log contradicts a checkpoint's id maps, or
     lacks the category column its model reads (see the module's docstring)."""
     where = f"{log.source} does not fit checkpoint {checkpoint}"
-    _check_unknown(where, "item", log.items, dense_ids(id_maps.item_ids, log.items), max_unknown)
+    _check_unknown(where, "item", log.items, id_maps.listed(log.items), max_unknown)
     if id_maps.category_ids is None:
         return _check_features(where, log, id_maps, max_unknown)
     if log.categories is None:
         raise InputError(f"{where}: the data has no category column; the checkpoint's model "
                          "reads each item's category")
     _check_unknown(where, "category", log.categories,
-                   dense_ids(id_maps.category_ids, log.categories), max_unknown)
+                   dense_ids(id_maps.category_ids, log.categories) != 0, max_unknown)
     # One category per item in a log (the loader checks), so its first row tells.
     codes = log.items.indices.to_numpy()
     first_row = np.unique(codes, return_index=True)[1]
@@ -77,9 +79,9 @@ def _check_features(where: str, log: LabeledLog, id_maps: IdMaps, max_unknown: f
             _refuse(where, f"feature {name}", unknown_rows, example, max_unknown)
 
 
-def _check_unknown(where: str, column: str, raw, dense: np.ndarray, max_unknown: float) -> None:
-    """The rows whose ``column`` id is not in the maps (``dense`` 0), within the tolerance."""
-    unknown = dense == 0
+def _check_unknown(where: str, column: str, raw, known: np.ndarray, max_unknown: float) -> None:
+    """The rows whose ``column`` id is not in the maps (``known`` False), within the tolerance."""
+    unknown = ~known
     if unknown.mean() > max_unknown:
         _refuse(where, column, unknown, raw[int(np.flatnonzero(unknown)[0])].as_py(),
                 max_unknown)
@@ -95,11 +97,11 @@ def _refuse(where: str, column: str, unknown: np.ndarray, example, max_unknown: 
 def _check_conflicts(where: str, id_maps: IdMaps, items: pa.Array, categories: pa.Array) -> None:
     """Items the maps know whose category in the data is not the maps' one,
     at most MAX_CONFLICTS of the known items."""
-    dense_item = dense_ids(id_maps.item_ids, items)
-    known = dense_item != 0
+    saved = id_maps.categories_of(items)
+    known = saved != 0
     if not known.any():
         return
-    saved = id_maps.item_category[dense_item[known]]
+    saved = saved[known]
     categories = categories.filter(pa.array(known))
     # A category the maps hold as the reserved id (a rare one) is that id in both.
     conflict = saved != id_maps.dense(id_maps.category_ids, categories)

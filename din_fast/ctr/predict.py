@@ -18,12 +18,15 @@ candidate: the model's click probability. The history is read once per
 request for all of its candidates (the models' many-candidates path, a 3-D
 attention query).
 
-A model of the DIN protocol maps nothing unknown to anything: an unknown
-candidate gets no score (``unknown item``), an unknown user none for any of
-its candidates (``unknown user``), and unknown history items are skipped and
-counted. A model of a labeled log has a reserved id for what its training
-rows never held: unknown candidates, history items and feature values take
-it (candidates are scored, with the note ``unknown item``).
+A model of a labeled log, or of the DIN protocol trained with rare ids
+sharing a row (``--min-count`` above 1), has a reserved id for what its
+training data held seldom or never: such candidates, history items and
+feature values take it (candidates are scored, with the note ``unknown
+item``), and keep their category where the checkpoint (a rare item's) or
+``--data`` tells it. A model of the DIN protocol without it maps nothing
+unknown to anything: an unknown candidate gets no score (``unknown item``)
+and unknown history items are skipped and counted. An unknown user gets no
+score for any of its candidates (``unknown user``).
 """
 
 from __future__ import annotations
@@ -42,13 +45,14 @@ import pyarrow.compute as pc
 import torch
 
 from .checkpoint import restored_model
-from .data import EncodedData, IdMaps, encode
+from .data import EncodedData, IdMaps, dense_ids
 from .errors import DataFormatError, InputError
 from .files import check_outputs, open_replacing
 from .foreign_data import MAX_UNKNOWN, check_behaviours, check_log
 from .labeled_loader import load_labeled_log
 from .labeled_samples import encode_log
 from .loaders import data_files, load_interactions, text_lines
+from .rare_ids import encode_for
 from .serving import Encoder
 from .training import checkpoint_for_run, log_columns
 
@@ -257,28 +261,35 @@ def predict_file(checkpoint_path, requests_path, data_path=None, output=None,
     checkpoint, config = checkpoint_for_run(checkpoint_path, backend, device)
     requests = read_requests(requests_path)
     maps = checkpoint.id_maps
-    data = None
+    data, categories = None, ItemCategories(maps)
     if data_path is not None and config.label_column is not None:
         log = load_labeled_log(data_path, log_columns(config))
         check_log(log, maps, checkpoint_path, max_unknown)
         data = encode_log(log, maps).data
+        if log.categories is not None:      # one category per item: its first row's
+            first_row = pa.array(np.unique(log.items.indices.to_numpy(), return_index=True)[1])
+            categories = ItemCategories(maps, log.items.take(first_row).cast(pa.string()),
+                                        log.categories.take(first_row).cast(pa.string()))
     elif data_path is not None:
         interactions = load_interactions(data_path)
         check_behaviours(interactions, maps, checkpoint_path, max_unknown)
-        data = encode(interactions, maps)
+        data = encode_for(interactions, maps)
+        categories = ItemCategories(maps, interactions.category_items,
+                                    interactions.category_values)
     histories = user_histories(data, requests, requests_path)
     model = restored_model(checkpoint, config)
     counts = Counts(unknown_scored=maps.unknown)
     with (open_replacing(output, "--output", newline="", encoding="utf-8") if output
           else nullcontext(sys.stdout)) as out:
         write_scores(score_requests(model, maps, config.max_len, requests, histories, device,
-                                    counts, requests_path), out,
+                                    counts, requests_path, categories), out,
                      output_format_of(output, output_format))
     return counts
 
 
 def score_requests(model, id_maps: IdMaps, max_len, requests: list, histories: dict, device,
-                   counts: Counts, path: str = "requests") -> Iterator[tuple]:
+                   counts: Counts, path: str = "requests",
+                   categories: Optional["ItemCategories"] = None) -> Iterator[tuple]:
     """Score requests, in batches of at most CANDIDATES_PER_BATCH scores,
     each history pooled once for all of its candidates.
 
@@ -292,6 +303,8 @@ def score_requests(model, id_maps: IdMaps, max_len, requests: list, histories: d
         device: where the model runs.
         counts: the Counts to update (in place).
         path: the requests file, named in errors.
+        categories: the ItemCategories giving the items' categories;
+            None: the id maps' alone.
 
     Yields:
         (request name, raw candidate, click probability as a float or None,
@@ -303,8 +316,10 @@ def score_requests(model, id_maps: IdMaps, max_len, requests: list, histories: d
             not fit the model (naming the line), as iteration reaches it.
     """
     encoder = Encoder.from_id_maps(id_maps)
+    categories = categories or ItemCategories(id_maps)
     for batch in _batches(requests):
-        rows = [_encode_request(request, histories, id_maps, encoder, max_len, counts, path)
+        rows = [_encode_request(request, histories, id_maps, encoder, categories, max_len,
+                                counts, path)
                 for request in batch]
         scores = _score_batch(model, rows, device)
         for request, row, row_scores in zip(batch, rows, scores):
@@ -358,8 +373,10 @@ def _batches(requests: list) -> Iterator[list]:
 
 
 def _encode_request(request: Request, histories: dict, id_maps: IdMaps, encoder: Encoder,
-                    max_len, counts: Counts, path: str) -> EncodedRequest:
-    candidates = id_maps.dense_items(pa.array(request.candidates, pa.string()))
+                    item_categories: "ItemCategories", max_len, counts: Counts,
+                    path: str) -> EncodedRequest:
+    raw_candidates = pa.array(request.candidates, pa.string())
+    candidates = id_maps.dense_items(raw_candidates)
     features, numeric = _encode_features(request, encoder, counts, path)
     history = categories = None
     note = ""
@@ -371,7 +388,9 @@ def _encode_request(request: Request, histories: dict, id_maps: IdMaps, encoder:
         else:
             history, categories = found
     else:
-        history = id_maps.dense_items(pa.array(request.history, pa.string()))
+        raw_history = pa.array(request.history, pa.string())
+        history = id_maps.dense_items(raw_history)
+        categories = item_categories(raw_history)
     if history is None:
         history = np.zeros(0, np.int64)
     if not id_maps.unknown:        # unknown items are skipped: the model has no id for them
@@ -386,9 +405,43 @@ def _encode_request(request: Request, histories: dict, id_maps: IdMaps, encoder:
         categories = None if categories is None else categories[-max_len:]
     if id_maps.category_ids is not None and categories is None:
         categories = category_of(id_maps, history)
-    return EncodedRequest(history, categories, candidates,
-                          None if id_maps.category_ids is None
-                          else category_of(id_maps, candidates), features, numeric, note)
+    return EncodedRequest(history, categories, candidates, item_categories(raw_candidates),
+                          features, numeric, note)
+
+
+class ItemCategories:
+    """The dense categories of raw items, for a model with categories: an
+    item's own in the id maps (a rare item's among them); for one they do
+    not list, with the maps' reserved row, its category in the data
+    (``items`` and their ``categories``, raw; where given and listed there:
+    a cold item keeps its category's row), else the reserved category.
+    Without categories, None; without the reserved row, 0 for unknown items
+    (which are skipped or left unscored).
+
+    Args:
+        maps: the checkpoint's IdMaps.
+        items: raw item ids of the data (--data), a pyarrow string array;
+            None: the maps alone.
+        categories: the raw category of each of ``items``.
+    """
+
+    def __init__(self, maps: IdMaps, items: Optional[pa.Array] = None,
+                 categories: Optional[pa.Array] = None):
+        self.maps, self.items = maps, items
+        if items is not None and maps.category_ids is not None:
+            self.of_item = np.append(0, maps.dense(maps.category_ids, categories))
+
+    def __call__(self, raw: pa.Array) -> Optional[np.ndarray]:
+        maps = self.maps
+        if maps.category_ids is None:
+            return None
+        category = maps.categories_of(raw)
+        if not maps.unknown:
+            return category
+        if self.items is not None:
+            category = np.where(category == 0, self.of_item[dense_ids(self.items, raw)],
+                                category)
+        return np.where(category == 0, maps.num_categories, category)
 
 
 def category_of(id_maps: IdMaps, items: np.ndarray) -> np.ndarray:

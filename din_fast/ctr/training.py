@@ -18,7 +18,7 @@ from .checkpoint import (RunState, load_checkpoint, restored_model, resume_path,
                          save_checkpoint, save_run_state)
 from .config import TrainConfig, build_model, model_for
 from .data import (BATCH_STREAM, EncodedData, Samples, SampleSplits, build_samples, encode,
-                   iterate_batches, known_test_samples)
+                   iterate_batches, known_test_samples, training_behaviours)
 from .errors import CheckpointError, InputError
 from .files import check_outputs, same_file, write_json
 from .foreign_data import MAX_UNKNOWN, check_behaviours, check_log
@@ -26,6 +26,7 @@ from .labeled_loader import LogColumns, load_labeled_log
 from .labeled_samples import LogSplit, encode_log, labeled_samples, split_log
 from .loaders import data_files, load_interactions, synthetic_interactions
 from .metrics import ctr_metrics
+from .rare_ids import rare_ids, with_rare_ids
 from .run_log import EpochLog
 
 EVAL_BATCH_SIZE = 4096
@@ -78,25 +79,33 @@ def check_device_and_backend(config: TrainConfig) -> None:
             from None
 
 
-def load_data(path: Optional[str], seed: int):
+def load_data(path: Optional[str], seed: int, min_count: int = 1, interactions=None):
     """Behaviours and their samples by the DIN protocol.
 
     Args:
         path: a data file or directory (din_fast.ctr.loaders.load_interactions);
             None: the synthetic set of ``seed``.
         seed: seeds the synthetic set and the validation and test negatives.
+        min_count: ids seen fewer times among the training behaviours
+            share a reserved row (din_fast.ctr.rare_ids); 1: every id of
+            the data its own row.
+        interactions: the behaviours of ``path``, read already (what
+            :func:`read_config_data` returns); None: read them.
 
     Returns:
-        (EncodedData, SampleSplits): the data with id maps of its own, and
-        its leave-one-out samples (din_fast.ctr.data.build_samples).
+        (EncodedData, SampleSplits): the data in the model's ids, and its
+        leave-one-out samples (din_fast.ctr.data.build_samples).
 
     Raises:
         din_fast.ctr.errors.DataFormatError: a data file that cannot be read
             as behaviours (from the loader and the encoding).
     """
-    interactions = synthetic_interactions(seed=seed) if path is None else load_interactions(path)
+    if interactions is None:
+        interactions = synthetic_interactions(seed=seed) if path is None \
+            else load_interactions(path)
     data = encode(interactions)
-    return data, build_samples(data, seed)
+    splits = build_samples(data, seed)
+    return (data, splits) if min_count == 1 else with_rare_ids(data, splits, min_count)
 
 
 def log_columns(config: TrainConfig) -> LogColumns:
@@ -129,13 +138,37 @@ def log_split(config: TrainConfig) -> LogSplit:
     return LogSplit(config.validation_fraction, config.test_fraction, config.min_count)
 
 
-def load_config_data(config: TrainConfig):
+def read_config_data(config: TrainConfig):
+    """What the config's data file holds, read once for runs that differ in
+    their settings alone (din-fast tune).
+
+    Args:
+        config: the run's settings (``data``, ``seed``, the labeled log's
+            columns).
+
+    Returns:
+        A LabeledLog where the config names a label column, else the
+        Interactions (the synthetic set of ``seed`` without a file).
+
+    Raises:
+        din_fast.ctr.errors.DataFormatError: a data file that cannot be read
+            as the config says.
+    """
+    if config.label_column is not None:
+        return load_labeled_log(config.data, log_columns(config))
+    return synthetic_interactions(seed=config.seed) if config.data is None \
+        else load_interactions(config.data)
+
+
+def load_config_data(config: TrainConfig, read=None):
     """The config's data and samples: a labeled log where it names a label
     column (split by time), else behaviours by the DIN protocol.
 
     Args:
         config: the run's settings (``data``, ``seed``, the labeled log's
-            columns and split).
+            columns and split, ``min_count``).
+        read: what :func:`read_config_data` returned for the config's data;
+            None: read it.
 
     Returns:
         (EncodedData, SampleSplits).
@@ -145,9 +178,10 @@ def load_config_data(config: TrainConfig):
             the config says (DataFormatError), or a labeled log too small
             to split.
     """
+    read = read_config_data(config) if read is None else read
     if config.label_column is None:
-        return load_data(config.data, config.seed)
-    return labeled_samples(load_labeled_log(config.data, log_columns(config)), log_split(config))
+        return load_data(config.data, config.seed, config.min_count, read)
+    return labeled_samples(read, log_split(config))
 
 
 @torch.no_grad()
@@ -226,11 +260,11 @@ def inverse_frequencies(data: EncodedData, device, train: Optional[Samples] = No
     """
     maps = data.id_maps
     if train is None:
-        lengths = np.diff(data.offsets)
-        position = np.arange(len(data.items)) - np.repeat(data.offsets[:-1], lengths)
-        training = data.items[position < np.repeat(lengths - 2, lengths)]   # not val/test targets
-        counts = {"item": np.bincount(training, minlength=data.num_items + 1),
-                  "category": np.bincount(data.item_category[training],
+        training = training_behaviours(data)
+        categories = data.item_category[data.items] if data.categories is None \
+            else data.categories
+        counts = {"item": np.bincount(data.items[training], minlength=data.num_items + 1),
+                  "category": np.bincount(categories[training],
                                           minlength=data.num_categories + 1)}
     else:
         counts = {"item": np.bincount(train.target, minlength=data.num_items + 1)}
@@ -717,17 +751,22 @@ def describe_data(data: EncodedData, splits: SampleSplits) -> str:
     side = data.id_maps.feature_sizes()
     features = "" if not side and not data.id_maps.numeric else "; side features " + ", ".join(
         [f"{name} ({size})" for name, size in side.items()] + list(data.id_maps.numeric))
-    return (f"data: {data.source}: {len(data.user_ids)} users, {data.num_items} items, "
+    rare = data.id_maps.rare_items
+    items = f"{data.num_items} items" if rare is None else \
+        f"{len(data.id_maps.item_ids)} items and a row {len(rare)} rare ones share"
+    return (f"data: {data.source}: {len(data.user_ids)} users, {items}, "
             f"{categories} categories{features}; {splits.train_size} train, "
             f"{len(splits.validation)} validation and {len(splits.test)} test samples")
 
 
-def load_training_data(config: TrainConfig):
+def load_training_data(config: TrainConfig, read=None):
     """The config's data and samples (:func:`load_config_data`), checked
     to be trainable.
 
     Args:
         config: the run's settings.
+        read: what :func:`read_config_data` returned for the config's data;
+            None: read it.
 
     Returns:
         (EncodedData, SampleSplits).
@@ -738,7 +777,7 @@ def load_training_data(config: TrainConfig):
             rows in which no user has both labels (GAUC, the early-stopping
             criterion, would be undefined).
     """
-    data, splits = load_config_data(config)
+    data, splits = load_config_data(config, read)
     if len(splits.train) == 0:
         raise InputError(f"{data.source}: no training samples: the protocol needs users with "
                          "at least 4 behaviours (the last two are the test and validation "
@@ -771,8 +810,8 @@ def check_both_labels(samples: Samples, what: str) -> None:
 
 
 def fit(model, data: EncodedData, splits: SampleSplits, config: TrainConfig, *,
-        progress: bool = True, log=print, on_epoch=None, resume: Optional[RunState] = None
-        ) -> dict:
+        progress: bool = True, log=print, on_epoch=None, resume: Optional[RunState] = None,
+        test: bool = True) -> dict:
     """:func:`fit_learner` for a model in this process (see LocalLearner).
 
     Args:
@@ -787,6 +826,8 @@ def fit(model, data: EncodedData, splits: SampleSplits, config: TrainConfig, *,
             epoch; None: nothing.
         resume: a RunState to continue from (``model`` holding its
             weights); None starts afresh.
+        test: score the test samples at the end; False never looks at
+            them (a search that selects by validation).
 
     Returns:
         :func:`fit_learner`'s metrics.
@@ -796,12 +837,12 @@ def fit(model, data: EncodedData, splits: SampleSplits, config: TrainConfig, *,
     """
     learner = LocalLearner(model, data, config, None if splits.negatives else splits.train)
     return fit_learner(learner, data, splits, config, progress=progress, log=log,
-                       on_epoch=on_epoch, resume=resume)
+                       on_epoch=on_epoch, resume=resume, test=test)
 
 
 def fit_learner(learner, data: EncodedData, splits: SampleSplits, config: TrainConfig, *,
                 progress: bool = True, log=print, on_epoch=None,
-                resume: Optional[RunState] = None) -> dict:
+                resume: Optional[RunState] = None, test: bool = True) -> dict:
     """The training protocol, for a LocalLearner or its sharded counterpart.
 
     Fresh training negatives every epoch (the DIN protocol); validation
@@ -810,9 +851,10 @@ def fit_learner(learner, data: EncodedData, splits: SampleSplits, config: TrainC
     best epoch's weights restored and the test samples evaluated once.
     Returns test and validation metrics (of the best epoch), ``best_epoch``,
     ``epochs_run``, ``stopped`` (why training ended), timings and the
-    per-epoch records under ``epochs``. ``on_epoch(RunState, improved)`` runs
-    after each epoch (before its line is logged); ``resume`` continues from
-    such a state (the learner's model holding its weights).
+    per-epoch records under ``epochs``; without ``test`` the test samples
+    are not looked at. ``on_epoch(RunState, improved)`` runs after each
+    epoch (before its line is logged); ``resume`` continues from such a
+    state (the learner's model holding its weights).
 
     Args:
         learner: a LocalLearner or a
@@ -828,10 +870,12 @@ def fit_learner(learner, data: EncodedData, splits: SampleSplits, config: TrainC
             epoch, ``improved`` True when it is the best so far; None:
             nothing.
         resume: a RunState to continue from; None starts afresh.
+        test: score the test samples at the end; False never looks at
+            them (no test metrics: a search that selects by validation).
 
     Returns:
-        ``test_auc``, ``test_gauc``, ``test_logloss``, the same three
-        ``validation_`` ones, ``best_epoch``, ``epochs_run``, ``stopped``,
+        ``test_auc``, ``test_gauc``, ``test_logloss`` (with ``test``),
+        the same three ``validation_`` ones, ``best_epoch``, ``epochs_run``, ``stopped``,
         ``train_seconds``, ``samples_per_second``, ``train_samples``,
         ``validation_samples``, ``test_samples`` and ``epochs`` (a list of
         per-epoch dicts).
@@ -891,7 +935,7 @@ def fit_learner(learner, data: EncodedData, splits: SampleSplits, config: TrainC
         log(f"{stopped}; restored epoch {best['epoch']}")
         stage = "the test evaluation"
         learner.restore(best_state)
-        result = learner.evaluate(splits.test, "test")
+        result = learner.evaluate(splits.test, "test") if test else {}
     except KeyboardInterrupt:
         # Ctrl-C: hand the best epoch's weights to the caller, who may save them.
         if best is not None:
@@ -943,11 +987,16 @@ def evaluate_checkpoint(path: str, data: Optional[str] = None, *, backend: str =
     ``max_unknown`` of its rows with ids they do not hold, items of another
     category: din_fast.ctr.foreign_data) is refused.
 
-    By the DIN protocol, samples whose test item the checkpoint does not
-    know are left out (counted in ``excluded_test_samples``); unknown
-    history items are skipped (``skipped_history_items``). Of a labeled log,
-    the test rows of the run's time split are scored, unknown ids as the
-    reserved one (counted in ``unknown_test_items``).
+    By the DIN protocol, with a checkpoint trained with rare ids sharing a
+    row (``--min-count`` above 1: din_fast.ctr.rare_ids), the test samples
+    are those of the data, every item the checkpoint has no row of its own
+    for taking the reserved one (test samples with such a target counted in
+    ``unknown_test_items``); with one that has no reserved row, samples
+    whose test item it does not know are left out (counted in
+    ``excluded_test_samples``) and unknown history items are skipped
+    (``skipped_history_items``). Of a labeled log, the test rows of the
+    run's time split are scored, unknown ids as the reserved one (counted
+    in ``unknown_test_items``).
 
     Args:
         path: a ``din-fast train --checkpoint`` file.
@@ -962,8 +1011,8 @@ def evaluate_checkpoint(path: str, data: Optional[str] = None, *, backend: str =
     Returns:
         ``test_auc``, ``test_gauc``, ``test_logloss``, ``model``,
         ``backend`` (the one the attention ran) and ``test_samples``; by
-        the DIN protocol also ``excluded_test_samples`` and
-        ``skipped_history_items``, of a labeled log ``unknown_test_items``.
+        the DIN protocol without rare ids also ``excluded_test_samples``
+        and ``skipped_history_items``, else ``unknown_test_items``.
 
     Raises:
         din_fast.ctr.errors.InputError: no ``data`` for a checkpoint trained
@@ -977,24 +1026,35 @@ def evaluate_checkpoint(path: str, data: Optional[str] = None, *, backend: str =
         raise InputError(f"checkpoint {path} was trained on a data file; pass the data to "
                          "evaluate on with --data (a checkpoint does not choose what is read)")
     model = restored_model(checkpoint, config)
+    maps = checkpoint.id_maps
     if config.label_column is not None:
         log = load_labeled_log(data, log_columns(config))
-        check_log(log, checkpoint.id_maps, path, max_unknown)
-        encoded = encode_log(log, checkpoint.id_maps)
-        test = split_log(encoded, log_split(config)).test
+        check_log(log, maps, path, max_unknown)
+        encoded = encode_log(log, maps)
+        encoded_data, test = encoded.data, split_log(encoded, log_split(config)).test
         check_both_labels(test, f"{log.source}: the test rows")
-        metrics = evaluate(model, encoded.data, test, config.max_len, config.device, "test")
-        metrics.update(model=config.model, backend=model.attention_backend(),
-                       test_samples=len(test), unknown_test_items=int(
-                           (test.target == len(checkpoint.id_maps.item_ids) + 1).sum()))
-        return metrics
-    interactions = synthetic_interactions(seed=config.seed) if data is None \
-        else load_interactions(data)
-    if data is not None:
-        check_behaviours(interactions, checkpoint.id_maps, path, max_unknown)
-    known = known_test_samples(encode(interactions, checkpoint.id_maps), config.seed)
+    else:
+        interactions = synthetic_interactions(seed=config.seed) if data is None \
+            else load_interactions(data)
+        if data is not None:
+            check_behaviours(interactions, maps, path, max_unknown)
+        if not maps.unknown:
+            return _evaluate_known_items(model, config, encode(interactions, maps))
+        rare = rare_ids(encode(interactions), maps)
+        encoded_data = rare.encoded()
+        test = rare.samples(known_test_samples(rare.data, config.seed).samples)
+    metrics = evaluate(model, encoded_data, test, config.max_len, config.device, "test")
+    metrics.update(model=config.model, backend=model.attention_backend(), test_samples=len(test),
+                   unknown_test_items=int((test.target == len(maps.item_ids) + 1).sum()))
+    return metrics
+
+
+def _evaluate_known_items(model, config: TrainConfig, data: EncodedData) -> dict:
+    """Test metrics by the DIN protocol of a model without a reserved row:
+    the samples whose test item it knows, unknown history items skipped."""
+    known = known_test_samples(data, config.seed)
     if len(known.samples) == 0:
-        raise InputError(f"{interactions.source}: no test sample left: the checkpoint knows "
+        raise InputError(f"{data.source}: no test sample left: the checkpoint knows "
                          "none of the users' test items")
     metrics = evaluate(model, known.data, known.samples, config.max_len, config.device, "test")
     metrics.update(model=config.model, backend=model.attention_backend(),

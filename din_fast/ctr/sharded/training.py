@@ -356,7 +356,8 @@ def train_sharded(config: TrainConfig, sharding: Optional[str] = None, *,
         log(describe_data(data, splits))
         model = TorchRecDIN(data.num_items, data.num_categories, embed_dim=config.embed_dim,
                             mlp_activation=config.mlp_activation, backend=config.backend,
-                            mlp_input=config.mlp_input,
+                            mlp_input=config.mlp_input, mlp_hidden=config.mlp_hidden,
+                            attention_hidden=config.attention_hidden,
                             attention_activation=config.attention_activation,
                             attention_normalization=config.attention_normalization,
                             device=device)
