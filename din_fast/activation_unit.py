@@ -71,7 +71,7 @@ class ActivationUnit:
 
     def query_term(self, query: Tensor) -> Tensor:
         """u = (W_q + W_d) q + b_1, [..., H1] of query [..., D]."""
-        flat = torch.addmm(self.b_1, query.reshape(-1, query.shape[-1]), self.w_query.t())
+        flat = torch.addmm(self.b_1, query.flatten(0, -2), self.w_query.t())
         return flat.view(*query.shape[:-1], self.hidden[0])
 
     def fold(self, query: Tensor):
@@ -85,10 +85,13 @@ class ActivationUnit:
         """The shared form's pre-activations z [..., C, H1] of keys [..., D]
         against ``query`` [..., C, D] with their ``u`` [..., C, H1] (both
         broadcast against keys [..., 1, D])."""
+        # Contiguous operands (a strided window of the history, a transposed
+        # query), so that the products are laid out as their views need.
+        keys, query = keys.contiguous(), query.contiguous()
         z = u + (keys @ self.w_keys.t()).unsqueeze(-2)
         products = query * keys.unsqueeze(-2)                            # [..., C, D]
         if _in_place(z):
-            z.view(-1, z.shape[-1]).addmm_(products.view(-1, products.shape[-1]), self.w_p.t())
+            z.view(-1, z.shape[-1]).addmm_(products.flatten(0, -2), self.w_p.t())
             return z
         return torch.addmm(z.flatten(0, -2), products.flatten(0, -2), self.w_p.t()).view_as(z)
 
@@ -153,7 +156,7 @@ class ActivationUnit:
         """The query's gradient through u, [G, Cc, D], from d u [G, Cc, H1]
         (summed over the positions), adding W_q + W_d's and b_1's into ``grads``."""
         flat_u = grad_u.reshape(-1, self.hidden[0])
-        grads.w_query.addmm_(flat_u.t(), query.reshape(-1, query.shape[-1]))
+        grads.w_query.addmm_(flat_u.t(), query.flatten(0, -2))
         grads.b_1 += flat_u.sum(0)
         return (flat_u @ self.w_query).view(query.shape)
 
@@ -207,8 +210,8 @@ class SharedFirstLayer:
 
     def __init__(self, unit: ActivationUnit, query: Tensor):
         self.unit = unit
-        self.query = query
-        self.u = unit.query_term(query)                                  # [G, Cc, H1]
+        self.query = query.contiguous()
+        self.u = unit.query_term(self.query)                             # [G, Cc, H1]
         self.grad_u = self.grad_query = None
 
     def __call__(self, keys: Tensor) -> Tensor:
@@ -219,11 +222,12 @@ class SharedFirstLayer:
         """d keys [G, span, D] from d z [G, span, Cc, H1] (zero at the padding slots)."""
         unit = self.unit
         hidden, dim = unit.w_p.shape
+        keys = keys.contiguous()
         query = self.query[:, None]                                      # [G, 1, Cc, D]
         flat_z = grad_z.reshape(-1, hidden)
         per_position = grad_z.sum(2)                                     # [G, span, H1]
-        grads.w_keys.addmm_(per_position.view(-1, hidden).t(), keys.reshape(-1, dim))
-        grads.w_p.addmm_(flat_z.t(), (query * keys[:, :, None]).view(-1, dim))
+        grads.w_keys.addmm_(per_position.view(-1, hidden).t(), keys.flatten(0, -2))
+        grads.w_p.addmm_(flat_z.t(), (query * keys[:, :, None]).flatten(0, -2))
         grad_products = (flat_z @ unit.w_p).view(*grad_z.shape[:3], dim)  # d (q * k)
         grad_keys = (per_position @ unit.w_keys).add_((grad_products * query).sum(2))
         grad_query = (grad_products * keys[:, :, None]).sum(1)          # [G, Cc, D]

@@ -18,6 +18,7 @@ import din_fast
 from din_fast.chunking import UnitSize, plan, working_set, working_set_bytes
 from helpers import DEVICE, assert_matches_reference, call_din_attention, make_case, run_case
 from test_padding import POISONS, assert_padding_ignored
+from test_sizes import check_against_reference, sized_case
 
 HIDDEN = (6, 3)
 # Budgets: one pair per block; one row in spans of a few positions and
@@ -91,6 +92,22 @@ def test_short_rows_in_blocks(kind, length, candidates, normalization, activatio
                      normalization=normalization, dtype=torch.float64, scale=0.6, seed=length)
     with working_set(case_budget(kind, case)) if kind else contextlib.nullcontext():
         assert_matches_reference(case, "torch")
+
+
+@pytest.mark.parametrize("kind", ["span", "rows"])
+def test_strided_inputs_in_blocks(kind, first_layer):
+    """Keys and query with the feature axis outermost in memory: a block of
+    whole rows reads the keys as a strided window of them."""
+    case = make_case(6, 3, 5, 4, HIDDEN, masking=None, dtype=torch.float64, seed=11)
+    for name in ("query", "keys"):
+        case[name] = case[name].transpose(1, 2).contiguous().transpose(1, 2)
+    with working_set(case_budget(kind, case)):
+        assert_matches_reference(case, "torch")
+
+
+def test_zero_embedding_size_in_blocks(first_layer):
+    """D = 0: every score is b_1's image, in either form of the first layer."""
+    check_against_reference(sized_case(3, 2, 4, None, torch.float64, dim=0), "torch")
 
 
 @pytest.mark.parametrize("normalization", [None, "softmax"])
