@@ -327,9 +327,10 @@ def build_parser(train_settings: Optional[dict] = None) -> argparse.ArgumentPars
         description="Score the test samples of --data (the training run's protocol, seed and "
         "split) with a checkpoint and print test AUC, GAUC and logloss as JSON. By the DIN "
         "protocol, samples whose test item the checkpoint has never seen are left out and "
-        "unknown history items skipped; in a labeled log, unknown ids score as the reserved "
-        "id. A note on stderr counts them; data with more than --max-unknown of them is "
-        "refused (the checkpoint was trained on other data).",
+        "unknown history items skipped, unless it was trained with --min-count above 1; "
+        "then, as in a labeled log, unknown ids score as the reserved id. A note on stderr "
+        "counts them; data with more than --max-unknown of them is refused (the checkpoint "
+        "was trained on other data).",
         formatter_class=DefaultsHelpFormatter)
     eval_parser.add_argument("--checkpoint", required=True, help="a din-fast train checkpoint")
     eval_parser.add_argument("--data", help="the data to evaluate on (required unless the "
