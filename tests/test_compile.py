@@ -271,6 +271,31 @@ def test_train_command_with_compile_matches_eager(tmp_path):
         assert got["train_loss"] == pytest.approx(want["train_loss"], abs=1e-5)
 
 
+@pytest.mark.usefixtures("one_torch_thread")
+def test_labeled_training_with_compile_makes_one_graph_per_mode(tmp_path):
+    """The trainer's compiled model on a labeled log with multi-valued,
+    single-valued and numeric side features, the linear part, rare ids and
+    two-stage attention: many small batches (the last one smaller), some
+    whose histories or genres all hold one position or none. One graph for
+    training and one for evaluation, at most one more where two sizes equal
+    in the first batch part (dynamo gives equal sizes one symbol); none for
+    sizes 0 and 1, nor for the last batch (once four graphs)."""
+    from torch._dynamo.utils import counters
+
+    from cli_data import labeled_rows, write_labeled_log
+    from din_fast.ctr.training import train
+
+    log = write_labeled_log(tmp_path / "log.csv", labeled_rows(300, num_users=150,
+                                                               num_items=30))
+    torch._dynamo.reset()
+    counters.clear()
+    train(TrainConfig(data=str(log), label_column="label", features=("genres", "hour"),
+                      numeric_features=("price",), linear=True, embed_dim=4, epochs=1,
+                      batch_size=8, min_count=2, top_k=3, search="din", compile="aot_eager"),
+          log=lambda *_: None)
+    assert counters["stats"]["unique_graphs"] <= 3, dict(counters["stats"])
+
+
 def test_checkpoints_without_the_compile_field_still_load(tmp_path):
     """Checkpoints written before --compile existed have no such config field:
     they load, as trained eagerly."""

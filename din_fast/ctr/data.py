@@ -814,10 +814,12 @@ def padded(values: np.ndarray, start: np.ndarray, length: np.ndarray) -> np.ndar
 
     Returns:
         [R, width] rows ``values[start[r]:start[r] + length[r]]`` padded
-        with 0 after each row's length, width the longest (at least 1), in
+        with 0 after each row's length, width the longest (at least 2), in
         ``values``' dtype (int64 when ``values`` is empty).
     """
-    width = max(int(length.max(initial=0)), 1)
+    # At least 2: torch.compile gives a size of 0 or 1 a graph of its own, so
+    # a batch whose rows all hold one value (or none) would compile again.
+    width = max(int(length.max(initial=0)), 2)
     position = np.arange(width)
     valid = position < length[:, None]
     if not len(values):

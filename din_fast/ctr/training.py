@@ -455,8 +455,11 @@ class LocalLearner(Learner):
         if config.compile:
             # In place (nn.Module.compile): the state dict keeps its keys for
             # snapshots and checkpoints; training and evaluation call the
-            # compiled forward, one graph per mode once the sizes have varied.
-            model.compile(backend=config.compile)
+            # compiled forward. Symbolic sizes from the first batch on: batch
+            # sizes repeat until the last batch, so dynamo would compile a
+            # graph for them, then again for the longest history's change,
+            # then for the last batch (data.padded keeps sizes above 1).
+            model.compile(backend=config.compile, dynamic=True)
 
     def train_epoch(self, samples: Samples, bar) -> float:
         """One pass over ``samples`` in training mode, then the learning-rate
