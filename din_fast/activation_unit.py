@@ -144,7 +144,9 @@ class ActivationUnit:
             else:
                 grads.deeper_weights[layer].addmm_(grad_z.t(), h)
             grads.deeper_biases[layer] += grad_z.sum(0)
-            grad_h = grad_z @ w
+            # Through the output layer an outer product: a broadcast, not a
+            # matrix product of inner size 1.
+            grad_h = grad_z * w if grad_z.shape[1] == 1 else grad_z @ w
             grad_z, param_grads = activation_backward(
                 h if z is None else z, grad_h, self.activation, self.act_params[layer],
                 self.dice_eps, output=h)

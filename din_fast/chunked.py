@@ -42,14 +42,14 @@ class _Pooling:
             self.max = like.new_full((rows, candidates), float("-inf"))
             self.sum = like.new_zeros(rows, candidates)
 
-    def add(self, scores: Tensor, values: Tensor, valid: Optional[Tensor]) -> None:
-        """Pool a span: scaled scores [G, span, Cc] (zero at invalid slots),
-        values [G, span, Dv]."""
+    def add(self, scores: Tensor, values: Tensor, invalid: Optional[Tensor]) -> None:
+        """Pool a span: scaled scores [G, span, Cc] (zero at the ``invalid``
+        slots, Block.invalid), values [G, span, Dv]."""
         if not self.softmax:
             self.total.baddbmm_(scores.transpose(1, 2), values)
             return
-        if valid is not None:
-            scores = scores.masked_fill(~valid[..., None], float("-inf"))
+        if invalid is not None:
+            scores = scores.masked_fill(invalid, float("-inf"))
         # Every row of a group has a valid slot in each of its spans (a group
         # of several rows has one span from position 0; a single row's spans
         # lie within its length), so the new max is finite.
@@ -92,6 +92,29 @@ def _rows(group: RowGroup):
     return group.rows
 
 
+def _take(tensor: Tensor, rows, chunk: slice) -> Tensor:
+    """tensor[rows, chunk] of a [B, C, ...] tensor, ``rows`` from _rows.
+    Scattered rows come with every candidate (plan splits only single rows
+    into candidate chunks): index_select then, a row copy where advanced
+    indexing pays an iterator per element."""
+    if isinstance(rows, slice):
+        return tensor[rows, chunk]
+    return tensor.index_select(0, rows)[:, chunk]
+
+
+def _put(tensor: Tensor, rows, chunk: slice, value: Tensor) -> None:
+    """tensor[rows, chunk] = value, as _take reads it."""
+    if isinstance(rows, slice) or chunk.stop - chunk.start != tensor.shape[1]:
+        tensor[rows, chunk] = value
+    else:
+        tensor.index_copy_(0, rows, value)
+
+
+def _scaled(s: Tensor, scale: float) -> Tensor:
+    """scale * s, in place (nothing to do for the default scale of 1)."""
+    return s if scale == 1 else s.mul_(scale)
+
+
 def forward(problem, need_scores: bool):
     """(pooled [B, C, Dv], w ([B, C, T] padded, [L, C] jagged) or None,
     row_max [B, C], row_sum [B, C]) in the compute dtype, of a DINProblem or
@@ -111,21 +134,23 @@ def forward(problem, need_scores: bool):
         rows = _rows(group)
         blocks = [history.block(group, span) for span in group.spans()]
         for chunk in group.candidate_chunks(candidates):
-            first_layer = _first_layer(unit, group, query[rows, chunk].to(dtype))
+            first_layer = _first_layer(unit, group, _take(query, rows, chunk).to(dtype))
             pooling = _Pooling(len(group.rows), chunk.stop - chunk.start, values.shape[-1],
                                softmax, first_layer.u)
             for block in blocks:
                 k = history.gather(keys, block, dtype)
                 v = k if values is keys else history.gather(values, block, dtype)
-                s = unit.scores(k, first_layer).mul_(problem.scale)
-                if block.valid is not None:
-                    s.masked_fill_(~block.valid[..., None], 0)
+                s = _scaled(unit.scores(k, first_layer), problem.scale)
+                if block.invalid is not None:
+                    s.masked_fill_(block.invalid, 0)
                 if scores is not None:
                     history.put_scores(scores, block, chunk, s)
-                pooling.add(s, v, block.valid)
-            pooled[rows, chunk], block_max, block_sum = pooling.result()
+                pooling.add(s, v, block.invalid)
+            block_pooled, block_max, block_sum = pooling.result()
+            _put(pooled, rows, chunk, block_pooled)
             if softmax:
-                row_max[rows, chunk], row_sum[rows, chunk] = block_max, block_sum
+                _put(row_max, rows, chunk, block_max)
+                _put(row_sum, rows, chunk, block_sum)
     if scores is not None and softmax:
         _normalize(problem, scores, row_max, row_sum)
     return pooled, scores, row_max, row_sum
@@ -186,8 +211,9 @@ class _Softmax:
     def block(self, rows, chunk: slice, whole_rows: bool):
         """(max, normalizer, row term or None where the block holds whole rows),
         each [G, 1, Cc]."""
-        term = None if whole_rows else self.term[rows, chunk][:, None, :]
-        return self.max[rows, chunk][:, None, :], self.normalizer[rows, chunk][:, None, :], term
+        term = None if whole_rows else _take(self.term, rows, chunk)[:, None, :]
+        return (_take(self.max, rows, chunk)[:, None, :],
+                _take(self.normalizer, rows, chunk)[:, None, :], term)
 
 
 def _score_gradients(s: Tensor, grad_w: Tensor, invalid: Optional[Tensor], scale: float,
@@ -196,7 +222,7 @@ def _score_gradients(s: Tensor, grad_w: Tensor, invalid: Optional[Tensor], scale
     slots, from its scaled scores ``s`` and dL/dw (both overwritten);
     ``softmax`` is _Softmax.block's, or None for normalization=None."""
     if softmax is None:
-        grad_s = grad_w.mul_(scale)
+        grad_s = _scaled(grad_w, scale)
         if invalid is not None:
             s.masked_fill_(invalid, 0)
             grad_s.masked_fill_(invalid, 0)
@@ -210,7 +236,7 @@ def _score_gradients(s: Tensor, grad_w: Tensor, invalid: Optional[Tensor], scale
         # cancels to rounding (the biases' gradients are such sums);
         # dL/dpooled . pooled, from the forward's rounding, would leave ~1e-7.
         term = (w * grad_w).sum(1, keepdim=True)
-    return w, grad_w.sub_(term).mul_(w).mul_(scale)
+    return w, _scaled(grad_w.sub_(term).mul_(w), scale)
 
 
 def backward(problem, grad_pooled: Tensor, grad_scores: Optional[Tensor], saved=()):
@@ -240,19 +266,18 @@ def backward(problem, grad_pooled: Tensor, grad_scores: Optional[Tensor], saved=
         rows = _rows(group)
         blocks = [history.block(group, span) for span in group.spans()]
         for chunk in group.candidate_chunks(candidates):
-            first_layer = _first_layer(unit, group, query[rows, chunk].to(dtype))
-            grad_out = grad_pooled[rows, chunk]                          # [G, Cc, Dv]
+            first_layer = _first_layer(unit, group, _take(query, rows, chunk).to(dtype))
+            grad_out = _take(grad_pooled, rows, chunk)                   # [G, Cc, Dv]
             stats = None if softmax is None else softmax.block(rows, chunk, len(blocks) == 1)
             for block in blocks:
                 k = history.gather(keys, block, dtype)
                 v = k if values is keys else history.gather(values, block, dtype)
                 kept = []
-                s = unit.scores(k, first_layer, kept).mul_(problem.scale)
+                s = _scaled(unit.scores(k, first_layer, kept), problem.scale)
                 grad_w = torch.bmm(v, grad_out.transpose(1, 2))          # [G, span, Cc]
                 if grad_scores is not None:
                     grad_w += history.take_scores(grad_scores, block, chunk, dtype)
-                invalid = None if block.valid is None else ~block.valid[..., None]
-                w, grad_s = _score_gradients(s, grad_w, invalid, problem.scale, stats)
+                w, grad_s = _score_gradients(s, grad_w, block.invalid, problem.scale, stats)
                 grad_z = unit.backward(grad_s, kept, grads)             # [G, span, Cc, H1]
                 grad_k = first_layer.backward(k, grad_z, grads)
                 # dL/dv[t] = sum_c w[c, t] dL/dpooled[c]: into d keys in place
@@ -263,7 +288,7 @@ def backward(problem, grad_pooled: Tensor, grad_scores: Optional[Tensor], saved=
                     history.add(grad_values, block, torch.bmm(w, grad_out))
                 del w, s, grad_w, grad_s, kept
                 history.add(grad_keys, block, grad_k)
-            grad_query[rows, chunk] = first_layer.finish(grads)
+            _put(grad_query, rows, chunk, first_layer.finish(grads))
     return (
         grad_query.to(query.dtype), grad_keys.to(keys.dtype),
         None if values is keys else grad_values.to(values.dtype),

@@ -52,14 +52,22 @@ CUDA_WORKING_SET_BYTES = 256 << 20
 # at the serving shape on a Zen 4 core: spans of 256 with 12 candidates
 # about 6% faster than spans of 64 with 40, within the same budget.
 MIN_SPAN = 256
-# The cost of one element of the fold's element-wise passes over M (built,
-# then read by products with few positions per row, in the backward summed
-# twice more), in multiply-adds of a cache-resident matrix product: what
-# UnitSize.folds weighs. Fitted to where the two forms of the first layer
-# cross, forward and backward, on one Zen 4 core (D = 64, hidden 80-40,
-# float32): rows of about 30 positions with one candidate, 60 to 100 with
-# 16 or more (the rule: 36, and 74 to 80).
-ELEMENT_COST = 64
+# What UnitSize.folds weighs, in multiply-adds of a cache-resident matrix
+# product: FOLD_COST per element of a candidate's folded M (built, then read
+# by products with few positions per row, in the backward summed twice
+# more), PAIR_COST per element of the shared form's per-pair vectors (q * k
+# and, in the backward, its gradient's products with q and k). Fitted to
+# where the two forms cross, forward and backward, on one Zen 4 core
+# (float32, measured interleaved on a loaded machine): rows of about 20
+# positions with one candidate at D = 64, hidden 80-40, at D = 32,
+# hidden 200-80 and at D = 128, hidden 80-40 (the rule folds from 21, 23 and
+# 21), about 85 with 16 candidates (the rule: from 92), and no difference
+# beyond the noise from 64 to 128 positions with 64 candidates. The
+# one-candidate crossing does not move with H1: a single cost per element
+# (64 for both, the rule before) put it at 36 for H1 = 80 and 49 for
+# H1 = 200, where the fold was already 10-20% faster.
+FOLD_COST = 24
+PAIR_COST = 16
 
 _budget: List[Optional[int]] = [None]     # working_set's override, else by device
 
@@ -180,14 +188,14 @@ class UnitSize:
         ``candidates`` candidates score faster with the first layer folded.
 
         Per (row, candidate) the fold costs element-wise passes over M,
-        H1 * D elements each, and saves per position the shared form's
-        (W_k - W_d) k, H1 * D multiply-adds shared by the candidates, and its
-        element-wise q * k, D elements. At ELEMENT_COST multiply-adds an
-        element: fold where
-        length * (H1 / candidates + ELEMENT_COST) * D > ELEMENT_COST * H1 * D.
+        H1 * D elements each (FOLD_COST a element), and saves per position
+        the shared form's (W_k - W_d) k, H1 * D multiply-adds shared by the
+        candidates, and per pair its element-wise work on q * k, D elements
+        (PAIR_COST a element): fold where
+        length * (H1 / candidates + PAIR_COST) * D > FOLD_COST * H1 * D.
         """
         first = self.hidden[0]
-        return length * (first + ELEMENT_COST * candidates) > ELEMENT_COST * first * candidates
+        return length * (first + PAIR_COST * candidates) > FOLD_COST * first * candidates
 
 
 @dataclass
@@ -216,13 +224,17 @@ class RowGroup:
         for start in range(0, self.length, self.span):
             yield slice(start, min(start + self.span, self.length))
 
-    def valid(self, span: slice) -> Optional[Tensor]:
-        """[G, span] bool: which slots of ``span`` hold a valid position, or
-        None when all of them do."""
+    def slots(self, span: slice):
+        """(positions, invalid) of ``span``'s slots: positions [G, span] ([1,
+        span] where every slot is valid), each slot's position in its row,
+        past a row's count its last valid one;
+        invalid [G, span, 1] bool, True past a row's count (the trailing 1
+        broadcasts against the candidates), or None when every slot is valid."""
+        positions = torch.arange(span.start, span.stop, device=self.counts.device)[None, :]
         if span.stop <= self.shortest:
-            return None
-        positions = torch.arange(span.start, span.stop, device=self.counts.device)
-        return positions[None, :] < self.counts[:, None]
+            return positions, None
+        last = self.counts[:, None] - 1
+        return torch.minimum(positions, last), (positions > last)[..., None]
 
 
 def plan(counts: Tensor, candidates: int, unit: UnitSize) -> List[RowGroup]:
@@ -268,13 +280,14 @@ class Block:
     flat position of each in the history (its rows merged, [B * T, ...], or
     jagged [L, ...]); ``window`` the same slots as a tuple of slices of the
     unmerged history where they form one and are all valid, else None;
-    ``valid`` [G, span] bool, or None when every slot is valid."""
+    ``invalid`` [G, span, 1] bool, True at the slots past their row's
+    count, or None when every slot is valid."""
 
     group: RowGroup
     span: slice
     index: Tensor
     window: Optional[tuple]
-    valid: Optional[Tensor]
+    invalid: Optional[Tensor]
 
 
 class History:
@@ -309,12 +322,8 @@ class History:
         return plan(self.counts, candidates, unit)
 
     def block(self, group: RowGroup, span: slice) -> Block:
-        valid = group.valid(span)
-        device = self.counts.device
         # Past a row's count: its last valid position (every row of a group has one).
-        slots = torch.arange(span.start, span.stop, device=device)[None, :]
-        if valid is not None:
-            slots = torch.minimum(slots, group.counts[:, None] - 1)
+        slots, invalid = group.slots(span)
         window = None
         if self.jagged:
             index = self.starts[group.rows][:, None] + slots
@@ -331,9 +340,9 @@ class History:
             index = group.rows[:, None] * self.length + columns
         else:
             index = group.rows[:, None] * self.length + slots
-            if group.first_row is not None and valid is None:
+            if group.first_row is not None and invalid is None:
                 window = (slice(group.first_row, group.first_row + len(group.rows)), span)
-        return Block(group, span, index, window, valid)
+        return Block(group, span, index, window, invalid)
 
     def _merged(self, history: Tensor) -> Optional[Tensor]:
         """The history with its position axes merged ([B * T, X] or [L, X]) as
@@ -392,6 +401,6 @@ class History:
         ``dtype``, zero at invalid slots."""
         index = self._score_index(block, chunk, scores.shape[1])
         taken = scores.view(-1)[index].to(dtype)
-        if block.valid is not None:
-            taken = torch.where(block.valid[..., None], taken, 0)
+        if block.invalid is not None:
+            taken = taken.masked_fill(block.invalid, 0)
         return taken
