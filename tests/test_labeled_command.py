@@ -286,6 +286,10 @@ def bad_input_cases(tmp):
              "column label", "not 0 or 1")
     csv_case("label_empty", rows[:3] + [rows[3][:4] + ("",) + rows[3][5:]], (), "line 5",
              "column label", "empty cell")
+    # Words a reader might take for a missing value are what they are: not a label.
+    for word in ("NA", "null", "N/A"):
+        csv_case("label_" + word.replace("/", "_"), rows[:6] + [rows[6][:4] + (word,) + rows[6][5:]], (),
+                 "line 8", "column label", f"{word!r} is not a number", "expected a label")
     csv_case("feature_absent", rows, ("--features", "genres,brand"), "line 1", "'brand'",
              "--features")
     csv_case("feature_empty", [r[:5] + ("",) + r[6:] for r in rows], ("--features", "genres"),
@@ -315,6 +319,7 @@ def bad_inputs(tmp_path_factory):
 
 
 @pytest.mark.parametrize("name", ["no_label_column", "label_not_binary", "label_empty",
+                                  "label_NA", "label_null", "label_N_A",
                                   "feature_absent", "feature_empty", "numeric_not_a_number",
                                   "separator_in_an_id", "numeric_of_the_wrong_type",
                                   "features_without_a_label"])
