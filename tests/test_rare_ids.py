@@ -212,7 +212,7 @@ def test_evaluate_and_predict_take_unseen_ids_through_the_reserved_row(trained, 
 def test_checkpoints_of_the_previous_format_load(trained, tmp_path):
     _, _, checkpoint, _ = trained
     state = torch.load(checkpoint, weights_only=True)
-    assert state["format"] == "din_fast.checkpoint/5"
+    assert state["format"] == "din_fast.checkpoint/6"
     # Format 4 had no rare ids (min_count was a labeled log's only).
     older = dict(state, format="din_fast.checkpoint/4")
     older["id_maps"] = {k: v for k, v in state["id_maps"].items()
@@ -232,3 +232,4 @@ def test_checkpoints_of_the_previous_format_load(trained, tmp_path):
     torch.save(state, path)
     with pytest.raises(CheckpointError, match="rare_items"):
         load_checkpoint(path)
+

@@ -1032,7 +1032,7 @@ def evaluate_checkpoint(path: str, data: Optional[str] = None, *, backend: str =
     maps = checkpoint.id_maps
     if config.label_column is not None:
         log = load_labeled_log(data, log_columns(config))
-        check_log(log, maps, path, max_unknown)
+        check_log(log, maps, path, log_split(config), max_unknown)
         encoded = encode_log(log, maps)
         encoded_data, test = encoded.data, split_log(encoded, log_split(config)).test
         check_both_labels(test, f"{log.source}: the test rows")
