@@ -349,8 +349,9 @@ def bad_input_cases(tmp):
              "column label", "empty cell")
     # Words a reader might take for a missing value are what they are: not a label.
     for word in ("NA", "null", "N/A"):
-        csv_case("label_" + word.replace("/", "_"), rows[:6] + [rows[6][:4] + (word,) + rows[6][5:]], (),
-                 "line 8", "column label", f"{word!r} is not a number", "expected a label")
+        csv_case("label_" + word.replace("/", "_"),
+                 rows[:6] + [rows[6][:4] + (word,) + rows[6][5:]], (), "line 8",
+                 "column label", f"{word!r} is not a number", "expected a label")
     csv_case("feature_absent", rows, ("--features", "genres,brand"), "line 1", "'brand'",
              "--features")
     csv_case("feature_empty", [r[:5] + ("",) + r[6:] for r in rows], ("--features", "genres"),
