@@ -65,9 +65,11 @@ def owned_copy(directory: Path, trained) -> tuple:
 
 
 def contents(directory: Path) -> dict:
-    """Every file under ``directory`` (temporary ones included) -> its bytes."""
-    return {str(p.relative_to(directory)): p.read_bytes() for p in sorted(directory.rglob("*"))
-            if p.is_file() and not p.is_symlink()}
+    """Every file under ``directory`` (temporary ones included) -> its bytes,
+    and every directory -> None: a refused command leaves neither behind."""
+    return {str(p.relative_to(directory)): p.read_bytes() if p.is_file() else None
+            for p in sorted(directory.rglob("*"))
+            if (p.is_file() or p.is_dir()) and not p.is_symlink()}
 
 
 def refused_cases(tmp: Path, trained) -> dict:
@@ -133,6 +135,16 @@ def refused_cases(tmp: Path, trained) -> dict:
         return ["export", "--checkpoint", str(c), "--out", str(d / "din.pt2")]
     case("export_id_maps_are_checkpoint", export_beside_checkpoint, "--out's id maps",
          "an input of this command (--checkpoint)")
+    # --log-dir is created by the first epoch's row, never by a refused command.
+    case("train_log_dir_then_checkpoint_trailing_slash", lambda d, data, c, r: [
+        *TRAIN, "--data", str(data), "--log-dir", str(d / "logs" / "run"), "--checkpoint",
+        str(d / "nodir") + "/"], "--checkpoint", "is a directory")
+    case("train_log_dir_then_missing_data", lambda d, data, c, r: [
+        *TRAIN, "--data", str(d / "missing.csv"), "--log-dir", str(d / "logs")],
+        "missing.csv", "does not exist")
+    case("train_log_dir_under_a_file", lambda d, data, c, r: [
+        *TRAIN, "--data", str(data), "--log-dir", str(c / "logs")],
+        "--log-dir", "cannot be created as a directory", "is a file")
     return cases
 
 
@@ -145,9 +157,11 @@ SUBPROCESS_CASES = ("predict_output_is_data", "predict_output_is_requests",
                     "train_checkpoint_is_data_spelled_otherwise",
                     "train_metrics_out_trailing_slash", "train_checkpoint_trailing_slash",
                     "train_metrics_out_dev_full", "predict_output_dev_full",
-                    "train_plot_unknown_format", "export_out_unwritable")
+                    "train_plot_unknown_format", "export_out_unwritable",
+                    "train_log_dir_then_checkpoint_trailing_slash")
 IN_PROCESS_CASES = ("train_checkpoint_is_a_file_of_the_data_directory",
-                    "export_out_is_checkpoint", "export_id_maps_are_checkpoint")
+                    "export_out_is_checkpoint", "export_id_maps_are_checkpoint",
+                    "train_log_dir_then_missing_data", "train_log_dir_under_a_file")
 
 
 def disk_full_case(tmp: Path, trained) -> tuple:

@@ -6,6 +6,7 @@ import json
 import os
 import subprocess
 import sys
+from dataclasses import replace
 
 import pyarrow as pa
 import pyarrow.parquet as pq
@@ -17,8 +18,8 @@ from din_fast.ctr.cli import available_cores, build_parser, main
 from din_fast.ctr.errors import CheckpointError
 from din_fast.ctr.training import LocalLearner, TrainConfig
 
-from cli_data import (Case, labeled_rows, one_torch_thread, run,  # noqa: F401 (a fixture)
-                      write_labeled_log)
+from cli_data import (LABELED_HEADER, Case, labeled_rows,  # noqa: F401 (a fixture)
+                      one_torch_thread, run, write_labeled_log)
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
@@ -161,7 +162,7 @@ def test_checkpoints_refuse_foreign_data(trained, tmp_path, capsys):
     requests = tmp_path / "requests.jsonl"
     requests.write_text(json.dumps({"user": "u1", "candidates": ["i1"], "features": {
         "genres": "g1", "hour": "1", "price": "1"}}) + "\n")
-    for rows, expected in ((renamed, "hold a item id the checkpoint has never seen"),
+    for rows, expected in ((renamed, "hold an item the checkpoint has never seen"),
                            (recategorized, "have another category in the data")):
         data = write_labeled_log(tmp_path / "foreign.csv", rows)
         for command in (["evaluate"], ["predict", "--requests", str(requests)]):
@@ -173,6 +174,66 @@ def test_checkpoints_refuse_foreign_data(trained, tmp_path, capsys):
     assert main(["evaluate", "--checkpoint", str(checkpoint), "--data",
                  str(write_labeled_log(tmp_path / "foreign.csv", renamed)),
                  "--max-unknown", "0.6"]) == 0
+
+
+def log_with_newcomers(seed: int = 0, users: str = "u", items: str = "i") -> list:
+    """labeled_rows with a ``user_id`` feature (the user's id, as the MovieLens
+    benchmark takes it), whose last fifth (the validation and test rows of
+    the default split) holds only users and items the earlier rows never saw:
+    the training log itself is 20% new ids, above the 10% --max-unknown."""
+    rows = labeled_rows(400, num_users=15, num_items=20, seed=seed)
+    rows = [(u if r < 320 else u.replace("u", "new-u"), i if r < 320 else i.replace("i", "new-i"),
+             *rest) for r, (u, i, *rest) in enumerate(rows)]
+    return [(u.replace("u", users, 1), i.replace("i", items, 1), *rest, u.replace("u", users, 1))
+            for u, i, *rest in rows]
+
+
+NEWCOMERS_HEADER = LABELED_HEADER + ("user_id",)
+
+
+def test_evaluate_and_predict_take_the_training_log_whatever_its_time_split_brings(tmp_path):
+    """Issue 21: a checkpoint never refuses its own data. Its maps list every
+    id of the training rows (the rare ones of --min-count 15 too) and only
+    those rows count for unknown ids; the later rows' new users and items do
+    not. evaluate then reports train's test metrics; another log is refused."""
+    data = write_labeled_log(tmp_path / "log.csv", log_with_newcomers(), NEWCOMERS_HEADER)
+    checkpoint, metrics = tmp_path / "din.pt", tmp_path / "train.json"
+    assert main(["train", "--data", str(data), "--label-column", "label", "--features",
+                 "genres,hour,user_id", "--min-count", "15", "--embed-dim", "4",
+                 "--batch-size", "32", "--epochs", "1", "--no-progress", "--checkpoint",
+                 str(checkpoint), "--metrics-out", str(metrics)]) == 0
+    trained = json.loads(metrics.read_text())
+    maps = load_checkpoint(checkpoint).id_maps
+    assert len(maps.rare_items) and len(maps.rare_features["hour"])    # rare ids are listed
+    result = run(Case(["evaluate", "--checkpoint", str(checkpoint), "--data", str(data)], ()))
+    assert result.returncode == 0, result.stderr
+    evaluated = json.loads(result.stdout)
+    for key in ("test_auc", "test_gauc", "test_logloss", "test_samples"):
+        assert evaluated[key] == pytest.approx(trained[key], abs=1e-9), key
+    requests = tmp_path / "requests.jsonl"
+    requests.write_text(json.dumps({"user": "new-u1", "candidates": ["i1", "new-i2"],
+                                    "features": {"genres": "g1", "hour": 3,
+                                                 "user_id": "new-u1"}}) + "\n")
+    assert main(["predict", "--checkpoint", str(checkpoint), "--data", str(data),
+                 "--requests", str(requests)]) == 0
+    # Another log with the same columns and other ids is still refused, in one line.
+    foreign = write_labeled_log(tmp_path / "foreign.csv",
+                                log_with_newcomers(seed=1, users="x", items="y"),
+                                NEWCOMERS_HEADER)
+    result = run(Case(["evaluate", "--checkpoint", str(checkpoint), "--data", str(foreign)], ()))
+    error = result.stderr.splitlines()
+    assert result.returncode == 2 and len(error) == 1, result.stderr
+    assert error[0].startswith(f"din-fast: error: {foreign} does not fit checkpoint "
+                               f"{checkpoint}: ") and "training rows" in error[0], error
+    # A checkpoint of the previous format, which listed no rare ids of a log, still loads.
+    state = torch.load(checkpoint, weights_only=True)
+    older = {k: v for k, v in state["id_maps"].items() if not k.startswith("rare_")}
+    older["fingerprint"] = replace(maps, rare_items=None, rare_item_category=None,
+                                   rare_categories=None, rare_features={}).fingerprint()
+    torch.save(dict(state, format="din_fast.checkpoint/5", id_maps=older), tmp_path / "old.pt")
+    loaded = load_checkpoint(tmp_path / "old.pt").id_maps
+    assert loaded.rare_items is None and loaded.rare_categories is None
+    assert loaded.rare_features == {} and loaded.item_ids.equals(maps.item_ids)
 
 
 def test_a_tampered_id_map_is_refused(trained, tmp_path):
@@ -286,6 +347,11 @@ def bad_input_cases(tmp):
              "column label", "not 0 or 1")
     csv_case("label_empty", rows[:3] + [rows[3][:4] + ("",) + rows[3][5:]], (), "line 5",
              "column label", "empty cell")
+    # Words a reader might take for a missing value are what they are: not a label.
+    for word in ("NA", "null", "N/A"):
+        csv_case("label_" + word.replace("/", "_"),
+                 rows[:6] + [rows[6][:4] + (word,) + rows[6][5:]], (), "line 8",
+                 "column label", f"{word!r} is not a number", "expected a label")
     csv_case("feature_absent", rows, ("--features", "genres,brand"), "line 1", "'brand'",
              "--features")
     csv_case("feature_empty", [r[:5] + ("",) + r[6:] for r in rows], ("--features", "genres"),
@@ -315,6 +381,7 @@ def bad_inputs(tmp_path_factory):
 
 
 @pytest.mark.parametrize("name", ["no_label_column", "label_not_binary", "label_empty",
+                                  "label_NA", "label_null", "label_N_A",
                                   "feature_absent", "feature_empty", "numeric_not_a_number",
                                   "separator_in_an_id", "numeric_of_the_wrong_type",
                                   "features_without_a_label"])

@@ -212,7 +212,7 @@ def test_evaluate_and_predict_take_unseen_ids_through_the_reserved_row(trained, 
 def test_checkpoints_of_the_previous_format_load(trained, tmp_path):
     _, _, checkpoint, _ = trained
     state = torch.load(checkpoint, weights_only=True)
-    assert state["format"] == "din_fast.checkpoint/5"
+    assert state["format"] == "din_fast.checkpoint/6"
     # Format 4 had no rare ids (min_count was a labeled log's only).
     older = dict(state, format="din_fast.checkpoint/4")
     older["id_maps"] = {k: v for k, v in state["id_maps"].items()
@@ -232,3 +232,41 @@ def test_checkpoints_of_the_previous_format_load(trained, tmp_path):
     torch.save(state, path)
     with pytest.raises(CheckpointError, match="rare_items"):
         load_checkpoint(path)
+
+
+def test_predict_and_the_exported_model_agree_on_rare_items(trained, tmp_path):
+    """A rare item shares the reserved id but keeps its own category, in
+    din-fast predict and in the exported package's Encoder alike (its
+    <name>.ids.json lists the rare items with their categories): both give
+    the same scores, rare items in histories and among candidates."""
+    pytest.importorskip("onnxruntime")
+    from din_fast.ctr.serving import Encoder, OnnxModel
+
+    _, _, checkpoint, _ = trained
+    saved = load_checkpoint(checkpoint)
+    maps = saved.id_maps
+    known = maps.item_ids.to_pylist()
+    # Rare items whose own category has a row: the reserved one would differ.
+    rare = [item for item, category in zip(maps.rare_items.to_pylist(), maps.rare_item_category)
+            if category != maps.num_categories]
+    assert len(rare) >= 4
+    histories = [[known[0], rare[0], rare[1]], [rare[2]], []]
+    candidates = [[rare[3], known[1]], [rare[0], "never-seen"], [rare[1]]]
+    requests, scores = tmp_path / "requests.jsonl", tmp_path / "scores.jsonl"
+    requests.write_text("".join(json.dumps({"history": h, "candidates": c, "request": str(b)})
+                                + "\n" for b, (h, c) in enumerate(zip(histories, candidates))))
+    assert main(["predict", "--checkpoint", str(checkpoint), "--requests", str(requests),
+                 "--output", str(scores)]) == 0
+    predicted = [json.loads(line)["score"] for line in scores.read_text().splitlines()]
+    out = tmp_path / "din.onnx"
+    assert main(["export", "--format", "onnx", "--checkpoint", str(checkpoint), "--out",
+                 str(out)]) == 0
+    exported = json.loads((tmp_path / "din.ids.json").read_text())
+    assert exported["rare_items"] == maps.rare_items.to_pylist()
+    batch = Encoder.from_json(tmp_path / "din.ids.json").encode(histories, candidates,
+                                                                max_len=saved.config.max_len)
+    assert batch.history_categories[0, 1] == int(ItemCategories(maps)(pa.array([rare[0]]))[0])
+    logits = OnnxModel(out)(*batch.inputs())
+    served = [float(torch.sigmoid(logits[b, c])) for b, row in enumerate(candidates)
+              for c in range(len(row))]
+    assert served == pytest.approx(predicted, abs=1e-5)

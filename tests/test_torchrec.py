@@ -352,6 +352,47 @@ def test_sharded_training_rejects_what_it_cannot_run(tiny_csv, capsys, arguments
     assert message in capsys.readouterr().err
 
 
+@pytest.mark.parametrize("options, message", [
+    (dict(label_column="label"), "--label-column 'label' (config.label_column): sharded "
+     "training runs the DIN protocol from the start, without labeled logs; it needs "
+     "config.label_column None"),
+    (dict(linear=True), "--linear True (config.linear): sharded training runs the DIN "
+     "protocol from the start, without the linear part; it needs config.linear False"),
+])
+def test_train_sharded_from_python_refuses_what_only_one_process_runs(tmp_path, options,
+                                                                      message):
+    """The Python entry checks what the command checks, before any work:
+    nothing is written."""
+    from din_fast.ctr.config import TrainConfig
+    from din_fast.ctr.sharded import OptionError, load_trainer
+
+    with pytest.raises(OptionError) as raised:
+        load_trainer()(TrainConfig(**options), checkpoint=str(tmp_path / "din.pt"),
+                       metrics_out=str(tmp_path / "din.json"))
+    assert message in str(raised.value)
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_load_din_state_dict_refuses_another_shape():
+    """A tensor that broadcasts to the model's (a bias of one value, a table
+    of one row) is refused, naming the tensor, its shape and the one needed."""
+    from din_fast.ctr.sharded.model import TorchRecDIN, load_din_state_dict, shard_model
+    from din_fast.ctr.sharded.training import process_group
+
+    data, _ = tiny_data()
+    state = reference_din().state_dict()
+    bias = next(k for k, v in state.items() if k.endswith("bias") and v.dim() == 1 and len(v) > 1)
+    with process_group("cpu") as device:
+        sharded = shard_model(TorchRecDIN(data.num_items, data.num_categories, **SIZES), device,
+                              "row_wise")
+        for key in (bias, "item_embedding.weight"):
+            with pytest.raises(ValueError) as raised:
+                load_din_state_dict(sharded, dict(state, **{key: state[key][:1]}))
+            assert (f"`state[{key!r}]` has shape {list(state[key][:1].shape)}; the sharded "
+                    f"model needs {list(state[key].shape)}") in str(raised.value)
+        load_din_state_dict(sharded, state)            # the right shapes load
+
+
 def test_sharding_without_torchrec_says_how_to_install_it(tiny_csv, capsys, monkeypatch):
     for name in list(sys.modules):                           # as if not installed
         if name.partition(".")[0] == "torchrec":

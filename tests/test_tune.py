@@ -134,6 +134,8 @@ def test_tune_errors_are_one_line(data, tmp_path, capsys):
         error = capsys.readouterr().err.strip().splitlines()
         assert len(error) == 1 and error[0].startswith("din-fast: error:"), error
         assert expected in error[0], error
+    # --out is created by the first best trial: a refused tune leaves no directory.
+    assert not (tmp_path / "o").exists()
 
 
 def test_train_config_file_errors_are_one_line(tmp_path, capsys):

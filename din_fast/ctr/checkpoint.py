@@ -5,7 +5,8 @@ A checkpoint is a ``torch.save`` dict: ``format``, ``config`` (TrainConfig's
 fields), ``id_maps`` (the raw string ids in encoding order, as UTF-8 bytes and
 offsets, each item's category, the side features' values and the numeric
 ones' standardization, the rare items sharing the reserved row with their
-categories, and the ``fingerprint`` of it all) and the model's
+categories, a labeled log's rare categories and feature values, and the
+``fingerprint`` of it all) and the model's
 ``state_dict``. A run state file (:func:`resume_path`, written after every
 epoch) adds ``run``: what ``din-fast train --resume`` continues from. Saving
 goes through din_fast.ctr.files (a temporary file renamed into place: a reader,
@@ -33,12 +34,16 @@ from .data import IdMaps
 from .errors import CheckpointError, snippet
 from .files import open_replacing
 
-CHECKPOINT_FORMAT = "din_fast.checkpoint/5"
+CHECKPOINT_FORMAT = "din_fast.checkpoint/6"
 # Formats this version reads: 3 lacks what 4 added (labeled logs, side
 # features, run states, fingerprints), 4 what 5 added (the DIN protocol's
 # rare ids: the rare items in the id maps; the attention's and the MLP's
-# widths in the config), which it reads as their defaults.
-READABLE_FORMATS = ("din_fast.checkpoint/3", "din_fast.checkpoint/4", CHECKPOINT_FORMAT)
+# widths in the config), 5 what 6 added (a labeled log's rare ids: its rare
+# items, categories and feature values), which it reads as their defaults
+# (none listed). A version that reads 5 would take a file of 6 as altered
+# (the fingerprint covers the rare ids), hence the new number.
+READABLE_FORMATS = ("din_fast.checkpoint/3", "din_fast.checkpoint/4", "din_fast.checkpoint/5",
+                    CHECKPOINT_FORMAT)
 WRITTEN_BY = "a file written by din-fast train --checkpoint"
 ADDED_CONFIG_FIELDS = {"compile": None, "top_k": None, "search": "din", "label_column": None,
                        "features": (), "numeric_features": (), "feature_dim": None,
@@ -165,6 +170,11 @@ def _id_maps_state(id_maps: IdMaps) -> dict:
         state["rare_items"] = _strings_state(id_maps.rare_items)
         if id_maps.category_ids is not None:
             state["rare_item_category"] = torch.from_numpy(id_maps.rare_item_category)
+    if id_maps.rare_categories is not None:
+        state["rare_categories"] = _strings_state(id_maps.rare_categories)
+    if id_maps.rare_features:
+        state["rare_features"] = {name: _strings_state(values)
+                                  for name, values in id_maps.rare_features.items()}
     return state
 
 
@@ -174,7 +184,8 @@ def load_checkpoint(path) -> Checkpoint:
     The file is read whole with ``weights_only=True`` (no code runs), then
     the config, the id maps, every tensor's shape, dtype and values and the
     run state are checked against each other before the caller gets them.
-    Files of format 3 read as format 4 (what 4 added at its defaults).
+    Files of an older format read with what later formats added at its
+    defaults (READABLE_FORMATS).
 
     Args:
         path: a file ``din-fast train --checkpoint`` (or its run state)
@@ -325,9 +336,23 @@ def _checked_id_maps(state, where: str, config: TrainConfig) -> IdMaps:
                               "tensor [mean, standard deviation > 0]")
     rare_items, rare_item_category = _checked_rare_items(state, where, item_ids, category_ids,
                                                          unknown)
+    rare_categories = None
+    if state.get("rare_categories") is not None:
+        if category_ids is None:
+            raise CheckpointError(f"{where}: id_maps['rare_categories'] without "
+                                  "id_maps['category_ids']")
+        rare_categories = _checked_rare_ids(state["rare_categories"], "rare_categories",
+                                            category_ids, unknown, where)
+    rare_features = state.get("rare_features", {})
+    if not isinstance(rare_features, dict) or not set(rare_features) <= set(features):
+        raise CheckpointError(f"{where}: id_maps['rare_features'] must map some of the "
+                              f"config's features {list(config.features)} to their rare values")
+    rare_features = {name: _checked_rare_ids(rare_features[name], f"rare_features/{name}",
+                                             values, unknown, where)
+                     for name, values in features.items() if name in rare_features}
     id_maps = IdMaps(item_ids, category_ids, item_category, unknown, features,
                      {name: tuple(v.tolist()) for name, v in numeric.items()}, rare_items,
-                     rare_item_category)
+                     rare_item_category, rare_categories, rare_features)
     recorded = state.get("fingerprint")
     if recorded is not None and recorded != id_maps.fingerprint():
         raise CheckpointError(f"{where}: its id maps do not match the fingerprint recorded with "
@@ -345,10 +370,7 @@ def _checked_rare_items(state: dict, where: str, item_ids: pa.Array,
             raise CheckpointError(f"{where}: id_maps['rare_item_category'] without "
                                   "id_maps['rare_items']")
         return None, None
-    rare_items = _checked_strings(state["rare_items"], "rare_items", where)
-    if not unknown or pc.any(pc.is_in(rare_items, value_set=item_ids)).as_py():
-        raise CheckpointError(f"{where}: id_maps['rare_items'] must be items the maps do not "
-                              "hold, sharing their reserved row (id_maps['unknown'] True)")
+    rare_items = _checked_rare_ids(state["rare_items"], "rare_items", item_ids, unknown, where)
     if category_ids is None:
         return rare_items, None
     category = state.get("rare_item_category")
@@ -360,6 +382,17 @@ def _checked_rare_items(state: dict, where: str, item_ids: pa.Array,
                               f"holding one category in 1..{highest} for each of the "
                               f"{len(rare_items)} rare items")
     return rare_items, category.numpy()
+
+
+def _checked_rare_ids(state, name: str, own: pa.Array, unknown: bool, where: str) -> pa.Array:
+    """The rare ids id_maps[name] holds: strings (as _checked_strings) that
+    are not the map's ``own`` ids, sharing the reserved row (``unknown``)."""
+    rare = _checked_strings(state, name, where)
+    if not unknown or pc.any(pc.is_in(rare, value_set=own)).as_py():
+        raise CheckpointError(f"{where}: id_maps[{name!r}] must be ids the maps do not hold "
+                              "as their own, sharing their reserved row (id_maps['unknown'] "
+                              "True)")
+    return rare
 
 
 def _checked_state_dict(state, expected: dict, where: str, name: str = "state_dict") -> dict:

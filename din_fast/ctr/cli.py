@@ -178,7 +178,9 @@ def add_max_unknown_option(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--max-unknown", type=share, default=MAX_UNKNOWN,
                         help="refuse data whose rows hold ids the checkpoint has never seen "
                         "(items, categories, feature values) in more than this share of rows "
-                        "in any column: it was trained on other data")
+                        "in any column (of a labeled log, of the rows the checkpoint's time "
+                        "split puts in training: later rows may bring new ids): it was "
+                        "trained on other data")
 
 
 def build_parser(train_settings: Optional[dict] = None) -> argparse.ArgumentParser:

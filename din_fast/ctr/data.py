@@ -48,7 +48,9 @@ class IdMaps:
     feature to its values, ``numeric`` each numeric one to the (mean,
     standard deviation) that standardizes it. ``rare_items`` are the items
     of the training data that share the reserved row, with their
-    categories: the data the maps were built from, for telling other data
+    categories, and ``rare_categories`` and ``rare_features`` the rare
+    categories and side-feature values (a labeled log's): with the maps'
+    own ids, every id the training data held, for telling other data
     apart, and a cold item's category.
 
     Args:
@@ -71,6 +73,13 @@ class IdMaps:
         rare_item_category: [len(rare_items)] int64, their dense categories
             (the reserved one for a rare category); None without categories
             or rare items.
+        rare_categories: the training data's categories without a row of
+            their own, a sorted string array; None where not kept (the DIN
+            protocol, whose checks read items only, and maps without rare
+            ids).
+        rare_features: {categorical side feature: its training values
+            without a row of their own, a sorted string array}; empty where
+            not kept.
     """
 
     item_ids: pa.Array
@@ -81,6 +90,8 @@ class IdMaps:
     numeric: dict = field(default_factory=dict)
     rare_items: Optional[pa.Array] = None
     rare_item_category: Optional[np.ndarray] = None
+    rare_categories: Optional[pa.Array] = None
+    rare_features: dict = field(default_factory=dict)
 
     @property
     def num_items(self) -> int:
@@ -149,9 +160,7 @@ class IdMaps:
         Returns:
             [len(raw)] bool: True for the maps' own items and rare ones.
         """
-        listed = dense_ids(self.item_ids, raw) != 0
-        return listed if self.rare_items is None else listed | (dense_ids(self.rare_items,
-                                                                          raw) != 0)
+        return listed_in(self.item_ids, self.rare_items, raw)
 
     def fingerprint(self) -> str:
         """A SHA-256 of everything the maps hold: equal maps give equal
@@ -176,7 +185,26 @@ class IdMaps:
             if self.category_ids is not None:
                 add("rare item_category",
                     np.ascontiguousarray(self.rare_item_category, np.int64).tobytes())
+        if self.rare_categories is not None:    # absent before format 6: old fingerprints hold
+            add("rare categories", strings(self.rare_categories))
+        for name, values in self.rare_features.items():
+            add("rare feature " + name, strings(values))
         return digest.hexdigest()
+
+
+def listed_in(ids: pa.Array, rare: Optional[pa.Array], raw) -> np.ndarray:
+    """Whether each raw id is one of a map's own (``ids``) or rare ones.
+
+    Args:
+        ids: the map's own ids (a sorted string array).
+        rare: its rare ids, sharing the reserved row; None: none kept.
+        raw: a pyarrow string array (or DictionaryArray) of raw ids.
+
+    Returns:
+        [len(raw)] bool.
+    """
+    listed = dense_ids(ids, raw) != 0
+    return listed if rare is None else listed | (dense_ids(rare, raw) != 0)
 
 
 def dense_ids(ids: pa.Array, raw, missing: int = 0) -> np.ndarray:

@@ -318,9 +318,13 @@ def writing_id_maps(maps: IdMaps, path, inputs: list) -> Iterator[str]:
     listed take the reserved id ``len(ids) + 1`` of their table (a labeled
     log's model) or have none, ``features`` (each side feature's values in
     dense order, as the items), ``numeric`` (each numeric feature's ``mean``
-    and ``std``: the model takes ``(value - mean) / std``), ``fingerprint``
-    (the checkpoint's id maps') and ``inputs``, the model's inputs in call
-    order (:func:`input_layout`). din_fast.ctr.serving.Encoder reads it.
+    and ``std``: the model takes ``(value - mean) / std``), ``rare_items``
+    and ``rare_item_category`` (the items that share the reserved id, seen
+    too seldom in training, and the dense category each keeps, as ``din-fast
+    predict`` gives it; both null where the maps list none, the categories
+    without categories), ``fingerprint`` (the checkpoint's id maps') and
+    ``inputs``, the model's inputs in call order (:func:`input_layout`).
+    din_fast.ctr.serving.Encoder reads it.
 
     Args:
         maps: the checkpoint's id maps (din_fast.ctr.data.IdMaps).
@@ -346,6 +350,10 @@ def writing_id_maps(maps: IdMaps, path, inputs: list) -> Iterator[str]:
                                     for name, values in maps.features.items()},
                        "numeric": {name: {"mean": mean, "std": std}
                                    for name, (mean, std) in maps.numeric.items()},
+                       "rare_items": None if maps.rare_items is None
+                       else maps.rare_items.to_pylist(),
+                       "rare_item_category": None if maps.rare_item_category is None
+                       else maps.rare_item_category.tolist(),
                        "fingerprint": maps.fingerprint(), "inputs": inputs}, handle)
         yield ids_path
 

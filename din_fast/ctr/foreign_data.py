@@ -1,18 +1,28 @@
 """Refusing data a checkpoint was not trained for.
 
-A checkpoint's id maps say which ids it knows and each item's category (the
-rare items of its training data, which share the reserved row, among them).
-Data whose rows hold ids the maps do not know, beyond ``max_unknown`` of them
-(MAX_UNKNOWN, 10%, unless a command is told otherwise), in any column (items,
-categories, each side feature), or whose items known to the maps carry
-another category than the maps', beyond MAX_CONFLICTS (1%) of those items,
-is other data whose ids happen to overlap: ``evaluate`` and ``predict``
-refuse it with one line instead of scoring it. Within the tolerances, unknown
-ids are what they always are: the reserved id where the maps have one (a
-labeled log's, or the DIN protocol's with rare ids), else skipped or left
-out. Ids are compared as the strings they are, so data of another source
-with integer ids of the same range and no categories or features to
-contradict is beyond what this can tell.
+A checkpoint's id maps say which ids it knows and each item's category: the
+ids of its training data, the rare ones that share the reserved row among
+them (IdMaps' rare ids). Data whose rows hold ids the maps do not know,
+beyond ``max_unknown`` of them (MAX_UNKNOWN, 10%, unless a command is told
+otherwise), in any column (items, categories, each side feature), or whose
+items known to the maps carry another category than the maps', beyond
+MAX_CONFLICTS (1%) of those items, is other data whose ids happen to
+overlap: ``evaluate`` and ``predict`` refuse it with one line instead of
+scoring it. The checkpoint's own data is never refused.
+
+Of a labeled log, only the rows the checkpoint's time split puts in
+training (the earliest; all of a log too short to split) count for unknown
+ids: those are the rows its maps were built from, while the later ones
+legitimately bring new users, items and feature values (a time split's
+validation and test rows, or impressions logged after training, which
+predict takes as histories). Within the tolerances, unknown ids are what
+they always are: the reserved id where the maps have one (a labeled log's,
+or the DIN protocol's with rare ids), else skipped or left out. Ids are
+compared as the strings they are, so data of another source with integer
+ids of the same range and no categories or features to contradict is
+beyond what this can tell. Checkpoints of format 5 and older did not list a
+labeled log's rare ids (``--min-count`` above 1): those count as unknown
+there.
 """
 
 from __future__ import annotations
@@ -20,9 +30,10 @@ from __future__ import annotations
 import numpy as np
 import pyarrow as pa
 
-from .data import IdMaps, dense_ids
+from .data import IdMaps, dense_ids, listed_in
 from .errors import InputError, snippet
 from .labeled_loader import LabeledLog
+from .labeled_samples import LogSplit, training_rows
 from .loaders import Interactions
 
 MAX_UNKNOWN = 0.1
@@ -32,10 +43,21 @@ MAX_CONFLICTS = 0.01
 def check_behaviours(interactions: Interactions, id_maps: IdMaps, checkpoint: str,
                      max_unknown: float = MAX_UNKNOWN) -> None:
     """InputError when behaviours (the DIN protocol's data) contradict a
-    checkpoint's id maps (see the module's docstring)."""
+    checkpoint's id maps (see the module's docstring).
+
+    Args:
+        interactions: the data, from din_fast.ctr.loaders.
+        id_maps: the checkpoint's IdMaps.
+        checkpoint: the checkpoint's path, named in the message.
+        max_unknown: the largest share, in [0, 1], of behaviours holding
+            an item the maps do not know.
+
+    Raises:
+        din_fast.ctr.errors.InputError: the data contradicts the maps.
+    """
     where = f"{interactions.source} does not fit checkpoint {checkpoint}"
     items = interactions.items
-    _check_unknown(where, "item", items, id_maps.listed(items), max_unknown)
+    _check_unknown(where, "rows", "an item", items, id_maps.listed(items), max_unknown)
     if id_maps.category_ids is not None:
         category_of = dict(zip(interactions.category_items.to_pylist(),
                                interactions.category_values.to_pylist()))
@@ -45,51 +67,69 @@ def check_behaviours(interactions: Interactions, id_maps: IdMaps, checkpoint: st
         _check_conflicts(where, id_maps, distinct, data_categories)
 
 
-def check_log(log: LabeledLog, id_maps: IdMaps, checkpoint: str,
+def check_log(log: LabeledLog, id_maps: IdMaps, checkpoint: str, split: LogSplit,
               max_unknown: float = MAX_UNKNOWN) -> None:
     """InputError when a labeled log contradicts a checkpoint's id maps, or
-    lacks the category column its model reads (see the module's docstring)."""
+    lacks the category column its model reads (see the module's docstring).
+
+    Args:
+        log: the data.
+        id_maps: the checkpoint's IdMaps.
+        checkpoint: the checkpoint's path, named in the message.
+        split: the checkpoint's time split (din_fast.ctr.training.log_split
+            of its config): unknown ids count in the rows it puts in
+            training only.
+        max_unknown: the largest share, in [0, 1], of those rows holding an
+            id the maps do not know, in any column.
+
+    Raises:
+        din_fast.ctr.errors.InputError: the log contradicts the maps, or
+            has no category column where the model reads categories.
+    """
     where = f"{log.source} does not fit checkpoint {checkpoint}"
-    _check_unknown(where, "item", log.items, id_maps.listed(log.items), max_unknown)
-    if id_maps.category_ids is None:
-        return _check_features(where, log, id_maps, max_unknown)
-    if log.categories is None:
+    if id_maps.category_ids is not None and log.categories is None:
         raise InputError(f"{where}: the data has no category column; the checkpoint's model "
                          "reads each item's category")
-    _check_unknown(where, "category", log.categories,
-                   dense_ids(id_maps.category_ids, log.categories) != 0, max_unknown)
-    # One category per item in a log (the loader checks), so its first row tells.
-    codes = log.items.indices.to_numpy()
-    first_row = np.unique(codes, return_index=True)[1]
-    _check_conflicts(where, id_maps, log.items.take(pa.array(first_row)).cast(pa.string()),
-                     log.categories.take(pa.array(first_row)).cast(pa.string()))
-    _check_features(where, log, id_maps, max_unknown)
-
-
-def _check_features(where: str, log: LabeledLog, id_maps: IdMaps, max_unknown: float) -> None:
+    end = training_rows(log.timestamps, split)
+    rows = f"training rows (its first {end} of {len(log)}, by the checkpoint's time split)"
+    items = log.items[:end]
+    _check_unknown(where, rows, "an item", items, id_maps.listed(items), max_unknown)
+    if id_maps.category_ids is not None:
+        categories = log.categories[:end]
+        _check_unknown(where, rows, "a category", categories,
+                       listed_in(id_maps.category_ids, id_maps.rare_categories, categories),
+                       max_unknown)
+        # One category per item in a log (the loader checks), so its first row tells.
+        codes = log.items.indices.to_numpy()
+        first_row = pa.array(np.unique(codes, return_index=True)[1])
+        _check_conflicts(where, id_maps, log.items.take(first_row).cast(pa.string()),
+                         log.categories.take(first_row).cast(pa.string()))
     for name, values in id_maps.features.items():
-        column = log.features[name]
+        column = log.features[name][:end]
         flat = column.flatten()
-        unknown_value = dense_ids(values, flat) == 0
+        unknown_value = ~listed_in(values, id_maps.rare_features.get(name), flat)
         of_row = np.repeat(np.arange(len(column)), np.diff(column.offsets.to_numpy()))
         unknown_rows = np.zeros(len(column), dtype=bool)
         unknown_rows[of_row[unknown_value]] = True
         if unknown_rows.mean() > max_unknown:
             example = flat[int(np.flatnonzero(unknown_value)[0])].as_py()
-            _refuse(where, f"feature {name}", unknown_rows, example, max_unknown)
+            _refuse(where, rows, f"a value of feature {name}", unknown_rows, example,
+                    max_unknown)
 
 
-def _check_unknown(where: str, column: str, raw, known: np.ndarray, max_unknown: float) -> None:
-    """The rows whose ``column`` id is not in the maps (``known`` False), within the tolerance."""
+def _check_unknown(where: str, rows: str, what: str, raw, known: np.ndarray,
+                   max_unknown: float) -> None:
+    """The ``rows`` whose id (``what``) is not in the maps (``known``
+    False), within the tolerance."""
     unknown = ~known
     if unknown.mean() > max_unknown:
-        _refuse(where, column, unknown, raw[int(np.flatnonzero(unknown)[0])].as_py(),
+        _refuse(where, rows, what, unknown, raw[int(np.flatnonzero(unknown)[0])].as_py(),
                 max_unknown)
 
 
-def _refuse(where: str, column: str, unknown: np.ndarray, example, max_unknown: float):
-    raise InputError(f"{where}: {unknown.mean():.1%} of its rows ({int(unknown.sum())} of "
-                     f"{len(unknown)}) hold a {column} id the checkpoint has never seen (such as "
+def _refuse(where: str, rows: str, what: str, unknown: np.ndarray, example, max_unknown: float):
+    raise InputError(f"{where}: {unknown.mean():.1%} of its {rows} ({int(unknown.sum())} of "
+                     f"{len(unknown)}) hold {what} the checkpoint has never seen (such as "
                      f"{snippet(str(example))}), more than the {max_unknown:.0%} tolerated "
                      "(--max-unknown); the checkpoint was trained on other data")
 

@@ -148,8 +148,11 @@ def _read_csv(path: Path, header: list, wanted: list, delimiter: str, typed) -> 
         read_options=pacsv.ReadOptions(column_names=header, skip_rows=1,
                                        block_size=TABLE_BLOCK_BYTES),
         parse_options=pacsv.ParseOptions(delimiter=delimiter),
+        # Only a truly empty cell is missing: pyarrow's default null values
+        # (NA, null, N/A, NaN ...) would make a label "NA" an empty cell
+        # instead of the value it is.
         convert_options=pacsv.ConvertOptions(include_columns=wanted, column_types=types,
-                                             strings_can_be_null=False))
+                                             null_values=[""], strings_can_be_null=False))
 
 
 def _line_of_row(path: Path, row: Optional[int]) -> Optional[int]:

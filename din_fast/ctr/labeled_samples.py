@@ -10,9 +10,13 @@ back to the first row of its timestamp). Histories cross the boundaries: a
 test row's history holds the user's earlier clicks of every set, as serving
 would know them.
 
-The id maps hold what the training rows hold (ids seen at least
-``min_count`` times there); anything else, at validation, test, evaluate or
-predict time, maps to each table's reserved id (IdMaps.unknown).
+The id maps hold what the training rows hold: the ids seen at least
+``min_count`` times there have rows of their own, the rarer ones are listed
+as rare (they share the reserved row); anything else, at validation, test,
+evaluate or predict time, maps to each table's reserved id too
+(IdMaps.unknown). Listing the rare ids keeps every id of the training rows
+known to the maps, so that a checkpoint tells its own data from another's
+(din_fast.ctr.foreign_data).
 """
 
 from __future__ import annotations
@@ -54,7 +58,26 @@ class EncodedLog:
 
 def split_points(timestamps: np.ndarray, split: LogSplit, source: str) -> tuple[int, int]:
     """(first validation row, first test row) of rows in time order;
-    InputError when a set would be empty."""
+    InputError when no training row is left."""
+    validation_start, test_start = _boundaries(timestamps, split)
+    if validation_start == 0:
+        raise InputError(f"{source}: no training rows: the latest {split.test:g} of the "
+                         f"{len(timestamps)} rows (test) and the {split.validation:g} before "
+                         "them (validation) leave none earlier (rows of one timestamp stay in "
+                         "one set); give more rows or smaller --test-fraction/"
+                         "--validation-fraction")
+    return validation_start, test_start
+
+
+def training_rows(timestamps: np.ndarray, split: LogSplit) -> int:
+    """How many of the rows (in time order) ``split`` puts in training: the
+    rows an id map built by it holds; all of them where the split would
+    leave none (a log too short to split, as a few rows of behaviours given
+    to predict)."""
+    return _boundaries(timestamps, split)[0] or len(timestamps)
+
+
+def _boundaries(timestamps: np.ndarray, split: LogSplit) -> tuple[int, int]:
     n = len(timestamps)
 
     def start_before(end: int, share: float) -> int:
@@ -63,39 +86,43 @@ def split_points(timestamps: np.ndarray, split: LogSplit, source: str) -> tuple[
         return int(np.searchsorted(timestamps, timestamps[max(start, 0)], side="left")) \
             if start > 0 else 0
     test_start = start_before(n, split.test)
-    validation_start = start_before(test_start, split.validation)
-    if validation_start == 0:
-        raise InputError(f"{source}: no training rows: the latest {split.test:g} of the {n} "
-                         f"rows (test) and the {split.validation:g} before them (validation) "
-                         "leave none earlier (rows of one timestamp stay in one set); give more "
-                         "rows or smaller --test-fraction/--validation-fraction")
-    return validation_start, test_start
+    return start_before(test_start, split.validation), test_start
 
 
 def build_id_maps(log: LabeledLog, train_end: int, min_count: int = 1) -> IdMaps:
     """The id maps of the training rows (the first ``train_end``): ids seen
-    there at least ``min_count`` times, sorted; numeric features' mean and
-    standard deviation (1 where they do not vary) over those rows."""
-    items = _vocabulary(log.items[:train_end], min_count)
-    category_ids = item_category = None
+    there at least ``min_count`` times, sorted, and with ``min_count`` above
+    1 the rarer ones as the maps' rare ids (each rare item with its
+    category); numeric features' mean and standard deviation (1 where they
+    do not vary) over those rows."""
+    items, rare_items = _vocabulary(log.items[:train_end], min_count)
+    category_ids = item_category = rare_categories = rare_item_category = None
     if log.categories is not None:
-        category_ids = _vocabulary(log.categories[:train_end], min_count)
+        category_ids, rare_categories = _vocabulary(log.categories[:train_end], min_count)
         maps = IdMaps(items, category_ids, None, unknown=True)
         # Each item's category (one per item: the loader checks it) as a dense id.
         first_row = np.unique(log.items.indices.to_numpy(), return_index=True)[1]
         of_item = dict(zip(log.items.take(pa.array(first_row)).to_pylist(),
                            log.categories.take(pa.array(first_row)).to_pylist()))
-        item_category = np.concatenate([[0], maps.dense(
-            category_ids, pa.array([of_item[i] for i in items.to_pylist()], pa.string()))])
-    features = {name: _vocabulary(values[:train_end].flatten(), min_count)
-                for name, values in log.features.items()}
+        category_of = lambda ids: maps.dense(category_ids, pa.array(
+            [of_item[i] for i in ids.to_pylist()], pa.string()))
+        item_category = np.concatenate([[0], category_of(items)])
+        rare_item_category = None if rare_items is None else category_of(rare_items)
+    features, rare_features = {}, {}
+    for name, values in log.features.items():
+        features[name], rare = _vocabulary(values[:train_end].flatten(), min_count)
+        if rare is not None:
+            rare_features[name] = rare
     numeric = {name: (float(values[:train_end].mean()), float(values[:train_end].std() or 1.0))
                for name, values in log.numeric.items()}
-    return IdMaps(items, category_ids, item_category, True, features, numeric)
+    return IdMaps(items, category_ids, item_category, True, features, numeric, rare_items,
+                  rare_item_category, rare_categories, rare_features)
 
 
-def _vocabulary(values, min_count: int) -> pa.Array:
-    """The distinct strings of ``values`` seen at least ``min_count`` times, sorted."""
+def _vocabulary(values, min_count: int) -> tuple:
+    """(the distinct strings of ``values`` seen at least ``min_count``
+    times, the others), each sorted; the others None for ``min_count`` 1
+    (none: the maps of such a run are as before rare ids were kept)."""
     if isinstance(values, pa.DictionaryArray):
         counts = np.bincount(values.indices.to_numpy(), minlength=len(values.dictionary))
         distinct = values.dictionary
@@ -103,8 +130,11 @@ def _vocabulary(values, min_count: int) -> pa.Array:
         encoded = values.dictionary_encode()
         counts = np.bincount(encoded.indices.to_numpy(), minlength=len(encoded.dictionary))
         distinct = encoded.dictionary
-    kept = distinct.filter(pa.array(counts >= min_count))
-    return kept.take(pc.sort_indices(kept)).cast(pa.string())
+    sorted_strings = lambda kept: kept.take(pc.sort_indices(kept)).cast(pa.string())
+    frequent = counts >= min_count
+    rare = None if min_count <= 1 else sorted_strings(distinct.filter(pa.array(
+        ~frequent & (counts > 0))))
+    return sorted_strings(distinct.filter(pa.array(frequent))), rare
 
 
 def encode_log(log: LabeledLog, id_maps: IdMaps) -> EncodedLog:

@@ -27,6 +27,14 @@ item``), and keep their category where the checkpoint (a rare item's) or
 unknown to anything: an unknown candidate gets no score (``unknown item``)
 and unknown history items are skipped and counted. An unknown user gets no
 score for any of its candidates (``unknown user``).
+
+New impressions legitimately hold new ids, so the requests are never
+refused for them. ``--data`` is: behaviours or a labeled log the
+checkpoint was not trained on are refused (din_fast.ctr.foreign_data). A
+labeled log given as ``--data`` may be the training log or one that goes on
+after it: only its earliest rows, those the checkpoint's time split puts in
+training, must be known to the checkpoint; its later rows' new users, items
+and feature values take the reserved id.
 """
 
 from __future__ import annotations
@@ -54,7 +62,7 @@ from .labeled_samples import encode_log
 from .loaders import data_files, load_interactions, text_lines
 from .rare_ids import encode_for
 from .serving import Encoder
-from .training import checkpoint_for_run, log_columns
+from .training import checkpoint_for_run, log_columns, log_split
 
 # A batch holds requests x (most candidates of one of them) scores: at most this many.
 CANDIDATES_PER_BATCH = 1 << 16
@@ -264,7 +272,7 @@ def predict_file(checkpoint_path, requests_path, data_path=None, output=None,
     data, categories = None, ItemCategories(maps)
     if data_path is not None and config.label_column is not None:
         log = load_labeled_log(data_path, log_columns(config))
-        check_log(log, maps, checkpoint_path, max_unknown)
+        check_log(log, maps, checkpoint_path, log_split(config), max_unknown)
         data = encode_log(log, maps).data
         if log.categories is not None:      # one category per item: its first row's
             first_row = pa.array(np.unique(log.items.indices.to_numpy(), return_index=True)[1])

@@ -4,7 +4,9 @@
 ONNX model) and, beside it, ``<name>.ids.json``: the raw ids in dense order
 (``item_ids[i]`` is dense item ``i + 1``, 0 is the padding), and
 ``item_category``, the dense category of each dense item (``item_category[0]``
-is 0, the padding row). :class:`Encoder` turns raw requests (a history of raw
+is 0, the padding row), and the rare items (``rare_items``: seen too seldom
+in training for a row of their own, they share the reserved one) with their
+categories (``rare_item_category``). :class:`Encoder` turns raw requests (a history of raw
 item ids and the raw ids of the candidates to score) into the five tensors
 both formats take; :class:`OnnxModel` runs an ONNX model with ONNX Runtime,
 checking its inputs first.
@@ -23,7 +25,8 @@ scored as the padding item and marked ``known[b, c] = False`` (listed in
 (``unknown``) have a reserved id for what their training rows never held:
 unknown history items, candidates and side-feature values take it (and are
 counted and listed the same way), and such a candidate's logit is the
-model's score of an unseen item.
+model's score of an unseen item. A rare item takes the reserved id too, with
+its own category, as ``din-fast predict`` gives it.
 
 A model with side features takes them after the ids, in both formats, one
 ``[B, C, V]`` input per categorical feature and ``[B, C, N]`` numeric ones
@@ -122,19 +125,31 @@ class Encoder:
         features: {side feature: its raw values in dense order}.
         numeric: {numeric feature: (mean, standard deviation)}, which
             standardize it as in training.
+        rare_items: the raw items that share the reserved row (seen too
+            seldom in training for one of their own); None: none.
+        rare_item_category: the dense category of each of ``rare_items``
+            (None without categories).
 
     Raises:
         ValueError: an ``item_category`` of another length than
             ``len(item_ids) + 1``, not starting with 0, or holding a category
-            outside the maps'.
+            outside the maps'; rare items without ``unknown`` maps, or a
+            ``rare_item_category`` that does not give each of them a category
+            in the maps'.
     """
 
     def __init__(self, item_ids: Sequence, category_ids: Optional[Sequence],
                  item_category: Optional[Sequence[int]], unknown: bool = False,
-                 features: Optional[dict] = None, numeric: Optional[dict] = None):
+                 features: Optional[dict] = None, numeric: Optional[dict] = None,
+                 rare_items: Optional[Sequence] = None,
+                 rare_item_category: Optional[Sequence[int]] = None):
         self.item_dense = {str(raw): i + 1 for i, raw in enumerate(item_ids)}
         self.num_items = len(item_ids)
         self.unknown = bool(unknown)
+        if rare_items and not self.unknown:
+            raise ValueError("Encoder: `rare_items` share the reserved row, which only maps "
+                             "with `unknown` True have; got unknown=False")
+        self.rare_category = {}     # {raw rare item: its dense category}
         self.features = {name: {str(raw): i + 1 for i, raw in enumerate(values)}
                          for name, values in (features or {}).items()}
         self.numeric = {name: (float(mean), float(std))
@@ -158,6 +173,15 @@ class Encoder:
         if self.unknown:    # the reserved item's category: the reserved one
             self.item_category = torch.cat([self.item_category,
                                             torch.tensor([self.num_categories])])
+        rare_items = list(rare_items or [])
+        rare_item_category = list(rare_item_category or [])
+        if len(rare_item_category) != len(rare_items) or not all(
+                isinstance(c, int) and 1 <= c <= self.num_categories
+                for c in rare_item_category):
+            raise ValueError(f"Encoder: `rare_item_category` must hold one dense category in "
+                             f"[1, {self.num_categories}] for each of the {len(rare_items)} "
+                             f"rare items; got {len(rare_item_category)} entries")
+        self.rare_category = {str(raw): c for raw, c in zip(rare_items, rare_item_category)}
 
     @classmethod
     def from_id_maps(cls, id_maps) -> "Encoder":
@@ -167,11 +191,13 @@ class Encoder:
             id_maps: din_fast.ctr.data.IdMaps, ``load_checkpoint(path).id_maps``.
         """
         categories = id_maps.category_ids is not None
+        rare = id_maps.rare_items is not None and categories
         return cls(id_maps.item_ids.to_pylist(),
                    id_maps.category_ids.to_pylist() if categories else None,
                    id_maps.item_category.tolist() if categories else None, id_maps.unknown,
                    {name: values.to_pylist() for name, values in id_maps.features.items()},
-                   id_maps.numeric)
+                   id_maps.numeric, id_maps.rare_items.to_pylist() if rare else None,
+                   id_maps.rare_item_category.tolist() if rare else None)
 
     @classmethod
     def from_json(cls, path) -> "Encoder":
@@ -197,7 +223,8 @@ class Encoder:
         numeric = {name: (stats["mean"], stats["std"])
                    for name, stats in maps.get("numeric", {}).items()}
         return cls(maps["item_ids"], maps["category_ids"], maps["item_category"],
-                   maps.get("unknown", False), maps.get("features", {}), numeric)
+                   maps.get("unknown", False), maps.get("features", {}), numeric,
+                   maps.get("rare_items"), maps.get("rare_item_category"))
 
     def dense_item(self, raw) -> int:
         """A raw item's dense id: its own, else the reserved one (maps with
@@ -246,13 +273,17 @@ class Encoder:
                              f"the model's side features {list(self.features)}"
                              f"{list(self.numeric)}")
         unknown_history = 0
-        dense_histories = []
-        for row in histories:
+        dense_histories, rare_history = [], []
+        for b, row in enumerate(histories):
             dense = [self.dense_item(raw) for raw in row]
             known = [i for i in dense if 0 < i <= self.num_items]
             unknown_history += len(dense) - len(known)
             kept = dense if self.unknown else known
-            dense_histories.append(kept[-max_len:] if max_len else kept)
+            kept = kept[-max_len:] if max_len else kept
+            if self.rare_category:  # every item kept (the reserved id): row's last len(kept)
+                rare_history += [(b, t, raw) for t, raw in
+                                 enumerate(list(row)[len(row) - len(kept):])]
+            dense_histories.append(kept)
         length = max([1] + [len(row) for row in dense_histories])
         count = max(len(row) for row in candidates) if len(candidates) else 1
         history_items = torch.zeros(len(histories), length, dtype=torch.int64)
@@ -268,13 +299,28 @@ class Encoder:
                 if not known[b, c]:
                     unknown_candidates.append((b, raw))
         lengths = torch.tensor([len(row) for row in dense_histories], dtype=torch.int64)
-        category = (lambda ids: None) if self.item_category is None \
-            else (lambda ids: self.item_category[ids])
-        batch = EncodedBatch(history_items, category(history_items), lengths, target_items,
-                             category(target_items), known, unknown_history, unknown_candidates)
+        history_categories = target_categories = None
+        if self.item_category is not None:
+            history_categories = self.item_category[history_items]
+            target_categories = self.item_category[target_items]
+            if self.rare_category:
+                self._rare_categories(history_categories, rare_history)
+                self._rare_categories(target_categories, [
+                    (b, c, raw) for b, row in enumerate(candidates)
+                    for c, raw in enumerate(row)])
+        batch = EncodedBatch(history_items, history_categories, lengths, target_items,
+                             target_categories, known, unknown_history, unknown_candidates)
         if side:
             self._add_features(batch, features, [len(row) for row in candidates], count)
         return batch
+
+    def _rare_categories(self, categories: torch.Tensor, positions: list) -> None:
+        """Give each rare item among ``positions`` ((row, column, raw id) of
+        ``categories``) its own category in place of the reserved one."""
+        for b, t, raw in positions:
+            category = self.rare_category.get(str(raw))
+            if category is not None:
+                categories[b, t] = category
 
     def _add_features(self, batch: EncodedBatch, features: Sequence[dict], counts: list,
                       count: int) -> None:

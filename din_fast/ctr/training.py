@@ -3,6 +3,7 @@ protocol (negatives sampled) or on a labeled log (din_fast.ctr.labeled_samples).
 
 from __future__ import annotations
 
+import os
 import sys
 import time
 from dataclasses import asdict, replace
@@ -569,7 +570,9 @@ def check_training_outputs(config: TrainConfig, checkpoint=None, metrics_out=Non
     The run's state file (beside --checkpoint,
     :func:`din_fast.ctr.checkpoint.resume_path`) may be the --resume file it
     continues from: that one is read whole first and replaced after the
-    next epoch. ``log_dir`` is created where missing.
+    next epoch. A missing ``log_dir`` is checked to be one that can be
+    created, and is created by the first epoch's row (so that a command
+    refused now or later leaves nothing behind).
 
     Args:
         config: the run's settings (its ``data`` files are the inputs).
@@ -588,9 +591,13 @@ def check_training_outputs(config: TrainConfig, checkpoint=None, metrics_out=Non
     """
     last = resume_path(checkpoint) if checkpoint else None
     continued = resume is not None and last is not None and same_file(resume, last)
+    if log_dir:
+        EpochLog.check(log_dir)
+    # A directory still to be created holds no file yet to check.
+    epoch_csv = EpochLog.path_in(log_dir) if log_dir and os.path.isdir(log_dir) else None
     check_outputs({"--checkpoint": checkpoint, "--checkpoint's run state": last,
                    "--metrics-out": metrics_out, "--plot": plot,
-                   "--log-dir's metrics.csv": EpochLog.path_in(log_dir) if log_dir else None},
+                   "--log-dir's metrics.csv": epoch_csv},
                   {"--data": data_files(config.data),
                    "--resume": None if continued else resume})
 
@@ -1032,7 +1039,7 @@ def evaluate_checkpoint(path: str, data: Optional[str] = None, *, backend: str =
     maps = checkpoint.id_maps
     if config.label_column is not None:
         log = load_labeled_log(data, log_columns(config))
-        check_log(log, maps, path, max_unknown)
+        check_log(log, maps, path, log_split(config), max_unknown)
         encoded = encode_log(log, maps)
         encoded_data, test = encoded.data, split_log(encoded, log_split(config)).test
         check_both_labels(test, f"{log.source}: the test rows")

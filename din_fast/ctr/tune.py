@@ -119,8 +119,9 @@ def check_tune_paths(config: TrainConfig, study: str, out: str) -> None:
     parent = os.path.dirname(os.path.abspath(out))
     if not os.path.isdir(parent):
         raise InputError(f"--out {out}: directory {parent} does not exist")
-    os.makedirs(out, exist_ok=True)
-    best_config, checkpoint = output_paths(out)
+    # Created by the first best trial, so that a refused command leaves no
+    # directory behind; one still to be created holds no output to check.
+    best_config, checkpoint = output_paths(out) if os.path.isdir(out) else (None, None)
     check_outputs({"--study": study, f"--out's {CONFIG_NAME}": best_config,
                    f"--out's {CHECKPOINT_NAME}": checkpoint},
                   {"--data": data_files(config.data)})
@@ -224,6 +225,7 @@ def tune(config: TrainConfig, *, study: str, out: str, trials: int = DEFAULT_TRI
             deepcopy=False, states=(optuna.trial.TrialState.COMPLETE,))]
         best = not completed or value > max(completed)
         if best:
+            os.makedirs(out, exist_ok=True)
             save_checkpoint(best_checkpoint, model, run_data.id_maps, run,
                             option=f"--out's {CHECKPOINT_NAME}")
             write_config_file(best_config, run, f"--out's {CONFIG_NAME}")

@@ -363,17 +363,23 @@ def load_din_state_dict(sharded: DistributedModelParallel, state: dict) -> None:
 
     Raises:
         ValueError: ``state`` lacks a key of din_fast.DIN's state_dict or
-            has another.
-        RuntimeError: from ``copy_``, for a tensor whose shape does not fit
-            (one that broadcasts to the model's is not detected).
+            has another, or a tensor of another shape than the model's
+            (checked before anything is copied: ``copy_`` would broadcast
+            one of shape [1] or [1, D] silently).
     """
     own = sharded.state_dict()
-    expected = {TABLES[_table_of(k)][1] if isinstance(v, ShardedTensor) else k
+    # din_fast.DIN's name and whole shape of each tensor (a table's global one).
+    expected = {TABLES[_table_of(k)][1] if isinstance(v, ShardedTensor) else k: tuple(v.size())
                 for k, v in own.items()}
-    if expected != set(state):
+    if set(expected) != set(state):
         raise ValueError(f"load_din_state_dict: `state` must have the keys of din_fast.DIN's "
-                         f"state_dict; missing {sorted(expected - set(state))}, unexpected "
-                         f"{sorted(set(state) - expected)}")
+                         f"state_dict; missing {sorted(set(expected) - set(state))}, unexpected "
+                         f"{sorted(set(state) - set(expected))}")
+    for key, shape in expected.items():
+        if tuple(state[key].shape) != shape:
+            raise ValueError(f"load_din_state_dict: `state[{key!r}]` has shape "
+                             f"{list(state[key].shape)}; the sharded model needs {list(shape)} "
+                             "(a din_fast.DIN state_dict of the same sizes)")
     for key, value in own.items():
         if not isinstance(value, ShardedTensor):
             value.copy_(state[key])

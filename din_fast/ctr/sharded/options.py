@@ -69,14 +69,20 @@ def check_single_process_options(config, resume=None, log_dir=None) -> None:
         log_dir: the --log-dir directory, or None.
 
     Raises:
-        OptionError: any of them is given (naming the first).
+        OptionError: any of them is given (naming the first: its option,
+            the argument it is, its value and what sharded training needs).
     """
-    offered = [("--label-column", config.label_column), ("--linear", config.linear or None),
-               ("--resume", resume), ("--log-dir", log_dir)]
-    given = [option for option, value in offered if value is not None]
-    if given:
-        raise OptionError(f"sharded training runs the DIN protocol from the start, without "
-                          f"{given[0]}; train in one process (without --sharding or torchrun)")
+    offered = [("--label-column", "config.label_column", config.label_column, "labeled logs",
+                "None"),
+               ("--linear", "config.linear", config.linear or None, "the linear part", "False"),
+               ("--resume", "resume", resume, "run states", "None"),
+               ("--log-dir", "log_dir", log_dir, "a log directory", "None")]
+    for option, argument, value, what, needed in offered:
+        if value is not None:
+            raise OptionError(f"{option} {value!r} ({argument}): sharded training runs the DIN "
+                              f"protocol from the start, without {what}; it needs {argument} "
+                              f"{needed}: leave {option} out, or train in one process "
+                              "(without --sharding or torchrun)")
 
 
 def add_options(parser: argparse.ArgumentParser) -> None:

@@ -43,7 +43,7 @@ from ..training import (EVAL_BATCH_SIZE, Learner, TrainingInterrupted, check_dev
 from .model import (TorchRecDIN, batch_features, din_state_dict, plan_summary, shard_model,
                     smallest_key_per_value)
 from .options import (DEFAULT_EMBEDDING_LR, DEFAULT_EMBEDDING_OPTIMIZER, OptionError,
-                      check_options, under_torchrun)
+                      check_options, check_single_process_options, under_torchrun)
 
 
 # Samples per process in a training batch: an empty share would train on a
@@ -301,8 +301,8 @@ def train_sharded(config: TrainConfig, sharding: Optional[str] = None, *,
 
     Args:
         config: the run's settings (model "din", no ``top_k``, no
-            ``compile``; labeled logs and the linear part are refused by the
-            command, see din_fast.ctr.sharded.check_single_process_options).
+            ``compile``, no labeled log and no linear part: see
+            din_fast.ctr.sharded.check_single_process_options).
         sharding: one of SHARDING_TYPES, or None (TorchRec's planner
             chooses).
         embedding_optimizer: the tables' optimizer, one of
@@ -320,7 +320,8 @@ def train_sharded(config: TrainConfig, sharding: Optional[str] = None, *,
 
     Raises:
         OptionError: options sharded training cannot run (a model other
-            than din, ``top_k``, ``compile``, a bad embedding optimizer or
+            than din, ``top_k``, ``compile``, a labeled log
+            (``label_column``), the linear part, a bad embedding optimizer or
             learning rate, a batch smaller than the processes, too few
             training samples).
         din_fast.ctr.errors.InputError: an output path that cannot be used,
@@ -329,6 +330,7 @@ def train_sharded(config: TrainConfig, sharding: Optional[str] = None, *,
         din_fast.ctr.training.TrainingInterrupted: Ctrl-C.
     """
     check_options(config.model, embedding_optimizer, embedding_lr, config.device)
+    check_single_process_options(config)
     if config.top_k is not None:
         raise OptionError(f"--top-k {config.top_k}: sharded training runs exact DIN (its "
                           "attention reads the histories jagged, which the two-stage mode "
