@@ -42,7 +42,9 @@
 #
 # DeepCTR-Torch's layer is one of the peers. Where deepctr_torch is not
 # installed, the script installs the wheel found in benchmarks/wheels/
-# (fetch it with `pip download --no-deps deepctr-torch -d benchmarks/wheels/`);
+# (fetch it with `pip download --no-deps deepctr-torch -d benchmarks/wheels/`;
+# fetch `setuptools>=77` there too, which builds din_fast where the
+# interpreter's setuptools is older);
 # without it the log says DeepCTR-Torch is absent and the benchmarks leave
 # that peer out. The folder is ignored by git, so a runner that copies the
 # working tree to the GPU machine must be told to take it along. With this
@@ -108,12 +110,18 @@ RESULTS=${OUT:-benchmarks/results}
 mkdir -p "$RESULTS"
 # din_fast itself where it is not installed (a bare GPU machine), before
 # anything imports it (the benchmarks do): editable, offline; said in the log.
+# The build needs setuptools >= 77 (pyproject's SPDX license): the
+# interpreter's own where it has one, else a wheel of it carried in
+# benchmarks/wheels/ (offline, in pip's isolated build environment).
 installed=""
 if ! python3 -c "import din_fast.kernels" 2>/dev/null; then
     if installed=$(python3 -m pip install -q --no-deps --no-index --no-build-isolation -e . 2>&1); then
         installed="din_fast: installed from this checkout (pip install -e .) $installed"
+    elif installed=$(python3 -m pip install -q --no-deps --no-index \
+                     --find-links benchmarks/wheels -e . 2>&1); then
+        installed="din_fast: installed from this checkout (pip install -e ., setuptools from benchmarks/wheels/) $installed"
     else
-        installed="gpu_check.sh: installing din_fast failed: $installed"
+        installed="gpu_check.sh: installing din_fast failed (the interpreter's setuptools is older than 77 and benchmarks/wheels/ holds no setuptools wheel): ${installed: -2000}"
     fi
 fi
 # The file names' label, then the versions (one interpreter start for both).
