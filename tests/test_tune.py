@@ -91,13 +91,22 @@ def test_a_pruned_trial_stops_after_its_epoch(data, tmp_path, monkeypatch, capsy
 
 def test_a_labeled_log_is_tuned(tmp_path, capsys):
     log = write_labeled_log(tmp_path / "log.csv")
+    # The searched options given (no L2 among them) are the first trial's;
+    # with --linear the linear part's rate is searched too.
     assert main(["tune", "--data", str(log), "--label-column", "label", "--features",
                  "genres,hour", "--numeric-features", "price", "--model", "base",
+                 "--linear", "--linear-lr", "0.01", "--l2", "0", "--lr", "5e-5",
                  "--study", str(tmp_path / "s.db"), "--out", str(tmp_path / "out"),
-                 "--trials", "1", *TINY]) == 0
+                 "--trials", "2", *TINY]) == 0
     settings = json.loads((tmp_path / "out" / "best_config.json").read_text())
     assert settings["features"] == ["genres", "hour"] and settings["model"] == "base"
-    assert "attention-hidden" not in capsys.readouterr().out     # BaseModel has no attention
+    printed = capsys.readouterr().out
+    assert "attention-hidden" not in printed                     # BaseModel has no attention
+    assert "--l2 0 " in printed and "--linear-lr 0.01" in printed
+    first, second = trials_of(tmp_path / "s.db")
+    assert first.params == {"lr": 5e-5, "l2": 0.0, "embed_dim": 32, "mlp_hidden": "200,80",
+                            "mlp_activation": "dice", "min_count": 1, "linear_lr": 0.01}
+    assert set(second.params) == set(first.params)
 
 
 def bad_tunes(tmp_path, data) -> list:
@@ -113,7 +122,10 @@ def bad_tunes(tmp_path, data) -> list:
         (["--study", str(not_a_study), "--out", str(tmp_path / "o")],
          "not an Optuna study database"),
         (["--study", str(tmp_path / "s.db"), "--out", str(tmp_path / "o"), "--lr", "0.1"],
-         "unrecognized arguments: --lr"),          # searched, so not an option
+         "--lr 0.1: outside what tune searches; the first trial's lr must be from 3e-05 to "
+         "0.01"),
+        (["--study", str(tmp_path / "s.db"), "--out", str(tmp_path / "o"), "--l2", "0.5"],
+         "--l2 0.5: outside what tune searches; the first trial's l2 must be one of 0.0, "),
         (["--study", str(tmp_path / "s.db"), "--out", str(tmp_path / "o"), "--trials", "0"],
          "--trials: must be a positive integer"),
     ], common

@@ -36,7 +36,7 @@ from .onnx_export import OPSET as ONNX_OPSET, export_checkpoint_onnx
 from .plot import check_plot_path, plot_training
 from .predict import OUTPUT_FORMATS, describe, predict_file
 from .training import check_training_outputs, evaluate_checkpoint, train
-from .tune import DEFAULT_TRIALS, SEARCH_SPACE, tune
+from .tune import DEFAULT_TRIALS, tune
 
 USAGE_ERROR = 2
 INTERRUPTED = 130       # 128 + SIGINT, what a shell reports for Ctrl-C
@@ -398,9 +398,9 @@ def build_parser(train_settings: Optional[dict] = None) -> argparse.ArgumentPars
     return parser
 
 
-# Train's options a tune does not take: what it searches, and train's own
-# outputs and sharded training.
-NOT_TUNE_OPTIONS = {*SEARCH_SPACE, "help", "config", "checkpoint", "metrics_out", "resume",
+# Train's options a tune does not take: train's own outputs and sharded
+# training. What it searches it takes as the first trial's settings.
+NOT_TUNE_OPTIONS = {"help", "config", "checkpoint", "metrics_out", "resume",
                     "plot", "log_dir", "no_progress", "sharding", "embedding_optimizer",
                     "embedding_lr"}
 
@@ -416,10 +416,12 @@ def add_tune_command(commands, train_parser: argparse.ArgumentParser) -> None:
         "'din-fast[tune]') and write the best config and checkpoint",
         formatter_class=DefaultsHelpFormatter,
         description="Trials train with train's loop over learning rate, L2, embedding size, "
-        "the attention's and the MLP's widths, their activations and --min-count; a trial "
+        "the attention's and the MLP's widths, their activations, --min-count and, with "
+        "--linear, --linear-lr; a trial "
         "below the median of the earlier ones after its second epoch is stopped (pruned). "
         "The test split is never looked at. The other options are train's, fixed for every "
-        "trial; the first trial of a new study is train's defaults.")
+        "trial; the first trial of a new study takes the searched options given (train's "
+        "defaults where not given).")
     tune_parser.add_argument("--study", required=True,
                              help="the study's SQLite file: created where new, resumed where it "
                              "exists (the same command again continues a tune)")
@@ -528,7 +530,7 @@ def run_command(args) -> int:
         if args.metrics_out:
             write_json(args.metrics_out, metrics, "--metrics-out")
     elif args.command == "tune":
-        # The searched settings are not options: the defaults, the first trial's.
+        # The searched settings given (or train's defaults) are the first trial's.
         config = config_of({f.name: vars(args)[f.name] for f in fields(TrainConfig)
                             if f.name in vars(args)})
         result = tune(config, study=args.study, out=args.out, trials=args.trials,

@@ -8,7 +8,9 @@ second epoch is stopped there. The test split is never looked at (no trial
 scores it). The trials' settings come from Optuna's TPE sampler (seeded by
 ``--seed`` and the number of trials the study holds) over
 :data:`SEARCH_SPACE`; the first trial of a new study is the
-defaults, so a tune never ends worse on validation than ``din-fast train``.
+given settings (train's defaults where none is given; each inside the
+space), so a tune never ends worse on validation than ``din-fast train`` with
+them.
 
 The study lives in an SQLite file (``--study``): running the same command
 again resumes it, up to ``--trials`` completed or pruned trials in all; a study keeps the
@@ -45,18 +47,24 @@ CONFIG_NAME, CHECKPOINT_NAME = "best_config.json", "best.pt"
 DEFAULT_TRIALS = 20
 STUDY_NAME = "din-fast"
 # What the trials choose among: (kind, range or choices). Widths are strings
-# for Optuna's categorical distributions ("80,40").
+# for Optuna's categorical distributions ("80,40"). L2 is a choice so that
+# none (0) is one: with a linear part the penalty, holding a rare id's
+# weights near zero, can cost more than it saves (MovieLens' labeled log).
 SEARCH_SPACE = {
     "lr": ("log", (3e-5, 1e-2)),
-    "l2": ("log", (1e-4, 1.0)),
+    "l2": ("choice", (0.0, 1e-4, 1e-3, 1e-2, 0.1, 1.0)),
     "embed_dim": ("choice", (8, 16, 32, 64)),
     "attention_hidden": ("choice", ("40,20", "80,40", "128,64")),
     "mlp_hidden": ("choice", ("80,40", "200,80", "256,128")),
     "attention_activation": ("choice", ACTIVATIONS),
     "mlp_activation": ("choice", MLP_ACTIVATIONS),
     "min_count": ("choice", (1, 2, 3, 5, 10)),
+    # A weight per id, seen a few times an epoch, may need a rate far from
+    # the deep part's: searched apart.
+    "linear_lr": ("log", (1e-4, 1e-1)),
 }
 ATTENTION_SETTINGS = ("attention_hidden", "attention_activation")   # DIN's alone
+LINEAR_SETTINGS = ("linear_lr",)                                    # with --linear alone
 # The pruner: the median of the earlier trials at the same epoch, from the
 # second epoch on, once this many trials have finished.
 PRUNER_STARTUP_TRIALS, PRUNER_WARMUP_EPOCHS = 3, 1
@@ -72,15 +80,18 @@ def load_optuna():
     return optuna
 
 
-def searched(model: str) -> list:
-    """The settings a tune of ``model`` searches (the attention's for DIN only)."""
-    return [name for name in SEARCH_SPACE if model == "din" or name not in ATTENTION_SETTINGS]
+def searched(config: TrainConfig) -> list:
+    """The settings a tune of ``config`` searches (the attention's for DIN
+    only, the linear part's rate with a linear part only)."""
+    return [name for name in SEARCH_SPACE
+            if (config.model == "din" or name not in ATTENTION_SETTINGS)
+            and (config.linear or name not in LINEAR_SETTINGS)]
 
 
-def suggest(trial, model: str) -> dict:
+def suggest(trial, config: TrainConfig) -> dict:
     """The TrainConfig settings of an Optuna ``trial``."""
     settings = {}
-    for name in searched(model):
+    for name in searched(config):
         kind, values = SEARCH_SPACE[name]
         settings[name] = trial.suggest_float(name, *values, log=True) if kind == "log" \
             else trial.suggest_categorical(name, values)
@@ -88,17 +99,37 @@ def suggest(trial, model: str) -> dict:
             for name, value in settings.items()}
 
 
+def setting(config: TrainConfig, name: str):
+    """``config``'s setting ``name`` (the linear part's rate is lr's where not given)."""
+    value = getattr(config, name)
+    return config.lr if name == "linear_lr" and value is None else value
+
+
 def trial_params(config: TrainConfig) -> dict:
-    """Optuna's parameters of ``config``'s searched settings (the defaults' trial)."""
-    return {name: ",".join(map(str, getattr(config, name))) if name.endswith("_hidden")
-            else getattr(config, name) for name in searched(config.model)}
+    """Optuna's parameters of ``config``'s searched settings (the first trial's)."""
+    return {name: ",".join(map(str, setting(config, name))) if name.endswith("_hidden")
+            else setting(config, name) for name in searched(config)}
 
 
-def describe_settings(config: TrainConfig, model: str) -> str:
+def check_in_space(config: TrainConfig) -> None:
+    """InputError where a searched setting of ``config`` (the first trial's)
+    lies outside :data:`SEARCH_SPACE`."""
+    for name, value in trial_params(config).items():
+        kind, values = SEARCH_SPACE[name]
+        inside = values[0] <= value <= values[1] if kind == "log" else value in values
+        if not inside:
+            space = f"from {values[0]:g} to {values[1]:g}" if kind == "log" else \
+                "one of " + ", ".join(map(str, values))
+            raise InputError(f"--{name.replace('_', '-')} {value}: outside what tune "
+                             f"searches; the first trial's {name.replace('_', '-')} must be "
+                             f"{space}")
+
+
+def describe_settings(config: TrainConfig) -> str:
     """The searched settings as the options that give them."""
     text = []
-    for name in searched(model):
-        value = getattr(config, name)
+    for name in searched(config):
+        value = setting(config, name)
         value = ",".join(map(str, value)) if isinstance(value, tuple) else \
             f"{value:.3g}" if isinstance(value, float) else value
         text.append(f"--{name.replace('_', '-')} {value}")
@@ -177,6 +208,7 @@ def tune(config: TrainConfig, *, study: str, out: str, trials: int = DEFAULT_TRI
     optuna = load_optuna()
     optuna.logging.set_verbosity(optuna.logging.ERROR)     # the trials' lines are ours
     check_tune_paths(config, study, out)
+    check_in_space(config)
     check_device_and_backend(config)
     read = read_config_data(config)
     loaded = {}
@@ -194,14 +226,14 @@ def tune(config: TrainConfig, *, study: str, out: str, trials: int = DEFAULT_TRI
     finished = [t for t in the_study.trials if t.state in (optuna.trial.TrialState.COMPLETE,
                                                            optuna.trial.TrialState.PRUNED)]
     if not the_study.trials:
-        the_study.enqueue_trial(trial_params(config))   # the defaults first
+        the_study.enqueue_trial(trial_params(config))   # the given settings first
     remaining = max(trials - len(finished), 0)
     log(f"study {study}: {len(finished)} trial(s) finished, {remaining} to run"
         + ("" if time_budget is None else f" within {time_budget:g} s"))
     written = {}
 
     def objective(trial) -> float:
-        run = replace(config, **suggest(trial, config.model))
+        run = replace(config, **suggest(trial, config))
         run_data, run_splits = data_of(run.min_count)
         torch.manual_seed(run.seed)
         model = model_for(run, run_data.id_maps).to(run.device)
@@ -211,13 +243,13 @@ def tune(config: TrainConfig, *, study: str, out: str, trials: int = DEFAULT_TRI
             if trial.should_prune():
                 log(f"trial {trial.number}: pruned after epoch {state.epoch} (validation GAUC "
                     f"{state.epochs[-1]['validation_gauc']:.4f}): "
-                    f"{describe_settings(run, config.model)}")
+                    f"{describe_settings(run)}")
                 raise optuna.TrialPruned()
         try:
             result = fit(model, run_data, run_splits, run, progress=False,
                          log=lambda *_: None, on_epoch=on_epoch, test=False)
         except InputError as error:      # a recipe that diverged: the trial failed
-            log(f"trial {trial.number}: failed ({error}): {describe_settings(run, config.model)}")
+            log(f"trial {trial.number}: failed ({error}): {describe_settings(run)}")
             return math.nan
         value = result["validation_gauc"]
         trial.set_user_attr("config", json.loads(json.dumps(asdict(run))))
@@ -231,7 +263,7 @@ def tune(config: TrainConfig, *, study: str, out: str, trials: int = DEFAULT_TRI
             write_config_file(best_config, run, f"--out's {CONFIG_NAME}")
             written["trial"] = trial.number
         log(f"trial {trial.number}: validation GAUC {value:.4f} (epoch {result['best_epoch']} "
-            f"of {result['epochs_run']}): {describe_settings(run, config.model)}"
+            f"of {result['epochs_run']}): {describe_settings(run)}"
             + ("  best so far" if best else ""))
         return value
 
