@@ -14,7 +14,7 @@ from din_fast.ctr.checkpoint import load_checkpoint
 from din_fast.ctr.cli import main
 from din_fast.ctr.config import TrainConfig
 from din_fast.ctr.loaders import synthetic_interactions
-from din_fast.ctr.tune import STUDY_NAME, trial_params
+from din_fast.ctr.tune import STUDY_NAME, median_pruner, trial_params
 
 from cli_data import one_torch_thread, write_csv, write_labeled_log  # noqa: F401 (a fixture)
 
@@ -87,6 +87,21 @@ def test_a_pruned_trial_stops_after_its_epoch(data, tmp_path, monkeypatch, capsy
     pruned = trials_of(tmp_path / "s.db")[1]
     assert pruned.state == optuna.trial.TrialState.PRUNED and list(pruned.intermediate_values) \
         == [1]
+
+
+def test_the_pruner_spares_every_trials_first_epoch():
+    """Epochs count from 1: the median pruner stops a trial below the
+    earlier ones' median from its second epoch on, never after its first."""
+    study = optuna.create_study(direction="maximize", pruner=median_pruner(optuna))
+    for value in (0.7, 0.8, 0.9):                  # the startup trials, all above
+        trial = study.ask()
+        trial.report(value, 1), trial.report(value, 2)
+        study.tell(trial, value)
+    low = study.ask()
+    low.report(0.1, 1)
+    assert not low.should_prune()
+    low.report(0.1, 2)
+    assert low.should_prune()
 
 
 def test_a_labeled_log_is_tuned(tmp_path, capsys):
