@@ -521,3 +521,22 @@ def test_movielens_log_and_the_logistic_regressions_input(tmp_path):
     # 1 for the user, item and category each, 1 per feature (item 1's genres 1/2 each).
     assert (matrix.sum(1) == 3 + len(FEATURES)).all()
     assert sorted(set(matrix.ravel())) == [0, 0.5, 1]
+
+
+def test_movielens_recipe_file_is_a_tunes_best_config_less_what_the_benchmark_sets(tmp_path):
+    """benchmarks.movielens --din-config / --base-config: a best_config.json
+    of din-fast tune gives its recipe; the data, label, seed, epochs, model
+    and features stay the benchmark's."""
+    from benchmarks.movielens import NOT_RECIPE, recipe
+    from din_fast.ctr.config import TrainConfig, write_config_file
+
+    tuned = TrainConfig(data="elsewhere.csv", label_column="clicked", features=("a",),
+                        model="base", seed=7, epochs=2, lr=2e-4, l2=0.0, linear=True,
+                        linear_lr=3e-2, embed_dim=8, mlp_hidden=(80, 40), min_count=3)
+    path = tmp_path / "best_config.json"
+    write_config_file(str(path), tuned, "test")
+    settings = recipe(path)
+    assert not set(NOT_RECIPE) & set(settings)
+    assert (settings["lr"], settings["l2"], settings["linear_lr"], settings["embed_dim"],
+            settings["mlp_hidden"], settings["min_count"]) == (2e-4, 0.0, 3e-2, 8, (80, 40), 3)
+    assert TrainConfig(**settings).lr == 2e-4
