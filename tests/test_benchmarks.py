@@ -14,9 +14,10 @@ import sys
 
 import pytest
 import torch
-from cli_data import write_amazon
+from cli_data import one_torch_thread, write_amazon  # noqa: F401 (a fixture)
 
-from benchmarks import bench_serving, harness, sanitizer_workload, two_stage_quality
+from benchmarks import (bench_serving, default_recipe, harness, sanitizer_workload,
+                        two_stage_quality)
 from benchmarks.bench_gpu import GPU_SIZES
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -540,3 +541,45 @@ def test_movielens_recipe_file_is_a_tunes_best_config_less_what_the_benchmark_se
     assert (settings["lr"], settings["l2"], settings["linear_lr"], settings["embed_dim"],
             settings["mlp_hidden"], settings["min_count"]) == (2e-4, 0.0, 3e-2, 8, (80, 40), 3)
     assert TrainConfig(**settings).lr == 2e-4
+
+def test_default_recipe_selects_on_validation_and_tests_with_train(tmp_path, capsys,
+                                                                   one_torch_thread):
+    """benchmarks.default_recipe on a tiny Amazon set and its cold-start
+    subsample: --select runs every (candidate, model) without test metrics
+    and ranks the candidates by their worst dataset; without it, train's
+    test metrics and the per-dataset verdict."""
+    lines = [" ".join(str(v) for v in [user] + [10 + (user * 7 + t) % 30 for t in range(4 + user % 7)])
+             for user in range(1, 61)]
+    (tmp_path / "data").mkdir()
+    write_amazon(tmp_path / "data" / "tiny", "Tiny", lines,
+                 {str(item): [item % 4] for item in range(10, 40)})
+    out = tmp_path / "recipe.csv"
+    common = ["--data-dir", str(tmp_path / "data"), "--datasets", "tiny", "--cold-from", "tiny",
+              "--cold-users", "30", "--epochs", "1", "--out", str(out)]
+    assert default_recipe.main(common + ["--select", "--candidates", "default",
+                                         "min-count 2"]) == 0
+    printed = capsys.readouterr().out
+    assert "skipped movielens" in printed
+    rows = harness.read_csv(str(out))
+    runs = [r for r in rows if r["model"]]
+    assert sorted((r["dataset"], r["candidate"], r["model"]) for r in runs) == sorted(
+        (d, c, m) for d in ("tiny", "cold-start") for c in ("default", "min-count 2")
+        for m in ("din", "base"))
+    assert all(r["test_auc"] == "" and 0 <= r["validation_gauc"] <= 1 for r in runs)
+    table = [r for r in rows if not r["model"]]
+    assert len(table) == 4 and all(r["seeds"] == 1 for r in table)
+    ranked = default_recipe.ranking(default_recipe.summary(runs, "validation"))
+    assert [r[1] for r in ranked] == sorted((r[1] for r in ranked), reverse=True)
+    for candidate, worst, mean, where, _ in ranked:
+        mine = {r["dataset"]: r["relaimpr_gauc_mean"] for r in table if r["candidate"] == candidate}
+        assert worst == min(mine.values()) == mine[where]
+        assert mean == pytest.approx(sum(mine.values()) / 2)
+    assert f"| 1 | {ranked[0][0]} | {100 * ranked[0][1]:+.2f}% |" in printed
+    assert default_recipe.main(common + ["--only", "tiny", "--candidates", "default",
+                                         "--seeds", "0", "1"]) == 0
+    runs = [r for r in harness.read_csv(str(out)) if r["model"]]
+    assert len(runs) == 4 and all(0 <= r["test_gauc"] <= 1 for r in runs)
+    (summary,) = default_recipe.summary(runs, "test")
+    assert summary["seeds"] == 2 and summary["din_wins_every_seed"] == all(
+        din["test_gauc"] > base["test_gauc"] for din, base in zip(runs[0::2], runs[1::2]))
+    assert default_recipe.relaimpr(0.8, 0.75) == pytest.approx(0.2)
