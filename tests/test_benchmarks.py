@@ -570,10 +570,12 @@ def test_default_recipe_selects_on_validation_and_tests_with_train(tmp_path, cap
     assert len(table) == 4 and all(r["seeds"] == 1 for r in table)
     ranked = default_recipe.ranking(default_recipe.summary(runs, "validation"))
     assert [r[1] for r in ranked] == sorted((r[1] for r in ranked), reverse=True)
-    for candidate, worst, mean, where, _ in ranked:
+    for candidate, worst, mean, where, _, din in ranked:
         mine = {r["dataset"]: r["relaimpr_gauc_mean"] for r in table if r["candidate"] == candidate}
         assert worst == min(mine.values()) == mine[where]
         assert mean == pytest.approx(sum(mine.values()) / 2)
+        assert din == pytest.approx(sum(r["din_gauc_mean"] for r in table
+                                        if r["candidate"] == candidate) / 2)
     assert f"| 1 | {ranked[0][0]} | {100 * ranked[0][1]:+.2f}% |" in printed
     assert default_recipe.main(common + ["--only", "tiny", "--candidates", "default",
                                          "--seeds", "0", "1"]) == 0

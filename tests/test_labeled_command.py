@@ -138,7 +138,7 @@ def test_resume_refuses_another_run(log, trained, tmp_path, capsys):
     common = ["train", "--data", str(log), *LABELED, "--linear", "--epochs", "3"]
     cases = [([*common, "--resume", str(checkpoint)], "holds no run state"),
              ([*common, "--lr", "0.01", "--resume", str(run_state)],
-              "started with --lr 0.001, this command gives --lr 0.01"),
+              "started with --lr 0.0003, this command gives --lr 0.01"),
              ([*common[:-3], "--epochs", "3", "--resume", str(run_state)], "--linear"),
              ([*common, "--min-count", "1", "--test-fraction", "0.2", "--resume",
                str(run_state)], "--test-fraction")]

@@ -25,7 +25,8 @@ import torch
 from din_fast.problem import ACTIVATIONS, BACKENDS
 from din_fast.search import SEARCHES
 from . import sharded
-from .config import COMPILE_BACKENDS, TrainConfig, read_config_file
+from .config import (COMPILE_BACKENDS, DIN_PROTOCOL_LR, LABELED_LOG_LR, TrainConfig,
+                     read_config_file)
 from .errors import InputError
 from .export import export_checkpoint
 from .files import check_outputs, write_json
@@ -225,8 +226,10 @@ def build_parser(train_settings: Optional[dict] = None) -> argparse.ArgumentPars
                               help="stop after this many epochs without a validation GAUC gain")
     train_parser.add_argument("--batch-size", type=positive_int, default=defaults.batch_size,
                               help="training samples per step")
-    train_parser.add_argument("--lr", type=positive_float, default=defaults.lr,
-                              help="Adam's learning rate")
+    train_parser.add_argument("--lr", type=positive_float, default=argparse.SUPPRESS,
+                              help=f"Adam's learning rate; default {DIN_PROTOCOL_LR} by the "
+                              f"DIN protocol, {LABELED_LOG_LR} with --label-column (measured "
+                              "across datasets: the training guide, Checked across datasets)")
     train_parser.add_argument("--lr-decay", type=fraction, default=defaults.lr_decay,
                               help="multiply the learning rate by this after every epoch")
     train_parser.add_argument("--l2", type=non_negative_float, default=argparse.SUPPRESS,
