@@ -124,3 +124,24 @@ def test_train_python_api_runs_the_same_protocol(tmp_path):
     result = train(TrainConfig(data=str(data), epochs=1, batch_size=64, embed_dim=4, l2=0.01,
                                lr_decay=0.9), progress=False, log=lambda *_: None)
     assert result["config"]["l2"] == 0.01 and result["best_epoch"] == 1
+
+
+def test_default_learning_rate_depends_on_the_mode(tmp_path):
+    """lr left out is 1e-3 by the DIN protocol and 3e-4 on a labeled log
+    (each chosen across datasets); given, in Python, a --config file or on
+    the command line, it is kept in either mode."""
+    from din_fast.ctr.cli import build_parser
+    from din_fast.ctr.config import (DIN_PROTOCOL_LR, LABELED_LOG_LR, read_config_file,
+                                     write_config_file)
+
+    assert (DIN_PROTOCOL_LR, LABELED_LOG_LR) == (1e-3, 3e-4)
+    assert TrainConfig().lr == DIN_PROTOCOL_LR
+    assert TrainConfig(label_column="label").lr == LABELED_LOG_LR
+    assert TrainConfig(label_column="label", lr=1e-2).lr == 1e-2
+    parse = lambda argv, settings=None: build_parser(settings).parse_args(["train", *argv])
+    assert "lr" not in vars(parse(["--label-column", "label"]))   # TrainConfig decides
+    assert parse(["--lr", "0.02"]).lr == 0.02
+    write_config_file(tmp_path / "c.json", TrainConfig(label_column="label"), "--config")
+    settings = read_config_file(tmp_path / "c.json")
+    assert settings["lr"] == LABELED_LOG_LR
+    assert parse(["--label-column", "label"], settings).lr == LABELED_LOG_LR
