@@ -132,6 +132,25 @@ def test_resume_gives_the_uninterrupted_run(log, tmp_path, monkeypatch):
     assert lines[0].startswith("epoch,train_loss,validation_auc") and len(lines) == 4
 
 
+def test_a_run_state_of_the_previous_format_resumes(log, tmp_path):
+    """A labeled run with rare ids, interrupted under format 5 (whose maps
+    listed no rare ids of a log, and whose fingerprint covered none),
+    resumes on this version's maps, which list them."""
+    common = ["train", "--data", str(log), *LABELED, "--min-count", "15", "--epochs", "2",
+              "--checkpoint", str(tmp_path / "m.pt")]
+    assert main([*common[:-4], "--epochs", "1", *common[-2:]]) == 0
+    run_state = tmp_path / "m.run.pt"
+    maps = load_checkpoint(run_state).id_maps
+    assert len(maps.rare_items) > 0
+    state = torch.load(run_state, weights_only=True)
+    older = {k: v for k, v in state["id_maps"].items() if not k.startswith("rare_")}
+    older["fingerprint"] = replace(maps, rare_items=None, rare_item_category=None,
+                                   rare_categories=None, rare_features={}).fingerprint()
+    torch.save(dict(state, format="din_fast.checkpoint/5", id_maps=older), run_state)
+    assert main([*common, "--resume", str(run_state)]) == 0
+    assert load_checkpoint(run_state).run.epoch == 2
+
+
 def test_resume_refuses_another_run(log, trained, tmp_path, capsys):
     checkpoint, _ = trained
     run_state = checkpoint.with_name("din.run.pt")

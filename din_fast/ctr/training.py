@@ -18,8 +18,8 @@ from tqdm import tqdm
 from .checkpoint import (RunState, load_checkpoint, restored_model, resume_path,
                          save_checkpoint, save_run_state)
 from .config import TrainConfig, build_model, model_for
-from .data import (BATCH_STREAM, EncodedData, Samples, SampleSplits, build_samples, encode,
-                   iterate_batches, known_test_samples, training_behaviours)
+from .data import (BATCH_STREAM, EncodedData, IdMaps, Samples, SampleSplits, build_samples,
+                   encode, iterate_batches, known_test_samples, training_behaviours)
 from .errors import CheckpointError, InputError
 from .files import check_outputs, same_file, write_json
 from .foreign_data import MAX_UNKNOWN, check_behaviours, check_log
@@ -740,10 +740,24 @@ def check_resumed_data(path: str, checkpoint, data: EncodedData) -> None:
         din_fast.ctr.errors.InputError: the data gives other id maps.
     """
     saved, given = checkpoint.id_maps.fingerprint(), data.id_maps.fingerprint()
-    if saved != given:
+    if saved != given and saved != as_listed_by(checkpoint.id_maps, data.id_maps).fingerprint():
         raise InputError(f"--resume {path}: the data gives other id maps than the run's "
                          f"(fingerprint {given[:12]} against {saved[:12]}); resume with the "
                          "data the run started with")
+
+
+def as_listed_by(saved: IdMaps, given: IdMaps) -> IdMaps:
+    """``given`` without the rare ids that ``saved`` does not list: a run
+    state of format 5 kept no rare ids of a labeled log (its fingerprint
+    covers none), and its run resumes on maps that list them. The ids with
+    rows of their own, which the model's tables index, are compared whole."""
+    return replace(
+        given,
+        rare_items=None if saved.rare_items is None else given.rare_items,
+        rare_item_category=None if saved.rare_items is None else given.rare_item_category,
+        rare_categories=None if saved.rare_categories is None else given.rare_categories,
+        rare_features={name: values for name, values in given.rare_features.items()
+                       if name in saved.rare_features})
 
 
 def describe_data(data: EncodedData, splits: SampleSplits) -> str:
