@@ -750,7 +750,17 @@ def as_listed_by(saved: IdMaps, given: IdMaps) -> IdMaps:
     """``given`` without the rare ids that ``saved`` does not list: a run
     state of format 5 kept no rare ids of a labeled log (its fingerprint
     covers none), and its run resumes on maps that list them. The ids with
-    rows of their own, which the model's tables index, are compared whole."""
+    rows of their own, which the model's tables index, are compared whole.
+
+    Args:
+        saved: the IdMaps of the run state a run resumes from.
+        given: the IdMaps of the data the resumed run loaded.
+
+    Returns:
+        ``given``'s IdMaps with ``rare_items`` (and their categories),
+        ``rare_categories`` and each feature's rare values dropped where
+        ``saved`` has none of them.
+    """
     return replace(
         given,
         rare_items=None if saved.rare_items is None else given.rare_items,
