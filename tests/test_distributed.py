@@ -74,6 +74,10 @@ def _worker(rank, port, result_dir):
             torch.save(ddp.module.state_dict(), f"{result_dir}/ddp.pt")
             torch.save(gathered, f"{result_dir}/fsdp.pt")
             torch.save(dice.module.state_dict(), f"{result_dir}/ddp-dice.pt")
+        # Both ranks tear down together: a rank that destroyed its group
+        # while the other still held the connection was once aborted by
+        # gloo ("terminate called without an active exception", SIGABRT).
+        dist.barrier()
     finally:
         dist.destroy_process_group()
 

@@ -140,6 +140,7 @@ def worker(rank, store, out):
         if rank == 0:
             torch.save({"state": state, "plan": plan_summary(sharded), "buffers": buffers},
                        f"{out}/train-dice.pt")
+        dist.barrier()    # tear down together (test_distributed's _worker says why)
     finally:
         dist.destroy_process_group()
 
