@@ -145,6 +145,9 @@ def refused_cases(tmp: Path, trained) -> dict:
     case("train_log_dir_under_a_file", lambda d, data, c, r: [
         *TRAIN, "--data", str(data), "--log-dir", str(c / "logs")],
         "--log-dir", "cannot be created as a directory", "is a file")
+    case("train_log_dir_unwritable", lambda d, data, c, r: [
+        *TRAIN, "--data", str(data), "--log-dir", str(unwritable_directory(d) / "logs")],
+        "--log-dir", "cannot be created", "not writable")
     return cases
 
 
@@ -161,7 +164,12 @@ SUBPROCESS_CASES = ("predict_output_is_data", "predict_output_is_requests",
                     "train_log_dir_then_checkpoint_trailing_slash")
 IN_PROCESS_CASES = ("train_checkpoint_is_a_file_of_the_data_directory",
                     "export_out_is_checkpoint", "export_id_maps_are_checkpoint",
-                    "train_log_dir_then_missing_data", "train_log_dir_under_a_file")
+                    "train_log_dir_then_missing_data", "train_log_dir_under_a_file",
+                    "train_log_dir_unwritable")
+
+
+def test_every_refused_case_is_run(cases):
+    assert set(cases) == {*SUBPROCESS_CASES, *IN_PROCESS_CASES}
 
 
 def disk_full_case(tmp: Path, trained) -> tuple:

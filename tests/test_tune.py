@@ -16,7 +16,7 @@ from din_fast.ctr.config import TrainConfig
 from din_fast.ctr.loaders import synthetic_interactions
 from din_fast.ctr.tune import STUDY_NAME, median_pruner, trial_params
 
-from cli_data import one_torch_thread, write_csv, write_labeled_log  # noqa: F401 (a fixture)
+from cli_data import one_torch_thread, unwritable_directory, write_csv, write_labeled_log  # noqa: F401 (a fixture)
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 TINY = ["--epochs", "1", "--batch-size", "64", "--threads", "1"]
@@ -37,7 +37,7 @@ def test_tune_writes_what_train_takes_and_resumes(data, tmp_path, monkeypatch, c
     evaluate = training.evaluate
     monkeypatch.setattr(training, "evaluate",
                         lambda *args: scored.append(args[-1]) or evaluate(*args))
-    study, out = tmp_path / "study.db", tmp_path / "out"
+    study, out = tmp_path / "study.db", tmp_path / "runs" / "out"  # parents created too
     command = ["tune", "--data", str(data), "--study", str(study), "--out", str(out), *TINY]
     assert main([*command, "--trials", "2"]) == 0
     assert set(scored) == {"validation"}            # the test split is never looked at
@@ -132,8 +132,10 @@ def bad_tunes(tmp_path, data) -> list:
     return [
         (["--study", str(data), "--out", str(tmp_path / "o")], "an input of this command"),
         (["--study", str(tmp_path / "s.db"), "--out", str(tmp_path / "file")], "is a file"),
-        (["--study", str(tmp_path / "s.db"), "--out", str(tmp_path / "no" / "o")],
-         "does not exist"),
+        (["--study", str(tmp_path / "s.db"), "--out", str(tmp_path / "file" / "o")],
+         "cannot be created as a directory"),
+        (["--study", str(tmp_path / "s.db"), "--out",
+          str(unwritable_directory(tmp_path) / "new" / "o")], "not writable"),
         (["--study", str(not_a_study), "--out", str(tmp_path / "o")],
          "not an Optuna study database"),
         (["--study", str(tmp_path / "s.db"), "--out", str(tmp_path / "o"), "--lr", "0.1"],

@@ -97,13 +97,45 @@ def check_output(option: str, path) -> None:
     directory = os.path.dirname(os.path.realpath(text))
     if not os.path.isdir(directory):
         raise OutputError(f"{option} {text}: directory {directory} does not exist")
+    refused = _why_no_new_file(directory)
+    if refused:
+        raise OutputError(f"{option} {text}: directory {directory} is not writable ({refused})")
+
+
+def check_output_directory(option: str, path) -> None:
+    """OutputError unless ``path`` is a directory that takes new files, or can
+    be created as one: its nearest existing ancestor is a directory that takes
+    new entries. Nothing is created (the command creates it with its first
+    file, so that a refused command leaves nothing behind); the files it will
+    hold are checked with :func:`check_outputs` where it exists."""
+    text = os.fspath(path)
+    if not text:
+        raise OutputError(f"{option}: an empty path; expected a directory path")
+    wanted = os.path.abspath(text)
+    ancestor = wanted
+    while not os.path.exists(ancestor) and ancestor != os.path.dirname(ancestor):
+        ancestor = os.path.dirname(ancestor)
+    if not os.path.isdir(ancestor):
+        where = "it is a file" if ancestor == wanted else f"{ancestor} is a file"
+        raise OutputError(f"{option} {text}: cannot be created as a directory ({where}); "
+                          "give a directory path")
+    refused = _why_no_new_file(ancestor)
+    if refused:
+        what = "is" if ancestor == wanted else f"cannot be created: {ancestor} is"
+        raise OutputError(f"{option} {text}: {what} not writable ({refused})")
+
+
+def _why_no_new_file(directory: str) -> Optional[str]:
+    """None if a file can be created in ``directory``, else why not. Tried
+    with a probe file, removed: permission bits alone miss read-only
+    filesystems and root's bypass of them."""
     try:
         handle, probe = tempfile.mkstemp(dir=directory, prefix=".din-fast-probe.")
     except OSError as error:
-        raise OutputError(f"{option} {text}: directory {directory} is not writable "
-                          f"({error.strerror})") from None
+        return error.strerror
     os.close(handle)
     os.remove(probe)
+    return None
 
 
 def _names_a_descriptor(text: str) -> bool:

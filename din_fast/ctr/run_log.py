@@ -5,14 +5,14 @@ rewritten whole after every epoch through din_fast.ctr.files, so a reader (a
 spreadsheet, pandas, gnuplot, ``tail``) never sees half a row; a resumed run
 writes every epoch since the first. The directory is created when missing, by
 the first write: a command refused before an epoch ended leaves nothing
-behind (:meth:`EpochLog.check` tells beforehand that it can be created).
+behind (din_fast.ctr.files.check_output_directory tells beforehand that it
+can be).
 """
 
 from __future__ import annotations
 
 import csv
 import os
-import tempfile
 from pathlib import Path
 
 from .errors import OutputError
@@ -35,32 +35,6 @@ class EpochLog:
     def path_in(directory) -> str:
         """The CSV's path in ``directory`` (nothing is created)."""
         return str(Path(directory) / FILE_NAME)
-
-    @staticmethod
-    def check(directory) -> None:
-        """OutputError unless ``directory`` is one, or can be created (its
-        nearest existing ancestor is a directory that takes new entries);
-        nothing is left behind.
-
-        Args:
-            directory: the --log-dir path.
-        """
-        path = Path(os.path.abspath(directory))
-        ancestor = path
-        while not ancestor.exists() and ancestor != ancestor.parent:
-            ancestor = ancestor.parent
-        if not ancestor.is_dir():
-            raise OutputError(f"--log-dir {directory}: cannot be created as a directory "
-                              f"({ancestor} is a file, not a directory); give a directory path")
-        if ancestor == path:
-            return      # its metrics.csv is checked as every output file is
-        try:
-            handle, probe = tempfile.mkstemp(dir=ancestor, prefix=".din-fast-probe.")
-        except OSError as error:
-            raise OutputError(f"--log-dir {directory}: cannot be created as a directory "
-                              f"({ancestor} is not writable: {error.strerror})") from None
-        os.close(handle)
-        os.remove(probe)
 
     def write(self, epochs: list) -> None:
         """The records of the finished epochs (fit_learner's), one row each."""

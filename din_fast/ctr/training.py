@@ -21,7 +21,7 @@ from .config import TrainConfig, build_model, model_for
 from .data import (BATCH_STREAM, EncodedData, IdMaps, Samples, SampleSplits, build_samples,
                    encode, iterate_batches, known_test_samples, training_behaviours)
 from .errors import CheckpointError, InputError
-from .files import check_outputs, same_file, write_json
+from .files import check_output_directory, check_outputs, same_file, write_json
 from .foreign_data import MAX_UNKNOWN, check_behaviours, check_log
 from .labeled_loader import LogColumns, load_labeled_log
 from .labeled_samples import LogSplit, encode_log, labeled_samples, split_log
@@ -592,7 +592,7 @@ def check_training_outputs(config: TrainConfig, checkpoint=None, metrics_out=Non
     last = resume_path(checkpoint) if checkpoint else None
     continued = resume is not None and last is not None and same_file(resume, last)
     if log_dir:
-        EpochLog.check(log_dir)
+        check_output_directory("--log-dir", log_dir)
     # A directory still to be created holds no file yet to check.
     epoch_csv = EpochLog.path_in(log_dir) if log_dir and os.path.isdir(log_dir) else None
     check_outputs({"--checkpoint": checkpoint, "--checkpoint's run state": last,

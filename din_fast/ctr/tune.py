@@ -37,7 +37,7 @@ from din_fast.problem import ACTIVATIONS
 from .checkpoint import load_checkpoint, save_checkpoint
 from .config import TrainConfig, model_for, write_config_file
 from .errors import CheckpointError, InputError
-from .files import check_outputs
+from .files import check_output_directory, check_outputs
 from .loaders import data_files
 from .models import MLP_ACTIVATIONS
 from .training import (RESUME_MAY_CHANGE, check_device_and_backend, describe_data, fit,
@@ -150,17 +150,12 @@ def output_paths(out) -> tuple:
 
 
 def check_tune_paths(config: TrainConfig, study: str, out: str) -> None:
-    """InputError (OutputError), before any work, when ``out`` is not a
-    directory that can take the outputs, or the study file or an output
-    would be the data or each other."""
-    if os.path.exists(out) and not os.path.isdir(out):
-        raise InputError(f"--out {out}: is a file; expected a directory (created where missing) "
-                         f"for {CONFIG_NAME} and {CHECKPOINT_NAME}")
-    parent = os.path.dirname(os.path.abspath(out))
-    if not os.path.isdir(parent):
-        raise InputError(f"--out {out}: directory {parent} does not exist")
+    """OutputError, before any work, when ``out`` is not a directory that can
+    take the outputs (nor can be created as one), or the study file or an
+    output would be the data or each other."""
     # Created by the first best trial, so that a refused command leaves no
     # directory behind; one still to be created holds no output to check.
+    check_output_directory("--out", out)
     best_config, checkpoint = output_paths(out) if os.path.isdir(out) else (None, None)
     check_outputs({"--study": study, f"--out's {CONFIG_NAME}": best_config,
                    f"--out's {CHECKPOINT_NAME}": checkpoint},

@@ -75,6 +75,10 @@ def process_group(device: str):
         dist.init_process_group(backend, store=dist.HashStore(), rank=0, world_size=1)
     try:
         yield local_device
+        # The ranks tear down together: gloo aborts a rank whose peer has
+        # already destroyed the group. Only on a normal exit: after an error
+        # the other ranks may never get here, and waiting would hang.
+        dist.barrier()
     finally:
         dist.destroy_process_group()
 
