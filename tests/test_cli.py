@@ -61,6 +61,37 @@ def test_checkpoint_round_trip_reproduces_metrics(tmp_path, tiny_csv, model, cap
     assert trained["config"]["backend"] == "auto"
 
 
+def test_ema_by_the_din_protocol_validates_tests_and_saves_the_average(tmp_path, tiny_csv):
+    """train --ema on behaviours: the checkpoint holds the best epoch's
+    weight average (evaluate gives train's test metrics), not the weights
+    trained, which the run state keeps beside the average; a run state
+    that lost its average is refused."""
+    from din_fast.ctr.checkpoint import load_checkpoint
+    from din_fast.ctr.errors import CheckpointError
+
+    checkpoint, trained, evaluated = (tmp_path / n for n in ("m.pt", "train.json", "eval.json"))
+    assert main(["train", "--data", str(tiny_csv), "--epochs", "1", "--batch-size", "64",
+                 "--embed-dim", "4", "--ema", "0.8", "--no-progress", "--checkpoint",
+                 str(checkpoint), "--metrics-out", str(trained)]) == 0
+    assert main(["evaluate", "--checkpoint", str(checkpoint), "--data", str(tiny_csv),
+                 "--metrics-out", str(evaluated)]) == 0
+    trained, evaluated = (json.loads(p.read_text()) for p in (trained, evaluated))
+    assert trained["config"]["ema"] == 0.8
+    for key in METRICS:
+        assert evaluated[key] == pytest.approx(trained[key], abs=1e-9), key
+    saved, run_state = load_checkpoint(checkpoint), tmp_path / "m.run.pt"
+    run = load_checkpoint(run_state)
+    assert all(torch.equal(saved.state_dict[k], run.run.best_weights[k]) for k in run.state_dict)
+    average = run.run.learner["average"]
+    assert average["steps"] > 0 and not all(
+        torch.equal(average["weights"][k], run.state_dict[k]) for k in run.state_dict)
+    state = torch.load(run_state, weights_only=True)
+    del state["run"]["learner"]["average"]
+    torch.save(state, run_state)
+    with pytest.raises(CheckpointError, match="the weight average"):
+        load_checkpoint(run_state)
+
+
 def test_console_command_writes_metrics_json(tmp_path, tiny_csv):
     out = tmp_path / "metrics.json"
     result = subprocess.run([sys.executable, "-m", "din_fast", "train", "--data", str(tiny_csv),

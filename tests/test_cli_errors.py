@@ -222,6 +222,8 @@ def machine_cases(tmp, trained):
                                                                         "is a directory"))
     cases["negative_lr"] = Case(["train", "--lr", "-1"], ("--lr", "finite number > 0"))
     cases["negative_seed"] = Case(["train", "--seed", "-1"], ("--seed",))
+    cases["ema_of_one"] = Case(["train", "--ema", "1"],
+                               ("--ema", "must be a number in (0, 1); got 1"))
     cases["unknown_command"] = Case(["fly"], ("invalid choice",))
     return cases
 

@@ -97,12 +97,13 @@ def test_predict_with_side_features(log, trained, tmp_path, capsys):
     assert f"{requests}, line 1: \"features\" lacks 'hour'" in capsys.readouterr().err
 
 
-def test_resume_gives_the_uninterrupted_run(log, tmp_path, monkeypatch):
+@pytest.mark.parametrize("averaging", [[], ["--ema", "0.9"]], ids=["trained", "ema"])
+def test_resume_gives_the_uninterrupted_run(log, tmp_path, monkeypatch, averaging):
     """Three epochs at once, and the same run stopped by Ctrl-C in its second
     epoch and resumed from the run state of its first: the same records,
-    metrics and weights."""
+    metrics and weights (with --ema, the run state carries the average)."""
     common = ["train", "--data", str(log), *LABELED, "--epochs", "3", "--patience", "3",
-              "--lr-decay", "0.9"]
+              "--lr-decay", "0.9", *averaging]
     straight, resumed = tmp_path / "straight", tmp_path / "resumed"
     for directory in (straight, resumed):
         directory.mkdir()
@@ -130,6 +131,19 @@ def test_resume_gives_the_uninterrupted_run(log, tmp_path, monkeypatch):
     # The CSV log holds every epoch, those before the interruption included.
     lines = (resumed / "metrics.csv").read_text().splitlines()
     assert lines[0].startswith("epoch,train_loss,validation_auc") and len(lines) == 4
+    if averaging:
+        # The checkpoint holds the best epoch's average, apart from the
+        # weights trained, and scores the test rows as training did.
+        run = load_checkpoint(straight / "m.run.pt")
+        assert set(run.run.learner["average"]) == {"weights", "steps"}
+        assert all(torch.equal(weights[0][k], run.run.best_weights[k]) for k in weights[0])
+        assert not all(torch.equal(run.run.learner["average"]["weights"][k], run.state_dict[k])
+                       for k in run.state_dict)
+        assert main(["evaluate", "--checkpoint", str(straight / "m.pt"), "--data", str(log),
+                     "--metrics-out", str(tmp_path / "e.json")]) == 0
+        evaluated = json.loads((tmp_path / "e.json").read_text())
+        for key in ("test_auc", "test_gauc", "test_logloss"):
+            assert evaluated[key] == pytest.approx(results[0][key], abs=1e-9), key
 
 
 def test_a_run_state_of_the_previous_format_resumes(log, tmp_path):
@@ -146,7 +160,10 @@ def test_a_run_state_of_the_previous_format_resumes(log, tmp_path):
     older = {k: v for k, v in state["id_maps"].items() if not k.startswith("rare_")}
     older["fingerprint"] = replace(maps, rare_items=None, rare_item_category=None,
                                    rare_categories=None, rare_features={}).fingerprint()
-    torch.save(dict(state, format="din_fast.checkpoint/5", id_maps=older), run_state)
+    # ... and, written before --ema, has no `ema` in its config.
+    config = {k: v for k, v in state["config"].items() if k != "ema"}
+    torch.save(dict(state, format="din_fast.checkpoint/5", id_maps=older, config=config),
+               run_state)
     assert main([*common, "--resume", str(run_state)]) == 0
     assert load_checkpoint(run_state).run.epoch == 2
 
@@ -160,7 +177,9 @@ def test_resume_refuses_another_run(log, trained, tmp_path, capsys):
               "started with --lr 0.0003, this command gives --lr 0.01"),
              ([*common[:-3], "--epochs", "3", "--resume", str(run_state)], "--linear"),
              ([*common, "--min-count", "1", "--test-fraction", "0.2", "--resume",
-               str(run_state)], "--test-fraction")]
+               str(run_state)], "--test-fraction"),
+             ([*common, "--ema", "0.99", "--resume", str(run_state)],
+              "started with --ema none, this command gives --ema 0.99")]
     other = write_labeled_log(tmp_path / "other.csv", labeled_rows(seed=1))
     cases.append(([*common[:2], str(other), *common[3:], "--resume", str(run_state)],
                   "the data gives other id maps than the run's"))

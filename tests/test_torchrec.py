@@ -346,6 +346,8 @@ def test_ctrl_c_in_one_sharded_process_saves_the_best_epoch(tmp_path, tiny_csv, 
     (["--model", "base"], "runs DIN only"),
     (["--embedding-optimizer", "adam"], "adam needs --device cuda"),
     (["--embedding-lr", "0"], "--embedding-lr must be a positive number; got 0.0"),
+    (["--ema", "0.9"], "--ema 0.9 (config.ema): sharded training runs the DIN protocol from "
+     "the start, without weight averaging; it needs config.ema None"),
 ])
 def test_sharded_training_rejects_what_it_cannot_run(tiny_csv, capsys, arguments, message):
     assert main(["train", "--data", str(tiny_csv), "--sharding", "row_wise", "--device", "cpu",

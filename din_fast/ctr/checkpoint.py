@@ -49,7 +49,11 @@ ADDED_CONFIG_FIELDS = {"compile": None, "top_k": None, "search": "din", "label_c
                        "features": (), "numeric_features": (), "feature_dim": None,
                        "validation_fraction": 0.1, "test_fraction": 0.1, "min_count": 1,
                        "linear": False, "linear_lr": None, "attention_hidden": (80, 40),
-                       "mlp_hidden": (200, 80)}
+                       "mlp_hidden": (200, 80), "ema": None}
+# A field added with a default that leaves training as it was (``ema``,
+# ``linear_lr``) needs no new format: older files read with it, and an older
+# version refuses a newer file as one of another version (a config field it
+# lacks) rather than misreading it.
 RUN_STATE_SUFFIX = ".run"
 
 
@@ -68,7 +72,9 @@ class RunState:
             of ``epochs``.
         best_weights: that epoch's model state dict.
         learner: the learner's ``state_dict()`` (din_fast.ctr.training.Learner:
-            ``optimizer``, ``schedule``, ``batch_rng``, ``torch_rng``).
+            ``optimizer``, ``schedule``, ``batch_rng``, ``torch_rng``; with
+            ``config.ema``, ``average`` too: the weight average's
+            ``weights`` and ``steps``, din_fast.ctr.weight_average).
     """
 
     epoch: int
@@ -114,8 +120,7 @@ def resume_path(checkpoint) -> str:
 
 def save_checkpoint(path, model: torch.nn.Module, id_maps: IdMaps, config: TrainConfig,
                     run: Optional[RunState] = None, option: str = "--checkpoint"):
-    """Write a checkpoint atomically (din_fast.ctr.files.replacing): the
-    file at ``path`` is the old one or the new one, never part of one.
+    """Write a checkpoint of ``model`` atomically (see :func:`save_weights`).
 
     Args:
         path: the file to write, a str or os.PathLike.
@@ -130,8 +135,30 @@ def save_checkpoint(path, model: torch.nn.Module, id_maps: IdMaps, config: Train
         din_fast.ctr.errors.OutputError: the file cannot be written (the
             file at ``path`` is then unchanged).
     """
+    save_weights(path, model.state_dict(), id_maps, config, run, option)
+
+
+def save_weights(path, weights: dict, id_maps: IdMaps, config: TrainConfig,
+                 run: Optional[RunState] = None, option: str = "--checkpoint"):
+    """Write a checkpoint of a model's weights atomically
+    (din_fast.ctr.files.replacing): the file at ``path`` is the old one or
+    the new one, never part of one.
+
+    Args:
+        path: the file to write, a str or os.PathLike.
+        weights: the state dict of the config's model (a snapshot the
+            training loop took: a run's best epoch).
+        id_maps: the din_fast.ctr.data.IdMaps its tables index.
+        config: the run's TrainConfig.
+        run: the RunState to save with it (a run state file), or None.
+        option: the option ``path`` came from, named in errors.
+
+    Raises:
+        din_fast.ctr.errors.OutputError: the file cannot be written (the
+            file at ``path`` is then unchanged).
+    """
     state = {"format": CHECKPOINT_FORMAT, "config": asdict(config),
-             "id_maps": _id_maps_state(id_maps), "state_dict": model.state_dict()}
+             "id_maps": _id_maps_state(id_maps), "state_dict": weights}
     if run is not None:
         state["run"] = asdict(run)
     with open_replacing(path, option, "wb") as handle:
@@ -228,7 +255,8 @@ def load_checkpoint(path) -> Checkpoint:
         # and dtypes without allocating a byte, whatever sizes the file claims.
         expected = model_for(config, id_maps)
     state_dict = _checked_state_dict(state.get("state_dict"), expected.state_dict(), where)
-    run = None if state.get("run") is None else _checked_run(state["run"], expected, where)
+    run = None if state.get("run") is None else _checked_run(state["run"], expected, where,
+                                                             config.ema is not None)
     return Checkpoint(config, id_maps, state_dict, run)
 
 
@@ -421,10 +449,11 @@ RECORD_KEYS = ("epoch", "validation_auc", "validation_gauc", "validation_logloss
                "lr", "epoch_seconds", "samples_per_second")
 
 
-def _checked_run(state, model: torch.nn.Module, where: str) -> RunState:
+def _checked_run(state, model: torch.nn.Module, where: str, averaged: bool) -> RunState:
     """A run state's structure: the epochs' records (epoch 1 on, numbers),
     the best among them, its weights as the model's, the learner's parts
-    (whose contents the learner checks as it loads them)."""
+    (whose contents the learner checks as it loads them), among them the
+    weight average's (weights as the model's) where the run ``averaged``."""
     expected = f"{where}: `run` must be the run state din-fast train writes after an epoch"
     if not isinstance(state, dict) or set(state) != {f.name for f in fields(RunState)}:
         raise CheckpointError(expected)
@@ -442,10 +471,19 @@ def _checked_run(state, model: torch.nn.Module, where: str) -> RunState:
     best_weights = _checked_state_dict(state["best_weights"], model.state_dict(), where,
                                        "run.best_weights")
     learner = state["learner"]
-    if not (isinstance(learner, dict) and set(learner) == {"optimizer", "schedule", "batch_rng",
-                                                           "torch_rng"}
+    parts = {"optimizer", "schedule", "batch_rng", "torch_rng"} | ({"average"} if averaged
+                                                                   else set())
+    if not (isinstance(learner, dict) and set(learner) == parts
             and all(isinstance(learner[k], dict) for k in ("optimizer", "schedule",
                                                            "batch_rng"))
             and isinstance(learner["torch_rng"], torch.Tensor)):
-        raise CheckpointError(f"{expected} (the optimizer, schedule and random states)")
+        raise CheckpointError(f"{expected} (the optimizer, schedule and random states"
+                              f"{', the weight average' if averaged else ''})")
+    if averaged:
+        average = learner["average"]
+        if not (isinstance(average, dict) and set(average) == {"weights", "steps"}
+                and type(average["steps"]) is int and average["steps"] >= 0):
+            raise CheckpointError(f"{expected} (the weight average: its weights and steps)")
+        _checked_state_dict(average["weights"], model.state_dict(), where,
+                            "run.learner.average.weights")
     return RunState(epoch, epochs, best, best_weights, learner)

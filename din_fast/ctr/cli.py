@@ -280,6 +280,14 @@ def build_parser(train_settings: Optional[dict] = None) -> argparse.ArgumentPars
                               "weight seen a few times an epoch needs a larger one than the deep "
                               "part, which overfits first (Wide & Deep trains its two parts "
                               "with two optimizers)")
+    train_parser.add_argument("--ema", type=open_fraction, default=defaults.ema,
+                              metavar="DECAY",
+                              help="keep an exponential moving average of the weights, moved "
+                              "1 - DECAY of the way to them after every optimizer step (0.99: "
+                              "over about the last 100 steps); validation each epoch, early "
+                              "stopping, the saved model and the test metrics then use the "
+                              "averaged weights, which are smoother from step to step and "
+                              "seed to seed (default: none, the weights as trained)")
     labeled = train_parser.add_argument_group(
         "labeled logs (every row an impression with its 0/1 label; no negative sampled)")
     labeled.add_argument("--label-column", default=defaults.label_column,

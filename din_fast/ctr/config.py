@@ -90,6 +90,8 @@ FIELD_RULES = {
     "linear_lr": (lambda v: v is None or _positive_float(v), "None (lr) or a finite number > 0"),
     "attention_hidden": (_widths, "a tuple of positive integers (layer widths)"),
     "mlp_hidden": (_widths, "a tuple of positive integers (layer widths)"),
+    "ema": (lambda v: v is None or (type(v) is float and 0 < v < 1),
+            "None (no weight averaging) or a number in (0, 1)"),
 }
 # Fields holding tuples, which JSON (a --config file, a metrics file) holds as lists.
 TUPLE_FIELDS = ("features", "numeric_features", "attention_hidden", "mlp_hidden")
@@ -167,6 +169,11 @@ class TrainConfig:
         attention_hidden: the hidden widths of DIN's attention unit, a
             tuple of positive ints.
         mlp_hidden: the hidden widths of the scoring MLP, likewise.
+        ema: None trains and keeps the weights as they are; a decay in
+            (0, 1): an exponential moving average of the weights, moved
+            ``1 - ema`` of the way to them after every optimizer step
+            (din_fast.ctr.weight_average), is what validation, early
+            stopping, the saved model and the test metrics use.
 
     Raises:
         din_fast.ctr.errors.InputError: a value of the wrong type or
@@ -209,6 +216,7 @@ class TrainConfig:
     linear_lr: Optional[float] = None
     attention_hidden: tuple = (80, 40)
     mlp_hidden: tuple = (200, 80)
+    ema: Optional[float] = None
 
     def __post_init__(self):
         if self.lr is None:

@@ -16,7 +16,7 @@ import torch.nn.functional as F
 from tqdm import tqdm
 
 from .checkpoint import (RunState, load_checkpoint, restored_model, resume_path,
-                         save_checkpoint, save_run_state)
+                         save_checkpoint, save_run_state, save_weights)
 from .config import TrainConfig, build_model, model_for
 from .data import (BATCH_STREAM, EncodedData, IdMaps, Samples, SampleSplits, build_samples,
                    encode, iterate_batches, known_test_samples, training_behaviours)
@@ -29,6 +29,7 @@ from .loaders import data_files, load_interactions, synthetic_interactions
 from .metrics import ctr_metrics
 from .rare_ids import rare_ids, with_rare_ids
 from .run_log import EpochLog
+from .weight_average import WeightAverage
 
 EVAL_BATCH_SIZE = 4096
 LOSS_SMOOTHING = 0.02  # the progress bar's loss: an exponential average over ~50 batches
@@ -313,6 +314,25 @@ def minibatch_l2(model, batch, inverse_frequency: dict) -> torch.Tensor:
     return total
 
 
+# What loading a state that does not fit a learner raises.
+STATE_MISFITS = (KeyError, TypeError, ValueError, RuntimeError)
+
+
+def state_misfit(error: Exception) -> CheckpointError:
+    """The error for a run state that does not fit the learner loading it.
+
+    Args:
+        error: one of STATE_MISFITS, which loading it raised (its type is
+            named, never its message: the file's contents are not quoted).
+
+    Returns:
+        The CheckpointError to raise.
+    """
+    return CheckpointError(f"the run state to resume does not fit the run's model and "
+                           f"optimizer ({type(error).__name__}); resume from a run state "
+                           "file din-fast train wrote for this run")
+
+
 class Learner:
     """What fit_learner's learners share: Adam over ``parameters`` at
     ``config.lr``, times ``config.lr_decay`` after every epoch (``end_epoch``),
@@ -377,10 +397,8 @@ class Learner:
             self.schedule.load_state_dict(state["schedule"])
             self.batch_rng.bit_generator.state = state["batch_rng"]
             torch.set_rng_state(state["torch_rng"])
-        except (KeyError, TypeError, ValueError, RuntimeError) as error:
-            raise CheckpointError(f"the run state to resume does not fit the run's model and "
-                                  f"optimizer ({type(error).__name__}); resume from a run state "
-                                  "file din-fast train wrote for this run") from None
+        except STATE_MISFITS as error:
+            raise state_misfit(error) from None
 
     def training_batches(self, samples: Samples, bar):
         """The epoch's shuffled batches of ``samples`` (the learner's batch
@@ -437,11 +455,16 @@ class LocalLearner(Learner):
     added to the loss). din_fast.ctr.sharded.training has the TorchRec
     counterpart.
 
+    With ``config.ema``, a din_fast.ctr.weight_average.WeightAverage of the
+    model (``average``) follows every optimizer step, and is what
+    :meth:`evaluate` scores and :meth:`snapshot` copies (``scored``: the
+    model itself without it).
+
     Args:
         model: din_fast.DIN or BaseModel (or a model with their forward,
             ``embedding_tables`` and optional ``auxiliary_loss``), on
-            ``config.device``. With ``config.compile`` it is compiled in
-            place (nn.Module.compile).
+            ``config.device``. With ``config.compile`` it (and its average)
+            is compiled in place (nn.Module.compile).
         data: the EncodedData trained on.
         config: the run's settings.
         labeled_train: a labeled log's training Samples (for the L2
@@ -453,6 +476,9 @@ class LocalLearner(Learner):
         super().__init__(parameter_groups(model, config), data, config, config.device,
                          labeled_train=labeled_train)
         self.model = model
+        # Copied before compiling: the average is a plain module, compiled alike.
+        self.average = None if config.ema is None else WeightAverage(model, config.ema)
+        self.scored = model if self.average is None else self.average.model
         if config.compile:
             # In place (nn.Module.compile): the state dict keeps its keys for
             # snapshots and checkpoints; training and evaluation call the
@@ -460,11 +486,37 @@ class LocalLearner(Learner):
             # sizes repeat until the last batch, so dynamo would compile a
             # graph for them, then again for the longest history's change,
             # then for the last batch (data.padded keeps sizes above 1).
-            model.compile(backend=config.compile, dynamic=True)
+            for module in dict.fromkeys((model, self.scored)):    # each once
+                module.compile(backend=config.compile, dynamic=True)
+
+    def state_dict(self) -> dict:
+        """:meth:`Learner.state_dict`, with the weight average's state
+        (``average``) where there is one."""
+        state = super().state_dict()
+        if self.average is not None:
+            state["average"] = self.average.state_dict()
+        return state
+
+    def load_state_dict(self, state: dict) -> None:
+        """:meth:`Learner.load_state_dict`, the weight average's state too
+        where there is one.
+
+        Args:
+            state: as :meth:`state_dict` returns it.
+
+        Raises:
+            din_fast.ctr.errors.CheckpointError: it does not fit this learner.
+        """
+        super().load_state_dict(state)
+        if self.average is not None:
+            try:
+                self.average.load_state_dict(state["average"])
+            except STATE_MISFITS as error:
+                raise state_misfit(error) from None
 
     def train_epoch(self, samples: Samples, bar) -> float:
-        """One pass over ``samples`` in training mode, then the learning-rate
-        decay.
+        """One pass over ``samples`` in training mode (the weight average,
+        if any, updated after every step), then the learning-rate decay.
 
         Args:
             samples: the epoch's training Samples.
@@ -493,12 +545,15 @@ class LocalLearner(Learner):
             self.optimizer.zero_grad(set_to_none=True)
             loss.backward()
             self.optimizer.step()
+            if self.average is not None:
+                self.average.update(model)
             running = value if running is None else running + LOSS_SMOOTHING * (value - running)
         self.end_epoch()
         return running
 
     def evaluate(self, samples: Samples, prefix: str) -> dict:
-        """The model's metrics on ``samples`` (module-level :func:`evaluate`).
+        """The metrics on ``samples`` (module-level :func:`evaluate`) of the
+        model, or of its weight average where there is one.
 
         Args:
             samples: the Samples to score (validation or test).
@@ -510,21 +565,24 @@ class LocalLearner(Learner):
         Raises:
             din_fast.ctr.errors.InputError: a NaN or Inf score.
         """
-        return evaluate(self.model, self.data, samples, self.config.max_len, self.config.device,
-                        prefix)
+        return evaluate(self.scored, self.data, samples, self.config.max_len,
+                        self.config.device, prefix)
 
     def snapshot(self) -> dict:
-        """A copy of the model's weights (its state dict, detached clones on
-        the model's device), for :meth:`restore`."""
-        return {k: v.detach().clone() for k, v in self.model.state_dict().items()}
+        """A copy of the weights :meth:`evaluate` scores (the model's, or
+        its weight average's: a state dict, detached clones on the model's
+        device), for :meth:`restore`."""
+        return {k: v.detach().clone() for k, v in self.scored.state_dict().items()}
 
     def restore(self, snapshot: dict) -> None:
-        """Load weights :meth:`snapshot` took.
+        """Load weights :meth:`snapshot` took into the model (which is then
+        saved) and its weight average (which :meth:`evaluate` then scores).
 
         Args:
             snapshot: the state dict :meth:`snapshot` returned.
         """
-        self.model.load_state_dict(snapshot)
+        for module in dict.fromkeys((self.model, self.scored)):
+            module.load_state_dict(snapshot)
 
 
 class TrainingInterrupted(KeyboardInterrupt):
@@ -613,7 +671,8 @@ def train(config: TrainConfig, *, checkpoint: Optional[str] = None,
     among them) and ``data_fingerprint`` (of the id maps).
 
     With ``checkpoint``, every epoch that is the best so far is saved there
-    as it ends, and every epoch's run state (the weights, the best epoch's,
+    as it ends (with ``config.ema``, the weight average), and every epoch's
+    run state (the weights, the weight average, the best epoch's weights,
     the optimizer, the random streams, the records) to
     ``resume_path(checkpoint)``; ``resume`` names such a file to continue
     from, with the run's own config (epochs, patience, device, backend and
@@ -661,8 +720,8 @@ def train(config: TrainConfig, *, checkpoint: Optional[str] = None,
 
     def on_epoch(state: RunState, improved: bool) -> None:
         if checkpoint:
-            if improved:
-                save_checkpoint(checkpoint, model, data.id_maps, config)
+            if improved:    # the weights validated (the average's, with --ema)
+                save_weights(checkpoint, state.best_weights, data.id_maps, config)
             save_run_state(resume_path(checkpoint), model, data.id_maps, config, state)
         if epoch_log:
             epoch_log.write(state.epochs)
@@ -850,7 +909,7 @@ def fit(model, data: EncodedData, splits: SampleSplits, config: TrainConfig, *,
 
     Args:
         model: the model to train, on ``config.device``; it ends holding
-            the best epoch's weights.
+            the best epoch's weights (with ``config.ema``, their average's).
         data: the EncodedData to train on.
         splits: its SampleSplits.
         config: the run's settings.
@@ -882,7 +941,9 @@ def fit_learner(learner, data: EncodedData, splits: SampleSplits, config: TrainC
     Fresh training negatives every epoch (the DIN protocol); validation
     metrics after every epoch; early stopping when validation GAUC has not
     improved for ``config.patience`` epochs (at most ``config.epochs``); the
-    best epoch's weights restored and the test samples evaluated once.
+    best epoch's weights restored and the test samples evaluated once. With
+    ``config.ema`` the weights validated, restored and tested are the
+    weight average's (LocalLearner).
     Returns test and validation metrics (of the best epoch), ``best_epoch``,
     ``epochs_run``, ``stopped`` (why training ended), timings and the
     per-epoch records under ``epochs``; without ``test`` the test samples
