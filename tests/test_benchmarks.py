@@ -524,6 +524,31 @@ def test_movielens_log_and_the_logistic_regressions_input(tmp_path):
     assert sorted(set(matrix.ravel())) == [0, 0.5, 1]
 
 
+def test_movielens_ema_trains_the_models_asked_with_one_decay(tmp_path, monkeypatch, capsys,
+                                                              one_torch_thread):
+    """benchmarks.movielens --ema 0.9 --models "BaseModel + features" on
+    made-up ratings: that model alone (and the logistic regression) trains,
+    with the decay recorded in its row; no verdict without DIN."""
+    from benchmarks import movielens
+
+    movies = ["movieId,title,genres"] + [f"{m},M{m},{('Drama|Comedy', 'Crime')[m % 2]}"
+                                         for m in range(1, 21)]
+    (tmp_path / "movies.csv").write_text("\n".join(movies) + "\n")
+    ratings = [f"{u},{1 + (u * 7 + r) % 20},{(3.5, 4.0, 5.0, 2.0)[(u + r) % 4]},"
+               f"{1_500_000_000 + 3600 * (r * 40 + u)}" for u in range(1, 41) for r in range(30)]
+    (tmp_path / "ratings.csv").write_text("userId,movieId,rating,timestamp\n"
+                                          + "\n".join(ratings) + "\n")
+    out = tmp_path / "movielens.csv"
+    monkeypatch.setattr(sys, "argv", ["movielens", "--data", str(tmp_path), "--seeds", "0",
+                                      "--epochs", "1", "--threads", "1", "--ema", "0.9",
+                                      "--models", "BaseModel + features", "--out", str(out)])
+    assert movielens.main() == 0
+    assert "beat" not in capsys.readouterr().out
+    rows = [r for r in harness.read_csv(str(out)) if r["seed"] != ""]
+    assert [(r["model"], r["ema"]) for r in rows] == [("BaseModel + features", 0.9),
+                                                      ("logistic regression", "")]
+
+
 def test_movielens_recipe_file_is_a_tunes_best_config_less_what_the_benchmark_sets(tmp_path):
     """benchmarks.movielens --din-config / --base-config: a best_config.json
     of din-fast tune gives its recipe; the data, label, seed, epochs, model

@@ -361,6 +361,8 @@ def test_sharded_training_rejects_what_it_cannot_run(tiny_csv, capsys, arguments
      "config.label_column None"),
     (dict(linear=True), "--linear True (config.linear): sharded training runs the DIN "
      "protocol from the start, without the linear part; it needs config.linear False"),
+    (dict(ema=0.9), "--ema 0.9 (config.ema): sharded training runs the DIN protocol from "
+     "the start, without weight averaging; it needs config.ema None"),
 ])
 def test_train_sharded_from_python_refuses_what_only_one_process_runs(tmp_path, options,
                                                                       message):
