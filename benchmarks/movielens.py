@@ -233,11 +233,11 @@ def main() -> int:
                         "movielens.csv")
     parser.add_argument("--combine", type=Path, nargs="+",
                         help="train nothing: report the per-seed rows of these CSVs (runs of "
-                        "one seed each, run side by side) as one run")
+                        "some seeds or models each) as one run, each model once per seed")
     args = parser.parse_args()
     if args.combine:
-        rows = [r for path in args.combine for r in read_csv(str(path)) if r.get("seed") != ""]
-        report(sorted(rows, key=lambda r: r["seed"]), args.out, "combined runs")
+        report(combined([read_csv(str(path)) for path in args.combine]), args.out,
+               "combined runs")
         return 0
     missing = [f for f in ("ratings.csv", "movies.csv") if not (args.data / f).is_file()]
     if missing:
@@ -256,6 +256,17 @@ def main() -> int:
     report(rows, args.out, f"{platform.processor() or platform.machine()}, {args.threads} "
            "thread(s)")
     return 0
+
+
+def combined(runs: list) -> list:
+    """The per-seed rows of several runs' CSV rows (lists of dicts), one per
+    model and seed (the first run's: the logistic regression, the same in
+    every run, repeats), by seed and then in MODELS' order."""
+    rows = {}
+    for row in (r for run in runs for r in run if r.get("seed") != ""):
+        rows.setdefault((row["seed"], row["model"]), row)
+    order = list(MODELS) + ["logistic regression"]
+    return [rows[key] for key in sorted(rows, key=lambda k: (k[0], order.index(k[1])))]
 
 
 def report(rows: list, out: Path, where: str) -> None:

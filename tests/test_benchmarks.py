@@ -547,6 +547,12 @@ def test_movielens_ema_trains_the_models_asked_with_one_decay(tmp_path, monkeypa
     rows = [r for r in harness.read_csv(str(out)) if r["seed"] != ""]
     assert [(r["model"], r["ema"]) for r in rows] == [("BaseModel + features", 0.9),
                                                       ("logistic regression", "")]
+    # --combine: another run's rows join, each model once per seed, in the table's order.
+    other = [dict(rows[1], seed=1), dict(model="DIN", seed=0), dict(rows[1], test_auc=0.0)]
+    assert [(r["model"], r["seed"]) for r in movielens.combined([rows, other])] == [
+        ("DIN", 0), ("BaseModel + features", 0), ("logistic regression", 0),
+        ("logistic regression", 1)]
+    assert movielens.combined([rows, other])[2]["test_auc"] == rows[1]["test_auc"]
 
 
 def test_movielens_recipe_file_is_a_tunes_best_config_less_what_the_benchmark_sets(tmp_path):
