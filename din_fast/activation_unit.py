@@ -60,6 +60,10 @@ class ActivationUnit:
         self.b_1 = problem.biases[0].to(dtype)
         self.deeper = [(w.to(dtype), b.to(dtype))
                        for w, b in zip(problem.weights[1:], problem.biases[1:])]
+        # The transposed views the products take, made once per call rather
+        # than once per block (a block is a few dozen small ops: each counts).
+        self.w_query_t = self.w_query.t()
+        self.deeper_t = [w.t() for w, _ in self.deeper]
         act_params = problem.act_params if act_params is None else act_params
         self.act_params = [tuple(p.to(dtype) for p in layer) for layer in act_params]
         self.activation = problem.activation
@@ -71,15 +75,15 @@ class ActivationUnit:
 
     def query_term(self, query: Tensor) -> Tensor:
         """u = (W_q + W_d) q + b_1, [..., H1] of query [..., D]."""
-        flat = torch.addmm(self.b_1, query.flatten(0, -2), self.w_query.t())
+        flat = torch.addmm(self.b_1, query.flatten(0, -2), self.w_query_t)
         return flat.view(*query.shape[:-1], self.hidden[0])
 
     def fold(self, query: Tensor):
         """(u [G, 1, Cc * H1], M [G, Cc * H1, D]) of query [G, Cc, D] (contiguous)."""
         rows, candidates, dim = query.shape
-        m = torch.addcmul(self.w_keys, self.w_p, query[:, :, None, :])
-        return (self.query_term(query).view(rows, 1, -1),
-                m.view(rows, candidates * self.hidden[0], dim))
+        m = torch.addcmul(self.w_keys, self.w_p, query.unsqueeze(2))
+        u = torch.addmm(self.b_1, query.view(rows * candidates, dim), self.w_query_t)
+        return u.view(rows, 1, -1), m.view(rows, candidates * self.hidden[0], dim)
 
     def first_layer(self, keys: Tensor, query: Tensor, u: Tensor) -> Tensor:
         """The shared form's pre-activations z [..., C, H1] of keys [..., D]
@@ -102,23 +106,30 @@ class ActivationUnit:
         None, activation), each [pairs, H], for ``backward``.
         ``dice_gate(layer, x)``, when given, returns the logits of Dice's gate
         for the pre-activations x [..., H] of hidden layer ``layer`` in place
-        of (x - mu) / sqrt(var + eps)."""
-        h = z
+        of (x - mu) / sqrt(var + eps); ``kept`` is not taken with it."""
+        shape = z.shape[:-1]
+        # Without a gate (which needs the pairs' layout) the layers run on
+        # [pairs, H] throughout: no view per layer.
+        h = z if dice_gate is not None else z.reshape(-1, z.shape[-1])
+        in_place = _in_place(z)
         for layer, (w, b) in enumerate(self.deeper):
             z = h
             if dice_gate is not None:
-                h = dice(z, self.act_params[layer][0], dice_gate(layer, z))
+                h = dice(z, self.act_params[layer][0], dice_gate(layer, z)).flatten(0, -2)
             else:
-                h = self._activate(z, layer)
+                h = self._activate(z, layer, in_place)
             if kept is not None:
-                kept.append((z.flatten(0, -2) if self.keeps_inputs else None, h.flatten(0, -2)))
-            h = torch.addmm(b, h.flatten(0, -2), w.t()).view(*h.shape[:-1], w.shape[0])
-        return h.squeeze(-1)
+                kept.append((z if self.keeps_inputs else None, h))
+            h = torch.addmm(b, h, self.deeper_t[layer])
+            if dice_gate is not None:
+                h = h.view(*z.shape[:-1], w.shape[0])
+        return h.view(shape)
 
-    def _activate(self, z: Tensor, layer: int) -> Tensor:
-        """The hidden activation of z [..., H] (in place where it can: z is
-        then not needed, its derivative follows from the output)."""
-        if self.activation in ("sigmoid", "relu") and _in_place(z):
+    def _activate(self, z: Tensor, layer: int, in_place: bool) -> Tensor:
+        """The hidden activation of z [..., H] (in place where ``in_place``,
+        _in_place's answer: z is then not needed, its derivative follows
+        from the output)."""
+        if self.activation in ("sigmoid", "relu") and in_place:
             return z.sigmoid_() if self.activation == "sigmoid" else z.relu_()
         return activate(z, self.activation, self.act_params[layer], self.dice_eps)
 
@@ -146,7 +157,7 @@ class ActivationUnit:
             grads.deeper_biases[layer] += grad_z.sum(0)
             # Through the output layer an outer product: a broadcast, not a
             # matrix product of inner size 1.
-            grad_h = grad_z * w if grad_z.shape[1] == 1 else grad_z @ w
+            grad_h = grad_z * w if grad_z.shape[1] == 1 else torch.mm(grad_z, w)
             grad_z, param_grads = activation_backward(
                 h if z is None else z, grad_h, self.activation, self.act_params[layer],
                 self.dice_eps, output=h)
@@ -154,13 +165,15 @@ class ActivationUnit:
                 total += grad
         return grad_z.view(*grad_s.shape, self.hidden[0])
 
-    def query_term_backward(self, query: Tensor, grad_u: Tensor, grads: "UnitGrads") -> Tensor:
-        """The query's gradient through u, [G, Cc, D], from d u [G, Cc, H1]
-        (summed over the positions), adding W_q + W_d's and b_1's into ``grads``."""
+    def query_term_backward(self, query: Tensor, grad_u: Tensor, grads: "UnitGrads",
+                            grad_query: Tensor) -> None:
+        """Add the query's gradient through u into ``grad_query`` [G * Cc, D]
+        (contiguous), from d u (G * Cc rows of H1, summed over the positions)
+        of query [G, Cc, D], and W_q + W_d's and b_1's into ``grads``."""
         flat_u = grad_u.reshape(-1, self.hidden[0])
         grads.w_query.addmm_(flat_u.t(), query.flatten(0, -2))
         grads.b_1 += flat_u.sum(0)
-        return (flat_u @ self.w_query).view(query.shape)
+        grad_query.addmm_(flat_u, self.w_query)
 
 
 class FoldedFirstLayer:
@@ -194,15 +207,13 @@ class FoldedFirstLayer:
         """d query [G, Cc, D] from the summed d u and d M, adding the first
         layer's parameter gradients into ``grads``."""
         rows, candidates, dim = self.query.shape
-        hidden = self.unit.hidden[0]
-        grad_m = self.grad_m.view(rows * candidates, hidden, dim)        # [G * Cc, H1, D]
-        flat_query = self.query.view(rows * candidates, dim)
+        grad_m = self.grad_m.view(rows * candidates, self.unit.hidden[0], dim)  # [G * Cc, H1, D]
         grads.w_keys += grad_m.sum(0)
         # Products and sums rather than einsum, which copies for these layouts.
-        grads.w_p += (grad_m * flat_query[:, None, :]).sum(0)
-        grad_query = (grad_m * self.unit.w_p).sum(1).view(rows, candidates, dim)
-        grad_u = self.grad_u.view(rows, candidates, hidden)
-        return grad_query.add_(self.unit.query_term_backward(self.query, grad_u, grads))
+        grads.w_p += (grad_m * self.query.view(rows * candidates, 1, dim)).sum(0)
+        grad_query = (grad_m * self.unit.w_p).sum(1)                     # [G * Cc, D]
+        self.unit.query_term_backward(self.query, self.grad_u, grads, grad_query)
+        return grad_query.view(rows, candidates, dim)
 
 
 class SharedFirstLayer:
@@ -243,7 +254,10 @@ class SharedFirstLayer:
 
     def finish(self, grads: "UnitGrads") -> Tensor:
         """d query [G, Cc, D], adding W_q + W_d's and b_1's gradients into ``grads``."""
-        return self.grad_query.add_(self.unit.query_term_backward(self.query, self.grad_u, grads))
+        rows, candidates, dim = self.query.shape
+        self.unit.query_term_backward(self.query, self.grad_u, grads,
+                                      self.grad_query.view(rows * candidates, dim))
+        return self.grad_query
 
 
 class UnitGrads:

@@ -27,32 +27,39 @@ import torch
 from torch import Tensor
 
 from .activation_unit import ActivationUnit, FoldedFirstLayer, SharedFirstLayer, UnitGrads
-from .chunking import History, RowGroup, UnitSize
+from .chunking import History, RowGroup, UnitSize, in_dtype
 from .problem import JaggedDINProblem
 
 
 class _Pooling:
     """One block's running pooled sum [G, Cc, Dv] over its spans: raw
-    weights for normalization=None, an online softmax otherwise."""
+    weights for normalization=None, an online softmax otherwise. The first
+    span starts the sums (no zeros to add to: most groups have one span)."""
 
-    def __init__(self, rows: int, candidates: int, value_dim: int, softmax: bool, like: Tensor):
+    def __init__(self, softmax: bool):
         self.softmax = softmax
-        self.total = like.new_zeros(rows, candidates, value_dim)
-        if softmax:
-            self.max = like.new_full((rows, candidates), float("-inf"))
-            self.sum = like.new_zeros(rows, candidates)
+        self.total = self.max = self.sum = None
 
     def add(self, scores: Tensor, values: Tensor, invalid: Optional[Tensor]) -> None:
         """Pool a span: scaled scores [G, span, Cc] (zero at the ``invalid``
         slots, Block.invalid), values [G, span, Dv]."""
         if not self.softmax:
-            self.total.baddbmm_(scores.transpose(1, 2), values)
+            if self.total is None:
+                self.total = torch.bmm(scores.transpose(1, 2), values)
+            else:
+                self.total.baddbmm_(scores.transpose(1, 2), values)
             return
         if invalid is not None:
             scores = scores.masked_fill(invalid, float("-inf"))
         # Every row of a group has a valid slot in each of its spans (a group
         # of several rows has one span from position 0; a single row's spans
         # lie within its length), so the new max is finite.
+        if self.total is None:
+            self.max = scores.amax(1)
+            weights = torch.sub(scores, self.max[:, None, :]).exp_()
+            self.sum = weights.sum(1)
+            self.total = torch.bmm(weights.transpose(1, 2), values)
+            return
         new_max = torch.maximum(self.max, scores.amax(1))
         weights = torch.exp(scores - new_max[:, None, :])
         factor = torch.exp(self.max - new_max)
@@ -99,7 +106,8 @@ def _take(tensor: Tensor, rows, chunk: slice) -> Tensor:
     indexing pays an iterator per element."""
     if isinstance(rows, slice):
         return tensor[rows, chunk]
-    return tensor.index_select(0, rows)[:, chunk]
+    taken = tensor.index_select(0, rows)
+    return taken if chunk.stop - chunk.start == tensor.shape[1] else taken[:, chunk]
 
 
 def _put(tensor: Tensor, rows, chunk: slice, value: Tensor) -> None:
@@ -134,9 +142,8 @@ def forward(problem, need_scores: bool):
         rows = _rows(group)
         blocks = [history.block(group, span) for span in group.spans()]
         for chunk in group.candidate_chunks(candidates):
-            first_layer = _first_layer(unit, group, _take(query, rows, chunk).to(dtype))
-            pooling = _Pooling(len(group.rows), chunk.stop - chunk.start, values.shape[-1],
-                               softmax, first_layer.u)
+            first_layer = _first_layer(unit, group, in_dtype(_take(query, rows, chunk), dtype))
+            pooling = _Pooling(softmax)
             for block in blocks:
                 k = history.gather(keys, block, dtype)
                 v = k if values is keys else history.gather(values, block, dtype)
@@ -266,7 +273,7 @@ def backward(problem, grad_pooled: Tensor, grad_scores: Optional[Tensor], saved=
         rows = _rows(group)
         blocks = [history.block(group, span) for span in group.spans()]
         for chunk in group.candidate_chunks(candidates):
-            first_layer = _first_layer(unit, group, _take(query, rows, chunk).to(dtype))
+            first_layer = _first_layer(unit, group, in_dtype(_take(query, rows, chunk), dtype))
             grad_out = _take(grad_pooled, rows, chunk)                   # [G, Cc, Dv]
             stats = None if softmax is None else softmax.block(rows, chunk, len(blocks) == 1)
             for block in blocks:

@@ -72,6 +72,12 @@ PAIR_COST = 16
 _budget: List[Optional[int]] = [None]     # working_set's override, else by device
 
 
+def in_dtype(tensor: Tensor, dtype: torch.dtype) -> Tensor:
+    """``tensor`` in ``dtype``: itself where it is already (Tensor.to's
+    argument parsing alone costs as much as a small op, once per block)."""
+    return tensor if tensor.dtype == dtype else tensor.to(dtype)
+
+
 @contextlib.contextmanager
 def working_set(nbytes: int):
     """Inside ``with working_set(nbytes):`` the torch backend sizes its blocks
@@ -205,10 +211,15 @@ class RowGroup:
     ``span`` up to ``length`` (the largest count), the first layer
     ``folded`` or shared (UnitSize.folds). ``first_row`` is the first row id
     when the rows are consecutive ids in order (their tensors are then
-    slices, not gathers), else None; ``shortest`` is the smallest count."""
+    slices, not gathers), else None; ``shortest`` is the smallest count.
+    ``last`` [G, 1] is counts - 1 and ``positions`` [1, >= length] the
+    positions 0, 1, ...: what ``slots`` takes its views of, computed once
+    for all the groups of a plan, so that a block costs few small ops."""
 
     rows: Tensor
     counts: Tensor
+    last: Tensor
+    positions: Tensor
     length: int
     shortest: int
     first_row: Optional[int]
@@ -230,11 +241,10 @@ class RowGroup:
         past a row's count its last valid one;
         invalid [G, span, 1] bool, True past a row's count (the trailing 1
         broadcasts against the candidates), or None when every slot is valid."""
-        positions = torch.arange(span.start, span.stop, device=self.counts.device)[None, :]
+        positions = self.positions[:, span.start:span.stop]
         if span.stop <= self.shortest:
             return positions, None
-        last = self.counts[:, None] - 1
-        return torch.minimum(positions, last), (positions > last)[..., None]
+        return torch.minimum(positions, self.last), (positions > self.last).unsqueeze(-1)
 
 
 def plan(counts: Tensor, candidates: int, unit: UnitSize) -> List[RowGroup]:
@@ -245,32 +255,41 @@ def plan(counts: Tensor, candidates: int, unit: UnitSize) -> List[RowGroup]:
     if candidates == 0:
         return []
     budget = unit.budget()
-    host_counts = counts.tolist()
-    order = sorted(range(len(host_counts)), key=lambda b: -host_counts[b])
-    order = [b for b in order if host_counts[b] > 0]
+    # One stable sort (ties keep their row order), read to the host at once:
+    # the groups' rows and counts are slices of its results, no tensor built
+    # per group.
+    sorted_counts, order = torch.sort(counts.long(), descending=True, stable=True)
+    host_counts, host_order = torch.stack((sorted_counts, order)).tolist()
+    nonempty = sum(1 for count in host_counts if count > 0)
+    if nonempty == 0:
+        return []
+    last = sorted_counts[:, None] - 1
+    positions = torch.arange(host_counts[0], device=counts.device)[None, :]
+    footprints = {}
     groups = []
     start = 0
-    while start < len(order):
-        longest = host_counts[order[start]]
+    while start < nonempty:
+        longest = host_counts[start]
         folded = unit.folds(longest, candidates)
-        footprint = unit.footprint(folded)
+        if folded not in footprints:
+            footprints[folded] = unit.footprint(folded)
+        footprint = footprints[folded]
         size = budget // footprint.elements(1, candidates, longest)
         if size >= 1:
-            rows = order[start:start + size]
+            stop = min(start + size, nonempty)
             span, candidate_step = longest, candidates
         else:
             # One row beyond the budget: in spans and candidate chunks.
-            rows = order[start:start + 1]
+            stop = start + 1
             span, candidate_step = footprint.split(longest, candidates, budget)
-        start += len(rows)
-        consecutive = rows == list(range(rows[0], rows[0] + len(rows)))
+        first = host_order[start]
+        consecutive = host_order[start:stop] == list(range(first, first + stop - start))
         groups.append(RowGroup(
-            rows=torch.tensor(rows, dtype=torch.int64, device=counts.device),
-            counts=torch.tensor([host_counts[b] for b in rows], dtype=torch.int64,
-                                device=counts.device),
-            length=longest, shortest=host_counts[rows[-1]],
-            first_row=rows[0] if consecutive else None,
+            rows=order[start:stop], counts=sorted_counts[start:stop], last=last[start:stop],
+            positions=positions, length=longest, shortest=host_counts[stop - 1],
+            first_row=first if consecutive else None,
             candidate_step=candidate_step, span=span, folded=folded))
+        start = stop
     return groups
 
 
@@ -339,7 +358,7 @@ class History:
             columns = self.columns[self.starts[group.rows][:, None] + slots]
             index = group.rows[:, None] * self.length + columns
         else:
-            index = group.rows[:, None] * self.length + slots
+            index = torch.add(slots, group.rows.unsqueeze(1), alpha=self.length)
             if group.first_row is not None and invalid is None:
                 window = (slice(group.first_row, group.first_row + len(group.rows)), span)
         return Block(group, span, index, window, invalid)
@@ -359,14 +378,14 @@ class History:
         padded, [L, X] jagged)."""
         if block.window is not None:
             window = history[block.window]
-            return (window[None] if self.jagged else window).to(dtype)
+            return in_dtype(window[None] if self.jagged else window, dtype)
         merged = self._merged(history)
         if merged is None:
             rows = torch.div(block.index, self.length, rounding_mode="floor")
             taken = history[rows, block.index - rows * self.length]
         else:
             taken = merged.index_select(0, block.index.view(-1))
-        return taken.view(*block.index.shape, history.shape[-1]).to(dtype)
+        return in_dtype(taken.view(*block.index.shape, history.shape[-1]), dtype)
 
     def add(self, target: Tensor, block: Block, values: Tensor) -> None:
         """Add ``values`` [G, span, X] (zero at invalid slots) into ``target``,
