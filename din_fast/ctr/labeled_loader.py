@@ -37,20 +37,22 @@ RESERVED_COLUMNS = ("user", "item", "category", "timestamp")
 @dataclass(frozen=True)
 class LogColumns:
     """The columns of a labeled log a run reads: the label, and the
-    categorical and numeric side features (names compare in any case)."""
+    categorical and numeric side features. Names match the header's in any
+    case (:func:`header_name`); a side feature keeps the name it is given, which
+    the log's ``features`` and ``numeric``, the id maps, the model and
+    predict's requests all call it by, as the run's config records it."""
 
     label: str = "label"
     features: tuple = ()
     numeric: tuple = ()
 
     def __post_init__(self):
-        object.__setattr__(self, "label", self.label.strip().lower())
-        object.__setattr__(self, "features", tuple(f.strip().lower() for f in self.features))
-        object.__setattr__(self, "numeric", tuple(f.strip().lower() for f in self.numeric))
+        object.__setattr__(self, "label", header_name(self.label))
         named = [("--label-column", self.label)] + [("--features", f) for f in self.features] \
             + [("--numeric-features", f) for f in self.numeric]
         seen = {}
         for option, name in named:
+            name = header_name(name)
             if not name:
                 raise InputError(f"{option}: an empty column name; expected column names "
                                  "separated by commas")
@@ -64,7 +66,15 @@ class LogColumns:
 
     @property
     def required(self) -> tuple:
-        return ("user", "item", "timestamp", self.label) + self.features + self.numeric
+        """The header names (lower case) of the columns a log must have."""
+        return ("user", "item", "timestamp", self.label) \
+            + tuple(map(header_name, self.features + self.numeric))
+
+
+def header_name(name: str) -> str:
+    """The header name a column option means: trimmed, lower case (headers
+    compare in any case)."""
+    return name.strip().lower()
 
 
 @dataclass
@@ -132,8 +142,9 @@ def _load_table(path: Path, columns: LogColumns) -> LabeledLog:
 
 def _options(columns: LogColumns) -> dict:
     """The option that names each column, for messages about a missing one."""
-    return {columns.label: "--label-column", **{f: "--features" for f in columns.features},
-            **{f: "--numeric-features" for f in columns.numeric}}
+    return {columns.label: "--label-column",
+            **{header_name(f): "--features" for f in columns.features},
+            **{header_name(f): "--numeric-features" for f in columns.numeric}}
 
 
 def _read_csv(path: Path, header: list, wanted: list, delimiter: str, typed) -> pa.Table:
@@ -141,8 +152,8 @@ def _read_csv(path: Path, header: list, wanted: list, delimiter: str, typed) -> 
 
     types = {name: pa.string() for name in wanted}
     if typed is not None:
-        types.update({name: pa.float64()
-                      for name in ("timestamp", typed.label) + typed.numeric})
+        numbers = ("timestamp", typed.label) + tuple(map(header_name, typed.numeric))
+        types.update({name: pa.float64() for name in numbers})
     return pacsv.read_csv(
         path,
         read_options=pacsv.ReadOptions(column_names=header, skip_rows=1,
@@ -224,9 +235,9 @@ _EXPECTED_TYPE = {"id": "ids (strings or integers)", "number": "numbers",
 
 
 def _kind(name: str, columns: LogColumns) -> str:
-    if name in ("timestamp", columns.label) or name in columns.numeric:
+    if name in ("timestamp", columns.label) or name in map(header_name, columns.numeric):
         return "number"
-    return "values" if name in columns.features else "id"
+    return "values" if name in map(header_name, columns.features) else "id"
 
 
 def _parquet_column(column: pa.Array, kind: str, bools: bool) -> pa.Array:
@@ -272,8 +283,10 @@ def _log_of_table(table: pa.Table, columns: LogColumns, source: str) -> LabeledL
                      columns.label)
     if "category" in ids:
         _check_one_category(ids["item"], ids["category"])
-    numeric = {name: _numbers(table[name], name, "a finite number") for name in columns.numeric}
-    features = {name: _feature_values(table[name], name, source)
+    # Keyed by the names the run gives them, read from the header's.
+    numeric = {name: _numbers(table[header_name(name)], header_name(name), "a finite number")
+               for name in columns.numeric}
+    features = {name: _feature_values(table[header_name(name)], header_name(name), source)
                 for name in columns.features}
     # Time order, ties in file order (a stable sort).
     order = np.argsort(timestamps, kind="stable")

@@ -1,0 +1,198 @@
+"""An adversarial user's pass over a labeled log's checkpoint after training:
+evaluate on the same log written otherwise, predict and the exported model on
+awkward requests, each result compared with the model's own forward."""
+
+import csv
+import json
+import random
+
+import numpy as np
+import pyarrow.csv as pacsv
+import pyarrow.parquet as pq
+import pytest
+import torch
+
+from din_fast.ctr.checkpoint import restored_model
+from din_fast.ctr.cli import main
+from din_fast.ctr.data import iterate_batches
+from din_fast.ctr.labeled_loader import load_labeled_log
+from din_fast.ctr.labeled_samples import encode_log, split_log
+from din_fast.ctr.training import checkpoint_for_run, log_columns, log_split
+
+from cli_data import one_torch_thread, write_labeled_log  # noqa: F401 (a fixture)
+
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
+
+# The options spelled in another case than the log's header (genres, hour,
+# price); --min-count 12 leaves about half of the 40 items rare (the reserved
+# row, each keeping its category).
+OPTIONS = ["--label-column", "label", "--features", "Genres,HOUR", "--numeric-features",
+           "Price", "--min-count", "12", "--linear", "--embed-dim", "4", "--batch-size", "64",
+           "--epochs", "1", "--no-progress"]
+METRICS = ("test_auc", "test_gauc", "test_logloss", "test_samples")
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory):
+    """(log, checkpoint, its training metrics)."""
+    directory = tmp_path_factory.mktemp("review")
+    log, checkpoint = write_labeled_log(directory / "log.csv"), directory / "din.pt"
+    threads = torch.get_num_threads()
+    try:
+        assert main(["train", "--data", str(log), *OPTIONS, "--checkpoint", str(checkpoint),
+                     "--metrics-out", str(directory / "din.json")]) == 0
+    finally:
+        torch.set_num_threads(threads)
+    return log, checkpoint, json.loads((directory / "din.json").read_text())
+
+
+def test_features_keep_the_names_the_options_give(trained, tmp_path, capsys):
+    """Header names compare in any case: a run given --features Genres,HOUR
+    for the columns genres and hour calls them so in its checkpoint, which
+    evaluate, predict and export take (a checkpoint whose config and id maps
+    spelled them differently was refused by all three), and requests name
+    them so."""
+    log, checkpoint, _ = trained
+    saved, _ = checkpoint_for_run(str(checkpoint), "torch", "cpu")
+    assert list(saved.id_maps.features) == ["Genres", "HOUR"]
+    assert list(saved.id_maps.numeric) == ["Price"]
+    requests = tmp_path / "requests.jsonl"
+    requests.write_text(json.dumps({"user": "u3", "candidates": ["i1"], "features": {
+        "genres": "g1", "HOUR": 7, "Price": 9.5}}) + "\n")
+    assert main(["predict", "--checkpoint", str(checkpoint), "--requests", str(requests),
+                 "--data", str(log)]) == 2
+    assert capsys.readouterr().err.strip().splitlines() == [
+        f"din-fast: error: {requests}, line 1: \"features\" lacks 'Genres'; the model takes "
+        "Genres, HOUR, Price"]
+
+
+def evaluated(checkpoint, data, tmp_path) -> dict:
+    out = tmp_path / "evaluated.json"
+    assert main(["evaluate", "--checkpoint", str(checkpoint), "--data", str(data),
+                 "--metrics-out", str(out)]) == 0
+    return json.loads(out.read_text())
+
+
+def rewritten(log, path, header=None, rows=None, delimiter=","):
+    """The log's table with the columns of ``header`` (upper case; one the
+    log lacks holds x), its rows as ``rows`` gives them (a function of the
+    rows, dicts by column)."""
+    table = list(csv.DictReader(log.open()))
+    header = header or list(table[0])
+    rows = table if rows is None else rows(table)
+    path.write_text("\n".join(delimiter.join(r) for r in [[h.upper() for h in header]]
+                              + [[row.get(h, "x") for h in header] for row in rows]) + "\n")
+    return path
+
+
+def test_evaluate_takes_the_same_log_written_otherwise(trained, tmp_path):
+    """Columns in another order and case, extra columns, rows shuffled (ties
+    kept in one set), TSV, Parquet with integer and dictionary columns: the
+    run's own test metrics every time."""
+    log, checkpoint, metrics = trained
+    header = list(csv.DictReader(log.open()).fieldnames)
+    shuffled = lambda rows: random.Random(3).sample(rows, len(rows))
+    typed = pacsv.read_csv(log)                      # hour int64, price double
+    pq.write_table(typed, tmp_path / "typed.parquet")
+    pq.write_table(typed.set_column(typed.schema.get_field_index("item"), "item",
+                                    typed["item"].dictionary_encode()),
+                   tmp_path / "dictionary.parquet")
+    for data in (rewritten(log, tmp_path / "order.csv", header[::-1] + ["junk"]),
+                 rewritten(log, tmp_path / "shuffled.csv", rows=shuffled),
+                 rewritten(log, tmp_path / "log.tsv", delimiter="\t"),
+                 tmp_path / "typed.parquet", tmp_path / "dictionary.parquet"):
+        got = evaluated(checkpoint, data, tmp_path)
+        assert {k: got[k] for k in METRICS} == pytest.approx({k: metrics[k] for k in METRICS},
+                                                             abs=1e-9), data.name
+
+
+def test_predict_scores_as_the_models_forward_on_the_test_rows(trained, tmp_path, capsys):
+    """Each test row as a request (its history: the user's clicks strictly
+    earlier; its features raw, the price unstandardized): predict's score is
+    the model's forward on the row as evaluate batches it, so the
+    standardization is applied once, multi-valued values pooled alike and
+    rare or unknown ids take the reserved row."""
+    log, checkpoint, _ = trained
+    checkpoint_, config = checkpoint_for_run(str(checkpoint), "torch", "cpu")
+    model = restored_model(checkpoint_, config)
+    encoded = encode_log(load_labeled_log(log, log_columns(config)), checkpoint_.id_maps)
+    test = split_log(encoded, log_split(config)).test
+    expected = np.empty(len(test))
+    with torch.no_grad():
+        for indices, batch in iterate_batches(encoded.data, test, 1024, max_len=config.max_len):
+            args, kwargs = batch.model_inputs()
+            expected[indices] = torch.sigmoid(model(*args, **kwargs).double()).numpy()
+    rows = sorted(csv.DictReader(log.open()), key=lambda r: float(r["timestamp"]))
+    requests = [{"history": [h["item"] for h in rows if h["user"] == row["user"]
+                             and h["label"] == "1"
+                             and float(h["timestamp"]) < float(row["timestamp"])],
+                 "candidates": [row["item"]],
+                 "features": {"Genres": row["genres"], "HOUR": row["hour"],
+                              "Price": float(row["price"])}}
+                for row in rows[len(rows) - len(test):]]
+    path, out = tmp_path / "requests.jsonl", tmp_path / "scores.jsonl"
+    path.write_text("\n".join(map(json.dumps, requests)) + "\n")
+    assert main(["predict", "--checkpoint", str(checkpoint), "--requests", str(path),
+                 "--output", str(out)]) == 0
+    assert "0 unknown candidate(s)" not in capsys.readouterr().err      # rare ones among them
+    got = [json.loads(line)["score"] for line in out.read_text().splitlines()]
+    np.testing.assert_allclose(got, expected, rtol=0, atol=1e-6)
+
+
+def awkward_requests(count=24, seed=1) -> list:
+    """Requests of 1-5 candidates and histories of 0-8 items, rare, known
+    and unknown ids, multi-valued cells with empty parts and duplicates,
+    features given once or per candidate, numbers as JSON numbers or strings."""
+    rng = random.Random(seed)
+    items = [f"i{i}" for i in range(40)] + ["never", "i99"]
+    cells = ["g1", "g1|g2", "g1||g2", "g3|", "", "|", "g1|g1", "unseen", " g2 | g4 "]
+    requests = []
+    for _ in range(count):
+        candidates = rng.sample(items, rng.randint(1, 5))
+        per = lambda value: [value() for _ in candidates] if rng.random() < 0.5 else value()
+        requests.append({"history": rng.sample(items, rng.randint(0, 8)),
+                         "candidates": candidates,
+                         "features": {"Genres": per(lambda: rng.choice(cells)),
+                                      "HOUR": per(lambda: rng.choice([3, "23", "99"])),
+                                      "Price": per(lambda: rng.choice([9.5, "11", -3.25, 0]))}})
+    return requests
+
+
+def test_the_exported_model_scores_as_predict(trained, tmp_path):
+    """The ONNX model, its inputs built from raw requests by the Encoder of
+    the id maps beside it (the layout its inputs list), scores every
+    candidate as predict does; and predict scores a request's candidates
+    together as it does each alone."""
+    pytest.importorskip("onnxruntime")
+    from din_fast.ctr.serving import Encoder, OnnxModel
+
+    _, checkpoint, _ = trained
+    _, config = checkpoint_for_run(str(checkpoint), "torch", "cpu")
+    requests = awkward_requests()
+    alone = [{**r, "candidates": [c], "features": {
+        k: v[i] if isinstance(v, list) else v for k, v in r["features"].items()}}
+        for r in requests for i, c in enumerate(r["candidates"])]
+    scores = []
+    for name, given in (("together", requests), ("alone", alone)):
+        path, out = tmp_path / f"{name}.jsonl", tmp_path / f"{name}.scores.jsonl"
+        path.write_text("\n".join(map(json.dumps, given)) + "\n")
+        assert main(["predict", "--checkpoint", str(checkpoint), "--requests", str(path),
+                     "--output", str(out)]) == 0
+        scores.append([json.loads(line)["score"] for line in out.read_text().splitlines()])
+    np.testing.assert_allclose(scores[0], scores[1], rtol=0, atol=1e-6)
+    onnx = tmp_path / "din.onnx"
+    assert main(["export", "--checkpoint", str(checkpoint), "--out", str(onnx), "--format",
+                 "onnx"]) == 0
+    layout = json.loads((tmp_path / "din.ids.json").read_text())["inputs"]
+    batch = Encoder.from_json(tmp_path / "din.ids.json").encode(
+        [r["history"] for r in requests], [r["candidates"] for r in requests],
+        max_len=config.max_len, features=[r["features"] for r in requests])
+    inputs = batch.inputs()
+    assert [spec["name"] for spec in layout] == [
+        "history_items", "history_categories", "lengths", "target_items", "target_categories",
+        "features_genres", "features_hour", "numeric"]
+    logits = OnnxModel(onnx)(**{spec["name"]: t for spec, t in zip(layout, inputs)})
+    exported = torch.cat([torch.sigmoid(logits[b, :len(r["candidates"])].double())
+                          for b, r in enumerate(requests)])
+    np.testing.assert_allclose(exported.numpy(), scores[0], rtol=0, atol=1e-5)
+
