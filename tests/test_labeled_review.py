@@ -196,3 +196,29 @@ def test_the_exported_model_scores_as_predict(trained, tmp_path):
                           for b, r in enumerate(requests)])
     np.testing.assert_allclose(exported.numpy(), scores[0], rtol=0, atol=1e-5)
 
+
+def test_export_refuses_features_that_would_share_an_input_name(tmp_path, capsys):
+    """Side features a-b and a.b are both the exported input features_a_b:
+    the layout beside the model listed that name twice while the graph
+    called the second features_a_b_1, tied the two features' value counts
+    and left the second one's ids unchecked (an id past its table read out
+    of bounds in a .pt2 package). Both formats refuse, before compiling,
+    in one line."""
+    log = tmp_path / "log.csv"
+    rows = list(csv.reader(write_labeled_log(log).open()))
+    log.write_text("\n".join(",".join(row + (["a-b", "a.b"] if n == 0 else [f"x{n % 3}", "y"]))
+                             for n, row in enumerate(rows)) + "\n")
+    checkpoint = tmp_path / "din.pt"
+    assert main(["train", "--data", str(log), "--label-column", "label", "--features",
+                 "a-b,a.b", "--embed-dim", "4", "--epochs", "1", "--no-progress",
+                 "--checkpoint", str(checkpoint)]) == 0
+    capsys.readouterr()
+    for out, format_ in ((tmp_path / "din.onnx", "onnx"), (tmp_path / "din.pt2", "pt2")):
+        assert main(["export", "--checkpoint", str(checkpoint), "--out", str(out),
+                     "--format", format_, "--device", "cpu"][:None if format_ == "pt2" else -2]) \
+            == 2
+        assert capsys.readouterr().err.strip().splitlines() == [
+            f"din-fast: error: --checkpoint {checkpoint}: side features 'a-b' and 'a.b' would "
+            "both be the exported input features_a_b (lower case, every character but letters "
+            "and digits '_'); train with column names that differ there to export the model"]
+        assert sorted(p.name for p in tmp_path.iterdir()) == ["din.pt", "din.run.pt", "log.csv"]

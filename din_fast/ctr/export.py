@@ -167,8 +167,37 @@ def din_dynamic_shapes(model: Optional[torch.nn.Module] = None) -> tuple:
         return shapes
     features = {name: {**rows, len(rows): torch.export.Dim(value_dim(name), min=1,
                                                            max=MAX_HISTORY)}
-                for name in model.feature_names}
+                for name in feature_inputs(model)}
     return shapes + (features, dict(rows) if model.numeric_features else None)
+
+
+def feature_inputs(model: torch.nn.Module) -> dict:
+    """The exported input of each side feature of din_fast.DIN or BaseModel,
+    in the model's order.
+
+    Args:
+        model: the model exported.
+
+    Returns:
+        {side feature: its input's name, :func:`exported_name` of it}.
+
+    Raises:
+        ValueError: two side features that would be one input (their names
+            alike but for case and the characters exported_name replaces:
+            torch.export would call the second ``<name>_1``, and its size
+            ``V_<name>`` would be tied to the first's).
+    """
+    inputs = {}
+    for name in model.feature_names:
+        exported = exported_name("features", name)
+        other = next((f for f, e in inputs.items() if e == exported), None)
+        if other is not None:
+            raise ValueError(f"side features {other!r} and {name!r} would both be the exported "
+                             f"input {exported} (lower case, every character but letters and "
+                             "digits '_'); train with column names that differ there to export "
+                             "the model")
+        inputs[name] = exported
+    return inputs
 
 
 def value_dim(feature: str) -> str:
@@ -291,7 +320,8 @@ def export_checkpoint(checkpoint_path: str, path: str, *, device: str = "cpu",
                   {"--checkpoint": checkpoint_path})
     checkpoint, config = checkpoint_for_run(checkpoint_path, backend, device)
     model = restored_model(checkpoint, config)
-    with writing_id_maps(checkpoint.id_maps, path, input_layout(model)) as ids_path:
+    with writing_id_maps(checkpoint.id_maps, path,
+                         checkpoint_layout(model, checkpoint_path)) as ids_path:
         try:
             export_din(model, path)
         except InputError:
@@ -381,8 +411,8 @@ def input_layout(model: torch.nn.Module) -> list:
               ("target_categories", "int64", rows, "their dense categories")]
     if model.category_embedding is None:
         layout = [entry for entry in layout if "categor" not in entry[0]]
-    for name in model.feature_names:
-        layout.append((exported_name("features", name), "int64", rows + [value_dim(name)],
+    for name, exported in feature_inputs(model).items():
+        layout.append((exported, "int64", rows + [value_dim(name)],
                        f"dense ids of feature {name!r} (features[{name!r}] in dense order), "
                        "0 after a candidate's values"))
     if model.numeric_features:
@@ -390,6 +420,24 @@ def input_layout(model: torch.nn.Module) -> list:
                        "the numeric features in the order of `numeric`, standardized"))
     return [dict(name=name, dtype=dtype, shape=shape, values=values)
             for name, dtype, shape, values in layout]
+
+
+def checkpoint_layout(model: torch.nn.Module, checkpoint_path) -> list:
+    """:func:`input_layout` of a checkpoint's model, before either export
+    traces it.
+
+    Args:
+        model: the checkpoint's din_fast.DIN or BaseModel.
+        checkpoint_path: the checkpoint, named in the error.
+
+    Raises:
+        din_fast.ctr.errors.InputError: side features the export cannot
+            tell apart (:func:`feature_inputs`), naming --checkpoint.
+    """
+    try:
+        return input_layout(model)
+    except ValueError as error:
+        raise InputError(f"--checkpoint {checkpoint_path}: {error}") from None
 
 
 def ids_path_of(path: str) -> str:

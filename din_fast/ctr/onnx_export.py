@@ -58,7 +58,7 @@ from din_fast.problem import split_first_layer
 from din_fast.reference import masked_normalize
 from .errors import InputError
 from .export import (din_dynamic_shapes, din_example_inputs, din_padding_dims,
-                     din_value_ranges, ids_path_of, input_layout, writing_id_maps)
+                     checkpoint_layout, din_value_ranges, ids_path_of, writing_id_maps)
 from .files import check_outputs, replacing
 from .models import BaseModel, score
 from .package_inputs import InputContract
@@ -262,7 +262,8 @@ def export_checkpoint_onnx(checkpoint_path, path) -> tuple[str, str]:
                   {"--checkpoint": checkpoint_path})
     checkpoint, config = checkpoint_for_run(checkpoint_path, "torch", "cpu")
     model = restored_model(checkpoint, config)
-    with writing_id_maps(checkpoint.id_maps, path, input_layout(model)) as ids_path:
+    with writing_id_maps(checkpoint.id_maps, path,
+                         checkpoint_layout(model, checkpoint_path)) as ids_path:
         try:
             written = export_onnx(model, path)
         except ValueError as error:
