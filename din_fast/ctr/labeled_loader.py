@@ -243,15 +243,18 @@ def _kind(name: str, columns: LogColumns) -> str:
 def _parquet_column(column: pa.Array, kind: str, bools: bool) -> pa.Array:
     """A Parquet column as the CSV path reads it: ids and values as strings
     (a list column of a feature joined with the separator), numbers as
-    float64 (timestamp types as their integer value; booleans only where
-    ``bools``: a label)."""
+    float64 (timestamp types as their integer value, integers beyond 2**53
+    rounded; booleans only where ``bools``: a label)."""
     if kind == "number":
         if pa.types.is_timestamp(column.type):
             column = column.cast(pa.int64())
         if not (pa.types.is_integer(column.type) or pa.types.is_floating(column.type)
                 or (bools and pa.types.is_boolean(column.type))):
             raise TypeError(column.type)
-        return column.cast(pa.float64())
+        # Not a safe cast: float64 holds integers exactly up to 2**53 only,
+        # and nanoseconds since 1970 (pandas' datetimes) are beyond; rounded
+        # to the nearest float64 they keep their order, all a timestamp gives.
+        return column.cast(pa.float64(), safe=False)
     if pa.types.is_boolean(column.type) or pa.types.is_floating(column.type):
         raise TypeError(column.type)         # 1.0 or True as an id: no one meant that
     if kind == "values" and (pa.types.is_list(column.type)
