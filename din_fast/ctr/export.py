@@ -156,6 +156,10 @@ def din_dynamic_shapes(model: Optional[torch.nn.Module] = None) -> tuple:
         One entry per input of :func:`din_example_inputs`, in its order:
         {axis: torch.export.Dim}, None for an input that is None, and for
         ``features`` a dict {feature: {axis: Dim}}.
+
+    Raises:
+        ValueError: side features that would share an input
+            (:func:`feature_inputs`).
     """
     batch = torch.export.Dim("B", min=1, max=MAX_BATCH)
     history = torch.export.Dim("T", min=1, max=MAX_HISTORY)
@@ -284,6 +288,8 @@ def export_din(model: torch.nn.Module, path: str) -> str:
 
     Raises:
         din_fast.ctr.errors.OutputError: the package cannot be written.
+        ValueError: side features that would share an input
+            (:func:`feature_inputs`).
         Exception: what torch.export and Inductor raise (see
             :func:`export_package`).
     """
@@ -401,6 +407,10 @@ def input_layout(model: torch.nn.Module) -> list:
         ``shape`` (named dims: B rows, T history, C candidates per row,
         ``V_<feature>`` a side feature's values; ints for static sizes) and
         ``values``, what the values are.
+
+    Raises:
+        ValueError: side features that would share an input
+            (:func:`feature_inputs`).
     """
     rows = ["B", "C"]
     layout = [("history_items", "int64", ["B", "T"], "dense item ids, oldest first, 0 after "

@@ -195,8 +195,9 @@ def export_onnx(model: BaseModel, path) -> str:
 
     Raises:
         TypeError: another kind of model.
-        ValueError: parameters over ONNX's 2 GiB, or a two-stage (top-K)
-            attention.
+        ValueError: parameters over ONNX's 2 GiB, a two-stage (top-K)
+            attention, or side features that would share an input
+            (din_fast.ctr.export.feature_inputs).
         ImportError: onnx or onnxscript missing (din_fast's ``onnx`` extra).
         din_fast.ctr.errors.OutputError: the file cannot be written.
     """
