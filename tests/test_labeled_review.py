@@ -279,3 +279,17 @@ def test_export_refuses_features_that_would_share_an_input_name(tmp_path, capsys
             "both be the exported input features_a_b (lower case, every character but letters "
             "and digits '_'); train with column names that differ there to export the model"]
         assert sorted(p.name for p in tmp_path.iterdir()) == ["din.pt", "din.run.pt", "log.csv"]
+
+
+def test_the_encoder_refuses_features_a_model_without_them_would_ignore():
+    """A model trained without side features scores the same whatever
+    features a request brings: predict refuses them (the request names a
+    column the model does not take), and so does the Encoder, which dropped
+    them unannounced."""
+    from din_fast.ctr.serving import Encoder
+
+    encoder = Encoder(["i1", "i2"], None, None, unknown=True)
+    with pytest.raises(ValueError, match=r"features\[1\]: has 'hour', not one of them; the "
+                                         "model takes no side features"):
+        encoder.encode([["i1"], []], [["i2"], ["i1"]], features=[{}, {"hour": 3}])
+    assert encoder.encode([["i1"], []], [["i2"], ["i1"]], features=[{}, {}]).features is None

@@ -250,7 +250,8 @@ class Encoder:
             features: for maps with side features, B dicts {feature: value},
                 every side and numeric feature of the maps: one value for all
                 of the request's candidates or a list of one per candidate; a
-                categorical value holds its ids separated by ``|``.
+                categorical value holds its ids separated by ``|``. For maps
+                without any: None, or B empty dicts.
 
         Raises:
             ValueError: histories and candidates of different lengths, a
@@ -312,6 +313,8 @@ class Encoder:
                              target_categories, known, unknown_history, unknown_candidates)
         if side:
             self._add_features(batch, features, [len(row) for row in candidates], count)
+        elif features is not None:      # checked all the same: none may be given
+            self._features_of_requests(features, [len(row) for row in candidates])
         return batch
 
     def _rare_categories(self, categories: torch.Tensor, positions: list) -> None:
@@ -322,14 +325,20 @@ class Encoder:
             if category is not None:
                 categories[b, t] = category
 
-    def _add_features(self, batch: EncodedBatch, features: Sequence[dict], counts: list,
-                      count: int) -> None:
+    def _features_of_requests(self, features: Sequence[dict], counts: list) -> list:
+        """:meth:`encode_features` of each request's (``counts[b]``
+        candidates), a ValueError naming the request."""
         encoded = []
         for b, (given, candidates) in enumerate(zip(features, counts)):
             try:
                 encoded.append(self.encode_features(given, candidates))
             except ValueError as error:
                 raise ValueError(f"Encoder.encode: features[{b}]: {error}") from None
+        return encoded
+
+    def _add_features(self, batch: EncodedBatch, features: Sequence[dict], counts: list,
+                      count: int) -> None:
+        encoded = self._features_of_requests(features, counts)
         widest = {name: max([1] + [len(ids) for ids_of, _, _ in encoded
                                    for ids in ids_of[name]]) for name in self.features}
         batch.features = {name: torch.zeros(len(counts), count, widest[name], dtype=torch.int64)
