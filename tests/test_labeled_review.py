@@ -134,10 +134,6 @@ def test_evaluate_takes_parquet_timestamps_in_nanoseconds(trained, tmp_path):
                                                              abs=1e-9), as_type
 
 
-@pytest.mark.xfail(strict=True, reason="loaders.load_parquet casts the DIN protocol's "
-                   "timestamp to float64 with a safe cast, which refuses int64 beyond 2**53: "
-                   "'column timestamp has type int64; expected numbers' (a cast with "
-                   "safe=False keeps the order, as labeled_loader._parquet_column does)")
 def test_the_din_protocols_parquet_takes_timestamps_in_nanoseconds(tmp_path):
     from din_fast.ctr.loaders import load_interactions
 
@@ -146,10 +142,6 @@ def test_the_din_protocols_parquet_takes_timestamps_in_nanoseconds(tmp_path):
     pq.write_table(nanosecond_timestamps(rows, pa.timestamp("ns")), tmp_path / "log.parquet")
     assert load_interactions(tmp_path / "log.parquet").items.to_pylist() == ["i1", "i2", "i1"]
 
-@pytest.mark.xfail(strict=True, reason="training.evaluate_checkpoint counts only test items "
-                   "that take the reserved id (unknown_test_items), and cli.py's evaluate note "
-                   "only those: test rows' feature values (and history items) the checkpoint "
-                   "never saw score as the reserved id unannounced, as predict counts them")
 def test_evaluate_counts_the_feature_values_it_scores_as_the_reserved_id(trained, tmp_path,
                                                                          capsys):
     """The test rows' genres replaced by values the checkpoint never saw:
@@ -160,8 +152,23 @@ def test_evaluate_counts_the_feature_values_it_scores_as_the_reserved_id(trained
     data = rewritten(log, tmp_path / "unseen.csv", rows=lambda rows: unseen(sorted(
         rows, key=lambda row: float(row["timestamp"]))))
     capsys.readouterr()
-    evaluated(checkpoint, data, tmp_path)
-    assert "feature value" in capsys.readouterr().err
+    got = evaluated(checkpoint, data, tmp_path)
+    assert got["unknown_feature_values"] >= 120         # two per row, rare ones too
+    assert f"{got['unknown_feature_values']} side-feature value(s)" in capsys.readouterr().err
+    # Both counts against a literal walk over the test samples.
+    checkpoint_, config = checkpoint_for_run(str(checkpoint), "torch", "cpu")
+    maps = checkpoint_.id_maps
+    encoded = encode_log(load_labeled_log(data, log_columns(config)), maps)
+    test, rows = split_log(encoded, log_split(config)).test, encoded.data.rows
+    history = feature_values = 0
+    for start, length, row in zip(test.history_start, test.history_length, test.row):
+        read = encoded.data.items[start:start + length][-config.max_len:]
+        history += int((read == len(maps.item_ids) + 1).sum())
+        for name, values in rows.values.items():
+            mine = values[rows.offsets[name][row]:rows.offsets[name][row + 1]]
+            feature_values += int((mine == len(maps.features[name]) + 1).sum())
+    assert (got["unknown_history_items"], got["unknown_feature_values"]) == (history,
+                                                                           feature_values)
 
 def test_predict_scores_as_the_models_forward_on_the_test_rows(trained, tmp_path, capsys):
     """Each test row as a request (its history: the user's clicks strictly

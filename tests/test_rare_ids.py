@@ -190,7 +190,7 @@ def test_evaluate_and_predict_take_unseen_ids_through_the_reserved_row(trained, 
     newer = with_new_items(interactions, 0.05, tmp_path / "newer.csv")
     capsys.readouterr()
     assert main(["evaluate", "--checkpoint", str(checkpoint), "--data", str(newer)]) == 0
-    assert "scored through its reserved row" in capsys.readouterr().err
+    assert "scored through the reserved rows" in capsys.readouterr().err
     # ... beyond it, the data is refused.
     other = with_new_items(interactions, 0.5, tmp_path / "other.csv")
     assert main(["evaluate", "--checkpoint", str(checkpoint), "--data", str(other)]) == 2

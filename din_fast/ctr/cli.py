@@ -527,11 +527,14 @@ def run_command(args) -> int:
                       {"--checkpoint": args.checkpoint, "--data": data_files(args.data)})
         metrics = evaluate_checkpoint(args.checkpoint, args.data, backend=args.backend,
                                       device=args.device, max_unknown=args.max_unknown)
-        if metrics.get("unknown_test_items"):
-            print(f"din-fast: note: {metrics['unknown_test_items']} test sample(s) hold an item "
-                  "without a row of its own in the checkpoint (seen fewer than --min-count "
-                  "times in training, or never): scored through its reserved row",
-                  file=sys.stderr)
+        reserved = [metrics.get(key, 0) for key in ("unknown_test_items",
+                                                     "unknown_history_items",
+                                                     "unknown_feature_values")]
+        if any(reserved):
+            print("din-fast: note: ids without a row of their own in the checkpoint (seen "
+                  "fewer than --min-count times in training, or never) scored through the "
+                  f"reserved rows: {reserved[0]} test item(s), {reserved[1]} history item(s), "
+                  f"{reserved[2]} side-feature value(s)", file=sys.stderr)
         if metrics.get("excluded_test_samples") or metrics.get("skipped_history_items"):
             print(f"din-fast: note: {metrics['excluded_test_samples']} test sample(s) left out "
                   "(their test item is unknown to the checkpoint); "

@@ -660,6 +660,41 @@ class KnownTestSamples:
     skipped_history_items: int
 
 
+def reserved_ids_read(data: EncodedData, samples: Samples, max_len: Optional[int]) -> dict:
+    """How many ids ``samples`` read through the id maps' reserved rows (ids
+    the maps hold no row of their own for: rare in training, or never seen);
+    zeros for maps without reserved rows.
+
+    Args:
+        data: the EncodedData the samples were built from.
+        samples: the samples, their ``row`` set where the data has side
+            features.
+        max_len: the most recent items of each history the model reads
+            (None: all).
+
+    Returns:
+        ``{"history_items": n, "feature_values": m}``: the items, among the
+        histories' ``max_len`` latest, and the side-feature values of the
+        samples' rows that take a reserved id.
+    """
+    maps = data.id_maps
+    counts = {"history_items": 0, "feature_values": 0}
+    if not maps.unknown:
+        return counts
+    reserved = np.concatenate([[0], np.cumsum(data.items == len(maps.item_ids) + 1)])
+    end = samples.history_start + samples.history_length
+    read = samples.history_length if max_len is None else np.minimum(samples.history_length,
+                                                                      max_len)
+    counts["history_items"] = int((reserved[end] - reserved[end - read]).sum())
+    if data.rows is not None and samples.row is not None:
+        for name, values in data.rows.values.items():
+            reserved = np.concatenate([[0], np.cumsum(values == len(maps.features[name]) + 1)])
+            offsets = data.rows.offsets[name]
+            counts["feature_values"] += int((reserved[offsets[samples.row + 1]]
+                                             - reserved[offsets[samples.row]]).sum())
+    return counts
+
+
 def known_test_samples(data: EncodedData, seed: int = 0) -> KnownTestSamples:
     """The protocol's test samples where ``data`` may hold unknown items (0).
 

@@ -26,8 +26,8 @@ import pyarrow as pa
 import pyarrow.compute as pc
 
 from .errors import DataFormatError, InputError, snippet
-from .loaders import (PARQUET_MAGIC, TABLE_BLOCK_BYTES, BadRow, encoded_ids, first_bad_line,
-                      first_index, opened, table_header, text_lines)
+from .loaders import (PARQUET_MAGIC, TABLE_BLOCK_BYTES, BadRow, as_float64, encoded_ids,
+                      first_bad_line, first_index, opened, table_header, text_lines)
 
 SEPARATOR = "|"                        # between the values of a multi-valued feature
 ID_COLUMNS = ("user", "item", "category")
@@ -246,15 +246,11 @@ def _parquet_column(column: pa.Array, kind: str, bools: bool) -> pa.Array:
     float64 (timestamp types as their integer value, integers beyond 2**53
     rounded; booleans only where ``bools``: a label)."""
     if kind == "number":
-        if pa.types.is_timestamp(column.type):
-            column = column.cast(pa.int64())
-        if not (pa.types.is_integer(column.type) or pa.types.is_floating(column.type)
+        if not (pa.types.is_timestamp(column.type) or pa.types.is_integer(column.type)
+                or pa.types.is_floating(column.type)
                 or (bools and pa.types.is_boolean(column.type))):
             raise TypeError(column.type)
-        # Not a safe cast: float64 holds integers exactly up to 2**53 only,
-        # and nanoseconds since 1970 (pandas' datetimes) are beyond; rounded
-        # to the nearest float64 they keep their order, all a timestamp gives.
-        return column.cast(pa.float64(), safe=False)
+        return as_float64(column)
     if pa.types.is_boolean(column.type) or pa.types.is_floating(column.type):
         raise TypeError(column.type)         # 1.0 or True as an id: no one meant that
     if kind == "values" and (pa.types.is_list(column.type)

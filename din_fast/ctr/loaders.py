@@ -657,13 +657,11 @@ def load_parquet(path) -> Interactions:
     columns = []
     for name in TABLE_COLUMNS:
         column = table[name]
-        if name == "timestamp" and pa.types.is_timestamp(column.type):
-            column = column.cast(pa.int64())
         if name == "timestamp" and pa.types.is_boolean(column.type):
             raise DataFormatError(f"{path}: column timestamp has type bool; expected numbers "
                                   "or a timestamp type")
         try:
-            column = column.cast(pa.float64() if name == "timestamp" else pa.string())
+            column = as_float64(column) if name == "timestamp" else column.cast(pa.string())
         except (pa.ArrowInvalid, pa.ArrowNotImplementedError):
             raise DataFormatError(f"{path}: column {name} has type {column.type}; expected "
                                   f"{'numbers' if name == 'timestamp' else 'ids'}") from None
@@ -675,6 +673,17 @@ def load_parquet(path) -> Interactions:
         return _interactions_from_table(pa.table(columns, names=list(TABLE_COLUMNS)), path)
     except BadRow as bad:
         raise bad.error(path) from None
+
+
+def as_float64(column: pa.Array) -> pa.Array:
+    """A Parquet column of numbers as float64, a timestamp type as its integer
+    value. Integers are cast unsafely: float64 holds them exactly up to 2**53
+    only, and nanoseconds since 1970 (pandas' datetimes) are beyond; rounded
+    to the nearest float64 they keep their order, all a timestamp gives.
+    Other types are cast safely (pyarrow raises where they do not convert)."""
+    if pa.types.is_timestamp(column.type):
+        column = column.cast(pa.int64())
+    return column.cast(pa.float64(), safe=not pa.types.is_integer(column.type))
 
 
 # ---------------------------------------------------------------- synthetic data

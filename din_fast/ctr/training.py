@@ -19,7 +19,8 @@ from .checkpoint import (RunState, load_checkpoint, restored_model, resume_path,
                          save_checkpoint, save_run_state, save_weights)
 from .config import TrainConfig, build_model, model_for
 from .data import (BATCH_STREAM, EncodedData, IdMaps, Samples, SampleSplits, build_samples,
-                   encode, iterate_batches, known_test_samples, training_behaviours)
+                   encode, iterate_batches, known_test_samples, reserved_ids_read,
+                   training_behaviours)
 from .errors import CheckpointError, InputError
 from .files import check_output_directory, check_outputs, same_file, write_json
 from .foreign_data import MAX_UNKNOWN, check_behaviours, check_log
@@ -1090,8 +1091,11 @@ def evaluate_checkpoint(path: str, data: Optional[str] = None, *, backend: str =
     whose test item it does not know are left out (counted in
     ``excluded_test_samples``) and unknown history items are skipped
     (``skipped_history_items``). Of a labeled log, the test rows of the
-    run's time split are scored, unknown ids as the reserved one (counted
-    in ``unknown_test_items``).
+    run's time split are scored, unknown ids as the reserved one. Where
+    ids take the reserved rows, they are counted: test samples whose
+    target does (``unknown_test_items``), items in the histories the model
+    reads (``unknown_history_items``) and side-feature values of the test
+    rows (``unknown_feature_values``).
 
     Args:
         path: a ``din-fast train --checkpoint`` file.
@@ -1107,7 +1111,8 @@ def evaluate_checkpoint(path: str, data: Optional[str] = None, *, backend: str =
         ``test_auc``, ``test_gauc``, ``test_logloss``, ``model``,
         ``backend`` (the one the attention ran) and ``test_samples``; by
         the DIN protocol without rare ids also ``excluded_test_samples``
-        and ``skipped_history_items``, else ``unknown_test_items``.
+        and ``skipped_history_items``, else ``unknown_test_items``,
+        ``unknown_history_items`` and ``unknown_feature_values``.
 
     Raises:
         din_fast.ctr.errors.InputError: no ``data`` for a checkpoint trained
@@ -1139,8 +1144,11 @@ def evaluate_checkpoint(path: str, data: Optional[str] = None, *, backend: str =
         encoded_data = rare.encoded()
         test = rare.samples(known_test_samples(rare.data, config.seed).samples)
     metrics = evaluate(model, encoded_data, test, config.max_len, config.device, "test")
+    reserved = reserved_ids_read(encoded_data, test, config.max_len)
     metrics.update(model=config.model, backend=model.attention_backend(), test_samples=len(test),
-                   unknown_test_items=int((test.target == len(maps.item_ids) + 1).sum()))
+                   unknown_test_items=int((test.target == len(maps.item_ids) + 1).sum()),
+                   unknown_history_items=reserved["history_items"],
+                   unknown_feature_values=reserved["feature_values"])
     return metrics
 
 
