@@ -680,7 +680,18 @@ def as_float64(column: pa.Array) -> pa.Array:
     value. Integers are cast unsafely: float64 holds them exactly up to 2**53
     only, and nanoseconds since 1970 (pandas' datetimes) are beyond; rounded
     to the nearest float64 they keep their order, all a timestamp gives.
-    Other types are cast safely (pyarrow raises where they do not convert)."""
+    Other types are cast safely.
+
+    Args:
+        column: a pyarrow array (or chunked array) read from Parquet.
+
+    Returns:
+        The column as float64.
+
+    Raises:
+        pyarrow.ArrowInvalid, pyarrow.ArrowNotImplementedError: a type or a
+            value that does not convert (strings that are no numbers).
+    """
     if pa.types.is_timestamp(column.type):
         column = column.cast(pa.int64())
     return column.cast(pa.float64(), safe=not pa.types.is_integer(column.type))
