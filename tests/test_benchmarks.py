@@ -524,8 +524,8 @@ def test_movielens_log_and_the_logistic_regressions_input(tmp_path):
     assert sorted(set(matrix.ravel())) == [0, 0.5, 1]
 
 
-def test_movielens_ema_trains_the_models_asked_with_one_decay(tmp_path, monkeypatch, capsys,
-                                                              one_torch_thread):
+def test_movielens_trains_the_models_asked_with_one_decay_and_length(tmp_path, monkeypatch,
+                                                                     capsys, one_torch_thread):
     """benchmarks.movielens --ema 0.9 --base-max-len 3 --models "BaseModel +
     features" on made-up ratings: that model alone (and the logistic
     regression) trains, with the decay and history length recorded in its
