@@ -20,11 +20,14 @@ test, the 10% before validation), through ``din_fast.ctr.training.train``:
 
     python -m benchmarks.movielens --data DIR [--seeds 0 1 2] [--threads N]
         [--din-config FILE] [--base-config FILE] [--ema DECAY]
+        [--din-max-len N] [--base-max-len N]
         [--models "DIN + features" "BaseModel + features"]
 
 ``--ema DECAY`` trains every neural model with the same weight average
-(``din-fast train --ema``); ``--models`` runs some of them (the logistic
-regression always), to choose such a setting on validation at a few seeds.
+(``din-fast train --ema``); ``--din-max-len`` and ``--base-max-len`` set
+how many of the latest behaviours DIN's recipe (both DIN models) and
+BaseModel's keep; ``--models`` runs some of them (the logistic regression
+always), to choose such settings on validation at a few seeds.
 
 Prints a table (test AUC, GAUC, logloss per model and seed, then mean and
 standard deviation), says whether DIN with features beats the logistic
@@ -47,7 +50,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.csv as pacsv
 
-from din_fast.ctr.cli import available_cores
+from din_fast.ctr.cli import available_cores, positive_int
 
 from .harness import read_csv, write_csv
 
@@ -188,8 +191,8 @@ def run_models(log: Path, seeds, epochs: int, recipes: dict, models=tuple(MODELS
             print(f"== {name}, seed {seed}", flush=True)
             result = train(config, progress=False, log=lambda m: print("  " + m, flush=True))
             rows.append(dict(model=name, seed=seed, **{k: result[k] for k in METRICS},
-                             ema=config.ema, best_epoch=result["best_epoch"],
-                             epochs_run=result["epochs_run"],
+                             ema=config.ema, max_len=config.max_len,
+                             best_epoch=result["best_epoch"], epochs_run=result["epochs_run"],
                              train_seconds=round(result["train_seconds"], 1)))
         rows.append(dict(model="logistic regression", seed=seed,
                          **{k: regression[k] for k in METRICS}, C=regression["C"]))
@@ -227,6 +230,10 @@ def main() -> int:
                         help="train every neural model with this weight average (din-fast "
                         "train --ema; the same for all, whatever the recipes say); default: "
                         "the recipes'")
+    for kind, model in (("din", "DIN's (both DIN models)"), ("base", "BaseModel's")):
+        parser.add_argument(f"--{kind}-max-len", type=positive_int, metavar="N",
+                            help=f"the latest behaviours {model} recipe keeps (din-fast train "
+                            "--max-len); default: the recipe's")
     parser.add_argument("--models", nargs="+", choices=tuple(MODELS), default=tuple(MODELS),
                         help="the neural models to train (default: all)")
     parser.add_argument("--out", type=Path, default=ROOT / "benchmarks" / "results" /
@@ -248,6 +255,9 @@ def main() -> int:
                "base": recipe(args.base_config) if args.base_config else RECIPES["base"]}
     if args.ema is not None:    # the same for DIN and BaseModel: a fair comparison
         recipes = {kind: dict(options, ema=args.ema) for kind, options in recipes.items()}
+    for kind in recipes:    # each model's own: the history length is chosen per model
+        if getattr(args, f"{kind}_max_len") is not None:
+            recipes[kind] = dict(recipes[kind], max_len=getattr(args, f"{kind}_max_len"))
     import torch
     torch.set_num_threads(args.threads)
     with tempfile.TemporaryDirectory() as directory:

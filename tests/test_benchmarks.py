@@ -524,11 +524,12 @@ def test_movielens_log_and_the_logistic_regressions_input(tmp_path):
     assert sorted(set(matrix.ravel())) == [0, 0.5, 1]
 
 
-def test_movielens_ema_trains_the_models_asked_with_one_decay(tmp_path, monkeypatch, capsys,
-                                                              one_torch_thread):
-    """benchmarks.movielens --ema 0.9 --models "BaseModel + features" on
-    made-up ratings: that model alone (and the logistic regression) trains,
-    with the decay recorded in its row; no verdict without DIN."""
+def test_movielens_trains_the_models_asked_with_one_decay_and_length(tmp_path, monkeypatch,
+                                                                     capsys, one_torch_thread):
+    """benchmarks.movielens --ema 0.9 --base-max-len 3 --models "BaseModel +
+    features" on made-up ratings: that model alone (and the logistic
+    regression) trains, with the decay and history length recorded in its
+    row; no verdict without DIN."""
     from benchmarks import movielens
 
     movies = ["movieId,title,genres"] + [f"{m},M{m},{('Drama|Comedy', 'Crime')[m % 2]}"
@@ -541,12 +542,13 @@ def test_movielens_ema_trains_the_models_asked_with_one_decay(tmp_path, monkeypa
     out = tmp_path / "movielens.csv"
     monkeypatch.setattr(sys, "argv", ["movielens", "--data", str(tmp_path), "--seeds", "0",
                                       "--epochs", "1", "--threads", "1", "--ema", "0.9",
-                                      "--models", "BaseModel + features", "--out", str(out)])
+                                      "--base-max-len", "3", "--models", "BaseModel + features",
+                                      "--out", str(out)])
     assert movielens.main() == 0
     assert "beat" not in capsys.readouterr().out
     rows = [r for r in harness.read_csv(str(out)) if r["seed"] != ""]
-    assert [(r["model"], r["ema"]) for r in rows] == [("BaseModel + features", 0.9),
-                                                      ("logistic regression", "")]
+    assert [(r["model"], r["ema"], r["max_len"]) for r in rows] == [
+        ("BaseModel + features", 0.9, 3), ("logistic regression", "", "")]
     # --combine: another run's rows join, each model once per seed, in the table's order.
     other = [dict(rows[1], seed=1), dict(model="DIN", seed=0), dict(rows[1], test_auc=0.0)]
     assert [(r["model"], r["seed"]) for r in movielens.combined([rows, other])] == [
