@@ -502,3 +502,28 @@ def test_linear_lr_is_the_linear_parts_own_rate(log, capsys):
     assert main(["train", "--data", str(log), *LABELED, "--linear-lr", "0.05"]) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and err[0].startswith("din-fast: error:") and "linear_lr" in err[0]
+
+
+def test_a_log_trained_without_its_label_column_gets_a_note(log, tmp_path, capsys):
+    """By the DIN protocol every row is a behaviour: an impression log given
+    without --label-column trains on its non-clicks as clicks, without an
+    error; a note names the column and the option (CSV and Parquet)."""
+    import pyarrow.csv as pacsv
+    import pyarrow.parquet as pq
+
+    table = pacsv.read_csv(log)
+    parquet = tmp_path / "log.parquet"
+    pq.write_table(table.rename_columns([("Clicked" if n == "label" else n)
+                                         for n in table.column_names]), parquet)
+    quick = ["--epochs", "1", "--embed-dim", "4", "--batch-size", "64", "--no-progress",
+             "--checkpoint", str(tmp_path / "din.pt")]
+    for data, column in ((log, "label"), (parquet, "Clicked")):
+        capsys.readouterr()
+        assert main(["train", "--data", str(data), *quick]) == 0
+        notes = [line for line in capsys.readouterr().err.splitlines() if "note" in line]
+        assert notes == [f"din-fast: note: {data} has a column {column!r}, which the DIN "
+                         "protocol (no --label-column) does not read: every row is taken as a "
+                         "behaviour and the negatives are sampled; to train on the labels, give "
+                         f"--label-column {column}"], notes
+    assert main(["train", "--data", str(log), *LABELED, *quick]) == 0
+    assert "note" not in capsys.readouterr().err

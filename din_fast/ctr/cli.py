@@ -31,7 +31,7 @@ from .errors import InputError
 from .export import export_checkpoint
 from .files import check_outputs, write_json
 from .foreign_data import MAX_UNKNOWN
-from .loaders import data_files
+from .loaders import data_files, header_names
 from .models import MLP_ACTIVATIONS, MLP_INPUTS, MODELS
 from .onnx_export import OPSET as ONNX_OPSET, export_checkpoint_onnx
 from .plot import check_plot_path, plot_training
@@ -172,6 +172,26 @@ def add_threads_option(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--threads", type=positive_int, default=available_cores(),
                         help="CPU threads for torch; by default the cores this process may "
                         "run on (on a machine others share, fewer can be faster)")
+
+
+# Column names that say a file is an impression log with click labels.
+LABEL_NAMES = ("label", "labels", "click", "clicked", "clicks", "is_click", "clk")
+
+
+def note_unread_labels(config: TrainConfig) -> None:
+    """A note on stderr when a run by the DIN protocol (no --label-column)
+    reads a file with a column named like a click label: every row is then
+    taken as a behaviour, the non-clicks too, which trains without an error
+    on what the user did not mean."""
+    if config.label_column is not None or config.data is None:
+        return
+    for name in header_names(config.data):
+        if name.strip().lower() in LABEL_NAMES:
+            print(f"din-fast: note: {config.data} has a column {name.strip()!r}, which the DIN "
+                  "protocol (no --label-column) does not read: every row is taken as a "
+                  "behaviour and the negatives are sampled; to train on the labels, give "
+                  f"--label-column {name.strip()}", file=sys.stderr)
+            return
 
 
 def add_max_unknown_option(parser: argparse.ArgumentParser) -> None:
@@ -503,6 +523,7 @@ def run_command(args) -> int:
         config = config_of(options)
         check_training_outputs(config, args.checkpoint, args.metrics_out, args.plot,
                                args.log_dir, args.resume)
+        note_unread_labels(config)
         if sharded.requested(args):
             sharded.check_single_process_options(config, resume=args.resume,
                                                  log_dir=args.log_dir)

@@ -96,6 +96,34 @@ def load_interactions(path) -> Interactions:
                           "a directory in the Amazon layout, a CSV/TSV or a Parquet file")
 
 
+def header_names(path) -> list:
+    """The column names of a CSV/TSV or Parquet file, as written (nothing
+    else is read); [] for a directory or a path that is not a readable file
+    (load_interactions names what is wrong with it).
+
+    Args:
+        path: a data path, a str or os.PathLike.
+
+    Returns:
+        [str]: the header's names, untrimmed, in file order.
+    """
+    path = Path(path)
+    try:
+        if not path.is_file():
+            return []
+        with opened(path) as handle:
+            magic = handle.read(len(PARQUET_MAGIC))
+        if magic == PARQUET_MAGIC:
+            import pyarrow.parquet as pq
+
+            return list(pq.read_schema(path).names)
+        line = next(text_lines(path), "")
+    except (OSError, UnicodeDecodeError, pa.ArrowInvalid, DataFormatError):
+        return []
+    delimiter = "\t" if path.suffix.lower() == ".tsv" or "\t" in line else ","
+    return next(csv.reader([line], delimiter=delimiter), [])
+
+
 def data_files(path) -> list:
     """The files load_interactions(path) reads, for checking that no output
     overwrites them.
