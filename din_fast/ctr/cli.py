@@ -31,6 +31,7 @@ from .errors import InputError
 from .export import export_checkpoint
 from .files import check_outputs, write_json
 from .foreign_data import MAX_UNKNOWN
+from .labeled_loader import header_name
 from .loaders import data_files, header_names
 from .models import MLP_ACTIVATIONS, MLP_INPUTS, MODELS
 from .onnx_export import OPSET as ONNX_OPSET, export_checkpoint_onnx
@@ -186,7 +187,7 @@ def note_unread_labels(config: TrainConfig) -> None:
     if config.label_column is not None or config.data is None:
         return
     for name in header_names(config.data):
-        if name.strip().lower() in LABEL_NAMES:
+        if header_name(name) in LABEL_NAMES:
             print(f"din-fast: note: {config.data} has a column {name.strip()!r}, which the DIN "
                   "protocol (no --label-column) does not read: every row is taken as a "
                   "behaviour and the negatives are sampled; to train on the labels, give "

@@ -26,8 +26,8 @@ import pyarrow as pa
 import pyarrow.compute as pc
 
 from .errors import DataFormatError, InputError, snippet
-from .loaders import (PARQUET_MAGIC, TABLE_BLOCK_BYTES, BadRow, as_float64, encoded_ids,
-                      first_bad_line, first_index, opened, table_header, text_lines)
+from .loaders import (TABLE_BLOCK_BYTES, BadRow, as_float64, encoded_ids, first_bad_line,
+                      first_index, is_parquet, table_delimiter, table_header, text_lines)
 
 SEPARATOR = "|"                        # between the values of a multi-valued feature
 ID_COLUMNS = ("user", "item", "category")
@@ -110,16 +110,14 @@ def load_labeled_log(path, columns: LogColumns) -> LabeledLog:
     if not path.is_file():
         raise DataFormatError(f"data path {path} is not a regular file; expected a CSV/TSV or "
                               "Parquet file")
-    with opened(path) as handle:
-        magic = handle.read(len(PARQUET_MAGIC))
-    return _load_parquet(path, columns) if magic == PARQUET_MAGIC else _load_table(path, columns)
+    return _load_parquet(path, columns) if is_parquet(path) else _load_table(path, columns)
 
 
 # ---------------------------------------------------------------- CSV / TSV
 
 def _load_table(path: Path, columns: LogColumns) -> LabeledLog:
     header_line = next(text_lines(path), "")
-    delimiter = "\t" if path.suffix.lower() == ".tsv" or "\t" in header_line else ","
+    delimiter = table_delimiter(path, header_line)
     header = table_header(header_line, path, delimiter, columns.required,
                           optional=("category",), options=_options(columns))
     wanted = [name for name in header if not name.startswith("_ignored_")]

@@ -86,14 +86,42 @@ def load_interactions(path) -> Interactions:
     if path.is_dir():
         return load_amazon_directory(path)
     if path.is_file():
-        with opened(path) as handle:
-            magic = handle.read(len(PARQUET_MAGIC))
-        return load_parquet(path) if magic == PARQUET_MAGIC else load_table(path)
+        return load_parquet(path) if is_parquet(path) else load_table(path)
     if not path.exists():
         raise DataFormatError(f"data path {path} does not exist; expected a directory in the "
                               "Amazon layout, a CSV/TSV or a Parquet file")
     raise DataFormatError(f"data path {path} is not a regular file or a directory; expected "
                           "a directory in the Amazon layout, a CSV/TSV or a Parquet file")
+
+
+def is_parquet(path: Path) -> bool:
+    """Whether the file at ``path`` is Parquet, by its leading magic bytes
+    (whatever its name says).
+
+    Args:
+        path: a regular file.
+
+    Returns:
+        True for Parquet, False for anything else (a CSV/TSV table).
+
+    Raises:
+        din_fast.ctr.errors.DataFormatError: it cannot be opened.
+    """
+    with opened(path) as handle:
+        return handle.read(len(PARQUET_MAGIC)) == PARQUET_MAGIC
+
+
+def table_delimiter(path: Path, header_line: str) -> str:
+    """A table's delimiter.
+
+    Args:
+        path: the CSV/TSV file.
+        header_line: its first line.
+
+    Returns:
+        A tab for a .tsv file or a header holding one, else a comma.
+    """
+    return "\t" if path.suffix.lower() == ".tsv" or "\t" in header_line else ","
 
 
 def header_names(path) -> list:
@@ -111,17 +139,14 @@ def header_names(path) -> list:
     try:
         if not path.is_file():
             return []
-        with opened(path) as handle:
-            magic = handle.read(len(PARQUET_MAGIC))
-        if magic == PARQUET_MAGIC:
+        if is_parquet(path):
             import pyarrow.parquet as pq
 
             return list(pq.read_schema(path).names)
         line = next(text_lines(path), "")
     except (OSError, UnicodeDecodeError, pa.ArrowInvalid, DataFormatError):
         return []
-    delimiter = "\t" if path.suffix.lower() == ".tsv" or "\t" in line else ","
-    return next(csv.reader([line], delimiter=delimiter), [])
+    return next(csv.reader([line], delimiter=table_delimiter(path, line)), [])
 
 
 def data_files(path) -> list:
@@ -336,7 +361,7 @@ def load_table(path) -> Interactions:
     """
     path = Path(path)
     header_line = next(text_lines(path), "")
-    delimiter = "\t" if path.suffix.lower() == ".tsv" or "\t" in header_line else ","
+    delimiter = table_delimiter(path, header_line)
     header = table_header(header_line, path, delimiter)
     try:
         # Timestamps as numbers first (the fast path); pyarrow's number parser
