@@ -673,15 +673,18 @@ def reserved_ids_read(data: EncodedData, samples: Samples, max_len: Optional[int
             (None: all).
 
     Returns:
-        ``{"history_items": n, "feature_values": m}``: the items, among the
-        histories' ``max_len`` latest, and the side-feature values of the
-        samples' rows that take a reserved id.
+        ``{"items": i, "history_items": n, "feature_values": m}``: the
+        samples whose target item, the items among the histories'
+        ``max_len`` latest, and the side-feature values of the samples' rows
+        that take a reserved id.
     """
     maps = data.id_maps
-    counts = {"history_items": 0, "feature_values": 0}
+    counts = {"items": 0, "history_items": 0, "feature_values": 0}
     if not maps.unknown:
         return counts
-    reserved = np.concatenate([[0], np.cumsum(data.items == len(maps.item_ids) + 1)])
+    reserved_item = len(maps.item_ids) + 1
+    counts["items"] = int((samples.target == reserved_item).sum())
+    reserved = np.concatenate([[0], np.cumsum(data.items == reserved_item)])
     end = samples.history_start + samples.history_length
     read = samples.history_length if max_len is None else np.minimum(samples.history_length,
                                                                       max_len)

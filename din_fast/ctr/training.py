@@ -1146,7 +1146,7 @@ def evaluate_checkpoint(path: str, data: Optional[str] = None, *, backend: str =
     metrics = evaluate(model, encoded_data, test, config.max_len, config.device, "test")
     reserved = reserved_ids_read(encoded_data, test, config.max_len)
     metrics.update(model=config.model, backend=model.attention_backend(), test_samples=len(test),
-                   unknown_test_items=int((test.target == len(maps.item_ids) + 1).sum()),
+                   unknown_test_items=reserved["items"],
                    unknown_history_items=reserved["history_items"],
                    unknown_feature_values=reserved["feature_values"])
     return metrics
