@@ -37,6 +37,7 @@ def test_export_command_packages_what_the_checkpoint_scores(tmp_path):
     assert ids["item_category"] == saved.id_maps.item_category.tolist()
     model = restored_model(saved, saved.config)
     scorer = export.load(str(package))
+    assert scorer.ids_fingerprint == ids["fingerprint"] == saved.id_maps.fingerprint()
     for batch, history in ((3, 5), (1, 1), (6, 11)):
         inputs = export.din_example_inputs(model, batch, history)
         with torch.no_grad():

@@ -4,8 +4,10 @@ scores eagerly, for other batch sizes, history lengths and candidate counts,
 rows of length 0 and ids in the padding included; bad inputs are refused."""
 
 import itertools
+import json
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -182,3 +184,64 @@ def test_export_command_onnx_errors_are_one_line(tmp_path, capsys):
         assert len(lines) == 1 and lines[0].startswith("din-fast: error:"), lines
         assert message in lines[0]
     assert sorted(p.name for p in tmp_path.iterdir()) == ["x.pt"]
+
+
+def test_exports_of_one_stem_never_pair_a_model_with_another_checkpoints_ids(tmp_path, capsys,
+                                                                           monkeypatch):
+    """din.pt2 and din.onnx share din.ids.json: an export that would replace
+    the other format's id maps with another checkpoint's is refused (one
+    line, nothing written); the same checkpoint's, or a re-export of the same
+    format alone, is written. The model records its id maps' fingerprint and
+    Encoder.from_json refuses a JSON of another checkpoint for it."""
+    checkpoints = []
+    for seed in (6, 7):
+        data = write_csv(tmp_path / f"data{seed}.csv",
+                         synthetic_interactions(num_users=30, seed=seed))
+        checkpoints.append(tmp_path / f"m{seed}.pt")
+        assert main(["train", "--data", str(data), "--epochs", "1", "--batch-size", "64",
+                     "--embed-dim", "4", "--no-progress", "--checkpoint",
+                     str(checkpoints[-1])]) == 0
+    first, second = checkpoints
+    fingerprints = [load_checkpoint(c).id_maps.fingerprint() for c in checkpoints]
+    serving = tmp_path / "serving"
+    serving.mkdir()
+    onnx_path, package, ids_path = (serving / name for name in ("din.onnx", "din.pt2",
+                                                                "din.ids.json"))
+
+    def export(checkpoint, out, *options):
+        status = main(["export", "--checkpoint", str(checkpoint), "--out", str(out), *options])
+        return status, capsys.readouterr().err.strip().splitlines()
+
+    assert export(first, onnx_path, "--format", "onnx")[0] == 0
+    first_ids = ids_path.read_bytes()
+    first_model = OnnxModel(onnx_path)
+    assert first_model.ids_fingerprint == fingerprints[0]
+    assert Encoder.from_json(ids_path, model=first_model).fingerprint == fingerprints[0]
+    # Another checkpoint's package beside it: refused before anything is compiled.
+    status, error = export(second, package)
+    assert status == 2 and len(error) == 1, error
+    assert error[0].startswith(f"din-fast: error: --out {package}: {ids_path}, the id maps "
+                               f"{onnx_path} is served with, holds other id maps"), error
+    assert f"give --out another name ({serving / 'din-2.pt2'} writes " \
+           f"{serving / 'din-2.ids.json'})" in error[0], error
+    assert sorted(p.name for p in serving.iterdir()) == ["din.ids.json", "din.onnx"]
+    assert ids_path.read_bytes() == first_ids
+    # Re-exporting the ONNX model while a package of that stem exists: the
+    # same checkpoint's id maps are written again, another's refused. (The
+    # id maps are what is tested: the model itself is a stand-in.)
+    monkeypatch.setattr(din_fast.ctr.onnx_export, "export_onnx",
+                        lambda model, path, metadata: Path(path).write_bytes(b"a model"))
+    package.write_bytes(b"stands for the first checkpoint's package")
+    assert export(first, onnx_path, "--format", "onnx")[0] == 0
+    status, error = export(second, onnx_path, "--format", "onnx")
+    assert status == 2 and len(error) == 1 and str(package) in error[0], error
+    assert ids_path.read_bytes() == first_ids
+    # Alone, the ONNX model is replaced with the other checkpoint's, id maps and all.
+    package.unlink()
+    assert export(second, onnx_path, "--format", "onnx")[0] == 0
+    assert json.loads(ids_path.read_text())["fingerprint"] == fingerprints[1]
+    with pytest.raises(ValueError, match=f"fingerprint {fingerprints[1][:12]}, but din.onnx "
+                       f"was exported with id maps of fingerprint {fingerprints[0][:12]}"):
+        Encoder.from_json(ids_path, model=first_model)
+    with pytest.raises(TypeError, match="must be a loaded exported model"):
+        Encoder.from_json(ids_path, model=str(onnx_path))

@@ -13,7 +13,12 @@ graph into one ``.pt2`` file: a shared library and the weights, which
                                                target_items, target_categories)   # [B, C]
 
 ``din-fast export`` does the same for a checkpoint (:func:`export_checkpoint`)
-and writes the id maps beside the package.
+and writes the id maps beside the package, ``<stem>.ids.json``, which the
+.pt2 and the ONNX export of one stem share: :func:`writing_id_maps` refuses to
+replace the id maps of the other format's model with another checkpoint's.
+Each export records the fingerprint of its id maps in the model's metadata
+(:data:`IDS_FINGERPRINT_KEY`), which din_fast.ctr.serving.Encoder.from_json
+checks against the JSON's when given the loaded model.
 """
 
 from __future__ import annotations
@@ -28,7 +33,7 @@ import torch
 
 from .checkpoint import restored_model
 from .data import IdMaps
-from .errors import InputError
+from .errors import InputError, OutputError
 from .files import check_outputs, replacing
 from .package_inputs import InputContract
 from .training import checkpoint_for_run
@@ -39,10 +44,16 @@ from .training import checkpoint_for_run
 MAX_BATCH = 1 << 20
 MAX_HISTORY = 1 << 16
 MAX_CANDIDATES = 1 << 16
+# The exported formats, each writing its id maps to the same <stem>.ids.json.
+EXPORT_SUFFIXES = (".pt2", ".onnx")
+# The model's metadata entry holding the fingerprint of the id maps it was
+# exported with (the ``fingerprint`` of its <stem>.ids.json).
+IDS_FINGERPRINT_KEY = "din_fast.ids_fingerprint"
 
 
 def export_package(model: torch.nn.Module, example_inputs: Sequence[torch.Tensor], path: str,
-                   dynamic_shapes=None, value_ranges=None, padding_dims=()) -> str:
+                   dynamic_shapes=None, value_ranges=None, padding_dims=(),
+                   metadata: Optional[dict] = None) -> str:
     """Export ``model`` (in eval mode) on ``example_inputs`` and compile it into
     the AOTInductor package ``path``.
 
@@ -65,6 +76,8 @@ def export_package(model: torch.nn.Module, example_inputs: Sequence[torch.Tensor
             ``torch.export.Dim`` (or its name): the values an input may hold.
         padding_dims: Dim names of the dims a call may give as 0,
             zero-padded to their minimum.
+        metadata: more {key: string} entries recorded in the package's
+            metadata (``din-fast export``: :func:`ids_metadata`).
 
     Returns:
         ``path``, as a string.
@@ -82,7 +95,8 @@ def export_package(model: torch.nn.Module, example_inputs: Sequence[torch.Tensor
     finally:
         model.train(was_training)
     contract = InputContract.of_program(program, dynamic_shapes, value_ranges, padding_dims)
-    configs = {} if contract is None else {"aot_inductor.metadata": contract.to_metadata()}
+    recorded = {**(metadata or {}), **({} if contract is None else contract.to_metadata())}
+    configs = {"aot_inductor.metadata": recorded} if recorded else {}
     # The temporary file keeps the .pt2 suffix, which AOTInductor requires.
     with replacing(path, "--out") as temporary:
         torch._inductor.aoti_compile_and_package(program, package_path=temporary,
@@ -261,7 +275,7 @@ def din_value_ranges(model: torch.nn.Module) -> dict:
     return ranges
 
 
-def export_din(model: torch.nn.Module, path: str) -> str:
+def export_din(model: torch.nn.Module, path: str, metadata: Optional[dict] = None) -> str:
     """Package din_fast.DIN or BaseModel for serving, any batch (up to
     MAX_BATCH), history length (up to MAX_HISTORY) and number of candidates
     per row (up to MAX_CANDIDATES), on the device its parameters are on.
@@ -282,6 +296,8 @@ def export_din(model: torch.nn.Module, path: str) -> str:
         model: a din_fast.DIN or BaseModel; exported in eval mode, then put
             back in its own mode.
         path: the package to write, ending in ``.pt2``.
+        metadata: more {key: string} entries recorded in the package
+            (:func:`export_package`).
 
     Returns:
         ``path``, as a string.
@@ -294,14 +310,16 @@ def export_din(model: torch.nn.Module, path: str) -> str:
             :func:`export_package`).
     """
     return export_package(model, din_example_inputs(model), path, din_dynamic_shapes(model),
-                          din_value_ranges(model), padding_dims=din_padding_dims(model))
+                          din_value_ranges(model), padding_dims=din_padding_dims(model),
+                          metadata=metadata)
 
 
 def export_checkpoint(checkpoint_path: str, path: str, *, device: str = "cpu",
                       backend: str = "auto") -> tuple[str, str]:
     """Package a ``din-fast train`` checkpoint's model (:func:`export_din`)
     and write its id maps as JSON beside it, ``<path stem>.ids.json``
-    (:func:`writing_id_maps`): both whole, or neither.
+    (:func:`writing_id_maps`): both whole, or neither. The package records
+    the id maps' fingerprint (:func:`ids_metadata`).
 
     Args:
         checkpoint_path: a ``din-fast train --checkpoint`` file.
@@ -317,7 +335,9 @@ def export_checkpoint(checkpoint_path: str, path: str, *, device: str = "cpu",
             checkpoint, a device or backend this machine lacks, or an export
             or compile that failed (one line, naming the option).
         din_fast.ctr.errors.OutputError: an output that is an input (the
-            checkpoint), a directory, or cannot be written.
+            checkpoint), a directory, or cannot be written; id maps of
+            another checkpoint's ONNX model of the same stem
+            (:func:`check_shared_id_maps`).
     """
     if not str(path).endswith(".pt2"):
         raise InputError(f"--out {path}: the package's name must end in .pt2 (AOTInductor's "
@@ -329,7 +349,7 @@ def export_checkpoint(checkpoint_path: str, path: str, *, device: str = "cpu",
     with writing_id_maps(checkpoint.id_maps, path,
                          checkpoint_layout(model, checkpoint_path)) as ids_path:
         try:
-            export_din(model, path)
+            export_din(model, path, ids_metadata(checkpoint.id_maps))
         except InputError:
             raise
         except Exception as error:  # noqa: BLE001 - torch.export / Inductor raise many kinds
@@ -362,6 +382,10 @@ def writing_id_maps(maps: IdMaps, path, inputs: list) -> Iterator[str]:
     ``inputs``, the model's inputs in call order (:func:`input_layout`).
     din_fast.ctr.serving.Encoder reads it.
 
+    The .pt2 and the ONNX model of one stem share the JSON: before anything
+    is written, :func:`check_shared_id_maps` refuses to replace the id maps
+    of the other format's model there with different ones.
+
     Args:
         maps: the checkpoint's id maps (din_fast.ctr.data.IdMaps).
         path: the exported model's path (``.pt2`` or ``.onnx``).
@@ -371,8 +395,11 @@ def writing_id_maps(maps: IdMaps, path, inputs: list) -> Iterator[str]:
         The id maps' path.
 
     Raises:
-        din_fast.ctr.errors.OutputError: the JSON cannot be written.
+        din_fast.ctr.errors.OutputError: the JSON cannot be written, or
+            would replace the id maps of the other format's model with
+            different ones.
     """
+    check_shared_id_maps(maps, path)
     ids_path = ids_path_of(path)
     with replacing(ids_path, "--out's id maps") as temporary:
         with open(temporary, "w", encoding="utf-8") as handle:
@@ -452,12 +479,78 @@ def checkpoint_layout(model: torch.nn.Module, checkpoint_path) -> list:
 
 def ids_path_of(path: str) -> str:
     """Where the id maps of the exported model ``path`` go: ``din.pt2`` or
-    ``din.onnx`` -> ``din.ids.json``.
+    ``din.onnx`` -> ``din.ids.json`` (one file for both formats).
 
     Args:
         path: the exported model's path.
     """
     return str(Path(path).with_suffix(".ids.json"))
+
+
+def ids_metadata(maps: IdMaps) -> dict:
+    """The metadata entry an export records of its id maps:
+    {:data:`IDS_FINGERPRINT_KEY`: their fingerprint}, the ``fingerprint`` of
+    the ``<stem>.ids.json`` written with it.
+
+    Args:
+        maps: the checkpoint's id maps.
+    """
+    return {IDS_FINGERPRINT_KEY: maps.fingerprint()}
+
+
+def check_shared_id_maps(maps: IdMaps, path) -> None:
+    """OutputError when writing ``maps`` as the id maps of the exported model
+    ``path`` would leave the other format's model of the same stem with
+    another checkpoint's id maps.
+
+    ``din.pt2`` and ``din.onnx`` share ``din.ids.json``: exporting one
+    checkpoint as ``din.pt2`` and another as ``din.onnx`` would replace the
+    first one's id maps, and requests for ``din.pt2`` would then be encoded
+    with the second's ids: scores silently wrong. So where the other format's
+    model exists and the JSON there holds different id maps (another
+    fingerprint, or none that can be read), the export is refused. The same
+    id maps (one checkpoint exported to both formats) are written again, and
+    without the other format's model the JSON is replaced (re-exporting
+    ``din.pt2`` replaces its id maps with the new model's).
+
+    Args:
+        maps: the id maps to write.
+        path: the exported model's path (``.pt2`` or ``.onnx``).
+
+    Raises:
+        din_fast.ctr.errors.OutputError: the JSON belongs to the other
+            format's model and holds different id maps; naming --out, that
+            model and the remedy.
+    """
+    path, ids_path = Path(path), Path(ids_path_of(path))
+    others = [path.with_suffix(suffix) for suffix in EXPORT_SUFFIXES if suffix != path.suffix]
+    other = next((p for p in others if p.exists()), None)
+    if other is None or not ids_path.exists():
+        return
+    recorded = _recorded_fingerprint(ids_path)
+    given = maps.fingerprint()
+    if recorded == given:
+        return
+    holds = "id maps without a readable fingerprint" if recorded is None \
+        else f"other id maps (fingerprint {recorded[:12]}, this checkpoint's {given[:12]})"
+    renamed = path.with_name(f"{path.stem}-2{path.suffix}")
+    raise OutputError(f"--out {path}: {ids_path}, the id maps {other} is served with, holds "
+                      f"{holds}; writing this checkpoint's there would pair {other} with the "
+                      f"wrong ids (silently wrong scores); give --out another name ({renamed} "
+                      f"writes {ids_path_of(renamed)}), or remove {other} first if this "
+                      "export replaces it")
+
+
+def _recorded_fingerprint(ids_path: Path) -> Optional[str]:
+    """The ``fingerprint`` of an id maps JSON; None for a file without one
+    that can be read."""
+    try:
+        with open(ids_path, encoding="utf-8") as handle:
+            recorded = json.load(handle)
+    except (OSError, ValueError):
+        return None
+    fingerprint = recorded.get("fingerprint") if isinstance(recorded, dict) else None
+    return fingerprint if isinstance(fingerprint, str) else None
 
 
 class LoadedPackage:
@@ -466,7 +559,10 @@ class LoadedPackage:
     ids and lengths become int64, every input contiguous; a history of width
     T = 0 is padded to one position). A package din_fast did not write runs
     its inputs unchecked. ``compiled`` is torch's loaded package itself;
-    ``contract`` the record of its inputs (None for such a package).
+    ``contract`` the record of its inputs (None for such a package);
+    ``ids_fingerprint`` the fingerprint of the id maps it was exported with
+    (``din-fast export``'s; None for a package without one), which
+    din_fast.ctr.serving.Encoder.from_json checks its JSON against.
 
     Args:
         path: the ``.pt2`` package (``export_package`` or ``din-fast export``
@@ -487,6 +583,7 @@ class LoadedPackage:
         self.compiled = torch._inductor.aoti_load_package(str(path))
         metadata = getattr(self.compiled, "get_metadata", dict)()
         self.contract = InputContract.from_metadata(metadata)
+        self.ids_fingerprint = metadata.get(IDS_FINGERPRINT_KEY)
 
     def __call__(self, *args, **kwargs):
         if self.contract is None:

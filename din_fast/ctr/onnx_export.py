@@ -48,6 +48,7 @@ from __future__ import annotations
 import logging
 import warnings
 from contextlib import contextmanager
+from typing import Optional
 
 import torch
 from torch import nn
@@ -58,7 +59,8 @@ from din_fast.problem import split_first_layer
 from din_fast.reference import masked_normalize
 from .errors import InputError
 from .export import (din_dynamic_shapes, din_example_inputs, din_padding_dims,
-                     checkpoint_layout, din_value_ranges, ids_path_of, writing_id_maps)
+                     checkpoint_layout, din_value_ranges, ids_metadata, ids_path_of,
+                     writing_id_maps)
 from .files import check_outputs, replacing
 from .models import BaseModel, score
 from .package_inputs import InputContract
@@ -176,7 +178,7 @@ class OnnxDIN(nn.Module):
         return model.add_linear(logits, target_items, target_categories, features, numeric)
 
 
-def export_onnx(model: BaseModel, path) -> str:
+def export_onnx(model: BaseModel, path, metadata: Optional[dict] = None) -> str:
     """Write ``model`` as the ONNX model ``path`` (see the module's docstring
     for its inputs and output).
 
@@ -189,6 +191,8 @@ def export_onnx(model: BaseModel, path) -> str:
     Args:
         model: a din_fast.DIN or BaseModel (exact attention).
         path: the file to write (``.onnx`` by convention).
+        metadata: more {key: string} entries recorded in the model's
+            metadata (``din-fast export``: din_fast.ctr.export.ids_metadata).
 
     Returns:
         ``path``, as a string.
@@ -224,7 +228,7 @@ def export_onnx(model: BaseModel, path) -> str:
                                              output_names=[OUTPUT_NAME], verbose=False)
     finally:
         model.to(device).train(was_training)
-    onnx_program.model.metadata_props.update(contract.to_metadata())
+    onnx_program.model.metadata_props.update({**(metadata or {}), **contract.to_metadata()})
     with replacing(path, "--out") as temporary:
         onnx_program.save(temporary, external_data=False)
     return str(path)
@@ -234,6 +238,8 @@ def export_checkpoint_onnx(checkpoint_path, path) -> tuple[str, str]:
     """The ONNX model of a ``din-fast train`` checkpoint (:func:`export_onnx`)
     and its id maps beside it, ``<path stem>.ids.json`` (as the .pt2 export
     writes them, din_fast.ctr.export.writing_id_maps): both whole, or neither.
+    The model records the id maps' fingerprint
+    (din_fast.ctr.export.ids_metadata).
 
     Args:
         checkpoint_path: a ``din-fast train --checkpoint`` file.
@@ -247,7 +253,9 @@ def export_checkpoint_onnx(checkpoint_path, path) -> tuple[str, str]:
             bad checkpoint, a missing exporter, or a model the export refuses
             (one line, naming the option).
         din_fast.ctr.errors.OutputError: an output that is an input (the
-            checkpoint), a directory, or cannot be written.
+            checkpoint), a directory, or cannot be written; id maps of
+            another checkpoint's .pt2 package of the same stem
+            (din_fast.ctr.export.check_shared_id_maps).
     """
     # Imported here: the training stack is needed by this entry point only.
     from .checkpoint import restored_model
@@ -266,7 +274,7 @@ def export_checkpoint_onnx(checkpoint_path, path) -> tuple[str, str]:
     with writing_id_maps(checkpoint.id_maps, path,
                          checkpoint_layout(model, checkpoint_path)) as ids_path:
         try:
-            written = export_onnx(model, path)
+            written = export_onnx(model, path, ids_metadata(checkpoint.id_maps))
         except ValueError as error:
             raise InputError(f"--checkpoint {checkpoint_path}: {error}") from None
     return written, ids_path

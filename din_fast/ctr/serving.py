@@ -11,10 +11,15 @@ item ids and the raw ids of the candidates to score) into the five tensors
 both formats take; :class:`OnnxModel` runs an ONNX model with ONNX Runtime,
 checking its inputs first.
 
-    encoder = Encoder.from_json("din.ids.json")
+    model = OnnxModel("din.onnx")                      # or din_fast.ctr.export.load("din.pt2")
+    encoder = Encoder.from_json("din.ids.json", model=model)    # refused unless its id maps
     batch = encoder.encode(histories=[["i7", "i3"], []], candidates=[["i1", "i9"], ["i4"]])
-    logits = OnnxModel("din.onnx")(*batch.inputs())                # [B, C]
-    logits = din_fast.ctr.export.load("din.pt2")(*batch.inputs())  # [B, C]
+    logits = model(*batch.inputs())                             # [B, C]
+
+Each export records the fingerprint of its id maps in the model
+(``ids_fingerprint``); given the loaded model, :meth:`Encoder.from_json`
+refuses id maps of another fingerprint (a JSON another checkpoint's export
+wrote), whose dense ids would score other items than the request names.
 
 Ids are compared as strings (``din-fast train`` keeps them so), so the raw
 id ``7`` and ``"7"`` are the same item. With maps of the DIN protocol nothing
@@ -45,6 +50,7 @@ from typing import Optional, Sequence
 import numpy as np
 import torch
 
+from .export import IDS_FINGERPRINT_KEY
 from .labeled_loader import SEPARATOR
 from .onnx_export import OUTPUT_NAME
 from .package_inputs import METADATA_KEY, InputContract
@@ -129,6 +135,8 @@ class Encoder:
             seldom in training for one of their own); None: none.
         rare_item_category: the dense category of each of ``rare_items``
             (None without categories).
+        fingerprint: the id maps' fingerprint (din_fast.ctr.data.IdMaps'),
+            which an exported model records; None: unknown.
 
     Raises:
         ValueError: an ``item_category`` of another length than
@@ -142,7 +150,9 @@ class Encoder:
                  item_category: Optional[Sequence[int]], unknown: bool = False,
                  features: Optional[dict] = None, numeric: Optional[dict] = None,
                  rare_items: Optional[Sequence] = None,
-                 rare_item_category: Optional[Sequence[int]] = None):
+                 rare_item_category: Optional[Sequence[int]] = None,
+                 fingerprint: Optional[str] = None):
+        self.fingerprint = fingerprint
         self.item_dense = {str(raw): i + 1 for i, raw in enumerate(item_ids)}
         self.num_items = len(item_ids)
         self.unknown = bool(unknown)
@@ -197,20 +207,28 @@ class Encoder:
                    id_maps.item_category.tolist() if categories else None, id_maps.unknown,
                    {name: values.to_pylist() for name, values in id_maps.features.items()},
                    id_maps.numeric, id_maps.rare_items.to_pylist() if rare else None,
-                   id_maps.rare_item_category.tolist() if rare else None)
+                   id_maps.rare_item_category.tolist() if rare else None,
+                   id_maps.fingerprint())
 
     @classmethod
-    def from_json(cls, path) -> "Encoder":
+    def from_json(cls, path, model=None) -> "Encoder":
         """The encoder of the id maps ``path`` (``<name>.ids.json``, written
-        beside the exported model).
+        beside the exported model), checked against the model it encodes for.
 
         Args:
             path: the JSON file (str or path-like).
+            model: the exported model the requests go to, loaded
+                (din_fast.ctr.export.load's package or an :class:`OnnxModel`):
+                the JSON's ``fingerprint`` must be the one the model recorded
+                (a model exported before din-fast recorded it, or a JSON
+                without one, is not checked); None: not checked.
 
         Raises:
             ValueError: a file that does not hold a JSON object with
                 ``item_ids``, ``category_ids`` and ``item_category``, or whose
-                ``item_category`` does not fit its ids (as :class:`Encoder`).
+                ``item_category`` does not fit its ids (as :class:`Encoder`);
+                id maps that are not ``model``'s.
+            TypeError: a ``model`` that is not a loaded exported model.
             OSError: the file cannot be read.
         """
         with open(path, encoding="utf-8") as handle:
@@ -222,9 +240,12 @@ class Encoder:
                              "din-fast export writes)")
         numeric = {name: (stats["mean"], stats["std"])
                    for name, stats in maps.get("numeric", {}).items()}
+        if model is not None:
+            _check_pair(path, maps.get("fingerprint"), model)
         return cls(maps["item_ids"], maps["category_ids"], maps["item_category"],
                    maps.get("unknown", False), maps.get("features", {}), numeric,
-                   maps.get("rare_items"), maps.get("rare_item_category"))
+                   maps.get("rare_items"), maps.get("rare_item_category"),
+                   maps.get("fingerprint"))
 
     def dense_item(self, raw) -> int:
         """A raw item's dense id: its own, else the reserved one (maps with
@@ -440,6 +461,10 @@ class OnnxModel:
         session_options: an ``onnxruntime.SessionOptions`` (threads, graph
             optimizations), or None for ONNX Runtime's defaults.
 
+    ``ids_fingerprint`` is the fingerprint of the id maps it was exported
+    with (None for a model without one), which :meth:`Encoder.from_json`
+    checks its JSON against.
+
     Raises:
         ValueError: a model that din-fast export did not write (no record of
             its inputs).
@@ -453,8 +478,9 @@ class OnnxModel:
         self.session = onnxruntime.InferenceSession(
             str(path), sess_options=session_options,
             providers=list(providers or ["CPUExecutionProvider"]))
-        self.contract = InputContract.from_metadata(
-            self.session.get_modelmeta().custom_metadata_map)
+        metadata = self.session.get_modelmeta().custom_metadata_map
+        self.contract = InputContract.from_metadata(metadata)
+        self.ids_fingerprint = metadata.get(IDS_FINGERPRINT_KEY)
         if self.contract is None:
             raise ValueError(f"OnnxModel: {path} holds no record of its inputs "
                              f"({METADATA_KEY}); expected a model din-fast export --format "
@@ -478,6 +504,23 @@ class OnnxModel:
         feed = {spec.name: tensor.numpy() for spec, tensor in zip(self.contract.inputs, tensors)}
         (logits,) = self.session.run([OUTPUT_NAME], feed)
         return torch.from_numpy(logits)
+
+
+def _check_pair(path, fingerprint, model) -> None:
+    """ValueError unless the id maps ``path`` (their ``fingerprint``) are
+    the ones ``model`` was exported with; unchecked where either lacks a
+    fingerprint."""
+    if not hasattr(model, "ids_fingerprint"):
+        raise TypeError(f"Encoder.from_json: `model` must be a loaded exported model "
+                        f"(din_fast.ctr.export.load or OnnxModel); got {type(model).__name__}")
+    recorded = model.ids_fingerprint
+    if fingerprint is None or recorded is None or fingerprint == recorded:
+        return
+    raise ValueError(f"Encoder.from_json: {path} holds id maps of fingerprint "
+                     f"{str(fingerprint)[:12]}, but {model.name} was exported with id maps of "
+                     f"fingerprint {recorded[:12]} (another checkpoint's); its requests would be "
+                     "encoded with the wrong ids. Use the <name>.ids.json that din-fast export "
+                     "wrote with this model, or export its checkpoint again")
 
 
 def _as_tensor(value):
