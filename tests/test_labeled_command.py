@@ -214,6 +214,36 @@ def test_checkpoints_refuse_foreign_data(trained, tmp_path, capsys):
                  "--max-unknown", "0.6"]) == 0
 
 
+def test_a_log_without_a_column_of_the_checkpoint_names_the_checkpoint(trained, tmp_path,
+                                                                      capsys):
+    """evaluate and predict read the columns the checkpoint was trained with
+    (they take no --features): a log that lacks one is refused in one line
+    naming the data file, the checkpoint and its columns, no option."""
+    checkpoint, _ = trained
+    requests = tmp_path / "requests.jsonl"
+    requests.write_text(json.dumps({"user": "u1", "candidates": ["i1"], "features": {
+        "genres": "g1", "hour": "1", "price": "1"}}) + "\n")
+    kept = [n for n, name in enumerate(LABELED_HEADER) if name != "hour"]
+    csv = write_labeled_log(tmp_path / "no_hour.csv", [[r[n] for n in kept]
+                                                        for r in labeled_rows(60)],
+                            [LABELED_HEADER[n] for n in kept])
+    rows = labeled_rows(60)
+    parquet = tmp_path / "no_price.parquet"
+    pq.write_table(pa.table({name: [str(r[n]) for r in rows] for n, name
+                             in enumerate(LABELED_HEADER) if name != "price"}), parquet)
+    trained_with = (f"checkpoint {checkpoint} was trained with the columns label, genres, hour, "
+                    "price, which --data must hold")
+    for data, expected in ((csv, f"{csv}, line 1: the header has no column 'hour' (a side "
+                                 f"feature: {trained_with})"),
+                           (parquet, f"{parquet}: no column 'price' (a numeric feature: "
+                                     f"{trained_with})")):
+        for command in (["evaluate"], ["predict", "--requests", str(requests)]):
+            assert main([*command, "--checkpoint", str(checkpoint), "--data", str(data)]) == 2
+            error = capsys.readouterr().err.strip().splitlines()
+            assert len(error) == 1 and error[0].startswith("din-fast: error: "), error
+            assert expected in error[0] and "--features" not in error[0], error
+
+
 def log_with_newcomers(seed: int = 0, users: str = "u", items: str = "i") -> list:
     """labeled_rows with a ``user_id`` feature (the user's id, as the MovieLens
     benchmark takes it), whose last fifth (the validation and test rows of

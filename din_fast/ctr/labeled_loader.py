@@ -40,11 +40,15 @@ class LogColumns:
     categorical and numeric side features. Names match the header's in any
     case (:func:`header_name`); a side feature keeps the name it is given, which
     the log's ``features`` and ``numeric``, the id maps, the model and
-    predict's requests all call it by, as the run's config records it."""
+    predict's requests all call it by, as the run's config records it.
+    ``checkpoint``: None where the command's options name the columns
+    (train), else the checkpoint whose model reads them (evaluate, predict),
+    which the message about a missing column names instead of an option."""
 
     label: str = "label"
     features: tuple = ()
     numeric: tuple = ()
+    checkpoint: Optional[str] = None
 
     def __post_init__(self):
         object.__setattr__(self, "label", header_name(self.label))
@@ -139,10 +143,19 @@ def _load_table(path: Path, columns: LogColumns) -> LabeledLog:
 
 
 def _options(columns: LogColumns) -> dict:
-    """The option that names each column, for messages about a missing one."""
-    return {columns.label: "--label-column",
-            **{header_name(f): "--features" for f in columns.features},
-            **{header_name(f): "--numeric-features" for f in columns.numeric}}
+    """What names each column, for messages about a missing one: the option
+    that named it, or the checkpoint trained with it and its columns (which
+    evaluate and predict take from it: they have no option to change)."""
+    if columns.checkpoint is None:
+        roles = ("--label-column", "--features", "--numeric-features")
+    else:
+        trained = ", ".join((columns.label,) + columns.features + columns.numeric)
+        where = (f"checkpoint {columns.checkpoint} was trained with the columns {trained}, "
+                 "which --data must hold")
+        roles = tuple(f"{role}: {where}" for role in ("the label column", "a side feature",
+                                                     "a numeric feature"))
+    return {columns.label: roles[0], **{header_name(f): roles[1] for f in columns.features},
+            **{header_name(f): roles[2] for f in columns.numeric}}
 
 
 def _read_csv(path: Path, header: list, wanted: list, delimiter: str, typed) -> pa.Table:

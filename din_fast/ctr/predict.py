@@ -271,7 +271,7 @@ def predict_file(checkpoint_path, requests_path, data_path=None, output=None,
     maps = checkpoint.id_maps
     data, categories = None, ItemCategories(maps)
     if data_path is not None and config.label_column is not None:
-        log = load_labeled_log(data_path, log_columns(config))
+        log = load_labeled_log(data_path, log_columns(config, checkpoint_path))
         check_log(log, maps, checkpoint_path, log_split(config), max_unknown)
         data = encode_log(log, maps).data
         if log.categories is not None:      # one category per item: its first row's

@@ -111,11 +111,14 @@ def load_data(path: Optional[str], seed: int, min_count: int = 1, interactions=N
     return (data, splits) if min_count == 1 else with_rare_ids(data, splits, min_count)
 
 
-def log_columns(config: TrainConfig) -> LogColumns:
+def log_columns(config: TrainConfig, checkpoint=None) -> LogColumns:
     """The columns of the labeled log a config reads.
 
     Args:
         config: a config with ``label_column`` set.
+        checkpoint: the checkpoint the config comes from (evaluate,
+            predict), named in the message about a missing column; None
+            where the command's options give the config (train).
 
     Returns:
         din_fast.ctr.labeled_loader.LogColumns: its label, ``features`` and
@@ -125,7 +128,8 @@ def log_columns(config: TrainConfig) -> LogColumns:
         din_fast.ctr.errors.InputError: a column named twice or one of the
             log's own (user, item, category, timestamp).
     """
-    return LogColumns(config.label_column, config.features, config.numeric_features)
+    return LogColumns(config.label_column, config.features, config.numeric_features,
+                      None if checkpoint is None else str(checkpoint))
 
 
 def log_split(config: TrainConfig) -> LogSplit:
@@ -1128,7 +1132,7 @@ def evaluate_checkpoint(path: str, data: Optional[str] = None, *, backend: str =
     model = restored_model(checkpoint, config)
     maps = checkpoint.id_maps
     if config.label_column is not None:
-        log = load_labeled_log(data, log_columns(config))
+        log = load_labeled_log(data, log_columns(config, path))
         check_log(log, maps, path, log_split(config), max_unknown)
         encoded = encode_log(log, maps)
         encoded_data, test = encoded.data, split_log(encoded, log_split(config)).test
