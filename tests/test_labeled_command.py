@@ -259,7 +259,8 @@ def log_with_newcomers(seed: int = 0, users: str = "u", items: str = "i") -> lis
 NEWCOMERS_HEADER = LABELED_HEADER + ("user_id",)
 
 
-def test_evaluate_and_predict_take_the_training_log_whatever_its_time_split_brings(tmp_path):
+def test_evaluate_and_predict_take_the_training_log_whatever_its_time_split_brings(tmp_path,
+                                                                                  capsys):
     """Issue 21: a checkpoint never refuses its own data. Its maps list every
     id of the training rows (the rare ones of --min-count 15 too) and only
     those rows count for unknown ids; the later rows' new users and items do
@@ -293,15 +294,29 @@ def test_evaluate_and_predict_take_the_training_log_whatever_its_time_split_brin
     assert result.returncode == 2 and len(error) == 1, result.stderr
     assert error[0].startswith(f"din-fast: error: {foreign} does not fit checkpoint "
                                f"{checkpoint}: ") and "training rows" in error[0], error
-    # A checkpoint of the previous format, which listed no rare ids of a log, still loads.
+    # A checkpoint of the previous format, which kept the rare ids of a log
+    # without listing them, loads, and takes its own data as this one does:
+    # the ids its training rows hold fewer than --min-count times are its rare
+    # ones, not unknown (38.7% of the training rows hold such an item here).
     state = torch.load(checkpoint, weights_only=True)
     older = {k: v for k, v in state["id_maps"].items() if not k.startswith("rare_")}
     older["fingerprint"] = replace(maps, rare_items=None, rare_item_category=None,
                                    rare_categories=None, rare_features={}).fingerprint()
-    torch.save(dict(state, format="din_fast.checkpoint/5", id_maps=older), tmp_path / "old.pt")
-    loaded = load_checkpoint(tmp_path / "old.pt").id_maps
+    old = tmp_path / "old.pt"
+    torch.save(dict(state, format="din_fast.checkpoint/5", id_maps=older), old)
+    loaded = load_checkpoint(old).id_maps
     assert loaded.rare_items is None and loaded.rare_categories is None
     assert loaded.rare_features == {} and loaded.item_ids.equals(maps.item_ids)
+    assert main(["evaluate", "--checkpoint", str(old), "--data", str(data), "--metrics-out",
+                 str(tmp_path / "old.json")]) == 0
+    assert json.loads((tmp_path / "old.json").read_text()) == evaluated
+    assert main(["predict", "--checkpoint", str(old), "--data", str(data), "--requests",
+                 str(requests)]) == 0
+    capsys.readouterr()
+    # ... and still refuses the other log, whose frequent ids it never saw.
+    assert main(["evaluate", "--checkpoint", str(old), "--data", str(foreign)]) == 2
+    error = capsys.readouterr().err.strip().splitlines()
+    assert len(error) == 1 and f"does not fit checkpoint {old}: " in error[0], error
 
 
 def test_a_tampered_id_map_is_refused(trained, tmp_path):

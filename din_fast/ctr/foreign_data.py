@@ -20,9 +20,11 @@ they always are: the reserved id where the maps have one (a labeled log's,
 or the DIN protocol's with rare ids), else skipped or left out. Ids are
 compared as the strings they are, so data of another source with integer
 ids of the same range and no categories or features to contradict is
-beyond what this can tell. Checkpoints of format 5 and older did not list a
-labeled log's rare ids (``--min-count`` above 1): those count as unknown
-there.
+beyond what this can tell. Checkpoints of format 5 and older kept a labeled
+log's rare ids (``--min-count`` above 1) without listing them: for those,
+the ids the data's training rows hold fewer than ``--min-count`` times are
+taken as the rare ones, which for the checkpoint's own data they are (an id
+frequent there that the maps lack still counts as unknown).
 """
 
 from __future__ import annotations
@@ -33,7 +35,7 @@ import pyarrow as pa
 from .data import IdMaps, dense_ids, listed_in
 from .errors import InputError, snippet
 from .labeled_loader import LabeledLog
-from .labeled_samples import LogSplit, training_rows
+from .labeled_samples import LogSplit, build_id_maps, training_rows
 from .loaders import Interactions
 
 MAX_UNKNOWN = 0.1
@@ -78,7 +80,8 @@ def check_log(log: LabeledLog, id_maps: IdMaps, checkpoint: str, split: LogSplit
         checkpoint: the checkpoint's path, named in the message.
         split: the checkpoint's time split (din_fast.ctr.training.log_split
             of its config): unknown ids count in the rows it puts in
-            training only.
+            training only; its ``min_count`` tells the rare ids of maps
+            that do not list them (:func:`_rare_ids`).
         max_unknown: the largest share, in [0, 1], of those rows holding an
             id the maps do not know, in any column.
 
@@ -92,12 +95,14 @@ def check_log(log: LabeledLog, id_maps: IdMaps, checkpoint: str, split: LogSplit
                          "reads each item's category")
     end = training_rows(log.timestamps, split)
     rows = f"training rows (its first {end} of {len(log)}, by the checkpoint's time split)"
+    rare_items, rare_categories, rare_features = _rare_ids(log, id_maps, end, split.min_count)
     items = log.items[:end]
-    _check_unknown(where, rows, "an item", items, id_maps.listed(items), max_unknown)
+    _check_unknown(where, rows, "an item", items, listed_in(id_maps.item_ids, rare_items, items),
+                   max_unknown)
     if id_maps.category_ids is not None:
         categories = log.categories[:end]
         _check_unknown(where, rows, "a category", categories,
-                       listed_in(id_maps.category_ids, id_maps.rare_categories, categories),
+                       listed_in(id_maps.category_ids, rare_categories, categories),
                        max_unknown)
         # One category per item in a log (the loader checks), so its first row tells.
         codes = log.items.indices.to_numpy()
@@ -107,7 +112,7 @@ def check_log(log: LabeledLog, id_maps: IdMaps, checkpoint: str, split: LogSplit
     for name, values in id_maps.features.items():
         column = log.features[name][:end]
         flat = column.flatten()
-        unknown_value = ~listed_in(values, id_maps.rare_features.get(name), flat)
+        unknown_value = ~listed_in(values, rare_features.get(name), flat)
         of_row = np.repeat(np.arange(len(column)), np.diff(column.offsets.to_numpy()))
         unknown_rows = np.zeros(len(column), dtype=bool)
         unknown_rows[of_row[unknown_value]] = True
@@ -115,6 +120,19 @@ def check_log(log: LabeledLog, id_maps: IdMaps, checkpoint: str, split: LogSplit
             example = flat[int(np.flatnonzero(unknown_value)[0])].as_py()
             _refuse(where, rows, f"a value of feature {name}", unknown_rows, example,
                     max_unknown)
+
+
+def _rare_ids(log: LabeledLog, id_maps: IdMaps, end: int, min_count: int) -> tuple:
+    """(rare items, rare categories, {feature: rare values}) that the maps'
+    own ids do not list: the maps' rare lists, or for maps that kept rare
+    ids without listing them (a labeled log's, --min-count above 1, in a
+    checkpoint of format 5 or older) the ids the log's first ``end`` rows
+    (its training rows) hold fewer than ``min_count`` times: the ones
+    training kept that way, where the log is the checkpoint's own."""
+    if min_count <= 1 or id_maps.rare_items is not None:
+        return id_maps.rare_items, id_maps.rare_categories, id_maps.rare_features
+    data_maps = build_id_maps(log, end, min_count)
+    return data_maps.rare_items, data_maps.rare_categories, data_maps.rare_features
 
 
 def _check_unknown(where: str, rows: str, what: str, raw, known: np.ndarray,
