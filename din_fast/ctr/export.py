@@ -542,15 +542,16 @@ def check_shared_id_maps(maps: IdMaps, path) -> None:
 
 
 def _recorded_fingerprint(ids_path: Path) -> Optional[str]:
-    """The ``fingerprint`` of an id maps JSON; None for a file without one
-    that can be read."""
+    """The ``fingerprint`` of an id maps JSON (a SHA-256 in hex); None for a
+    file without one that can be read (never quoted: it is the file's)."""
     try:
         with open(ids_path, encoding="utf-8") as handle:
             recorded = json.load(handle)
     except (OSError, ValueError):
         return None
     fingerprint = recorded.get("fingerprint") if isinstance(recorded, dict) else None
-    return fingerprint if isinstance(fingerprint, str) else None
+    return fingerprint if isinstance(fingerprint, str) \
+        and re.fullmatch("[0-9a-f]{64}", fingerprint) else None
 
 
 class LoadedPackage:

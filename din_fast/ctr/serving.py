@@ -12,7 +12,7 @@ both formats take; :class:`OnnxModel` runs an ONNX model with ONNX Runtime,
 checking its inputs first.
 
     model = OnnxModel("din.onnx")                      # or din_fast.ctr.export.load("din.pt2")
-    encoder = Encoder.from_json("din.ids.json", model=model)    # refused unless its id maps
+    encoder = Encoder.from_json("din.ids.json", model=model)    # ValueError: not its id maps
     batch = encoder.encode(histories=[["i7", "i3"], []], candidates=[["i1", "i9"], ["i4"]])
     logits = model(*batch.inputs())                             # [B, C]
 
