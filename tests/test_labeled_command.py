@@ -218,7 +218,8 @@ def test_a_log_without_a_column_of_the_checkpoint_names_the_checkpoint(trained, 
                                                                       capsys):
     """evaluate and predict read the columns the checkpoint was trained with
     (they take no --features): a log that lacks one is refused in one line
-    naming the data file, the checkpoint and its columns, no option."""
+    naming the data file, the checkpoint and its columns, no option; nor is
+    an option named for an id column holding the features' separator."""
     checkpoint, _ = trained
     requests = tmp_path / "requests.jsonl"
     requests.write_text(json.dumps({"user": "u1", "candidates": ["i1"], "features": {
@@ -231,12 +232,16 @@ def test_a_log_without_a_column_of_the_checkpoint_names_the_checkpoint(trained, 
     parquet = tmp_path / "no_price.parquet"
     pq.write_table(pa.table({name: [str(r[n]) for r in rows] for n, name
                              in enumerate(LABELED_HEADER) if name != "price"}), parquet)
+    separator = write_labeled_log(tmp_path / "separator.csv",
+                                  [rows[0], (rows[1][0], "i1|i2") + rows[1][2:]] + rows[2:])
     trained_with = (f"checkpoint {checkpoint} was trained with the columns label, genres, hour, "
                     "price, which --data must hold")
     for data, expected in ((csv, f"{csv}, line 1: the header has no column 'hour' (a side "
                                  f"feature: {trained_with})"),
                            (parquet, f"{parquet}: no column 'price' (a numeric feature: "
-                                     f"{trained_with})")):
+                                     f"{trained_with})"),
+                           (separator, "item id 'i1|i2' holds '|', the separator of "
+                                       "multi-valued features; expected one id")):
         for command in (["evaluate"], ["predict", "--requests", str(requests)]):
             assert main([*command, "--checkpoint", str(checkpoint), "--data", str(data)]) == 2
             error = capsys.readouterr().err.strip().splitlines()

@@ -284,7 +284,10 @@ def _log_of_table(table: pa.Table, columns: LogColumns, source: str) -> LabeledL
     if table.num_rows == 0:
         raise DataFormatError(f"{source}: no data rows after the header; expected one row per "
                               "impression")
-    ids = {name: _id_column(table[name], name) for name in ID_COLUMNS if name in table.column_names}
+    # Where train's options name the columns, a multi-valued one can be a feature.
+    hint = " (a multi-valued column goes in --features)" if columns.checkpoint is None else ""
+    ids = {name: _id_column(table[name], name, hint) for name in ID_COLUMNS
+           if name in table.column_names}
     timestamps = _numbers(table["timestamp"], "timestamp", "a finite numeric timestamp")
     labels = _numbers(table[columns.label], columns.label, "a label, 0 or 1")
     bad = first_index((labels != 0) & (labels != 1))
@@ -309,8 +312,9 @@ def _log_of_table(table: pa.Table, columns: LogColumns, source: str) -> LabeledL
         {name: values[order] for name, values in numeric.items()}, source)
 
 
-def _id_column(column, name: str) -> pa.DictionaryArray:
-    """encoded_ids, and no multi-valued separator: one id per cell."""
+def _id_column(column, name: str, hint: str) -> pa.DictionaryArray:
+    """encoded_ids, and no multi-valued separator: one id per cell (``hint``
+    ends the message about a separator)."""
     try:
         encoded = encoded_ids(column, name)
     except BadRow as bad:
@@ -320,8 +324,7 @@ def _id_column(column, name: str) -> pa.DictionaryArray:
     if has_separator.any():
         row = first_index(has_separator[encoded.indices.to_numpy()])
         raise BadRow(row, f"{name} id {snippet(encoded[row].as_py())} holds {SEPARATOR!r}, the "
-                     "separator of multi-valued features; expected one id (a multi-valued "
-                     "column goes in --features)", name)
+                     f"separator of multi-valued features; expected one id{hint}", name)
     return encoded
 
 
