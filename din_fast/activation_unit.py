@@ -85,14 +85,21 @@ class ActivationUnit:
         u = torch.addmm(self.b_1, query.view(rows * candidates, dim), self.w_query_t)
         return u.view(rows, 1, -1), m.view(rows, candidates * self.hidden[0], dim)
 
-    def first_layer(self, keys: Tensor, query: Tensor, u: Tensor) -> Tensor:
+    def first_layer(self, keys: Tensor, query: Tensor, u: Tensor,
+                    out: Optional[Tensor] = None) -> Tensor:
         """The shared form's pre-activations z [..., C, H1] of keys [..., D]
         against ``query`` [..., C, D] with their ``u`` [..., C, H1] (both
-        broadcast against keys [..., 1, D])."""
+        broadcast against keys [..., 1, D]); written into ``out`` (their
+        number of elements, contiguous) where given."""
         # Contiguous operands (a strided window of the history, a transposed
         # query), so that the products are laid out as their views need.
         keys, query = keys.contiguous(), query.contiguous()
-        z = u + (keys @ self.w_keys.t()).unsqueeze(-2)
+        per_position = (keys @ self.w_keys.t()).unsqueeze(-2)
+        if out is None:
+            z = u + per_position
+        else:
+            shape = torch.broadcast_shapes(u.shape, per_position.shape)
+            z = torch.add(u, per_position, out=out.view(shape))
         products = query * keys.unsqueeze(-2)                            # [..., C, D]
         if _in_place(z):
             z.view(-1, z.shape[-1]).addmm_(products.flatten(0, -2), self.w_p.t())
@@ -100,13 +107,15 @@ class ActivationUnit:
         return torch.addmm(z.flatten(0, -2), products.flatten(0, -2), self.w_p.t()).view_as(z)
 
     def hidden_layers(self, z: Tensor, kept: Optional[List[tuple]] = None,
-                      dice_gate=None) -> Tensor:
+                      dice_gate=None, into: Optional[tuple] = None) -> Tensor:
         """Raw scores [...] from the first layer's pre-activations z [..., H1].
         ``kept``, when a list, receives per hidden layer (pre-activation or
         None, activation), each [pairs, H], for ``backward``.
         ``dice_gate(layer, x)``, when given, returns the logits of Dice's gate
         for the pre-activations x [..., H] of hidden layer ``layer`` in place
-        of (x - mu) / sqrt(var + eps); ``kept`` is not taken with it."""
+        of (x - mu) / sqrt(var + eps); ``kept`` is not taken with it.
+        ``into``, (scores, kept) as ``scores`` takes it, receives every layer
+        in place; z must then be pre_activation_slot's of its first layer."""
         shape = z.shape[:-1]
         # Without a gate (which needs the pairs' layout) the layers run on
         # [pairs, H] throughout: no view per layer.
@@ -118,12 +127,24 @@ class ActivationUnit:
                 h = dice(z, self.act_params[layer][0], dice_gate(layer, z)).flatten(0, -2)
             else:
                 h = self._activate(z, layer, in_place)
+                if into is not None and (self.keeps_inputs or not in_place):
+                    h = into[1][layer][1].copy_(h)     # not activated within its slot
             if kept is not None:
                 kept.append((z if self.keeps_inputs else None, h))
-            h = torch.addmm(b, h, self.deeper_t[layer])
+            out = None
+            if into is not None:
+                out = (into[0].view(-1, 1) if layer + 1 == len(self.deeper)
+                       else self.pre_activation_slot(into[1][layer + 1]))
+            h = torch.addmm(b, h, self.deeper_t[layer], out=out)
             if dice_gate is not None:
                 h = h.view(*z.shape[:-1], w.shape[0])
         return h.view(shape)
+
+    def pre_activation_slot(self, layer: tuple) -> Tensor:
+        """Where a hidden layer's pre-activation is written, of its (pre-activation
+        or None, activation) views: the activation's where the activation
+        overwrites it (sigmoid, relu)."""
+        return layer[1] if layer[0] is None else layer[0]
 
     def _activate(self, z: Tensor, layer: int, in_place: bool) -> Tensor:
         """The hidden activation of z [..., H] (in place where ``in_place``,
@@ -133,11 +154,17 @@ class ActivationUnit:
             return z.sigmoid_() if self.activation == "sigmoid" else z.relu_()
         return activate(z, self.activation, self.act_params[layer], self.dice_eps)
 
-    def scores(self, keys: Tensor, first_layer, kept: Optional[List[tuple]] = None) -> Tensor:
+    def scores(self, keys: Tensor, first_layer, kept: Optional[List[tuple]] = None,
+               into: Optional[tuple] = None) -> Tensor:
         """Raw scores s [G, span, Cc] of keys [G, span, D] against a chunk of
         candidates, ``first_layer`` one of FoldedFirstLayer, SharedFirstLayer;
-        ``kept`` as in ``hidden_layers``."""
-        return self.hidden_layers(first_layer(keys), kept)
+        ``kept`` as in ``hidden_layers``. ``into``, when given, (scores
+        [G, span, Cc], [(pre-activation [pairs, H] where the derivative needs
+        it, else None, activation [pairs, H]) per hidden layer]) receives
+        them all, written in place rather than into new tensors (the
+        forward's kept activations, din_fast.chunked.KeptActivations)."""
+        out = None if into is None else self.pre_activation_slot(into[1][0])
+        return self.hidden_layers(first_layer(keys, out), kept, into=into)
 
     def backward(self, grad_s: Tensor, kept: List[tuple], grads: "UnitGrads") -> Tensor:
         """d loss / d z1 [G, span, Cc, H1] from d loss / d s [G, span, Cc]
@@ -186,10 +213,13 @@ class FoldedFirstLayer:
         self.u, self.m = unit.fold(self.query)
         self.grad_u = self.grad_m = None
 
-    def __call__(self, keys: Tensor) -> Tensor:
-        """Pre-activations z [G, span, Cc, H1] of keys [G, span, D]."""
+    def __call__(self, keys: Tensor, out: Optional[Tensor] = None) -> Tensor:
+        """Pre-activations z [G, span, Cc, H1] of keys [G, span, D], written
+        into ``out`` (contiguous, their number of elements) where given."""
         rows, span = keys.shape[:2]
-        z = torch.baddbmm(self.u, keys, self.m.transpose(1, 2))
+        if out is not None:
+            out = out.view(rows, span, -1)
+        z = torch.baddbmm(self.u, keys, self.m.transpose(1, 2), out=out)
         return z.view(rows, span, -1, self.unit.hidden[0])
 
     def backward(self, keys: Tensor, grad_z: Tensor, grads: "UnitGrads") -> Tensor:
@@ -227,9 +257,10 @@ class SharedFirstLayer:
         self.u = unit.query_term(self.query)                             # [G, Cc, H1]
         self.grad_u = self.grad_query = None
 
-    def __call__(self, keys: Tensor) -> Tensor:
-        """Pre-activations z [G, span, Cc, H1] of keys [G, span, D]."""
-        return self.unit.first_layer(keys, self.query[:, None], self.u[:, None])
+    def __call__(self, keys: Tensor, out: Optional[Tensor] = None) -> Tensor:
+        """Pre-activations z [G, span, Cc, H1] of keys [G, span, D], written
+        into ``out`` where given."""
+        return self.unit.first_layer(keys, self.query[:, None], self.u[:, None], out)
 
     def backward(self, keys: Tensor, grad_z: Tensor, grads: "UnitGrads") -> Tensor:
         """d keys [G, span, D] from d z [G, span, Cc, H1] (zero at the padding slots)."""

@@ -8,26 +8,32 @@ the running max and normalizer (the online softmax of FlashAttention: a
 new span's larger max rescales what was pooled so far). Nothing of size
 B * C * T is kept, unless the weights are returned.
 
-The backward recomputes each block's activations from the keys and those
-statistics, and runs the chain rule on the block: the weights w from the
-max and the normalizer, and for softmax the row term
+For training, the forward may also keep each block's scores and hidden
+activations (KeptActivations: one flat buffer, bounded by
+chunking.kept_activations_bytes, all or nothing); the backward reads them
+back, block by block in the same order, or else recomputes them from the
+keys, with the same arithmetic (the gradients are the same to the bit).
+Per block it runs the chain rule: the weights w from the max and the
+normalizer, and for softmax the row term
 sum_t w[t] dL/dw[t] = dL/dpooled . pooled (+ the returned weights' own
 gradient), known before any block is seen.
 
 Peak memory beyond the inputs and outputs: the per-(row, candidate)
-statistics, the gradients' accumulators (each the size of its input), and
-one block (its size set by chunking.working_set).
+statistics, the gradients' accumulators (each the size of its input), one
+block (its size set by chunking.working_set) and the kept activations, if
+any.
 """
 
 from __future__ import annotations
 
+import math
 from typing import Optional
 
 import torch
 from torch import Tensor
 
 from .activation_unit import ActivationUnit, FoldedFirstLayer, SharedFirstLayer, UnitGrads
-from .chunking import History, RowGroup, UnitSize, in_dtype
+from .chunking import History, RowGroup, UnitSize, in_dtype, kept_size, kept_slot, kept_widths
 from .problem import JaggedDINProblem
 
 
@@ -123,13 +129,85 @@ def _scaled(s: Tensor, scale: float) -> Tensor:
     return s if scale == 1 else s.mul_(scale)
 
 
-def forward(problem, need_scores: bool):
+def _block_scores(unit: ActivationUnit, keys: Tensor, first_layer, scale: float,
+                  invalid: Optional[Tensor], kept: Optional[list] = None,
+                  into: Optional[tuple] = None) -> Tensor:
+    """The scaled scores [G, span, Cc] of a block's keys [G, span, D], 0 at
+    the ``invalid`` slots (Block.invalid); ``kept`` and ``into`` as
+    ActivationUnit.scores takes them."""
+    s = _scaled(unit.scores(keys, first_layer, kept, into), scale)
+    if invalid is not None:
+        s.masked_fill_(invalid, 0)
+    return s
+
+
+class KeptActivations:
+    """The forward's activations kept for the backward: one flat buffer that
+    the blocks fill in plan order, per block its scores [G, span, Cc] (0 at
+    the invalid slots), then per hidden layer its pre-activation (where the
+    derivative needs it) and its activation [pairs, H], each in an aligned
+    slot (chunking.kept_slot) and written there by the layers themselves
+    (no copies); the backward reads them back in the same order. The
+    forward zeroes the rest (the slots' alignment, the room the plan leaves),
+    so that the buffer, an op's output, is the same on every run."""
+
+    def __init__(self, buffer: Tensor, unit: ActivationUnit, writing: bool):
+        self.buffer = buffer
+        self.unit = unit
+        self.writing = writing
+        self.offset = 0
+
+    @classmethod
+    def of(cls, buffer: Optional[Tensor], groups, candidates: int, unit: ActivationUnit,
+           problem, writing: bool = False) -> Optional["KeptActivations"]:
+        """Those in ``buffer`` (chunking.kept_bound elements; the forward's
+        when ``writing``), or None where it is absent or empty, or the plan
+        ``groups`` needs more room (blocks of a few pairs, under a small
+        working set): then nothing is kept and the backward, which finds the
+        same, recomputes."""
+        if buffer is None or buffer.numel() == 0:
+            return None
+        widths = kept_widths(unit.hidden, problem.activation)
+        if kept_size(groups, candidates, widths, buffer.element_size()) <= buffer.numel():
+            return cls(buffer, unit, writing)
+        if writing:
+            buffer.zero_()
+        return None
+
+    def _next(self, shape) -> Tensor:
+        size = math.prod(shape)
+        view = self.buffer[self.offset:self.offset + size].view(shape)
+        end = self.offset + kept_slot(size, self.buffer.element_size())
+        if self.writing:
+            self.buffer[self.offset + size:end].zero_()
+        self.offset = end
+        return view
+
+    def finish(self) -> None:
+        """Zero the room after the last block (the forward's)."""
+        self.buffer[self.offset:].zero_()
+
+    def block(self, shape):
+        """The views of the next block's (scores ``shape``, [(pre-activation
+        or None, activation) per hidden layer]): ActivationUnit.scores's
+        ``into`` in the forward, ``kept`` in the backward."""
+        scores = self._next(shape)
+        pairs = scores.numel()
+        kept = [(self._next((pairs, width)) if self.unit.keeps_inputs else None,
+                 self._next((pairs, width))) for width in self.unit.hidden]
+        return scores, kept
+
+
+def forward(problem, need_scores: bool, kept: Optional[Tensor] = None):
     """(pooled [B, C, Dv], w ([B, C, T] padded, [L, C] jagged) or None,
     row_max [B, C], row_sum [B, C]) in the compute dtype, of a DINProblem or
     a JaggedDINProblem. For softmax, row_max is the max over the valid
     positions of scale * s and row_sum the sum of exp(scale * s - row_max)
     (both 0 for a row without valid positions), as the fused kernels keep
-    them; for normalization=None both are None."""
+    them; for normalization=None both are None. ``kept``, a flat buffer in
+    the compute dtype of at least kept_widths elements per padded pair
+    (rows padded to T, or to max_len jagged), receives the activations for
+    the backward (KeptActivations)."""
     dtype, query, keys, values, history = _layout(problem)
     batch, candidates = query.shape[:2]
     softmax = problem.normalization == "softmax"
@@ -138,7 +216,9 @@ def forward(problem, need_scores: bool):
     row_max = query.new_zeros(batch, candidates, dtype=dtype) if softmax else None
     row_sum = torch.zeros_like(row_max) if softmax else None
     scores = query.new_zeros(_scores_shape(problem), dtype=dtype) if need_scores else None
-    for group in _groups(problem, history, dtype):
+    groups = _groups(problem, history, dtype)
+    keeping = KeptActivations.of(kept, groups, candidates, unit, problem, writing=True)
+    for group in groups:
         rows = _rows(group)
         blocks = [history.block(group, span) for span in group.spans()]
         for chunk in group.candidate_chunks(candidates):
@@ -147,9 +227,9 @@ def forward(problem, need_scores: bool):
             for block in blocks:
                 k = history.gather(keys, block, dtype)
                 v = k if values is keys else history.gather(values, block, dtype)
-                s = _scaled(unit.scores(k, first_layer), problem.scale)
-                if block.invalid is not None:
-                    s.masked_fill_(block.invalid, 0)
+                into = (None if keeping is None
+                        else keeping.block((*k.shape[:2], chunk.stop - chunk.start)))
+                s = _block_scores(unit, k, first_layer, problem.scale, block.invalid, into=into)
                 if scores is not None:
                     history.put_scores(scores, block, chunk, s)
                 pooling.add(s, v, block.invalid)
@@ -158,6 +238,8 @@ def forward(problem, need_scores: bool):
             if softmax:
                 _put(row_max, rows, chunk, block_max)
                 _put(row_sum, rows, chunk, block_sum)
+    if keeping is not None:
+        keeping.finish()
     if scores is not None and softmax:
         _normalize(problem, scores, row_max, row_sum)
     return pooled, scores, row_max, row_sum
@@ -226,16 +308,16 @@ class _Softmax:
 def _score_gradients(s: Tensor, grad_w: Tensor, invalid: Optional[Tensor], scale: float,
                      softmax: Optional[tuple]):
     """(w, dL/ds) of a block, both [G, span, Cc] and 0 at the ``invalid``
-    slots, from its scaled scores ``s`` and dL/dw (both overwritten);
+    slots, from its scaled scores ``s`` (0 at those slots; left as they
+    are: they may be the kept ones) and dL/dw (overwritten);
     ``softmax`` is _Softmax.block's, or None for normalization=None."""
     if softmax is None:
         grad_s = _scaled(grad_w, scale)
         if invalid is not None:
-            s.masked_fill_(invalid, 0)
             grad_s.masked_fill_(invalid, 0)
         return s, grad_s
     row_max, normalizer, term = softmax
-    w = s.sub_(row_max).exp_().div_(normalizer)
+    w = torch.sub(s, row_max).exp_().div_(normalizer)
     if invalid is not None:
         w.masked_fill_(invalid, 0)
     if term is None:
@@ -252,16 +334,18 @@ def backward(problem, grad_pooled: Tensor, grad_scores: Optional[Tensor], saved=
     values are the keys, dweights, dbiases, dact_params per layer), each in
     its input's dtype.
 
-    ``saved`` is what the forward op kept for softmax, [pooled, row_max,
-    row_sum] in the compute dtype and w when it returned the weights, or
-    empty: then the forward runs first (normalization=None needs nothing).
+    ``saved`` is what the forward op kept, in the compute dtype: the kept
+    activations (forward's ``kept``; empty where it kept none: then each
+    block recomputes them), then for softmax [pooled, row_max, row_sum] and
+    w when it returned the weights; or empty: then for softmax the forward
+    runs first (normalization=None needs nothing more).
     """
     dtype, query, keys, values, history = _layout(problem)
     candidates = query.shape[1]
     grad_pooled = grad_pooled.to(dtype)
     # Contiguous (a loss's gradient may be an expanded scalar): blocks index it flat.
     grad_scores = None if grad_scores is None else grad_scores.to(dtype).contiguous()
-    softmax = (_Softmax(problem, grad_pooled, grad_scores, saved)
+    softmax = (_Softmax(problem, grad_pooled, grad_scores, saved[1:])
                if problem.normalization == "softmax" else None)
     unit = ActivationUnit(problem, dtype)
     grads = UnitGrads(unit)
@@ -269,7 +353,10 @@ def backward(problem, grad_pooled: Tensor, grad_scores: Optional[Tensor], saved=
     grad_keys = torch.zeros(keys.shape, dtype=dtype, device=keys.device)
     grad_values = (grad_keys if values is keys
                    else torch.zeros(values.shape, dtype=dtype, device=values.device))
-    for group in _groups(problem, history, dtype):
+    groups = _groups(problem, history, dtype)
+    activations = KeptActivations.of(saved[0] if saved else None, groups, candidates, unit,
+                                     problem)
+    for group in groups:
         rows = _rows(group)
         blocks = [history.block(group, span) for span in group.spans()]
         for chunk in group.candidate_chunks(candidates):
@@ -279,8 +366,11 @@ def backward(problem, grad_pooled: Tensor, grad_scores: Optional[Tensor], saved=
             for block in blocks:
                 k = history.gather(keys, block, dtype)
                 v = k if values is keys else history.gather(values, block, dtype)
-                kept = []
-                s = _scaled(unit.scores(k, first_layer, kept), problem.scale)
+                if activations is None:
+                    kept = []
+                    s = _block_scores(unit, k, first_layer, problem.scale, block.invalid, kept)
+                else:
+                    s, kept = activations.block((*k.shape[:2], chunk.stop - chunk.start))
                 grad_w = torch.bmm(v, grad_out.transpose(1, 2))          # [G, span, Cc]
                 if grad_scores is not None:
                     grad_w += history.take_scores(grad_scores, block, chunk, dtype)

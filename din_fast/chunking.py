@@ -27,6 +27,7 @@ changes nothing.
 from __future__ import annotations
 
 import contextlib
+import os
 from dataclasses import dataclass
 from typing import Iterator, List, Optional
 
@@ -69,6 +70,22 @@ MIN_SPAN = 256
 FOLD_COST = 24
 PAIR_COST = 16
 
+# What the training forward may keep for its backward (din_fast.chunked): each
+# block's scores and the hidden activations the unit's backward reads, so that
+# the backward does not score every pair a second time (that recompute made
+# forward + backward about 1.3x slower at the training shape, B = 1024,
+# T = 100, hidden 80-40: 121 floats a pair, 50 MB, against 30 MB of peak
+# without). Kept all or nothing, as the upper bound from the shapes alone
+# (kept_widths per padded (row, candidate, position) slot) fits: so memory
+# stays bounded whatever B * C * T, and a traced graph knows the size.
+# DIN_FAST_KEEP_ACTIVATIONS_MB in the environment overrides it (0: always
+# recompute).
+KEPT_ACTIVATIONS_BYTES = 64 << 20
+KEEP_ACTIVATIONS_ENV = "DIN_FAST_KEEP_ACTIVATIONS_MB"
+# Each kept tensor starts at this alignment, as the CPU allocator's tensors
+# do (64 bytes): the products then round as on the tensors they replace.
+KEPT_ALIGNMENT_BYTES = 64
+
 _budget: List[Optional[int]] = [None]     # working_set's override, else by device
 
 
@@ -82,7 +99,9 @@ def in_dtype(tensor: Tensor, dtype: torch.dtype) -> Tensor:
 def working_set(nbytes: int):
     """Inside ``with working_set(nbytes):`` the torch backend sizes its blocks
     to ``nbytes`` of working set on every device (the tests force blocks of
-    one pair this way; a process may trade memory for fewer, larger products)."""
+    one pair this way; a process may trade memory for fewer, larger products).
+    A backward run outside the budget its forward ran under recomputes the
+    activations (the kept ones follow the forward's blocks)."""
     if isinstance(nbytes, bool) or not isinstance(nbytes, int) or nbytes < 1:
         raise ValueError(f"working_set: `nbytes` must be a positive int; got {nbytes!r}")
     previous = _budget[0]
@@ -98,6 +117,58 @@ def working_set_bytes(device: torch.device) -> int:
     if _budget[0] is not None:
         return _budget[0]
     return CUDA_WORKING_SET_BYTES if device.type == "cuda" else CPU_WORKING_SET_BYTES
+
+
+def kept_activations_bytes() -> int:
+    """What the forward may keep for the backward, in bytes:
+    DIN_FAST_KEEP_ACTIVATIONS_MB (MiB) where set, else KEPT_ACTIVATIONS_BYTES."""
+    value = os.environ.get(KEEP_ACTIVATIONS_ENV)
+    if value is None or value.strip() == "":
+        return KEPT_ACTIVATIONS_BYTES
+    if not value.strip().isdigit():
+        raise ValueError(f"din_attention: environment variable {KEEP_ACTIVATIONS_ENV} must be "
+                         f"a whole number of MiB >= 0 (0: the backward recomputes the "
+                         f"activations); got {value!r}")
+    return int(value) << 20
+
+
+def kept_widths(hidden, activation: str) -> List[int]:
+    """The widths of what is kept per (row, candidate, position) pair, in the
+    order of a block's slots: the score, then per hidden layer its
+    pre-activation where the derivative needs it (prelu, dice) and its
+    activation."""
+    per_layer = 2 if activation in ("prelu", "dice") else 1
+    return [1] + [width for width in hidden for _ in range(per_layer)]
+
+
+def kept_slot(elements: int, element_size: int) -> int:
+    """The room one kept tensor of ``elements`` takes: rounded up to
+    KEPT_ALIGNMENT_BYTES, so that every one starts aligned as a new tensor
+    would (BLAS takes other paths, other roundings, for other alignments)."""
+    step = max(1, KEPT_ALIGNMENT_BYTES // element_size)
+    return -(-elements // step) * step
+
+
+def kept_bound(batch: int, candidates: int, length: int, widths: List[int],
+               element_size: int) -> int:
+    """The kept activations' room, from the shapes alone: every (row,
+    candidate, position) slot of rows padded to ``length`` (no block's rows
+    are longer), and one aligned slot per kept tensor of each (row,
+    candidate) (a plan of more blocks than that keeps nothing: KeptActivations)."""
+    aligned = len(widths) * kept_slot(1, element_size)
+    return batch * candidates * (length * sum(widths) + aligned)
+
+
+def kept_size(groups: List["RowGroup"], candidates: int, widths: List[int],
+              element_size: int) -> int:
+    """The room the kept activations of ``groups``' blocks take, slot by slot."""
+    total = 0
+    for group in groups:
+        for chunk in group.candidate_chunks(candidates):
+            for span in group.spans():
+                pairs = len(group.rows) * (chunk.stop - chunk.start) * (span.stop - span.start)
+                total += sum(kept_slot(pairs * width, element_size) for width in widths)
+    return total
 
 
 @dataclass(frozen=True)

@@ -87,10 +87,12 @@ def test_opcheck_backward_ops(arguments):
     exact = problem_of(arguments, torch.float64, requires_grad=False)
     probes = tuple(p.double() for p in probes)
     torch.library.opcheck(torch_backend.backward_op, (*probes, [], *AttentionArgs.of(exact)))
-    if exact.normalization == "softmax":   # what the forward op saves for its backward
-        pooled, w, row_max, row_sum = torch_backend.forward_op(*AttentionArgs.of(exact), True)
-        torch.library.opcheck(torch_backend.backward_op,
-                              (*probes, [pooled, row_max, row_sum, w], *AttentionArgs.of(exact)))
+    # What the forward op saves for its backward: the kept activations, the
+    # softmax statistics.
+    pooled, w, row_max, row_sum, kept = torch_backend.forward_op(*AttentionArgs.of(exact), True,
+                                                                 True)
+    saved = [kept] + ([pooled, row_max, row_sum, w] if exact.normalization == "softmax" else [])
+    torch.library.opcheck(torch_backend.backward_op, (*probes, saved, *AttentionArgs.of(exact)))
     jagged = jagged_of(exact)
     jagged_probes = output_probes(jagged, (jagged.keys_values.shape[0],
                                            jagged.query.shape[1]))
@@ -98,16 +100,17 @@ def test_opcheck_backward_ops(arguments):
                           (*jagged_probes, [], *JaggedAttentionArgs.of(jagged)))
 
 
-@pytest.mark.parametrize("need_scores", [True, False])
+@pytest.mark.parametrize("need_scores,keep", [(True, False), (False, True)])
 @pytest.mark.parametrize("arguments", OP_CASES)
-def test_opcheck_torch_forward(arguments, need_scores):
+def test_opcheck_torch_forward(arguments, need_scores, keep):
     """The blocked forward ops, padded and jagged: without the scores they
     return empty tensors in their place (and in the statistics' without
-    softmax)."""
+    softmax, and in the kept activations' without keep_activations)."""
     problem = problem_of(arguments, torch.float64)
-    torch.library.opcheck(torch_backend.forward_op, (*AttentionArgs.of(problem), need_scores))
+    torch.library.opcheck(torch_backend.forward_op,
+                          (*AttentionArgs.of(problem), need_scores, keep))
     torch.library.opcheck(torch_backend.jagged_forward_op,
-                          (*JaggedAttentionArgs.of(jagged_of(problem)), need_scores))
+                          (*JaggedAttentionArgs.of(jagged_of(problem)), need_scores, keep))
 
 
 class Ranker(torch.nn.Module):
