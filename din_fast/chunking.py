@@ -153,10 +153,13 @@ def kept_bound(batch: int, candidates: int, length: int, widths: List[int],
                element_size: int) -> int:
     """The kept activations' room, from the shapes alone: every (row,
     candidate, position) slot of rows padded to ``length`` (no block's rows
-    are longer), and one aligned slot per kept tensor of each (row,
-    candidate) (a plan of more blocks than that keeps nothing: KeptActivations)."""
-    aligned = len(widths) * kept_slot(1, element_size)
-    return batch * candidates * (length * sum(widths) + aligned)
+    are longer), and the alignment of each kept tensor of as many blocks as
+    a plan makes under any but a tiny working set, one per (row, candidate)
+    and MIN_SPAN positions (a plan of more keeps nothing:
+    din_fast.chunked.KeptActivations)."""
+    blocks = batch * candidates * -(-length // MIN_SPAN)
+    alignment = len(widths) * kept_slot(1, element_size)
+    return batch * candidates * length * sum(widths) + blocks * alignment
 
 
 def kept_size(groups: List["RowGroup"], candidates: int, widths: List[int],

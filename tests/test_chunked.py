@@ -4,9 +4,10 @@ candidate, or shared) give the same outputs, scores and gradients (several
 rows per block, one row in position spans and candidate chunks, one pair
 per block), short rows and long, padding stays invisible, jagged histories
 too; the plan keeps every block's working set, the folded M included,
-within the budget; the forward keeps nothing per position for the
-backward, and the memory of a call stays bounded by the budget, not by
-B * C * T."""
+within the budget; without kept activations (test_kept_activations) the
+forward keeps nothing per position for the backward, and the memory of a
+call stays bounded by the budget (and the kept activations' bound), not
+by B * C * T."""
 
 import contextlib
 
@@ -15,7 +16,8 @@ import torch
 from hypothesis import given, settings, strategies as st
 
 import din_fast
-from din_fast.chunking import UnitSize, plan, working_set, working_set_bytes
+from din_fast.chunking import (KEEP_ACTIVATIONS_ENV, UnitSize, kept_bound, kept_widths, plan,
+                               working_set, working_set_bytes)
 from helpers import DEVICE, assert_matches_reference, call_din_attention, make_case, run_case
 from test_padding import POISONS, assert_padding_ignored
 from test_sizes import check_against_reference, sized_case
@@ -251,10 +253,12 @@ def test_default_budget_by_device():
 
 
 @pytest.mark.parametrize("normalization", [None, "softmax"])
-def test_forward_saves_nothing_per_position(normalization):
-    """What autograd keeps between forward and backward: the inputs, the
-    pooled output and two statistics per (row, candidate); never a tensor
-    of B * C * T pairs."""
+def test_forward_saves_nothing_per_position(normalization, monkeypatch):
+    """What autograd keeps between forward and backward where the activations
+    are not kept (DIN_FAST_KEEP_ACTIVATIONS_MB=0; test_kept_activations
+    bounds them otherwise): the inputs, the pooled output and two statistics
+    per (row, candidate); never a tensor of B * C * T pairs."""
+    monkeypatch.setenv(KEEP_ACTIVATIONS_ENV, "0")
     case = make_case(3, 4, 20, 5, (7, 3), normalization=normalization)
     case["query"].requires_grad_()
     saved = []
@@ -271,12 +275,17 @@ def test_forward_saves_nothing_per_position(normalization):
     assert saved and all(t.numel() <= max(largest_input, pooled.numel()) for t in saved)
 
 
-def test_memory_bounded_by_the_budget():
+@pytest.mark.parametrize("kept_mib", [0, 64])
+def test_memory_bounded_by_the_budget(kept_mib, monkeypatch):
     """One row of T = 3000 positions against 64 candidates: scoring every pair
     at once would hold 3000 * 64 * (8 + 4) floats (9 MB) per layer pass;
     the blocks stay within a 1 MiB working set plus the inputs' size,
-    forward and backward."""
+    forward and backward, plus the kept activations' (their bound, 10 MB)
+    where kept."""
     from benchmarks.peak_memory import PeakMemory
+
+    monkeypatch.setenv(KEEP_ACTIVATIONS_ENV, str(kept_mib))
+    kept_bytes = 4 * kept_bound(1, 64, 3000, kept_widths((8, 4), "sigmoid"), 4) if kept_mib else 0
 
     case = make_case(1, 64, 3000, 8, (8, 4), masking=None, seed=2)
     for name in ("query", "keys"):
@@ -286,16 +295,18 @@ def test_memory_bounded_by_the_budget():
         pooled = din_fast.din_attention(case.pop("query"), case.pop("keys"),
                                         case.pop("lengths"), backend="torch", **case)
         pooled.sum().backward()
-    assert memory.peak_bytes < (1 << 20) + 3 * inputs_bytes
+    assert memory.peak_bytes < (1 << 20) + 3 * inputs_bytes + kept_bytes
 
 
 @pytest.mark.parametrize("length", [1, 4])
-def test_memory_of_short_rows_bounded_by_the_budget(length, first_layer):
-    """2,000 rows of one to four positions, forward and backward: the blocks'
-    allocations, the folded M [80, 64] of each row included, stay within
-    the default budget plus the inputs' size (M for every row of a group of
-    thousands would be tens of MB)."""
+def test_memory_of_short_rows_bounded_by_the_budget(length, first_layer, monkeypatch):
+    """2,000 rows of one to four positions, forward and backward, the
+    activations recomputed: the blocks' allocations, the folded M [80, 64]
+    of each row included, stay within the default budget plus the inputs'
+    size (M for every row of a group of thousands would be tens of MB)."""
     from benchmarks.peak_memory import PeakMemory
+
+    monkeypatch.setenv(KEEP_ACTIVATIONS_ENV, "0")
 
     case = make_case(2000, None, length, 64, (80, 40), seed=5)
     for name in ("query", "keys"):
