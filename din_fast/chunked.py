@@ -159,7 +159,7 @@ class KeptActivations:
 
     @classmethod
     def of(cls, buffer: Optional[Tensor], groups, candidates: int, unit: ActivationUnit,
-           problem, writing: bool = False) -> Optional["KeptActivations"]:
+           writing: bool = False) -> Optional["KeptActivations"]:
         """Those in ``buffer`` (chunking.kept_bound elements; the forward's
         when ``writing``), or None where it is absent or empty, or the plan
         ``groups`` needs more room (blocks of a few pairs, under a small
@@ -167,7 +167,7 @@ class KeptActivations:
         same, recomputes."""
         if buffer is None or buffer.numel() == 0:
             return None
-        widths = kept_widths(unit.hidden, problem.activation)
+        widths = kept_widths(unit.hidden, unit.activation)
         if kept_size(groups, candidates, widths, buffer.element_size()) <= buffer.numel():
             return cls(buffer, unit, writing)
         if writing:
@@ -217,7 +217,7 @@ def forward(problem, need_scores: bool, kept: Optional[Tensor] = None):
     row_sum = torch.zeros_like(row_max) if softmax else None
     scores = query.new_zeros(_scores_shape(problem), dtype=dtype) if need_scores else None
     groups = _groups(problem, history, dtype)
-    keeping = KeptActivations.of(kept, groups, candidates, unit, problem, writing=True)
+    keeping = KeptActivations.of(kept, groups, candidates, unit, writing=True)
     for group in groups:
         rows = _rows(group)
         blocks = [history.block(group, span) for span in group.spans()]
@@ -354,8 +354,7 @@ def backward(problem, grad_pooled: Tensor, grad_scores: Optional[Tensor], saved=
     grad_values = (grad_keys if values is keys
                    else torch.zeros(values.shape, dtype=dtype, device=values.device))
     groups = _groups(problem, history, dtype)
-    activations = KeptActivations.of(saved[0] if saved else None, groups, candidates, unit,
-                                     problem)
+    activations = KeptActivations.of(saved[0] if saved else None, groups, candidates, unit)
     for group in groups:
         rows = _rows(group)
         blocks = [history.block(group, span) for span in group.spans()]

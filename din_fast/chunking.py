@@ -73,9 +73,9 @@ PAIR_COST = 16
 # What the training forward may keep for its backward (din_fast.chunked): each
 # block's scores and the hidden activations the unit's backward reads, so that
 # the backward does not score every pair a second time (that recompute made
-# forward + backward about 1.3x slower at the training shape, B = 1024,
-# T = 100, hidden 80-40: 121 floats a pair, 50 MB, against 30 MB of peak
-# without). Kept all or nothing, as the upper bound from the shapes alone
+# forward + backward about 1.2x slower at the training shape, B = 1024,
+# T = 100, hidden 80-40, measured back to back: 121 floats a pair, a 50 MB
+# bound, a peak of 77 MB against 30 MB without). Kept all or nothing, as the upper bound from the shapes alone
 # (kept_widths per padded (row, candidate, position) slot) fits: so memory
 # stays bounded whatever B * C * T, and a traced graph knows the size.
 # DIN_FAST_KEEP_ACTIVATIONS_MB in the environment overrides it (0: always
