@@ -21,7 +21,11 @@ test, the 10% before validation), through ``din_fast.ctr.training.train``:
     python -m benchmarks.movielens --data DIR [--seeds 0 1 2] [--threads N]
         [--din-config FILE] [--base-config FILE] [--ema DECAY]
         [--din-max-len N] [--base-max-len N]
-        [--models "DIN + features" "BaseModel + features"]
+        [--models "DIN + features" "BaseModel + features"] [--ablate]
+
+``--ablate`` adds, for each neural model and seed, the trained model scored
+with its deep part's logits taken as zero (its linear part alone) and with
+every history emptied (lengths 0): what the deep part and the history carry.
 
 ``--ema DECAY`` trains every neural model with the same weight average
 (``din-fast train --ema``); ``--din-max-len`` and ``--base-max-len`` set
@@ -49,6 +53,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.csv as pacsv
+import torch
 
 from din_fast.ctr.cli import available_cores, positive_int
 
@@ -170,11 +175,63 @@ def recipe(path) -> dict:
     return {k: v for k, v in read_config_file(path, str(path)).items() if k not in NOT_RECIPE}
 
 
-def run_models(log: Path, seeds, epochs: int, recipes: dict, models=tuple(MODELS)) -> list:
+class LinearPartAlone(torch.nn.Module):
+    """A trained model's linear part alone: its deep part's logits taken as zero."""
+
+    def __init__(self, model):
+        super().__init__()
+        self.model = model
+
+    def forward(self, history_items, history_categories, lengths, target_items,
+                target_categories, features=None, numeric=None):
+        zeros = torch.zeros(target_items.shape, dtype=self.model.item_embedding.weight.dtype)
+        return self.model.add_linear(zeros, target_items, target_categories, features, numeric)
+
+
+class EmptiedHistories(torch.nn.Module):
+    """A trained model that sees every history as empty (lengths 0)."""
+
+    def __init__(self, model):
+        super().__init__()
+        self.model = model
+
+    def forward(self, history_items, history_categories, lengths, *rest, **side):
+        return self.model(history_items, history_categories, torch.zeros_like(lengths), *rest,
+                          **side)
+
+
+ABLATIONS = {"linear part alone": LinearPartAlone, "histories emptied": EmptiedHistories}
+
+
+def ablation_rows(name: str, seed: int, config, checkpoint: str) -> list:
+    """A row per ABLATIONS entry: the checkpoint's model (what train
+    reported: the best epoch, averaged with --ema) so changed, scored on
+    validation and test."""
+    from din_fast.ctr.checkpoint import load_checkpoint
+    from din_fast.ctr.config import model_for
+    from din_fast.ctr.training import evaluate, load_training_data
+
+    data, splits = load_training_data(config)
+    saved = load_checkpoint(checkpoint)
+    model = model_for(config, saved.id_maps)
+    model.load_state_dict(saved.state_dict)
+    rows = []
+    for label, ablated in ABLATIONS.items():
+        variant = ablated(model)
+        metrics = {**evaluate(variant, data, splits.validation, config.max_len, "cpu",
+                              "validation"),
+                   **evaluate(variant, data, splits.test, config.max_len, "cpu", "test")}
+        rows.append(dict(model=f"{name}, {label}", seed=seed, **{k: metrics[k] for k in METRICS}))
+    return rows
+
+
+def run_models(log: Path, seeds, epochs: int, recipes: dict, models=tuple(MODELS),
+               ablate: bool = False) -> list:
     """One row per model and seed: the neural ``models`` (names of MODELS)
     through din_fast.ctr.training.train with ``recipes`` ({"din": ...,
-    "base": ...}), the logistic regression on the same split (on DIN's data
-    settings: min count) once, its row repeated for every seed."""
+    "base": ...}), with ``ablate`` each followed by its ablation_rows, the
+    logistic regression on the same split (on DIN's data settings: min
+    count) once, its row repeated for every seed."""
     from din_fast.ctr.training import TrainConfig, load_training_data, train
 
     config = TrainConfig(data=str(log), label_column="label", features=FEATURES,
@@ -189,11 +246,17 @@ def run_models(log: Path, seeds, epochs: int, recipes: dict, models=tuple(MODELS
             config = TrainConfig(data=str(log), label_column="label", seed=seed, epochs=epochs,
                                  **{**recipes[kind], **options})
             print(f"== {name}, seed {seed}", flush=True)
-            result = train(config, progress=False, log=lambda m: print("  " + m, flush=True))
-            rows.append(dict(model=name, seed=seed, **{k: result[k] for k in METRICS},
-                             ema=config.ema, max_len=config.max_len,
-                             best_epoch=result["best_epoch"], epochs_run=result["epochs_run"],
-                             train_seconds=round(result["train_seconds"], 1)))
+            with tempfile.TemporaryDirectory() as directory:
+                checkpoint = str(Path(directory) / "model.pt")
+                result = train(config, checkpoint=checkpoint if ablate else None, progress=False,
+                               log=lambda m: print("  " + m, flush=True))
+                rows.append(dict(model=name, seed=seed, **{k: result[k] for k in METRICS},
+                                 ema=config.ema, max_len=config.max_len,
+                                 best_epoch=result["best_epoch"],
+                                 epochs_run=result["epochs_run"],
+                                 train_seconds=round(result["train_seconds"], 1)))
+                if ablate:
+                    rows += ablation_rows(name, seed, config, checkpoint)
         rows.append(dict(model="logistic regression", seed=seed,
                          **{k: regression[k] for k in METRICS}, C=regression["C"]))
     return rows
@@ -236,6 +299,9 @@ def main() -> int:
                             "--max-len); default: the recipe's")
     parser.add_argument("--models", nargs="+", choices=tuple(MODELS), default=tuple(MODELS),
                         help="the neural models to train (default: all)")
+    parser.add_argument("--ablate", action="store_true",
+                        help="also score each trained model with its deep part's logits zero "
+                        "and with its histories emptied")
     parser.add_argument("--out", type=Path, default=ROOT / "benchmarks" / "results" /
                         "movielens.csv")
     parser.add_argument("--combine", type=Path, nargs="+",
@@ -258,11 +324,10 @@ def main() -> int:
     for kind in recipes:    # each model's own: the history length is chosen per model
         if getattr(args, f"{kind}_max_len") is not None:
             recipes[kind] = dict(recipes[kind], max_len=getattr(args, f"{kind}_max_len"))
-    import torch
     torch.set_num_threads(args.threads)
     with tempfile.TemporaryDirectory() as directory:
         log = build_log(args.data, Path(directory) / "movielens.csv")
-        rows = run_models(log, args.seeds, args.epochs, recipes, args.models)
+        rows = run_models(log, args.seeds, args.epochs, recipes, args.models, args.ablate)
     report(rows, args.out, f"{platform.processor() or platform.machine()}, {args.threads} "
            "thread(s)")
     return 0
@@ -276,7 +341,9 @@ def combined(runs: list) -> list:
     for row in (r for run in runs for r in run if r.get("seed") != ""):
         rows.setdefault((row["seed"], row["model"]), row)
     order = list(MODELS) + ["logistic regression"]
-    return [rows[key] for key in sorted(rows, key=lambda k: (k[0], order.index(k[1])))]
+    # An ablation row ("<model>, <ablation>") follows its model's.
+    return [rows[key] for key in sorted(
+        rows, key=lambda k: (k[0], order.index(k[1].split(", ")[0])))]
 
 
 def report(rows: list, out: Path, where: str) -> None:

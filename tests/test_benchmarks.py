@@ -543,18 +543,52 @@ def test_movielens_trains_the_models_asked_with_one_decay_and_length(tmp_path, m
     monkeypatch.setattr(sys, "argv", ["movielens", "--data", str(tmp_path), "--seeds", "0",
                                       "--epochs", "1", "--threads", "1", "--ema", "0.9",
                                       "--base-max-len", "3", "--models", "BaseModel + features",
-                                      "--out", str(out)])
+                                      "--ablate", "--out", str(out)])
     assert movielens.main() == 0
     assert "beat" not in capsys.readouterr().out
     rows = [r for r in harness.read_csv(str(out)) if r["seed"] != ""]
     assert [(r["model"], r["ema"], r["max_len"]) for r in rows] == [
-        ("BaseModel + features", 0.9, 3), ("logistic regression", "", "")]
+        ("BaseModel + features", 0.9, 3), ("BaseModel + features, linear part alone", "", ""),
+        ("BaseModel + features, histories emptied", "", ""), ("logistic regression", "", "")]
+    assert all(0 <= r["test_gauc"] <= 1 for r in rows)
+    rows = [rows[0], rows[3]]
     # --combine: another run's rows join, each model once per seed, in the table's order.
     other = [dict(rows[1], seed=1), dict(model="DIN", seed=0), dict(rows[1], test_auc=0.0)]
     assert [(r["model"], r["seed"]) for r in movielens.combined([rows, other])] == [
         ("DIN", 0), ("BaseModel + features", 0), ("logistic regression", 0),
         ("logistic regression", 1)]
     assert movielens.combined([rows, other])[2]["test_auc"] == rows[1]["test_auc"]
+
+
+@pytest.mark.parametrize("kind", ["base", "din"])
+def test_movielens_ablations_are_the_linear_part_and_the_model_without_history(kind):
+    """benchmarks.movielens --ablate's models: the linear part alone is the
+    model's logits less its deep part's (the scoring MLP's), and emptied
+    histories score as the model does on histories of padding alone."""
+    from benchmarks.movielens import EmptiedHistories, LinearPartAlone
+    from din_fast.ctr.models import MODELS, score
+
+    torch.manual_seed(0)
+    model = MODELS[kind](7, 3, embed_dim=4, mlp_hidden=(6,), features={"f": 4},
+                         linear=True, backend="reference").eval()
+    for parameter in model.linear.parameters():
+        torch.nn.init.normal_(parameter)
+    history, categories = torch.randint(1, 8, (5, 6)), torch.randint(1, 4, (5, 6))
+    lengths, targets = torch.tensor([0, 1, 6, 3, 2]), torch.randint(1, 8, (5,))
+    target_categories, features = torch.randint(1, 4, (5,)), {"f": torch.randint(0, 5, (5, 2))}
+    inputs = (history, categories, lengths, targets, target_categories)
+    with torch.no_grad():
+        candidate = model.embed(targets, target_categories)
+        interest = model.pool(candidate, model.embed(history, categories), lengths,
+                              (target_categories, categories))
+        deep = score(model.mlp, model.mlp_input, interest, candidate,
+                     model.side_features(candidate, features, None))
+        torch.testing.assert_close(LinearPartAlone(model)(*inputs, features=features),
+                                   model(*inputs, features=features) - deep)
+        padding = (torch.zeros_like(history), torch.zeros_like(categories),
+                   torch.zeros_like(lengths), targets, target_categories)
+        torch.testing.assert_close(EmptiedHistories(model)(*inputs, features=features),
+                                   model(*padding, features=features))
 
 
 def test_movielens_recipe_file_is_a_tunes_best_config_less_what_the_benchmark_sets(tmp_path):
