@@ -390,8 +390,9 @@ def _forward_for(fields: type):
         args = fields(*args)
         problem = args.problem()
         dtype = problem.compute_dtype()
-        # Empty, not zeros: the blocks fill a prefix (their rows padded to
-        # their group's longest, not to T), and pages never written cost nothing.
+        # Empty, not zeros: the blocks write their slots and zero only what
+        # lies between and after them (chunked.KeptActivations: the output is
+        # then the same on every run), so each byte is written once.
         size = kept_elements(args, dtype.itemsize) if keep else 0
         kept = _spare.tensor(problem.query, size, dtype)
         with torch.no_grad():   # below autograd: the blocks work in place
