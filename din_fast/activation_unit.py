@@ -32,7 +32,7 @@ from typing import List, Optional
 import torch
 from torch import Tensor
 
-from .activations import activate, activation_backward, dice
+from .activations import activate, activation_backward, derivative_needs_input, dice
 from .problem import split_first_layer
 
 
@@ -69,9 +69,9 @@ class ActivationUnit:
         self.activation = problem.activation
         self.dice_eps = problem.dice_eps
         self.hidden = problem.hidden_units
-        # Sigmoid's and relu's derivatives follow from their outputs: the
-        # backward keeps those alone; prelu and dice keep the inputs too.
-        self.keeps_inputs = problem.activation in ("prelu", "dice")
+        # The backward keeps each layer's outputs, and its inputs where the
+        # derivative needs them.
+        self.keeps_inputs = derivative_needs_input(problem.activation)
 
     def query_term(self, query: Tensor) -> Tensor:
         """u = (W_q + W_d) q + b_1, [..., H1] of query [..., D]."""

@@ -5,6 +5,13 @@ from __future__ import annotations
 import torch
 
 
+def derivative_needs_input(activation: str) -> bool:
+    """Whether :func:`activation_backward` needs the activation's input beside
+    its output: prelu's and dice's do; sigmoid's and relu's follow from the
+    output alone (so a backward may keep the outputs only)."""
+    return activation in ("prelu", "dice")
+
+
 def activate(x: torch.Tensor, activation: str, params: tuple, dice_eps: float) -> torch.Tensor:
     """Apply one hidden layer's activation; ``params`` as in DINProblem.act_params."""
     if activation == "sigmoid":

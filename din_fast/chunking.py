@@ -34,6 +34,7 @@ from typing import Iterator, List, Optional
 import torch
 from torch import Tensor
 
+from .activations import derivative_needs_input
 from .problem import JaggedDINProblem
 
 # The default working set of one block (its activations, the folded M of its
@@ -137,7 +138,7 @@ def kept_widths(hidden, activation: str) -> List[int]:
     order of a block's slots: the score, then per hidden layer its
     pre-activation where the derivative needs it (prelu, dice) and its
     activation."""
-    per_layer = 2 if activation in ("prelu", "dice") else 1
+    per_layer = 2 if derivative_needs_input(activation) else 1
     return [1] + [width for width in hidden for _ in range(per_layer)]
 
 
@@ -231,7 +232,7 @@ class UnitSize:
     def of(cls, problem, dtype: torch.dtype) -> "UnitSize":
         value_dim = 0 if problem.values is None else problem.values.shape[-1]
         return cls(tuple(problem.hidden_units), problem.query.shape[-1], value_dim,
-                   problem.activation in ("prelu", "dice"),
+                   derivative_needs_input(problem.activation),
                    torch.empty((), dtype=dtype).element_size(), problem.query.device)
 
     def budget(self) -> int:
