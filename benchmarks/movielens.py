@@ -207,20 +207,17 @@ def ablation_rows(name: str, seed: int, config, checkpoint: str) -> list:
     """A row per ABLATIONS entry: the checkpoint's model (what train
     reported: the best epoch, averaged with --ema) so changed, scored on
     validation and test."""
-    from din_fast.ctr.checkpoint import load_checkpoint
-    from din_fast.ctr.config import model_for
+    from din_fast.ctr.checkpoint import load_checkpoint, restored_model
     from din_fast.ctr.training import evaluate, load_training_data
 
     data, splits = load_training_data(config)
-    saved = load_checkpoint(checkpoint)
-    model = model_for(config, saved.id_maps)
-    model.load_state_dict(saved.state_dict)
+    model = restored_model(load_checkpoint(checkpoint), config)
     rows = []
     for label, ablated in ABLATIONS.items():
         variant = ablated(model)
-        metrics = {**evaluate(variant, data, splits.validation, config.max_len, "cpu",
+        metrics = {**evaluate(variant, data, splits.validation, config.max_len, config.device,
                               "validation"),
-                   **evaluate(variant, data, splits.test, config.max_len, "cpu", "test")}
+                   **evaluate(variant, data, splits.test, config.max_len, config.device, "test")}
         rows.append(dict(model=f"{name}, {label}", seed=seed, **{k: metrics[k] for k in METRICS}))
     return rows
 
