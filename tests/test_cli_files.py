@@ -110,6 +110,13 @@ def refused_cases(tmp: Path, trained) -> dict:
     case("train_checkpoint_is_a_file_of_the_data_directory", lambda d, data, c, r: [
         *TRAIN, "--data", str(write_amazon(d / "amazon")), "--checkpoint",
         str(d / "amazon" / "Small.txt")], "Small.txt", "an input of this command (--data)")
+    def config_file(directory):
+        settings = directory / "settings.json"
+        settings.write_text('{"epochs": 1}')
+        return settings
+    case("train_checkpoint_is_config", lambda d, data, c, r: [
+        *TRAIN, "--data", str(data), "--config", str(config_file(d)), "--checkpoint",
+        str(link(d, d / "settings.json", "new.pt"))], "an input of this command (--config)")
     case("train_metrics_out_trailing_slash", lambda d, data, c, r: [
         *TRAIN, "--data", str(data), "--metrics-out", str(d / "nodir") + "/"],
         "--metrics-out", "is a directory")
@@ -163,6 +170,7 @@ SUBPROCESS_CASES = ("predict_output_is_data", "predict_output_is_requests",
                     "train_plot_unknown_format", "export_out_unwritable",
                     "train_log_dir_then_checkpoint_trailing_slash")
 IN_PROCESS_CASES = ("train_checkpoint_is_a_file_of_the_data_directory",
+                    "train_checkpoint_is_config",
                     "export_out_is_checkpoint", "export_id_maps_are_checkpoint",
                     "train_log_dir_then_missing_data", "train_log_dir_under_a_file",
                     "train_log_dir_unwritable")

@@ -523,7 +523,7 @@ def run_command(args) -> int:
             options["l2"] = sharded.DEFAULT_L2 if sharded.requested(args) else TrainConfig.l2
         config = config_of(options)
         check_training_outputs(config, args.checkpoint, args.metrics_out, args.plot,
-                               args.log_dir, args.resume)
+                               args.log_dir, args.resume, args.config)
         note_unread_labels(config)
         if sharded.requested(args):
             sharded.check_single_process_options(config, resume=args.resume,

@@ -626,7 +626,7 @@ RESUME_MAY_CHANGE = ("data", "epochs", "patience", "device", "backend", "compile
 
 
 def check_training_outputs(config: TrainConfig, checkpoint=None, metrics_out=None,
-                           plot=None, log_dir=None, resume=None) -> None:
+                           plot=None, log_dir=None, resume=None, settings=None) -> None:
     """Check, before any work, that every file of the training run can be
     written and none would overwrite its data (see din_fast.ctr.files).
 
@@ -645,6 +645,7 @@ def check_training_outputs(config: TrainConfig, checkpoint=None, metrics_out=Non
         log_dir: the --log-dir directory (its metrics.csv is checked), or
             None.
         resume: the --resume file, an input, or None.
+        settings: the --config file, an input, or None.
 
     Raises:
         din_fast.ctr.errors.OutputError: an output that cannot be written
@@ -662,7 +663,7 @@ def check_training_outputs(config: TrainConfig, checkpoint=None, metrics_out=Non
                    "--metrics-out": metrics_out, "--plot": plot,
                    "--log-dir's metrics.csv": epoch_csv},
                   {"--data": data_files(config.data),
-                   "--resume": None if continued else resume})
+                   "--resume": None if continued else resume, "--config": settings})
 
 
 def train(config: TrainConfig, *, checkpoint: Optional[str] = None,
