@@ -155,6 +155,13 @@ def refused_cases(tmp: Path, trained) -> dict:
     case("train_log_dir_unwritable", lambda d, data, c, r: [
         *TRAIN, "--data", str(data), "--log-dir", str(unwritable_directory(d) / "logs")],
         "--log-dir", "cannot be created", "not writable")
+    # A --log-dir still to be created may not take another output's path.
+    case("train_log_dir_is_plot", lambda d, data, c, r: [
+        *TRAIN, "--data", str(data), "--log-dir", str(d / "curves.png"), "--plot",
+        str(d / "curves.png")], "--log-dir", "where --plot", "a path of its own")
+    case("train_log_dir_under_metrics_out", lambda d, data, c, r: [
+        *TRAIN, "--data", str(data), "--metrics-out", str(d / "m.json"), "--log-dir",
+        str(d / "m.json" / "logs")], "--log-dir", "where --metrics-out")
     return cases
 
 
@@ -173,7 +180,8 @@ IN_PROCESS_CASES = ("train_checkpoint_is_a_file_of_the_data_directory",
                     "train_checkpoint_is_config",
                     "export_out_is_checkpoint", "export_id_maps_are_checkpoint",
                     "train_log_dir_then_missing_data", "train_log_dir_under_a_file",
-                    "train_log_dir_unwritable")
+                    "train_log_dir_unwritable", "train_log_dir_is_plot",
+                    "train_log_dir_under_metrics_out")
 
 
 def test_every_refused_case_is_run(cases):

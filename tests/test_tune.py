@@ -136,6 +136,8 @@ def bad_tunes(tmp_path, data) -> list:
          "cannot be created as a directory"),
         (["--study", str(tmp_path / "s.db"), "--out",
           str(unwritable_directory(tmp_path) / "new" / "o")], "not writable"),
+        (["--study", str(tmp_path / "s.db"), "--out", str(tmp_path / "s.db")],
+         "--out " + str(tmp_path / "s.db") + ": would be created as a directory where --study"),
         (["--study", str(not_a_study), "--out", str(tmp_path / "o")],
          "not an Optuna study database"),
         (["--study", str(tmp_path / "s.db"), "--out", str(tmp_path / "o"), "--lr", "0.1"],

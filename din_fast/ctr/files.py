@@ -102,15 +102,29 @@ def check_output(option: str, path) -> None:
         raise OutputError(f"{option} {text}: directory {directory} is not writable ({refused})")
 
 
-def check_output_directory(option: str, path) -> None:
+def check_output_directory(option: str, path, outputs: Optional[dict] = None) -> None:
     """OutputError unless ``path`` is a directory that takes new files, or can
     be created as one: its nearest existing ancestor is a directory that takes
-    new entries. Nothing is created (the command creates it with its first
-    file, so that a refused command leaves nothing behind); the files it will
-    hold are checked with :func:`check_outputs` where it exists."""
+    new entries, and none of the command's output files (``{option: path or
+    None}``) is to be written where it, or a directory above it, would be
+    created (one of the two would fail once the other is in place, after the
+    work). Nothing is created (the command creates it with its first file, so
+    that a refused command leaves nothing behind); the files it will hold are
+    checked with :func:`check_outputs` where it exists."""
     text = os.fspath(path)
     if not text:
         raise OutputError(f"{option}: an empty path; expected a directory path")
+    resolved = os.path.realpath(text)
+    for other_option, other in (outputs or {}).items():
+        # An output that exists is refused here or by check_outputs, as a file
+        # (in the way of the directory) or a directory (no file path).
+        if other is None or os.path.exists(other):
+            continue
+        target = os.path.realpath(other)
+        if resolved == target or resolved.startswith(target.rstrip(os.sep) + os.sep):
+            raise OutputError(f"{option} {text}: would be created as a directory where "
+                              f"{other_option} {other} is to be written; each output needs a "
+                              "path of its own")
     wanted = os.path.abspath(text)
     ancestor = wanted
     while not os.path.exists(ancestor) and ancestor != os.path.dirname(ancestor):

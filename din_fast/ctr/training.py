@@ -634,8 +634,9 @@ def check_training_outputs(config: TrainConfig, checkpoint=None, metrics_out=Non
     :func:`din_fast.ctr.checkpoint.resume_path`) may be the --resume file it
     continues from: that one is read whole first and replaced after the
     next epoch. A missing ``log_dir`` is checked to be one that can be
-    created, and is created by the first epoch's row (so that a command
-    refused now or later leaves nothing behind).
+    created, where no other output is to be written, and is created by the
+    first epoch's row (so that a command refused now or later leaves nothing
+    behind).
 
     Args:
         config: the run's settings (its ``data`` files are the inputs).
@@ -655,13 +656,13 @@ def check_training_outputs(config: TrainConfig, checkpoint=None, metrics_out=Non
     """
     last = resume_path(checkpoint) if checkpoint else None
     continued = resume is not None and last is not None and same_file(resume, last)
+    files = {"--checkpoint": checkpoint, "--checkpoint's run state": last,
+             "--metrics-out": metrics_out, "--plot": plot}
     if log_dir:
-        check_output_directory("--log-dir", log_dir)
+        check_output_directory("--log-dir", log_dir, files)
     # A directory still to be created holds no file yet to check.
     epoch_csv = EpochLog.path_in(log_dir) if log_dir and os.path.isdir(log_dir) else None
-    check_outputs({"--checkpoint": checkpoint, "--checkpoint's run state": last,
-                   "--metrics-out": metrics_out, "--plot": plot,
-                   "--log-dir's metrics.csv": epoch_csv},
+    check_outputs({**files, "--log-dir's metrics.csv": epoch_csv},
                   {"--data": data_files(config.data),
                    "--resume": None if continued else resume, "--config": settings})
 

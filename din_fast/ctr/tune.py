@@ -151,11 +151,11 @@ def output_paths(out) -> tuple:
 
 def check_tune_paths(config: TrainConfig, study: str, out: str) -> None:
     """OutputError, before any work, when ``out`` is not a directory that can
-    take the outputs (nor can be created as one), or the study file or an
-    output would be the data or each other."""
+    take the outputs (nor can be created as one, the study file aside), or
+    the study file or an output would be the data or each other."""
     # Created by the first best trial, so that a refused command leaves no
     # directory behind; one still to be created holds no output to check.
-    check_output_directory("--out", out)
+    check_output_directory("--out", out, {"--study": study})
     best_config, checkpoint = output_paths(out) if os.path.isdir(out) else (None, None)
     check_outputs({"--study": study, f"--out's {CONFIG_NAME}": best_config,
                    f"--out's {CHECKPOINT_NAME}": checkpoint},
