@@ -2,8 +2,10 @@
 command on tiny data: a couple of one- or two-epoch trials each."""
 
 import json
+import sqlite3
 import subprocess
 import sys
+from contextlib import closing
 
 import pytest
 
@@ -127,6 +129,11 @@ def test_a_labeled_log_is_tuned(tmp_path, capsys):
 def bad_tunes(tmp_path, data) -> list:
     not_a_study = tmp_path / "notes.db"
     not_a_study.write_text("not SQLite\n")
+    # SQLite databases tune did not write: Optuna would add its tables (a study) to them.
+    with closing(sqlite3.connect(tmp_path / "mine.sqlite")) as mine:
+        mine.execute("CREATE TABLE notes (text)")
+        mine.commit()
+    optuna.create_study(storage=f"sqlite:///{tmp_path / 'theirs.db'}", study_name="theirs")
     (tmp_path / "file").write_text("")
     common = ["--data", str(data), "--trials", "1", *TINY]
     return [
@@ -140,6 +147,10 @@ def bad_tunes(tmp_path, data) -> list:
          "--out " + str(tmp_path / "s.db") + ": would be created as a directory where --study"),
         (["--study", str(not_a_study), "--out", str(tmp_path / "o")],
          "not an Optuna study database"),
+        (["--study", str(tmp_path / "mine.sqlite"), "--out", str(tmp_path / "o")],
+         "not an Optuna study database din-fast tune wrote (no Optuna tables)"),
+        (["--study", str(tmp_path / "theirs.db"), "--out", str(tmp_path / "o")],
+         "not an Optuna study database din-fast tune wrote (no study named 'din-fast')"),
         (["--study", str(tmp_path / "s.db"), "--out", str(tmp_path / "o"), "--lr", "0.1"],
          "--lr 0.1: outside what tune searches; the first trial's lr must be from 3e-05 to "
          "0.01"),
@@ -160,6 +171,7 @@ def exit_status(argv) -> int:
 
 def test_tune_errors_are_one_line(data, tmp_path, capsys):
     cases, common = bad_tunes(tmp_path, data)
+    databases = {name: (tmp_path / name).read_bytes() for name in ("mine.sqlite", "theirs.db")}
     for arguments, expected in cases:
         assert exit_status(["tune", *common, *arguments]) == 2, arguments
         error = capsys.readouterr().err.strip().splitlines()
@@ -167,6 +179,7 @@ def test_tune_errors_are_one_line(data, tmp_path, capsys):
         assert expected in error[0], error
     # --out is created by the first best trial: a refused tune leaves no directory.
     assert not (tmp_path / "o").exists()
+    assert databases == {name: (tmp_path / name).read_bytes() for name in databases}
 
 
 def test_train_config_file_errors_are_one_line(tmp_path, capsys):

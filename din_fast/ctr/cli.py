@@ -456,7 +456,8 @@ def add_tune_command(commands, train_parser: argparse.ArgumentParser) -> None:
         "defaults where not given).")
     tune_parser.add_argument("--study", required=True,
                              help="the study's SQLite file: created where new, resumed where it "
-                             "exists (the same command again continues a tune)")
+                             "exists (the same command again continues a tune); a file din-fast "
+                             "tune did not write is refused, never written")
     tune_parser.add_argument("--out", required=True,
                              help="a directory (created where missing) for best_config.json, "
                              "the best trial's settings (for train --config), and best.pt, "

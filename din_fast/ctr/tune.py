@@ -12,7 +12,8 @@ given settings (train's defaults where none is given; each inside the
 space), so a tune never ends worse on validation than ``din-fast train`` with
 them.
 
-The study lives in an SQLite file (``--study``): running the same command
+The study lives in an SQLite file (``--study``, new or one a tune wrote:
+another database is refused, never written): running the same command
 again resumes it, up to ``--trials`` completed or pruned trials in all; a study keeps the
 settings it was started with (the data, the model, every option but the
 search's own), and other settings are refused. The best trial's settings go
@@ -26,7 +27,10 @@ from __future__ import annotations
 import json
 import math
 import os
+import sqlite3
 import time
+import urllib.parse
+from contextlib import closing
 from dataclasses import asdict, replace
 from pathlib import Path
 from typing import Optional
@@ -160,6 +164,29 @@ def check_tune_paths(config: TrainConfig, study: str, out: str) -> None:
     check_outputs({"--study": study, f"--out's {CONFIG_NAME}": best_config,
                    f"--out's {CHECKPOINT_NAME}": checkpoint},
                   {"--data": data_files(config.data)})
+    check_study_file(study)
+
+
+def check_study_file(path: str) -> None:
+    """InputError unless the --study file is new (missing or empty) or holds
+    din-fast tune's study: Optuna would add its tables, and a study, to any
+    other SQLite database, one of the user's own. Read only, nothing is
+    written."""
+    if not os.path.exists(path) or os.path.getsize(path) == 0:
+        return
+    uri = f"file:{urllib.parse.quote(os.path.abspath(path))}?mode=ro"
+    try:
+        with closing(sqlite3.connect(uri, uri=True)) as database:
+            names = database.execute("SELECT study_name FROM studies").fetchall()
+    except sqlite3.Error as error:
+        why = ("no Optuna tables" if "no such table" in str(error)
+               else type(error).__name__)
+    else:
+        if (STUDY_NAME,) in names:
+            return
+        why = f"no study named {STUDY_NAME!r}"
+    raise InputError(f"--study {path}: not an Optuna study database din-fast tune wrote "
+                     f"({why}); give a new file or one din-fast tune wrote")
 
 
 def open_study(optuna, path: str, config: TrainConfig, fingerprint: str):
