@@ -69,6 +69,13 @@ def test_tune_writes_what_train_takes_and_resumes(data, tmp_path, monkeypatch, c
     # ... within the time budget (one trial starts within 1 ms, none after) ...
     assert main([*command, "--trials", "9", "--time-budget", "0.001"]) == 0
     assert len(trials_of(study)) == 4
+    # ... into another --out, created for the best trial trained again ...
+    elsewhere = tmp_path / "elsewhere" / "out"
+    assert main(["tune", "--data", str(data), "--study", str(study), "--out", str(elsewhere),
+                 *TINY, "--trials", "4"]) == 0
+    assert "0 to run" in capsys.readouterr().out
+    assert load_checkpoint(elsewhere / "best.pt").config == \
+        TrainConfig(**json.loads((elsewhere / "best_config.json").read_text()))
     # ... and with the settings it was started with.
     assert main([*command[:-2], "--batch-size", "32", "--trials", "4"]) == 2
     error = capsys.readouterr().err

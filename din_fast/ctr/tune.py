@@ -331,6 +331,7 @@ def finish(optuna, study, config: TrainConfig, written: Optional[int], out: str,
         torch.manual_seed(run.seed)
         model = model_for(run, run_data.id_maps).to(run.device)
         fit(model, run_data, run_splits, run, progress=False, log=lambda *_: None, test=False)
+        os.makedirs(out, exist_ok=True)     # a new --out of a study whose trials are all run
         save_checkpoint(best_checkpoint, model, run_data.id_maps, run,
                         option=f"--out's {CHECKPOINT_NAME}")
     write_config_file(best_config, run, f"--out's {CONFIG_NAME}")
