@@ -336,3 +336,25 @@ def test_ctrl_c_before_an_epoch_finished_saves_nothing(tmp_path, trained, capsys
         "din-fast: interrupted during epoch 1: no epoch had finished, nothing saved; metrics "
         "and plots are written by finished runs"]
     assert os.listdir(tmp_path) == []
+
+
+def test_ctrl_c_in_a_resumed_run_names_the_run_state_that_exists(tmp_path, trained, capsys,
+                                                                 monkeypatch, one_torch_thread):
+    """Resumed with another --checkpoint and stopped before an epoch
+    finished: the best epoch is saved there, and the run continues from the
+    --resume file (the new checkpoint's run state is not written yet)."""
+    data, checkpoint, _ = owned_copy(tmp_path / "run", trained)
+    run_state = checkpoint.with_name("din.run.pt")
+    run_state.write_bytes(trained[1].with_name("din.run.pt").read_bytes())
+
+    def interrupted(*args):
+        raise KeyboardInterrupt
+    monkeypatch.setattr(LocalLearner, "train_epoch", interrupted)
+    other = tmp_path / "other.pt"
+    assert main([*TRAIN, "--epochs", "2", "--data", str(data), "--resume", str(run_state),
+                 "--checkpoint", str(other)]) == 130
+    error = capsys.readouterr().err.splitlines()
+    assert len(error) == 1 and "saved epoch 1, the best so far" in error[0], error
+    assert error[0].endswith(f"to {other}; continue the run with --resume {run_state}; metrics "
+                             "and plots are written by finished runs"), error
+    assert sorted(os.listdir(tmp_path)) == ["other.pt", "run"]

@@ -724,12 +724,17 @@ def train(config: TrainConfig, *, checkpoint: Optional[str] = None,
         model.load_state_dict(resumed.state_dict)
     backend = model.attention_backend()  # what training runs: config.backend resolved
     epoch_log = EpochLog(log_dir) if log_dir else None
+    # The run state of the last finished epoch: the --resume file until this
+    # run has written its own (a Ctrl-C before then names the file that exists).
+    latest_state = resume
 
     def on_epoch(state: RunState, improved: bool) -> None:
+        nonlocal latest_state
         if checkpoint:
             if improved:    # the weights validated (the average's, with --ema)
                 save_weights(checkpoint, state.best_weights, data.id_maps, config)
             save_run_state(resume_path(checkpoint), model, data.id_maps, config, state)
+            latest_state = resume_path(checkpoint)
         if epoch_log:
             epoch_log.write(state.epochs)
     try:
@@ -738,7 +743,8 @@ def train(config: TrainConfig, *, checkpoint: Optional[str] = None,
     except TrainingInterrupted as interrupted:
         if checkpoint and interrupted.best is not None:
             save_checkpoint(checkpoint, model, data.id_maps, config)
-            interrupted.saved, interrupted.resumable = checkpoint, resume_path(checkpoint)
+            interrupted.saved = checkpoint
+        interrupted.resumable = latest_state
         raise
     except torch._dynamo.exc.BackendCompilerFailed as error:
         # This machine cannot compile (no C++ compiler for inductor on CPU, say).
