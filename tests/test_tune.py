@@ -11,7 +11,7 @@ import pytest
 
 optuna = pytest.importorskip("optuna")   # the tune extra; .ci/run installs it
 
-from din_fast.ctr import training
+from din_fast.ctr import training, tune
 from din_fast.ctr.checkpoint import load_checkpoint
 from din_fast.ctr.cli import main
 from din_fast.ctr.config import TrainConfig
@@ -213,3 +213,16 @@ def test_without_optuna_the_command_says_how_to_install_it(data, tmp_path):
         "din-fast: error: tune needs Optuna, which is not installed here: pip install "
         "'din-fast[tune]' (or pip install optuna)"]
     assert not (tmp_path / "s.db").exists()
+
+
+def test_ctrl_c_in_the_first_trial_says_nothing_was_written(data, tmp_path, monkeypatch, capsys):
+    def interrupted(*args, **kwargs):
+        raise KeyboardInterrupt
+    monkeypatch.setattr(tune, "fit", interrupted)
+    study, out = tmp_path / "s.db", tmp_path / "out"
+    assert main(["tune", "--data", str(data), "--study", str(study), "--out", str(out),
+                 "--trials", "1", *TINY]) == 130
+    error = capsys.readouterr().err.strip().splitlines()
+    assert len(error) == 1 and error[0].endswith(
+        f"no trial of this run was the best so far, nothing written to {out}"), error
+    assert not out.exists()

@@ -303,9 +303,11 @@ def tune(config: TrainConfig, *, study: str, out: str, trials: int = DEFAULT_TRI
             the_study.optimize(objective, n_trials=remaining, timeout=time_budget,
                                gc_after_trial=False, show_progress_bar=False)
     except KeyboardInterrupt:
+        kept = (f"the best so far is in {out}" if "trial" in written
+                else f"no trial of this run was the best so far, nothing written to {out}")
         raise KeyboardInterrupt(f"after {time.monotonic() - started:.0f} s: the study {study} "
                                 "keeps the finished trials (run the same command to resume "
-                                f"it); the best so far is in {out}") from None
+                                f"it); {kept}") from None
     return finish(optuna, the_study, config, written.get("trial"), out, data_of, log)
 
 
