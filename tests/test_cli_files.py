@@ -152,6 +152,9 @@ def refused_cases(tmp: Path, trained) -> dict:
     case("train_log_dir_under_a_file", lambda d, data, c, r: [
         *TRAIN, "--data", str(data), "--log-dir", str(c / "logs")],
         "--log-dir", "cannot be created as a directory", "is a file")
+    case("train_log_dir_through_a_dangling_link", lambda d, data, c, r: [
+        *TRAIN, "--data", str(data), "--log-dir", str(link(d, d / "gone", "logs") / "run")],
+        "--log-dir", "cannot be created as a directory", "logs is a symbolic link to nothing")
     case("train_log_dir_unwritable", lambda d, data, c, r: [
         *TRAIN, "--data", str(data), "--log-dir", str(unwritable_directory(d) / "logs")],
         "--log-dir", "cannot be created", "not writable")
@@ -180,7 +183,8 @@ IN_PROCESS_CASES = ("train_checkpoint_is_a_file_of_the_data_directory",
                     "train_checkpoint_is_config",
                     "export_out_is_checkpoint", "export_id_maps_are_checkpoint",
                     "train_log_dir_then_missing_data", "train_log_dir_under_a_file",
-                    "train_log_dir_unwritable", "train_log_dir_is_plot",
+                    "train_log_dir_unwritable", "train_log_dir_through_a_dangling_link",
+                    "train_log_dir_is_plot",
                     "train_log_dir_under_metrics_out")
 
 

@@ -127,10 +127,13 @@ def check_output_directory(option: str, path, outputs: Optional[dict] = None) ->
                               "path of its own")
     wanted = os.path.abspath(text)
     ancestor = wanted
-    while not os.path.exists(ancestor) and ancestor != os.path.dirname(ancestor):
+    # lexists: a symbolic link to nothing stops the walk (no directory can be
+    # created through it).
+    while not os.path.lexists(ancestor) and ancestor != os.path.dirname(ancestor):
         ancestor = os.path.dirname(ancestor)
     if not os.path.isdir(ancestor):
-        where = "it is a file" if ancestor == wanted else f"{ancestor} is a file"
+        what = "a symbolic link to nothing" if os.path.islink(ancestor) else "a file"
+        where = f"it is {what}" if ancestor == wanted else f"{ancestor} is {what}"
         raise OutputError(f"{option} {text}: cannot be created as a directory ({where}); "
                           "give a directory path")
     refused = _why_no_new_file(ancestor)
