@@ -348,6 +348,9 @@ def test_ctrl_c_in_one_sharded_process_saves_the_best_epoch(tmp_path, tiny_csv, 
     (["--embedding-lr", "0"], "--embedding-lr must be a positive number; got 0.0"),
     (["--ema", "0.9"], "--ema 0.9 (config.ema): sharded training runs the DIN protocol from "
      "the start, without weight averaging; it needs config.ema None"),
+    (["--history-cross", "4"], "--history-cross 4 (config.history_cross): sharded training "
+     "runs the DIN protocol from the start, without the history cross term; it needs "
+     "config.history_cross 0"),
 ])
 def test_sharded_training_rejects_what_it_cannot_run(tiny_csv, capsys, arguments, message):
     assert main(["train", "--data", str(tiny_csv), "--sharding", "row_wise", "--device", "cpu",

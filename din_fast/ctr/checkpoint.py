@@ -49,7 +49,8 @@ ADDED_CONFIG_FIELDS = {"compile": None, "top_k": None, "search": "din", "label_c
                        "features": (), "numeric_features": (), "feature_dim": None,
                        "validation_fraction": 0.1, "test_fraction": 0.1, "min_count": 1,
                        "linear": False, "linear_lr": None, "attention_hidden": (80, 40),
-                       "mlp_hidden": (200, 80), "ema": None}
+                       "mlp_hidden": (200, 80), "ema": None, "history_cross": 0,
+                       "history_cross_lr": None}
 # A field added with a default that leaves training as it was (``ema``,
 # ``linear_lr``) needs no new format: older files read with it, and an older
 # version refuses a newer file as one of another version (a config field it

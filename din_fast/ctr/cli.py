@@ -25,8 +25,8 @@ import torch
 from din_fast.problem import ACTIVATIONS, BACKENDS
 from din_fast.search import SEARCHES
 from . import sharded
-from .config import (COMPILE_BACKENDS, DIN_PROTOCOL_LR, LABELED_LOG_LR, TrainConfig,
-                     read_config_file)
+from .config import (COMPILE_BACKENDS, DIN_PROTOCOL_LR, HISTORY_CROSS_LR, LABELED_LOG_LR,
+                     TrainConfig, read_config_file)
 from .errors import InputError
 from .export import export_checkpoint
 from .files import check_outputs, write_json
@@ -97,6 +97,14 @@ def positive_float(text: str) -> float:
     value = float(text)
     if not (math.isfinite(value) and value > 0):
         raise argparse.ArgumentTypeError(f"must be a finite number > 0; got {text}")
+    return value
+
+
+def non_negative_int(text: str) -> int:
+    """An option's integer >= 0."""
+    value = int(text)
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"must be an integer >= 0; got {text}")
     return value
 
 
@@ -301,6 +309,17 @@ def build_parser(train_settings: Optional[dict] = None) -> argparse.ArgumentPars
                               "weight seen a few times an epoch needs a larger one than the deep "
                               "part, which overfits first (Wide & Deep trains its two parts "
                               "with two optimizers)")
+    train_parser.add_argument("--history-cross", type=non_negative_int, metavar="DIM",
+                              default=defaults.history_cross,
+                              help="add a history cross term to the logit: the dot product of "
+                              "the candidate's factors with the mean of its history's (item "
+                              "and category, DIM wide each, tables of their own), as a "
+                              "factorization machine's candidate-behaviour term; 0 for none")
+    train_parser.add_argument("--history-cross-lr", type=positive_float,
+                              default=defaults.history_cross_lr,
+                              help=f"the history cross term's Adam learning rate (default: "
+                              f"{HISTORY_CROSS_LR}); the deep part's slow rate leaves it "
+                              "untrained, the linear part's fast one overfits it")
     train_parser.add_argument("--ema", type=open_fraction, default=defaults.ema,
                               metavar="DECAY",
                               help="keep an exponential moving average of the weights, moved "

@@ -17,7 +17,7 @@ from tqdm import tqdm
 
 from .checkpoint import (RunState, load_checkpoint, restored_model, resume_path,
                          save_checkpoint, save_run_state, save_weights)
-from .config import TrainConfig, build_model, model_for
+from .config import HISTORY_CROSS_LR, TrainConfig, build_model, model_for
 from .data import (BATCH_STREAM, EncodedData, IdMaps, Samples, SampleSplits, build_samples,
                    encode, iterate_batches, known_test_samples, reserved_ids_read,
                    training_behaviours)
@@ -433,24 +433,29 @@ def parameter_groups(model, config: TrainConfig) -> list:
     """Adam's parameter groups: the linear part at ``config.linear_lr`` where
     given (its weights, one per id, each in few batches, move by about lr per
     batch it is in; the deep part, given the same rate, overfits first), the
-    rest at ``config.lr``.
+    history cross term at ``config.history_cross_lr`` (HISTORY_CROSS_LR where
+    None), the rest at ``config.lr``.
 
     Args:
-        model: the model to train; its ``linear`` attribute, where not None,
-            is the linear part.
-        config: the run's settings (``linear_lr``).
+        model: the model to train; its ``linear`` and ``history_cross``
+            attributes, where present and not None, are those parts.
+        config: the run's settings (``linear_lr``, ``history_cross_lr``).
 
     Returns:
-        [{"params": ...}] (one group, without ``linear_lr`` or a linear part),
-        else [{"params": the rest}, {"params": the linear part's, "lr":
-        linear_lr}].
+        [{"params": the rest}] followed by {"params": ..., "lr": ...} for
+        the linear part (with ``linear_lr``) and the history cross term,
+        where the model has them.
     """
+    own_rates = []
     linear = getattr(model, "linear", None)
-    if config.linear_lr is None or linear is None:
-        return [{"params": list(model.parameters())}]
-    own = {id(p) for p in linear.parameters()}
-    return [{"params": [p for p in model.parameters() if id(p) not in own]},
-            {"params": list(linear.parameters()), "lr": config.linear_lr}]
+    if config.linear_lr is not None and linear is not None:
+        own_rates.append((linear, config.linear_lr))
+    cross = getattr(model, "history_cross", None)
+    if cross is not None:
+        own_rates.append((cross, config.history_cross_lr or HISTORY_CROSS_LR))
+    own = {id(p) for part, _ in own_rates for p in part.parameters()}
+    return ([{"params": [p for p in model.parameters() if id(p) not in own]}]
+            + [{"params": list(part.parameters()), "lr": rate} for part, rate in own_rates])
 
 
 class LocalLearner(Learner):

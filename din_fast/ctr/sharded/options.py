@@ -60,13 +60,13 @@ def check_options(model: str, embedding_optimizer: str, embedding_lr: float,
 
 def check_single_process_options(config, resume=None, log_dir=None) -> None:
     """Refuse what only single-process training offers: labeled logs (and
-    their side features), the linear part, weight averaging (--ema: the
+    their side features), the linear part, the history cross term, weight averaging (--ema: the
     tables' rows live on several processes and train in a fused optimizer),
     --resume and --log-dir.
 
     Args:
         config: the run's din_fast.ctr.config.TrainConfig (its
-            ``label_column``, ``linear`` and ``ema``).
+            ``label_column``, ``linear``, ``history_cross`` and ``ema``).
         resume: the --resume file, or None.
         log_dir: the --log-dir directory, or None.
 
@@ -77,6 +77,8 @@ def check_single_process_options(config, resume=None, log_dir=None) -> None:
     offered = [("--label-column", "config.label_column", config.label_column, "labeled logs",
                 "None"),
                ("--linear", "config.linear", config.linear or None, "the linear part", "False"),
+               ("--history-cross", "config.history_cross", config.history_cross or None,
+                "the history cross term", "0"),
                ("--ema", "config.ema", config.ema, "weight averaging", "None"),
                ("--resume", "resume", resume, "run states", "None"),
                ("--log-dir", "log_dir", log_dir, "a log directory", "None")]
