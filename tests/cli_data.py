@@ -33,6 +33,22 @@ def run(case: Case, **options) -> subprocess.CompletedProcess:
                           text=True, env=env, timeout=600, **options)
 
 
+def evaluation_reproducing(checkpoint: Path, data: Path, trained: dict, out: Path,
+                           tolerance: float) -> dict:
+    """din-fast evaluate's metrics (through the CLI's main, written to
+    ``out``) of ``checkpoint`` on ``data``, having checked that its test AUC,
+    GAUC and logloss are train's (``trained``, its metrics) within
+    ``tolerance``."""
+    from din_fast.ctr.cli import main
+
+    assert main(["evaluate", "--checkpoint", str(checkpoint), "--data", str(data),
+                 "--metrics-out", str(out)]) == 0
+    evaluated = json.loads(out.read_text())
+    for key in ("test_auc", "test_gauc", "test_logloss"):
+        assert evaluated[key] == pytest.approx(trained[key], abs=tolerance), key
+    return evaluated
+
+
 def write_csv(path: Path, interactions) -> Path:
     """The interactions as a user,item,category,timestamp table (timestamp = position)."""
     category = dict(zip(interactions.category_items.tolist(),

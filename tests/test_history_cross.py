@@ -14,7 +14,8 @@ from din_fast.ctr.config import HISTORY_CROSS_LR, TrainConfig, build_model
 from din_fast.ctr.errors import InputError
 from din_fast.ctr.training import parameter_groups
 
-from cli_data import one_torch_thread, write_labeled_log  # noqa: F401 (a fixture)
+from cli_data import (evaluation_reproducing, one_torch_thread,  # noqa: F401 (a fixture)
+                      write_labeled_log)
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
@@ -101,13 +102,8 @@ def test_train_evaluate_and_export_with_the_term(tmp_path, capsys):
     checkpoint, metrics = tmp_path / "din.pt", tmp_path / "din.json"
     assert main(["train", "--data", str(log), *LABELED, "--history-cross", "3", "--epochs", "1",
                  "--checkpoint", str(checkpoint), "--metrics-out", str(metrics)]) == 0
-    trained = json.loads(metrics.read_text())
-    evaluated = tmp_path / "eval.json"
-    assert main(["evaluate", "--checkpoint", str(checkpoint), "--data", str(log),
-                 "--metrics-out", str(evaluated)]) == 0
-    again = json.loads(evaluated.read_text())
-    for key in ("test_auc", "test_gauc", "test_logloss"):
-        assert again[key] == pytest.approx(trained[key], abs=1e-6), key
+    evaluation_reproducing(checkpoint, log, json.loads(metrics.read_text()),
+                           tmp_path / "eval.json", 1e-6)
     saved = load_checkpoint(checkpoint)
     assert saved.config.history_cross == 3
     model = restored_model(saved, saved.config)

@@ -17,7 +17,7 @@ from din_fast.ctr.predict import ItemCategories
 from din_fast.ctr.rare_ids import rare_id_maps, rare_ids, with_rare_ids
 from din_fast.ctr.training import load_data
 
-from cli_data import one_torch_thread, write_csv  # noqa: F401 (a fixture)
+from cli_data import evaluation_reproducing, one_torch_thread, write_csv  # noqa: F401 (a fixture)
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
@@ -179,12 +179,7 @@ def test_evaluate_and_predict_take_unseen_ids_through_the_reserved_row(trained, 
     rare_rows = np.mean([item in set(saved.id_maps.rare_items.to_pylist())
                          for user in behaviours(interactions) for item in user])
     assert rare_rows > 0.1
-    out = tmp_path / "eval.json"
-    assert main(["evaluate", "--checkpoint", str(checkpoint), "--data", str(data),
-                 "--metrics-out", str(out)]) == 0
-    evaluated = json.loads(out.read_text())
-    for key in ("test_auc", "test_gauc", "test_logloss"):
-        assert evaluated[key] == pytest.approx(metrics[key], abs=1e-9), key
+    evaluated = evaluation_reproducing(checkpoint, data, metrics, tmp_path / "eval.json", 1e-9)
     assert evaluated["unknown_test_items"] > 0 and "excluded_test_samples" not in evaluated
     # Unseen items within the tolerance are scored and reported ...
     newer = with_new_items(interactions, 0.05, tmp_path / "newer.csv")
