@@ -52,13 +52,17 @@ def assert_scores_as_eager(scorer, model):
 def test_onnx_din_computes_what_the_model_computes(model, activation, normalization):
     """The traced module (stock ops, every position scored, padding masked)
     against the eager model, running statistics and PReLU slopes not at their
-    initial values, both MLP inputs and activations."""
+    initial values, both MLP inputs and activations, with and without the
+    history cross term."""
     torch.manual_seed(0)
     for mlp_activation, mlp_input in itertools.product(("prelu", "dice"), ("concat", "product")):
         options = dict(attention_activation=activation, attention_normalization=normalization) \
             if model == "din" else {}
+        # The history cross term with one of the two MLP inputs: each model
+        # runs with and without it.
         eager = din_fast.ctr.models.MODELS[model](30, 5, embed_dim=4, mlp_activation=mlp_activation,
-                                               mlp_input=mlp_input, **options)
+                                               mlp_input=mlp_input, **options,
+                                               history_cross=3 if mlp_input == "product" else 0)
         for _ in range(2):               # training steps move the running statistics
             eager(*din_example_inputs(eager, 16, 6, 2)).sum()
         with torch.no_grad():
@@ -69,14 +73,16 @@ def test_onnx_din_computes_what_the_model_computes(model, activation, normalizat
 
 
 def test_onnx_command_scores_what_the_checkpoint_scores(tmp_path):
-    """Through the real command: a tiny checkpoint, `din-fast export --format
-    onnx`, ONNX Runtime against the eager model, and from raw ids through the
-    Encoder (an unknown history item and an unknown candidate included)."""
+    """Through the real command: a tiny checkpoint (with the history cross
+    term), `din-fast export --format onnx`, ONNX Runtime against the eager
+    model, and from raw ids through the Encoder (an unknown history item and
+    an unknown candidate included)."""
     data = write_csv(tmp_path / "tiny.csv", synthetic_interactions(num_users=40, seed=6))
     checkpoint, onnx_path = tmp_path / "m.pt", tmp_path / "serving" / "din.onnx"
     onnx_path.parent.mkdir()
     assert main(["train", "--data", str(data), "--epochs", "1", "--batch-size", "64",
-                 "--embed-dim", "4", "--no-progress", "--checkpoint", str(checkpoint)]) == 0
+                 "--embed-dim", "4", "--history-cross", "3", "--history-cross-lr", "0.05",
+                 "--no-progress", "--checkpoint", str(checkpoint)]) == 0
     result = subprocess.run([sys.executable, "-m", "din_fast", "export", "--format", "onnx",
                              "--checkpoint", str(checkpoint), "--out", str(onnx_path)],
                             capture_output=True, text=True, timeout=600)

@@ -266,7 +266,9 @@ class TrainConfig:
         if self.history_cross_lr is not None and not self.history_cross:
             raise InputError(f"TrainConfig: `history_cross_lr` is the history cross term's "
                              f"learning rate; it needs `history_cross` > 0 (got "
-                             f"history_cross_lr {self.history_cross_lr})")
+                             f"history_cross_lr {self.history_cross_lr}): give --history-cross "
+                             f"DIM, or leave out --history-cross-lr (and history_cross_lr "
+                             f"from a --config file)")
         if self.mlp_activation == "dice" and self.batch_size < 2:
             raise InputError(f"TrainConfig: `batch_size` must be at least 2 with mlp_activation "
                              f"'dice' (its batch normalization needs two rows); "

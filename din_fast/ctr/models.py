@@ -430,11 +430,37 @@ class BaseModel(nn.Module):
                              (target_categories, history_categories))
         logits = score(self.mlp, self.mlp_input, interest, candidate,
                        self.side_features(candidate, features, numeric))
+        return self.add_shallow_terms(logits, history_items, history_categories, lengths,
+                                      target_items, target_categories, features, numeric)
+
+    def add_shallow_terms(self, logits, history_items, history_categories, lengths,
+                          target_items, target_categories, features, numeric):
+        """``logits`` (the deep part's) plus the terms the model adds beside
+        it: the linear part (add_linear) and the history cross term, each
+        where the model has it. Every forward of the model (the ONNX
+        export's too) ends here, so that none leaves one out.
+
+        Args:
+            logits: the deep part's logits, [B] or [B, C].
+            history_items: [B, T] dense item ids, as forward takes them.
+            history_categories: [B, T] their categories (None without a
+                category table).
+            lengths: [B], each row's history length.
+            target_items: the candidates' dense item ids, the shape of
+                ``logits``.
+            target_categories: their categories, the same shape (None
+                without a category table).
+            features: {side feature: ids}, as forward takes them.
+            numeric: the numeric side features, as forward takes them.
+
+        Returns:
+            [B] or [B, C], the shape of ``logits``.
+        """
         logits = self.add_linear(logits, target_items, target_categories, features, numeric)
-        if self.history_cross is not None:
-            logits = logits + self.history_cross(history_items, history_categories, lengths,
-                                                 target_items, target_categories)
-        return logits
+        if self.history_cross is None:
+            return logits
+        return logits + self.history_cross(history_items, history_categories, lengths,
+                                           target_items, target_categories)
 
     def add_linear(self, logits, target_items, target_categories, features, numeric):
         """``logits`` plus the linear part, where the model has one (else
@@ -504,9 +530,22 @@ class HistoryCross(nn.Module):
 
     def forward(self, history_items, history_categories, lengths, target_items,
                 target_categories):
-        """The term [B] (or [B, C]) for BaseModel.forward's inputs: each row's
-        mean over its first ``lengths[b]`` positions (0 for an empty
-        history; what lies past them is never read)."""
+        """The term for BaseModel.forward's inputs: each row's mean over its
+        first ``lengths[b]`` positions (0 for an empty history; what lies
+        past them is never read).
+
+        Args:
+            history_items: [B, T] int32/int64 dense item ids.
+            history_categories: [B, T] their dense categories (None without
+                a category table).
+            lengths: [B] int32/int64, each row's history length, in [0, T].
+            target_items: [B] (or [B, C]) the candidates' dense item ids.
+            target_categories: [B] (or [B, C]) their dense categories (None
+                without a category table).
+
+        Returns:
+            [B] (or [B, C]) in the tables' dtype.
+        """
         valid = torch.arange(history_items.shape[1], device=lengths.device) < lengths[:, None]
         count = lengths.clamp(min=1)[:, None]
         pairs = [(self.item, history_items, target_items)]

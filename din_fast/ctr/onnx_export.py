@@ -175,7 +175,8 @@ class OnnxDIN(nn.Module):
             interest = model.pool(candidate, history, lengths)
         logits = score(model.mlp, model.mlp_input, interest, candidate,
                        model.side_features(candidate, features, numeric))
-        return model.add_linear(logits, target_items, target_categories, features, numeric)
+        return model.add_shallow_terms(logits, history_items, history_categories, lengths,
+                                       target_items, target_categories, features, numeric)
 
 
 def export_onnx(model: BaseModel, path, metadata: Optional[dict] = None) -> str:
