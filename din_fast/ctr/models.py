@@ -225,8 +225,7 @@ class BaseModel(nn.Module):
             [B, W] for a 2-D ``candidate``, else [B, C, W] (each row's sum
             broadcast to its candidates).
         """
-        valid = torch.arange(history.shape[1], device=history.device) < lengths[:, None]
-        interest = torch.where(valid[..., None], history, history.new_zeros(())).sum(1)
+        interest = _sum_of_valid(history, lengths)
         return interest if candidate.dim() == 2 else interest[:, None].expand_as(candidate)
 
     def side_features(self, candidate, features, numeric):
@@ -546,19 +545,25 @@ class HistoryCross(nn.Module):
         Returns:
             [B] (or [B, C]) in the tables' dtype.
         """
-        valid = torch.arange(history_items.shape[1], device=lengths.device) < lengths[:, None]
         count = lengths.clamp(min=1)[:, None]
         pairs = [(self.item, history_items, target_items)]
         if self.category is not None:
             pairs.append((self.category, history_categories, target_categories))
         term = 0
         for table, history, target in pairs:
-            factors = table(history)
-            mean = torch.where(valid[..., None], factors, factors.new_zeros(())).sum(1)
+            mean = _sum_of_valid(table(history), lengths)
             mean = mean / count.to(mean.dtype)
             candidate = table(target)                          # [B, F] or [B, C, F]
             term = term + (candidate * (mean if candidate.dim() == 2 else mean[:, None])).sum(-1)
         return term
+
+
+def _sum_of_valid(history, lengths):
+    """[B, W]: the sum of each row's first ``lengths[b]`` positions of
+    ``history`` [B, T, W]; whatever lies past them is never read (a select,
+    so its gradient is 0)."""
+    valid = torch.arange(history.shape[1], device=history.device) < lengths[:, None]
+    return torch.where(valid[..., None], history, history.new_zeros(())).sum(1)
 
 
 def _embedding(num_ids: int, dim: int) -> nn.Embedding:
