@@ -250,7 +250,7 @@ def tune(config: TrainConfig, *, study: str, out: str, trials: int = DEFAULT_TRI
     data, splits = data_of(config.min_count)
     log(describe_data(data, splits))
     the_study = open_study(optuna, study, config, data.id_maps.fingerprint())
-    best_config, best_checkpoint = output_paths(out)
+    best_config = output_paths(out)[0]
     # Trials that ran to their end or were pruned; a failed one (diverged,
     # or stopped by Ctrl-C) does not count.
     finished = [t for t in the_study.trials if t.state in (optuna.trial.TrialState.COMPLETE,
@@ -287,9 +287,7 @@ def tune(config: TrainConfig, *, study: str, out: str, trials: int = DEFAULT_TRI
             deepcopy=False, states=(optuna.trial.TrialState.COMPLETE,))]
         best = not completed or value > max(completed)
         if best:
-            os.makedirs(out, exist_ok=True)
-            save_checkpoint(best_checkpoint, model, run_data.id_maps, run,
-                            option=f"--out's {CHECKPOINT_NAME}")
+            save_best_checkpoint(out, model, run_data.id_maps, run)
             write_config_file(best_config, run, f"--out's {CONFIG_NAME}")
             written["trial"] = trial.number
         log(f"trial {trial.number}: validation GAUC {value:.4f} (epoch {result['best_epoch']} "
@@ -309,6 +307,16 @@ def tune(config: TrainConfig, *, study: str, out: str, trials: int = DEFAULT_TRI
                                 "keeps the finished trials (run the same command to resume "
                                 f"it); {kept}") from None
     return finish(optuna, the_study, config, written.get("trial"), out, data_of, log)
+
+
+def save_best_checkpoint(out: str, model, id_maps, run: TrainConfig) -> None:
+    """Write the best trial's model into ``out``'s best.pt, ``out`` created
+    where missing: by the first best trial of a run, or by finish for a new
+    --out of a study whose trials have all run (check_tune_paths checked
+    that it can be)."""
+    os.makedirs(out, exist_ok=True)
+    save_checkpoint(output_paths(out)[1], model, id_maps, run,
+                    option=f"--out's {CHECKPOINT_NAME}")
 
 
 def finish(optuna, study, config: TrainConfig, written: Optional[int], out: str, data_of,
@@ -333,9 +341,7 @@ def finish(optuna, study, config: TrainConfig, written: Optional[int], out: str,
         torch.manual_seed(run.seed)
         model = model_for(run, run_data.id_maps).to(run.device)
         fit(model, run_data, run_splits, run, progress=False, log=lambda *_: None, test=False)
-        os.makedirs(out, exist_ok=True)     # a new --out of a study whose trials are all run
-        save_checkpoint(best_checkpoint, model, run_data.id_maps, run,
-                        option=f"--out's {CHECKPOINT_NAME}")
+        save_best_checkpoint(out, model, run_data.id_maps, run)
     write_config_file(best_config, run, f"--out's {CONFIG_NAME}")
     return {"trial": best.number, "validation_gauc": best.value, "config": asdict(run),
             "trials": count(TrialState.COMPLETE), "pruned": count(TrialState.PRUNED),
