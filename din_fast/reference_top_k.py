@@ -94,9 +94,10 @@ def reference_din_attention_top_k(problem: DINProblem, search: Search):
             out, w = reference_din_attention(alone)
             pooled.append(out[0, 0])
             weights.append(w.new_zeros(length).index_put((chosen,), w[0, 0]))
-    dtype = problem.compute_dtype()
-    if not pooled:     # no (row, candidate) pair at all
-        return (values.new_zeros(batch, candidates, values.shape[-1], dtype=dtype),
-                values.new_zeros(batch, candidates, length, dtype=dtype))
+    if not pooled:
+        # No (row, candidate) pair at all: exact DIN's results are as empty,
+        # and they come from the inputs, so that a backward reaches them
+        # (zero gradients) as it does on the other backends.
+        return reference_din_attention(problem)
     return (torch.stack(pooled).view(batch, candidates, -1),
             torch.stack(weights).view(batch, candidates, length))

@@ -171,16 +171,19 @@ def test_k_of_one_keeps_the_best_and_category_tops_up_with_recent_others(backend
 
 @pytest.mark.parametrize("backend", FAST_BACKENDS + ("reference",))
 def test_empty_rows_and_sizes(backend):
-    # Rows without a valid position pool to zeros; B, C and T of 0 keep their shapes.
+    # Rows without a valid position pool to zeros; B, C and T of 0 keep their shapes;
+    # every input gets a gradient, zero (the reference's too, with no (row,
+    # candidate) pair at all).
     for batch, candidates, length in ((3, 2, 5), (0, 2, 5), (2, 0, 5), (2, 3, 0)):
         case = top_k_case(batch, candidates, length, 4, (5,), search="din", top_k=2,
                           normalization="softmax", masking="mask", value_dim=3)
         if batch:
             case["mask"] = torch.zeros_like(case["mask"])
-        out, weights = call(case, backend)
+        out, weights, *grads = results(case, backend)
         assert out.shape == (batch, candidates, 3) and weights.shape == (batch, candidates,
                                                                          length)
         assert not out.any() and not weights.any()
+        assert not any(grad.any() for grad in grads)
 
 
 @pytest.mark.parametrize("backend", FAST_BACKENDS)
