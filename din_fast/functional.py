@@ -99,7 +99,7 @@ def din_attention(query, keys, lengths=None, *, weights, biases, activation="sig
     problem = validate(query, keys, lengths, weights=weights, biases=biases,
                        activation=activation, activation_params=activation_params, mask=mask,
                        normalization=normalization, scale=scale, values=values,
-                       dice_eps=dice_eps)
+                       dice_eps=dice_eps, return_scores=return_scores)
     pooled, scores = run_problem(problem, resolve_backend(backend, problem),
                                  need_scores=return_scores)
     return (pooled, scores) if return_scores else pooled
@@ -153,7 +153,8 @@ def din_attention_jagged(query, keys_values, offsets, max_len, *, weights, biase
     problem = validate_jagged(query, keys_values, offsets, max_len, weights=weights,
                               biases=biases, activation=activation,
                               activation_params=activation_params, normalization=normalization,
-                              scale=scale, values=values, dice_eps=dice_eps)
+                              scale=scale, values=values, dice_eps=dice_eps,
+                              return_scores=return_scores)
     pooled, scores = run_problem(problem, resolve_backend(backend, problem),
                                         need_scores=return_scores)
     return (pooled, scores) if return_scores else pooled

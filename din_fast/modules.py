@@ -77,7 +77,7 @@ class DINAttention(DiceStatistics, nn.Module):
         hidden_units = check_layer_sizes("DINAttention", "embed_dim", embed_dim,
                                          "hidden_units", hidden_units)
         with validating("DINAttention"):
-            validate_options(activation, normalization, scale, dice_eps)
+            validate_options(activation, normalization, scale, dice_eps, return_scores)
         if backend not in BACKENDS:
             raise ValueError(f"DINAttention: `backend` must be one of {BACKENDS}; "
                              f"got {backend!r}")

@@ -419,8 +419,8 @@ def concrete_number(value):
     return guard_scalar(value)
 
 
-def validate_options(activation, normalization, scale, dice_eps) -> None:
-    """The activation, normalization, scale and dice_eps options checked."""
+def validate_options(activation, normalization, scale, dice_eps, return_scores=False) -> None:
+    """The activation, normalization, scale, dice_eps and return_scores options checked."""
     if activation not in ACTIVATIONS:
         raise ValueError(f"{OWNER}: `activation` must be one of {ACTIVATIONS}; "
                          f"got {activation!r}")
@@ -440,6 +440,11 @@ def validate_options(activation, normalization, scale, dice_eps) -> None:
     if isinstance(dice_eps, bool) or not isinstance(dice_eps, numbers.Real) or not dice_eps > 0:
         raise ValueError(f"{OWNER}: `dice_eps` must be a positive number; "
                          f"got {_describe(dice_eps)}")
+    # A yes/no the ops take as a bool: True, False or what equals one (1, 0,
+    # NumPy's bools); a string would reach an op's schema as an internal error.
+    if return_scores not in (True, False):
+        raise TypeError(f"{OWNER}: `return_scores` must be True or False; "
+                        f"got {_describe(return_scores)}")
 
 
 FLOAT32_MAX = torch.finfo(torch.float32).max
@@ -491,7 +496,7 @@ def _autocast_inputs(*tensors):
 
 
 def validate(query, keys, lengths, *, weights, biases, activation, activation_params, mask,
-             normalization, scale, values, dice_eps) -> DINProblem:
+             normalization, scale, values, dice_eps, return_scores=False) -> DINProblem:
     """Check every argument of din_attention and return the canonical problem."""
     query, keys, values = _autocast_inputs(query, keys, values)
     scale, dice_eps = concrete_number(scale), concrete_number(dice_eps)
@@ -526,7 +531,7 @@ def validate(query, keys, lengths, *, weights, biases, activation, activation_pa
             raise ValueError(f"{OWNER}: `mask` must have shape ({batch}, {length}) to "
                              f"match `keys` {tuple(keys.shape)}; got {tuple(mask.shape)}")
         mask = mask.contiguous()
-    validate_options(activation, normalization, scale, dice_eps)
+    validate_options(activation, normalization, scale, dice_eps, return_scores)
     _validate_scale_range(scale, keys, "keys")
     weights, biases, act_params = _validate_parameters(weights, biases, activation,
                                                        activation_params, dice_eps, keys,
@@ -594,8 +599,8 @@ def validate_jagged(query, keys_values, offsets, max_len, **arguments) -> Jagged
 
 
 def _validate_jagged(query, keys_values, offsets, max_len, *, weights, biases, activation,
-                     activation_params, normalization, scale, values,
-                     dice_eps) -> JaggedDINProblem:
+                     activation_params, normalization, scale, values, dice_eps,
+                     return_scores=False) -> JaggedDINProblem:
     query, keys_values, values = _autocast_inputs(query, keys_values, values)
     scale, dice_eps = concrete_number(scale), concrete_number(dice_eps)
     _validate_keys("keys_values", keys_values, 2, "[L, D]")
@@ -628,7 +633,7 @@ def _validate_jagged(query, keys_values, offsets, max_len, *, weights, biases, a
                 "L")
     check_range("offsets[b + 1] - offsets[b]", offsets[1:] - offsets[:-1], 0, max_len,
                 "[0, max_len] (offsets non-decreasing, no segment over max_len)", "max_len")
-    validate_options(activation, normalization, scale, dice_eps)
+    validate_options(activation, normalization, scale, dice_eps, return_scores)
     _validate_scale_range(scale, keys_values, "keys_values")
     weights, biases, act_params = _validate_parameters(weights, biases, activation,
                                                        activation_params, dice_eps,

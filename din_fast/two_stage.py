@@ -99,7 +99,7 @@ def din_attention_top_k(query, keys, lengths=None, *, top_k, search="din", searc
         problem = validate(query, keys, lengths, weights=weights, biases=biases,
                            activation=activation, activation_params=activation_params,
                            mask=mask, normalization=normalization, scale=scale, values=values,
-                           dice_eps=dice_eps)
+                           dice_eps=dice_eps, return_scores=return_scores)
         stage_one = validate_search(problem, top_k, search, search_params, query_categories,
                                     key_categories)
         if resolve_backend(backend, problem) == "reference":

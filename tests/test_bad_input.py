@@ -119,13 +119,14 @@ def _break_range(call, data):
 
 def _break_option(call, data):
     name = data.draw(st.sampled_from(["activation", "normalization", "scale", "backend",
-                                      "dice_eps"]))
+                                      "dice_eps", "return_scores"]))
     call[name] = data.draw(st.sampled_from({
         "activation": ["gelu", "Sigmoid", None, 3, ["relu"]],
         "normalization": ["sparsemax", "", 1, True],
         "scale": [float("nan"), float("inf"), "1", True, None],
         "backend": ["cuda", "", None, "TORCH"],
         "dice_eps": [0.0, -1e-8, float("nan"), "1e-8"],
+        "return_scores": ["yes", "False", 2, [True]],
     }[name]))
     return name
 
@@ -268,3 +269,26 @@ def test_adapters_reject_broken_arguments(data):
     with pytest.raises((ValueError, TypeError)) as error:
         layer(**call)
     _assert_names(error, *pairs.get(target, (target,)))
+
+
+def test_return_scores_must_be_a_bool_on_every_entry_point():
+    # A string reached the ops' schema (need_scores: bool) as an internal
+    # RuntimeError on the torch and triton backends, and meant True on the reference.
+    query, keys, lengths = torch.randn(2, 3), torch.randn(2, 4, 3), torch.tensor([4, 1])
+    unit = dict(weights=[torch.randn(5, 12), torch.randn(1, 5)],
+                biases=[torch.randn(5), torch.randn(1)], return_scores="yes", backend="torch")
+    calls = {
+        "din_attention": lambda: din_fast.din_attention(query, keys, lengths, **unit),
+        "din_attention_jagged": lambda: din_fast.din_attention_jagged(
+            query, keys[0], torch.tensor([0, 3, 4]), 4, **unit),
+        "din_attention_top_k": lambda: din_fast.din_attention_top_k(
+            query, keys, lengths, top_k=2, **unit),
+        "DINAttention": lambda: din_fast.DINAttention(3, (5,), return_scores="yes"),
+    }
+    for owner, call in calls.items():
+        with pytest.raises(TypeError, match=f"^{owner}: `return_scores` must be True or False; "
+                                            "got str 'yes'"):
+            call()
+    # What equals a bool is one (NumPy's bools, 0 and 1), as before.
+    pooled, scores = din_fast.din_attention(query, keys, lengths, **dict(unit, return_scores=1))
+    assert scores.shape == (2, 4)
