@@ -8,7 +8,7 @@ import torch
 
 from din_fast.kernels import din_backward as din_backward_module
 from din_fast.kernels.din_backward import BackwardSpec
-from helpers import assert_matches_reference, make_case, on_device, run_case
+from helpers import DEVICE, assert_matches_reference, make_case, on_device, run_case
 
 # (label, make_case arguments): every option of SPEC sections 1-3.
 CASES = [
@@ -101,3 +101,16 @@ def test_fused_backward_is_bitwise_deterministic():
     first, second = run_case(case, "triton"), run_case(case, "triton")
     for name in first:
         assert torch.equal(first[name], second[name]), name
+
+
+@pytest.mark.xfail(strict=DEVICE == "cpu", reason=(
+    "known defect, not fixed: the fused kernels cast float32 parameters to the "
+    "inputs' bfloat16 for their dots (kernels.common.fold_parameters: W_p, "
+    "W_k - W_d and the deeper W_i), so a pre-activation within ~3e-3 of PReLU's kink (here -2.6e-3, unit 11) "
+    "takes the other slope: grad W_1 is 49% off the float64 reference, grad "
+    "keys 29%, against SPEC's 2e-2 for bfloat16 (the torch backend: 4e-3)"))
+def test_bfloat16_inputs_near_a_kink_of_prelu():
+    case = on_device(make_case(3, 2, 9, 16, (24, 8), activation="prelu",
+                               normalization="softmax", value_dim=6, dtype=torch.bfloat16,
+                               param_dtype=torch.float32, seed=2))
+    assert_matches_reference(case, "triton")
