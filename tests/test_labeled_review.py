@@ -300,3 +300,23 @@ def test_the_encoder_refuses_features_a_model_without_them_would_ignore():
                                          "model takes no side features"):
         encoder.encode([["i1"], []], [["i2"], ["i1"]], features=[{}, {"hour": 3}])
     assert encoder.encode([["i1"], []], [["i2"], ["i1"]], features=[{}, {}]).features is None
+
+
+@pytest.mark.parametrize("unknown", [False, True], ids=["din-protocol", "reserved-id"])
+def test_the_encoder_trims_item_ids_as_predict_does(unknown):
+    """din-fast train and predict trim the ids they read (" i1" is the item
+    i1); the Encoder compared them untrimmed, so a padded id was an unknown
+    item (dropped from the history, or the reserved row with the reserved
+    category in place of a rare item's own): other scores than predict's."""
+    from din_fast.ctr.serving import Encoder
+
+    encoder = Encoder(["i1", "i2"], ["c1", "c2"], [0, 2, 1], unknown=unknown,
+                      rare_items=["r1"] if unknown else None,
+                      rare_item_category=[1] if unknown else None)
+    listed = ["i1", "i2", "r1"] if unknown else ["i1", "i2"]
+    plain = encoder.encode([listed], [listed[::-1]])
+    padded = encoder.encode([[f" {i}" for i in listed]], [[f"{i}\t " for i in listed[::-1]]])
+    for name in ("history_items", "history_categories", "lengths", "target_items",
+                 "target_categories", "known"):
+        assert torch.equal(getattr(padded, name), getattr(plain, name)), name
+    assert padded.unknown_history_items == plain.unknown_history_items == int(unknown)

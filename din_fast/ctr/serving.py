@@ -22,7 +22,8 @@ refuses id maps of another fingerprint (a JSON another checkpoint's export
 wrote), whose dense ids would score other items than the request names.
 
 Ids are compared as strings (``din-fast train`` keeps them so), so the raw
-id ``7`` and ``"7"`` are the same item. With maps of the DIN protocol nothing
+id ``7`` and ``"7"`` are the same item, and trimmed as train and predict
+trim them (``" 7"`` too). With maps of the DIN protocol nothing
 unknown is mapped to anything: unknown history items are left out of the
 history (counted in ``unknown_history_items``), an unknown candidate is
 scored as the padding item and marked ``known[b, c] = False`` (listed in
@@ -252,9 +253,10 @@ class Encoder:
         ``unknown``), else 0.
 
         Args:
-            raw: the raw item id (compared as a string).
+            raw: the raw item id (compared as a string, trimmed as din-fast
+                train and predict trim it).
         """
-        return self.item_dense.get(str(raw), self.num_items + 1 if self.unknown else 0)
+        return self.item_dense.get(_item_id(raw), self.num_items + 1 if self.unknown else 0)
 
     def encode(self, histories: Sequence[Sequence], candidates: Sequence[Sequence],
                max_len: Optional[int] = None,
@@ -342,7 +344,7 @@ class Encoder:
         """Give each rare item among ``positions`` ((row, column, raw id) of
         ``categories``) its own category in place of the reserved one."""
         for b, t, raw in positions:
-            category = self.rare_category.get(str(raw))
+            category = self.rare_category.get(_item_id(raw))
             if category is not None:
                 categories[b, t] = category
 
@@ -521,6 +523,13 @@ def _check_pair(path, fingerprint, model) -> None:
                      f"fingerprint {recorded[:12]} (another checkpoint's); its requests would be "
                      "encoded with the wrong ids. Use the <name>.ids.json that din-fast export "
                      "wrote with this model, or export its checkpoint again")
+
+
+def _item_id(raw) -> str:
+    """A raw item id as the id maps hold it: a string, surrounding
+    whitespace trimmed (the loaders and din-fast predict trim it: " i7" is
+    the item "i7")."""
+    return str(raw).strip()
 
 
 def _as_tensor(value):
