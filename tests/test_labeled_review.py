@@ -320,3 +320,30 @@ def test_the_encoder_trims_item_ids_as_predict_does(unknown):
                  "target_categories", "known"):
         assert torch.equal(getattr(padded, name), getattr(plain, name)), name
     assert padded.unknown_history_items == plain.unknown_history_items == int(unknown)
+
+
+def test_a_number_beyond_float32_once_standardized_is_refused(trained, tmp_path, capsys):
+    """A numeric feature is standardized, then read as float32: a request's
+    price of 1e300 passed the finite-number check, became Inf and predict
+    wrote NaN scores (``NaN`` in JSON lines, not JSON) with exit status 0;
+    such a row in --data made evaluate blame the weights ("diverged").
+    Both name the value and the range the model takes."""
+    log, checkpoint, _ = trained
+    requests, out = tmp_path / "requests.jsonl", tmp_path / "scores.jsonl"
+    requests.write_text(json.dumps({"history": ["i1"], "candidates": ["i2", "i3"], "features": {
+        "Genres": "g1", "HOUR": 3, "Price": [9.5, 1e300]}}) + "\n")
+    assert main(["predict", "--checkpoint", str(checkpoint), "--requests", str(requests),
+                 "--output", str(out)]) == 2
+    error = capsys.readouterr().err.strip().splitlines()
+    assert len(error) == 1 and error[0].startswith(
+        f"din-fast: error: {requests}, line 1: \"features\" 'Price': 1e+300 is beyond float32's "
+        "range once standardized as in training ((value - ") and "expected a number in [" \
+        in error[0] and not out.exists()
+    rows = log.read_text().splitlines()
+    rows[-1] = ",".join(rows[-1].split(",")[:-1] + ["-1e300"])
+    data = tmp_path / "huge.csv"
+    data.write_text("\n".join(rows) + "\n")
+    assert main(["evaluate", "--checkpoint", str(checkpoint), "--data", str(data)]) == 2
+    error = capsys.readouterr().err.strip().splitlines()
+    assert len(error) == 1 and error[0].startswith(
+        f"din-fast: error: {data}, column Price: -1e+300 is beyond float32's range")

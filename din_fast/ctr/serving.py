@@ -55,6 +55,7 @@ import torch
 
 from .export import IDS_FINGERPRINT_KEY
 from .labeled_loader import SEPARATOR
+from .labeled_samples import standardized
 from .onnx_export import OUTPUT_NAME
 from .package_inputs import METADATA_KEY, InputContract
 
@@ -403,8 +404,9 @@ class Encoder:
             maps do not hold).
 
         Raises:
-            ValueError: a missing, extra or malformed value, or a list of
-                another length than ``count``, naming the feature.
+            ValueError: a missing, extra or malformed value, a number beyond
+                float32's range once standardized, or a list of another
+                length than ``count``, naming the feature.
         """
         wanted = list(self.features) + list(self.numeric)
         if not isinstance(given, dict):
@@ -450,8 +452,11 @@ class Encoder:
                         number = math.nan
                     if not math.isfinite(number) or isinstance(value, bool):
                         raise ValueError(f"{name!r} holds {value!r}; expected a finite number")
-                    column.append((number - mean) / std)
-                columns.append(column)
+                    column.append(number)
+                try:
+                    columns.append(standardized(column, mean, std).tolist())
+                except ValueError as error:
+                    raise ValueError(f"{name!r}: {error}") from None
             numeric = [list(row) for row in zip(*columns)]
         return ids_of, numeric, unknown
 
