@@ -60,7 +60,7 @@ def serve(directory: Path, checkpoint=None):
     known_items = json.loads(Path(ids).read_text())["item_ids"]
     histories = [known_items[10:16], [], known_items[3:4] + ["never-seen"]]
     candidates = [known_items[:3], known_items[20:21], ["never-seen-either", known_items[5]]]
-    batch = encoder.encode(histories, candidates, max_len=50)
+    batch = encoder.encode(histories, candidates)     # keeps the model's --max-len
     from_package = din_fast.ctr.export.load(package)(*batch.inputs())
     from_onnx = OnnxModel(onnx_path)(*batch.inputs())
 

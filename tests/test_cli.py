@@ -92,6 +92,30 @@ def test_ema_by_the_din_protocol_validates_tests_and_saves_the_average(tmp_path,
         load_checkpoint(run_state)
 
 
+def test_serving_commands_refuse_a_run_state(tmp_path, tiny_csv, capsys):
+    """The run state beside a checkpoint holds the latest epoch's weights
+    (the trained ones, not --ema's average): evaluate, predict and export
+    scored it as if it were the best epoch's model (test AUC 0.50 against
+    the checkpoint's 0.65 after early stopping's extra epochs); each refuses
+    it in one line naming the checkpoint to give."""
+    checkpoint, run_state = tmp_path / "m.pt", tmp_path / "m.run.pt"
+    assert main(["train", "--data", str(tiny_csv), "--epochs", "1", "--batch-size", "64",
+                 "--embed-dim", "4", "--no-progress", "--checkpoint", str(checkpoint)]) == 0
+    requests = tmp_path / "requests.jsonl"
+    requests.write_text('{"history": ["1"], "candidates": ["2"]}\n')
+    capsys.readouterr()
+    for command in (["evaluate", "--data", str(tiny_csv)], ["predict", "--requests", str(requests)],
+                    ["export", "--out", str(tmp_path / "m.onnx"), "--format", "onnx"]):
+        assert main([command[0], "--checkpoint", str(run_state), *command[1:]]) == 2
+        captured = capsys.readouterr()
+        assert captured.out == "" and captured.err.splitlines() == [
+            f"din-fast: error: --checkpoint {run_state}: a run state (the model after epoch 1, "
+            "what train --resume continues from), not the best epoch's model; give the "
+            f"checkpoint train --checkpoint wrote beside it ({checkpoint})"], command[0]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["m.pt", "m.run.pt", "requests.jsonl",
+                                                          "tiny.csv"]
+
+
 def test_console_command_writes_metrics_json(tmp_path, tiny_csv):
     out = tmp_path / "metrics.json"
     result = subprocess.run([sys.executable, "-m", "din_fast", "train", "--data", str(tiny_csv),

@@ -300,3 +300,50 @@ def test_the_encoder_refuses_features_a_model_without_them_would_ignore():
                                          "model takes no side features"):
         encoder.encode([["i1"], []], [["i2"], ["i1"]], features=[{}, {"hour": 3}])
     assert encoder.encode([["i1"], []], [["i2"], ["i1"]], features=[{}, {}]).features is None
+
+
+@pytest.mark.parametrize("unknown", [False, True], ids=["din-protocol", "reserved-id"])
+def test_the_encoder_trims_item_ids_as_predict_does(unknown):
+    """din-fast train and predict trim the ids they read (" i1" is the item
+    i1); the Encoder compared them untrimmed, so a padded id was an unknown
+    item (dropped from the history, or the reserved row with the reserved
+    category in place of a rare item's own): other scores than predict's."""
+    from din_fast.ctr.serving import Encoder
+
+    encoder = Encoder(["i1", "i2"], ["c1", "c2"], [0, 2, 1], unknown=unknown,
+                      rare_items=["r1"] if unknown else None,
+                      rare_item_category=[1] if unknown else None)
+    listed = ["i1", "i2", "r1"] if unknown else ["i1", "i2"]
+    plain = encoder.encode([listed], [listed[::-1]])
+    padded = encoder.encode([[f" {i}" for i in listed]], [[f"{i}\t " for i in listed[::-1]]])
+    for name in ("history_items", "history_categories", "lengths", "target_items",
+                 "target_categories", "known"):
+        assert torch.equal(getattr(padded, name), getattr(plain, name)), name
+    assert padded.unknown_history_items == plain.unknown_history_items == int(unknown)
+
+
+def test_a_number_beyond_float32_once_standardized_is_refused(trained, tmp_path, capsys):
+    """A numeric feature is standardized, then read as float32: a request's
+    price of 1e300 passed the finite-number check, became Inf and predict
+    wrote NaN scores (``NaN`` in JSON lines, not JSON) with exit status 0;
+    such a row in --data made evaluate blame the weights ("diverged").
+    Both name the value and the range the model takes."""
+    log, checkpoint, _ = trained
+    requests, out = tmp_path / "requests.jsonl", tmp_path / "scores.jsonl"
+    requests.write_text(json.dumps({"history": ["i1"], "candidates": ["i2", "i3"], "features": {
+        "Genres": "g1", "HOUR": 3, "Price": [9.5, 1e300]}}) + "\n")
+    assert main(["predict", "--checkpoint", str(checkpoint), "--requests", str(requests),
+                 "--output", str(out)]) == 2
+    error = capsys.readouterr().err.strip().splitlines()
+    assert len(error) == 1 and error[0].startswith(
+        f"din-fast: error: {requests}, line 1: \"features\" 'Price': 1e+300 is beyond float32's "
+        "range once standardized as in training ((value - ") and "expected a number in [" \
+        in error[0] and not out.exists()
+    rows = log.read_text().splitlines()
+    rows[-1] = ",".join(rows[-1].split(",")[:-1] + ["-1e300"])
+    data = tmp_path / "huge.csv"
+    data.write_text("\n".join(rows) + "\n")
+    assert main(["evaluate", "--checkpoint", str(checkpoint), "--data", str(data)]) == 2
+    error = capsys.readouterr().err.strip().splitlines()
+    assert len(error) == 1 and error[0].startswith(
+        f"din-fast: error: {data}, column Price: -1e+300 is beyond float32's range")

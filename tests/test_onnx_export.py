@@ -76,13 +76,15 @@ def test_onnx_command_scores_what_the_checkpoint_scores(tmp_path):
     """Through the real command: a tiny checkpoint (with the history cross
     term), `din-fast export --format onnx`, ONNX Runtime against the eager
     model, and from raw ids through the Encoder (an unknown history item and
-    an unknown candidate included)."""
+    an unknown candidate included); the Encoder keeps the model's --max-len
+    of a history by default, as din-fast predict does (it kept all, so a
+    longer history scored otherwise than predict scores it)."""
     data = write_csv(tmp_path / "tiny.csv", synthetic_interactions(num_users=40, seed=6))
     checkpoint, onnx_path = tmp_path / "m.pt", tmp_path / "serving" / "din.onnx"
     onnx_path.parent.mkdir()
     assert main(["train", "--data", str(data), "--epochs", "1", "--batch-size", "64",
                  "--embed-dim", "4", "--history-cross", "3", "--history-cross-lr", "0.05",
-                 "--no-progress", "--checkpoint", str(checkpoint)]) == 0
+                 "--max-len", "4", "--no-progress", "--checkpoint", str(checkpoint)]) == 0
     result = subprocess.run([sys.executable, "-m", "din_fast", "export", "--format", "onnx",
                              "--checkpoint", str(checkpoint), "--out", str(onnx_path)],
                             capture_output=True, text=True, timeout=600)
@@ -114,6 +116,20 @@ def test_onnx_command_scores_what_the_checkpoint_scores(tmp_path):
     with torch.no_grad():
         expected = model(*batch.inputs())
     torch.testing.assert_close(scorer(*batch.inputs()), expected, rtol=1e-5, atol=1e-5)
+
+    assert json.loads((tmp_path / "serving" / "din.ids.json").read_text())["max_len"] == 4
+    histories, candidates = [raw[10:19], raw[:2]], [[raw[20], raw[21]], [raw[22]]]
+    requests, scores = tmp_path / "requests.jsonl", tmp_path / "scores.jsonl"
+    requests.write_text("".join(json.dumps({"history": h, "candidates": c}) + "\n"
+                                for h, c in zip(histories, candidates)))
+    assert main(["predict", "--checkpoint", str(checkpoint), "--requests", str(requests),
+                 "--output", str(scores)]) == 0
+    predicted = [json.loads(line)["score"] for line in scores.read_text().splitlines()]
+    batch = encoder.encode(histories, candidates)
+    assert batch.lengths.tolist() == [4, 2]
+    served = torch.sigmoid(scorer(*batch.inputs()).double())
+    torch.testing.assert_close(torch.cat([served[0], served[1, :1]]),
+                               torch.tensor(predicted, dtype=torch.float64), rtol=0, atol=1e-6)
 
 
 def test_onnx_model_refuses_bad_inputs(tmp_path):

@@ -143,3 +143,20 @@ def test_many_candidates_in_batches_equal_one_at_a_time(trained, tmp_path, monke
         got = [float(r["score"]) for r in rows[position:position + len(expected)]]
         assert np.allclose(got, expected, rtol=1e-5)
         position += len(expected)
+
+
+def test_a_bad_request_stops_predict_before_any_score_is_written(trained, tmp_path, capsys):
+    # Requests were checked as scoring reached them: a bad one late in the
+    # file came after the header and the earlier requests' scores on stdout
+    # (a partial table behind exit status 2).
+    _, _, checkpoint = trained
+    items = load_checkpoint(checkpoint).id_maps.item_ids.to_pylist()
+    requests = tmp_path / "late_mistake.jsonl"
+    requests.write_text("".join(json.dumps(r) + "\n" for r in [
+        {"history": items[:3], "candidates": items[3:5]},
+        {"history": items[:2], "candidates": items[5:6], "features": {"hour": 3}}]))
+    assert main(["predict", "--checkpoint", str(checkpoint), "--requests", str(requests)]) == 2
+    captured = capsys.readouterr()
+    assert captured.out == "" and captured.err.splitlines() == [
+        f"din-fast: error: {requests}, line 2: \"features\" has 'hour', not one of them; the "
+        "model takes no side features"]

@@ -346,8 +346,8 @@ def export_checkpoint(checkpoint_path: str, path: str, *, device: str = "cpu",
                   {"--checkpoint": checkpoint_path})
     checkpoint, config = checkpoint_for_run(checkpoint_path, backend, device)
     model = restored_model(checkpoint, config)
-    with writing_id_maps(checkpoint.id_maps, path,
-                         checkpoint_layout(model, checkpoint_path)) as ids_path:
+    with writing_id_maps(checkpoint.id_maps, path, checkpoint_layout(model, checkpoint_path),
+                         config.max_len) as ids_path:
         try:
             export_din(model, path, ids_metadata(checkpoint.id_maps))
         except InputError:
@@ -361,7 +361,8 @@ def export_checkpoint(checkpoint_path: str, path: str, *, device: str = "cpu",
 
 
 @contextmanager
-def writing_id_maps(maps: IdMaps, path, inputs: list) -> Iterator[str]:
+def writing_id_maps(maps: IdMaps, path, inputs: list,
+                    max_len: Optional[int] = None) -> Iterator[str]:
     """The id maps, as JSON beside the exported model ``path``
     (:func:`ids_path_of`), for the block that writes the model: written
     first, renamed into place when the block ends without an error, so that
@@ -378,9 +379,11 @@ def writing_id_maps(maps: IdMaps, path, inputs: list) -> Iterator[str]:
     and ``rare_item_category`` (the items that share the reserved id, seen
     too seldom in training, and the dense category each keeps, as ``din-fast
     predict`` gives it; both null where the maps list none, the categories
-    without categories), ``fingerprint`` (the checkpoint's id maps') and
-    ``inputs``, the model's inputs in call order (:func:`input_layout`).
-    din_fast.ctr.serving.Encoder reads it.
+    without categories), ``fingerprint`` (the checkpoint's id maps'),
+    ``inputs``, the model's inputs in call order (:func:`input_layout`), and
+    ``max_len``, the most recent history items the model was trained on
+    (``--max-len``; null: all), which din-fast predict keeps of a history
+    and din_fast.ctr.serving.Encoder keeps by default. The Encoder reads it.
 
     The .pt2 and the ONNX model of one stem share the JSON: before anything
     is written, :func:`check_shared_id_maps` refuses to replace the id maps
@@ -390,6 +393,7 @@ def writing_id_maps(maps: IdMaps, path, inputs: list) -> Iterator[str]:
         maps: the checkpoint's id maps (din_fast.ctr.data.IdMaps).
         path: the exported model's path (``.pt2`` or ``.onnx``).
         inputs: the model's inputs, :func:`input_layout`'s list.
+        max_len: the checkpoint's ``max_len`` (its config's); None: all.
 
     Yields:
         The id maps' path.
@@ -417,7 +421,8 @@ def writing_id_maps(maps: IdMaps, path, inputs: list) -> Iterator[str]:
                        else maps.rare_items.to_pylist(),
                        "rare_item_category": None if maps.rare_item_category is None
                        else maps.rare_item_category.tolist(),
-                       "fingerprint": maps.fingerprint(), "inputs": inputs}, handle)
+                       "fingerprint": maps.fingerprint(), "inputs": inputs,
+                       "max_len": max_len}, handle)
         yield ids_path
 
 

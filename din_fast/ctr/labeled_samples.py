@@ -29,8 +29,40 @@ import pyarrow as pa
 import pyarrow.compute as pc
 
 from .data import EncodedData, IdMaps, RowFeatures, Samples, SampleSplits, dense_ids
-from .errors import InputError
+from .errors import DataFormatError, InputError
 from .labeled_loader import LabeledLog
+
+
+# The largest magnitude a standardized numeric feature may take: the model
+# reads float32, in which a larger one is Inf (and the scores NaN).
+FLOAT32_MAX = float(np.finfo(np.float32).max)
+
+
+def standardized(values, mean: float, std: float) -> np.ndarray:
+    """A numeric feature as the model takes it: ``(values - mean) / std``,
+    float32.
+
+    Args:
+        values: the raw numbers, finite, array-like of any shape.
+        mean: the training rows' mean of the feature.
+        std: their standard deviation (1 where they do not vary).
+
+    Returns:
+        float32 array, the shape of ``values``.
+
+    Raises:
+        ValueError: a value whose standardized value lies beyond float32's
+            range (naming the first and the range the model takes).
+    """
+    values = np.asarray(values, dtype=np.float64)
+    scaled = (values - mean) / std
+    bad = np.flatnonzero(~(np.abs(scaled) <= FLOAT32_MAX))
+    if bad.size:
+        low, high = mean - FLOAT32_MAX * std, mean + FLOAT32_MAX * std
+        raise ValueError(f"{float(values.flat[bad[0]])!r} is beyond float32's range once "
+                         f"standardized as in training ((value - {mean:g}) / {std:g}); "
+                         f"expected a number in [{low:.4g}, {high:.4g}]")
+    return scaled.astype(np.float32)
 
 
 @dataclass(frozen=True)
@@ -171,9 +203,13 @@ def _row_features(log: LabeledLog, id_maps: IdMaps):
                - log.features[name].offsets[0].as_py() for name in id_maps.features}
     numeric = None
     if id_maps.numeric:
-        numeric = np.stack([(log.numeric[name] - mean) / std
-                            for name, (mean, std) in id_maps.numeric.items()], 1)
-        numeric = numeric.astype(np.float32)
+        columns = []
+        for name, (mean, std) in id_maps.numeric.items():
+            try:
+                columns.append(standardized(log.numeric[name], mean, std))
+            except ValueError as error:
+                raise DataFormatError(f"{log.source}, column {name}: {error}") from None
+        numeric = np.stack(columns, 1)
     return RowFeatures(values, offsets, numeric)
 
 

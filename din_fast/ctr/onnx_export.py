@@ -272,8 +272,8 @@ def export_checkpoint_onnx(checkpoint_path, path) -> tuple[str, str]:
                   {"--checkpoint": checkpoint_path})
     checkpoint, config = checkpoint_for_run(checkpoint_path, "torch", "cpu")
     model = restored_model(checkpoint, config)
-    with writing_id_maps(checkpoint.id_maps, path,
-                         checkpoint_layout(model, checkpoint_path)) as ids_path:
+    with writing_id_maps(checkpoint.id_maps, path, checkpoint_layout(model, checkpoint_path),
+                         config.max_len) as ids_path:
         try:
             written = export_onnx(model, path, ids_metadata(checkpoint.id_maps))
         except ValueError as error:

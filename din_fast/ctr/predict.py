@@ -299,7 +299,9 @@ def score_requests(model, id_maps: IdMaps, max_len, requests: list, histories: d
                    counts: Counts, path: str = "requests",
                    categories: Optional["ItemCategories"] = None) -> Iterator[tuple]:
     """Score requests, in batches of at most CANDIDATES_PER_BATCH scores,
-    each history pooled once for all of its candidates.
+    each history pooled once for all of its candidates. Every request is
+    encoded (and so checked) first, so that a bad one stops the command
+    before any score is written, stdout included.
 
     Args:
         model: the checkpoint's model (din_fast.DIN or BaseModel), in eval
@@ -314,23 +316,31 @@ def score_requests(model, id_maps: IdMaps, max_len, requests: list, histories: d
         categories: the ItemCategories giving the items' categories;
             None: the id maps' alone.
 
-    Yields:
-        (request name, raw candidate, click probability as a float or None,
-        note: "", "unknown item" or "unknown user") for every candidate of
-        every request, in file order.
+    Returns:
+        An iterator of (request name, raw candidate, click probability as
+        a float or None, note: "", "unknown item" or "unknown user") for
+        every candidate of every request, in file order, scored as it is
+        read.
 
     Raises:
         din_fast.ctr.errors.DataFormatError: a request's "features" that do
-            not fit the model (naming the line), as iteration reaches it.
+            not fit the model (naming the line).
     """
     encoder = Encoder.from_id_maps(id_maps)
     categories = categories or ItemCategories(id_maps)
-    for batch in _batches(requests):
-        rows = [_encode_request(request, histories, id_maps, encoder, categories, max_len,
-                                counts, path)
-                for request in batch]
-        scores = _score_batch(model, rows, device)
-        for request, row, row_scores in zip(batch, rows, scores):
+    rows = [_encode_request(request, histories, id_maps, encoder, categories, max_len, counts,
+                            path)
+            for request in requests]
+    return _scored(model, id_maps, requests, rows, device, counts)
+
+
+def _scored(model, id_maps: IdMaps, requests: list, rows: list, device,
+            counts: Counts) -> Iterator[tuple]:
+    """score_requests' iterator: the requests, their EncodedRequests
+    ``rows``, scored batch by batch."""
+    for batch in _batches(list(zip(requests, rows))):
+        scores = _score_batch(model, [row for _, row in batch], device)
+        for (request, row), row_scores in zip(batch, scores):
             counts.requests += 1
             for raw, dense, score in zip(request.candidates, row.candidates, row_scores):
                 unknown = dense == 0 or dense > len(id_maps.item_ids)
@@ -367,14 +377,18 @@ class EncodedRequest:
     note: str = ""
 
 
-def _batches(requests: list) -> Iterator[list]:
+def _batches(pairs: list) -> Iterator[list]:
+    """Lists of consecutive (Request, EncodedRequest) pairs, each at most
+    CANDIDATES_PER_BATCH requests x most candidates (one request alone may
+    hold more)."""
     batch, most = [], 0
-    for request in requests:
-        most_with = max(most, len(request.candidates))
+    for pair in pairs:
+        count = len(pair[0].candidates)
+        most_with = max(most, count)
         if batch and (len(batch) + 1) * most_with > CANDIDATES_PER_BATCH:
             yield batch
-            batch, most_with = [], len(request.candidates)
-        batch.append(request)
+            batch, most_with = [], count
+        batch.append(pair)
         most = most_with
     if batch:
         yield batch

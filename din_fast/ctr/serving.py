@@ -6,7 +6,9 @@ ONNX model) and, beside it, ``<name>.ids.json``: the raw ids in dense order
 ``item_category``, the dense category of each dense item (``item_category[0]``
 is 0, the padding row), and the rare items (``rare_items``: seen too seldom
 in training for a row of their own, they share the reserved one) with their
-categories (``rare_item_category``). :class:`Encoder` turns raw requests (a history of raw
+categories (``rare_item_category``), and ``max_len``, the model's training
+``--max-len``: the most recent history items :meth:`Encoder.encode` keeps
+by default, as ``din-fast predict`` does. :class:`Encoder` turns raw requests (a history of raw
 item ids and the raw ids of the candidates to score) into the five tensors
 both formats take; :class:`OnnxModel` runs an ONNX model with ONNX Runtime,
 checking its inputs first.
@@ -22,7 +24,8 @@ refuses id maps of another fingerprint (a JSON another checkpoint's export
 wrote), whose dense ids would score other items than the request names.
 
 Ids are compared as strings (``din-fast train`` keeps them so), so the raw
-id ``7`` and ``"7"`` are the same item. With maps of the DIN protocol nothing
+id ``7`` and ``"7"`` are the same item, and trimmed as train and predict
+trim them (``" 7"`` too). With maps of the DIN protocol nothing
 unknown is mapped to anything: unknown history items are left out of the
 history (counted in ``unknown_history_items``), an unknown candidate is
 scored as the padding item and marked ``known[b, c] = False`` (listed in
@@ -52,6 +55,7 @@ import torch
 
 from .export import IDS_FINGERPRINT_KEY
 from .labeled_loader import SEPARATOR
+from .labeled_samples import standardized
 from .onnx_export import OUTPUT_NAME
 from .package_inputs import METADATA_KEY, InputContract
 
@@ -137,6 +141,9 @@ class Encoder:
             (None without categories).
         fingerprint: the id maps' fingerprint (din_fast.ctr.data.IdMaps'),
             which an exported model records; None: unknown.
+        max_len: the most recent history items the model was trained on
+            (its ``--max-len``), which :meth:`encode` keeps by default, as
+            din-fast predict does; None: all.
 
     Raises:
         ValueError: an ``item_category`` of another length than
@@ -151,8 +158,9 @@ class Encoder:
                  features: Optional[dict] = None, numeric: Optional[dict] = None,
                  rare_items: Optional[Sequence] = None,
                  rare_item_category: Optional[Sequence[int]] = None,
-                 fingerprint: Optional[str] = None):
+                 fingerprint: Optional[str] = None, max_len: Optional[int] = None):
         self.fingerprint = fingerprint
+        self.max_len = _checked_max_len("Encoder", max_len)
         self.item_dense = {str(raw): i + 1 for i, raw in enumerate(item_ids)}
         self.num_items = len(item_ids)
         self.unknown = bool(unknown)
@@ -194,11 +202,13 @@ class Encoder:
         self.rare_category = {str(raw): c for raw, c in zip(rare_items, rare_item_category)}
 
     @classmethod
-    def from_id_maps(cls, id_maps) -> "Encoder":
+    def from_id_maps(cls, id_maps, max_len: Optional[int] = None) -> "Encoder":
         """The encoder of a checkpoint's id maps, to score with the eager model.
 
         Args:
             id_maps: din_fast.ctr.data.IdMaps, ``load_checkpoint(path).id_maps``.
+            max_len: :meth:`encode`'s default, the checkpoint's
+                ``config.max_len``; None: all.
         """
         categories = id_maps.category_ids is not None
         rare = id_maps.rare_items is not None and categories
@@ -208,7 +218,7 @@ class Encoder:
                    {name: values.to_pylist() for name, values in id_maps.features.items()},
                    id_maps.numeric, id_maps.rare_items.to_pylist() if rare else None,
                    id_maps.rare_item_category.tolist() if rare else None,
-                   id_maps.fingerprint())
+                   id_maps.fingerprint(), max_len)
 
     @classmethod
     def from_json(cls, path, model=None) -> "Encoder":
@@ -223,10 +233,15 @@ class Encoder:
                 (a model exported before din-fast recorded it, or a JSON
                 without one, is not checked); None: not checked.
 
+        The JSON's ``max_len`` (the model's training ``--max-len``, which
+        din-fast export records) becomes :meth:`encode`'s default; a JSON
+        without one (an older export) keeps whole histories.
+
         Raises:
             ValueError: a file that does not hold a JSON object with
                 ``item_ids``, ``category_ids`` and ``item_category``, or whose
-                ``item_category`` does not fit its ids (as :class:`Encoder`);
+                ``item_category`` does not fit its ids (as :class:`Encoder`),
+                or a ``max_len`` that is not null or a positive integer;
                 id maps that are not ``model``'s.
             TypeError: a ``model`` that is not a loaded exported model.
             OSError: the file cannot be read.
@@ -245,16 +260,17 @@ class Encoder:
         return cls(maps["item_ids"], maps["category_ids"], maps["item_category"],
                    maps.get("unknown", False), maps.get("features", {}), numeric,
                    maps.get("rare_items"), maps.get("rare_item_category"),
-                   maps.get("fingerprint"))
+                   maps.get("fingerprint"), maps.get("max_len"))
 
     def dense_item(self, raw) -> int:
         """A raw item's dense id: its own, else the reserved one (maps with
         ``unknown``), else 0.
 
         Args:
-            raw: the raw item id (compared as a string).
+            raw: the raw item id (compared as a string, trimmed as din-fast
+                train and predict trim it).
         """
-        return self.item_dense.get(str(raw), self.num_items + 1 if self.unknown else 0)
+        return self.item_dense.get(_item_id(raw), self.num_items + 1 if self.unknown else 0)
 
     def encode(self, histories: Sequence[Sequence], candidates: Sequence[Sequence],
                max_len: Optional[int] = None,
@@ -266,8 +282,9 @@ class Encoder:
             candidates: B sequences of raw item ids to score for each request
                 (at least one each).
             max_len: keep the most recent ``max_len`` known items of each
-                history (the model's training ``--max-len`` is a good choice);
-                None keeps all.
+                history; None: the encoder's ``max_len`` (from
+                :meth:`from_json`, the model's training ``--max-len``, which
+                din-fast predict keeps too), all where it has none.
             features: for maps with side features, B dicts {feature: value},
                 every side and numeric feature of the maps: one value for all
                 of the request's candidates or a list of one per candidate; a
@@ -282,9 +299,7 @@ class Encoder:
         if len(histories) != len(candidates):
             raise ValueError(f"Encoder.encode: `histories` and `candidates` must have one entry "
                              f"per request; got {len(histories)} and {len(candidates)}")
-        if max_len is not None and (not isinstance(max_len, int) or max_len < 1):
-            raise ValueError(f"Encoder.encode: `max_len` must be None or a positive integer; "
-                             f"got {max_len!r}")
+        max_len = _checked_max_len("Encoder.encode", max_len) or self.max_len
         for b, row in enumerate(candidates):
             if isinstance(row, (str, bytes)) or len(row) == 0:
                 raise ValueError(f"Encoder.encode: `candidates[{b}]` must be a non-empty sequence "
@@ -342,7 +357,7 @@ class Encoder:
         """Give each rare item among ``positions`` ((row, column, raw id) of
         ``categories``) its own category in place of the reserved one."""
         for b, t, raw in positions:
-            category = self.rare_category.get(str(raw))
+            category = self.rare_category.get(_item_id(raw))
             if category is not None:
                 categories[b, t] = category
 
@@ -389,8 +404,9 @@ class Encoder:
             maps do not hold).
 
         Raises:
-            ValueError: a missing, extra or malformed value, or a list of
-                another length than ``count``, naming the feature.
+            ValueError: a missing, extra or malformed value, a number beyond
+                float32's range once standardized, or a list of another
+                length than ``count``, naming the feature.
         """
         wanted = list(self.features) + list(self.numeric)
         if not isinstance(given, dict):
@@ -436,8 +452,11 @@ class Encoder:
                         number = math.nan
                     if not math.isfinite(number) or isinstance(value, bool):
                         raise ValueError(f"{name!r} holds {value!r}; expected a finite number")
-                    column.append((number - mean) / std)
-                columns.append(column)
+                    column.append(number)
+                try:
+                    columns.append(standardized(column, mean, std).tolist())
+                except ValueError as error:
+                    raise ValueError(f"{name!r}: {error}") from None
             numeric = [list(row) for row in zip(*columns)]
         return ids_of, numeric, unknown
 
@@ -521,6 +540,22 @@ def _check_pair(path, fingerprint, model) -> None:
                      f"fingerprint {recorded[:12]} (another checkpoint's); its requests would be "
                      "encoded with the wrong ids. Use the <name>.ids.json that din-fast export "
                      "wrote with this model, or export its checkpoint again")
+
+
+def _checked_max_len(owner: str, max_len):
+    """``max_len``, ValueError unless it is None or a positive integer."""
+    if max_len is not None and (not isinstance(max_len, int) or isinstance(max_len, bool)
+                                or max_len < 1):
+        raise ValueError(f"{owner}: `max_len` must be None or a positive integer; "
+                         f"got {max_len!r}")
+    return max_len
+
+
+def _item_id(raw) -> str:
+    """A raw item id as the id maps hold it: a string, surrounding
+    whitespace trimmed (the loaders and din-fast predict trim it: " i7" is
+    the item "i7")."""
+    return str(raw).strip()
 
 
 def _as_tensor(value):

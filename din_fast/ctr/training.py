@@ -8,6 +8,7 @@ import sys
 import time
 from dataclasses import asdict, replace
 from functools import partial
+from pathlib import Path
 from typing import Optional
 
 import numpy as np
@@ -15,8 +16,8 @@ import torch
 import torch.nn.functional as F
 from tqdm import tqdm
 
-from .checkpoint import (RunState, load_checkpoint, restored_model, resume_path,
-                         save_checkpoint, save_run_state, save_weights)
+from .checkpoint import (RUN_STATE_SUFFIX, RunState, load_checkpoint, restored_model,
+                         resume_path, save_checkpoint, save_run_state, save_weights)
 from .config import HISTORY_CROSS_LR, TrainConfig, build_model, model_for
 from .data import (BATCH_STREAM, EncodedData, IdMaps, Samples, SampleSplits, build_samples,
                    encode, iterate_batches, known_test_samples, reserved_ids_read,
@@ -1080,13 +1081,32 @@ def checkpoint_for_run(path: str, backend: str, device: str):
 
     Raises:
         din_fast.ctr.errors.InputError: the device or backend cannot run
-            here, or the file is no valid checkpoint (CheckpointError).
+            here, or the file is no valid checkpoint (CheckpointError), or
+            it is a run state (din_fast.ctr.checkpoint.resume_path's file).
     """
     check_device(device)
     checkpoint = load_checkpoint(path)
+    if checkpoint.run is not None:
+        # A run state holds the latest epoch's weights (not the average with
+        # --ema): scored, it would pass for the best epoch's model.
+        raise CheckpointError(f"--checkpoint {path}: a run state (the model after epoch "
+                              f"{checkpoint.run.epoch}, what train --resume continues from), "
+                              "not the best epoch's model; give the checkpoint train "
+                              f"--checkpoint wrote beside it ({_checkpoint_of_run_state(path)})")
     config = replace(checkpoint.config, backend=backend, device=device)
     check_device_and_backend(config)
     return checkpoint, config
+
+
+def _checkpoint_of_run_state(path) -> str:
+    """The --checkpoint whose run state ``path`` is named as
+    (din_fast.ctr.checkpoint.resume_path: ``din.run.pt`` -> ``din.pt``);
+    for a file named otherwise, what such a pair looks like."""
+    path = Path(path)
+    stem = path.stem.removesuffix(RUN_STATE_SUFFIX)
+    if stem == path.stem:
+        return f"the run state of din.pt is {resume_path('din.pt')}"
+    return str(path.with_name(stem + path.suffix))
 
 
 def evaluate_checkpoint(path: str, data: Optional[str] = None, *, backend: str = "auto",
