@@ -190,6 +190,45 @@ def test_dice_with_a_negative_batchnorm_weight_matches_peer():
     _assert_matches(peer, ours, query, keys, lengths, mask, generator)
 
 
+@pytest.mark.parametrize("layer_mode,batch_norm_mode", [("eval", "train"), ("train", "eval")])
+def test_dice_batchnorm_mode_decides_not_the_layer_mode(layer_mode, batch_norm_mode):
+    """A model may set its BatchNorms apart from the rest (frozen statistics
+    while fine-tuning, or the reverse): Dice follows its BatchNorm's mode, as
+    the peer's does."""
+    generator = torch.Generator().manual_seed(8)
+    peer, ours = _pair("dice", generator, weight_normalization=True)
+    for layer in (peer, ours):
+        layer.train(layer_mode == "train")
+        for module in layer.modules():
+            if isinstance(module, nn.BatchNorm1d):
+                module.train(batch_norm_mode == "train")
+    query, keys, lengths, mask = _inputs(generator)
+    _assert_matches(peer, ours, query, keys, lengths, mask, generator)
+
+
+@pytest.mark.parametrize("weight,running_var", [(1e8, 0.0), (1e-200, 1.0)])
+def test_dice_with_extreme_batchnorm_weights_matches_peer(weight, running_var):
+    """Dice's BatchNorm weight g folds into din_fast's Dice as the variance
+    (v + eps) / g^2: far below the peer's eps (g large on a constant unit,
+    v = 0, whose normalized input is the BatchNorm bias alone) or past the
+    dtype's range (g tiny), in eval mode."""
+    generator = torch.Generator().manual_seed(9)
+    peer, ours = _pair("dice", generator)
+    first = peer.local_att.dnn.linears[0]
+    bn = peer.local_att.dnn.activation_layers[0].bn
+    with torch.no_grad():
+        bn.weight[1] = weight
+        bn.running_var[1] = running_var
+        if running_var == 0:  # the unit's input 0, its mean 0
+            first.weight[1] = 0.0
+            first.bias[1] = 0.0
+            bn.running_mean[1] = 0.0
+    peer.eval()
+    ours.eval()
+    query, keys, lengths, mask = _inputs(generator)
+    _assert_matches(peer, ours, query, keys, lengths, mask, generator)
+
+
 @pytest.mark.parametrize("activation", ["sigmoid", "prelu", "dice", "linear", nn.ELU, nn.PReLU],
                          ids=_name)
 def test_same_seed_same_initialization(activation):

@@ -19,9 +19,11 @@ results:
 - ``att_activation`` "sigmoid", "relu", "prelu" (one slope per layer, as
   torch.nn.PReLU()) and the classes nn.Sigmoid, nn.ReLU, nn.PReLU run fused.
   "dice" is a BatchNorm1d (eps 1e-8, momentum 0.1, affine) over every
-  position, padding included, and a slope ``alpha``: in eval mode with
-  positive BatchNorm weights it folds into din_fast's Dice and runs fused; in
-  training mode, or with a BatchNorm weight <= 0, it runs on the general path.
+  position, padding included, and a slope ``alpha``: where every Dice
+  BatchNorm is in eval mode (its own mode, whatever the layer's) with positive
+  weights it folds into din_fast's Dice and runs fused; a BatchNorm in
+  training mode, a weight <= 0, or one so small that the folded variance
+  leaves the dtype's range runs on the general path.
 - ``att_activation="linear"`` and any other nn.Module class (nn.Tanh,
   nn.LeakyReLU, ...) run on the general path: the peer's own layers on every
   position, padding included, in PyTorch (the first layer folded, no concat),
@@ -37,10 +39,11 @@ from ..functional import din_attention
 from ..layer_hooks import run_weight_hooks
 from ..problem import check_layer_sizes
 from .peer_semantics import (first_layer_everywhere, fused_activation, module_of_class,
-                             peer_argument_names, validate_inputs)
+                             peer_argument_names, uses_batch_statistics, validate_inputs)
 
 ACTIVATION_NAMES = ("sigmoid", "relu", "prelu", "dice", "linear")
 DICE_EPS = 1e-8               # the peer's Dice BatchNorm eps
+FOLDED_DICE_EPS = 1e-30       # din_attention's eps for the folded Dice (_folded_dice)
 SOFTMAX_PADDING = -2**32 + 1  # the peer's fill for masked scores before its softmax
 INIT_STD = 1e-4               # the peer's DNN initializes its Linear weights N(0, 1e-4)
 LAYER = "AttentionSequencePoolingLayer"
@@ -158,23 +161,34 @@ class AttentionSequencePoolingLayer(nn.Module):
             return [layer.weight for layer in layers]
         if self.activation != "dice":
             return None
-        # sigmoid(g (x - m) / sqrt(v + eps) + b) = sigmoid((x - m') / sqrt(v' + eps))
-        # with m' = m - b sqrt(v + eps) / g and v' = (v + eps) / g^2 - eps, for g > 0.
+        return self._folded_dice()
+
+    def _folded_dice(self):
+        """Each Dice layer as din_attention's (a, mu, var) with FOLDED_DICE_EPS.
+
+        sigmoid(g (x - m) / sqrt(v + eps) + b) = sigmoid((x - m') / s) with
+        s = sqrt(v + eps) / g, m' = m - b s, for g > 0; din_attention takes
+        var = s^2 - FOLDED_DICE_EPS. The peer's own eps there instead would
+        cancel against s^2 when s^2 is not far above it (g >> 1, v ~ 0).
+        """
         params = []
-        for layer in layers:
+        for layer in self.local_att.dnn.activation_layers:
             bn = layer.bn
-            std = torch.sqrt(bn.running_var + bn.eps)
-            params.append((layer.alpha.view(-1), bn.running_mean - bn.bias * std / bn.weight,
-                           (std / bn.weight).square() - bn.eps))
+            spread = torch.sqrt(bn.running_var + bn.eps) / bn.weight
+            params.append((layer.alpha.view(-1), bn.running_mean - bn.bias * spread,
+                           spread.square() - FOLDED_DICE_EPS))
         return params
 
     def _runs_fused(self) -> bool:
         if self.activation != "dice":
             return self.activation is not None
-        if self.training:
+        layers = self.local_att.dnn.activation_layers
+        if any(uses_batch_statistics(layer.bn) or not bool((layer.bn.weight > 0).all())
+               for layer in layers):
             return False
-        return all(bool((layer.bn.weight > 0).all())
-                   for layer in self.local_att.dnn.activation_layers)
+        # s^2 past the dtype's range (g tiny, or huge) cannot fold: the peer's own layers.
+        return all(bool((mean.isfinite() & var.isfinite() & (var + FOLDED_DICE_EPS > 0)).all())
+                   for _, mean, var in self._folded_dice())
 
     def forward(self, query, keys, keys_length, mask=None):
         """Pool each row's history for its one candidate.
@@ -237,7 +251,8 @@ class AttentionSequencePoolingLayer(nn.Module):
             query, keys, lengths, mask=mask, weights=weights, biases=biases,
             activation=self.activation, activation_params=self._activation_params(),
             normalization="softmax" if self.weight_normalization else None,
-            return_scores=self.return_score, backend=self.backend, dice_eps=DICE_EPS)
+            return_scores=self.return_score, backend=self.backend,
+            dice_eps=FOLDED_DICE_EPS)
         result = result[1] if self.return_score else result
         if self.weight_normalization:
             result = self._average_empty_rows(result, keys, lengths, mask)

@@ -43,7 +43,7 @@ from ..functional import din_attention
 from ..layer_hooks import run_weight_hooks
 from ..problem import check_layer_sizes
 from .peer_semantics import (first_layer_everywhere, fused_activation, module_of_class,
-                             peer_argument_names, validate_inputs)
+                             peer_argument_names, uses_batch_statistics, validate_inputs)
 
 DICE_EPS = 1e-9          # the peer's Dice BatchNorm eps
 DICE_MOMENTUM = 0.01     # and momentum
@@ -160,8 +160,8 @@ class _MLPBlock(nn.Module):
             name = fused_activation(activation, _Dice)
             norm = None if layer.norm is None else self.mlp[layer.norm]
             dropout = None if layer.dropout is None else self.mlp[layer.dropout]
-            if name is None or (name == "dice" and _batch_statistics(activation.bn)) \
-                    or (norm is not None and _batch_statistics(norm)) \
+            if name is None or (name == "dice" and uses_batch_statistics(activation.bn)) \
+                    or (norm is not None and uses_batch_statistics(norm)) \
                     or (dropout is not None and dropout.training):
                 return None
             names.append(name)
@@ -192,11 +192,6 @@ class _MLPBlock(nn.Module):
         run_weight_hooks(LAYER, [(f"{MLP}.0", self.mlp[0])])            # folded, not called
         h = first_layer_everywhere(self.mlp[0], query, keys)            # [B, T, H_1]
         return self.mlp[1:](h.reshape(batch * length, -1)).view(batch, length)
-
-
-def _batch_statistics(norm: nn.BatchNorm1d) -> bool:
-    """Whether a BatchNorm normalizes with the statistics of its input."""
-    return norm.training or norm.running_mean is None
 
 
 def _folded_linear(linear: nn.Linear, norm):

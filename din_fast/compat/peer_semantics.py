@@ -42,6 +42,14 @@ def fused_activation(module, dice_type) -> str | None:
     return FUSED_ACTIVATIONS.get(type(module))
 
 
+def uses_batch_statistics(norm: nn.BatchNorm1d) -> bool:
+    """Whether a BatchNorm normalizes with the statistics of its input (and
+    so cannot fold into din_attention): its own mode decides, not the
+    adapter's, as a model may put its BatchNorms in training mode under an
+    eval-mode layer or the reverse (frozen statistics)."""
+    return norm.training or norm.running_mean is None
+
+
 def module_of_class(cls, layer: str, argument: str):
     """An instance of ``cls`` built as the peers build an activation class:
     called without arguments. None when ``cls`` is not an nn.Module class."""
