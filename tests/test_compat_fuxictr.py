@@ -71,6 +71,25 @@ def test_fused_wherever_din_attention_expresses_the_peer(name, monkeypatch):
     assert bool(calls) == CASES[name].fused
 
 
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("mask", [None, "bool", "float"])
+def test_half_precision_result_dtype_as_the_peer(mask, dtype):
+    """The peer applies a mask in float32: its half-precision result is then
+    float32 (without a mask, the history's dtype), on the fused path too."""
+    torch.manual_seed(4)
+    peer = fuxictr_din_attention()(embedding_dim=4, attention_units=[8], use_softmax=True)
+    ours = DIN_Attention(embedding_dim=4, attention_units=[8], use_softmax=True, backend="torch")
+    ours.load_state_dict(peer.state_dict(), strict=True)
+    peer.to(dtype)
+    ours.to(dtype)
+    target, history = torch.randn(3, 4, dtype=dtype), torch.randn(3, 5, 4, dtype=dtype)
+    valid = torch.tensor([[1, 1, 1, 0, 0], [0, 0, 0, 0, 0], [1, 1, 1, 1, 1]], dtype=torch.bool)
+    mask = {None: None, "bool": valid, "float": valid.to(dtype)}[mask]
+    expected, got = peer(target, history, mask=mask), ours(target, history, mask=mask)
+    assert got.dtype == expected.dtype
+    assert torch.allclose(got.float(), expected.float(), rtol=2e-2, atol=2e-2)
+
+
 def test_errors_use_the_peer_argument_names():
     layer = DIN_Attention(embedding_dim=4, attention_units=[8])
     target, history = torch.randn(3, 4), torch.randn(3, 5, 4)

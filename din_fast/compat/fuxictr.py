@@ -269,9 +269,9 @@ class DIN_Attention(nn.Module):  # noqa: N801 - the peer's class name
                 does); None: every position valid.
 
         Returns:
-            The pooled history, [B, E], in the history's dtype (on the
-            general path a mask is applied in float32, as the peer applies
-            it, which promotes a half-precision result to float32).
+            The pooled history, [B, E], in the history's dtype; with a
+            mask at least float32, as the peer's (it applies the mask in
+            float32, which promotes a half-precision result), on either path.
 
         Raises:
             TypeError: a complex mask, or inputs of the wrong type or dtype
@@ -308,6 +308,8 @@ class DIN_Attention(nn.Module):  # noqa: N801 - the peer's class name
             # The peer's softmax gives a row with no valid position 1/T everywhere.
             empty = (~valid.any(dim=1)).to(pooled.dtype)[:, None]
             pooled = pooled + empty * history_sequence.mean(dim=1).to(pooled.dtype)
+        if valid is not None:  # the peer's float32 mask promotes its result
+            pooled = pooled.to(torch.promote_types(pooled.dtype, torch.float32))
         return pooled
 
     def _forward_general(self, target_item, history_sequence, mask):
