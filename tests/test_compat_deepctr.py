@@ -255,6 +255,26 @@ def test_float32_default_backend_matches_peer():
     assert error <= 1e-5 * peer(query, keys, lengths).norm()
 
 
+@pytest.mark.parametrize("activation", ["sigmoid", "linear"])  # fused, general
+def test_float16_weight_normalization_matches_peer_where_it_is_finite(activation):
+    """The peer's softmax fill -(2**32) + 1 overflows float16 to -inf: its
+    rows with a valid position are still right, its empty rows NaN. The
+    adapter gives the former as the peer and the mean of the keys to the
+    latter, on both paths."""
+    generator = torch.Generator().manual_seed(12)
+    peer, ours = _pair(activation, generator, weight_normalization=True)
+    peer.half()
+    ours.half()
+    query, keys, lengths, _ = _inputs(generator)
+    query, keys = query.half(), keys.half()
+    expected, got = peer(query, keys, lengths), ours(query, keys, lengths)
+    assert got.dtype == torch.float16
+    full = lengths[:, 0] > 0
+    torch.testing.assert_close(got[full], expected[full], rtol=1e-2, atol=1e-2)
+    torch.testing.assert_close(got[~full], keys[~full].mean(dim=1, keepdim=True),
+                               rtol=1e-3, atol=1e-3)
+
+
 def test_errors_use_the_peer_argument_names():
     layer = AttentionSequencePoolingLayer(att_hidden_units=HIDDEN, embedding_dim=E)
     query, keys = torch.randn(B, 1, E), torch.randn(B, T, E)

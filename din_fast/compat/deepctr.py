@@ -15,7 +15,8 @@ results:
   softmax over all T positions: a row of length 0 gets the weight 1/T at every
   position, so its output is the mean of its (padding) keys. Rows with a valid
   position are din_fast's softmax exactly (exp of the fill underflows to 0) and
-  run fused; the mean is added to the empty rows.
+  run fused; the mean is added to the empty rows. (In float16 the peer's fill
+  overflows to -inf and its empty rows are NaN; this layer gives them the mean.)
 - ``att_activation`` "sigmoid", "relu", "prelu" (one slope per layer, as
   torch.nn.PReLU()) and the classes nn.Sigmoid, nn.ReLU, nn.PReLU run fused.
   "dice" is a BatchNorm1d (eps 1e-8, momentum 0.1, affine) over every
@@ -274,7 +275,11 @@ class AttentionSequencePoolingLayer(nn.Module):
         """The peer's own order: its layers on every position, then the mask
         and the softmax (see the module doc)."""
         scores = self.local_att.scores_everywhere(problem.query[:, 0], problem.keys)[:, None, :]
-        fill = SOFTMAX_PADDING if self.weight_normalization else 0.0
+        fill = 0.0
+        if self.weight_normalization:
+            # float16 cannot hold the peer's fill (its own overflows to -inf
+            # and makes an empty row NaN): its lowest value pads as well.
+            fill = max(SOFTMAX_PADDING, torch.finfo(scores.dtype).min)
         scores = torch.where(problem.valid_mask()[:, None, :], scores,
                              torch.full_like(scores, fill))
         if self.weight_normalization:
