@@ -90,6 +90,24 @@ def test_half_precision_result_dtype_as_the_peer(mask, dtype):
     assert torch.allclose(got.float(), expected.float(), rtol=2e-2, atol=2e-2)
 
 
+@pytest.mark.parametrize("activation", ["relu", "tanh"])  # fused, general
+def test_autocast_result_dtype_as_the_peer(activation):
+    """Under autocast the peer's bfloat16 scores weight the float32 history
+    as given: its result is float32, with or without a mask."""
+    torch.manual_seed(5)
+    peer = fuxictr_din_attention()(embedding_dim=4, attention_units=[8],
+                                   hidden_activations=activation)
+    ours = DIN_Attention(embedding_dim=4, attention_units=[8], hidden_activations=activation,
+                         backend="torch")
+    ours.load_state_dict(peer.state_dict(), strict=True)
+    target, history = torch.randn(3, 4), torch.randn(3, 5, 4)
+    for mask in (None, torch.rand(3, 5) < 0.7):
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            expected, got = peer(target, history, mask=mask), ours(target, history, mask=mask)
+        assert got.dtype == expected.dtype == torch.float32
+        assert torch.allclose(got, expected, rtol=2e-2, atol=5e-2)
+
+
 def test_errors_use_the_peer_argument_names():
     layer = DIN_Attention(embedding_dim=4, attention_units=[8])
     target, history = torch.randn(3, 4), torch.randn(3, 5, 4)

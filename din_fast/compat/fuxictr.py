@@ -269,9 +269,10 @@ class DIN_Attention(nn.Module):  # noqa: N801 - the peer's class name
                 does); None: every position valid.
 
         Returns:
-            The pooled history, [B, E], in the history's dtype; with a
-            mask at least float32, as the peer's (it applies the mask in
-            float32, which promotes a half-precision result), on either path.
+            The pooled history, [B, E], in the history's dtype (under
+            torch.autocast too); with a mask at least float32, as the peer's
+            (it applies the mask in float32, which promotes a half-precision
+            result), on either path.
 
         Raises:
             TypeError: a complex mask, or inputs of the wrong type or dtype
@@ -297,7 +298,9 @@ class DIN_Attention(nn.Module):  # noqa: N801 - the peer's class name
             if unit is None or numeric:
                 problem = validate_inputs(target_item, history_sequence, None, valid)
                 if unit is None or not bool(((mask == 0) | (mask == 1)).all()):
-                    return self._forward_general(problem.query[:, 0], problem.keys, mask)
+                    # The peer pools the history as given (under autocast too).
+                    return self._forward_general(problem.query[:, 0], problem.keys,
+                                                 history_sequence, mask)
             weights, biases, activation, params = unit
             pooled = din_attention(target_item, history_sequence, mask=valid, weights=weights,
                                    biases=biases, activation=activation,
@@ -308,14 +311,20 @@ class DIN_Attention(nn.Module):  # noqa: N801 - the peer's class name
             # The peer's softmax gives a row with no valid position 1/T everywhere.
             empty = (~valid.any(dim=1)).to(pooled.dtype)[:, None]
             pooled = pooled + empty * history_sequence.mean(dim=1).to(pooled.dtype)
-        if valid is not None:  # the peer's float32 mask promotes its result
-            pooled = pooled.to(torch.promote_types(pooled.dtype, torch.float32))
-        return pooled
+        # The peer's result: its scores times the history as given (float32
+        # under autocast when the history is), promoted by a mask it applies
+        # in float32.
+        dtype = history_sequence.dtype
+        if valid is not None:
+            dtype = torch.promote_types(dtype, torch.float32)
+        return pooled.to(dtype)
 
-    def _forward_general(self, target_item, history_sequence, mask):
-        """The peer's own order: its MLP on every position, then the mask
-        (which weights the scores), the padding fill and the softmax."""
-        scores = self.attention_layer.scores_everywhere(target_item, history_sequence)
+    def _forward_general(self, target_item, keys, history_sequence, mask):
+        """The peer's own order: its MLP on every position (of ``keys``, the
+        history as din_attention's checks give it), then the mask (which
+        weights the scores), the padding fill, the softmax, and the pooling
+        of ``history_sequence`` as given."""
+        scores = self.attention_layer.scores_everywhere(target_item, keys)
         if mask is not None:
             scores = scores * mask.float()
         if self.use_softmax:
