@@ -108,6 +108,22 @@ def test_autocast_result_dtype_as_the_peer(activation):
         assert torch.allclose(got, expected, rtol=2e-2, atol=5e-2)
 
 
+def test_mask_that_requires_grad_gets_the_peer_gradient():
+    """The peer multiplies the scores by a numeric mask: one of 0 and 1 that
+    requires grad gets that gradient, which the fused path would not give."""
+    torch.manual_seed(6)
+    peer = fuxictr_din_attention()(embedding_dim=4, attention_units=[8], use_softmax=True)
+    ours = DIN_Attention(embedding_dim=4, attention_units=[8], use_softmax=True, backend="torch")
+    ours.load_state_dict(peer.state_dict(), strict=True)
+    target, history = torch.randn(3, 4), torch.randn(3, 5, 4)
+    grads = []
+    for layer in (peer, ours):
+        mask = (torch.arange(5) < torch.tensor([[5], [2], [0]])).double().requires_grad_()
+        layer(target, history, mask=mask).sum().backward()
+        grads.append(mask.grad)
+    torch.testing.assert_close(grads[1], grads[0])
+
+
 def test_errors_use_the_peer_argument_names():
     layer = DIN_Attention(embedding_dim=4, attention_units=[8])
     target, history = torch.randn(3, 4), torch.randn(3, 5, 4)

@@ -14,8 +14,9 @@ The fused path (din_attention) runs when the peer's MLP is din_attention's unit:
 - ``batch_norm`` only in eval mode (each BatchNorm folds into its Linear);
 - ``dropout_rate`` only in eval mode (dropout is then the identity);
 - no ``output_activation``;
-- a ``mask`` that is bool, or numeric holding only 0 and 1 (finding that out
-  reads the mask: a host sync on a GPU; a bool mask needs none).
+- a ``mask`` that is bool, or numeric holding only 0 and 1 and not requiring
+  grad (finding that out reads the mask: a host sync on a GPU; a bool mask
+  needs none).
 ``use_softmax`` adds -1e9 to the padded scores before a softmax over all T
 positions: a row with no valid position gets 1/T everywhere, so its output is
 the mean of its (padding) history; the fused path adds that mean to such rows.
@@ -28,7 +29,8 @@ none), ``attention_units=[]``, BatchNorm and dropout in training mode, Dice
 in training mode (its BatchNorm, eps 1e-9 and momentum 0.01 without affine
 parameters, takes its statistics over the padding too), an
 ``output_activation`` (applied to the scores before the mask), and a mask of
-other values (it weights the scores, as in the peer).
+other values or one that requires grad (it weights the scores, as in the
+peer, which gives it a gradient).
 """
 
 from __future__ import annotations
@@ -297,7 +299,9 @@ class DIN_Attention(nn.Module):  # noqa: N801 - the peer's class name
         with peer_argument_names(LAYER, ARGUMENT_NAMES):
             if unit is None or numeric:
                 problem = validate_inputs(target_item, history_sequence, None, valid)
-                if unit is None or not bool(((mask == 0) | (mask == 1)).all()):
+                # A mask that requires grad gets the peer's gradient there.
+                if unit is None or mask.requires_grad \
+                        or not bool(((mask == 0) | (mask == 1)).all()):
                     # The peer pools the history as given (under autocast too).
                     return self._forward_general(problem.query[:, 0], problem.keys,
                                                  history_sequence, mask)
