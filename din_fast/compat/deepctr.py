@@ -184,12 +184,14 @@ class AttentionSequencePoolingLayer(nn.Module):
         if self.activation != "dice":
             return self.activation is not None
         layers = self.local_att.dnn.activation_layers
-        if any(uses_batch_statistics(layer.bn) or not bool((layer.bn.weight > 0).all())
-               for layer in layers):
+        if any(uses_batch_statistics(layer.bn) for layer in layers):
             return False
-        # s^2 past the dtype's range (g tiny, or huge) cannot fold: the peer's own layers.
-        return all(bool((mean.isfinite() & var.isfinite() & (var + FOLDED_DICE_EPS > 0)).all())
-                   for _, mean, var in self._folded_dice())
+        # g > 0, and s^2 within the dtype's range (not for g tiny or huge):
+        # else the peer's own layers. One read of the device (a host sync).
+        foldable = [(layer.bn.weight > 0).all() for layer in layers]
+        foldable += [(mean.isfinite() & var.isfinite() & (var + FOLDED_DICE_EPS > 0)).all()
+                     for _, mean, var in self._folded_dice()]
+        return bool(torch.stack(foldable).all())
 
     def forward(self, query, keys, keys_length, mask=None):
         """Pool each row's history for its one candidate.
