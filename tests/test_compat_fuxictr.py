@@ -124,6 +124,22 @@ def test_mask_that_requires_grad_gets_the_peer_gradient():
     torch.testing.assert_close(grads[1], grads[0])
 
 
+@pytest.mark.parametrize("activation", ["tanh", "dice"])
+def test_empty_batch_on_the_general_path_as_the_peer(activation):
+    """B = 0 in training mode (the general path): an empty result and the
+    peer's BatchNorm statistics, no reshape error."""
+    peer = fuxictr_din_attention()(embedding_dim=4, attention_units=[8],
+                                   hidden_activations=activation)
+    ours = DIN_Attention(embedding_dim=4, attention_units=[8], hidden_activations=activation)
+    ours.load_state_dict(peer.state_dict(), strict=True)
+    target, history = torch.randn(0, 4), torch.randn(0, 5, 4)
+    mask = torch.zeros(0, 5, dtype=torch.bool)
+    expected, got = peer(target, history, mask=mask), ours(target, history, mask=mask)
+    assert got.shape == expected.shape == (0, 4)
+    for name, tensor in peer.state_dict().items():
+        torch.testing.assert_close(ours.state_dict()[name], tensor, equal_nan=True)
+
+
 def test_errors_use_the_peer_argument_names():
     layer = DIN_Attention(embedding_dim=4, attention_units=[8])
     target, history = torch.randn(3, 4), torch.randn(3, 5, 4)

@@ -193,7 +193,7 @@ class _MLPBlock(nn.Module):
         batch, length = keys.shape[:2]
         run_weight_hooks(LAYER, [(f"{MLP}.0", self.mlp[0])])            # folded, not called
         h = first_layer_everywhere(self.mlp[0], query, keys)            # [B, T, H_1]
-        return self.mlp[1:](h.reshape(batch * length, -1)).view(batch, length)
+        return self.mlp[1:](h.reshape(batch * length, h.shape[-1])).view(batch, length)
 
 
 def _folded_linear(linear: nn.Linear, norm):
