@@ -59,6 +59,18 @@ from .problem import DINProblem, JaggedDINProblem, compute_dtype
 from .reference import masked_normalize
 
 
+def take_rows(per_row: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
+    """``per_row[rows]``: [B, ...] -> [len(rows), ...], rows repeated.
+
+    By index_select, whose backward sums the repeats in a fixed order: that
+    of ``per_row[rows]`` (index_put_ with accumulate) adds them with atomic
+    adds across torch's CPU threads, so on more than one thread the same
+    batch gave other gradients from run to run, and the same seed trained
+    another model.
+    """
+    return per_row.index_select(0, rows)
+
+
 class PackedPositions:
     """The valid (row, position) pairs of a padded batch, in row-major order.
 
@@ -101,7 +113,7 @@ class PackedPositions:
         """[B, ...] -> [N, ...]: each position gets its row's value."""
         if self.rows is None:
             return per_row.repeat_interleave(self.length, dim=0)
-        return per_row[self.rows]
+        return take_rows(per_row, self.rows)
 
 
 def packed_scores(unit: ActivationUnit, query: torch.Tensor, k_packed: torch.Tensor,
@@ -261,7 +273,7 @@ def _jagged_forward(unit, rows, query, keys_values, values, normalization, scale
     segment, so nothing of size [B, max_len, ...] is ever built.
     """
     batch, candidates = query.shape[:2]
-    scores = packed_scores(unit, query, keys_values, lambda per_row: per_row[rows])
+    scores = packed_scores(unit, query, keys_values, lambda per_row: take_rows(per_row, rows))
     scores = scores * scale
     if normalization == "softmax":
         # Per-segment softmax; the max only stabilizes, so it carries no gradient.
@@ -272,7 +284,7 @@ def _jagged_forward(unit, rows, query, keys_values, values, normalization, scale
             seg_max = seg_max.scatter_reduce(0, index, scores, "amax")
         exp = torch.exp(scores - seg_max[rows])
         denom = exp.new_zeros(batch, candidates).index_add(0, rows, exp)
-        scores = exp / denom[rows]
+        scores = exp / take_rows(denom, rows)
     pooled = values.new_zeros(batch, candidates, values.shape[1])
     pooled = pooled.index_add(0, rows, scores[:, :, None] * values[:, None, :])
     return pooled, scores

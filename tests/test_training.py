@@ -11,7 +11,8 @@ from din_fast import DIN, BaseModel
 from din_fast.ctr.cli import main
 from din_fast.ctr.data import build_samples, encode, iterate_batches, training_samples
 from din_fast.ctr.loaders import synthetic_interactions
-from din_fast.ctr.training import (TrainConfig, evaluate, fit, inverse_frequencies, minibatch_l2,
+from din_fast.ctr.training import (LocalLearner, TrainConfig, evaluate, fit, inverse_frequencies,
+                                   minibatch_l2,
                                train)
 
 from cli_data import one_torch_thread, write_csv  # noqa: F401 (a fixture)
@@ -145,3 +146,26 @@ def test_default_learning_rate_depends_on_the_mode(tmp_path):
     settings = read_config_file(tmp_path / "c.json")
     assert settings["lr"] == LABELED_LOG_LR
     assert parse(["--label-column", "label"], settings).lr == LABELED_LOG_LR
+
+
+def test_the_same_seed_trains_the_same_model_on_several_threads(small):
+    """The torch backend gathered the valid history positions by advanced
+    indexing, whose backward on the CPU accumulates with atomic adds across
+    torch's threads: on two threads (din-fast train's default takes every
+    core) the same seed trained other weights from run to run, so its
+    metrics moved and a resumed run was not the run uninterrupted."""
+    data, splits = small
+    config = TrainConfig(embed_dim=4, batch_size=64, lr=0.01)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        weights = []
+        for _ in range(2):
+            torch.manual_seed(0)
+            model = DIN(data.num_items, data.num_categories, embed_dim=4)
+            learner = LocalLearner(model, data, config)
+            learner.train_epoch(splits.training(data, config.seed, 1), lambda batches: batches)
+            weights.append(model.state_dict())
+    finally:
+        torch.set_num_threads(threads)
+    assert all(torch.equal(weights[0][k], weights[1][k]) for k in weights[0])
