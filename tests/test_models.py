@@ -1,6 +1,7 @@
 """DIN and BaseModel (din_fast.ctr.models) and the CTR metrics (din_fast.ctr.metrics)."""
 
 import copy
+import math
 
 import numpy as np
 import pytest
@@ -11,7 +12,7 @@ from sklearn.metrics import roc_auc_score
 from din_fast import DIN, BaseModel
 from din_fast.ctr.data import build_samples, encode, iterate_batches
 from din_fast.ctr.loaders import synthetic_interactions
-from din_fast.ctr.metrics import ctr_metrics, gauc
+from din_fast.ctr.metrics import ctr_metrics, gauc, logloss_of_logits
 
 
 def test_gauc_hand_computed():
@@ -191,3 +192,20 @@ def test_training_step_triton_matches_reference_when_available():
     assert torch.allclose(loss_fused.double(), loss_ref, rtol=1e-5)
     for name, grad in grads_ref.items():
         assert (grads_fused[name].double() - grad).norm() <= 1e-4 * grad.norm() + 1e-7, name
+
+
+def test_gauc_refuses_nan_scores_and_labels():
+    """A NaN score ranked as a tie of its own, last: GAUC 1.0 where AUC raises."""
+    with pytest.raises(ValueError, match=r"`scores` holds 1 NaN\(s\), the first at index 1"):
+        gauc([1, 1, 1, 1], [0, 1, 1, 0], [0.1, float("nan"), 0.3, 0.2])
+    with pytest.raises(ValueError, match="`labels` holds 1 NaN"):
+        gauc([1, 1], [0, float("nan")], [0.1, 0.2])
+
+
+def test_logloss_of_confident_wrong_logits_is_not_clipped():
+    """The sigmoid of a logit of 60 is 1.0 in float64, which logloss clipped:
+    a sample scored 60 and wrong cost 36 (36.04 reported), not 60."""
+    metrics = ctr_metrics([1, 1, 2, 2], [0, 1, 0, 1], [60.0, -60.0, -50.0, 50.0])
+    assert metrics["logloss"] == pytest.approx((60 + 60 + 2 * math.log1p(math.exp(-50))) / 4)
+    with pytest.raises(ValueError, match="`labels` holds 2.0 at index 1; expected 0 or 1"):
+        logloss_of_logits([0, 2], [0.0, 1.0])

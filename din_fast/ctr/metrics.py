@@ -1,8 +1,9 @@
-"""CTR metrics: AUC (scikit-learn), GAUC as in the DIN paper, and logloss.
+"""CTR metrics: AUC (scikit-learn), GAUC as in the DIN paper, and logloss
+(of probabilities, or exactly of logits).
 
-scikit-learn and scipy are imported where they are used: together they take
-about a second to import, which every din-fast command would otherwise pay,
-the ones that only report a bad file included.
+scikit-learn is imported where it is used: it takes about a second to
+import, which every din-fast command would otherwise pay, the ones that only
+report a bad file included.
 """
 
 from __future__ import annotations
@@ -46,8 +47,9 @@ def gauc(users, labels, scores) -> float:
         The GAUC, a float in [0, 1].
 
     Raises:
-        ValueError: arrays that are not 1-D of one length, no samples, or no
-            user with both a positive and a negative sample.
+        ValueError: arrays that are not 1-D of one length, no samples, a NaN
+            score or label, or no user with both a positive and a negative
+            sample.
     """
     users, labels, scores = (np.asarray(a) for a in (users, labels, scores))
     if not (users.shape == labels.shape == scores.shape) or users.ndim != 1:
@@ -55,6 +57,13 @@ def gauc(users, labels, scores) -> float:
                          f"shapes {users.shape}, {labels.shape}, {scores.shape}")
     if users.size == 0:
         raise ValueError("gauc: no samples; GAUC is undefined")
+    # A NaN equals no score, so each would rank as a tie of its own, last:
+    # a number, not an error (auc's roc_auc_score raises for it).
+    for name, values in (("scores", scores), ("labels", labels)):
+        nan = np.flatnonzero(np.isnan(values.astype(np.float64)))
+        if nan.size:
+            raise ValueError(f"gauc: `{name}` holds {nan.size} NaN(s), the first at index "
+                             f"{nan[0]}; expected numbers")
     order = np.lexsort((scores, users))
     users, labels, scores = users[order], labels[order] > 0.5, scores[order]
     n = len(users)
@@ -100,14 +109,43 @@ def logloss(labels, probabilities) -> float:
                           labels=[0, 1]))
 
 
+def logloss_of_logits(labels, logits) -> float:
+    """Mean binary cross-entropy of logits: log(1 + e^x) - y x, as the
+    training loss (binary_cross_entropy_with_logits) computes it.
+
+    :func:`logloss` of their sigmoid clips a probability of 0 or 1, which a
+    logit beyond about 37 becomes in float64: a sample it gets wrong then
+    costs 36 whatever its logit, and the mean understates the loss.
+
+    Args:
+        labels: [N] array-like of 0/1 clicks.
+        logits: [N] array-like of real logits.
+
+    Returns:
+        The mean log loss, a float.
+
+    Raises:
+        ValueError: a label other than 0 or 1, or arrays of different shapes.
+    """
+    labels, logits = np.asarray(labels, dtype=np.float64), np.asarray(logits, dtype=np.float64)
+    if labels.shape != logits.shape:
+        raise ValueError(f"logloss_of_logits: `labels` and `logits` must be of one shape; got "
+                         f"{labels.shape} and {logits.shape}")
+    other = np.flatnonzero((labels != 0) & (labels != 1))
+    if other.size:
+        raise ValueError(f"logloss_of_logits: `labels` holds {float(labels[other[0]])!r} at index "
+                         f"{other[0]}; expected 0 or 1")
+    return float(np.mean(np.logaddexp(0.0, logits) - labels * logits))
+
+
 def ctr_metrics(users, labels, logits) -> dict:
     """auc, gauc and logloss of a model's logits.
 
     Args:
         users: [N] array-like of user ids, for gauc.
         labels: [N] array-like of 0/1 clicks.
-        logits: [N] array-like of the model's logits (before the sigmoid);
-            logloss reads their sigmoid.
+        logits: [N] array-like of the model's logits (before the sigmoid),
+            logloss computed from them (:func:`logloss_of_logits`).
 
     Returns:
         ``{"auc": float, "gauc": float, "logloss": float}``.
@@ -116,8 +154,6 @@ def ctr_metrics(users, labels, logits) -> dict:
         ValueError: as gauc and logloss (arrays of different lengths, no
             user with both classes, labels other than 0 and 1).
     """
-    from scipy.special import expit
     logits = np.asarray(logits, dtype=np.float64)
-    probabilities = expit(logits)
     return {"auc": auc(labels, logits), "gauc": gauc(users, labels, logits),
-            "logloss": logloss(labels, probabilities)}
+            "logloss": logloss_of_logits(labels, logits)}
