@@ -60,7 +60,7 @@ from .reference import masked_normalize
 
 
 def take_rows(per_row: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
-    """``per_row[rows]``: [B, ...] -> [len(rows), ...], rows repeated.
+    """``per_row[rows]``: [B, ...] -> [len(rows), ...], rows repeated or not.
 
     By index_select, whose backward sums the repeats in a fixed order: that
     of ``per_row[rows]`` (index_put_ with accumulate) adds them with atomic
@@ -100,7 +100,8 @@ class PackedPositions:
         if self.rows is None:
             dense = self.without_padding(dense)
             return dense.reshape(self.batch * self.length, *dense.shape[2:])
-        return dense[self.rows, self.cols]
+        flat = dense.reshape(self.batch * self.length, *dense.shape[2:])
+        return take_rows(flat, self.rows * self.length + self.cols)
 
     def scatter(self, packed: torch.Tensor) -> torch.Tensor:
         """[N, ...] -> [B, T, ...] with zeros at the invalid positions."""
