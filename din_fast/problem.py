@@ -315,7 +315,7 @@ def _validate_act_params(activation, activation_params, hidden_units, device, an
         ))
         # Dice divides by sqrt(var + eps): a variance at or below -eps (a
         # corrupted running_var) would make every score NaN.
-        var = _plain_values(params[-1][2])
+        var = plain_values(params[-1][2])
         check_all(var + dice_eps > 0,
                   f"{OWNER}: `activation_params[{i}][2] (var)` must be greater than "
                   f"-dice_eps = {-dice_eps:g} (Dice divides by sqrt(var + dice_eps))",
@@ -323,7 +323,7 @@ def _validate_act_params(activation, activation_params, hidden_units, device, an
     return params
 
 
-def _plain_values(tensor: torch.Tensor) -> torch.Tensor:
+def plain_values(tensor: torch.Tensor) -> torch.Tensor:
     """``tensor``'s values outside any torch.func transform (all of a vmap's
     batch), for a check that reads them; the tensor itself while tracing."""
     tensor = tensor.detach()
@@ -358,6 +358,7 @@ def check_range(name: str, values: torch.Tensor, low: int, high: int, needs: str
     ``needs`` by its name only, never its value (a compiled graph would hold
     "T=s35", and specialize on it); ``bound`` names the size ``high`` is,
     whose value the eager message adds."""
+    values = plain_values(values)   # under vmap: every sample's, as one check
     check_all((values >= low) & (values <= high), f"{OWNER}: `{name}` must lie in {needs}",
               lambda: f"; got values in [{int(values.min())}, {int(values.max())}]"
                       + (f" with {bound} = {high}" if bound else ""))

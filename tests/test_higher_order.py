@@ -150,6 +150,35 @@ def test_func_grad_and_vmap_match_reference(backend, options):
     torch.testing.assert_close(batched, looped, rtol=1e-9, atol=1e-10)
 
 
+@pytest.mark.parametrize("backend", ["torch", "reference"])
+def test_per_sample_gradients_with_lengths_under_vmap(backend):
+    """vmap(grad) over the rows, each row its own lengths (per-sample
+    gradients, as DP-SGD takes them): the lengths check reads every sample's
+    lengths at once (it once raised vmap's data-dependent control flow error)
+    and still refuses a length past T; the gradients are the rows' own."""
+    torch.manual_seed(0)
+    layer = din_fast.DINAttention(3, (4,), activation="dice", normalization="softmax",
+                                  backend=backend).double().eval()
+    query, keys = torch.randn(4, 2, 3, dtype=torch.float64), torch.randn(4, 5, 3,
+                                                                        dtype=torch.float64)
+    lengths = torch.tensor([5, 0, 2, 3])
+    params = {name: p.detach() for name, p in layer.named_parameters()}
+    buffers = dict(layer.named_buffers())
+
+    def loss(params, q, k, n):
+        return torch.func.functional_call(layer, (params, buffers),
+                                          (q[None], k[None], n[None])).square().sum()
+    per_sample = torch.func.vmap(torch.func.grad(loss), in_dims=(None, 0, 0, 0))(
+        params, query, keys, lengths)
+    for row in range(4):
+        layer.zero_grad()
+        loss(dict(layer.named_parameters()), query[row], keys[row], lengths[row]).backward()
+        for name, parameter in layer.named_parameters():
+            torch.testing.assert_close(per_sample[name][row], parameter.grad)
+    with pytest.raises(ValueError, match="`lengths` must lie in"):
+        torch.func.vmap(layer)(query[:, None], keys[:, None], torch.tensor([[5], [6], [0], [1]]))
+
+
 @pytest.mark.parametrize("jagged", [False, True])
 def test_triton_refuses_forward_mode_and_transforms(jagged):
     """Never a silent zero tangent: an error that names what is not supported."""

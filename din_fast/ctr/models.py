@@ -21,7 +21,7 @@ from torch import nn
 
 from din_fast.dice_statistics import DiceStatistics, batch_moments, update_running
 from din_fast.modules import DINAttention
-from din_fast.problem import DEFAULT_DICE_EPS, check_all
+from din_fast.problem import DEFAULT_DICE_EPS, check_all, plain_values
 
 ID_DTYPES = (torch.int32, torch.int64)
 
@@ -64,6 +64,7 @@ def check_within(subject: str, name: str, values: torch.Tensor, high, needs: str
     """0 <= values <= high, else "<subject> must lie in <needs>" (see
     problem.check_all), naming on CPU the first element outside (and the
     bound's value, called ``high_name`` in ``needs``)."""
+    values = plain_values(values)   # under vmap: every sample's, as one check
     outside = (values < 0) | (values > high)
 
     def first_outside():
