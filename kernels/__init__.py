@@ -6,7 +6,7 @@ kernel is touched lives here; the kernels and their shared helpers are in
 the submodules, which import triton.
 """
 
-import functools
+import importlib.util
 import os
 
 # The kernels unroll the MLP for 1 to 3 hidden layers.
@@ -18,11 +18,12 @@ def interpreting() -> bool:
     return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
 
 
-@functools.lru_cache(maxsize=None)
+# Looked up once, without importing triton: a constant is what torch.compile
+# traces cleanly (an lru_cache-wrapped check made dynamo warn of "silent
+# incorrectness" on every compiled call of the triton backend).
+_TRITON_INSTALLED = importlib.util.find_spec("triton") is not None
+
+
 def triton_available() -> bool:
-    """Whether triton imports here (pyproject installs it on Linux only)."""
-    try:
-        import triton  # noqa: F401
-    except ImportError:
-        return False
-    return True
+    """Whether triton is installed here (pyproject installs it on Linux only)."""
+    return _TRITON_INSTALLED

@@ -3,6 +3,7 @@
 them, matching eager."""
 
 import copy
+import warnings
 
 import pytest
 import torch
@@ -152,6 +153,19 @@ def test_compile_fullgraph_matches_eager(backend, compiler):
     torch.testing.assert_close(out, eager_out, **tol)
     for got, want in zip(grads, eager_grads):
         torch.testing.assert_close(got, want, **tol)
+
+
+def test_compiling_the_triton_backend_warns_of_no_cache_wrapper():
+    """The check that triton is installed was lru_cache-wrapped: dynamo then
+    warned of "silent incorrectness" on every compile of the triton backend."""
+    layer = din_fast.DINAttention(4, (6, 3), backend="triton").to(DEVICE)
+    torch._dynamo.reset()
+    compiled = torch.compile(layer, fullgraph=True, backend="aot_eager")
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        compiled(torch.randn(3, 4, device=DEVICE), torch.randn(3, 5, 4, device=DEVICE),
+                 torch.tensor([5, 0, 2], device=DEVICE))
+    assert not [w for w in caught if "lru_cache" in str(w.message)]
 
 
 def test_compile_fullgraph_dice_training_matches_eager():
