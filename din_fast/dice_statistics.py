@@ -105,6 +105,24 @@ def update_running(running_mean, running_var, mean, var, count, momentum: float)
         seen, running_var.lerp(unbiased.to(running_var.dtype), momentum), running_var))
 
 
+class _GroupHandle:
+    """A process group in a copied or pickled module's state. A deepcopy (an
+    ``AveragedModel``, a copy to train beside the original) shares the group:
+    it is a handle on the processes, not state, and cannot be copied. A
+    pickle (``torch.save`` of the whole module) drops it, as a group exists
+    in its processes only: the loaded module takes per-process statistics
+    until synchronize_dice_statistics runs again."""
+
+    def __init__(self, group):
+        self.group = group
+
+    def __deepcopy__(self, memo):
+        return self
+
+    def __reduce__(self):
+        return (_GroupHandle, (None,))
+
+
 class DiceStatistics:
     """Marks a module that takes Dice batch statistics in training
     (``DINAttention``, the DIN models' MLP ``Dice``): synchronize_dice_statistics
@@ -112,6 +130,18 @@ class DiceStatistics:
     that this module imports neither the layer nor the models, which import it."""
 
     statistics_group = None
+
+    def __getstate__(self):
+        state = super().__getstate__()
+        if state.get("statistics_group") is None:
+            return state
+        return dict(state, statistics_group=_GroupHandle(state["statistics_group"]))
+
+    def __setstate__(self, state):
+        handle = state.get("statistics_group")
+        if isinstance(handle, _GroupHandle):
+            state = dict(state, statistics_group=handle.group)
+        super().__setstate__(state)
 
 
 def synchronize_dice_statistics(model: nn.Module, process_group=None) -> nn.Module:
@@ -125,7 +155,9 @@ def synchronize_dice_statistics(model: nn.Module, process_group=None) -> nn.Modu
     process must then run each training forward (an empty share of a batch
     included), since each Dice layer is a collective. Evaluation is
     unchanged: running statistics, no communication. ``process_group=False``
-    turns the synchronization off again.
+    turns the synchronization off again. A deepcopy of the model
+    (``AveragedModel``) shares the group; a pickled one (``torch.save`` of the
+    whole model) loads with per-process statistics.
 
     Args:
         model: any module; its ``DINAttention`` and ``Dice`` submodules change.

@@ -2,6 +2,9 @@
 what the unsynchronized layers give (the two-process case is in
 tests/test_torchrec.py, against a single-process replay)."""
 
+import copy
+import io
+
 import pytest
 import torch
 import torch.distributed as dist
@@ -48,6 +51,27 @@ def test_false_turns_the_synchronization_off(group_of_one):
     model = din_fast.synchronize_dice_statistics(dice_din())
     din_fast.synchronize_dice_statistics(model, process_group=False)
     assert all(getattr(m, "statistics_group", None) is None for m in model.modules())
+
+
+def test_synchronized_models_copy_and_pickle(group_of_one):
+    """A process group cannot be copied: a deepcopy (AveragedModel's, as
+    din-fast's weight averaging takes it) and torch.save of the whole model
+    raised TypeError. A copy shares the group and trains as the original; a
+    pickled model loads with per-process statistics."""
+    model = din_fast.synchronize_dice_statistics(dice_din())
+    averaged = torch.optim.swa_utils.AveragedModel(model)
+    copied = copy.deepcopy(model)
+    for twin in (averaged.module, copied):
+        assert all(m.statistics_group is dist.group.WORLD for m in twin.modules()
+                   if isinstance(m, (Dice, din_fast.DINAttention)))
+    for got, want in zip(a_step(copied), a_step(model), strict=True):
+        torch.testing.assert_close(got, want)
+    buffer = io.BytesIO()
+    torch.save(model, buffer)
+    buffer.seek(0)
+    loaded = torch.load(buffer, weights_only=False)
+    assert all(getattr(m, "statistics_group", None) is None for m in loaded.modules())
+    torch.testing.assert_close(loaded.state_dict(), model.state_dict())
 
 
 def test_it_needs_an_initialized_process_group():
