@@ -21,7 +21,14 @@ def interpreting() -> bool:
 # Looked up once, without importing triton: a constant is what torch.compile
 # traces cleanly (an lru_cache-wrapped check made dynamo warn of "silent
 # incorrectness" on every compiled call of the triton backend).
-_TRITON_INSTALLED = importlib.util.find_spec("triton") is not None
+def _triton_installed() -> bool:
+    try:
+        return importlib.util.find_spec("triton") is not None
+    except ImportError:     # an import hook that hides triton (or a broken parent)
+        return False
+
+
+_TRITON_INSTALLED = _triton_installed()
 
 
 def triton_available() -> bool:
