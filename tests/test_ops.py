@@ -7,6 +7,7 @@ import warnings
 
 import pytest
 import torch
+from torch._subclasses.fake_tensor import FakeTensorMode
 
 import din_fast
 from din_fast import torch_backend, triton_backend
@@ -112,6 +113,22 @@ def test_opcheck_torch_forward(arguments, need_scores, keep):
                           (*AttentionArgs.of(problem), need_scores, keep))
     torch.library.opcheck(torch_backend.jagged_forward_op,
                           (*JaggedAttentionArgs.of(jagged_of(problem)), need_scores, keep))
+
+
+def test_forward_under_fake_tensor_mode_gives_the_shapes():
+    """A FakeTensorMode forward (what memory estimators and shape inference
+    run): the checks of lengths and offsets read no values (bool() of a fake
+    tensor raised DataDependentOutputException), the ops' fakes give the
+    shapes, padded and jagged."""
+    layer = din_fast.DINAttention(4, (6, 3), activation="dice", normalization="softmax",
+                                  return_scores=True).eval()
+    with FakeTensorMode(allow_non_fake_inputs=True):
+        pooled, scores = layer(torch.empty(3, 2, 4), torch.empty(3, 5, 4),
+                               torch.zeros(3, dtype=torch.int32))
+        jagged_pooled, jagged_scores = layer.forward_jagged(
+            torch.empty(3, 2, 4), torch.empty(7, 4), torch.zeros(4, dtype=torch.long), 5)
+    assert (pooled.shape, scores.shape) == ((3, 2, 4), (3, 2, 5))
+    assert (jagged_pooled.shape, jagged_scores.shape) == ((3, 2, 4), (7, 2))
 
 
 class Ranker(torch.nn.Module):
