@@ -50,6 +50,7 @@ from typing import List, Optional
 
 import torch
 from torch import Tensor
+from torch._subclasses.fake_tensor import is_fake
 
 from . import chunked, chunking
 from .activation_unit import ActivationUnit, FoldedFirstLayer
@@ -182,7 +183,11 @@ def torch_din_attention(problem: DINProblem, dice_gate=None, need_scores: bool =
     statistics must be masked.
     """
     if dice_gate is not None:
-        packed = PackedPositions(problem, pack=not torch.compiler.is_compiling())
+        # Packing takes nonzero(), whose size is data: not while tracing, nor
+        # on fake or meta tensors (a FakeTensorMode run, a meta-device model).
+        keys = problem.keys
+        shapes_only = torch.compiler.is_compiling() or is_fake(keys) or keys.is_meta
+        packed = PackedPositions(problem, pack=not shapes_only)
         return _autograd_forward(problem, packed, dice_gate)
     args = AttentionArgs.of(problem)
     pooled, w, *_ = forward_op(*args, need_scores, _keeps_activations(problem, args))

@@ -119,7 +119,7 @@ def test_forward_under_fake_tensor_mode_gives_the_shapes():
     """A FakeTensorMode forward (what memory estimators and shape inference
     run): the checks of lengths and offsets read no values (bool() of a fake
     tensor raised DataDependentOutputException), the ops' fakes give the
-    shapes, padded and jagged."""
+    shapes, padded and jagged; training-mode Dice too, and on meta tensors."""
     layer = din_fast.DINAttention(4, (6, 3), activation="dice", normalization="softmax",
                                   return_scores=True).eval()
     with FakeTensorMode(allow_non_fake_inputs=True):
@@ -129,6 +129,16 @@ def test_forward_under_fake_tensor_mode_gives_the_shapes():
             torch.empty(3, 2, 4), torch.empty(7, 4), torch.zeros(4, dtype=torch.long), 5)
     assert (pooled.shape, scores.shape) == ((3, 2, 4), (3, 2, 5))
     assert (jagged_pooled.shape, jagged_scores.shape) == ((3, 2, 4), (7, 2))
+    # Training-mode Dice packs the valid positions by nonzero() in eager mode
+    # (a size that is data): on fake and meta tensors it keeps every position.
+    layer.train()
+    with FakeTensorMode(allow_non_fake_inputs=True):
+        pooled, _ = layer(torch.empty(3, 2, 4), torch.empty(3, 5, 4), torch.zeros(3).long())
+    with torch.device("meta"):
+        on_meta = copy.deepcopy(layer).to("meta")
+        meta_pooled, _ = on_meta(torch.empty(3, 2, 4), torch.empty(3, 5, 4),
+                                 torch.zeros(3).long())
+    assert pooled.shape == meta_pooled.shape == (3, 2, 4)
 
 
 class Ranker(torch.nn.Module):
