@@ -45,7 +45,7 @@ def unsupported_reason(problem) -> Optional[str]:
     """Why the triton backend cannot run this problem (a DINProblem or a
     JaggedDINProblem), or None when it can."""
     if not triton_available():
-        return "the triton package is not installed"
+        return "the triton package is not installed (or its import fails)"
     device = problem.query.device
     if device.type != "cuda" and not (device.type == "cpu" and interpreting()):
         return (f"the tensors are on {device}; it needs CUDA tensors (or CPU tensors with "

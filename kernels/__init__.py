@@ -6,7 +6,6 @@ kernel is touched lives here; the kernels and their shared helpers are in
 the submodules, which import triton.
 """
 
-import importlib.util
 import os
 
 # The kernels unroll the MLP for 1 to 3 hidden layers.
@@ -18,19 +17,24 @@ def interpreting() -> bool:
     return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
 
 
-# Looked up once, without importing triton: a constant is what torch.compile
-# traces cleanly (an lru_cache-wrapped check made dynamo warn of "silent
-# incorrectness" on every compiled call of the triton backend).
-def _triton_installed() -> bool:
+# Looked up once, at import: a constant is what torch.compile traces cleanly
+# (an lru_cache-wrapped check made dynamo warn of "silent incorrectness" on
+# every compiled call of the triton backend). Imported, not just found: a
+# triton whose import fails (a missing shared library, an import hook that
+# hides it) counts as absent, so the package still imports and "auto" takes
+# the torch backend. Importing costs nothing extra: registering the ops
+# imports triton anyway where it is present.
+def _triton_imports() -> bool:
     try:
-        return importlib.util.find_spec("triton") is not None
-    except ImportError:     # an import hook that hides triton (or a broken parent)
+        import triton  # noqa: F401
+    except ImportError:
         return False
+    return True
 
 
-_TRITON_INSTALLED = _triton_installed()
+_TRITON_IMPORTS = _triton_imports()
 
 
 def triton_available() -> bool:
-    """Whether triton is installed here (pyproject installs it on Linux only)."""
-    return _TRITON_INSTALLED
+    """Whether triton imports here (pyproject installs it on Linux only)."""
+    return _TRITON_IMPORTS
