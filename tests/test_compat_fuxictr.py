@@ -42,6 +42,15 @@ def _ours(backend):
     return lambda **options: DIN_Attention(backend=backend, **options)
 
 
+def _pair(**options):
+    """The peer's layer with embedding_dim 4, attention_units [8] and
+    ``options``, and ours (torch backend) holding its state."""
+    peer = fuxictr_din_attention()(embedding_dim=4, attention_units=[8], **options)
+    ours = DIN_Attention(embedding_dim=4, attention_units=[8], backend="torch", **options)
+    ours.load_state_dict(peer.state_dict(), strict=True)
+    return peer, ours
+
+
 def test_saved_results_cover_every_case():
     assert SAVED.keys() == CASES.keys()
 
@@ -77,9 +86,7 @@ def test_half_precision_result_dtype_as_the_peer(mask, dtype):
     """The peer applies a mask in float32: its half-precision result is then
     float32 (without a mask, the history's dtype), on the fused path too."""
     torch.manual_seed(4)
-    peer = fuxictr_din_attention()(embedding_dim=4, attention_units=[8], use_softmax=True)
-    ours = DIN_Attention(embedding_dim=4, attention_units=[8], use_softmax=True, backend="torch")
-    ours.load_state_dict(peer.state_dict(), strict=True)
+    peer, ours = _pair(use_softmax=True)
     peer.to(dtype)
     ours.to(dtype)
     target, history = torch.randn(3, 4, dtype=dtype), torch.randn(3, 5, 4, dtype=dtype)
@@ -95,11 +102,7 @@ def test_autocast_result_dtype_as_the_peer(activation):
     """Under autocast the peer's bfloat16 scores weight the float32 history
     as given: its result is float32, with or without a mask."""
     torch.manual_seed(5)
-    peer = fuxictr_din_attention()(embedding_dim=4, attention_units=[8],
-                                   hidden_activations=activation)
-    ours = DIN_Attention(embedding_dim=4, attention_units=[8], hidden_activations=activation,
-                         backend="torch")
-    ours.load_state_dict(peer.state_dict(), strict=True)
+    peer, ours = _pair(hidden_activations=activation)
     target, history = torch.randn(3, 4), torch.randn(3, 5, 4)
     for mask in (None, torch.rand(3, 5) < 0.7):
         with torch.autocast("cpu", dtype=torch.bfloat16):
@@ -112,9 +115,7 @@ def test_mask_that_requires_grad_gets_the_peer_gradient():
     """The peer multiplies the scores by a numeric mask: one of 0 and 1 that
     requires grad gets that gradient, which the fused path would not give."""
     torch.manual_seed(6)
-    peer = fuxictr_din_attention()(embedding_dim=4, attention_units=[8], use_softmax=True)
-    ours = DIN_Attention(embedding_dim=4, attention_units=[8], use_softmax=True, backend="torch")
-    ours.load_state_dict(peer.state_dict(), strict=True)
+    peer, ours = _pair(use_softmax=True)
     target, history = torch.randn(3, 4), torch.randn(3, 5, 4)
     grads = []
     for layer in (peer, ours):
@@ -128,10 +129,7 @@ def test_mask_that_requires_grad_gets_the_peer_gradient():
 def test_empty_batch_on_the_general_path_as_the_peer(activation):
     """B = 0 in training mode (the general path): an empty result and the
     peer's BatchNorm statistics, no reshape error."""
-    peer = fuxictr_din_attention()(embedding_dim=4, attention_units=[8],
-                                   hidden_activations=activation)
-    ours = DIN_Attention(embedding_dim=4, attention_units=[8], hidden_activations=activation)
-    ours.load_state_dict(peer.state_dict(), strict=True)
+    peer, ours = _pair(hidden_activations=activation)
     target, history = torch.randn(0, 4), torch.randn(0, 5, 4)
     mask = torch.zeros(0, 5, dtype=torch.bool)
     expected, got = peer(target, history, mask=mask), ours(target, history, mask=mask)
