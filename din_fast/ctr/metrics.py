@@ -151,8 +151,9 @@ def ctr_metrics(users, labels, logits) -> dict:
         ``{"auc": float, "gauc": float, "logloss": float}``.
 
     Raises:
-        ValueError: as gauc and logloss (arrays of different lengths, no
-            user with both classes, labels other than 0 and 1).
+        ValueError: as gauc and logloss_of_logits (arrays of different
+            lengths, no user with both classes, a NaN score, labels other
+            than 0 and 1).
     """
     logits = np.asarray(logits, dtype=np.float64)
     return {"auc": auc(labels, logits), "gauc": gauc(users, labels, logits),
